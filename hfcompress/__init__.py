@@ -1,0 +1,47 @@
+"""hfcompress: compress Hugging Face Transformers models with one verb and a recipe.
+
+    import hfcompress
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    hfcompress.compress(model, hfcompress.Recipe([hfcompress.RTNConfig(bits=4, group_size=128)]))
+    hfcompress.save_pretrained(model, "out/")           # or model.save_pretrained("out/")
+    AutoModelForCausalLM.from_pretrained("out/")         # rebuilds the packed layers
+
+Importing this package registers the ``hfcompress`` quantization method with transformers
+(that is what lets ``from_pretrained`` rebuild compressed layers). It does not import Triton
+and does not touch a GPU.
+"""
+
+from hfcompress.api import compress, save_pretrained
+from hfcompress.config import TechniqueConfig
+from hfcompress.errors import CalibrationDataError, CheckpointError, HfCompressError, ModelError, RecipeError
+from hfcompress.integrations import transformers_quantizer as _transformers_quantizer
+from hfcompress.quant.linear import QuantLinear
+from hfcompress.recipe import Recipe, Stage
+from hfcompress.registry import get_technique, register_technique, registered_techniques
+from hfcompress.techniques.rtn import RTNConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CalibrationDataError",
+    "CheckpointError",
+    "HfCompressError",
+    "ModelError",
+    "QuantLinear",
+    "RTNConfig",
+    "Recipe",
+    "RecipeError",
+    "Stage",
+    "TechniqueConfig",
+    "compress",
+    "get_technique",
+    "register_technique",
+    "registered_techniques",
+    "save_pretrained",
+]
+
+# The integration point with transformers: without it `from_pretrained` cannot read our
+# checkpoints. Registration is idempotent and touches no device.
+_transformers_quantizer.register()

@@ -1,0 +1,115 @@
+"""The one verb: ``compress(model, recipe)``; and an atomic ``save_pretrained``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hfcompress.errors import RecipeError
+from hfcompress.integrations.transformers_quantizer import attach_quantization_config
+from hfcompress.modifier import CompressionContext
+from hfcompress.recipe import Recipe
+from hfcompress.registry import technique_for_config
+
+__all__ = ["compress", "save_pretrained"]
+
+logger = logging.getLogger(__name__)
+
+
+def _as_recipe(recipe: Recipe | str | os.PathLike | Any) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, (str, os.PathLike)):
+        return Recipe.from_yaml(recipe)
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    return Recipe(recipe if isinstance(recipe, (list, tuple)) else [recipe])
+
+
+def compress(
+    model: nn.Module,
+    recipe: Recipe | str | os.PathLike | Any,
+    *,
+    tokenizer: Any = None,
+    calibration_data: Any = None,
+    train_dataset: Any = None,
+    eval_dataset: Any = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Compress ``model`` in place with ``recipe`` and return it.
+
+    Every stage is checked against the model and the given data before any stage runs, so an
+    invalid recipe leaves the model untouched. Afterwards the model carries a
+    ``quantization_config`` that ``save_pretrained`` writes and ``from_pretrained`` reads back.
+
+    Args:
+        model: A transformers model (or any ``nn.Module``).
+        recipe: A :class:`Recipe`, a path to a recipe YAML file, a dict, or technique configs.
+        tokenizer: Tokenizer for text calibration data.
+        calibration_data: Calibration samples, for stages that need them.
+        train_dataset: Training set, for stages that train.
+        eval_dataset: Evaluation set, for stages that train.
+        device: Compute device for layerwise stages; None keeps modules where they are.
+        progress: Show progress bars.
+
+    Returns:
+        The same ``model`` object, compressed.
+    """
+    recipe = _as_recipe(recipe)
+    if not isinstance(model, nn.Module):
+        raise RecipeError(f"compress() needs a torch.nn.Module, got {type(model).__name__}")
+    context = CompressionContext(
+        tokenizer=tokenizer,
+        calibration_data=calibration_data,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        device=torch.device(device) if device is not None else None,
+        progress=progress,
+    )
+    modifiers = [technique_for_config(s.config).modifier_cls(s.config, s.name) for s in recipe]
+    for modifier in modifiers:
+        modifier.check(model, context)
+    for modifier in modifiers:
+        logger.info("applying stage %r (%s)", modifier.stage, modifier.config.technique)
+        modifier.apply(model, context)
+    if hasattr(model, "config"):
+        attach_quantization_config(model, recipe.to_dict())
+    return model
+
+
+def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, tokenizer: Any = None, **kwargs) -> Path:
+    """``model.save_pretrained`` made atomic: the files are written into a temporary sibling
+    folder that replaces ``save_directory`` only once everything is on disk, so an interrupted
+    save leaves either the old directory or none, never a half-written one.
+
+    Extra keyword arguments go to ``model.save_pretrained`` (not ``push_to_hub``: push after
+    saving, see :func:`hfcompress.cli` ``--push-to-hub``).
+    """
+    target = Path(save_directory).resolve()
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, **kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target

@@ -1,0 +1,117 @@
+"""The base of every technique config: a frozen, keyword-only dataclass with strict parsing.
+
+A technique config is plain data. ``from_dict`` refuses unknown keys and wrong types before any
+model is touched; ``to_dict`` gives back a dict that ``from_dict`` turns into an equal config,
+which is what a saved checkpoint records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, ClassVar, Literal, get_args, get_origin
+
+from hfcompress.errors import RecipeError
+
+__all__ = ["TechniqueConfig", "invalid"]
+
+
+def invalid(key: str, value: Any, accepted: str) -> RecipeError:
+    """Build the error for one bad config value: it names the key, the value and what is accepted."""
+    return RecipeError(f"{key}={value!r} is invalid; accepted: {accepted}")
+
+
+def _describe(annotation: Any) -> str:
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(annotation))
+    if origin is tuple:
+        return f"a list of {_describe(get_args(annotation)[0])}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in get_args(annotation))
+    if annotation is type(None):
+        return "null"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _coerce(key: str, annotation: Any, value: Any) -> Any:
+    """Check ``value`` against a field annotation; lists become tuples. Raise on mismatch."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        if value in get_args(annotation) and type(value) in {type(a) for a in get_args(annotation)}:
+            return value
+    elif origin in (typing.Union, types.UnionType):
+        for option in get_args(annotation):
+            try:
+                return _coerce(key, option, value)
+            except RecipeError:
+                continue
+    elif origin is tuple:
+        if isinstance(value, (list, tuple)):
+            item_type = get_args(annotation)[0]
+            return tuple(_coerce(key, item_type, v) for v in value)
+    elif annotation is type(None):
+        if value is None:
+            return None
+    elif annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a config declared a type this parser does not know
+        raise TypeError(f"unsupported config annotation {annotation!r} for {key!r}")
+    raise invalid(key, value, _describe(annotation))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TechniqueConfig:
+    """Base of the per-technique configs.
+
+    Subclasses are frozen keyword-only dataclasses; they set ``technique`` (the name a recipe
+    uses) and ``needs_calibration``, and check their values in ``_validate``.
+    """
+
+    technique: ClassVar[str] = ""
+    needs_calibration: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            coerced = _coerce(field.name, hints[field.name], value)
+            if coerced is not value:
+                object.__setattr__(self, field.name, coerced)
+        self._validate()
+
+    def _validate(self) -> None:
+        """Raise :class:`RecipeError` (through :func:`invalid`) for values out of range."""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TechniqueConfig:
+        """Build a config from a dict, refusing keys the config does not have."""
+        if not isinstance(data, dict):
+            raise RecipeError(f"a {cls.technique!r} stage must be a mapping, got {type(data).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise RecipeError(
+                f"unknown key(s) {', '.join(map(repr, unknown))} for technique {cls.technique!r}; "
+                f"accepted keys: {', '.join(known)}"
+            )
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain data (tuples become lists), suitable for JSON and YAML."""
+        out: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            out[field.name] = list(value) if isinstance(value, tuple) else value
+        return out

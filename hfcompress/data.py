@@ -1,0 +1,108 @@
+"""Text data: WikiText-2 (local copy or the Hub) and calibration samples.
+
+A text source is one of:
+
+* ``wikitext2:test`` / ``wikitext2:valid`` (also ``wikitext2:validation``): WikiText-2 raw.
+  Read from ``$HFCOMPRESS_DATA_DIR/wikitext-2-raw/wiki.<split>.raw`` or from the
+  ``shared/data`` folder beside this checkout; else from the Hub dataset ``wikitext``
+  (``wikitext-2-raw-v1``) when online.
+* a path to a text file. A file named ``wiki.*.raw`` is read as WikiText rows (below); any
+  other file is used as it is.
+
+WikiText rows are joined the way most LLM quantization papers and tools do it: the file's lines
+(blank lines as empty rows) joined with ``"\\n\\n"``, which is byte-identical to joining the Hub
+dataset's ``text`` column.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from hfcompress.errors import CalibrationDataError
+
+__all__ = ["DATA_ENV", "calibration_samples", "data_dir", "join_wikitext_rows", "load_text"]
+
+DATA_ENV = "HFCOMPRESS_DATA_DIR"
+_SPLITS = {"test": "test", "valid": "valid", "validation": "valid"}
+_HUB_SPLITS = {"test": "test", "valid": "validation"}
+
+
+def data_dir() -> Path | None:
+    """``$HFCOMPRESS_DATA_DIR``, else the first ``shared/data`` found beside the working
+    directory or this checkout, else None."""
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV])
+    repo = Path(__file__).resolve().parent.parent
+    for base in (Path.cwd(), repo):
+        for candidate in (base / "shared" / "data", base.parent / "shared" / "data"):
+            if candidate.is_dir():
+                return candidate
+    return None
+
+
+def join_wikitext_rows(raw: str) -> str:
+    """Join the lines of a WikiText raw file as the Hub dataset's rows are joined."""
+    rows = [line if line.strip() else "" for line in raw.splitlines(keepends=True)]
+    return "\n\n".join(rows)
+
+
+def _wikitext(split: str) -> str:
+    root = data_dir()
+    if root is not None:
+        path = root / "wikitext-2-raw" / f"wiki.{split}.raw"
+        if path.is_file():
+            return join_wikitext_rows(path.read_text(encoding="utf-8"))
+    try:
+        from datasets import load_dataset
+
+        rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=_HUB_SPLITS[split])["text"]
+    except Exception as exc:  # offline, no cache: say where the data was looked for
+        raise CalibrationDataError(
+            f"WikiText-2 {split} not found locally (set {DATA_ENV} to a folder holding "
+            f"wikitext-2-raw/wiki.{split}.raw) and the Hub dataset 'wikitext' could not be loaded: {exc}"
+        ) from exc
+    return "\n\n".join(rows)
+
+
+def load_text(source: str | os.PathLike) -> str:
+    """The text of a source (see the module docstring)."""
+    name = str(source)
+    if name.startswith(("wikitext2:", "wikitext:")):
+        split = name.split(":", 1)[1]
+        if split not in _SPLITS:
+            raise CalibrationDataError(f"unknown WikiText-2 split {split!r}; accepted: {', '.join(_SPLITS)}")
+        return _wikitext(_SPLITS[split])
+    path = Path(name)
+    if not path.is_file():
+        raise CalibrationDataError(
+            f"text source {name!r} is neither a file nor one of wikitext2:test, wikitext2:valid"
+        )
+    text = path.read_text(encoding="utf-8")
+    return join_wikitext_rows(text) if path.name.startswith("wiki.") and path.suffix == ".raw" else text
+
+
+def calibration_samples(
+    tokenizer,
+    source: str | os.PathLike | list[str],
+    *,
+    num_samples: int = 128,
+    seq_len: int = 512,
+    seed: int = 0,
+) -> torch.Tensor:
+    """``[num_samples, seq_len]`` token windows drawn at random (seeded) from a text source.
+
+    The default, 128 windows of 512 tokens of WikiText-2 validation, follows GPTQ's
+    calibration setup (Frantar et al., 2022, section 5, with 2048-token windows there).
+    """
+    if num_samples < 1 or seq_len < 2:
+        raise CalibrationDataError(f"num_samples={num_samples} and seq_len={seq_len} must be >= 1 and >= 2")
+    text = "\n\n".join(source) if isinstance(source, list) else load_text(source)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    if ids.numel() < seq_len + 1:
+        raise CalibrationDataError(f"calibration text has {ids.numel()} tokens; seq_len={seq_len} needs more")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len, (num_samples,), generator=generator)
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])

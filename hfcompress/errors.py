@@ -1,0 +1,35 @@
+"""Exception types raised by hfcompress.
+
+Every error names the offending value and what would be accepted, so that a user can fix the
+input without reading our source.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CalibrationDataError",
+    "CheckpointError",
+    "HfCompressError",
+    "ModelError",
+    "RecipeError",
+]
+
+
+class HfCompressError(Exception):
+    """Base class of every error hfcompress raises on purpose."""
+
+
+class RecipeError(HfCompressError, ValueError):
+    """A recipe or a technique config is invalid (unknown key, value out of range, ...)."""
+
+
+class CalibrationDataError(HfCompressError, ValueError):
+    """A stage needs calibration data that was not given, or the data is unusable."""
+
+
+class CheckpointError(HfCompressError, OSError):
+    """A saved compressed checkpoint is missing a tensor, or a tensor is malformed."""
+
+
+class ModelError(HfCompressError, ValueError):
+    """The model cannot be compressed as asked (non-finite weights, unknown model name, ...)."""

@@ -1,0 +1,90 @@
+"""Perplexity over non-overlapping windows of a token stream.
+
+Protocol: tokenize the whole text once (no special tokens added), cut it into
+``floor(tokens / seq_len)`` non-overlapping windows of ``seq_len`` tokens (the remainder is
+dropped), keep the first ``max_windows`` (all when None), and score every window
+independently: the model sees the window alone and predicts tokens 2..seq_len of it.
+``perplexity = exp(total NLL / predicted tokens)``. This is the GPTQ / llm-compressor
+evaluation with a configurable window length.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+__all__ = ["PerplexityResult", "perplexity", "text_perplexity"]
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """Attributes:
+    perplexity: ``exp(nll)``.
+    nll: Mean negative log-likelihood per predicted token, in nats.
+    tokens: Predicted tokens scored.
+    windows: Windows scored.
+    seq_len: Tokens per window.
+    """
+
+    perplexity: float
+    nll: float
+    tokens: int
+    windows: int
+    seq_len: int
+
+
+def _windows(input_ids: torch.Tensor, seq_len: int, max_windows: int | None) -> torch.Tensor:
+    if input_ids.dim() != 1:
+        raise ValueError(f"input_ids must be 1-D [T], got shape {tuple(input_ids.shape)}")
+    count = input_ids.numel() // seq_len
+    if max_windows is not None:
+        count = min(count, max_windows)
+    if count == 0:
+        raise ValueError(f"{input_ids.numel()} tokens give no window of seq_len={seq_len}")
+    return input_ids[: count * seq_len].reshape(count, seq_len)
+
+
+@torch.no_grad()
+def perplexity(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    seq_len: int = 512,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> PerplexityResult:
+    """Perplexity of a causal LM on ``input_ids: [T]`` (see the module docstring).
+
+    Args:
+        model: A causal LM returning ``.logits`` of shape ``[B, T, V]``.
+        input_ids: ``[T]`` int64 token stream.
+        seq_len: Tokens per window.
+        max_windows: Score only the first windows; None scores all.
+        batch_size: Windows per forward pass (does not change the result beyond float rounding).
+        progress: Show a progress bar.
+    """
+    windows = _windows(input_ids, seq_len, max_windows)
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    batches = windows.split(batch_size)
+    for batch in tqdm(batches, desc="perplexity", disable=not progress):
+        batch = batch.to(device)
+        logits = model(batch, use_cache=False).logits  # [B, T, V]
+        nll = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="sum"
+        )
+        total_nll += nll.item()
+        total_tokens += batch[:, 1:].numel()
+    mean = total_nll / total_tokens
+    return PerplexityResult(math.exp(mean), mean, total_tokens, windows.shape[0], seq_len)
+
+
+def text_perplexity(model, tokenizer, text: str, **kwargs) -> PerplexityResult:
+    """Tokenize ``text`` (no special tokens) and run :func:`perplexity` on it."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    return perplexity(model, ids, **kwargs)

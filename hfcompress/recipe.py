@@ -1,0 +1,147 @@
+"""Recipes: an ordered list of named stages, each a technique config.
+
+A recipe is data. In YAML::
+
+    # what it does, for which models, the expected result and its source
+    stages:
+      - name: weights
+        technique: rtn
+        bits: 4
+        group_size: 128
+
+``Recipe.from_yaml(path)`` reads a file, ``Recipe.from_yaml_str(text)`` a string, and
+``Recipe([RTNConfig(...), ...])`` builds one in Python (stages are then named
+``stage_0``, ``stage_1``, ...). Parsing is strict: unknown keys, techniques and values fail
+here, naming the stage, the key, the value and what would be accepted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hfcompress.config import TechniqueConfig
+from hfcompress.errors import RecipeError
+from hfcompress.registry import get_technique, technique_for_config
+
+__all__ = ["Recipe", "Stage"]
+
+_RECIPE_KEYS = ("stages",)
+_STAGE_KEYS = ("name", "technique")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One named step of a recipe."""
+
+    name: str
+    config: TechniqueConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "technique": self.config.technique, **self.config.to_dict()}
+
+
+class Recipe:
+    """An ordered list of stages.
+
+    Args:
+        stages: Technique configs (named ``stage_<i>``) or :class:`Stage` objects.
+    """
+
+    def __init__(self, stages: Sequence[TechniqueConfig | Stage]) -> None:
+        if isinstance(stages, (TechniqueConfig, Stage)):
+            stages = [stages]
+        if not stages:
+            raise RecipeError("a recipe needs at least one stage")
+        built: list[Stage] = []
+        for i, item in enumerate(stages):
+            stage = item if isinstance(item, Stage) else Stage(name=f"stage_{i}", config=item)
+            if not isinstance(stage.config, TechniqueConfig):
+                raise RecipeError(
+                    f"stage {i} must be a technique config (e.g. RTNConfig(...)), got {type(stage.config).__name__}"
+                )
+            technique_for_config(stage.config)
+            built.append(stage)
+        names = [s.name for s in built]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise RecipeError(f"stage names must be unique; repeated: {duplicates}")
+        self.stages: tuple[Stage, ...] = tuple(built)
+
+    # -- construction from data -------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Recipe:
+        if not isinstance(data, dict):
+            raise RecipeError(f"a recipe must be a mapping with a 'stages' list, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(_RECIPE_KEYS))
+        if unknown:
+            raise RecipeError(f"unknown recipe key(s) {unknown}; accepted keys: {list(_RECIPE_KEYS)}")
+        stages = data.get("stages")
+        if not isinstance(stages, list) or not stages:
+            raise RecipeError(f"'stages' must be a non-empty list of stage mappings, got {stages!r}")
+        return cls([cls._stage_from_dict(i, s) for i, s in enumerate(stages)])
+
+    @staticmethod
+    def _stage_from_dict(index: int, data: Any) -> Stage:
+        if not isinstance(data, dict):
+            raise RecipeError(f"stage {index} must be a mapping, got {data!r}")
+        name = data.get("name", f"stage_{index}")
+        if not isinstance(name, str) or not name:
+            raise RecipeError(f"stage {index}: 'name' must be a non-empty string, got {name!r}")
+        if "technique" not in data:
+            raise RecipeError(f"stage {name!r}: missing key 'technique'")
+        try:
+            technique = get_technique(data["technique"])
+            options = {k: v for k, v in data.items() if k not in _STAGE_KEYS}
+            config = technique.config_cls.from_dict(options)
+        except RecipeError as exc:
+            raise RecipeError(f"stage {name!r}: {exc}") from None
+        return Stage(name=name, config=config)
+
+    @classmethod
+    def from_yaml_str(cls, text: str) -> Recipe:
+        """Parse a recipe from YAML text."""
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"recipe is not valid YAML: {exc}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Recipe:
+        """Read a recipe from a YAML file."""
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file {str(path)!r} does not exist")
+        try:
+            return cls.from_yaml_str(path.read_text(encoding="utf-8"))
+        except RecipeError as exc:
+            raise RecipeError(f"{path}: {exc}") from None
+
+    # -- back to data -----------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stages": [s.to_dict() for s in self.stages]}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    # -- container protocol ----------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Stage]:
+        return iter(self.stages)
+
+    def __len__(self) -> int:
+        return len(self.stages)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Recipe) and self.stages == other.stages
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{s.name}={s.config!r}" for s in self.stages)
+        return f"Recipe({inner})"

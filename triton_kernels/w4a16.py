@@ -1,0 +1,178 @@
+"""W4A16 Triton kernels: 4-bit weights, 16/32-bit activations.
+
+Three kernels share the packed layout described in :mod:`hfcompress_triton.w4a16_ref`:
+
+* ``w4_dequantize``: packed weight to a float32 ``[N, K]`` matrix (used by tests and for
+  debugging; bit-exact with its reference).
+* ``w4a16_gemv``: the decode path, one program per (row of x, block of N), reduction over K
+  with vector loads; for small M (1 when decoding).
+* ``w4a16_gemm``: a tiled GEMM for prefill and batches; weights are dequantized tile by tile
+  in registers and fed to ``tl.dot``.
+
+Every launcher checks shapes and raises ``ValueError`` naming them. Block sizes are chosen by
+a small heuristic rather than autotuned, so the kernels also run under ``TRITON_INTERPRET=1``
+(multi-config autotune needs a GPU driver).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["w4_dequantize", "w4a16_gemm", "w4a16_gemv"]
+
+
+@triton.jit
+def _load_w_tile(qw_ptr, s_ptr, z_ptr, rn, kk, N, K, stride_qn, stride_sn, stride_zn, group_size,
+                 HAS_ZEROS: tl.constexpr):
+    """Dequantize the ``[BLOCK_N, BLOCK_K]`` tile at rows ``rn`` and columns ``kk`` to float32."""
+    mask = (rn[:, None] < N) & (kk[None, :] < K)
+    byte = tl.load(qw_ptr + rn[:, None] * stride_qn + (kk // 2)[None, :], mask=mask, other=0).to(tl.int32)
+    q = (byte >> ((kk % 2) * 4)[None, :]) & 0xF
+    g = kk // group_size
+    s = tl.load(s_ptr + rn[:, None] * stride_sn + g[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        z = tl.load(z_ptr + rn[:, None] * stride_zn + g[None, :], mask=mask, other=0).to(tl.float32)
+    else:
+        z = 8.0
+    return (q.to(tl.float32) - z) * s
+
+
+@triton.jit
+def _w4_dequantize_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_qn, stride_sn, stride_zn, stride_on,
+                          group_size, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out: [N, K] float32 from qweight [N, ceil(K/8)*4] uint8, scales/zeros [N, G]."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    kk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    w = _load_w_tile(qw_ptr, s_ptr, z_ptr, rn, kk, N, K, stride_qn, stride_sn, stride_zn, group_size, HAS_ZEROS)
+    mask = (rn[:, None] < N) & (kk[None, :] < K)
+    tl.store(out_ptr + rn[:, None] * stride_on + kk[None, :], w, mask=mask)
+
+
+@triton.jit
+def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, stride_xm, stride_qn, stride_sn, stride_zn,
+                       stride_ym, group_size, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    """y[m, :] = x[m, :] @ W.T for x: [M, K]; grid (M, cdiv(N, BLOCK_N))."""
+    m = tl.program_id(0)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + m * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
+        w = _load_w_tile(qw_ptr, s_ptr, z_ptr, rn, kk, N, K, stride_qn, stride_sn, stride_zn, group_size,
+                         HAS_ZEROS)
+        acc += tl.sum(w * x[None, :], axis=1)
+    tl.store(y_ptr + m * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=rn < N)
+
+
+@triton.jit
+def _w4a16_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_qn, stride_sn, stride_zn,
+                       stride_ym, group_size, HAS_ZEROS: tl.constexpr, FP32_INPUT: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y = x @ W.T for x: [M, K], W: [N, K]; grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N))."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K),
+                    other=0.0)
+        w = _load_w_tile(qw_ptr, s_ptr, z_ptr, rn, kk, N, K, stride_qn, stride_sn, stride_zn, group_size,
+                         HAS_ZEROS)
+        if FP32_INPUT:
+            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _check(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
+           in_features: int) -> None:
+    n = qweight.shape[0]
+    if qweight.dtype != torch.uint8 or qweight.dim() != 2 or qweight.shape[1] != -(-in_features // 8) * 4:
+        raise ValueError(
+            f"qweight must be uint8 [N, ceil(K/8)*4] = [{n}, {-(-in_features // 8) * 4}] for K={in_features}, "
+            f"got {qweight.dtype} {tuple(qweight.shape)}"
+        )
+    if group_size <= 0:
+        raise ValueError(f"group_size must be positive, got {group_size}")
+    groups = -(-in_features // group_size)
+    if tuple(scales.shape) != (n, groups):
+        raise ValueError(f"scales must be [N, G] = [{n}, {groups}], got {tuple(scales.shape)}")
+    if zeros is not None and (tuple(zeros.shape) != (n, groups) or zeros.dtype not in (torch.uint8, scales.dtype)):
+        raise ValueError(
+            f"zeros must be [{n}, {groups}] uint8 or {scales.dtype} (like scales), or None; got {zeros.dtype} "
+            f"{tuple(zeros.shape)}"
+        )
+    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
+        if t is not None and t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
+
+
+def _check_x(x: torch.Tensor, qweight: torch.Tensor) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    if x.device != qweight.device:
+        raise ValueError(f"x is on {x.device} but qweight is on {qweight.device}")
+
+
+def _zeros_arg(zeros: torch.Tensor | None, scales: torch.Tensor) -> tuple[torch.Tensor, int]:
+    return (scales, 0) if zeros is None else (zeros, zeros.stride(0))
+
+
+def w4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
+                  in_features: int) -> torch.Tensor:
+    """Dequantize packed 4-bit weights to ``[N, K]`` float32."""
+    _check(qweight, scales, zeros, group_size, in_features)
+    n = qweight.shape[0]
+    out = torch.empty(n, in_features, dtype=torch.float32, device=qweight.device)
+    z, stride_z = _zeros_arg(zeros, scales)
+    block_n, block_k = 32, 64
+    grid = (triton.cdiv(n, block_n), triton.cdiv(in_features, block_k))
+    _w4_dequantize_kernel[grid](qweight, scales, z, out, n, in_features, qweight.stride(0), scales.stride(0),
+                                stride_z, out.stride(0), group_size, HAS_ZEROS=zeros is not None,
+                                BLOCK_N=block_n, BLOCK_K=block_k)
+    return out
+
+
+def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+               group_size: int) -> torch.Tensor:
+    """``y = x @ W.T`` for small M (decoding): ``x: [M, K]`` -> ``[M, N]`` in ``x.dtype``."""
+    _check_x(x, qweight)
+    m, k = x.shape
+    _check(qweight, scales, zeros, group_size, k)
+    x = x.contiguous()
+    n = qweight.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    z, stride_z = _zeros_arg(zeros, scales)
+    block_n, block_k = 64, 128
+    grid = (m, triton.cdiv(n, block_n))
+    _w4a16_gemv_kernel[grid](x, qweight, scales, z, y, n, k, x.stride(0), qweight.stride(0), scales.stride(0),
+                             stride_z, y.stride(0), group_size, HAS_ZEROS=zeros is not None,
+                             BLOCK_N=block_n, BLOCK_K=block_k)
+    return y
+
+
+def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+               group_size: int) -> torch.Tensor:
+    """``y = x @ W.T``, tiled: ``x: [M, K]`` -> ``[M, N]`` in ``x.dtype``, float32 accumulation."""
+    _check_x(x, qweight)
+    m, k = x.shape
+    _check(qweight, scales, zeros, group_size, k)
+    x = x.contiguous()
+    n = qweight.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    z, stride_z = _zeros_arg(zeros, scales)
+    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+    block_n, block_k = 64, 64
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _w4a16_gemm_kernel[grid](x, qweight, scales, z, y, m, n, k, x.stride(0), qweight.stride(0), scales.stride(0),
+                             stride_z, y.stride(0), group_size, HAS_ZEROS=zeros is not None,
+                             FP32_INPUT=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n,
+                             BLOCK_K=block_k)
+    return y
