@@ -138,7 +138,11 @@ def _compress(args: argparse.Namespace) -> int:
     # The original measured on the same layers the recipe compressed, from stats taken before.
     before = replace(before, size=size_report(reloaded, names or None, stats=stats, model_bytes=before_bytes))
     after = measure(
-        f"{output.name} (compressed, reloaded)", reloaded, tokenizer, size=after_size, wall_seconds=wall,
+        f"{output.name} (compressed, reloaded)",
+        reloaded,
+        tokenizer,
+        size=after_size,
+        wall_seconds=wall,
         **measure_kwargs,
     )
     _print_report(args, [before, after], torch.get_num_threads())

@@ -77,9 +77,7 @@ def load_text(source: str | os.PathLike) -> str:
         return _wikitext(_SPLITS[split])
     path = Path(name)
     if not path.is_file():
-        raise CalibrationDataError(
-            f"text source {name!r} is neither a file nor one of wikitext2:test, wikitext2:valid"
-        )
+        raise CalibrationDataError(f"text source {name!r} is neither a file nor one of wikitext2:test, wikitext2:valid")
     text = path.read_text(encoding="utf-8")
     return join_wikitext_rows(text) if path.name.startswith("wiki.") and path.suffix == ".raw" else text
 

@@ -69,9 +69,7 @@ def format_table(rows: Sequence[ModelMeasurement]) -> str:
         ppl = f"{row.perplexity.perplexity:.3f}" if row.perplexity else "-"
         tps = f"{row.speed.tokens_per_second:.1f}" if row.speed else "-"
         speedup = (
-            f"{row.speed.tokens_per_second / base.speed.tokens_per_second:.2f}x"
-            if row.speed and base.speed
-            else "-"
+            f"{row.speed.tokens_per_second / base.speed.tokens_per_second:.2f}x" if row.speed and base.speed else "-"
         )
         bits = row.size.bits_per_weight
         cells = [

@@ -52,14 +52,8 @@ def _selected(model: nn.Module, patterns: tuple[str, ...]) -> set[str]:
     return selected
 
 
-def resolve_linear_targets(
-    model: nn.Module, targets: tuple[str, ...], ignore: tuple[str, ...]
-) -> dict[str, nn.Linear]:
+def resolve_linear_targets(model: nn.Module, targets: tuple[str, ...], ignore: tuple[str, ...]) -> dict[str, nn.Linear]:
     """The ``nn.Linear`` layers that ``targets`` select and ``ignore`` does not, by name,
     in module order."""
     chosen = _selected(model, targets) - _selected(model, ignore)
-    return {
-        name: module
-        for name, module in model.named_modules()
-        if name in chosen and isinstance(module, nn.Linear)
-    }
+    return {name: module for name, module in model.named_modules() if name in chosen and isinstance(module, nn.Linear)}

@@ -24,8 +24,9 @@ __all__ = ["w4_dequantize", "w4a16_gemm", "w4a16_gemv"]
 
 
 @triton.jit
-def _load_w_tile(qw_ptr, s_ptr, z_ptr, rn, kk, N, K, stride_qn, stride_sn, stride_zn, group_size,
-                 HAS_ZEROS: tl.constexpr):
+def _load_w_tile(
+    qw_ptr, s_ptr, z_ptr, rn, kk, N, K, stride_qn, stride_sn, stride_zn, group_size, HAS_ZEROS: tl.constexpr
+):
     """Dequantize the ``[BLOCK_N, BLOCK_K]`` tile at rows ``rn`` and columns ``kk`` to float32."""
     mask = (rn[:, None] < N) & (kk[None, :] < K)
     byte = tl.load(qw_ptr + rn[:, None] * stride_qn + (kk // 2)[None, :], mask=mask, other=0).to(tl.int32)
@@ -40,8 +41,22 @@ def _load_w_tile(qw_ptr, s_ptr, z_ptr, rn, kk, N, K, stride_qn, stride_sn, strid
 
 
 @triton.jit
-def _w4_dequantize_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_qn, stride_sn, stride_zn, stride_on,
-                          group_size, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _w4_dequantize_kernel(
+    qw_ptr,
+    s_ptr,
+    z_ptr,
+    out_ptr,
+    N,
+    K,
+    stride_qn,
+    stride_sn,
+    stride_zn,
+    stride_on,
+    group_size,
+    HAS_ZEROS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """out: [N, K] float32 from qweight [N, ceil(K/8)*4] uint8, scales/zeros [N, G]."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     kk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -51,9 +66,24 @@ def _w4_dequantize_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_qn, stride
 
 
 @triton.jit
-def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, stride_xm, stride_qn, stride_sn, stride_zn,
-                       stride_ym, group_size, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
+def _w4a16_gemv_kernel(
+    x_ptr,
+    qw_ptr,
+    s_ptr,
+    z_ptr,
+    y_ptr,
+    N,
+    K,
+    stride_xm,
+    stride_qn,
+    stride_sn,
+    stride_zn,
+    stride_ym,
+    group_size,
+    HAS_ZEROS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """y[m, :] = x[m, :] @ W.T for x: [M, K]; grid (M, cdiv(N, BLOCK_N))."""
     m = tl.program_id(0)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -61,26 +91,43 @@ def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, stride_xm, stri
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + m * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
-        w = _load_w_tile(qw_ptr, s_ptr, z_ptr, rn, kk, N, K, stride_qn, stride_sn, stride_zn, group_size,
-                         HAS_ZEROS)
+        w = _load_w_tile(qw_ptr, s_ptr, z_ptr, rn, kk, N, K, stride_qn, stride_sn, stride_zn, group_size, HAS_ZEROS)
         acc += tl.sum(w * x[None, :], axis=1)
     tl.store(y_ptr + m * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=rn < N)
 
 
 @triton.jit
-def _w4a16_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_qn, stride_sn, stride_zn,
-                       stride_ym, group_size, HAS_ZEROS: tl.constexpr, FP32_INPUT: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _w4a16_gemm_kernel(
+    x_ptr,
+    qw_ptr,
+    s_ptr,
+    z_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_qn,
+    stride_sn,
+    stride_zn,
+    stride_ym,
+    group_size,
+    HAS_ZEROS: tl.constexpr,
+    FP32_INPUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """y = x @ W.T for x: [M, K], W: [N, K]; grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N))."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K),
-                    other=0.0)
-        w = _load_w_tile(qw_ptr, s_ptr, z_ptr, rn, kk, N, K, stride_qn, stride_sn, stride_zn, group_size,
-                         HAS_ZEROS)
+        x = tl.load(
+            x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0
+        )
+        w = _load_w_tile(qw_ptr, s_ptr, z_ptr, rn, kk, N, K, stride_qn, stride_sn, stride_zn, group_size, HAS_ZEROS)
         if FP32_INPUT:
             acc += tl.dot(x, tl.trans(w), input_precision="ieee")
         else:
@@ -89,8 +136,9 @@ def _w4a16_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, s
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _check(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
-           in_features: int) -> None:
+def _check(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int, in_features: int
+) -> None:
     n = qweight.shape[0]
     if qweight.dtype != torch.uint8 or qweight.dim() != 2 or qweight.shape[1] != -(-in_features // 8) * 4:
         raise ValueError(
@@ -125,8 +173,9 @@ def _zeros_arg(zeros: torch.Tensor | None, scales: torch.Tensor) -> tuple[torch.
     return (scales, 0) if zeros is None else (zeros, zeros.stride(0))
 
 
-def w4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
-                  in_features: int) -> torch.Tensor:
+def w4_dequantize(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int, in_features: int
+) -> torch.Tensor:
     """Dequantize packed 4-bit weights to ``[N, K]`` float32."""
     _check(qweight, scales, zeros, group_size, in_features)
     n = qweight.shape[0]
@@ -134,14 +183,28 @@ def w4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
     z, stride_z = _zeros_arg(zeros, scales)
     block_n, block_k = 32, 64
     grid = (triton.cdiv(n, block_n), triton.cdiv(in_features, block_k))
-    _w4_dequantize_kernel[grid](qweight, scales, z, out, n, in_features, qweight.stride(0), scales.stride(0),
-                                stride_z, out.stride(0), group_size, HAS_ZEROS=zeros is not None,
-                                BLOCK_N=block_n, BLOCK_K=block_k)
+    _w4_dequantize_kernel[grid](
+        qweight,
+        scales,
+        z,
+        out,
+        n,
+        in_features,
+        qweight.stride(0),
+        scales.stride(0),
+        stride_z,
+        out.stride(0),
+        group_size,
+        HAS_ZEROS=zeros is not None,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+    )
     return out
 
 
-def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-               group_size: int) -> torch.Tensor:
+def w4a16_gemv(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
     """``y = x @ W.T`` for small M (decoding): ``x: [M, K]`` -> ``[M, N]`` in ``x.dtype``."""
     _check_x(x, qweight)
     m, k = x.shape
@@ -152,14 +215,30 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     z, stride_z = _zeros_arg(zeros, scales)
     block_n, block_k = 64, 128
     grid = (m, triton.cdiv(n, block_n))
-    _w4a16_gemv_kernel[grid](x, qweight, scales, z, y, n, k, x.stride(0), qweight.stride(0), scales.stride(0),
-                             stride_z, y.stride(0), group_size, HAS_ZEROS=zeros is not None,
-                             BLOCK_N=block_n, BLOCK_K=block_k)
+    _w4a16_gemv_kernel[grid](
+        x,
+        qweight,
+        scales,
+        z,
+        y,
+        n,
+        k,
+        x.stride(0),
+        qweight.stride(0),
+        scales.stride(0),
+        stride_z,
+        y.stride(0),
+        group_size,
+        HAS_ZEROS=zeros is not None,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+    )
     return y
 
 
-def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-               group_size: int) -> torch.Tensor:
+def w4a16_gemm(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
     """``y = x @ W.T``, tiled: ``x: [M, K]`` -> ``[M, N]`` in ``x.dtype``, float32 accumulation."""
     _check_x(x, qweight)
     m, k = x.shape
@@ -171,8 +250,25 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
     block_n, block_k = 64, 64
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _w4a16_gemm_kernel[grid](x, qweight, scales, z, y, m, n, k, x.stride(0), qweight.stride(0), scales.stride(0),
-                             stride_z, y.stride(0), group_size, HAS_ZEROS=zeros is not None,
-                             FP32_INPUT=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n,
-                             BLOCK_K=block_k)
+    _w4a16_gemm_kernel[grid](
+        x,
+        qweight,
+        scales,
+        z,
+        y,
+        m,
+        n,
+        k,
+        x.stride(0),
+        qweight.stride(0),
+        scales.stride(0),
+        stride_z,
+        y.stride(0),
+        group_size,
+        HAS_ZEROS=zeros is not None,
+        FP32_INPUT=x.dtype == torch.float32,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+    )
     return y

@@ -131,9 +131,7 @@ def compute_qparams(
     return scale, torch.round(zero).clamp(0, maxq).to(torch.uint8)
 
 
-def quantize(
-    w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, *, bits: int, group_size: int
-) -> torch.Tensor:
+def quantize(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, *, bits: int, group_size: int) -> torch.Tensor:
     """Codes ``[N, K]`` uint8 of ``w [N, K]`` under the given per-group parameters."""
     k = w.shape[1]
     group_size = resolve_group_size(group_size, k)

@@ -58,9 +58,7 @@ class QuantLinear(nn.Module):
         self._path_cache: dict[tuple, str] = {}  # (device type, dtype, forced) -> path
 
     @classmethod
-    def from_quantized(
-        cls, qw: QuantizedWeight, *, symmetric: bool, bias: torch.Tensor | None = None
-    ) -> QuantLinear:
+    def from_quantized(cls, qw: QuantizedWeight, *, symmetric: bool, bias: torch.Tensor | None = None) -> QuantLinear:
         """Build a layer from the result of a quantization algorithm (RTN, GPTQ, ...)."""
         n, k = qw.q.shape
         layer = cls(

@@ -1,0 +1,95 @@
+"""Shared fixtures: tiny random Llama and BERT models built from configs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Triton runs on CPU only through its interpreter; set it before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+import hfcompress  # noqa: F401  (registers the transformers quantizer)
+
+
+def make_tiny_llama(seed: int = 0, tie: bool = True) -> LlamaForCausalLM:
+    """2 layers, hidden 80 (not a multiple of 32: partial groups at group size 32), GQA."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=80,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def make_tiny_bert(seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=100,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
+    return BertForSequenceClassification(config).eval()
+
+
+@pytest.fixture
+def tiny_llama() -> LlamaForCausalLM:
+    return make_tiny_llama()
+
+
+@pytest.fixture
+def tiny_bert() -> BertForSequenceClassification:
+    return make_tiny_bert()
+
+
+@pytest.fixture
+def llama_ids() -> torch.Tensor:
+    return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def bert_ids() -> torch.Tensor:
+    return torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_char_tokenizer():
+    """A character-level fast tokenizer over 128 ids, enough to drive the CLI on tiny models."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(i): i for i in range(32, 127)}
+    vocab.update({"<unk>": 0, "<eos>": 1, "\n": 10})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path):
+    """A saved tiny Llama with a tokenizer, as a folder the CLI can load."""
+    model = make_tiny_llama()
+    model.config.eos_token_id = 1
+    model.generation_config.eos_token_id = 1
+    path = tmp_path / "tiny-llama"
+    model.save_pretrained(path)
+    make_char_tokenizer().save_pretrained(path)
+    return path

@@ -1,0 +1,55 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hfcompress import RTNConfig, compress
+from hfcompress.eval import decode_speed, perplexity, size_report
+from hfcompress.eval.size import linear_layer_stats
+
+
+def test_perplexity_matches_a_hand_computation(tiny_llama):
+    ids = torch.randint(0, 128, (50,), generator=torch.Generator().manual_seed(0))
+    result = perplexity(tiny_llama, ids, seq_len=16, progress=False)
+    assert (result.windows, result.tokens) == (3, 45)  # 50 // 16 windows, 15 predictions each
+    nll = 0.0
+    for w in ids[:48].reshape(3, 16):
+        logits = tiny_llama(w[None]).logits[0]
+        nll += F.cross_entropy(logits[:-1], w[1:], reduction="sum").item()
+    assert result.perplexity == pytest.approx(math.exp(nll / 45), rel=1e-5)
+
+
+def test_perplexity_max_windows_and_batching(tiny_llama):
+    ids = torch.randint(0, 128, (100,), generator=torch.Generator().manual_seed(0))
+    one = perplexity(tiny_llama, ids, seq_len=10, max_windows=4, progress=False)
+    batched = perplexity(tiny_llama, ids, seq_len=10, max_windows=4, batch_size=3, progress=False)
+    assert one.windows == 4 and one.perplexity == pytest.approx(batched.perplexity, rel=1e-5)
+
+
+def test_perplexity_needs_a_full_window(tiny_llama):
+    with pytest.raises(ValueError, match="no window of seq_len=32"):
+        perplexity(tiny_llama, torch.arange(20), seq_len=32, progress=False)
+
+
+def test_size_report_before_and_after(tiny_llama):
+    stats = linear_layer_stats(tiny_llama)
+    compress(tiny_llama, [RTNConfig(bits=4, group_size=16)], progress=False)
+    after = size_report(tiny_llama)
+    names = list(tiny_llama.config.quantization_config.layers)
+    before = size_report(tiny_llama, names, stats=stats)
+    weights = sum(m.in_features * m.out_features for n, m in tiny_llama.named_modules() if n in names)
+    assert after.layer_weights == before.layer_weights == weights
+    assert before.bits_per_weight == 32
+    # 4-bit codes + a float16 scale and a uint8 zero point per 16 weights: 4 + 24 / 16.
+    assert after.bits_per_weight == pytest.approx(4 + 24 / 16)
+    assert after.fraction_of_fp16 == pytest.approx(after.bits_per_weight / 16)
+
+
+def test_decode_speed_reports_a_rate(tiny_llama):
+    class Tok:
+        def __call__(self, text, return_tensors):
+            return type("Enc", (), {"input_ids": torch.tensor([[1, 2, 3]])})()
+
+    speed = decode_speed(tiny_llama, Tok(), new_tokens=4, repeats=1)
+    assert speed.tokens_per_second > 0 and speed.prompt_tokens == 3 and speed.new_tokens == 4

@@ -1,0 +1,158 @@
+"""save_pretrained / from_pretrained round trips, and what happens with damaged checkpoints."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+import hfcompress
+from hfcompress import CheckpointError, QuantLinear, RTNConfig, compress
+
+SCHEMES = {
+    "w4g32": RTNConfig(bits=4, group_size=32),
+    "w4-sym-per-channel": RTNConfig(bits=4, group_size=-1, symmetric=True),
+    "w4g16-float-zero": RTNConfig(bits=4, group_size=16, zero_point="float"),
+    "w8-per-channel": RTNConfig(bits=8, group_size=-1, symmetric=True),
+    "w3g32": RTNConfig(bits=3, group_size=32),
+}
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=list(SCHEMES))
+def test_llama_reload_gives_the_same_logits(tiny_llama, llama_ids, tmp_path, scheme):
+    compress(tiny_llama, [SCHEMES[scheme]], progress=False)
+    expected = tiny_llama(llama_ids).logits
+    hfcompress.save_pretrained(tiny_llama, tmp_path / "m")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert isinstance(reloaded.model.layers[0].mlp.down_proj, QuantLinear)
+    assert reloaded.model.layers[0].mlp.down_proj.scales.dtype == torch.float16
+    assert (reloaded(llama_ids).logits - expected).abs().max() <= 1e-5
+
+
+def test_bert_reload_gives_the_same_logits(tiny_bert, bert_ids, tmp_path):
+    compress(tiny_bert, [RTNConfig(bits=4, group_size=32, ignore=("classifier",))], progress=False)
+    expected = tiny_bert(bert_ids).logits
+    tiny_bert.save_pretrained(tmp_path / "b")  # the plain transformers call works too
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "b")
+    assert isinstance(reloaded.bert.encoder.layer[1].output.dense, QuantLinear)
+    assert (reloaded(bert_ids).logits - expected).abs().max() <= 1e-5
+
+
+def test_saved_config_records_recipe_and_layers(tiny_llama, tmp_path):
+    compress(tiny_llama, [RTNConfig(bits=4, group_size=32)], progress=False)
+    hfcompress.save_pretrained(tiny_llama, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "hfcompress"
+    assert config["recipe"]["stages"][0]["technique"] == "rtn"
+    assert config["layers"]["model.layers.0.self_attn.q_proj"] == {
+        "bits": 4,
+        "group_size": 32,
+        "symmetric": False,
+        "zero_point": "integer",
+        "scale_dtype": "float16",
+        "in_features": 80,
+        "out_features": 80,
+    }
+    assert hfcompress.Recipe.from_dict(config["recipe"]) == hfcompress.Recipe([RTNConfig(bits=4, group_size=32)])
+
+
+def test_untied_quantized_head_reloads(tiny_llama, llama_ids, tmp_path):
+    compress(tiny_llama, [RTNConfig(bits=8, group_size=-1, ignore=())], progress=False)
+    expected = tiny_llama(llama_ids).logits
+    hfcompress.save_pretrained(tiny_llama, tmp_path / "m")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert isinstance(reloaded.lm_head, QuantLinear)
+    assert (reloaded(llama_ids).logits - expected).abs().max() <= 1e-5
+
+
+@pytest.fixture
+def saved(tiny_llama, tmp_path):
+    compress(tiny_llama, [RTNConfig(bits=4, group_size=32)], progress=False)
+    return hfcompress.save_pretrained(tiny_llama, tmp_path / "m")
+
+
+def _edit_tensors(directory, edit):
+    path = directory / "model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_missing_tensor_fails_to_load(saved):
+    _edit_tensors(saved, lambda t: t.pop("model.layers.1.mlp.up_proj.scales"))
+    with pytest.raises(
+        CheckpointError, match=r"tensor 'model.layers.1.mlp.up_proj.scales' \(F16 \[96, 3\]\) is missing"
+    ):
+        AutoModelForCausalLM.from_pretrained(saved)
+
+
+def test_malformed_tensor_fails_to_load(saved):
+    def edit(t):
+        t["model.layers.0.self_attn.o_proj.qweight"] = t["model.layers.0.self_attn.o_proj.qweight"][:, :-4].clone()
+
+    _edit_tensors(saved, edit)
+    with pytest.raises(
+        CheckpointError, match=r"'model.layers.0.self_attn.o_proj.qweight' is U8 \[80, 36\], expected U8 \[80, 40\]"
+    ):
+        AutoModelForCausalLM.from_pretrained(saved)
+
+
+def test_nan_scales_fail_to_load(saved):
+    def edit(t):
+        t["model.layers.0.mlp.gate_proj.scales"][2, 1] = float("nan")
+
+    _edit_tensors(saved, edit)
+    with pytest.raises(CheckpointError, match=r"model.layers.0.mlp.gate_proj.scales holds NaN"):
+        AutoModelForCausalLM.from_pretrained(saved)
+
+
+def test_truncated_file_fails_to_load(saved):
+    path = saved / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        AutoModelForCausalLM.from_pretrained(saved)
+
+
+def test_malformed_config_fails_to_load(saved):
+    path = saved / "config.json"
+    config = json.loads(path.read_text())
+    del config["quantization_config"]["layers"]["model.layers.0.mlp.up_proj"]["bits"]
+    path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"layers\['model.layers.0.mlp.up_proj'\] lacks \['bits'\]"):
+        AutoModelForCausalLM.from_pretrained(saved)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_interrupted_save_leaves_nothing_that_looks_valid(tiny_llama, tmp_path, monkeypatch):
+    compress(tiny_llama, [RTNConfig(bits=4, group_size=32)], progress=False)
+    real_save = tiny_llama.save_pretrained
+
+    def crash_midway(directory, **kwargs):
+        real_save(directory, **kwargs)  # files are on disk...
+        raise _Interrupted  # ...then the process dies before the save completes
+
+    monkeypatch.setattr(tiny_llama, "save_pretrained", crash_midway)
+    with pytest.raises(_Interrupted):
+        hfcompress.save_pretrained(tiny_llama, tmp_path / "out")
+    assert os.listdir(tmp_path) == []
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(saved, tiny_llama, monkeypatch):
+    before = sorted(os.listdir(saved))
+
+    def crash(directory, **kwargs):
+        (directory / "model.safetensors").write_bytes(b"partial")
+        raise _Interrupted
+
+    monkeypatch.setattr(tiny_llama, "save_pretrained", crash)
+    with pytest.raises(_Interrupted):
+        hfcompress.save_pretrained(tiny_llama, saved)
+    assert sorted(os.listdir(saved)) == before
+    assert sorted(os.listdir(saved.parent)) == ["m"]
+    AutoModelForCausalLM.from_pretrained(saved)

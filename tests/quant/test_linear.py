@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+from hfcompress.quant import dispatch
+from hfcompress.quant.affine import quantize_rtn
+from hfcompress.quant.linear import QuantLinear
+
+
+def _layer(n, k, *, bits=4, group_size=32, symmetric=False, float_zero=False, bias=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    qw = quantize_rtn(w, bits=bits, group_size=group_size, symmetric=symmetric, float_zero=float_zero)
+    b = torch.randn(n, generator=g) if bias else None
+    return QuantLinear.from_quantized(qw, symmetric=symmetric, bias=b), qw
+
+
+def _rel_err(y, ref):
+    return ((y - ref).norm() / ref.norm()).item()
+
+
+CASES = [
+    # (n, k, bits, group_size, symmetric, float_zero, expected CPU path)
+    (48, 200, 4, 64, False, False, "cpu_int4"),  # partial last group, K padded for the op
+    (13, 96, 4, 32, True, False, "cpu_int4"),  # N not a multiple of 16
+    (40, 80, 4, -1, False, True, "cpu_int4"),  # per channel, float zero points
+    (48, 200, 8, -1, False, False, "cpu_int8"),  # K not a multiple of 16
+    (16, 64, 8, -1, True, False, "cpu_int8"),
+    (16, 64, 8, 32, False, False, "reference"),  # grouped int8 has no fast CPU op
+    (16, 64, 4, 8, False, False, "reference"),  # group 8: no op block size fits
+    (16, 64, 3, 32, False, False, "reference"),
+    (16, 64, 2, 32, True, False, "reference"),
+]
+
+
+@pytest.mark.parametrize(
+    "n,k,bits,group_size,symmetric,float_zero,path", CASES, ids=[f"{c[6]}-w{c[2]}-n{c[0]}-k{c[1]}" for c in CASES]
+)
+def test_cpu_paths_match_the_reference(n, k, bits, group_size, symmetric, float_zero, path):
+    layer, qw = _layer(n, k, bits=bits, group_size=group_size, symmetric=symmetric, float_zero=float_zero, bias=True)
+    x = torch.randn(3, 5, k)
+    assert dispatch.select_path(layer, x) == path
+    ref = x @ qw.dequantize().t() + layer.bias
+    assert torch.allclose(dispatch.reference_forward(layer, x), ref, atol=1e-4, rtol=1e-5)
+    # The fast CPU ops take bfloat16 activations (8-bit mantissa): ~0.4% relative error per
+    # rounding, averaged over K. 2% of the output norm bounds it with a wide margin.
+    assert _rel_err(layer(x), ref) < 2e-2
+    assert layer(x).shape == (3, 5, n) and layer(x).dtype == x.dtype
+
+
+def test_force_reference_env(monkeypatch):
+    layer, _ = _layer(32, 64)
+    x = torch.randn(2, 64)
+    monkeypatch.setenv(dispatch.FORCE_REFERENCE_ENV, "1")
+    assert dispatch.select_path(layer, x) == "reference"
+    assert torch.equal(layer(x), dispatch.reference_forward(layer, x))
+
+
+def test_kernel_cache_follows_load_state_dict():
+    layer, _ = _layer(32, 64, seed=0)
+    other, _ = _layer(32, 64, seed=1)
+    x = torch.randn(2, 64)
+    before = layer(x)
+    layer.load_state_dict(other.state_dict())
+    assert torch.equal(layer(x), other(x))
+    assert not torch.equal(layer(x), before)
+
+
+def test_state_dict_holds_packed_tensors_only():
+    layer, _ = _layer(16, 40, bias=True)
+    assert set(layer.state_dict()) == {"qweight", "scales", "zeros", "bias"}
+    assert layer.qweight.shape == (16, 20) and layer.qweight.dtype == torch.uint8
+    sym, _ = _layer(16, 40, symmetric=True)
+    assert set(sym.state_dict()) == {"qweight", "scales"}
+
+
+def test_storage_bytes():
+    layer, _ = _layer(16, 64, group_size=32)
+    assert layer.storage_bytes() == 16 * 32 + 16 * 2 * 2 + 16 * 2  # codes + fp16 scales + uint8 zeros

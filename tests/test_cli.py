@@ -1,0 +1,79 @@
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from hfcompress import QuantLinear
+from hfcompress.cli import main
+
+RECIPE = "stages:\n  - name: w4\n    technique: rtn\n    bits: 4\n    group_size: 32\n"
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    path = tmp_path / "w4.yaml"
+    path.write_text(RECIPE)
+    return path
+
+
+@pytest.fixture
+def text(tmp_path):
+    path = tmp_path / "eval.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    return path
+
+
+def test_compress_saves_and_reports(tiny_llama_dir, recipe, text, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--quiet", "compress", "--model", str(tiny_llama_dir), "--recipe", str(recipe), "--output", str(out)]
+    args += ["--report", "--eval-data", str(text), "--seq-len", "16", "--max-windows", "3", "--decode-tokens", "4"]
+    assert main(args) == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(model.model.layers[0].mlp.up_proj, QuantLinear)
+    report = capsys.readouterr().out
+    assert "first 3 non-overlapping windows of 16 tokens" in report
+    rows = [line for line in report.splitlines() if "(original)" in line or "(compressed, reloaded)" in line]
+    assert len(rows) == 2 and "(original)" in rows[0] and "(compressed, reloaded)" in rows[1]
+    assert "| 32.00 | 2.000 |" in rows[0]  # float32 before
+    # 4-bit codes plus a 16-bit scale and an 8-bit zero per group of 32; K = 80 and K = 96 both
+    # need 3 groups (80 ends in a partial one): 4 + 3 * 24 * 512 rows / 42240 weights = 4.873.
+    assert "| 4.87 | 0.305 |" in rows[1]
+
+
+def test_eval_ppl_json(tiny_llama_dir, text, capsys):
+    args = ["--quiet", "eval", "ppl", "--model", str(tiny_llama_dir), "--eval-data", str(text), "--seq-len", "16"]
+    assert main([*args, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["windows"] == 900 // 16 and result["perplexity"] > 1
+
+
+def test_bad_recipe_exits_2_before_loading(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages:\n  - technique: rtn\n    bits: 5\n")
+    code = main(["compress", "--model", "does-not-matter", "--recipe", str(bad), "--output", str(tmp_path / "o")])
+    assert code == 2
+    assert "bits=5 is invalid" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_refuses_to_overwrite_output(tiny_llama_dir, recipe, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    args = ["compress", "--model", str(tiny_llama_dir), "--recipe", str(recipe), "--output", str(out)]
+    assert main(args) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_unknown_model_is_a_clear_error(recipe, tmp_path, capsys):
+    args = ["compress", "--model", "no-such-model", "--recipe", str(recipe), "--output", str(tmp_path / "o")]
+    assert main(args) == 2
+    assert "unknown model 'no-such-model'" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "hfcompress"]
+    assert script.value == "hfcompress.cli:main"

@@ -1,0 +1,107 @@
+import dataclasses
+
+import pytest
+import torch
+
+import hfcompress
+from hfcompress import CalibrationDataError, ModelError, QuantLinear, RecipeError, RTNConfig, compress, registry
+from hfcompress.techniques.rtn import RTNModifier
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model, before):
+    after = model.state_dict()
+    return set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_compress_returns_the_same_model_with_packed_layers(tiny_llama, llama_ids):
+    ref = tiny_llama(llama_ids).logits
+    out = compress(tiny_llama, hfcompress.Recipe([RTNConfig(bits=4, group_size=32)]), progress=False)
+    assert out is tiny_llama
+    quantized = [n for n, m in out.named_modules() if isinstance(m, QuantLinear)]
+    assert len(quantized) == 14 and "lm_head" not in quantized
+    logits = out(llama_ids).logits
+    assert logits.shape == ref.shape
+    # 4-bit RTN on a random model: close, not equal.
+    assert 0 < (logits - ref).abs().max() < 0.5 * ref.abs().max()
+    assert out.config.quantization_config.layers["model.layers.0.mlp.up_proj"]["bits"] == 4
+
+
+def test_recipe_may_be_a_path_or_configs(tiny_llama, tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("stages:\n  - technique: rtn\n    bits: 8\n    group_size: -1\n")
+    compress(tiny_llama, str(path), progress=False)
+    assert tiny_llama.model.layers[0].mlp.up_proj.bits == 8
+
+
+def test_quantizing_a_tied_lm_head_unties_it(tiny_llama, llama_ids):
+    embed = tiny_llama.model.embed_tokens.weight.clone()
+    compress(tiny_llama, [RTNConfig(bits=8, group_size=-1, targets=("lm_head",), ignore=())], progress=False)
+    assert isinstance(tiny_llama.lm_head, QuantLinear)
+    assert tiny_llama.config.tie_word_embeddings is False
+    assert torch.equal(tiny_llama.model.embed_tokens.weight, embed)
+
+
+def test_two_stages_apply_in_order(tiny_llama):
+    recipe = hfcompress.Recipe(
+        [RTNConfig(bits=8, group_size=-1, targets=("re:.*mlp.*",)), RTNConfig(bits=4, group_size=16)]
+    )
+    compress(tiny_llama, recipe, progress=False)
+    assert tiny_llama.model.layers[0].mlp.up_proj.bits == 8
+    assert tiny_llama.model.layers[0].self_attn.q_proj.bits == 4
+    assert len(tiny_llama.config.quantization_config.recipe["stages"]) == 2
+
+
+FAILS = [
+    (RTNConfig(bits=4, group_size=128), RecipeError, r"stage 'stage_1' \(rtn\): group_size=128 exceeds in_features=80"),
+    (RTNConfig(targets=("re:.*nothing.*",)), RecipeError, r"select no nn.Linear layer"),
+]
+
+
+@pytest.mark.parametrize("bad,error,message", FAILS, ids=["group-too-large", "no-targets"])
+def test_invalid_stage_fails_before_any_stage_touches_the_model(tiny_llama, bad, error, message):
+    before = _state(tiny_llama)
+    recipe = hfcompress.Recipe([RTNConfig(bits=8, group_size=-1), bad])
+    with pytest.raises(error, match=message):
+        compress(tiny_llama, recipe, progress=False)
+    assert _unchanged(tiny_llama, before)
+    assert not hasattr(tiny_llama.config, "quantization_config")
+
+
+def test_nan_weight_is_refused_and_nothing_changes(tiny_llama):
+    with torch.no_grad():
+        tiny_llama.model.layers[1].mlp.up_proj.weight[3, 4] = float("nan")
+    before = _state(tiny_llama)
+    with pytest.raises(ModelError, match=r"'model.layers.1.mlp.up_proj' has NaN or infinite weights"):
+        compress(tiny_llama, [RTNConfig(bits=4, group_size=16)], progress=False)
+    assert set(tiny_llama.state_dict()) == set(before)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _CalibratedConfig(RTNConfig):
+    technique = "test_calibrated"
+    needs_calibration = True
+
+
+def test_missing_calibration_data_is_a_clear_error(tiny_llama, monkeypatch):
+    monkeypatch.setitem(
+        registry._REGISTRY, "test_calibrated", registry.Technique("test_calibrated", _CalibratedConfig, RTNModifier)
+    )
+    before = _state(tiny_llama)
+    with pytest.raises(CalibrationDataError, match=r"stage 'stage_0' \(test_calibrated\) needs calibration data"):
+        compress(tiny_llama, [_CalibratedConfig(group_size=16)], progress=False)
+    assert _unchanged(tiny_llama, before)
+    compress(tiny_llama, [_CalibratedConfig(group_size=16)], calibration_data=["some text"], progress=False)
+
+
+def test_register_twice_raises():
+    with pytest.raises(ValueError, match="already registered"):
+        hfcompress.register_technique(RTNConfig, RTNModifier)
+
+
+def test_compress_needs_a_module():
+    with pytest.raises(RecipeError, match=r"needs a torch\.nn\.Module"):
+        compress("model", [RTNConfig()])

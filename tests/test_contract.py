@@ -1,0 +1,48 @@
+"""Every registered technique honours the same contract on tiny Llama and BERT models."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+import hfcompress
+from hfcompress import Recipe, compress, registered_techniques
+
+# One example config per technique, valid on the tiny models. A technique registered without
+# an entry here fails `test_every_technique_has_an_example`.
+EXAMPLES = {
+    "rtn": {"bits": 4, "group_size": 32},
+}
+TECHNIQUES = sorted(registered_techniques())
+
+
+def test_every_technique_has_an_example():
+    assert set(TECHNIQUES) == set(EXAMPLES)
+
+
+def _config(name):
+    return registered_techniques()[name].config_cls.from_dict(EXAMPLES[name])
+
+
+@pytest.mark.parametrize("name", TECHNIQUES)
+def test_config_round_trips(name):
+    config = _config(name)
+    cls = type(config)
+    assert cls.from_dict(config.to_dict()) == config
+    assert Recipe.from_yaml_str(Recipe([config]).to_yaml()).stages[0].config == config
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+@pytest.mark.parametrize("name", TECHNIQUES)
+def test_compress_save_reload(name, arch, tiny_llama, tiny_bert, llama_ids, bert_ids, tmp_path):
+    model, ids, auto = (
+        (tiny_llama, llama_ids, AutoModelForCausalLM)
+        if arch == "llama"
+        else (tiny_bert, bert_ids, AutoModelForSequenceClassification)
+    )
+    shape = model(ids).logits.shape
+    compress(model, [_config(name)], calibration_data=ids, progress=False)
+    logits = model(ids).logits
+    assert logits.shape == shape and torch.isfinite(logits).all()
+    hfcompress.save_pretrained(model, tmp_path / "m")
+    reloaded = auto.from_pretrained(tmp_path / "m")
+    assert (reloaded(ids).logits - logits).abs().max() <= 1e-5

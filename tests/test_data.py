@@ -1,0 +1,54 @@
+import pytest
+import torch
+
+from hfcompress import CalibrationDataError
+from hfcompress.data import calibration_samples, data_dir, join_wikitext_rows, load_text
+
+needs_data = pytest.mark.skipif(data_dir() is None, reason="shared/data not found")
+
+
+def test_join_wikitext_rows_blanks_become_empty_rows():
+    # rows: [" = A = \n", "", " text \n"], joined with blank lines as the Hub's rows are
+    assert join_wikitext_rows(" = A = \n \n text \n") == " = A = \n" + "\n\n" + "" + "\n\n" + " text \n"
+
+
+@needs_data
+def test_wikitext_test_split_is_the_hub_text():
+    raw = (data_dir() / "wikitext-2-raw" / "wiki.test.raw").read_text()
+    assert len(raw.splitlines()) == 4358  # the Hub's test split has 4358 rows
+    text = load_text("wikitext2:test")
+    # Row 0 is blank (an empty row), row 1 the first title.
+    assert text.startswith("" + "\n\n" + " = Robert Boulter = \n" + "\n\n")
+    assert "\n \n" not in text  # blank lines became empty rows
+    assert load_text("wikitext2:valid") != text
+
+
+def test_unknown_sources_are_clear_errors(tmp_path):
+    with pytest.raises(CalibrationDataError, match="unknown WikiText-2 split 'train'"):
+        load_text("wikitext2:train")
+    with pytest.raises(CalibrationDataError, match="neither a file nor one of"):
+        load_text(tmp_path / "missing.txt")
+
+
+def test_plain_text_file_is_read_as_is(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("a\n\nb\n")
+    assert load_text(path) == "a\n\nb\n"
+
+
+class _CharTokenizer:
+    def __call__(self, text, return_tensors, add_special_tokens):
+        return type("Enc", (), {"input_ids": torch.tensor([[ord(c) % 128 for c in text]])})()
+
+
+def test_calibration_samples_are_seeded_windows():
+    text = ["the quick brown fox jumps over the lazy dog"] * 20
+    a = calibration_samples(_CharTokenizer(), text, num_samples=5, seq_len=16, seed=1)
+    b = calibration_samples(_CharTokenizer(), text, num_samples=5, seq_len=16, seed=1)
+    c = calibration_samples(_CharTokenizer(), text, num_samples=5, seq_len=16, seed=2)
+    assert a.shape == (5, 16) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_calibration_text_too_short():
+    with pytest.raises(CalibrationDataError, match="seq_len=512 needs more"):
+        calibration_samples(_CharTokenizer(), ["short"], num_samples=2, seq_len=512)

