@@ -1,0 +1,88 @@
+"""CPU decode speed and perplexity of SmolLM2-135M: fp32 vs W8 vs W4, measured in one run.
+
+    python benchmarks/bench_decode.py [--windows 40] [--rounds 3] [--new-tokens 64]
+
+Every variant is built from the same fp32 model in this process; decode speed is measured
+round-robin (one measurement of each variant per round, median over rounds) so that machine
+drift hits all variants alike. Perplexity: WikiText-2 test, first --windows windows of 512
+tokens (the README's protocol). Prints a markdown table for benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+
+import torch
+from tqdm.auto import tqdm
+
+import hfcompress
+from hfcompress.data import load_text
+from hfcompress.eval import decode_speed, perplexity, size_report
+from hfcompress.models import load_model, load_tokenizer
+
+VARIANTS = {
+    "fp32": None,
+    "W8 per-channel (sym)": "recipes/llama_w8a16_rtn.yaml",
+    "W4 g128 (asym)": "recipes/smollm2_w4a16_rtn_g128.yaml",
+    "W4 g128 + lm_head W8": "recipes/smollm2_w4a16_rtn_g128_head_w8.yaml",
+}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    args = parser.parse_args()
+
+    base = load_model("smollm2-135m")
+    tokenizer = load_tokenizer("smollm2-135m")
+    models = {}
+    for label, recipe in VARIANTS.items():
+        model = copy.deepcopy(base)
+        if recipe is not None:
+            hfcompress.compress(model, recipe, progress=False)
+        models[label] = model
+
+    tokens = tokenizer(load_text("wikitext2:test"), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    ppl = {
+        label: perplexity(m, tokens, seq_len=512, max_windows=args.windows, progress=False).perplexity
+        for label, m in tqdm(models.items(), desc="perplexity")
+    }
+    rates: dict[str, list[float]] = {label: [] for label in models}
+    for _ in tqdm(range(args.rounds), desc="decode rounds"):
+        for label, model in models.items():
+            rates[label].append(decode_speed(model, tokenizer, new_tokens=args.new_tokens, repeats=1).tokens_per_second)
+
+    # Measure every variant on the layers W4 quantized (all Linear layers but lm_head).
+    w4_layers = [n for n, m in models["W4 g128 (asym)"].named_modules() if isinstance(m, hfcompress.QuantLinear)]
+    print(f"\nCPU: {_cpu_name()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    print(f"Decode: greedy, batch 1, {args.new_tokens} new tokens, median of {args.rounds} round-robin rounds")
+    print(f"Perplexity: WikiText-2 test, first {args.windows} windows of 512 tokens\n")
+    print("| variant | model bytes | bits/weight (decoder Linear) | perplexity | decode tok/s | vs fp32 |")
+    print("|---|---|---|---|---|---|")
+    fp32_rate = statistics.median(rates["fp32"])
+    for label, model in models.items():
+        size = size_report(model, w4_layers)
+        rate = statistics.median(rates[label])
+        print(
+            f"| {label} | {size.total_bytes / 1e6:.1f} MB | {size.bits_per_weight:.2f} | {ppl[label]:.3f} "
+            f"| {rate:.1f} | {rate / fp32_rate:.2f}x |"
+        )
+
+
+if __name__ == "__main__":
+    main()
