@@ -20,6 +20,7 @@ from hfcompress.integrations import transformers_quantizer as _transformers_quan
 from hfcompress.quant.linear import QuantLinear
 from hfcompress.recipe import Recipe, Stage
 from hfcompress.registry import get_technique, register_technique, registered_techniques
+from hfcompress.techniques.gptq import GPTQConfig
 from hfcompress.techniques.rtn import RTNConfig
 
 __version__ = "0.1.0"
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CalibrationDataError",
     "CheckpointError",
+    "GPTQConfig",
     "HfCompressError",
     "ModelError",
     "QuantLinear",

@@ -43,6 +43,10 @@ def compress(
     eval_dataset: Any = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    num_calibration_samples: int = 128,
+    calibration_seq_len: int = 512,
+    seed: int = 0,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> nn.Module:
     """Compress ``model`` in place with ``recipe`` and return it.
 
@@ -57,8 +61,16 @@ def compress(
         calibration_data: Calibration samples, for stages that need them.
         train_dataset: Training set, for stages that train.
         eval_dataset: Evaluation set, for stages that train.
-        device: Compute device for layerwise stages; None keeps modules where they are.
+        device: Compute device for layerwise stages; None uses the model's first parameter's.
         progress: Show progress bars.
+        num_calibration_samples: Windows of ``calibration_seq_len`` tokens drawn (seeded) from
+            text calibration data; token-id tensors are used as given. The defaults, 128
+            windows of 512 tokens, follow GPTQ's setup (128 samples) at the shorter window
+            llm-compressor's examples use.
+        calibration_seq_len: Tokens per calibration window.
+        seed: Seed of the calibration draw.
+        checkpoint_dir: Layerwise stages save each finished block here; a run killed mid-way
+            and started again with the same arguments resumes after the last saved block.
 
     Returns:
         The same ``model`` object, compressed.
@@ -73,6 +85,10 @@ def compress(
         eval_dataset=eval_dataset,
         device=torch.device(device) if device is not None else None,
         progress=progress,
+        num_calibration_samples=num_calibration_samples,
+        calibration_seq_len=calibration_seq_len,
+        seed=seed,
+        checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None,
     )
     modifiers = [technique_for_config(s.config).modifier_cls(s.config, s.name) for s in recipe]
     for modifier in modifiers:

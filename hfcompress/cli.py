@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--num-calibration-samples", type=int, default=128)
     c.add_argument("--calibration-seq-len", type=int, default=512)
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument(
+        "--checkpoint-dir", default=None, help="persist finished blocks of layerwise stages here; rerun to resume"
+    )
     c.add_argument("--device", default=None, help="compute device for layerwise stages (default: keep)")
     c.add_argument("--push-to-hub", default=None, metavar="REPO", help="also upload the saved model to this repo")
     c.add_argument("--report", action="store_true", help="measure before and after, print a table")
@@ -83,7 +86,7 @@ def _compress(args: argparse.Namespace) -> int:
     import torch
 
     import hfcompress
-    from hfcompress.data import calibration_samples, load_text
+    from hfcompress.data import load_text
     from hfcompress.eval.size import linear_layer_stats, size_report, total_bytes
     from hfcompress.models import load_model, load_tokenizer
     from hfcompress.report import measure
@@ -96,15 +99,6 @@ def _compress(args: argparse.Namespace) -> int:
     logger.info("loading %s", args.model)
     model = load_model(args.model, task=args.task)
     tokenizer = load_tokenizer(args.model)
-    calibration = None
-    if args.calibration:
-        calibration = calibration_samples(
-            tokenizer,
-            args.calibration,
-            num_samples=args.num_calibration_samples,
-            seq_len=args.calibration_seq_len,
-            seed=args.seed,
-        )
     is_lm = model.config.architectures[0].endswith("ForCausalLM")
     measure_kwargs = {
         "eval_text": load_text(args.eval_data) if args.report and is_lm else None,
@@ -119,7 +113,16 @@ def _compress(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     hfcompress.compress(
-        model, recipe, tokenizer=tokenizer, calibration_data=calibration, device=args.device, progress=not args.quiet
+        model,
+        recipe,
+        tokenizer=tokenizer,
+        calibration_data=args.calibration,
+        device=args.device,
+        progress=not args.quiet,
+        num_calibration_samples=args.num_calibration_samples,
+        calibration_seq_len=args.calibration_seq_len,
+        seed=args.seed,
+        checkpoint_dir=args.checkpoint_dir,
     )
     hfcompress.save_pretrained(model, output, tokenizer=tokenizer)
     wall = time.perf_counter() - start

@@ -104,3 +104,51 @@ def calibration_samples(
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len, (num_samples,), generator=generator)
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+
+def _as_text_or_ids(data) -> str | list[str] | torch.Tensor:
+    """Normalise the accepted calibration inputs to a text source or a token tensor."""
+    if isinstance(data, torch.Tensor):
+        return data
+    if isinstance(data, (str, os.PathLike)):
+        return str(data)
+    if isinstance(data, (list, tuple)) and all(isinstance(t, str) for t in data):
+        return list(data)
+    column_names = getattr(data, "column_names", None)  # a datasets.Dataset
+    if column_names is not None:
+        if "input_ids" in column_names:
+            return torch.tensor(data["input_ids"])
+        if "text" in column_names:
+            return [t for t in data["text"] if t]
+        raise CalibrationDataError(f"a calibration Dataset needs a 'text' or 'input_ids' column; it has {column_names}")
+    raise CalibrationDataError(
+        "calibration_data must be a list of strings, a text source (file path, 'wikitext2:valid'), "
+        f"a datasets.Dataset or a [num_samples, seq_len] tensor of token ids; got {type(data).__name__}"
+    )
+
+
+def calibration_batches(
+    data,
+    tokenizer=None,
+    *,
+    num_samples: int = 128,
+    seq_len: int = 512,
+    seed: int = 0,
+    batch_size: int = 8,
+) -> list[dict[str, torch.Tensor]]:
+    """Calibration data as model-ready batches ``{"input_ids": [B, seq_len]}``.
+
+    Token tensors ``[n, T]`` are used as they are (all ``n`` rows); text (a list of strings, a
+    file, ``wikitext2:valid``, a Dataset's ``text`` column) is tokenized and sampled by
+    :func:`calibration_samples`, which needs ``tokenizer``.
+    """
+    source = _as_text_or_ids(data)
+    if isinstance(source, torch.Tensor):
+        ids = source if source.dim() == 2 else source[None]
+        if ids.dtype not in (torch.int64, torch.int32) or ids.numel() == 0:
+            raise CalibrationDataError(f"calibration token ids must be a non-empty integer tensor, got {ids.dtype}")
+    else:
+        if tokenizer is None:
+            raise CalibrationDataError("text calibration data needs a tokenizer: pass tokenizer=... to compress()")
+        ids = calibration_samples(tokenizer, source, num_samples=num_samples, seq_len=seq_len, seed=seed)
+    return [{"input_ids": chunk.long()} for chunk in ids.split(batch_size)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +31,10 @@ class CompressionContext:
         eval_dataset: Evaluation set for stages that train.
         device: Compute device for layerwise work; None keeps each module where it is.
         progress: Show progress bars.
+        num_calibration_samples: Windows drawn from text calibration data.
+        calibration_seq_len: Tokens per calibration window.
+        seed: Seed of the calibration window draw.
+        checkpoint_dir: Where layerwise stages persist finished blocks, to resume a run.
     """
 
     tokenizer: Any = None
@@ -38,6 +43,10 @@ class CompressionContext:
     eval_dataset: Any = None
     device: torch.device | None = None
     progress: bool = True
+    num_calibration_samples: int = 128
+    calibration_seq_len: int = 512
+    seed: int = 0
+    checkpoint_dir: Path | None = None
 
 
 class Modifier(ABC):

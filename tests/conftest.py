@@ -16,14 +16,14 @@ from transformers import BertConfig, BertForSequenceClassification, LlamaConfig,
 import hfcompress  # noqa: F401  (registers the transformers quantizer)
 
 
-def make_tiny_llama(seed: int = 0, tie: bool = True) -> LlamaForCausalLM:
+def make_tiny_llama(seed: int = 0, tie: bool = True, layers: int = 2) -> LlamaForCausalLM:
     """2 layers, hidden 80 (not a multiple of 32: partial groups at group size 32), GQA."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=128,
         hidden_size=80,
         intermediate_size=96,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,

@@ -11,6 +11,7 @@ from hfcompress import Recipe, compress, registered_techniques
 # an entry here fails `test_every_technique_has_an_example`.
 EXAMPLES = {
     "rtn": {"bits": 4, "group_size": 32},
+    "gptq": {"bits": 4, "group_size": 32, "act_order": True},
 }
 TECHNIQUES = sorted(registered_techniques())
 

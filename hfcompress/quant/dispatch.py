@@ -19,8 +19,11 @@ The repacked CPU weights are cached on the layer and rebuilt when its buffers ch
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -182,12 +185,51 @@ _PATHS = {
 }
 
 
+class _DenseState(threading.local):
+    def __init__(self) -> None:
+        self.active = False
+        self.layers: list[QuantLinear] = []
+
+
+_DENSE = _DenseState()
+
+
+@contextlib.contextmanager
+def dense_weights() -> Iterator[None]:
+    """Inside this context, ``QuantLinear`` layers compute with their dequantized weight,
+    dequantized once per layer and dropped on exit.
+
+    For the large-M forward passes of layerwise calibration (thousands of tokens per call) a
+    dense matmul, bfloat16 under autocast, beats the packed CPU kernels, which are built for
+    decoding; it costs one float copy of each layer used, only while the context lasts.
+    """
+    outer = _DENSE.active
+    _DENSE.active = True
+    try:
+        yield
+    finally:
+        _DENSE.active = outer
+        if not outer:
+            for layer in _DENSE.layers:
+                layer._kernel_cache.pop("dense", None)
+            _DENSE.layers.clear()
+
+
+def _dense_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    if "dense" not in layer._kernel_cache:
+        _DENSE.layers.append(layer)
+    weight = _cached(layer, "dense", lambda m: m.dequantize(torch.float32))
+    return F.linear(x, weight.to(x.dtype) if not torch.is_autocast_enabled() else weight, layer.bias)
+
+
 def quant_linear_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     """Run ``layer`` on ``x: [..., K]`` through the path :func:`select_path` picks.
 
     The choice is remembered per (device type, dtype, forced reference) on the layer: decoding
     calls every layer once per token, and re-deciding each time cost a measurable share of it.
     """
+    if _DENSE.active:
+        return _dense_forward(layer, x)
     key = (x.device.type, x.dtype, _force_reference())
     path = layer._path_cache.get(key)
     if path is None:

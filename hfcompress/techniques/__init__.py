@@ -1,5 +1,5 @@
 """The built-in techniques. Each subpackage registers itself when imported; the list is explicit."""
 
-from hfcompress.techniques import rtn
+from hfcompress.techniques import gptq, rtn
 
-__all__ = ["rtn"]
+__all__ = ["gptq", "rtn"]

@@ -76,3 +76,13 @@ def test_state_dict_holds_packed_tensors_only():
 def test_storage_bytes():
     layer, _ = _layer(16, 64, group_size=32)
     assert layer.storage_bytes() == 16 * 32 + 16 * 2 * 2 + 16 * 2  # codes + fp16 scales + uint8 zeros
+
+
+def test_dense_weights_context_computes_with_the_dequantized_weight_and_forgets_it():
+    layer, qw = _layer(48, 200, bias=True)
+    x = torch.randn(4, 200)
+    with dispatch.dense_weights():
+        y = layer(x)
+        assert "dense" in layer._kernel_cache
+    torch.testing.assert_close(y, x @ qw.dequantize().t() + layer.bias)
+    assert "dense" not in layer._kernel_cache

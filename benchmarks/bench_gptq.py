@@ -1,0 +1,92 @@
+"""GPTQ vs RTN vs fp32 on SmolLM2-135M: perplexity, quantization wall time, peak RSS.
+
+    python benchmarks/bench_gptq.py                       # every scheme and method, a table
+    python benchmarks/bench_gptq.py --one gptq w4g128     # one measurement, a JSON line
+
+Protocol (issue 3): calibration 128 windows x 512 tokens of WikiText-2 *validation*
+(seed 0); evaluation the first 40 windows of 512 tokens of WikiText-2 *test*. Each
+measurement runs in its own process, so peak RSS (ru_maxrss) is that method's alone; wall
+time covers calibration-data preparation and quantization, not model loading or evaluation.
+Peers (llm-compressor, HQQ, AutoRound) need their own environments: see
+benchmarks/RESULTS.md for their commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+SCHEMES = {"w4g128": (4, 128), "w3g128": (3, 128), "w4pc": (4, -1)}
+METHODS = ["fp32", "rtn", "gptq"]
+
+
+def measure(method: str, scheme: str, extra: dict) -> dict:
+    import torch
+
+    import hfcompress
+    from hfcompress.data import load_text
+    from hfcompress.eval import perplexity
+    from hfcompress.models import load_model, load_tokenizer
+
+    torch.manual_seed(0)
+    model = load_model("smollm2-135m")
+    tokenizer = load_tokenizer("smollm2-135m")
+    bits, group_size = SCHEMES[scheme]
+    start = time.perf_counter()
+    if method == "rtn":
+        hfcompress.compress(model, [hfcompress.RTNConfig(bits=bits, group_size=group_size)], progress=False)
+    elif method == "gptq":
+        config = hfcompress.GPTQConfig(bits=bits, group_size=group_size, **extra)
+        hfcompress.compress(
+            model,
+            [config],
+            tokenizer=tokenizer,
+            calibration_data="wikitext2:valid",
+            progress=False,
+            num_calibration_samples=128,
+            calibration_seq_len=512,
+            seed=0,
+        )
+    wall = time.perf_counter() - start
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    tokens = tokenizer(load_text("wikitext2:test"), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    ppl = perplexity(model, tokens, seq_len=512, max_windows=40, progress=False).perplexity
+    return {"method": method, "scheme": scheme, "extra": extra, "ppl": ppl, "wall_s": wall, "peak_rss_mb": peak_mb}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--one", nargs=2, metavar=("METHOD", "SCHEME"))
+    parser.add_argument("--extra", default="{}", help="JSON of extra GPTQConfig fields")
+    parser.add_argument("--schemes", nargs="*", default=list(SCHEMES))
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one[0], args.one[1], json.loads(args.extra))))
+        return
+    rows = []
+    for scheme in args.schemes:
+        for method in METHODS:
+            if method == "fp32" and scheme != args.schemes[0]:
+                continue
+            cmd = [sys.executable, __file__, "--one", method, scheme, "--extra", args.extra]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+            print(rows[-1], file=sys.stderr)
+    fp32 = next(r["ppl"] for r in rows if r["method"] == "fp32")
+    print(f"\nfp32 perplexity {fp32:.3f}\n")
+    print("| scheme | method | perplexity | increase over fp32 | quantization wall (s) | peak RSS (MB) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        if r["method"] != "fp32":
+            print(
+                f"| {r['scheme']} | {r['method']} | {r['ppl']:.3f} | {r['ppl'] - fp32:+.3f} | {r['wall_s']:.1f} "
+                f"| {r['peak_rss_mb']:.0f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()

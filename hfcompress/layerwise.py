@@ -1,0 +1,104 @@
+"""Running calibration data block by block through a model.
+
+The inputs of the first block are captured once (hidden states plus every keyword the block
+is called with: attention mask, position ids, rotary embeddings, ...); afterwards each block
+runs alone on those inputs, and its outputs become the next block's inputs. Only one block
+and its activations need to be on the compute device at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from hfcompress.quant.dispatch import dense_weights
+
+__all__ = ["BlockInputs", "autocast", "capture_block_inputs", "run_block"]
+
+
+@dataclass
+class BlockInputs:
+    """One calibration batch as a block sees it: its positional and keyword arguments."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+    def with_hidden(self, hidden: torch.Tensor) -> BlockInputs:
+        return BlockInputs((hidden, *self.args[1:]), self.kwargs)
+
+
+class _Captured(Exception):
+    pass
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    return value
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, first_block: nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device
+) -> list[BlockInputs]:
+    """Run ``model`` on each batch until ``first_block`` is reached; return what it received.
+
+    The modules before the first block (embeddings, rotary tables) run on their own devices;
+    captured tensors are moved to ``device``.
+    """
+    captured: list[BlockInputs] = []
+
+    def hook(module, args, kwargs):
+        kwargs = {k: _to(v, device) for k, v in kwargs.items() if k not in ("past_key_values", "cache")}
+        captured.append(BlockInputs(_to(args, device), kwargs))
+        raise _Captured
+
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    model_device = next(model.parameters()).device
+    try:
+        for batch in batches:
+            with contextlib.suppress(_Captured):
+                model(**{k: v.to(model_device) for k, v in batch.items()}, use_cache=False)
+    finally:
+        handle.remove()
+    if len(captured) != len(batches):
+        raise RuntimeError(f"captured {len(captured)} of {len(batches)} batches: the block never ran")
+    return captured
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
+    """bfloat16/float16 autocast on ``device`` when ``dtype`` is given; a no-op otherwise."""
+    if dtype is None:
+        yield
+    else:
+        with torch.autocast(device.type, dtype=dtype):
+            yield
+
+
+@torch.no_grad()
+def run_block(
+    block: nn.Module, inputs: list[BlockInputs], *, keep_outputs: bool, compute_dtype: torch.dtype | None = None
+) -> list[torch.Tensor] | None:
+    """Run ``block`` on every batch; return the output hidden states (in the input dtype) if
+    asked. Quantized layers compute with dense dequantized weights (see ``dense_weights``)."""
+    outputs = [] if keep_outputs else None
+    device = inputs[0].args[0].device
+    with dense_weights():
+        for item in inputs:
+            with autocast(device, compute_dtype):
+                out = _hidden(block(*item.args, **item.kwargs))
+            if keep_outputs:
+                outputs.append(out.to(item.args[0].dtype))
+    return outputs

@@ -1,0 +1,228 @@
+"""GPTQ (Frantar et al., 2022, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers") as pure functions on tensors.
+
+Notation follows the paper: ``W: [N, K]`` a Linear weight (rows are independent), ``H = 2 X X^T
+/ n: [K, K]`` the Hessian of the layer's squared output error w.r.t. one row, ``Hinv`` the
+upper Cholesky factor of ``H^-1``. Columns are quantized left to right; the error of each is
+spread over the columns not yet quantized (Algorithm 1), in lazy blocks of ``block_size``
+columns whose updates are applied to the rest of ``W`` at once (section 4, step 2).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from hfcompress.quant.affine import QuantizedWeight, compute_qparams, resolve_group_size
+
+__all__ = ["GPTQResult", "HessianAccumulator", "cholesky_inverse_upper", "quantize_weight", "search_qparams"]
+
+
+class HessianAccumulator:
+    """Running ``H = 2 / n * sum_t x_t x_t^T`` over the rows ``x_t`` of a layer's inputs.
+
+    Args:
+        in_features: K.
+        device: Where ``H`` lives (float32).
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.count = 0
+
+    def add(self, x: torch.Tensor, xtx: torch.Tensor | None = None) -> torch.Tensor:
+        """Add inputs ``x: [..., K]``; ``xtx`` may pass a precomputed ``x^T x`` (shared by
+        layers that read the same input). Returns the ``x^T x`` it added."""
+        x = x.reshape(-1, x.shape[-1])
+        if xtx is None:
+            xtx = x.t() @ x
+        self.sum += xtx.to(device=self.sum.device, dtype=torch.float32)
+        self.count += x.shape[0]
+        return xtx
+
+    def hessian(self) -> torch.Tensor:
+        if self.count == 0:
+            raise ValueError("no inputs were accumulated: the layer never ran on calibration data")
+        return self.sum * (2.0 / self.count)
+
+
+@dataclass(frozen=True)
+class GPTQResult:
+    """Attributes:
+    weight: The codes and their parameters, in the original column order.
+    damp: The relative damping that made ``H`` positive definite (``>= damp`` asked for).
+    loss: GPTQ's accumulated error, ``sum((w - w_hat)^2 / [H^-1]_jj^2) / 2`` over all columns.
+    """
+
+    weight: QuantizedWeight
+    damp: float
+    loss: float
+
+
+def cholesky_inverse_upper(h: torch.Tensor, damp: float, max_damp: float = 1e3) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``.
+
+    When the factorization fails (H singular or badly conditioned), ``damp`` grows tenfold
+    until it succeeds; returns the factor and the damping used. Raises only if even
+    ``max_damp`` fails, which needs a non-finite H.
+    """
+    k = h.shape[0]
+    mean_diag = torch.mean(torch.diag(h)).item()
+    scale = mean_diag if mean_diag > 0 else 1.0
+    while True:
+        damped = h + damp * scale * torch.eye(k, dtype=h.dtype, device=h.device)
+        chol, info = torch.linalg.cholesky_ex(damped)
+        if info.item() == 0:
+            inv = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+            if info.item() == 0 and torch.isfinite(upper).all():
+                return upper, damp
+        if damp >= max_damp:
+            raise ValueError(f"H is not positive definite even with damp={damp}; is it finite?")
+        damp *= 10
+
+
+def search_qparams(
+    w: torch.Tensor,
+    *,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    scale_dtype: torch.dtype,
+    float_zero: bool,
+    grid: int = 20,
+    max_shrink: float = 0.2,
+    norm: float = 2.4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group scales and zeros whose range is the min-max range shrunk by the factor in
+    ``[1 - max_shrink, 1]`` (``grid`` steps) that minimises ``sum |w - w_hat|^norm`` per row
+    and group (the MSE observer of GPTQ's reference code, with its ``norm = 2.4``)."""
+    k = w.shape[1]
+    group_size = resolve_group_size(group_size, k)
+    groups = -(-k // group_size)
+    pad = groups * group_size - k
+    wp = torch.nn.functional.pad(w.float(), (0, pad)) if pad else w.float()
+    wg = wp.reshape(w.shape[0], groups, group_size)
+    valid = (torch.arange(groups * group_size, device=w.device) < k).reshape(groups, group_size)
+    best_err = torch.full((w.shape[0], groups), math.inf, device=w.device)
+    best_s = best_z = None
+    for step in range(grid + 1):
+        shrink = 1.0 - max_shrink * step / grid
+        s, z = compute_qparams(
+            w * shrink,
+            bits=bits,
+            group_size=group_size,
+            symmetric=symmetric,
+            scale_dtype=scale_dtype,
+            float_zero=float_zero,
+        )
+        q = torch.clamp(torch.round(wg / s.float()[..., None] + z.float()[..., None]), 0, 2**bits - 1)
+        err = (((q - z.float()[..., None]) * s.float()[..., None] - wg).abs().pow(norm) * valid).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s = s if best_s is None else torch.where(better, s, best_s)
+        best_z = z if best_z is None else torch.where(better, z, best_z)
+    return best_s, best_z
+
+
+def quantize_weight(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    *,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    scale_dtype: torch.dtype = torch.float16,
+    float_zero: bool = False,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+    clip_search: bool = False,
+) -> GPTQResult:
+    """Quantize ``w: [N, K]`` with GPTQ given ``h: [K, K]``.
+
+    Args:
+        w: Float weight.
+        h: Hessian from :class:`HessianAccumulator`.
+        bits, group_size, symmetric, scale_dtype, float_zero: The grid, as in
+            :func:`hfcompress.quant.affine.compute_qparams`.
+        block_size: Columns per lazy batch.
+        damp: Damping relative to the mean of ``diag(H)``; escalated if needed.
+        act_order: Quantize columns by decreasing ``diag(H)``. Group parameters are then
+            computed up front from the original ``W`` ("static groups"), so the codes keep
+            the natural column order and the packed layout stays contiguous.
+        clip_search: Choose each group's range by :func:`search_qparams` instead of min-max.
+
+    Returns:
+        A :class:`GPTQResult` with codes in the original column order.
+    """
+    n, k = w.shape
+    group_size = resolve_group_size(group_size, k)
+    maxq = 2**bits - 1
+    W = w.detach().float().clone()
+    H = h.detach().float().clone().to(W.device)
+    dead = torch.diag(H) == 0  # inputs that are always zero: their weights do not matter
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    def params(cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fn = search_qparams if clip_search else compute_qparams
+        return fn(
+            cols, bits=bits, group_size=group_size, symmetric=symmetric, scale_dtype=scale_dtype, float_zero=float_zero
+        )
+
+    groups = -(-k // group_size)
+    scales = torch.empty(n, groups, dtype=scale_dtype, device=W.device)
+    zeros = torch.empty(n, groups, dtype=torch.uint8 if not float_zero or symmetric else scale_dtype, device=W.device)
+    static = act_order
+    if static:
+        scales, zeros = params(W)
+
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k, device=W.device)
+    W, H = W[:, perm], H[perm][:, perm]
+    Hinv, damp_used = cholesky_inverse_upper(H, damp)
+
+    Q = torch.zeros(n, k, dtype=torch.uint8, device=W.device)
+    loss = 0.0
+    order = perm.tolist()
+    diag = torch.diag(Hinv).tolist()
+    # Per-column parameters, gathered once when they are static (the loop is overhead-bound).
+    col_scales = scales.float()[:, perm // group_size] if static else None
+    col_zeros = zeros.float()[:, perm // group_size] if static else None
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            col = order[j]
+            if static:
+                s, z = col_scales[:, j], col_zeros[:, j]
+            else:
+                g = col // group_size
+                if col % group_size == 0:
+                    # Dynamic groups (no act-order, so col == j): parameters from the group's
+                    # columns as they are now, after earlier columns' updates.
+                    end = min(col + group_size, k)
+                    current = W1[:, i : min(end, i2) - i1]
+                    if end > i2:  # the group reaches past this block: apply its pending updates
+                        ahead = W[:, i2:end] - Err1[:, :i] @ Hinv[i1:j, i2:end]
+                        current = torch.cat([current, ahead], dim=1)
+                    new_s, new_z = params(current)
+                    scales[:, g], zeros[:, g] = new_s[:, 0], new_z[:, 0]
+                    s, z = scales[:, g].float(), zeros[:, g].float()
+            q = torch.clamp(torch.round(W1[:, i] / s + z), 0, maxq)
+            Q[:, j] = q.to(torch.uint8)
+            err = (W1[:, i] - (q - z) * s) / diag[j]  # Algorithm 1: E = (W - Q) / [H^-1]_jj
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
+            Err1[:, i] = err
+        loss += Err1.pow(2).sum().item() / 2
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the remaining columns
+
+    inv = torch.argsort(perm)
+    Q = Q[:, inv]
+    weight = QuantizedWeight(q=Q, scales=scales, zeros=zeros, bits=bits, group_size=group_size)
+    return GPTQResult(weight=weight, damp=damp_used, loss=loss)

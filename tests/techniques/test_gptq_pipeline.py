@@ -1,0 +1,155 @@
+"""GPTQ end to end on tiny models: quality, resume, calibration inputs, errors."""
+
+import copy
+import logging
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from hfcompress import CalibrationDataError, CheckpointError, GPTQConfig, QuantLinear, RecipeError, RTNConfig, compress
+from hfcompress.techniques.gptq import modifier as gptq_modifier
+from tests.conftest import make_char_tokenizer, make_tiny_llama
+
+CALIB = torch.randint(0, 128, (16, 24), generator=torch.Generator().manual_seed(5))
+
+
+def _mse(model, reference, ids):
+    return (model(ids).logits - reference).pow(2).mean().item()
+
+
+def test_gptq_beats_rtn_on_a_tiny_llama(tiny_llama):
+    reference = tiny_llama(CALIB).logits
+    rtn, gptq = copy.deepcopy(tiny_llama), copy.deepcopy(tiny_llama)
+    compress(rtn, [RTNConfig(bits=3, group_size=16)], progress=False)
+    compress(gptq, [GPTQConfig(bits=3, group_size=16)], calibration_data=CALIB, progress=False)
+    assert _mse(gptq, reference, CALIB) < 0.7 * _mse(rtn, reference, CALIB)
+
+
+@pytest.mark.parametrize(
+    "options", [{"true_sequential": True}, {"act_order": True, "clip_search": True}, {"compute_dtype": "bfloat16"}]
+)
+def test_options_run_and_quantize_every_target(tiny_llama, options):
+    compress(tiny_llama, [GPTQConfig(bits=4, group_size=16, **options)], calibration_data=CALIB, progress=False)
+    assert sum(isinstance(m, QuantLinear) for m in tiny_llama.modules()) == 14
+
+
+def _tensors(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, monkeypatch):
+    config = [GPTQConfig(bits=4, group_size=16)]
+    uninterrupted = make_tiny_llama(seed=3, layers=4)
+    compress(uninterrupted, config, calibration_data=CALIB, progress=False)
+    expected = _tensors(uninterrupted)
+
+    original = gptq_modifier.GPTQModifier._quantize_block
+    calls = []
+
+    def killed_after_two_blocks(self, *args, **kwargs):
+        if len(calls) == 2:
+            raise _Killed
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(gptq_modifier.GPTQModifier, "_quantize_block", killed_after_two_blocks)
+    with pytest.raises(_Killed):
+        compress(
+            make_tiny_llama(seed=3, layers=4), config, calibration_data=CALIB, progress=False, checkpoint_dir=tmp_path
+        )
+    assert sorted(p.name for p in (tmp_path / "stage_0").glob("block_*")) == [
+        "block_0000.safetensors",
+        "block_0001.safetensors",
+    ]
+
+    monkeypatch.setattr(gptq_modifier.GPTQModifier, "_quantize_block", original)
+    resumed_calls = []
+    monkeypatch.setattr(
+        gptq_modifier.GPTQModifier,
+        "_quantize_block",
+        lambda self, *a, **k: (resumed_calls.append(1), original(self, *a, **k))[1],
+    )
+    resumed = make_tiny_llama(seed=3, layers=4)
+    compress(resumed, config, calibration_data=CALIB, progress=False, checkpoint_dir=tmp_path)
+    assert len(resumed_calls) == 2  # only the two unfinished blocks were quantized again
+    got = _tensors(resumed)
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_checkpoint_of_another_run_is_refused(tmp_path):
+    compress(
+        make_tiny_llama(),
+        [GPTQConfig(bits=4, group_size=16)],
+        calibration_data=CALIB,
+        progress=False,
+        checkpoint_dir=tmp_path,
+    )
+    with pytest.raises(CheckpointError, match="belongs to a run with other settings"):
+        compress(
+            make_tiny_llama(),
+            [GPTQConfig(bits=3, group_size=16)],
+            calibration_data=CALIB,
+            progress=False,
+            checkpoint_dir=tmp_path,
+        )
+
+
+def test_text_calibration_needs_and_uses_a_tokenizer(tiny_llama, tmp_path):
+    text = ["the quick brown fox jumps over the lazy dog"] * 10
+    with pytest.raises(CalibrationDataError, match="needs a tokenizer"):
+        compress(copy.deepcopy(tiny_llama), [GPTQConfig(group_size=16)], calibration_data=text, progress=False)
+    compress(
+        tiny_llama,
+        [GPTQConfig(group_size=16)],
+        calibration_data=text,
+        tokenizer=make_char_tokenizer(),
+        num_calibration_samples=4,
+        calibration_seq_len=16,
+        progress=False,
+    )
+    assert isinstance(tiny_llama.model.layers[0].mlp.up_proj, QuantLinear)
+
+
+def test_calibration_from_a_text_file_and_a_dataset(tiny_llama, tmp_path):
+    from datasets import Dataset
+
+    path = tmp_path / "calib.txt"
+    path.write_text("some calibration text, repeated. " * 20)
+    tok = make_char_tokenizer()
+    for data in (str(path), Dataset.from_dict({"text": ["a line of text for calibration"] * 8})):
+        model = copy.deepcopy(tiny_llama)
+        compress(
+            model,
+            [GPTQConfig(group_size=16)],
+            calibration_data=data,
+            tokenizer=tok,
+            num_calibration_samples=4,
+            calibration_seq_len=16,
+            progress=False,
+        )
+        assert isinstance(model.model.layers[1].self_attn.o_proj, QuantLinear)
+
+
+def test_unknown_architecture_is_refused_before_anything_changes():
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).eval()
+    config = GPTQConfig(bits=4, group_size=16, targets=("lm_head",), ignore=())
+    with pytest.raises(RecipeError, match=r"stage 'stage_0' \(gptq\): no layer table for model_type='gpt2'"):
+        compress(model, [config], calibration_data=CALIB % 64, progress=False)
+
+
+def test_damping_escalation_is_logged(tiny_llama, caplog):
+    # One calibration token: every Hessian has rank 1, so tiny damping cannot factorize it.
+    with caplog.at_level(logging.WARNING, logger="hfcompress.techniques.gptq.modifier"):
+        compress(
+            tiny_llama, [GPTQConfig(bits=4, group_size=16, damp=1e-9)], calibration_data=CALIB[:1, :1], progress=False
+        )
+    assert any(
+        "model.layers.0.self_attn.q_proj was not positive definite with damp=1e-09" in r.getMessage()
+        for r in caplog.records
+    )
