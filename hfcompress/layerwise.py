@@ -32,6 +32,25 @@ class BlockInputs:
         return BlockInputs((hidden, *self.args[1:]), self.kwargs)
 
 
+def materialize_offloaded(module: nn.Module, device: torch.device | str = "cpu") -> None:
+    """Load the weights accelerate offloaded out of ``module`` (meta tensors backed by CPU or
+    disk storage) onto ``device`` and remove its offload hooks, so the module can be run and
+    quantized like one that was always in memory. Modules without hooks are left alone."""
+    from accelerate.hooks import remove_hook_from_module
+    from accelerate.utils import set_module_tensor_to_device
+
+    for sub in module.modules():
+        hook = getattr(sub, "_hf_hook", None)
+        if hook is None:
+            continue
+        weights = getattr(hook, "weights_map", None)
+        if getattr(hook, "offload", False) and weights is not None:
+            for name, tensor in [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]:
+                if tensor.device.type == "meta":
+                    set_module_tensor_to_device(sub, name, device, value=weights[name])
+        remove_hook_from_module(sub)
+
+
 class _Captured(Exception):
     pass
 

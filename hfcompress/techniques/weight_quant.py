@@ -93,11 +93,16 @@ class WeightQuantModifier(Modifier):
                     f"{name!r}; use group_size=-1 (per channel), a size <= {layer.in_features}, or add "
                     f"{name!r} to ignore"
                 )
-            if not torch.isfinite(layer.weight).all():
-                raise ModelError(
-                    f"stage {self.stage!r}: layer {name!r} has NaN or infinite weights; quantizing it would "
-                    "give a silently wrong model. Fix the checkpoint or add the layer to ignore"
-                )
+            # Offloaded (meta) weights are checked when a layerwise stage loads them.
+            if not layer.weight.is_meta:
+                self.check_finite(name, layer.weight)
+
+    def check_finite(self, name: str, weight: torch.Tensor) -> None:
+        if not torch.isfinite(weight).all():
+            raise ModelError(
+                f"stage {self.stage!r}: layer {name!r} has NaN or infinite weights; quantizing it would "
+                "give a silently wrong model. Fix the checkpoint or add the layer to ignore"
+            )
 
     @staticmethod
     def replace(model: nn.Module, name: str, new: QuantLinear) -> None:

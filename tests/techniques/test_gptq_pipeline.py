@@ -153,3 +153,32 @@ def test_damping_escalation_is_logged(tiny_llama, caplog):
         "model.layers.0.self_attn.q_proj was not positive definite with damp=1e-09" in r.getMessage()
         for r in caplog.records
     )
+
+
+def test_offloaded_model_gives_the_in_memory_tensors(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    make_tiny_llama(seed=4, layers=3).save_pretrained(tmp_path / "float")
+    config = [GPTQConfig(bits=4, group_size=16, act_order=True)]
+    in_memory = AutoModelForCausalLM.from_pretrained(tmp_path / "float")
+    compress(in_memory, config, calibration_data=CALIB, progress=False)
+
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "disk",
+        "model.layers.2": "disk",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
+    offloaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "float", device_map=device_map, offload_folder=tmp_path / "offload"
+    )
+    assert offloaded.model.layers[2].mlp.up_proj.weight.is_meta
+    compress(offloaded, config, calibration_data=CALIB, progress=False)
+    expected, got = _tensors(in_memory), _tensors(offloaded)
+    quantized = [k for k in expected if k.endswith((".qweight", ".scales", ".zeros"))]
+    assert len(quantized) == 3 * 7 * 3
+    assert all(torch.equal(got[k], expected[k]) for k in quantized)
+    torch.testing.assert_close(offloaded(CALIB).logits, in_memory(CALIB).logits)

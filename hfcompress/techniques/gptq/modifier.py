@@ -14,7 +14,7 @@ from hfcompress.architectures import architecture_of, blocks_of
 from hfcompress.checkpointing import BlockCheckpoint, run_fingerprint
 from hfcompress.data import calibration_batches
 from hfcompress.errors import ModelError
-from hfcompress.layerwise import BlockInputs, capture_block_inputs, run_block
+from hfcompress.layerwise import BlockInputs, capture_block_inputs, materialize_offloaded, run_block
 from hfcompress.modifier import CompressionContext
 from hfcompress.quant.linear import QuantLinear
 from hfcompress.techniques.gptq.algorithm import HessianAccumulator, quantize_weight
@@ -85,6 +85,7 @@ class GPTQModifier(WeightQuantModifier):
         cfg = self.config
         for name in names:
             layer = module.get_submodule(name)
+            self.check_finite(prefix + name, layer.weight)
             result = quantize_weight(
                 layer.weight,
                 hooks.acc[name].hessian(),
@@ -130,7 +131,8 @@ class GPTQModifier(WeightQuantModifier):
     def apply(self, model: nn.Module, context: CompressionContext) -> None:
         cfg = self.config
         targets = self.layers(model)
-        device = context.device or next(model.parameters()).device
+        first = next(model.parameters()).device
+        device = context.device or (first if first.type != "meta" else torch.device("cpu"))
         batches = calibration_batches(
             context.calibration_data,
             context.tokenizer,
@@ -154,6 +156,9 @@ class GPTQModifier(WeightQuantModifier):
         for index, block in enumerate(tqdm(blocks, desc=f"{self.stage}: GPTQ blocks", disable=not context.progress)):
             local = f"{prefix}.{index}."
             names = [n.removeprefix(local) for n in targets if n.startswith(local)]
+            # A block accelerate offloaded to CPU or disk is loaded into memory for good: once
+            # quantized it is a fraction of its float size.
+            materialize_offloaded(block)
             home = next(block.parameters()).device
             block.to(device)
             if checkpoint is not None and checkpoint.has(index):
