@@ -9,6 +9,10 @@ and its activations need to be on the compute device at a time.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
+import gc
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +53,23 @@ def materialize_offloaded(module: nn.Module, device: torch.device | str = "cpu")
                 if tensor.device.type == "meta":
                     set_module_tensor_to_device(sub, name, device, value=weights[name])
         remove_hook_from_module(sub)
+
+
+@functools.cache
+def _libc_malloc_trim():
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    return getattr(libc, "malloc_trim", None)
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise): between blocks, the
+    previous block's activations and temporaries are garbage, and keeping them mapped raised
+    the peak RSS of a SmolLM2 GPTQ run by ~13% (1712 -> 1503 MB measured)."""
+    gc.collect()
+    trim = _libc_malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class _Captured(Exception):
@@ -107,17 +128,24 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
 
 
 @torch.no_grad()
-def run_block(
-    block: nn.Module, inputs: list[BlockInputs], *, keep_outputs: bool, compute_dtype: torch.dtype | None = None
-) -> list[torch.Tensor] | None:
-    """Run ``block`` on every batch; return the output hidden states (in the input dtype) if
-    asked. Quantized layers compute with dense dequantized weights (see ``dense_weights``)."""
-    outputs = [] if keep_outputs else None
+def run_block(block: nn.Module, inputs: list[BlockInputs], *, compute_dtype: torch.dtype | None = None) -> None:
+    """Run ``block`` on every batch, discarding the outputs (the hooks are what matter).
+    Quantized layers compute with dense dequantized weights (see ``dense_weights``)."""
     device = inputs[0].args[0].device
     with dense_weights():
         for item in inputs:
             with autocast(device, compute_dtype):
+                block(*item.args, **item.kwargs)
+
+
+@torch.no_grad()
+def propagate(block: nn.Module, inputs: list[BlockInputs], *, compute_dtype: torch.dtype | None = None) -> None:
+    """Replace each batch's hidden states, in place, by ``block``'s output on it (kept in the
+    input dtype). Each input is freed as soon as its output exists, so only one extra batch
+    of activations is alive at a time."""
+    device = inputs[0].args[0].device
+    with dense_weights():
+        for i, item in enumerate(inputs):
+            with autocast(device, compute_dtype):
                 out = _hidden(block(*item.args, **item.kwargs))
-            if keep_outputs:
-                outputs.append(out.to(item.args[0].dtype))
-    return outputs
+            inputs[i] = item.with_hidden(out.to(item.args[0].dtype))

@@ -173,6 +173,16 @@ def _zeros_arg(zeros: torch.Tensor | None, scales: torch.Tensor) -> tuple[torch.
     return (scales, 0) if zeros is None else (zeros, zeros.stride(0))
 
 
+def _prepare_matmul(x, qweight, scales, zeros, group_size):
+    """Check a matmul's arguments; return contiguous x, the output [M, N], the zeros argument
+    and its row stride (a placeholder tensor and 0 when zeros is None)."""
+    _check_x(x, qweight)
+    _check(qweight, scales, zeros, group_size, x.shape[1])
+    x = x.contiguous()
+    y = torch.empty(x.shape[0], qweight.shape[0], dtype=x.dtype, device=x.device)
+    return (x, y, *_zeros_arg(zeros, scales))
+
+
 def w4_dequantize(
     qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int, in_features: int
 ) -> torch.Tensor:
@@ -206,13 +216,8 @@ def w4a16_gemv(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int
 ) -> torch.Tensor:
     """``y = x @ W.T`` for small M (decoding): ``x: [M, K]`` -> ``[M, N]`` in ``x.dtype``."""
-    _check_x(x, qweight)
-    m, k = x.shape
-    _check(qweight, scales, zeros, group_size, k)
-    x = x.contiguous()
-    n = qweight.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    z, stride_z = _zeros_arg(zeros, scales)
+    x, y, z, stride_z = _prepare_matmul(x, qweight, scales, zeros, group_size)
+    (m, k), n = x.shape, qweight.shape[0]
     block_n, block_k = 64, 128
     grid = (m, triton.cdiv(n, block_n))
     _w4a16_gemv_kernel[grid](
@@ -240,13 +245,8 @@ def w4a16_gemm(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int
 ) -> torch.Tensor:
     """``y = x @ W.T``, tiled: ``x: [M, K]`` -> ``[M, N]`` in ``x.dtype``, float32 accumulation."""
-    _check_x(x, qweight)
-    m, k = x.shape
-    _check(qweight, scales, zeros, group_size, k)
-    x = x.contiguous()
-    n = qweight.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    z, stride_z = _zeros_arg(zeros, scales)
+    x, y, z, stride_z = _prepare_matmul(x, qweight, scales, zeros, group_size)
+    (m, k), n = x.shape, qweight.shape[0]
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
     block_n, block_k = 64, 64
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))

@@ -54,8 +54,11 @@ def main(scheme: str) -> None:
     tokens = tokenizer(load_text("wikitext2:test"), return_tensors="pt", add_special_tokens=False).input_ids[0]
     with torch.no_grad():
         ppl = perplexity(model, tokens, seq_len=512, max_windows=40, progress=False).perplexity
-    print(json.dumps({"method": "llm-compressor gptq", "scheme": scheme, "ppl": ppl, "wall_s": wall,
-                      "peak_rss_mb": peak_mb}))
+    print(
+        json.dumps(
+            {"method": "llm-compressor gptq", "scheme": scheme, "ppl": ppl, "wall_s": wall, "peak_rss_mb": peak_mb}
+        )
+    )
 
 
 if __name__ == "__main__":

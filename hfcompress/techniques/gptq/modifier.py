@@ -14,7 +14,14 @@ from hfcompress.architectures import architecture_of, blocks_of
 from hfcompress.checkpointing import BlockCheckpoint, run_fingerprint
 from hfcompress.data import calibration_batches
 from hfcompress.errors import ModelError
-from hfcompress.layerwise import BlockInputs, capture_block_inputs, materialize_offloaded, run_block
+from hfcompress.layerwise import (
+    BlockInputs,
+    capture_block_inputs,
+    materialize_offloaded,
+    propagate,
+    release_memory,
+    run_block,
+)
 from hfcompress.modifier import CompressionContext
 from hfcompress.quant.linear import QuantLinear
 from hfcompress.techniques.gptq.algorithm import HessianAccumulator, quantize_weight
@@ -123,9 +130,7 @@ class GPTQModifier(WeightQuantModifier):
     ) -> None:
         dtype = self._compute_dtype()
         for group in self._groups(names, model):
-            self._quantize(
-                block, group, lambda: run_block(block, inputs, keep_outputs=False, compute_dtype=dtype), prefix
-            )
+            self._quantize(block, group, lambda: run_block(block, inputs, compute_dtype=dtype), prefix)
 
     @torch.no_grad()
     def apply(self, model: nn.Module, context: CompressionContext) -> None:
@@ -153,6 +158,7 @@ class GPTQModifier(WeightQuantModifier):
 
         prefix, blocks = blocks_of(model)
         inputs = capture_block_inputs(model, blocks[0], batches, device)
+        release_memory()
         for index, block in enumerate(tqdm(blocks, desc=f"{self.stage}: GPTQ blocks", disable=not context.progress)):
             local = f"{prefix}.{index}."
             names = [n.removeprefix(local) for n in targets if n.startswith(local)]
@@ -167,8 +173,8 @@ class GPTQModifier(WeightQuantModifier):
                 self._quantize_block(model, block, names, inputs, local)
                 if checkpoint is not None:
                     checkpoint.save(index, block)
-            outputs = run_block(block, inputs, keep_outputs=True, compute_dtype=self._compute_dtype())
-            inputs = [item.with_hidden(out) for item, out in zip(inputs, outputs, strict=True)]
+            propagate(block, inputs, compute_dtype=self._compute_dtype())
+            release_memory()
             block.to(home)
         del inputs
 
