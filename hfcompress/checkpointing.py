@@ -24,8 +24,6 @@ from hfcompress.quant.linear import QuantLinear
 
 __all__ = ["BlockCheckpoint", "run_fingerprint"]
 
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "uint8": torch.uint8}
-
 
 def run_fingerprint(
     stage: dict[str, Any], model: nn.Module, weights: list[torch.Tensor], ids: list[torch.Tensor]
@@ -88,12 +86,7 @@ class BlockCheckpoint:
             if isinstance(layer, QuantLinear):
                 for key, tensor in layer.state_dict().items():
                     tensors[f"{name}.{key}"] = tensor.detach().cpu().contiguous()
-                specs[name] = {
-                    "bits": layer.bits,
-                    "group_size": layer.group_size,
-                    "symmetric": layer.symmetric,
-                    "zero_dtype": "uint8" if layer.symmetric else str(layer.zeros.dtype).removeprefix("torch."),
-                }
+                specs[name] = layer.spec()
         metadata = {"layers": json.dumps(specs)}
         _atomic_write(self._path(index), lambda p: save_file(tensors, str(p), metadata=metadata))
 
@@ -108,18 +101,8 @@ class BlockCheckpoint:
         for name, spec in specs.items():
             old = block.get_submodule(name)
             device = old.weight.device if isinstance(old, nn.Linear) else old.qweight.device
-            scales = tensors[f"{name}.scales"]
-            layer = QuantLinear(
-                old.in_features,
-                old.out_features,
-                bits=spec["bits"],
-                group_size=spec["group_size"],
-                symmetric=spec["symmetric"],
-                bias=f"{name}.bias" in tensors,
-                scale_dtype=scales.dtype,
-                zero_dtype=_DTYPES[spec["zero_dtype"]],
-                dtype=tensors[f"{name}.bias"].dtype if f"{name}.bias" in tensors else None,
-            )
+            bias = tensors.get(f"{name}.bias")
+            layer = QuantLinear.from_spec(spec, bias=bias is not None, dtype=bias.dtype if bias is not None else None)
             layer.load_state_dict(
                 {k.removeprefix(f"{name}."): v for k, v in tensors.items() if k.startswith(f"{name}.")}
             )

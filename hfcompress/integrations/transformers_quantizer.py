@@ -23,7 +23,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from hfcompress.errors import CheckpointError
 from hfcompress.quant.affine import num_groups
-from hfcompress.quant.linear import QuantLinear
+from hfcompress.quant.linear import SCALE_DTYPES, QuantLinear
 from hfcompress.quant.packing import SUPPORTED_BITS, packed_columns
 
 __all__ = [
@@ -39,26 +39,8 @@ logger = logging.getLogger(__name__)
 
 QUANT_METHOD = "hfcompress"
 FORMAT_VERSION = 1
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _SAFETENSORS_DTYPES = {torch.uint8: "U8", torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
 _LAYER_KEYS = ("bits", "group_size", "symmetric", "zero_point", "scale_dtype", "in_features", "out_features")
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return next(k for k, v in _DTYPES.items() if v == dtype)
-
-
-def _layer_spec(layer: QuantLinear) -> dict[str, Any]:
-    float_zero = not layer.symmetric and layer.zeros.is_floating_point()
-    return {
-        "bits": layer.bits,
-        "group_size": layer.group_size,
-        "symmetric": layer.symmetric,
-        "zero_point": "float" if float_zero else "integer",
-        "scale_dtype": _dtype_name(layer.scales.dtype),
-        "in_features": layer.in_features,
-        "out_features": layer.out_features,
-    }
 
 
 class HfCompressQuantizationConfig(QuantizationConfigMixin):
@@ -101,7 +83,7 @@ class HfCompressQuantizationConfig(QuantizationConfigMixin):
                 raise CheckpointError(f"quantization_config.layers[{name!r}] lacks {missing}")
             if (
                 spec["bits"] not in SUPPORTED_BITS
-                or spec["scale_dtype"] not in _DTYPES
+                or spec["scale_dtype"] not in SCALE_DTYPES
                 or spec["zero_point"] not in ("integer", "float")
             ):
                 raise CheckpointError(f"quantization_config.layers[{name!r}] is malformed: {spec}")
@@ -127,17 +109,7 @@ class HfCompressQuantizer(HfQuantizer):
             if not isinstance(old, torch.nn.Linear):
                 raise CheckpointError(f"layer {name!r} is a {type(old).__name__}, not a Linear layer")
             with torch.device("meta"):
-                new = QuantLinear(
-                    spec["in_features"],
-                    spec["out_features"],
-                    bits=spec["bits"],
-                    group_size=spec["group_size"],
-                    symmetric=spec["symmetric"],
-                    bias=old.bias is not None,
-                    scale_dtype=_DTYPES[spec["scale_dtype"]],
-                    zero_dtype=_zero_dtype(spec),
-                    dtype=old.weight.dtype,
-                )
+                new = QuantLinear.from_spec(spec, bias=old.bias is not None, dtype=old.weight.dtype)
             model.set_submodule(name, new)
         return model
 
@@ -155,19 +127,16 @@ class HfCompressQuantizer(HfQuantizer):
         return False
 
 
-def _zero_dtype(spec: dict[str, Any]) -> torch.dtype:
-    return _DTYPES[spec["scale_dtype"]] if spec["zero_point"] == "float" else torch.uint8
-
-
 def _expected_tensors(name: str, spec: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]:
     n, k = spec["out_features"], spec["in_features"]
     groups = num_groups(k, spec["group_size"])
     out = {
         f"{name}.qweight": ("U8", (n, packed_columns(k, spec["bits"]))),
-        f"{name}.scales": (_SAFETENSORS_DTYPES[_DTYPES[spec["scale_dtype"]]], (n, groups)),
+        f"{name}.scales": (_SAFETENSORS_DTYPES[SCALE_DTYPES[spec["scale_dtype"]]], (n, groups)),
     }
     if not spec["symmetric"]:
-        out[f"{name}.zeros"] = (_SAFETENSORS_DTYPES[_zero_dtype(spec)], (n, groups))
+        zero = "U8" if spec["zero_point"] == "integer" else out[f"{name}.scales"][0]
+        out[f"{name}.zeros"] = (zero, (n, groups))
     return out
 
 
@@ -220,7 +189,7 @@ def check_loaded_layer(name: str, layer: QuantLinear) -> None:
 def attach_quantization_config(model: torch.nn.Module, recipe: dict[str, Any]) -> None:
     """Record the model's ``QuantLinear`` layers and the recipe so ``save_pretrained`` can write
     them and ``from_pretrained`` can rebuild them. Does nothing when no layer is quantized."""
-    layers = {name: _layer_spec(m) for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    layers = {name: m.spec() for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
         return
     previous = getattr(getattr(model, "config", None), "quantization_config", None)

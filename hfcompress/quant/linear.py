@@ -9,7 +9,9 @@ from hfcompress.quant import dispatch
 from hfcompress.quant.affine import QuantizedWeight, dequantize, num_groups, resolve_group_size
 from hfcompress.quant.packing import pack, packed_columns, unpack
 
-__all__ = ["QuantLinear"]
+__all__ = ["SCALE_DTYPES", "QuantLinear"]
+
+SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 class QuantLinear(nn.Module):
@@ -80,6 +82,43 @@ class QuantLinear(nn.Module):
         if bias is not None:
             layer.bias.data.copy_(bias.detach())
         return layer
+
+    def spec(self) -> dict:
+        """The layer's layout as plain data (what checkpoints record to rebuild it)."""
+        float_zero = not self.symmetric and self.zeros.is_floating_point()
+        return {
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "symmetric": self.symmetric,
+            "zero_point": "float" if float_zero else "integer",
+            "scale_dtype": next(k for k, v in SCALE_DTYPES.items() if v == self.scales.dtype),
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+        }
+
+    @classmethod
+    def from_spec(
+        cls,
+        spec: dict,
+        *,
+        bias: bool,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> QuantLinear:
+        """An empty layer (zero codes, unit scales) with the layout :meth:`spec` describes."""
+        scale_dtype = SCALE_DTYPES[spec["scale_dtype"]]
+        return cls(
+            spec["in_features"],
+            spec["out_features"],
+            bits=spec["bits"],
+            group_size=spec["group_size"],
+            symmetric=spec["symmetric"],
+            bias=bias,
+            scale_dtype=scale_dtype,
+            zero_dtype=scale_dtype if spec["zero_point"] == "float" else torch.uint8,
+            dtype=dtype,
+            device=device,
+        )
 
     def zero_points(self) -> torch.Tensor:
         """``[N, G]`` zero points, the constant ``2**(bits-1)`` (uint8) for symmetric layers."""

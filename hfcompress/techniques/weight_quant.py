@@ -14,13 +14,12 @@ from torch import nn
 from hfcompress.config import TechniqueConfig, invalid
 from hfcompress.errors import ModelError
 from hfcompress.modifier import CompressionContext, Modifier
-from hfcompress.quant.linear import QuantLinear
+from hfcompress.quant.linear import SCALE_DTYPES, QuantLinear
 from hfcompress.quant.packing import SUPPORTED_BITS
 from hfcompress.targets import check_patterns, resolve_linear_targets
 
 __all__ = ["SCALE_DTYPES", "WeightQuantConfig", "WeightQuantModifier"]
 
-SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 MIN_GROUP_SIZE = 8
 
 
