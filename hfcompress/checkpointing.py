@@ -100,7 +100,7 @@ class BlockCheckpoint:
         tensors = load_file(str(path))
         for name, spec in specs.items():
             old = block.get_submodule(name)
-            device = old.weight.device if isinstance(old, nn.Linear) else old.qweight.device
+            device = old.weight.device  # a saved block is loaded before it is quantized
             bias = tensors.get(f"{name}.bias")
             layer = QuantLinear.from_spec(spec, bias=bias is not None, dtype=bias.dtype if bias is not None else None)
             layer.load_state_dict(
