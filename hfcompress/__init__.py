@@ -15,12 +15,20 @@ and does not touch a GPU.
 
 from hfcompress.api import compress, save_pretrained
 from hfcompress.config import TechniqueConfig
-from hfcompress.errors import CalibrationDataError, CheckpointError, HfCompressError, ModelError, RecipeError
+from hfcompress.errors import (
+    CalibrationDataError,
+    CheckpointError,
+    HfCompressError,
+    ModelError,
+    RecipeError,
+    TrainingDataError,
+)
 from hfcompress.integrations import transformers_quantizer as _transformers_quantizer
 from hfcompress.quant.linear import QuantLinear
 from hfcompress.recipe import Recipe, Stage
 from hfcompress.registry import get_technique, register_technique, registered_techniques
 from hfcompress.techniques.gptq import GPTQConfig
+from hfcompress.techniques.pkd import PKDConfig, drop_layers, layer_map
 from hfcompress.techniques.rtn import RTNConfig
 
 __version__ = "0.1.0"
@@ -28,21 +36,36 @@ __version__ = "0.1.0"
 __all__ = [
     "CalibrationDataError",
     "CheckpointError",
+    "DistillationTrainer",
     "GPTQConfig",
     "HfCompressError",
     "ModelError",
+    "PKDConfig",
     "QuantLinear",
     "RTNConfig",
     "Recipe",
     "RecipeError",
     "Stage",
     "TechniqueConfig",
+    "TrainingDataError",
     "compress",
+    "drop_layers",
     "get_technique",
+    "layer_map",
     "register_technique",
     "registered_techniques",
     "save_pretrained",
 ]
+
+
+def __getattr__(name: str):
+    # The Trainer adapter imports transformers' Trainer (slow); load it on first use only.
+    if name == "DistillationTrainer":
+        from hfcompress.integrations.trainer import DistillationTrainer
+
+        return DistillationTrainer
+    raise AttributeError(f"module 'hfcompress' has no attribute {name!r}")
+
 
 # The integration point with transformers: without it `from_pretrained` cannot read our
 # checkpoints. Registration is idempotent and touches no device.

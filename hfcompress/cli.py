@@ -3,6 +3,9 @@
     hfcompress compress --model smollm2-135m --recipe recipes/smollm2_w4a16_rtn_g128.yaml \\
         --output outputs/smollm2-w4 --report
     hfcompress eval ppl --model outputs/smollm2-w4 --max-windows 40
+    hfcompress eval glue --model minilm-l6 --finetune --tasks rte,mrpc --output-dir outputs/glue
+    hfcompress distill --teacher outputs/glue/minilm-l6-rte --task rte \\
+        --recipe recipes/minilm_pkd_skip3.yaml --output outputs/minilm-pkd3-rte
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from hfcompress.errors import HfCompressError
+from hfcompress.glue.commands import add_distill_parser, add_eval_glue_parser, run_distill, run_eval_glue
 
 __all__ = ["build_parser", "main"]
 
@@ -74,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(ppl, None)
     ppl.add_argument("--batch-size", type=int, default=1)
     ppl.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_eval_glue_parser(esub)
+    add_distill_parser(sub)
     return parser
 
 
@@ -199,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "compress":
             return _compress(args)
+        if args.command == "distill":
+            return run_distill(args)
+        if args.metric == "glue":
+            return run_eval_glue(args)
         return _eval_ppl(args)
     except HfCompressError as exc:
         print(f"error: {exc}", file=sys.stderr)

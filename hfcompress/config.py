@@ -76,11 +76,12 @@ class TechniqueConfig:
     """Base of the per-technique configs.
 
     Subclasses are frozen keyword-only dataclasses; they set ``technique`` (the name a recipe
-    uses) and ``needs_calibration``, and check their values in ``_validate``.
+    uses), ``needs_calibration`` and ``needs_training``, and check their values in ``_validate``.
     """
 
     technique: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False
+    needs_training: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))

@@ -12,6 +12,7 @@ __all__ = [
     "HfCompressError",
     "ModelError",
     "RecipeError",
+    "TrainingDataError",
 ]
 
 
@@ -33,3 +34,7 @@ class CheckpointError(HfCompressError, OSError):
 
 class ModelError(HfCompressError, ValueError):
     """The model cannot be compressed as asked (non-finite weights, unknown model name, ...)."""
+
+
+class TrainingDataError(HfCompressError, ValueError):
+    """A stage that trains (distillation) got no training set, or an unusable one."""

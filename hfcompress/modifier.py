@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from hfcompress.config import TechniqueConfig
-from hfcompress.errors import CalibrationDataError, RecipeError
+from hfcompress.errors import CalibrationDataError, RecipeError, TrainingDataError
 
 __all__ = ["CompressionContext", "Modifier"]
 
@@ -68,8 +68,15 @@ class Modifier(ABC):
     def check(self, model: nn.Module, context: CompressionContext) -> None:
         """Raise if this stage cannot apply to ``model`` with ``context``; must not modify anything.
 
-        The base check refuses a stage that needs calibration data when none was given.
+        The base check refuses a stage that needs calibration data, or a training set, when
+        none was given.
         """
+        if type(self.config).needs_training and context.train_dataset is None:
+            raise TrainingDataError(
+                f"stage {self.stage!r} ({self.config.technique}) trains the model and needs a training set; pass "
+                "train_dataset=... to compress() (a tokenized datasets.Dataset with input_ids and labels; for GLUE: "
+                "hfcompress.glue.tokenize_glue(hfcompress.glue.load_glue(task, 'train'), tokenizer))"
+            )
         if type(self.config).needs_calibration and context.calibration_data is None:
             raise CalibrationDataError(
                 f"stage {self.stage!r} ({self.config.technique}) needs calibration data; pass "

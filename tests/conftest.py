@@ -32,16 +32,19 @@ def make_tiny_llama(seed: int = 0, tie: bool = True, layers: int = 2) -> LlamaFo
     return LlamaForCausalLM(config).eval()
 
 
-def make_tiny_bert(seed: int = 0) -> BertForSequenceClassification:
+def make_tiny_bert(
+    seed: int = 0, layers: int = 2, num_labels: int = 3, vocab: int = 100
+) -> BertForSequenceClassification:
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=100,
+        vocab_size=vocab,
         hidden_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         intermediate_size=96,
-        max_position_embeddings=64,
-        num_labels=3,
+        max_position_embeddings=128,
+        num_labels=num_labels,
+        pad_token_id=0,
     )
     return BertForSequenceClassification(config).eval()
 
@@ -92,4 +95,44 @@ def tiny_llama_dir(tmp_path):
     path = tmp_path / "tiny-llama"
     model.save_pretrained(path)
     make_char_tokenizer().save_pretrained(path)
+    return path
+
+
+def write_tiny_glue(root, rows: int = 48):
+    """SST-2 and RTE folders in the original layout whose label is a trivial function of the
+    text ("good"/"bad" words), so a tiny model can learn them in a few steps."""
+    import random
+
+    rng = random.Random(0)
+    for folder, header, make in (
+        ("SST-2", "sentence\tlabel", lambda w, y: f"{w} {w} fun\t{y}"),
+        ("RTE", "index\tsentence1\tsentence2\tlabel", None),
+    ):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for split, n in (("train", rows), ("dev", rows // 2)):
+            lines = [header]
+            for i in range(n):
+                y = rng.randint(0, 1)
+                word = "good" if y else "bad"
+                if make is not None:
+                    lines.append(make(word, y))
+                else:
+                    label = "not_entailment" if y else "entailment"
+                    lines.append(f"{i}\tit is {word}.\tit is {word} too.\t{label}")
+            (root / folder / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture
+def tiny_glue_dir(tmp_path):
+    return write_tiny_glue(tmp_path / "glue")
+
+
+def save_tiny_bert_classifier(path, seed: int = 0, layers: int = 4, num_labels: int = 2):
+    """A saved tiny BERT classifier (vocab 128) with the character tokenizer."""
+    model = make_tiny_bert(seed, layers=layers, num_labels=num_labels, vocab=128)
+    model.save_pretrained(path)
+    tokenizer = make_char_tokenizer()
+    tokenizer.pad_token = "<unk>"
+    tokenizer.save_pretrained(path)
     return path

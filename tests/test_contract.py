@@ -12,6 +12,7 @@ from hfcompress import Recipe, compress, registered_techniques
 EXAMPLES = {
     "rtn": {"bits": 4, "group_size": 32},
     "gptq": {"bits": 4, "group_size": 32, "act_order": True},
+    "pkd": {"num_layers": 1, "epochs": 1, "batch_size": 2},
 }
 TECHNIQUES = sorted(registered_techniques())
 
@@ -41,7 +42,14 @@ def test_compress_save_reload(name, arch, tiny_llama, tiny_bert, llama_ids, bert
         else (tiny_bert, bert_ids, AutoModelForSequenceClassification)
     )
     shape = model(ids).logits.shape
-    compress(model, [_config(name)], calibration_data=ids, progress=False)
+    config = _config(name)
+    train = None
+    if config.needs_training:
+        from datasets import Dataset
+
+        labels = ids.tolist() if arch == "llama" else [0] * len(ids)
+        train = Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels})
+    compress(model, [config], calibration_data=ids, train_dataset=train, progress=False)
     logits = model(ids).logits
     assert logits.shape == shape and torch.isfinite(logits).all()
     hfcompress.save_pretrained(model, tmp_path / "m")

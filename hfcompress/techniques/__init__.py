@@ -1,5 +1,5 @@
 """The built-in techniques. Each subpackage registers itself when imported; the list is explicit."""
 
-from hfcompress.techniques import gptq, rtn
+from hfcompress.techniques import gptq, pkd, rtn
 
-__all__ = ["gptq", "rtn"]
+__all__ = ["gptq", "pkd", "rtn"]

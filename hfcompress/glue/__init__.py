@@ -1,0 +1,36 @@
+"""The GLUE harness: data in the original layout or from the Hub, official metrics, scoring
+and fine-tuning any sequence-classification model, side-by-side tables."""
+
+from hfcompress.glue.data import HUB_DATASET, load_glue, read_glue_tsv
+from hfcompress.glue.harness import (
+    GlueResult,
+    evaluate_glue,
+    finetune_glue,
+    load_glue_model,
+    markdown_table,
+    predict,
+    tokenize_glue,
+    write_results,
+)
+from hfcompress.glue.metrics import glue_metrics
+from hfcompress.glue.tasks import GLUE_TASKS, GlueDataError, GlueTask, eval_splits, get_task
+
+__all__ = [
+    "GLUE_TASKS",
+    "HUB_DATASET",
+    "GlueDataError",
+    "GlueResult",
+    "GlueTask",
+    "eval_splits",
+    "evaluate_glue",
+    "finetune_glue",
+    "get_task",
+    "glue_metrics",
+    "load_glue",
+    "load_glue_model",
+    "markdown_table",
+    "predict",
+    "read_glue_tsv",
+    "tokenize_glue",
+    "write_results",
+]

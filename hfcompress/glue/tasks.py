@@ -1,0 +1,196 @@
+"""The GLUE tasks: their files in the original layout, their Hub names and their official metrics.
+
+One :class:`GlueTask` per task. ``columns`` says where the text and the label sit in the
+original TSV files (by header name, or by position for CoLA, whose files have no header);
+``label_names`` gives the order of string labels, the same order as the Hub dataset
+``nyu-mll/glue`` uses, so a model fine-tuned on one source scores the same on the other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hfcompress.errors import HfCompressError
+
+__all__ = ["GLUE_TASKS", "GlueDataError", "GlueTask", "eval_splits", "get_task"]
+
+
+class GlueDataError(HfCompressError, ValueError):
+    """A GLUE task name, data folder or file is unusable."""
+
+
+@dataclass(frozen=True)
+class GlueTask:
+    """One GLUE task.
+
+    Attributes:
+        name: Canonical name, as the Hub dataset's config names it (``"sst2"``).
+        folder: Folder name in the original GLUE download (``"SST-2"``).
+        hub_config: Config of ``nyu-mll/glue``.
+        text_columns: One or two text columns: header names, or int positions when the
+            files have no header.
+        label_column: Label column, by header name or position.
+        label_names: String labels in class-id order; empty when labels are already ints
+            (or floats for regression).
+        num_labels: Classes; 1 for the regression task STS-B.
+        metrics: The keys the ``evaluate`` GLUE metric returns for this task.
+        main_metric: The metric a single-number summary uses.
+        splits: Split name to file name (without folder).
+        has_header: Whether the TSV files start with a header row.
+    """
+
+    name: str
+    folder: str
+    hub_config: str
+    text_columns: tuple[str | int, ...]
+    label_column: str | int
+    label_names: tuple[str, ...]
+    num_labels: int
+    metrics: tuple[str, ...]
+    main_metric: str
+    splits: tuple[tuple[str, str], ...] = (("train", "train.tsv"), ("validation", "dev.tsv"))
+    has_header: bool = True
+
+    @property
+    def is_regression(self) -> bool:
+        return self.num_labels == 1
+
+    def split_file(self, split: str) -> str:
+        files = dict(self.splits)
+        if split not in files:
+            raise GlueDataError(f"GLUE task {self.name!r} has no split {split!r}; splits: {', '.join(files)}")
+        return files[split]
+
+
+_NLI2 = ("entailment", "not_entailment")
+
+GLUE_TASKS: dict[str, GlueTask] = {
+    t.name: t
+    for t in (
+        GlueTask(
+            name="cola",
+            folder="CoLA",
+            hub_config="cola",
+            text_columns=(3,),
+            label_column=1,
+            label_names=(),
+            num_labels=2,
+            metrics=("matthews_correlation",),
+            main_metric="matthews_correlation",
+            has_header=False,
+        ),
+        GlueTask(
+            name="sst2",
+            folder="SST-2",
+            hub_config="sst2",
+            text_columns=("sentence",),
+            label_column="label",
+            label_names=(),
+            num_labels=2,
+            metrics=("accuracy",),
+            main_metric="accuracy",
+        ),
+        GlueTask(
+            name="mrpc",
+            folder="MRPC",
+            hub_config="mrpc",
+            text_columns=("#1 String", "#2 String"),
+            label_column="Quality",
+            label_names=(),
+            num_labels=2,
+            metrics=("accuracy", "f1"),
+            main_metric="f1",
+        ),
+        GlueTask(
+            name="qqp",
+            folder="QQP",
+            hub_config="qqp",
+            text_columns=("question1", "question2"),
+            label_column="is_duplicate",
+            label_names=(),
+            num_labels=2,
+            metrics=("accuracy", "f1"),
+            main_metric="f1",
+        ),
+        GlueTask(
+            name="stsb",
+            folder="STS-B",
+            hub_config="stsb",
+            text_columns=("sentence1", "sentence2"),
+            label_column="score",
+            label_names=(),
+            num_labels=1,
+            metrics=("pearson", "spearmanr"),
+            main_metric="pearson",
+        ),
+        GlueTask(
+            name="mnli",
+            folder="MNLI",
+            hub_config="mnli",
+            text_columns=("sentence1", "sentence2"),
+            label_column="gold_label",
+            label_names=("entailment", "neutral", "contradiction"),
+            num_labels=3,
+            metrics=("accuracy",),
+            main_metric="accuracy",
+            splits=(
+                ("train", "train.tsv"),
+                ("validation_matched", "dev_matched.tsv"),
+                ("validation_mismatched", "dev_mismatched.tsv"),
+            ),
+        ),
+        GlueTask(
+            name="qnli",
+            folder="QNLI",
+            hub_config="qnli",
+            text_columns=("question", "sentence"),
+            label_column="label",
+            label_names=_NLI2,
+            num_labels=2,
+            metrics=("accuracy",),
+            main_metric="accuracy",
+        ),
+        GlueTask(
+            name="rte",
+            folder="RTE",
+            hub_config="rte",
+            text_columns=("sentence1", "sentence2"),
+            label_column="label",
+            label_names=_NLI2,
+            num_labels=2,
+            metrics=("accuracy",),
+            main_metric="accuracy",
+        ),
+        GlueTask(
+            name="wnli",
+            folder="WNLI",
+            hub_config="wnli",
+            text_columns=("sentence1", "sentence2"),
+            label_column="label",
+            label_names=(),
+            num_labels=2,
+            metrics=("accuracy",),
+            main_metric="accuracy",
+        ),
+    )
+}
+
+# Spellings users type: the folder names, with or without the dash, any case.
+_ALIASES = {alias: name for name, t in GLUE_TASKS.items() for alias in (name, t.folder.lower(), t.hub_config)}
+_ALIASES.update({"sts-b": "stsb", "sst-2": "sst2"})
+
+
+def get_task(name: str) -> GlueTask:
+    """Look a task up by any usual spelling (``"SST-2"``, ``"sst2"``, ``"STS-B"``)."""
+    key = str(name).strip().lower()
+    if key not in _ALIASES:
+        raise GlueDataError(f"unknown GLUE task {name!r}; GLUE tasks: {', '.join(GLUE_TASKS)}")
+    return GLUE_TASKS[_ALIASES[key]]
+
+
+def eval_splits(task: GlueTask) -> tuple[tuple[str, str], ...]:
+    """The dev splits a task is scored on, as (result label, split): one per task, two for
+    MNLI (``mnli-m`` matched and ``mnli-mm`` mismatched)."""
+    if task.name == "mnli":
+        return (("mnli-m", "validation_matched"), ("mnli-mm", "validation_mismatched"))
+    return ((task.name, "validation"),)

@@ -1,0 +1,110 @@
+"""Layer dropping: which teacher layers a student keeps, and the student itself.
+
+A mapping is the tuple of teacher layer indices (0-based) the student keeps, in order:
+student layer ``i`` starts as a copy of teacher layer ``mapping[i]`` and, under PKD, learns
+from that layer's output. The blocks are found through the per-``model_type`` tables of
+:mod:`hfcompress.architectures`, so any architecture listed there can be shortened.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Literal
+
+from torch import nn
+
+from hfcompress.architectures import blocks_of
+from hfcompress.errors import ModelError, RecipeError
+
+__all__ = ["LAYER_MAP_KEY", "drop_layers", "layer_map", "num_layers"]
+
+LAYER_MAP_KEY = "hfcompress_layer_map"
+Strategy = Literal["skip", "last", "explicit"]
+
+
+def num_layers(model: nn.Module) -> int:
+    """Number of transformer blocks of ``model``."""
+    return len(blocks_of(model)[1])
+
+
+def layer_map(
+    num_teacher_layers: int,
+    strategy: Strategy,
+    *,
+    num_student_layers: int | None = None,
+    layers: Sequence[int] = (),
+) -> tuple[int, ...]:
+    """The teacher layers a student keeps.
+
+    Args:
+        num_teacher_layers: Blocks in the teacher (n).
+        strategy: ``"skip"`` (PKD-Skip: every (n // k)-th layer, ending on the last one of each
+            stride: 6 -> 3 keeps 1, 3, 5), ``"last"`` (PKD-Last: the last k layers) or
+            ``"explicit"`` (``layers`` as given).
+        num_student_layers: k, for ``skip`` and ``last``.
+        layers: The explicit list, for ``explicit``: strictly increasing, each in [0, n).
+    """
+    n = num_teacher_layers
+    if strategy == "explicit":
+        keep = tuple(int(i) for i in layers)
+        if not keep:
+            raise RecipeError("strategy='explicit' needs `layers`: the teacher layers to keep, e.g. [1, 3, 5]")
+        bad = [i for i in keep if not 0 <= i < n]
+        if bad:
+            raise RecipeError(f"layers {bad} do not exist in the teacher, which has layers 0..{n - 1}")
+        if list(keep) != sorted(set(keep)):
+            raise RecipeError(f"layers={list(keep)} must be strictly increasing (each teacher layer kept once)")
+        if len(keep) >= n:
+            raise RecipeError(f"layers={list(keep)} keeps all {n} teacher layers; a student must have fewer")
+        return keep
+    if strategy not in ("skip", "last"):
+        raise RecipeError(f"strategy={strategy!r} is invalid; accepted: 'skip', 'last', 'explicit'")
+    k = num_student_layers
+    if k is None:
+        raise RecipeError(f"strategy={strategy!r} needs num_student_layers (k)")
+    if not 0 < k < n:
+        raise RecipeError(f"a student of {k} layers from a teacher of {n}: accepted 1..{n - 1} layers")
+    if strategy == "last":
+        return tuple(range(n - k, n))
+    stride = n // k
+    return tuple(stride * (i + 1) - 1 for i in range(k))
+
+
+def drop_layers(model: nn.Module, keep: Sequence[int], *, copy_model: bool = False) -> nn.Module:
+    """Keep only the blocks ``keep`` of ``model`` (in place unless ``copy_model``) and return it.
+
+    The config's ``num_hidden_layers`` (and ``layer_types`` where the architecture has it)
+    follows; each kept block's attention learns its new index (the KV cache is indexed by it);
+    ``config.hfcompress_layer_map`` records ``{"teacher_layers": [...], "num_teacher_layers": n}``
+    so the mapping survives ``save_pretrained``.
+    """
+    if copy_model:
+        model = copy.deepcopy(model)
+    _, blocks = blocks_of(model)
+    n = len(blocks)
+    keep = layer_map(n, "explicit", layers=keep)
+    kept = [blocks[i] for i in keep]
+    for new_index, block in enumerate(kept):
+        for module in block.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new_index
+    # Empty and refill the same ModuleList: the model's forward keeps its reference to it.
+    while len(blocks):
+        del blocks[-1]
+    blocks.extend(kept)
+    config = model.config
+    previous = getattr(config, LAYER_MAP_KEY, None)
+    # A student of a student records the layers of the original teacher.
+    origin = [previous["teacher_layers"][i] for i in keep] if previous else list(keep)
+    config.num_hidden_layers = len(keep)
+    if isinstance(getattr(config, "layer_types", None), list) and len(config.layer_types) == n:
+        config.layer_types = [config.layer_types[i] for i in keep]
+    setattr(
+        config,
+        LAYER_MAP_KEY,
+        {"teacher_layers": origin, "num_teacher_layers": previous["num_teacher_layers"] if previous else n},
+    )
+    if len(blocks) != len(keep):  # pragma: no cover - ModuleList semantics changed upstream
+        raise ModelError("layer dropping failed to shorten the block list")
+    return model

@@ -1,0 +1,83 @@
+"""Applies :class:`PKDConfig`: the model is shortened to a student and distilled from a frozen
+copy of itself through the ``Trainer``."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+
+from torch import nn
+
+from hfcompress.modifier import CompressionContext, Modifier
+from hfcompress.quant.linear import QuantLinear
+from hfcompress.techniques.pkd.config import PKDConfig
+from hfcompress.techniques.pkd.mapping import drop_layers, layer_map, num_layers
+
+__all__ = ["PKDModifier"]
+
+logger = logging.getLogger(__name__)
+
+
+class PKDModifier(Modifier):
+    config: PKDConfig
+
+    def _keep(self, model: nn.Module) -> tuple[int, ...]:
+        c = self.config
+        return layer_map(num_layers(model), c.strategy, num_student_layers=c.num_layers, layers=c.layers)
+
+    def layer_pairs(self, keep: tuple[int, ...]) -> list[tuple[int, int]]:
+        """(student, teacher) layer pairs of the patient loss."""
+        last = len(keep) if self.config.match_last_layer else len(keep) - 1
+        return [(i, keep[i]) for i in range(last)]
+
+    def check(self, model: nn.Module, context: CompressionContext) -> None:
+        super().check(model, context)
+        if "input_ids" not in getattr(context.train_dataset, "column_names", ["input_ids"]):
+            raise self.error(
+                "train_dataset has no 'input_ids' column; tokenize it first (for GLUE: "
+                "hfcompress.glue.tokenize_glue(load_glue(task, 'train'), tokenizer))"
+            )
+        if any(isinstance(m, QuantLinear) for m in model.modules()):
+            raise self.error(
+                "the model is already quantized and cannot be trained; distil first and quantize in a later stage, "
+                "or pass a compressed teacher to hfcompress.DistillationTrainer(teacher=...)"
+            )
+        try:
+            self._keep(model)
+        except Exception as exc:
+            raise self.error(str(exc)) from exc
+
+    def apply(self, model: nn.Module, context: CompressionContext) -> None:
+        from hfcompress.integrations.trainer import make_trainer
+
+        c = self.config
+        keep = self._keep(model)
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        drop_layers(model, keep)
+        pairs = self.layer_pairs(keep)
+        if c.beta > 0 and not pairs:
+            logger.warning("stage %r: a 1-layer student has no layer to match; the patient loss is off", self.stage)
+        logger.info("stage %r: student keeps teacher layers %s; patient loss on %s", self.stage, list(keep), pairs)
+        model.train()
+        with tempfile.TemporaryDirectory(prefix="hfcompress-pkd-") as scratch:
+            trainer = make_trainer(
+                model,
+                context.train_dataset,
+                context.tokenizer,
+                output_dir=scratch,
+                teacher=teacher,
+                eval_dataset=context.eval_dataset,
+                layer_pairs=pairs,
+                temperature=c.temperature,
+                alpha=c.alpha,
+                beta=c.beta,
+                epochs=c.epochs,
+                learning_rate=c.learning_rate,
+                batch_size=c.batch_size,
+                seed=c.seed,
+                bf16=c.bf16,
+                progress=context.progress,
+            )
+            trainer.train()
+        model.eval()

@@ -1,0 +1,190 @@
+"""The harness end to end on tiny models: scoring a saved compressed model, fine-tuning, tables,
+the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import hfcompress
+from hfcompress.cli import main
+from hfcompress.glue import (
+    GlueDataError,
+    GlueResult,
+    evaluate_glue,
+    finetune_glue,
+    glue_metrics,
+    load_glue,
+    load_glue_model,
+    markdown_table,
+    tokenize_glue,
+)
+from tests.conftest import save_tiny_bert_classifier
+
+
+@pytest.fixture
+def compressed_dir(tmp_path):
+    """A tiny BERT classifier compressed to W4 RTN and saved."""
+    source = save_tiny_bert_classifier(tmp_path / "fp32", layers=2)
+    model, tokenizer = load_glue_model(source, "sst2")
+    hfcompress.compress(model, hfcompress.Recipe([hfcompress.RTNConfig(bits=4, group_size=32)]), progress=False)
+    return hfcompress.save_pretrained(model, tmp_path / "w4", tokenizer=tokenizer)
+
+
+def test_scores_a_saved_compressed_model(compressed_dir, tiny_glue_dir):
+    model, tokenizer = load_glue_model(compressed_dir, "sst2")
+    assert any(isinstance(m, hfcompress.QuantLinear) for m in model.modules())
+    (result,) = evaluate_glue(model, tokenizer, "sst2", source=tiny_glue_dir, batch_size=5)
+
+    # The same predictions computed one example at a time, without the harness's batching.
+    data = load_glue("sst2", "validation", tiny_glue_dir)
+    with torch.no_grad():
+        predictions = [int(model(**tokenizer(t, return_tensors="pt")).logits.argmax()) for t in data["text_a"]]
+    assert result.metrics == glue_metrics("sst2", predictions, data["label"])
+    assert result.num_examples == len(data) and result.task == "sst2"
+
+
+def test_finetune_learns_the_task(tmp_path, tiny_glue_dir):
+    model, tokenizer = load_glue_model(save_tiny_bert_classifier(tmp_path / "m", layers=2), "sst2")
+    (before,) = evaluate_glue(model, tokenizer, "sst2", source=tiny_glue_dir)
+    finetune_glue(
+        model,
+        tokenizer,
+        "sst2",
+        output_dir=tmp_path / "scratch",
+        source=tiny_glue_dir,
+        epochs=8,
+        learning_rate=2e-3,
+        batch_size=8,
+        progress=False,
+    )
+    (after,) = evaluate_glue(model, tokenizer, "sst2", source=tiny_glue_dir)
+    assert after.main == 1.0 > before.main
+
+
+def test_base_encoder_gets_a_regression_head_for_stsb(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    BertModel(
+        BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    ).save_pretrained(tmp_path / "base")
+    from tests.conftest import make_char_tokenizer
+
+    make_char_tokenizer().save_pretrained(tmp_path / "base")
+    model, _ = load_glue_model(tmp_path / "base", "stsb")
+    assert model.config.num_labels == 1 and model.config.problem_type == "regression"
+
+
+def test_classifier_head_that_does_not_fit_is_refused(tmp_path):
+    path = save_tiny_bert_classifier(tmp_path / "m", layers=1, num_labels=2)
+    with pytest.raises(GlueDataError, match="num_labels=2, but GLUE stsb needs 1"):
+        load_glue_model(path, "stsb")
+
+
+def test_tokenize_pairs_and_labels(tmp_path, tiny_glue_dir):
+    _, tokenizer = load_glue_model(save_tiny_bert_classifier(tmp_path / "m", layers=1), "rte")
+    encoded = tokenize_glue(load_glue("rte", "validation", tiny_glue_dir), tokenizer, max_length=10)
+    assert {"input_ids", "attention_mask", "labels"} <= set(encoded.column_names)
+    assert max(len(x) for x in encoded["input_ids"]) == 10  # truncated
+
+
+def _result(task, value, metric="accuracy"):
+    return GlueResult(task=task, metrics={metric: value}, main_metric=metric, num_examples=10)
+
+
+def test_markdown_table_side_by_side_with_retained_percentage():
+    mrpc = {"accuracy": 0.5, "f1": 0.8}
+    table = markdown_table(
+        {
+            "teacher": [_result("sst2", 0.9), GlueResult("mrpc", mrpc, "f1", 10)],
+            "student": [_result("sst2", 0.81), GlueResult("mrpc", {"accuracy": 0.4, "f1": 0.72}, "f1", 10)],
+        }
+    )
+    lines = table.strip().splitlines()
+    assert lines[0] == "| model | sst2 | mrpc | avg | % of teacher |"
+    assert lines[2] == "| teacher | 90.0 | 80.0/50.0 | 85.0 | 100.0% |"
+    assert lines[3] == "| student | 81.0 | 72.0/40.0 | 76.5 | 90.0% |"
+
+
+def test_cli_eval_glue_writes_json_and_markdown(compressed_dir, tiny_glue_dir, tmp_path, capsys):
+    out_json, out_md = tmp_path / "s.json", tmp_path / "s.md"
+    rc = main(
+        [
+            "--quiet",
+            "eval",
+            "glue",
+            "--model",
+            f"q={compressed_dir}",
+            "--model",
+            str(compressed_dir),
+            "--tasks",
+            "SST-2",
+            "--data-dir",
+            str(tiny_glue_dir),
+            "--json",
+            str(out_json),
+            "--markdown",
+            str(out_md),
+        ]
+    )
+    assert rc == 0
+    scores = json.loads(out_json.read_text())
+    assert set(scores) == {"q", compressed_dir.name}
+    assert scores["q"]["sst2"]["metrics"] == scores[compressed_dir.name]["sst2"]["metrics"]
+    assert out_md.read_text() in capsys.readouterr().out
+
+
+def test_cli_task_placeholder_and_finetune(tmp_path, tiny_glue_dir):
+    save_tiny_bert_classifier(tmp_path / "m-sst2", layers=1)
+    save_tiny_bert_classifier(tmp_path / "m-rte", layers=1)
+    rc = main(
+        [
+            "--quiet",
+            "eval",
+            "glue",
+            "--model",
+            f"m={tmp_path}/m-{{task}}",
+            "--tasks",
+            "sst2,rte",
+            "--finetune",
+            "--epochs",
+            "1",
+            "--data-dir",
+            str(tiny_glue_dir),
+            "--output-dir",
+            str(tmp_path / "ft"),
+            "--json",
+            str(tmp_path / "s.json"),
+        ]
+    )
+    assert rc == 0
+    assert sorted(json.loads((tmp_path / "s.json").read_text())["m"]) == ["rte", "sst2"]
+    assert (tmp_path / "ft" / "m-rte" / "config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tasks", "sst3"], "unknown GLUE task 'sst3'"),
+        (["--tasks", "rte", "--data-dir", "/nonexistent/glue"], "does not exist"),
+    ],
+    ids=["unknown-task", "missing-folder"],
+)
+def test_cli_bad_input_exits_2_with_the_reason(compressed_dir, args, message, capsys):
+    assert main(["--quiet", "eval", "glue", "--model", str(compressed_dir), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_predictions_are_independent_of_batch_size(compressed_dir, tiny_glue_dir):
+    from hfcompress.glue import get_task, predict
+
+    model, tokenizer = load_glue_model(compressed_dir, "rte")
+    encoded = tokenize_glue(load_glue("rte", "validation", tiny_glue_dir), tokenizer)
+    task = get_task("rte")
+    assert np.array_equal(
+        predict(model, tokenizer, encoded, task=task, batch_size=1),
+        predict(model, tokenizer, encoded, task=task, batch_size=7),
+    )

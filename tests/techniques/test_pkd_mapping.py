@@ -1,0 +1,98 @@
+"""Layer mappings and layer dropping on tiny BERT and Llama models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+import hfcompress
+from hfcompress.techniques.pkd.mapping import LAYER_MAP_KEY, drop_layers, layer_map
+from tests.conftest import make_tiny_bert, make_tiny_llama
+
+
+@pytest.mark.parametrize(
+    ("n", "strategy", "k", "expected"),
+    [
+        (6, "skip", 3, (1, 3, 5)),
+        (12, "skip", 6, (1, 3, 5, 7, 9, 11)),
+        (6, "last", 3, (3, 4, 5)),
+        (12, "skip", 5, (1, 3, 5, 7, 9)),
+        (4, "last", 1, (3,)),
+    ],
+    ids=["6-skip-3", "12-skip-6", "6-last-3", "12-skip-5", "4-last-1"],
+)
+def test_pkd_strategies(n, strategy, k, expected):
+    assert layer_map(n, strategy, num_student_layers=k) == expected
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(strategy="explicit", layers=(0, 6)), r"layers \[6\] do not exist in the teacher, which has layers 0..5"),
+        (dict(strategy="explicit", layers=(3, 1)), "strictly increasing"),
+        (dict(strategy="explicit", layers=tuple(range(6))), "keeps all 6 teacher layers"),
+        (dict(strategy="skip", num_student_layers=8), "a student of 8 layers from a teacher of 6"),
+        (dict(strategy="last", num_student_layers=6), "a student of 6 layers from a teacher of 6"),
+        (dict(strategy="explicit"), "needs `layers`"),
+    ],
+    ids=["missing-layer", "unordered", "all-layers", "more-layers", "as-many-layers", "explicit-empty"],
+)
+def test_bad_mappings_are_refused(kwargs, message):
+    with pytest.raises(hfcompress.RecipeError, match=message):
+        layer_map(6, **kwargs)
+
+
+def _run_kept_blocks_by_hand(teacher, keep, ids):
+    """The student's last hidden state computed from the teacher's own modules (no padding,
+    so no attention mask is needed)."""
+    h = teacher.bert.embeddings(input_ids=ids)
+    for i in keep:
+        out = teacher.bert.encoder.layer[i](h)
+        h = out[0] if isinstance(out, tuple) else out
+    return h
+
+
+def test_bert_student_is_the_teacher_minus_layers(tmp_path):
+    teacher = make_tiny_bert(0, layers=4)
+    ids = torch.randint(1, 100, (2, 7))
+    student = drop_layers(teacher, (1, 3), copy_model=True)
+    assert len(teacher.bert.encoder.layer) == 4  # copy_model left the teacher whole
+    assert student.config.num_hidden_layers == 2
+    assert getattr(student.config, LAYER_MAP_KEY) == {"teacher_layers": [1, 3], "num_teacher_layers": 4}
+    with torch.no_grad():
+        by_hand = _run_kept_blocks_by_hand(teacher, (1, 3), ids)
+        assert torch.allclose(student(ids, output_hidden_states=True).hidden_states[-1], by_hand, atol=1e-6)
+    student.save_pretrained(tmp_path)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert getattr(reloaded.config, LAYER_MAP_KEY)["teacher_layers"] == [1, 3]
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, student(ids).logits)
+
+
+def test_llama_student_decodes_with_its_kv_cache(tmp_path):
+    teacher = make_tiny_llama(0, layers=4)
+    student = drop_layers(teacher, (0, 2), copy_model=True)
+    assert [b.self_attn.layer_idx for b in student.model.layers] == [0, 1]
+    ids = torch.randint(0, 128, (1, 6))
+    with torch.no_grad():
+        cached = student.generate(ids, max_new_tokens=5, do_sample=False)
+        uncached = student.generate(ids, max_new_tokens=5, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+    student.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.config.num_hidden_layers == 2
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, student(ids).logits)
+
+
+def test_student_of_a_student_records_the_original_teacher_layers():
+    student = drop_layers(make_tiny_bert(0, layers=4), (1, 2, 3))
+    drop_layers(student, (0, 2))
+    assert getattr(student.config, LAYER_MAP_KEY) == {"teacher_layers": [1, 3], "num_teacher_layers": 4}
+
+
+def test_model_without_a_layer_table_is_refused():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    with pytest.raises(hfcompress.ModelError, match="no layer table"):
+        drop_layers(model, (0,))
