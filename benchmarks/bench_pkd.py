@@ -237,9 +237,12 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         logging.info("torch threads: %d", torch.get_num_threads())
-        for task in tasks:
-            for seed in seeds if task in SEEDED_TASKS else seeds[:1]:
-                run_task_seed(task, seed, args, results, path)
+        # Seed-major: every task's first seed before any task's second, so a cut-short run
+        # still has a whole table.
+        for i, seed in enumerate(seeds):
+            for task in tasks:
+                if i == 0 or task in SEEDED_TASKS:
+                    run_task_seed(task, seed, args, results, path)
     print(summarize(results, tasks))
     return 0
 

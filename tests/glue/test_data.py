@@ -145,3 +145,33 @@ def test_unknown_split_is_refused():
 )
 def test_shared_glue_copy_loads_whole(task, train, dev):
     assert (len(load_glue(task, "train")), len(load_glue(task, "validation"))) == (train, dev)
+
+
+def test_hub_source_maps_the_hub_columns(monkeypatch):
+    """`nyu-mll/glue` rows (here a stand-in for the download) come out with our column names."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, name, split):
+        calls.append((path, name, split))
+        return datasets.Dataset.from_dict(
+            {"premise": ["A cat sat."], "hypothesis": ["A cat."], "label": [0], "idx": [0]}
+        )
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    ds = load_glue("MNLI", "validation_mismatched", "nyu-mll/glue")
+    assert calls == [("nyu-mll/glue", "mnli", "validation_mismatched")]
+    assert sorted(ds.column_names) == ["label", "text_a", "text_b"]
+    assert ds[0] == {"text_a": "A cat sat.", "text_b": "A cat.", "label": 0}
+
+
+def test_hub_failure_says_how_to_work_offline(monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(GlueDataError, match="no network.*Offline, pass a local folder"):
+        load_glue("rte", "train", "nyu-mll/glue")

@@ -170,8 +170,9 @@ def test_cli_task_placeholder_and_finetune(tmp_path, tiny_glue_dir):
     [
         (["--tasks", "sst3"], "unknown GLUE task 'sst3'"),
         (["--tasks", "rte", "--data-dir", "/nonexistent/glue"], "does not exist"),
+        (["--model", "/elsewhere/w4", "--tasks", "rte"], "--model name 'w4' given twice"),
     ],
-    ids=["unknown-task", "missing-folder"],
+    ids=["unknown-task", "missing-folder", "duplicate-name"],
 )
 def test_cli_bad_input_exits_2_with_the_reason(compressed_dir, args, message, capsys):
     assert main(["--quiet", "eval", "glue", "--model", str(compressed_dir), *args]) == 2
