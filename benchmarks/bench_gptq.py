@@ -2,13 +2,17 @@
 
     python benchmarks/bench_gptq.py                       # every scheme and method, a table
     python benchmarks/bench_gptq.py --one gptq w4g128     # one measurement, a JSON line
+    python benchmarks/bench_gptq.py --schemes w4pc \
+        --peer llmcompressor=.venv-llmc/bin/python --peer hqq=.venv-hqq/bin/python   # peers in the same run
 
 Protocol (issue 3): calibration 128 windows x 512 tokens of WikiText-2 *validation*
 (seed 0); evaluation the first 40 windows of 512 tokens of WikiText-2 *test*. Each
 measurement runs in its own process, so peak RSS (ru_maxrss) is that method's alone; wall
 time covers calibration-data preparation and quantization, not model loading or evaluation.
-Peers (llm-compressor, HQQ, AutoRound) need their own environments: see
-benchmarks/RESULTS.md for their commands.
+Peers (llm-compressor, HQQ, AutoRound) need their own environments (see benchmarks/RESULTS.md
+for how to make them); ``--peer NAME=PYTHON`` runs ``benchmarks/peers/<script>`` with that
+interpreter for every scheme, one after the other with ours on the same machine, and adds
+their rows to the table.
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 SCHEMES = {"w4g128": (4, 128), "w3g128": (3, 128), "w4pc": (4, -1)}
 METHODS = ["fp32", "rtn", "gptq"]
+PEER_SCRIPTS = {"llmcompressor": "llmcompressor_gptq.py", "hqq": "hqq_rtn.py"}
 
 
 def measure(method: str, scheme: str, extra: dict) -> dict:
@@ -63,7 +69,20 @@ def main() -> None:
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "SCHEME"))
     parser.add_argument("--extra", default="{}", help="JSON of extra GPTQConfig fields")
     parser.add_argument("--schemes", nargs="*", default=list(SCHEMES))
+    parser.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="NAME=PYTHON",
+        help=f"also run a peer with its environment's interpreter; NAME in {sorted(PEER_SCRIPTS)}",
+    )
     args = parser.parse_args()
+    peers = []
+    for spec in args.peer:
+        name, _, python = spec.partition("=")
+        if name not in PEER_SCRIPTS or not python:
+            parser.error(f"--peer {spec!r}: expected NAME=PYTHON with NAME in {sorted(PEER_SCRIPTS)}")
+        peers.append((name, python))
     if args.one:
         print(json.dumps(measure(args.one[0], args.one[1], json.loads(args.extra))))
         return
@@ -76,12 +95,23 @@ def main() -> None:
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
             print(rows[-1], file=sys.stderr)
+        for name, python in peers:
+            script = Path(__file__).parent / "peers" / PEER_SCRIPTS[name]
+            done = subprocess.run([python, str(script), scheme], capture_output=True, text=True)
+            if done.returncode != 0:  # a peer that cannot run a scheme is a result, not a crash
+                error = (done.stderr.strip().splitlines() or ["failed"])[-1][:100]
+                rows.append({"method": name, "scheme": scheme, "error": error})
+            else:
+                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(rows[-1], file=sys.stderr)
     fp32 = next(r["ppl"] for r in rows if r["method"] == "fp32")
     print(f"\nfp32 perplexity {fp32:.3f}\n")
     print("| scheme | method | perplexity | increase over fp32 | quantization wall (s) | peak RSS (MB) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        if r["method"] != "fp32":
+        if "error" in r:
+            print(f"| {r['scheme']} | {r['method']} | failed: {r['error']} | | | |")
+        elif r["method"] != "fp32":
             print(
                 f"| {r['scheme']} | {r['method']} | {r['ppl']:.3f} | {r['ppl'] - fp32:+.3f} | {r['wall_s']:.1f} "
                 f"| {r['peak_rss_mb']:.0f} |"
