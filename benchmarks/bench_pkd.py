@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=10.0)
     p.add_argument("--alpha", type=float, default=0.7)
     p.add_argument("--beta", type=float, default=100.0)
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset to run")
     p.add_argument("--mild", default="0.5,5,10", help="alpha,T,beta of the pkd-skip-mild student")
     p.add_argument("--fp32", action="store_true", help="train in float32 (default: bfloat16 autocast)")
     p.add_argument("--limit", type=int, default=None, help="first N training examples only (smoke runs)")
@@ -78,7 +79,8 @@ def run_task_seed(task: str, seed: int, args: argparse.Namespace, results: dict,
 
     key = f"{task}/s{seed}"
     done = results.setdefault(key, {})
-    if all(v in done for v in VARIANTS):
+    wanted = [v for v in VARIANTS if v in args.variants.split(",")]
+    if all(v in done for v in wanted):
         return
     epochs = args.sst2_epochs if task == "sst2" else args.epochs
     train_args = dict(
@@ -109,7 +111,7 @@ def run_task_seed(task: str, seed: int, args: argparse.Namespace, results: dict,
     train = tokenize_glue(load_glue(task, "train", args.data_dir, limit=args.limit), tokenizer)
     skip = hfcompress.layer_map(6, "skip", num_student_layers=3)
 
-    if "ft" not in done:
+    if "ft" not in done and "ft" in wanted:
         student = hfcompress.drop_layers(teacher, skip, copy_model=True)
         start = time.perf_counter()
         finetune_glue(
@@ -127,7 +129,9 @@ def run_task_seed(task: str, seed: int, args: argparse.Namespace, results: dict,
     )
     for variant, strategy, alpha, temperature, beta in students:
         student_dir = args.out / "models" / f"{variant}-{task}-s{seed}"
-        if variant in done and (variant != "pkd-skip" or (student_dir / "config.json").is_file()):
+        if variant not in wanted or (
+            variant in done and (variant != "pkd-skip" or (student_dir / "config.json").is_file())
+        ):
             continue
         recipe = hfcompress.Recipe(
             [
@@ -149,6 +153,8 @@ def run_task_seed(task: str, seed: int, args: argparse.Namespace, results: dict,
             hfcompress.save_pretrained(student, student_dir, tokenizer=tokenizer)
             pkd_skip = student
 
+    if not {"pkd-skip-w4rtn", "pkd-skip-w4gptq"} & set(wanted) - set(done):
+        return
     if pkd_skip is None:
         from transformers import AutoModelForSequenceClassification
 
@@ -172,7 +178,7 @@ def run_task_seed(task: str, seed: int, args: argparse.Namespace, results: dict,
             ),
         ),
     ):
-        if variant in done:
+        if variant in done or variant not in wanted:
             continue
         model = copy.deepcopy(pkd_skip)
         start = time.perf_counter()
