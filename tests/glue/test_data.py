@@ -173,5 +173,5 @@ def test_hub_failure_says_how_to_work_offline(monkeypatch):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(GlueDataError, match="no network.*Offline, pass a local folder"):
+    with pytest.raises(GlueDataError, match=r"no network.*Offline, pass a local folder"):
         load_glue("rte", "train", "nyu-mll/glue")
