@@ -28,18 +28,6 @@ __all__ = ["HUB_DATASET", "load_glue", "read_glue_tsv", "resolve_glue_source"]
 
 HUB_DATASET = "nyu-mll/glue"
 _HUB_NAMES = {HUB_DATASET, "glue"}
-# The Hub dataset's text columns per task, in (text_a, text_b) order.
-_HUB_TEXT = {
-    "cola": ("sentence",),
-    "sst2": ("sentence",),
-    "mrpc": ("sentence1", "sentence2"),
-    "qqp": ("question1", "question2"),
-    "stsb": ("sentence1", "sentence2"),
-    "mnli": ("premise", "hypothesis"),
-    "qnli": ("question", "sentence"),
-    "rte": ("sentence1", "sentence2"),
-    "wnli": ("sentence1", "sentence2"),
-}
 
 
 def resolve_glue_source(source: str | os.PathLike | None) -> Path | str:
@@ -130,13 +118,13 @@ def _load_hub(task: GlueTask, split: str):
     from datasets import load_dataset
 
     try:
-        ds = load_dataset(HUB_DATASET, task.hub_config, split=split)
+        ds = load_dataset(HUB_DATASET, task.name, split=split)
     except Exception as exc:  # the datasets library raises many types for "offline"
         raise GlueDataError(
-            f"could not load {HUB_DATASET!r} ({task.hub_config}, {split}) from the Hub: {exc}. Offline, pass a "
+            f"could not load {HUB_DATASET!r} ({task.name}, {split}) from the Hub: {exc}. Offline, pass a "
             "local folder in the original GLUE layout (data_dir=... / --data-dir)"
         ) from exc
-    text = _HUB_TEXT[task.name]
+    text = task.hub_text_columns
     rename = {text[0]: "text_a", **({text[1]: "text_b"} if len(text) == 2 else {})}
     keep = [*rename, "label"]
     ds = ds.remove_columns([c for c in ds.column_names if c not in keep]).rename_columns(rename)

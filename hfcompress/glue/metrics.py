@@ -63,6 +63,15 @@ def spearman(predictions: np.ndarray, references: np.ndarray) -> float:
     return pearson(_average_ranks(predictions), _average_ranks(references))
 
 
+_METRICS = {
+    "accuracy": accuracy,
+    "f1": binary_f1,
+    "matthews_correlation": matthews_correlation,
+    "pearson": pearson,
+    "spearmanr": spearman,
+}
+
+
 def glue_metrics(
     task: GlueTask | str, predictions: Sequence | np.ndarray, references: Sequence | np.ndarray
 ) -> dict[str, float]:
@@ -77,10 +86,4 @@ def glue_metrics(
     p, r = np.asarray(predictions), np.asarray(references)
     if p.shape != r.shape or p.ndim != 1 or len(p) == 0:
         raise ValueError(f"predictions {p.shape} and references {r.shape} must be the same non-empty 1-D shape")
-    if task.is_regression:
-        return {"pearson": pearson(p, r), "spearmanr": spearman(p, r)}
-    if task.name == "cola":
-        return {"matthews_correlation": matthews_correlation(p, r)}
-    if task.name in ("mrpc", "qqp"):
-        return {"accuracy": accuracy(p, r), "f1": binary_f1(p, r)}
-    return {"accuracy": accuracy(p, r)}
+    return {key: _METRICS[key](p, r) for key in task.metrics}

@@ -24,11 +24,11 @@ class GlueTask:
     """One GLUE task.
 
     Attributes:
-        name: Canonical name, as the Hub dataset's config names it (``"sst2"``).
+        name: Canonical name, which is also the config name in ``nyu-mll/glue`` (``"sst2"``).
         folder: Folder name in the original GLUE download (``"SST-2"``).
-        hub_config: Config of ``nyu-mll/glue``.
         text_columns: One or two text columns: header names, or int positions when the
             files have no header.
+        hub_text_columns: The same columns as ``nyu-mll/glue`` names them.
         label_column: Label column, by header name or position.
         label_names: String labels in class-id order; empty when labels are already ints
             (or floats for regression).
@@ -41,13 +41,13 @@ class GlueTask:
 
     name: str
     folder: str
-    hub_config: str
     text_columns: tuple[str | int, ...]
+    hub_text_columns: tuple[str, ...]
     label_column: str | int
-    label_names: tuple[str, ...]
     num_labels: int
     metrics: tuple[str, ...]
     main_metric: str
+    label_names: tuple[str, ...] = ()
     splits: tuple[tuple[str, str], ...] = (("train", "train.tsv"), ("validation", "dev.tsv"))
     has_header: bool = True
 
@@ -63,6 +63,7 @@ class GlueTask:
 
 
 _NLI2 = ("entailment", "not_entailment")
+_PAIR = ("sentence1", "sentence2")
 
 GLUE_TASKS: dict[str, GlueTask] = {
     t.name: t
@@ -70,10 +71,9 @@ GLUE_TASKS: dict[str, GlueTask] = {
         GlueTask(
             name="cola",
             folder="CoLA",
-            hub_config="cola",
             text_columns=(3,),
+            hub_text_columns=("sentence",),
             label_column=1,
-            label_names=(),
             num_labels=2,
             metrics=("matthews_correlation",),
             main_metric="matthews_correlation",
@@ -82,10 +82,9 @@ GLUE_TASKS: dict[str, GlueTask] = {
         GlueTask(
             name="sst2",
             folder="SST-2",
-            hub_config="sst2",
             text_columns=("sentence",),
+            hub_text_columns=("sentence",),
             label_column="label",
-            label_names=(),
             num_labels=2,
             metrics=("accuracy",),
             main_metric="accuracy",
@@ -93,10 +92,9 @@ GLUE_TASKS: dict[str, GlueTask] = {
         GlueTask(
             name="mrpc",
             folder="MRPC",
-            hub_config="mrpc",
             text_columns=("#1 String", "#2 String"),
+            hub_text_columns=_PAIR,
             label_column="Quality",
-            label_names=(),
             num_labels=2,
             metrics=("accuracy", "f1"),
             main_metric="f1",
@@ -104,10 +102,9 @@ GLUE_TASKS: dict[str, GlueTask] = {
         GlueTask(
             name="qqp",
             folder="QQP",
-            hub_config="qqp",
             text_columns=("question1", "question2"),
+            hub_text_columns=("question1", "question2"),
             label_column="is_duplicate",
-            label_names=(),
             num_labels=2,
             metrics=("accuracy", "f1"),
             main_metric="f1",
@@ -115,10 +112,9 @@ GLUE_TASKS: dict[str, GlueTask] = {
         GlueTask(
             name="stsb",
             folder="STS-B",
-            hub_config="stsb",
-            text_columns=("sentence1", "sentence2"),
+            text_columns=_PAIR,
+            hub_text_columns=_PAIR,
             label_column="score",
-            label_names=(),
             num_labels=1,
             metrics=("pearson", "spearmanr"),
             main_metric="pearson",
@@ -126,8 +122,8 @@ GLUE_TASKS: dict[str, GlueTask] = {
         GlueTask(
             name="mnli",
             folder="MNLI",
-            hub_config="mnli",
-            text_columns=("sentence1", "sentence2"),
+            text_columns=_PAIR,
+            hub_text_columns=("premise", "hypothesis"),
             label_column="gold_label",
             label_names=("entailment", "neutral", "contradiction"),
             num_labels=3,
@@ -142,8 +138,8 @@ GLUE_TASKS: dict[str, GlueTask] = {
         GlueTask(
             name="qnli",
             folder="QNLI",
-            hub_config="qnli",
             text_columns=("question", "sentence"),
+            hub_text_columns=("question", "sentence"),
             label_column="label",
             label_names=_NLI2,
             num_labels=2,
@@ -153,8 +149,8 @@ GLUE_TASKS: dict[str, GlueTask] = {
         GlueTask(
             name="rte",
             folder="RTE",
-            hub_config="rte",
-            text_columns=("sentence1", "sentence2"),
+            text_columns=_PAIR,
+            hub_text_columns=_PAIR,
             label_column="label",
             label_names=_NLI2,
             num_labels=2,
@@ -164,10 +160,9 @@ GLUE_TASKS: dict[str, GlueTask] = {
         GlueTask(
             name="wnli",
             folder="WNLI",
-            hub_config="wnli",
-            text_columns=("sentence1", "sentence2"),
+            text_columns=_PAIR,
+            hub_text_columns=_PAIR,
             label_column="label",
-            label_names=(),
             num_labels=2,
             metrics=("accuracy",),
             main_metric="accuracy",
@@ -176,7 +171,7 @@ GLUE_TASKS: dict[str, GlueTask] = {
 }
 
 # Spellings users type: the folder names, with or without the dash, any case.
-_ALIASES = {alias: name for name, t in GLUE_TASKS.items() for alias in (name, t.folder.lower(), t.hub_config)}
+_ALIASES = {alias: name for name, t in GLUE_TASKS.items() for alias in (name, t.folder.lower())}
 _ALIASES.update({"sts-b": "stsb", "sst-2": "sst2"})
 
 
