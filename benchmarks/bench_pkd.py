@@ -108,7 +108,8 @@ def run_task_seed(task: str, seed: int, args: argparse.Namespace, results: dict,
         hfcompress.save_pretrained(teacher, teacher_dir, tokenizer=tokenizer)
         record("teacher", teacher, seconds)
     teacher.eval()
-    train = tokenize_glue(load_glue(task, "train", args.data_dir, limit=args.limit), tokenizer)
+    texts = load_glue(task, "train", args.data_dir, limit=args.limit)
+    train = tokenize_glue(texts, tokenizer)
     skip = hfcompress.layer_map(6, "skip", num_student_layers=3)
 
     if "ft" not in done and "ft" in wanted:
@@ -159,7 +160,6 @@ def run_task_seed(task: str, seed: int, args: argparse.Namespace, results: dict,
         from transformers import AutoModelForSequenceClassification
 
         pkd_skip = AutoModelForSequenceClassification.from_pretrained(args.out / "models" / f"pkd-skip-{task}-s{seed}")
-    texts = load_glue(task, "train", args.data_dir, limit=args.limit)
     calibration = [
         " ".join(filter(None, (row["text_a"], row.get("text_b")))) for row in texts.select(range(min(512, len(texts))))
     ]

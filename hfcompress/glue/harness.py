@@ -254,5 +254,7 @@ def write_results(results: dict[str, list[GlueResult]], path: str | os.PathLike)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {model: {r.task: asdict(r) for r in rows} for model, rows in results.items()}
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)  # a crash mid-write leaves the old file, never half a JSON
     return path

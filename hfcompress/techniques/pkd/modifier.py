@@ -9,6 +9,7 @@ import tempfile
 
 from torch import nn
 
+from hfcompress.errors import HfCompressError
 from hfcompress.modifier import CompressionContext, Modifier
 from hfcompress.quant.linear import QuantLinear
 from hfcompress.techniques.pkd.config import PKDConfig
@@ -45,7 +46,7 @@ class PKDModifier(Modifier):
             )
         try:
             self._keep(model)
-        except Exception as exc:
+        except HfCompressError as exc:  # a bad mapping or a model without a layer table
             raise self.error(str(exc)) from exc
 
     def apply(self, model: nn.Module, context: CompressionContext) -> None:
