@@ -11,10 +11,14 @@ Three kernels share the packed layout described in :mod:`hfcompress_triton.w4a16
 
 Every launcher checks shapes and raises ``ValueError`` naming them. Block sizes are chosen by
 a small heuristic rather than autotuned, so the kernels also run under ``TRITON_INTERPRET=1``
-(multi-config autotune needs a GPU driver).
+(multi-config autotune needs a GPU driver); ``blocks=`` overrides them (``BLOCK_M``,
+``BLOCK_N``, ``BLOCK_K``, ``num_warps``, ``num_stages``), which is how
+``benchmarks/bench_w4a16.py`` sweeps them on a GPU.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 import triton
@@ -212,14 +216,28 @@ def w4_dequantize(
     return out
 
 
+def _blocks(defaults: dict[str, int], blocks: Mapping[str, int] | None) -> dict[str, int]:
+    """The launch's constexpr block sizes and launch options: ``defaults`` updated by ``blocks``."""
+    unknown = set(blocks or ()) - set(defaults) - {"num_warps", "num_stages"}
+    if unknown:
+        raise ValueError(f"unknown blocks keys {sorted(unknown)}; known: {sorted(defaults)}, num_warps, num_stages")
+    return {**defaults, **(blocks or {})}
+
+
 def w4a16_gemv(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    *,
+    blocks: Mapping[str, int] | None = None,
 ) -> torch.Tensor:
     """``y = x @ W.T`` for small M (decoding): ``x: [M, K]`` -> ``[M, N]`` in ``x.dtype``."""
     x, y, z, stride_z = _prepare_matmul(x, qweight, scales, zeros, group_size)
     (m, k), n = x.shape, qweight.shape[0]
-    block_n, block_k = 64, 128
-    grid = (m, triton.cdiv(n, block_n))
+    meta = _blocks({"BLOCK_N": 64, "BLOCK_K": 128}, blocks)
+    grid = (m, triton.cdiv(n, meta["BLOCK_N"]))
     _w4a16_gemv_kernel[grid](
         x,
         qweight,
@@ -235,21 +253,26 @@ def w4a16_gemv(
         y.stride(0),
         group_size,
         HAS_ZEROS=zeros is not None,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
+        **meta,
     )
     return y
 
 
 def w4a16_gemm(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    *,
+    blocks: Mapping[str, int] | None = None,
 ) -> torch.Tensor:
     """``y = x @ W.T``, tiled: ``x: [M, K]`` -> ``[M, N]`` in ``x.dtype``, float32 accumulation."""
     x, y, z, stride_z = _prepare_matmul(x, qweight, scales, zeros, group_size)
     (m, k), n = x.shape, qweight.shape[0]
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-    block_n, block_k = 64, 64
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    meta = _blocks({"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 64}, blocks)
+    grid = (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
     _w4a16_gemm_kernel[grid](
         x,
         qweight,
@@ -267,8 +290,6 @@ def w4a16_gemm(
         group_size,
         HAS_ZEROS=zeros is not None,
         FP32_INPUT=x.dtype == torch.float32,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
+        **meta,
     )
     return y

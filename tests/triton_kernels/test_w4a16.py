@@ -76,3 +76,22 @@ def test_launchers_name_bad_shapes():
         w4a16.w4a16_gemm(torch.randn(64), qweight, scales, zeros, gs)
     with pytest.raises(ValueError, match="zeros must be"):
         w4a16.w4a16_gemm(torch.randn(2, 64), qweight, scales, zeros.float(), gs)
+
+
+@pytest.mark.parametrize(
+    "op,blocks",
+    [("gemv", {"BLOCK_N": 16, "BLOCK_K": 32}), ("gemm", {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 32})],
+    ids=["gemv", "gemm"],
+)
+def test_block_overrides_change_the_tiling_not_the_result(op, blocks, device):
+    qweight, scales, zeros, gs = _packed(40, 200, 64, "asym", device)  # N and K not multiples of the blocks
+    x = torch.randn(3, 200, generator=torch.Generator().manual_seed(3)).to(device)
+    kernel = getattr(w4a16, f"w4a16_{op}")
+    torch.testing.assert_close(
+        kernel(x, qweight, scales, zeros, gs, blocks=blocks),
+        kernel(x, qweight, scales, zeros, gs),
+        atol=1e-4,
+        rtol=1e-4,
+    )
+    with pytest.raises(ValueError, match=r"unknown blocks keys \['BLOCK_Q'\]"):
+        kernel(x, qweight, scales, zeros, gs, blocks={"BLOCK_Q": 8})

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The GPU checks, as one script for a lent CUDA machine (see benchmarks/RESULTS.md):
+#   bash benchmarks/gpu_check.sh [OUT_DIR]
+# 1. the GPU-relevant tests with the machine's own transformers (the range pyproject allows);
+#    failures are rerun with the pinned transformers when its wheel is in .whl/;
+# 2. benchmarks/bench_w4a16.py --sweep --e2e (kernels per layer, then Llama-shaped decoding).
+# Runs from the source tree without installing: hfcompress_triton is linked to triton_kernels/.
+set -u
+out="${1:-${OUT:-benchmarks/out/gpu}}"
+mkdir -p "$out" /tmp/hfc_path
+ln -sfn "$PWD/triton_kernels" /tmp/hfc_path/hfcompress_triton
+export PYTHONPATH="$PWD:/tmp/hfc_path" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi -L
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
+
+tests=(tests/triton_kernels tests/integrations tests/quant tests/techniques/test_gptq_algorithm.py)
+timeout 240 python3 -m pytest -q -rfEs "${tests[@]}" 2>&1 | tee "$out/pytest.log"
+status=${PIPESTATUS[0]}
+if [ "$status" != 0 ] && ls .whl/transformers-*.whl >/dev/null 2>&1; then
+    echo "== rerunning the failures with the pinned transformers"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/transformers-*.whl
+    PYTHONPATH="/tmp/site:$PYTHONPATH" timeout 120 python3 -m pytest -q -rfEs --lf \
+        "${tests[@]}" 2>&1 | tee "$out/pytest_pinned.log"
+fi
+
+timeout 300 python3 benchmarks/bench_w4a16.py --sweep --e2e --out "$out" 2>&1 | tee "$out/bench.log"
