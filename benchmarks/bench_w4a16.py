@@ -1,16 +1,18 @@
 """W4A16 Triton kernels on a CUDA GPU: per-layer matmuls and end-to-end decoding, in one run.
 
-    python benchmarks/bench_w4a16.py [--out DIR] [--sweep] [--e2e] [--dtype bfloat16]
+    python benchmarks/bench_w4a16.py [--out DIR] [--sweep gemv,gemm] [--e2e] [--dtype bfloat16]
 
 Layers (``QuantLinear`` at 4 bits, group 128, asymmetric; random weights, so only the time
 means anything): for each shape ``[N, K]`` and each M, the median time of
 
 * ``dense``: ``F.linear`` on the same weights dequantized to the activation dtype (cuBLAS),
   the baseline every ratio is taken against;
-* ``triton``: the layer's default path (GEMV for M <= 4, else the tiled GEMM);
+* ``layer``: the ``QuantLinear``'s default CUDA path (see ``hfcompress.quant.triton_bridge``);
+* each kernel alone at its default blocks: the fused GEMV (M <= 16), the fused tiled GEMM, the
+  dequantize kernel, and dequantize + cuBLAS;
 * ``reference``: the layer's pure-torch fallback (dequantize every call, then ``F.linear``);
-* with ``--sweep``, every block configuration in ``GEMV_CONFIGS`` / ``GEMM_CONFIGS``, each
-  checked against the reference first; the fastest is reported beside the default.
+* with ``--sweep``, every block configuration in ``GEMV_CONFIGS`` (M <= 4) / ``GEMM_CONFIGS``
+  (M > 4), each checked against the reference first (all timings go to results.json).
 
 ``--e2e``: a randomly initialised Llama of SmolLM2-135M's shape and one of TinyLlama-1.1B's
 shape, in the activation dtype vs W4 g128 RTN (``compress``), on the Triton path and on the
@@ -120,68 +122,86 @@ def make_layer(n: int, k: int, dtype: torch.dtype, seed: int = 0):
     return QuantLinear.from_quantized(qw, symmetric=False)  # float16 scales, uint8 zeros
 
 
-def layer_rows(dtype: torch.dtype, sweep: bool) -> list[dict]:
+def _rel_err(out: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((out.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
+
+
+def _sweep(op, configs, x, layer, expected) -> dict:
+    """Median ms of ``op`` at each block configuration that launches and computes correctly."""
+    times = {}
+    for cfg in configs:
+        args = (x, layer.qweight, layer.scales, layer.zeros, layer.group_size)
+        try:
+            out = op(*args, blocks=cfg)
+        except Exception as exc:  # a config the GPU cannot launch is skipped
+            print(f"  skip {cfg}: {type(exc).__name__}: {str(exc)[:120]}")
+            continue
+        if _rel_err(out, expected) > 3e-2:
+            print(f"  wrong {cfg}: rel err {_rel_err(out, expected):.3g}")
+            continue
+        times[json.dumps(cfg)] = bench_ms(lambda: op(*args, blocks=cfg))  # noqa: B023
+    return times
+
+
+def layer_rows(dtype: torch.dtype, sweep: tuple[str, ...]) -> list[dict]:
     from hfcompress_triton import w4a16
 
     rows = []
     for label, (n, k) in LAYER_SHAPES.items():
         layer = make_layer(n, k, dtype)
         dense_w = layer.dequantize(dtype)
-        zeros = layer.zeros
-        weight_bytes = layer.qweight.numel() + layer.scales.numel() * layer.scales.element_size() + zeros.numel()
+        args = (layer.qweight, layer.scales, layer.zeros, layer.group_size)
+        weight_bytes = layer.storage_bytes()
         for m in MS:
             x = torch.randn(m, k, device=DEVICE, dtype=dtype)
             with force_reference(True):
                 expected = layer(x)
                 ref_ms = bench_ms(lambda: layer(x))  # noqa: B023
-            y = layer(x)
-            err = ((y.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
             row = {
                 "shape": label,
                 "N": n,
                 "K": k,
                 "M": m,
-                "dense_ms": bench_ms(lambda: F.linear(x, dense_w)),  # noqa: B023
-                "triton_ms": bench_ms(lambda: layer(x)),  # noqa: B023
-                "reference_ms": ref_ms,
-                "triton_rel_err": err,
                 "weight_bytes": weight_bytes,
+                "dense_ms": bench_ms(lambda: F.linear(x, dense_w)),  # noqa: B023
+                "layer_ms": bench_ms(lambda: layer(x)),  # noqa: B023
+                "layer_rel_err": _rel_err(layer(x), expected),
+                "gemm_ms": bench_ms(lambda: w4a16.w4a16_gemm(x, *args)),  # noqa: B023
+                "dequant_ms": bench_ms(lambda: w4a16.w4_dequantize(*args, k, dtype)),  # noqa: B023
+                "dequant_cublas_ms": bench_ms(lambda: F.linear(x, w4a16.w4_dequantize(*args, k, dtype))),  # noqa: B023
+                "reference_ms": ref_ms,
             }
-            if sweep:
-                op, configs = (w4a16.w4a16_gemv, GEMV_CONFIGS) if m <= 4 else (w4a16.w4a16_gemm, GEMM_CONFIGS)
-                best = None
-                for cfg in configs:
-                    try:
-                        out = op(x, layer.qweight, layer.scales, zeros, layer.group_size, blocks=cfg)
-                    except Exception as exc:  # a config the GPU cannot launch is skipped
-                        print(f"  skip {cfg}: {type(exc).__name__}: {str(exc)[:120]}")
-                        continue
-                    cerr = ((out.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
-                    if cerr > 3e-2:
-                        print(f"  wrong {cfg}: rel err {cerr:.3g}")
-                        continue
-                    t = bench_ms(lambda: op(x, layer.qweight, layer.scales, zeros, layer.group_size, blocks=cfg))  # noqa: B023
-                    if best is None or t < best[0]:
-                        best = (t, cfg)
-                if best is not None:
-                    row["best_ms"], row["best_config"] = best
+            if m <= 16:
+                row["gemv_ms"] = bench_ms(lambda: w4a16.w4a16_gemv(x, *args))  # noqa: B023
+                row["gemv_rel_err"] = _rel_err(w4a16.w4a16_gemv(x, *args), expected)
+            if "gemv" in sweep and m <= 4:
+                row["gemv_sweep"] = _sweep(w4a16.w4a16_gemv, GEMV_CONFIGS, x, layer, expected)
+            if "gemm" in sweep and m > 4:
+                row["gemm_sweep"] = _sweep(w4a16.w4a16_gemm, GEMM_CONFIGS, x, layer, expected)
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
 
 
+def _best(times: dict | None) -> str:
+    if not times:
+        return "-"
+    cfg, ms = min(times.items(), key=lambda kv: kv[1])
+    return f"{ms:.4f} ({' '.join(f'{k}={v}' for k, v in json.loads(cfg).items())})"
+
+
 def layer_table(rows: list[dict]) -> str:
     lines = [
-        "| layer [N, K] | M | dense (cuBLAS) ms | Triton W4 ms | vs dense | reference W4 ms | best swept ms "
-        "| best config |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| layer [N, K] | M | dense (cuBLAS) ms | W4 layer ms | vs dense | GEMV ms | tiled GEMM ms "
+        "| dequantize + cuBLAS ms | dequantize alone ms | torch reference ms | best swept ms (config) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
-        best = f"{r['best_ms']:.4f}" if "best_ms" in r else "-"
-        cfg = " ".join(f"{k}={v}" for k, v in r.get("best_config", {}).items()) or "-"
+        gemv = f"{r['gemv_ms']:.4f}" if "gemv_ms" in r else "-"
         lines.append(
-            f"| {r['shape']} | {r['M']} | {r['dense_ms']:.4f} | {r['triton_ms']:.4f} | "
-            f"{r['dense_ms'] / r['triton_ms']:.2f}x | {r['reference_ms']:.4f} | {best} | {cfg} |"
+            f"| {r['shape']} | {r['M']} | {r['dense_ms']:.4f} | {r['layer_ms']:.4f} | "
+            f"{r['dense_ms'] / r['layer_ms']:.2f}x | {gemv} | {r['gemm_ms']:.4f} | {r['dequant_cublas_ms']:.4f} | "
+            f"{r['dequant_ms']:.4f} | {r['reference_ms']:.4f} | {_best(r.get('gemv_sweep') or r.get('gemm_sweep'))} |"
         )
     return "\n".join(lines)
 
@@ -202,6 +222,25 @@ def _decode_tps(model, prompt: torch.Tensor, new_tokens: int) -> float:
         _sync()
         times.append(time.perf_counter() - start)
     return new_tokens / statistics.median(times)
+
+
+def _graph_step_ms(model, ids: torch.Tensor) -> float | str:
+    """One-token forward without a cache, captured in a CUDA graph and replayed: the GPU time of
+    a decoding step's weights without Python's launch overhead; the error's text if capture fails."""
+    try:
+        with torch.no_grad():
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(3):
+                    model(ids, use_cache=False)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                model(ids, use_cache=False)
+        return bench_ms(graph.replay)
+    except Exception as exc:  # capture can fail on model code that syncs; report it
+        return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
 def _prefill_ms(model, ids: torch.Tensor) -> float:
@@ -236,6 +275,7 @@ def e2e_rows(dtype: torch.dtype) -> list[dict]:
                     "variant": name,
                     "decode_tok_s": _decode_tps(model, prompt, 128),
                     "prefill_2048_ms": _prefill_ms(model, long_ids),
+                    "graph_step_ms": _graph_step_ms(model, prompt[:, :1]) if DEVICE == "cuda" else None,
                     "weights_gb": sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e9,
                     "quantize_s": quant_s if name != "dense" else None,
                 }
@@ -247,10 +287,17 @@ def e2e_rows(dtype: torch.dtype) -> list[dict]:
     return rows
 
 
+def _ms_and_ratio(ms, dense_ms) -> str:
+    if not isinstance(ms, float):
+        return f"{ms} | -"
+    return f"{ms:.4f} | {dense_ms / ms:.2f}x" if isinstance(dense_ms, float) else f"{ms:.4f} | -"
+
+
 def e2e_table(rows: list[dict]) -> str:
     lines = [
-        "| model (random weights) | variant | weights GB | decode tok/s | vs dense | prefill 2048 ms | vs dense |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| model (random weights) | variant | weights GB | decode tok/s | vs dense | prefill 2048 ms | vs dense "
+        "| 1-token step, CUDA graph ms | vs dense |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     dense = {r["model"]: r for r in rows if r["variant"] == "dense"}
     for r in rows:
@@ -258,7 +305,8 @@ def e2e_table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['model']} | {r['variant']} | {r['weights_gb']:.3f} | {r['decode_tok_s']:.1f} | "
             f"{r['decode_tok_s'] / d['decode_tok_s']:.2f}x | {r['prefill_2048_ms']:.2f} | "
-            f"{d['prefill_2048_ms'] / r['prefill_2048_ms']:.2f}x |"
+            f"{d['prefill_2048_ms'] / r['prefill_2048_ms']:.2f}x | "
+            f"{_ms_and_ratio(r['graph_step_ms'], d['graph_step_ms'])} |"
         )
     return "\n".join(lines)
 
@@ -267,7 +315,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/w4a16"))
     parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
-    parser.add_argument("--sweep", action="store_true", help="also time every block configuration")
+    parser.add_argument(
+        "--sweep",
+        default="",
+        help="comma-separated kernels whose block configurations are all timed: gemv, gemm",
+    )
     parser.add_argument("--e2e", action="store_true", help="also decode with Llama-shaped models")
     parser.add_argument("--no-layers", action="store_true", help="skip the per-layer table")
     args = parser.parse_args()
@@ -285,7 +337,7 @@ def main() -> None:
     report = [header]
     results: dict = {"device": header}
     if not args.no_layers:
-        results["layers"] = layer_rows(dtype, args.sweep)
+        results["layers"] = layer_rows(dtype, tuple(filter(None, args.sweep.split(","))))
         report += ["", layer_table(results["layers"])]
         (args.out / "results.json").write_text(json.dumps(results, indent=1))
     if args.e2e:

@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_check.sh [OUT_DIR]
 # 1. the GPU-relevant tests with the machine's own transformers (the range pyproject allows);
 #    failures are rerun with the pinned transformers when its wheel is in .whl/;
-# 2. benchmarks/bench_w4a16.py --sweep --e2e (kernels per layer, then Llama-shaped decoding).
+# 2. benchmarks/bench_w4a16.py: kernels per layer with the GEMV block sweep, then Llama-shaped
+#    decoding; each part under its own time limit, into OUT_DIR/layers and OUT_DIR/e2e.
 # Runs from the source tree without installing: hfcompress_triton is linked to triton_kernels/.
 set -u
 out="${1:-${OUT:-benchmarks/out/gpu}}"
@@ -14,7 +15,7 @@ nvidia-smi -L
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
 
 tests=(tests/triton_kernels tests/integrations tests/quant tests/techniques/test_gptq_algorithm.py)
-timeout 240 python3 -m pytest -q -rfEs "${tests[@]}" 2>&1 | tee "$out/pytest.log"
+timeout 150 python3 -m pytest -q -rfEs "${tests[@]}" 2>&1 | tee "$out/pytest.log"
 status=${PIPESTATUS[0]}
 if [ "$status" != 0 ] && ls .whl/transformers-*.whl >/dev/null 2>&1; then
     echo "== rerunning the failures with the pinned transformers"
@@ -23,4 +24,5 @@ if [ "$status" != 0 ] && ls .whl/transformers-*.whl >/dev/null 2>&1; then
         "${tests[@]}" 2>&1 | tee "$out/pytest_pinned.log"
 fi
 
-timeout 300 python3 benchmarks/bench_w4a16.py --sweep --e2e --out "$out" 2>&1 | tee "$out/bench.log"
+timeout 180 python3 benchmarks/bench_w4a16.py --sweep gemv --out "$out/layers" 2>&1 | tee "$out/bench_layers.log"
+timeout 180 python3 benchmarks/bench_w4a16.py --no-layers --e2e --out "$out/e2e" 2>&1 | tee "$out/bench_e2e.log"

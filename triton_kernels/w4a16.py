@@ -2,8 +2,8 @@
 
 Three kernels share the packed layout described in :mod:`hfcompress_triton.w4a16_ref`:
 
-* ``w4_dequantize``: packed weight to a float32 ``[N, K]`` matrix (used by tests and for
-  debugging; bit-exact with its reference).
+* ``w4_dequantize``: packed weight to an ``[N, K]`` matrix (bit-exact with its reference);
+  with cuBLAS after it, the prefill path for larger M (see ``hfcompress.quant.triton_bridge``).
 * ``w4a16_gemv``: the decode path, one program per (row of x, block of N), reduction over K
   with vector loads; for small M (1 when decoding).
 * ``w4a16_gemm``: a tiled GEMM for prefill and batches; weights are dequantized tile by tile
@@ -61,12 +61,12 @@ def _w4_dequantize_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """out: [N, K] float32 from qweight [N, ceil(K/8)*4] uint8, scales/zeros [N, G]."""
+    """out: [N, K] (float32, float16 or bfloat16) from qweight [N, ceil(K/8)*4] uint8, scales/zeros [N, G]."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     kk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     w = _load_w_tile(qw_ptr, s_ptr, z_ptr, rn, kk, N, K, stride_qn, stride_sn, stride_zn, group_size, HAS_ZEROS)
     mask = (rn[:, None] < N) & (kk[None, :] < K)
-    tl.store(out_ptr + rn[:, None] * stride_on + kk[None, :], w, mask=mask)
+    tl.store(out_ptr + rn[:, None] * stride_on + kk[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -85,18 +85,48 @@ def _w4a16_gemv_kernel(
     stride_ym,
     group_size,
     HAS_ZEROS: tl.constexpr,
+    GROUPS_PER_TILE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """y[m, :] = x[m, :] @ W.T for x: [M, K]; grid (M, cdiv(N, BLOCK_N))."""
+    """y[m, :] = x[m, :] @ W.T for x: [M, K]; grid (M, cdiv(N, BLOCK_N)).
+
+    With ``GROUPS_PER_TILE > 0`` every K tile holds whole groups or lies inside one (the
+    launcher checks): each byte is loaded once, its two codes meet the even and odd columns of
+    x, and the group's affine map is applied once per group rather than per weight:
+    ``sum_k (q_k - z) s x_k = s (sum_k q_k x_k - z sum_k x_k)``. Otherwise (odd or awkward
+    group sizes) each weight is dequantized on its own.
+    """
     m = tl.program_id(0)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + m * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
-        w = _load_w_tile(qw_ptr, s_ptr, z_ptr, rn, kk, N, K, stride_qn, stride_sn, stride_zn, group_size, HAS_ZEROS)
-        acc += tl.sum(w * x[None, :], axis=1)
+    if GROUPS_PER_TILE > 0:
+        HALF: tl.constexpr = BLOCK_K // 2
+        for k0 in range(0, K, BLOCK_K):
+            jj = k0 // 2 + tl.arange(0, HALF)  # byte columns of this tile
+            even = 2 * jj
+            byte = tl.load(
+                qw_ptr + rn[:, None] * stride_qn + jj[None, :], mask=(rn[:, None] < N) & (even[None, :] < K), other=0
+            ).to(tl.int32)
+            x_even = tl.load(x_ptr + m * stride_xm + even, mask=even < K, other=0.0).to(tl.float32)
+            x_odd = tl.load(x_ptr + m * stride_xm + even + 1, mask=even + 1 < K, other=0.0).to(tl.float32)
+            qx = (byte & 0xF).to(tl.float32) * x_even[None, :] + (byte >> 4).to(tl.float32) * x_odd[None, :]
+            qx = tl.sum(tl.reshape(qx, (BLOCK_N, GROUPS_PER_TILE, HALF // GROUPS_PER_TILE)), axis=2)
+            xs = tl.sum(tl.reshape(x_even + x_odd, (GROUPS_PER_TILE, HALF // GROUPS_PER_TILE)), axis=1)
+            g = k0 // group_size + tl.arange(0, GROUPS_PER_TILE)
+            gmask = (rn[:, None] < N) & (g[None, :] * group_size < K)
+            s = tl.load(s_ptr + rn[:, None] * stride_sn + g[None, :], mask=gmask, other=0.0).to(tl.float32)
+            if HAS_ZEROS:
+                z = tl.load(z_ptr + rn[:, None] * stride_zn + g[None, :], mask=gmask, other=0).to(tl.float32)
+            else:
+                z = 8.0
+            acc += tl.sum(s * (qx - z * xs[None, :]), axis=1)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + m * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
+            w = _load_w_tile(qw_ptr, s_ptr, z_ptr, rn, kk, N, K, stride_qn, stride_sn, stride_zn, group_size, HAS_ZEROS)
+            acc += tl.sum(w * x[None, :], axis=1)
     tl.store(y_ptr + m * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=rn < N)
 
 
@@ -188,12 +218,19 @@ def _prepare_matmul(x, qweight, scales, zeros, group_size):
 
 
 def w4_dequantize(
-    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int, in_features: int
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    in_features: int,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Dequantize packed 4-bit weights to ``[N, K]`` float32."""
+    """Dequantize packed 4-bit weights to ``[N, K]`` in ``dtype`` (computed in float32, rounded once)."""
     _check(qweight, scales, zeros, group_size, in_features)
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
     n = qweight.shape[0]
-    out = torch.empty(n, in_features, dtype=torch.float32, device=qweight.device)
+    out = torch.empty(n, in_features, dtype=dtype, device=qweight.device)
     z, stride_z = _zeros_arg(zeros, scales)
     block_n, block_k = 32, 64
     grid = (triton.cdiv(n, block_n), triton.cdiv(in_features, block_k))
@@ -216,6 +253,22 @@ def w4_dequantize(
     return out
 
 
+# Default GEMV tiles; benchmarks/bench_w4a16.py --sweep gemv times the alternatives (RESULTS.md).
+GEMV_BLOCKS = {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4}
+
+
+def _groups_per_tile(group_size: int, k: int, block_k: int) -> int:
+    """Whole groups per K tile of the GEMV's grouped path (1 when a tile lies inside one
+    group), or 0 when tiles and groups do not nest and each weight is dequantized alone."""
+    if group_size % 2:
+        return 0  # a byte's two codes would straddle groups
+    if group_size >= k or group_size % block_k == 0:
+        return 1
+    if block_k % group_size == 0:
+        return block_k // group_size
+    return 0
+
+
 def _blocks(defaults: dict[str, int], blocks: Mapping[str, int] | None) -> dict[str, int]:
     """The launch's constexpr block sizes and launch options: ``defaults`` updated by ``blocks``."""
     unknown = set(blocks or ()) - set(defaults) - {"num_warps", "num_stages"}
@@ -236,7 +289,7 @@ def w4a16_gemv(
     """``y = x @ W.T`` for small M (decoding): ``x: [M, K]`` -> ``[M, N]`` in ``x.dtype``."""
     x, y, z, stride_z = _prepare_matmul(x, qweight, scales, zeros, group_size)
     (m, k), n = x.shape, qweight.shape[0]
-    meta = _blocks({"BLOCK_N": 64, "BLOCK_K": 128}, blocks)
+    meta = _blocks(dict(GEMV_BLOCKS), blocks)
     grid = (m, triton.cdiv(n, meta["BLOCK_N"]))
     _w4a16_gemv_kernel[grid](
         x,
@@ -253,6 +306,7 @@ def w4a16_gemv(
         y.stride(0),
         group_size,
         HAS_ZEROS=zeros is not None,
+        GROUPS_PER_TILE=_groups_per_tile(group_size, k, meta["BLOCK_K"]),
         **meta,
     )
     return y

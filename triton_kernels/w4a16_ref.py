@@ -32,10 +32,11 @@ def w4_dequantize_ref(
     zeros: torch.Tensor | None,
     group_size: int,
     in_features: int,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Dequantize packed 4-bit weights to ``[N, K]`` float32."""
+    """Dequantize packed 4-bit weights to ``[N, K]`` in ``dtype`` (computed in float32, rounded once)."""
     q = unpack(qweight, 4, in_features)
-    return dequantize(q, scales, _zeros_or_default(zeros, scales), group_size, dtype=torch.float32)
+    return dequantize(q, scales, _zeros_or_default(zeros, scales), group_size, dtype=dtype)
 
 
 def w4a16_gemm_ref(

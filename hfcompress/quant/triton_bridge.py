@@ -8,6 +8,7 @@ import logging
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from hfcompress.quant.linear import QuantLinear
@@ -16,7 +17,10 @@ __all__ = ["GEMV_MAX_M", "available", "w4a16_linear"]
 
 logger = logging.getLogger(__name__)
 
-# Up to this many rows the per-row GEMV beats the tiled GEMM's wasted tile rows.
+# Up to this many rows of x the fused GEMV runs (decoding). Above it, the weight is
+# dequantized once by a Triton kernel into a transient [N, K] matrix in x's dtype and cuBLAS
+# multiplies: on an H200 that beat our fused tiled GEMM at every M measured from 16 to 2048
+# (benchmarks/bench_w4a16.py, RESULTS.md), at the cost of the transient's memory.
 GEMV_MAX_M = 4
 
 
@@ -36,7 +40,10 @@ def w4a16_linear(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, layer.in_features)
     zeros = None if layer.symmetric else layer.zeros
-    kernel = w4a16.w4a16_gemv if x2.shape[0] <= GEMV_MAX_M else w4a16.w4a16_gemm
-    y = kernel(x2, layer.qweight, layer.scales, zeros, layer.group_size)
-    y = y.reshape(*lead, layer.out_features)
-    return y if layer.bias is None else y + layer.bias.to(y.dtype)
+    if x2.shape[0] <= GEMV_MAX_M:
+        y = w4a16.w4a16_gemv(x2, layer.qweight, layer.scales, zeros, layer.group_size)
+        y = y if layer.bias is None else y + layer.bias.to(y.dtype)
+    else:
+        w = w4a16.w4_dequantize(layer.qweight, layer.scales, zeros, layer.group_size, layer.in_features, x2.dtype)
+        y = F.linear(x2, w, None if layer.bias is None else layer.bias.to(x2.dtype))
+    return y.reshape(*lead, layer.out_features)
