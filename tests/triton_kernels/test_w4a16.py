@@ -20,8 +20,9 @@ def _packed(n, k, group_size, kind, device, seed=0):
 
 KINDS = ["asym", "sym", "float"]
 # (N, K, group): K=200 ends in a partial group; group 48 does not nest with the GEMV's K tiles
-# (its per-weight path), the others take its grouped path with several, one or part of a group per tile.
-SHAPES = [(64, 128, 64), (40, 200, 64), (24, 72, -1), (32, 150, 48), (16, 600, 512)]
+# (its per-weight path), the others take its grouped path with several, one or part of a group
+# per tile; odd group 15 and odd K=45 take the per-weight paths of the GEMV and dequantize.
+SHAPES = [(64, 128, 64), (40, 200, 64), (24, 72, -1), (32, 150, 48), (16, 600, 512), (16, 45, 15)]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -42,7 +43,7 @@ def test_dequantize_to_half_precision_rounds_once(dtype, device):
     assert torch.equal(out, w4a16_ref.w4_dequantize_ref(qweight, scales, zeros, gs, 200, dtype))
 
 
-@pytest.mark.parametrize("m", [1, 13, 67], ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("m", [1, 2, 13, 67], ids=lambda m: f"M{m}")
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("n,k,group_size", SHAPES, ids=[f"n{n}k{k}g{g}" for n, k, g in SHAPES])
 @pytest.mark.parametrize("op", ["gemm", "gemv"])
