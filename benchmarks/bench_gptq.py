@@ -27,7 +27,7 @@ from pathlib import Path
 
 SCHEMES = {"w4g128": (4, 128), "w3g128": (3, 128), "w4pc": (4, -1)}
 METHODS = ["fp32", "rtn", "gptq"]
-PEER_SCRIPTS = {"llmcompressor": "llmcompressor_gptq.py", "hqq": "hqq_rtn.py"}
+PEER_SCRIPTS = {"llmcompressor": "llmcompressor_gptq.py", "hqq": "hqq_rtn.py", "autoround": "autoround.py"}
 
 
 def measure(method: str, scheme: str, extra: dict) -> dict:
