@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 # Up to this many rows of x the fused GEMV runs (decoding). Above it, the weight is
 # dequantized once by a Triton kernel into a transient [N, K] matrix in x's dtype and cuBLAS
-# multiplies: on an H200 that beat our fused tiled GEMM at every M measured from 16 to 2048
+# multiplies: on an H200 that beat our fused tiled GEMM at every M measured (16, 128, 2048)
 # (benchmarks/bench_w4a16.py, RESULTS.md), at the cost of the transient's memory.
 GEMV_MAX_M = 4
 
