@@ -6,8 +6,9 @@ Three kernels share the packed layout described in :mod:`hfcompress_triton.w4a16
   with cuBLAS after it, the prefill path for larger M (see ``hfcompress.quant.triton_bridge``).
 * ``w4a16_gemv``: the decode path, one program per (row of x, block of N), reduction over K
   with vector loads; for small M (1 when decoding).
-* ``w4a16_gemm``: a tiled GEMM for prefill and batches; weights are dequantized tile by tile
-  in registers and fed to ``tl.dot``.
+* ``w4a16_gemm``: a fused tiled GEMM; weights are dequantized tile by tile in registers and
+  fed to ``tl.dot``. Kept and tested, but ``QuantLinear`` does not use it: on an H200,
+  ``w4_dequantize`` followed by cuBLAS was faster at every M measured (benchmarks/RESULTS.md).
 
 Every launcher checks shapes and raises ``ValueError`` naming them. Block sizes are chosen by
 a small heuristic rather than autotuned, so the kernels also run under ``TRITON_INTERPRET=1``
@@ -290,7 +291,7 @@ def w4a16_gemv(
     """``y = x @ W.T`` for small M (decoding): ``x: [M, K]`` -> ``[M, N]`` in ``x.dtype``."""
     x, y, z, stride_z = _prepare_matmul(x, qweight, scales, zeros, group_size)
     (m, k), n = x.shape, qweight.shape[0]
-    meta = _blocks(dict(GEMV_BLOCKS), blocks)
+    meta = _blocks(GEMV_BLOCKS, blocks)
     grid = (m, triton.cdiv(n, meta["BLOCK_N"]))
     _w4a16_gemv_kernel[grid](
         x,
