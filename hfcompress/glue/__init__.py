@@ -1,6 +1,7 @@
 """The GLUE harness: data in the original layout or from the Hub, official metrics, scoring
 and fine-tuning any sequence-classification model, side-by-side tables."""
 
+from hfcompress.glue.augment import UNLABELLED, augment_glue
 from hfcompress.glue.data import HUB_DATASET, load_glue, read_glue_tsv
 from hfcompress.glue.harness import (
     GlueResult,
@@ -18,9 +19,11 @@ from hfcompress.glue.tasks import GLUE_TASKS, GlueDataError, GlueTask, eval_spli
 __all__ = [
     "GLUE_TASKS",
     "HUB_DATASET",
+    "UNLABELLED",
     "GlueDataError",
     "GlueResult",
     "GlueTask",
+    "augment_glue",
     "eval_splits",
     "evaluate_glue",
     "finetune_glue",

@@ -22,6 +22,7 @@ from hfcompress.techniques.pkd.loss import (
     kd_loss,
     patient_loss,
     regression_kd_loss,
+    task_loss,
 )
 
 __all__ = ["DistillationTrainer", "make_trainer", "training_arguments"]
@@ -116,8 +117,12 @@ class DistillationTrainer(Trainer):
         num_items_in_batch: Any = None,
     ):
         need_hidden = self.beta > 0 and bool(self.layer_pairs)
-        student = model(**inputs, output_hidden_states=need_hidden)
         teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        labels = inputs.get("labels")
+        # A classifier's task loss is ours, on the labelled rows only (augmented rows carry
+        # -100 or NaN); a causal LM keeps its own shifted next-token loss.
+        own_task_loss = labels is not None and labels.dim() == 1
+        student = model(**(teacher_inputs if own_task_loss else inputs), output_hidden_states=need_hidden)
         with torch.no_grad():
             teacher = self.teacher(**teacher_inputs, output_hidden_states=need_hidden)
         s_logits, t_logits = student.logits, teacher.logits
@@ -137,7 +142,10 @@ class DistillationTrainer(Trainer):
             )
         else:
             pkd = s_logits.new_zeros(())
-        ce = student.loss if student.loss is not None else s_logits.new_zeros(())
+        if own_task_loss:
+            ce = task_loss(s_logits, labels)
+        else:
+            ce = student.loss if student.loss is not None else s_logits.new_zeros(())
         loss = distillation_loss(ce, kd, pkd, alpha=self.alpha, beta=self.beta)
         for name in ("ce", "kd", "pkd"):
             self._term_sums[name] = self._term_sums.get(name, 0.0) + float(getattr(loss, name).detach())

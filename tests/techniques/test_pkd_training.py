@@ -4,6 +4,7 @@ compress() runs the stage; `accelerate launch` runs it on two CPU processes."""
 from __future__ import annotations
 
 import copy
+import math
 import os
 import shutil
 import subprocess
@@ -16,7 +17,7 @@ import torch
 import hfcompress
 from hfcompress.glue import load_glue, load_glue_model, tokenize_glue
 from hfcompress.integrations.trainer import DistillationTrainer, make_trainer
-from hfcompress.techniques.pkd.loss import kd_loss, patient_loss
+from hfcompress.techniques.pkd.loss import kd_loss, patient_loss, regression_kd_loss
 from tests.conftest import make_char_tokenizer, make_tiny_bert, make_tiny_llama, save_tiny_bert_classifier
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,7 +49,10 @@ def _terms(student, teacher, batch, pairs, temperature, cls_only=True):
         s = student(**batch, output_hidden_states=True)
         t = teacher(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True)
     mask = None if cls_only else batch["attention_mask"]
-    kd = kd_loss(s.logits, t.logits, temperature, mask=mask).item()
+    if s.logits.shape[-1] == 1:  # a regressor (STS-B): its KD term is the squared difference
+        kd = regression_kd_loss(s.logits, t.logits).item()
+    else:
+        kd = kd_loss(s.logits, t.logits, temperature, mask=mask).item()
     pkd = patient_loss(
         [s.hidden_states[i + 1] for i, _ in pairs],
         [t.hidden_states[j + 1] for _, j in pairs],
@@ -238,3 +242,41 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, tiny_glue_dir):
     student, _ = load_glue_model(tmp_path / "student", "rte")
     assert student.config.num_hidden_layers == 2
     assert student.config.hfcompress_layer_map["teacher_layers"] == [1, 3]
+
+
+@pytest.mark.parametrize("task", ["sst2", "stsb"])
+def test_unlabelled_rows_train_through_the_distillation_terms(tmp_path, tiny_glue_dir, task):
+    """Rows labelled -100 (classes) or NaN (scores), as augment_glue writes them, add no task
+    loss but do pull the student toward the teacher; the loss never turns NaN."""
+    from hfcompress.glue import UNLABELLED
+
+    num_labels = 1 if task == "stsb" else 2
+    if task == "stsb":  # scores that follow the words, like the tiny SST-2's labels
+        (tiny_glue_dir / "STS-B").mkdir()
+        head = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"
+        rows = [
+            f"{i}\tg\tf\ty\t{i}\ts\ts\tit is {w}.\tit was {w}.\t{4.5 if w == 'good' else 0.5}"
+            for i, w in enumerate(["good", "bad", "bad", "good"] * 12)
+        ]
+        (tiny_glue_dir / "STS-B" / "train.tsv").write_text("\n".join([head, *rows]) + "\n")
+    path = save_tiny_bert_classifier(tmp_path / "teacher", seed=1, layers=4, num_labels=num_labels)
+    teacher, tokenizer = load_glue_model(path, task)
+    with torch.no_grad():
+        teacher.classifier.weight.mul_(300)
+    teacher.eval()
+    raw = load_glue(task, "train", tiny_glue_dir)
+    blank = float("nan") if task == "stsb" else UNLABELLED
+    # Every row but the first two loses its label.
+    raw = raw.map(lambda row, i: {"label": row["label"] if i < 2 else blank}, with_indices=True)
+    train = tokenize_glue(raw, tokenizer)
+    student = hfcompress.drop_layers(make_tiny_bert(5, layers=4, num_labels=num_labels, vocab=128), (1, 3))
+    labelled = tokenize_glue(load_glue(task, "train", tiny_glue_dir), tokenizer)
+    batch = make_trainer(student, labelled, tokenizer, output_dir=tmp_path / "p", progress=False).data_collator(
+        [labelled[i] for i in range(8)]
+    )
+    before = _terms(student, teacher, batch, [(0, 1)], 5.0)
+    trainer = _distil(student, teacher, train, tokenizer, tmp_path, [(0, 1)], alpha=0.5, beta=10.0, temperature=5.0)
+    after = _terms(student, teacher, batch, [(0, 1)], 5.0)
+    losses = [log["train_loss"] for log in trainer.state.log_history if "train_loss" in log]
+    assert losses and all(math.isfinite(v) for v in losses)
+    assert after[1] < before[1] and after[2] < before[2]

@@ -17,7 +17,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DistillationLoss", "distillation_loss", "kd_loss", "patient_loss", "regression_kd_loss"]
+__all__ = [
+    "DistillationLoss",
+    "distillation_loss",
+    "kd_loss",
+    "patient_loss",
+    "regression_kd_loss",
+    "task_loss",
+]
 
 
 @dataclass
@@ -58,6 +65,22 @@ def kd_loss(
     log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)  # [B] or [B, T]
     return temperature**2 * _masked_mean(kl, mask)
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The task loss of a classifier ``[B, C]`` (cross-entropy) or regressor ``[B, 1]`` (MSE),
+    over the labelled rows only: rows labelled -100 (classes) or NaN (scores) are the
+    teacher-labelled augmentation of :func:`hfcompress.glue.augment_glue` and are left out.
+    A batch without any labelled row gives a zero that still carries the graph."""
+    if logits.shape[-1] == 1:
+        keep = torch.isfinite(labels.float())
+        if not keep.any():
+            return logits.sum() * 0.0
+        return F.mse_loss(logits[keep, 0].float(), labels[keep].float())
+    keep = labels != -100
+    if not keep.any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[keep].float(), labels[keep].long())
 
 
 def regression_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
