@@ -13,9 +13,14 @@ task's training split; every student has 3 layers and starts from the teacher's 
 * ``pkd-skip`` / ``pkd-last``: KD plus the patient loss on student layers 0, 1 (PKD mapping);
 * ``pkd-skip-mild``: PKD-Skip with the grid's mildest corner (``--mild``: alpha 0.5, T 5,
   beta 10), added after the first setting's CoLA and STS-B rows came in below fine-tuning;
-* ``pkd-skip-w4rtn`` / ``pkd-skip-w4gptq``: the PKD-Skip student's Linear layers (not the
-  classifier) quantized to W4 group 128; GPTQ calibrates on 128 windows of 128 tokens drawn
-  from the first 512 training examples.
+* ``pkd-skip-aug`` / ``kd-aug``: PKD-Skip / logit KD trained on the split plus
+  ``--augment-copies`` unlabelled copies of each example with words swapped for their
+  neighbours in the teacher's embedding table (:func:`hfcompress.glue.augment_glue`; the
+  task loss sees the labelled rows only, the KD and patient terms every row). The copies per
+  example shrink to keep the augmented split under ``--augment-budget`` rows (SST-2: 1);
+* ``pkd-skip-w4rtn`` / ``pkd-skip-w4gptq`` (and ``pkd-skip-aug-w4*``): that student's Linear
+  layers (not the classifier) quantized to W4 group 128; GPTQ calibrates on 128 windows of
+  128 tokens drawn from the first 512 training examples.
 
 Scores are on the dev split. MRPC and RTE vary with the seed, so they run several seeds
 (teacher and students alike) and the table reports the mean. Every run's result is stored in
@@ -35,7 +40,20 @@ from pathlib import Path
 import numpy as np
 
 TASKS = ("sst2", "mrpc", "rte", "stsb", "cola")
-VARIANTS = ("teacher", "ft", "kd", "pkd-skip", "pkd-last", "pkd-skip-mild", "pkd-skip-w4rtn", "pkd-skip-w4gptq")
+VARIANTS = (
+    "teacher",
+    "ft",
+    "kd",
+    "pkd-skip",
+    "pkd-skip-aug",
+    "kd-aug",
+    "pkd-last",
+    "pkd-skip-mild",
+    "pkd-skip-w4rtn",
+    "pkd-skip-w4gptq",
+    "pkd-skip-aug-w4rtn",
+    "pkd-skip-aug-w4gptq",
+)
 SEEDED_TASKS = {"mrpc", "rte"}
 
 
@@ -51,17 +69,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=0.7)
     p.add_argument("--beta", type=float, default=100.0)
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset to run")
+    p.add_argument("--augment-copies", type=int, default=8, help="perturbed copies per example (*-aug)")
+    p.add_argument("--augment-prob", type=float, default=0.3, help="word replacement probability (*-aug)")
+    p.add_argument("--augment-budget", type=int, default=80000, help="at most this many augmented rows")
+    p.add_argument("--seed-all-tasks", action="store_true", help="run every seed on every task, not only MRPC/RTE")
+    p.add_argument("--teacher-model", default="minilm-l6", help="the pre-trained teacher (bundled name or folder)")
     p.add_argument("--mild", default="0.5,5,10", help="alpha,T,beta of the pkd-skip-mild student")
     p.add_argument("--fp32", action="store_true", help="train in float32 (default: bfloat16 autocast)")
     p.add_argument("--limit", type=int, default=None, help="first N training examples only (smoke runs)")
     p.add_argument("--data-dir", default=None, help="GLUE folder (default: shared/data/glue, else the Hub)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/pkd"))
-    p.add_argument("--report", action="store_true", help="print the table from --out and exit")
+    p.add_argument("--report", action="store_true", help="print the table from --out/results*.json and exit")
+    p.add_argument("--results-name", default="results.json", help="the file under --out this run writes")
     return p.parse_args(argv)
 
 
 def load_results(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_all_results(out: Path) -> dict:
+    """Every ``results*.json`` under ``out`` (parallel runs write one each), merged per run key."""
+    merged: dict = {}
+    for path in sorted(out.glob("results*.json")):
+        for key, variants in load_results(path).items():
+            merged.setdefault(key, {}).update(variants)
+    return merged
 
 
 def save_results(results: dict, path: Path) -> None:
@@ -75,7 +108,14 @@ def run_task_seed(task: str, seed: int, args: argparse.Namespace, results: dict,
     import torch
 
     import hfcompress
-    from hfcompress.glue import evaluate_glue, finetune_glue, load_glue, load_glue_model, tokenize_glue
+    from hfcompress.glue import (
+        augment_glue,
+        evaluate_glue,
+        finetune_glue,
+        load_glue,
+        load_glue_model,
+        tokenize_glue,
+    )
 
     key = f"{task}/s{seed}"
     done = results.setdefault(key, {})
@@ -86,7 +126,7 @@ def run_task_seed(task: str, seed: int, args: argparse.Namespace, results: dict,
     train_args = dict(
         epochs=epochs, learning_rate=args.learning_rate, batch_size=args.batch_size, seed=seed, bf16=not args.fp32
     )
-    scratch = args.out / "scratch"
+    scratch = args.out / f"scratch-{os.getpid()}"
 
     def record(variant: str, model, seconds: float) -> None:
         (r,) = evaluate_glue(model, tokenizer, task, source=args.data_dir)
@@ -96,10 +136,10 @@ def run_task_seed(task: str, seed: int, args: argparse.Namespace, results: dict,
 
     teacher_dir = args.out / "models" / f"teacher-{task}-s{seed}"
     if (teacher_dir / "config.json").is_file():
-        teacher, tokenizer = load_glue_model(teacher_dir, task)
+        teacher, tokenizer = load_glue_model(teacher_dir, task, dtype=torch.float32)
     else:
         torch.manual_seed(seed)
-        teacher, tokenizer = load_glue_model("minilm-l6", task)
+        teacher, tokenizer = load_glue_model(args.teacher_model, task, dtype=torch.float32)
         start = time.perf_counter()
         finetune_glue(
             teacher, tokenizer, task, output_dir=scratch, source=args.data_dir, limit=args.limit, **train_args
@@ -120,20 +160,32 @@ def run_task_seed(task: str, seed: int, args: argparse.Namespace, results: dict,
         )
         record("ft", student, time.perf_counter() - start)
 
-    pkd_skip = None
     mild_alpha, mild_t, mild_beta = (float(v) for v in args.mild.split(","))
     students = (
         ("kd", "skip", args.alpha, args.temperature, 0.0),
         ("pkd-skip", "skip", args.alpha, args.temperature, args.beta),
+        ("pkd-skip-aug", "skip", args.alpha, args.temperature, args.beta),
+        ("kd-aug", "skip", args.alpha, args.temperature, 0.0),
         ("pkd-last", "last", args.alpha, args.temperature, args.beta),
         ("pkd-skip-mild", "skip", mild_alpha, mild_t, mild_beta),
     )
+    augmented = None
+    quantized_bases = {}
     for variant, strategy, alpha, temperature, beta in students:
         student_dir = args.out / "models" / f"{variant}-{task}-s{seed}"
-        if variant not in wanted or (
-            variant in done and (variant != "pkd-skip" or (student_dir / "config.json").is_file())
-        ):
+        base_of_w4 = any(v.startswith(f"{variant}-w4") for v in wanted)
+        if variant not in wanted or (variant in done and (not base_of_w4 or (student_dir / "config.json").is_file())):
             continue
+        data = train
+        if variant.endswith("-aug"):
+            if augmented is None:
+                copies = max(1, min(args.augment_copies, args.augment_budget // len(texts)))
+                augmented = tokenize_glue(
+                    augment_glue(texts, teacher, tokenizer, copies=copies, replace_prob=args.augment_prob, seed=seed),
+                    tokenizer,
+                )
+                logging.info("%s: %d rows with %d augmented copies per example", key, len(augmented), copies)
+            data = augmented
         recipe = hfcompress.Recipe(
             [
                 hfcompress.PKDConfig(
@@ -148,26 +200,37 @@ def run_task_seed(task: str, seed: int, args: argparse.Namespace, results: dict,
         )
         student = copy.deepcopy(teacher)
         start = time.perf_counter()
-        hfcompress.compress(student, recipe, train_dataset=train, tokenizer=tokenizer)
+        hfcompress.compress(student, recipe, train_dataset=data, tokenizer=tokenizer)
         record(variant, student, time.perf_counter() - start)
-        if variant == "pkd-skip":
+        if base_of_w4:
             hfcompress.save_pretrained(student, student_dir, tokenizer=tokenizer)
-            pkd_skip = student
+            quantized_bases[variant] = student
 
-    if not {"pkd-skip-w4rtn", "pkd-skip-w4gptq"} & set(wanted) - set(done):
-        return
-    if pkd_skip is None:
-        from transformers import AutoModelForSequenceClassification
-
-        pkd_skip = AutoModelForSequenceClassification.from_pretrained(args.out / "models" / f"pkd-skip-{task}-s{seed}")
     calibration = [
         " ".join(filter(None, (row["text_a"], row.get("text_b")))) for row in texts.select(range(min(512, len(texts))))
     ]
-    for variant, config in (
+    for base in ("pkd-skip", "pkd-skip-aug"):
+        todo = [v for v in (f"{base}-w4rtn", f"{base}-w4gptq") if v in wanted and v not in done]
+        if todo:
+            student = quantized_bases.get(base)
+            if student is None:
+                from transformers import AutoModelForSequenceClassification
+
+                student = AutoModelForSequenceClassification.from_pretrained(
+                    args.out / "models" / f"{base}-{task}-s{seed}"
+                )
+            quantize_student(base, student, todo, calibration, tokenizer, record)
+
+
+def quantize_student(base: str, student, todo: list[str], calibration: list[str], tokenizer, record) -> None:
+    """The W4 rows: ``student``'s Linear layers (not the classifier) at group 128, RTN and GPTQ."""
+    import hfcompress
+
+    for suffix, config in (
         # The settings of recipes/minilm_pkd_skip3_w4a16_rtn.yaml and bert_w4a16_gptq_g128.yaml.
-        ("pkd-skip-w4rtn", hfcompress.RTNConfig(bits=4, group_size=128, ignore=("classifier",))),
+        ("w4rtn", hfcompress.RTNConfig(bits=4, group_size=128, ignore=("classifier",))),
         (
-            "pkd-skip-w4gptq",
+            "w4gptq",
             hfcompress.GPTQConfig(
                 bits=4,
                 group_size=128,
@@ -178,9 +241,10 @@ def run_task_seed(task: str, seed: int, args: argparse.Namespace, results: dict,
             ),
         ),
     ):
-        if variant in done or variant not in wanted:
+        variant = f"{base}-{suffix}"
+        if variant not in todo:
             continue
-        model = copy.deepcopy(pkd_skip)
+        model = copy.deepcopy(student)
         start = time.perf_counter()
         hfcompress.compress(
             model,
@@ -243,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.set_verbosity_error()
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     seeds = [int(s) for s in args.seeds.split(",")]
-    path = args.out / "results.json"
+    path = args.out / args.results_name
     results = load_results(path)
     if not args.report:
         import torch
@@ -253,9 +317,9 @@ def main(argv: list[str] | None = None) -> int:
         # still has a whole table.
         for i, seed in enumerate(seeds):
             for task in tasks:
-                if i == 0 or task in SEEDED_TASKS:
+                if i == 0 or task in SEEDED_TASKS or args.seed_all_tasks:
                     run_task_seed(task, seed, args, results, path)
-    print(summarize(results, tasks))
+    print(summarize(load_all_results(args.out), tasks))
     return 0
 
 
