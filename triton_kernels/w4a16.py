@@ -4,8 +4,9 @@ Three kernels share the packed layout described in :mod:`hfcompress_triton.w4a16
 
 * ``w4_dequantize``: packed weight to an ``[N, K]`` matrix (bit-exact with its reference);
   with cuBLAS after it, the prefill path for larger M (see ``hfcompress.quant.triton_bridge``).
-* ``w4a16_gemv``: the decode path, one program per (row of x, block of N), reduction over K
-  with vector loads; for small M (1 when decoding).
+* ``w4a16_gemv``: the decode path, one program per (up to 4 rows of x, block of N), each
+  weight tile unpacked once for those rows, reduction over K with vector loads; for small M
+  (1 when decoding).
 * ``w4a16_gemm``: a fused tiled GEMM; weights are dequantized tile by tile in registers and
   fed to ``tl.dot``. Kept and tested, but ``QuantLinear`` does not use it: on an H200,
   ``w4_dequantize`` followed by cuBLAS was faster at every M measured (benchmarks/RESULTS.md).
@@ -59,13 +60,32 @@ def _w4_dequantize_kernel(
     stride_on,
     group_size,
     HAS_ZEROS: tl.constexpr,
+    BYTEWISE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """out: [N, K] (float32, float16 or bfloat16) from qweight [N, ceil(K/8)*4] uint8, scales/zeros [N, G]."""
+    """out: [N, K] (float32, float16 or bfloat16) from qweight [N, ceil(K/8)*4] uint8, scales/zeros [N, G].
+
+    ``BYTEWISE`` (even group sizes, where a byte's two codes share a group): each byte and its
+    group's scale and zero are loaded once for both codes, and the two halves are interleaved
+    back into column order in registers.
+    """
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     kk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    w = _load_w_tile(qw_ptr, s_ptr, z_ptr, rn, kk, N, K, stride_qn, stride_sn, stride_zn, group_size, HAS_ZEROS)
+    if BYTEWISE:
+        jj = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+        even = 2 * jj
+        bmask = (rn[:, None] < N) & (even[None, :] < K)
+        byte = tl.load(qw_ptr + rn[:, None] * stride_qn + jj[None, :], mask=bmask, other=0).to(tl.int32)
+        g = even // group_size
+        s = tl.load(s_ptr + rn[:, None] * stride_sn + g[None, :], mask=bmask, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            z = tl.load(z_ptr + rn[:, None] * stride_zn + g[None, :], mask=bmask, other=0).to(tl.float32)
+        else:
+            z = 8.0
+        w = tl.interleave(((byte & 0xF).to(tl.float32) - z) * s, ((byte >> 4).to(tl.float32) - z) * s)
+    else:
+        w = _load_w_tile(qw_ptr, s_ptr, z_ptr, rn, kk, N, K, stride_qn, stride_sn, stride_zn, group_size, HAS_ZEROS)
     mask = (rn[:, None] < N) & (kk[None, :] < K)
     tl.store(out_ptr + rn[:, None] * stride_on + kk[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -77,6 +97,7 @@ def _w4a16_gemv_kernel(
     s_ptr,
     z_ptr,
     y_ptr,
+    M,
     N,
     K,
     stride_xm,
@@ -87,48 +108,57 @@ def _w4a16_gemv_kernel(
     group_size,
     HAS_ZEROS: tl.constexpr,
     GROUPS_PER_TILE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """y[m, :] = x[m, :] @ W.T for x: [M, K]; grid (M, cdiv(N, BLOCK_N)).
+    """y = x @ W.T for x: [M, K] with M small; grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)).
 
-    With ``GROUPS_PER_TILE > 0`` every K tile holds whole groups or lies inside one (the
-    launcher checks): each byte is loaded once, its two codes meet the even and odd columns of
-    x, and the group's affine map is applied once per group rather than per weight:
+    Each program unpacks its weight tile once for its ``BLOCK_M`` rows of x. With
+    ``GROUPS_PER_TILE > 0`` every K tile holds whole groups or lies inside one (the launcher
+    checks): each byte is loaded once, its two codes meet the even and odd columns of x, and
+    the group's affine map is applied once per group rather than per weight:
     ``sum_k (q_k - z) s x_k = s (sum_k q_k x_k - z sum_k x_k)``. Otherwise (odd or awkward
     group sizes) each weight is dequantized on its own.
     """
-    m = tl.program_id(0)
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if GROUPS_PER_TILE > 0:
         HALF: tl.constexpr = BLOCK_K // 2
+        WIDTH: tl.constexpr = HALF // GROUPS_PER_TILE  # bytes per group within a tile
         for k0 in range(0, K, BLOCK_K):
             jj = k0 // 2 + tl.arange(0, HALF)  # byte columns of this tile
             even = 2 * jj
             byte = tl.load(
                 qw_ptr + rn[:, None] * stride_qn + jj[None, :], mask=(rn[:, None] < N) & (even[None, :] < K), other=0
-            ).to(tl.int32)
-            x_even = tl.load(x_ptr + m * stride_xm + even, mask=even < K, other=0.0).to(tl.float32)
-            x_odd = tl.load(x_ptr + m * stride_xm + even + 1, mask=even + 1 < K, other=0.0).to(tl.float32)
-            qx = (byte & 0xF).to(tl.float32) * x_even[None, :] + (byte >> 4).to(tl.float32) * x_odd[None, :]
-            qx = tl.sum(tl.reshape(qx, (BLOCK_N, GROUPS_PER_TILE, HALF // GROUPS_PER_TILE)), axis=2)
-            xs = tl.sum(tl.reshape(x_even + x_odd, (GROUPS_PER_TILE, HALF // GROUPS_PER_TILE)), axis=1)
+            ).to(tl.int32)  # [BLOCK_N, HALF]
+            x_rows = x_ptr + rm[:, None] * stride_xm + even[None, :]
+            x_even = tl.load(x_rows, mask=(rm[:, None] < M) & (even[None, :] < K), other=0.0).to(tl.float32)
+            x_odd = tl.load(x_rows + 1, mask=(rm[:, None] < M) & (even[None, :] + 1 < K), other=0.0).to(tl.float32)
+            lo = (byte & 0xF).to(tl.float32)
+            hi = (byte >> 4).to(tl.float32)
+            qx = lo[None, :, :] * x_even[:, None, :] + hi[None, :, :] * x_odd[:, None, :]  # [BM, BN, HALF]
+            qx = tl.sum(tl.reshape(qx, (BLOCK_M, BLOCK_N, GROUPS_PER_TILE, WIDTH)), axis=3)
+            xs = tl.sum(tl.reshape(x_even + x_odd, (BLOCK_M, GROUPS_PER_TILE, WIDTH)), axis=2)  # [BM, GPT]
             g = k0 // group_size + tl.arange(0, GROUPS_PER_TILE)
             gmask = (rn[:, None] < N) & (g[None, :] * group_size < K)
             s = tl.load(s_ptr + rn[:, None] * stride_sn + g[None, :], mask=gmask, other=0.0).to(tl.float32)
             if HAS_ZEROS:
                 z = tl.load(z_ptr + rn[:, None] * stride_zn + g[None, :], mask=gmask, other=0).to(tl.float32)
+                acc += tl.sum(s[None, :, :] * (qx - z[None, :, :] * xs[:, None, :]), axis=2)
             else:
-                z = 8.0
-            acc += tl.sum(s * (qx - z * xs[None, :]), axis=1)
+                acc += tl.sum(s[None, :, :] * (qx - 8.0 * xs[:, None, :]), axis=2)
     else:
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + m * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
+            x = tl.load(
+                x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0
+            ).to(tl.float32)
             w = _load_w_tile(qw_ptr, s_ptr, z_ptr, rn, kk, N, K, stride_qn, stride_sn, stride_zn, group_size, HAS_ZEROS)
-            acc += tl.sum(w * x[None, :], axis=1)
-    tl.store(y_ptr + m * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=rn < N)
+            acc += tl.sum(w[None, :, :] * x[:, None, :], axis=2)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -233,7 +263,7 @@ def w4_dequantize(
     n = qweight.shape[0]
     out = torch.empty(n, in_features, dtype=dtype, device=qweight.device)
     z, stride_z = _zeros_arg(zeros, scales)
-    block_n, block_k = 32, 64
+    block_n, block_k = DEQUANTIZE_BLOCKS["BLOCK_N"], DEQUANTIZE_BLOCKS["BLOCK_K"]
     grid = (triton.cdiv(n, block_n), triton.cdiv(in_features, block_k))
     _w4_dequantize_kernel[grid](
         qweight,
@@ -248,15 +278,17 @@ def w4_dequantize(
         out.stride(0),
         group_size,
         HAS_ZEROS=zeros is not None,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
+        BYTEWISE=group_size % 2 == 0,
+        **DEQUANTIZE_BLOCKS,
     )
     return out
 
 
-# Default GEMV tiles: the best geometric mean over the six layer shapes of the H200 block sweep
-# at M = 1 (benchmarks/bench_w4a16.py --sweep gemv; RESULTS.md).
+# Default GEMV tiles at M = 1: the best geometric mean over the six layer shapes of the H200
+# block sweep in benchmarks/RESULTS.md. For BLOCK_M rows of x, BLOCK_K shrinks by BLOCK_M to
+# keep the per-program tile the same size.
 GEMV_BLOCKS = {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4}
+DEQUANTIZE_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 256}
 
 
 def _groups_per_tile(group_size: int, k: int, block_k: int) -> int:
@@ -291,14 +323,16 @@ def w4a16_gemv(
     """``y = x @ W.T`` for small M (decoding): ``x: [M, K]`` -> ``[M, N]`` in ``x.dtype``."""
     x, y, z, stride_z = _prepare_matmul(x, qweight, scales, zeros, group_size)
     (m, k), n = x.shape, qweight.shape[0]
-    meta = _blocks(GEMV_BLOCKS, blocks)
-    grid = (m, triton.cdiv(n, meta["BLOCK_N"]))
+    block_m = min(triton.next_power_of_2(m), 4)
+    meta = _blocks({"BLOCK_M": block_m, **GEMV_BLOCKS, "BLOCK_K": GEMV_BLOCKS["BLOCK_K"] // block_m}, blocks)
+    grid = (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
     _w4a16_gemv_kernel[grid](
         x,
         qweight,
         scales,
         z,
         y,
+        m,
         n,
         k,
         x.stride(0),
