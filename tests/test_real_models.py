@@ -64,3 +64,22 @@ def test_minilm_classifier_w4_reload(tmp_path):
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "minilm-w4")
     assert (reloaded(**batch).logits - expected).abs().max() <= 1e-5
     assert torch.isfinite(expected).all()
+
+
+def test_minilm_distill_cli_with_augmentation(tmp_path, tiny_glue_dir, caplog):
+    """`hfcompress distill --augment 2` on the real MiniLM: the teacher's embedding neighbours
+    turn 16 labelled SST-2 rows into 16 + 32 training rows, and a 3-layer student comes out."""
+    import logging
+
+    from hfcompress.cli import main
+    from hfcompress.glue import load_glue_model
+
+    recipe = tmp_path / "pkd.yaml"
+    recipe.write_text("stages:\n  - {technique: pkd, num_layers: 3, epochs: 1, batch_size: 16}\n")
+    args = ["--quiet", "distill", "--teacher", "minilm-l6", "--task", "sst2", "--recipe", str(recipe)]
+    args += ["--output", str(tmp_path / "student"), "--data-dir", str(tiny_glue_dir), "--limit", "16"]
+    with caplog.at_level(logging.INFO, logger="hfcompress"):
+        assert main([*args, "--augment", "2", "--augment-prob", "1.0"]) == 0
+    assert "training on 16 labelled rows and 32 augmented rows" in caplog.text
+    student, _ = load_glue_model(tmp_path / "student", "sst2")
+    assert student.config.num_hidden_layers == 3

@@ -16,6 +16,7 @@ them, which is why this is a distillation technique.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from typing import Any
@@ -30,6 +31,8 @@ __all__ = ["UNLABELLED", "augment_glue", "embedding_neighbours", "is_unlabelled"
 UNLABELLED = -100
 """Label of an augmented classification row (the ignore index of ``CrossEntropyLoss``);
 regression rows carry NaN."""
+
+logger = logging.getLogger(__name__)
 
 _WORD = re.compile(r"[A-Za-z]+|[^A-Za-z]+")
 
@@ -142,6 +145,11 @@ def augment_glue(
     columns = {c: list(dataset[c]) for c in dataset.column_names}
     words = {w.lower() for c in text_columns for text in columns[c] for w in _WORD.findall(text or "")}
     table = embedding_neighbours(embeddings, vocab, words, k=neighbours)
+    if not table:
+        logger.warning(
+            "augment_glue: no word of the split is a whole-word entry of the tokenizer's vocabulary (a character- "
+            "or byte-level tokenizer?), so no copy can be made; returning the labelled rows only"
+        )
 
     float_labels = dataset.features["label"].dtype.startswith("float")
     blank = float("nan") if float_labels else UNLABELLED

@@ -66,6 +66,15 @@ def add_distill_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--task", required=True, help="GLUE task whose train split the student learns from")
     d.add_argument("--recipe", required=True, help="recipe YAML with a pkd stage (and optionally more)")
     d.add_argument("--output", required=True, help="folder to save the student into")
+    d.add_argument(
+        "--augment",
+        type=int,
+        default=0,
+        metavar="COPIES",
+        help="also train on COPIES unlabelled copies of each example with words swapped for their neighbours "
+        "in the teacher's embeddings (teacher-labelled augmentation; default 0: off)",
+    )
+    d.add_argument("--augment-prob", type=float, default=0.3, help="word replacement probability of --augment")
     _add_data_args(d)
 
 
@@ -152,9 +161,14 @@ def run_distill(args: argparse.Namespace) -> int:
     # (the Trainer's arguments ask for the same state, so this is the state it trains in).
     state = PartialState(cpu=not torch.cuda.is_available())
     teacher, tokenizer = load_glue_model(args.teacher, args.task)
-    train = tokenize_glue(
-        load_glue(args.task, "train", args.data_dir, limit=args.limit), tokenizer, max_length=args.max_length
-    )
+    texts = load_glue(args.task, "train", args.data_dir, limit=args.limit)
+    if args.augment:
+        from hfcompress.glue.augment import augment_glue
+
+        labelled = len(texts)
+        texts = augment_glue(texts, teacher, tokenizer, copies=args.augment, replace_prob=args.augment_prob)
+        logger.info("training on %d labelled rows and %d augmented rows", labelled, len(texts) - labelled)
+    train = tokenize_glue(texts, tokenizer, max_length=args.max_length)
     before = (
         evaluate_glue(teacher, tokenizer, args.task, source=args.data_dir, limit=args.limit)
         if state.is_main_process
