@@ -8,7 +8,7 @@ word-embedding table (cosine similarity; "movie" -> "film", "terrible" -> "dread
 TinyBERT's data augmentation (Jiao et al., 2020) without its extra models: no GloVe vectors
 and no masked-LM head are needed, only the embedding matrix every encoder has.
 
-The copies carry no label (:data:`UNLABELLED`: -100 for classes, NaN for STS-B scores); the
+The copies carry no label (``UNLABELLED``: -100 for classes, NaN for STS-B scores); the
 :class:`~hfcompress.integrations.trainer.DistillationTrainer` computes the task loss on
 labelled rows only, and the KD and patient terms on every row. Fine-tuning alone cannot use
 them, which is why this is a distillation technique.
@@ -26,22 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["UNLABELLED", "augment_glue", "embedding_neighbours", "is_unlabelled"]
+from hfcompress.techniques.pkd.loss import UNLABELLED
 
-UNLABELLED = -100
-"""Label of an augmented classification row (the ignore index of ``CrossEntropyLoss``);
-regression rows carry NaN."""
+__all__ = ["UNLABELLED", "augment_glue", "embedding_neighbours"]
 
 logger = logging.getLogger(__name__)
 
 _WORD = re.compile(r"[A-Za-z]+|[^A-Za-z]+")
-
-
-def is_unlabelled(labels: torch.Tensor) -> torch.Tensor:
-    """Boolean mask of the rows of ``labels`` that carry no label."""
-    if labels.is_floating_point():
-        return ~torch.isfinite(labels)
-    return labels == UNLABELLED
 
 
 def _replaceable(token: str) -> bool:
@@ -120,7 +111,7 @@ def augment_glue(
 
     Returns:
         A ``datasets.Dataset`` with the input's columns; copies are labelled
-        :data:`UNLABELLED` (NaN for a float label).
+        ``UNLABELLED`` (-100; NaN for a float label).
     """
     from datasets import Dataset
 

@@ -10,8 +10,8 @@ import torch
 from datasets import Dataset
 
 from hfcompress.glue import UNLABELLED, augment_glue
-from hfcompress.glue.augment import embedding_neighbours, is_unlabelled
-from hfcompress.techniques.pkd.loss import task_loss
+from hfcompress.glue.augment import embedding_neighbours
+from hfcompress.techniques.pkd.loss import is_unlabelled, task_loss
 
 WORDS = ["[PAD]", "[UNK]", "good", "great", "fine", "bad", "awful", "poor", "film", "movie", "##s", ".", "a"]
 

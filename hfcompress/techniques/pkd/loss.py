@@ -18,13 +18,29 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "UNLABELLED",
     "DistillationLoss",
     "distillation_loss",
+    "is_unlabelled",
     "kd_loss",
     "patient_loss",
     "regression_kd_loss",
     "task_loss",
 ]
+
+
+UNLABELLED = -100
+"""Class label of a row without one (``CrossEntropyLoss``'s ignore index); a regression row
+without a score carries NaN. Such rows (:func:`hfcompress.glue.augment_glue`'s copies) get the
+KD and patient terms and no task loss."""
+
+
+def is_unlabelled(labels: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of the rows of ``labels`` that carry no label: NaN scores, or
+    :data:`UNLABELLED` classes."""
+    if labels.is_floating_point():
+        return ~torch.isfinite(labels)
+    return labels == UNLABELLED
 
 
 @dataclass
@@ -68,18 +84,14 @@ def kd_loss(
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The task loss of a classifier ``[B, C]`` (cross-entropy) or regressor ``[B, 1]`` (MSE),
-    over the labelled rows only: rows labelled -100 (classes) or NaN (scores) are the
-    teacher-labelled augmentation of :func:`hfcompress.glue.augment_glue` and are left out.
-    A batch without any labelled row gives a zero that still carries the graph."""
-    if logits.shape[-1] == 1:
-        keep = torch.isfinite(labels.float())
-        if not keep.any():
-            return logits.sum() * 0.0
-        return F.mse_loss(logits[keep, 0].float(), labels[keep].float())
-    keep = labels != -100
+    """The task loss of a classifier ``[B, C]`` (cross-entropy) or regressor ``[B, 1]`` (MSE)
+    over the labelled rows only (see :func:`is_unlabelled`). A batch without any labelled row
+    gives a zero that still carries the graph."""
+    keep = ~is_unlabelled(labels)
     if not keep.any():
         return logits.sum() * 0.0
+    if logits.shape[-1] == 1:
+        return F.mse_loss(logits[keep, 0].float(), labels[keep].float())
     return F.cross_entropy(logits[keep].float(), labels[keep].long())
 
 
