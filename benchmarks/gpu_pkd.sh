@@ -42,13 +42,6 @@ for seed in 43 44; do
 done
 wait "${pids[@]}"
 python3 benchmarks/bench_pkd.py --report --tasks sst2,mrpc,rte,stsb,cola --out "$runs" | tee "$out/table.md"
-python3 - "$runs" "$out/results.json" <<'EOF'
-import json, sys
-from pathlib import Path
-merged = {}
-for path in sorted(Path(sys.argv[1]).glob("results*.json")):
-    for key, variants in json.loads(path.read_text()).items():
-        merged.setdefault(key, {}).update(variants)
-Path(sys.argv[2]).write_text(json.dumps(merged, indent=1) + "\n")
-EOF
+python3 -c "import json, sys; from pathlib import Path; sys.path.insert(0, 'benchmarks'); import bench_pkd; \
+print(json.dumps(bench_pkd.load_all_results(Path(sys.argv[1])), indent=1))" "$runs" >"$out/results.json"
 tar czf "$out/logs.tgz" -C "$runs" $(cd "$runs" && ls *.log)

@@ -83,3 +83,23 @@ def test_minilm_distill_cli_with_augmentation(tmp_path, tiny_glue_dir, caplog):
     assert "training on 16 labelled rows and 32 augmented rows" in caplog.text
     student, _ = load_glue_model(tmp_path / "student", "sst2")
     assert student.config.num_hidden_layers == 3
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--augment", "-1"], "copies=-1: need an integer >= 1"),
+        (["--augment", "2", "--augment-prob", "0"], "replace_prob=0.0: need a probability in (0, 1]"),
+    ],
+    ids=["copies", "prob"],
+)
+def test_minilm_distill_cli_bad_augment_is_an_error(tmp_path, tiny_glue_dir, capsys, flags, message):
+    from hfcompress.cli import main
+
+    recipe = tmp_path / "pkd.yaml"
+    recipe.write_text("stages:\n  - {technique: pkd, num_layers: 3, epochs: 1, batch_size: 16}\n")
+    args = ["--quiet", "distill", "--teacher", "minilm-l6", "--task", "sst2", "--recipe", str(recipe)]
+    args += ["--output", str(tmp_path / "student"), "--data-dir", str(tiny_glue_dir), "--limit", "16", *flags]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "student").exists()  # nothing written

@@ -166,7 +166,10 @@ def run_distill(args: argparse.Namespace) -> int:
         from hfcompress.glue.augment import augment_glue
 
         labelled = len(texts)
-        texts = augment_glue(texts, teacher, tokenizer, copies=args.augment, replace_prob=args.augment_prob)
+        try:
+            texts = augment_glue(texts, teacher, tokenizer, copies=args.augment, replace_prob=args.augment_prob)
+        except ValueError as exc:  # a bad --augment/--augment-prob: nothing is written yet
+            raise HfCompressError(f"--augment {args.augment} --augment-prob {args.augment_prob}: {exc}") from exc
         logger.info("training on %d labelled rows and %d augmented rows", labelled, len(texts) - labelled)
     train = tokenize_glue(texts, tokenizer, max_length=args.max_length)
     before = (
