@@ -20,11 +20,17 @@ from hfcompress.errors import (
     CheckpointError,
     HfCompressError,
     ModelError,
+    OutputPathError,
     RecipeError,
     TrainingDataError,
 )
 from hfcompress.integrations import transformers_quantizer as _transformers_quantizer
+from hfcompress.integrity import verify_checkpoint as verify
+from hfcompress.kinds import CompressedModule, register_module_kind
+from hfcompress.patches import register_patch
+from hfcompress.quant.dispatch import Kernel, register_kernel
 from hfcompress.quant.linear import QuantLinear
+from hfcompress.quant.scheme import QuantArgs, QuantScheme
 from hfcompress.recipe import Recipe, Stage
 from hfcompress.registry import get_technique, register_technique, registered_techniques
 from hfcompress.techniques.gptq import GPTQConfig
@@ -36,12 +42,17 @@ __version__ = "0.1.0"
 __all__ = [
     "CalibrationDataError",
     "CheckpointError",
+    "CompressedModule",
     "DistillationTrainer",
     "GPTQConfig",
     "HfCompressError",
+    "Kernel",
     "ModelError",
+    "OutputPathError",
     "PKDConfig",
+    "QuantArgs",
     "QuantLinear",
+    "QuantScheme",
     "RTNConfig",
     "Recipe",
     "RecipeError",
@@ -52,9 +63,13 @@ __all__ = [
     "drop_layers",
     "get_technique",
     "layer_map",
+    "register_kernel",
+    "register_module_kind",
+    "register_patch",
     "register_technique",
     "registered_techniques",
     "save_pretrained",
+    "verify",
 ]
 
 

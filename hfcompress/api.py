@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +11,15 @@ import torch
 from torch import nn
 
 from hfcompress.errors import RecipeError
+from hfcompress.experts import PATCH as EXPERTS_PATCH
+from hfcompress.experts import fuse_experts_back, unfuse_experts
 from hfcompress.integrations.transformers_quantizer import attach_quantization_config
-from hfcompress.modifier import CompressionContext
+from hfcompress.kinds import is_linear_like
+from hfcompress.modifier import CompressionContext, ModelView
+from hfcompress.patches import record_patch
 from hfcompress.recipe import Recipe
 from hfcompress.registry import technique_for_config
+from hfcompress.saving import save_atomically
 
 __all__ = ["compress", "save_pretrained"]
 
@@ -50,8 +53,9 @@ def compress(
 ) -> nn.Module:
     """Compress ``model`` in place with ``recipe`` and return it.
 
-    Every stage is checked against the model and the given data before any stage runs, so an
-    invalid recipe leaves the model untouched. Afterwards the model carries a
+    Every stage is checked, in order, against the model as the stages before it will leave
+    it, and against the given data, before any stage runs: an invalid recipe, or a stage the
+    earlier ones leave with nothing to do, leaves the model untouched. Afterwards the model carries a
     ``quantization_config`` that ``save_pretrained`` writes and ``from_pretrained`` reads back.
 
     Args:
@@ -91,8 +95,20 @@ def compress(
         checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None,
     )
     modifiers = [technique_for_config(s.config).modifier_cls(s.config, s.name) for s in recipe]
-    for modifier in modifiers:
-        modifier.check(model, context)
+    # Fused MoE experts are split into per-expert Linear layers (views: nothing is copied and
+    # the forward is the same) so that stages can target them; put back if no stage does.
+    split = unfuse_experts(model)
+    try:
+        view = ModelView(model)
+        for modifier in modifiers:
+            modifier.check(model, context, view)
+        used = _split_experts_in_use(split, view)
+    except BaseException:
+        fuse_experts_back(model, split)
+        raise
+    fuse_experts_back(model, {name: m for name, m in split.items() if name not in used})
+    if used:
+        record_patch(model, EXPERTS_PATCH, {"modules": used})
     for modifier in modifiers:
         logger.info("applying stage %r (%s)", modifier.stage, modifier.config.technique)
         modifier.apply(model, context)
@@ -101,31 +117,39 @@ def compress(
     return model
 
 
+def _split_experts_in_use(split: dict[str, nn.Module], view: ModelView) -> list[str]:
+    """The split experts modules some stage changes; each must be changed whole (transformers
+    would merge a float expert left among compressed ones back into a fused tensor on load)."""
+    used = []
+    for name in split:
+        layers = [(n, e) for n, e in view.entries.items() if n.startswith(f"{name}.") and is_linear_like(e.module)]
+        changed = [n for n, e in layers if e.stage is not None]
+        if changed and len(changed) != len(layers):
+            left = next(n for n, e in layers if e.stage is None)
+            raise RecipeError(
+                f"the recipe compresses some experts of {name} but not {left!r}; compress all the experts of a layer "
+                "or none (adjust targets/ignore)"
+            )
+        if changed:
+            used.append(name)
+    return used
+
+
 def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, tokenizer: Any = None, **kwargs) -> Path:
-    """``model.save_pretrained`` made atomic: the files are written into a temporary sibling
-    folder that replaces ``save_directory`` only once everything is on disk, so an interrupted
-    save leaves either the old directory or none, never a half-written one.
+    """``model.save_pretrained`` made safe to interrupt: the files are written into a temporary
+    folder that replaces ``save_directory`` only once everything is on disk, so an
+    interrupted save leaves either the old model or nothing that loads (see
+    :mod:`hfcompress.saving`, which also handles mount points and cleans up after earlier
+    interrupted saves). Raises :class:`~hfcompress.errors.OutputPathError` for a path that
+    cannot hold a model.
 
     Extra keyword arguments go to ``model.save_pretrained`` (not ``push_to_hub``: push after
     saving, see :func:`hfcompress.cli` ``--push-to-hub``).
     """
-    target = Path(save_directory).resolve()
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp, **kwargs)
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder, **kwargs)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+            tokenizer.save_pretrained(folder)
+
+    return save_atomically(save_directory, write)

@@ -1,71 +1,118 @@
-"""Per-``model_type`` tables of module names. A new architecture is a new table entry.
+"""Where a model's repeated transformer blocks are, and which of their layers share an input.
 
-``blocks``: the ModuleList of transformer blocks, relative to ``model.base_model``.
-``sequential``: the Linear layers of one block in the order their inputs are produced, each
-inner list sharing one input; GPTQ's "true sequential" mode quantizes one group at a time and
-re-runs the block in between, so later groups see the error of earlier ones.
+Both are discovered from the model, so any architecture works without an entry here:
+
+* the blocks are the ``nn.ModuleList`` whose items are all of one class named in the
+  model's ``_no_split_modules`` (transformers' own list of its repeated block classes), else
+  the longest ``ModuleList`` of two or more items of one class;
+* the layers of a block that read the same input (q/k/v after the attention norm, gate/up
+  after the MLP norm, one expert's projections) are found by tracing one forward of the
+  block (:func:`sequential_groups`), as llm-compressor and GPTQModel do.
+
+``ARCHITECTURES`` holds per-``model_type`` overrides of the block path only, for models where
+the discovery would pick the wrong list.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from hfcompress.errors import ModelError
 
-__all__ = ["ARCHITECTURES", "Architecture", "architecture_of", "blocks_of"]
+__all__ = ["ARCHITECTURES", "Architecture", "blocks_of", "find_blocks", "sequential_groups"]
 
 
 @dataclass(frozen=True)
 class Architecture:
+    """An override: ``blocks`` is the path of the block list relative to ``model.base_model``."""
+
     blocks: str
-    sequential: tuple[tuple[str, ...], ...]
 
-
-_LLAMA = Architecture(
-    blocks="layers",
-    sequential=(
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        ("self_attn.o_proj",),
-        ("mlp.gate_proj", "mlp.up_proj"),
-        ("mlp.down_proj",),
-    ),
-)
-_BERT = Architecture(
-    blocks="encoder.layer",
-    sequential=(
-        ("attention.self.query", "attention.self.key", "attention.self.value"),
-        ("attention.output.dense",),
-        ("intermediate.dense",),
-        ("output.dense",),
-    ),
-)
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,
-    "qwen3": _LLAMA,
-    "bert": _BERT,
-    "roberta": _BERT,
+    "llama": Architecture("layers"),
+    "mistral": Architecture("layers"),
+    "qwen2": Architecture("layers"),
+    "qwen3": Architecture("layers"),
+    "bert": Architecture("encoder.layer"),
+    "roberta": Architecture("encoder.layer"),
 }
 
 
-def architecture_of(model: nn.Module) -> Architecture:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in ARCHITECTURES:
+def _uniform_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) >= 1:
+            classes = {type(m) for m in module}
+            if len(classes) == 1:
+                out.append((name, module))
+    return out
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Discover the block list (see the module docstring); raise :class:`ModelError` if none."""
+    lists = _uniform_lists(model)
+    no_split = set(getattr(model, "_no_split_modules", None) or ())
+    named = [(n, m) for n, m in lists if type(m[0]).__name__ in no_split]
+    candidates = named or [(n, m) for n, m in lists if len(m) >= 2]
+    if not candidates:
         raise ModelError(
-            f"no layer table for model_type={model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))}. "
-            "Add an entry to hfcompress.architectures.ARCHITECTURES"
+            f"cannot find the repeated transformer blocks of {type(model).__name__}: no nn.ModuleList of identical "
+            "blocks. Add an entry for its model_type to hfcompress.architectures.ARCHITECTURES"
         )
-    return ARCHITECTURES[model_type]
+    # The longest list; on a tie the first (outermost) one in module order.
+    return max(candidates, key=lambda item: len(item[1]))
 
 
 def blocks_of(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The qualified name and the ModuleList of the model's transformer blocks."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ARCHITECTURES:
+        return find_blocks(model)
     base = getattr(model, "base_model", model)
-    path = architecture_of(model).blocks
-    blocks = base.get_submodule(path)
+    blocks = base.get_submodule(ARCHITECTURES[model_type].blocks)
     prefix = next(name for name, module in model.named_modules() if module is blocks)
     return prefix, blocks
+
+
+@torch.no_grad()
+def sequential_groups(block: nn.Module, names: list[str], run: Callable[[], None]) -> list[list[str]]:
+    """Group ``names`` (layers inside ``block``) by the input tensor they read, in the order
+    the block first calls them, by tracing one call of ``run()`` (which runs the block).
+
+    Layers never called by ``run`` form a last group. GPTQ's true-sequential mode quantizes
+    one group at a time and re-runs the block in between.
+    """
+    order: list[tuple[str, torch.Tensor]] = []
+    seen: set[str] = set()
+
+    def hook_for(name: str):
+        def hook(_module, inputs):
+            if name not in seen:
+                seen.add(name)
+                order.append((name, inputs[0]))
+
+        return hook
+
+    handles = [block.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: list[list[str]] = []
+    inputs: list[torch.Tensor] = []
+    for name, x in order:
+        for i, other in enumerate(inputs):
+            if other is x:
+                groups[i].append(name)
+                break
+        else:
+            groups.append([name])
+            inputs.append(x)
+    missing = [n for n in names if n not in seen]
+    return groups + ([missing] if missing else [])

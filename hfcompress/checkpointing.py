@@ -1,46 +1,83 @@
 """Per-block checkpoints for layerwise stages, so a killed run resumes where it stopped.
 
-A checkpoint folder holds ``manifest.json`` (a fingerprint of the run: stage config, model
-config, targeted weights and calibration tokens) and one ``block_XXXX.safetensors`` per
-finished block with that block's ``QuantLinear`` tensors; each file is written to a
-temporary name and renamed, so a file that exists is complete. A folder whose fingerprint
-differs from the current run's is refused rather than mixed in.
+A checkpoint folder holds ``manifest.json`` (the run's fingerprint: a hash of the stage's
+settings, of the model's content and of the calibration tokens, each kept apart so a refusal
+can say which one differs) and one ``block_XXXX.safetensors`` per finished block with the
+whole block's state and the specs of its compressed modules. Each file is written to a
+temporary name and renamed, so a file that exists was written completely; its metadata
+records the block's index and a hash of its content, checked when it is read back, so a
+truncated, damaged or misnamed file is refused with what to do about it.
+
+The model is fingerprinted by content, streamed tensor by tensor (offloaded weights
+included), not by its path: the same model from another folder resumes; a model whose
+weights changed at the same path does not.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from hfcompress.errors import CheckpointError
-from hfcompress.quant.linear import QuantLinear
+from hfcompress.integrity import tensor_digest
+from hfcompress.kinds import compressed_modules, get_module_kind
+from hfcompress.layerwise import offloaded_tensors
 
-__all__ = ["BlockCheckpoint", "run_fingerprint"]
+__all__ = ["BlockCheckpoint", "model_digest", "run_fingerprint"]
+
+logger = logging.getLogger(__name__)
+
+# Config entries that name where a model came from, not what it is.
+_PATH_KEYS = ("_name_or_path", "_commit_hash", "transformers_version")
 
 
-def run_fingerprint(
-    stage: dict[str, Any], model: nn.Module, weights: list[torch.Tensor], ids: list[torch.Tensor]
-) -> str:
-    """A hash of everything that decides a layerwise run's result."""
+def model_digest(model: nn.Module) -> str:
+    """SHA-256 over the model's config (without path entries) and every tensor's bytes, in
+    module order; tensors accelerate offloaded are read from their CPU or disk copy."""
     digest = hashlib.sha256()
-    digest.update(json.dumps(stage, sort_keys=True).encode())
-    digest.update(model.config.to_json_string(use_diff=False).encode() if hasattr(model, "config") else b"")
+    config = getattr(model, "config", None)
+    if config is not None:
+        data = {k: v for k, v in config.to_dict().items() if k not in _PATH_KEYS}
+        digest.update(json.dumps(data, sort_keys=True, default=str).encode())
+    offloaded = {(id(sub), name): value for sub, name, value in offloaded_tensors(model)}
     with torch.no_grad():
-        for w in weights:  # cheap weight checksums: a changed checkpoint changes them
-            if w.is_meta:  # offloaded: its shape is all we can see without loading it
-                digest.update(str(tuple(w.shape)).encode())
-            else:
-                digest.update(f"{w.double().sum().item():.12e},{w.double().abs().sum().item():.12e}".encode())
-    for t in ids:
-        digest.update(t.cpu().contiguous().numpy().tobytes())
+        for module_name, module in model.named_modules():
+            for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                value = offloaded.get((id(module), name), tensor)
+                digest.update(f"{module_name}.{name}:{value.dtype}:{tuple(value.shape)}".encode())
+                if value.is_meta:
+                    raise CheckpointError(f"{module_name}.{name} is on the meta device and has no offloaded copy")
+                digest.update(tensor_digest(value).encode())
     return digest.hexdigest()
+
+
+def run_fingerprint(stage: dict[str, Any], model: nn.Module, ids: list[torch.Tensor]) -> dict[str, str]:
+    """Hashes of what decides a layerwise run's result: the stage's settings, the model's
+    content and the calibration tokens."""
+    data = hashlib.sha256()
+    for t in ids:
+        data.update(t.cpu().contiguous().numpy().tobytes())
+    return {
+        "stage": hashlib.sha256(json.dumps(stage, sort_keys=True).encode()).hexdigest(),
+        "model": model_digest(model),
+        "data": data.hexdigest(),
+    }
+
+
+_WHAT_DIFFERS = {
+    "stage": "other stage settings",
+    "model": "a model with other weights or config",
+    "data": "other calibration data",
+}
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -52,25 +89,45 @@ def _atomic_write(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-class BlockCheckpoint:
-    """Finished blocks of one stage, under ``directory``."""
+def _content_hash(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        digest.update(f"{key}:{tensor_digest(tensors[key])}".encode())
+    return digest.hexdigest()
 
-    def __init__(self, directory: Path, fingerprint: str) -> None:
+
+class BlockCheckpoint:
+    """Finished blocks of one stage, under ``directory``.
+
+    Args:
+        directory: The stage's checkpoint folder (created if missing).
+        fingerprint: :func:`run_fingerprint` of the current run; a folder of another run is
+            refused, naming what differs.
+    """
+
+    def __init__(self, directory: Path, fingerprint: dict[str, str]) -> None:
         self.directory = Path(directory)
+        if self.directory.exists() and not self.directory.is_dir():
+            raise CheckpointError(f"checkpoint folder {self.directory} is a file; pass a folder path")
         manifest = self.directory / "manifest.json"
         if manifest.is_file():
             try:
                 saved = json.loads(manifest.read_text())["fingerprint"]
-            except (json.JSONDecodeError, KeyError) as exc:
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise CheckpointError(f"{manifest} is unreadable ({exc}); delete the folder to start over") from exc
-            if saved != fingerprint:
+            differs = [
+                _WHAT_DIFFERS[k] for k in _WHAT_DIFFERS if not isinstance(saved, dict) or saved.get(k) != fingerprint[k]
+            ]
+            if differs:
                 raise CheckpointError(
-                    f"checkpoint folder {self.directory} belongs to a run with other settings, model or "
-                    "calibration data; pass another checkpoint folder or delete this one to start over"
+                    f"checkpoint folder {self.directory} belongs to a run with {' and '.join(differs)}; pass another "
+                    "checkpoint folder, or delete this one to start over"
                 )
         else:
             self.directory.mkdir(parents=True, exist_ok=True)
             _atomic_write(manifest, lambda p: p.write_text(json.dumps({"fingerprint": fingerprint})))
+        for stale in self.directory.glob(".block_*.tmp-*"):  # a write killed before its rename
+            stale.unlink(missing_ok=True)
 
     def _path(self, index: int) -> Path:
         return self.directory / f"block_{index:04d}.safetensors"
@@ -78,32 +135,47 @@ class BlockCheckpoint:
     def has(self, index: int) -> bool:
         return self._path(index).is_file()
 
+    def completed(self, count: int) -> int:
+        """How many blocks, counted from the first, are saved (the point a rerun resumes after)."""
+        done = 0
+        while done < count and self.has(done):
+            done += 1
+        return done
+
     def save(self, index: int, block: nn.Module) -> None:
-        """Persist the ``QuantLinear`` layers of ``block``."""
-        tensors: dict[str, torch.Tensor] = {}
-        specs: dict[str, dict[str, Any]] = {}
-        for name, layer in block.named_modules():
-            if isinstance(layer, QuantLinear):
-                for key, tensor in layer.state_dict().items():
-                    tensors[f"{name}.{key}"] = tensor.detach().cpu().contiguous()
-                specs[name] = layer.spec()
-        metadata = {"layers": json.dumps(specs)}
+        """Persist ``block``'s whole state and the specs of its compressed modules."""
+        tensors = {k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
+        specs = {name: m.spec() for name, m in compressed_modules(block).items()}
+        metadata = {"block": str(index), "modules": json.dumps(specs), "sha256": _content_hash(tensors)}
         _atomic_write(self._path(index), lambda p: save_file(tensors, str(p), metadata=metadata))
 
-    def load(self, index: int, block: nn.Module) -> None:
-        """Replace ``block``'s Linear layers by the saved ``QuantLinear`` layers."""
-        from safetensors import safe_open
-
+    def _damaged(self, index: int, problem: str) -> CheckpointError:
         path = self._path(index)
-        with safe_open(str(path), framework="pt") as f:
-            specs = json.loads(f.metadata()["layers"])
-        tensors = load_file(str(path))
-        for name, spec in specs.items():
+        return CheckpointError(
+            f"checkpoint file {path} {problem}. Delete it and the block files after it to resume after block "
+            f"{index} (or delete {self.directory} to start over)"
+        )
+
+    def load(self, index: int, block: nn.Module) -> None:
+        """Restore ``block`` (still float, on its compute device) to the saved state."""
+        path = self._path(index)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # safetensors raises its own error types for damaged files
+            raise self._damaged(index, f"is unreadable ({exc}; truncated by a crash or a full disk?)") from exc
+        if metadata.get("block") != str(index):
+            raise self._damaged(index, f"holds block {metadata.get('block')!r}, not block {index} (copied or renamed)")
+        if metadata.get("sha256") != _content_hash(tensors):
+            raise self._damaged(index, "does not match the content hash recorded when it was written")
+        device = next(block.parameters(), next(block.buffers(), torch.empty(0))).device
+        for name, spec in json.loads(metadata["modules"]).items():
             old = block.get_submodule(name)
-            device = old.weight.device  # a saved block is loaded before it is quantized
-            bias = tensors.get(f"{name}.bias")
-            layer = QuantLinear.from_spec(spec, bias=bias is not None, dtype=bias.dtype if bias is not None else None)
-            layer.load_state_dict(
-                {k.removeprefix(f"{name}."): v for k, v in tensors.items() if k.startswith(f"{name}.")}
-            )
-            block.set_submodule(name, layer.to(device))
+            with torch.device("meta"):
+                new = get_module_kind(spec["kind"]).from_spec(spec, old)
+            block.set_submodule(name, new.to_empty(device=device))
+        try:
+            block.load_state_dict(tensors, strict=True)
+        except RuntimeError as exc:
+            raise self._damaged(index, f"does not fit this block ({str(exc).splitlines()[0]})") from exc

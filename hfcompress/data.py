@@ -135,12 +135,16 @@ def calibration_batches(
     seq_len: int = 512,
     seed: int = 0,
     batch_size: int = 8,
+    vocab_size: int | None = None,
+    max_length: int | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Calibration data as model-ready batches ``{"input_ids": [B, seq_len]}``.
 
     Token tensors ``[n, T]`` are used as they are (all ``n`` rows); text (a list of strings, a
     file, ``wikitext2:valid``, a Dataset's ``text`` column) is tokenized and sampled by
-    :func:`calibration_samples`, which needs ``tokenizer``.
+    :func:`calibration_samples`, which needs ``tokenizer``. With ``vocab_size`` and
+    ``max_length`` (the model's ``max_position_embeddings``), token ids outside the vocabulary
+    and windows longer than the model takes are refused here, before any model runs.
     """
     source = _as_text_or_ids(data)
     if isinstance(source, torch.Tensor):
@@ -150,5 +154,21 @@ def calibration_batches(
     else:
         if tokenizer is None:
             raise CalibrationDataError("text calibration data needs a tokenizer: pass tokenizer=... to compress()")
+        if max_length is not None and seq_len > max_length:
+            raise CalibrationDataError(
+                f"calibration windows of {seq_len} tokens exceed the model's max_position_embeddings={max_length}; "
+                f"pass a calibration_seq_len (--calibration-seq-len) of at most {max_length}"
+            )
         ids = calibration_samples(tokenizer, source, num_samples=num_samples, seq_len=seq_len, seed=seed)
+    if vocab_size is not None and (int(ids.max()) >= vocab_size or int(ids.min()) < 0):
+        bad = int(ids.max()) if int(ids.max()) >= vocab_size else int(ids.min())
+        raise CalibrationDataError(
+            f"calibration token id {bad} is outside the model's vocabulary (0..{vocab_size - 1}); the data was "
+            "tokenized for another model: tokenize it with this model's tokenizer"
+        )
+    if max_length is not None and ids.shape[1] > max_length:
+        raise CalibrationDataError(
+            f"calibration sequences of {ids.shape[1]} tokens exceed the model's max_position_embeddings={max_length}; "
+            f"cut them to at most {max_length} tokens"
+        )
     return [{"input_ids": chunk.long()} for chunk in ids.split(batch_size)]

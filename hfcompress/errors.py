@@ -11,6 +11,7 @@ __all__ = [
     "CheckpointError",
     "HfCompressError",
     "ModelError",
+    "OutputPathError",
     "RecipeError",
     "TrainingDataError",
 ]
@@ -30,6 +31,10 @@ class CalibrationDataError(HfCompressError, ValueError):
 
 class CheckpointError(HfCompressError, OSError):
     """A saved compressed checkpoint is missing a tensor, or a tensor is malformed."""
+
+
+class OutputPathError(HfCompressError, OSError):
+    """A model cannot be saved where asked (a file, a read-only folder, a non-empty folder)."""
 
 
 class ModelError(HfCompressError, ValueError):

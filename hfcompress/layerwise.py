@@ -1,9 +1,16 @@
-"""Running calibration data block by block through a model.
+"""The layerwise runner every calibrated technique uses: one transformer block at a time.
 
 The inputs of the first block are captured once (hidden states plus every keyword the block
-is called with: attention mask, position ids, rotary embeddings, ...); afterwards each block
-runs alone on those inputs, and its outputs become the next block's inputs. Only one block
-and its activations need to be on the compute device at a time.
+is called with: attention mask, position ids, rotary embeddings, ...). Then, for each block
+in turn, :class:`LayerwiseRunner` loads it if accelerate offloaded it, moves it to the
+compute device, restores it from a per-block checkpoint or hands it to the technique's
+``process(block)``, saves it, and runs it on the inputs to produce the next block's inputs,
+so later blocks calibrate on what the already-processed blocks output (GPTQ's sequential
+scheme). Only one block and its activations need to be on the compute device at a time.
+
+``process`` may do anything to the block: collect statistics through hooks and swap layers
+(GPTQ), rescale weights (SmoothQuant), or take gradient steps (learned rounding):
+:meth:`Block.forward` runs the block with gradients when asked.
 """
 
 from __future__ import annotations
@@ -13,16 +20,35 @@ import ctypes
 import ctypes.util
 import functools
 import gc
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from hfcompress.architectures import blocks_of
 from hfcompress.quant.dispatch import dense_weights
 
-__all__ = ["BlockInputs", "autocast", "capture_block_inputs", "run_block"]
+if TYPE_CHECKING:
+    from hfcompress.checkpointing import BlockCheckpoint
+
+__all__ = [
+    "Block",
+    "BlockInputs",
+    "LayerwiseRunner",
+    "autocast",
+    "capture_block_inputs",
+    "materialize_offloaded",
+    "offloaded_tensors",
+    "propagate",
+    "release_memory",
+    "run_block",
+]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,22 +62,34 @@ class BlockInputs:
         return BlockInputs((hidden, *self.args[1:]), self.kwargs)
 
 
-def materialize_offloaded(module: nn.Module, device: torch.device | str = "cpu") -> None:
-    """Load the weights accelerate offloaded out of ``module`` (meta tensors backed by CPU or
-    disk storage) onto ``device`` and remove its offload hooks, so the module can be run and
-    quantized like one that was always in memory. Modules without hooks are left alone."""
-    from accelerate.hooks import remove_hook_from_module
-    from accelerate.utils import set_module_tensor_to_device
-
+def _offload_hooks(module: nn.Module) -> Iterator[tuple[nn.Module, Any]]:
     for sub in module.modules():
         hook = getattr(sub, "_hf_hook", None)
-        if hook is None:
-            continue
+        if hook is not None:
+            yield sub, hook
+
+
+def offloaded_tensors(module: nn.Module) -> Iterator[tuple[nn.Module, str, torch.Tensor]]:
+    """``(submodule, name, value)`` for each tensor of ``module`` that accelerate offloaded
+    (a meta tensor whose value sits in its hook's CPU or disk weights map)."""
+    for sub, hook in _offload_hooks(module):
         weights = getattr(hook, "weights_map", None)
         if getattr(hook, "offload", False) and weights is not None:
             for name, tensor in [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]:
                 if tensor.device.type == "meta":
-                    set_module_tensor_to_device(sub, name, device, value=weights[name])
+                    yield sub, name, weights[name]
+
+
+def materialize_offloaded(module: nn.Module, device: torch.device | str = "cpu") -> None:
+    """Load the weights accelerate offloaded out of ``module`` onto ``device`` and remove its
+    offload hooks, so the module can be run and compressed like one that was always in
+    memory. Modules without hooks are left alone."""
+    from accelerate.hooks import remove_hook_from_module
+    from accelerate.utils import set_module_tensor_to_device
+
+    for sub, name, value in list(offloaded_tensors(module)):
+        set_module_tensor_to_device(sub, name, device, value=value)
+    for sub, _ in list(_offload_hooks(module)):
         remove_hook_from_module(sub)
 
 
@@ -70,6 +108,10 @@ def release_memory() -> None:
     trim = _libc_malloc_trim()
     if trim is not None:
         trim(0)
+
+
+# Cache arguments a block may be called with; calibration runs without a cache.
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "cache", "layer_past")
 
 
 class _Captured(Exception):
@@ -96,7 +138,7 @@ def capture_block_inputs(
     captured: list[BlockInputs] = []
 
     def hook(module, args, kwargs):
-        kwargs = {k: _to(v, device) for k, v in kwargs.items() if k not in ("past_key_values", "cache")}
+        kwargs = {k: _to(v, device) for k, v in kwargs.items() if k not in _CACHE_KWARGS}
         captured.append(BlockInputs(_to(args, device), kwargs))
         raise _Captured
 
@@ -149,3 +191,110 @@ def propagate(block: nn.Module, inputs: list[BlockInputs], *, compute_dtype: tor
             with autocast(device, compute_dtype):
                 out = _hidden(block(*item.args, **item.kwargs))
             inputs[i] = item.with_hidden(out.to(item.args[0].dtype))
+
+
+@dataclass
+class Block:
+    """One block as a technique's ``process`` sees it.
+
+    Attributes:
+        index: Position among the model's blocks.
+        count: Number of blocks.
+        prefix: Qualified name of the block followed by a dot (``"model.layers.3."``).
+        module: The block, on the compute device.
+        inputs: Its calibration inputs, as the blocks before it (already processed) produce them.
+        targets: The stage's target layers inside the block, relative to it (``"mlp.up_proj"``).
+        compute_dtype: Autocast dtype of the calibration passes, or None.
+    """
+
+    index: int
+    count: int
+    prefix: str
+    module: nn.Module
+    inputs: list[BlockInputs]
+    targets: list[str]
+    compute_dtype: torch.dtype | None = None
+
+    def run(self) -> None:
+        """Run the block on every input without gradients (for hooks that collect statistics)."""
+        run_block(self.module, self.inputs, compute_dtype=self.compute_dtype)
+
+    def forward(self, item: BlockInputs, *, grad: bool = False) -> torch.Tensor:
+        """The block's hidden-state output on one input; with ``grad``, differentiable with
+        respect to the block's parameters (and whatever ``process`` made trainable)."""
+        with torch.set_grad_enabled(grad), autocast(item.args[0].device, self.compute_dtype):
+            return _hidden(self.module(*item.args, **item.kwargs))
+
+
+class LayerwiseRunner:
+    """Runs a per-block ``process`` over a model's blocks on calibration data.
+
+    Args:
+        model: The model; its repeated blocks are found by :func:`hfcompress.architectures.blocks_of`.
+        batches: Calibration batches (``{"input_ids": [B, T]}``).
+        device: Compute device of the block being processed.
+        compute_dtype: Autocast dtype of the calibration passes (None: the model's dtype).
+        checkpoint: Per-block checkpoint; finished blocks are restored from it instead of
+            being processed again.
+        progress: Show a progress bar.
+        desc: Its label.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: list[dict[str, torch.Tensor]],
+        *,
+        device: torch.device,
+        compute_dtype: torch.dtype | None = None,
+        checkpoint: BlockCheckpoint | None = None,
+        progress: bool = True,
+        desc: str = "blocks",
+    ) -> None:
+        self.model = model
+        self.batches = batches
+        self.device = device
+        self.compute_dtype = compute_dtype
+        self.checkpoint = checkpoint
+        self.progress = progress
+        self.desc = desc
+        self.prefix = ""  # the block list's qualified name, once `run` found it
+
+    @torch.no_grad()
+    def run(self, process: Callable[[Block], None], targets: Iterable[str] = ()) -> None:
+        """Process every block that holds a target (blocks without one only propagate).
+
+        Args:
+            process: The technique's work on one block, in place. It is called under
+                ``torch.no_grad()``; gradient steps go inside ``torch.enable_grad()``.
+            targets: Qualified names of the layers the stage targets.
+        """
+        prefix, blocks = blocks_of(self.model)
+        self.prefix = prefix
+        targets = list(targets)
+        inputs = capture_block_inputs(self.model, blocks[0], self.batches, self.device)
+        release_memory()
+        count = len(blocks)
+        if self.checkpoint is not None:
+            done = self.checkpoint.completed(count)
+            if done:
+                logger.info("%s: resuming after block %d of %d (%s)", self.desc, done, count, self.checkpoint.directory)
+        for index, block in enumerate(tqdm(blocks, desc=self.desc, disable=not self.progress)):
+            local = f"{prefix}.{index}."
+            names = [n.removeprefix(local) for n in targets if n.startswith(local)]
+            # A block accelerate offloaded to CPU or disk is loaded into memory for good: once
+            # compressed it is a fraction of its float size.
+            materialize_offloaded(block)
+            home = next(block.parameters(), next(block.buffers(), torch.empty(0))).device
+            block.to(self.device)
+            if names:
+                if self.checkpoint is not None and self.checkpoint.has(index):
+                    self.checkpoint.load(index, block)
+                else:
+                    process(Block(index, count, local, block, inputs, names, self.compute_dtype))
+                    if self.checkpoint is not None:
+                        self.checkpoint.save(index, block)
+            propagate(block, inputs, compute_dtype=self.compute_dtype)
+            release_memory()
+            block.to(home)
+        del inputs

@@ -1,7 +1,10 @@
 """The modifier lifecycle every technique implements, and the context ``compress`` hands it.
 
-``compress`` first calls ``check`` on every stage's modifier (nothing is touched yet: a bad
-recipe fails before the model changes), then ``apply`` on each in recipe order.
+``compress`` first calls ``check`` on every stage's modifier, in recipe order, against a
+:class:`ModelView`: the model as the stages before will have left it (which layers they
+compressed, how they renamed blocks). Each check records in the view what its stage will
+change. Nothing is touched yet, so a bad recipe fails before the model changes, including a
+stage that the stages before it leave with nothing to do. Then ``apply`` runs on each.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from torch import nn
 from hfcompress.config import TechniqueConfig
 from hfcompress.errors import CalibrationDataError, RecipeError, TrainingDataError
 
-__all__ = ["CompressionContext", "Modifier"]
+__all__ = ["CompressionContext", "ModelView", "Modifier", "ViewEntry"]
 
 
 @dataclass
@@ -49,6 +52,55 @@ class CompressionContext:
     checkpoint_dir: Path | None = None
 
 
+@dataclass
+class ViewEntry:
+    """One module of a :class:`ModelView`.
+
+    Attributes:
+        class_name: Its class name (what it will be once the earlier stages ran).
+        module: The module object as it is now (before any stage runs).
+        stage: The earlier stage that compresses or replaces it, or None.
+    """
+
+    class_name: str
+    module: nn.Module
+    stage: str | None = None
+
+
+class ModelView:
+    """The model as the stages checked so far will leave it: module name -> :class:`ViewEntry`.
+
+    Args:
+        model: The model before any stage runs.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.entries: dict[str, ViewEntry] = {n: ViewEntry(type(m).__name__, m) for n, m in model.named_modules()}
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """``(name, class name)`` of every module, in module order (what target patterns match)."""
+        return [(name, e.class_name) for name, e in self.entries.items()]
+
+    def claim(self, names: list[str], stage: str, class_name: str) -> None:
+        """Record that ``stage`` turns the modules ``names`` into ``class_name`` modules."""
+        for name in names:
+            entry = self.entries[name]
+            entry.class_name, entry.stage = class_name, stage
+
+    def rename_blocks(self, prefix: str, keep: tuple[int, ...]) -> None:
+        """Record that only the blocks ``keep`` of the list at ``prefix`` remain, renumbered."""
+        renamed: dict[str, ViewEntry] = {}
+        new_index = {old: new for new, old in enumerate(keep)}
+        for name, entry in self.entries.items():
+            if not name.startswith(f"{prefix}."):
+                renamed[name] = entry
+                continue
+            index, _, rest = name[len(prefix) + 1 :].partition(".")
+            if index.isdigit() and int(index) in new_index:
+                renamed[".".join(filter(None, [prefix, str(new_index[int(index)]), rest]))] = entry
+        self.entries = renamed
+
+
 class Modifier(ABC):
     """Applies one recipe stage to a model.
 
@@ -65,8 +117,10 @@ class Modifier(ABC):
         """A :class:`RecipeError` that names this stage."""
         return RecipeError(f"stage {self.stage!r} ({self.config.technique}): {message}")
 
-    def check(self, model: nn.Module, context: CompressionContext) -> None:
-        """Raise if this stage cannot apply to ``model`` with ``context``; must not modify anything.
+    def check(self, model: nn.Module, context: CompressionContext, view: ModelView) -> None:
+        """Raise if this stage cannot apply to the model as ``view`` shows it (after the
+        earlier stages), and record in ``view`` what this stage will change. Must not modify
+        ``model``.
 
         The base check refuses a stage that needs calibration data, or a training set, when
         none was given.

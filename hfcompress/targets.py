@@ -4,11 +4,12 @@ A pattern is one of:
 
 * an exact module name, as ``model.named_modules()`` gives it (``"lm_head"``,
   ``"model.layers.0.mlp.down_proj"``);
-* a class name (``"Linear"``, ``"LlamaMLP"``);
+* a class name (``"LlamaMLP"``); ``"Linear"`` stands for every linear-like layer
+  (``nn.Linear`` and transformers' ``Conv1D``, GPT-2's projections);
 * ``"re:<regex>"``, matched with :func:`re.fullmatch` against the module name
   (``"re:.*mlp\\.(up|gate)_proj"``).
 
-A pattern that selects a container selects the Linear layers inside it. ``ignore`` wins over
+A pattern that selects a container selects the layers inside it. ``ignore`` wins over
 ``targets``.
 """
 
@@ -19,7 +20,11 @@ from collections.abc import Iterable
 
 from torch import nn
 
-__all__ = ["check_patterns", "matches", "resolve_linear_targets"]
+from hfcompress.kinds import LINEAR_CLASSES, is_linear_like
+
+__all__ = ["check_patterns", "matches", "resolve_linear_targets", "select"]
+
+_LINEAR_NAMES = {cls.__name__ for cls in LINEAR_CLASSES}
 
 
 def check_patterns(patterns: Iterable[str]) -> str | None:
@@ -35,25 +40,38 @@ def check_patterns(patterns: Iterable[str]) -> str | None:
     return None
 
 
-def matches(name: str, module: nn.Module, pattern: str) -> bool:
-    """True when ``pattern`` selects the module called ``name``."""
+def matches(name: str, class_name: str, pattern: str) -> bool:
+    """True when ``pattern`` selects the module called ``name`` of class ``class_name``."""
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], name) is not None
-    return pattern == name or pattern == type(module).__name__
+    if pattern == "Linear" and class_name in _LINEAR_NAMES:
+        return True
+    return pattern == name or pattern == class_name
 
 
-def _selected(model: nn.Module, patterns: tuple[str, ...]) -> set[str]:
-    """Names of the modules selected by any pattern, including everything inside them."""
-    roots = [name for name, module in model.named_modules() if any(matches(name, module, p) for p in patterns)]
-    selected: set[str] = set()
-    for name, _ in model.named_modules():
-        if any(name == root or (root == "" or name.startswith(root + ".")) for root in roots):
-            selected.add(name)
+def _selected(modules: list[tuple[str, str]], patterns: tuple[str, ...]) -> set[str]:
+    """Names selected by any pattern, including everything inside a selected container."""
+    roots = [name for name, cls in modules if any(matches(name, cls, p) for p in patterns)]
+    if "" in roots:
+        return {name for name, _ in modules}
+    selected: set[str] = set(roots)
+    prefixes = tuple(f"{root}." for root in roots)
+    if prefixes:
+        selected.update(name for name, _ in modules if name.startswith(prefixes))
     return selected
 
 
-def resolve_linear_targets(model: nn.Module, targets: tuple[str, ...], ignore: tuple[str, ...]) -> dict[str, nn.Linear]:
-    """The ``nn.Linear`` layers that ``targets`` select and ``ignore`` does not, by name,
-    in module order."""
-    chosen = _selected(model, targets) - _selected(model, ignore)
-    return {name: module for name, module in model.named_modules() if name in chosen and isinstance(module, nn.Linear)}
+def select(modules: Iterable[tuple[str, str]], targets: tuple[str, ...], ignore: tuple[str, ...]) -> list[str]:
+    """Names, among ``(name, class name)`` pairs, that ``targets`` select and ``ignore`` does
+    not, in the given order."""
+    modules = list(modules)
+    chosen = _selected(modules, targets) - _selected(modules, ignore)
+    return [name for name, _ in modules if name in chosen]
+
+
+def resolve_linear_targets(model: nn.Module, targets: tuple[str, ...], ignore: tuple[str, ...]) -> dict[str, nn.Module]:
+    """The float linear-like layers that ``targets`` select and ``ignore`` does not, by
+    name, in module order."""
+    modules = dict(model.named_modules())
+    names = select(((n, type(m).__name__) for n, m in modules.items()), targets, ignore)
+    return {n: modules[n] for n in names if is_linear_like(modules[n])}

@@ -27,7 +27,7 @@ def test_compress_returns_the_same_model_with_packed_layers(tiny_llama, llama_id
     assert logits.shape == ref.shape
     # 4-bit RTN on a random model: close, not equal.
     assert 0 < (logits - ref).abs().max() < 0.5 * ref.abs().max()
-    assert out.config.quantization_config.layers["model.layers.0.mlp.up_proj"]["bits"] == 4
+    assert out.config.quantization_config.layers["model.layers.0.mlp.up_proj"]["scheme"]["weights"]["num_bits"] == 4
 
 
 def test_recipe_may_be_a_path_or_configs(tiny_llama, tmp_path):
@@ -57,14 +57,21 @@ def test_two_stages_apply_in_order(tiny_llama):
 
 FAILS = [
     (RTNConfig(bits=4, group_size=128), RecipeError, r"stage 'stage_1' \(rtn\): group_size=128 exceeds in_features=80"),
-    (RTNConfig(targets=("re:.*nothing.*",)), RecipeError, r"select no nn.Linear layer"),
+    (RTNConfig(targets=("re:.*nothing.*",)), RecipeError, r"select no linear layer"),
+    # Defect: the first stage takes every MLP layer, so this one is left with nothing to do.
+    (
+        RTNConfig(bits=8, group_size=-1, targets=("re:.*mlp.*",)),
+        RecipeError,
+        r"stage 'stage_1' \(rtn\): .* select no layer left to quantize: the 6 layer\(s\) they match .* are "
+        r"compressed by the earlier stage\(s\) \['stage_0'\]",
+    ),
 ]
 
 
-@pytest.mark.parametrize("bad,error,message", FAILS, ids=["group-too-large", "no-targets"])
+@pytest.mark.parametrize("bad,error,message", FAILS, ids=["group-too-large", "no-targets", "nothing-left"])
 def test_invalid_stage_fails_before_any_stage_touches_the_model(tiny_llama, bad, error, message):
     before = _state(tiny_llama)
-    recipe = hfcompress.Recipe([RTNConfig(bits=8, group_size=-1), bad])
+    recipe = hfcompress.Recipe([RTNConfig(bits=4, group_size=16, targets=("re:.*mlp.*",)), bad])
     with pytest.raises(error, match=message):
         compress(tiny_llama, recipe, progress=False)
     assert _unchanged(tiny_llama, before)

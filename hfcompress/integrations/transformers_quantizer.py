@@ -1,17 +1,28 @@
-"""The one adapter to transformers' quantizer API (``HfQuantizer``).
+"""The one adapter to transformers' quantizer API (``HfQuantizer``) and its loading code.
 
 Registering ``quant_method: "hfcompress"`` lets a plain ``AutoModel*.from_pretrained(dir)``
-rebuild our compressed layers after ``import hfcompress``: the quantizer swaps each recorded
-``nn.Linear`` for an empty ``QuantLinear`` before the weights load, so the packed tensors load
-by name like any other. Before that, the checkpoint's safetensors headers are checked against
-what the config promises, and after it the loaded scales and zero points are checked, so a
-truncated, edited or corrupt checkpoint fails with a message naming the tensor.
+rebuild our compressed models after ``import hfcompress``. Before the weights load, the
+recorded model patches are re-applied (:mod:`hfcompress.patches`), the checkpoint's
+safetensors headers are checked against the layers the config describes, and each recorded
+layer is swapped for an empty module of its kind (:mod:`hfcompress.kinds`), so the stored
+tensors load by name like any other. After loading, each module checks its tensors. A
+truncated, edited or corrupt checkpoint fails with a :class:`CheckpointError` naming the
+tensor or layer; so does a checkpoint whose files hold compressed tensors its config does
+not describe, even when the ``quantization_config`` was deleted altogether (a guard on
+transformers' load report, installed by :func:`register`).
+
+Checkpoint format: version 2 records, per layer, its module kind and its layout (for
+``quant_linear``, a :class:`~hfcompress.quant.scheme.QuantScheme`) and the recipe stage that
+made it, plus the model patches. Version 1 checkpoints (flat ``bits``/``group_size`` layer
+entries, no kinds) are read and upgraded on load.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +33,15 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from hfcompress.errors import CheckpointError
-from hfcompress.quant.affine import num_groups
-from hfcompress.quant.linear import SCALE_DTYPES, QuantLinear
-from hfcompress.quant.packing import SUPPORTED_BITS, packed_columns
+from hfcompress.integrity import HASH_KEY, compressed_tensor_hashes, verify_files, verify_on_load
+from hfcompress.kinds import compressed_modules, get_module_kind, registered_module_kinds
+from hfcompress.patches import apply_patches, recorded_patches
+from hfcompress.quant.linear import QuantLinear
 
 __all__ = [
     "FORMAT_VERSION",
     "QUANT_METHOD",
+    "READABLE_FORMAT_VERSIONS",
     "HfCompressQuantizationConfig",
     "HfCompressQuantizer",
     "attach_quantization_config",
@@ -38,25 +51,26 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 QUANT_METHOD = "hfcompress"
-FORMAT_VERSION = 1
-_SAFETENSORS_DTYPES = {torch.uint8: "U8", torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
-_LAYER_KEYS = ("bits", "group_size", "symmetric", "zero_point", "scale_dtype", "in_features", "out_features")
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 
 
 class HfCompressQuantizationConfig(QuantizationConfigMixin):
     """The ``quantization_config`` an hfcompress checkpoint carries in its ``config.json``.
 
     Args:
-        recipe: The recipe that produced the model, as ``Recipe.to_dict()`` gives it.
-        layers: For each compressed Linear, by module name: bits, group_size (resolved),
-            symmetric, scale_dtype, in_features, out_features.
-        format_version: Layout version of the stored tensors.
+        recipe: The stages that were applied, as ``Recipe.to_dict()`` gives them.
+        layers: For each compressed module, by qualified name: its ``spec()`` (``kind``,
+            shapes, scheme, the stage that made it).
+        patches: Model patches to re-apply before loading, in order.
+        format_version: Layout version of the stored tensors (older versions are upgraded).
     """
 
     def __init__(
         self,
         recipe: dict[str, Any] | None = None,
         layers: dict[str, dict[str, Any]] | None = None,
+        patches: list[dict[str, Any]] | None = None,
         format_version: int = FORMAT_VERSION,
         **kwargs: Any,
     ) -> None:
@@ -67,26 +81,28 @@ class HfCompressQuantizationConfig(QuantizationConfigMixin):
         self.format_version = format_version
         self.recipe = recipe or {}
         self.layers = layers or {}
+        self.patches = patches or []
         self.post_init()
 
     def post_init(self) -> None:
-        if self.format_version != FORMAT_VERSION:
+        if self.format_version not in READABLE_FORMAT_VERSIONS:
             raise CheckpointError(
-                f"checkpoint format_version={self.format_version!r}; this hfcompress reads {FORMAT_VERSION}. "
-                "Upgrade hfcompress or re-compress the model"
+                f"checkpoint format_version={self.format_version!r}; this hfcompress reads "
+                f"{list(READABLE_FORMAT_VERSIONS)}. Upgrade hfcompress or re-compress the model"
             )
         if not isinstance(self.layers, dict):
             raise CheckpointError(f"quantization_config.layers must be a mapping, got {type(self.layers).__name__}")
+        if not isinstance(self.patches, list) or not all(isinstance(p, dict) and "name" in p for p in self.patches):
+            raise CheckpointError(
+                f"quantization_config.patches must be a list of {{'name': ...}} records: {self.patches}"
+            )
+        if self.format_version == 1:
+            self.layers = {name: QuantLinear.spec_from_v1(name, spec) for name, spec in self.layers.items()}
+            self.format_version = FORMAT_VERSION
         for name, spec in self.layers.items():
-            missing = [k for k in _LAYER_KEYS if k not in spec] if isinstance(spec, dict) else list(_LAYER_KEYS)
-            if missing:
-                raise CheckpointError(f"quantization_config.layers[{name!r}] lacks {missing}")
-            if (
-                spec["bits"] not in SUPPORTED_BITS
-                or spec["scale_dtype"] not in SCALE_DTYPES
-                or spec["zero_point"] not in ("integer", "float")
-            ):
-                raise CheckpointError(f"quantization_config.layers[{name!r}] is malformed: {spec}")
+            if not isinstance(spec, dict) or "kind" not in spec:
+                raise CheckpointError(f"quantization_config.layers[{name!r}] lacks its 'kind'")
+            get_module_kind(spec["kind"]).validate_spec(name, spec)
 
 
 class HfCompressQuantizer(HfQuantizer):
@@ -96,28 +112,53 @@ class HfCompressQuantizer(HfQuantizer):
     quantization_config: HfCompressQuantizationConfig
 
     def _process_model_before_weight_loading(self, model, checkpoint_files: Iterable[str] | None = None, **kwargs):
-        layers = self.quantization_config.layers
+        config = self.quantization_config
+        apply_patches(model, config.patches)
         if checkpoint_files is not None:
-            check_checkpoint(list(checkpoint_files), layers)
-        for name, spec in layers.items():
+            files = list(checkpoint_files)
+            check_checkpoint(files, config.layers, rename=_loaded_name_function(model))
+            if verify_on_load():
+                verify_files(files)
+        for name, spec in config.layers.items():
             try:
                 old = model.get_submodule(name)
             except AttributeError:
                 raise CheckpointError(
                     f"quantization_config names layer {name!r}, which this model ({type(model).__name__}) lacks"
                 ) from None
-            if not isinstance(old, torch.nn.Linear):
-                raise CheckpointError(f"layer {name!r} is a {type(old).__name__}, not a Linear layer")
+            kind = get_module_kind(spec["kind"])
+            if not isinstance(old, kind.replaces):
+                raise CheckpointError(
+                    f"layer {name!r} is a {type(old).__name__}; a {kind.kind!r} module replaces "
+                    f"{', '.join(c.__name__ for c in kind.replaces)}"
+                )
             with torch.device("meta"):
-                new = QuantLinear.from_spec(spec, bias=old.bias is not None, dtype=old.weight.dtype)
+                new = kind.from_spec(spec, old)
             model.set_submodule(name, new)
+            # Some models' weight init reaches from a parent into its children's `.weight`
+            # (GPT-2's scaled init of c_proj): a compressed module has none, and everything it
+            # holds comes from the checkpoint. Mark both as initialised so init skips them.
+            parent = model.get_submodule(name.rpartition(".")[0])
+            new._is_hf_initialized = parent._is_hf_initialized = True
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        for name, module in model.named_modules():
-            if isinstance(module, QuantLinear):
-                check_loaded_layer(name, module)
+        for name, module in compressed_modules(model).items():
+            module.check_loaded(name)
         return model
+
+    def get_state_dict_and_metadata(self, model):
+        # Digests of the compressed tensors go into every safetensors file's metadata, under
+        # the names the files will use (transformers renames some keys on save, e.g. Mixtral's
+        # `mlp.` back to its original `block_sparse_moe.`).
+        from transformers.core_model_loading import revert_weight_conversion
+
+        hashes = compressed_tensor_hashes(model)
+        digests = list(hashes.values())
+        # Each key travels with a tensor holding its digest's index; renaming keeps the tensors.
+        saved = revert_weight_conversion(model, {key: torch.tensor([i]) for i, key in enumerate(hashes)})
+        renamed = {key: digests[int(index)] for key, index in saved.items()}
+        return None, {HASH_KEY: json.dumps(renamed, sort_keys=True)}
 
     def is_serializable(self) -> bool:
         return True
@@ -127,21 +168,7 @@ class HfCompressQuantizer(HfQuantizer):
         return False
 
 
-def _expected_tensors(name: str, spec: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]:
-    n, k = spec["out_features"], spec["in_features"]
-    groups = num_groups(k, spec["group_size"])
-    out = {
-        f"{name}.qweight": ("U8", (n, packed_columns(k, spec["bits"]))),
-        f"{name}.scales": (_SAFETENSORS_DTYPES[SCALE_DTYPES[spec["scale_dtype"]]], (n, groups)),
-    }
-    if not spec["symmetric"]:
-        zero = "U8" if spec["zero_point"] == "integer" else out[f"{name}.scales"][0]
-        out[f"{name}.zeros"] = (zero, (n, groups))
-    return out
-
-
-def check_checkpoint(checkpoint_files: list[str], layers: dict[str, dict[str, Any]]) -> None:
-    """Compare the safetensors headers with the tensors the config promises; raise on any gap."""
+def _read_headers(checkpoint_files: list[str]) -> dict[str, tuple[str, tuple[int, ...]]]:
     found: dict[str, tuple[str, tuple[int, ...]]] = {}
     for file in checkpoint_files:
         if not str(file).endswith(".safetensors"):
@@ -151,11 +178,56 @@ def check_checkpoint(checkpoint_files: list[str], layers: dict[str, dict[str, An
                 for key in f.keys():
                     sl = f.get_slice(key)
                     found[key] = (sl.get_dtype(), tuple(sl.get_shape()))
-        except (OSError, Exception) as exc:  # safetensors raises its own error types for bad headers
+        except Exception as exc:  # safetensors raises its own error types for bad headers
             raise CheckpointError(f"{file} is not a readable safetensors file ({exc}); re-save the model") from exc
+    return found
+
+
+def _marker_suffixes() -> tuple[str, ...]:
+    return tuple(f".{m}" for kind in registered_module_kinds().values() for m in kind.marker_tensors)
+
+
+def undescribed_compressed_layers(keys: Iterable[str], layers: dict[str, Any]) -> list[str]:
+    """Layers whose compressed tensors (``X.qweight``, ...) are among ``keys`` although
+    ``layers`` does not describe them."""
+    suffixes = _marker_suffixes()
+    found = {key.rsplit(".", 1)[0] for key in keys if key.endswith(suffixes)}
+    return sorted(found - set(layers))
+
+
+def _loaded_name_function(model) -> Callable[[str], str]:
+    """The key a checkpoint tensor gets when transformers loads it into ``model`` (its
+    conversion mapping's renamings), so file keys compare with the model's module names."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    if not renamings and not converters:
+        return lambda key: key
+    return lambda key: rename_source_key(key, renamings, converters)[0]
+
+
+def check_checkpoint(
+    checkpoint_files: list[str], layers: dict[str, dict[str, Any]], rename: Callable[[str], str] | None = None
+) -> None:
+    """Compare the safetensors headers with the tensors the config promises; raise on any gap,
+    and on compressed tensors the config does not describe. ``rename`` maps a file's keys to
+    the model's names (see :func:`_loaded_name_function`)."""
+    found = _read_headers(checkpoint_files)
+    if rename is not None:
+        found = {rename(key): value for key, value in found.items()}
     where = Path(checkpoint_files[0]).parent if checkpoint_files else "checkpoint"
+    undescribed = undescribed_compressed_layers(found, layers)
+    if undescribed:
+        raise CheckpointError(
+            f"{where}: the files hold compressed tensors for layer(s) {undescribed[:4]} that quantization_config "
+            "does not describe; config.json was edited or belongs to another model. Restore the saved config.json"
+        )
     for name, spec in layers.items():
-        for key, (dtype, shape) in _expected_tensors(name, spec).items():
+        expected = get_module_kind(spec["kind"]).expected_tensors(name, spec)
+        for key, (dtype, shape) in expected.items():
             if key not in found:
                 raise CheckpointError(
                     f"{where}: tensor {key!r} ({dtype} {list(shape)}) is missing; the save was interrupted or "
@@ -166,45 +238,73 @@ def check_checkpoint(checkpoint_files: list[str], layers: dict[str, dict[str, An
                     f"{where}: tensor {key!r} is {found[key][0]} {list(found[key][1])}, expected {dtype} "
                     f"{list(shape)}; the checkpoint does not match its quantization_config"
                 )
-
-
-def check_loaded_layer(name: str, layer: QuantLinear) -> None:
-    """Raise when a loaded layer's scales are not finite and positive, or zero points overflow."""
-    if layer.qweight.is_meta:
-        raise CheckpointError(f"tensor {name}.qweight was not loaded")
-    scales = layer.scales.float()
-    if not torch.isfinite(scales).all() or not (scales > 0).all():
-        raise CheckpointError(
-            f"tensor {name}.scales holds NaN, infinite or non-positive values; the checkpoint is corrupt"
-        )
-    if layer.symmetric:
-        return
-    if layer.zeros.is_floating_point():
-        if not torch.isfinite(layer.zeros.float()).all():
-            raise CheckpointError(f"tensor {name}.zeros holds NaN or infinite values; the checkpoint is corrupt")
-    elif int(layer.zeros.max()) > 2**layer.bits - 1:
-        raise CheckpointError(f"tensor {name}.zeros exceeds {2**layer.bits - 1}, the largest {layer.bits}-bit code")
+        extra = sorted(k for k in found if k.startswith(f"{name}.") and k not in expected and k != f"{name}.bias")
+        if extra:
+            raise CheckpointError(
+                f"{where}: layer {name!r} has tensor(s) {extra} that its quantization_config entry does not describe "
+                f"(its scheme: {spec.get('scheme')}); the config was edited. Restore the saved config.json"
+            )
 
 
 def attach_quantization_config(model: torch.nn.Module, recipe: dict[str, Any]) -> None:
-    """Record the model's ``QuantLinear`` layers and the recipe so ``save_pretrained`` can write
-    them and ``from_pretrained`` can rebuild them. Does nothing when no layer is quantized."""
-    layers = {name: m.spec() for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-    if not layers:
+    """Record the model's compressed modules, its patches and the applied recipe so
+    ``save_pretrained`` writes them and ``from_pretrained`` rebuilds them. A model with no
+    compressed module and no patch gets no quantization config (it loads as a plain model)."""
+    layers = {name: m.spec() for name, m in compressed_modules(model).items()}
+    patches = recorded_patches(model)
+    if not layers and not patches:
         return
     previous = getattr(getattr(model, "config", None), "quantization_config", None)
     if isinstance(previous, HfCompressQuantizationConfig):
         recipe = {"stages": previous.recipe.get("stages", []) + recipe.get("stages", [])}
-    config = HfCompressQuantizationConfig(recipe=recipe, layers=layers)
+    config = HfCompressQuantizationConfig(recipe=recipe, layers=layers, patches=patches)
     model.config.quantization_config = config
     model.hf_quantizer = HfCompressQuantizer(config, pre_quantized=True)
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
 
 
+def _guard_plain_loads() -> None:
+    """Make a load whose files hold packed tensors that its config does not describe (the
+    ``quantization_config`` deleted or overwritten) an error instead of a model with randomly
+    initialised layers.
+
+    transformers reports such tensors only as "unexpected keys" in a warning. Its report
+    function is wrapped: the check runs on the same load info, after the report, so nothing
+    else about loading changes. Importing ``transformers.modeling_utils`` here would cost a
+    second and import Triton, so its bound name is patched only if it is already imported
+    (otherwise it binds the wrapper when it is).
+    """
+    import sys
+
+    from transformers.utils import loading_report
+
+    original = loading_report.log_state_dict_report
+    if getattr(original, "_hfcompress_guard", False):
+        return
+
+    @functools.wraps(original)
+    def report(model, pretrained_model_name_or_path, ignore_mismatched_sizes, loading_info, logger=None):
+        original(model, pretrained_model_name_or_path, ignore_mismatched_sizes, loading_info, logger)
+        undescribed = undescribed_compressed_layers(loading_info.unexpected_keys, {})
+        if undescribed:
+            raise CheckpointError(
+                f"{pretrained_model_name_or_path}: the files hold packed quantized tensors for layer(s) "
+                f"{undescribed[:4]} that config.json does not describe (its quantization_config was deleted or "
+                "overwritten); loading would give randomly initialised layers. Restore the saved config.json"
+            )
+
+    report._hfcompress_guard = True
+    loading_report.log_state_dict_report = report
+    modeling_utils = sys.modules.get("transformers.modeling_utils")
+    if modeling_utils is not None:
+        modeling_utils.log_state_dict_report = report
+
+
 def register() -> None:
-    """Register the config and quantizer with transformers (idempotent)."""
+    """Register the config and quantizer with transformers, and the plain-load guard (idempotent)."""
     if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
         register_quantization_config(QUANT_METHOD)(HfCompressQuantizationConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(HfCompressQuantizer)
+    _guard_plain_loads()

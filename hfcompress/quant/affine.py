@@ -17,7 +17,8 @@ Three kinds of range:
   and HQQ), which loses less than a grid shifted to an integer zero point.
 
 Scales and float zero points are rounded to their storage dtype *before* the codes are
-computed, so the stored model dequantizes to exactly what was chosen here.
+computed, so the stored model dequantizes to exactly what was chosen here. Scales are
+clamped to the storage dtype's smallest normal value, so none rounds to 0.
 """
 
 from __future__ import annotations
@@ -121,8 +122,15 @@ def compute_qparams(
         scale = torch.maximum(-w_min, w_max) / (maxq / 2)
     else:
         scale = (w_max - w_min) / maxq
-    # A constant group would give scale 0: any positive scale represents it (with its zero).
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(scale_dtype)
+    # A scale must survive storage: a group with a tiny (or no) range would round to a scale
+    # of 0 in float16 (which then fails to reload) or to a subnormal. Clamp to the storage
+    # dtype's smallest normal value; a constant group is still represented exactly.
+    finfo = torch.finfo(scale_dtype)
+    floor = torch.full_like(scale, finfo.tiny)
+    if float_zero and not symmetric:
+        # The float zero point -min / s is stored in the same dtype: keep it finite there.
+        floor = torch.maximum(floor, w_min.abs() / (finfo.max / 2))
+    scale = torch.maximum(scale, floor).to(scale_dtype)
     if symmetric:
         return scale, torch.full_like(scale, 2 ** (bits - 1), dtype=torch.uint8)
     zero = -w_min / scale.float()

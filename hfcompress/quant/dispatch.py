@@ -1,20 +1,22 @@
-"""Which kernel a ``QuantLinear`` forward runs, and the CPU fast paths.
+"""Which kernel a ``QuantLinear`` forward runs: a registry of kernels chosen by capability.
 
-Paths, in order of preference:
+Each kernel is a :class:`Kernel`: a name, a ``supports(layer, x)`` check and a
+``forward(layer, x)``, with a priority. A layer's forward runs the highest-priority kernel
+whose check accepts the layer and the input; the pure-torch ``reference`` kernel accepts
+everything and is the fallback. A new kernel (an int8 GEMM for ``W8A8``, a KV-cache kernel)
+is one :func:`register_kernel` call beside its code; nothing here changes.
 
-* ``triton``: CUDA tensors, 4-bit weights: the W4A16 Triton kernels in ``hfcompress_triton``.
-* ``cpu_int4``: CPU tensors, 4-bit weights: ``aten._weight_int4pack_mm_for_cpu``. It needs
-  N a multiple of 16, K a multiple of its group size (32, 64, 128 or 256) and bfloat16
-  activations (its float32 path is an order of magnitude slower on the CPUs we measured), so
-  the weight is repacked once (rows and columns zero-padded) and the activation is cast to
-  bfloat16; accumulation is float32 inside the op.
-* ``cpu_int8``: CPU tensors, 8-bit per-channel weights: ``aten._weight_int8pack_mm`` with
-  bfloat16 activations; an asymmetric zero point becomes a rank-one correction. The op
-  crashes (torch 2.13) when K is not a multiple of 16, so K is zero-padded to one.
-* ``reference``: dequantize to the activation dtype and ``F.linear``. Exact up to float
-  rounding; used everywhere else, and everywhere when ``HFCOMPRESS_FORCE_REFERENCE=1``.
+Built in (see their modules for what each needs):
 
-The repacked CPU weights are cached on the layer and rebuilt when its buffers change.
+* ``triton_w4a16`` (:mod:`hfcompress.quant.triton_bridge`): CUDA, 4-bit weight-only.
+* ``cpu_int4`` / ``cpu_int8`` (:mod:`hfcompress.quant.cpu_kernels`): PyTorch's packed CPU
+  ops, weight-only.
+* ``reference``: quantize the input activations when the scheme says so, dequantize the
+  weight to the activation dtype, ``F.linear``. Exact up to float rounding; used everywhere
+  when ``HFCOMPRESS_FORCE_REFERENCE=1``.
+
+Kernels may cache repacked weights on the layer with :func:`cached`; the cache is rebuilt
+when the layer's buffers change.
 """
 
 from __future__ import annotations
@@ -23,83 +25,97 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from hfcompress.quant.affine import num_groups
+from hfcompress.quant.activations import fake_quantize_activations
 
 if TYPE_CHECKING:
     from hfcompress.quant.linear import QuantLinear
 
-__all__ = ["FORCE_REFERENCE_ENV", "quant_linear_forward", "reference_forward", "select_path"]
+__all__ = [
+    "FORCE_REFERENCE_ENV",
+    "Kernel",
+    "cached",
+    "dense_weights",
+    "quant_linear_forward",
+    "reference_forward",
+    "register_kernel",
+    "registered_kernels",
+    "select_kernel",
+    "select_path",
+]
 
 logger = logging.getLogger(__name__)
 
 FORCE_REFERENCE_ENV = "HFCOMPRESS_FORCE_REFERENCE"
-_CPU_INT4_GROUP_SIZES = (256, 128, 64, 32)
-_INT4_INNER_K_TILES = 2
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One way to run a ``QuantLinear``.
+
+    Attributes:
+        name: Unique name (what :func:`select_path` returns).
+        supports: ``(layer, x) -> bool``: can this kernel run ``layer`` on ``x`` exactly as
+            the reference would (same scheme, up to its documented rounding)?
+        forward: ``(layer, x: [..., K]) -> [..., N]`` in ``x``'s dtype.
+        priority: Higher runs first among the kernels that support a call.
+    """
+
+    name: str
+    supports: Callable[[QuantLinear, torch.Tensor], bool]
+    forward: Callable[[QuantLinear, torch.Tensor], torch.Tensor]
+    priority: int = 0
+
+
+_KERNELS: dict[str, Kernel] = {}
+
+
+def register_kernel(kernel: Kernel) -> Kernel:
+    """Add ``kernel`` to the registry; a duplicate name raises ``ValueError``."""
+    if kernel.name in _KERNELS:
+        raise ValueError(f"kernel {kernel.name!r} is already registered")
+    _KERNELS[kernel.name] = kernel
+    return kernel
+
+
+def registered_kernels() -> list[Kernel]:
+    """The registered kernels, highest priority first."""
+    _ensure_builtin_kernels()
+    return sorted(_KERNELS.values(), key=lambda k: -k.priority)
 
 
 def _force_reference() -> bool:
     return os.environ.get(FORCE_REFERENCE_ENV, "0") not in ("", "0", "false", "False")
 
 
-def _cpu_int4_group_size(layer: QuantLinear) -> int | None:
-    """The op's group size for ``layer``, or None when none tiles its groups.
-
-    A block of the op must lie inside one of our groups: its size must divide our group size
-    (per channel, any size does). Among those, the largest that also divides K is preferred,
-    since then the activation needs no padding on every call (SmolLM2: K = 576, group 128
-    -> blocks of 64).
-    """
-    per_channel = num_groups(layer.in_features, layer.group_size) == 1
-    fitting = [q for q in _CPU_INT4_GROUP_SIZES if per_channel or layer.group_size % q == 0]
-    if not fitting:
-        return None
-    unpadded = [q for q in fitting if layer.in_features % q == 0]
-    return (unpadded or fitting)[0]
-
-
-def select_path(layer: QuantLinear, x: torch.Tensor) -> str:
-    """Name of the path ``layer(x)`` takes: triton, cpu_int4, cpu_int8 or reference."""
-    if _force_reference():
-        return "reference"
-    if x.is_cuda and layer.bits == 4:
-        from hfcompress.quant import triton_bridge
-
-        return "triton" if triton_bridge.available() else "reference"
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
-        if layer.bits == 4 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
-            if _cpu_int4_group_size(layer) is not None:
-                return "cpu_int4"
-        if layer.bits == 8 and layer.scales.shape[1] == 1 and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
-            return "cpu_int8"
-    return "reference"
-
-
 def reference_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    """``x @ dequantize(W).T + b`` in the activation dtype."""
+    """``fq(x) @ dequantize(W).T + b`` in the activation dtype, ``fq`` the input quantization
+    of the scheme (identity for weight-only schemes)."""
+    act = layer.scheme.input_activations
+    if act is not None:
+        x = fake_quantize_activations(x, act, getattr(layer, "input_scale", None))
     return F.linear(x, layer.dequantize(x.dtype), layer.bias)
 
 
-@dataclass(frozen=True)
-class _Int4Pack:
-    weight: torch.Tensor  # op-specific packed layout of [Np, Kp]
-    scale_zero: torch.Tensor  # [Kp / qgs, Np, 2] bfloat16
-    group_size: int
-    padded_k: int
+REFERENCE = register_kernel(Kernel("reference", lambda layer, x: True, reference_forward, priority=-1000))
 
 
-@dataclass(frozen=True)
-class _Int8Pack:
-    weight: torch.Tensor  # [N, Kp] int8, codes - 128, K zero-padded to a multiple of 16
-    scales: torch.Tensor  # [N] bfloat16
-    correction: torch.Tensor | None  # [N] float32, (z - 128) * s; None when symmetric
-    padded_k: int
+def select_kernel(layer: QuantLinear, x: torch.Tensor) -> Kernel:
+    """The kernel ``layer(x)`` runs: the highest-priority one that supports the call."""
+    if _force_reference():
+        return REFERENCE
+    return next(k for k in registered_kernels() if k.supports(layer, x))
+
+
+def select_path(layer: QuantLinear, x: torch.Tensor) -> str:
+    """Name of the kernel ``layer(x)`` runs."""
+    return select_kernel(layer, x).name
 
 
 def _buffers_key(layer: QuantLinear) -> tuple:
@@ -110,79 +126,14 @@ def _buffers_key(layer: QuantLinear) -> tuple:
     return tuple((id(buffers[n]), buffers[n]._version) for n in names)
 
 
-def _cached(layer: QuantLinear, name: str, build):
+def cached(layer: QuantLinear, name: str, build: Callable[[QuantLinear], Any]) -> Any:
+    """``build(layer)``, computed once and kept on the layer until its buffers change."""
     key = _buffers_key(layer)
     entry = layer._kernel_cache.get(name)
     if entry is None or entry[0] != key:
         entry = (key, build(layer))
         layer._kernel_cache[name] = entry
     return entry[1]
-
-
-def _build_int4(layer: QuantLinear) -> _Int4Pack:
-    qgs = _cpu_int4_group_size(layer)
-    n, k = layer.out_features, layer.in_features
-    padded_n, padded_k = -(-n // 16) * 16, -(-k // qgs) * qgs
-    codes = F.pad(layer.codes().to(torch.int32), (0, padded_k - k, 0, padded_n - n))
-    weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, _INT4_INNER_K_TILES)
-    # The op computes (q - 8) * s + m per block; ours is (q - z) * s, so m = (8 - z) * s.
-    group = torch.arange(padded_k // qgs) * qgs
-    group = torch.clamp(group // layer.group_size, max=layer.scales.shape[1] - 1)
-    s = layer.scales.float()[:, group]  # [N, Kp / qgs]
-    m = (8.0 - layer.zero_points().float()[:, group]) * s
-    scale_zero = torch.stack([s, m], dim=-1).transpose(0, 1)  # [Kp / qgs, N, 2]
-    scale_zero = F.pad(scale_zero, (0, 0, 0, padded_n - n), value=1.0)
-    return _Int4Pack(weight, scale_zero.to(torch.bfloat16).contiguous(), qgs, padded_k)
-
-
-def _cpu_int4_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    pack = _cached(layer, "cpu_int4", _build_int4)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, layer.in_features).to(torch.bfloat16)
-    if pack.padded_k != layer.in_features:
-        x2 = F.pad(x2, (0, pack.padded_k - layer.in_features))
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, pack.weight, pack.group_size, pack.scale_zero)
-    if y.shape[1] != layer.out_features:
-        y = y[:, : layer.out_features]
-    y = y.to(x.dtype).reshape(*lead, layer.out_features)
-    return y if layer.bias is None else y + layer.bias.to(x.dtype)
-
-
-def _build_int8(layer: QuantLinear) -> _Int8Pack:
-    padded_k = -(-layer.in_features // 16) * 16
-    weight = (layer.codes().to(torch.int16) - 128).to(torch.int8)
-    weight = F.pad(weight, (0, padded_k - layer.in_features))
-    s = layer.scales.float()[:, 0]
-    correction = None if layer.symmetric else (layer.zeros.float()[:, 0] - 128.0) * s
-    return _Int8Pack(weight.contiguous(), s.to(torch.bfloat16), correction, padded_k)
-
-
-def _cpu_int8_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    pack = _cached(layer, "cpu_int8", _build_int8)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, layer.in_features).to(torch.bfloat16)
-    if pack.padded_k != layer.in_features:
-        x2 = F.pad(x2, (0, pack.padded_k - layer.in_features))
-    y = torch.ops.aten._weight_int8pack_mm(x2, pack.weight, pack.scales).float()
-    if pack.correction is not None:
-        # (q - z) * s = (q - 128) * s - (z - 128) * s: the second term is rank one.
-        y = y - x2.float().sum(dim=-1, keepdim=True) * pack.correction
-    y = y.to(x.dtype).reshape(*lead, layer.out_features)
-    return y if layer.bias is None else y + layer.bias.to(x.dtype)
-
-
-def _triton_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    from hfcompress.quant import triton_bridge
-
-    return triton_bridge.w4a16_linear(layer, x)
-
-
-_PATHS = {
-    "reference": reference_forward,
-    "cpu_int4": _cpu_int4_forward,
-    "cpu_int8": _cpu_int8_forward,
-    "triton": _triton_forward,
-}
 
 
 class _DenseState(threading.local):
@@ -218,12 +169,15 @@ def dense_weights() -> Iterator[None]:
 def _dense_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     if "dense" not in layer._kernel_cache:
         _DENSE.layers.append(layer)
-    weight = _cached(layer, "dense", lambda m: m.dequantize(torch.float32))
+    weight = cached(layer, "dense", lambda m: m.dequantize(torch.float32))
+    act = layer.scheme.input_activations
+    if act is not None:
+        x = fake_quantize_activations(x, act, getattr(layer, "input_scale", None))
     return F.linear(x, weight.to(x.dtype) if not torch.is_autocast_enabled() else weight, layer.bias)
 
 
 def quant_linear_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    """Run ``layer`` on ``x: [..., K]`` through the path :func:`select_path` picks.
+    """Run ``layer`` on ``x: [..., K]`` through the kernel :func:`select_kernel` picks.
 
     The choice is remembered per (device type, dtype, forced reference) on the layer: decoding
     calls every layer once per token, and re-deciding each time cost a measurable share of it.
@@ -231,7 +185,13 @@ def quant_linear_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     if _DENSE.active:
         return _dense_forward(layer, x)
     key = (x.device.type, x.dtype, _force_reference())
-    path = layer._path_cache.get(key)
-    if path is None:
-        path = layer._path_cache[key] = select_path(layer, x)
-    return _PATHS[path](layer, x)
+    kernel = layer._path_cache.get(key)
+    if kernel is None:
+        kernel = layer._path_cache[key] = select_kernel(layer, x)
+    return kernel.forward(layer, x)
+
+
+def _ensure_builtin_kernels() -> None:
+    # The built-in kernels register when their modules are imported (neither imports Triton).
+    import hfcompress.quant.cpu_kernels
+    import hfcompress.quant.triton_bridge  # noqa: F401

@@ -1,124 +1,221 @@
-"""``QuantLinear``: a Linear layer that stores packed integer weights with scales and zeros."""
+"""``QuantLinear``: the ``quant_linear`` module kind, a Linear layer with packed integer weights."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
 
+from hfcompress.errors import CheckpointError
+from hfcompress.kinds import CompressedModule, linear_features, register_module_kind
 from hfcompress.quant import dispatch
-from hfcompress.quant.affine import QuantizedWeight, dequantize, num_groups, resolve_group_size
-from hfcompress.quant.packing import pack, packed_columns, unpack
+from hfcompress.quant.affine import QuantizedWeight, dequantize, num_groups
+from hfcompress.quant.packing import SUPPORTED_BITS, pack, packed_columns, unpack
+from hfcompress.quant.scheme import QuantScheme
 
 __all__ = ["SCALE_DTYPES", "QuantLinear"]
 
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_SAFETENSORS_DTYPES = {torch.uint8: "U8", torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
+# Tensors whose dtype is part of the layout: `model.to(dtype)` moves them but never casts them.
+_LAYOUT_BUFFERS = ("qweight", "scales", "zeros", "input_scale")
+# Layer keys of checkpoint format 1 (before schemes); read by `spec_from_v1`.
+_V1_KEYS = ("bits", "group_size", "symmetric", "zero_point", "scale_dtype", "in_features", "out_features")
 
 
-class QuantLinear(nn.Module):
-    """A Linear layer with ``bits``-bit weights, quantized per channel or per group along K.
+@register_module_kind
+class QuantLinear(CompressedModule):
+    """A Linear layer with ``bits``-bit weights, quantized per channel or per group along K,
+    and optionally 8-bit input activations; its :class:`QuantScheme` says which.
 
-    Buffers (all saved in the state dict, under the names a checkpoint uses):
+    Buffers (saved in the state dict under these names):
         qweight: ``[N, packed_columns(K, bits)]`` uint8, codes packed along K.
         scales: ``[N, G]`` float scales.
-        zeros: ``[N, G]`` zero points, uint8 integers or floats in ``scale_dtype`` (asymmetric
+        zeros: ``[N, G]`` zero points, uint8 or floats in the scales' dtype (asymmetric
             only; symmetric layers use the constant ``2**(bits-1)``).
+        input_scale: ``[1]`` float32, static input-activation scale (static schemes only).
     ``bias`` stays a float parameter. ``forward`` dispatches to a kernel (see
     :mod:`hfcompress.quant.dispatch`).
+
+    Args:
+        in_features: K.
+        out_features: N.
+        scheme: The layer's quantization scheme.
+        bias: Whether the layer has a bias.
+        dtype: Dtype of the bias.
+        device: Where the buffers live.
     """
+
+    kind = "quant_linear"
+    marker_tensors = ("qweight",)
 
     def __init__(
         self,
         in_features: int,
         out_features: int,
+        scheme: QuantScheme,
         *,
-        bits: int,
-        group_size: int,
-        symmetric: bool,
         bias: bool = False,
-        scale_dtype: torch.dtype = torch.float16,
-        zero_dtype: torch.dtype = torch.uint8,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
+        w = scheme.weights
+        if w.num_bits not in SUPPORTED_BITS:
+            raise ValueError(f"num_bits={w.num_bits} cannot be packed; supported: {SUPPORTED_BITS}")
         self.in_features = in_features
         self.out_features = out_features
-        self.bits = bits
-        self.group_size = resolve_group_size(group_size, in_features)
-        self.symmetric = symmetric
+        self.scheme = scheme
+        self.bits = w.num_bits
+        self.group_size = w.group_size if w.strategy == "group" else in_features
+        self.symmetric = w.symmetric
+        self.stage: str | None = None  # the recipe stage that made this layer, recorded in its spec
+        scale_dtype = SCALE_DTYPES[w.scale_dtype]
         groups = num_groups(in_features, self.group_size)
-        cols = packed_columns(in_features, bits)
+        cols = packed_columns(in_features, self.bits)
         self.register_buffer("qweight", torch.zeros(out_features, cols, dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.ones(out_features, groups, dtype=scale_dtype, device=device))
-        if not symmetric:
+        if not self.symmetric:
+            zero_dtype = scale_dtype if w.float_zero else torch.uint8
             self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=zero_dtype, device=device))
+        act = scheme.input_activations
+        if act is not None and not act.dynamic:
+            self.register_buffer("input_scale", torch.ones(1, dtype=torch.float32, device=device))
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        self._kernel_cache: dict[str, object] = {}  # repacked weights per kernel path
-        self._path_cache: dict[tuple, str] = {}  # (device type, dtype, forced) -> path
+        self._kernel_cache: dict[str, object] = {}  # repacked weights per kernel
+        self._path_cache: dict[tuple, object] = {}  # (device type, dtype, forced) -> kernel
+
+    # -- building ---------------------------------------------------------------------------
 
     @classmethod
-    def from_quantized(cls, qw: QuantizedWeight, *, symmetric: bool, bias: torch.Tensor | None = None) -> QuantLinear:
+    def from_quantized(
+        cls, qw: QuantizedWeight, scheme: QuantScheme, *, bias: torch.Tensor | None = None
+    ) -> QuantLinear:
         """Build a layer from the result of a quantization algorithm (RTN, GPTQ, ...)."""
         n, k = qw.q.shape
+        if qw.bits != scheme.weights.num_bits:
+            raise ValueError(f"codes of {qw.bits} bits do not fit a {scheme.name} scheme")
         layer = cls(
-            k,
-            n,
-            bits=qw.bits,
-            group_size=qw.group_size,
-            symmetric=symmetric,
-            bias=bias is not None,
-            scale_dtype=qw.scales.dtype,
-            zero_dtype=qw.zeros.dtype,
-            dtype=bias.dtype if bias is not None else None,
-            device=qw.q.device,
+            k, n, scheme, bias=bias is not None, dtype=bias.dtype if bias is not None else None, device=qw.q.device
         )
+        if layer.group_size != qw.group_size or layer.scales.dtype != qw.scales.dtype:
+            raise ValueError(
+                f"quantized weight (group {qw.group_size}, {qw.scales.dtype}) does not match the scheme "
+                f"(group {layer.group_size}, {layer.scales.dtype})"
+            )
         layer.qweight.copy_(pack(qw.q, qw.bits))
         layer.scales.copy_(qw.scales)
-        if not symmetric:
+        if not layer.symmetric:
             layer.zeros.copy_(qw.zeros)
         if bias is not None:
             layer.bias.data.copy_(bias.detach())
         return layer
 
-    def spec(self) -> dict:
-        """The layer's layout as plain data (what checkpoints record to rebuild it)."""
-        float_zero = not self.symmetric and self.zeros.is_floating_point()
-        return {
-            "bits": self.bits,
-            "group_size": self.group_size,
-            "symmetric": self.symmetric,
-            "zero_point": "float" if float_zero else "integer",
-            "scale_dtype": next(k for k, v in SCALE_DTYPES.items() if v == self.scales.dtype),
+    def spec(self) -> dict[str, Any]:
+        spec: dict[str, Any] = {
+            "kind": self.kind,
             "in_features": self.in_features,
             "out_features": self.out_features,
+            "scheme": self.scheme.to_dict(),
+        }
+        if self.stage is not None:
+            spec["stage"] = self.stage
+        return spec
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], original: nn.Module) -> QuantLinear:
+        k, n = linear_features(original)
+        if (k, n) != (spec["in_features"], spec["out_features"]):
+            raise CheckpointError(
+                f"the config describes a {spec['in_features']} -> {spec['out_features']} layer where the model has "
+                f"{k} -> {n}"
+            )
+        weight = original.weight
+        layer = cls(k, n, QuantScheme.from_dict(spec["scheme"]), bias=original.bias is not None, dtype=weight.dtype)
+        layer.stage = spec.get("stage")
+        return layer
+
+    @classmethod
+    def validate_spec(cls, name: str, spec: dict[str, Any]) -> None:
+        missing = [k for k in ("in_features", "out_features", "scheme") if k not in spec]
+        if missing:
+            raise CheckpointError(f"quantization_config.layers[{name!r}] lacks {missing}")
+        scheme = QuantScheme.from_dict(spec["scheme"])
+        if scheme.weights.num_bits not in SUPPORTED_BITS:
+            raise CheckpointError(f"quantization_config.layers[{name!r}] has num_bits={scheme.weights.num_bits}")
+
+    @staticmethod
+    def spec_from_v1(name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        """A layer entry of checkpoint format 1 (flat bits/group_size/... keys) as a format-2 spec."""
+        missing = [k for k in _V1_KEYS if k not in spec] if isinstance(spec, dict) else list(_V1_KEYS)
+        if missing:
+            raise CheckpointError(f"quantization_config.layers[{name!r}] lacks {missing}")
+        if spec["zero_point"] not in ("integer", "float") or spec["scale_dtype"] not in SCALE_DTYPES:
+            raise CheckpointError(f"quantization_config.layers[{name!r}] is malformed: {spec}")
+        try:
+            scheme = QuantScheme.weight_only(
+                num_bits=spec["bits"],
+                group_size=spec["group_size"],
+                in_features=spec["in_features"],
+                symmetric=spec["symmetric"],
+                float_zero=spec["zero_point"] == "float",
+                scale_dtype=spec["scale_dtype"],
+            )
+        except ValueError as exc:
+            raise CheckpointError(f"quantization_config.layers[{name!r}] is malformed: {exc}") from None
+        return {
+            "kind": QuantLinear.kind,
+            "in_features": spec["in_features"],
+            "out_features": spec["out_features"],
+            "scheme": scheme.to_dict(),
         }
 
     @classmethod
-    def from_spec(
-        cls,
-        spec: dict,
-        *,
-        bias: bool,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-    ) -> QuantLinear:
-        """An empty layer (zero codes, unit scales) with the layout :meth:`spec` describes."""
-        scale_dtype = SCALE_DTYPES[spec["scale_dtype"]]
-        return cls(
-            spec["in_features"],
-            spec["out_features"],
-            bits=spec["bits"],
-            group_size=spec["group_size"],
-            symmetric=spec["symmetric"],
-            bias=bias,
-            scale_dtype=scale_dtype,
-            zero_dtype=scale_dtype if spec["zero_point"] == "float" else torch.uint8,
-            dtype=dtype,
-            device=device,
-        )
+    def expected_tensors(cls, name: str, spec: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]:
+        scheme = QuantScheme.from_dict(spec["scheme"])
+        w = scheme.weights
+        n, k = spec["out_features"], spec["in_features"]
+        groups = num_groups(k, w.group_size if w.strategy == "group" else k)
+        scale = _SAFETENSORS_DTYPES[SCALE_DTYPES[w.scale_dtype]]
+        out = {
+            f"{name}.qweight": ("U8", (n, packed_columns(k, w.num_bits))),
+            f"{name}.scales": (scale, (n, groups)),
+        }
+        if not w.symmetric:
+            out[f"{name}.zeros"] = (scale if w.float_zero else "U8", (n, groups))
+        act = scheme.input_activations
+        if act is not None and not act.dynamic:
+            out[f"{name}.input_scale"] = ("F32", (1,))
+        return out
+
+    def check_loaded(self, name: str) -> None:
+        if self.qweight.is_meta:
+            raise CheckpointError(f"tensor {name}.qweight was not loaded")
+        scales = self.scales.float()
+        if not torch.isfinite(scales).all() or not (scales > 0).all():
+            raise CheckpointError(
+                f"tensor {name}.scales holds NaN, infinite or non-positive values; the checkpoint is corrupt"
+            )
+        if not self.symmetric:
+            if self.zeros.is_floating_point():
+                if not torch.isfinite(self.zeros.float()).all():
+                    raise CheckpointError(
+                        f"tensor {name}.zeros holds NaN or infinite values; the checkpoint is corrupt"
+                    )
+            elif int(self.zeros.max()) > 2**self.bits - 1:
+                raise CheckpointError(
+                    f"tensor {name}.zeros exceeds {2**self.bits - 1}, the largest {self.bits}-bit code"
+                )
+        if hasattr(self, "input_scale"):
+            s = self.input_scale
+            if not torch.isfinite(s).all() or not (s > 0).all():
+                raise CheckpointError(f"tensor {name}.input_scale is not a finite positive scale")
+
+    # -- what the kernels read --------------------------------------------------------------
 
     def zero_points(self) -> torch.Tensor:
         """``[N, G]`` zero points, the constant ``2**(bits-1)`` (uint8) for symmetric layers."""
@@ -138,14 +235,26 @@ class QuantLinear(nn.Module):
         # Moving or casting the layer replaces its buffers: drop kernel state built from them.
         self._kernel_cache.clear()
         self._path_cache.clear()
-        return super()._apply(fn, recurse)
+        # The layout tensors follow a move but never a cast: their dtypes are the format (as
+        # bitsandbytes and torchao keep theirs). `fn` is tried on an empty probe first, so a
+        # cast is never applied to them, even transiently.
+        layout = {n: self._buffers[n] for n in _LAYOUT_BUFFERS if self._buffers.get(n) is not None}
+        for n in layout:
+            self._buffers[n] = None
+        try:
+            result = super()._apply(fn, recurse)
+        finally:
+            for n, tensor in layout.items():
+                probe = fn(torch.empty(0, dtype=tensor.dtype, device=tensor.device))
+                self._buffers[n] = fn(tensor) if probe.dtype == tensor.dtype else tensor.to(device=probe.device)
+        return result
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dispatch.quant_linear_forward(self, x)
 
     def extra_repr(self) -> str:
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}, "
             f"group_size={self.group_size}, symmetric={self.symmetric}, bias={self.bias is not None}"
         )
 

@@ -1,4 +1,6 @@
-"""The one place hfcompress reaches the Triton kernels (imported only for CUDA tensors)."""
+"""The one place hfcompress reaches the Triton kernels: the ``triton_w4a16`` kernel of the
+dispatch registry (CUDA, 4-bit weight-only). Triton itself is imported only on the first
+CUDA call."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+from hfcompress.quant.dispatch import Kernel, register_kernel
 
 if TYPE_CHECKING:
     from hfcompress.quant.linear import QuantLinear
@@ -47,3 +51,10 @@ def w4a16_linear(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         w = w4a16.w4_dequantize(layer.qweight, layer.scales, zeros, layer.group_size, layer.in_features, x2.dtype)
         y = F.linear(x2, w, None if layer.bias is None else layer.bias.to(x2.dtype))
     return y.reshape(*lead, layer.out_features)
+
+
+def _supports(layer: QuantLinear, x: torch.Tensor) -> bool:
+    return x.is_cuda and layer.bits == 4 and layer.scheme.input_activations is None and available()
+
+
+register_kernel(Kernel("triton_w4a16", _supports, w4a16_linear, priority=30))

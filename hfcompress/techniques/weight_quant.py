@@ -13,10 +13,14 @@ from torch import nn
 
 from hfcompress.config import TechniqueConfig, invalid
 from hfcompress.errors import ModelError
-from hfcompress.modifier import CompressionContext, Modifier
+from hfcompress.kinds import is_linear_like, linear_features, linear_weight, swap_module
+from hfcompress.layerwise import materialize_offloaded
+from hfcompress.modifier import CompressionContext, ModelView, Modifier
+from hfcompress.quant.affine import QuantizedWeight
 from hfcompress.quant.linear import SCALE_DTYPES, QuantLinear
 from hfcompress.quant.packing import SUPPORTED_BITS
-from hfcompress.targets import check_patterns, resolve_linear_targets
+from hfcompress.quant.scheme import QuantScheme
+from hfcompress.targets import check_patterns, select
 
 __all__ = ["SCALE_DTYPES", "WeightQuantConfig", "WeightQuantModifier"]
 
@@ -28,7 +32,7 @@ class WeightQuantConfig(TechniqueConfig):
     """Fields shared by the weight-only quantization techniques.
 
     Args:
-        bits: Bits per weight: 2, 3, 4 or 8.
+        bits: Bits per weight: 2, 3, 4 or 8 (a scheme's ``num_bits``).
         group_size: Input columns (along ``in_features``) that share one scale and zero
             point; ``-1`` for one per output channel. A partial last group is allowed.
         symmetric: Symmetric range with the zero point fixed at ``2**(bits-1)``; otherwise
@@ -37,7 +41,8 @@ class WeightQuantConfig(TechniqueConfig):
             include 0 (GPTQ's convention). ``"float"``: zero points stored like the scales,
             the grid spans exactly each group's min and max (GGUF Q4_1 and HQQ's convention).
         scale_dtype: Storage dtype of the scales (and float zero points).
-        targets: Layers to quantize: module names, class names or ``re:`` patterns.
+        targets: Layers to quantize: module names, class names or ``re:`` patterns
+            (``Linear`` selects every linear-like layer, GPT-2's ``Conv1D`` included).
         ignore: Layers to leave alone, same pattern syntax; wins over ``targets``.
     """
 
@@ -67,34 +72,77 @@ class WeightQuantConfig(TechniqueConfig):
     def torch_scale_dtype(self) -> torch.dtype:
         return SCALE_DTYPES[self.scale_dtype]
 
+    def scheme(self, in_features: int, *, actorder: bool = False, observer: str = "minmax") -> QuantScheme:
+        """The weight-only scheme this config gives a layer with ``in_features`` inputs."""
+        return QuantScheme.weight_only(
+            num_bits=self.bits,
+            group_size=self.group_size,
+            in_features=in_features,
+            symmetric=self.symmetric,
+            float_zero=self.zero_point == "float",
+            scale_dtype=self.scale_dtype,
+            actorder=actorder,
+            observer=observer,
+        )
+
 
 class WeightQuantModifier(Modifier):
-    """Resolves and checks the targeted Linear layers; subclasses quantize them."""
+    """Resolves and checks the targeted linear-like layers; subclasses quantize them.
+
+    ``check`` resolves the targets against the model as the earlier stages leave it (a layer
+    an earlier stage compressed is no longer a target) and keeps the result; ``apply``
+    quantizes exactly those layers.
+    """
 
     config: WeightQuantConfig
+    observer = "minmax"  # what the scheme records as the way ranges were chosen
 
-    def layers(self, model: nn.Module) -> dict[str, nn.Linear]:
-        return resolve_linear_targets(model, self.config.targets, self.config.ignore)
+    def __init__(self, config: WeightQuantConfig, stage: str) -> None:
+        super().__init__(config, stage)
+        self.planned: list[str] = []
 
-    def check(self, model: nn.Module, context: CompressionContext) -> None:
-        super().check(model, context)
-        layers = self.layers(model)
-        if not layers:
-            linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
+    def _select(self, view: ModelView) -> tuple[list[str], list[str]]:
+        """(float linear-like layers selected, selected layers an earlier stage compresses)."""
+        chosen = select(view.pairs(), self.config.targets, self.config.ignore)
+        free, taken = [], []
+        for name in chosen:
+            entry = view.entries[name]
+            if entry.stage is not None and entry.module is not None and is_linear_like(entry.module):
+                taken.append(name)
+            elif entry.stage is None and is_linear_like(entry.module):
+                free.append(name)
+        return free, taken
+
+    def check(self, model: nn.Module, context: CompressionContext, view: ModelView) -> None:
+        super().check(model, context, view)
+        names, taken = self._select(view)
+        if not names:
+            if taken:
+                stages = sorted({view.entries[n].stage for n in taken})
+                raise self.error(
+                    f"targets={list(self.config.targets)} with ignore={list(self.config.ignore)} select no layer left "
+                    f"to quantize: the {len(taken)} layer(s) they match (e.g. {taken[0]!r}) are compressed by the "
+                    f"earlier stage(s) {stages}. Remove this stage, or narrow the earlier stage's targets"
+                )
+            linear = [n for n, e in view.entries.items() if is_linear_like(e.module) and e.stage is None][:8]
             raise self.error(
                 f"targets={list(self.config.targets)} with ignore={list(self.config.ignore)} select no "
-                f"nn.Linear layer; Linear layers in this model include {linear}"
+                f"linear layer; linear layers in this model include {linear}"
             )
-        for name, layer in layers.items():
-            if self.config.group_size > layer.in_features:
+        for name in names:
+            layer = view.entries[name].module
+            in_features = linear_features(layer)[0]
+            if self.config.group_size > in_features:
                 raise self.error(
-                    f"group_size={self.config.group_size} exceeds in_features={layer.in_features} of layer "
-                    f"{name!r}; use group_size=-1 (per channel), a size <= {layer.in_features}, or add "
+                    f"group_size={self.config.group_size} exceeds in_features={in_features} of layer "
+                    f"{name!r}; use group_size=-1 (per channel), a size <= {in_features}, or add "
                     f"{name!r} to ignore"
                 )
-            # Offloaded (meta) weights are checked when a layerwise stage loads them.
+            # Offloaded (meta) weights are checked when they are loaded.
             if not layer.weight.is_meta:
-                self.check_finite(name, layer.weight)
+                self.check_finite(name, linear_weight(layer))
+        view.claim(names, self.stage, QuantLinear.__name__)
+        self.planned = names
 
     def check_finite(self, name: str, weight: torch.Tensor) -> None:
         if not torch.isfinite(weight).all():
@@ -103,13 +151,33 @@ class WeightQuantModifier(Modifier):
                 "give a silently wrong model. Fix the checkpoint or add the layer to ignore"
             )
 
+    def quantized_layer(self, layer: nn.Module, qw: QuantizedWeight, *, actorder: bool = False) -> QuantLinear:
+        """The ``QuantLinear`` holding ``qw`` in place of the float ``layer`` (bias kept)."""
+        scheme = self.config.scheme(qw.q.shape[1], actorder=actorder, observer=self.observer)
+        bias = layer.bias.detach() if layer.bias is not None else None
+        new = QuantLinear.from_quantized(qw, scheme, bias=bias)
+        new.stage = self.stage
+        return new
+
     @staticmethod
-    def replace(model: nn.Module, name: str, new: QuantLinear) -> None:
+    def replace(model: nn.Module, name: str, new: nn.Module) -> None:
         """Swap the layer ``name`` for ``new``, untying an output embedding it shared."""
-        old = model.get_submodule(name)
-        config = getattr(model, "config", None)
-        get_out = getattr(model, "get_output_embeddings", None)
-        if get_out is not None and get_out() is old and getattr(config, "tie_word_embeddings", False):
-            # The input embedding keeps the float weight; the output head is now its own tensor.
-            config.tie_word_embeddings = False
-        model.set_submodule(name, new)
+        swap_module(model, name, new)
+
+    @staticmethod
+    def load_offloaded(model: nn.Module, name: str) -> None:
+        """Load the weights of layer ``name`` if accelerate offloaded them (with the rest of the
+        outermost offloaded module around it, as a layerwise stage loads a block)."""
+        parts = name.split(".")
+        for depth in range(len(parts) + 1):
+            module = model.get_submodule(".".join(parts[:depth]))
+            hook = getattr(module, "_hf_hook", None)
+            if hook is not None and getattr(hook, "offload", False):
+                materialize_offloaded(module)
+                return
+        layer = model.get_submodule(name)
+        if any(t.is_meta for t in layer.parameters()):
+            raise ModelError(
+                f"layer {name!r} has weights on the meta device and no offload hook to load them from; load the "
+                "model with device_map/offload_folder (accelerate) or in memory"
+            )

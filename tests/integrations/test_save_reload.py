@@ -46,14 +46,27 @@ def test_saved_config_records_recipe_and_layers(tiny_llama, tmp_path):
     config = json.loads((tmp_path / "m" / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "hfcompress"
     assert config["recipe"]["stages"][0]["technique"] == "rtn"
+    assert config["format_version"] == 2
     assert config["layers"]["model.layers.0.self_attn.q_proj"] == {
-        "bits": 4,
-        "group_size": 32,
-        "symmetric": False,
-        "zero_point": "integer",
-        "scale_dtype": "float16",
+        "kind": "quant_linear",
         "in_features": 80,
         "out_features": 80,
+        "stage": "stage_0",
+        "scheme": {
+            "weights": {
+                "num_bits": 4,
+                "type": "int",
+                "symmetric": False,
+                "strategy": "group",
+                "group_size": 32,
+                "dynamic": False,
+                "actorder": None,
+                "observer": "minmax",
+                "scale_dtype": "float16",
+                "zp_dtype": "uint8",
+            },
+            "input_activations": None,
+        },
     }
     assert hfcompress.Recipe.from_dict(config["recipe"]) == hfcompress.Recipe([RTNConfig(bits=4, group_size=32)])
 
@@ -119,9 +132,9 @@ def test_truncated_file_fails_to_load(saved):
 def test_malformed_config_fails_to_load(saved):
     path = saved / "config.json"
     config = json.loads(path.read_text())
-    del config["quantization_config"]["layers"]["model.layers.0.mlp.up_proj"]["bits"]
+    del config["quantization_config"]["layers"]["model.layers.0.mlp.up_proj"]["scheme"]
     path.write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"layers\['model.layers.0.mlp.up_proj'\] lacks \['bits'\]"):
+    with pytest.raises(CheckpointError, match=r"layers\['model.layers.0.mlp.up_proj'\] lacks \['scheme'\]"):
         AutoModelForCausalLM.from_pretrained(saved)
 
 

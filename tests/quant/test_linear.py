@@ -4,6 +4,7 @@ import torch
 from hfcompress.quant import dispatch
 from hfcompress.quant.affine import quantize_rtn
 from hfcompress.quant.linear import QuantLinear
+from hfcompress.quant.scheme import QuantScheme
 
 
 def _layer(n, k, *, bits=4, group_size=32, symmetric=False, float_zero=False, bias=False, seed=0):
@@ -11,7 +12,10 @@ def _layer(n, k, *, bits=4, group_size=32, symmetric=False, float_zero=False, bi
     w = torch.randn(n, k, generator=g)
     qw = quantize_rtn(w, bits=bits, group_size=group_size, symmetric=symmetric, float_zero=float_zero)
     b = torch.randn(n, generator=g) if bias else None
-    return QuantLinear.from_quantized(qw, symmetric=symmetric, bias=b), qw
+    scheme = QuantScheme.weight_only(
+        num_bits=bits, group_size=group_size, in_features=k, symmetric=symmetric, float_zero=float_zero
+    )
+    return QuantLinear.from_quantized(qw, scheme, bias=b), qw
 
 
 def _rel_err(y, ref):

@@ -5,6 +5,7 @@ import torch
 
 from hfcompress.quant.affine import compute_qparams, dequantize, quantize, quantize_rtn
 from hfcompress.quant.linear import QuantLinear
+from hfcompress.quant.scheme import QuantScheme
 from hfcompress.techniques.gptq.algorithm import HessianAccumulator, quantize_weight, search_qparams
 
 
@@ -77,7 +78,8 @@ def test_act_order_keeps_static_groups_and_the_packed_layout():
     scales, zeros = compute_qparams(w, bits=4, group_size=16, symmetric=False)
     assert torch.equal(result.weight.scales, scales) and torch.equal(result.weight.zeros, zeros)
     # Codes are in natural column order: packing and unpacking gives the same weight and output.
-    layer = QuantLinear.from_quantized(result.weight, symmetric=False)
+    scheme = QuantScheme.weight_only(num_bits=4, group_size=16, in_features=64, symmetric=False, actorder=True)
+    layer = QuantLinear.from_quantized(result.weight, scheme)
     assert torch.equal(layer.dequantize(), result.weight.dequantize())
     torch.testing.assert_close(torch.nn.functional.linear(x, layer.dequantize()), x @ result.weight.dequantize().t())
 

@@ -5,7 +5,6 @@ import logging
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from hfcompress import CalibrationDataError, CheckpointError, GPTQConfig, QuantLinear, RecipeError, RTNConfig, compress
 from hfcompress.techniques.gptq import modifier as gptq_modifier
@@ -90,7 +89,7 @@ def test_checkpoint_of_another_run_is_refused(tmp_path):
         progress=False,
         checkpoint_dir=tmp_path,
     )
-    with pytest.raises(CheckpointError, match="belongs to a run with other settings"):
+    with pytest.raises(CheckpointError, match="belongs to a run with other stage settings"):
         compress(
             make_tiny_llama(),
             [GPTQConfig(bits=3, group_size=16)],
@@ -136,11 +135,13 @@ def test_calibration_from_a_text_file_and_a_dataset(tiny_llama, tmp_path):
         assert isinstance(model.model.layers[1].self_attn.o_proj, QuantLinear)
 
 
-def test_unknown_architecture_is_refused_before_anything_changes():
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).eval()
-    config = GPTQConfig(bits=4, group_size=16, targets=("lm_head",), ignore=())
-    with pytest.raises(RecipeError, match=r"stage 'stage_0' \(gptq\): no layer table for model_type='gpt2'"):
+def test_model_without_blocks_is_refused_before_anything_changes():
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32))
+    before = model[0].weight.clone()
+    config = GPTQConfig(bits=4, group_size=16)
+    with pytest.raises(RecipeError, match=r"stage 'stage_0' \(gptq\): cannot find the repeated transformer blocks"):
         compress(model, [config], calibration_data=CALIB % 64, progress=False)
+    assert isinstance(model[0], torch.nn.Linear) and torch.equal(model[0].weight, before)
 
 
 def test_damping_escalation_is_logged(tiny_llama, caplog):

@@ -17,10 +17,12 @@ from tests.conftest import make_tiny_bert, make_tiny_llama
         (6, "skip", 3, (1, 3, 5)),
         (12, "skip", 6, (1, 3, 5, 7, 9, 11)),
         (6, "last", 3, (3, 4, 5)),
-        (12, "skip", 5, (1, 3, 5, 7, 9)),
+        (12, "skip", 5, (2, 4, 7, 9, 11)),
+        (6, "skip", 4, (1, 2, 4, 5)),
+        (30, "skip", 8, (3, 7, 11, 14, 18, 22, 26, 29)),
         (4, "last", 1, (3,)),
     ],
-    ids=["6-skip-3", "12-skip-6", "6-last-3", "12-skip-5", "4-last-1"],
+    ids=["6-skip-3", "12-skip-6", "6-last-3", "12-skip-5", "6-skip-4", "30-skip-8", "4-last-1"],
 )
 def test_pkd_strategies(n, strategy, k, expected):
     assert layer_map(n, strategy, num_student_layers=k) == expected
@@ -92,7 +94,7 @@ def test_student_of_a_student_records_the_original_teacher_layers():
     assert getattr(student.config, LAYER_MAP_KEY) == {"teacher_layers": [1, 3], "num_teacher_layers": 4}
 
 
-def test_model_without_a_layer_table_is_refused():
+def test_model_without_repeated_blocks_is_refused():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2))
-    with pytest.raises(hfcompress.ModelError, match="no layer table"):
+    with pytest.raises(hfcompress.ModelError, match="cannot find the repeated transformer blocks of Sequential"):
         drop_layers(model, (0,))

@@ -191,7 +191,7 @@ def test_bad_mapping_fails_before_training(bert_setup, overrides, message):
 def test_quantized_model_cannot_be_distilled(bert_setup):
     model, _, train = bert_setup
     hfcompress.compress(model, hfcompress.Recipe([hfcompress.RTNConfig(bits=4, group_size=32)]), progress=False)
-    with pytest.raises(hfcompress.RecipeError, match="is already quantized"):
+    with pytest.raises(hfcompress.RecipeError, match="is already compressed"):
         hfcompress.compress(model, _pkd_recipe(), train_dataset=train)
 
 

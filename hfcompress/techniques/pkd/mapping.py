@@ -2,8 +2,8 @@
 
 A mapping is the tuple of teacher layer indices (0-based) the student keeps, in order:
 student layer ``i`` starts as a copy of teacher layer ``mapping[i]`` and, under PKD, learns
-from that layer's output. The blocks are found through the per-``model_type`` tables of
-:mod:`hfcompress.architectures`, so any architecture listed there can be shortened.
+from that layer's output. The blocks are found by :func:`hfcompress.architectures.blocks_of`, so any architecture
+whose blocks it finds can be shortened.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ def layer_map(
 
     Args:
         num_teacher_layers: Blocks in the teacher (n).
-        strategy: ``"skip"`` (PKD-Skip: every (n // k)-th layer, ending on the last one of each
-            stride: 6 -> 3 keeps 1, 3, 5), ``"last"`` (PKD-Last: the last k layers) or
+        strategy: ``"skip"`` (PKD-Skip: the last layer of each of k equal spans of the teacher:
+            6 -> 3 keeps 1, 3, 5; 6 -> 4 keeps 1, 2, 4, 5), ``"last"`` (PKD-Last: the last k layers) or
             ``"explicit"`` (``layers`` as given).
         num_student_layers: k, for ``skip`` and ``last``.
         layers: The explicit list, for ``explicit``: strictly increasing, each in [0, n).
@@ -67,8 +67,11 @@ def layer_map(
         raise RecipeError(f"a student of {k} layers from a teacher of {n}: accepted 1..{n - 1} layers")
     if strategy == "last":
         return tuple(range(n - k, n))
-    stride = n // k
-    return tuple(stride * (i + 1) - 1 for i in range(k))
+    # Student layer i takes the last teacher layer of the i-th of k equal spans of the
+    # teacher: ceil((i + 1) * n / k) - 1. When k divides n this is every (n / k)-th layer
+    # (6 -> 3 keeps 1, 3, 5, the paper's PKD-Skip); otherwise the spans still cover the whole
+    # teacher and end on its last layer (6 -> 4 keeps 1, 2, 4, 5; 30 -> 8 keeps 3, 7, ..., 29).
+    return tuple(-(-(i + 1) * n // k) - 1 for i in range(k))
 
 
 def drop_layers(model: nn.Module, keep: Sequence[int], *, copy_model: bool = False) -> nn.Module:

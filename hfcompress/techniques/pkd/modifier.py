@@ -9,9 +9,10 @@ import tempfile
 
 from torch import nn
 
+from hfcompress.architectures import blocks_of
 from hfcompress.errors import HfCompressError
-from hfcompress.modifier import CompressionContext, Modifier
-from hfcompress.quant.linear import QuantLinear
+from hfcompress.kinds import CompressedModule
+from hfcompress.modifier import CompressionContext, ModelView, Modifier
 from hfcompress.techniques.pkd.config import PKDConfig
 from hfcompress.techniques.pkd.mapping import drop_layers, layer_map, num_layers
 
@@ -32,22 +33,27 @@ class PKDModifier(Modifier):
         last = len(keep) if self.config.match_last_layer else len(keep) - 1
         return [(i, keep[i]) for i in range(last)]
 
-    def check(self, model: nn.Module, context: CompressionContext) -> None:
-        super().check(model, context)
+    def check(self, model: nn.Module, context: CompressionContext, view: ModelView) -> None:
+        super().check(model, context, view)
         if "input_ids" not in getattr(context.train_dataset, "column_names", ["input_ids"]):
             raise self.error(
                 "train_dataset has no 'input_ids' column; tokenize it first (for GLUE: "
                 "hfcompress.glue.tokenize_glue(load_glue(task, 'train'), tokenizer))"
             )
-        if any(isinstance(m, QuantLinear) for m in model.modules()):
+        compressed = [
+            n for n, e in view.entries.items() if e.stage is not None or isinstance(e.module, CompressedModule)
+        ]
+        if compressed:
             raise self.error(
-                "the model is already quantized and cannot be trained; distil first and quantize in a later stage, "
-                "or pass a compressed teacher to hfcompress.DistillationTrainer(teacher=...)"
+                f"the model is already compressed ({compressed[0]!r}, ...) and cannot be trained; distil first and "
+                "quantize in a later stage, or pass a compressed teacher to hfcompress.DistillationTrainer(teacher=...)"
             )
         try:
-            self._keep(model)
-        except HfCompressError as exc:  # a bad mapping or a model without a layer table
+            keep = self._keep(model)
+            prefix, _ = blocks_of(model)
+        except HfCompressError as exc:  # a bad mapping or a model whose blocks cannot be found
             raise self.error(str(exc)) from exc
+        view.rename_blocks(prefix, keep)
 
     def apply(self, model: nn.Module, context: CompressionContext) -> None:
         from hfcompress.integrations.trainer import make_trainer

@@ -1,4 +1,4 @@
-"""Applies :class:`RTNConfig`: each targeted Linear becomes a ``QuantLinear``."""
+"""Applies :class:`RTNConfig`: each targeted linear layer becomes a ``QuantLinear``."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hfcompress.kinds import linear_weight
 from hfcompress.modifier import CompressionContext
 from hfcompress.quant.affine import quantize_rtn
-from hfcompress.quant.linear import QuantLinear
 from hfcompress.techniques.rtn.config import RTNConfig
 from hfcompress.techniques.weight_quant import WeightQuantModifier
 
@@ -20,14 +20,19 @@ class RTNModifier(WeightQuantModifier):
 
     @torch.no_grad()
     def apply(self, model: nn.Module, context: CompressionContext) -> None:
-        layers = self.layers(model)
-        for name, linear in tqdm(layers.items(), desc=f"{self.stage}: RTN", disable=not context.progress):
+        for name in tqdm(self.planned, desc=f"{self.stage}: RTN", disable=not context.progress):
+            # Offloaded weights (accelerate device_map/offload_folder) are loaded first, and
+            # their block stays in memory, compressed, as GPTQ leaves it.
+            self.load_offloaded(model, name)
+            linear = model.get_submodule(name)
+            weight = linear_weight(linear).detach()
+            self.check_finite(name, weight)
             qw = quantize_rtn(
-                linear.weight.detach(),
+                weight,
                 bits=self.config.bits,
                 group_size=self.config.group_size,
                 symmetric=self.config.symmetric,
                 scale_dtype=self.config.torch_scale_dtype,
                 float_zero=self.config.zero_point == "float",
             )
-            self.replace(model, name, QuantLinear.from_quantized(qw, symmetric=self.config.symmetric, bias=linear.bias))
+            self.replace(model, name, self.quantized_layer(linear, qw))

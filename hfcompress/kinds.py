@@ -1,0 +1,152 @@
+"""Module kinds: the compressed modules a checkpoint can hold, in an explicit registry.
+
+A module kind is an ``nn.Module`` subclass of :class:`CompressedModule` that owns its layout:
+its ``spec()`` (plain data that the checkpoint's config records), how to rebuild an empty one
+from that spec in place of the float module it replaced, which tensors a checkpoint must
+hold for it, and the checks of those tensors once loaded. The transformers loader and the
+per-block checkpoints only talk to this interface, so a new technique adds a kind in one
+file plus one :func:`register_module_kind` line, without touching the loader.
+
+Linear-like float modules are ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2's
+projections, whose weight is stored transposed, ``[K, N]``); :func:`linear_weight` gives
+either as ``W: [N, K]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from hfcompress.errors import CheckpointError
+
+__all__ = [
+    "LINEAR_CLASSES",
+    "CompressedModule",
+    "compressed_modules",
+    "get_module_kind",
+    "is_linear_like",
+    "linear_features",
+    "linear_weight",
+    "register_module_kind",
+    "registered_module_kinds",
+    "swap_module",
+]
+
+LINEAR_CLASSES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """True for a float ``nn.Linear`` or ``Conv1D`` (compressed kinds are not linear-like)."""
+    return isinstance(module, LINEAR_CLASSES)
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """``(in_features K, out_features N)`` of a linear-like module."""
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1]
+    return module.in_features, module.out_features
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight of a linear-like module as ``W: [N, K]`` (a view; Conv1D's is transposed)."""
+    if isinstance(module, Conv1D):
+        return module.weight.t()
+    return module.weight
+
+
+class CompressedModule(nn.Module):
+    """Base class of every module kind.
+
+    Subclasses set ``kind`` (the name a checkpoint records), ``replaces`` (the float module
+    classes it may stand in for), ``marker_tensors`` (tensor names that only this kind
+    stores, so a loader can tell a checkpoint holds one where its config says none), and
+    implement the methods below.
+    """
+
+    kind: ClassVar[str] = ""
+    replaces: ClassVar[tuple[type[nn.Module], ...]] = LINEAR_CLASSES
+    marker_tensors: ClassVar[tuple[str, ...]] = ()
+
+    def spec(self) -> dict[str, Any]:
+        """The layout as plain JSON data; must include ``"kind": self.kind``."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], original: nn.Module) -> CompressedModule:
+        """An empty module of ``spec``'s layout, to load tensors into, in place of ``original``
+        (whose bias presence and float dtype it follows). Called under ``torch.device("meta")``
+        by the loader."""
+        raise NotImplementedError
+
+    @classmethod
+    def validate_spec(cls, name: str, spec: dict[str, Any]) -> None:
+        """Raise :class:`CheckpointError` naming ``name`` when ``spec`` is malformed."""
+
+    @classmethod
+    def expected_tensors(cls, name: str, spec: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Every tensor a checkpoint must hold for this module, by full key: (safetensors
+        dtype, shape). Float tensors whose dtype follows the model (a bias) are left out."""
+        raise NotImplementedError
+
+    def check_loaded(self, name: str) -> None:
+        """Raise :class:`CheckpointError` when the loaded tensors are not usable."""
+
+    def storage_bytes(self) -> int:
+        """Bytes of the compressed weight (bias excluded)."""
+        raise NotImplementedError
+
+
+_KINDS: dict[str, type[CompressedModule]] = {}
+
+
+def register_module_kind(cls: type[CompressedModule]) -> type[CompressedModule]:
+    """Register a module kind under ``cls.kind``; a duplicate name raises ``ValueError``.
+    Usable as a class decorator."""
+    if not (isinstance(cls, type) and issubclass(cls, CompressedModule)) or not cls.kind:
+        raise ValueError(f"{cls!r} must subclass CompressedModule and set `kind`")
+    if cls.kind in _KINDS:
+        raise ValueError(f"module kind {cls.kind!r} is already registered by {_KINDS[cls.kind].__name__}")
+    _KINDS[cls.kind] = cls
+    return cls
+
+
+def get_module_kind(kind: str) -> type[CompressedModule]:
+    """The class registered as ``kind``, or a :class:`CheckpointError` listing the known kinds."""
+    _ensure_builtin_kinds()
+    try:
+        return _KINDS[kind]
+    except KeyError:
+        raise CheckpointError(
+            f"unknown module kind {kind!r}; this hfcompress knows {sorted(_KINDS)}. Upgrade hfcompress"
+        ) from None
+
+
+def registered_module_kinds() -> dict[str, type[CompressedModule]]:
+    _ensure_builtin_kinds()
+    return dict(_KINDS)
+
+
+def compressed_modules(model: nn.Module) -> dict[str, CompressedModule]:
+    """Every compressed module of ``model``, by qualified name, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, CompressedModule)}
+
+
+def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at ``name``, untying an output embedding that shared the old module's weight."""
+    old = model.get_submodule(name)
+    config = getattr(model, "config", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    if get_out is not None and get_out() is old and getattr(config, "tie_word_embeddings", False):
+        # The input embedding keeps the float weight; the output head is now its own tensor.
+        config.tie_word_embeddings = False
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text_config.tie_word_embeddings = False
+    model.set_submodule(name, new)
+
+
+def _ensure_builtin_kinds() -> None:
+    # The built-in kinds register when their module is imported.
+    import hfcompress.quant.linear  # noqa: F401

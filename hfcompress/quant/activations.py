@@ -1,0 +1,51 @@
+"""Input-activation quantization (the ``A8`` of ``W8A8`` / ``W4A8``), as pure functions.
+
+Activations are quantized symmetrically to signed 8-bit codes, either per token (each row of
+``x`` gets ``s = absmax(row) / 127``, computed on the fly) or per tensor (one scale, computed
+on the fly when dynamic, or calibrated once and stored with the layer when static)::
+
+    x_q = clamp(round(x / s), -128, 127)          x_hat = x_q * s
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hfcompress.quant.scheme import QuantArgs
+
+__all__ = ["activation_scales", "fake_quantize_activations", "quantize_activations"]
+
+
+def activation_scales(x: torch.Tensor, args: QuantArgs, static_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Scales for ``x: [..., K]``: ``[..., 1]`` per token, ``[1]`` per tensor (float32).
+
+    Args:
+        x: Activations.
+        args: The layer's input-activation args.
+        static_scale: The stored ``[1]`` scale of a static layer.
+    """
+    qmax = 2 ** (args.num_bits - 1) - 1
+    if not args.dynamic:
+        if static_scale is None:
+            raise ValueError("a static activation scheme needs its stored scale (input_scale)")
+        return static_scale.float()
+    if args.strategy == "token":
+        absmax = x.detach().abs().amax(dim=-1, keepdim=True).float()
+    else:
+        absmax = x.detach().abs().amax().float().reshape(1)
+    # An all-zero row quantizes to zeros under any positive scale.
+    return (absmax / qmax).clamp(min=torch.finfo(torch.float32).tiny)
+
+
+def quantize_activations(x: torch.Tensor, scales: torch.Tensor, num_bits: int = 8) -> torch.Tensor:
+    """Signed integer codes of ``x`` (int8 for 8 bits) under ``scales`` from :func:`activation_scales`."""
+    qmax = 2 ** (num_bits - 1) - 1
+    return torch.clamp(torch.round(x.float() / scales), -qmax - 1, qmax).to(torch.int8)
+
+
+def fake_quantize_activations(
+    x: torch.Tensor, args: QuantArgs, static_scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x`` rounded onto its 8-bit grid, in ``x``'s dtype: what an int8 kernel computes with."""
+    scales = activation_scales(x, args, static_scale)
+    return (quantize_activations(x, scales, args.num_bits).float() * scales).to(x.dtype)

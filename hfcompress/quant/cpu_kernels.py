@@ -1,0 +1,147 @@
+"""The CPU kernels: PyTorch's packed int4 and int8 weight-only matmuls.
+
+* ``cpu_int4``: 4-bit weights, ``aten._weight_int4pack_mm_for_cpu``. It needs N a multiple of
+  16, K a multiple of its block size (32, 64, 128 or 256) and bfloat16 activations and
+  scales (its float32 and float16 paths run 15-70x slower on the CPUs we measured), so the
+  weight is repacked once (rows and columns zero-padded) and the activation is cast to
+  bfloat16; accumulation is float32 inside the op, the output bfloat16.
+* ``cpu_int8``: 8-bit per-channel weights, ``aten._weight_int8pack_mm``, bfloat16
+  activations. The op is given unit scales and the layer's scales are applied to its output
+  in float32, so they are used unrounded; an asymmetric zero point becomes a rank-one
+  correction. The op crashes (torch 2.13) when K is not a multiple of 16, so K is zero-padded.
+
+Both serve weight-only schemes; a layer with quantized input activations goes elsewhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from hfcompress.quant.affine import num_groups
+from hfcompress.quant.dispatch import Kernel, cached, register_kernel
+
+if TYPE_CHECKING:
+    from hfcompress.quant.linear import QuantLinear
+
+__all__ = ["INT4_BLOCK_SIZES"]
+
+INT4_BLOCK_SIZES = (256, 128, 64, 32)
+_INT4_INNER_K_TILES = 2
+_FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _cpu_weight_only(layer: QuantLinear, x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in _FLOAT_INPUTS and layer.scheme.input_activations is None
+
+
+def _int4_block_size(layer: QuantLinear) -> int | None:
+    """The op's block size for ``layer``, or None when none tiles its groups.
+
+    A block of the op must lie inside one of our groups: its size must divide our group size
+    (per channel, any size does). Among those, the largest that also divides K is preferred,
+    since then the activation needs no padding on every call (SmolLM2: K = 576, group 128
+    -> blocks of 64).
+    """
+    per_channel = num_groups(layer.in_features, layer.group_size) == 1
+    fitting = [q for q in INT4_BLOCK_SIZES if per_channel or layer.group_size % q == 0]
+    if not fitting:
+        return None
+    unpadded = [q for q in fitting if layer.in_features % q == 0]
+    return (unpadded or fitting)[0]
+
+
+@dataclass(frozen=True)
+class _Int4Pack:
+    weight: torch.Tensor  # op-specific packed layout of [Np, Kp]
+    scale_zero: torch.Tensor  # [Kp / qgs, Np, 2] bfloat16
+    group_size: int
+    padded_k: int
+
+
+@dataclass(frozen=True)
+class _Int8Pack:
+    weight: torch.Tensor  # [N, Kp] int8, codes - 128, K zero-padded to a multiple of 16
+    ones: torch.Tensor  # [N] bfloat16 unit scales for the op
+    scales: torch.Tensor  # [N] float32, applied to the op's output
+    correction: torch.Tensor | None  # [N] float32, (z - 128) * s; None when symmetric
+    padded_k: int
+
+
+def _supports_int4(layer: QuantLinear, x: torch.Tensor) -> bool:
+    return (
+        _cpu_weight_only(layer, x)
+        and layer.bits == 4
+        and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+        and _int4_block_size(layer) is not None
+    )
+
+
+def _build_int4(layer: QuantLinear) -> _Int4Pack:
+    qgs = _int4_block_size(layer)
+    n, k = layer.out_features, layer.in_features
+    padded_n, padded_k = -(-n // 16) * 16, -(-k // qgs) * qgs
+    codes = F.pad(layer.codes().to(torch.int32), (0, padded_k - k, 0, padded_n - n))
+    weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, _INT4_INNER_K_TILES)
+    # The op computes (q - 8) * s + m per block; ours is (q - z) * s, so m = (8 - z) * s.
+    group = torch.arange(padded_k // qgs) * qgs
+    group = torch.clamp(group // layer.group_size, max=layer.scales.shape[1] - 1)
+    s = layer.scales.float()[:, group]  # [N, Kp / qgs]
+    m = (8.0 - layer.zero_points().float()[:, group]) * s
+    scale_zero = torch.stack([s, m], dim=-1).transpose(0, 1)  # [Kp / qgs, N, 2]
+    scale_zero = F.pad(scale_zero, (0, 0, 0, padded_n - n), value=1.0)
+    return _Int4Pack(weight, scale_zero.to(torch.bfloat16).contiguous(), qgs, padded_k)
+
+
+def _cpu_int4_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    pack = cached(layer, "cpu_int4", _build_int4)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, layer.in_features).to(torch.bfloat16)
+    if pack.padded_k != layer.in_features:
+        x2 = F.pad(x2, (0, pack.padded_k - layer.in_features))
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, pack.weight, pack.group_size, pack.scale_zero)
+    if y.shape[1] != layer.out_features:
+        y = y[:, : layer.out_features]
+    y = y.to(x.dtype).reshape(*lead, layer.out_features)
+    return y if layer.bias is None else y + layer.bias.to(x.dtype)
+
+
+def _supports_int8(layer: QuantLinear, x: torch.Tensor) -> bool:
+    return (
+        _cpu_weight_only(layer, x)
+        and layer.bits == 8
+        and layer.scales.shape[1] == 1
+        and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+    )
+
+
+def _build_int8(layer: QuantLinear) -> _Int8Pack:
+    padded_k = -(-layer.in_features // 16) * 16
+    weight = (layer.codes().to(torch.int16) - 128).to(torch.int8)
+    weight = F.pad(weight, (0, padded_k - layer.in_features))
+    s = layer.scales.float()[:, 0]
+    correction = None if layer.symmetric else (layer.zeros.float()[:, 0] - 128.0) * s
+    ones = torch.ones(layer.out_features, dtype=torch.bfloat16)
+    return _Int8Pack(weight.contiguous(), ones, s, correction, padded_k)
+
+
+def _cpu_int8_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    pack = cached(layer, "cpu_int8", _build_int8)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, layer.in_features).to(torch.bfloat16)
+    if pack.padded_k != layer.in_features:
+        x2 = F.pad(x2, (0, pack.padded_k - layer.in_features))
+    # The op returns x @ (q - 128)^T rounded to bfloat16; the float32 scale comes after.
+    y = torch.ops.aten._weight_int8pack_mm(x2, pack.weight, pack.ones).float() * pack.scales
+    if pack.correction is not None:
+        # (q - z) * s = (q - 128) * s - (z - 128) * s: the second term is rank one.
+        y = y - x2.float().sum(dim=-1, keepdim=True) * pack.correction
+    y = y.to(x.dtype).reshape(*lead, layer.out_features)
+    return y if layer.bias is None else y + layer.bias.to(x.dtype)
+
+
+register_kernel(Kernel("cpu_int4", _supports_int4, _cpu_int4_forward, priority=20))
+register_kernel(Kernel("cpu_int8", _supports_int8, _cpu_int8_forward, priority=20))
