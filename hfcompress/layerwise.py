@@ -80,17 +80,29 @@ def offloaded_tensors(module: nn.Module) -> Iterator[tuple[nn.Module, str, torch
                     yield sub, name, weights[name]
 
 
-def materialize_offloaded(module: nn.Module, device: torch.device | str = "cpu") -> None:
+def materialize_offloaded(
+    module: nn.Module, device: torch.device | str = "cpu", *, model: nn.Module | None = None
+) -> None:
     """Load the weights accelerate offloaded out of ``module`` onto ``device`` and remove its
     offload hooks, so the module can be run and compressed like one that was always in
-    memory. Modules without hooks are left alone."""
+    memory. Modules without hooks are left alone. With ``model``, its ``hf_device_map`` is
+    updated (transformers reads it when saving)."""
     from accelerate.hooks import remove_hook_from_module
     from accelerate.utils import set_module_tensor_to_device
 
+    hooks = list(_offload_hooks(module))
+    if not hooks:
+        return
     for sub, name, value in list(offloaded_tensors(module)):
         set_module_tensor_to_device(sub, name, device, value=value)
-    for sub, _ in list(_offload_hooks(module)):
+    for sub, _ in hooks:
         remove_hook_from_module(sub)
+    device_map = getattr(model, "hf_device_map", None)
+    if isinstance(device_map, dict):
+        name = next((n for n, m in model.named_modules() if m is module), None)
+        for key in list(device_map):
+            if name is not None and (key == name or key.startswith(f"{name}.") or name.startswith(f"{key}.")):
+                device_map[key] = str(device)
 
 
 @functools.cache
@@ -284,7 +296,7 @@ class LayerwiseRunner:
             names = [n.removeprefix(local) for n in targets if n.startswith(local)]
             # A block accelerate offloaded to CPU or disk is loaded into memory for good: once
             # compressed it is a fraction of its float size.
-            materialize_offloaded(block)
+            materialize_offloaded(block, model=self.model)
             home = next(block.parameters(), next(block.buffers(), torch.empty(0))).device
             block.to(self.device)
             if names:

@@ -173,7 +173,7 @@ class WeightQuantModifier(Modifier):
             module = model.get_submodule(".".join(parts[:depth]))
             hook = getattr(module, "_hf_hook", None)
             if hook is not None and getattr(hook, "offload", False):
-                materialize_offloaded(module)
+                materialize_offloaded(module, model=model)
                 return
         layer = model.get_submodule(name)
         if any(t.is_meta for t in layer.parameters()):

@@ -90,3 +90,68 @@ def test_dense_weights_context_computes_with_the_dequantized_weight_and_forgets_
         assert "dense" in layer._kernel_cache
     torch.testing.assert_close(y, x @ qw.dequantize().t() + layer.bias)
     assert "dense" not in layer._kernel_cache
+
+
+def test_tiny_range_group_survives_save_and_reload(tiny_llama, llama_ids, tmp_path):
+    # Defect: a group with a tiny non-zero range got a float16 scale of 0, saved, and then
+    # failed to reload as "corrupt". Scales now clamp to float16's smallest normal value.
+    from transformers import AutoModelForCausalLM
+
+    import hfcompress
+
+    with torch.no_grad():
+        w = tiny_llama.model.layers[0].self_attn.q_proj.weight
+        w[3, :16] = torch.linspace(-1e-9, 1e-9, 16)
+    hfcompress.compress(tiny_llama, [hfcompress.RTNConfig(bits=4, group_size=16)], progress=False)
+    layer = tiny_llama.model.layers[0].self_attn.q_proj
+    assert layer.scales[3, 0].item() == torch.finfo(torch.float16).tiny
+    assert layer.dequantize()[3, :16].abs().max() <= torch.finfo(torch.float16).tiny * 15
+    expected = tiny_llama(llama_ids).logits
+    hfcompress.save_pretrained(tiny_llama, tmp_path / "m")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert torch.equal(reloaded(llama_ids).logits, expected)
+
+
+def test_float_zero_of_a_far_off_constant_group_stays_finite():
+    # A near-constant group far from 0: -min / scale must still fit in float16.
+    w = torch.full((2, 16), 100.0)
+    w[0, 0] += 1e-6
+    qw = quantize_rtn(w, bits=4, group_size=16, symmetric=False, float_zero=True)
+    assert torch.isfinite(qw.zeros.float()).all() and (qw.scales > 0).all()
+    torch.testing.assert_close(qw.dequantize(), w, atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize("float_zero", [False, True], ids=["integer-zero", "float-zero"])
+def test_casting_the_model_keeps_the_layout_dtypes(float_zero):
+    # Defect: model.to(torch.bfloat16) silently cast the float16 scales (and float zero points).
+    layer, qw = _layer(32, 64, float_zero=float_zero, bias=True)
+    model = torch.nn.Sequential(layer).to(torch.bfloat16)
+    assert layer.scales.dtype == torch.float16 and torch.equal(layer.scales, qw.scales)
+    assert layer.zeros.dtype == qw.zeros.dtype and torch.equal(layer.zeros, qw.zeros)
+    assert layer.qweight.dtype == torch.uint8 and layer.bias.dtype == torch.bfloat16
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    expected = torch.nn.functional.linear(x.float(), qw.dequantize(), layer.bias.float())
+    torch.testing.assert_close(dispatch.reference_forward(layer, x).float(), expected, atol=0.1, rtol=0.02)
+    model.to(torch.float32).half()
+    assert layer.scales.dtype == torch.float16 and layer.bias.dtype == torch.float16
+
+
+@pytest.mark.parametrize("strategy", ["token", "tensor"])
+def test_input_activation_quantization_on_the_reference_path(strategy):
+    from hfcompress.quant.activations import fake_quantize_activations
+    from hfcompress.quant.scheme import QuantArgs
+
+    act = QuantArgs(num_bits=8, symmetric=True, strategy=strategy, dynamic=True, observer=None, zp_dtype=None)
+    _, qw = _layer(16, 64, bits=8, group_size=-1, symmetric=True)
+    scheme = QuantScheme(
+        weights=QuantScheme.weight_only(num_bits=8, group_size=-1, in_features=64, symmetric=True).weights,
+        input_activations=act,
+    )
+    layer = QuantLinear.from_quantized(qw, scheme)
+    x = torch.randn(4, 64) * torch.linspace(0.1, 10, 4)[:, None]
+    xq = fake_quantize_activations(x, act)
+    scale = x.abs().amax(dim=-1, keepdim=True) / 127 if strategy == "token" else x.abs().max() / 127
+    assert torch.allclose(xq / scale, torch.round(xq / scale), atol=1e-4)  # on the 8-bit grid
+    assert (xq - x).abs().max() <= scale.max() / 2 + 1e-6
+    assert dispatch.select_path(layer, x) == "reference"  # the weight-only CPU ops cannot serve it
+    torch.testing.assert_close(layer(x), xq @ qw.dequantize().t())

@@ -183,3 +183,28 @@ def test_offloaded_model_gives_the_in_memory_tensors(tmp_path):
     assert len(quantized) == 3 * 7 * 3
     assert all(torch.equal(got[k], expected[k]) for k in quantized)
     torch.testing.assert_close(offloaded(CALIB).logits, in_memory(CALIB).logits)
+
+
+def test_layers_reading_one_input_share_one_product(tiny_llama, llama_ids):
+    # Defect: the docstring promised one x^T x for q/k/v and one for gate/up, but the identity
+    # check compared against a fresh `.detach()` and never matched (0 reuses).
+    block = tiny_llama.model.layers[0]
+    names = [n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {}
+    hooks = gptq_modifier._HessianHooks(block, names)
+
+    def keep_input(name):
+        def hook(_module, args, _output):
+            inputs[name] = args[0].detach()
+
+        return hook
+
+    handles = [block.get_submodule(n).register_forward_hook(keep_input(n)) for n in names]
+    tiny_llama(llama_ids)
+    hooks.remove()
+    for h in handles:
+        h.remove()
+    assert (hooks.products, hooks.reuses) == (4, 3)  # q/k/v, o, gate/up, down
+    for name in names:
+        x = inputs[name].reshape(-1, inputs[name].shape[-1])
+        torch.testing.assert_close(hooks.acc[name].hessian(), 2 * x.t() @ x / x.shape[0])

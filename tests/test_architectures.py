@@ -1,0 +1,174 @@
+"""Any architecture: blocks and layer groups are discovered, not tabulated.
+
+Four model types beyond the override table (GPT-2 with its Conv1D projections and fused
+c_attn, Phi-3 with fused qkv and gate/up projections, Mixtral's mixture of experts, OPT)
+compress with RTN and GPTQ, reload with equal logits, and GPTQ beats RTN on every block.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    MixtralConfig,
+    MixtralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+)
+
+import hfcompress
+from hfcompress import GPTQConfig, QuantLinear, RTNConfig, compress
+from hfcompress.architectures import ARCHITECTURES, blocks_of, find_blocks, sequential_groups
+from hfcompress.layerwise import capture_block_inputs, run_block
+from tests.conftest import make_tiny_bert, make_tiny_llama
+
+VOCAB = 128
+
+
+def _gpt2():
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=64))
+
+
+def _phi3():
+    config = Phi3Config(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    return Phi3ForCausalLM(config)
+
+
+def _mixtral():
+    config = MixtralConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+    )
+    return MixtralForCausalLM(config)
+
+
+def _opt():
+    config = OPTConfig(
+        hidden_size=64,
+        ffn_dim=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=VOCAB,
+        word_embed_proj_dim=64,
+        max_position_embeddings=64,
+        pad_token_id=1,
+    )
+    return OPTForCausalLM(config)
+
+
+MODELS = {"gpt2": _gpt2, "phi3": _phi3, "mixtral": _mixtral, "opt": _opt}
+# Quantized linear layers per model: GPT-2 4 Conv1D per block; Phi-3 4 (qkv, o, gate_up,
+# down); Mixtral q/k/v/o plus gate_up and down of 4 experts; OPT 6.
+QUANTIZED = {"gpt2": 8, "phi3": 8, "mixtral": 24, "opt": 12}
+CALIB = torch.randint(2, VOCAB, (16, 24), generator=torch.Generator().manual_seed(5))
+HELD_OUT = torch.randint(2, VOCAB, (8, 24), generator=torch.Generator().manual_seed(6))
+
+
+def _make(name: str):
+    torch.manual_seed(0)
+    return MODELS[name]().eval()
+
+
+@pytest.mark.parametrize("name", MODELS, ids=list(MODELS))
+@pytest.mark.parametrize("technique", ["rtn", "gptq"])
+def test_compresses_and_reloads_with_equal_logits(name, technique, tmp_path):
+    assert _make(name).config.model_type not in ARCHITECTURES
+    model = _make(name)
+    config = RTNConfig(bits=4, group_size=16) if technique == "rtn" else GPTQConfig(bits=4, group_size=16)
+    compress(model, [config], calibration_data=CALIB, progress=False)
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == QUANTIZED[name]
+    expected = model(HELD_OUT).logits
+    hfcompress.save_pretrained(model, tmp_path / name)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / name)
+    assert sum(isinstance(m, QuantLinear) for m in reloaded.modules()) == QUANTIZED[name]
+    assert torch.equal(reloaded(HELD_OUT).logits, expected)
+
+
+def _block_errors(float_model, quantized, ids) -> list[float]:
+    """MSE of each quantized block's output against the float block's, both fed the float
+    model's inputs to that block."""
+    _, float_blocks = blocks_of(float_model)
+    _, q_blocks = blocks_of(quantized)
+    inputs = capture_block_inputs(float_model, float_blocks[0], [{"input_ids": ids}], torch.device("cpu"))
+    errors = []
+    for fb, qb in zip(float_blocks, q_blocks, strict=True):
+        item = inputs[0]
+        with torch.no_grad():
+            ref = fb(*item.args, **item.kwargs)
+            out = qb(*item.args, **item.kwargs)
+        ref, out = (t[0] if isinstance(t, tuple) else t for t in (ref, out))
+        errors.append((out - ref).pow(2).mean().item())
+        inputs[0] = item.with_hidden(ref)
+    return errors
+
+
+@pytest.mark.parametrize("name", MODELS, ids=list(MODELS))
+def test_gptq_beats_rtn_on_every_block(name):
+    reference = _make(name)
+    rtn, gptq = copy.deepcopy(reference), copy.deepcopy(reference)
+    compress(rtn, [RTNConfig(bits=3, group_size=16)], progress=False)
+    compress(gptq, [GPTQConfig(bits=3, group_size=16)], calibration_data=CALIB, progress=False)
+    rtn_errors = _block_errors(reference, rtn, HELD_OUT)
+    gptq_errors = _block_errors(reference, gptq, HELD_OUT)
+    assert all(g < r for g, r in zip(gptq_errors, rtn_errors, strict=True)), (gptq_errors, rtn_errors)
+
+
+@pytest.mark.parametrize("make", [make_tiny_llama, make_tiny_bert], ids=["llama", "bert"])
+def test_discovery_agrees_with_the_override_table(make):
+    model = make()
+    assert find_blocks(model) == blocks_of(model)
+
+
+TABLE_GROUPS = {
+    "llama": [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+        ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"],
+        ["mlp.down_proj"],
+    ],
+    "bert": [
+        ["attention.self.query", "attention.self.key", "attention.self.value"],
+        ["attention.output.dense"],
+        ["intermediate.dense"],
+        ["output.dense"],
+    ],
+}
+
+
+@pytest.mark.parametrize("make,kind", [(make_tiny_llama, "llama"), (make_tiny_bert, "bert")], ids=["llama", "bert"])
+def test_traced_groups_are_the_layers_sharing_an_input(make, kind):
+    model = make()
+    _, blocks = blocks_of(model)
+    ids = torch.randint(1, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    inputs = capture_block_inputs(model, blocks[0], [{"input_ids": ids}], torch.device("cpu"))
+    names = [n for n, m in blocks[0].named_modules() if isinstance(m, torch.nn.Linear)]
+    assert sequential_groups(blocks[0], names, lambda: run_block(blocks[0], inputs)) == TABLE_GROUPS[kind]
+
+
+def test_true_sequential_runs_on_a_discovered_architecture():
+    model = _make("phi3")
+    compress(model, [GPTQConfig(bits=4, group_size=16, true_sequential=True)], calibration_data=CALIB, progress=False)
+    assert isinstance(model.model.layers[1].self_attn.qkv_proj, QuantLinear)

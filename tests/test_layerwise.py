@@ -1,0 +1,94 @@
+"""The generic layerwise runner: any per-block work, gradient steps included, with resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hfcompress.checkpointing import BlockCheckpoint, run_fingerprint
+from hfcompress.layerwise import Block, LayerwiseRunner
+from tests.conftest import make_tiny_llama
+
+BATCHES = [{"input_ids": torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(i))} for i in range(2)]
+TARGETS = [f"model.layers.{i}.mlp.down_proj" for i in range(3)]
+
+
+class _Killed(Exception):
+    pass
+
+
+def _train_norm(losses: list[tuple[float, float]]):
+    """A technique that takes gradient steps inside each block: it trains the block's MLP
+    output projection so the block's output moves towards half of what it was."""
+
+    def process(block: Block) -> None:
+        weight = block.module.mlp.down_proj.weight
+        targets = [0.5 * block.forward(item) for item in block.inputs]
+        weight.requires_grad_(True)
+        optimizer = torch.optim.Adam([weight], lr=0.01)
+        first = last = None
+        for _ in range(20):
+            with torch.enable_grad():
+                loss = sum(
+                    (block.forward(item, grad=True) - t).pow(2).mean()
+                    for item, t in zip(block.inputs, targets, strict=True)
+                )
+                optimizer.zero_grad()
+                loss.backward()
+            optimizer.step()
+            first = loss.item() if first is None else first
+            last = loss.item()
+        weight.requires_grad_(False)
+        losses.append((first, last))
+
+    return process
+
+
+def _run(model, checkpoint=None, process=None):
+    losses = []
+    runner = LayerwiseRunner(model, BATCHES, device=torch.device("cpu"), checkpoint=checkpoint, progress=False)
+    runner.run(process or _train_norm(losses), TARGETS)
+    return losses
+
+
+def test_process_can_take_gradient_steps_inside_a_block():
+    model = make_tiny_llama(layers=3)
+    reference = make_tiny_llama(layers=3)
+    losses = _run(model)
+    assert len(losses) == 3 and all(last < 0.8 * first for first, last in losses)
+    # The trained blocks are the model's now.
+    ids = BATCHES[0]["input_ids"]
+    hidden = model(ids, output_hidden_states=True).hidden_states
+    float_hidden = reference(ids, output_hidden_states=True).hidden_states
+    assert (hidden[1] - float_hidden[1]).abs().max() > 1e-3
+
+
+def _fingerprint(model):
+    return run_fingerprint({"stage": "train_norm"}, model, [b["input_ids"] for b in BATCHES])
+
+
+def test_a_killed_run_resumes_from_its_block_checkpoints_to_the_same_result(tmp_path, caplog):
+    expected = make_tiny_llama(layers=3)
+    _run(expected)
+
+    model = make_tiny_llama(layers=3)
+    losses: list = []
+    train = _train_norm(losses)
+
+    def killed_at_block_2(block: Block) -> None:
+        if block.index == 2:
+            raise _Killed
+        train(block)
+
+    with pytest.raises(_Killed):
+        _run(model, BlockCheckpoint(tmp_path, _fingerprint(model)), killed_at_block_2)
+
+    resumed = make_tiny_llama(layers=3)
+    checkpoint = BlockCheckpoint(tmp_path, _fingerprint(resumed))
+    assert checkpoint.completed(3) == 2
+    with caplog.at_level("INFO", logger="hfcompress.layerwise"):
+        losses = _run(resumed, checkpoint)
+    assert len(losses) == 1  # only block 2 was trained again
+    assert "resuming after block 2 of 3" in caplog.text
+    got, want = resumed.state_dict(), expected.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
