@@ -19,7 +19,7 @@ from hfcompress.modifier import CompressionContext, ModelView
 from hfcompress.patches import record_patch
 from hfcompress.recipe import Recipe
 from hfcompress.registry import technique_for_config
-from hfcompress.saving import save_atomically
+from hfcompress.saving import check_folder, save_atomically
 
 __all__ = ["compress", "save_pretrained"]
 
@@ -94,6 +94,8 @@ def compress(
         seed=seed,
         checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None,
     )
+    if checkpoint_dir is not None:
+        check_folder(checkpoint_dir, flag="checkpoint_dir")  # before any stage runs, not after block 1
     modifiers = [technique_for_config(s.config).modifier_cls(s.config, s.name) for s in recipe]
     # Fused MoE experts are split into per-expert Linear layers (views: nothing is copied and
     # the forward is the same) so that stages can target them; put back if no stage does.

@@ -166,7 +166,7 @@ class BlockCheckpoint:
         except Exception as exc:  # safetensors raises its own error types for damaged files
             raise self._damaged(index, f"is unreadable ({exc}; truncated by a crash or a full disk?)") from exc
         if metadata.get("block") != str(index):
-            raise self._damaged(index, f"holds block {metadata.get('block')!r}, not block {index} (copied or renamed)")
+            raise self._damaged(index, f"holds block {metadata.get('block')}, not block {index} (copied or renamed)")
         if metadata.get("sha256") != _content_hash(tensors):
             raise self._damaged(index, "does not match the content hash recorded when it was written")
         device = next(block.parameters(), next(block.buffers(), torch.empty(0))).device

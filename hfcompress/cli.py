@@ -4,6 +4,7 @@
         --output outputs/smollm2-w4 --report
     hfcompress eval ppl --model outputs/smollm2-w4 --max-windows 40
     hfcompress eval glue --model minilm-l6 --finetune --tasks rte,mrpc --output-dir outputs/glue
+    hfcompress verify outputs/smollm2-w4
     hfcompress distill --teacher outputs/glue/minilm-l6-rte --task rte \\
         --recipe recipes/minilm_pkd_skip3.yaml --output outputs/minilm-pkd3-rte
 """
@@ -80,12 +81,51 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--json", action="store_true", help="print the result as JSON")
     add_eval_glue_parser(esub)
     add_distill_parser(sub)
+
+    v = sub.add_parser("verify", help="check a saved compressed model: tensor hashes, and that it loads cleanly")
+    v.add_argument("folder", help="the saved model folder")
+    v.add_argument("--hashes-only", action="store_true", help="only recompute the tensor hashes (no model load)")
     return parser
 
 
-def _check_output(output: Path, overwrite: bool) -> None:
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
-        raise HfCompressError(f"--output {output} exists and is not empty; pass --overwrite to replace it")
+def _check_push_target(repo: str) -> None:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise HfCompressError(
+            f"--push-to-hub {repo}: HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it, or drop "
+            "--push-to-hub and upload the saved folder later with `hf upload`"
+        )
+
+
+def _push(output: Path, repo: str) -> None:
+    """Upload the saved folder as it is on disk (the files whose digests were just written)."""
+    from huggingface_hub import HfApi
+
+    try:
+        api = HfApi()
+        api.create_repo(repo, exist_ok=True)
+        api.upload_folder(folder_path=str(output), repo_id=repo)
+    except Exception as exc:  # network, auth or Hub errors: the local result stands
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HfCompressError(
+            f"the compressed model is saved, complete, in {output}; uploading it to {repo} failed ({reason}). "
+            f"Upload it later with `hf upload {repo} {output}`"
+        ) from None
+    logger.info("pushed %s to %s", output, repo)
+
+
+def _optional_tokenizer(name: str):
+    """The model's tokenizer if it has one, to save beside the compressed model; else None."""
+    from hfcompress.models import load_tokenizer
+
+    try:
+        return load_tokenizer(name)
+    except HfCompressError:
+        raise
+    except Exception as exc:  # no tokenizer files: a model folder saved without one
+        logger.warning("%s has no usable tokenizer (%s); the output folder will have none", name, exc)
+        return None
 
 
 def _compress(args: argparse.Namespace) -> int:
@@ -96,18 +136,35 @@ def _compress(args: argparse.Namespace) -> int:
     from hfcompress.eval.size import linear_layer_stats, size_report, total_bytes
     from hfcompress.models import load_model, load_tokenizer
     from hfcompress.report import measure
+    from hfcompress.saving import check_folder, check_output
 
-    recipe = hfcompress.Recipe.from_yaml(args.recipe)  # fail on a bad recipe before loading anything
-    output = Path(args.output)
-    _check_output(output, args.overwrite)
+    # Everything that can be checked without the model is checked before it loads, and the
+    # rest before the first stage runs: a bad path must not cost a GPTQ run of hours.
+    recipe = hfcompress.Recipe.from_yaml(args.recipe)
+    output = check_output(args.output, overwrite=args.overwrite)
+    if args.checkpoint_dir is not None:
+        check_folder(args.checkpoint_dir, flag="--checkpoint-dir")
+    if args.push_to_hub:
+        _check_push_target(args.push_to_hub)
+    calibrating = [s.name for s in recipe if type(s.config).needs_calibration]
+    if calibrating and args.calibration is None:
+        raise HfCompressError(
+            f"stage {calibrating[0]!r} needs calibration data; pass --calibration wikitext2:valid (or a text file)"
+        )
+    calibration = load_text(args.calibration) if calibrating else None
+    eval_text = load_text(args.eval_data) if args.report else None
     torch.manual_seed(args.seed)
 
     logger.info("loading %s", args.model)
-    model = load_model(args.model, task=args.task)
-    tokenizer = load_tokenizer(args.model)
-    is_lm = model.config.architectures[0].endswith("ForCausalLM")
+    model = load_model(args.model, task=args.task, strict=True, verify=True)
+    is_lm = model.config.architectures[0].endswith(("ForCausalLM", "LMHeadModel"))
+    # Only calibration and the report read text; a model folder without a tokenizer is
+    # compressed by a recipe that needs none.
+    tokenizer = (
+        load_tokenizer(args.model) if calibrating or (args.report and is_lm) else _optional_tokenizer(args.model)
+    )
     measure_kwargs = {
-        "eval_text": load_text(args.eval_data) if args.report and is_lm else None,
+        "eval_text": eval_text if is_lm else None,
         "seq_len": args.seq_len,
         "max_windows": args.max_windows,
         "decode_tokens": args.decode_tokens if is_lm else 0,
@@ -122,7 +179,7 @@ def _compress(args: argparse.Namespace) -> int:
         model,
         recipe,
         tokenizer=tokenizer,
-        calibration_data=args.calibration,
+        calibration_data=calibration,
         device=args.device,
         progress=not args.quiet,
         num_calibration_samples=args.num_calibration_samples,
@@ -134,14 +191,13 @@ def _compress(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - start
     logger.info("saved %s in %.1f s", output, wall)
     if args.push_to_hub:
-        model.push_to_hub(args.push_to_hub)
-        tokenizer.push_to_hub(args.push_to_hub)
-        logger.info("pushed to %s", args.push_to_hub)
+        _push(output, args.push_to_hub)
     if not args.report:
         return 0
 
     del model
-    reloaded = load_model(str(output), task=args.task)  # measure what was saved, not what is in memory
+    # Measure what was saved, not what is in memory.
+    reloaded = load_model(str(output), task=args.task, strict=True, verify=True)
     after_size = size_report(reloaded)
     names = [n for n, m in reloaded.named_modules() if isinstance(m, hfcompress.QuantLinear)]
     # The original measured on the same layers the recipe compressed, from stats taken before.
@@ -178,12 +234,13 @@ def _eval_ppl(args: argparse.Namespace) -> int:
     from hfcompress.eval.perplexity import text_perplexity
     from hfcompress.models import load_model, load_tokenizer
 
-    model = load_model(args.model, task=args.task or "causal-lm")
+    text = load_text(args.eval_data)
+    model = load_model(args.model, task=args.task or "causal-lm", strict=True, verify=True)
     tokenizer = load_tokenizer(args.model)
     result = text_perplexity(
         model,
         tokenizer,
-        load_text(args.eval_data),
+        text,
         seq_len=args.seq_len,
         max_windows=args.max_windows,
         batch_size=args.batch_size,
@@ -199,6 +256,24 @@ def _eval_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from hfcompress.integrity import verify_checkpoint
+    from hfcompress.models import load_model
+
+    report = verify_checkpoint(args.folder)
+    if report.unhashed_files:
+        logger.warning(
+            "%d file(s) record no digests (saved by another tool or an hfcompress before format 2): %s",
+            len(report.unhashed_files),
+            ", ".join(report.unhashed_files),
+        )
+    if not args.hashes_only:
+        load_model(args.folder, strict=True, verify=False)  # the config describes what the files hold
+    checked = "the hashes" if args.hashes_only else "the hashes, and the config against the files"
+    print(f"{args.folder}: OK ({report.checked} compressed tensors in {report.files} file(s) match; checked {checked})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
@@ -207,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             return _compress(args)
         if args.command == "distill":
             return run_distill(args)
+        if args.command == "verify":
+            return _verify(args)
         if args.metric == "glue":
             return run_eval_glue(args)
         return _eval_ppl(args)

@@ -4,8 +4,10 @@ A text source is one of:
 
 * ``wikitext2:test`` / ``wikitext2:valid`` (also ``wikitext2:validation``): WikiText-2 raw.
   Read from ``$HFCOMPRESS_DATA_DIR/wikitext-2-raw/wiki.<split>.raw`` or from the
-  ``shared/data`` folder beside this checkout; else from the Hub dataset ``wikitext``
-  (``wikitext-2-raw-v1``) when online.
+  ``shared/data`` folder beside this checkout; else, for the test split, from the copy this
+  package ships (``hfcompress/resources``, CC BY-SA 3.0, checked against the official
+  file's sha256), so that evaluation needs no network; else from the Hub dataset
+  ``wikitext`` (``wikitext-2-raw-v1``) when online.
 * a path to a text file. A file named ``wiki.*.raw`` is read as WikiText rows (below); any
   other file is used as it is.
 
@@ -16,18 +18,23 @@ dataset's ``text`` column.
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import os
+from importlib import resources
 from pathlib import Path
 
 import torch
 
 from hfcompress.errors import CalibrationDataError
 
-__all__ = ["DATA_ENV", "calibration_samples", "data_dir", "join_wikitext_rows", "load_text"]
+__all__ = ["DATA_ENV", "bundled_wikitext_test", "calibration_samples", "data_dir", "join_wikitext_rows", "load_text"]
 
 DATA_ENV = "HFCOMPRESS_DATA_DIR"
 _SPLITS = {"test": "test", "valid": "valid", "validation": "valid"}
 _HUB_SPLITS = {"test": "test", "valid": "validation"}
+_BUNDLED_TEST = "wikitext-2-raw-v1-test.raw.gz"
+_BUNDLED_TEST_SHA256 = "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08"
 
 
 def data_dir() -> Path | None:
@@ -49,12 +56,29 @@ def join_wikitext_rows(raw: str) -> str:
     return "\n\n".join(rows)
 
 
+def bundled_wikitext_test() -> str:
+    """The WikiText-2 raw test file this package ships (decompressed, digest-checked)."""
+    try:
+        raw = gzip.decompress(resources.files("hfcompress.resources").joinpath(_BUNDLED_TEST).read_bytes())
+    except (OSError, ModuleNotFoundError) as exc:
+        raise CalibrationDataError(
+            f"the bundled WikiText-2 test file is missing ({exc}); reinstall hfcompress"
+        ) from exc
+    if hashlib.sha256(raw).hexdigest() != _BUNDLED_TEST_SHA256:
+        raise CalibrationDataError(
+            f"the bundled WikiText-2 test file ({_BUNDLED_TEST}) does not match its recorded sha256; reinstall"
+        )
+    return raw.decode("utf-8")
+
+
 def _wikitext(split: str) -> str:
     root = data_dir()
     if root is not None:
         path = root / "wikitext-2-raw" / f"wiki.{split}.raw"
         if path.is_file():
             return join_wikitext_rows(path.read_text(encoding="utf-8"))
+    if split == "test":
+        return join_wikitext_rows(bundled_wikitext_test())
     try:
         from datasets import load_dataset
 

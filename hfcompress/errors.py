@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "CalibrationDataError",
     "CheckpointError",
+    "EvaluationError",
     "HfCompressError",
     "ModelError",
     "OutputPathError",
@@ -43,3 +44,8 @@ class ModelError(HfCompressError, ValueError):
 
 class TrainingDataError(HfCompressError, ValueError):
     """A stage that trains (distillation) got no training set, or an unusable one."""
+
+
+class EvaluationError(HfCompressError, ValueError):
+    """An evaluation cannot give a meaningful number (text too short, a NaN or Inf score, a
+    model of the wrong kind for the benchmark)."""

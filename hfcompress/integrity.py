@@ -11,9 +11,12 @@ CLI's loads run it; in Python, ``hfcompress.verify(dir)``, or
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +26,15 @@ from torch import nn
 
 from hfcompress.errors import CheckpointError
 
-__all__ = ["HASH_KEY", "VERIFY_ENV", "VerifyReport", "compressed_tensor_hashes", "tensor_digest", "verify_checkpoint"]
+__all__ = [
+    "HASH_KEY",
+    "VERIFY_ENV",
+    "VerifyReport",
+    "compressed_tensor_hashes",
+    "tensor_digest",
+    "verify_checkpoint",
+    "verifying",
+]
 
 HASH_KEY = "hfcompress.sha256"
 VERIFY_ENV = "HFCOMPRESS_VERIFY_ON_LOAD"
@@ -47,8 +58,26 @@ def compressed_tensor_hashes(model: nn.Module) -> dict[str, str]:
     return out
 
 
+_VERIFY_OVERRIDE: contextvars.ContextVar[bool | None] = contextvars.ContextVar("hfcompress_verify", default=None)
+
+
 def verify_on_load() -> bool:
+    """Whether a ``from_pretrained`` of an hfcompress checkpoint checks the recorded digests:
+    inside :func:`verifying`, as it says; else ``$HFCOMPRESS_VERIFY_ON_LOAD``."""
+    forced = _VERIFY_OVERRIDE.get()
+    if forced is not None:
+        return forced
     return os.environ.get(VERIFY_ENV, "0") not in ("", "0", "false", "False")
+
+
+@contextlib.contextmanager
+def verifying(enabled: bool = True) -> Iterator[None]:
+    """Turn the digest check of loads inside the block on (or off), whatever the environment."""
+    token = _VERIFY_OVERRIDE.set(enabled)
+    try:
+        yield
+    finally:
+        _VERIFY_OVERRIDE.reset(token)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ The packages are found with ``importlib.util.find_spec`` and never imported (imp
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -144,18 +145,53 @@ def _infer_task(path: str) -> Task:
     return "sequence-classification"
 
 
+# Heads that from_pretrained creates fresh when a base model is loaded for a task: their
+# weights are missing by design (a base encoder loaded as a classifier).
+_NEW_HEADS = ("classifier.", "score.", "qa_outputs.")
+
+
+def _check_loading_info(name: str, config, info: dict[str, Any]) -> None:
+    trained_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    missing = [k for k in info.get("missing_keys", ()) if trained_head or not k.startswith(_NEW_HEADS)]
+    unexpected = list(info.get("unexpected_keys", ()))
+    mismatched = [k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", ())]
+    problems = []
+    for what, keys in (("missing", missing), ("unexpected", unexpected), ("of the wrong shape", mismatched)):
+        if keys:
+            shown = ", ".join(sorted(keys)[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+            problems.append(f"{len(keys)} weight(s) {what} ({shown})")
+    if problems:
+        raise ModelError(
+            f"{name} does not load cleanly: {'; '.join(problems)}. Such a model would run with random or "
+            "mis-read weights; check that its files and config.json belong together (re-save or download it again)"
+        )
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     *,
     task: Task | None = None,
     dtype: torch.dtype = torch.float32,
+    strict: bool = False,
+    verify: bool | None = None,
     **kwargs: Any,
 ):
     """Load a model by bundled name, folder or Hub id; ``task`` is inferred when None.
 
-    Extra keyword arguments go to ``from_pretrained`` (``num_labels=...``, ``device_map=...``).
+    Args:
+        name_or_path: A bundled name (see :data:`BUNDLED_MODELS`), a folder or a Hub id.
+        task: ``"causal-lm"`` or ``"sequence-classification"``.
+        dtype: The float dtype of the weights that are not compressed.
+        strict: Refuse (:class:`ModelError`) a load whose report lists missing, unexpected or
+            mis-shaped weights, except a task head that a base model gets fresh. Our CLI
+            loads strictly.
+        verify: Check the tensor digests an hfcompress checkpoint records (see
+            :mod:`hfcompress.integrity`); None follows ``$HFCOMPRESS_VERIFY_ON_LOAD``.
+        **kwargs: Passed to ``from_pretrained`` (``num_labels=...``, ``device_map=...``).
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from hfcompress.integrity import verifying
 
     path = resolve_model_path(name_or_path)
     if task is None:
@@ -164,7 +200,10 @@ def load_model(
     auto = {"causal-lm": AutoModelForCausalLM, "sequence-classification": AutoModelForSequenceClassification}
     if task not in auto:
         raise ModelError(f"task={task!r} is not supported; accepted: {', '.join(auto)}")
-    model = auto[task].from_pretrained(path, dtype=dtype, **kwargs)
+    with verifying(verify) if verify is not None else contextlib.nullcontext():
+        model, info = auto[task].from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs)
+    if strict:
+        _check_loading_info(str(name_or_path), model.config, info)
     return model.eval()
 
 

@@ -116,6 +116,8 @@ class Recipe:
     def from_yaml(cls, path: str | Path) -> Recipe:
         """Read a recipe from a YAML file."""
         path = Path(path)
+        if path.is_dir():
+            raise RecipeError(f"recipe {str(path)!r} is a folder; give the path of a recipe YAML file inside it")
         if not path.is_file():
             raise RecipeError(f"recipe file {str(path)!r} does not exist")
         try:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from hfcompress.errors import OutputPathError
 
-__all__ = ["check_output", "remove_stale_partials", "save_atomically"]
+__all__ = ["check_folder", "check_output", "remove_stale_partials", "save_atomically"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,14 +75,21 @@ def check_output(target: str | os.PathLike, *, overwrite: bool, flag: str = "--o
         overwrite: Whether an existing, non-empty folder may be replaced.
         flag: How the caller names the path in messages (a CLI option, or an argument).
     """
+    target = check_folder(target, flag=flag)
+    if target.is_dir() and any(p for p in target.iterdir() if not p.name.startswith(_STAGING)) and not overwrite:
+        raise OutputPathError(f"{flag} {target} exists and is not empty; pass --overwrite to replace it")
+    return target
+
+
+def check_folder(target: str | os.PathLike, *, flag: str) -> Path:
+    """Raise :class:`OutputPathError` unless ``target`` is, or can be created as, a folder
+    that files can be written into (for a model save, also beside it); return it absolute."""
     target = Path(target).absolute()
     if target.is_file() or (target.exists() and not target.is_dir()):
-        raise OutputPathError(f"{flag} {target} is a file; give the path of a folder to save the model into")
+        raise OutputPathError(f"{flag} {target} is a file; give the path of a folder")
     existing = _nearest_existing(target)
     if not existing.is_dir():
         raise OutputPathError(f"{flag} {target} cannot be created: {existing} is a file, not a folder")
-    if target.is_dir() and any(p for p in target.iterdir() if not p.name.startswith(_STAGING)) and not overwrite:
-        raise OutputPathError(f"{flag} {target} exists and is not empty; pass --overwrite to replace it")
     # The files go into a sibling of the target, or into the target itself (see _in_place).
     probe = target if _in_place(target) else existing if existing != target else target.parent
     reason = _write_error(probe)

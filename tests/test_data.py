@@ -23,6 +23,46 @@ def test_wikitext_test_split_is_the_hub_text():
     assert load_text("wikitext2:valid") != text
 
 
+def _offline_without_data(monkeypatch):
+    """No data folder, no $HFCOMPRESS_DATA_DIR, and any attempt to reach the Hub fails."""
+    import datasets
+
+    from hfcompress import data
+
+    monkeypatch.delenv("HFCOMPRESS_DATA_DIR", raising=False)
+    monkeypatch.setattr(data, "data_dir", lambda: None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+    def no_network(*args, **kwargs):
+        raise ConnectionError("no network in this test")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_network)
+
+
+def test_demo_evaluation_text_needs_no_network_and_no_data_folder(monkeypatch):
+    from hfcompress.cli import DEFAULT_EVAL_DATA
+
+    _offline_without_data(monkeypatch)
+    text = load_text(DEFAULT_EVAL_DATA)  # what `make demo` scores
+    assert text.startswith("" + "\n\n" + " = Robert Boulter = \n" + "\n\n")
+    assert len(text.split("\n\n")) == 4358  # every row of the Hub's test split
+    # The validation split is not bundled: offline and without a data folder it is a clear error.
+    with pytest.raises(CalibrationDataError, match="WikiText-2 valid not found locally"):
+        load_text("wikitext2:valid")
+
+
+@needs_data
+def test_bundled_test_split_is_byte_identical_to_the_data_folder(monkeypatch):
+    from hfcompress.data import bundled_wikitext_test
+
+    raw = (data_dir() / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")
+    assert bundled_wikitext_test() == raw
+    local = load_text("wikitext2:test")
+    _offline_without_data(monkeypatch)
+    assert load_text("wikitext2:test") == local
+
+
 def test_unknown_sources_are_clear_errors(tmp_path):
     with pytest.raises(CalibrationDataError, match="unknown WikiText-2 split 'train'"):
         load_text("wikitext2:train")

@@ -10,6 +10,7 @@ evaluation with a configurable window length.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -17,7 +18,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from hfcompress.errors import EvaluationError
+
 __all__ = ["PerplexityResult", "perplexity", "text_perplexity"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,10 @@ def _windows(input_ids: torch.Tensor, seq_len: int, max_windows: int | None) -> 
     if max_windows is not None:
         count = min(count, max_windows)
     if count == 0:
-        raise ValueError(f"{input_ids.numel()} tokens give no window of seq_len={seq_len}")
+        raise EvaluationError(
+            f"the text has {input_ids.numel()} tokens, fewer than one window of seq_len={seq_len}; give a longer "
+            "text or a smaller seq_len"
+        )
     return input_ids[: count * seq_len].reshape(count, seq_len)
 
 
@@ -69,16 +77,32 @@ def perplexity(
         progress: Show a progress bar.
     """
     windows = _windows(input_ids, seq_len, max_windows)
+    if max_windows is not None and windows.shape[0] < max_windows:
+        logger.warning(
+            "the text has %d tokens: %d window(s) of %d tokens, fewer than max_windows=%d; scoring those",
+            input_ids.numel(),
+            windows.shape[0],
+            seq_len,
+            max_windows,
+        )
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     batches = windows.split(batch_size)
-    for batch in tqdm(batches, desc="perplexity", disable=not progress):
+    for index, batch in enumerate(tqdm(batches, desc="perplexity", disable=not progress)):
         batch = batch.to(device)
         logits = model(batch, use_cache=False).logits  # [B, T, V]
         nll = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        total_nll += nll.item()
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="none"
+        ).view(batch.shape[0], -1)  # [B, T-1]
+        finite = nll.isfinite().all(dim=1)
+        if not finite.all():
+            first = index * batch_size + int((~finite).nonzero()[0])
+            raise EvaluationError(
+                f"the model's loss is NaN or Inf on window {first} (tokens {first * seq_len}-"
+                f"{(first + 1) * seq_len - 1}); its weights or compute dtype overflow there, so no perplexity is "
+                "reported (check the model with a float32 load, or compress it again)"
+            )
+        total_nll += nll.sum().item()
         total_tokens += batch[:, 1:].numel()
     mean = total_nll / total_tokens
     return PerplexityResult(math.exp(mean), mean, total_tokens, windows.shape[0], seq_len)

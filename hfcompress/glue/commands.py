@@ -104,7 +104,7 @@ def run_eval_glue(args: argparse.Namespace) -> int:
         rows = results.setdefault(name, [])
         for task in tasks:
             path = spec.replace("{task}", task.name)
-            model, tokenizer = load_glue_model(path, task)
+            model, tokenizer = load_glue_model(path, task, strict=True, verify=True)
             if args.finetune:
                 scratch = Path(args.output_dir or ".") / ".trainer" / name / task.name
                 start = time.perf_counter()
@@ -150,17 +150,16 @@ def run_distill(args: argparse.Namespace) -> int:
     import hfcompress
     from hfcompress.glue.data import load_glue
     from hfcompress.glue.harness import evaluate_glue, load_glue_model, markdown_table, tokenize_glue
+    from hfcompress.saving import check_output
 
     recipe = hfcompress.Recipe.from_yaml(args.recipe)  # a bad recipe fails before any loading
-    output = Path(args.output)
-    if output.exists() and any(output.iterdir()):
-        raise HfCompressError(f"--output {output} exists and is not empty; choose another folder")
+    output = check_output(args.output, overwrite=False)  # before hours of training, not after
     import torch
 
     # cpu=True on a machine without CUDA makes `accelerate launch` processes join one gloo group
     # (the Trainer's arguments ask for the same state, so this is the state it trains in).
     state = PartialState(cpu=not torch.cuda.is_available())
-    teacher, tokenizer = load_glue_model(args.teacher, args.task)
+    teacher, tokenizer = load_glue_model(args.teacher, args.task, strict=True, verify=True)
     texts = load_glue(args.task, "train", args.data_dir, limit=args.limit)
     if args.augment:
         from hfcompress.glue.augment import augment_glue

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hfcompress.errors import EvaluationError
 from hfcompress.glue.data import load_glue
 from hfcompress.glue.metrics import glue_metrics
 from hfcompress.glue.tasks import GlueDataError, GlueTask, eval_splits, get_task
@@ -74,20 +75,34 @@ def tokenize_glue(dataset, tokenizer, *, max_length: int = 128):
     return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="tokenize")
 
 
-def load_glue_model(name_or_path: str | os.PathLike, task: GlueTask | str, **kwargs: Any):
+def load_glue_model(
+    name_or_path: str | os.PathLike,
+    task: GlueTask | str,
+    *,
+    strict: bool = False,
+    verify: bool | None = None,
+    **kwargs: Any,
+):
     """Load a sequence-classification model (and its tokenizer) for ``task``.
 
     A model without a classification head (a base encoder) gets a new one with the task's
-    number of labels; a saved classifier whose head does not fit the task is refused.
+    number of labels; a saved classifier whose head does not fit the task is refused, and so
+    is a causal LM. ``strict`` and ``verify`` are :func:`hfcompress.models.load_model`'s.
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
-    from hfcompress.models import load_tokenizer, resolve_model_path
+    from hfcompress.models import load_model, load_tokenizer, resolve_model_path
 
     task = get_task(task) if isinstance(task, str) else task
     path = resolve_model_path(name_or_path)
     config = AutoConfig.from_pretrained(path)
-    is_classifier = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    architectures = config.architectures or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        raise GlueDataError(
+            f"{name_or_path} is a causal LM ({architectures[0]}); the GLUE harness scores encoder classifiers "
+            "(BERT-style models such as minilm-l6). Score a causal LM with `hfcompress eval ppl`"
+        )
+    is_classifier = any(a.endswith("ForSequenceClassification") for a in architectures)
     if is_classifier and config.num_labels != task.num_labels:
         raise GlueDataError(
             f"{name_or_path} is a classifier with num_labels={config.num_labels}, but GLUE {task.name} needs "
@@ -97,7 +112,7 @@ def load_glue_model(name_or_path: str | os.PathLike, task: GlueTask | str, **kwa
         kwargs.setdefault("num_labels", task.num_labels)
         if task.is_regression:
             kwargs.setdefault("problem_type", "regression")
-    model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    model = load_model(path, task="sequence-classification", strict=strict, verify=verify, **kwargs)
     return model, load_tokenizer(path)
 
 
@@ -124,6 +139,13 @@ def predict(model: nn.Module, tokenizer, dataset, *, task: GlueTask, batch_size:
             idx = order[start : start + batch_size]
             batch = collate([{c: dataset[int(i)][c] for c in columns} for i in idx])
             logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
+            bad = ~logits.isfinite().all(dim=-1)
+            if bad.any():
+                first = int(idx[bad.cpu().numpy()].min())
+                raise EvaluationError(
+                    f"the model's output is NaN or Inf on {task.name} dev example {first}; its weights or compute "
+                    "dtype overflow there, so no score is reported"
+                )
             out[idx] = logits[:, 0].cpu().numpy() if task.is_regression else logits.argmax(-1).cpu().numpy()
     finally:
         model.train(was_training)

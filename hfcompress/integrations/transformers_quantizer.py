@@ -102,7 +102,12 @@ class HfCompressQuantizationConfig(QuantizationConfigMixin):
         for name, spec in self.layers.items():
             if not isinstance(spec, dict) or "kind" not in spec:
                 raise CheckpointError(f"quantization_config.layers[{name!r}] lacks its 'kind'")
-            get_module_kind(spec["kind"]).validate_spec(name, spec)
+            try:
+                get_module_kind(spec["kind"]).validate_spec(name, spec)
+            except CheckpointError as exc:
+                if repr(name) in str(exc):
+                    raise
+                raise CheckpointError(f"quantization_config.layers[{name!r}]: {exc}") from None
 
 
 class HfCompressQuantizer(HfQuantizer):

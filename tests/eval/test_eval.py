@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from hfcompress import RTNConfig, compress
+from hfcompress.errors import EvaluationError
 from hfcompress.eval import decode_speed, perplexity, size_report
 from hfcompress.eval.size import linear_layer_stats
 
@@ -28,7 +29,7 @@ def test_perplexity_max_windows_and_batching(tiny_llama):
 
 
 def test_perplexity_needs_a_full_window(tiny_llama):
-    with pytest.raises(ValueError, match="no window of seq_len=32"):
+    with pytest.raises(EvaluationError, match="the text has 20 tokens, fewer than one window of seq_len=32"):
         perplexity(tiny_llama, torch.arange(20), seq_len=32, progress=False)
 
 

@@ -1,0 +1,1 @@
+"""Data files shipped with hfcompress (see README.md here)."""
