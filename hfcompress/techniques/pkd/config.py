@@ -21,7 +21,9 @@ class PKDConfig(TechniqueConfig):
     for small GLUE tasks; the paper trains 4).
 
     Args:
-        strategy: ``"skip"`` (PKD-Skip: every (n // k)-th teacher layer), ``"last"``
+        strategy: ``"skip"`` (PKD-Skip: student layer i takes teacher layer
+            ``ceil((i + 1) * n / k) - 1``, spread over the whole teacher and ending on its last
+            layer: 6 -> 3 keeps 1, 3, 5; 6 -> 4 keeps 1, 2, 4, 5), ``"last"``
             (PKD-Last: the last k) or ``"explicit"`` (``layers``).
         num_layers: Student layers k, for ``skip`` and ``last``.
         layers: Teacher layers to keep (0-based, increasing), for ``explicit``.

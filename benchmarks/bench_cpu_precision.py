@@ -1,0 +1,126 @@
+"""How far the CPU fast paths (cpu_int4, cpu_int8) are from the exact float32 result, on
+SmolLM2-135M, and what it does to perplexity.
+
+    python benchmarks/bench_cpu_precision.py [--windows 40] [--tokens 256]
+
+Per layer: the activations each quantized Linear sees on the first --tokens tokens of the
+WikiText-2 test split are captured; the relative output error ``||y - y_ref|| / ||y_ref||``
+(summed over every layer) is measured against ``y_ref``, float32 activations times the
+float32 dequantized weight, for: bfloat16 activations alone (the floor of any bfloat16
+kernel), the kernel as it was before (the op's zero-point offset rounded to bfloat16), and
+the kernel now. Perplexity: WikiText-2 test, first --windows windows of 512 tokens, with the
+reference kernel in float32 (``HFCOMPRESS_FORCE_REFERENCE=1``) and with the fast path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+import hfcompress
+from hfcompress.data import load_text
+from hfcompress.eval import perplexity
+from hfcompress.models import load_model, load_tokenizer
+from hfcompress.quant import cpu_kernels
+from hfcompress.quant.dispatch import FORCE_REFERENCE_ENV, select_kernel
+
+RECIPES = {
+    "W4 g128 asym, fp16 scales": ("recipes/smollm2_w4a16_rtn_g128.yaml", "cpu_int4"),
+    "W8 per-channel sym": ("recipes/llama_w8a16_rtn.yaml", "cpu_int8"),
+}
+
+
+_BUILD_INT4 = cpu_kernels._build_int4
+
+
+def _before_int4(layer):
+    """cpu_int4 as it was: (8 - z) * s handed to the op, rounded to bfloat16."""
+    pack = _BUILD_INT4(layer)
+    n = layer.out_features
+    group = torch.arange(pack.padded_k // pack.group_size) * pack.group_size
+    group = torch.clamp(group // layer.group_size, max=layer.scales.shape[1] - 1)
+    m = pack.offsets[:, group].T  # [Kp / qgs, N]
+    scale_zero = pack.scale_zero.clone()
+    scale_zero[:, :n, 1] = m.to(torch.bfloat16)
+    return replace(pack, scale_zero=scale_zero, offsets=torch.zeros_like(pack.offsets))
+
+
+def _capture(model, ids):
+    inputs = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args, name=name: inputs.__setitem__(name, args[0].detach().clone()))
+        for name, m in model.named_modules()
+        if isinstance(m, hfcompress.QuantLinear)
+    ]
+    os.environ[FORCE_REFERENCE_ENV] = "1"
+    with torch.no_grad():
+        model(ids)
+    os.environ.pop(FORCE_REFERENCE_ENV)
+    for h in hooks:
+        h.remove()
+    return inputs
+
+
+def _errors(model, inputs, kernel_name):
+    sums = {"bf16 activations only": 0.0, "kernel before": 0.0, "kernel now": 0.0}
+    ref_total = 0.0
+    for name, m in model.named_modules():
+        if name not in inputs:
+            continue
+        x = inputs[name].float()
+        w = m.dequantize().float()
+        ref = F.linear(x, w)
+        assert select_kernel(m, x).name == kernel_name, (name, select_kernel(m, x).name)
+        outs = {"bf16 activations only": F.linear(x.bfloat16().float(), w), "kernel now": m(x).float()}
+        if kernel_name == "cpu_int4":
+            m._kernel_cache.clear()
+            cpu_kernels._build_int4 = _before_int4
+            try:
+                outs["kernel before"] = m(x).float()
+            finally:
+                cpu_kernels._build_int4 = _BUILD_INT4
+                m._kernel_cache.clear()
+        for key, y in outs.items():
+            sums[key] += (y - ref).pow(2).sum().item()
+        ref_total += ref.pow(2).sum().item()
+    return {k: (v / ref_total) ** 0.5 if v else None for k, v in sums.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--tokens", type=int, default=256)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    base = load_model("smollm2-135m")
+    tokenizer = load_tokenizer("smollm2-135m")
+    tokens = tokenizer(load_text("wikitext2:test"), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    print(f"SmolLM2-135M, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
+    print("| scheme | kernel | rel. error: bf16 activations only | kernel before | kernel now |")
+    print("|---|---|---|---|---|")
+    ppl_rows = []
+    for label, (recipe, kernel_name) in RECIPES.items():
+        model = copy.deepcopy(base)
+        hfcompress.compress(model, recipe, progress=False)
+        errors = _errors(model, _capture(model, tokens[: args.tokens].view(1, -1)), kernel_name)
+        cells = [f"{100 * v:.3f}%" if v is not None else "-" for v in errors.values()]
+        print(f"| {label} | {kernel_name} | " + " | ".join(cells) + " |")
+        os.environ[FORCE_REFERENCE_ENV] = "1"
+        reference = perplexity(model, tokens, seq_len=512, max_windows=args.windows, progress=False).perplexity
+        os.environ.pop(FORCE_REFERENCE_ENV)
+        fast = perplexity(model, tokens, seq_len=512, max_windows=args.windows, progress=False).perplexity
+        ppl_rows.append((label, kernel_name, reference, fast))
+    print(f"\nWikiText-2 test perplexity, first {args.windows} windows of 512 tokens:\n")
+    print("| scheme | reference kernel, float32 | fast path | difference |")
+    print("|---|---|---|---|")
+    for label, kernel_name, reference, fast in ppl_rows:
+        print(f"| {label} | {reference:.4f} | {fast:.4f} ({kernel_name}) | {fast - reference:+.4f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""What GPTQ's shared input product saves: q/k/v (and gate/up) read one input tensor, so one
+``x^T x`` serves them all. Times GPTQ on SmolLM2-135M with the sharing and with it turned off,
+alternating (--rounds each), and checks that both give the same tensors.
+
+    python benchmarks/bench_gptq_sharing.py [--samples 32] [--seq-len 512] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import statistics
+import time
+
+import torch
+
+import hfcompress
+from hfcompress import GPTQConfig
+from hfcompress.data import calibration_samples
+from hfcompress.models import load_model, load_tokenizer
+from hfcompress.techniques.gptq import modifier as gptq_modifier
+
+_HOOK = gptq_modifier._HessianHooks._hook
+
+
+def _unshared(self, name):
+    """The hook with the identity check defeated: every layer computes its own product."""
+    inner = _HOOK(self, name)
+
+    def hook(module, inputs, output):
+        self._last = None
+        inner(module, inputs, output)
+
+    return hook
+
+
+def _run(base, ids, share: bool) -> tuple[float, dict, tuple[int, int]]:
+    model = copy.deepcopy(base)
+    counts = [0, 0]
+    real_remove = gptq_modifier._HessianHooks.remove
+
+    def remove(self):
+        counts[0] += self.products
+        counts[1] += self.reuses
+        real_remove(self)
+
+    gptq_modifier._HessianHooks.remove = remove
+    gptq_modifier._HessianHooks._hook = _HOOK if share else _unshared
+    try:
+        start = time.perf_counter()
+        hfcompress.compress(
+            model, [GPTQConfig(bits=4, group_size=128, ignore=("lm_head",))], calibration_data=ids, progress=False
+        )
+        seconds = time.perf_counter() - start
+    finally:
+        gptq_modifier._HessianHooks._hook = _HOOK
+        gptq_modifier._HessianHooks.remove = real_remove
+    return seconds, model.state_dict(), (counts[0], counts[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    base = load_model("smollm2-135m")
+    tokenizer = load_tokenizer("smollm2-135m")
+    ids = calibration_samples(tokenizer, "wikitext2:valid", num_samples=args.samples, seq_len=args.seq_len)
+    times = {True: [], False: []}
+    results = {}
+    for _ in range(args.rounds):
+        for share in (True, False):
+            seconds, state, counts = _run(base, ids, share)
+            times[share].append(seconds)
+            results[share] = (state, counts)
+    same = all(torch.equal(results[True][0][k], results[False][0][k]) for k in results[True][0])
+    print(
+        f"SmolLM2-135M GPTQ W4 g128, {args.samples} x {args.seq_len} calibration tokens, "
+        f"{torch.get_num_threads()} threads"
+    )
+    print("| x^T x | products | shared | GPTQ wall (s), median |")
+    print("|---|---|---|---|")
+    for share in (True, False):
+        products, reuses = results[share][1]
+        label = "shared (main)" if share else "one per layer"
+        print(f"| {label} | {products} | {reuses} | {statistics.median(times[share]):.1f} |")
+    ratio = statistics.median(times[False]) / statistics.median(times[True])
+    print(f"\nspeed-up of sharing: {ratio:.2f}x; identical tensors: {same}")
+
+
+if __name__ == "__main__":
+    main()
