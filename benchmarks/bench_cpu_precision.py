@@ -7,9 +7,10 @@ Per layer: the activations each quantized Linear sees on the first --tokens toke
 WikiText-2 test split are captured; the relative output error ``||y - y_ref|| / ||y_ref||``
 (summed over every layer) is measured against ``y_ref``, float32 activations times the
 float32 dequantized weight, for: bfloat16 activations alone (the floor of any bfloat16
-kernel), the kernel as it was before (the op's zero-point offset rounded to bfloat16), and
-the kernel now. Perplexity: WikiText-2 test, first --windows windows of 512 tokens, with the
-reference kernel in float32 (``HFCOMPRESS_FORCE_REFERENCE=1``) and with the fast path.
+kernel), the kernel as it was before (int4: the op's zero-point offset rounded to
+bfloat16; int8: the scales rounded to bfloat16 inside the op), and the kernel now.
+Perplexity: WikiText-2 test, first --windows windows of 512 tokens, with the reference kernel
+in float32 (``HFCOMPRESS_FORCE_REFERENCE=1``) and with the fast path.
 """
 
 from __future__ import annotations
@@ -50,6 +51,21 @@ def _before_int4(layer):
     return replace(pack, scale_zero=scale_zero, offsets=torch.zeros_like(pack.offsets))
 
 
+_BUILD_INT8 = cpu_kernels._build_int8
+
+
+def _before_int8(layer):
+    """cpu_int8 as it was: the layer's scales handed to the op, rounded to bfloat16."""
+    pack = _BUILD_INT8(layer)
+    return replace(pack, ones=pack.scales.to(torch.bfloat16), scales=torch.ones_like(pack.scales))
+
+
+_BEFORE = {
+    "cpu_int4": ("_build_int4", _before_int4, _BUILD_INT4),
+    "cpu_int8": ("_build_int8", _before_int8, _BUILD_INT8),
+}
+
+
 def _capture(model, ids):
     inputs = {}
     hooks = [
@@ -77,14 +93,14 @@ def _errors(model, inputs, kernel_name):
         ref = F.linear(x, w)
         assert select_kernel(m, x).name == kernel_name, (name, select_kernel(m, x).name)
         outs = {"bf16 activations only": F.linear(x.bfloat16().float(), w), "kernel now": m(x).float()}
-        if kernel_name == "cpu_int4":
+        attribute, before, now = _BEFORE[kernel_name]
+        m._kernel_cache.clear()
+        setattr(cpu_kernels, attribute, before)
+        try:
+            outs["kernel before"] = m(x).float()
+        finally:
+            setattr(cpu_kernels, attribute, now)
             m._kernel_cache.clear()
-            cpu_kernels._build_int4 = _before_int4
-            try:
-                outs["kernel before"] = m(x).float()
-            finally:
-                cpu_kernels._build_int4 = _BUILD_INT4
-                m._kernel_cache.clear()
         for key, y in outs.items():
             sums[key] += (y - ref).pow(2).sum().item()
         ref_total += ref.pow(2).sum().item()

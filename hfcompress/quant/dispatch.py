@@ -194,4 +194,5 @@ def quant_linear_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 def _ensure_builtin_kernels() -> None:
     # The built-in kernels register when their modules are imported (neither imports Triton).
     import hfcompress.quant.cpu_kernels
+    import hfcompress.quant.cpu_w8a8
     import hfcompress.quant.triton_bridge  # noqa: F401

@@ -153,8 +153,35 @@ def test_input_activation_quantization_on_the_reference_path(strategy):
     scale = x.abs().amax(dim=-1, keepdim=True) / 127 if strategy == "token" else x.abs().max() / 127
     assert torch.allclose(xq / scale, torch.round(xq / scale), atol=1e-4)  # on the 8-bit grid
     assert (xq - x).abs().max() <= scale.max() / 2 + 1e-6
-    assert dispatch.select_path(layer, x) == "reference"  # the weight-only CPU ops cannot serve it
-    torch.testing.assert_close(layer(x), xq @ qw.dequantize().t())
+    torch.testing.assert_close(dispatch.reference_forward(layer, x), xq @ qw.dequantize().t())
+    assert dispatch.select_path(layer, x) == "cpu_int_mm"  # not a weight-only op: they would skip fq
+
+
+A8_CASES = [
+    # (bits, group_size, symmetric, strategy, dynamic, path)
+    (8, -1, True, "token", True, "cpu_int_mm"),
+    (8, -1, False, "token", True, "cpu_int_mm"),
+    (8, -1, True, "tensor", False, "cpu_int_mm"),  # static: the stored input_scale
+    (4, -1, False, "token", True, "cpu_int_mm"),  # W4A8 per channel
+    (4, 32, False, "token", True, "reference"),  # grouped weights: no single integer matmul
+]
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric,strategy,dynamic,path", A8_CASES)
+def test_int8_activation_kernel_matches_the_reference(bits, group_size, symmetric, strategy, dynamic, path):
+    from hfcompress.quant.scheme import QuantArgs
+
+    act = QuantArgs(num_bits=8, symmetric=True, strategy=strategy, dynamic=dynamic, observer=None, zp_dtype=None)
+    n, k = 13, 80  # N and K not multiples of 16
+    _, qw = _layer(n, k, bits=bits, group_size=group_size, symmetric=symmetric)
+    weights = QuantScheme.weight_only(num_bits=bits, group_size=group_size, in_features=k, symmetric=symmetric)
+    layer = QuantLinear.from_quantized(qw, QuantScheme(weights=weights.weights, input_activations=act))
+    layer.bias = torch.nn.Parameter(torch.randn(n))
+    if not dynamic:
+        layer.input_scale.fill_(0.03)
+    for x in (torch.randn(1, k), torch.randn(2, 67, k) * 3):  # M = 1 and M = 134
+        assert dispatch.select_path(layer, x) == path
+        torch.testing.assert_close(layer(x), dispatch.reference_forward(layer, x), rtol=1e-5, atol=1e-4)
 
 
 def test_cpu_int4_applies_the_zero_point_term_in_float32():
