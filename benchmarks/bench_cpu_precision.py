@@ -57,7 +57,7 @@ _BUILD_INT8 = cpu_kernels._build_int8
 def _before_int8(layer):
     """cpu_int8 as it was: the layer's scales handed to the op, rounded to bfloat16."""
     pack = _BUILD_INT8(layer)
-    return replace(pack, ones=pack.scales.to(torch.bfloat16), scales=torch.ones_like(pack.scales))
+    return replace(pack, rescale=torch.ones_like(pack.rescale))
 
 
 _BEFORE = {
