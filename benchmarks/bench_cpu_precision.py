@@ -8,7 +8,8 @@ WikiText-2 test split are captured; the relative output error ``||y - y_ref|| / 
 (summed over every layer) is measured against ``y_ref``, float32 activations times the
 float32 dequantized weight, for: bfloat16 activations alone (the floor of any bfloat16
 kernel), the kernel as it was before (int4: the op's zero-point offset rounded to
-bfloat16; int8: the scales rounded to bfloat16 inside the op), and the kernel now.
+bfloat16, which is also what calls of fewer than 16 rows still run; int8: the scales
+rounded to bfloat16 inside the op), and the kernel now on these 256-row calls.
 Perplexity: WikiText-2 test, first --windows windows of 512 tokens, with the reference kernel
 in float32 (``HFCOMPRESS_FORCE_REFERENCE=1``) and with the fast path.
 """
@@ -40,15 +41,10 @@ _BUILD_INT4 = cpu_kernels._build_int4
 
 
 def _before_int4(layer):
-    """cpu_int4 as it was: (8 - z) * s handed to the op, rounded to bfloat16."""
+    """cpu_int4 with the op's zero-point offset rounded to bfloat16: as it was before the
+    fix, and as it still runs calls of fewer than EXACT_OFFSET_MIN_ROWS rows (decoding)."""
     pack = _BUILD_INT4(layer)
-    n = layer.out_features
-    group = torch.arange(pack.padded_k // pack.group_size) * pack.group_size
-    group = torch.clamp(group // layer.group_size, max=layer.scales.shape[1] - 1)
-    m = pack.offsets[:, group].T  # [Kp / qgs, N]
-    scale_zero = pack.scale_zero.clone()
-    scale_zero[:, :n, 1] = m.to(torch.bfloat16)
-    return replace(pack, scale_zero=scale_zero, offsets=torch.zeros_like(pack.offsets))
+    return replace(pack, scale_zero=pack.scale_offset, offsets=torch.zeros_like(pack.offsets))
 
 
 _BUILD_INT8 = cpu_kernels._build_int8

@@ -24,19 +24,31 @@ from hfcompress.techniques.gptq import modifier as gptq_modifier
 _HOOK = gptq_modifier._HessianHooks._hook
 
 
-def _unshared(self, name):
-    """The hook with the identity check defeated: every layer computes its own product."""
-    inner = _HOOK(self, name)
-
-    def hook(module, inputs, output):
-        self._last = None
-        inner(module, inputs, output)
-
-    return hook
+HOOK_SECONDS = [0.0]
 
 
-def _run(base, ids, share: bool) -> tuple[float, dict, tuple[int, int]]:
+def _timed(make_inner, share: bool):
+    """The hook, timed; with ``share=False`` its identity check is defeated, so every layer
+    computes its own product."""
+
+    def make(self, name):
+        inner = make_inner(self, name)
+
+        def hook(module, inputs, output):
+            start = time.perf_counter()
+            if not share:
+                self._last = None
+            inner(module, inputs, output)
+            HOOK_SECONDS[0] += time.perf_counter() - start
+
+        return hook
+
+    return make
+
+
+def _run(base, ids, share: bool) -> tuple[float, float, dict, tuple[int, int]]:
     model = copy.deepcopy(base)
+    HOOK_SECONDS[0] = 0.0
     counts = [0, 0]
     real_remove = gptq_modifier._HessianHooks.remove
 
@@ -46,7 +58,7 @@ def _run(base, ids, share: bool) -> tuple[float, dict, tuple[int, int]]:
         real_remove(self)
 
     gptq_modifier._HessianHooks.remove = remove
-    gptq_modifier._HessianHooks._hook = _HOOK if share else _unshared
+    gptq_modifier._HessianHooks._hook = _timed(_HOOK, share)
     try:
         start = time.perf_counter()
         hfcompress.compress(
@@ -56,7 +68,7 @@ def _run(base, ids, share: bool) -> tuple[float, dict, tuple[int, int]]:
     finally:
         gptq_modifier._HessianHooks._hook = _HOOK
         gptq_modifier._HessianHooks.remove = real_remove
-    return seconds, model.state_dict(), (counts[0], counts[1])
+    return seconds, HOOK_SECONDS[0], model.state_dict(), (counts[0], counts[1])
 
 
 def main() -> None:
@@ -70,25 +82,29 @@ def main() -> None:
     tokenizer = load_tokenizer("smollm2-135m")
     ids = calibration_samples(tokenizer, "wikitext2:valid", num_samples=args.samples, seq_len=args.seq_len)
     times = {True: [], False: []}
+    hook_times = {True: [], False: []}
     results = {}
     for _ in range(args.rounds):
         for share in (True, False):
-            seconds, state, counts = _run(base, ids, share)
+            seconds, hook_seconds, state, counts = _run(base, ids, share)
             times[share].append(seconds)
+            hook_times[share].append(hook_seconds)
             results[share] = (state, counts)
     same = all(torch.equal(results[True][0][k], results[False][0][k]) for k in results[True][0])
     print(
         f"SmolLM2-135M GPTQ W4 g128, {args.samples} x {args.seq_len} calibration tokens, "
         f"{torch.get_num_threads()} threads"
     )
-    print("| x^T x | products | shared | GPTQ wall (s), median |")
-    print("|---|---|---|---|")
+    print("| x^T x | products | shared | Hessian hooks (s), median | GPTQ wall (s), median |")
+    print("|---|---|---|---|---|")
     for share in (True, False):
         products, reuses = results[share][1]
         label = "shared (main)" if share else "one per layer"
-        print(f"| {label} | {products} | {reuses} | {statistics.median(times[share]):.1f} |")
+        hooks, wall = statistics.median(hook_times[share]), statistics.median(times[share])
+        print(f"| {label} | {products} | {reuses} | {hooks:.1f} | {wall:.1f} |")
+    hook_ratio = statistics.median(hook_times[False]) / statistics.median(hook_times[True])
     ratio = statistics.median(times[False]) / statistics.median(times[True])
-    print(f"\nspeed-up of sharing: {ratio:.2f}x; identical tensors: {same}")
+    print(f"\nspeed-up of sharing: hooks {hook_ratio:.2f}x, whole GPTQ {ratio:.2f}x; identical tensors: {same}")
 
 
 if __name__ == "__main__":

@@ -5,11 +5,14 @@
   scales (its float32 and float16 paths run 15-70x slower on the CPUs we measured), so the
   weight is repacked once (rows and columns zero-padded) and the activation is cast to
   bfloat16; accumulation is float32 inside the op, the output bfloat16. The op computes
-  ``(q - 8) * s + m`` per block; we give it ``m = 0`` and add the zero-point term
-  ``sum_g (sum of x over group g) * (8 - z) * s`` ourselves in float32 (a [T, groups] x
-  [groups, N] product), because ``m`` rounded to bfloat16 is off by up to ``|8 - z| * 2^-9``
-  of a scale step. What stays rounded: the activations and the scales (bfloat16, 2^-9
-  relative) and the op's output (bfloat16); benchmarks/bench_cpu_precision.py measures it.
+  ``(q - 8) * s + m`` per block, and ``m = (8 - z) * s`` rounded to bfloat16 is off by up to
+  ``|8 - z| * 2^-9`` of a scale step. For calls of at least ``EXACT_OFFSET_MIN_ROWS`` rows
+  (prefill, evaluation) we give the op ``m = 0`` and add ``sum_g (sum of x over group g) *
+  (8 - z) * s`` ourselves in float32 (a [T, groups] x [groups, N] product). For fewer rows
+  (decoding) the three extra small ops would cost about 20% of SmolLM2's decode speed, so the
+  op takes the rounded ``m`` there. What stays rounded either way: the activations and the
+  scales (bfloat16, 2^-9 relative) and the op's output (bfloat16);
+  benchmarks/bench_cpu_precision.py measures both paths.
 * ``cpu_int8``: 8-bit per-channel weights, ``aten._weight_int8pack_mm``, bfloat16
   activations. The op takes bfloat16 scales; the output is then multiplied by
   ``s / bfloat16(s)`` in float32, which undoes the scale rounding exactly (per channel). On
@@ -35,9 +38,10 @@ from hfcompress.quant.dispatch import Kernel, cached, register_kernel
 if TYPE_CHECKING:
     from hfcompress.quant.linear import QuantLinear
 
-__all__ = ["INT4_BLOCK_SIZES"]
+__all__ = ["EXACT_OFFSET_MIN_ROWS", "INT4_BLOCK_SIZES"]
 
 INT4_BLOCK_SIZES = (256, 128, 64, 32)
+EXACT_OFFSET_MIN_ROWS = 16
 _INT4_INNER_K_TILES = 2
 _FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -66,6 +70,7 @@ def _int4_block_size(layer: QuantLinear) -> int | None:
 class _Int4Pack:
     weight: torch.Tensor  # op-specific packed layout of [Np, Kp]
     scale_zero: torch.Tensor  # [Kp / qgs, Np, 2] bfloat16: our scales, and 0 for the op's offset
+    scale_offset: torch.Tensor  # the same with the offset (8 - z) * s, rounded: for few rows
     group_size: int  # the op's block size
     padded_k: int
     offsets: torch.Tensor  # [N, G] float32: (8 - z) * s, one per group of ours
@@ -100,28 +105,35 @@ def _build_int4(layer: QuantLinear) -> _Int4Pack:
     group = torch.clamp(group // layer.group_size, max=layer.scales.shape[1] - 1)
     s = layer.scales.float()[:, group]  # [N, Kp / qgs]
     # The op computes (q - 8) * s + m per block; ours is (q - z) * s = (q - 8) * s + (8 - z) * s.
-    # The second term goes outside the op, in float32 (see the module docstring).
-    scale_zero = torch.stack([s, torch.zeros_like(s)], dim=-1).transpose(0, 1)  # [Kp / qgs, N, 2]
-    scale_zero = F.pad(scale_zero, (0, 0, 0, padded_n - n), value=1.0)
+    # The second term goes outside the op in float32, or into m (see the module docstring).
+    m = (8.0 - layer.zero_points().float()[:, group]) * s
+
+    def pack(offset: torch.Tensor) -> torch.Tensor:
+        scale_zero = torch.stack([s, offset], dim=-1).transpose(0, 1)  # [Kp / qgs, N, 2]
+        return F.pad(scale_zero, (0, 0, 0, padded_n - n), value=1.0).to(torch.bfloat16).contiguous()
+
     offsets = (8.0 - layer.zero_points().float()) * layer.scales.float()  # [N, G]
     ours = min(layer.group_size, k)
-    return _Int4Pack(weight, scale_zero.to(torch.bfloat16).contiguous(), qgs, padded_k, offsets, ours)
+    return _Int4Pack(weight, pack(torch.zeros_like(s)), pack(m), qgs, padded_k, offsets, ours)
 
 
 def _cpu_int4_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     pack = cached(layer, "cpu_int4", _build_int4)
     lead = x.shape[:-1]
     k = layer.in_features
-    x2 = x.reshape(-1, k).to(torch.bfloat16)
-    groups = pack.offsets.shape[1]
-    # Per-group sums of the activation the op sees: [T, G].
-    sums = F.pad(x2.float(), (0, groups * pack.ours - k)).view(-1, groups, pack.ours).sum(-1)
+    x1 = x.reshape(-1, k)
+    x2 = x1.to(torch.bfloat16)
+    exact = x1.shape[0] >= EXACT_OFFSET_MIN_ROWS
     if pack.padded_k != k:
         x2 = F.pad(x2, (0, pack.padded_k - k))
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, pack.weight, pack.group_size, pack.scale_zero)
+    scale_zero = pack.scale_zero if exact else pack.scale_offset
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, pack.weight, pack.group_size, scale_zero)
     if y.shape[1] != layer.out_features:
         y = y[:, : layer.out_features]
-    y = torch.addmm(y.float(), sums, pack.offsets.T)
+    if exact:
+        groups = pack.offsets.shape[1]
+        sums = F.pad(x1.float(), (0, groups * pack.ours - k)).view(-1, groups, pack.ours).sum(-1)  # [T, G]
+        y = torch.addmm(y.float(), sums, pack.offsets.T)
     y = y.to(x.dtype).reshape(*lead, layer.out_features)
     return y if layer.bias is None else y + layer.bias.to(x.dtype)
 

@@ -169,3 +169,17 @@ def test_interrupted_save_keeps_the_previous_checkpoint(saved, tiny_llama, monke
     assert sorted(os.listdir(saved)) == before
     assert sorted(os.listdir(saved.parent)) == ["m"]
     AutoModelForCausalLM.from_pretrained(saved)
+
+
+def test_saved_config_says_which_stage_made_each_layer(tiny_llama, tmp_path):
+    recipe = [
+        RTNConfig(bits=4, group_size=16, targets=("re:.*mlp.*",)),
+        RTNConfig(bits=8, group_size=-1, targets=("re:.*self_attn.*",)),
+    ]
+    compress(tiny_llama, recipe, progress=False)
+    hfcompress.save_pretrained(tiny_llama, tmp_path / "m")
+    layers = json.loads((tmp_path / "m" / "config.json").read_text())["quantization_config"]["layers"]
+    assert len(layers) == 2 * 7
+    for name, spec in layers.items():
+        stage, bits = ("stage_0", 4) if ".mlp." in name else ("stage_1", 8)
+        assert spec["stage"] == stage and spec["scheme"]["weights"]["num_bits"] == bits, name
