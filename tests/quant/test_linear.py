@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from hfcompress.quant import dispatch
-from hfcompress.quant.affine import quantize_rtn
+from hfcompress.quant.affine import QuantizedWeight, quantize_rtn
 from hfcompress.quant.linear import QuantLinear
 from hfcompress.quant.scheme import QuantScheme
 
@@ -200,3 +200,25 @@ def test_cpu_int4_applies_the_zero_point_term_in_float32():
     ref = x @ dense.t()
     bf16_rounding = (x.bfloat16().float() @ dense.t()).bfloat16().float()
     assert _rel_err(layer(x), ref) < 0.75 * _rel_err(bf16_rounding, ref)
+
+
+def test_cpu_int8_uses_the_float16_scales_unrounded():
+    # Scales of the form 2^e * (1 + 2^-8) sit exactly between two bfloat16 values, so the op's
+    # bfloat16 copy of them is off by 0.39% in every channel (before the fix the op got them
+    # rounded and nothing undid it). Undone after the op, the error is that of the bfloat16
+    # activations and output alone.
+    g = torch.Generator().manual_seed(0)
+    n, k = 64, 512
+    s = (2.0 ** torch.randint(-9, -5, (n, 1), generator=g).float() * (1 + 2**-8)).half()
+    assert (s.bfloat16().float() != s.float()).all()
+    q = torch.randint(0, 256, (n, k), generator=g, dtype=torch.uint8)
+    qw = QuantizedWeight(q=q, scales=s, zeros=torch.full((n, 1), 128, dtype=torch.uint8), bits=8, group_size=k)
+    scheme = QuantScheme.weight_only(num_bits=8, group_size=-1, in_features=k, symmetric=True)
+    layer = QuantLinear.from_quantized(qw, scheme)
+    dense = qw.dequantize().float()
+    for rows in (1, 32):  # decoding and prefill take the same op
+        x = torch.randn(rows, k, generator=g)
+        assert dispatch.select_path(layer, x) == "cpu_int8"
+        ref = x @ dense.t()
+        bf16_rounding = (x.bfloat16().float() @ dense.t()).bfloat16().float()
+        assert _rel_err(layer(x), ref) < 1.5 * _rel_err(bf16_rounding, ref)
