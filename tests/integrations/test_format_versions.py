@@ -19,7 +19,9 @@ FIXTURES = Path(__file__).parent.parent / "fixtures"
 
 @pytest.fixture
 def reference_path(monkeypatch):
-    # The fixture's logits were computed on the reference path; compare like with like.
+    # The fixture's logits were computed on the reference path; compare like with like. Float32
+    # matmuls round differently across CPUs (6e-8 on logits of 0.67 between two of our VMs), so
+    # the comparison allows float32 round-off; a mis-decoded layer is off by orders more.
     monkeypatch.setenv(FORCE_REFERENCE_ENV, "1")
 
 
@@ -31,7 +33,7 @@ def test_format_1_checkpoint_loads_with_its_logits(reference_path):
     assert layers.self_attn.q_proj.zeros.dtype == torch.float16  # float zero points
     assert layers.self_attn.v_proj.bits == 3 and isinstance(model.lm_head, QuantLinear)
     with torch.no_grad():
-        assert torch.equal(model(expected["input_ids"]).logits, expected["logits"])
+        torch.testing.assert_close(model(expected["input_ids"]).logits, expected["logits"], rtol=1e-5, atol=1e-6)
 
 
 def test_format_1_checkpoint_resaves_as_the_current_format(reference_path, tmp_path):
@@ -43,7 +45,7 @@ def test_format_1_checkpoint_resaves_as_the_current_format(reference_path, tmp_p
     expected = load_file(FIXTURES / "format_v1_expected.safetensors")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "resaved")
     with torch.no_grad():
-        assert torch.equal(reloaded(expected["input_ids"]).logits, expected["logits"])
+        torch.testing.assert_close(reloaded(expected["input_ids"]).logits, expected["logits"], rtol=1e-5, atol=1e-6)
 
 
 def test_unknown_future_format_is_refused(tmp_path):
