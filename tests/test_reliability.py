@@ -537,10 +537,13 @@ def test_eval_glue_on_a_causal_lm(tiny_llama_dir, capsys):
 
 def test_push_to_hub_failure_says_the_local_save_is_complete(tiny_llama_dir, rtn_recipe, tmp_path, capsys, monkeypatch):
     import huggingface_hub
+    from huggingface_hub import constants
 
     def offline(self, *args, **kwargs):
         raise ConnectionError("Failed to resolve 'huggingface.co'\nmore lines\nof traceback")
 
+    # The Hub looks reachable (even where the caller set HF_HUB_OFFLINE), and the upload fails.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", offline)
     out = tmp_path / "out"
     assert _compress_cli(tiny_llama_dir, rtn_recipe, out, "--push-to-hub", "me/tiny") == 2
