@@ -1,6 +1,6 @@
-"""The one place hfcompress reaches the Triton kernels: the ``triton_w4a16`` kernel of the
-dispatch registry (CUDA, 4-bit weight-only). Triton itself is imported only on the first
-CUDA call."""
+"""The one place hfcompress reaches the Triton kernels: the ``triton_w4a16`` (CUDA, 4-bit
+weight-only) and ``triton_w8a8`` (CUDA, 8-bit input activations) kernels of the dispatch
+registry. Triton itself is imported only on the first CUDA call."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from hfcompress.quant.dispatch import Kernel, register_kernel
+from hfcompress.quant.dispatch import Kernel, cached, register_kernel
 
 if TYPE_CHECKING:
     from hfcompress.quant.linear import QuantLinear
 
-__all__ = ["GEMV_MAX_M", "available", "w4a16_linear"]
+__all__ = ["GEMV_MAX_M", "available", "w4a16_linear", "w8a8_linear"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,3 +58,41 @@ def _supports(layer: QuantLinear, x: torch.Tensor) -> bool:
 
 
 register_kernel(Kernel("triton_w4a16", _supports, w4a16_linear, priority=30))
+
+
+def _int8_weight(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    # Symmetric codes minus their offset 2**(bits-1) fit int8 for 4 and 8 bits: [N, K], [N].
+    offset = 2 ** (layer.bits - 1)
+    return (layer.codes().to(torch.int16) - offset).to(torch.int8).contiguous(), layer.scales.float()[:, 0].contiguous()
+
+
+def w8a8_linear(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` through the fused per-token quantize and the int8 GEMM; ``x: [..., K]``."""
+    from hfcompress_triton import w8a8
+
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, layer.in_features).contiguous()
+    w_q, w_scale = cached(layer, "triton_w8a8", _int8_weight)
+    act = layer.scheme.input_activations
+    x_q, x_scale = w8a8.per_token_quant(x2, None if act.dynamic else layer.input_scale)
+    if act.dynamic and act.strategy == "tensor":
+        x_q, x_scale = w8a8.per_token_quant(x2, x_scale.amax().reshape(1))
+    y = w8a8.int8_gemm(x_q, w_q, x_scale, w_scale, layer.bias, x2.dtype)
+    return y.reshape(*lead, layer.out_features)
+
+
+def _supports_w8a8(layer: QuantLinear, x: torch.Tensor) -> bool:
+    act = layer.scheme.input_activations
+    return (
+        x.is_cuda
+        and act is not None
+        and act.strategy in ("token", "tensor")
+        and layer.bits in (4, 8)
+        and layer.symmetric
+        and layer.scales.shape[1] == 1
+        and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and available()
+    )
+
+
+register_kernel(Kernel("triton_w8a8", _supports_w8a8, w8a8_linear, priority=30))
