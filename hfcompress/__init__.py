@@ -33,13 +33,16 @@ from hfcompress.quant.linear import QuantLinear
 from hfcompress.quant.scheme import QuantArgs, QuantScheme
 from hfcompress.recipe import Recipe, Stage
 from hfcompress.registry import get_technique, register_technique, registered_techniques
+from hfcompress.techniques.activations import ActivationQuantConfig
 from hfcompress.techniques.gptq import GPTQConfig
 from hfcompress.techniques.pkd import PKDConfig, drop_layers, layer_map
 from hfcompress.techniques.rtn import RTNConfig
+from hfcompress.techniques.smoothquant import SmoothQuantConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActivationQuantConfig",
     "CalibrationDataError",
     "CheckpointError",
     "CompressedModule",
@@ -56,6 +59,7 @@ __all__ = [
     "RTNConfig",
     "Recipe",
     "RecipeError",
+    "SmoothQuantConfig",
     "Stage",
     "TechniqueConfig",
     "TrainingDataError",

@@ -146,7 +146,7 @@ def _compress(args: argparse.Namespace) -> int:
         check_folder(args.checkpoint_dir, flag="--checkpoint-dir")
     if args.push_to_hub:
         _check_push_target(args.push_to_hub)
-    calibrating = [s.name for s in recipe if type(s.config).needs_calibration]
+    calibrating = [s.name for s in recipe if s.config.needs_calibration]
     if calibrating and args.calibration is None:
         raise HfCompressError(
             f"stage {calibrating[0]!r} needs calibration data; pass --calibration wikitext2:valid (or a text file)"

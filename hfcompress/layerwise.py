@@ -41,11 +41,13 @@ __all__ = [
     "LayerwiseRunner",
     "autocast",
     "capture_block_inputs",
+    "compute_device",
     "materialize_offloaded",
     "offloaded_tensors",
     "propagate",
     "release_memory",
     "run_block",
+    "run_model",
 ]
 
 logger = logging.getLogger(__name__)
@@ -203,6 +205,24 @@ def propagate(block: nn.Module, inputs: list[BlockInputs], *, compute_dtype: tor
             with autocast(device, compute_dtype):
                 out = _hidden(block(*item.args, **item.kwargs))
             inputs[i] = item.with_hidden(out.to(item.args[0].dtype))
+
+
+def compute_device(model: nn.Module, device: torch.device | None) -> torch.device:
+    """Where layerwise work runs: ``device`` if given, else the model's first parameter's
+    device (CPU when that is meta, i.e. offloaded)."""
+    if device is not None:
+        return device
+    first = next(model.parameters()).device
+    return first if first.type != "meta" else torch.device("cpu")
+
+
+@torch.no_grad()
+def run_model(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> None:
+    """Run the whole model on every batch, discarding the outputs (for layers outside the
+    blocks, e.g. BERT's pooler, whose hooks need full passes)."""
+    model_device = next(model.parameters()).device
+    for batch in batches:
+        model(**{k: v.to(model_device) for k, v in batch.items()})
 
 
 @dataclass

@@ -10,7 +10,7 @@ stage that the stages before it leave with nothing to do. Then ``apply`` runs on
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +60,14 @@ class ViewEntry:
         class_name: Its class name (what it will be once the earlier stages ran).
         module: The module object as it is now (before any stage runs).
         stage: The earlier stage that compresses or replaces it, or None.
+        marks: What earlier stages add to it without replacing it, e.g.
+            ``{"input_activations": stage}``.
     """
 
     class_name: str
     module: nn.Module
     stage: str | None = None
+    marks: dict[str, str] = field(default_factory=dict)
 
 
 class ModelView:
@@ -131,12 +134,33 @@ class Modifier(ABC):
                 "train_dataset=... to compress() (a tokenized datasets.Dataset with input_ids and labels; for GLUE: "
                 "hfcompress.glue.tokenize_glue(hfcompress.glue.load_glue(task, 'train'), tokenizer))"
             )
-        if type(self.config).needs_calibration and context.calibration_data is None:
+        if self.config.needs_calibration and context.calibration_data is None:
             raise CalibrationDataError(
                 f"stage {self.stage!r} ({self.config.technique}) needs calibration data; pass "
                 "calibration_data=... to compress() (a list of strings, a text file path or a "
                 "datasets.Dataset) or --calibration on the command line"
             )
+
+    def calibration_batches(
+        self, model: nn.Module, context: CompressionContext, batch_size: int
+    ) -> list[dict[str, torch.Tensor]]:
+        """The context's calibration data as batches of ``batch_size`` windows, checked
+        against the model's vocabulary and context length (call it from ``check``, before any
+        stage changes the model)."""
+        from hfcompress.data import calibration_batches
+
+        config = getattr(model, "config", None)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return calibration_batches(
+            context.calibration_data,
+            context.tokenizer,
+            num_samples=context.num_calibration_samples,
+            seq_len=context.calibration_seq_len,
+            seed=context.seed,
+            batch_size=batch_size,
+            vocab_size=getattr(text, "vocab_size", None),
+            max_length=getattr(text, "max_position_embeddings", None),
+        )
 
     @abstractmethod
     def apply(self, model: nn.Module, context: CompressionContext) -> None:

@@ -1,8 +1,9 @@
 """Input-activation quantization (the ``A8`` of ``W8A8`` / ``W4A8``), as pure functions.
 
 Activations are quantized symmetrically to signed 8-bit codes, either per token (each row of
-``x`` gets ``s = absmax(row) / 127``, computed on the fly) or per tensor (one scale, computed
-on the fly when dynamic, or calibrated once and stored with the layer when static)::
+``x`` gets ``s = absmax(row) / 127``, computed on the fly), per tensor (one scale, computed
+on the fly when dynamic, or calibrated once and stored with the layer when static) or per
+input channel (static only: one calibrated scale per column of ``x``)::
 
     x_q = clamp(round(x / s), -128, 127)          x_hat = x_q * s
 """
@@ -17,12 +18,13 @@ __all__ = ["activation_scales", "fake_quantize_activations", "quantize_activatio
 
 
 def activation_scales(x: torch.Tensor, args: QuantArgs, static_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Scales for ``x: [..., K]``: ``[..., 1]`` per token, ``[1]`` per tensor (float32).
+    """Scales for ``x: [..., K]``: ``[..., 1]`` per token, ``[1]`` per tensor, ``[K]`` per
+    channel (float32).
 
     Args:
         x: Activations.
         args: The layer's input-activation args.
-        static_scale: The stored ``[1]`` scale of a static layer.
+        static_scale: The stored scale of a static layer (``[1]`` or ``[K]``).
     """
     qmax = 2 ** (args.num_bits - 1) - 1
     if not args.dynamic:

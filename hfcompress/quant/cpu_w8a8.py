@@ -41,6 +41,7 @@ def _supports(layer: QuantLinear, x: torch.Tensor) -> bool:
     return (
         act is not None
         and act.num_bits == 8
+        and act.strategy in ("token", "tensor")
         and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
         and layer.bits in (4, 8)

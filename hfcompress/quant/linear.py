@@ -12,9 +12,9 @@ from hfcompress.kinds import CompressedModule, linear_features, register_module_
 from hfcompress.quant import dispatch
 from hfcompress.quant.affine import QuantizedWeight, dequantize, num_groups
 from hfcompress.quant.packing import SUPPORTED_BITS, pack, packed_columns, unpack
-from hfcompress.quant.scheme import QuantScheme
+from hfcompress.quant.scheme import QuantArgs, QuantScheme
 
-__all__ = ["SCALE_DTYPES", "QuantLinear"]
+__all__ = ["SCALE_DTYPES", "QuantLinear", "input_scale_size"]
 
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _SAFETENSORS_DTYPES = {torch.uint8: "U8", torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
@@ -22,6 +22,11 @@ _SAFETENSORS_DTYPES = {torch.uint8: "U8", torch.float16: "F16", torch.bfloat16: 
 _LAYOUT_BUFFERS = ("qweight", "scales", "zeros", "input_scale")
 # Layer keys of checkpoint format 1 (before schemes); read by `spec_from_v1`.
 _V1_KEYS = ("bits", "group_size", "symmetric", "zero_point", "scale_dtype", "in_features", "out_features")
+
+
+def input_scale_size(act: QuantArgs, in_features: int) -> int:
+    """Values in the stored static input scale: 1 per tensor, ``in_features`` per channel."""
+    return in_features if act.strategy == "channel" else 1
 
 
 @register_module_kind
@@ -34,7 +39,8 @@ class QuantLinear(CompressedModule):
         scales: ``[N, G]`` float scales.
         zeros: ``[N, G]`` zero points, uint8 or floats in the scales' dtype (asymmetric
             only; symmetric layers use the constant ``2**(bits-1)``).
-        input_scale: ``[1]`` float32, static input-activation scale (static schemes only).
+        input_scale: float32 static input-activation scale (static schemes only): ``[1]`` per
+            tensor, ``[K]`` per input channel.
     ``bias`` stays a float parameter. ``forward`` dispatches to a kernel (see
     :mod:`hfcompress.quant.dispatch`).
 
@@ -79,9 +85,7 @@ class QuantLinear(CompressedModule):
         if not self.symmetric:
             zero_dtype = scale_dtype if w.float_zero else torch.uint8
             self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=zero_dtype, device=device))
-        act = scheme.input_activations
-        if act is not None and not act.dynamic:
-            self.register_buffer("input_scale", torch.ones(1, dtype=torch.float32, device=device))
+        self._register_input_scale(device)
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
         else:
@@ -89,7 +93,45 @@ class QuantLinear(CompressedModule):
         self._kernel_cache: dict[str, object] = {}  # repacked weights per kernel
         self._path_cache: dict[tuple, object] = {}  # (device type, dtype, forced) -> kernel
 
+    def _register_input_scale(self, device: torch.device | str | None) -> None:
+        act = self.scheme.input_activations
+        if act is not None and not act.dynamic:
+            size = input_scale_size(act, self.in_features)
+            self.register_buffer("input_scale", torch.ones(size, dtype=torch.float32, device=device))
+        elif "input_scale" in self._buffers:
+            del self._buffers["input_scale"]
+
     # -- building ---------------------------------------------------------------------------
+
+    def set_input_activations(self, act: QuantArgs | None, input_scale: torch.Tensor | None = None) -> None:
+        """Quantize this layer's inputs by ``act`` from now on (None: keep them in float).
+
+        Args:
+            act: The input-activation args (8 bits, symmetric).
+            input_scale: The calibrated scale of a static scheme: ``[1]`` per tensor, ``[K]``
+                per channel (float32, positive). Required exactly when ``act`` is static.
+        """
+        scheme = QuantScheme(weights=self.scheme.weights, input_activations=act)  # validates act
+        static = act is not None and not act.dynamic
+        if static != (input_scale is not None):
+            raise ValueError(
+                "a static activation scheme needs its calibrated input_scale"
+                if static
+                else "input_scale is only stored for static activation schemes"
+            )
+        if static:
+            size = input_scale_size(act, self.in_features)
+            scale = input_scale.detach().float().reshape(-1)
+            if scale.numel() != size:
+                raise ValueError(f"input_scale has {scale.numel()} values; a {act.strategy} scale here has {size}")
+            if not torch.isfinite(scale).all() or not (scale > 0).all():
+                raise ValueError("input_scale must be finite and positive")
+        self.scheme = scheme
+        self._register_input_scale(self.scales.device)
+        if static:
+            self.input_scale.copy_(scale)
+        self._kernel_cache.clear()
+        self._path_cache.clear()
 
     @classmethod
     def from_quantized(
@@ -189,7 +231,7 @@ class QuantLinear(CompressedModule):
             out[f"{name}.zeros"] = (scale if w.float_zero else "U8", (n, groups))
         act = scheme.input_activations
         if act is not None and not act.dynamic:
-            out[f"{name}.input_scale"] = ("F32", (1,))
+            out[f"{name}.input_scale"] = ("F32", (input_scale_size(act, k),))
         return out
 
     def check_loaded(self, name: str) -> None:

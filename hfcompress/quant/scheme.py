@@ -43,7 +43,8 @@ class QuantArgs:
         symmetric: Range symmetric around 0 with the zero point fixed at ``2**(num_bits-1)``.
         strategy: What shares one scale: ``"group"`` (``group_size`` input columns of one
             output row), ``"channel"`` (one output row), ``"tensor"`` (everything) or
-            ``"token"`` (one row of the activations; activations only).
+            ``"token"`` (one row of the activations; activations only). For input
+            activations ``"channel"`` means one static scale per input column.
         group_size: Input columns per group (``strategy="group"``); None otherwise.
         dynamic: Activations only: scales computed from each input as it arrives, nothing
             stored. Static activation scales are stored with the layer.
@@ -127,12 +128,14 @@ class QuantScheme:
         if act is not None:
             if act.num_bits != 8:
                 raise _bad("input_activations.num_bits", act.num_bits, "8")
-            if act.strategy not in ("token", "tensor"):
-                raise _bad("input_activations.strategy", act.strategy, "'token' or 'tensor'")
+            if act.strategy not in ("token", "tensor", "channel"):
+                raise _bad("input_activations.strategy", act.strategy, "'token', 'tensor' or 'channel'")
             if not act.symmetric:
                 raise _bad("input_activations.symmetric", act.symmetric, "True")
             if act.strategy == "token" and not act.dynamic:
                 raise _bad("input_activations.dynamic", act.dynamic, "True for per-token scales")
+            if act.strategy == "channel" and act.dynamic:
+                raise _bad("input_activations.dynamic", act.dynamic, "False for per-channel scales (static only)")
 
     @property
     def name(self) -> str:

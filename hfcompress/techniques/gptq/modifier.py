@@ -12,10 +12,9 @@ from torch import nn
 
 from hfcompress.architectures import blocks_of, sequential_groups
 from hfcompress.checkpointing import BlockCheckpoint, run_fingerprint
-from hfcompress.data import calibration_batches
 from hfcompress.errors import ModelError
 from hfcompress.kinds import linear_features, linear_weight
-from hfcompress.layerwise import Block, LayerwiseRunner, run_block
+from hfcompress.layerwise import Block, LayerwiseRunner, compute_device, run_block, run_model
 from hfcompress.modifier import CompressionContext, ModelView
 from hfcompress.quant.affine import quantize_rtn
 from hfcompress.techniques.gptq.algorithm import HessianAccumulator, quantize_weight
@@ -154,24 +153,13 @@ class GPTQModifier(WeightQuantModifier):
         except ModelError as exc:
             raise self.error(str(exc)) from None
         # The calibration data is read (and checked) now, before any stage changes the model.
-        text = _text_config(model)
-        self._batches = calibration_batches(
-            context.calibration_data,
-            context.tokenizer,
-            num_samples=context.num_calibration_samples,
-            seq_len=context.calibration_seq_len,
-            seed=context.seed,
-            batch_size=self.config.batch_size,
-            vocab_size=getattr(text, "vocab_size", None),
-            max_length=getattr(text, "max_position_embeddings", None),
-        )
+        self._batches = self.calibration_batches(model, context, self.config.batch_size)
 
     @torch.no_grad()
     def apply(self, model: nn.Module, context: CompressionContext) -> None:
         cfg = self.config
         targets = list(self.planned)
-        first = next(model.parameters()).device
-        device = context.device or (first if first.type != "meta" else torch.device("cpu"))
+        device = compute_device(model, context.device)
         batches = self._batches
         checkpoint = None
         if context.checkpoint_dir is not None:
@@ -194,15 +182,4 @@ class GPTQModifier(WeightQuantModifier):
         prefix = runner.prefix
         outside = [n for n in targets if not n.startswith(f"{prefix}.")]
         if outside:  # e.g. BERT's pooler: calibrate it on full passes through the quantized blocks
-            model_device = next(model.parameters()).device
-
-            def run_model():
-                for batch in batches:
-                    model(**{k: v.to(model_device) for k, v in batch.items()})
-
-            self._quantize(model, outside, run_model)
-
-
-def _text_config(model: nn.Module):
-    config = getattr(model, "config", None)
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
+            self._quantize(model, outside, lambda: run_model(model, batches))

@@ -1,0 +1,93 @@
+"""Config of 8-bit input-activation quantization."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from hfcompress.config import TechniqueConfig, invalid
+from hfcompress.quant.scheme import QuantArgs
+from hfcompress.targets import check_patterns
+
+__all__ = ["ActivationQuantConfig"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ActivationQuantConfig(TechniqueConfig):
+    """Quantize the inputs of already weight-quantized layers to int8 (``W8A16`` -> ``W8A8``,
+    ``W4A16`` -> ``W4A8``), so their matmuls run on int8 kernels.
+
+    Put it after the weight stage (``rtn`` or ``gptq``), and after ``smoothquant`` has moved
+    the activations' outliers into the weights. Dynamic scales need no data; static scales
+    are calibrated block by block on the layerwise runner (each block sees the outputs of the
+    blocks before it, with their activations already quantized) and stored in the checkpoint.
+
+    Args:
+        bits: Activation bits; only 8.
+        strategy: ``"token"``: one scale per row of the input, computed on the fly (needs
+            ``dynamic``). ``"tensor"``: one scale per layer, dynamic or static. ``"channel"``:
+            one static scale per input column (runs on the reference kernel: a per-column
+            scale cannot be applied after an integer matmul).
+        dynamic: Compute scales from each input as it arrives; nothing is calibrated.
+        observer: Static scales: ``"minmax"``, ``"percentile"``, ``"mse"`` or ``"kl"`` (see
+            :mod:`hfcompress.quant.observers`); per-channel scales use ``"minmax"``.
+        percentile: For ``observer="percentile"``: the percentile of ``|x|`` kept unclipped.
+        ema: For ``"minmax"``/``"percentile"``: weight of the running value in a moving
+            average over calibration batches; null takes the statistic over all batches.
+        targets: Layers whose inputs to quantize (by default every ``QuantLinear``); each
+            must have been quantized by an earlier stage or an earlier run.
+        ignore: Layers to leave alone; wins over ``targets``.
+        batch_size: Calibration sequences per forward pass (static scales).
+        compute_dtype: Dtype of the calibration passes (static scales).
+    """
+
+    technique = "int8_activations"
+
+    bits: int = 8
+    strategy: Literal["token", "tensor", "channel"] = "token"
+    dynamic: bool = True
+    observer: Literal["minmax", "percentile", "mse", "kl"] = "minmax"
+    percentile: float = 99.99
+    ema: float | None = None
+    targets: tuple[str, ...] = ("QuantLinear",)
+    ignore: tuple[str, ...] = ("lm_head",)
+    batch_size: int = 8
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        return not self.dynamic
+
+    def _validate(self) -> None:
+        if self.bits != 8:
+            raise invalid("bits", self.bits, "8 (int8 activations; lower activation bits lose too much on LLMs)")
+        if self.strategy == "token" and not self.dynamic:
+            raise invalid("dynamic", self.dynamic, "true with strategy 'token' (its scales are computed on the fly)")
+        if self.strategy == "channel" and self.dynamic:
+            raise invalid("dynamic", self.dynamic, "false with strategy 'channel' (per-channel scales are calibrated)")
+        if self.strategy == "channel" and self.observer != "minmax":
+            raise invalid("observer", self.observer, "'minmax' with strategy 'channel'")
+        if not 0 < self.percentile <= 100:
+            raise invalid("percentile", self.percentile, "a number in (0, 100]")
+        if self.ema is not None and not (0 <= self.ema < 1 and self.observer in ("minmax", "percentile")):
+            raise invalid("ema", self.ema, "null, or a number in [0, 1) with observer 'minmax' or 'percentile'")
+        if self.batch_size < 1:
+            raise invalid("batch_size", self.batch_size, "an integer >= 1")
+        if not self.targets:
+            raise invalid("targets", list(self.targets), "a non-empty list of patterns")
+        for key in ("targets", "ignore"):
+            problem = check_patterns(getattr(self, key))
+            if problem:
+                raise invalid(key, list(getattr(self, key)), f"module names, class names or 're:' patterns; {problem}")
+
+    def args(self) -> QuantArgs:
+        """The input-activation args this stage gives each layer."""
+        return QuantArgs(
+            num_bits=self.bits,
+            symmetric=True,
+            strategy=self.strategy,
+            dynamic=self.dynamic,
+            observer=None if self.dynamic else self.observer,
+            scale_dtype="float32",
+            zp_dtype=None,
+        )

@@ -1,0 +1,174 @@
+"""The int8_activations stage: W8A8 / W4A8 schemes, static calibration, save and reload, errors."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+import hfcompress
+from hfcompress import (
+    ActivationQuantConfig,
+    CalibrationDataError,
+    CheckpointError,
+    GPTQConfig,
+    QuantLinear,
+    RecipeError,
+    RTNConfig,
+    compress,
+)
+from hfcompress.quant.dispatch import FORCE_REFERENCE_ENV, select_path
+
+CALIB = torch.randint(0, 128, (8, 24), generator=torch.Generator().manual_seed(3))
+W8 = RTNConfig(bits=8, group_size=-1, symmetric=True)
+W4 = RTNConfig(bits=4, group_size=-1, symmetric=True)
+ACTS = {
+    "dynamic-token": ActivationQuantConfig(),
+    "dynamic-tensor": ActivationQuantConfig(strategy="tensor"),
+    "static-minmax": ActivationQuantConfig(strategy="tensor", dynamic=False),
+    "static-mse": ActivationQuantConfig(strategy="tensor", dynamic=False, observer="mse"),
+    "static-kl": ActivationQuantConfig(strategy="tensor", dynamic=False, observer="kl"),
+    "static-percentile-ema": ActivationQuantConfig(strategy="tensor", dynamic=False, observer="percentile", ema=0.9),
+    "static-channel": ActivationQuantConfig(strategy="channel", dynamic=False),
+}
+
+
+def _layers(model):
+    return [m for m in model.modules() if isinstance(m, QuantLinear)]
+
+
+@pytest.mark.parametrize("act", ACTS, ids=list(ACTS))
+def test_w8a8_sets_every_quantized_layer_and_stays_close(tiny_llama, llama_ids, act):
+    with torch.no_grad():
+        ref = tiny_llama(llama_ids).logits
+    compress(tiny_llama, [W8, ACTS[act]], calibration_data=CALIB, progress=False)
+    layers = _layers(tiny_llama)
+    assert len(layers) == 14 and all(layer.scheme.name == "W8A8" for layer in layers)
+    static = not ACTS[act].dynamic
+    assert all(hasattr(layer, "input_scale") == static for layer in layers)
+    with torch.no_grad():
+        out = tiny_llama(llama_ids).logits
+    # 8-bit weights and activations on a random 2-layer model: a small, nonzero change (static
+    # scales from 8 short sequences clip some unseen values: up to ~8% measured).
+    rel = float((out - ref).norm() / ref.norm())
+    assert 0 < rel < 0.12
+
+
+def test_static_scales_come_from_the_observed_inputs(tiny_llama):
+    compress(tiny_llama, [W8, ACTS["static-minmax"]], calibration_data=CALIB, progress=False)
+    seen = {}
+    q = tiny_llama.model.layers[1].self_attn.q_proj
+    handle = q.register_forward_pre_hook(lambda _m, a: seen.setdefault("x", a[0]))
+    # The calibration pass ran the first block with its activations quantized: do the same.
+    with torch.no_grad():
+        for batch in CALIB.split(8):
+            tiny_llama(batch)
+    handle.remove()
+    assert q.input_scale.item() == pytest.approx(seen["x"].abs().max().item() / 127, rel=1e-5)
+    # q, k and v read one tensor: one observer, one scale.
+    attn = tiny_llama.model.layers[1].self_attn
+    assert attn.k_proj.input_scale.item() == attn.v_proj.input_scale.item() == q.input_scale.item()
+
+
+@pytest.mark.parametrize("bits", [8, 4], ids=["W8A8", "W4A8"])
+def test_int8_kernel_runs_and_matches_the_reference(tiny_llama, llama_ids, bits, monkeypatch):
+    compress(tiny_llama, [W8 if bits == 8 else W4, ActivationQuantConfig()], progress=False)
+    layer = tiny_llama.model.layers[0].mlp.down_proj
+    assert select_path(layer, torch.randn(3, layer.in_features)) == "cpu_int_mm"
+    with torch.no_grad():
+        fast = tiny_llama(llama_ids).logits
+        monkeypatch.setenv(FORCE_REFERENCE_ENV, "1")
+        ref = tiny_llama(llama_ids).logits
+    # Exact int32 products on one side, float32 dequantized matmuls on the other.
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
+
+
+SAVED = {
+    "W8A8-dynamic": [W8, ACTS["dynamic-token"]],
+    "W8A8-static": [W8, ACTS["static-mse"]],
+    "W8A8-static-channel": [W8, ACTS["static-channel"]],
+    "W4A8-gptq-g32": [GPTQConfig(bits=4, group_size=32, batch_size=4), ActivationQuantConfig()],
+}
+
+
+@pytest.mark.parametrize("recipe", SAVED, ids=list(SAVED))
+def test_reload_runs_the_same_int8_path_with_the_same_logits(tiny_llama, llama_ids, tmp_path, recipe):
+    compress(tiny_llama, SAVED[recipe], calibration_data=CALIB, progress=False)
+    with torch.no_grad():
+        expected = tiny_llama(llama_ids).logits
+    hfcompress.save_pretrained(tiny_llama, tmp_path / "m")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    before, after = tiny_llama.model.layers[1].mlp.up_proj, reloaded.model.layers[1].mlp.up_proj
+    assert after.scheme == before.scheme
+    x = torch.randn(5, after.in_features)
+    assert select_path(after, x) == select_path(before, x)
+    if hasattr(before, "input_scale"):
+        assert torch.equal(after.input_scale, before.input_scale)
+    with torch.no_grad():
+        assert torch.equal(reloaded(llama_ids).logits, expected)
+
+
+def test_bert_classifier_w8a8_reloads(tiny_bert, bert_ids, tmp_path):
+    recipe = [
+        RTNConfig(bits=8, group_size=-1, symmetric=True, ignore=("classifier",)),
+        ActivationQuantConfig(strategy="tensor", dynamic=False, observer="percentile"),
+    ]
+    compress(tiny_bert, recipe, calibration_data=torch.randint(1, 100, (8, 16)), progress=False)
+    assert hasattr(tiny_bert.bert.pooler.dense, "input_scale")  # outside the blocks: full passes
+    with torch.no_grad():
+        expected = tiny_bert(bert_ids).logits
+    tiny_bert.save_pretrained(tmp_path / "b")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "b")
+    with torch.no_grad():
+        assert torch.equal(reloaded(bert_ids).logits, expected)
+
+
+def test_missing_static_scale_in_a_checkpoint_is_refused(tiny_llama, tmp_path):
+    compress(tiny_llama, [W8, ACTS["static-minmax"]], calibration_data=CALIB, progress=False)
+    path = hfcompress.save_pretrained(tiny_llama, tmp_path / "m")
+    tensors = load_file(path / "model.safetensors")
+    tensors.pop("model.layers.0.mlp.gate_proj.input_scale")
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"model.layers.0.mlp.gate_proj.input_scale' \(F32 \[1\]\) is missing"):
+        AutoModelForCausalLM.from_pretrained(path)
+
+
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        ({"bits": 4}, r"bits=4 is invalid; accepted: 8"),
+        ({"strategy": "token", "dynamic": False}, "dynamic=False is invalid"),
+        ({"strategy": "channel"}, "dynamic=True is invalid"),
+        ({"strategy": "channel", "dynamic": False, "observer": "kl"}, "observer='kl' is invalid"),
+        ({"strategy": "tensor", "dynamic": False, "observer": "mse", "ema": 0.9}, "ema=0.9 is invalid"),
+    ],
+    ids=["bits", "static-token", "dynamic-channel", "channel-kl", "mse-ema"],
+)
+def test_bad_settings_are_refused(options, match):
+    with pytest.raises(RecipeError, match=match):
+        hfcompress.Recipe.from_dict({"stages": [{"technique": "int8_activations", **options}]})
+
+
+def test_static_scheme_without_calibration_data_is_refused(tiny_llama):
+    with pytest.raises(CalibrationDataError, match="needs calibration data"):
+        compress(tiny_llama, [W8, ACTS["static-minmax"]], progress=False)
+    assert not _layers(tiny_llama)  # refused before any stage ran
+
+
+def test_float_layers_are_refused_with_the_fix(tiny_llama):
+    with pytest.raises(RecipeError, match="Put an rtn or gptq stage for them before this one"):
+        compress(tiny_llama, [ActivationQuantConfig(targets=("Linear",))], progress=False)
+    with pytest.raises(RecipeError, match="select no quantized layer"):
+        compress(tiny_llama, [ActivationQuantConfig()], progress=False)
+
+
+def test_quantizing_activations_twice_is_refused(tiny_llama):
+    with pytest.raises(RecipeError, match="already has quantized input activations"):
+        compress(tiny_llama, [W8, ActivationQuantConfig(), ActivationQuantConfig()], progress=False)
+
+
+def test_nan_in_calibration_activations_names_the_layer(tiny_llama):
+    compress(tiny_llama, [W8], progress=False)
+    with torch.no_grad():
+        tiny_llama.model.layers[1].post_attention_layernorm.weight[5] = float("inf")
+    with pytest.raises(CalibrationDataError, match=r"model.layers.1.mlp.gate_proj'.*NaN or infinite"):
+        compress(tiny_llama, [ACTS["static-minmax"]], calibration_data=CALIB, progress=False)
