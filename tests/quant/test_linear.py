@@ -192,6 +192,33 @@ def test_int8_activation_kernel_matches_the_reference(bits, group_size, symmetri
         torch.testing.assert_close(layer(x), dispatch.reference_forward(layer, x), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "int_mm"])
+@pytest.mark.parametrize("strategy,dynamic", [("token", True), ("tensor", False)])
+def test_both_cpu_int8_matmuls_match_the_reference(strategy, dynamic, onednn, dtype, monkeypatch):
+    from hfcompress.quant import cpu_w8a8
+    from hfcompress.quant.scheme import QuantArgs
+
+    if onednn and not cpu_w8a8.onednn_available():
+        pytest.skip("this torch build or CPU has no oneDNN int8 linear")
+    monkeypatch.setattr(cpu_w8a8, "onednn_available", lambda: onednn)
+    act = QuantArgs(num_bits=8, symmetric=True, strategy=strategy, dynamic=dynamic, observer=None, zp_dtype=None)
+    _, qw = _layer(40, 96, bits=8, group_size=-1, symmetric=True)
+    weights = QuantScheme.weight_only(num_bits=8, group_size=-1, in_features=96, symmetric=True).weights
+    layer = QuantLinear.from_quantized(qw, QuantScheme(weights=weights, input_activations=act), bias=torch.randn(40))
+    layer.to(dtype)  # the bias follows the model's dtype
+    if not dynamic:
+        layer.input_scale.fill_(0.03)
+    x = (torch.randn(3, 37, 96) * torch.linspace(0.2, 4, 96)).to(dtype)  # 111 rows: the prefill path
+    y, ref = layer(x), dispatch.reference_forward(layer, x)
+    assert y.dtype == dtype
+    # float32: exact integer sums, the scales applied in another order. bfloat16: the output
+    # (and, per token, the row scale) rounded to bfloat16 on the kernel's side, the
+    # reference's bfloat16 weight and matmul on the other.
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert _rel_err(y.float(), ref.float()) < tol
+
+
 def test_cpu_int4_applies_the_zero_point_term_in_float32():
     # One-signed groups put the zero point at 0, where the op's offset (8 - z) * s is largest:
     # rounded to bfloat16 inside the op (as before the fix) it cost more than bfloat16 output
