@@ -43,17 +43,24 @@ def test_factors_follow_the_papers_equation():
     assert smoothing_scales(act[:2], weight[:2], alpha=1.0)[0].item() == pytest.approx(16.0)
 
 
-def test_discovers_the_llama_mappings_and_skips_v_to_o_under_gqa(tiny_llama):
+def test_discovers_the_llama_mappings_with_grouped_v_to_o(tiny_llama):
     modifier = _smoothquant(tiny_llama)
-    found = {(m.source, m.readers) for m in modifier.applied["model.layers.0."]}
+    found = set(modifier.applied["model.layers.0."])
     assert found == {
-        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-        ("mlp.up_proj", ("mlp.down_proj",)),
+        Mapping("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        Mapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        Mapping("mlp.up_proj", ("mlp.down_proj",)),
+        # 4 query heads share 2 KV heads of 20 dims: each v channel feeds 2 o columns.
+        Mapping("self_attn.v_proj", ("self_attn.o_proj",), groups=2, head_dim=20),
     }
 
 
-def test_v_to_o_is_smoothed_without_grouped_query_attention():
+def test_grouped_reader_index_maps_query_heads_to_their_kv_head():
+    index = Mapping("v", ("o",), groups=2, head_dim=3).reader_index(12, torch.device("cpu"))
+    assert index.tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 5, 3, 4, 5]
+
+
+def test_v_to_o_is_one_to_one_without_grouped_query_attention():
     model = make_tiny_llama()
     model.config.num_key_value_heads = 4
     model = type(model)(model.config).eval()
@@ -113,9 +120,12 @@ def test_smoothing_lowers_the_w8a8_error(weights, llama_ids):
     assert error(smooth=True) < 0.5 * error(smooth=False)
 
 
-def test_alpha_search_picks_from_the_grid(tiny_llama):
+def test_alpha_search_picks_from_the_grid_per_mapping(tiny_llama):
     modifier = _smoothquant(_with_outliers(tiny_llama), alpha_grid=(0.2, 0.6))
-    assert set(modifier.alphas.values()) <= {0.2, 0.6} and len(modifier.alphas) == 2
+    assert len(modifier.alphas) == 2
+    for prefix, alphas in modifier.alphas.items():
+        assert set(alphas) == {m.source for m in modifier.applied[prefix]}
+        assert set(alphas.values()) <= {0.2, 0.6}
 
 
 def test_explicit_mapping_whose_shapes_disagree_is_refused(tiny_llama):

@@ -14,7 +14,7 @@ from torch import nn
 from hfcompress.architectures import blocks_of
 from hfcompress.errors import CalibrationDataError, ModelError
 from hfcompress.kinds import is_linear_like, linear_features, linear_weight
-from hfcompress.layerwise import Block, LayerwiseRunner, compute_device
+from hfcompress.layerwise import Block, BlockInputs, LayerwiseRunner, compute_device
 from hfcompress.modifier import CompressionContext, ModelView, Modifier
 from hfcompress.quant.activations import fake_quantize_activations
 from hfcompress.quant.scheme import QuantArgs
@@ -37,13 +37,27 @@ _PER_TOKEN = QuantArgs(num_bits=8, symmetric=True, strategy="token", dynamic=Tru
 _EXACT_TOL = 1e-3
 
 
-@dataclass
+@dataclass(frozen=True)
 class Mapping:
     """One smoothing: ``source`` (a norm, or a linear whose output rows are divided) feeds
-    ``readers`` (linears whose input columns are multiplied); names relative to the block."""
+    ``readers`` (linears whose input columns are multiplied); names relative to the block.
+
+    ``groups > 1`` is grouped-query attention's v -> o: o's input channel ``h * D + d`` (query
+    head ``h``, ``D = head_dim``) reads v's channel ``(h // groups) * D + d``, so one factor
+    per v channel multiplies the ``groups`` o columns that read it."""
 
     source: str
     readers: tuple[str, ...]
+    groups: int = 1
+    head_dim: int = 0
+
+    def reader_index(self, size: int, device: torch.device) -> torch.Tensor | None:
+        """For each of the readers' ``size`` input channels, the source channel it reads
+        (None when they are the same channels)."""
+        if self.groups == 1:
+            return None
+        i = torch.arange(size, device=device)
+        return (i // self.head_dim // self.groups) * self.head_dim + i % self.head_dim
 
 
 def _divide_outputs(module: nn.Module, s: torch.Tensor) -> None:
@@ -57,10 +71,21 @@ def _divide_outputs(module: nn.Module, s: torch.Tensor) -> None:
 
 
 def _smooth(block: nn.Module, mapping: Mapping, s: torch.Tensor) -> None:
+    """Divide ``source``'s output channels by ``s`` and multiply the readers' columns by it."""
     _divide_outputs(block.get_submodule(mapping.source), s)
     for name in mapping.readers:
         layer = block.get_submodule(name)
-        linear_weight(layer).mul_(s.to(layer.weight.dtype)[None, :])
+        w = linear_weight(layer)
+        index = mapping.reader_index(w.shape[1], s.device)
+        w.mul_((s if index is None else s[index]).to(w.dtype)[None, :])
+
+
+def _to_source(mapping: Mapping, values: torch.Tensor, size: int) -> torch.Tensor:
+    """Per-reader-channel maxima ``[K]`` reduced to the source's ``size`` channels."""
+    index = mapping.reader_index(values.numel(), values.device)
+    if index is None:
+        return values
+    return torch.zeros(size, dtype=values.dtype, device=values.device).scatter_reduce_(0, index, values, "amax")
 
 
 def _output_size(module: nn.Module) -> int | None:
@@ -110,7 +135,7 @@ class SmoothQuantModifier(Modifier):
         self._batches: list[dict[str, torch.Tensor]] = []
         self._explicit = [Mapping(*parse_mapping(text)) for text in config.mappings]
         self.applied: dict[str, list[Mapping]] = {}  # block prefix -> mappings smoothed
-        self.alphas: dict[str, float] = {}  # block prefix -> alpha used
+        self.alphas: dict[str, dict[str, float]] = {}  # block prefix -> {mapping source: alpha}
 
     def check(self, model: nn.Module, context: CompressionContext, view: ModelView) -> None:
         super().check(model, context, view)
@@ -171,28 +196,30 @@ class SmoothQuantModifier(Modifier):
             for n, m in module.named_modules()
             if any(matches(block.prefix + n, type(m).__name__, p) for p in self.config.ignore)
         }
+        probe = _probe(block)
+        reference = block.forward(probe).float()
         if self._explicit:
             for mapping in self._explicit:
-                if not self._is_exact(block, mapping):
+                if not self._is_exact(block, mapping, probe, reference):
                     raise self.error(
                         f"mapping {mapping.source} -> {', '.join(mapping.readers)} changes the output of block "
                         f"{block.prefix[:-1]!r}: smoothing it is not an identity there"
                     )
             mappings = self._explicit
         else:
-            mappings = [m for m in self._discover(block) if not ignored & {m.source, *m.readers}]
-            mappings = [m for m in mappings if self._is_exact(block, m)]
+            mappings = [m for m in self._discover(block, probe) if not ignored & {m.source, *m.readers}]
+            mappings = [m for m in mappings if self._is_exact(block, m, probe, reference)]
         if not mappings:
             return
         absmax = self._input_ranges(block, mappings)
-        alpha = self._choose_alpha(block, mappings, absmax)
+        alphas = self._choose_alphas(block, mappings, absmax)
         for mapping in mappings:
-            _smooth(module, mapping, self._scales(module, mapping, absmax[mapping.source], alpha))
+            _smooth(module, mapping, self._scales(module, mapping, absmax[mapping.source], alphas[mapping.source]))
         self.applied[block.prefix] = mappings
-        self.alphas[block.prefix] = alpha
-        logger.debug("%s: alpha %.2f, %s", block.prefix, alpha, [(m.source, m.readers) for m in mappings])
+        self.alphas[block.prefix] = alphas
+        logger.debug("%s: alphas %s", block.prefix, alphas)
 
-    def _discover(self, block: Block) -> list[Mapping]:
+    def _discover(self, block: Block, probe: BlockInputs) -> list[Mapping]:
         """Norms read only through linears, by tracing which tensor each linear reads; plus the
         linear -> linear pairs whose shapes match."""
         module = block.module
@@ -206,7 +233,7 @@ class SmoothQuantModifier(Modifier):
         for name, layer in linears.items():
             handles.append(layer.register_forward_pre_hook(lambda _m, a, n=name: inputs.setdefault(n, a[0])))
         try:
-            block.forward(_probe(block))
+            block.forward(probe)
         finally:
             for handle in handles:
                 handle.remove()
@@ -219,16 +246,15 @@ class SmoothQuantModifier(Modifier):
             firsts = [n for n in linears if before.search(n)]
             seconds = [n for n in linears if after.search(n)]
             if len(firsts) == 1 and len(seconds) == 1:
-                mapping = Mapping(firsts[0], (seconds[0],))
-                if _output_size(linears[firsts[0]]) == linear_features(linears[seconds[0]])[0]:
+                mapping = _pair(module, firsts[0], seconds[0])
+                if mapping is not None:
                     found.append(mapping)
         return found
 
-    def _is_exact(self, block: Block, mapping: Mapping) -> bool:
-        """Smoothing ``mapping`` with random factors leaves the block's output unchanged."""
+    def _is_exact(self, block: Block, mapping: Mapping, probe: BlockInputs, reference: torch.Tensor) -> bool:
+        """Smoothing ``mapping`` with random factors leaves the block's output on ``probe``
+        (``reference`` before smoothing) unchanged."""
         module = block.module
-        probe = _probe(block)
-        reference = block.forward(probe).float()
         size = _output_size(module.get_submodule(mapping.source))
         g = torch.Generator().manual_seed(0)
         s = torch.exp(torch.empty(size).uniform_(-1, 1, generator=g)).to(reference.device)
@@ -272,44 +298,74 @@ class SmoothQuantModifier(Modifier):
         return absmax
 
     def _scales(self, module: nn.Module, mapping: Mapping, act_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+        """The factors ``[source channels]`` for ``mapping`` at strength ``alpha``."""
         weights = [linear_weight(module.get_submodule(r)).detach().abs().float() for r in mapping.readers]
         weight_absmax = torch.stack([w.amax(dim=0) for w in weights]).amax(dim=0)
-        return smoothing_scales(act_absmax.to(weight_absmax.device), weight_absmax, alpha)
+        size = _output_size(module.get_submodule(mapping.source))
+        act = _to_source(mapping, act_absmax.to(weight_absmax.device), size)
+        return smoothing_scales(act, _to_source(mapping, weight_absmax, size), alpha)
 
-    def _choose_alpha(self, block: Block, mappings: list[Mapping], absmax: dict[str, torch.Tensor]) -> float:
+    def _choose_alphas(
+        self, block: Block, mappings: list[Mapping], absmax: dict[str, torch.Tensor]
+    ) -> dict[str, float]:
+        """Each mapping's alpha: ``alpha``, or with ``alpha_grid`` the grid value that brings the
+        fake-quantized block closest to the float block, chosen one mapping at a time in block
+        order (the others held at their current choice: coordinate descent, one sweep)."""
         cfg = self.config
+        alphas = {m.source: cfg.alpha for m in mappings}
         if not cfg.alpha_grid:
-            return cfg.alpha
+            return alphas
         module = block.module
         readers = {r for m in mappings for r in m.readers}
         targets = [block.forward(item).float() for item in block.inputs]
-        losses = {}
-        for alpha in cfg.alpha_grid:
+
+        def loss() -> float:
             with _restorable(module, mappings):
-                for mapping in mappings:
-                    _smooth(module, mapping, self._scales(module, mapping, absmax[mapping.source], alpha))
+                for m in mappings:
+                    _smooth(module, m, self._scales(module, m, absmax[m.source], alphas[m.source]))
                 with _fake_quantized(module, readers, cfg.search_weight_bits):
-                    losses[alpha] = sum(
+                    return sum(
                         float((block.forward(item).float() - t).pow(2).mean())
                         for item, t in zip(block.inputs, targets, strict=True)
                     )
-        best = min(losses, key=losses.get)
-        logger.debug("%s: alpha losses %s -> %.2f", block.prefix, losses, best)
-        return best
+
+        for mapping in mappings:
+            losses = {}
+            for alpha in cfg.alpha_grid:
+                alphas[mapping.source] = alpha
+                losses[alpha] = loss()
+            alphas[mapping.source] = min(losses, key=losses.get)
+            logger.debug("%s%s: alpha losses %s", block.prefix, mapping.source, losses)
+        return alphas
 
 
-def _probe(block: Block):
-    """The first calibration batch cut to one sequence: enough to trace or test a mapping."""
+def _pair(block: nn.Module, first: str, second: str) -> Mapping | None:
+    """``first -> second`` when ``second`` reads ``first``'s channels one to one, or, under
+    grouped-query attention, each of them ``groups`` times (the attention module that holds
+    ``second`` says its ``head_dim``); None when the shapes allow neither."""
+    out, k = _output_size(block.get_submodule(first)), linear_features(block.get_submodule(second))[0]
+    if out == k:
+        return Mapping(first, (second,))
+    parent = block.get_submodule(second.rpartition(".")[0]) if "." in second else block
+    head_dim = getattr(parent, "head_dim", None)
+    if isinstance(head_dim, int) and head_dim > 0 and out and k % out == 0 and out % head_dim == 0:
+        return Mapping(first, (second,), groups=k // out, head_dim=head_dim)
+    return None
+
+
+def _probe(block: Block) -> BlockInputs:
+    """The first calibration batch cut to its first sequence (every batched tensor argument
+    with it): enough to trace the block or test a mapping, at a fraction of the cost."""
     item = block.inputs[0]
-    hidden = item.args[0]
-    if hidden.shape[0] <= 1:
+    batch = item.args[0].shape[0]
+
+    def first(value):
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch:
+            return value[:1]
+        if isinstance(value, tuple):
+            return tuple(first(v) for v in value)
+        return value
+
+    if batch == 1:
         return item
-    return item.with_hidden(hidden[:1]) if not _batched_kwargs(item, hidden.shape[0]) else item
-
-
-def _batched_kwargs(item, batch: int) -> bool:
-    # Masks and position tensors carry the batch dimension; cutting the hidden states alone
-    # would mismatch them, so the probe keeps the whole batch then.
-    return any(
-        isinstance(v, torch.Tensor) and v.dim() > 1 and v.shape[0] == batch and batch > 1 for v in item.kwargs.values()
-    )
+    return BlockInputs(tuple(first(a) for a in item.args), {k: first(v) for k, v in item.kwargs.items()})
