@@ -4,7 +4,8 @@
 # 1. the GPU-relevant tests with the machine's own transformers (the range pyproject allows);
 #    failures are rerun with the pinned transformers when its wheel is in .whl/;
 # 2. benchmarks/bench_w4a16.py: kernels per layer with the GEMV block sweep, then Llama-shaped
-#    decoding; each part under its own time limit, into OUT_DIR/layers and OUT_DIR/e2e.
+#    decoding; each part under its own time limit, into OUT_DIR/layers and OUT_DIR/e2e;
+# 3. benchmarks/bench_w8a8.py: the W8A8 GEMM against bfloat16 cuBLAS, into OUT_DIR/w8a8.
 # Runs from the source tree without installing: hfcompress_triton is linked to triton_kernels/.
 set -u
 out="${1:-${OUT:-benchmarks/out/gpu}}"
@@ -26,3 +27,6 @@ fi
 
 timeout 180 python3 benchmarks/bench_w4a16.py --sweep gemv --out "$out/layers" 2>&1 | tee "$out/bench_layers.log"
 timeout 180 python3 benchmarks/bench_w4a16.py --no-layers --e2e --out "$out/e2e" 2>&1 | tee "$out/bench_e2e.log"
+# 3. the W8A8 Triton GEMM against bfloat16 cuBLAS (issue 11: at least 1.5x at M = 2048 on the
+#    7B shapes), with the block sweep.
+timeout 150 python3 benchmarks/bench_w8a8.py --sweep --out "$out/w8a8" 2>&1 | tee "$out/bench_w8a8.log"

@@ -13,7 +13,11 @@ EXAMPLES = {
     "rtn": {"bits": 4, "group_size": 32},
     "gptq": {"bits": 4, "group_size": 32, "act_order": True},
     "pkd": {"num_layers": 1, "epochs": 1, "batch_size": 2},
+    "smoothquant": {"alpha": 0.5},
+    "int8_activations": {"strategy": "tensor", "dynamic": False, "observer": "mse"},
 }
+# Stages a technique needs before it (activations are quantized on layers a weight stage made).
+BEFORE = {"int8_activations": [{"technique": "rtn", "bits": 8, "group_size": -1, "symmetric": True}]}
 TECHNIQUES = sorted(registered_techniques())
 
 
@@ -49,7 +53,9 @@ def test_compress_save_reload(name, arch, tiny_llama, tiny_bert, llama_ids, bert
 
         labels = ids.tolist() if arch == "llama" else [0] * len(ids)
         train = Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels})
-    compress(model, [config], calibration_data=ids, train_dataset=train, progress=False)
+    before = [registered_techniques()[b["technique"]].config_cls.from_dict(
+        {k: v for k, v in b.items() if k != "technique"}) for b in BEFORE.get(name, [])]  # fmt: skip
+    compress(model, [*before, config], calibration_data=ids, train_dataset=train, progress=False)
     logits = model(ids).logits
     assert logits.shape == shape and torch.isfinite(logits).all()
     hfcompress.save_pretrained(model, tmp_path / "m")

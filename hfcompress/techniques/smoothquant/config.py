@@ -44,6 +44,8 @@ class SmoothQuantConfig(TechniqueConfig):
             with weights fake-quantized to ``search_weight_bits`` per channel and inputs to
             8 bits per token, is closest to the float block on the calibration data.
         search_weight_bits: Weight bits of that search (8 for W8A8, 4 for W4A8).
+        search_batches: Calibration batches the search scores each candidate on (the
+            search runs the block ``len(alpha_grid)`` times per mapping).
         mappings: Explicit mappings instead of the discovery, names relative to a block:
             ``"input_layernorm -> self_attn.q_proj, self_attn.k_proj, self_attn.v_proj"``.
             A mapping whose shapes disagree, or that changes the block's output, is an error.
@@ -58,6 +60,7 @@ class SmoothQuantConfig(TechniqueConfig):
     alpha: float = 0.5
     alpha_grid: tuple[float, ...] = ()
     search_weight_bits: int = 8
+    search_batches: int = 1
     mappings: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ("lm_head",)
     batch_size: int = 8
@@ -69,6 +72,8 @@ class SmoothQuantConfig(TechniqueConfig):
                 raise invalid(key, value, "numbers in [0, 1]")
         if self.search_weight_bits not in (2, 3, 4, 8):
             raise invalid("search_weight_bits", self.search_weight_bits, "2, 3, 4 or 8")
+        if self.search_batches < 1:
+            raise invalid("search_batches", self.search_batches, "an integer >= 1")
         for text in self.mappings:
             parse_mapping(text)
         if self.batch_size < 1:

@@ -317,7 +317,8 @@ class SmoothQuantModifier(Modifier):
             return alphas
         module = block.module
         readers = {r for m in mappings for r in m.readers}
-        targets = [block.forward(item).float() for item in block.inputs]
+        inputs = block.inputs[: cfg.search_batches]
+        targets = [block.forward(item).float() for item in inputs]
 
         def loss() -> float:
             with _restorable(module, mappings):
@@ -326,7 +327,7 @@ class SmoothQuantModifier(Modifier):
                 with _fake_quantized(module, readers, cfg.search_weight_bits):
                     return sum(
                         float((block.forward(item).float() - t).pow(2).mean())
-                        for item, t in zip(block.inputs, targets, strict=True)
+                        for item, t in zip(inputs, targets, strict=True)
                     )
 
         for mapping in mappings:

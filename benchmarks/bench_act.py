@@ -1,0 +1,290 @@
+"""INT8 activations on SmolLM2-135M and MiniLM: perplexity per scheme and observer, CPU prefill
+and decode speed, GLUE, and llm-compressor's SmoothQuant + W8A8 beside ours, in one run.
+
+    python benchmarks/bench_act.py                                  # every section
+    python benchmarks/bench_act.py --sections ppl --peer llmcompressor=/tmp/peers/llmc/bin/python
+    python benchmarks/bench_act.py --sections speed --rounds 5
+    python benchmarks/bench_act.py --sections glue --glue-models 'outputs/glue/minilm-l6-{task}'
+
+Protocol (the README's): calibration windows of 512 tokens of WikiText-2 *validation*
+(``--samples``, seed 0; the same token windows for ours and the peer); perplexity on the first
+40 windows of 512 tokens of WikiText-2 *test*; ``lm_head`` stays in float everywhere.
+
+* ``ppl``: each row compresses a fresh copy of the fp32 model with one recipe (a recipe file of
+  ``recipes/`` where one exists), then measures perplexity; wall time covers ``compress``.
+  ``--peer llmcompressor=PYTHON`` runs ``benchmarks/peers/llmcompressor_w8a8.py`` with that
+  interpreter (llm-compressor pins another transformers) right after our rows.
+* ``speed``: prefill of one 512-token sequence and greedy decode (64 new tokens after a short
+  prompt), tokens/s, for fp32, bf16, W8A16, W8A8 and W4A8 (per channel, the int8 kernel's
+  case), round-robin over ``--rounds`` rounds, median.
+* ``glue``: MiniLM classifiers fine-tuned on SST-2 and MRPC (``--glue-models``, ``{task}`` in the
+  path), fp32 vs W8A8 dynamic (with and without SmoothQuant), dev-set scores.
+
+Writes a JSON file per section to ``--out`` and prints markdown tables for RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import hfcompress
+from hfcompress.data import load_text
+from hfcompress.eval import perplexity
+from hfcompress.models import load_model, load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+W8 = "{name: weights, technique: rtn, bits: 8, group_size: -1, symmetric: true}"
+SQ = "{name: smooth, technique: smoothquant, alpha: 0.5}"
+
+
+def _acts(**fields) -> str:
+    body = ", ".join(f"{k}: {json.dumps(v)}" for k, v in fields.items())
+    return "{name: acts, technique: int8_activations" + (", " + body if body else "") + "}"
+
+
+def _stages(*stages: str) -> str:
+    return "stages:\n" + "".join(f"  - {s}\n" for s in stages)
+
+
+def _static(observer: str, **extra) -> str:
+    return _acts(strategy="tensor", dynamic=False, observer=observer, **extra)
+
+
+# label -> recipe (a path under recipes/, YAML text, or None for the float model)
+PPL_ROWS = {
+    "fp32": None,
+    "W8A16 (RTN W8 per channel)": "recipes/llama_w8a16_rtn.yaml",
+    "W8A8 dynamic, no smoothing": _stages(W8, _acts()),
+    "W8A8 dynamic, SmoothQuant 0.5": "recipes/llama_w8a8_dynamic.yaml",
+    "W8A8 dynamic, SmoothQuant alpha search": _stages(
+        "{name: smooth, technique: smoothquant, alpha_grid: [0.3, 0.4, 0.5, 0.6, 0.7, 0.8]}", W8, _acts()
+    ),
+    "W8A8 static per-tensor minmax, no smoothing": _stages(W8, _static("minmax")),
+    "W8A8 static per-tensor minmax, SmoothQuant 0.5": _stages(SQ, W8, _static("minmax")),
+    "W8A8 static per-tensor minmax EMA 0.9, SmoothQuant 0.5": _stages(SQ, W8, _static("minmax", ema=0.9)),
+    "W8A8 static per-tensor percentile 99.99, SmoothQuant 0.5": _stages(SQ, W8, _static("percentile")),
+    "W8A8 static per-tensor MSE, SmoothQuant 0.5": "recipes/llama_w8a8_static_smoothquant.yaml",
+    "W8A8 static per-tensor KL, SmoothQuant 0.5": _stages(SQ, W8, _static("kl")),
+    "W8A8 static per-channel minmax, SmoothQuant 0.5": _stages(
+        SQ, W8, _acts(strategy="channel", dynamic=False, observer="minmax")
+    ),
+    "W4A16 GPTQ g128": "recipes/llama_w4a16_gptq_g128.yaml",
+    "W4A8 GPTQ g128 (SmoothQuant 0.5, dynamic)": "recipes/llama_w4a8_gptq_g128.yaml",
+}
+# Rows that reuse another row's compressed model and add a stage (same GPTQ weights).
+DERIVED = {"W4A8 GPTQ g128 (the W4A16 row's weights + dynamic A8)": ("W4A16 GPTQ g128", _stages(_acts()))}
+PEER_RUNS = [("static", 0.5), ("static", 0.8), ("dynamic", 0.8)]
+
+
+def _recipe(spec: str) -> hfcompress.Recipe:
+    if spec.endswith(".yaml"):
+        return hfcompress.Recipe.from_yaml(ROOT / spec)
+    return hfcompress.Recipe.from_yaml_str(spec)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _ppl(model, tokens) -> float:
+    with torch.no_grad():
+        return perplexity(model, tokens, seq_len=512, max_windows=40, progress=False).perplexity
+
+
+def section_ppl(args) -> list[dict]:
+    base = load_model("smollm2-135m")
+    tokenizer = load_tokenizer("smollm2-135m")
+    tokens = tokenizer(load_text("wikitext2:test"), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    kwargs = {
+        "tokenizer": tokenizer,
+        "calibration_data": "wikitext2:valid",
+        "num_calibration_samples": args.samples,
+        "calibration_seq_len": 512,
+        "seed": 0,
+        "progress": False,
+    }
+    rows, models = [], {}
+    selected = {k: v for k, v in PPL_ROWS.items() if not args.rows or any(r in k for r in args.rows)}
+    for label, spec in selected.items():
+        model = copy.deepcopy(base)
+        start = time.perf_counter()
+        if spec is not None:
+            hfcompress.compress(model, _recipe(spec), **kwargs)
+        wall = time.perf_counter() - start
+        rows.append({"method": f"hfcompress {label}", "recipe": spec, "ppl": _ppl(model, tokens), "wall_s": wall})
+        print(json.dumps(rows[-1]), flush=True)
+        if label in {source for source, _ in DERIVED.values()}:
+            models[label] = model
+    for label, (source, spec) in DERIVED.items():
+        if source in models:
+            start = time.perf_counter()
+            hfcompress.compress(models[source], _recipe(spec), **kwargs)
+            wall = time.perf_counter() - start
+            ppl = _ppl(models[source], tokens)
+            rows.append({"method": f"hfcompress {label}", "recipe": spec, "ppl": ppl, "wall_s": wall})
+            print(json.dumps(rows[-1]), flush=True)
+    for name, python in args.peer:
+        if name != "llmcompressor":
+            raise SystemExit(f"unknown peer {name!r}; known: llmcompressor")
+        for variant, alpha in PEER_RUNS:
+            script = ROOT / "benchmarks/peers/llmcompressor_w8a8.py"
+            out = subprocess.run(
+                [python, str(script), variant, str(alpha), str(args.samples)],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+            )
+            lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+            if out.returncode != 0 or not lines:
+                rows.append({"method": f"llm-compressor {variant} {alpha}", "error": out.stderr[-2000:]})
+            else:
+                rows.append(json.loads(lines[-1]))
+            print(json.dumps(rows[-1]), flush=True)
+    fp32 = next((r["ppl"] for r in rows if r["method"] == "hfcompress fp32"), None)
+    print("\n| method | perplexity | vs fp32 | compress s |\n|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['method']} | fails: {r['error'].strip().splitlines()[-1][:200]} | | |")
+            continue
+        delta = f"{100 * (r['ppl'] / fp32 - 1):+.2f}%" if fp32 else ""
+        print(f"| {r['method']} | {r['ppl']:.3f} | {delta} | {r['wall_s']:.1f} |")
+    return rows
+
+
+SPEED_ROWS = {
+    "fp32": None,
+    "bf16 dense": "bf16",
+    "W8A16 (RTN W8 per channel)": _stages(W8),
+    "W8A8 dynamic per-token": _stages(W8, _acts()),
+    "W8A8 dynamic per-token, bf16 model": (_stages(W8, _acts()), "bf16"),
+    "W4A8 per channel, dynamic per-token": _stages(
+        "{name: weights, technique: rtn, bits: 4, group_size: -1, symmetric: true}", _acts()
+    ),
+}
+
+
+def _prefill_seconds(model, ids) -> float:
+    start = time.perf_counter()
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    return time.perf_counter() - start
+
+
+def section_speed(args) -> list[dict]:
+    from hfcompress.eval import decode_speed
+    from hfcompress.quant.dispatch import select_path
+
+    base = load_model("smollm2-135m")
+    tokenizer = load_tokenizer("smollm2-135m")
+    text = load_text("wikitext2:test")
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[:, 1000:1512]
+    models = {}
+    for label, spec in SPEED_ROWS.items():
+        model = copy.deepcopy(base)
+        recipe, dtype = (spec if isinstance(spec, tuple) else (spec, None)) if spec != "bf16" else (None, "bf16")
+        if recipe is not None:
+            hfcompress.compress(model, _recipe(recipe), progress=False)
+        if dtype == "bf16":
+            model.to(torch.bfloat16)
+        down = model.model.layers[0].mlp.down_proj
+        x = torch.randn(512, down.in_features if hasattr(down, "in_features") else 1536, dtype=model.dtype)
+        path = select_path(down, x) if isinstance(down, hfcompress.QuantLinear) else "dense"
+        models[label] = (model, path)
+        _prefill_seconds(model, ids)  # warm-up: kernel packing
+    prefill = {label: [] for label in models}
+    decode = {label: [] for label in models}
+    for _ in range(args.rounds):
+        for label, (model, _path) in models.items():
+            prefill[label].append(ids.shape[1] / _prefill_seconds(model, ids))
+            decode[label].append(decode_speed(model, tokenizer, new_tokens=64, repeats=1).tokens_per_second)
+    rows = []
+    fp32_p, fp32_d = statistics.median(prefill["fp32"]), statistics.median(decode["fp32"])
+    print(f"\nCPU: {_cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(
+        "\n| model | linear kernel | prefill 512 tok/s | vs fp32 | decode tok/s | vs fp32 |\n|---|---|---|---|---|---|"
+    )
+    for label, (_model, path) in models.items():
+        p, d = statistics.median(prefill[label]), statistics.median(decode[label])
+        rows.append({"model": label, "kernel": path, "prefill_tok_s": p, "decode_tok_s": d, "rounds": args.rounds})
+        print(f"| {label} | {path} | {p:.0f} | {p / fp32_p:.2f}x | {d:.1f} | {d / fp32_d:.2f}x |")
+    return rows
+
+
+def section_glue(args) -> list[dict]:
+    from hfcompress.glue import evaluate_glue
+    from hfcompress.glue.harness import load_glue_model
+
+    w8 = "{name: weights, technique: rtn, bits: 8, group_size: -1, symmetric: true, ignore: [classifier]}"
+    variants = {
+        "fp32": None,
+        "W8A8 dynamic": _stages(w8, _acts()),
+        "W8A8 dynamic, SmoothQuant 0.5": "recipes/bert_w8a8_dynamic.yaml",
+    }
+    rows = []
+    for task in args.glue_tasks:
+        path = args.glue_models.format(task=task)
+        for label, spec in variants.items():
+            model, tokenizer = load_glue_model(path, task)
+            if spec is not None:
+                # SmoothQuant calibrates on the task's own training sentences.
+                from hfcompress.glue.data import load_glue
+
+                train = load_glue(task, "train", args.glue_data, limit=256)
+                texts = [" ".join(str(row[c]) for c in ("text_a", "text_b") if c in row) for row in train]
+                hfcompress.compress(
+                    model,
+                    _recipe(spec),
+                    tokenizer=tokenizer,
+                    calibration_data=texts,
+                    num_calibration_samples=64,
+                    calibration_seq_len=64,
+                    progress=False,
+                )
+            result = evaluate_glue(model, tokenizer, task, source=args.glue_data)[0]
+            rows.append({"task": task, "model": label, "score": result.main, "metrics": result.metrics})
+            print(json.dumps(rows[-1]), flush=True)
+    print("\n| task | fp32 | " + " | ".join(list(variants)[1:]) + " |\n|---|---|" + "---|" * (len(variants) - 1))
+    for task in args.glue_tasks:
+        scores = {r["model"]: 100 * r["score"] for r in rows if r["task"] == task}
+        cells = " | ".join(f"{scores[v]:.1f} ({scores[v] - scores['fp32']:+.1f})" for v in list(variants)[1:])
+        print(f"| {task} | {scores['fp32']:.1f} | {cells} |")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sections", nargs="+", default=["ppl", "speed", "glue"], choices=["ppl", "speed", "glue"])
+    parser.add_argument("--rows", nargs="*", default=[], help="only the ppl rows whose label contains one of these")
+    parser.add_argument("--samples", type=int, default=128, help="calibration windows of 512 tokens")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--peer", action="append", default=[], type=lambda s: tuple(s.split("=", 1)))
+    parser.add_argument("--glue-models", default="outputs/glue/minilm-l6-{task}")
+    parser.add_argument("--glue-tasks", nargs="+", default=["sst2", "mrpc"])
+    parser.add_argument("--glue-data", default=None, help="GLUE folder or nyu-mll/glue (default: the harness's)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/out/act")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    for section in args.sections:
+        rows = {"ppl": section_ppl, "speed": section_speed, "glue": section_glue}[section](args)
+        (args.out / f"{section}.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
