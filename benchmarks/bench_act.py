@@ -10,13 +10,16 @@ Protocol (the README's): calibration windows of 512 tokens of WikiText-2 *valida
 (``--samples``, seed 0; the same token windows for ours and the peer); perplexity on the first
 40 windows of 512 tokens of WikiText-2 *test*; ``lm_head`` stays in float everywhere.
 
-* ``ppl``: each row compresses a fresh copy of the fp32 model with one recipe (a recipe file of
-  ``recipes/`` where one exists), then measures perplexity; wall time covers ``compress``.
+* ``ppl``: each row compresses a copy of the fp32 model, then measures perplexity. Rows that
+  share their first stages (smoothing and W8 weights; the GPTQ W4 weights) start from one
+  copy compressed once; their wall time counts those stages plus their own. The rows that
+  name a recipe file run exactly that file's stages.
   ``--peer llmcompressor=PYTHON`` runs ``benchmarks/peers/llmcompressor_w8a8.py`` with that
   interpreter (llm-compressor pins another transformers) right after our rows.
-* ``speed``: prefill of one 512-token sequence and greedy decode (64 new tokens after a short
-  prompt), tokens/s, for fp32, bf16, W8A16, W8A8 and W4A8 (per channel, the int8 kernel's
-  case), round-robin over ``--rounds`` rounds, median.
+* ``speed``: prefill of one 512-token sequence (logits of the last position, as ``generate``
+  computes them) and greedy decode (64 new tokens after a short prompt), tokens/s, for fp32,
+  bf16, W8A16, W8A8 and W4A8 (per channel, the int8 kernel's case), round-robin over
+  ``--rounds`` rounds, median.
 * ``glue``: MiniLM classifiers fine-tuned on SST-2 and MRPC (``--glue-models``, ``{task}`` in the
   path), fp32 vs W8A8 dynamic (with and without SmoothQuant), dev-set scores.
 
@@ -60,29 +63,30 @@ def _static(observer: str, **extra) -> str:
     return _acts(strategy="tensor", dynamic=False, observer=observer, **extra)
 
 
-# label -> recipe (a path under recipes/, YAML text, or None for the float model)
+# Models several rows start from: compressed once, copied for each row.
+PREFIXES = {"w8": _stages(W8), "sq+w8": _stages(SQ, W8), "gptq-w4g128": "recipes/llama_w4a16_gptq_g128.yaml"}
+# label -> recipe: a path under recipes/, YAML text, None (the float model), or
+# (prefix, YAML of the stages added to that prefix's model).
 PPL_ROWS = {
     "fp32": None,
-    "W8A16 (RTN W8 per channel)": "recipes/llama_w8a16_rtn.yaml",
-    "W8A8 dynamic, no smoothing": _stages(W8, _acts()),
-    "W8A8 dynamic, SmoothQuant 0.5": "recipes/llama_w8a8_dynamic.yaml",
+    "W8A16 (RTN W8 per channel)": ("w8", None),
+    "W8A8 dynamic, no smoothing": ("w8", _stages(_acts())),
+    "W8A8 dynamic, SmoothQuant 0.5 (llama_w8a8_dynamic.yaml)": ("sq+w8", _stages(_acts())),
     "W8A8 dynamic, SmoothQuant alpha search": _stages(
         "{name: smooth, technique: smoothquant, alpha_grid: [0.3, 0.4, 0.5, 0.6, 0.7, 0.8]}", W8, _acts()
     ),
-    "W8A8 static per-tensor minmax, no smoothing": _stages(W8, _static("minmax")),
-    "W8A8 static per-tensor minmax, SmoothQuant 0.5": _stages(SQ, W8, _static("minmax")),
-    "W8A8 static per-tensor minmax EMA 0.9, SmoothQuant 0.5": _stages(SQ, W8, _static("minmax", ema=0.9)),
-    "W8A8 static per-tensor percentile 99.99, SmoothQuant 0.5": _stages(SQ, W8, _static("percentile")),
-    "W8A8 static per-tensor MSE, SmoothQuant 0.5": "recipes/llama_w8a8_static_smoothquant.yaml",
-    "W8A8 static per-tensor KL, SmoothQuant 0.5": _stages(SQ, W8, _static("kl")),
-    "W8A8 static per-channel minmax, SmoothQuant 0.5": _stages(
-        SQ, W8, _acts(strategy="channel", dynamic=False, observer="minmax")
+    "W8A8 static per-tensor minmax, no smoothing": ("w8", _stages(_static("minmax"))),
+    "W8A8 static per-tensor minmax, SmoothQuant 0.5": ("sq+w8", _stages(_static("minmax"))),
+    "W8A8 static per-tensor minmax EMA 0.9, SmoothQuant 0.5": ("sq+w8", _stages(_static("minmax", ema=0.9))),
+    "W8A8 static per-tensor percentile 99.99, SmoothQuant 0.5": ("sq+w8", _stages(_static("percentile"))),
+    "W8A8 static per-tensor MSE, SmoothQuant 0.5 (llama_w8a8_static_smoothquant.yaml)": (
+        "sq+w8",
+        _stages(_static("mse")),
     ),
-    "W4A16 GPTQ g128": "recipes/llama_w4a16_gptq_g128.yaml",
-    "W4A8 GPTQ g128 (SmoothQuant 0.5, dynamic)": "recipes/llama_w4a8_gptq_g128.yaml",
+    "W8A8 static per-tensor KL, SmoothQuant 0.5": ("sq+w8", _stages(_static("kl"))),
+    "W4A16 GPTQ g128 (llama_w4a16_gptq_g128.yaml)": ("gptq-w4g128", None),
+    "W4A8: the same GPTQ weights + dynamic A8 (llama_w4a8_gptq_g128.yaml)": ("gptq-w4g128", _stages(_acts())),
 }
-# Rows that reuse another row's compressed model and add a stage (same GPTQ weights).
-DERIVED = {"W4A8 GPTQ g128 (the W4A16 row's weights + dynamic A8)": ("W4A16 GPTQ g128", _stages(_acts()))}
 PEER_RUNS = [("static", 0.5), ("static", 0.8), ("dynamic", 0.8)]
 
 
@@ -119,26 +123,31 @@ def section_ppl(args) -> list[dict]:
         "seed": 0,
         "progress": False,
     }
-    rows, models = [], {}
-    selected = {k: v for k, v in PPL_ROWS.items() if not args.rows or any(r in k for r in args.rows)}
-    for label, spec in selected.items():
+    rows, prefixes = [], {}
+
+    def compressed(spec: str) -> tuple[torch.nn.Module, float]:
         model = copy.deepcopy(base)
         start = time.perf_counter()
-        if spec is not None:
-            hfcompress.compress(model, _recipe(spec), **kwargs)
-        wall = time.perf_counter() - start
+        hfcompress.compress(model, _recipe(spec), **kwargs)
+        return model, time.perf_counter() - start
+
+    selected = {k: v for k, v in PPL_ROWS.items() if not args.rows or any(r in k for r in args.rows)}
+    for label, spec in selected.items():
+        if spec is None:
+            model, wall = base, 0.0
+        elif isinstance(spec, tuple):
+            prefix, extra = spec
+            if prefix not in prefixes:
+                prefixes[prefix] = compressed(PREFIXES[prefix])
+            model, wall = copy.deepcopy(prefixes[prefix][0]), prefixes[prefix][1]
+            if extra is not None:
+                start = time.perf_counter()
+                hfcompress.compress(model, _recipe(extra), **kwargs)
+                wall += time.perf_counter() - start
+        else:
+            model, wall = compressed(spec)
         rows.append({"method": f"hfcompress {label}", "recipe": spec, "ppl": _ppl(model, tokens), "wall_s": wall})
         print(json.dumps(rows[-1]), flush=True)
-        if label in {source for source, _ in DERIVED.values()}:
-            models[label] = model
-    for label, (source, spec) in DERIVED.items():
-        if source in models:
-            start = time.perf_counter()
-            hfcompress.compress(models[source], _recipe(spec), **kwargs)
-            wall = time.perf_counter() - start
-            ppl = _ppl(models[source], tokens)
-            rows.append({"method": f"hfcompress {label}", "recipe": spec, "ppl": ppl, "wall_s": wall})
-            print(json.dumps(rows[-1]), flush=True)
     for name, python in args.peer:
         if name != "llmcompressor":
             raise SystemExit(f"unknown peer {name!r}; known: llmcompressor")
@@ -182,7 +191,9 @@ SPEED_ROWS = {
 def _prefill_seconds(model, ids) -> float:
     start = time.perf_counter()
     with torch.no_grad():
-        model(ids, use_cache=False)
+        # As generate() prefills: logits for the last position only (SmolLM2's 49k-token
+        # lm_head over all 512 positions would otherwise take a third of the time, in float).
+        model(ids, use_cache=False, logits_to_keep=1)
     return time.perf_counter() - start
 
 

@@ -254,3 +254,20 @@ def test_cpu_int8_uses_the_float16_scales_unrounded():
         assert dispatch.select_path(layer, x) == "cpu_int8"
         fast, bf16_floor = _fast_and_bf16_errors(layer, x, dense)
         assert fast < 1.5 * bf16_floor
+
+
+def test_layers_reading_one_tensor_quantize_it_once(tiny_llama, llama_ids, monkeypatch):
+    from hfcompress import ActivationQuantConfig, RTNConfig, compress
+    from hfcompress.quant import cpu_w8a8
+
+    compress(tiny_llama, [RTNConfig(bits=8, group_size=-1, symmetric=True), ActivationQuantConfig()], progress=False)
+    calls = []
+    original = cpu_w8a8.quantize_activations
+    monkeypatch.setattr(cpu_w8a8, "quantize_activations", lambda *a: calls.append(1) or original(*a))
+    with torch.no_grad():
+        fast = tiny_llama(llama_ids).logits
+    assert len(calls) == 2 * 4  # per block: q/k/v once, o, gate/up once, down
+    with torch.inference_mode():  # no version counters: nothing is reused, same result
+        calls.clear()
+        assert torch.equal(tiny_llama(llama_ids).logits, fast)
+    assert len(calls) == 2 * 7
