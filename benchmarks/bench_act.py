@@ -71,10 +71,8 @@ PPL_ROWS = {
     "fp32": None,
     "W8A16 (RTN W8 per channel)": ("w8", None),
     "W8A8 dynamic, no smoothing": ("w8", _stages(_acts())),
-    "W8A8 dynamic, SmoothQuant 0.5 (llama_w8a8_dynamic.yaml)": ("sq+w8", _stages(_acts())),
-    "W8A8 dynamic, SmoothQuant alpha search": _stages(
-        "{name: smooth, technique: smoothquant, alpha_grid: [0.3, 0.4, 0.5, 0.6, 0.7, 0.8]}", W8, _acts()
-    ),
+    "W8A8 dynamic, SmoothQuant 0.5": ("sq+w8", _stages(_acts())),
+    "W8A8 dynamic, SmoothQuant alpha search (llama_w8a8_dynamic.yaml)": "recipes/llama_w8a8_dynamic.yaml",
     "W8A8 static per-tensor minmax, no smoothing": ("w8", _stages(_static("minmax"))),
     "W8A8 static per-tensor minmax, SmoothQuant 0.5": ("sq+w8", _stages(_static("minmax"))),
     "W8A8 static per-tensor minmax EMA 0.9, SmoothQuant 0.5": ("sq+w8", _stages(_static("minmax", ema=0.9))),
@@ -87,7 +85,7 @@ PPL_ROWS = {
     "W4A16 GPTQ g128 (llama_w4a16_gptq_g128.yaml)": ("gptq-w4g128", None),
     "W4A8: the same GPTQ weights + dynamic A8 (llama_w4a8_gptq_g128.yaml)": ("gptq-w4g128", _stages(_acts())),
 }
-PEER_RUNS = [("static", 0.5), ("static", 0.8), ("dynamic", 0.8)]
+PEER_RUNS = [("static", 0.5), ("dynamic", 0.8)]
 
 
 def _recipe(spec: str) -> hfcompress.Recipe:
