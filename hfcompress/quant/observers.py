@@ -171,8 +171,13 @@ def kl_threshold(hist: torch.Tensor, top: float, levels: int = QMAX + 1, stride:
     for i in range(levels, bins + 1, stride):
         p = h[:i].clone()
         p[-1] += h[i:].sum()
-        chunks = torch.tensor_split(h[:i], levels)
-        q = torch.cat([torch.where(c > 0, c.sum() / (c > 0).sum().clamp(min=1), torch.zeros_like(c)) for c in chunks])
+        # Merge bins [0, i) into `levels` chunks, then spread each chunk's count evenly over
+        # its non-empty bins (vectorised: chunk of bin b is b * levels // i).
+        chunk = torch.arange(i, device=h.device) * levels // i
+        nonzero = (h[:i] > 0).double()
+        sums = torch.zeros(levels, dtype=h.dtype, device=h.device).index_add_(0, chunk, h[:i])
+        counts = torch.zeros(levels, dtype=h.dtype, device=h.device).index_add_(0, chunk, nonzero)
+        q = nonzero * (sums / counts.clamp(min=1))[chunk]
         p_sum, q_sum = p.sum(), q.sum()
         if p_sum == 0 or q_sum == 0:
             continue
