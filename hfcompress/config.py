@@ -14,12 +14,25 @@ from typing import Any, ClassVar, Literal, get_args, get_origin
 
 from hfcompress.errors import RecipeError
 
-__all__ = ["TechniqueConfig", "invalid"]
+__all__ = ["TechniqueConfig", "check_target_fields", "invalid"]
 
 
 def invalid(key: str, value: Any, accepted: str) -> RecipeError:
     """Build the error for one bad config value: it names the key, the value and what is accepted."""
     return RecipeError(f"{key}={value!r} is invalid; accepted: {accepted}")
+
+
+def check_target_fields(config: Any, keys: tuple[str, ...] = ("targets", "ignore")) -> None:
+    """Raise :func:`invalid` for an empty ``targets`` or a malformed pattern in any of ``keys``
+    (module names, class names or ``re:`` patterns) of a config."""
+    from hfcompress.targets import check_patterns
+
+    if "targets" in keys and not config.targets:
+        raise invalid("targets", list(config.targets), "a non-empty list of patterns")
+    for key in keys:
+        problem = check_patterns(getattr(config, key))
+        if problem:
+            raise invalid(key, list(getattr(config, key)), f"module names, class names or 're:' patterns; {problem}")
 
 
 def _describe(annotation: Any) -> str:

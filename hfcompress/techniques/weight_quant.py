@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from hfcompress.config import TechniqueConfig, invalid
+from hfcompress.config import TechniqueConfig, check_target_fields, invalid
 from hfcompress.errors import ModelError
 from hfcompress.kinds import is_linear_like, linear_features, linear_weight, swap_module
 from hfcompress.layerwise import materialize_offloaded
@@ -20,7 +20,7 @@ from hfcompress.quant.affine import QuantizedWeight
 from hfcompress.quant.linear import SCALE_DTYPES, QuantLinear
 from hfcompress.quant.packing import SUPPORTED_BITS
 from hfcompress.quant.scheme import QuantScheme
-from hfcompress.targets import check_patterns, select
+from hfcompress.targets import select
 
 __all__ = ["SCALE_DTYPES", "WeightQuantConfig", "WeightQuantModifier"]
 
@@ -61,12 +61,7 @@ class WeightQuantConfig(TechniqueConfig):
             raise invalid("group_size", self.group_size, f"-1 (per channel) or an integer >= {MIN_GROUP_SIZE}")
         if self.symmetric and self.zero_point == "float":
             raise invalid("zero_point", self.zero_point, "'integer' when symmetric is true (its zero point is fixed)")
-        if not self.targets:
-            raise invalid("targets", list(self.targets), "a non-empty list of patterns")
-        for key in ("targets", "ignore"):
-            problem = check_patterns(getattr(self, key))
-            if problem:
-                raise invalid(key, list(getattr(self, key)), f"module names, class names or 're:' patterns; {problem}")
+        check_target_fields(self)
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from hfcompress.config import TechniqueConfig, invalid
+from hfcompress.config import TechniqueConfig, check_target_fields, invalid
 from hfcompress.quant.scheme import QuantArgs
-from hfcompress.targets import check_patterns
 
 __all__ = ["ActivationQuantConfig"]
 
@@ -73,12 +72,7 @@ class ActivationQuantConfig(TechniqueConfig):
             raise invalid("ema", self.ema, "null, or a number in [0, 1) with observer 'minmax' or 'percentile'")
         if self.batch_size < 1:
             raise invalid("batch_size", self.batch_size, "an integer >= 1")
-        if not self.targets:
-            raise invalid("targets", list(self.targets), "a non-empty list of patterns")
-        for key in ("targets", "ignore"):
-            problem = check_patterns(getattr(self, key))
-            if problem:
-                raise invalid(key, list(getattr(self, key)), f"module names, class names or 're:' patterns; {problem}")
+        check_target_fields(self)
 
     def args(self) -> QuantArgs:
         """The input-activation args this stage gives each layer."""

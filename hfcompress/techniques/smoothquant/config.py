@@ -5,9 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from hfcompress.config import TechniqueConfig, invalid
-from hfcompress.errors import RecipeError
-from hfcompress.targets import check_patterns
+from hfcompress.config import TechniqueConfig, check_target_fields, invalid
 
 __all__ = ["SmoothQuantConfig", "parse_mapping"]
 
@@ -78,6 +76,4 @@ class SmoothQuantConfig(TechniqueConfig):
             parse_mapping(text)
         if self.batch_size < 1:
             raise invalid("batch_size", self.batch_size, "an integer >= 1")
-        problem = check_patterns(self.ignore)
-        if problem:
-            raise RecipeError(f"ignore={list(self.ignore)} is invalid: {problem}")
+        check_target_fields(self, ("ignore",))
