@@ -40,6 +40,7 @@ __all__ = [
     "BlockInputs",
     "LayerwiseRunner",
     "autocast",
+    "autocast_dtype",
     "capture_block_inputs",
     "compute_device",
     "materialize_offloaded",
@@ -205,6 +206,12 @@ def propagate(block: nn.Module, inputs: list[BlockInputs], *, compute_dtype: tor
             with autocast(device, compute_dtype):
                 out = _hidden(block(*item.args, **item.kwargs))
             inputs[i] = item.with_hidden(out.to(item.args[0].dtype))
+
+
+def autocast_dtype(name: str) -> torch.dtype | None:
+    """A config's ``compute_dtype`` as the autocast dtype of the calibration passes:
+    ``"bfloat16"`` -> ``torch.bfloat16``, ``"float32"`` -> None (no autocast)."""
+    return torch.bfloat16 if name == "bfloat16" else None
 
 
 def compute_device(model: nn.Module, device: torch.device | None) -> torch.device:

@@ -10,7 +10,7 @@ from torch import nn
 
 from hfcompress.errors import CalibrationDataError
 from hfcompress.kinds import is_linear_like
-from hfcompress.layerwise import Block, LayerwiseRunner, compute_device, run_model
+from hfcompress.layerwise import Block, LayerwiseRunner, autocast_dtype, compute_device, run_model
 from hfcompress.modifier import CompressionContext, ModelView, Modifier
 from hfcompress.quant.linear import QuantLinear
 from hfcompress.quant.observers import ActivationObserver
@@ -117,7 +117,7 @@ class ActivationQuantModifier(Modifier):
             model,
             self._batches,
             device=compute_device(model, context.device),
-            compute_dtype=torch.bfloat16 if cfg.compute_dtype == "bfloat16" else None,
+            compute_dtype=autocast_dtype(cfg.compute_dtype),
             progress=context.progress,
             desc=f"{self.stage}: activation ranges",
         )

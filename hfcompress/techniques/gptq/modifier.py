@@ -14,7 +14,7 @@ from hfcompress.architectures import blocks_of, sequential_groups
 from hfcompress.checkpointing import BlockCheckpoint, run_fingerprint
 from hfcompress.errors import ModelError
 from hfcompress.kinds import linear_features, linear_weight
-from hfcompress.layerwise import Block, LayerwiseRunner, compute_device, run_block, run_model
+from hfcompress.layerwise import Block, LayerwiseRunner, autocast_dtype, compute_device, run_block, run_model
 from hfcompress.modifier import CompressionContext, ModelView
 from hfcompress.quant.affine import quantize_rtn
 from hfcompress.techniques.gptq.algorithm import HessianAccumulator, quantize_weight
@@ -80,7 +80,7 @@ class GPTQModifier(WeightQuantModifier):
         return "mse" if self.config.clip_search else "minmax"
 
     def _compute_dtype(self) -> torch.dtype | None:
-        return torch.bfloat16 if self.config.compute_dtype == "bfloat16" else None
+        return autocast_dtype(self.config.compute_dtype)
 
     def _quantize(self, module: nn.Module, names: list[str], run: Callable[[], None], prefix: str = "") -> None:
         """Collect Hessians of ``names`` (inside ``module``, called ``prefix`` in the model)

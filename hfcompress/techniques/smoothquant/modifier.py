@@ -14,7 +14,7 @@ from torch import nn
 from hfcompress.architectures import blocks_of
 from hfcompress.errors import CalibrationDataError, ModelError
 from hfcompress.kinds import is_linear_like, linear_features, linear_weight
-from hfcompress.layerwise import Block, BlockInputs, LayerwiseRunner, compute_device
+from hfcompress.layerwise import Block, BlockInputs, LayerwiseRunner, autocast_dtype, compute_device
 from hfcompress.modifier import CompressionContext, ModelView, Modifier
 from hfcompress.quant.activations import fake_quantize_activations
 from hfcompress.quant.scheme import QuantArgs
@@ -177,7 +177,7 @@ class SmoothQuantModifier(Modifier):
             model,
             self._batches,
             device=compute_device(model, context.device),
-            compute_dtype=torch.bfloat16 if cfg.compute_dtype == "bfloat16" else None,
+            compute_dtype=autocast_dtype(cfg.compute_dtype),
             progress=context.progress,
             desc=f"{self.stage}: SmoothQuant blocks",
         )
