@@ -95,18 +95,13 @@ def _supports(layer: QuantLinear, x: torch.Tensor) -> bool:
     )
 
 
-def _int8_codes(layer: QuantLinear) -> torch.Tensor:
-    """``[N, K]`` int8 ``q - 2^(bits-1)``."""
-    return (layer.codes().to(torch.int16) - 2 ** (layer.bits - 1)).to(torch.int8)
-
-
 def _build(layer: QuantLinear) -> _IntMMPack:
     correction = None if layer.symmetric else layer.zero_points().float()[:, 0] - 2 ** (layer.bits - 1)
-    return _IntMMPack(_int8_codes(layer).t(), layer.scales.float()[:, 0], correction)
+    return _IntMMPack(layer.signed_codes().t(), layer.scales.float()[:, 0], correction)
 
 
 def _build_onednn(layer: QuantLinear) -> _OneDNNPack:
-    packed = torch.ops.onednn.qlinear_prepack(_int8_codes(layer).contiguous(), None)
+    packed = torch.ops.onednn.qlinear_prepack(layer.signed_codes().contiguous(), None)
     return _OneDNNPack(
         packed, layer.scales.float()[:, 0].contiguous(), torch.zeros(layer.out_features, dtype=torch.long)
     )

@@ -269,6 +269,11 @@ class QuantLinear(CompressedModule):
         """The unpacked ``[N, K]`` uint8 codes."""
         return unpack(self.qweight, self.bits, self.in_features)
 
+    def signed_codes(self) -> torch.Tensor:
+        """The ``[N, K]`` codes minus ``2**(bits-1)`` as int8 (what int8 matmuls multiply;
+        4- and 8-bit codes fit)."""
+        return (self.codes().to(torch.int16) - 2 ** (self.bits - 1)).to(torch.int8)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The ``[N, K]`` weight this layer computes with."""
         return dequantize(self.codes(), self.scales, self.zero_points(), self.group_size, dtype=dtype)

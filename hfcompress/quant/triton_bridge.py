@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from hfcompress.quant.activations import activation_scales
 from hfcompress.quant.dispatch import Kernel, cached, register_kernel
 
 if TYPE_CHECKING:
@@ -61,9 +62,8 @@ register_kernel(Kernel("triton_w4a16", _supports, w4a16_linear, priority=30))
 
 
 def _int8_weight(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
-    # Symmetric codes minus their offset 2**(bits-1) fit int8 for 4 and 8 bits: [N, K], [N].
-    offset = 2 ** (layer.bits - 1)
-    return (layer.codes().to(torch.int16) - offset).to(torch.int8).contiguous(), layer.scales.float()[:, 0].contiguous()
+    # Symmetric codes minus their offset 2**(bits-1), [N, K] int8, and the scales [N].
+    return layer.signed_codes().contiguous(), layer.scales.float()[:, 0].contiguous()
 
 
 def w8a8_linear(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
@@ -74,9 +74,10 @@ def w8a8_linear(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, layer.in_features).contiguous()
     w_q, w_scale = cached(layer, "triton_w8a8", _int8_weight)
     act = layer.scheme.input_activations
-    x_q, x_scale = w8a8.per_token_quant(x2, None if act.dynamic else layer.input_scale)
-    if act.dynamic and act.strategy == "tensor":
-        x_q, x_scale = w8a8.per_token_quant(x2, x_scale.amax().reshape(1))
+    # Per token: the kernel finds each row's scale; per tensor: the one scale, stored (static)
+    # or taken from the whole input (dynamic), is given to it.
+    scale = None if act.strategy == "token" else activation_scales(x2, act, getattr(layer, "input_scale", None))
+    x_q, x_scale = w8a8.per_token_quant(x2, scale)
     y = w8a8.int8_gemm(x_q, w_q, x_scale, w_scale, layer.bias, x2.dtype)
     return y.reshape(*lead, layer.out_features)
 
