@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,7 @@ import torch
 import hfcompress
 from hfcompress.data import load_text
 from hfcompress.eval import perplexity
+from hfcompress.eval.speed import cpu_name
 from hfcompress.models import load_model, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,16 +92,6 @@ def _recipe(spec: str) -> hfcompress.Recipe:
     if spec.endswith(".yaml"):
         return hfcompress.Recipe.from_yaml(ROOT / spec)
     return hfcompress.Recipe.from_yaml_str(spec)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _ppl(model, tokens) -> float:
@@ -174,14 +164,16 @@ def section_ppl(args) -> list[dict]:
     return rows
 
 
+# label -> (recipe or None, model dtype)
 SPEED_ROWS = {
-    "fp32": None,
-    "bf16 dense": "bf16",
-    "W8A16 (RTN W8 per channel)": _stages(W8),
-    "W8A8 dynamic per-token": _stages(W8, _acts()),
-    "W8A8 dynamic per-token, bf16 model": (_stages(W8, _acts()), "bf16"),
-    "W4A8 per channel, dynamic per-token": _stages(
-        "{name: weights, technique: rtn, bits: 4, group_size: -1, symmetric: true}", _acts()
+    "fp32": (None, torch.float32),
+    "bf16 dense": (None, torch.bfloat16),
+    "W8A16 (RTN W8 per channel)": (_stages(W8), torch.float32),
+    "W8A8 dynamic per-token": (_stages(W8, _acts()), torch.float32),
+    "W8A8 dynamic per-token, bf16 model": (_stages(W8, _acts()), torch.bfloat16),
+    "W4A8 per channel, dynamic per-token": (
+        _stages("{name: weights, technique: rtn, bits: 4, group_size: -1, symmetric: true}", _acts()),
+        torch.float32,
     ),
 }
 
@@ -204,13 +196,11 @@ def section_speed(args) -> list[dict]:
     text = load_text("wikitext2:test")
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[:, 1000:1512]
     models = {}
-    for label, spec in SPEED_ROWS.items():
+    for label, (recipe, dtype) in SPEED_ROWS.items():
         model = copy.deepcopy(base)
-        recipe, dtype = (spec if isinstance(spec, tuple) else (spec, None)) if spec != "bf16" else (None, "bf16")
         if recipe is not None:
             hfcompress.compress(model, _recipe(recipe), progress=False)
-        if dtype == "bf16":
-            model.to(torch.bfloat16)
+        model.to(dtype)
         down = model.model.layers[0].mlp.down_proj
         x = torch.randn(512, down.in_features if hasattr(down, "in_features") else 1536, dtype=model.dtype)
         path = select_path(down, x) if isinstance(down, hfcompress.QuantLinear) else "dense"
@@ -224,7 +214,7 @@ def section_speed(args) -> list[dict]:
             decode[label].append(decode_speed(model, tokenizer, new_tokens=64, repeats=1).tokens_per_second)
     rows = []
     fp32_p, fp32_d = statistics.median(prefill["fp32"]), statistics.median(decode["fp32"])
-    print(f"\nCPU: {_cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"\nCPU: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(
         "\n| model | linear kernel | prefill 512 tok/s | vs fp32 | decode tok/s | vs fp32 |\n|---|---|---|---|---|---|"
     )

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
 
 import torch
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 import hfcompress
 from hfcompress.data import load_text
 from hfcompress.eval import decode_speed, perplexity, size_report
+from hfcompress.eval.speed import cpu_name
 from hfcompress.models import load_model, load_tokenizer
 
 VARIANTS = {
@@ -29,16 +29,6 @@ VARIANTS = {
     "W4 g128 (asym)": "recipes/smollm2_w4a16_rtn_g128.yaml",
     "W4 g128 + lm_head W8": "recipes/smollm2_w4a16_rtn_g128_head_w8.yaml",
 }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
@@ -69,7 +59,7 @@ def main() -> None:
 
     # Measure every variant on the layers W4 quantized (all Linear layers but lm_head).
     w4_layers = [n for n, m in models["W4 g128 (asym)"].named_modules() if isinstance(m, hfcompress.QuantLinear)]
-    print(f"\nCPU: {_cpu_name()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    print(f"\nCPU: {cpu_name()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
     print(f"Decode: greedy, batch 1, {args.new_tokens} new tokens, median of {args.rounds} round-robin rounds")
     print(f"Perplexity: WikiText-2 test, first {args.windows} windows of 512 tokens\n")
     print("| variant | model bytes | bits/weight (decoder Linear) | perplexity | decode tok/s | vs fp32 |")

@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DEFAULT_PROMPT", "DecodeSpeed", "decode_speed"]
+__all__ = ["DEFAULT_PROMPT", "DecodeSpeed", "cpu_name", "decode_speed"]
 
 DEFAULT_PROMPT = "The history of the printing press begins"
+
+
+def cpu_name() -> str:
+    """The CPU's model name (what a reported speed names as its machine)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:  # not Linux: fall back to what the platform module knows
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 @dataclass(frozen=True)
