@@ -14,8 +14,9 @@ Two int8 matmuls serve it, chosen per call:
   weight is prepacked once, the per-channel scales, a per-tensor activation scale, the bias
   and the output dtype are applied inside the op. A per-token scale cannot be given to the
   op, so it gets ``s_x = 1`` and the rows are scaled afterwards (bias added then). On the
-  2-core dev VM (Sapphire Rapids class, AMX) it ran SmolLM2's 512-token prefill shapes at
-  0.5-0.9x the time of a bfloat16 matmul, where ``torch._int_mm`` took 0.6-1.1x.
+  2-core dev VM (Sapphire Rapids class, AMX) it ran SmolLM2's four 512-row matmul shapes in
+  0.52-0.64x the time of a bfloat16 matmul, where ``torch._int_mm`` took 0.55-1.6x (two
+  runs of the same micro-benchmark).
 * ``torch._int_mm`` (int8 x int8 -> int32) otherwise: decoding (one row: the oneDNN op's
   per-call overhead dominates there), asymmetric weights (the ``(z - o) * sum(x_q)`` term is
   applied after it) and CPUs or builds without oneDNN.
