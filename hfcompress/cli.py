@@ -5,6 +5,7 @@
     hfcompress eval ppl --model outputs/smollm2-w4 --max-windows 40
     hfcompress eval glue --model minilm-l6 --finetune --tasks rte,mrpc --output-dir outputs/glue
     hfcompress verify outputs/smollm2-w4
+    hfcompress export --model outputs/smollm2-w4 --format compressed-tensors --output outputs/smollm2-w4-ct --check
     hfcompress distill --teacher outputs/glue/minilm-l6-rte --task rte \\
         --recipe recipes/minilm_pkd_skip3.yaml --output outputs/minilm-pkd3-rte
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import asdict, replace
@@ -81,6 +83,24 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--json", action="store_true", help="print the result as JSON")
     add_eval_glue_parser(esub)
     add_distill_parser(sub)
+
+    x = sub.add_parser("export", help="write a compressed model in another tool's format (compressed-tensors)")
+    x.add_argument("--model", required=True, help="a folder saved by hfcompress")
+    x.add_argument("--format", choices=["compressed-tensors"], default="compressed-tensors")
+    x.add_argument("--output", required=True, help="folder to write the export into")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --output")
+    x.add_argument(
+        "--requantize-group-size",
+        type=int,
+        default=None,
+        metavar="G",
+        help="re-quantize layers with a partial last group at group size G (the format has no partial groups; "
+        "the perplexity change is printed) instead of refusing them",
+    )
+    x.add_argument(
+        "--check", action="store_true", help="load the export with plain transformers and compare logits with ours"
+    )
+    _add_eval_args(x, 8)
 
     v = sub.add_parser("verify", help="check a saved compressed model: tensor hashes, and that it loads cleanly")
     v.add_argument("folder", help="the saved model folder")
@@ -274,6 +294,68 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from hfcompress.data import load_text
+    from hfcompress.eval.perplexity import text_perplexity
+    from hfcompress.export import check_with_transformers, export_compressed_tensors, plan_compressed_tensors
+    from hfcompress.models import load_model, load_tokenizer
+    from hfcompress.quant.dispatch import FORCE_REFERENCE_ENV
+    from hfcompress.saving import check_output
+
+    output = check_output(args.output, overwrite=args.overwrite)
+    model = load_model(args.model, strict=True, verify=True)
+    tokenizer = _optional_tokenizer(args.model)
+    requantize = args.requantize_group_size
+    if requantize is None:
+        plan_compressed_tensors(model)  # refuse what the format cannot express before anything is written
+    ppl_before = None
+    is_lm = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in model.config.architectures or [])
+    if requantize is not None and is_lm:
+        tokenizer = load_tokenizer(args.model)
+        text = load_text(args.eval_data)
+
+        def ppl() -> float:
+            return text_perplexity(
+                model, tokenizer, text, seq_len=args.seq_len, max_windows=args.max_windows, progress=not args.quiet
+            ).perplexity
+
+        ppl_before = ppl()
+    summary = export_compressed_tensors(model, output, tokenizer=tokenizer, requantize_group_size=requantize)
+    print(f"exported {args.model} to {output} (compressed-tensors)")
+    for name, group in summary.groups.items():
+        print(f"  {name}: {group['layers']} layer(s), {group['num_bits']}-bit weights, format {group['format']}")
+    if summary.requantized:
+        print(f"  re-quantized at group size {requantize}: {len(summary.requantized)} layer(s) with a partial group")
+        if ppl_before is not None:
+            after = ppl()
+            print(
+                f"  perplexity ({args.eval_data}, first {args.max_windows} windows of {args.seq_len}): "
+                f"{ppl_before:.3f} before, {after:.3f} after re-quantizing ({100 * (after / ppl_before - 1):+.2f}%)"
+            )
+    if args.check:
+        vocab = model.config.vocab_size
+        ids = torch.randint(0, vocab, (1, 32), generator=torch.Generator().manual_seed(0))
+        previous = os.environ.get(FORCE_REFERENCE_ENV)
+        os.environ[FORCE_REFERENCE_ENV] = "1"  # the float32 reference path: what the export computes
+        try:
+            with torch.no_grad():
+                ours = model(input_ids=ids).logits.float()
+        finally:
+            if previous is None:
+                os.environ.pop(FORCE_REFERENCE_ENV)
+            else:
+                os.environ[FORCE_REFERENCE_ENV] = previous
+        theirs, info = check_with_transformers(output, ids)
+        diff = (ours - theirs).abs().max().item()
+        print(
+            f"  plain transformers loaded it as {info['class']} (no hfcompress import); max |logit difference| "
+            f"against our float32 reference path: {diff:.3g} (largest logit {ours.abs().max().item():.3g})"
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
@@ -284,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_distill(args)
         if args.command == "verify":
             return _verify(args)
+        if args.command == "export":
+            return _export(args)
         if args.metric == "glue":
             return run_eval_glue(args)
         return _eval_ppl(args)

@@ -10,6 +10,7 @@ __all__ = [
     "CalibrationDataError",
     "CheckpointError",
     "EvaluationError",
+    "ExportError",
     "HfCompressError",
     "ModelError",
     "OutputPathError",
@@ -49,3 +50,8 @@ class TrainingDataError(HfCompressError, ValueError):
 class EvaluationError(HfCompressError, ValueError):
     """An evaluation cannot give a meaningful number (text too short, a NaN or Inf score, a
     model of the wrong kind for the benchmark)."""
+
+
+class ExportError(HfCompressError, ValueError):
+    """A model cannot be written in the requested external format as it is (a layout the
+    format cannot express, a missing optional package)."""

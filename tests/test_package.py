@@ -38,3 +38,17 @@ def test_folder_without_config_is_refused(tmp_path):
 
 def test_bundled_names():
     assert set(BUNDLED_MODELS) == {"smollm2-135m", "minilm-l6"}
+
+
+def test_every_subpackage_is_listed_for_installation():
+    """A non-editable `pip install .` ships only the packages pyproject.toml lists."""
+    from pathlib import Path
+
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(p.parent.relative_to(root).parts) for p in (root / "hfcompress").rglob("__init__.py")
+    }
+    assert found - listed == set()
