@@ -46,6 +46,7 @@ __all__ = [
     "CalibrationDataError",
     "CheckpointError",
     "CompressedModule",
+    "DistillationCallback",
     "DistillationTrainer",
     "GPTQConfig",
     "HfCompressError",
@@ -79,10 +80,10 @@ __all__ = [
 
 def __getattr__(name: str):
     # The Trainer adapter imports transformers' Trainer (slow); load it on first use only.
-    if name == "DistillationTrainer":
-        from hfcompress.integrations.trainer import DistillationTrainer
+    if name in ("DistillationTrainer", "DistillationCallback"):
+        from hfcompress.integrations import trainer
 
-        return DistillationTrainer
+        return getattr(trainer, name)
     raise AttributeError(f"module 'hfcompress' has no attribute {name!r}")
 
 

@@ -48,7 +48,5 @@ def test_every_subpackage_is_listed_for_installation():
 
     root = Path(__file__).resolve().parents[1]
     listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    found = {
-        ".".join(p.parent.relative_to(root).parts) for p in (root / "hfcompress").rglob("__init__.py")
-    }
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "hfcompress").rglob("__init__.py")}
     assert found - listed == set()

@@ -1,5 +1,6 @@
-"""The one adapter to transformers' ``Trainer``: training arguments with our defaults, and the
-``DistillationTrainer`` that adds a teacher and the PKD loss.
+"""The one adapter to transformers' ``Trainer``: training arguments with our defaults, the
+``DistillationTrainer`` that adds a teacher and the PKD loss, and ``DistillationCallback``
+that adds the same to a ``Trainer`` you already have.
 
 The loss itself lives in :mod:`hfcompress.techniques.pkd.loss` as plain functions; this module
 only runs the two models and feeds those functions, so an upstream ``Trainer`` change touches
@@ -14,10 +15,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hfcompress.techniques.pkd.loss import (
+    UNLABELLED,
     distillation_loss,
     kd_loss,
     patient_loss,
@@ -25,7 +28,7 @@ from hfcompress.techniques.pkd.loss import (
     task_loss,
 )
 
-__all__ = ["DistillationTrainer", "make_trainer", "training_arguments"]
+__all__ = ["DistillationCallback", "DistillationTrainer", "Distiller", "make_trainer", "training_arguments"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,12 +71,15 @@ def training_arguments(
     return TrainingArguments(**kwargs)
 
 
-class DistillationTrainer(Trainer):
-    """A ``Trainer`` whose loss is PKD's: ``(1 - alpha) CE + alpha T^2 KL + beta L_PT``.
+# Keyword arguments of a student forward that are not model inputs the teacher should see.
+_NOT_INPUTS = frozenset({"labels", "num_items_in_batch", "output_hidden_states", "output_attentions", "return_dict"})
 
-    The teacher runs in eval mode without gradients, on the trainer's device; it may be any
-    model with the student's output shape, compressed ones included. The terms, unweighted,
-    are logged beside the loss as ``ce``, ``kd`` and ``pkd``.
+
+class Distiller:
+    """The teacher and PKD's loss ``(1 - alpha) CE + alpha T^2 KL + beta L_PT``, shared by
+    :class:`DistillationTrainer` and :class:`DistillationCallback` (so both give the same
+    numbers). The teacher runs in eval mode without gradients; it may be any model with the
+    student's output shape, compressed ones included.
 
     Args:
         teacher: The teacher model.
@@ -82,51 +88,47 @@ class DistillationTrainer(Trainer):
         temperature: Softmax temperature T of the KD term.
         alpha: Weight of the KD term (``1 - alpha`` weighs the task loss).
         beta: Weight of the patient loss.
-        *args, **kwargs: As for ``Trainer``.
     """
 
     def __init__(
         self,
-        *args: Any,
         teacher: nn.Module,
+        *,
         layer_pairs: Sequence[tuple[int, int]] = (),
         temperature: float = 5.0,
         alpha: float = 0.5,
         beta: float = 100.0,
-        **kwargs: Any,
     ) -> None:
-        super().__init__(*args, **kwargs)
-        self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
+        self.teacher = teacher.eval().requires_grad_(False)
         self.layer_pairs = tuple(layer_pairs)
         self.temperature = temperature
         self.alpha = alpha
         self.beta = beta
-        # Our loss is a per-batch mean; tell the Trainer not to rescale it by token counts.
-        self.model_accepts_loss_kwargs = False
         self._term_sums: dict[str, float] = {}
         self._term_count = 0
 
-    def _is_causal_lm(self, logits: torch.Tensor) -> bool:
-        return logits.dim() == 3
+    @property
+    def needs_hidden_states(self) -> bool:
+        return self.beta > 0 and bool(self.layer_pairs)
 
-    def compute_loss(
-        self,
-        model: nn.Module,
-        inputs: dict[str, Any],
-        return_outputs: bool = False,
-        num_items_in_batch: Any = None,
-    ):
-        need_hidden = self.beta > 0 and bool(self.layer_pairs)
-        teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        labels = inputs.get("labels")
-        # A classifier's task loss is ours, on the labelled rows only (augmented rows carry
-        # -100 or NaN); a causal LM keeps its own shifted next-token loss.
-        own_task_loss = labels is not None and labels.dim() == 1
-        student = model(**(teacher_inputs if own_task_loss else inputs), output_hidden_states=need_hidden)
+    def to(self, device: torch.device | str) -> Distiller:
+        self.teacher.to(device)
+        return self
+
+    def loss(self, student: Any, inputs: dict[str, Any], labels: torch.Tensor | None) -> torch.Tensor:
+        """The total loss of a student output on ``inputs`` (without labels); the terms are
+        accumulated for :meth:`pop_terms`.
+
+        A classifier's task loss is computed here on the labelled rows only (augmented rows
+        carry -100 or NaN); a causal LM's is the shifted next-token cross-entropy over labels
+        other than -100, as the model's own loss.
+        """
+        need_hidden = self.needs_hidden_states
+        teacher_inputs = {k: v for k, v in inputs.items() if k not in _NOT_INPUTS}
         with torch.no_grad():
             teacher = self.teacher(**teacher_inputs, output_hidden_states=need_hidden)
         s_logits, t_logits = student.logits, teacher.logits
-        causal = self._is_causal_lm(s_logits)
+        causal = s_logits.dim() == 3
         mask = inputs.get("attention_mask") if causal else None
         if s_logits.shape[-1] == 1 and not causal:
             kd = regression_kd_loss(s_logits, t_logits)
@@ -142,21 +144,143 @@ class DistillationTrainer(Trainer):
             )
         else:
             pkd = s_logits.new_zeros(())
-        if own_task_loss:
-            ce = task_loss(s_logits, labels)
+        if labels is None:
+            ce = s_logits.new_zeros(())
+        elif causal:
+            ce = F.cross_entropy(
+                s_logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=UNLABELLED
+            )
         else:
-            ce = student.loss if student.loss is not None else s_logits.new_zeros(())
+            ce = task_loss(s_logits, labels)
         loss = distillation_loss(ce, kd, pkd, alpha=self.alpha, beta=self.beta)
         for name in ("ce", "kd", "pkd"):
             self._term_sums[name] = self._term_sums.get(name, 0.0) + float(getattr(loss, name).detach())
         self._term_count += 1
-        return (loss.total, student) if return_outputs else loss.total
+        return loss.total
+
+    def pop_terms(self) -> dict[str, float]:
+        """The mean of each unweighted term since the last call (logged as ce, kd, pkd)."""
+        if not self._term_count:
+            return {}
+        terms = {k: round(v / self._term_count, 6) for k, v in self._term_sums.items()}
+        self._term_sums, self._term_count = {}, 0
+        return terms
+
+
+class DistillationTrainer(Trainer):
+    """A ``Trainer`` whose loss is PKD's (see :class:`Distiller`); the terms, unweighted, are
+    logged beside the loss as ``ce``, ``kd`` and ``pkd``. To keep your own ``Trainer`` (or
+    subclass) instead, use :class:`DistillationCallback`.
+
+    Args:
+        teacher, layer_pairs, temperature, alpha, beta: As for :class:`Distiller`.
+        *args, **kwargs: As for ``Trainer``.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        teacher: nn.Module,
+        layer_pairs: Sequence[tuple[int, int]] = (),
+        temperature: float = 5.0,
+        alpha: float = 0.5,
+        beta: float = 100.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.distiller = Distiller(
+            teacher, layer_pairs=layer_pairs, temperature=temperature, alpha=alpha, beta=beta
+        ).to(self.args.device)
+        self.teacher = self.distiller.teacher
+        # Our loss is a per-batch mean; tell the Trainer not to rescale it by token counts.
+        self.model_accepts_loss_kwargs = False
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ):
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        student = model(**model_inputs, output_hidden_states=self.distiller.needs_hidden_states)
+        loss = self.distiller.loss(student, model_inputs, inputs.get("labels"))
+        return (loss, student) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._term_count:
-            logs.update({k: round(v / self._term_count, 6) for k, v in self._term_sums.items()})
-            self._term_sums, self._term_count = {}, 0
+        if "loss" in logs:
+            logs.update(self.distiller.pop_terms())
         super().log(logs, start_time)
+
+
+class DistillationCallback(TrainerCallback):
+    """Distillation for a ``Trainer`` you already have: pass the callback and its
+    :meth:`compute_loss_func` to your (unmodified) ``Trainer``::
+
+        distill = DistillationCallback(teacher, layer_pairs=[(0, 1), (1, 3), (2, 5)], alpha=0.7, beta=100)
+        trainer = Trainer(model=student, args=args, train_dataset=train,
+                          callbacks=[distill], compute_loss_func=distill.compute_loss_func)
+
+    The loss is :class:`Distiller`'s, computed exactly as :class:`DistillationTrainer` does
+    (same seed, same loss curve). ``compute_loss_func`` sees only the student's outputs and
+    the labels, so while training the callback keeps a forward pre-hook on the student that
+    records its inputs (for the teacher) and asks for hidden states when the patient loss
+    needs them; the hook is removed when training ends. The terms are logged as ``ce``,
+    ``kd`` and ``pkd``.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        *,
+        layer_pairs: Sequence[tuple[int, int]] = (),
+        temperature: float = 5.0,
+        alpha: float = 0.5,
+        beta: float = 100.0,
+    ) -> None:
+        self.distiller = Distiller(teacher, layer_pairs=layer_pairs, temperature=temperature, alpha=alpha, beta=beta)
+        self._inputs: dict[str, Any] | None = None
+        self._hook: Any = None
+        self._accumulation = 1
+
+    def _record_inputs(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+        if args:
+            raise TypeError("DistillationCallback expects the Trainer to call the student with keyword inputs")
+        self._inputs = dict(kwargs)
+        if self.distiller.needs_hidden_states:
+            kwargs = {**kwargs, "output_hidden_states": True}
+        return args, kwargs
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            raise ValueError("DistillationCallback needs the Trainer's model")
+        self.distiller.to(args.device)
+        self._accumulation = args.gradient_accumulation_steps
+        self._hook = model.register_forward_pre_hook(self._record_inputs, with_kwargs=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def compute_loss_func(self, outputs: Any, labels: torch.Tensor | None, num_items_in_batch: Any = None):
+        """The ``Trainer``'s ``compute_loss_func``: the distillation loss of the batch the
+        student just ran on. A ``Trainer`` does not divide a custom loss by the gradient
+        accumulation steps, so it is divided here (the per-batch mean, as
+        ``DistillationTrainer``'s)."""
+        if self._inputs is None:
+            raise RuntimeError(
+                "DistillationCallback.compute_loss_func ran before the student's forward was recorded: pass the "
+                "callback in the Trainer's callbacks too"
+            )
+        return self.distiller.loss(outputs, self._inputs, labels) / self._accumulation
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and "loss" in logs:
+            terms = self.distiller.pop_terms()
+            logs.update(terms)
+            if state.log_history:
+                state.log_history[-1].update(terms)
 
 
 def _collator(model: nn.Module, tokenizer: Any):

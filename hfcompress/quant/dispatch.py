@@ -176,12 +176,28 @@ def _dense_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight.to(x.dtype) if not torch.is_autocast_enabled() else weight, layer.bias)
 
 
+def _trainable_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """The reference computation, differentiable in ``x`` (for adapters trained on a frozen
+    quantized model): the weight is dequantized in ``x``'s dtype, and int8 input rounding
+    passes the gradient straight through."""
+    act = layer.scheme.input_activations
+    if act is not None:
+        xq = fake_quantize_activations(x.detach(), act, getattr(layer, "input_scale", None))
+        x = x + (xq - x).detach()
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    return F.linear(x, layer.dequantize(dtype), layer.bias)
+
+
 def quant_linear_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    """Run ``layer`` on ``x: [..., K]`` through the kernel :func:`select_kernel` picks.
+    """Run ``layer`` on ``x: [..., K]`` through the kernel :func:`select_kernel` picks, or,
+    when ``x`` needs a gradient, through the differentiable reference computation (the packed
+    kernels have no backward).
 
     The choice is remembered per (device type, dtype, forced reference) on the layer: decoding
     calls every layer once per token, and re-deciding each time cost a measurable share of it.
     """
+    if x.requires_grad and torch.is_grad_enabled():
+        return _trainable_forward(layer, x)
     if _DENSE.active:
         return _dense_forward(layer, x)
     key = (x.device.type, x.dtype, _force_reference())

@@ -1,0 +1,149 @@
+"""LoRA on compressed models through peft (QLoRA-style).
+
+The packed weights of a :class:`~hfcompress.quant.QuantLinear` stay frozen (they are buffers,
+not parameters); the adapter's two small matrices train, and gradients reach earlier layers
+through the layer's dequantize path (``QuantLinear`` switches to it whenever its input needs
+a gradient; int8 input activations pass their gradient straight through the rounding).
+
+    from hfcompress.integrations.peft import add_lora
+    model = add_lora(model, r=16, lora_alpha=32)      # a peft PeftModel
+    ...train...
+    model.save_pretrained("adapter")                   # the adapter only
+    model = load_lora(base_compressed_model, "adapter")
+
+peft's own ``get_peft_model`` works too once :func:`register_quant_linear` has been called
+on the ``LoraConfig``. ``merge``/``merge_and_unload`` are refused: the merged weight is not
+on the quantization grid, and writing it back would quietly re-quantize the adapter away.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from hfcompress.errors import ModelError
+from hfcompress.kinds import compressed_modules
+from hfcompress.quant.linear import QuantLinear
+
+__all__ = ["QuantLoraLinear", "add_lora", "load_lora", "register_quant_linear"]
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError:
+        raise ModelError("LoRA needs peft: pip install peft") from None
+    return peft
+
+
+def _lora_layer_base():
+    from peft.tuners.lora.layer import LoraLayer
+
+    return LoraLayer
+
+
+class QuantLoraLinear(nn.Module, _lora_layer_base()):
+    """A LoRA adapter around a frozen :class:`QuantLinear`: ``base(x) + B(A(dropout(x))) * s``."""
+
+    # peft's LoraLayer lists the adapter's parameter names here.
+    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, config: Any, r: int = 0, lora_alpha: int = 1, **kwargs
+    ):
+        super().__init__()
+        _lora_layer_base().__init__(self, base_layer)
+        self.fan_in_fan_out = False
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
+
+    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+        return module.in_features, module.out_features  # peft would warn "unsupported layer type"
+
+    def resolve_lora_variant(self, *, config: Any, **kwargs):
+        variants = [
+            f
+            for f in ("use_dora", "alora_invocation_tokens", "arrow_config", "velora_config")
+            if getattr(config, f, None)
+        ]
+        if variants:
+            raise ModelError(f"LoRA on hfcompress QuantLinear layers supports plain LoRA only, not {variants}")
+        return None
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise ModelError(
+            "a LoRA adapter cannot be merged into packed quantized weights (the sum is not on their grid, and "
+            "re-quantizing it would undo most of the adapter). Keep the adapter unmerged (save it with "
+            "save_pretrained and load it with hfcompress.integrations.peft.load_lora), or merge it into the float "
+            "model before compressing"
+        )
+
+    def unmerge(self) -> None:
+        raise ModelError("nothing to unmerge: adapters on packed quantized weights are never merged")
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        return (self.lora_B[adapter].weight @ self.lora_A[adapter].weight) * self.scaling[adapter]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        self._check_forward_args(x, *args, **kwargs)
+        kwargs.pop("adapter_names", None)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result
+        for name in self.active_adapters:
+            if name not in self.lora_A:
+                continue
+            lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+            h = self._cast_input_dtype(self.lora_dropout[name](x), lora_a.weight.dtype)
+            result = result + (lora_b(lora_a(h)) * self.scaling[name]).to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+def register_quant_linear(config: Any) -> Any:
+    """Teach a peft ``LoraConfig`` to wrap :class:`QuantLinear` layers; returns it."""
+    config._register_custom_module({QuantLinear: QuantLoraLinear})
+    return config
+
+
+def _default_targets(model: nn.Module) -> list[str]:
+    names = sorted({name.rpartition(".")[2] for name in compressed_modules(model)})
+    if not names:
+        raise ModelError("the model has no compressed layers; use peft directly for a float model")
+    return names
+
+
+def add_lora(model: nn.Module, config: Any = None, **lora_kwargs) -> nn.Module:
+    """Wrap ``model`` for LoRA training (a peft ``PeftModel``).
+
+    Args:
+        model: A model compressed by hfcompress (its QuantLinear layers get adapters; float
+            Linear layers named in ``target_modules`` get peft's usual ones).
+        config: A peft ``LoraConfig``; built from ``lora_kwargs`` when None. When it names no
+            ``target_modules``, every compressed layer's name (``q_proj``, ...) is targeted.
+        **lora_kwargs: ``LoraConfig`` fields (``r``, ``lora_alpha``, ``lora_dropout``, ...).
+    """
+    peft = _peft()
+    if config is None:
+        task = "CAUSAL_LM" if getattr(model, "can_generate", lambda: False)() else "SEQ_CLS"
+        lora_kwargs.setdefault("task_type", task)
+        lora_kwargs.setdefault("target_modules", _default_targets(model))
+        config = peft.LoraConfig(**lora_kwargs)
+    elif lora_kwargs:
+        raise TypeError("pass either a LoraConfig or LoraConfig fields, not both")
+    elif config.target_modules is None:
+        config.target_modules = _default_targets(model)
+    return peft.get_peft_model(model, register_quant_linear(config))
+
+
+def load_lora(model: nn.Module, adapter: str | os.PathLike, *, is_trainable: bool = False) -> nn.Module:
+    """Load a saved adapter onto a compressed ``model`` (peft's ``PeftModel.from_pretrained``
+    with the QuantLinear mapping registered)."""
+    peft = _peft()
+    config = register_quant_linear(peft.LoraConfig.from_pretrained(str(adapter)))
+    return peft.PeftModel.from_pretrained(model, str(adapter), config=config, is_trainable=is_trainable)

@@ -1,0 +1,113 @@
+"""LoRA through peft on compressed models: frozen packed weights, trainable adapters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hfcompress
+from hfcompress.errors import ModelError
+from hfcompress.integrations.peft import QuantLoraLinear, add_lora, load_lora
+from hfcompress.quant import QuantLinear
+from hfcompress.quant.dispatch import reference_forward
+from tests.conftest import make_tiny_bert, make_tiny_llama
+
+W4 = {
+    "stages": [{"name": "w", "technique": "rtn", "bits": 4, "group_size": 16, "symmetric": True, "ignore": ["lm_head"]}]
+}
+W8A8 = {
+    "stages": [
+        {"name": "w", "technique": "rtn", "bits": 8, "group_size": -1, "symmetric": True, "ignore": ["lm_head"]},
+        {"name": "a", "technique": "int8_activations"},
+    ]
+}
+
+
+def _train(model, ids, steps=20, lr=1e-2):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("recipe", [W4, W8A8], ids=["w4", "w8a8"])
+def test_lora_on_a_quantized_model_trains_and_leaves_packed_weights_alone(recipe):
+    model = make_tiny_llama()
+    hfcompress.compress(model, recipe, progress=False)
+    packed = {n: b.clone() for n, b in model.named_buffers()}
+    peft_model = add_lora(model, r=8, lora_alpha=16)
+    wrapped = [m for m in peft_model.modules() if isinstance(m, QuantLoraLinear)]
+    assert len(wrapped) == 14 and all(isinstance(m.base_layer, QuantLinear) for m in wrapped)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    losses = _train(peft_model, ids)
+    assert losses[-1] < 0.85 * losses[0]
+    for n, b in peft_model.base_model.model.named_buffers():
+        if n in packed:
+            assert torch.equal(b, packed[n]), n
+
+
+def test_gradient_reaches_the_input_through_the_dequantize_path():
+    model = make_tiny_llama()
+    hfcompress.compress(model, W4, progress=False)
+    layer = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 80, requires_grad=True)
+    layer(x).sum().backward()
+    expected = layer.dequantize(torch.float32).sum(0).expand(3, -1)
+    torch.testing.assert_close(x.grad, expected)
+    with torch.no_grad():  # inference keeps the packed kernel, the same numbers
+        torch.testing.assert_close(layer(x), reference_forward(layer, x.detach()), rtol=2e-2, atol=2e-2)
+
+
+def test_merge_is_refused_and_the_adapter_saves_and_reloads(tmp_path):
+    model = make_tiny_llama()
+    hfcompress.compress(model, W4, progress=False)
+    peft_model = add_lora(model, r=4, lora_alpha=8)
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    _train(peft_model, ids, steps=3)
+    with pytest.raises(ModelError, match="cannot be merged into packed quantized weights"):
+        peft_model.merge_and_unload()
+    peft_model.eval()
+    with torch.no_grad():
+        trained = peft_model(input_ids=ids).logits
+    peft_model.save_pretrained(tmp_path / "adapter")
+    base = make_tiny_llama()
+    hfcompress.compress(base, W4, progress=False)
+    reloaded = load_lora(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, trained)
+
+
+def test_lora_on_a_quantized_classifier_and_bad_variants():
+    model = make_tiny_bert()
+    hfcompress.compress(
+        model,
+        {
+            "stages": [
+                {
+                    "name": "w",
+                    "technique": "rtn",
+                    "bits": 4,
+                    "group_size": 32,
+                    "symmetric": True,
+                    "ignore": ["classifier"],
+                }
+            ]
+        },
+        progress=False,
+    )
+    peft_model = add_lora(model, r=4)
+    assert peft_model.peft_config["default"].task_type == "SEQ_CLS"
+    quantized = make_tiny_llama()
+    hfcompress.compress(quantized, W4, progress=False)
+    with pytest.raises(ModelError, match="plain LoRA only"):
+        add_lora(quantized, r=4, use_dora=True)
+    with pytest.raises(ModelError, match="no compressed layers"):
+        add_lora(make_tiny_llama(), r=4)
