@@ -14,7 +14,7 @@ from hfcompress.errors import RecipeError
 from hfcompress.experts import PATCH as EXPERTS_PATCH
 from hfcompress.experts import fuse_experts_back, unfuse_experts
 from hfcompress.integrations.transformers_quantizer import attach_quantization_config
-from hfcompress.kinds import is_linear_like
+from hfcompress.kinds import compressed_modules, is_linear_like
 from hfcompress.modifier import CompressionContext, ModelView
 from hfcompress.patches import record_patch
 from hfcompress.recipe import Recipe
@@ -143,6 +143,7 @@ def save_pretrained(
     *,
     tokenizer: Any = None,
     format: str = "hfcompress",
+    card: Any = True,
     **kwargs,
 ) -> Path:
     """``model.save_pretrained`` made safe to interrupt: the files are written into a temporary
@@ -155,7 +156,9 @@ def save_pretrained(
     ``format="compressed-tensors"`` writes the compressed-tensors layout instead, which vLLM
     serves and transformers loads without hfcompress (see
     :func:`hfcompress.export.export_compressed_tensors`; extra keyword arguments go to it).
-    Otherwise extra keyword arguments go to ``model.save_pretrained`` (not ``push_to_hub``:
+    A compressed model gets a model card (README.md and its plots, see :mod:`hfcompress.card`):
+    pass ``card=CardInfo(...)`` to name the base model, licence and measurements, or
+    ``card=False`` for none. Otherwise extra keyword arguments go to ``model.save_pretrained`` (not ``push_to_hub``:
     push after saving, see :func:`hfcompress.cli` ``--push-to-hub``).
     """
     if format == "compressed-tensors":
@@ -169,5 +172,9 @@ def save_pretrained(
         model.save_pretrained(folder, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
+        if card is not False and compressed_modules(model):
+            from hfcompress.card import CardInfo, write_card
+
+            write_card(folder, model, card if isinstance(card, CardInfo) else None)
 
     return save_atomically(save_directory, write)

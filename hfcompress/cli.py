@@ -152,6 +152,7 @@ def _compress(args: argparse.Namespace) -> int:
     import torch
 
     import hfcompress
+    from hfcompress.card import layer_errors, write_card
     from hfcompress.data import load_text
     from hfcompress.eval.size import linear_layer_stats, size_report, total_bytes
     from hfcompress.models import load_model, load_tokenizer
@@ -207,14 +208,16 @@ def _compress(args: argparse.Namespace) -> int:
         seed=args.seed,
         checkpoint_dir=args.checkpoint_dir,
     )
-    hfcompress.save_pretrained(model, output, tokenizer=tokenizer)
+    card = _card_info(args, recipe)
+    hfcompress.save_pretrained(model, output, tokenizer=tokenizer, card=card)
     wall = time.perf_counter() - start
     logger.info("saved %s in %.1f s", output, wall)
-    if args.push_to_hub:
-        _push(output, args.push_to_hub)
     if not args.report:
+        if args.push_to_hub:
+            _push(output, args.push_to_hub)
         return 0
 
+    card.layer_errors = layer_errors(model)
     del model
     # Measure what was saved, not what is in memory.
     reloaded = load_model(str(output), task=args.task, strict=True, verify=True)
@@ -231,7 +234,37 @@ def _compress(args: argparse.Namespace) -> int:
         **measure_kwargs,
     )
     _print_report(args, [before, after], torch.get_num_threads())
+    # The card now carries what this run measured; the upload (if any) comes after it.
+    card.measurements, card.protocol = [before, after], _protocol(args, before, torch.get_num_threads())
+    write_card(output, reloaded, card)
+    if args.push_to_hub:
+        _push(output, args.push_to_hub)
     return 0
+
+
+def _card_info(args: argparse.Namespace, recipe):
+    from hfcompress.card import CardInfo
+    from hfcompress.models import BUNDLED_MODELS
+
+    bundled = BUNDLED_MODELS.get(args.model)
+    return CardInfo(
+        base_model=bundled.hub_id if bundled else args.model,
+        license=bundled.license if bundled else None,
+        recipe=recipe.to_dict(),
+    )
+
+
+def _protocol(args: argparse.Namespace, before, threads: int) -> str:
+    parts = []
+    if before.perplexity is not None:
+        parts.append(
+            f"Perplexity: {args.eval_data}, first {before.perplexity.windows} non-overlapping windows of "
+            f"{args.seq_len} tokens."
+        )
+    if before.speed is not None:
+        parts.append(f"Decode: greedy, batch 1, {args.decode_tokens} new tokens, {threads} torch threads.")
+    parts.append("Wall: compression + save. The compressed row is the saved model, reloaded.")
+    return " ".join(parts)
 
 
 def _print_report(args: argparse.Namespace, rows: list, threads: int) -> None:

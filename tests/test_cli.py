@@ -38,6 +38,13 @@ def test_compress_saves_and_reports(tiny_llama_dir, recipe, text, tmp_path, caps
     # 4-bit codes plus a 16-bit scale and an 8-bit zero per group of 32; K = 80 and K = 96 both
     # need 3 groups (80 ends in a partial one): 4 + 3 * 24 * 512 rows / 42240 weights = 4.873.
     assert "| 4.87 | 0.305 |" in rows[1]
+    # The model card carries the same measured rows, the plots and the Hub metadata.
+    card = (out / "README.md").read_text()
+    assert rows[0] in card and rows[1] in card
+    assert "first 3 non-overlapping windows of 16 tokens" in card
+    assert "![size against quality](hfcompress_size_quality.svg)" in card
+    assert (out / "hfcompress_size_quality.svg").is_file() and (out / "hfcompress_layer_error.svg").is_file()
+    assert f'base_model: "{tiny_llama_dir}"' in card and "license:" not in card  # unknown licence: left out
 
 
 def test_eval_ppl_json(tiny_llama_dir, text, capsys):

@@ -152,6 +152,10 @@ class WeightQuantModifier(Modifier):
         bias = layer.bias.detach() if layer.bias is not None else None
         new = QuantLinear.from_quantized(qw, scheme, bias=bias)
         new.stage = self.stage
+        # The relative weight error, for the model card's per-layer plot (not saved).
+        w = linear_weight(layer).detach().float()
+        err = (w - new.dequantize(torch.float32).to(w.device)).norm() / w.norm().clamp_min(1e-12)
+        new.quant_error = float(err)
         return new
 
     @staticmethod
