@@ -50,3 +50,21 @@ def test_every_subpackage_is_listed_for_installation():
     listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(root).parts) for p in (root / "hfcompress").rglob("__init__.py")}
     assert found - listed == set()
+
+
+def test_every_core_dependency_is_imported_by_the_package():
+    """`pip install hfcompress` pulls nothing that no code path of ours imports."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    modules = {re.split(r"[<>=!~ \[]", d)[0].lower().replace("-", "_") for d in deps}
+    modules = {"yaml" if m == "pyyaml" else m for m in modules}
+    source = "\n".join(p.read_text() for d in ("hfcompress", "triton_kernels") for p in (root / d).rglob("*.py"))
+    imported = set(re.findall(r"^\s*(?:import|from)\s+(\w+)", source, flags=re.M))
+    # gguf is read by transformers when hfcompress.models passes it a GGUF file.
+    if "gguf_file=" in source:
+        imported.add("gguf")
+    assert modules - imported == set()
