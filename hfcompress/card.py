@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import html
 import json
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,8 +23,9 @@ from typing import Any
 
 from torch import nn
 
-from hfcompress.eval.size import size_report
+from hfcompress.eval.size import size_report, total_bytes
 from hfcompress.kinds import compressed_modules
+from hfcompress.quant.linear import QuantLinear
 
 __all__ = ["CardInfo", "layer_errors", "render_card", "write_card"]
 
@@ -184,7 +184,9 @@ def render_card(model: nn.Module, info: CardInfo) -> tuple[str, dict[str, str]]:
     recipe = info.recipe if info.recipe is not None else _recipe(model)
     errors = info.layer_errors or layer_errors(model)
     layers = compressed_modules(model)
-    size = size_report(model, list(layers) or None)
+    # Sizes per weight are defined for quantized Linear layers; other kinds count in the total.
+    quantized = [n for n, m in layers.items() if isinstance(m, QuantLinear)]
+    size = size_report(model, quantized) if quantized else None
     title = f"{info.base_model.rstrip('/').split('/')[-1]}, compressed" if info.base_model else "Compressed model"
     out = [_front_matter(model, info, recipe), "", f"# {title}", ""]
     base = f"[`{info.base_model}`](https://huggingface.co/{info.base_model})" if info.base_model else "a model"
@@ -194,8 +196,8 @@ def render_card(model: nn.Module, info: CardInfo) -> tuple[str, dict[str, str]]:
         "`AutoModel*.from_pretrained(...)` (a compressed-tensors export, for vLLM, is `hfcompress export`)."
     )
     out += ["", "## Size", "", "| | |", "|---|---|"]
-    out.append(f"| all weights | {size.total_bytes / 1e6:.1f} MB |")
-    if not math.isnan(size.bits_per_weight):
+    out.append(f"| all weights | {total_bytes(model) / 1e6:.1f} MB |")
+    if size is not None:
         out.append(
             f"| compressed layers | {size.layer_bytes / 1e6:.1f} MB, {size.bits_per_weight:.2f} bits per weight "
             f"(scales and zero points included), {size.fraction_of_fp16:.3f}x their float16 size |"

@@ -55,8 +55,9 @@ def test_every_subpackage_is_listed_for_installation():
 def test_every_core_dependency_is_imported_by_the_package():
     """`pip install hfcompress` pulls nothing that no code path of ours imports."""
     import re
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     root = Path(__file__).resolve().parents[1]
     deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
