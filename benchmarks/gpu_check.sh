@@ -16,12 +16,15 @@ nvidia-smi -L
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
 
 tests=(tests/triton_kernels tests/integrations tests/quant tests/techniques/test_gptq_algorithm.py)
-timeout 150 python3 -m pytest -q -rfEs "${tests[@]}" 2>&1 | tee "$out/pytest.log"
+# The bundled models cannot be installed on the device, and a missing optional package (peft,
+# compressed-tensors) must cost only the tests that import it, not the whole run.
+pytest_flags=(-q -rfEs -m "not real_model" --continue-on-collection-errors)
+timeout 150 python3 -m pytest "${pytest_flags[@]}" "${tests[@]}" 2>&1 | tee "$out/pytest.log"
 status=${PIPESTATUS[0]}
 if [ "$status" != 0 ] && ls .whl/transformers-*.whl >/dev/null 2>&1; then
     echo "== rerunning the failures with the pinned transformers"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/transformers-*.whl
-    PYTHONPATH="/tmp/site:$PYTHONPATH" timeout 120 python3 -m pytest -q -rfEs --lf \
+    PYTHONPATH="/tmp/site:$PYTHONPATH" timeout 120 python3 -m pytest "${pytest_flags[@]}" --lf \
         "${tests[@]}" 2>&1 | tee "$out/pytest_pinned.log"
 fi
 

@@ -141,7 +141,7 @@ def layer_error_svg(errors: dict[str, float]) -> str:
 
 def size_quality_svg(points: list[tuple[str, float, float]]) -> str:
     """Each model's size (MB, all weights) against its perplexity."""
-    w, h, left, bottom, top, right = 480, 300, 70, 45, 30, 140
+    w, h, left, bottom, top, right = 640, 300, 70, 45, 30, 300
     plot_w, plot_h = w - left - right, h - top - bottom
     xs, ys = [p[1] for p in points], [p[2] for p in points]
     x0, x1 = 0.0, max(xs) * 1.1

@@ -551,6 +551,7 @@ def test_push_to_hub_failure_says_the_local_save_is_complete(tiny_llama_dir, rtn
     assert f"the compressed model is saved, complete, in {out.absolute()}; uploading it to me/tiny failed" in err
     assert "Failed to resolve 'huggingface.co')" in err and "more lines" not in err
     assert hfcompress.verify(out).checked > 0
+    assert (out / "README.md").is_file()  # the card was written before the upload was tried
     AutoModelForCausalLM.from_pretrained(out)
 
 

@@ -23,8 +23,9 @@ naming the layer and the alternative, or re-quantized when asked:
   in_features): losslessly when it also divides the layer's group size (scales repeated),
   else by rounding again; the CLI prints the perplexity change;
 * asymmetric weights: refused (the format has packed integer zero points, but transformers
-  5.24 with compressed-tensors 0.20 builds them unpacked and cannot load them); float zero
-  points (GGUF/HQQ-style) are asymmetric too;
+  5.24 with compressed-tensors 0.20 builds them unpacked and cannot load them: measured here,
+  and reported upstream as llm-compressor issue 1618); float zero points (GGUF/HQQ-style) are
+  asymmetric too;
 * static per-input-channel activation scales: refused (use per-tensor or dynamic);
 * model patches (split experts): refused.
 
