@@ -4,6 +4,7 @@
     python benchmarks/bench_gptq.py --one gptq w4g128     # one measurement, a JSON line
     python benchmarks/bench_gptq.py --schemes w4pc \
         --peer llmcompressor=.venv-llmc/bin/python --peer hqq=.venv-hqq/bin/python   # peers in the same run
+    python benchmarks/bench_gptq.py --schemes w4g128 --peer bnb=.venv/bin/python     # bitsandbytes NF4
 
 Protocol (issue 3): calibration 128 windows x 512 tokens of WikiText-2 *validation*
 (seed 0); evaluation the first 40 windows of 512 tokens of WikiText-2 *test*. Each
@@ -27,7 +28,12 @@ from pathlib import Path
 
 SCHEMES = {"w4g128": (4, 128), "w3g128": (3, 128), "w4pc": (4, -1)}
 METHODS = ["fp32", "rtn", "gptq"]
-PEER_SCRIPTS = {"llmcompressor": "llmcompressor_gptq.py", "hqq": "hqq_rtn.py", "autoround": "autoround.py"}
+PEER_SCRIPTS = {
+    "llmcompressor": "llmcompressor_gptq.py",
+    "hqq": "hqq_rtn.py",
+    "autoround": "autoround.py",
+    "bnb": "bnb_nf4.py",
+}
 
 
 def measure(method: str, scheme: str, extra: dict) -> dict:
