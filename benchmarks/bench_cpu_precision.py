@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 from dataclasses import replace
 
 import torch
@@ -29,7 +28,7 @@ from hfcompress.data import load_text
 from hfcompress.eval import perplexity
 from hfcompress.models import load_model, load_tokenizer
 from hfcompress.quant import cpu_kernels
-from hfcompress.quant.dispatch import FORCE_REFERENCE_ENV, select_kernel
+from hfcompress.quant.dispatch import reference_path, select_kernel
 
 RECIPES = {
     "W4 g128 asym, fp16 scales": ("recipes/smollm2_w4a16_rtn_g128.yaml", "cpu_int4"),
@@ -69,10 +68,8 @@ def _capture(model, ids):
         for name, m in model.named_modules()
         if isinstance(m, hfcompress.QuantLinear)
     ]
-    os.environ[FORCE_REFERENCE_ENV] = "1"
-    with torch.no_grad():
+    with reference_path(), torch.no_grad():
         model(ids)
-    os.environ.pop(FORCE_REFERENCE_ENV)
     for h in hooks:
         h.remove()
     return inputs
@@ -122,9 +119,8 @@ def main() -> None:
         errors = _errors(model, _capture(model, tokens[: args.tokens].view(1, -1)), kernel_name)
         cells = [f"{100 * v:.3f}%" if v is not None else "-" for v in errors.values()]
         print(f"| {label} | {kernel_name} | " + " | ".join(cells) + " |")
-        os.environ[FORCE_REFERENCE_ENV] = "1"
-        reference = perplexity(model, tokens, seq_len=512, max_windows=args.windows, progress=False).perplexity
-        os.environ.pop(FORCE_REFERENCE_ENV)
+        with reference_path():
+            reference = perplexity(model, tokens, seq_len=512, max_windows=args.windows, progress=False).perplexity
         fast = perplexity(model, tokens, seq_len=512, max_windows=args.windows, progress=False).perplexity
         ppl_rows.append((label, kernel_name, reference, fast))
     print(f"\nWikiText-2 test perplexity, first {args.windows} windows of 512 tokens:\n")

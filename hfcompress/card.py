@@ -26,6 +26,7 @@ from torch import nn
 from hfcompress.eval.size import size_report, total_bytes
 from hfcompress.kinds import compressed_modules
 from hfcompress.quant.linear import QuantLinear
+from hfcompress.report import format_table
 
 __all__ = ["CardInfo", "layer_errors", "render_card", "write_card"]
 
@@ -173,12 +174,6 @@ def size_quality_svg(points: list[tuple[str, float, float]]) -> str:
     return _svg(w, h, body, "size against quality")
 
 
-def _measurement_table(rows: Sequence[Any]) -> str:
-    from hfcompress.report import format_table
-
-    return format_table(rows)
-
-
 def render_card(model: nn.Module, info: CardInfo) -> tuple[str, dict[str, str]]:
     """The README.md text and the plot files (name -> SVG text) for ``model``."""
     recipe = info.recipe if info.recipe is not None else _recipe(model)
@@ -207,7 +202,7 @@ def render_card(model: nn.Module, info: CardInfo) -> tuple[str, dict[str, str]]:
     if info.measurements:
         if info.protocol:
             out += [info.protocol, ""]
-        out += [_measurement_table(info.measurements), ""]
+        out += [format_table(info.measurements), ""]
         points = [
             (m.label, m.size.total_bytes / 1e6, m.perplexity.perplexity)
             for m in info.measurements

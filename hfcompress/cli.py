@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import asdict, replace
@@ -334,19 +333,19 @@ def _export(args: argparse.Namespace) -> int:
     from hfcompress.eval.perplexity import text_perplexity
     from hfcompress.export import check_with_transformers, export_compressed_tensors, plan_compressed_tensors
     from hfcompress.models import load_model, load_tokenizer
-    from hfcompress.quant.dispatch import FORCE_REFERENCE_ENV
+    from hfcompress.quant.dispatch import reference_path
     from hfcompress.saving import check_output
 
     output = check_output(args.output, overwrite=args.overwrite)
     model = load_model(args.model, strict=True, verify=True)
-    tokenizer = _optional_tokenizer(args.model)
     requantize = args.requantize_group_size
-    if requantize is None:
-        plan_compressed_tensors(model)  # refuse what the format cannot express before anything is written
+    # Refuse what the format cannot express before anything is measured or written.
+    plan_compressed_tensors(model, partial_groups=requantize is not None)
     ppl_before = None
     is_lm = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in model.config.architectures or [])
-    if requantize is not None and is_lm:
-        tokenizer = load_tokenizer(args.model)
+    measure = requantize is not None and is_lm
+    tokenizer = load_tokenizer(args.model) if measure else _optional_tokenizer(args.model)
+    if measure:
         text = load_text(args.eval_data)
 
         def ppl() -> float:
@@ -370,16 +369,8 @@ def _export(args: argparse.Namespace) -> int:
     if args.check:
         vocab = model.config.vocab_size
         ids = torch.randint(0, vocab, (1, 32), generator=torch.Generator().manual_seed(0))
-        previous = os.environ.get(FORCE_REFERENCE_ENV)
-        os.environ[FORCE_REFERENCE_ENV] = "1"  # the float32 reference path: what the export computes
-        try:
-            with torch.no_grad():
-                ours = model(input_ids=ids).logits.float()
-        finally:
-            if previous is None:
-                os.environ.pop(FORCE_REFERENCE_ENV)
-            else:
-                os.environ[FORCE_REFERENCE_ENV] = previous
+        with reference_path(), torch.no_grad():  # the float32 reference path: what the export computes
+            ours = model(input_ids=ids).logits.float()
         theirs, info = check_with_transformers(output, ids)
         diff = (ours - theirs).abs().max().item()
         print(

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from hfcompress.errors import ExportError
-from hfcompress.kinds import compressed_modules
+from hfcompress.kinds import compressed_modules, swap_module
 from hfcompress.patches import recorded_patches
 from hfcompress.quant.affine import QuantizedWeight, num_groups, quantize_rtn
 from hfcompress.quant.linear import SCALE_DTYPES, QuantLinear
@@ -97,7 +97,7 @@ def _partial(layer: QuantLinear) -> bool:
     return layer.scheme.weights.strategy == "group" and layer.in_features % layer.group_size != 0
 
 
-def _weight_args(name: str, layer: QuantLinear) -> dict[str, Any]:
+def _weight_args(name: str, layer: QuantLinear, partial_groups: bool) -> dict[str, Any]:
     w = layer.scheme.weights
     if w.float_zero:
         raise ExportError(
@@ -112,7 +112,7 @@ def _weight_args(name: str, layer: QuantLinear) -> dict[str, Any]:
             f"layer {name!r} has asymmetric weights; their packed zero points do not load in transformers' "
             "compressed-tensors integration. Re-compress with symmetric: true for a compressed-tensors export"
         )
-    if _partial(layer):
+    if _partial(layer) and not partial_groups:
         raise ExportError(
             f"layer {name!r} has {layer.in_features} input features, not a multiple of its group size "
             f"{layer.group_size}: compressed-tensors has no partial last group. Re-compress with a group size that "
@@ -148,9 +148,12 @@ def _format(layer: QuantLinear) -> str:
     return "pack-quantized"
 
 
-def plan_compressed_tensors(model: nn.Module) -> dict[str, tuple[str, dict[str, Any]]]:
+def plan_compressed_tensors(model: nn.Module, *, partial_groups: bool = False) -> dict[str, tuple[str, dict[str, Any]]]:
     """Each compressed layer's (format, scheme dict) in compressed-tensors terms; raises
-    :class:`ExportError` for the first layer the format cannot express."""
+    :class:`ExportError` for the first layer the format cannot express.
+
+    ``partial_groups=True`` lets layers with a partial last group pass (to check everything
+    else before :func:`requantize_partial_groups` re-groups them)."""
     patches = [p.get("name") for p in recorded_patches(model)]
     if patches:
         raise ExportError(
@@ -161,7 +164,10 @@ def plan_compressed_tensors(model: nn.Module) -> dict[str, tuple[str, dict[str, 
     for name, module in compressed_modules(model).items():
         if not isinstance(module, QuantLinear):
             raise ExportError(f"layer {name!r} is a {module.kind} layer; compressed-tensors export covers quant_linear")
-        scheme = {"weights": _weight_args(name, module), "input_activations": _activation_args(name, module)}
+        scheme = {
+            "weights": _weight_args(name, module, partial_groups),
+            "input_activations": _activation_args(name, module),
+        }
         plan[name] = (_format(module), scheme)
     if not plan:
         raise ExportError("the model has no quantized layers to export; compress it first")
@@ -220,8 +226,7 @@ def requantize_partial_groups(model: nn.Module, group_size: int) -> list[str]:
         new.stage = layer.stage
         if layer.scheme.input_activations is not None:
             new.set_input_activations(layer.scheme.input_activations, getattr(layer, "input_scale", None))
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        swap_module(model, name, new)
         changed.append(name)
     return changed
 
@@ -276,12 +281,13 @@ def export_compressed_tensors(
     base_compressor, qargs_cls, qconfig_cls, qscheme_cls = _ct()
     summary = ExportSummary(Path(save_directory).absolute())
     if requantize_group_size is not None:
+        plan_compressed_tensors(model, partial_groups=True)  # refuse the rest before changing the model
         summary.requantized = requantize_partial_groups(model, requantize_group_size)
     plan = plan_compressed_tensors(model)
     layers = compressed_modules(model)
 
     config_groups, formats = {}, set()
-    state = {k: v for k, v in model.state_dict().items()}
+    state = dict(model.state_dict())
     for i, (fmt, scheme, names) in enumerate(_group_targets(plan)):
         act = scheme["input_activations"]
         ct_scheme = qscheme_cls(

@@ -21,7 +21,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import peft
 import torch
+from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
 from hfcompress.errors import ModelError
@@ -31,21 +33,7 @@ from hfcompress.quant.linear import QuantLinear
 __all__ = ["QuantLoraLinear", "add_lora", "load_lora", "register_quant_linear"]
 
 
-def _peft():
-    try:
-        import peft
-    except ImportError:
-        raise ModelError("LoRA needs peft: pip install peft") from None
-    return peft
-
-
-def _lora_layer_base():
-    from peft.tuners.lora.layer import LoraLayer
-
-    return LoraLayer
-
-
-class QuantLoraLinear(nn.Module, _lora_layer_base()):
+class QuantLoraLinear(nn.Module, LoraLayer):
     """A LoRA adapter around a frozen :class:`QuantLinear`: ``base(x) + B(A(dropout(x))) * s``."""
 
     # peft's LoraLayer lists the adapter's parameter names here.
@@ -55,7 +43,7 @@ class QuantLoraLinear(nn.Module, _lora_layer_base()):
         self, base_layer: nn.Module, adapter_name: str, config: Any, r: int = 0, lora_alpha: int = 1, **kwargs
     ):
         super().__init__()
-        _lora_layer_base().__init__(self, base_layer)
+        LoraLayer.__init__(self, base_layer)
         self.fan_in_fan_out = False
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
@@ -128,7 +116,6 @@ def add_lora(model: nn.Module, config: Any = None, **lora_kwargs) -> nn.Module:
             ``target_modules``, every compressed layer's name (``q_proj``, ...) is targeted.
         **lora_kwargs: ``LoraConfig`` fields (``r``, ``lora_alpha``, ``lora_dropout``, ...).
     """
-    peft = _peft()
     if config is None:
         task = "CAUSAL_LM" if getattr(model, "can_generate", lambda: False)() else "SEQ_CLS"
         lora_kwargs.setdefault("task_type", task)
@@ -144,6 +131,5 @@ def add_lora(model: nn.Module, config: Any = None, **lora_kwargs) -> nn.Module:
 def load_lora(model: nn.Module, adapter: str | os.PathLike, *, is_trainable: bool = False) -> nn.Module:
     """Load a saved adapter onto a compressed ``model`` (peft's ``PeftModel.from_pretrained``
     with the QuantLinear mapping registered)."""
-    peft = _peft()
     config = register_quant_linear(peft.LoraConfig.from_pretrained(str(adapter)))
     return peft.PeftModel.from_pretrained(model, str(adapter), config=config, is_trainable=is_trainable)

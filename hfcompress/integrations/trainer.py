@@ -227,18 +227,15 @@ class DistillationCallback(TrainerCallback):
     records its inputs (for the teacher) and asks for hidden states when the patient loss
     needs them; the hook is removed when training ends. The terms are logged as ``ce``,
     ``kd`` and ``pkd``.
+
+    Args:
+        teacher: The teacher model.
+        **loss_args: ``layer_pairs``, ``temperature``, ``alpha``, ``beta``: as for
+            :class:`Distiller` (and with its defaults).
     """
 
-    def __init__(
-        self,
-        teacher: nn.Module,
-        *,
-        layer_pairs: Sequence[tuple[int, int]] = (),
-        temperature: float = 5.0,
-        alpha: float = 0.5,
-        beta: float = 100.0,
-    ) -> None:
-        self.distiller = Distiller(teacher, layer_pairs=layer_pairs, temperature=temperature, alpha=alpha, beta=beta)
+    def __init__(self, teacher: nn.Module, **loss_args: Any) -> None:
+        self.distiller = Distiller(teacher, **loss_args)
         self._inputs: dict[str, Any] | None = None
         self._hook: Any = None
         self._accumulation = 1

@@ -44,6 +44,7 @@ __all__ = [
     "dense_weights",
     "quant_linear_forward",
     "reference_forward",
+    "reference_path",
     "register_kernel",
     "registered_kernels",
     "select_kernel",
@@ -92,6 +93,21 @@ def registered_kernels() -> list[Kernel]:
 
 def _force_reference() -> bool:
     return os.environ.get(FORCE_REFERENCE_ENV, "0") not in ("", "0", "false", "False")
+
+
+@contextlib.contextmanager
+def reference_path() -> Iterator[None]:
+    """Inside this context every ``QuantLinear`` runs the float ``reference`` kernel (as with
+    ``HFCOMPRESS_FORCE_REFERENCE=1``); the previous setting comes back on exit."""
+    previous = os.environ.get(FORCE_REFERENCE_ENV)
+    os.environ[FORCE_REFERENCE_ENV] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(FORCE_REFERENCE_ENV, None)
+        else:
+            os.environ[FORCE_REFERENCE_ENV] = previous
 
 
 def reference_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:

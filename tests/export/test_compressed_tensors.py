@@ -157,3 +157,13 @@ def test_cli_export_checks_and_refuses(tmp_path, tiny_llama_dir, capsys):
     # A partial group: refused with the way out, nothing written.
     assert main(["--quiet", "export", "--model", str(tmp_path / "w4-g32"), "--output", str(tmp_path / "ct2")]) == 2
     assert "--requantize-group-size" in capsys.readouterr().err and not (tmp_path / "ct2").exists()
+
+
+def test_requantizing_export_refuses_other_problems_before_changing_the_model(tmp_path):
+    model = make_tiny_llama()
+    hfcompress.compress(model, {"stages": [_w(4, 32, symmetric=False)]}, progress=False)
+    layer = model.model.layers[0].self_attn.q_proj
+    with pytest.raises(ExportError, match="asymmetric weights"):
+        export_compressed_tensors(model, tmp_path / "ct", requantize_group_size=16)
+    assert model.model.layers[0].self_attn.q_proj is layer and layer.group_size == 32  # not re-grouped
+    assert not (tmp_path / "ct").exists()
