@@ -36,19 +36,15 @@ PEER_SCRIPTS = {
 }
 
 
-def measure(method: str, scheme: str, extra: dict) -> dict:
-    import torch
+# Our best GPTQ settings (the --extra of RESULTS.md's GPTQ table).
+BEST_GPTQ = {"act_order": True, "clip_search": True, "compute_dtype": "bfloat16"}
 
+
+def quantize(model, tokenizer, method: str, bits: int, group_size: int, extra: dict) -> None:
+    """Compress ``model`` in place by ``method`` ("rtn", "gptq"; "fp32" leaves it), with the
+    protocol's calibration data for GPTQ."""
     import hfcompress
-    from hfcompress.data import load_text
-    from hfcompress.eval import perplexity
-    from hfcompress.models import load_model, load_tokenizer
 
-    torch.manual_seed(0)
-    model = load_model("smollm2-135m")
-    tokenizer = load_tokenizer("smollm2-135m")
-    bits, group_size = SCHEMES[scheme]
-    start = time.perf_counter()
     if method == "rtn":
         hfcompress.compress(model, [hfcompress.RTNConfig(bits=bits, group_size=group_size)], progress=False)
     elif method == "gptq":
@@ -63,6 +59,21 @@ def measure(method: str, scheme: str, extra: dict) -> dict:
             calibration_seq_len=512,
             seed=0,
         )
+
+
+def measure(method: str, scheme: str, extra: dict) -> dict:
+    import torch
+
+    from hfcompress.data import load_text
+    from hfcompress.eval import perplexity
+    from hfcompress.models import load_model, load_tokenizer
+
+    torch.manual_seed(0)
+    model = load_model("smollm2-135m")
+    tokenizer = load_tokenizer("smollm2-135m")
+    bits, group_size = SCHEMES[scheme]
+    start = time.perf_counter()
+    quantize(model, tokenizer, method, bits, group_size, extra)
     wall = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     tokens = tokenizer(load_text("wikitext2:test"), return_tensors="pt", add_special_tokens=False).input_ids[0]

@@ -40,7 +40,8 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=40)
     args = parser.parse_args()
 
-    import hfcompress
+    from bench_gptq import BEST_GPTQ, quantize
+
     from hfcompress.data import load_text
     from hfcompress.eval import perplexity
     from hfcompress.integrations.peft import add_lora
@@ -58,26 +59,7 @@ def main() -> None:
     model = load_model("smollm2-135m")
     fp32 = ppl(model)
     start = time.perf_counter()
-    if args.method == "fp32":
-        pass
-    elif args.method == "rtn":
-        config = hfcompress.RTNConfig(bits=args.bits, group_size=args.group_size)
-        hfcompress.compress(model, [config], progress=False)
-    else:
-        # The settings of our best GPTQ row in RESULTS.md (bench_gptq.py's --extra).
-        config = hfcompress.GPTQConfig(
-            bits=args.bits, group_size=args.group_size, act_order=True, clip_search=True, compute_dtype="bfloat16"
-        )
-        hfcompress.compress(
-            model,
-            [config],
-            tokenizer=tokenizer,
-            calibration_data="wikitext2:valid",
-            progress=False,
-            num_calibration_samples=128,
-            calibration_seq_len=512,
-            seed=0,
-        )
+    quantize(model, tokenizer, args.method, args.bits, args.group_size, BEST_GPTQ)
     quant_s = time.perf_counter() - start
     quantized = ppl(model)
 
