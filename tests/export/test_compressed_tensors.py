@@ -38,7 +38,7 @@ def _reference_logits(model, ids, monkeypatch):
             "int-quantized",
             1e-5,
         ),
-        # compressed-tensors' dynamic per-token grid is absmax / 127.5, ours (and vLLM's) absmax / 127.
+        # compressed-tensors' dynamic per-token grid is absmax / 127.5, ours absmax / 127.
         ([_w(8, -1), {"name": "a", "technique": "int8_activations"}], "int-quantized", 3e-2),
     ],
     ids=["w4a16-g16", "w8a16-channel", "w8a8-static", "w8a8-dynamic"],
