@@ -1,0 +1,464 @@
+"""The quantized KV cache, as transformers sees it: a ``Cache`` of :class:`QuantizedKVLayer`
+and an attention function registered through ``AttentionInterface`` (the one module that
+touches transformers' cache and attention APIs).
+
+Each layer keeps, in token order: the first ``sink_tokens`` tokens in full precision (the
+attention sinks), a packed KIVI part (keys per channel, values per token, ``bits`` bits) that
+grows ``group_size`` tokens at a time, and the most recent tokens in full precision (the
+residual window). A token is quantized once, when it leaves the window, never again.
+
+How attention reads it: ``update`` does not return the whole history. It keeps the step's
+new keys and values aside and returns them tagged with the layer; the registered attention
+function (``hfcompress_kv``) then attends to each stored part as it is stored (the packed part
+through :func:`hfcompress.quant.kv.attend_packed` on CPU, the Triton decode kernel on CUDA)
+and to the new tokens in full precision, merges the parts exactly, and only then appends the
+new tokens to the cache. A model whose attention is not ``hfcompress_kv`` (or any model under
+``dispatch.reference_path()``) gets the reference behaviour: the history dequantized and
+concatenated with the new tokens, the same numbers by a slower road.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+
+from hfcompress.errors import ModelError
+from hfcompress.quant.dispatch import _force_reference
+from hfcompress.quant.kv import PackedKV, Partial, attend_dense, attend_packed, merge
+from hfcompress.techniques.kv_cache.config import KVCacheConfig
+from hfcompress_triton.kv_ref import kv_quantize_ref
+
+__all__ = ["ATTENTION", "QuantizedKVCache", "QuantizedKVLayer", "disable_kv_cache", "enable_kv_cache", "kv_config"]
+
+logger = logging.getLogger(__name__)
+
+ATTENTION = "hfcompress_kv"
+_CONFIG_ATTR = "_hfcompress_kv_cache"
+_TAG = "_hfcompress_kv_layer"
+# Packed storage grows by at least this many tokens (or an eighth of what it holds) at a time.
+_GROW_TOKENS = 256
+# Queries per block when a multi-token step (a chunked prefill) attends over a stored history.
+_QUERY_BLOCK = 256
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+class QuantizedKVLayer(CacheLayerMixin):
+    """One attention layer's cache: sinks, packed part, residual window (module docstring)."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(self, spec: KVCacheConfig, fused: Callable[[], bool]) -> None:
+        super().__init__()
+        self.spec = spec
+        self._fused = fused
+        self.cumulative_length = 0
+        self._clear()
+
+    def _clear(self) -> None:
+        self.keys = self.values = None  # the residual window, [B, H, R, D]
+        self.sink_keys = self.sink_values = None  # [B, H, S, D]
+        self._store: dict[str, torch.Tensor] = {}  # packed buffers with spare capacity
+        self.packed_tokens = 0
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.is_initialized = False
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device, self.dtype = key_states.device, key_states.dtype
+        b, h, _, d = key_states.shape
+        per = 8 // self.spec.bits
+        if d % per or (d > self.spec.group_size and d % self.spec.group_size):
+            raise ModelError(
+                f"head dim {d} cannot be quantized in groups of {self.spec.group_size} at {self.spec.bits} bits; "
+                "choose a group_size that divides the head dim"
+            )
+        empty = key_states.new_zeros(b, h, 0, d)
+        self.keys, self.values = empty, empty.clone()
+        self.sink_keys, self.sink_values = empty.clone(), empty.clone()
+        self.is_initialized = True
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Take this step's ``[B, H, Q, D]`` keys and values.
+
+        With the ``hfcompress_kv`` attention they are returned tagged and appended after
+        attention; otherwise the dequantized history followed by them is returned.
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.commit()
+        self.cumulative_length += key_states.shape[-2]
+        if self._fused():
+            self._pending = (key_states, value_states)
+            setattr(key_states, _TAG, self)
+            return key_states, value_states
+        keys, values = self.history()
+        self._append(key_states, value_states)
+        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+
+    def commit(self) -> None:
+        """Append the tokens of the last fused step (after its attention ran)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._append(*pending)
+
+    def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        room = self.spec.sink_tokens - self.sink_keys.shape[-2]
+        if room > 0:
+            self.sink_keys = torch.cat([self.sink_keys, k[..., :room, :]], dim=-2)
+            self.sink_values = torch.cat([self.sink_values, v[..., :room, :]], dim=-2)
+            k, v = k[..., room:, :], v[..., room:, :]
+        self.keys = torch.cat([self.keys, k], dim=-2)
+        self.values = torch.cat([self.values, v], dim=-2)
+        g = self.spec.group_size
+        leaving = (self.keys.shape[-2] - self.spec.residual_length) // g * g
+        if leaving > 0:
+            self._pack(self.keys[..., :leaving, :], self.values[..., :leaving, :])
+            self.keys = self.keys[..., leaving:, :].clone()
+            self.values = self.values[..., leaving:, :].clone()
+
+    def _pack(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        spec, scale_dtype = self.spec, _dtype(self.spec.scale_dtype)
+        kp, ks, kz = _quantize(k, spec.bits, spec.group_size, "channel", scale_dtype)
+        vp, vs, vz = _quantize(v, spec.bits, spec.group_size, "token", scale_dtype)
+        new = {"kp": kp, "ks": ks, "kz": kz, "vp": vp, "vs": vs, "vz": vz}
+        start, end = self.packed_tokens, self.packed_tokens + k.shape[-2]
+        self._reserve(end, new)
+        g = spec.group_size
+        for name, t in new.items():
+            lo, hi = (start // g, end // g) if name in ("ks", "kz") else (start, end)
+            self._store[name][:, :, lo:hi] = t
+        self.packed_tokens = end
+
+    def _reserve(self, tokens: int, like: dict[str, torch.Tensor]) -> None:
+        g = self.spec.group_size
+        capacity = self._store["kp"].shape[2] if self._store else 0
+        if tokens <= capacity:
+            return
+        grow = max(tokens - capacity, _GROW_TOKENS, capacity // 8)
+        capacity = -(-(capacity + grow) // g) * g
+        old = self._store
+        self._store = {}
+        for name, t in like.items():
+            rows = capacity // g if name in ("ks", "kz") else capacity
+            self._store[name] = t.new_empty(*t.shape[:2], rows, t.shape[3])
+            if old:
+                self._store[name][:, :, : old[name].shape[2]] = old[name]
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def packed(self) -> PackedKV | None:
+        """The packed part (views of the used tokens), or None while it is empty."""
+        if not self.packed_tokens:
+            return None
+        n, g, s = self.packed_tokens, self.spec.group_size, self._store
+        return PackedKV(
+            s["kp"][:, :, :n],
+            s["ks"][:, :, : n // g],
+            s["kz"][:, :, : n // g],
+            s["vp"][:, :, :n],
+            s["vs"][:, :, :n],
+            s["vz"][:, :, :n],
+            self.spec.bits,
+            g,
+        )
+
+    def history(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every stored token, the packed ones dequantized: ``(keys, values)`` ``[B, H, T, D]``
+        (the reference path)."""
+        packed = self.packed()
+        keys, values = [self.sink_keys], [self.sink_values]
+        if packed is not None:
+            pk, pv = packed.dequantize(self.dtype)
+            keys.append(pk)
+            values.append(pv)
+        return torch.cat([*keys, self.keys], dim=-2), torch.cat([*values, self.values], dim=-2)
+
+    def nbytes(self) -> int:
+        """Bytes of what is stored: full-precision parts, codes, scales and zeros (the spare
+        capacity of the packed buffers excluded; see :meth:`allocated_bytes`)."""
+        if not self.is_initialized:
+            return 0
+        full = sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.sink_keys, self.sink_values))
+        packed = self.packed()
+        if packed is None:
+            return full
+        parts = (packed.k_packed, packed.k_scale, packed.k_zero, packed.v_packed, packed.v_scale, packed.v_zero)
+        return full + sum(t.numel() * t.element_size() for t in parts)
+
+    def allocated_bytes(self) -> int:
+        """Bytes held, the packed buffers' spare capacity included."""
+        if not self.is_initialized:
+            return 0
+        full = sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.sink_keys, self.sink_values))
+        return full + sum(t.numel() * t.element_size() for t in self._store.values())
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cumulative_length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.cumulative_length = 0
+        self._clear()
+
+    # -- batch reordering (beam search and friends): exact, nothing is re-quantized ------------
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if not self.is_initialized:
+            return
+        self.commit()
+        self.keys, self.values = fn(self.keys), fn(self.values)
+        self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
+        self._store = {name: fn(t) for name, t in self._store.items()}
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices, ...])
+
+
+def _quantize(x, bits, group_size, axis, scale_dtype):
+    if x.is_cuda and _triton_available():
+        from hfcompress_triton.kv import kv_quantize
+
+        return kv_quantize(x, bits, group_size, axis, scale_dtype)
+    return kv_quantize_ref(x, bits, group_size, axis, scale_dtype)
+
+
+@functools.cache
+def _triton_available() -> bool:
+    from hfcompress.quant.triton_bridge import available
+
+    return available()
+
+
+class QuantizedKVCache(Cache):
+    """A transformers ``Cache`` whose layers store keys and values in ``bits`` bits.
+
+    Pass it to ``generate(..., cache=QuantizedKVCache(model.config, bits=4))`` (transformers
+    before 5.40 also accepts ``past_key_values=``), or call :func:`enable_kv_cache` once so
+    that every ``generate`` builds one. Attention reads the packed cache only when the model
+    runs the ``hfcompress_kv`` attention (:func:`enable_kv_cache` sets it); otherwise each
+    step dequantizes the history (correct, slower).
+
+    Args:
+        config: The model's config (its text config for a multimodal model).
+        **kwargs: The fields of :class:`KVCacheConfig` (``bits``, ``group_size``,
+            ``residual_length``, ``sink_tokens``, ``scale_dtype``); or ``spec=`` one.
+    """
+
+    def __init__(self, config: Any, spec: KVCacheConfig | None = None, **kwargs: Any) -> None:
+        spec = spec if spec is not None else KVCacheConfig(**kwargs)
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        _check_layer_types(text)
+        self.spec = spec
+        self._config = text
+        fused = self._fused
+        super().__init__(layers=[QuantizedKVLayer(spec, fused) for _ in range(text.num_hidden_layers)])
+
+    def _fused(self) -> bool:
+        return getattr(self._config, "_attn_implementation", None) == ATTENTION and not _force_reference()
+
+    def nbytes(self) -> int:
+        """Bytes stored over all layers (:meth:`QuantizedKVLayer.nbytes`)."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def allocated_bytes(self) -> int:
+        """Bytes held over all layers, spare packed capacity included."""
+        return sum(layer.allocated_bytes() for layer in self.layers)
+
+
+def _check_layer_types(config: Any) -> None:
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        raise ModelError(
+            f"the quantized KV cache serves full-attention layers only; this model has layer types {sorted(kinds)} "
+            "(sliding-window or linear-attention layers keep their own caches): use the model's default cache"
+        )
+
+
+# -- attention --------------------------------------------------------------------------------
+
+
+def _bias(mask: torch.Tensor | None, b: int, q: int, total: int, device: torch.device) -> torch.Tensor | None:
+    """``[B, Q, total]`` float32 additive bias from transformers' mask (None: causal, every
+    stored token visible, the new tokens causal among themselves)."""
+    if mask is None:
+        if q == 1:
+            return None
+        allowed = torch.ones(q, total, dtype=torch.bool, device=device).tril(diagonal=total - q)
+        return torch.zeros(b, q, total, device=device).masked_fill_(~allowed, float("-inf"))
+    if mask.dim() != 4 or mask.shape[1] != 1:
+        raise ValueError(f"the hfcompress_kv attention expects a [B, 1, Q, T] mask, got {tuple(mask.shape)}")
+    if mask.shape[-1] != total:
+        raise ValueError(f"the attention mask covers {mask.shape[-1]} keys, the cache holds {total}")
+    mask = mask[:, 0]
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, device=device).masked_fill_(~mask, float("-inf"))
+    return mask.float().expand(b, q, total)
+
+
+def _attend_packed(q: torch.Tensor, packed: PackedKV, bias: torch.Tensor | None, sm_scale: float) -> Partial:
+    args = (packed.k_packed, packed.k_scale, packed.k_zero, packed.v_packed, packed.v_scale, packed.v_zero)
+    if q.shape[2] == 1:
+        row_bias = None if bias is None else bias[:, 0]
+        if q.is_cuda and _triton_available():
+            from hfcompress_triton.kv import kv_decode_attention
+
+            return Partial(*kv_decode_attention(q, *args, row_bias, packed.bits, packed.group_size, sm_scale))
+        if q.device.type == "cpu":
+            from hfcompress.quant.kv_cpu import kv_decode_attention_cpu
+
+            result = kv_decode_attention_cpu(q, *args, row_bias, packed.bits, packed.group_size, sm_scale)
+            if result is not None:
+                return Partial(*result)
+    return attend_packed(q, packed, bias, sm_scale)
+
+
+def kv_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The ``hfcompress_kv`` attention function: over a :class:`QuantizedKVLayer`'s parts when
+    ``key`` comes tagged from one, else transformers' SDPA attention."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    layer: QuantizedKVLayer | None = getattr(key, _TAG, None)
+    if layer is None or layer._pending is None or layer._pending[0] is not key:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    n_sink, n_packed, n_res = layer.sink_keys.shape[-2], layer.packed_tokens, layer.keys.shape[-2]
+    if n_sink + n_packed + n_res == 0:  # nothing stored yet (a prefill): plain attention
+        out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+        layer.commit()
+        return out
+    b, _, q_len, d = query.shape
+    sm_scale = scaling if scaling is not None else d**-0.5
+    total = n_sink + n_packed + n_res + q_len
+    bias = _bias(attention_mask, b, q_len, total, query.device)
+    # The full-precision parts (sinks, window, this step's tokens) attend as one: attention
+    # does not depend on the order of the keys, only on each key's bias.
+    dense_k = torch.cat([layer.sink_keys, layer.keys, key], dim=-2)
+    dense_v = torch.cat([layer.sink_values, layer.values, value], dim=-2)
+    packed_bias = dense_bias = None
+    if bias is not None:
+        packed_bias = bias[..., n_sink : n_sink + n_packed]
+        dense_bias = torch.cat([bias[..., :n_sink], bias[..., n_sink + n_packed :]], dim=-1)
+    outs = []
+    # Query blocks bound the [B, H, Q, T] scores of a long chunked prefill.
+    for q0 in range(0, q_len, _QUERY_BLOCK):
+        qb = query[:, :, q0 : q0 + _QUERY_BLOCK]
+
+        def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[:, q0 : q0 + _QUERY_BLOCK]
+
+        parts = [attend_dense(qb, dense_k, dense_v, rows(dense_bias), sm_scale)]
+        if n_packed:
+            parts.append(_attend_packed(qb, layer.packed(), rows(packed_bias), sm_scale))
+        outs.append(merge(parts).out)
+    out = torch.cat(outs, dim=2).to(query.dtype)
+    layer.commit()
+    return out.transpose(1, 2).contiguous(), None
+
+
+# -- switching it on --------------------------------------------------------------------------
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(ATTENTION, kv_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
+
+
+def kv_config(model: nn.Module) -> KVCacheConfig | None:
+    """The KV-cache config :func:`enable_kv_cache` set on ``model``, or None."""
+    return getattr(model, _CONFIG_ATTR, None)
+
+
+def enable_kv_cache(model: nn.Module, spec: KVCacheConfig | None = None, **kwargs: Any) -> KVCacheConfig:
+    """Make ``model.generate`` use a :class:`QuantizedKVCache` by default, and its attention
+    read the packed cache (``hfcompress_kv``, SDPA for everything else).
+
+    Args:
+        model: A decoder model whose attention goes through transformers' ``AttentionInterface``.
+        spec: The cache config; or its fields as keyword arguments.
+
+    Raises:
+        ModelError: The model cannot generate, or its attention does not use ``AttentionInterface``,
+            or it has sliding-window or linear-attention layers.
+    """
+    spec = spec if spec is not None else KVCacheConfig(**kwargs)
+    check_model(model)
+    _register_attention()
+    if kv_config(model) is None:
+        object.__setattr__(model, "_hfcompress_attn_before", model.config._attn_implementation)
+        original = model._prepare_cache_for_generation
+
+        def prepare(self, generation_config, model_kwargs, *args, **kw):
+            result = original(generation_config, model_kwargs, *args, **kw)
+            for key in ("cache", "past_key_values"):
+                cache = model_kwargs.get(key)
+                if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
+                    model_kwargs[key] = QuantizedKVCache(self.config, spec=kv_config(self))
+            return result
+
+        object.__setattr__(model, "_prepare_cache_for_generation", types.MethodType(prepare, model))
+    model.set_attn_implementation(ATTENTION)
+    object.__setattr__(model, _CONFIG_ATTR, spec)
+    return spec
+
+
+def disable_kv_cache(model: nn.Module) -> None:
+    """Undo :func:`enable_kv_cache`: the default cache and the attention the model had before."""
+    if kv_config(model) is None:
+        return
+    model.set_attn_implementation(getattr(model, "_hfcompress_attn_before"))
+    for attr in (_CONFIG_ATTR, "_hfcompress_attn_before", "_prepare_cache_for_generation"):
+        object.__delattr__(model, attr)
+
+
+def check_model(model: nn.Module) -> None:
+    """Raise :class:`ModelError` if the quantized KV cache cannot serve ``model``."""
+    name = type(model).__name__
+    can_generate = getattr(model, "can_generate", None)
+    if not (callable(can_generate) and can_generate()):
+        raise ModelError(f"{name} does not generate text, so it has no KV cache to quantize (a kv_cache stage needs a decoder)")
+    if not type(model)._can_set_attn_implementation():
+        raise ModelError(
+            f"{name}'s attention does not go through transformers' AttentionInterface, so the quantized KV cache "
+            "cannot attend over its packed keys; this model is not supported"
+        )
+    config = model.config.get_text_config(decoder=True)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelError(f"{name} is an encoder-decoder model; the quantized KV cache serves decoder-only models")
+    _check_layer_types(config)
