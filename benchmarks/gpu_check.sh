@@ -5,7 +5,9 @@
 #    failures are rerun with the pinned transformers when its wheel is in .whl/;
 # 2. benchmarks/bench_w4a16.py: kernels per layer with the GEMV block sweep, then Llama-shaped
 #    decoding; each part under its own time limit, into OUT_DIR/layers and OUT_DIR/e2e;
-# 3. benchmarks/bench_w8a8.py: the W8A8 GEMM against bfloat16 cuBLAS, into OUT_DIR/w8a8.
+# 3. benchmarks/bench_w8a8.py: the W8A8 GEMM against bfloat16 cuBLAS, into OUT_DIR/w8a8;
+# 4. benchmarks/bench_kv_gpu.py: KV4 decode attention at 32k tokens, batch 8, against SDPA over
+#    a float16 cache (issue 12: at least 2x), into OUT_DIR/kv.
 # Runs from the source tree without installing: hfcompress_triton is linked to triton_kernels/.
 set -u
 out="${1:-${OUT:-benchmarks/out/gpu}}"
@@ -33,3 +35,5 @@ timeout 140 python3 benchmarks/bench_w4a16.py --no-layers --e2e --out "$out/e2e"
 # 3. the W8A8 Triton GEMM against bfloat16 cuBLAS (issue 11: at least 1.5x at M = 2048 on the
 #    7B shapes), with the block sweep.
 timeout 100 python3 benchmarks/bench_w8a8.py --sweep --out "$out/w8a8" 2>&1 | tee "$out/bench_w8a8.log"
+# 4. KV4 decode attention against SDPA over a float16 cache (issue 12: at least 2x at 32k, batch 8).
+timeout 60 python3 benchmarks/bench_kv_gpu.py --out "$out/kv" 2>&1 | tee "$out/bench_kv.log"

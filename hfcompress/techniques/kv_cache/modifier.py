@@ -34,8 +34,13 @@ class KVCacheModifier(Modifier):
             check_model(model)
         except ModelError as exc:
             raise self.error(str(exc)) from None
-        if kv_config(model) is not None or any(p.get("name") == PATCH for p in recorded_patches(model)):
-            raise self.error("the model already has a quantized KV cache; a recipe holds one kv_cache stage")
+        root = view.entries[""]  # the model itself: where model-level stages leave their mark
+        earlier = root.marks.get(PATCH)
+        if earlier is None and (kv_config(model) is not None or any(p.get("name") == PATCH for p in recorded_patches(model))):
+            earlier = "an earlier run"
+        if earlier is not None:
+            raise self.error(f"the model already has a quantized KV cache (from {earlier}); one kv_cache stage is enough")
+        root.marks[PATCH] = self.stage
 
     def apply(self, model: nn.Module, context: CompressionContext) -> None:
         enable_kv_cache(model, self.config)

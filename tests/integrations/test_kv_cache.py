@@ -1,0 +1,217 @@
+"""The quantized KV cache inside transformers: generate, beams, padding, the packed part's life."""
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from hfcompress.errors import ModelError
+from hfcompress.integrations import kv_cache
+from hfcompress.integrations.kv_cache import QuantizedKVCache, disable_kv_cache, enable_kv_cache, kv_config
+from hfcompress.quant.dispatch import reference_path
+
+from ..conftest import make_tiny_bert
+
+# Small groups and window, so that a few dozen tokens go well past the residual window.
+SPEC = dict(group_size=16, residual_length=16, sink_tokens=4)
+
+
+def make_model(seed: int = 0) -> LlamaForCausalLM:
+    """Head dim 16, grouped-query attention (4 query heads on 2 KV heads), 512 positions."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def model():
+    m = make_model()
+    enable_kv_cache(m, bits=4, **SPEC)
+    return m
+
+
+def _prompts(n=5, length=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 128, (1, length + 3 * i), generator=g) for i in range(n)]
+
+
+@torch.no_grad()
+def _generate(model, ids, cache=None, **kw):
+    kw.setdefault("max_new_tokens", 60)
+    kw.setdefault("do_sample", False)
+    return model.generate(ids, cache=cache, pad_token_id=0, **kw)
+
+
+def test_kv8_greedy_equals_the_float_cache(model):
+    for ids in _prompts():
+        want = _generate(model, ids, DynamicCache(config=model.config))
+        got = _generate(model, ids, QuantizedKVCache(model.config, bits=8, **SPEC))
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_fused_attention_equals_the_reference_path(model, bits):
+    for ids in _prompts():
+        got = _generate(model, ids, QuantizedKVCache(model.config, bits=bits, **SPEC))
+        with reference_path():
+            want = _generate(model, ids, QuantizedKVCache(model.config, bits=bits, **SPEC))
+        assert torch.equal(got, want)
+
+
+def test_chunked_forward_logits_match_the_reference_path(model):
+    ids = torch.randint(1, 128, (2, 200), generator=torch.Generator().manual_seed(1))
+    fused, ref = QuantizedKVCache(model.config, bits=4, **SPEC), QuantizedKVCache(model.config, bits=4, **SPEC)
+    with torch.no_grad():
+        for start in range(0, 200, 50):
+            a = model(ids[:, start : start + 50], cache=fused).logits
+            with reference_path():
+                b = model(ids[:, start : start + 50], cache=ref).logits
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # float32 sums in another order
+    assert fused.layers[0].packed_tokens == 176  # 200 - 4 sinks - a window of 20 (16 + a partial group)
+
+
+def test_tokens_are_quantized_once_as_they_leave_the_window(model, monkeypatch):
+    quantized = []
+    real = kv_cache._quantize
+
+    def spy(x, bits, group_size, axis, scale_dtype):
+        quantized.append(x.shape[-2])
+        return real(x, bits, group_size, axis, scale_dtype)
+
+    monkeypatch.setattr(kv_cache, "_quantize", spy)
+    cache = QuantizedKVCache(model.config, bits=4, **SPEC)
+    ids = torch.randint(1, 128, (1, 100), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        model(ids[:, :40], cache=cache)
+        layer = cache.layers[0]
+        first = layer.packed().k_packed[:, :, :16].clone()
+        for t in range(40, 100):
+            model(ids[:, t : t + 1], cache=cache)
+            assert 16 <= layer.keys.shape[-2] < 32  # the window: residual_length to + group - 1
+    # every token quantized exactly once (keys and values: two calls per group per layer)
+    assert sum(quantized) == 2 * len(cache.layers) * layer.packed_tokens
+    assert layer.packed_tokens == 100 - 4 - layer.keys.shape[-2]
+    assert torch.equal(layer.packed().k_packed[:, :, :16], first)  # old codes never rewritten
+
+
+def test_sink_tokens_stay_in_full_precision(model):
+    cache = QuantizedKVCache(model.config, bits=2, **SPEC)
+    reference = DynamicCache(config=model.config)
+    ids = torch.randint(1, 128, (1, 80), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model(ids, cache=cache)
+        model(ids, cache=reference)
+    assert torch.equal(cache.layers[1].sink_keys, reference.layers[1].keys[:, :, :4])
+    assert torch.equal(cache.layers[1].keys, reference.layers[1].keys[:, :, -cache.layers[1].keys.shape[-2] :])
+
+
+def test_left_padded_batch(model):
+    long, short = torch.randint(1, 128, (1, 30)), torch.randint(1, 128, (1, 22))
+    batch = torch.cat([long, torch.cat([torch.zeros(1, 8, dtype=torch.long), short], 1)])
+    mask = (batch != 0).long()
+    mask[0] = 1
+    kw = dict(attention_mask=mask, max_new_tokens=50)
+    with torch.no_grad():
+        got = _generate(model, batch, QuantizedKVCache(model.config, bits=8, **SPEC), **kw)
+        want = _generate(model, batch, DynamicCache(config=model.config), **kw)
+        fused = _generate(model, batch, QuantizedKVCache(model.config, bits=4, **SPEC), **kw)
+        with reference_path():
+            ref = _generate(model, batch, QuantizedKVCache(model.config, bits=4, **SPEC), **kw)
+    assert torch.equal(got, want)
+    assert torch.equal(fused, ref)
+
+
+def test_beam_search(model):
+    ids = _prompts(1)[0]
+    kw = dict(num_beams=3, max_new_tokens=50)
+    want = _generate(model, ids, DynamicCache(config=model.config), **kw)
+    assert torch.equal(_generate(model, ids, QuantizedKVCache(model.config, bits=8, **SPEC), **kw), want)
+    fused = _generate(model, ids, QuantizedKVCache(model.config, bits=4, **SPEC), **kw)
+    with reference_path():
+        ref = _generate(model, ids, QuantizedKVCache(model.config, bits=4, **SPEC), **kw)
+    assert torch.equal(fused, ref)
+
+
+def test_sampling(model):
+    ids = _prompts(1)[0]
+    outs = []
+    for ctx in (torch.no_grad, reference_path):
+        torch.manual_seed(7)
+        with ctx():
+            outs.append(_generate(model, ids, QuantizedKVCache(model.config, bits=4, **SPEC), do_sample=True, top_k=20))
+    assert torch.equal(*outs)
+
+
+def test_generate_builds_our_cache_by_default_and_disable_restores(model):
+    ids = _prompts(1)[0]
+    out = model.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    assert isinstance(cache, QuantizedKVCache) and cache.spec == kv_config(model)
+    assert cache.layers[0].packed_tokens > 0
+    user = DynamicCache(config=model.config)
+    _generate(model, ids, user, max_new_tokens=5)
+    assert user.get_seq_length() > 0  # a cache the caller passes is used as given
+    disable_kv_cache(model)
+    assert kv_config(model) is None and model.config._attn_implementation != kv_cache.ATTENTION
+    out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    assert type(getattr(out, "cache", None) or out.past_key_values) is DynamicCache
+
+
+def test_without_our_attention_the_cache_still_gives_the_same_tokens():
+    plain = make_model()  # sdpa attention: each step reads the dequantized history
+    fused = make_model()
+    enable_kv_cache(fused, bits=4, **SPEC)
+    for ids in _prompts(2):
+        a = _generate(plain, ids, QuantizedKVCache(plain.config, bits=4, **SPEC))
+        b = _generate(fused, ids, QuantizedKVCache(fused.config, bits=4, **SPEC))
+        assert torch.equal(a, b)
+
+
+def test_bytes_account_for_codes_scales_sinks_and_window(model):
+    cache = QuantizedKVCache(model.config, bits=4, **SPEC)
+    with torch.no_grad():
+        model(torch.randint(1, 128, (1, 100)), cache=cache)
+    layer = cache.layers[0]
+    b, h, d = 1, 2, 16
+    n_packed, n_full = layer.packed_tokens, 4 + layer.keys.shape[-2]
+    codes = 2 * n_packed * b * h * d // 2  # keys and values, two codes per byte
+    scales = 2 * (n_packed // 16) * b * h * d * 2 + 2 * n_packed * b * h * 1 * 2  # keys per channel, values per token
+    full = 2 * n_full * b * h * d * 4  # float32 model
+    assert layer.nbytes() == codes + scales + full
+    assert cache.nbytes() == 2 * layer.nbytes() and cache.allocated_bytes() >= cache.nbytes()
+
+
+def test_refuses_models_it_cannot_serve():
+    with pytest.raises(ModelError, match="does not generate"):
+        enable_kv_cache(make_tiny_bert())
+    config = make_model().config
+    config.layer_types = ["sliding_attention", "full_attention"]
+    with pytest.raises(ModelError, match="full-attention layers only"):
+        QuantizedKVCache(config)
+
+
+def test_refuses_a_group_that_does_not_fit_the_head_dim(model):
+    cache = QuantizedKVCache(model.config, bits=4, group_size=16, residual_length=16)
+    with pytest.raises(ModelError, match="head dim 24"):
+        cache.layers[0].lazy_initialization(torch.zeros(1, 2, 1, 24), torch.zeros(1, 2, 1, 24))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_path_on_gpu_equals_the_reference_path():
+    model = make_model().cuda()
+    enable_kv_cache(model, bits=4, **SPEC)
+    for ids in _prompts(3):
+        ids = ids.cuda()
+        got = _generate(model, ids, QuantizedKVCache(model.config, bits=4, **SPEC))
+        with reference_path():
+            want = _generate(model, ids, QuantizedKVCache(model.config, bits=4, **SPEC))
+        assert torch.equal(got, want)

@@ -1,0 +1,127 @@
+"""The Triton KV-cache kernels against their torch twins (TRITON_INTERPRET=1 on CPU, see conftest),
+and the twins against plain attention."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hfcompress_triton import kv_ref
+
+# bits, group size, head dim: every bit width; key groups below, at and above the head dim
+# (values then use one group per token); a head dim of 16 (4 bytes per token at 2 bits).
+CASES = [(4, 64, 64), (2, 16, 64), (8, 32, 32), (4, 128, 64), (2, 32, 16)]
+IDS = [f"b{b}-g{g}-d{d}" for b, g, d in CASES]
+
+
+def _kv(b, h, t, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(b, h, t, d, generator=g) * 2
+    k[..., 3] += 10  # a key outlier channel, as LLM keys have
+    v = torch.randn(b, h, t, d, generator=g)
+    return k, v
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pack_round_trip(bits):
+    codes = torch.randint(0, 2**bits, (3, 5, 64), dtype=torch.uint8)
+    packed = kv_ref.pack_codes(codes, bits)
+    assert packed.shape == (3, 5, 64 * bits // 8)
+    assert torch.equal(kv_ref.unpack_codes(packed, bits), codes)
+
+
+@pytest.mark.parametrize("axis", ["channel", "token"])
+@pytest.mark.parametrize(("bits", "group", "d"), CASES, ids=IDS)
+def test_reference_error_is_at_most_half_a_step(bits, group, d, axis):
+    k, v = _kv(2, 2, 128, d)
+    x = k if axis == "channel" else v
+    packed, scale, zero = kv_ref.kv_quantize_ref(x, bits, group, axis, torch.float32)
+    x_hat = kv_ref.kv_dequantize_ref(packed, scale, zero, bits, group, axis)
+    step = scale.repeat_interleave(group, 2) if axis == "channel" else scale.repeat_interleave(min(group, d), 3)
+    assert ((x_hat - x).abs() <= step / 2 + 1e-5).all()
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("axis", ["channel", "token"])
+@pytest.mark.parametrize(("bits", "group", "d"), CASES, ids=IDS)
+def test_quantize_kernel_matches_reference(bits, group, d, axis, scale_dtype, device):
+    # bfloat16 scales are left to GPU runs: the interpreter casts float32 to bfloat16 by
+    # truncation, torch by rounding to nearest.
+    pytest.importorskip("triton")
+    from hfcompress_triton import kv
+
+    k, v = _kv(2, 2, 128, d)
+    x = (k if axis == "channel" else v).to(device)
+    got = kv.kv_quantize(x, bits, group, axis, scale_dtype)
+    want = kv_ref.kv_quantize_ref(x, bits, group, axis, scale_dtype)
+    for name, a, b in zip(("packed", "scale", "zero"), got, want):
+        assert torch.equal(a, b), name
+
+
+def _packed(b, hkv, t, d, bits, group, scale_dtype=torch.float16, seed=0):
+    k, v = _kv(b, hkv, t, d, seed)
+    return (*kv_ref.kv_quantize_ref(k, bits, group, "channel", scale_dtype),
+            *kv_ref.kv_quantize_ref(v, bits, group, "token", scale_dtype))
+
+
+def test_reference_attention_maps_query_heads_to_their_kv_head():
+    # KV heads made very different: a kernel that mapped query heads to the wrong KV head (or
+    # repeated them in the wrong order) could not match SDPA's grouped-query attention.
+    b, hq, hkv, t, d = 2, 6, 2, 128, 32
+    parts = _packed(b, hkv, t, d, 8, 32, torch.float32)
+    parts[1][:, 1] *= 5
+    q = torch.randn(b, hq, 1, d)
+    out, lse = kv_ref.kv_decode_attention_ref(q, *parts, None, 8, 32, d**-0.5)
+    k = kv_ref.kv_dequantize_ref(parts[0], parts[1], parts[2], 8, 32, "channel")
+    v = kv_ref.kv_dequantize_ref(parts[3], parts[4], parts[5], 8, 32, "token")
+    want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    wrong = F.scaled_dot_product_attention(q, k.repeat(1, 3, 1, 1), v.repeat(1, 3, 1, 1))
+    assert (out - wrong).abs().max() > 0.1
+    torch.testing.assert_close(lse, torch.logsumexp(q @ k.repeat_interleave(3, 1).transpose(-1, -2) * d**-0.5, -1))
+
+
+@pytest.mark.parametrize("splits", [1, 3], ids=["one-split", "three-splits"])
+@pytest.mark.parametrize(("bits", "group", "d"), CASES, ids=IDS)
+def test_decode_kernel_matches_reference(bits, group, d, splits, device):
+    pytest.importorskip("triton")
+    from hfcompress_triton import kv
+
+    b, hq, hkv, t = 2, 6, 2, 256  # 3 query heads per KV head: not a power of two
+    parts = [p.to(device) for p in _packed(b, hkv, t, d, bits, group)]
+    q = torch.randn(b, hq, 1, d).to(device)
+    bias = torch.zeros(b, t, device=device)
+    bias[1, :37] = float("-inf")  # left padding of the second row
+    out, lse = kv.kv_decode_attention(q, *parts, bias, bits, group, 0.125, splits=splits)
+    want_out, want_lse = kv_ref.kv_decode_attention_ref(q, *parts, bias, bits, group, 0.125)
+    # float32 sums in another order: a few ulps
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_kernel_fully_masked_row_and_strided_views(device):
+    pytest.importorskip("triton")
+    from hfcompress_triton import kv
+
+    b, hq, hkv, t, d = 2, 4, 2, 128, 32
+    full = [p.to(device) for p in _packed(b, hkv, 2 * t, d, 4, 32)]
+    # views of the first t tokens of buffers that hold 2t, as the cache passes them
+    parts = [p[:, :, : t // 32] if i in (1, 2) else p[:, :, :t] for i, p in enumerate(full)]
+    q = torch.randn(b, hq, 1, d).to(device)
+    bias = torch.zeros(b, t, device=device)
+    bias[0] = float("-inf")
+    out, lse = kv.kv_decode_attention(q, *parts, bias, 4, 32, 0.2, splits=2)
+    want_out, want_lse = kv_ref.kv_decode_attention_ref(q, *parts, bias, 4, 32, 0.2)
+    assert torch.isneginf(lse[0]).all() and (out[0] == 0).all()
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse[1], want_lse[1], rtol=1e-5, atol=1e-5)
+
+
+def test_decode_kernel_refuses_bad_shapes(device):
+    pytest.importorskip("triton")
+    from hfcompress_triton import kv
+
+    parts = [p.to(device) for p in _packed(1, 2, 64, 32, 4, 32)]
+    with pytest.raises(ValueError, match="Hq % Hkv"):
+        kv.kv_decode_attention(torch.randn(1, 3, 1, 32, device=device), *parts, None, 4, 32, 0.2)
+    with pytest.raises(ValueError, match="power-of-two"):
+        kv.kv_quantize(torch.randn(1, 1, 32, 24, device=device), 4, 32, "channel")
