@@ -102,12 +102,15 @@ def run_ppl(args) -> None:
     labels = [FLOAT, *OURS, *PEERS]
     rows = {}
     for label in tqdm(labels, desc="perplexity through the cache"):
-        start = time.perf_counter()
-        rows[label] = (perplexity_through_cache(model, ids, cache_factory(label, model.config), args.windows),
-                       time.perf_counter() - start)
+        # CPU time of this process: unlike wall time, unaffected by other work on the machine
+        start = time.process_time()
+        rows[label] = (
+            perplexity_through_cache(model, ids, cache_factory(label, model.config), args.windows),
+            time.process_time() - start,
+        )
     base = rows[FLOAT][0]
     print(f"\n### Perplexity through the cache ({args.windows} windows of 2048, prefill 256, chunks of 64)\n")
-    print("| cache | perplexity | vs float cache | time (s) |\n|---|---|---|---|")
+    print("| cache | perplexity | vs float cache | CPU time (s) |\n|---|---|---|---|")
     for label, (ppl, secs) in rows.items():
         print(f"| {label} | {ppl:.3f} | {100 * (ppl / base - 1):+.2f}% | {secs:.0f} |")
 
@@ -120,7 +123,9 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 def needle_prompt(tokenizer, length: int, rng: random.Random) -> tuple[torch.Tensor, str]:
     key = str(rng.randint(10000, 99999))
     head = tokenizer("There is a pass key hidden in the text below. Remember it.\n", add_special_tokens=False).input_ids
-    needle = tokenizer(f"The pass key is {key}. Remember it. {key} is the pass key. ", add_special_tokens=False).input_ids
+    needle = tokenizer(
+        f"The pass key is {key}. Remember it. {key} is the pass key. ", add_special_tokens=False
+    ).input_ids
     tail = tokenizer("\nWhat is the pass key? The pass key is", add_special_tokens=False).input_ids
     filler = tokenizer(FILLER, add_special_tokens=False).input_ids
     room = length - len(head) - len(needle) - len(tail)
@@ -222,7 +227,10 @@ def run_bytes(args) -> None:
         base = None
         for label in tqdm(labels, desc=f"bytes {context}"):
             out = subprocess.run(
-                [sys.executable, __file__, "--child-bytes", label, str(context)], capture_output=True, text=True, check=True
+                [sys.executable, __file__, "--child-bytes", label, str(context)],
+                capture_output=True,
+                text=True,
+                check=True,
             )
             result = json.loads(out.stdout.strip().splitlines()[-1])
             nbytes, peak = result["bytes"], result["peak"]

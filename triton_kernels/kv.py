@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from hfcompress_triton.kv_ref import MIN_SCALE, Axis, value_group_size
 
 __all__ = ["kv_decode_attention", "kv_quantize"]
@@ -230,7 +229,12 @@ def _bh_stride(*tensors: torch.Tensor) -> int:
     t = tensors[0]
     stride = t.stride(1)
     for u in tensors:
-        if u.stride() != t.stride() or u.stride(3) != 1 or u.stride(2) != u.shape[3] or u.stride(0) != u.shape[1] * stride:
+        if (
+            u.stride() != t.stride()
+            or u.stride(3) != 1
+            or u.stride(2) != u.shape[3]
+            or u.stride(0) != u.shape[1] * stride
+        ):
             raise ValueError(f"packed cache tensors need contiguous [T, X] blocks per (batch, head), got {u.stride()}")
     return stride
 

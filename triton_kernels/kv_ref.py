@@ -125,8 +125,7 @@ def kv_dequantize_ref(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """``[B, H, T, D]`` in ``dtype`` from :func:`kv_quantize_ref`'s output (float32 arithmetic)."""
-    b, h, t, nbytes = packed.shape
-    d = nbytes * 8 // bits
+    d = packed.shape[-1] * 8 // bits
     block = value_group_size(group_size, d)
     codes = unpack_codes(packed, bits).float()
     if axis == "channel":

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from hfcompress_triton.kv_ref import kv_quantize_ref
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
@@ -33,7 +34,6 @@ from hfcompress.errors import ModelError
 from hfcompress.quant.dispatch import _force_reference
 from hfcompress.quant.kv import PackedKV, Partial, attend_dense, attend_packed, merge
 from hfcompress.techniques.kv_cache.config import KVCacheConfig
-from hfcompress_triton.kv_ref import kv_quantize_ref
 
 __all__ = ["ATTENTION", "QuantizedKVCache", "QuantizedKVLayer", "disable_kv_cache", "enable_kv_cache", "kv_config"]
 
@@ -323,19 +323,37 @@ def _bias(mask: torch.Tensor | None, b: int, q: int, total: int, device: torch.d
 
 def _attend_packed(q: torch.Tensor, packed: PackedKV, bias: torch.Tensor | None, sm_scale: float) -> Partial:
     args = (packed.k_packed, packed.k_scale, packed.k_zero, packed.v_packed, packed.v_scale, packed.v_zero)
-    if q.shape[2] == 1:
+    if q.shape[2] == 1 and q.is_cuda and _triton_available():
+        from hfcompress_triton.kv import kv_decode_attention
+
         row_bias = None if bias is None else bias[:, 0]
-        if q.is_cuda and _triton_available():
-            from hfcompress_triton.kv import kv_decode_attention
-
-            return Partial(*kv_decode_attention(q, *args, row_bias, packed.bits, packed.group_size, sm_scale))
-        if q.device.type == "cpu":
-            from hfcompress.quant.kv_cpu import kv_decode_attention_cpu
-
-            result = kv_decode_attention_cpu(q, *args, row_bias, packed.bits, packed.group_size, sm_scale)
-            if result is not None:
-                return Partial(*result)
+        return Partial(*kv_decode_attention(q, *args, row_bias, packed.bits, packed.group_size, sm_scale))
     return attend_packed(q, packed, bias, sm_scale)
+
+
+def _cpu_decode_step(
+    q: torch.Tensor, packed: PackedKV, packed_bias, dense_k, dense_v, dense_bias, sm_scale: float
+) -> torch.Tensor | None:
+    """A whole CPU decode step (packed and dense parts in one softmax) in the C kernel, or None."""
+    from hfcompress.quant.kv_cpu import kv_decode_attention_cpu
+
+    result = kv_decode_attention_cpu(
+        q,
+        packed.k_packed,
+        packed.k_scale,
+        packed.k_zero,
+        packed.v_packed,
+        packed.v_scale,
+        packed.v_zero,
+        None if packed_bias is None else packed_bias[:, 0],
+        packed.bits,
+        packed.group_size,
+        sm_scale,
+        dense_k,
+        dense_v,
+        None if dense_bias is None else dense_bias[:, 0],
+    )
+    return None if result is None else result[0]
 
 
 def kv_attention(
@@ -372,17 +390,20 @@ def kv_attention(
     if bias is not None:
         packed_bias = bias[..., n_sink : n_sink + n_packed]
         dense_bias = torch.cat([bias[..., :n_sink], bias[..., n_sink + n_packed :]], dim=-1)
+    if q_len == 1 and n_packed and query.device.type == "cpu":
+        out = _cpu_decode_step(query, layer.packed(), packed_bias, dense_k, dense_v, dense_bias, sm_scale)
+        if out is not None:
+            layer.commit()
+            return out.to(query.dtype).transpose(1, 2).contiguous(), None
     outs = []
     # Query blocks bound the [B, H, Q, T] scores of a long chunked prefill.
     for q0 in range(0, q_len, _QUERY_BLOCK):
-        qb = query[:, :, q0 : q0 + _QUERY_BLOCK]
-
-        def rows(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t[:, q0 : q0 + _QUERY_BLOCK]
-
-        parts = [attend_dense(qb, dense_k, dense_v, rows(dense_bias), sm_scale)]
+        rows = slice(q0, q0 + _QUERY_BLOCK)
+        qb = query[:, :, rows]
+        parts = [attend_dense(qb, dense_k, dense_v, None if dense_bias is None else dense_bias[:, rows], sm_scale)]
         if n_packed:
-            parts.append(_attend_packed(qb, layer.packed(), rows(packed_bias), sm_scale))
+            row_bias = None if packed_bias is None else packed_bias[:, rows]
+            parts.append(_attend_packed(qb, layer.packed(), row_bias, sm_scale))
         outs.append(merge(parts).out)
     out = torch.cat(outs, dim=2).to(query.dtype)
     layer.commit()
@@ -422,27 +443,29 @@ def enable_kv_cache(model: nn.Module, spec: KVCacheConfig | None = None, **kwarg
     _register_attention()
     if kv_config(model) is None:
         object.__setattr__(model, "_hfcompress_attn_before", model.config._attn_implementation)
-        original = model._prepare_cache_for_generation
-
-        def prepare(self, generation_config, model_kwargs, *args, **kw):
-            result = original(generation_config, model_kwargs, *args, **kw)
-            for key in ("cache", "past_key_values"):
-                cache = model_kwargs.get(key)
-                if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
-                    model_kwargs[key] = QuantizedKVCache(self.config, spec=kv_config(self))
-            return result
-
-        object.__setattr__(model, "_prepare_cache_for_generation", types.MethodType(prepare, model))
+        object.__setattr__(model, "_prepare_cache_for_generation", types.MethodType(_prepare_cache, model))
     model.set_attn_implementation(ATTENTION)
     object.__setattr__(model, _CONFIG_ATTR, spec)
     return spec
+
+
+def _prepare_cache(self, generation_config, model_kwargs, *args, **kwargs):
+    # generate's own cache preparation, then its default DynamicCache swapped for ours (a cache
+    # the caller passed is left alone). Looked up on the class, so that a deep copy of the
+    # model prepares its own cache.
+    result = type(self)._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
+    for key in ("cache", "past_key_values"):
+        cache = model_kwargs.get(key)
+        if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
+            model_kwargs[key] = QuantizedKVCache(self.config, spec=kv_config(self))
+    return result
 
 
 def disable_kv_cache(model: nn.Module) -> None:
     """Undo :func:`enable_kv_cache`: the default cache and the attention the model had before."""
     if kv_config(model) is None:
         return
-    model.set_attn_implementation(getattr(model, "_hfcompress_attn_before"))
+    model.set_attn_implementation(model._hfcompress_attn_before)
     for attr in (_CONFIG_ATTR, "_hfcompress_attn_before", "_prepare_cache_for_generation"):
         object.__delattr__(model, attr)
 
@@ -452,7 +475,9 @@ def check_model(model: nn.Module) -> None:
     name = type(model).__name__
     can_generate = getattr(model, "can_generate", None)
     if not (callable(can_generate) and can_generate()):
-        raise ModelError(f"{name} does not generate text, so it has no KV cache to quantize (a kv_cache stage needs a decoder)")
+        raise ModelError(
+            f"{name} does not generate text, so it has no KV cache to quantize (a kv_cache stage needs a decoder)"
+        )
     if not type(model)._can_set_attn_implementation():
         raise ModelError(
             f"{name}'s attention does not go through transformers' AttentionInterface, so the quantized KV cache "

@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from hfcompress_triton.kv_ref import kv_dequantize_ref
 
 __all__ = ["PackedKV", "Partial", "attend_dense", "attend_packed", "merge"]
@@ -123,5 +122,5 @@ def merge(parts: list[Partial]) -> Partial:
     lse = torch.stack([p.lse for p in parts])  # [P, B, Hq, Q]
     total = torch.logsumexp(lse, dim=0)
     weights = torch.exp(lse - total).nan_to_num_(0.0)  # a fully masked part, or row, weighs 0
-    out = sum(w.unsqueeze(-1) * p.out for w, p in zip(weights, parts))
+    out = sum(w.unsqueeze(-1) * p.out for w, p in zip(weights, parts, strict=True))
     return Partial(out, total)

@@ -66,7 +66,9 @@ static inline void unpack_row(const uint8_t *row, int D, int bits, float *codes)
     }
 }
 
-/* Strides are in elements, for the [B, H] leading dims (each (b, h) block is contiguous). */
+/* Strides are in elements, for the [B, H] leading dims (each (b, h) block is contiguous). The
+ * optional dense part (Td float32 tokens: the sinks, the recent window and this step's token)
+ * joins the same softmax, so one call gives the whole step's attention. */
 int kv_decode_attention(
     const float *q, int64_t q_sb, int64_t q_sh,                    /* [B, Hq, D] */
     const uint8_t *kp, int64_t kp_sb, int64_t kp_sh,               /* [B, Hkv, T, D*bits/8] */
@@ -74,26 +76,30 @@ int kv_decode_attention(
     const uint8_t *vp, int64_t vp_sb, int64_t vp_sh,               /* [B, Hkv, T, D*bits/8] */
     const void *vs, const void *vz, int64_t vs_sb, int64_t vs_sh,  /* [B, Hkv, T, D/block] */
     const float *bias,                                             /* [B, T] or NULL */
+    const float *dk, const float *dv, int64_t d_sb, int64_t d_sh,  /* [B, Hkv, Td, D] or NULL */
+    const float *dbias,                                            /* [B, Td] or NULL */
     float *out, float *lse,                                        /* [B, Hq, D], [B, Hq] */
-    int B, int Hq, int Hkv, int T, int D, int bits, int group, int scale_dtype, float sm_scale, int threads) {
+    int B, int Hq, int Hkv, int T, int Td, int D, int bits, int group, int scale_dtype, float sm_scale,
+    int threads) {
     const int R = Hq / Hkv, block = group < D ? group : D, nbytes = D * bits / 8, nvg = D / block;
+    const int64_t N = (int64_t)T + Td;
     int failed = 0;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
     for (int b = 0; b < B; b++) {
         for (int h = 0; h < Hkv; h++) {
-            /* scores [R, T] | qs [R, D] | acc [R, D] | codes [D] | kss [D] | kzs [D] | qz [R] | zacc [R, nvg] */
-            float *scores = malloc(sizeof(float) * ((size_t)R * T + 2 * (size_t)R * D + 3 * (size_t)D + R + (size_t)R * nvg));
+            /* scores [R, N] | qs [R, D] | acc [R, D] | codes [D] | kss [D] | kzs [D] | qz [R] | zacc [R, nvg] */
+            float *scores = malloc(sizeof(float) * ((size_t)R * N + 2 * (size_t)R * D + 3 * (size_t)D + R + (size_t)R * nvg));
             if (!scores) {
                 failed = 1;
                 continue;
             }
-            float *qs = scores + (size_t)R * T, *acc = qs + (size_t)R * D, *codes = acc + (size_t)R * D;
+            float *qs = scores + (size_t)R * N, *acc = qs + (size_t)R * D, *codes = acc + (size_t)R * D;
             float *kss = codes + D, *kzs = kss + D, *qz = kzs + D, *zacc = qz + R;
             const float *qb = q + b * q_sb + (int64_t)h * R * q_sh;
             const uint8_t *kpb = kp + b * kp_sb + h * kp_sh, *vpb = vp + b * vp_sb + h * vp_sh;
             const int64_t kso = b * ks_sb + h * ks_sh, vso = b * vs_sb + h * vs_sh;
             const float *bb = bias ? bias + (int64_t)b * T : NULL;
-            /* scores */
+            /* packed scores: the key scale folds into the query once per group */
             for (int g0 = 0; g0 < T; g0 += group) {
                 const int64_t grow = kso + (int64_t)(g0 / group) * D;
                 for (int d = 0; d < D; d++) {
@@ -117,25 +123,39 @@ int kv_decode_attention(
                         const float *qr = qs + r * D;
 #pragma omp simd reduction(+ : s)
                         for (int d = 0; d < D; d++) s += qr[d] * codes[d];
-                        scores[(int64_t)r * T + t] = s + qz[r] + add;
+                        scores[r * N + t] = s + qz[r] + add;
                     }
                 }
             }
-            /* softmax weights, then values */
+            /* dense scores */
+            const float *dkb = dk ? dk + b * d_sb + h * d_sh : NULL, *dvb = dv ? dv + b * d_sb + h * d_sh : NULL;
+            const float *dbb = dbias ? dbias + (int64_t)b * Td : NULL;
+            for (int t = 0; t < Td; t++) {
+                const float *kt = dkb + (int64_t)t * D;
+                const float add = dbb ? dbb[t] : 0.f;
+                for (int r = 0; r < R; r++) {
+                    float s = 0.f;
+                    const float *qr = qb + r * q_sh;
+#pragma omp simd reduction(+ : s)
+                    for (int d = 0; d < D; d++) s += qr[d] * kt[d];
+                    scores[r * N + T + t] = s * sm_scale + add;
+                }
+            }
+            /* softmax weights over both parts */
             float mx[64], sum[64];
             for (int r = 0; r < R; r++) {
-                float m = -INFINITY;
-                for (int t = 0; t < T; t++) m = fmaxf(m, scores[(int64_t)r * T + t]);
-                float l = 0.f;
+                float m = -INFINITY, l = 0.f;
+                float *sr = scores + r * N;
+                for (int64_t t = 0; t < N; t++) m = fmaxf(m, sr[t]);
                 if (m != -INFINITY)
-                    for (int t = 0; t < T; t++) {
-                        const float p = expf(scores[(int64_t)r * T + t] - m);
-                        scores[(int64_t)r * T + t] = p;
-                        l += p;
+                    for (int64_t t = 0; t < N; t++) {
+                        sr[t] = expf(sr[t] - m);
+                        l += sr[t];
                     }
                 mx[r] = m;
                 sum[r] = l;
             }
+            /* packed values: the value scale folds into the weight once per token */
             memset(acc, 0, sizeof(float) * R * D);
             memset(zacc, 0, sizeof(float) * R * nvg);
             for (int t = 0; t < T; t++) {
@@ -145,7 +165,7 @@ int kv_decode_attention(
                     const float s = load_scale(vs, srow + j, scale_dtype), z = load_scale(vz, srow + j, scale_dtype);
                     for (int r = 0; r < R; r++) {
                         if (mx[r] == -INFINITY) continue;
-                        const float p = scores[(int64_t)r * T + t];
+                        const float p = scores[r * N + t];
                         const float w = p * s;
                         float *ar = acc + r * D + j * block;
                         const float *cj = codes + j * block;
@@ -153,6 +173,17 @@ int kv_decode_attention(
                         for (int d = 0; d < block; d++) ar[d] += w * cj[d];
                         zacc[r * nvg + j] += p * z;
                     }
+                }
+            }
+            /* dense values */
+            for (int t = 0; t < Td; t++) {
+                const float *vt = dvb + (int64_t)t * D;
+                for (int r = 0; r < R; r++) {
+                    if (mx[r] == -INFINITY) continue;
+                    const float p = scores[r * N + T + t];
+                    float *ar = acc + r * D;
+#pragma omp simd
+                    for (int d = 0; d < D; d++) ar[d] += p * vt[d];
                 }
             }
             for (int r = 0; r < R; r++) {

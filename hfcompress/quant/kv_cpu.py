@@ -62,7 +62,9 @@ def _build() -> Path:
     # Build beside the target and rename: a crash mid-build never leaves a truncated library.
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        result = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True)
+        result = subprocess.run(
+            [compiler, *_FLAGS, str(_SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True
+        )
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
         os.replace(built, target)
@@ -81,8 +83,10 @@ def _library() -> ctypes.CDLL | None:
     fn.argtypes = (
         [ptr, i64, i64]
         + [ptr, i64, i64, ptr, ptr, i64, i64] * 2
-        + [ptr, ptr, ptr]
-        + [ctypes.c_int] * 8
+        + [ptr]  # bias
+        + [ptr, ptr, i64, i64, ptr]  # the dense part
+        + [ptr, ptr]  # out, lse
+        + [ctypes.c_int] * 9
         + [ctypes.c_float, ctypes.c_int]
     )
     fn.restype = ctypes.c_int
@@ -113,9 +117,18 @@ def kv_decode_attention_cpu(
     bits: int,
     group_size: int,
     sm_scale: float,
+    dense_keys: torch.Tensor | None = None,
+    dense_values: torch.Tensor | None = None,
+    dense_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """:func:`hfcompress_triton.kv_ref.kv_decode_attention_ref` in C on CPU tensors, or None
-    when the kernel is unavailable. Same arguments and results."""
+    when the kernel is unavailable. Same arguments and results, plus an optional dense part
+    that joins the same softmax (so that one call covers a whole decode step):
+
+    Args:
+        dense_keys, dense_values: ``[B, Hkv, Td, D]`` float keys and values, or None.
+        dense_bias: ``[B, Td]`` float32 added to their scores, or None.
+    """
     lib = _library()
     if lib is None:
         return None
@@ -132,6 +145,13 @@ def kv_decode_attention_cpu(
     bias = None if bias is None else bias.float().contiguous()
     out = torch.empty(b, hq, d)
     lse = torch.empty(b, hq)
+    td = 0 if dense_keys is None else dense_keys.shape[2]
+    if td:
+        dense_keys = dense_keys.float().contiguous()
+        dense_values = dense_values.float().contiguous()
+        if dense_values.shape != dense_keys.shape or dense_keys.shape[:2] != k_packed.shape[:2]:
+            raise ValueError(f"dense keys {tuple(dense_keys.shape)} and values {tuple(dense_values.shape)} do not fit")
+        dense_bias = None if dense_bias is None else dense_bias.float().contiguous()
     ks_strides, vs_strides = _strides(k_scale), _strides(v_scale)
     if _strides(k_zero) != ks_strides or _strides(v_zero) != vs_strides:
         raise ValueError("scales and zeros must share their strides")
@@ -150,12 +170,18 @@ def kv_decode_attention_cpu(
         v_zero.data_ptr(),
         *vs_strides,
         None if bias is None else bias.data_ptr(),
+        dense_keys.data_ptr() if td else None,
+        dense_values.data_ptr() if td else None,
+        dense_keys.stride(0) if td else 0,
+        dense_keys.stride(1) if td else 0,
+        dense_bias.data_ptr() if td and dense_bias is not None else None,
         out.data_ptr(),
         lse.data_ptr(),
         b,
         hq,
         hkv,
         t,
+        td,
         d,
         bits,
         group_size,

@@ -215,3 +215,14 @@ def test_triton_path_on_gpu_equals_the_reference_path():
         with reference_path():
             want = _generate(model, ids, QuantizedKVCache(model.config, bits=4, **SPEC))
         assert torch.equal(got, want)
+
+
+def test_a_deep_copy_keeps_the_cache_on_its_own_config(model):
+    import copy
+
+    clone = copy.deepcopy(model)
+    ids = _prompts(1)[0]
+    out = clone.generate(ids, max_new_tokens=30, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    assert isinstance(cache, QuantizedKVCache) and cache._config is clone.config
+    assert torch.equal(out.sequences, _generate(model, ids, max_new_tokens=30))

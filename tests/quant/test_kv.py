@@ -1,11 +1,13 @@
 """Attention over a cache in parts (hfcompress.quant.kv) and the CPU decode kernel (kv_cpu)."""
 
+import itertools
+
 import pytest
 import torch
+from hfcompress_triton.kv_ref import kv_decode_attention_ref, kv_quantize_ref
 
 from hfcompress.quant import kv_cpu
 from hfcompress.quant.kv import PackedKV, attend_dense, attend_packed, merge
-from hfcompress_triton.kv_ref import kv_decode_attention_ref, kv_quantize_ref
 
 
 def _attention(q, k, v, bias, scale):
@@ -23,11 +25,15 @@ def test_parts_merge_to_attention_over_the_whole_sequence():
     bias[0, :, :7] = float("-inf")  # padding
     bias[1, :, 10:20] = float("-inf")  # a part fully masked for row 1
     cuts = [0, 10, 20, 33, t]
-    parts = [attend_dense(q, k[:, :, a:z], v[:, :, a:z], bias[..., a:z], 0.25) for a, z in zip(cuts, cuts[1:])]
+    parts = [attend_dense(q, k[:, :, a:z], v[:, :, a:z], bias[..., a:z], 0.25) for a, z in itertools.pairwise(cuts)]
     merged = merge(parts)
     torch.testing.assert_close(merged.out, _attention(q, k, v, bias, 0.25), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(merged.lse, torch.logsumexp(
-        q @ k.repeat_interleave(3, 1).transpose(-1, -2) * 0.25 + bias[:, None], -1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        merged.lse,
+        torch.logsumexp(q @ k.repeat_interleave(3, 1).transpose(-1, -2) * 0.25 + bias[:, None], -1),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -35,7 +41,9 @@ def test_chunked_packed_attention_equals_dequantize_then_attend(bits):
     g = torch.Generator().manual_seed(1)
     b, hq, hkv, nq, t, d, group = 1, 4, 2, 3, 256, 32, 32
     k, v = torch.randn(b, hkv, t, d, generator=g), torch.randn(b, hkv, t, d, generator=g)
-    packed = PackedKV(*kv_quantize_ref(k, bits, group, "channel"), *kv_quantize_ref(v, bits, group, "token"), bits, group)
+    packed = PackedKV(
+        *kv_quantize_ref(k, bits, group, "channel"), *kv_quantize_ref(v, bits, group, "token"), bits, group
+    )
     q = torch.randn(b, hq, nq, d, generator=g)
     bias = torch.zeros(b, nq, t)
     bias[..., :5] = float("-inf")
@@ -49,13 +57,19 @@ needs_compiler = pytest.mark.skipif(not kv_cpu.available(), reason="no C compile
 
 @needs_compiler
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
-@pytest.mark.parametrize(("bits", "group", "d"), [(4, 64, 64), (2, 16, 64), (8, 32, 32), (4, 128, 64)],
-                         ids=["b4-g64", "b2-g16", "b8-g32-d32", "b4-g128"])
+@pytest.mark.parametrize(
+    ("bits", "group", "d"),
+    [(4, 64, 64), (2, 16, 64), (8, 32, 32), (4, 128, 64)],
+    ids=["b4-g64", "b2-g16", "b8-g32-d32", "b4-g128"],
+)
 def test_cpu_kernel_matches_reference(bits, group, d, scale_dtype):
     g = torch.Generator().manual_seed(2)
     b, hq, hkv, t = 2, 6, 2, 256
     k, v = torch.randn(b, hkv, t, d, generator=g) * 3, torch.randn(b, hkv, t, d, generator=g)
-    parts = (*kv_quantize_ref(k, bits, group, "channel", scale_dtype), *kv_quantize_ref(v, bits, group, "token", scale_dtype))
+    parts = (
+        *kv_quantize_ref(k, bits, group, "channel", scale_dtype),
+        *kv_quantize_ref(v, bits, group, "token", scale_dtype),
+    )
     q = torch.randn(b, hq, 1, d, generator=g)
     bias = torch.zeros(b, t)
     bias[1, :37] = float("-inf")
@@ -77,15 +91,17 @@ def test_cpu_kernel_reads_views_of_buffers_with_spare_capacity_and_masked_rows()
     bias = torch.zeros(b, t)
     bias[0] = float("-inf")
     out, lse = kv_cpu.kv_decode_attention_cpu(q, *parts, bias, 4, group, 0.2)
-    want_out, want_lse = kv_decode_attention_ref(q, *[p.contiguous() for p in parts], bias, 4, group, 0.2)
+    want_out, _ = kv_decode_attention_ref(q, *[p.contiguous() for p in parts], bias, 4, group, 0.2)
     assert torch.isneginf(lse[0]).all() and (out[0] == 0).all()
     torch.testing.assert_close(out[1], want_out[1], rtol=1e-5, atol=1e-5)
 
 
 @needs_compiler
 def test_cpu_kernel_refuses_a_multi_token_query():
-    parts = (*kv_quantize_ref(torch.randn(1, 1, 32, 16), 4, 32, "channel"),
-             *kv_quantize_ref(torch.randn(1, 1, 32, 16), 4, 32, "token"))
+    parts = (
+        *kv_quantize_ref(torch.randn(1, 1, 32, 16), 4, 32, "channel"),
+        *kv_quantize_ref(torch.randn(1, 1, 32, 16), 4, 32, "token"),
+    )
     with pytest.raises(ValueError, match="one query step"):
         kv_cpu.kv_decode_attention_cpu(torch.randn(1, 2, 3, 16), *parts, None, 4, 32, 0.2)
 
@@ -102,3 +118,21 @@ def test_cpu_kernel_build_failure_falls_back(monkeypatch, caplog, tmp_path):
         assert not list(tmp_path.rglob("*.so"))  # nothing half-built left behind
     finally:
         kv_cpu._library.cache_clear()
+
+
+@needs_compiler
+def test_cpu_kernel_with_a_dense_part_equals_the_merged_parts():
+    g = torch.Generator().manual_seed(4)
+    b, hq, hkv, t, td, d, group = 2, 6, 2, 128, 19, 32, 32
+    k, v = torch.randn(b, hkv, t, d, generator=g), torch.randn(b, hkv, t, d, generator=g)
+    parts = (*kv_quantize_ref(k, 4, group, "channel"), *kv_quantize_ref(v, 4, group, "token"))
+    dk, dv = torch.randn(b, hkv, td, d, generator=g), torch.randn(b, hkv, td, d, generator=g)
+    q = torch.randn(b, hq, 1, d, generator=g)
+    bias, dense_bias = torch.zeros(b, t), torch.zeros(b, td)
+    bias[1] = float("-inf")  # row 1 sees only dense tokens
+    dense_bias[0, :4] = float("-inf")
+    out, lse = kv_cpu.kv_decode_attention_cpu(q, *parts, bias, 4, group, 0.2, dk, dv, dense_bias)
+    packed = PackedKV(*parts, 4, group)
+    want = merge([attend_packed(q, packed, bias[:, None], 0.2), attend_dense(q, dk, dv, dense_bias[:, None], 0.2)])
+    torch.testing.assert_close(out, want.out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, want.lse, rtol=1e-5, atol=1e-5)

@@ -44,7 +44,7 @@ def test_saved_model_reloads_with_the_cache_on(tmp_path):
 
 
 def test_stage_refuses_an_encoder(tiny_bert):
-    with pytest.raises(RecipeError, match="stage 'stage_0' \\(kv_cache\\).*does not generate"):
+    with pytest.raises(RecipeError, match=r"stage 'stage_0' \(kv_cache\).*does not generate"):
         compress(tiny_bert, [KVCacheConfig()], progress=False)
 
 

@@ -4,7 +4,6 @@ and the twins against plain attention."""
 import pytest
 import torch
 import torch.nn.functional as F
-
 from hfcompress_triton import kv_ref
 
 # bits, group size, head dim: every bit width; key groups below, at and above the head dim
@@ -53,14 +52,16 @@ def test_quantize_kernel_matches_reference(bits, group, d, axis, scale_dtype, de
     x = (k if axis == "channel" else v).to(device)
     got = kv.kv_quantize(x, bits, group, axis, scale_dtype)
     want = kv_ref.kv_quantize_ref(x, bits, group, axis, scale_dtype)
-    for name, a, b in zip(("packed", "scale", "zero"), got, want):
+    for name, a, b in zip(("packed", "scale", "zero"), got, want, strict=True):
         assert torch.equal(a, b), name
 
 
 def _packed(b, hkv, t, d, bits, group, scale_dtype=torch.float16, seed=0):
     k, v = _kv(b, hkv, t, d, seed)
-    return (*kv_ref.kv_quantize_ref(k, bits, group, "channel", scale_dtype),
-            *kv_ref.kv_quantize_ref(v, bits, group, "token", scale_dtype))
+    return (
+        *kv_ref.kv_quantize_ref(k, bits, group, "channel", scale_dtype),
+        *kv_ref.kv_quantize_ref(v, bits, group, "token", scale_dtype),
+    )
 
 
 def test_reference_attention_maps_query_heads_to_their_kv_head():

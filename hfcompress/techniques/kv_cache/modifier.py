@@ -36,10 +36,14 @@ class KVCacheModifier(Modifier):
             raise self.error(str(exc)) from None
         root = view.entries[""]  # the model itself: where model-level stages leave their mark
         earlier = root.marks.get(PATCH)
-        if earlier is None and (kv_config(model) is not None or any(p.get("name") == PATCH for p in recorded_patches(model))):
+        if earlier is None and (
+            kv_config(model) is not None or any(p.get("name") == PATCH for p in recorded_patches(model))
+        ):
             earlier = "an earlier run"
         if earlier is not None:
-            raise self.error(f"the model already has a quantized KV cache (from {earlier}); one kv_cache stage is enough")
+            raise self.error(
+                f"the model already has a quantized KV cache (from {earlier}); one kv_cache stage is enough"
+            )
         root.marks[PATCH] = self.stage
 
     def apply(self, model: nn.Module, context: CompressionContext) -> None:
