@@ -197,6 +197,19 @@ def render_card(model: nn.Module, info: CardInfo) -> tuple[str, dict[str, str]]:
             f"| compressed layers | {size.layer_bytes / 1e6:.1f} MB, {size.bits_per_weight:.2f} bits per weight "
             f"(scales and zero points included), {size.fraction_of_fp16:.3f}x their float16 size |"
         )
+    from hfcompress.integrations.kv_cache import kv_config
+
+    kv = kv_config(model)
+    if kv is not None:
+        out += [
+            "",
+            "## KV cache",
+            "",
+            f"`generate()` stores keys and values in {kv.bits} bits (KIVI: keys per channel over groups of "
+            f"{kv.group_size} tokens, values per token), the first {kv.sink_tokens} tokens and the "
+            f"{kv.residual_length} most recent in full precision; attention reads the packed cache. "
+            "`from_pretrained` switches it on (with `import hfcompress`).",
+        ]
     files: dict[str, str] = {}
     out += ["", "## Measured before and after", ""]
     if info.measurements:

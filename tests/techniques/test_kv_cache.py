@@ -34,6 +34,9 @@ def test_saved_model_reloads_with_the_cache_on(tmp_path):
     patches = json.loads((tmp_path / "m" / "config.json").read_text())["quantization_config"]["patches"]
     assert patches == [{"name": "kv_cache", **KVCacheConfig(bits=4, **SPEC).to_dict()}]
 
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "## KV cache" in card and "in 4 bits" in card and "kv_cache" in card
+
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     assert kv_config(reloaded) == KVCacheConfig(bits=4, **SPEC)
     assert reloaded.config._attn_implementation == ATTENTION
