@@ -84,3 +84,21 @@ def test_console_script_is_installed():
 
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "hfcompress"]
     assert script.value == "hfcompress.cli:main"
+
+
+def test_compress_with_a_kv_cache_stage(tiny_llama_dir, text, tmp_path, capsys):
+    from hfcompress.integrations.kv_cache import QuantizedKVCache, kv_config
+
+    recipe = tmp_path / "w4kv4.yaml"
+    recipe.write_text(RECIPE + "  - name: kv4\n    technique: kv_cache\n    bits: 4\n    group_size: 32\n")
+    out = tmp_path / "out"
+    args = ["--quiet", "compress", "--model", str(tiny_llama_dir), "--recipe", str(recipe), "--output", str(out)]
+    args += ["--report", "--eval-data", str(text), "--seq-len", "16", "--max-windows", "3", "--decode-tokens", "4"]
+    assert main(args) == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert kv_config(model).bits == 4
+    result = model.generate(
+        model.dummy_inputs["input_ids"][:1], max_new_tokens=4, do_sample=False, return_dict_in_generate=True
+    )
+    assert isinstance(getattr(result, "cache", None) or result.past_key_values, QuantizedKVCache)
+    assert "(compressed, reloaded)" in capsys.readouterr().out

@@ -77,12 +77,7 @@ class QuantizedKVLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
         b, h, _, d = key_states.shape
-        per = 8 // self.spec.bits
-        if d % per or (d > self.spec.group_size and d % self.spec.group_size):
-            raise ModelError(
-                f"head dim {d} cannot be quantized in groups of {self.spec.group_size} at {self.spec.bits} bits; "
-                "choose a group_size that divides the head dim"
-            )
+        _check_head_dim(d, self.spec)
         empty = key_states.new_zeros(b, h, 0, d)
         self.keys, self.values = empty, empty.clone()
         self.sink_keys, self.sink_values = empty.clone(), empty.clone()
@@ -240,8 +235,26 @@ class QuantizedKVLayer(CacheLayerMixin):
         self._map(lambda t: t[indices, ...])
 
 
+def _check_head_dim(d: int, spec: KVCacheConfig) -> None:
+    if d % (8 // spec.bits) or (d > spec.group_size and d % spec.group_size):
+        raise ModelError(
+            f"head dim {d} cannot be quantized in groups of {spec.group_size} channels at {spec.bits} bits; choose a "
+            "group_size that divides the head dim, or one at least as large (one group per token)"
+        )
+
+
+def _head_dim(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    # The Triton kernels tile the head dim by powers of two; other head dims take the torch path.
+    d = x.shape[-1]
+    return x.is_cuda and d & (d - 1) == 0 and _triton_available()
+
+
 def _quantize(x, bits, group_size, axis, scale_dtype):
-    if x.is_cuda and _triton_available():
+    if _use_triton(x):
         from hfcompress_triton.kv import kv_quantize
 
         return kv_quantize(x, bits, group_size, axis, scale_dtype)
@@ -274,6 +287,7 @@ class QuantizedKVCache(Cache):
         spec = spec if spec is not None else KVCacheConfig(**kwargs)
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         _check_layer_types(text)
+        _check_head_dim(_head_dim(text), spec)
         self.spec = spec
         self._config = text
         fused = self._fused
@@ -323,7 +337,7 @@ def _bias(mask: torch.Tensor | None, b: int, q: int, total: int, device: torch.d
 
 def _attend_packed(q: torch.Tensor, packed: PackedKV, bias: torch.Tensor | None, sm_scale: float) -> Partial:
     args = (packed.k_packed, packed.k_scale, packed.k_zero, packed.v_packed, packed.v_scale, packed.v_zero)
-    if q.shape[2] == 1 and q.is_cuda and _triton_available():
+    if q.shape[2] == 1 and _use_triton(q):
         from hfcompress_triton.kv import kv_decode_attention
 
         row_bias = None if bias is None else bias[:, 0]
@@ -439,7 +453,7 @@ def enable_kv_cache(model: nn.Module, spec: KVCacheConfig | None = None, **kwarg
             or it has sliding-window or linear-attention layers.
     """
     spec = spec if spec is not None else KVCacheConfig(**kwargs)
-    check_model(model)
+    check_model(model, spec)
     _register_attention()
     if kv_config(model) is None:
         object.__setattr__(model, "_hfcompress_attn_before", model.config._attn_implementation)
@@ -470,8 +484,8 @@ def disable_kv_cache(model: nn.Module) -> None:
         object.__delattr__(model, attr)
 
 
-def check_model(model: nn.Module) -> None:
-    """Raise :class:`ModelError` if the quantized KV cache cannot serve ``model``."""
+def check_model(model: nn.Module, spec: KVCacheConfig | None = None) -> None:
+    """Raise :class:`ModelError` if the quantized KV cache (with ``spec``) cannot serve ``model``."""
     name = type(model).__name__
     can_generate = getattr(model, "can_generate", None)
     if not (callable(can_generate) and can_generate()):
@@ -487,3 +501,5 @@ def check_model(model: nn.Module) -> None:
     if getattr(config, "is_encoder_decoder", False):
         raise ModelError(f"{name} is an encoder-decoder model; the quantized KV cache serves decoder-only models")
     _check_layer_types(config)
+    if spec is not None:
+        _check_head_dim(_head_dim(config), spec)

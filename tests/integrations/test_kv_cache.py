@@ -198,10 +198,19 @@ def test_refuses_models_it_cannot_serve():
         QuantizedKVCache(config)
 
 
-def test_refuses_a_group_that_does_not_fit_the_head_dim(model):
-    cache = QuantizedKVCache(model.config, bits=4, group_size=16, residual_length=16)
-    with pytest.raises(ModelError, match="head dim 24"):
-        cache.layers[0].lazy_initialization(torch.zeros(1, 2, 1, 24), torch.zeros(1, 2, 1, 24))
+def test_refuses_a_group_that_does_not_fit_the_head_dim(tiny_llama):
+    # head dim 20: groups of 16 channels do not tile it; 32 (one group per token) does
+    with pytest.raises(ModelError, match="head dim 20"):
+        enable_kv_cache(tiny_llama, group_size=16)
+    with pytest.raises(ModelError, match="head dim 20"):
+        QuantizedKVCache(tiny_llama.config, group_size=16)
+    enable_kv_cache(tiny_llama, group_size=32, residual_length=8, sink_tokens=2)
+    ids = torch.randint(1, 128, (1, 40))
+    with torch.no_grad():
+        got = tiny_llama.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0)
+        with reference_path():
+            want = tiny_llama.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want)
 
 
 @pytest.mark.gpu

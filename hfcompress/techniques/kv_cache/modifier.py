@@ -31,7 +31,7 @@ class KVCacheModifier(Modifier):
     def check(self, model: nn.Module, context: CompressionContext, view: ModelView) -> None:
         super().check(model, context, view)
         try:
-            check_model(model)
+            check_model(model, self.config)
         except ModelError as exc:
             raise self.error(str(exc)) from None
         root = view.entries[""]  # the model itself: where model-level stages leave their mark
