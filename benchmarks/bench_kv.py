@@ -13,8 +13,9 @@ Parts (each prints a markdown table for benchmarks/RESULTS.md):
   and 8k tokens, then "What is the pass key?": greedy answer, 20 trials per length. The
   prompt's prefill is computed once per trial (in full precision for every cache: none of them
   quantizes the prompt's own attention) and loaded into each cache; each cache then decodes.
-* ``bytes``: the cache's bytes at 4k and 8k tokens (scales, zeros, sinks and window included)
-  against a bfloat16 DynamicCache, and the process's peak resident memory from the prefill on
+* ``bytes``: the cache's bytes at 4k and 8k tokens (scales, zeros, sinks and window included;
+  for the peers every tensor their quantized states hold, plus their window) against a
+  bfloat16 DynamicCache, and the process's peak resident memory from the prefill on
   (one child process per cache; the peak is reset after the model loads).
 * ``speed``: CPU decode tokens/s at 512, 2k and 8k tokens of context, bfloat16 model, median
   of --steps steps; ours also through the reference path (the history dequantized every step,
@@ -197,6 +198,21 @@ def _peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def storage_bytes(obj) -> int:
+    """Bytes of every tensor reachable from ``obj`` (through tuples, lists, dicts and the inner
+    tensors of tensor subclasses such as quanto's packed tensors)."""
+    if isinstance(obj, torch.Tensor):
+        if hasattr(obj, "__tensor_flatten__") and type(obj) is not torch.Tensor:
+            names, _ = obj.__tensor_flatten__()
+            return sum(storage_bytes(getattr(obj, n)) for n in names)
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(storage_bytes(v) for v in obj.values())
+    if isinstance(obj, (tuple, list)):
+        return sum(storage_bytes(v) for v in obj)
+    return 0
+
+
 def _child_bytes(label: str, context: int) -> None:
     """In a child process: prefill ``context`` tokens into the cache, decode 16, print JSON."""
     torch.manual_seed(0)
@@ -214,8 +230,11 @@ def _child_bytes(label: str, context: int) -> None:
         nbytes = cache.nbytes()
     elif isinstance(cache, DynamicCache):
         nbytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
-    else:
-        nbytes = None  # the peers' quantized tensors do not expose their storage
+    else:  # QuantizedCache: quantized states (codes, scales, zeros) and the full-precision window
+        nbytes = sum(
+            storage_bytes((layer._quantized_keys, layer._quantized_values, layer.keys, layer.values))
+            for layer in cache.layers
+        )
     print(json.dumps({"bytes": nbytes, "peak": _peak()}))
 
 
