@@ -9,12 +9,14 @@ residual window). A token is quantized once, when it leaves the window, never ag
 
 How attention reads it: ``update`` does not return the whole history. It keeps the step's
 new keys and values aside and returns them tagged with the layer; the registered attention
-function (``hfcompress_kv``) then attends to each stored part as it is stored (the packed part
-through :func:`hfcompress.quant.kv.attend_packed` on CPU, the Triton decode kernel on CUDA)
-and to the new tokens in full precision, merges the parts exactly, and only then appends the
-new tokens to the cache. A model whose attention is not ``hfcompress_kv`` (or any model under
-``dispatch.reference_path()``) gets the reference behaviour: the history dequantized and
-concatenated with the new tokens, the same numbers by a slower road.
+function (``hfcompress_kv``) then attends to each stored part as it is stored and to the new
+tokens in full precision, merges the parts exactly, and only then appends the new tokens to
+the cache. A CPU decode step is one call of the C kernel (:mod:`hfcompress.quant.kv_cpu`: the
+packed part and the full-precision parts in one softmax); a CUDA decode step reads the packed
+part with the Triton split-K kernel; a multi-token step reads it chunk by chunk
+(:func:`hfcompress.quant.kv.attend_packed`). A model whose attention is not ``hfcompress_kv``
+(or any model under ``dispatch.reference_path()``) gets the reference behaviour: the history
+dequantized and concatenated with the new tokens, the same numbers by a slower road.
 """
 
 from __future__ import annotations
