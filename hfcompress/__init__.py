@@ -35,7 +35,7 @@ from hfcompress.recipe import Recipe, Stage
 from hfcompress.registry import get_technique, register_technique, registered_techniques
 from hfcompress.techniques.activations import ActivationQuantConfig
 from hfcompress.techniques.gptq import GPTQConfig
-from hfcompress.techniques.kv_cache import KVCacheConfig
+from hfcompress.techniques.kv_cache import KVCacheConfig, QuantizedKVCache, disable_kv_cache, enable_kv_cache
 from hfcompress.techniques.pkd import PKDConfig, drop_layers, layer_map
 from hfcompress.techniques.rtn import RTNConfig
 from hfcompress.techniques.smoothquant import SmoothQuantConfig
@@ -89,10 +89,6 @@ def __getattr__(name: str):
         from hfcompress.integrations import trainer
 
         return getattr(trainer, name)
-    if name in ("QuantizedKVCache", "enable_kv_cache", "disable_kv_cache"):
-        from hfcompress.integrations import kv_cache
-
-        return getattr(kv_cache, name)
     raise AttributeError(f"module 'hfcompress' has no attribute {name!r}")
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from hfcompress_triton.kv_ref import MIN_SCALE, Axis, value_group_size
+from hfcompress_triton.kv_ref import MIN_SCALE, Axis, block_strides, value_group_size
 
 __all__ = ["kv_decode_attention", "kv_quantize"]
 
@@ -224,19 +224,11 @@ def _kv_decode_kernel(
 
 
 def _bh_stride(*tensors: torch.Tensor) -> int:
-    # [B, H, T, X] with contiguous [T, X] blocks, (b, h) blocks evenly spaced: views of a
-    # buffer with spare capacity along T qualify without a copy.
-    t = tensors[0]
-    stride = t.stride(1)
-    for u in tensors:
-        if (
-            u.stride() != t.stride()
-            or u.stride(3) != 1
-            or u.stride(2) != u.shape[3]
-            or u.stride(0) != u.shape[1] * stride
-        ):
-            raise ValueError(f"packed cache tensors need contiguous [T, X] blocks per (batch, head), got {u.stride()}")
-    return stride
+    # The kernel steps over (batch, head) blocks with one stride: they must be evenly spaced.
+    sb, sh = block_strides(*tensors)
+    if sb != tensors[0].shape[1] * sh:
+        raise ValueError(f"packed cache tensors need evenly spaced (batch, head) blocks, got {tensors[0].stride()}")
+    return sh
 
 
 def kv_decode_attention(

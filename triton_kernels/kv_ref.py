@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 
 __all__ = [
+    "block_strides",
     "kv_decode_attention_ref",
     "kv_dequantize_ref",
     "kv_quantize_ref",
@@ -46,6 +47,20 @@ MIN_SCALE = 1e-5
 def value_group_size(group_size: int, head_dim: int) -> int:
     """The channel group of per-token (value) quantization: ``group_size`` capped at the head dim."""
     return min(group_size, head_dim)
+
+
+def block_strides(*tensors: torch.Tensor) -> tuple[int, int]:
+    """The (batch, head) strides that ``[B, H, T, X]`` tensors share, each (batch, head) block
+    a contiguous ``[T, X]`` (so views of the cache's buffers, which hold spare capacity along
+    ``T``, qualify without a copy); ``ValueError`` otherwise. The kernels index with them."""
+    first = tensors[0]
+    for t in tensors:
+        if t.stride() != first.stride() or t.stride(3) != 1 or t.stride(2) != t.shape[3]:
+            raise ValueError(
+                f"packed cache tensors need contiguous [T, X] blocks per (batch, head) and shared strides, "
+                f"got {[u.stride() for u in tensors]}"
+            )
+    return first.stride(0), first.stride(1)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:

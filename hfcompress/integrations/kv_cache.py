@@ -21,7 +21,6 @@ dequantized and concatenated with the new tokens, the same numbers by a slower r
 
 from __future__ import annotations
 
-import functools
 import logging
 import types
 from collections.abc import Callable
@@ -35,6 +34,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from hfcompress.errors import ModelError
 from hfcompress.quant.dispatch import _force_reference
 from hfcompress.quant.kv import PackedKV, Partial, attend_dense, attend_packed, merge
+from hfcompress.quant.kv_cpu import kv_decode_attention_cpu
+from hfcompress.quant.triton_bridge import available as triton_available
 from hfcompress.techniques.kv_cache.config import KVCacheConfig
 
 __all__ = ["ATTENTION", "QuantizedKVCache", "QuantizedKVLayer", "disable_kv_cache", "enable_kv_cache", "kv_config"]
@@ -185,24 +186,23 @@ class QuantizedKVLayer(CacheLayerMixin):
             values.append(pv)
         return torch.cat([*keys, self.keys], dim=-2), torch.cat([*values, self.values], dim=-2)
 
+    def _full_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.sink_keys, self.sink_values))
+
     def nbytes(self) -> int:
         """Bytes of what is stored: full-precision parts, codes, scales and zeros (the spare
         capacity of the packed buffers excluded; see :meth:`allocated_bytes`)."""
         if not self.is_initialized:
             return 0
-        full = sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.sink_keys, self.sink_values))
         packed = self.packed()
-        if packed is None:
-            return full
-        parts = (packed.k_packed, packed.k_scale, packed.k_zero, packed.v_packed, packed.v_scale, packed.v_zero)
-        return full + sum(t.numel() * t.element_size() for t in parts)
+        stored = () if packed is None else packed.tensors()
+        return self._full_bytes() + sum(t.numel() * t.element_size() for t in stored)
 
     def allocated_bytes(self) -> int:
         """Bytes held, the packed buffers' spare capacity included."""
         if not self.is_initialized:
             return 0
-        full = sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.sink_keys, self.sink_values))
-        return full + sum(t.numel() * t.element_size() for t in self._store.values())
+        return self._full_bytes() + sum(t.numel() * t.element_size() for t in self._store.values())
 
     def get_seq_length(self) -> int:
         return self.cumulative_length
@@ -252,7 +252,7 @@ def _head_dim(config: Any) -> int:
 def _use_triton(x: torch.Tensor) -> bool:
     # The Triton kernels tile the head dim by powers of two; other head dims take the torch path.
     d = x.shape[-1]
-    return x.is_cuda and d & (d - 1) == 0 and _triton_available()
+    return x.is_cuda and d & (d - 1) == 0 and triton_available()
 
 
 def _quantize(x, bits, group_size, axis, scale_dtype):
@@ -261,13 +261,6 @@ def _quantize(x, bits, group_size, axis, scale_dtype):
 
         return kv_quantize(x, bits, group_size, axis, scale_dtype)
     return kv_quantize_ref(x, bits, group_size, axis, scale_dtype)
-
-
-@functools.cache
-def _triton_available() -> bool:
-    from hfcompress.quant.triton_bridge import available
-
-    return available()
 
 
 class QuantizedKVCache(Cache):
@@ -338,12 +331,11 @@ def _bias(mask: torch.Tensor | None, b: int, q: int, total: int, device: torch.d
 
 
 def _attend_packed(q: torch.Tensor, packed: PackedKV, bias: torch.Tensor | None, sm_scale: float) -> Partial:
-    args = (packed.k_packed, packed.k_scale, packed.k_zero, packed.v_packed, packed.v_scale, packed.v_zero)
     if q.shape[2] == 1 and _use_triton(q):
         from hfcompress_triton.kv import kv_decode_attention
 
         row_bias = None if bias is None else bias[:, 0]
-        return Partial(*kv_decode_attention(q, *args, row_bias, packed.bits, packed.group_size, sm_scale))
+        return Partial(*kv_decode_attention(q, *packed.tensors(), row_bias, packed.bits, packed.group_size, sm_scale))
     return attend_packed(q, packed, bias, sm_scale)
 
 
@@ -351,16 +343,9 @@ def _cpu_decode_step(
     q: torch.Tensor, packed: PackedKV, packed_bias, dense_k, dense_v, dense_bias, sm_scale: float
 ) -> torch.Tensor | None:
     """A whole CPU decode step (packed and dense parts in one softmax) in the C kernel, or None."""
-    from hfcompress.quant.kv_cpu import kv_decode_attention_cpu
-
     result = kv_decode_attention_cpu(
         q,
-        packed.k_packed,
-        packed.k_scale,
-        packed.k_zero,
-        packed.v_packed,
-        packed.v_scale,
-        packed.v_zero,
+        *packed.tensors(),
         None if packed_bias is None else packed_bias[:, 0],
         packed.bits,
         packed.group_size,

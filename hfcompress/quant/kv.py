@@ -58,6 +58,10 @@ class PackedKV:
     def tokens(self) -> int:
         return self.k_packed.shape[2]
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """``(k_packed, k_scale, k_zero, v_packed, v_scale, v_zero)``, the kernels' argument order."""
+        return self.k_packed, self.k_scale, self.k_zero, self.v_packed, self.v_scale, self.v_zero
+
     def slice(self, start: int, end: int) -> PackedKV:
         """Tokens ``[start, end)``; both multiples of ``group_size``."""
         g = self.group_size

@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from hfcompress_triton.kv_ref import block_strides
 
 from hfcompress.models import cache_dir
 
@@ -98,13 +99,6 @@ def available() -> bool:
     return _library() is not None
 
 
-def _strides(t: torch.Tensor) -> tuple[int, int]:
-    # Each (b, h) block must be contiguous; the leading strides may skip spare capacity.
-    if t.stride(3) != 1 or t.stride(2) != t.shape[3]:
-        raise ValueError(f"a [B, H, T, X] tensor with contiguous [T, X] blocks is needed, got strides {t.stride()}")
-    return t.stride(0), t.stride(1)
-
-
 def kv_decode_attention_cpu(
     q: torch.Tensor,
     k_packed: torch.Tensor,
@@ -152,20 +146,18 @@ def kv_decode_attention_cpu(
         if dense_values.shape != dense_keys.shape or dense_keys.shape[:2] != k_packed.shape[:2]:
             raise ValueError(f"dense keys {tuple(dense_keys.shape)} and values {tuple(dense_values.shape)} do not fit")
         dense_bias = None if dense_bias is None else dense_bias.float().contiguous()
-    ks_strides, vs_strides = _strides(k_scale), _strides(v_scale)
-    if _strides(k_zero) != ks_strides or _strides(v_zero) != vs_strides:
-        raise ValueError("scales and zeros must share their strides")
+    ks_strides, vs_strides = block_strides(k_scale, k_zero), block_strides(v_scale, v_zero)
     failed = lib.kv_decode_attention(
         qf.data_ptr(),
         qf.stride(0),
         qf.stride(1),
         k_packed.data_ptr(),
-        *_strides(k_packed),
+        *block_strides(k_packed),
         k_scale.data_ptr(),
         k_zero.data_ptr(),
         *ks_strides,
         v_packed.data_ptr(),
-        *_strides(v_packed),
+        *block_strides(v_packed),
         v_scale.data_ptr(),
         v_zero.data_ptr(),
         *vs_strides,
