@@ -167,12 +167,10 @@ def run_needle(args) -> None:
             prefill = DynamicCache(config=model.config)
             with torch.no_grad():
                 logits = model(ids, cache=prefill, logits_to_keep=1).logits
-            for label in labels:
-                cache = prefill if label == FLOAT else _load_prefill(cache_factory(label, model.config)(), prefill)
-                if label == FLOAT:
-                    # the float cache decodes last, so that its growth does not reach the others
-                    continue
+            for label in labels[1:]:
+                cache = _load_prefill(cache_factory(label, model.config)(), prefill)
                 hits[(label, n)] += key in answer(model, tokenizer, logits, cache)
+            # the float cache (the prefill's own) decodes last, so that its growth reaches no other
             hits[(FLOAT, n)] += key in answer(model, tokenizer, logits, prefill)
     print(f"\n### Needle retrieval ({args.trials} trials per length, pass key found in the greedy answer)\n")
     print("| cache | " + " | ".join(f"{n} tokens" for n in args.lengths) + " |")

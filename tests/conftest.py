@@ -16,10 +16,11 @@ from transformers import BertConfig, BertForSequenceClassification, LlamaConfig,
 import hfcompress  # noqa: F401  (registers the transformers quantizer)
 
 
-def make_tiny_llama(seed: int = 0, tie: bool = True, layers: int = 2) -> LlamaForCausalLM:
-    """2 layers, hidden 80 (not a multiple of 32: partial groups at group size 32), GQA."""
+def make_tiny_llama(seed: int = 0, tie: bool = True, layers: int = 2, **overrides) -> LlamaForCausalLM:
+    """2 layers, hidden 80 (not a multiple of 32: partial groups at group size 32), GQA;
+    ``overrides`` replace any of these config fields."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    fields = dict(
         vocab_size=128,
         hidden_size=80,
         intermediate_size=96,
@@ -29,6 +30,7 @@ def make_tiny_llama(seed: int = 0, tie: bool = True, layers: int = 2) -> LlamaFo
         max_position_embeddings=64,
         tie_word_embeddings=tie,
     )
+    config = LlamaConfig(**{**fields, **overrides})
     return LlamaForCausalLM(config).eval()
 
 

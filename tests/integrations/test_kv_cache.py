@@ -2,33 +2,22 @@
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaForCausalLM
 
 from hfcompress.errors import ModelError
 from hfcompress.integrations import kv_cache
 from hfcompress.integrations.kv_cache import QuantizedKVCache, disable_kv_cache, enable_kv_cache, kv_config
 from hfcompress.quant.dispatch import reference_path
 
-from ..conftest import make_tiny_bert
+from ..conftest import make_tiny_bert, make_tiny_llama
 
 # Small groups and window, so that a few dozen tokens go well past the residual window.
 SPEC = dict(group_size=16, residual_length=16, sink_tokens=4)
 
 
 def make_model(seed: int = 0) -> LlamaForCausalLM:
-    """Head dim 16, grouped-query attention (4 query heads on 2 KV heads), 512 positions."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(config).eval()
+    """The tiny Llama with head dim 16 (4 query heads on 2 KV heads) and 512 positions."""
+    return make_tiny_llama(seed, tie=False, hidden_size=64, max_position_embeddings=512, pad_token_id=0)
 
 
 @pytest.fixture
