@@ -21,8 +21,9 @@ Parts (each prints a markdown table for benchmarks/RESULTS.md):
   of --steps steps; ours also through the reference path (the history dequantized every step,
   what transformers' QuantizedCache does).
 
-Peers use transformers' documented settings: axis 0 for quanto, axis 1 for HQQ, q_group_size
-64, residual_length 128. quanto has no 8-bit KV; HQQ's 8-bit runs.
+Peers: axis 0 for quanto (its default; it accepts only 0 or -1), axis 1 for HQQ (what HQQ's
+README says to start with), q_group_size 64 and residual_length 128 (transformers' defaults).
+quanto has no 8-bit KV; HQQ's 8-bit runs.
 """
 
 from __future__ import annotations
