@@ -18,10 +18,10 @@ import torch
 import hfcompress
 from hfcompress import GPTQConfig
 from hfcompress.data import calibration_samples
+from hfcompress.input_stats import InputHessianHooks
 from hfcompress.models import load_model, load_tokenizer
-from hfcompress.techniques.gptq import modifier as gptq_modifier
 
-_HOOK = gptq_modifier._HessianHooks._hook
+_HOOK = InputHessianHooks._hook
 
 
 HOOK_SECONDS = [0.0]
@@ -50,15 +50,15 @@ def _run(base, ids, share: bool) -> tuple[float, float, dict, tuple[int, int]]:
     model = copy.deepcopy(base)
     HOOK_SECONDS[0] = 0.0
     counts = [0, 0]
-    real_remove = gptq_modifier._HessianHooks.remove
+    real_remove = InputHessianHooks.remove
 
     def remove(self):
         counts[0] += self.products
         counts[1] += self.reuses
         real_remove(self)
 
-    gptq_modifier._HessianHooks.remove = remove
-    gptq_modifier._HessianHooks._hook = _timed(_HOOK, share)
+    InputHessianHooks.remove = remove
+    InputHessianHooks._hook = _timed(_HOOK, share)
     try:
         start = time.perf_counter()
         hfcompress.compress(
@@ -66,8 +66,8 @@ def _run(base, ids, share: bool) -> tuple[float, float, dict, tuple[int, int]]:
         )
         seconds = time.perf_counter() - start
     finally:
-        gptq_modifier._HessianHooks._hook = _HOOK
-        gptq_modifier._HessianHooks.remove = real_remove
+        InputHessianHooks._hook = _HOOK
+        InputHessianHooks.remove = real_remove
     return seconds, HOOK_SECONDS[0], model.state_dict(), (counts[0], counts[1])
 
 

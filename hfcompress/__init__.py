@@ -34,8 +34,10 @@ from hfcompress.quant.scheme import QuantArgs, QuantScheme
 from hfcompress.recipe import Recipe, Stage
 from hfcompress.registry import get_technique, register_technique, registered_techniques
 from hfcompress.techniques.activations import ActivationQuantConfig
+from hfcompress.techniques.error_compensation import ErrorCompensationConfig
 from hfcompress.techniques.gptq import GPTQConfig
 from hfcompress.techniques.kv_cache import KVCacheConfig, QuantizedKVCache, disable_kv_cache, enable_kv_cache
+from hfcompress.techniques.low_rank import LowRankConfig, LowRankLinear
 from hfcompress.techniques.pkd import PKDConfig, drop_layers, layer_map
 from hfcompress.techniques.rtn import RTNConfig
 from hfcompress.techniques.smoothquant import SmoothQuantConfig
@@ -49,10 +51,13 @@ __all__ = [
     "CompressedModule",
     "DistillationCallback",
     "DistillationTrainer",
+    "ErrorCompensationConfig",
     "GPTQConfig",
     "HfCompressError",
     "KVCacheConfig",
     "Kernel",
+    "LowRankConfig",
+    "LowRankLinear",
     "ModelError",
     "OutputPathError",
     "PKDConfig",

@@ -25,7 +25,6 @@ from torch import nn
 
 from hfcompress.eval.size import size_report, total_bytes
 from hfcompress.kinds import compressed_modules
-from hfcompress.quant.linear import QuantLinear
 from hfcompress.report import format_table
 
 __all__ = ["CardInfo", "layer_errors", "render_card", "write_card"]
@@ -179,9 +178,9 @@ def render_card(model: nn.Module, info: CardInfo) -> tuple[str, dict[str, str]]:
     recipe = info.recipe if info.recipe is not None else _recipe(model)
     errors = info.layer_errors or layer_errors(model)
     layers = compressed_modules(model)
-    # Sizes per weight are defined for quantized Linear layers; other kinds count in the total.
-    quantized = [n for n, m in layers.items() if isinstance(m, QuantLinear)]
-    size = size_report(model, quantized) if quantized else None
+    # Sizes per weight of the compressed layers as the model computes them (a low-rank layer
+    # with its factors); other tensors count in the total.
+    size = size_report(model) if layers else None
     title = f"{info.base_model.rstrip('/').split('/')[-1]}, compressed" if info.base_model else "Compressed model"
     out = [_front_matter(model, info, recipe), "", f"# {title}", ""]
     base = f"[`{info.base_model}`](https://huggingface.co/{info.base_model})" if info.base_model else "a model"

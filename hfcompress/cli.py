@@ -153,7 +153,7 @@ def _compress(args: argparse.Namespace) -> int:
     import hfcompress
     from hfcompress.card import layer_errors, write_card
     from hfcompress.data import load_text
-    from hfcompress.eval.size import linear_layer_stats, size_report, total_bytes
+    from hfcompress.eval.size import compressed_layer_names, linear_layer_stats, size_report, total_bytes
     from hfcompress.models import load_model, load_tokenizer
     from hfcompress.report import measure
     from hfcompress.saving import check_folder, check_output
@@ -221,7 +221,7 @@ def _compress(args: argparse.Namespace) -> int:
     # Measure what was saved, not what is in memory.
     reloaded = load_model(str(output), task=args.task, strict=True, verify=True)
     after_size = size_report(reloaded)
-    names = [n for n, m in reloaded.named_modules() if isinstance(m, hfcompress.QuantLinear)]
+    names = compressed_layer_names(reloaded)
     # The original measured on the same layers the recipe compressed, from stats taken before.
     before = replace(before, size=size_report(reloaded, names or None, stats=stats, model_bytes=before_bytes))
     after = measure(

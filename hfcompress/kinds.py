@@ -149,4 +149,5 @@ def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def _ensure_builtin_kinds() -> None:
     # The built-in kinds register when their module is imported.
-    import hfcompress.quant.linear  # noqa: F401
+    import hfcompress.quant.linear
+    import hfcompress.techniques.low_rank.layer  # noqa: F401

@@ -90,6 +90,26 @@ class ModelView:
             entry = self.entries[name]
             entry.class_name, entry.stage = class_name, stage
 
+    def add(self, name: str, module: nn.Module, stage: str | None = None) -> None:
+        """Record that a stage creates the module ``name`` (``module`` is a stand-in with its
+        class and shapes, e.g. on the meta device); ``stage`` None leaves it free for later
+        stages to compress."""
+        self.entries[name] = ViewEntry(type(module).__name__, module, stage)
+
+    def free_linear(self, targets: tuple[str, ...], ignore: tuple[str, ...]) -> tuple[list[str], list[str]]:
+        """(float linear-like layers that ``targets``/``ignore`` select and no earlier stage
+        compresses, selected linear-like layers that an earlier stage compresses)."""
+        from hfcompress.kinds import is_linear_like
+        from hfcompress.targets import select
+
+        free, taken = [], []
+        for name in select(self.pairs(), targets, ignore):
+            entry = self.entries[name]
+            if entry.module is None or not is_linear_like(entry.module):
+                continue
+            (free if entry.stage is None else taken).append(name)
+        return free, taken
+
     def rename_blocks(self, prefix: str, keep: tuple[int, ...]) -> None:
         """Record that only the blocks ``keep`` of the list at ``prefix`` remain, renumbered."""
         renamed: dict[str, ViewEntry] = {}

@@ -16,12 +16,17 @@ EXAMPLES = {
     "smoothquant": {"alpha": 0.5},
     "int8_activations": {"strategy": "tensor", "dynamic": False, "observer": "mse"},
     "kv_cache": {"bits": 4, "group_size": 32, "residual_length": 8, "sink_tokens": 2},
+    "low_rank": {"method": "whitened", "ratio": 0.25},
+    "error_compensation": {"rank": 4, "factor_bits": 8},
 }
 # Techniques that serve one kind of model only; on the other the stage must be refused, by name,
 # before the model changes (a KV cache needs a model that generates).
 ONLY = {"kv_cache": "llama"}
 # Stages a technique needs before it (activations are quantized on layers a weight stage made).
-BEFORE = {"int8_activations": [{"technique": "rtn", "bits": 8, "group_size": -1, "symmetric": True}]}
+BEFORE = {
+    "int8_activations": [{"technique": "rtn", "bits": 8, "group_size": -1, "symmetric": True}],
+    "error_compensation": [{"technique": "rtn", "bits": 3, "group_size": 32}],
+}
 TECHNIQUES = sorted(registered_techniques())
 
 

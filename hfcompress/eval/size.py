@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from hfcompress.quant.linear import QuantLinear
+from hfcompress.kinds import CompressedModule
 
-__all__ = ["SizeReport", "linear_layer_stats", "size_report", "total_bytes"]
+__all__ = ["SizeReport", "compressed_layer_names", "linear_layer_stats", "size_report", "total_bytes"]
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class SizeReport:
 
 
 def _layer_bytes(module: nn.Module) -> int:
-    if isinstance(module, QuantLinear):
+    if isinstance(module, CompressedModule):
         return module.storage_bytes()
     return module.weight.numel() * module.weight.element_size()
 
@@ -56,13 +56,31 @@ def total_bytes(model: nn.Module) -> int:
     return total
 
 
+def _layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Linear layers as the model computes them: each outermost compressed module (a
+    low-rank layer counts with its factors), and each float Linear outside one."""
+    out: dict[str, nn.Module] = {}
+    inside: tuple[str, ...] = ()
+    for name, m in model.named_modules():
+        if inside and name.startswith(inside):
+            continue
+        if isinstance(m, CompressedModule) and hasattr(m, "in_features"):
+            out[name] = m
+            inside = (*inside, f"{name}.")
+        elif isinstance(m, nn.Linear):
+            out[name] = m
+    return out
+
+
+def compressed_layer_names(model: nn.Module) -> list[str]:
+    """The outermost compressed Linear layers (what a recipe compressed), in module order."""
+    return [n for n, m in _layers(model).items() if isinstance(m, CompressedModule)]
+
+
 def linear_layer_stats(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """For every Linear or QuantLinear layer, by name: (weights, bytes those weights take)."""
-    return {
-        name: (m.in_features * m.out_features, _layer_bytes(m))
-        for name, m in model.named_modules()
-        if isinstance(m, (nn.Linear, QuantLinear))
-    }
+    """For every Linear layer (see :func:`_layers`), by name: (weights of the ``N x K``
+    layer it computes, bytes it takes)."""
+    return {name: (m.in_features * m.out_features, _layer_bytes(m)) for name, m in _layers(model).items()}
 
 
 def size_report(
@@ -77,15 +95,14 @@ def size_report(
     Args:
         model: The model.
         layer_names: The Linear layers to measure (pass the same names for a model before and
-            after compression); None measures every ``QuantLinear``, or every ``nn.Linear``
-            when there is none.
+            after compression); None measures every outermost compressed layer, or every
+            ``nn.Linear`` when there is none.
         stats: Layer statistics taken earlier with :func:`linear_layer_stats` (to report on a
             model as it was before it was compressed in place); default: measure now.
         model_bytes: Total bytes taken earlier with :func:`total_bytes`; default: measure now.
     """
     if layer_names is None:
-        quantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
-        layer_names = quantized or [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        layer_names = compressed_layer_names(model) or list(_layers(model))
     stats = linear_layer_stats(model) if stats is None else stats
     chosen = [stats[n] for n in layer_names]
     return SizeReport(

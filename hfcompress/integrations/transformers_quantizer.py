@@ -173,6 +173,9 @@ class HfCompressQuantizer(HfQuantizer):
         return False
 
 
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
 def _read_headers(checkpoint_files: list[str]) -> dict[str, tuple[str, tuple[int, ...]]]:
     found: dict[str, tuple[str, tuple[int, ...]]] = {}
     for file in checkpoint_files:
@@ -196,7 +199,7 @@ def undescribed_compressed_layers(keys: Iterable[str], layers: dict[str, Any]) -
     """Layers whose compressed tensors (``X.qweight``, ...) are among ``keys`` although
     ``layers`` does not describe them."""
     suffixes = _marker_suffixes()
-    found = {key.rsplit(".", 1)[0] for key in keys if key.endswith(suffixes)}
+    found = {key[: -len(s)] for key in keys for s in suffixes if key.endswith(s)}
     return sorted(found - set(layers))
 
 
@@ -231,19 +234,33 @@ def check_checkpoint(
             "does not describe; config.json was edited or belongs to another model. Restore the saved config.json"
         )
     for name, spec in layers.items():
-        expected = get_module_kind(spec["kind"]).expected_tensors(name, spec)
+        # A layer nested in this one (a quantized factor of a low-rank layer) is described by
+        # its own entry: its tensors are checked there.
+        nested = tuple(f"{other}." for other in layers if other.startswith(f"{name}."))
+        expected = {
+            key: value
+            for key, value in get_module_kind(spec["kind"]).expected_tensors(name, spec).items()
+            if not key.startswith(nested)
+        }
         for key, (dtype, shape) in expected.items():
+            what = f"{dtype or 'float'} {list(shape)}"
             if key not in found:
                 raise CheckpointError(
-                    f"{where}: tensor {key!r} ({dtype} {list(shape)}) is missing; the save was interrupted or "
+                    f"{where}: tensor {key!r} ({what}) is missing; the save was interrupted or "
                     "the files were edited. Re-save the compressed model"
                 )
-            if found[key] != (dtype, shape):
+            # dtype None: a float tensor in the model's dtype.
+            ok = found[key][1] == shape and (found[key][0] == dtype if dtype else found[key][0] in _FLOAT_DTYPES)
+            if not ok:
                 raise CheckpointError(
-                    f"{where}: tensor {key!r} is {found[key][0]} {list(found[key][1])}, expected {dtype} "
-                    f"{list(shape)}; the checkpoint does not match its quantization_config"
+                    f"{where}: tensor {key!r} is {found[key][0]} {list(found[key][1])}, expected {what}; "
+                    "the checkpoint does not match its quantization_config"
                 )
-        extra = sorted(k for k in found if k.startswith(f"{name}.") and k not in expected and k != f"{name}.bias")
+        extra = sorted(
+            k
+            for k in found
+            if k.startswith(f"{name}.") and k not in expected and not k.endswith(".bias") and not k.startswith(nested)
+        )
         if extra:
             raise CheckpointError(
                 f"{where}: layer {name!r} has tensor(s) {extra} that its quantization_config entry does not describe "

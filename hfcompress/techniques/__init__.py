@@ -1,5 +1,5 @@
 """The built-in techniques. Each subpackage registers itself when imported; the list is explicit."""
 
-from hfcompress.techniques import activations, gptq, kv_cache, pkd, rtn, smoothquant
+from hfcompress.techniques import activations, error_compensation, gptq, kv_cache, low_rank, pkd, rtn, smoothquant
 
-__all__ = ["activations", "gptq", "kv_cache", "pkd", "rtn", "smoothquant"]
+__all__ = ["activations", "error_compensation", "gptq", "kv_cache", "low_rank", "pkd", "rtn", "smoothquant"]

@@ -20,7 +20,6 @@ from hfcompress.quant.affine import QuantizedWeight
 from hfcompress.quant.linear import SCALE_DTYPES, QuantLinear
 from hfcompress.quant.packing import SUPPORTED_BITS
 from hfcompress.quant.scheme import QuantScheme
-from hfcompress.targets import select
 
 __all__ = ["SCALE_DTYPES", "WeightQuantConfig", "WeightQuantModifier"]
 
@@ -96,21 +95,9 @@ class WeightQuantModifier(Modifier):
         super().__init__(config, stage)
         self.planned: list[str] = []
 
-    def _select(self, view: ModelView) -> tuple[list[str], list[str]]:
-        """(float linear-like layers selected, selected layers an earlier stage compresses)."""
-        chosen = select(view.pairs(), self.config.targets, self.config.ignore)
-        free, taken = [], []
-        for name in chosen:
-            entry = view.entries[name]
-            if entry.stage is not None and entry.module is not None and is_linear_like(entry.module):
-                taken.append(name)
-            elif entry.stage is None and is_linear_like(entry.module):
-                free.append(name)
-        return free, taken
-
     def check(self, model: nn.Module, context: CompressionContext, view: ModelView) -> None:
         super().check(model, context, view)
-        names, taken = self._select(view)
+        names, taken = view.free_linear(self.config.targets, self.config.ignore)
         if not names:
             if taken:
                 stages = sorted({view.entries[n].stage for n in taken})

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hfcompress import CalibrationDataError, CheckpointError, GPTQConfig, QuantLinear, RecipeError, RTNConfig, compress
+from hfcompress.input_stats import InputHessianHooks
 from hfcompress.techniques.gptq import modifier as gptq_modifier
 from tests.conftest import make_char_tokenizer, make_tiny_llama
 
@@ -191,7 +192,7 @@ def test_layers_reading_one_input_share_one_product(tiny_llama, llama_ids):
     block = tiny_llama.model.layers[0]
     names = [n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
     inputs = {}
-    hooks = gptq_modifier._HessianHooks(block, names)
+    hooks = InputHessianHooks(block, names)
 
     def keep_input(name):
         def hook(_module, args, _output):

@@ -15,37 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from hfcompress.input_stats import HessianAccumulator
 from hfcompress.quant.affine import QuantizedWeight, compute_qparams, resolve_group_size
 
 __all__ = ["GPTQResult", "HessianAccumulator", "cholesky_inverse_upper", "quantize_weight", "search_qparams"]
-
-
-class HessianAccumulator:
-    """Running ``H = 2 / n * sum_t x_t x_t^T`` over the rows ``x_t`` of a layer's inputs.
-
-    Args:
-        in_features: K.
-        device: Where ``H`` lives (float32).
-    """
-
-    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
-        self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
-        self.count = 0
-
-    def add(self, x: torch.Tensor, xtx: torch.Tensor | None = None) -> torch.Tensor:
-        """Add inputs ``x: [..., K]``; ``xtx`` may pass a precomputed ``x^T x`` (shared by
-        layers that read the same input). Returns the ``x^T x`` it added."""
-        x = x.reshape(-1, x.shape[-1])
-        if xtx is None:
-            xtx = x.t() @ x
-        self.sum += xtx.to(device=self.sum.device, dtype=torch.float32)
-        self.count += x.shape[0]
-        return xtx
-
-    def hessian(self) -> torch.Tensor:
-        if self.count == 0:
-            raise ValueError("no inputs were accumulated: the layer never ran on calibration data")
-        return self.sum * (2.0 / self.count)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,106 @@
+"""Applies :class:`ErrorCompensationConfig`: each quantized layer ``Q`` becomes
+``LowRankLinear(base=Q)``, whose factors approximate ``W - Q(W)`` (whitened by the layer's
+inputs in the quantized model)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hfcompress.errors import ModelError
+from hfcompress.kinds import is_linear_like, linear_features, linear_weight
+from hfcompress.modifier import CompressionContext, ModelView
+from hfcompress.quant.affine import quantize_rtn
+from hfcompress.quant.linear import QuantLinear
+from hfcompress.quant.scheme import QuantScheme
+from hfcompress.targets import select
+from hfcompress.techniques.error_compensation.config import ErrorCompensationConfig
+from hfcompress.techniques.low_rank.algorithm import factorize, refit_out_factor, whitening
+from hfcompress.techniques.low_rank.layer import LowRankLinear
+from hfcompress.techniques.low_rank.modifier import FactorModifier, LayerStats
+
+__all__ = ["ErrorCompensationModifier"]
+
+
+class ErrorCompensationModifier(FactorModifier):
+    config: ErrorCompensationConfig
+
+    def __init__(self, config: ErrorCompensationConfig, stage: str) -> None:
+        super().__init__(config, stage)
+        # The float layers the earlier stage quantized, kept for W (their weights stay alive
+        # until this stage has run).
+        self._originals: dict[str, nn.Module] = {}
+
+    def check(self, model: nn.Module, context: CompressionContext, view: ModelView) -> None:
+        super().check(model, context, view)
+        cfg = self.config
+        chosen = select(view.pairs(), cfg.targets, cfg.ignore)
+        names = [n for n in chosen if view.entries[n].class_name == QuantLinear.__name__]
+        if not names:
+            raise self.error(
+                f"targets={list(cfg.targets)} with ignore={list(cfg.ignore)} select no layer that an earlier rtn or "
+                "gptq stage quantizes; put this stage after the quantizing stage"
+            )
+        for name in names:
+            entry = view.entries[name]
+            if entry.stage is None or not is_linear_like(entry.module):
+                raise self.error(
+                    f"layer {name!r} was already quantized when compression started, so its float weights are gone; "
+                    "compensate in the same compress() call as the rtn/gptq stage"
+                )
+        self.check_calibrated(model, context)
+        view.claim(names, self.stage, LowRankLinear.__name__)
+        for name in names:
+            original = view.entries[name].module
+            k, n = linear_features(original)
+            rank = min(cfg.rank, k, n)
+            with torch.device("meta"):
+                factor_cls = QuantLinear if cfg.factor_bits else nn.Linear
+                placeholder = nn.Linear(k, n, bias=original.bias is not None)
+                view.add(f"{name}.base", placeholder, stage=view.entries[name].stage or self.stage)
+                view.entries[f"{name}.base"].class_name = QuantLinear.__name__
+                for child, shape in (("factor_in", (k, rank)), ("factor_out", (rank, n))):
+                    view.add(f"{name}.{child}", nn.Linear(*shape, bias=False), stage=self.stage)
+                    view.entries[f"{name}.{child}"].class_name = factor_cls.__name__
+            self._originals[name] = original
+        self.planned = names
+
+    def _quantize_factor(self, w: torch.Tensor) -> QuantLinear:
+        cfg = self.config
+        k = w.shape[1]
+        group = -1 if cfg.factor_group_size == -1 or cfg.factor_group_size >= k else cfg.factor_group_size
+        qw = quantize_rtn(w.float(), bits=cfg.factor_bits, group_size=group, symmetric=True)
+        scheme = QuantScheme.weight_only(num_bits=cfg.factor_bits, group_size=group, in_features=k, symmetric=True)
+        return QuantLinear.from_quantized(qw, scheme)
+
+    def factor(self, name: str, layer: nn.Module, stats: LayerStats) -> nn.Module:
+        cfg = self.config
+        if not isinstance(layer, QuantLinear):
+            raise ModelError(f"stage {self.stage!r}: layer {name!r} is a {type(layer).__name__}, not a QuantLinear")
+        original = self._originals.pop(name, None)
+        w = linear_weight(original).detach() if original is not None else None
+        if w is None or w.is_meta:
+            raise ModelError(
+                f"stage {self.stage!r}: the float weights of {name!r} are not in memory (offloaded); load the model "
+                "without offloading to compensate its quantization error"
+            )
+        w = w.to(device=layer.qweight.device, dtype=torch.float32)
+        error = w - layer.dequantize(torch.float32)
+        n, k = error.shape
+        transform = whitening(stats.xtx, damp=cfg.damp) if stats.xtx is not None else None
+        factors = factorize(error, min(cfg.rank, n, k), transform)
+        dtype = layer.bias.dtype if layer.bias is not None else original.weight.dtype
+        if not cfg.factor_bits:
+            new = LowRankLinear.from_factors(factors.a.to(dtype), factors.b.to(dtype), base=layer)
+        else:
+            # Quantize A, refit B to the rounded A (least squares on the inputs), quantize B.
+            qa = self._quantize_factor(factors.a)
+            b = refit_out_factor(error, qa.dequantize(torch.float32), stats.xtx)
+            qb = self._quantize_factor(b)
+            new = LowRankLinear(k, n, factors.rank, base=layer, dtype=dtype, device=error.device)
+            new.factor_in, new.factor_out = qa, qb
+            for q in (qa, qb):
+                q.stage = self.stage
+        approx = new.dense_weight(torch.float32)
+        new.quant_error = float((w - approx).norm() / w.norm().clamp_min(1e-12))
+        return new
