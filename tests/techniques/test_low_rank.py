@@ -138,9 +138,10 @@ def test_sizes_count_a_low_rank_layer_as_the_layer_it_replaces(tiny_llama):
     assert set(after) == set(before)  # no factor or base counted on its own
     name = "model.layers.0.mlp.up_proj"
     layer = tiny_llama.get_submodule(name)
-    assert after[name] == (before[name][0], layer.base.storage_bytes() + sum(
-        f.storage_bytes() for f in (layer.factor_in, layer.factor_out)
-    ))
+    assert after[name] == (
+        before[name][0],
+        layer.base.storage_bytes() + sum(f.storage_bytes() for f in (layer.factor_in, layer.factor_out)),
+    )
     report = size_report(tiny_llama)
     assert report.layer_count == 7 * len(tiny_llama.model.layers)
 
@@ -163,7 +164,7 @@ def test_a_missing_factor_tensor_is_a_checkpoint_error(tiny_llama, tmp_path):
     tensors = load_file(path)
     del tensors["model.layers.1.mlp.down_proj.factor_out.weight"]
     save_file(tensors, path, metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match="factor_out.weight.*missing"):
+    with pytest.raises(CheckpointError, match=r"factor_out\.weight.*missing"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "m")
 
 
