@@ -52,7 +52,7 @@ def _lr(ratio: float, method: str = "whitened"):
 
 # name -> (family for the plot, stages)
 ROWS = {
-    "fp16": ("dense", lambda: []),
+    "dense": ("dense", lambda: []),
     "rtn-w4": ("RTN", lambda: [_rtn(4, 128)]),
     "rtn-w3": ("RTN", lambda: [_rtn(3, 128)]),
     "rtn-w4+ec32x8": ("RTN + compensation", lambda: [_rtn(4, 128), _ec(32, 8)]),
@@ -157,7 +157,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.plot([p["bytes"] / 1e6 for p in points], [p["ppl"] for p in points], "o-", label=family)
         for p in points:
             ax.annotate(p["row"], (p["bytes"] / 1e6, p["ppl"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    dense = next((r["ppl"] for r in rows if r["row"] == "fp16"), None)
+    dense = next((r["ppl"] for r in rows if r["row"] == "dense"), None)
     if dense is not None:
         ax.axhline(dense, color="grey", lw=0.8, ls="--")
     ax.set_yscale("log")
@@ -185,7 +185,7 @@ def main() -> None:
         if args.jsonl is not None:
             with args.jsonl.open("a") as f:
                 f.write(json.dumps(rows[-1]) + "\n")
-    dense = next((r["ppl"] for r in rows if r["row"] == "fp16"), None)
+    dense = next((r["ppl"] for r in rows if r["row"] == "dense"), None)
     print("| row | perplexity | vs dense | bits per weight | block Linear MB | wall (s) |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -15,7 +15,7 @@ from hfcompress.quant.linear import QuantLinear
 from hfcompress.quant.scheme import QuantScheme
 from hfcompress.targets import select
 from hfcompress.techniques.error_compensation.config import ErrorCompensationConfig
-from hfcompress.techniques.low_rank.algorithm import factorize, refit_out_factor, whitening
+from hfcompress.techniques.low_rank.algorithm import factorize, refit_out_factor
 from hfcompress.techniques.low_rank.layer import LowRankLinear
 from hfcompress.techniques.low_rank.modifier import FactorModifier, LayerStats
 
@@ -87,7 +87,7 @@ class ErrorCompensationModifier(FactorModifier):
         w = w.to(device=layer.qweight.device, dtype=torch.float32)
         error = w - layer.dequantize(torch.float32)
         n, k = error.shape
-        transform = whitening(stats.xtx, damp=cfg.damp) if stats.xtx is not None else None
+        transform = self.whiten(stats.xtx) if stats.xtx is not None else None
         factors = factorize(error, min(cfg.rank, n, k), transform)
         dtype = layer.bias.dtype if layer.bias is not None else original.weight.dtype
         if not cfg.factor_bits:

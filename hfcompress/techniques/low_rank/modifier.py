@@ -61,6 +61,7 @@ class FactorModifier(Modifier):
         super().__init__(config, stage)
         self.planned: list[str] = []
         self._batches: list[dict[str, torch.Tensor]] = []
+        self._whitened: dict[int, Whitening] = {}
 
     @property
     def track_abs(self) -> bool:
@@ -81,7 +82,16 @@ class FactorModifier(Modifier):
     def factor(self, name: str, layer: nn.Module, stats: LayerStats) -> nn.Module:
         """The module that replaces ``layer`` (called ``name`` in the model)."""
 
+    def whiten(self, xtx: torch.Tensor) -> Whitening:
+        """:func:`whitening` of ``xtx``, computed once for the layers that share it (q/k/v,
+        gate/up: :meth:`_calibrate` gives them one tensor)."""
+        key = id(xtx)
+        if key not in self._whitened:
+            self._whitened[key] = whitening(xtx, damp=self.config.damp)
+        return self._whitened[key]
+
     def _replace(self, module: nn.Module, names: list[str], stats: dict[str, LayerStats], prefix: str) -> None:
+        self._whitened: dict[int, Whitening] = {}
         for name in names:
             new = self.factor(prefix + name, module.get_submodule(name), stats.get(name, LayerStats()))
             new.stage = self.stage
@@ -95,6 +105,7 @@ class FactorModifier(Modifier):
         finally:
             hooks.remove()
         out = {}
+        distinct: list[torch.Tensor] = []
         for name in names:
             acc = hooks.acc[name]
             if acc.count == 0:
@@ -102,7 +113,11 @@ class FactorModifier(Modifier):
                     f"stage {self.stage!r}: layer {name!r} saw no calibration token (an expert never routed to?); "
                     "add it to ignore or give more calibration data"
                 )
-            out[name] = LayerStats(acc.sum, hooks.abs_mean(name) if self.track_abs else None)
+            # Layers that read the same input get one tensor, so their whitening is shared.
+            xtx = next((t for t in distinct if t.shape == acc.sum.shape and torch.equal(t, acc.sum)), None)
+            if xtx is None:
+                distinct.append(xtx := acc.sum)
+            out[name] = LayerStats(xtx, hooks.abs_mean(name) if self.track_abs else None)
         return out
 
     def _process_block(self, block: Block) -> None:
@@ -185,7 +200,7 @@ class LowRankModifier(FactorModifier):
     def _transform(self, stats: LayerStats) -> Whitening | None:
         cfg = self.config
         if cfg.method == "whitened":
-            return whitening(stats.xtx, damp=cfg.damp)
+            return self.whiten(stats.xtx)
         if cfg.method == "asvd":
             return asvd_scaling(stats.abs_mean, alpha=cfg.alpha)
         return None
