@@ -100,7 +100,17 @@ def register_quant_linear(config: Any) -> Any:
 
 
 def _default_targets(model: nn.Module) -> list[str]:
-    names = sorted({name.rpartition(".")[2] for name in compressed_modules(model)})
+    """Last names of the quantized layers, and of the float factors of low-rank layers (a
+    low-rank layer itself is a container peft does not wrap)."""
+    from hfcompress.techniques.low_rank.layer import LowRankLinear
+
+    names = set()
+    for name, module in compressed_modules(model).items():
+        if isinstance(module, QuantLinear):
+            names.add(name.rpartition(".")[2])
+        elif isinstance(module, LowRankLinear):
+            names.update(c for c in ("factor_in", "factor_out") if isinstance(getattr(module, c), nn.Linear))
+    names = sorted(names)
     if not names:
         raise ModelError("the model has no compressed layers; use peft directly for a float model")
     return names

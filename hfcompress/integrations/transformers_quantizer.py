@@ -170,7 +170,16 @@ class HfCompressQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        # Adapters train on our quantized layers (hfcompress.integrations.peft).
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        """Whether the model trains without adapters: low-rank layers hold float factors
+        (recovery by distillation or fine-tuning trains them)."""
+        from hfcompress.techniques.low_rank.layer import LowRankLinear
+
+        return any(spec.get("kind") == LowRankLinear.kind for spec in self.quantization_config.layers.values())
 
 
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")

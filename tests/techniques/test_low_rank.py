@@ -211,3 +211,34 @@ def test_calibrated_methods_need_calibration_data():
     model = make_tiny_llama()
     with pytest.raises(hfcompress.CalibrationDataError, match="low_rank"):
         compress(model, [LowRankConfig(ratio=0.2)], progress=False)
+
+
+def test_lora_targets_the_float_factors_of_low_rank_layers(tiny_llama):
+    from hfcompress.integrations.peft import add_lora
+
+    compress(tiny_llama, [LowRankConfig(method="svd", ratio=0.25)], progress=False)
+    model = add_lora(tiny_llama, r=2, lora_alpha=4)
+    wrapped = {n.rsplit(".", 1)[0] for n, _ in model.named_modules() if n.endswith(".lora_A")}
+    assert len(wrapped) == 2 * 3 * len(tiny_llama.model.layers)
+    assert all(n.endswith((".factor_in", ".factor_out")) for n in wrapped)
+
+
+def test_distillation_from_the_float_model_recovers_a_low_rank_student(tiny_llama, tmp_path):
+    from datasets import Dataset
+
+    from hfcompress.integrations.trainer import make_trainer
+
+    teacher = copy.deepcopy(tiny_llama).eval()
+    reference = teacher(CALIB).logits
+    compress(tiny_llama, [LowRankConfig(method="svd", ratio=0.5)], progress=False)
+    before = _mse(tiny_llama, reference)
+    for name, p in tiny_llama.named_parameters():
+        p.requires_grad_(".factor_" in name)
+    train = Dataset.from_dict({"input_ids": CALIB.tolist(), "labels": CALIB.tolist()})
+    trainer = make_trainer(
+        tiny_llama, train, None, output_dir=tmp_path, teacher=teacher, alpha=1.0, temperature=1.0,
+        max_steps=30, batch_size=8, learning_rate=3e-3, progress=False,
+    )  # fmt: skip
+    trainer.train()
+    tiny_llama.eval()
+    assert _mse(tiny_llama, reference) < 0.5 * before

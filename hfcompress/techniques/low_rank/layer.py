@@ -90,7 +90,9 @@ class LowRankLinear(CompressedModule):
     def from_factors(
         cls, a: torch.Tensor, b: torch.Tensor, *, base: nn.Module | None = None, bias: torch.Tensor | None = None
     ) -> LowRankLinear:
-        """A layer holding ``A: [r, K]`` and ``B: [N, r]`` (and ``bias: [N]`` without a base)."""
+        """A layer holding ``A: [r, K]`` and ``B: [N, r]`` (and ``bias: [N]`` without a base).
+        Float factors are trainable parameters like the Linear weight they replace (recovery
+        by distillation or fine-tuning trains them)."""
         r, k = a.shape
         n = b.shape[0]
         if b.shape[1] != r:
@@ -100,8 +102,6 @@ class LowRankLinear(CompressedModule):
         layer.factor_out.weight.data.copy_(b.detach())
         if bias is not None:
             layer.factor_out.bias.data.copy_(bias.detach())
-        for p in layer.parameters():
-            p.requires_grad_(False)
         return layer
 
     @property
