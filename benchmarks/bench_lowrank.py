@@ -44,10 +44,10 @@ def _ec(rank: int, factor_bits: int | None):
     return hfcompress.ErrorCompensationConfig(rank=rank, factor_bits=factor_bits, compute_dtype="bfloat16")
 
 
-def _lr(ratio: float, method: str = "whitened"):
+def _lr(ratio: float, method: str = "whitened", allocation: str = "uniform"):
     import hfcompress
 
-    return hfcompress.LowRankConfig(method=method, ratio=ratio)
+    return hfcompress.LowRankConfig(method=method, ratio=ratio, allocation=allocation, compute_dtype="bfloat16")
 
 
 # name -> (family for the plot, stages)
@@ -71,6 +71,9 @@ ROWS = {
     "lr20": ("low-rank FFN (whitened)", lambda: [_lr(0.2)]),
     "lr30": ("low-rank FFN (whitened)", lambda: [_lr(0.3)]),
     "lr40": ("low-rank FFN (whitened)", lambda: [_lr(0.4)]),
+    "lr10-global": ("low-rank FFN (whitened, global ranks)", lambda: [_lr(0.1, allocation="global")]),
+    "lr20-global": ("low-rank FFN (whitened, global ranks)", lambda: [_lr(0.2, allocation="global")]),
+    "lr30-global": ("low-rank FFN (whitened, global ranks)", lambda: [_lr(0.3, allocation="global")]),
     "lr20-asvd": ("low-rank FFN (ASVD)", lambda: [_lr(0.2, "asvd")]),
     "lr20-svd": ("low-rank FFN (plain SVD)", lambda: [_lr(0.2, "svd")]),
     "lr10+gptq-w4": ("low-rank FFN + GPTQ W4", lambda: [_lr(0.1), _gptq(4, 128)]),

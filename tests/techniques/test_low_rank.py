@@ -242,3 +242,23 @@ def test_distillation_from_the_float_model_recovers_a_low_rank_student(tiny_llam
     trainer.train()
     tiny_llama.eval()
     assert _mse(tiny_llama, reference) < 0.5 * before
+
+
+@pytest.mark.parametrize("method", ["whitened", "svd"])
+def test_global_allocation_keeps_the_budget_and_loses_less_than_uniform(tiny_llama, method):
+    reference = tiny_llama(CALIB).logits
+    models = {}
+    for allocation in ("uniform", "global"):
+        models[allocation] = copy.deepcopy(tiny_llama)
+        config = LowRankConfig(method=method, ratio=0.4, allocation=allocation)
+        compress(models[allocation], [config], calibration_data=CALIB, progress=False)
+    layers = _low_rank(models["global"]).values()
+    budget = sum(0.6 * m.in_features * m.out_features for m in layers)
+    assert sum(m.rank * (m.in_features + m.out_features) for m in layers) <= budget
+    assert len({m.rank for m in layers}) > 1  # spread unevenly
+    assert _mse(models["global"], reference) < _mse(models["uniform"], reference)
+
+
+def test_global_allocation_needs_a_ratio():
+    with pytest.raises(RecipeError, match="allocation"):
+        LowRankConfig(rank=4, allocation="global")

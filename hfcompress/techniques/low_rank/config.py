@@ -31,6 +31,11 @@ class LowRankConfig(TechniqueConfig):
             ``sum sigma^2`` (with whitening, of the layer's output energy). Layers where that
             rank saves nothing are left as they are.
         rank: One rank for every layer.
+        allocation: With ``ratio``: ``"uniform"`` cuts every layer by ``ratio``;
+            ``"global"`` spreads one budget, ``1 - ratio`` of all targeted weights, over the
+            layers by their spectra: a first pass over the float model measures each layer's
+            (whitened) singular values, and ranks go where they keep the most relative
+            output energy per weight (layers inside the blocks; others are cut uniformly).
         alpha: ASVD's exponent on the mean activation magnitudes.
         damp: Eigenvalue floor of the whitening, relative to the mean eigenvalue.
         targets: Layers to factorize (default: the feed-forward layers); module names, class
@@ -46,6 +51,7 @@ class LowRankConfig(TechniqueConfig):
     ratio: float | None = None
     energy: float | None = None
     rank: int | None = None
+    allocation: Literal["uniform", "global"] = "uniform"
     alpha: float = 0.5
     damp: float = 1e-4
     targets: tuple[str, ...] = FFN_TARGETS
@@ -69,6 +75,8 @@ class LowRankConfig(TechniqueConfig):
             raise invalid("ratio", self.ratio, "a fraction in (0, 1) of each layer's weights to remove")
         if self.energy is not None and not 0 < self.energy <= 1:
             raise invalid("energy", self.energy, "a fraction in (0, 1]")
+        if self.allocation == "global" and self.ratio is None:
+            raise invalid("allocation", self.allocation, "'uniform' unless ratio sets the budget")
         if self.rank is not None and self.rank < 1:
             raise invalid("rank", self.rank, "an integer >= 1")
         if not 0 < self.alpha <= 1:

@@ -27,6 +27,7 @@ from hfcompress.techniques.low_rank.algorithm import (
     Whitening,
     asvd_scaling,
     factorize,
+    rank_for_budget,
     rank_for_energy,
     rank_for_ratio,
     whitening,
@@ -124,6 +125,18 @@ class FactorModifier(Modifier):
         stats = self._calibrate(block.module, block.targets, block.run)
         self._replace(block.module, block.targets, stats, block.prefix)
 
+    def runner(self, model: nn.Module, context: CompressionContext, checkpoint: BlockCheckpoint | None = None):
+        """A :class:`LayerwiseRunner` over the stage's calibration batches."""
+        return LayerwiseRunner(
+            model,
+            self._batches,
+            device=compute_device(model, context.device),
+            compute_dtype=autocast_dtype(self.config.compute_dtype),
+            checkpoint=checkpoint,
+            progress=context.progress,
+            desc=f"{self.stage}: blocks",
+        )
+
     @torch.no_grad()
     def apply(self, model: nn.Module, context: CompressionContext) -> None:
         targets = list(self.planned)
@@ -139,15 +152,7 @@ class FactorModifier(Modifier):
                 {"stage": self.stage, **self.config.to_dict()}, model, [b["input_ids"] for b in batches]
             )
             checkpoint = BlockCheckpoint(context.checkpoint_dir / self.stage, fingerprint)
-        runner = LayerwiseRunner(
-            model,
-            batches,
-            device=compute_device(model, context.device),
-            compute_dtype=autocast_dtype(self.config.compute_dtype),
-            checkpoint=checkpoint,
-            progress=context.progress,
-            desc=f"{self.stage}: blocks",
-        )
+        runner = self.runner(model, context, checkpoint)
         runner.run(self._process_block, targets)
         outside = [n for n in targets if not n.startswith(f"{runner.prefix}.")]
         if outside:  # e.g. BERT's pooler: calibrate on full passes through the processed blocks
@@ -162,9 +167,15 @@ class LowRankModifier(FactorModifier):
     def track_abs(self) -> bool:
         return self.config.method == "asvd"
 
+    def __init__(self, config: LowRankConfig, stage: str) -> None:
+        super().__init__(config, stage)
+        self._ranks: dict[str, int] = {}  # a global allocation's ranks
+
     def _rank_for(self, name: str, n: int, k: int) -> int | None:
         """The rank ``check`` can tell (None: chosen from the spectrum at apply time)."""
         cfg = self.config
+        if name in self._ranks:
+            return self._ranks[name]
         if cfg.ratio is not None:
             return rank_for_ratio(n, k, cfg.ratio)
         if cfg.rank is not None:
@@ -225,3 +236,45 @@ class LowRankModifier(FactorModifier):
             )
         bias = layer.bias.detach() if layer.bias is not None else None
         return LowRankLinear.from_factors(factors.a.to(w.dtype), factors.b.to(w.dtype), bias=bias)
+
+    def _spectrum(self, layer: nn.Module, stats: LayerStats) -> torch.Tensor:
+        w = linear_weight(layer).detach().double()
+        transform = self._transform(stats)
+        return torch.linalg.svdvals(w @ transform.s.to(w.device) if transform is not None else w)
+
+    def _allocate(self, model: nn.Module, context: CompressionContext) -> None:
+        """The global allocation's first pass: every targeted block layer's spectrum on the
+        float model, then ranks by :func:`rank_for_budget` under the stage's total budget."""
+        spectra: dict[str, torch.Tensor] = {}
+        shapes: dict[str, tuple[int, int]] = {}
+
+        def survey(block: Block) -> None:
+            stats = self._calibrate(block.module, block.targets, block.run)
+            self._whitened = {}
+            for name in block.targets:
+                layer = block.module.get_submodule(name)
+                spectra[block.prefix + name] = self._spectrum(layer, stats.get(name, LayerStats())).cpu()
+                shapes[block.prefix + name] = linear_features(layer)
+
+        if self.config.needs_calibration:
+            self.runner(model, context).run(survey, self.planned)
+        else:  # plain SVD: the spectra need no inputs
+            for name in self.planned:
+                WeightQuantModifier.load_offloaded(model, name)
+                layer = model.get_submodule(name)
+                spectra[name], shapes[name] = self._spectrum(layer, LayerStats()), linear_features(layer)
+        costs = {name: k + n for name, (k, n) in shapes.items()}
+        budget = int(sum((1 - self.config.ratio) * k * n for k, n in shapes.values()))
+        self._ranks = rank_for_budget(spectra, costs, budget)
+        logger.info(
+            "stage %r: global allocation, ranks from %d to %d",
+            self.stage,
+            min(self._ranks.values()),
+            max(self._ranks.values()),
+        )
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module, context: CompressionContext) -> None:
+        if self.config.allocation == "global":
+            self._allocate(model, context)
+        super().apply(model, context)
