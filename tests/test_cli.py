@@ -102,3 +102,29 @@ def test_compress_with_a_kv_cache_stage(tiny_llama_dir, text, tmp_path, capsys):
     )
     assert isinstance(getattr(result, "cache", None) or result.past_key_values, QuantizedKVCache)
     assert "(compressed, reloaded)" in capsys.readouterr().out
+
+
+def test_compress_with_error_compensation_reports_its_bits(tiny_llama_dir, text, tmp_path, capsys):
+    from hfcompress import LowRankLinear
+
+    recipe = tmp_path / "w4ec.yaml"
+    recipe.write_text(
+        RECIPE + "  - name: ec\n    technique: error_compensation\n    method: svd\n    rank: 4\n    factor_bits: 8\n"
+    )
+    out = tmp_path / "out"
+    args = ["--quiet", "compress", "--model", str(tiny_llama_dir), "--recipe", str(recipe), "--output", str(out)]
+    args += ["--report", "--eval-data", str(text), "--seq-len", "16", "--max-windows", "3", "--decode-tokens", "4"]
+    assert main(args) == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    layer = model.model.layers[0].mlp.up_proj
+    assert isinstance(layer, LowRankLinear) and isinstance(layer.base, QuantLinear)
+    rows = [line for line in capsys.readouterr().out.splitlines() if "(compressed, reloaded)" in line]
+    bits = float(rows[0].split("|")[4])
+    # Counted by hand: the W4 base as stored, plus 8-bit factor codes (A: [4, K], B: [N, 4])
+    # with one float16 scale per row (per channel: 4 and K < the factor group of 128).
+    layers = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+    nbytes = sum(
+        m.base.storage_bytes() + (4 * m.in_features + 2 * 4) + (m.out_features * 4 + 2 * m.out_features) for m in layers
+    )
+    weights = sum(m.in_features * m.out_features for m in layers)
+    assert bits == pytest.approx(8 * nbytes / weights, abs=0.005)
