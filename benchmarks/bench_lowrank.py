@@ -38,10 +38,12 @@ def _rtn(bits: int, group: int):
     return hfcompress.RTNConfig(bits=bits, group_size=group)
 
 
-def _ec(rank: int, factor_bits: int | None):
+def _ec(rank: int, factor_bits: int | None, allocation: str = "uniform"):
     import hfcompress
 
-    return hfcompress.ErrorCompensationConfig(rank=rank, factor_bits=factor_bits, compute_dtype="bfloat16")
+    return hfcompress.ErrorCompensationConfig(
+        rank=rank, factor_bits=factor_bits, allocation=allocation, compute_dtype="bfloat16"
+    )
 
 
 def _lr(ratio: float, method: str = "whitened", allocation: str = "uniform"):
@@ -66,6 +68,9 @@ ROWS = {
     "gptq-w4+ec32x8": ("GPTQ g128 + compensation", lambda: [_gptq(4, 128), _ec(32, 8)]),
     "gptq-w3+ec32x8": ("GPTQ g128 + compensation", lambda: [_gptq(3, 128), _ec(32, 8)]),
     "gptq-w3+ec64x8": ("GPTQ g128 + compensation", lambda: [_gptq(3, 128), _ec(64, 8)]),
+    "gptq-w4+ec32x8-global": ("GPTQ g128 + compensation, global ranks", lambda: [_gptq(4, 128), _ec(32, 8, "global")]),
+    "gptq-w3+ec32x8-global": ("GPTQ g128 + compensation, global ranks", lambda: [_gptq(3, 128), _ec(32, 8, "global")]),
+    "gptq-w4-g32": ("GPTQ g32", lambda: [_gptq(4, 32)]),
     "gptq-w3+ec32x16": ("GPTQ g128 + compensation", lambda: [_gptq(3, 128), _ec(32, None)]),
     "lr10": ("low-rank FFN (whitened)", lambda: [_lr(0.1)]),
     "lr20": ("low-rank FFN (whitened)", lambda: [_lr(0.2)]),

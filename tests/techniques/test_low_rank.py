@@ -262,3 +262,19 @@ def test_global_allocation_keeps_the_budget_and_loses_less_than_uniform(tiny_lla
 def test_global_allocation_needs_a_ratio():
     with pytest.raises(RecipeError, match="allocation"):
         LowRankConfig(rank=4, allocation="global")
+
+
+def test_global_compensation_spends_the_uniform_budget_better(tiny_llama):
+    reference = tiny_llama(CALIB).logits
+    models = {}
+    for allocation in ("uniform", "global"):
+        models[allocation] = copy.deepcopy(tiny_llama)
+        stages = [RTNConfig(bits=3, group_size=16), ErrorCompensationConfig(rank=4, allocation=allocation)]
+        compress(models[allocation], stages, calibration_data=CALIB, progress=False)
+
+    def factor_weights(model):
+        return sum(m.rank * (m.in_features + m.out_features) for m in _low_rank(model).values())
+
+    assert factor_weights(models["global"]) <= factor_weights(models["uniform"])
+    assert len({m.rank for m in _low_rank(models["global"]).values()}) > 1
+    assert _mse(models["global"], reference) < _mse(models["uniform"], reference)

@@ -24,6 +24,10 @@ class ErrorCompensationConfig(TechniqueConfig):
 
     Args:
         rank: Rank of the correction per layer (capped at ``min(N, K)``).
+        allocation: ``"uniform"``: every layer gets ``rank``. ``"global"``: the same total
+            factor weights, spread over the layers by the spectra of their whitened errors
+            (a first pass over the quantized model; ranks go where they remove the most
+            relative output error per weight).
         method: ``"whitened"`` (output-error optimal on the calibration inputs) or ``"svd"``
             (plain SVD of the weight error; no calibration).
         factor_bits: Bits of the factors: 8 or 4 (symmetric RTN, per channel or per group of
@@ -40,6 +44,7 @@ class ErrorCompensationConfig(TechniqueConfig):
     technique = "error_compensation"
 
     rank: int = 32
+    allocation: Literal["uniform", "global"] = "uniform"
     method: Literal["whitened", "svd"] = "whitened"
     factor_bits: int | None = 8
     factor_group_size: int = 128

@@ -73,11 +73,11 @@ class ErrorCompensationModifier(FactorModifier):
         scheme = QuantScheme.weight_only(num_bits=cfg.factor_bits, group_size=group, in_features=k, symmetric=True)
         return QuantLinear.from_quantized(qw, scheme)
 
-    def factor(self, name: str, layer: nn.Module, stats: LayerStats) -> nn.Module:
-        cfg = self.config
+    def _error(self, name: str, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W, W - Q(W))`` of the quantized ``layer``, float32 on its device."""
         if not isinstance(layer, QuantLinear):
             raise ModelError(f"stage {self.stage!r}: layer {name!r} is a {type(layer).__name__}, not a QuantLinear")
-        original = self._originals.pop(name, None)
+        original = self._originals.get(name)
         w = linear_weight(original).detach() if original is not None else None
         if w is None or w.is_meta:
             raise ModelError(
@@ -85,11 +85,26 @@ class ErrorCompensationModifier(FactorModifier):
                 "without offloading to compensate its quantization error"
             )
         w = w.to(device=layer.qweight.device, dtype=torch.float32)
-        error = w - layer.dequantize(torch.float32)
+        return w, w - layer.dequantize(torch.float32)
+
+    def _transform(self, stats: LayerStats):
+        return self.whiten(stats.xtx) if stats.xtx is not None else None
+
+    def spectrum(self, name: str, layer: nn.Module, stats: LayerStats) -> torch.Tensor:
+        error = self._error(name, layer)[1].double()
+        transform = self._transform(stats)
+        return torch.linalg.svdvals(error @ transform.s.to(error.device) if transform is not None else error)
+
+    def layer_budget(self, name: str, k: int, n: int) -> int:
+        return min(self.config.rank, k, n) * (k + n)
+
+    def factor(self, name: str, layer: nn.Module, stats: LayerStats) -> nn.Module:
+        cfg = self.config
+        w, error = self._error(name, layer)
+        dtype = self._originals.pop(name).weight.dtype  # the float weights are no longer needed
         n, k = error.shape
-        transform = self.whiten(stats.xtx) if stats.xtx is not None else None
-        factors = factorize(error, min(cfg.rank, n, k), transform)
-        dtype = layer.bias.dtype if layer.bias is not None else original.weight.dtype
+        transform = self._transform(stats)
+        factors = factorize(error, self._ranks.get(name, min(cfg.rank, n, k)), transform)
         if not cfg.factor_bits:
             new = LowRankLinear.from_factors(factors.a.to(dtype), factors.b.to(dtype), base=layer)
         else:

@@ -63,6 +63,7 @@ class FactorModifier(Modifier):
         self.planned: list[str] = []
         self._batches: list[dict[str, torch.Tensor]] = []
         self._whitened: dict[int, Whitening] = {}
+        self._ranks: dict[str, int] = {}  # a global allocation's ranks, by qualified name
 
     @property
     def track_abs(self) -> bool:
@@ -82,6 +83,45 @@ class FactorModifier(Modifier):
     @abstractmethod
     def factor(self, name: str, layer: nn.Module, stats: LayerStats) -> nn.Module:
         """The module that replaces ``layer`` (called ``name`` in the model)."""
+
+    def spectrum(self, name: str, layer: nn.Module, stats: LayerStats) -> torch.Tensor:
+        """The singular values whose truncation the stage's factors make (global allocation)."""
+        raise NotImplementedError
+
+    def layer_budget(self, name: str, k: int, n: int) -> int:
+        """Weights a ``k -> n`` layer's factors hold under a uniform allocation."""
+        raise NotImplementedError
+
+    def _allocate(self, model: nn.Module, context: CompressionContext) -> None:
+        """A global allocation's first pass: every targeted block layer's spectrum (on the
+        model as the stage finds it), then ranks by :func:`rank_for_budget` that hold as many
+        weights in all as a uniform allocation would."""
+        spectra: dict[str, torch.Tensor] = {}
+        shapes: dict[str, tuple[int, int]] = {}
+
+        def record(name: str, layer: nn.Module, stats: LayerStats) -> None:
+            spectra[name] = self.spectrum(name, layer, stats).cpu()
+            shapes[name] = linear_features(layer)
+
+        def survey(block: Block) -> None:
+            stats = self._calibrate(block.module, block.targets, block.run)
+            self._whitened = {}
+            for name in block.targets:
+                record(block.prefix + name, block.module.get_submodule(name), stats[name])
+
+        if self.config.needs_calibration:
+            self.runner(model, context).run(survey, self.planned)
+        else:  # plain SVD: the spectra need no inputs
+            for name in self.planned:
+                WeightQuantModifier.load_offloaded(model, name)
+                record(name, model.get_submodule(name), LayerStats())
+        costs = {name: k + n for name, (k, n) in shapes.items()}
+        budget = sum(self.layer_budget(name, k, n) for name, (k, n) in shapes.items())
+        self._ranks = rank_for_budget(spectra, costs, budget)
+        logger.info(
+            "stage %r: global allocation, ranks from %d to %d", self.stage, min(self._ranks.values()),
+            max(self._ranks.values()),
+        )  # fmt: skip
 
     def whiten(self, xtx: torch.Tensor) -> Whitening:
         """:func:`whitening` of ``xtx``, computed once for the layers that share it (q/k/v,
@@ -140,6 +180,8 @@ class FactorModifier(Modifier):
     @torch.no_grad()
     def apply(self, model: nn.Module, context: CompressionContext) -> None:
         targets = list(self.planned)
+        if self.config.allocation == "global":
+            self._allocate(model, context)
         if not self.config.needs_calibration:
             for name in tqdm(targets, desc=f"{self.stage}: layers", disable=not context.progress):
                 WeightQuantModifier.load_offloaded(model, name)
@@ -166,10 +208,6 @@ class LowRankModifier(FactorModifier):
     @property
     def track_abs(self) -> bool:
         return self.config.method == "asvd"
-
-    def __init__(self, config: LowRankConfig, stage: str) -> None:
-        super().__init__(config, stage)
-        self._ranks: dict[str, int] = {}  # a global allocation's ranks
 
     def _rank_for(self, name: str, n: int, k: int) -> int | None:
         """The rank ``check`` can tell (None: chosen from the spectrum at apply time)."""
@@ -237,44 +275,10 @@ class LowRankModifier(FactorModifier):
         bias = layer.bias.detach() if layer.bias is not None else None
         return LowRankLinear.from_factors(factors.a.to(w.dtype), factors.b.to(w.dtype), bias=bias)
 
-    def _spectrum(self, layer: nn.Module, stats: LayerStats) -> torch.Tensor:
+    def spectrum(self, name: str, layer: nn.Module, stats: LayerStats) -> torch.Tensor:
         w = linear_weight(layer).detach().double()
         transform = self._transform(stats)
         return torch.linalg.svdvals(w @ transform.s.to(w.device) if transform is not None else w)
 
-    def _allocate(self, model: nn.Module, context: CompressionContext) -> None:
-        """The global allocation's first pass: every targeted block layer's spectrum on the
-        float model, then ranks by :func:`rank_for_budget` under the stage's total budget."""
-        spectra: dict[str, torch.Tensor] = {}
-        shapes: dict[str, tuple[int, int]] = {}
-
-        def survey(block: Block) -> None:
-            stats = self._calibrate(block.module, block.targets, block.run)
-            self._whitened = {}
-            for name in block.targets:
-                layer = block.module.get_submodule(name)
-                spectra[block.prefix + name] = self._spectrum(layer, stats.get(name, LayerStats())).cpu()
-                shapes[block.prefix + name] = linear_features(layer)
-
-        if self.config.needs_calibration:
-            self.runner(model, context).run(survey, self.planned)
-        else:  # plain SVD: the spectra need no inputs
-            for name in self.planned:
-                WeightQuantModifier.load_offloaded(model, name)
-                layer = model.get_submodule(name)
-                spectra[name], shapes[name] = self._spectrum(layer, LayerStats()), linear_features(layer)
-        costs = {name: k + n for name, (k, n) in shapes.items()}
-        budget = int(sum((1 - self.config.ratio) * k * n for k, n in shapes.values()))
-        self._ranks = rank_for_budget(spectra, costs, budget)
-        logger.info(
-            "stage %r: global allocation, ranks from %d to %d",
-            self.stage,
-            min(self._ranks.values()),
-            max(self._ranks.values()),
-        )
-
-    @torch.no_grad()
-    def apply(self, model: nn.Module, context: CompressionContext) -> None:
-        if self.config.allocation == "global":
-            self._allocate(model, context)
-        super().apply(model, context)
+    def layer_budget(self, name: str, k: int, n: int) -> int:
+        return int((1 - self.config.ratio) * k * n)
