@@ -145,7 +145,9 @@ def measure(name: str, calib: int, windows: int) -> dict:
     # A compensated row also measures its quantized model without the factors (each
     # LowRankLinear swapped back for its base): the same quantization run, so the two rows
     # differ by the compensation alone.
-    compensated = [(n, m) for n, m in model.named_modules() if isinstance(m, hfcompress.LowRankLinear) and m.base is not None]
+    compensated = [
+        (n, m) for n, m in model.named_modules() if isinstance(m, hfcompress.LowRankLinear) and m.base is not None
+    ]
     if compensated:
         for n, m in compensated:
             model.set_submodule(n, m.base)
