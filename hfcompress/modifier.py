@@ -90,11 +90,12 @@ class ModelView:
             entry = self.entries[name]
             entry.class_name, entry.stage = class_name, stage
 
-    def add(self, name: str, module: nn.Module, stage: str | None = None) -> None:
-        """Record that a stage creates the module ``name`` (``module`` is a stand-in with its
-        class and shapes, e.g. on the meta device); ``stage`` None leaves it free for later
-        stages to compress."""
-        self.entries[name] = ViewEntry(type(module).__name__, module, stage)
+    def add(self, name: str, module: nn.Module, stage: str | None = None, class_name: str | None = None) -> None:
+        """Record that a stage creates the module ``name``: ``module`` is a stand-in with its
+        shapes (e.g. a Linear on the meta device), ``class_name`` what it will be (default:
+        the stand-in's class), ``stage`` the stage that compresses it (None: free for later
+        stages to compress)."""
+        self.entries[name] = ViewEntry(class_name or type(module).__name__, module, stage)
 
     def free_linear(self, targets: tuple[str, ...], ignore: tuple[str, ...]) -> tuple[list[str], list[str]]:
         """(float linear-like layers that ``targets``/``ignore`` select and no earlier stage

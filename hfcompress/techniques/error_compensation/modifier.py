@@ -49,19 +49,19 @@ class ErrorCompensationModifier(FactorModifier):
                     "compensate in the same compress() call as the rtn/gptq stage"
                 )
         self.check_calibrated(model, context)
+        quantized_by = {name: view.entries[name].stage for name in names}
         view.claim(names, self.stage, LowRankLinear.__name__)
+        factor_class = (QuantLinear if cfg.factor_bits else nn.Linear).__name__
         for name in names:
             original = view.entries[name].module
             k, n = linear_features(original)
             rank = min(cfg.rank, k, n)
+            # The quantized layer becomes the base; the factors are this stage's.
             with torch.device("meta"):
-                factor_cls = QuantLinear if cfg.factor_bits else nn.Linear
-                placeholder = nn.Linear(k, n, bias=original.bias is not None)
-                view.add(f"{name}.base", placeholder, stage=view.entries[name].stage or self.stage)
-                view.entries[f"{name}.base"].class_name = QuantLinear.__name__
-                for child, shape in (("factor_in", (k, rank)), ("factor_out", (rank, n))):
-                    view.add(f"{name}.{child}", nn.Linear(*shape, bias=False), stage=self.stage)
-                    view.entries[f"{name}.{child}"].class_name = factor_cls.__name__
+                base = nn.Linear(k, n, bias=original.bias is not None)
+                view.add(f"{name}.base", base, quantized_by[name], QuantLinear.__name__)
+                view.add(f"{name}.factor_in", nn.Linear(k, rank, bias=False), self.stage, factor_class)
+                view.add(f"{name}.factor_out", nn.Linear(rank, n, bias=False), self.stage, factor_class)
             self._originals[name] = original
         self.planned = names
 
