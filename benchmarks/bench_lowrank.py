@@ -194,8 +194,12 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=40, help="evaluation windows of 512 tokens")
     parser.add_argument("--png", type=Path, default=Path("benchmarks/lowrank_curve.png"))
     parser.add_argument("--jsonl", type=Path, default=None, help="append each row as a JSON line")
+    parser.add_argument("--from-jsonl", type=Path, default=None, help="table and plot of rows measured earlier")
     args = parser.parse_args()
     rows = []
+    if args.from_jsonl is not None:
+        rows = [json.loads(line) for line in args.from_jsonl.read_text().splitlines() if line.strip()]
+        args.rows = []
     for name in args.rows:
         for result in measure(name, args.calib, args.windows):
             rows.append(result)
