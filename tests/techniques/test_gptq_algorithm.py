@@ -6,7 +6,7 @@ import torch
 from hfcompress.quant.affine import compute_qparams, dequantize, quantize, quantize_rtn
 from hfcompress.quant.linear import QuantLinear
 from hfcompress.quant.scheme import QuantScheme
-from hfcompress.techniques.gptq.algorithm import HessianAccumulator, nearest_psd, quantize_weight, search_qparams
+from hfcompress.techniques.gptq.algorithm import HessianAccumulator, quantize_weight, search_qparams
 
 
 def _correlated_inputs(k: int, n: int = 512, seed: int = 0) -> torch.Tensor:
@@ -84,30 +84,12 @@ def test_act_order_keeps_static_groups_and_the_packed_layout():
     torch.testing.assert_close(torch.nn.functional.linear(x, layer.dequantize()), x @ result.weight.dequantize().t())
 
 
-def test_an_indefinite_hessian_is_projected_instead_of_damped_tenfold():
-    # What bfloat16 x^T x products give: a singular H (8 samples for K = 32) with negative
-    # eigenvalues deeper than the damping (-2% of the mean diagonal against damp 1%).
-    x = _correlated_inputs(32, n=8)
-    h = _hessian(x) - 0.02 * torch.eye(32) * _hessian(x).diag().mean()
-    assert torch.linalg.cholesky_ex(h + 0.01 * h.diag().mean() * torch.eye(32)).info != 0
+def test_indefinite_hessian_escalates_damping():
+    x = _correlated_inputs(32, n=8)  # 8 samples for K = 32: H is singular
+    h = _hessian(x) - 0.005 * torch.eye(32) * _hessian(x).diag().mean()  # and slightly indefinite
     w = torch.randn(8, 32)
-    result = quantize_weight(w, h, bits=4, group_size=16, symmetric=False, damp=0.01)
-    assert result.damp == 0.01  # the nearest PSD matrix factorizes at the damping asked for
-    assert torch.isfinite(result.weight.dequantize()).all()
-
-
-def test_nearest_psd_clamps_negative_eigenvalues_only():
-    q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
-    lam = torch.tensor([-1.0, -0.1, 0.0, 0.5, 2.0, 3.0], dtype=torch.float64)
-    projected = nearest_psd((q * lam) @ q.T)
-    assert torch.allclose(torch.linalg.eigvalsh(projected), lam.clamp_min(0), atol=1e-10)
-
-
-def test_damping_still_escalates_when_the_projection_is_not_enough():
-    v = torch.randn(16, 1, generator=torch.Generator().manual_seed(0))
-    h = v @ v.T  # rank 1: a damping of 1e-12 leaves it numerically singular in float32
-    result = quantize_weight(torch.randn(4, 16), h, bits=4, group_size=-1, symmetric=False, damp=1e-12)
-    assert result.damp > 1e-12
+    result = quantize_weight(w, h, bits=4, group_size=16, symmetric=False, damp=0.001)
+    assert result.damp >= 0.01
     assert torch.isfinite(result.weight.dequantize()).all()
 
 

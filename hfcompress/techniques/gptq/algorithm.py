@@ -18,14 +18,7 @@ import torch
 from hfcompress.input_stats import HessianAccumulator
 from hfcompress.quant.affine import QuantizedWeight, compute_qparams, resolve_group_size
 
-__all__ = [
-    "GPTQResult",
-    "HessianAccumulator",
-    "cholesky_inverse_upper",
-    "nearest_psd",
-    "quantize_weight",
-    "search_qparams",
-]
+__all__ = ["GPTQResult", "HessianAccumulator", "cholesky_inverse_upper", "quantize_weight", "search_qparams"]
 
 
 @dataclass(frozen=True)
@@ -41,46 +34,24 @@ class GPTQResult:
     loss: float
 
 
-def nearest_psd(h: torch.Tensor) -> torch.Tensor:
-    """The positive semi-definite matrix nearest to symmetric ``h`` in Frobenius norm: its
-    negative eigenvalues set to zero (computed in float64, returned in ``h``'s dtype)."""
-    lam, q = torch.linalg.eigh(h.double())
-    return ((q * lam.clamp_min(0)) @ q.T).to(h.dtype)
-
-
-def _factor(h: torch.Tensor, damp: float, scale: float) -> torch.Tensor | None:
-    k = h.shape[0]
-    damped = h + damp * scale * torch.eye(k, dtype=h.dtype, device=h.device)
-    chol, info = torch.linalg.cholesky_ex(damped)
-    if info.item() != 0:
-        return None
-    inv = torch.cholesky_inverse(chol)
-    upper, info = torch.linalg.cholesky_ex(inv, upper=True)
-    return upper if info.item() == 0 and torch.isfinite(upper).all() else None
-
-
 def cholesky_inverse_upper(h: torch.Tensor, damp: float, max_damp: float = 1e3) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``.
 
-    A Hessian summed from bfloat16 ``x^T x`` products is not exactly positive semi-definite:
-    rounding each product to bfloat16 leaves negative eigenvalues (on SmolLM2's first
-    ``o_proj`` layers down to -5% of the mean diagonal), deeper than the 1% damping, so the
-    first factorization fails. When it does, ``H`` is replaced by the nearest positive
-    semi-definite matrix (:func:`nearest_psd`) and factorized at the same damping; only if
-    that fails too (H singular beyond what damping fixes) does ``damp`` grow tenfold until
-    it succeeds. Returns the factor and the damping used. Raises only if even ``max_damp``
-    fails, which needs a non-finite H.
+    When the factorization fails (H singular or badly conditioned), ``damp`` grows tenfold
+    until it succeeds; returns the factor and the damping used. Raises only if even
+    ``max_damp`` fails, which needs a non-finite H.
     """
+    k = h.shape[0]
     mean_diag = torch.mean(torch.diag(h)).item()
     scale = mean_diag if mean_diag > 0 else 1.0
-    upper = _factor(h, damp, scale)
-    if upper is not None:
-        return upper, damp
-    h = nearest_psd(h)
     while True:
-        upper = _factor(h, damp, scale)
-        if upper is not None:
-            return upper, damp
+        damped = h + damp * scale * torch.eye(k, dtype=h.dtype, device=h.device)
+        chol, info = torch.linalg.cholesky_ex(damped)
+        if info.item() == 0:
+            inv = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+            if info.item() == 0 and torch.isfinite(upper).all():
+                return upper, damp
         if damp >= max_damp:
             raise ValueError(f"H is not positive definite even with damp={damp}; is it finite?")
         damp *= 10

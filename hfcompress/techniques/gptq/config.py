@@ -22,11 +22,8 @@ class GPTQConfig(WeightQuantConfig):
 
     Args:
         block_size: Columns per lazy batch update (the paper's B = 128).
-        damp: Damping added to ``diag(H)``, relative to its mean (the paper's 1%). When
-            ``H`` does not factorize (bfloat16 ``x^T x`` products leave negative eigenvalues),
-            it is first replaced by the nearest positive semi-definite matrix at the same
-            damping; only if that fails is the damping raised tenfold, with a warning naming
-            the layer, until it factorizes.
+        damp: Damping added to ``diag(H)``, relative to its mean (the paper's 1%). Raised
+            tenfold, with a warning naming the layer, until ``H`` factorizes.
         act_order: Quantize columns by decreasing Hessian diagonal (the paper's "act-order"
             heuristic). Group parameters are then fixed up front from the original weight
             ("static groups"), so the packed layout stays contiguous for the kernels.
