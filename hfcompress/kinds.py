@@ -98,6 +98,30 @@ class CompressedModule(nn.Module):
         """Bytes of the compressed weight (bias excluded)."""
         raise NotImplementedError
 
+    def linear_spec(self, **layout: Any) -> dict[str, Any]:
+        """The spec of a linear-like kind: its kind, ``in_features``, ``out_features``, the
+        ``layout`` fields, and the recipe stage that made it when known."""
+        spec: dict[str, Any] = {
+            "kind": self.kind,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            **layout,
+        }
+        if getattr(self, "stage", None) is not None:
+            spec["stage"] = self.stage
+        return spec
+
+    @staticmethod
+    def replaced_features(spec: dict[str, Any], original: nn.Module) -> tuple[int, int]:
+        """``(K, N)`` of ``original``; a :class:`CheckpointError` when the spec's differ."""
+        k, n = linear_features(original)
+        if (k, n) != (spec["in_features"], spec["out_features"]):
+            raise CheckpointError(
+                f"the config describes a {spec['in_features']} -> {spec['out_features']} layer where the model has "
+                f"{k} -> {n}"
+            )
+        return k, n
+
 
 _KINDS: dict[str, type[CompressedModule]] = {}
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from hfcompress.errors import CheckpointError
-from hfcompress.kinds import CompressedModule, linear_features, register_module_kind
+from hfcompress.kinds import CompressedModule, register_module_kind
 from hfcompress.quant import dispatch
 from hfcompress.quant.affine import QuantizedWeight, dequantize, num_groups
 from hfcompress.quant.packing import SUPPORTED_BITS, pack, packed_columns, unpack
@@ -158,24 +158,11 @@ class QuantLinear(CompressedModule):
         return layer
 
     def spec(self) -> dict[str, Any]:
-        spec: dict[str, Any] = {
-            "kind": self.kind,
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "scheme": self.scheme.to_dict(),
-        }
-        if self.stage is not None:
-            spec["stage"] = self.stage
-        return spec
+        return self.linear_spec(scheme=self.scheme.to_dict())
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], original: nn.Module) -> QuantLinear:
-        k, n = linear_features(original)
-        if (k, n) != (spec["in_features"], spec["out_features"]):
-            raise CheckpointError(
-                f"the config describes a {spec['in_features']} -> {spec['out_features']} layer where the model has "
-                f"{k} -> {n}"
-            )
+        k, n = cls.replaced_features(spec, original)
         weight = original.weight
         layer = cls(k, n, QuantScheme.from_dict(spec["scheme"]), bias=original.bias is not None, dtype=weight.dtype)
         layer.stage = spec.get("stage")

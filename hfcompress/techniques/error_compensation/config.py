@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from hfcompress.config import TechniqueConfig, check_target_fields, invalid
+from hfcompress.config import invalid
+from hfcompress.techniques.low_rank.config import FactorStageConfig
 
 __all__ = ["ErrorCompensationConfig"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ErrorCompensationConfig(TechniqueConfig):
+class ErrorCompensationConfig(FactorStageConfig):
     """Add a low-rank correction to layers an earlier ``rtn`` or ``gptq`` stage quantized:
     ``W ~ Q(W) + B A``, with ``B A`` the rank-``rank`` approximation of the error
     ``W - Q(W)`` that minimises the layer's output error on calibration inputs (EoRA, Liu et
@@ -48,25 +49,14 @@ class ErrorCompensationConfig(TechniqueConfig):
     method: Literal["whitened", "svd"] = "whitened"
     factor_bits: int | None = 8
     factor_group_size: int = 128
-    damp: float = 1e-4
     targets: tuple[str, ...] = ("QuantLinear",)
     ignore: tuple[str, ...] = ()
-    batch_size: int = 8
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"
-
-    @property
-    def needs_calibration(self) -> bool:  # type: ignore[override]
-        return self.method != "svd"
 
     def _validate(self) -> None:
+        super()._validate()
         if self.rank < 1:
             raise invalid("rank", self.rank, "an integer >= 1")
         if self.factor_bits not in (None, 4, 8):
             raise invalid("factor_bits", self.factor_bits, "4, 8, or null (float factors)")
         if self.factor_group_size != -1 and self.factor_group_size < 8:
             raise invalid("factor_group_size", self.factor_group_size, "-1 (per channel) or an integer >= 8")
-        if not 0 < self.damp < 1:
-            raise invalid("damp", self.damp, "a number in (0, 1)")
-        if self.batch_size < 1:
-            raise invalid("batch_size", self.batch_size, "an integer >= 1")
-        check_target_fields(self)

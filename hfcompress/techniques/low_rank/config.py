@@ -7,14 +7,41 @@ from typing import Literal
 
 from hfcompress.config import TechniqueConfig, check_target_fields, invalid
 
-__all__ = ["FFN_TARGETS", "LowRankConfig"]
+__all__ = ["FFN_TARGETS", "FactorStageConfig", "LowRankConfig"]
 
 # The feed-forward layers of decoder blocks (``mlp``) and of BERT-style encoder blocks.
 FFN_TARGETS = (r"re:.*\.mlp", r"re:.*\.layer\.\d+\.(intermediate|output)\.dense")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LowRankConfig(TechniqueConfig):
+class FactorStageConfig(TechniqueConfig):
+    """Fields the low-rank stages share (``low_rank``, ``error_compensation``); each adds a
+    ``method`` whose ``"svd"`` needs no calibration.
+
+    Args:
+        damp: Eigenvalue floor of the whitening, relative to the mean eigenvalue.
+        batch_size: Calibration sequences per forward pass.
+        compute_dtype: Dtype of the calibration passes (the ``x^T x`` sums stay float32).
+    """
+
+    damp: float = 1e-4
+    batch_size: int = 8
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        return self.method != "svd"
+
+    def _validate(self) -> None:
+        if not 0 < self.damp < 1:
+            raise invalid("damp", self.damp, "a number in (0, 1)")
+        if self.batch_size < 1:
+            raise invalid("batch_size", self.batch_size, "an integer >= 1")
+        check_target_fields(self)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LowRankConfig(FactorStageConfig):
     """Replace Linear layers by two factors ``B A`` of lower rank (``LowRankLinear``).
 
     Whitened SVD and ASVD calibrate block by block on the layerwise runner: each layer's
@@ -53,17 +80,11 @@ class LowRankConfig(TechniqueConfig):
     rank: int | None = None
     allocation: Literal["uniform", "global"] = "uniform"
     alpha: float = 0.5
-    damp: float = 1e-4
     targets: tuple[str, ...] = FFN_TARGETS
     ignore: tuple[str, ...] = ("lm_head",)
-    batch_size: int = 8
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"
-
-    @property
-    def needs_calibration(self) -> bool:  # type: ignore[override]
-        return self.method != "svd"
 
     def _validate(self) -> None:
+        super()._validate()
         chosen = [k for k in ("ratio", "energy", "rank") if getattr(self, k) is not None]
         if len(chosen) != 1:
             raise invalid(
@@ -81,8 +102,3 @@ class LowRankConfig(TechniqueConfig):
             raise invalid("rank", self.rank, "an integer >= 1")
         if not 0 < self.alpha <= 1:
             raise invalid("alpha", self.alpha, "a number in (0, 1]")
-        if not 0 < self.damp < 1:
-            raise invalid("damp", self.damp, "a number in (0, 1)")
-        if self.batch_size < 1:
-            raise invalid("batch_size", self.batch_size, "an integer >= 1")
-        check_target_fields(self)

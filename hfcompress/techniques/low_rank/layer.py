@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from hfcompress.errors import CheckpointError
-from hfcompress.kinds import CompressedModule, linear_features, register_module_kind
+from hfcompress.kinds import CompressedModule, register_module_kind
 
 __all__ = ["LowRankLinear", "module_storage_bytes"]
 
@@ -109,25 +109,11 @@ class LowRankLinear(CompressedModule):
         return self.base.bias if self.base is not None else self.factor_out.bias
 
     def spec(self) -> dict[str, Any]:
-        spec: dict[str, Any] = {
-            "kind": self.kind,
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "rank": self.rank,
-            "base": self.base is not None,
-        }
-        if self.stage is not None:
-            spec["stage"] = self.stage
-        return spec
+        return self.linear_spec(rank=self.rank, base=self.base is not None)
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], original: nn.Module) -> LowRankLinear:
-        k, n = linear_features(original)
-        if (k, n) != (spec["in_features"], spec["out_features"]):
-            raise CheckpointError(
-                f"the config describes a {spec['in_features']} -> {spec['out_features']} layer where the model has "
-                f"{k} -> {n}"
-            )
+        k, n = cls.replaced_features(spec, original)
         dtype = _float_dtype(original)
         has_bias = getattr(original, "bias", None) is not None
         # The base is a placeholder here: its own entry (a quant_linear) replaces it next.
