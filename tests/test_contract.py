@@ -18,6 +18,7 @@ EXAMPLES = {
     "kv_cache": {"bits": 4, "group_size": 32, "residual_length": 8, "sink_tokens": 2},
     "low_rank": {"method": "whitened", "ratio": 0.25},
     "error_compensation": {"rank": 4, "factor_bits": 8},
+    "block_sparse": {"layout": "calibrated", "density": 0.5, "block_size": 16},
 }
 # Techniques that serve one kind of model only; on the other the stage must be refused, by name,
 # before the model changes (a KV cache needs a model that generates).

@@ -32,6 +32,13 @@ from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 from hfcompress.errors import ModelError
+from hfcompress.integrations.attention import (
+    check_attention_interface,
+    dense_attention,
+    register_attention,
+    restore_attention,
+    switch_attention,
+)
 from hfcompress.quant.dispatch import _force_reference
 from hfcompress.quant.kv import PackedKV, Partial, attend_dense, attend_packed, merge
 from hfcompress.quant.kv_cpu import kv_decode_attention_cpu
@@ -369,14 +376,12 @@ def kv_attention(
 ) -> tuple[torch.Tensor, None]:
     """The ``hfcompress_kv`` attention function: over a :class:`QuantizedKVLayer`'s parts when
     ``key`` comes tagged from one, else transformers' SDPA attention."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     layer: QuantizedKVLayer | None = getattr(key, _TAG, None)
     if layer is None or layer._pending is None or layer._pending[0] is not key:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+        return dense_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     n_sink, n_packed, n_res = layer.sink_keys.shape[-2], layer.packed_tokens, layer.keys.shape[-2]
     if n_sink + n_packed + n_res == 0:  # nothing stored yet (a prefill): plain attention
-        out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+        out = dense_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
         layer.commit()
         return out
     b, _, q_len, d = query.shape
@@ -414,14 +419,6 @@ def kv_attention(
 # -- switching it on --------------------------------------------------------------------------
 
 
-def _register_attention() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    AttentionInterface.register(ATTENTION, kv_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
-
-
 def kv_config(model: nn.Module) -> KVCacheConfig | None:
     """The KV-cache config :func:`enable_kv_cache` set on ``model``, or None."""
     return getattr(model, _CONFIG_ATTR, None)
@@ -441,11 +438,10 @@ def enable_kv_cache(model: nn.Module, spec: KVCacheConfig | None = None, **kwarg
     """
     spec = spec if spec is not None else KVCacheConfig(**kwargs)
     check_model(model, spec)
-    _register_attention()
+    register_attention(ATTENTION, kv_attention)
+    switch_attention(model, ATTENTION, "the quantized KV cache")
     if kv_config(model) is None:
-        object.__setattr__(model, "_hfcompress_attn_before", model.config._attn_implementation)
         object.__setattr__(model, "_prepare_cache_for_generation", types.MethodType(_prepare_cache, model))
-    model.set_attn_implementation(ATTENTION)
     object.__setattr__(model, _CONFIG_ATTR, spec)
     return spec
 
@@ -466,8 +462,8 @@ def disable_kv_cache(model: nn.Module) -> None:
     """Undo :func:`enable_kv_cache`: the default cache and the attention the model had before."""
     if kv_config(model) is None:
         return
-    model.set_attn_implementation(model._hfcompress_attn_before)
-    for attr in (_CONFIG_ATTR, "_hfcompress_attn_before", "_prepare_cache_for_generation"):
+    restore_attention(model)
+    for attr in (_CONFIG_ATTR, "_prepare_cache_for_generation"):
         object.__delattr__(model, attr)
 
 
@@ -479,11 +475,7 @@ def check_model(model: nn.Module, spec: KVCacheConfig | None = None) -> None:
         raise ModelError(
             f"{name} does not generate text, so it has no KV cache to quantize (a kv_cache stage needs a decoder)"
         )
-    if not type(model)._can_set_attn_implementation():
-        raise ModelError(
-            f"{name}'s attention does not go through transformers' AttentionInterface, so the quantized KV cache "
-            "cannot attend over its packed keys; this model is not supported"
-        )
+    check_attention_interface(model, "the quantized KV cache")
     config = model.config.get_text_config(decoder=True)
     if getattr(config, "is_encoder_decoder", False):
         raise ModelError(f"{name} is an encoder-decoder model; the quantized KV cache serves decoder-only models")

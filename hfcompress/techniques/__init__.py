@@ -1,5 +1,25 @@
 """The built-in techniques. Each subpackage registers itself when imported; the list is explicit."""
 
-from hfcompress.techniques import activations, error_compensation, gptq, kv_cache, low_rank, pkd, rtn, smoothquant
+from hfcompress.techniques import (
+    activations,
+    block_sparse,
+    error_compensation,
+    gptq,
+    kv_cache,
+    low_rank,
+    pkd,
+    rtn,
+    smoothquant,
+)
 
-__all__ = ["activations", "error_compensation", "gptq", "kv_cache", "low_rank", "pkd", "rtn", "smoothquant"]
+__all__ = [
+    "activations",
+    "block_sparse",
+    "error_compensation",
+    "gptq",
+    "kv_cache",
+    "low_rank",
+    "pkd",
+    "rtn",
+    "smoothquant",
+]

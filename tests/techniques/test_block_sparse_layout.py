@@ -5,7 +5,9 @@ import torch
 
 from hfcompress.techniques.block_sparse.layout import (
     allowed,
+    attention_mass,
     density,
+    distance_table,
     expand,
     local_layout,
     num_blocks,
@@ -13,6 +15,7 @@ from hfcompress.techniques.block_sparse.layout import (
     random_layout,
     sink_layout,
     strided_layout,
+    table_scores,
     topk_layout,
 )
 
@@ -101,3 +104,59 @@ def test_pooled_scores_are_row_distributions():
     scores = pooled_scores(torch.randn(2, 10, 8, generator=g), torch.randn(2, 10, 8, generator=g), 4)
     assert scores.shape == (2, 3, 3)
     assert torch.allclose(scores.sum(-1), torch.ones(2, 3))
+
+
+def _qk(h=4, hk=2, t=37, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(h, t, d, generator=g), torch.randn(hk, t, d, generator=g)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_attention_mass_is_the_softmax_summed_per_tile(causal):
+    q, k = _qk()
+    mass = attention_mass(q, k, 8, causal=causal, chunk=5)  # chunks smaller than a block
+    kk = k.repeat_interleave(2, 0)
+    logits = q @ kk.transpose(1, 2) / 8**0.5
+    if causal:
+        logits = logits.masked_fill(~torch.ones(37, 37, dtype=torch.bool).tril(), float("-inf"))
+    probs = logits.softmax(-1)
+    for i, j in [(0, 0), (2, 1), (4, 4), (4, 0), (1, 3)]:
+        want = probs[:, 8 * i : 8 * i + 8, 8 * j : 8 * j + 8].sum(-1).mean(-1)
+        torch.testing.assert_close(mass[:, i, j], want)
+    torch.testing.assert_close(mass.sum(-1), torch.ones(4, 5))
+
+
+def test_sampled_mass_with_every_row_is_the_oracle_and_with_fewer_rows_estimates_it():
+    q, k = _qk(t=64)
+    oracle = attention_mass(q, k, 16, causal=True)
+    torch.testing.assert_close(attention_mass(q, k, 16, causal=True, samples=16), oracle)
+    sampled = attention_mass(q, k, 16, causal=True, samples=4)
+    torch.testing.assert_close(sampled.sum(-1), torch.ones(4, 4))
+    assert not torch.allclose(sampled, oracle)
+
+
+def test_topk_head_scope_spends_the_budget_where_the_mass_is():
+    # Row 3 puts its mass on one block, row 2 spreads it: per head, row 2 gets the tiles.
+    scores = torch.zeros(1, 4, 4)
+    scores[0, 3] = torch.tensor([0.97, 0.01, 0.01, 0.01])
+    scores[0, 2, :3] = torch.tensor([0.3, 0.4, 0.3])
+    layout = topk_layout(scores, 0.7, causal=True, scope="head")
+    assert layout[0, 2, :3].all() and layout[0, 3].tolist() == [True, False, False, True]
+    assert density(layout, causal=True) <= 0.7 + 1e-6
+    with pytest.raises(ValueError, match="scope"):
+        topk_layout(scores, 0.5, causal=True, scope="layer")
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_distance_table_scores_each_tile_by_its_place(causal):
+    mass = torch.rand(2, 5, 5, generator=torch.Generator().manual_seed(0))
+    table = distance_table(mass, sinks=1, causal=causal)
+    assert table.shape == (2, 1 + 9)
+    # The sink column's mean, and distance 1's mean (tiles (2,1), (3,2), (4,3)).
+    torch.testing.assert_close(table[:, 0], mass[:, :, 0].mean(-1))
+    torch.testing.assert_close(table[:, 1 + 4 + 1], (mass[:, 2, 1] + mass[:, 3, 2] + mass[:, 4, 3]) / 3)
+    scores = table_scores(table, 5, 5, sinks=1)
+    assert torch.equal(scores[:, 3, 2], table[:, 6]) and torch.equal(scores[:, 4, 0], table[:, 0])
+    # A longer sequence: distances beyond the table score 0.
+    longer = table_scores(table, 8, 8, sinks=1)
+    assert (longer[:, 7, 1:3] == 0).all() and torch.equal(longer[:, 7, 6], table[:, 6])

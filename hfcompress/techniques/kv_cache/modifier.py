@@ -8,7 +8,8 @@ from typing import Any
 from torch import nn
 
 from hfcompress.errors import ModelError
-from hfcompress.integrations.kv_cache import check_model, enable_kv_cache, kv_config
+from hfcompress.integrations.attention import attention_conflict
+from hfcompress.integrations.kv_cache import ATTENTION, check_model, enable_kv_cache, kv_config
 from hfcompress.modifier import CompressionContext, ModelView, Modifier
 from hfcompress.patches import record_patch, recorded_patches, register_patch
 from hfcompress.techniques.kv_cache.config import KVCacheConfig
@@ -44,6 +45,9 @@ class KVCacheModifier(Modifier):
             raise self.error(
                 f"the model already has a quantized KV cache (from {earlier}); one kv_cache stage is enough"
             )
+        conflict = attention_conflict(root.marks, model, ATTENTION)
+        if conflict is not None:
+            raise self.error(conflict)
         root.marks[PATCH] = self.stage
 
     def apply(self, model: nn.Module, context: CompressionContext) -> None:

@@ -1,0 +1,163 @@
+"""Block-sparse attention as a stage: each layout changes the model, saves and reloads with the
+same logits; padding, generation and gradients; the kernel path inside a model; refusals."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+import hfcompress
+from hfcompress import CalibrationDataError, RecipeError, compress
+from hfcompress.techniques.block_sparse import BlockSparseConfig, disable_block_sparse, enable_block_sparse
+from hfcompress.techniques.block_sparse import attention as bsa
+from hfcompress.techniques.kv_cache import KVCacheConfig
+from tests.conftest import make_tiny_bert, make_tiny_llama
+
+LAYOUTS = ["dynamic", "calibrated", "local", "bigbird", "pooled", "oracle"]
+
+
+def _ids(batch=2, length=64, vocab=128, seed=1):
+    return torch.randint(2, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _config(layout, **kw):
+    return BlockSparseConfig(layout=layout, density=kw.pop("density", 0.4), block_size=16, **kw)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_each_layout_changes_the_model_and_reloads_with_the_same_logits(layout, tmp_path):
+    model = make_tiny_llama()
+    ids = _ids()
+    dense = model(ids).logits
+    compress(model, [_config(layout)], calibration_data=_ids(4, seed=3), progress=False)
+    logits = model(ids).logits
+    assert torch.isfinite(logits).all() and (logits - dense).abs().max() > 1e-3
+    # Only the tiles a dense attention computes in the first block are the same: the first
+    # block's rows see only the first (kept) key block.
+    torch.testing.assert_close(logits[:, :16], dense[:, :16], atol=1e-5, rtol=0)
+    hfcompress.save_pretrained(model, tmp_path / "m")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert reloaded.config._attn_implementation == bsa.ATTENTION
+    assert (reloaded(ids).logits - logits).abs().max() <= 1e-5
+
+
+def test_full_density_is_dense_attention():
+    model = make_tiny_llama()
+    ids = _ids()
+    dense = model(ids).logits
+    enable_block_sparse(model, _config("dynamic", density=1.0))
+    torch.testing.assert_close(model(ids).logits, dense, atol=1e-5, rtol=0)
+    disable_block_sparse(model)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_layout_with_every_tile_kept_through_the_sparse_path_is_dense():
+    # density 1.0 takes the dense shortcut; two blocks, the first a sink, keep every tile through
+    # the layout and the masked attention, and must give the dense logits.
+    model = make_tiny_llama()
+    ids = _ids()
+    dense = model(ids).logits
+    enable_block_sparse(model, BlockSparseConfig(layout="local", density=0.999, block_size=32))
+    assert all(s.config.density < 1 for s in bsa.states(model).values())
+    sparse = model(ids).logits
+    assert all(s.last_density == pytest.approx(1.0) for s in bsa.states(model).values())
+    torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=0)
+
+
+def test_calibrated_tables_travel_in_the_saved_config(tmp_path):
+    model = make_tiny_llama()
+    compress(model, [_config("calibrated")], calibration_data=_ids(4, seed=3), progress=False)
+    tables = {n: s.table for n, s in bsa.states(model).items()}
+    assert len(tables) == 2 and all(t.shape == (4, 1 + 2 * 4 - 1) for t in tables.values())
+    hfcompress.save_pretrained(model, tmp_path / "m")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    for name, state in bsa.states(reloaded).items():
+        assert torch.equal(state.table, tables[name])
+
+
+def test_encoder_right_padding_leaves_the_real_tokens_as_alone():
+    # A fixed layout: a padded sequence in a batch gives its real tokens the same outputs as
+    # the sequence alone (the padding mask and the layout combine).
+    model = make_tiny_bert(vocab=100)
+    enable_block_sparse(model, BlockSparseConfig(layout="local", density=0.5, block_size=16))
+    ids = torch.randint(2, 100, (2, 64), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 40:] = 0
+    ids[1, 40:] = 0
+
+    def last_hidden(**inputs):
+        return model(**inputs, output_hidden_states=True).hidden_states[-1]
+
+    batch = last_hidden(input_ids=ids, attention_mask=mask)
+    alone = last_hidden(input_ids=ids[1:, :40])
+    torch.testing.assert_close(batch[1:, :40], alone, atol=1e-5, rtol=0)
+    # ... and the layout matters: a dense BERT gives other hidden states.
+    disable_block_sparse(model)
+    assert (last_hidden(input_ids=ids[1:, :40]) - alone).abs().max() > 1e-3
+
+
+def test_encoder_reloads_sparse(tmp_path):
+    model = make_tiny_bert()
+    ids = torch.randint(2, 100, (2, 64), generator=torch.Generator().manual_seed(0))
+    compress(model, [_config("dynamic")], progress=False)
+    logits = model(ids).logits
+    hfcompress.save_pretrained(model, tmp_path / "m")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m")
+    assert (reloaded(ids).logits - logits).abs().max() <= 1e-5
+
+
+def test_generate_prefills_sparse_and_decodes_densely():
+    model = make_tiny_llama()
+    enable_block_sparse(model, _config("dynamic"))
+    ids = _ids(1, 48)
+    first = model(ids).logits[0, -1].argmax()
+    out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 52) and out[0, 48] == first
+
+
+def test_gradients_flow_through_the_sparse_attention():
+    model = make_tiny_llama().train()
+    enable_block_sparse(model, _config("local"))
+    ids = _ids()
+    model(ids, labels=ids).loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("layout", ["dynamic", "local"])
+def test_kernel_path_inside_the_model_equals_the_twin_path(layout, monkeypatch):
+    # The Triton kernel (interpreted on CPU) behind the attention function: per-input [B, H]
+    # layouts (dynamic) and shared [1, H] ones (local) give the twin's logits.
+    model = make_tiny_llama()
+    enable_block_sparse(model, _config(layout))
+    ids = _ids()
+    twin = model(ids).logits
+    monkeypatch.setattr(bsa, "_use_kernel", lambda *args: True)
+    torch.testing.assert_close(model(ids).logits, twin, atol=1e-4, rtol=0)
+
+
+def test_config_refuses_bad_values():
+    with pytest.raises(RecipeError, match="density=0"):
+        BlockSparseConfig(density=0)
+    with pytest.raises(RecipeError, match="samples=100"):
+        BlockSparseConfig(samples=100, block_size=64)
+    with pytest.raises(RecipeError, match="block_size"):
+        BlockSparseConfig.from_dict({"block_size": 48})
+    assert BlockSparseConfig.from_dict(BlockSparseConfig(layout="local").to_dict()) == BlockSparseConfig(layout="local")
+
+
+def test_calibrated_layout_needs_calibration_data():
+    with pytest.raises(CalibrationDataError, match="block_sparse"):
+        compress(make_tiny_llama(), [_config("calibrated")], progress=False)
+
+
+def test_one_attention_replacement_per_model():
+    model = make_tiny_llama()
+    with pytest.raises(RecipeError, match="do not compose"):
+        compress(model, [_config("local"), KVCacheConfig(bits=4, group_size=32)], progress=False)
+    assert model.config._attn_implementation == "sdpa"
+    compress(model, [_config("local")], progress=False)
+    with pytest.raises(RecipeError, match="block-sparse already"):
+        compress(model, [_config("dynamic")], progress=False)
+    with pytest.raises(RecipeError, match="do not compose"):
+        compress(model, [KVCacheConfig(bits=4, group_size=32)], progress=False)
