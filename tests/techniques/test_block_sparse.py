@@ -161,3 +161,35 @@ def test_one_attention_replacement_per_model():
         compress(model, [_config("dynamic")], progress=False)
     with pytest.raises(RecipeError, match="do not compose"):
         compress(model, [KVCacheConfig(bits=4, group_size=32)], progress=False)
+
+
+def test_kept_density_counts_every_call_and_short_sequences_as_dense():
+    model = make_tiny_llama()
+    enable_block_sparse(model, _config("local", density=0.5))
+    assert bsa.kept_density(model) is None
+    model(_ids(1, 64))
+    from hfcompress.techniques.block_sparse import layout as L
+
+    want = L.density(bsa._fixed_layout(4, bsa.sparse_config(model), 4, True), causal=True)
+    assert bsa.kept_density(model) == pytest.approx(want) and want < 0.75
+    model(_ids(1, 16))  # one block: dense, 1 tile of 1 per head and layer
+    states = bsa.states(model).values()
+    assert bsa.kept_density(model) == pytest.approx((want * 10 + 1) / 11)
+    assert all(s.total_tiles == 4 * (10 + 1) for s in states)
+
+
+def test_dynamic_encoder_padding_leaves_the_real_tokens_as_alone():
+    # The estimator sees only the real keys, so a padded sequence keeps the tiles it keeps
+    # alone (per-row budgets: 2 key blocks of 3 alone, of 4 padded; no sinks, so nothing is
+    # forced but the diagonal).
+    model = make_tiny_bert(vocab=100)
+    config = BlockSparseConfig(layout="dynamic", density=0.5, block_size=16, scope="row", sink_blocks=0)
+    enable_block_sparse(model, config)
+    ids = torch.randint(2, 100, (2, 64), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 48:] = 0
+    ids[1, 48:] = 0
+    batch = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+    alone = model(input_ids=ids[1:, :48], output_hidden_states=True).hidden_states[-1]
+    torch.testing.assert_close(batch[1:, :48], alone, atol=1e-5, rtol=0)
+    assert all(s.last_density == pytest.approx(6 / 9) for s in bsa.states(model).values())

@@ -160,3 +160,12 @@ def test_distance_table_scores_each_tile_by_its_place(causal):
     # A longer sequence: distances beyond the table score 0.
     longer = table_scores(table, 8, 8, sinks=1)
     assert (longer[:, 7, 1:3] == 0).all() and torch.equal(longer[:, 7, 6], table[:, 6])
+
+
+def test_attention_mass_gives_masked_keys_nothing():
+    q, k = _qk(t=32)
+    key_mask = torch.ones(32, dtype=torch.bool)
+    key_mask[24:] = False
+    mass = attention_mass(q, k, 8, causal=False, key_mask=key_mask)
+    assert (mass[..., 3] == 0).all()
+    torch.testing.assert_close(mass.sum(-1), torch.ones(4, 4))

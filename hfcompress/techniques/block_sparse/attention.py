@@ -42,7 +42,9 @@ __all__ = [
     "choose_layout",
     "disable_block_sparse",
     "enable_block_sparse",
+    "kept_density",
     "sparse_config",
+    "states",
 ]
 
 logger = logging.getLogger(__name__)
@@ -63,8 +65,12 @@ class SparseState:
     fixed: dict[tuple, torch.Tensor] = dataclasses.field(default_factory=dict)
     recorded: torch.Tensor | None = None
     recording: bool = False
-    # The density actually kept by the last sparse call (diagonal and sinks included).
+    # The density actually kept by the last sparse call (diagonal and sinks included), and
+    # the tiles kept and computable over every full-sequence call since enabling (a sequence
+    # of one block runs dense and counts as fully kept).
     last_density: float | None = None
+    kept_tiles: int = 0
+    total_tiles: int = 0
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -97,7 +103,22 @@ def _fixed_layout(n: int, cfg: BlockSparseConfig, heads: int, causal: bool) -> t
     return best.expand(heads, n, n) if best.dim() == 2 else best
 
 
-def choose_layout(state: SparseState, query: torch.Tensor, key: torch.Tensor, causal: bool) -> torch.Tensor:
+def _visible_keys(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``[B, T]`` bool: the keys some query may see under transformers' ``[B, 1, T, T]`` mask."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dtype == torch.bool:
+        return attention_mask[:, 0].any(-2)
+    return (attention_mask[:, 0] > torch.finfo(attention_mask.dtype).min / 2).any(-2)
+
+
+def choose_layout(
+    state: SparseState,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    causal: bool,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The ``[B or 1, H, n, n]`` layout of one call.
 
     Args:
@@ -105,6 +126,8 @@ def choose_layout(state: SparseState, query: torch.Tensor, key: torch.Tensor, ca
         query: ``[B, H, T, D]``.
         key: ``[B, Hk, T, D]``.
         causal: Whether the attention is causal.
+        attention_mask: transformers' ``[B, 1, T, T]`` mask: data-driven layouts estimate
+            the mass over the keys it lets some query see (padding gets none).
     """
     cfg = state.config
     b, h, t, _ = query.shape
@@ -124,6 +147,7 @@ def choose_layout(state: SparseState, query: torch.Tensor, key: torch.Tensor, ca
             state.fixed[cache_key] = fixed.to(query.device)[None]
         return state.fixed[cache_key]
     keep = _sinks(n, cfg, causal).to(query.device)
+    visible = _visible_keys(attention_mask)
     layouts = []
     with torch.no_grad():
         for i in range(b):
@@ -131,7 +155,10 @@ def choose_layout(state: SparseState, query: torch.Tensor, key: torch.Tensor, ca
                 scores = L.pooled_scores(query[i], key[i].repeat_interleave(h // key.shape[1], 0), cfg.block_size)
             else:
                 samples = None if cfg.layout == "oracle" else cfg.samples
-                scores = L.attention_mass(query[i], key[i], cfg.block_size, causal=causal, samples=samples)
+                key_mask = None if visible is None else visible[min(i, len(visible) - 1)]
+                scores = L.attention_mass(
+                    query[i], key[i], cfg.block_size, causal=causal, samples=samples, key_mask=key_mask
+                )
             layouts.append(L.topk_layout(scores, cfg.density, causal=causal, keep=keep, scope=cfg.scope))
     return torch.stack(layouts)
 
@@ -184,9 +211,18 @@ def block_sparse_attention(
         _record(state, query, key, causal)
     if state.recording or key.shape[2] != t or t <= cfg.block_size or cfg.density >= 1:
         state.last_density = None
+        if key.shape[2] == t and not state.recording:
+            n = L.num_blocks(t, cfg.block_size)
+            tiles = int(L.allowed(n, n, causal=causal).sum()) * query.shape[0] * query.shape[1]
+            state.kept_tiles, state.total_tiles = state.kept_tiles + tiles, state.total_tiles + tiles
         return dense_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    layout = choose_layout(state, query, key, causal)
-    state.last_density = L.density(layout.reshape(-1, *layout.shape[-2:]), causal=causal)
+    layout = choose_layout(state, query, key, causal, attention_mask)
+    n = layout.shape[-1]
+    ok = L.allowed(n, n, causal=causal, device=layout.device)
+    kept = int((layout & ok).expand(query.shape[0], query.shape[1], n, n).sum())
+    total = int(ok.sum()) * query.shape[0] * query.shape[1]
+    state.last_density = kept / total
+    state.kept_tiles, state.total_tiles = state.kept_tiles + kept, state.total_tiles + total
     scale = scaling if scaling is not None else d**-0.5
     if _use_kernel(query, attention_mask, dropout if module.training else 0.0):
         from hfcompress_triton.block_sparse import block_sparse_attention as kernel
@@ -321,6 +357,14 @@ def calibrate_tables(
             f"the calibration passes never reached the attention of {missing[:3]}; is the model's attention dense?"
         )
     return {name: table / sequences for name, table in recorded.items()}
+
+
+def kept_density(model: nn.Module) -> float | None:
+    """Tiles kept over tiles a dense attention computes, over every layer and full-sequence
+    call since :func:`enable_block_sparse` (None before any)."""
+    all_states = states(model).values()
+    total = sum(s.total_tiles for s in all_states)
+    return sum(s.kept_tiles for s in all_states) / total if total else None
 
 
 def states(model: nn.Module) -> dict[str, SparseState]:

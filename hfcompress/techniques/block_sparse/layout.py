@@ -153,7 +153,14 @@ def topk_layout(
 
 
 def attention_mass(
-    q: torch.Tensor, k: torch.Tensor, block: int, *, causal: bool, samples: int | None = None, chunk: int = 1024
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block: int,
+    *,
+    causal: bool,
+    samples: int | None = None,
+    key_mask: torch.Tensor | None = None,
+    chunk: int = 1024,
 ) -> torch.Tensor:
     """The attention mass each query block puts on each key block: the softmax probabilities
     of a tile summed over its keys and averaged over the block's query rows.
@@ -168,6 +175,7 @@ def attention_mass(
         block: Tokens per block.
         causal: Queries aligned to the last ``Tq`` keys, each seeing the keys up to itself.
         samples: Query rows per block, or None for all.
+        key_mask: ``[Tk]`` bool, False for keys no query may see (padding).
         chunk: Query rows per step (bounds the ``[H, rows, Tk]`` probabilities held at once).
 
     Returns:
@@ -195,7 +203,9 @@ def attention_mass(
         if causal:
             visible = torch.arange(tk, device=q.device)[None, :] <= (r + tk - tq)[:, None]
             logits = logits.masked_fill(~visible, -math.inf)
-        probs = torch.nn.functional.pad(logits.softmax(-1), (0, pad))
+        if key_mask is not None:
+            logits = logits.masked_fill(~key_mask, -math.inf)
+        probs = torch.nn.functional.pad(logits.softmax(-1).nan_to_num(0.0), (0, pad))  # a row seeing no key: 0
         per_block = probs.view(h, len(r), nk, block).sum(-1)  # [H, R, nK]
         mass.index_add_(1, r // block, per_block)
         counts.index_add_(0, r // block, torch.ones(len(r), device=q.device))
