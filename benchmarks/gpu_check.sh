@@ -8,6 +8,8 @@
 # 3. benchmarks/bench_w8a8.py: the W8A8 GEMM against bfloat16 cuBLAS, into OUT_DIR/w8a8;
 # 4. benchmarks/bench_kv_gpu.py: KV4 decode attention at 32k tokens, batch 8, against SDPA over
 #    a float16 cache (issue 12: at least 2x), into OUT_DIR/kv.
+# 5. benchmarks/bench_block_sparse_gpu.py: block-sparse attention forward and backward against
+#    FlashAttention (SDPA) at 8k and 16k tokens, densities 100/50/25/12.5%, into OUT_DIR/block_sparse.
 # Runs from the source tree without installing: hfcompress_triton is linked to triton_kernels/.
 set -u
 out="${1:-${OUT:-benchmarks/out/gpu}}"
@@ -37,3 +39,5 @@ timeout 140 python3 benchmarks/bench_w4a16.py --no-layers --e2e --out "$out/e2e"
 timeout 100 python3 benchmarks/bench_w8a8.py --sweep --out "$out/w8a8" 2>&1 | tee "$out/bench_w8a8.log"
 # 4. KV4 decode attention against SDPA over a float16 cache (issue 12: at least 2x at 32k, batch 8).
 timeout 60 python3 benchmarks/bench_kv_gpu.py --out "$out/kv" 2>&1 | tee "$out/bench_kv.log"
+# 5. Block-sparse attention (issue 13): the kernel against FlashAttention, forward and backward.
+timeout 120 python3 benchmarks/bench_block_sparse_gpu.py --out "$out/block_sparse" 2>&1 | tee "$out/bench_block_sparse.log"

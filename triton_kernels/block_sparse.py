@@ -159,12 +159,15 @@ def block_lists(layout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _meta(q: torch.Tensor, k: torch.Tensor, block_size: int) -> dict:
     h, d = q.shape[1], q.shape[3]
+    bd = max(16, triton.next_power_of_2(d))
     return {
         "H": h,
         "GROUP": h // k.shape[1],
         "BLOCK": block_size,
-        "BD": max(16, triton.next_power_of_2(d)),
+        "BD": bd,
         "PREC": "ieee" if q.dtype == torch.float32 else "tf32",
+        # A 128 x 128 float32 accumulator needs more than 4 warps' registers.
+        "num_warps": 8 if block_size * bd >= 128 * 128 else 4,
     }
 
 

@@ -37,21 +37,21 @@ def _layout(b, h, t, block, causal, seed=0):
     return per_head.view(b, h, n, n)
 
 
-def _run(fn, q, k, v, layout, block, causal, grad_out):
-    q, k, v = (x.clone().requires_grad_(True) for x in (q, k, v))
-    out = fn(q, k, v, layout, block, causal, 1 / math.sqrt(q.shape[-1]))
-    out.backward(grad_out)
-    return out.detach(), q.grad, k.grad, v.grad
+def _run(fn, q, k, v, layout, block, causal, grad_out, device="cpu", dtype=torch.float32):
+    q, k, v = (x.to(device, dtype).requires_grad_(True) for x in (q, k, v))
+    out = fn(q, k, v, layout.to(device), block, causal, 1 / math.sqrt(q.shape[-1]))
+    out.backward(grad_out.to(device, dtype))
+    return tuple(x.float().cpu() for x in (out.detach(), q.grad, k.grad, v.grad))
 
 
 @pytest.mark.parametrize(("b", "h", "hk", "t", "d", "block", "causal"), CASES, ids=IDS)
-def test_kernel_equals_its_twin_forward_and_backward(b, h, hk, t, d, block, causal):
+def test_kernel_equals_its_twin_forward_and_backward(b, h, hk, t, d, block, causal, device):
     from hfcompress_triton.block_sparse import block_sparse_attention
 
     q, k, v = _inputs(b, h, hk, t, d)
     layout = _layout(b, h, t, block, causal)
     grad_out = torch.randn(b, h, t, d, generator=torch.Generator().manual_seed(1))
-    got = _run(block_sparse_attention, q, k, v, layout, block, causal, grad_out)
+    got = _run(block_sparse_attention, q, k, v, layout, block, causal, grad_out, device)
     want = _run(block_sparse_ref.block_sparse_attention_ref, q, k, v, layout, block, causal, grad_out)
     torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=0)
     for name, g, w in zip(("dq", "dk", "dv"), got[1:], want[1:], strict=True):
@@ -59,7 +59,7 @@ def test_kernel_equals_its_twin_forward_and_backward(b, h, hk, t, d, block, caus
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
-def test_kernel_rows_keeping_only_the_diagonal(causal):
+def test_kernel_rows_keeping_only_the_diagonal(causal, device):
     from hfcompress_triton.block_sparse import block_sparse_attention
 
     q, k, v = _inputs(1, 2, 1, 70, 16)
@@ -67,20 +67,21 @@ def test_kernel_rows_keeping_only_the_diagonal(causal):
     layout = torch.eye(n, dtype=torch.bool).expand(1, 2, n, n).clone()
     layout[0, 1, 3, 0] = True  # one row of one head keeps a second tile
     grad_out = torch.randn(1, 2, 70, 16)
-    got = _run(block_sparse_attention, q, k, v, layout, 16, causal, grad_out)
+    got = _run(block_sparse_attention, q, k, v, layout, 16, causal, grad_out, device)
     want = _run(block_sparse_ref.block_sparse_attention_ref, q, k, v, layout, 16, causal, grad_out)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-3, rtol=0)
 
 
-def test_kernel_a_wrong_head_mapping_would_show():
+def test_kernel_a_wrong_head_mapping_would_show(device):
     # Key heads that differ a lot: reading key head h % Hk instead of h // (H / Hk) fails this.
     from hfcompress_triton.block_sparse import block_sparse_attention
 
     q, k, v = _inputs(1, 4, 2, 32, 16)
     v[:, 1] += 100
     layout = torch.ones(1, 1, 2, 2, dtype=torch.bool)
-    out = block_sparse_attention(q, k, v, layout, 16, True, 0.25)
+    q, k, v, layout = (x.to(device) for x in (q, k, v, layout))
+    out = block_sparse_attention(q, k, v, layout, 16, True, 0.25).cpu()
     assert (out[:, :2].mean() < 10) and (out[:, 2:].mean() > 90)
 
 
@@ -106,6 +107,25 @@ def test_twin_drops_the_tiles_the_layout_drops():
     out = block_sparse_ref.block_sparse_attention_ref(q, k, v, layout, block, False, 0.25)[0, 0]
     assert torch.allclose(out[:16, 0], torch.ones(16)) and out[32:, 1].abs().max() == 0
     assert torch.allclose(out[32:, 0] + out[32:, 2], torch.ones(16))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("block", [64, 128])
+def test_kernel_half_precision_on_gpu(dtype, block):
+    # Half-precision inputs, float32 accumulation: within 2e-2 of the float32 twin (the
+    # inputs' own rounding); the interpreter computes bf16 dots wrongly, so this is GPU only.
+    from hfcompress_triton.block_sparse import block_sparse_attention
+
+    q, k, v = _inputs(2, 8, 2, 1000, 64)
+    layout = _layout(2, 8, 1000, block, True)
+    grad_out = torch.randn(2, 8, 1000, 64)
+    got = _run(block_sparse_attention, q, k, v, layout, block, True, grad_out, "cuda", dtype)
+    q, k, v, grad_out = (x.to(dtype).float() for x in (q, k, v, grad_out))
+    want = _run(block_sparse_ref.block_sparse_attention_ref, q, k, v, layout, block, True, grad_out)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize(
