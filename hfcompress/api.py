@@ -16,7 +16,7 @@ from hfcompress.experts import fuse_experts_back, unfuse_experts
 from hfcompress.integrations.transformers_quantizer import attach_quantization_config
 from hfcompress.kinds import compressed_modules, is_linear_like
 from hfcompress.modifier import CompressionContext, ModelView
-from hfcompress.patches import record_patch
+from hfcompress.patches import record_patch, recorded_patches
 from hfcompress.recipe import Recipe
 from hfcompress.registry import technique_for_config
 from hfcompress.saving import check_folder, save_atomically
@@ -172,7 +172,8 @@ def save_pretrained(
         model.save_pretrained(folder, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
-        if card is not False and compressed_modules(model):
+        # A card for compressed layers, and for patches alone (a KV cache, block-sparse attention).
+        if card is not False and (compressed_modules(model) or recorded_patches(model)):
             from hfcompress.card import CardInfo, write_card
 
             write_card(folder, model, card if isinstance(card, CardInfo) else None)

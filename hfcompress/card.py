@@ -209,6 +209,19 @@ def render_card(model: nn.Module, info: CardInfo) -> tuple[str, dict[str, str]]:
             f"{kv.residual_length} most recent in full precision; attention reads the packed cache. "
             "`from_pretrained` switches it on (with `import hfcompress`).",
         ]
+    from hfcompress.techniques.block_sparse.attention import sparse_config
+
+    sparse = sparse_config(model)
+    if sparse is not None:
+        out += [
+            "",
+            "## Block-sparse attention",
+            "",
+            f"Attention computes about {100 * sparse.density:g}% of its {sparse.block_size}x{sparse.block_size} "
+            f"tiles (layout `{sparse.layout}`, {sparse.sink_blocks} sink block(s) always kept) on forwards over "
+            "a whole sequence longer than one block; decoding steps attend densely. `from_pretrained` switches "
+            "it on (with `import hfcompress`).",
+        ]
     files: dict[str, str] = {}
     out += ["", "## Measured before and after", ""]
     if info.measurements:

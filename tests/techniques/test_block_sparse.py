@@ -69,6 +69,7 @@ def test_calibrated_tables_travel_in_the_saved_config(tmp_path):
     tables = {n: s.table for n, s in bsa.states(model).items()}
     assert len(tables) == 2 and all(t.shape == (4, 1 + 2 * 4 - 1) for t in tables.values())
     hfcompress.save_pretrained(model, tmp_path / "m")
+    assert "## Block-sparse attention" in (tmp_path / "m" / "README.md").read_text()
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     for name, state in bsa.states(reloaded).items():
         assert torch.equal(state.table, tables[name])
