@@ -34,6 +34,7 @@ from hfcompress.quant.scheme import QuantArgs, QuantScheme
 from hfcompress.recipe import Recipe, Stage
 from hfcompress.registry import get_technique, register_technique, registered_techniques
 from hfcompress.techniques.activations import ActivationQuantConfig
+from hfcompress.techniques.block_sparse import BlockSparseConfig, disable_block_sparse, enable_block_sparse
 from hfcompress.techniques.error_compensation import ErrorCompensationConfig
 from hfcompress.techniques.gptq import GPTQConfig
 from hfcompress.techniques.kv_cache import KVCacheConfig, QuantizedKVCache, disable_kv_cache, enable_kv_cache
@@ -46,6 +47,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActivationQuantConfig",
+    "BlockSparseConfig",
     "CalibrationDataError",
     "CheckpointError",
     "CompressedModule",
@@ -73,8 +75,10 @@ __all__ = [
     "TechniqueConfig",
     "TrainingDataError",
     "compress",
+    "disable_block_sparse",
     "disable_kv_cache",
     "drop_layers",
+    "enable_block_sparse",
     "enable_kv_cache",
     "get_technique",
     "layer_map",
