@@ -172,3 +172,19 @@ def test_true_sequential_runs_on_a_discovered_architecture():
     model = _make("phi3")
     compress(model, [GPTQConfig(bits=4, group_size=16, true_sequential=True)], calibration_data=CALIB, progress=False)
     assert isinstance(model.model.layers[1].self_attn.qkv_proj, QuantLinear)
+
+
+@pytest.mark.parametrize("name", MODELS, ids=list(MODELS))
+def test_block_sparse_attention_through_the_attention_interface(name, tmp_path):
+    # Auto-discovered architectures take the block-sparse attention function as they are: the
+    # first block's rows are unchanged, later rows change, and the reload is patched.
+    model = _make(name)
+    ids = torch.randint(2, VOCAB, (2, 64), generator=torch.Generator().manual_seed(7))
+    dense = model(ids).logits
+    compress(model, [hfcompress.BlockSparseConfig(layout="dynamic", density=0.4, block_size=16)], progress=False)
+    sparse = model(ids).logits
+    torch.testing.assert_close(sparse[:, :16], dense[:, :16], atol=1e-5, rtol=0)
+    assert (sparse - dense).abs().max() > 1e-4
+    hfcompress.save_pretrained(model, tmp_path / name)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / name)
+    assert (reloaded(ids).logits - sparse).abs().max() <= 1e-5
