@@ -115,11 +115,15 @@ def test_generate_prefills_sparse_and_decodes_densely():
     assert out.shape == (1, 52) and out[0, 48] == first
 
 
-def test_gradients_flow_through_the_sparse_attention():
+@pytest.mark.parametrize("layout", ["local", "dynamic", "pooled"])
+def test_gradients_flow_through_the_sparse_attention_under_autocast(layout):
+    # Training runs bf16 autocast (the Trainer's bf16=True): the estimators still score in float32.
     model = make_tiny_llama().train()
-    enable_block_sparse(model, _config("local"))
+    enable_block_sparse(model, _config(layout))
     ids = _ids()
-    model(ids, labels=ids).loss.backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0

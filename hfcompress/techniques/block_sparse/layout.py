@@ -181,7 +181,7 @@ def attention_mass(
     Returns:
         ``[H, nQ, nK]`` float32, each row summing to 1.
     """
-    h, tq, d = q.shape
+    h, tq, _ = q.shape
     hk, tk, _ = k.shape
     if h % hk:
         raise ValueError(f"{h} query heads are not a multiple of {hk} key heads")
@@ -198,18 +198,27 @@ def attention_mass(
     pad = nk * block - tk
     mass = torch.zeros(h, nq, nk, device=q.device)
     counts = torch.zeros(nq, device=q.device)
-    for r in rows.split(chunk):
-        logits = q[:, r].float() @ kk.transpose(1, 2) / math.sqrt(d)  # [H, R, Tk]
-        if causal:
-            visible = torch.arange(tk, device=q.device)[None, :] <= (r + tk - tq)[:, None]
-            logits = logits.masked_fill(~visible, -math.inf)
-        if key_mask is not None:
-            logits = logits.masked_fill(~key_mask, -math.inf)
-        probs = torch.nn.functional.pad(logits.softmax(-1).nan_to_num(0.0), (0, pad))  # a row seeing no key: 0
-        per_block = probs.view(h, len(r), nk, block).sum(-1)  # [H, R, nK]
-        mass.index_add_(1, r // block, per_block)
-        counts.index_add_(0, r // block, torch.ones(len(r), device=q.device))
+    with torch.autocast(q.device.type, enabled=False):  # float32 scores under a training autocast too
+        for r in rows.split(chunk):
+            _add_mass(mass, counts, q[:, r].float(), kk, r, block, tq, causal, key_mask, pad)
     return mass / counts[None, :, None]
+
+
+def _add_mass(mass, counts, q, kk, r, block, tq, causal, key_mask, pad) -> None:
+    """Add rows ``r``'s (``q: [H, R, D]``) probabilities per key block to ``mass`` and count them."""
+    h, _, d = q.shape
+    tk = kk.shape[1]
+    nk = mass.shape[-1]
+    logits = q @ kk.transpose(1, 2) / math.sqrt(d)  # [H, R, Tk]
+    if causal:
+        visible = torch.arange(tk, device=q.device)[None, :] <= (r + tk - tq)[:, None]
+        logits = logits.masked_fill(~visible, -math.inf)
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask, -math.inf)
+    probs = torch.nn.functional.pad(logits.softmax(-1).nan_to_num(0.0), (0, pad))  # a row seeing no key: 0
+    per_block = probs.view(h, len(r), nk, block).sum(-1)  # [H, R, nK]
+    mass.index_add_(1, r // block, per_block)
+    counts.index_add_(0, r // block, torch.ones(len(r), device=q.device))
 
 
 def distance_table(mass: torch.Tensor, *, sinks: int, causal: bool) -> torch.Tensor:
@@ -276,7 +285,8 @@ def pooled_scores(q: torch.Tensor, k: torch.Tensor, block: int) -> torch.Tensor:
         counts[-1] = t - (n - 1) * block
         return sums / counts[None, :, None]
 
-    logits = pool(q) @ pool(k).transpose(1, 2) / math.sqrt(q.shape[-1])
+    with torch.autocast(q.device.type, enabled=False):
+        logits = pool(q) @ pool(k).transpose(1, 2) / math.sqrt(q.shape[-1])
     return logits.softmax(-1)
 
 
