@@ -198,3 +198,11 @@ def test_dynamic_encoder_padding_leaves_the_real_tokens_as_alone():
     alone = model(input_ids=ids[1:, :48], output_hidden_states=True).hidden_states[-1]
     torch.testing.assert_close(batch[1:, :48], alone, atol=1e-5, rtol=0)
     assert all(s.last_density == pytest.approx(6 / 9) for s in bsa.states(model).values())
+
+
+def test_calibrated_layout_warns_on_inputs_longer_than_its_calibration(caplog):
+    model = make_tiny_llama()
+    compress(model, [_config("calibrated")], calibration_data=_ids(2, 32, seed=3), progress=False)
+    with caplog.at_level("WARNING"):
+        model(_ids(1, 64))
+    assert "measured on sequences of 2 blocks; this one has 4" in caplog.text

@@ -140,6 +140,13 @@ def choose_layout(
                     raise ModelError(
                         "a calibrated block-sparse layout has no table: calibrate it (a block_sparse stage)"
                     )
+                reach = (state.table.shape[1] - cfg.sink_blocks + 1) // 2
+                if n > reach:
+                    logger.warning(
+                        "the calibrated block-sparse layout was measured on sequences of %d blocks; this one has %d, "
+                        "and its tiles farther than %d blocks score 0 (calibrate on windows as long as the inputs)",
+                        reach, n, reach - 1,
+                    )  # fmt: skip
                 scores = L.table_scores(state.table.to(query.device), n, n, sinks=cfg.sink_blocks)
                 fixed = L.topk_layout(scores, cfg.density, causal=causal, keep=_sinks(n, cfg, causal), scope=cfg.scope)
             else:
