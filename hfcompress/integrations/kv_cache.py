@@ -1,6 +1,7 @@
 """The quantized KV cache, as transformers sees it: a ``Cache`` of :class:`QuantizedKVLayer`
 and an attention function registered through ``AttentionInterface`` (the one module that
-touches transformers' cache and attention APIs).
+touches transformers' cache API; the attention registration itself goes through
+:mod:`hfcompress.integrations.attention`).
 
 Each layer keeps, in token order: the first ``sink_tokens`` tokens in full precision (the
 attention sinks), a packed KIVI part (keys per channel, values per token, ``bits`` bits) that
