@@ -34,6 +34,14 @@ def _scores(q, k, offs_m, offs_n, T, sm_scale, CAUSAL: tl.constexpr, PREC: tl.co
 
 
 @triton.jit
+def _kv_tile(k_ptr, v_ptr, kvh, offs_n, offs_d, T, D):
+    """The keys and values of tokens ``offs_n`` of key head ``kvh`` (zeros past T and past D)."""
+    mask = (offs_n[:, None] < T) & (offs_d[None, :] < D)
+    off = (kvh * T + offs_n[:, None]) * D + offs_d[None, :]
+    return tl.load(k_ptr + off, mask=mask, other=0.0), tl.load(v_ptr + off, mask=mask, other=0.0)
+
+
+@triton.jit
 def _bsa_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, cnt_ptr, sm_scale, T, D, NB,
     H: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BD: tl.constexpr,
@@ -54,10 +62,7 @@ def _bsa_fwd_kernel(
     for t in range(0, tl.load(cnt_ptr + row)):
         kb = tl.load(idx_ptr + row * NB + t)
         offs_n = kb * BLOCK + tl.arange(0, BLOCK)
-        kv_mask = (offs_n[:, None] < T) & dmask
-        kv_off = (kvh * T + offs_n[:, None]) * D + offs_d[None, :]
-        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+        k, v = _kv_tile(k_ptr, v_ptr, kvh, offs_n, offs_d, T, D)
         s = _scores(q, k, offs_m, offs_n, T, sm_scale, CAUSAL, PREC)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past T see no key
@@ -100,10 +105,7 @@ def _bsa_bwd_dq_kernel(
     for t in range(0, tl.load(cnt_ptr + row)):
         kb = tl.load(idx_ptr + row * NB + t)
         offs_n = kb * BLOCK + tl.arange(0, BLOCK)
-        kv_mask = (offs_n[:, None] < T) & dmask
-        kv_off = (kvh * T + offs_n[:, None]) * D + offs_d[None, :]
-        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+        k, v = _kv_tile(k_ptr, v_ptr, kvh, offs_n, offs_d, T, D)
         p = tl.exp(_scores(q, k, offs_m, offs_n, T, sm_scale, CAUSAL, PREC) - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
@@ -125,9 +127,7 @@ def _bsa_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BD)
     dmask = offs_d[None, :] < D
     cols = offs_n < T
-    kv_off = (kvh * T + offs_n[:, None]) * D + offs_d[None, :]
-    k = tl.load(k_ptr + kv_off, mask=cols[:, None] & dmask, other=0.0)
-    v = tl.load(v_ptr + kv_off, mask=cols[:, None] & dmask, other=0.0)
+    k, v = _kv_tile(k_ptr, v_ptr, kvh, offs_n, offs_d, T, D)
     dk = tl.zeros((BLOCK, BD), tl.float32)
     dv = tl.zeros((BLOCK, BD), tl.float32)
     row = bh * NB + kb
