@@ -20,7 +20,7 @@ from torch import nn
 
 from hfcompress.errors import CheckpointError
 
-__all__ = ["Patch", "apply_patches", "record_patch", "recorded_patches", "register_patch"]
+__all__ = ["Patch", "apply_patches", "earlier_patch", "record_patch", "recorded_patches", "register_patch"]
 
 PATCHES_ATTR = "_hfcompress_patches"
 
@@ -60,6 +60,16 @@ def record_patch(model: nn.Module, name: str, params: dict[str, Any]) -> None:
 def recorded_patches(model: nn.Module) -> list[dict[str, Any]]:
     """The patches applied to ``model``, in order."""
     return list(getattr(model, PATCHES_ATTR, []))
+
+
+def earlier_patch(marks: dict[str, str], model: nn.Module, name: str, active: bool) -> str | None:
+    """Where patch ``name`` already comes from, or None: an earlier stage of this recipe (its
+    mark in ``marks``, the model-level marks of a view) or an earlier run (``active``: the
+    patch is switched on, or the model records it)."""
+    earlier = marks.get(name)
+    if earlier is None and (active or any(p.get("name") == name for p in recorded_patches(model))):
+        earlier = "an earlier run"
+    return earlier
 
 
 def apply_patches(model: nn.Module, records: list[dict[str, Any]]) -> None:

@@ -12,7 +12,7 @@ from torch import nn
 from hfcompress.errors import ModelError
 from hfcompress.integrations.attention import attention_conflict
 from hfcompress.modifier import CompressionContext, ModelView, Modifier
-from hfcompress.patches import record_patch, recorded_patches, register_patch
+from hfcompress.patches import earlier_patch, record_patch, register_patch
 from hfcompress.techniques.block_sparse.attention import (
     ATTENTION,
     calibrate_tables,
@@ -53,11 +53,7 @@ class BlockSparseModifier(Modifier):
         except ModelError as exc:
             raise self.error(str(exc)) from None
         root = view.entries[""]
-        earlier = root.marks.get(PATCH)
-        if earlier is None and (
-            sparse_config(model) is not None or any(p.get("name") == PATCH for p in recorded_patches(model))
-        ):
-            earlier = "an earlier run"
+        earlier = earlier_patch(root.marks, model, PATCH, sparse_config(model) is not None)
         if earlier is not None:
             raise self.error(
                 f"the model's attention is block-sparse already (from {earlier}); one block_sparse stage is enough"

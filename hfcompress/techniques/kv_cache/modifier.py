@@ -11,7 +11,7 @@ from hfcompress.errors import ModelError
 from hfcompress.integrations.attention import attention_conflict
 from hfcompress.integrations.kv_cache import ATTENTION, check_model, enable_kv_cache, kv_config
 from hfcompress.modifier import CompressionContext, ModelView, Modifier
-from hfcompress.patches import record_patch, recorded_patches, register_patch
+from hfcompress.patches import earlier_patch, record_patch, register_patch
 from hfcompress.techniques.kv_cache.config import KVCacheConfig
 
 __all__ = ["PATCH", "KVCacheModifier"]
@@ -36,11 +36,7 @@ class KVCacheModifier(Modifier):
         except ModelError as exc:
             raise self.error(str(exc)) from None
         root = view.entries[""]  # the model itself: where model-level stages leave their mark
-        earlier = root.marks.get(PATCH)
-        if earlier is None and (
-            kv_config(model) is not None or any(p.get("name") == PATCH for p in recorded_patches(model))
-        ):
-            earlier = "an earlier run"
+        earlier = earlier_patch(root.marks, model, PATCH, kv_config(model) is not None)
         if earlier is not None:
             raise self.error(
                 f"the model already has a quantized KV cache (from {earlier}); one kv_cache stage is enough"
