@@ -18,7 +18,14 @@ import torch
 from hfcompress.input_stats import HessianAccumulator
 from hfcompress.quant.affine import QuantizedWeight, compute_qparams, resolve_group_size
 
-__all__ = ["GPTQResult", "HessianAccumulator", "cholesky_inverse_upper", "quantize_weight", "search_qparams"]
+__all__ = [
+    "GPTQResult",
+    "HessianAccumulator",
+    "cholesky_inverse_upper",
+    "factorizes",
+    "quantize_weight",
+    "search_qparams",
+]
 
 
 @dataclass(frozen=True)
@@ -27,11 +34,30 @@ class GPTQResult:
     weight: The codes and their parameters, in the original column order.
     damp: The relative damping that made ``H`` positive definite (``>= damp`` asked for).
     loss: GPTQ's accumulated error, ``sum((w - w_hat)^2 / [H^-1]_jj^2) / 2`` over all columns.
+    unrounded: ``[N, K]`` float32, each weight as GPTQ rounded it: the original weight plus
+        the error feedback of the columns quantized before it, in the original column
+        order. ``round(unrounded / s + z)`` gives the codes; learned rounding starts here.
     """
 
     weight: QuantizedWeight
     damp: float
     loss: float
+    unrounded: torch.Tensor
+
+
+def _damped(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """``H + damp * mean(diag H) * I``."""
+    mean_diag = torch.mean(torch.diag(h)).item()
+    scale = mean_diag if mean_diag > 0 else 1.0
+    return h + damp * scale * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+
+
+def factorizes(h: torch.Tensor, damp: float) -> bool:
+    """Whether ``H`` damped by ``damp`` is positive definite (its Cholesky factorization
+    succeeds). A true ``x^T x`` sum always is; one summed from bfloat16 products may not be,
+    because rounding each product to bfloat16 leaves negative eigenvalues of a few percent
+    of ``mean(diag H)`` where ``H`` is rank-deficient (grouped-query attention's ``o_proj``)."""
+    return torch.linalg.cholesky_ex(_damped(h.float(), damp))[1].item() == 0
 
 
 def cholesky_inverse_upper(h: torch.Tensor, damp: float, max_damp: float = 1e3) -> tuple[torch.Tensor, float]:
@@ -41,12 +67,8 @@ def cholesky_inverse_upper(h: torch.Tensor, damp: float, max_damp: float = 1e3) 
     until it succeeds; returns the factor and the damping used. Raises only if even
     ``max_damp`` fails, which needs a non-finite H.
     """
-    k = h.shape[0]
-    mean_diag = torch.mean(torch.diag(h)).item()
-    scale = mean_diag if mean_diag > 0 else 1.0
     while True:
-        damped = h + damp * scale * torch.eye(k, dtype=h.dtype, device=h.device)
-        chol, info = torch.linalg.cholesky_ex(damped)
+        chol, info = torch.linalg.cholesky_ex(_damped(h, damp))
         if info.item() == 0:
             inv = torch.cholesky_inverse(chol)
             upper, info = torch.linalg.cholesky_ex(inv, upper=True)
@@ -158,6 +180,7 @@ def quantize_weight(
     Hinv, damp_used = cholesky_inverse_upper(H, damp)
 
     Q = torch.zeros(n, k, dtype=torch.uint8, device=W.device)
+    unrounded = torch.empty(n, k, device=W.device)
     loss = 0.0
     order = perm.tolist()
     diag = torch.diag(Hinv).tolist()
@@ -187,6 +210,7 @@ def quantize_weight(
                     new_s, new_z = params(current)
                     scales[:, g], zeros[:, g] = new_s[:, 0], new_z[:, 0]
                     s, z = scales[:, g].float(), zeros[:, g].float()
+            unrounded[:, j] = W1[:, i]
             q = torch.clamp(torch.round(W1[:, i] / s + z), 0, maxq)
             Q[:, j] = q.to(torch.uint8)
             err = (W1[:, i] - (q - z) * s) / diag[j]  # Algorithm 1: E = (W - Q) / [H^-1]_jj
@@ -198,4 +222,4 @@ def quantize_weight(
     inv = torch.argsort(perm)
     Q = Q[:, inv]
     weight = QuantizedWeight(q=Q, scales=scales, zeros=zeros, bits=bits, group_size=group_size)
-    return GPTQResult(weight=weight, damp=damp_used, loss=loss)
+    return GPTQResult(weight=weight, damp=damp_used, loss=loss, unrounded=unrounded[:, inv])
