@@ -195,17 +195,23 @@ def run_block(block: nn.Module, inputs: list[BlockInputs], *, compute_dtype: tor
                 block(*item.args, **item.kwargs)
 
 
+def _outputs(block: nn.Module, inputs: list[BlockInputs], compute_dtype: torch.dtype | None) -> Iterator[torch.Tensor]:
+    """``block``'s hidden-state output on each batch in turn, in the input dtype."""
+    device = inputs[0].args[0].device
+    with dense_weights():
+        for item in inputs:
+            with autocast(device, compute_dtype):
+                out = _hidden(block(*item.args, **item.kwargs))
+            yield out.to(item.args[0].dtype)
+
+
 @torch.no_grad()
 def propagate(block: nn.Module, inputs: list[BlockInputs], *, compute_dtype: torch.dtype | None = None) -> None:
     """Replace each batch's hidden states, in place, by ``block``'s output on it (kept in the
     input dtype). Each input is freed as soon as its output exists, so only one extra batch
     of activations is alive at a time."""
-    device = inputs[0].args[0].device
-    with dense_weights():
-        for i, item in enumerate(inputs):
-            with autocast(device, compute_dtype):
-                out = _hidden(block(*item.args, **item.kwargs))
-            inputs[i] = item.with_hidden(out.to(item.args[0].dtype))
+    for i, out in enumerate(_outputs(block, inputs, compute_dtype)):
+        inputs[i] = inputs[i].with_hidden(out)
 
 
 def autocast_dtype(name: str) -> torch.dtype | None:
@@ -244,6 +250,9 @@ class Block:
         inputs: Its calibration inputs, as the blocks before it (already processed) produce them.
         targets: The stage's target layers inside the block, relative to it (``"mlp.up_proj"``).
         compute_dtype: Autocast dtype of the calibration passes, or None.
+        reference: With a runner built with ``reference=True``: the block's outputs in the
+            unprocessed model, one per input (the float model's activations, for techniques
+            that fit a block to them rather than to its own float output); else None.
     """
 
     index: int
@@ -253,6 +262,7 @@ class Block:
     inputs: list[BlockInputs]
     targets: list[str]
     compute_dtype: torch.dtype | None = None
+    reference: list[torch.Tensor] | None = None
 
     def run(self) -> None:
         """Run the block on every input without gradients (for hooks that collect statistics)."""
@@ -277,6 +287,9 @@ class LayerwiseRunner:
             being processed again.
         progress: Show a progress bar.
         desc: Its label.
+        reference: Also carry the unprocessed model's activations through the blocks (a
+            second stream, as much memory as the calibration inputs) and hand each block its
+            outputs there as :attr:`Block.reference`.
     """
 
     def __init__(
@@ -289,6 +302,7 @@ class LayerwiseRunner:
         checkpoint: BlockCheckpoint | None = None,
         progress: bool = True,
         desc: str = "blocks",
+        reference: bool = False,
     ) -> None:
         self.model = model
         self.batches = batches
@@ -297,6 +311,7 @@ class LayerwiseRunner:
         self.checkpoint = checkpoint
         self.progress = progress
         self.desc = desc
+        self.reference = reference
         self.prefix = ""  # the block list's qualified name, once `run` found it
 
     @torch.no_grad()
@@ -312,6 +327,7 @@ class LayerwiseRunner:
         self.prefix = prefix
         targets = list(targets)
         inputs = capture_block_inputs(self.model, blocks[0], self.batches, self.device)
+        reference = list(inputs) if self.reference else None  # the unprocessed model's stream
         release_memory()
         count = len(blocks)
         if self.checkpoint is not None:
@@ -326,14 +342,19 @@ class LayerwiseRunner:
             materialize_offloaded(block, model=self.model)
             home = next(block.parameters(), next(block.buffers(), torch.empty(0))).device
             block.to(self.device)
+            # The unprocessed block's outputs on the reference stream, before `process` changes it.
+            expected = list(_outputs(block, reference, self.compute_dtype)) if reference is not None else None
             if names:
                 if self.checkpoint is not None and self.checkpoint.has(index):
                     self.checkpoint.load(index, block)
                 else:
-                    process(Block(index, count, local, block, inputs, names, self.compute_dtype))
+                    process(Block(index, count, local, block, inputs, names, self.compute_dtype, expected))
                     if self.checkpoint is not None:
                         self.checkpoint.save(index, block)
             propagate(block, inputs, compute_dtype=self.compute_dtype)
+            if reference is not None:
+                reference = [item.with_hidden(out) for item, out in zip(reference, expected, strict=True)]
+            del expected
             release_memory()
             block.to(home)
-        del inputs
+        del inputs, reference

@@ -92,3 +92,24 @@ def test_a_killed_run_resumes_from_its_block_checkpoints_to_the_same_result(tmp_
     assert "resuming after block 2 of 3" in caplog.text
     got, want = resumed.state_dict(), expected.state_dict()
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_reference_stream_carries_the_unprocessed_models_activations():
+    model = make_tiny_llama(layers=3)
+    with torch.no_grad():
+        float_hidden = model(BATCHES[1]["input_ids"], output_hidden_states=True).hidden_states
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    train = _train_norm([])
+
+    def record_then_train(block: Block) -> None:
+        seen[block.index] = (block.reference[1], block.inputs[1].args[0])
+        train(block)
+
+    runner = LayerwiseRunner(model, BATCHES, device=torch.device("cpu"), progress=False, reference=True)
+    runner.run(record_then_train, TARGETS)
+    for index, (reference, inputs) in seen.items():
+        # The block's float output on float inputs (the last block's is before the final norm).
+        if index < 2:
+            assert torch.allclose(reference, float_hidden[index + 1], atol=1e-5)
+        if index > 0:  # the processed stream has drifted from it
+            assert (inputs - float_hidden[index]).abs().max() > 1e-3
