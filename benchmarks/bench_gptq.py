@@ -5,6 +5,7 @@
     python benchmarks/bench_gptq.py --schemes w4pc \
         --peer llmcompressor=.venv-llmc/bin/python --peer hqq=.venv-hqq/bin/python   # peers in the same run
     python benchmarks/bench_gptq.py --schemes w4g128 --peer bnb=.venv/bin/python     # bitsandbytes NF4
+    python benchmarks/bench_gptq.py --methods gptq lr-light lr --extra '{"compute_dtype": "bfloat16"}'
 
 Protocol (issue 3): calibration 128 windows x 512 tokens of WikiText-2 *validation*
 (seed 0); evaluation the first 40 windows of 512 tokens of WikiText-2 *test*. Each
@@ -28,6 +29,9 @@ from pathlib import Path
 
 SCHEMES = {"w4g128": (4, 128), "w3g128": (3, 128), "w4pc": (4, -1)}
 METHODS = ["fp32", "rtn", "gptq"]
+# Learned rounding (technique `learned_rounding`, started from GPTQ with --extra's options):
+# the light setting (50 steps of 4 windows) and the full one (AutoRound's default: 200 steps of 8).
+LEARNED_ROUNDING = {"lr-light": {"steps": 50, "batch_size": 4}, "lr": {"steps": 200}}
 PEER_SCRIPTS = {
     "llmcompressor": "llmcompressor_gptq.py",
     "hqq": "hqq_rtn.py",
@@ -41,14 +45,18 @@ BEST_GPTQ = {"act_order": True, "clip_search": True, "compute_dtype": "bfloat16"
 
 
 def quantize(model, tokenizer, method: str, bits: int, group_size: int, extra: dict) -> None:
-    """Compress ``model`` in place by ``method`` ("rtn", "gptq"; "fp32" leaves it), with the
-    protocol's calibration data for GPTQ."""
+    """Compress ``model`` in place by ``method`` ("rtn", "gptq", "lr-light", "lr"; "fp32"
+    leaves it), with the protocol's calibration data for the calibrated ones."""
     import hfcompress
 
     if method == "rtn":
         hfcompress.compress(model, [hfcompress.RTNConfig(bits=bits, group_size=group_size)], progress=False)
-    elif method == "gptq":
-        config = hfcompress.GPTQConfig(bits=bits, group_size=group_size, **extra)
+    elif method in ("gptq", *LEARNED_ROUNDING):
+        if method == "gptq":
+            config = hfcompress.GPTQConfig(bits=bits, group_size=group_size, **extra)
+        else:
+            fields = {**extra, **LEARNED_ROUNDING[method]}
+            config = hfcompress.LearnedRoundingConfig(bits=bits, group_size=group_size, **fields)
         hfcompress.compress(
             model,
             [config],
@@ -84,7 +92,8 @@ def measure(method: str, scheme: str, extra: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "SCHEME"))
-    parser.add_argument("--extra", default="{}", help="JSON of extra GPTQConfig fields")
+    parser.add_argument("--extra", default="{}", help="JSON of extra GPTQConfig (and LearnedRoundingConfig) fields")
+    parser.add_argument("--methods", nargs="*", default=METHODS, choices=[*METHODS, *LEARNED_ROUNDING])
     parser.add_argument("--schemes", nargs="*", default=list(SCHEMES))
     parser.add_argument(
         "--peer",
@@ -105,7 +114,7 @@ def main() -> None:
         return
     rows = []
     for scheme in args.schemes:
-        for method in METHODS:
+        for method in args.methods:
             if method == "fp32" and scheme != args.schemes[0]:
                 continue
             cmd = [sys.executable, __file__, "--one", method, scheme, "--extra", args.extra]
@@ -121,7 +130,9 @@ def main() -> None:
             else:
                 rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(rows[-1], file=sys.stderr)
-    fp32 = next(r["ppl"] for r in rows if r["method"] == "fp32")
+    fp32 = next((r["ppl"] for r in rows if r["method"] == "fp32"), None)
+    if fp32 is None:
+        return
     print(f"\nfp32 perplexity {fp32:.3f}\n")
     print("| scheme | method | perplexity | increase over fp32 | quantization wall (s) | peak RSS (MB) |")
     print("|---|---|---|---|---|---|")

@@ -38,6 +38,7 @@ from hfcompress.techniques.block_sparse import BlockSparseConfig, disable_block_
 from hfcompress.techniques.error_compensation import ErrorCompensationConfig
 from hfcompress.techniques.gptq import GPTQConfig
 from hfcompress.techniques.kv_cache import KVCacheConfig, QuantizedKVCache, disable_kv_cache, enable_kv_cache
+from hfcompress.techniques.learned_rounding import LearnedRoundingConfig
 from hfcompress.techniques.low_rank import LowRankConfig, LowRankLinear
 from hfcompress.techniques.pkd import PKDConfig, drop_layers, layer_map
 from hfcompress.techniques.rtn import RTNConfig
@@ -58,6 +59,7 @@ __all__ = [
     "HfCompressError",
     "KVCacheConfig",
     "Kernel",
+    "LearnedRoundingConfig",
     "LowRankConfig",
     "LowRankLinear",
     "ModelError",

@@ -1,0 +1,145 @@
+"""Applies :class:`LearnedRoundingConfig` on GPTQ's layerwise runner: in each block GPTQ (or
+RTN) quantizes the targets into :class:`RoundingLinear` stand-ins, signed-gradient steps tune
+their rounding against the block's target outputs, and the result becomes ``QuantLinear``
+layers like GPTQ's."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hfcompress.kinds import linear_weight
+from hfcompress.layerwise import Block, propagate
+from hfcompress.quant.affine import QuantizedWeight, compute_qparams, quantize, resolve_group_size
+from hfcompress.techniques.gptq.algorithm import GPTQResult, search_qparams
+from hfcompress.techniques.gptq.modifier import GPTQModifier
+from hfcompress.techniques.learned_rounding.algorithm import RoundingLinear, signed_step
+from hfcompress.techniques.learned_rounding.config import LearnedRoundingConfig
+
+__all__ = ["LearnedRoundingModifier"]
+
+logger = logging.getLogger(__name__)
+
+
+class LearnedRoundingModifier(GPTQModifier):
+    config: LearnedRoundingConfig
+    description = "learned rounding"
+
+    def __init__(self, config: LearnedRoundingConfig, stage: str) -> None:
+        super().__init__(config, stage)
+        self._in_block = False  # GPTQ's results go into stand-ins only inside a block
+        self._originals: dict[str, nn.Module] = {}  # the float layers the stand-ins replaced
+
+    @property
+    def needs_reference(self) -> bool:  # type: ignore[override]
+        return self.config.target == "float_model"
+
+    def _stand_in(self, layer: nn.Module, base: torch.Tensor, start: QuantizedWeight) -> RoundingLinear:
+        cfg = self.config
+        return RoundingLinear(
+            base,
+            start,
+            layer.bias,
+            symmetric=cfg.symmetric,
+            float_zero=cfg.zero_point == "float",
+            learn_range=cfg.learn_range,
+        ).to(base.device)
+
+    def _install(self, module: nn.Module, name: str, layer: nn.Module, result: GPTQResult) -> None:
+        if not self._in_block:  # a layer outside the blocks (BERT's pooler): GPTQ's result as is
+            super()._install(module, name, layer, result)
+            return
+        self._originals[name] = layer
+        self.replace(module, name, self._stand_in(layer, result.unrounded, result.weight))
+
+    def _rtn_start(self, module: nn.Module, name: str) -> None:
+        cfg = self.config
+        layer = module.get_submodule(name)
+        w = linear_weight(layer).detach().float()
+        self.check_finite(name, w)
+        grid = dict(
+            bits=cfg.bits,
+            group_size=cfg.group_size,
+            symmetric=cfg.symmetric,
+            scale_dtype=cfg.torch_scale_dtype,
+            float_zero=cfg.zero_point == "float",
+        )
+        scales, zeros = (search_qparams if cfg.clip_search else compute_qparams)(w, **grid)
+        q = quantize(w, scales, zeros, bits=cfg.bits, group_size=cfg.group_size)
+        start = QuantizedWeight(
+            q=q, scales=scales, zeros=zeros, bits=cfg.bits, group_size=resolve_group_size(cfg.group_size, w.shape[1])
+        )
+        self._originals[name] = layer
+        self.replace(module, name, self._stand_in(layer, w, start))
+
+    def _quantize_block(self, block: Block) -> None:
+        cfg = self.config
+        module = block.module
+        if block.reference is not None:
+            targets = block.reference
+        else:  # the float block's own outputs, before anything in it is quantized
+            stream = list(block.inputs)
+            propagate(module, stream, compute_dtype=block.compute_dtype)
+            targets = [item.args[0] for item in stream]
+        self._originals.clear()
+        self._in_block = True
+        try:
+            if cfg.init == "gptq":
+                super()._quantize_block(block)
+            else:
+                for name in block.targets:
+                    self._rtn_start(module, name)
+        finally:
+            self._in_block = False
+        stand_ins = {name: module.get_submodule(name) for name in block.targets}
+        stand_ins = {n: m for n, m in stand_ins.items() if isinstance(m, RoundingLinear)}
+        self._tune(block, list(stand_ins.values()), targets)
+        for name, stand_in in stand_ins.items():
+            original = self._originals.pop(name)
+            actorder = cfg.act_order and cfg.init == "gptq"
+            self.replace(module, name, self.quantized_layer(original, stand_in.quantized(), actorder=actorder))
+
+    def _tune(self, block: Block, layers: list[RoundingLinear], targets: list[torch.Tensor]) -> None:
+        cfg = self.config
+        if not layers or cfg.steps == 0:
+            return
+        module = block.module
+        frozen = [p for p in module.parameters() if p.requires_grad]
+        trainable = {id(p) for layer in layers for p in layer.trainable()}
+        frozen = [p for p in frozen if id(p) not in trainable]
+        for p in frozen:
+            p.requires_grad_(False)
+        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + block.index)
+        params = [p for layer in layers for p in layer.trainable()]
+        order: list[int] = []
+        losses: list[float] = []
+        best, best_loss = None, float("inf")
+        try:
+            for step in range(cfg.steps):
+                if not order:
+                    order = torch.randperm(len(block.inputs), generator=generator).tolist()
+                i = order.pop()
+                with torch.enable_grad():
+                    out = block.forward(block.inputs[i], grad=True)
+                    loss = F.mse_loss(out.float(), targets[i].float())
+                    loss.backward()
+                losses.append(loss.item())
+                if cfg.keep_best and losses[-1] < best_loss:  # the values that gave this loss
+                    best, best_loss = [p.detach().clone() for p in params], losses[-1]
+                signed_step(layers, cfg.step_size * (1 - step / cfg.steps))
+            if best is not None:
+                for p, value in zip(params, best, strict=True):
+                    p.data.copy_(value)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+        logger.debug(
+            "%s: block output MSE %.4g at the first step, %.4g at the last, %.4g the lowest",
+            block.prefix,
+            losses[0],
+            losses[-1],
+            min(losses),
+        )

@@ -1,0 +1,169 @@
+"""Learned rounding: the stand-in layer, its start equal to GPTQ/RTN, its gains, resume,
+save/reload and bad configs."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+import hfcompress
+from hfcompress import GPTQConfig, LearnedRoundingConfig, QuantLinear, RecipeError, RTNConfig, compress
+from hfcompress.quant.affine import QuantizedWeight, compute_qparams, quantize
+from hfcompress.techniques.learned_rounding import modifier as lr_modifier
+from hfcompress.techniques.learned_rounding.algorithm import RoundingLinear, signed_step
+from tests.conftest import make_tiny_llama
+
+CALIB = torch.randint(0, 128, (16, 24), generator=torch.Generator().manual_seed(5))
+EVAL = torch.randint(0, 128, (16, 24), generator=torch.Generator().manual_seed(6))
+
+
+def _start(w, *, bits=3, group_size=16, symmetric=False, float_zero=False):
+    scales, zeros = compute_qparams(w, bits=bits, group_size=group_size, symmetric=symmetric, float_zero=float_zero)
+    q = quantize(w, scales, zeros, bits=bits, group_size=group_size)
+    return QuantizedWeight(q=q, scales=scales, zeros=zeros, bits=bits, group_size=group_size)
+
+
+GRIDS = [
+    {"symmetric": False, "float_zero": False},
+    {"symmetric": False, "float_zero": True},
+    {"symmetric": True, "float_zero": False},
+]
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+def test_stand_in_starts_at_the_starting_quantization(grid):
+    w = torch.randn(24, 40, generator=torch.Generator().manual_seed(0))  # 40: a partial last group
+    start = _start(w, **grid)
+    layer = RoundingLinear(w, start, None, learn_range=True, **grid)
+    assert torch.equal(layer.weight(), start.dequantize())
+    got = layer.quantized()
+    assert torch.equal(got.q, start.q) and torch.equal(got.scales, start.scales) and torch.equal(got.zeros, start.zeros)
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+def test_signed_steps_lower_a_layers_output_error_and_the_codes_say_so(grid):
+    gen = torch.Generator().manual_seed(1)
+    # Correlated inputs (rank 8 plus noise), as activations are: with white inputs
+    # round-to-nearest is already optimal and there is nothing to learn.
+    w = torch.randn(32, 48, generator=gen)
+    x = torch.randn(256, 8, generator=gen) @ torch.randn(8, 48, generator=gen) + 0.1 * torch.randn(
+        256, 48, generator=gen
+    )
+    start = _start(w, **grid)
+    layer = RoundingLinear(w, start, None, learn_range=True, **grid)
+    target = x @ w.T
+
+    def error():
+        return (layer(x) - target).pow(2).mean()
+
+    before = error().item()
+    for step in range(100):
+        error().backward()
+        signed_step([layer], 0.005 * (1 - step / 100))
+    assert layer.offset.abs().max() <= 0.5
+    assert layer.lo.min() >= 0.5 and layer.hi.max() <= 1.5
+    assert error().item() < 0.6 * before
+    # What is stored dequantizes to exactly what was trained.
+    stored = layer.quantized()
+    assert stored.q.max() <= 7 and stored.scales.dtype == torch.float16
+    assert torch.equal(stored.dequantize(), layer.weight().detach())
+
+
+def test_no_steps_from_gptq_is_gptq_exactly():
+    common = dict(bits=3, group_size=16, act_order=True, clip_search=True, compute_dtype="float32", batch_size=4)
+    gptq, rounded = make_tiny_llama(layers=3), make_tiny_llama(layers=3)
+    compress(gptq, [GPTQConfig(**common)], calibration_data=CALIB, progress=False)
+    compress(rounded, [LearnedRoundingConfig(**common, steps=0)], calibration_data=CALIB, progress=False)
+    expected, got = gptq.state_dict(), rounded.state_dict()
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def _logit_error(model, reference):
+    with torch.no_grad():
+        return (model(EVAL).logits - reference).pow(2).mean().item()
+
+
+@pytest.mark.parametrize(
+    "options", [{"init": "rtn"}, {"init": "rtn", "target": "block", "learn_range": False, "keep_best": True}]
+)
+def test_learned_rounding_beats_its_start(options):
+    base = make_tiny_llama(layers=3)
+    with torch.no_grad():
+        reference = base(EVAL).logits
+    rtn, rounded = copy.deepcopy(base), copy.deepcopy(base)
+    compress(rtn, [RTNConfig(bits=3, group_size=16)], progress=False)
+    config = LearnedRoundingConfig(bits=3, group_size=16, clip_search=False, steps=200, batch_size=4, **options)
+    compress(rounded, [config], calibration_data=CALIB, progress=False)
+    assert sum(isinstance(m, QuantLinear) for m in rounded.modules()) == 21
+    assert _logit_error(rounded, reference) < 0.7 * _logit_error(rtn, reference)
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, monkeypatch):
+    config = [LearnedRoundingConfig(bits=4, group_size=16, steps=10, batch_size=4)]
+    uninterrupted = make_tiny_llama(seed=3, layers=3)
+    compress(uninterrupted, config, calibration_data=CALIB, progress=False)
+    expected = {k: v.clone() for k, v in uninterrupted.state_dict().items()}
+
+    original = lr_modifier.LearnedRoundingModifier._tune
+    calls = []
+
+    def killed_in_the_second_block(self, *args, **kwargs):
+        if len(calls) == 1:
+            raise _Killed
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(lr_modifier.LearnedRoundingModifier, "_tune", killed_in_the_second_block)
+    with pytest.raises(_Killed):
+        compress(
+            make_tiny_llama(seed=3, layers=3), config, calibration_data=CALIB, progress=False, checkpoint_dir=tmp_path
+        )
+    monkeypatch.setattr(lr_modifier.LearnedRoundingModifier, "_tune", original)
+    resumed = make_tiny_llama(seed=3, layers=3)
+    compress(resumed, config, calibration_data=CALIB, progress=False, checkpoint_dir=tmp_path)
+    got = resumed.state_dict()
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_saves_and_reloads_with_the_same_logits(tmp_path):
+    model = make_tiny_llama()
+    compress(
+        model,
+        [LearnedRoundingConfig(bits=4, group_size=16, steps=5, batch_size=8)],
+        calibration_data=CALIB,
+        progress=False,
+    )
+    hfcompress.save_pretrained(model, tmp_path / "m")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(reloaded(EVAL).logits, model(EVAL).logits)
+
+
+def test_bert_pooler_outside_the_blocks_is_quantized(tiny_bert, bert_ids, tmp_path):
+    compress(
+        tiny_bert,
+        [LearnedRoundingConfig(bits=4, group_size=16, steps=3, batch_size=4)],
+        calibration_data=bert_ids,
+        progress=False,
+    )
+    assert isinstance(tiny_bert.bert.pooler.dense, QuantLinear)
+    hfcompress.save_pretrained(tiny_bert, tmp_path / "m")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(bert_ids).logits, tiny_bert(bert_ids).logits)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [("steps", -1, "steps=-1"), ("lr", 0.0, "lr=0.0"), ("init", "awq", "init='awq'"), ("target", "x", "target='x'")],
+)
+def test_bad_config_is_refused(field, value, match):
+    with pytest.raises(RecipeError, match=match):
+        LearnedRoundingConfig(**{field: value})
