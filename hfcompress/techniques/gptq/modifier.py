@@ -18,7 +18,7 @@ from hfcompress.kinds import linear_weight
 from hfcompress.layerwise import Block, LayerwiseRunner, autocast_dtype, compute_device, run_block, run_model
 from hfcompress.modifier import CompressionContext, ModelView
 from hfcompress.quant.affine import quantize_rtn
-from hfcompress.techniques.gptq.algorithm import GPTQResult, factorizes, quantize_weight
+from hfcompress.techniques.gptq.algorithm import GPTQResult, quantize_weight
 from hfcompress.techniques.gptq.config import GPTQConfig
 from hfcompress.techniques.weight_quant import WeightQuantModifier
 
@@ -47,32 +47,13 @@ class GPTQModifier(WeightQuantModifier):
     def _quantize(self, module: nn.Module, names: list[str], run: Callable[[], None], prefix: str = "") -> None:
         """Collect Hessians of ``names`` (inside ``module``, called ``prefix`` in the model)
         while ``run()`` feeds calibration data, then replace each layer by its GPTQ result."""
-        product_dtype = self._compute_dtype() or torch.float32
-        hooks = InputHessianHooks(module, names, product_dtype)
+        hooks = InputHessianHooks(module, names, self._compute_dtype() or torch.float32)
         try:
             run()
         finally:
             hooks.remove()
         logger.debug("%s: %d x^T x products, %d shared", prefix or "model", hooks.products, hooks.reuses)
         cfg = self.config
-        if product_dtype != torch.float32:
-            # bfloat16 products can make a rank-deficient H indefinite (see `factorizes`); for
-            # those layers only, the block runs once more with float32 products, which give
-            # the true x^T x, so the asked-for damping holds instead of a tenfold one.
-            indefinite = [n for n in names if hooks.acc[n].count and not factorizes(hooks.acc[n].hessian(), cfg.damp)]
-            if indefinite:
-                exact = InputHessianHooks(module, indefinite, torch.float32)
-                try:
-                    run()
-                finally:
-                    exact.remove()
-                hooks.acc.update(exact.acc)
-                logger.info(
-                    "stage %r: %s: x^T x recomputed with float32 products (bfloat16 ones were not positive "
-                    "semidefinite)",
-                    self.stage,
-                    ", ".join(prefix + n for n in indefinite),
-                )
         for name in names:
             layer = module.get_submodule(name)
             weight = linear_weight(layer)
