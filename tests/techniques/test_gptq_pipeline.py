@@ -209,4 +209,3 @@ def test_layers_reading_one_input_share_one_product(tiny_llama, llama_ids):
     for name in names:
         x = inputs[name].reshape(-1, inputs[name].shape[-1])
         torch.testing.assert_close(hooks.acc[name].hessian(), 2 * x.t() @ x / x.shape[0])
-

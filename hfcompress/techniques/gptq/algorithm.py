@@ -59,8 +59,10 @@ def cholesky_inverse_upper(h: torch.Tensor, damp: float, max_damp: float = 1e3) 
     Hessians (grouped-query attention's ``o_proj``): rounding each product to bfloat16 leaves
     negative eigenvalues of a few percent of ``mean(diag H)``. Recollecting those layers with
     float32 products, so 1% damping holds, measured worse on SmolLM2 W4 g128 (perplexity
-    34.74 against 34.06; benchmarks/RESULTS.md), so the escalation stays. returns the factor and the damping used. Raises only if even
-    ``max_damp`` fails, which needs a non-finite H.
+    34.74 against 34.06; benchmarks/RESULTS.md), so the escalation stays.
+
+    Returns the factor and the damping used. Raises only if even ``max_damp`` fails, which
+    needs a non-finite H.
     """
     while True:
         chol, info = torch.linalg.cholesky_ex(_damped(h, damp))
