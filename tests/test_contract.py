@@ -12,6 +12,7 @@ from hfcompress import Recipe, compress, registered_techniques
 EXAMPLES = {
     "rtn": {"bits": 4, "group_size": 32},
     "gptq": {"bits": 4, "group_size": 32, "act_order": True},
+    "learned_rounding": {"bits": 4, "group_size": 32, "steps": 3, "batch_size": 2},
     "pkd": {"num_layers": 1, "epochs": 1, "batch_size": 2},
     "smoothquant": {"alpha": 0.5},
     "int8_activations": {"strategy": "tensor", "dynamic": False, "observer": "mse"},
