@@ -18,13 +18,7 @@ import torch
 from hfcompress.input_stats import HessianAccumulator
 from hfcompress.quant.affine import QuantizedWeight, compute_qparams, resolve_group_size
 
-__all__ = [
-    "GPTQResult",
-    "HessianAccumulator",
-    "cholesky_inverse_upper",
-    "quantize_weight",
-    "search_qparams",
-]
+__all__ = ["GPTQResult", "HessianAccumulator", "cholesky_inverse_upper", "quantize_weight", "search_qparams"]
 
 
 @dataclass(frozen=True)
@@ -44,13 +38,6 @@ class GPTQResult:
     unrounded: torch.Tensor
 
 
-def _damped(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """``H + damp * mean(diag H) * I``."""
-    mean_diag = torch.mean(torch.diag(h)).item()
-    scale = mean_diag if mean_diag > 0 else 1.0
-    return h + damp * scale * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-
-
 def cholesky_inverse_upper(h: torch.Tensor, damp: float, max_damp: float = 1e3) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``.
 
@@ -64,8 +51,12 @@ def cholesky_inverse_upper(h: torch.Tensor, damp: float, max_damp: float = 1e3) 
     Returns the factor and the damping used. Raises only if even ``max_damp`` fails, which
     needs a non-finite H.
     """
+    k = h.shape[0]
+    mean_diag = torch.mean(torch.diag(h)).item()
+    scale = mean_diag if mean_diag > 0 else 1.0
     while True:
-        chol, info = torch.linalg.cholesky_ex(_damped(h, damp))
+        damped = h + damp * scale * torch.eye(k, dtype=h.dtype, device=h.device)
+        chol, info = torch.linalg.cholesky_ex(damped)
         if info.item() == 0:
             inv = torch.cholesky_inverse(chol)
             upper, info = torch.linalg.cholesky_ex(inv, upper=True)
