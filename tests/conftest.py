@@ -51,6 +51,28 @@ def make_tiny_bert(
     return BertForSequenceClassification(config).eval()
 
 
+class Killed(Exception):
+    """Stands for the process being killed in the middle of a run."""
+
+
+def killed_run(monkeypatch, owner: type, method: str, after_calls: int, run) -> None:
+    """Call ``run()`` with ``owner.method`` raising :class:`Killed` once ``after_calls`` calls
+    of it have completed; check that the run was killed, then restore the method."""
+    original = getattr(owner, method)
+    calls = []
+
+    def kill(self, *args, **kwargs):
+        if len(calls) == after_calls:
+            raise Killed
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(owner, method, kill)
+    with pytest.raises(Killed):
+        run()
+    monkeypatch.setattr(owner, method, original)
+
+
 @pytest.fixture
 def tiny_llama() -> LlamaForCausalLM:
     return make_tiny_llama()

@@ -28,7 +28,7 @@ from hfcompress import saving as saving_module
 from hfcompress.cli import main
 from hfcompress.errors import CalibrationDataError, CheckpointError, EvaluationError, OutputPathError
 from hfcompress.eval.perplexity import perplexity
-from tests.conftest import make_char_tokenizer, make_tiny_llama
+from tests.conftest import killed_run, make_char_tokenizer, make_tiny_llama
 
 RTN_RECIPE = "stages:\n  - name: w4\n    technique: rtn\n    bits: 4\n    group_size: 16\n"
 GPTQ_RECIPE = "stages:\n  - name: gptq\n    technique: gptq\n    bits: 4\n    group_size: 16\n"
@@ -212,32 +212,22 @@ def test_saved_folder_has_the_permissions_of_a_plain_save(tiny_llama, tmp_path, 
 # -- 3. the resume check fingerprints the model's content, not its path ----------------------
 
 
-class _Killed(Exception):
-    pass
-
-
 def _killed_gptq(model, checkpoint_dir, monkeypatch, after_blocks=1):
     from hfcompress.techniques.gptq import modifier as gptq_modifier
 
-    original = gptq_modifier.GPTQModifier._quantize_block
-    calls = []
-
-    def kill(self, *args, **kwargs):
-        if len(calls) == after_blocks:
-            raise _Killed
-        calls.append(1)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(gptq_modifier.GPTQModifier, "_quantize_block", kill)
-    with pytest.raises(_Killed):
-        compress(
+    killed_run(
+        monkeypatch,
+        gptq_modifier.GPTQModifier,
+        "_quantize_block",
+        after_blocks,
+        lambda: compress(
             model,
             [GPTQConfig(bits=4, group_size=16)],
             calibration_data=CALIB,
             progress=False,
             checkpoint_dir=checkpoint_dir,
-        )
-    monkeypatch.setattr(gptq_modifier.GPTQModifier, "_quantize_block", original)
+        ),
+    )
 
 
 def test_same_model_from_another_folder_resumes(tmp_path, monkeypatch, caplog):

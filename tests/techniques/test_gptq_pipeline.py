@@ -9,7 +9,7 @@ import torch
 from hfcompress import CalibrationDataError, CheckpointError, GPTQConfig, QuantLinear, RecipeError, RTNConfig, compress
 from hfcompress.input_stats import InputHessianHooks
 from hfcompress.techniques.gptq import modifier as gptq_modifier
-from tests.conftest import make_char_tokenizer, make_tiny_llama
+from tests.conftest import killed_run, make_char_tokenizer, make_tiny_llama
 
 CALIB = torch.randint(0, 128, (16, 24), generator=torch.Generator().manual_seed(5))
 
@@ -38,10 +38,6 @@ def _tensors(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-class _Killed(Exception):
-    pass
-
-
 def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, monkeypatch):
     config = [GPTQConfig(bits=4, group_size=16)]
     uninterrupted = make_tiny_llama(seed=3, layers=4)
@@ -49,25 +45,20 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, monkeypatc
     expected = _tensors(uninterrupted)
 
     original = gptq_modifier.GPTQModifier._quantize_block
-    calls = []
-
-    def killed_after_two_blocks(self, *args, **kwargs):
-        if len(calls) == 2:
-            raise _Killed
-        calls.append(1)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(gptq_modifier.GPTQModifier, "_quantize_block", killed_after_two_blocks)
-    with pytest.raises(_Killed):
-        compress(
+    killed_run(
+        monkeypatch,
+        gptq_modifier.GPTQModifier,
+        "_quantize_block",
+        2,
+        lambda: compress(
             make_tiny_llama(seed=3, layers=4), config, calibration_data=CALIB, progress=False, checkpoint_dir=tmp_path
-        )
+        ),
+    )
     assert sorted(p.name for p in (tmp_path / "stage_0").glob("block_*")) == [
         "block_0000.safetensors",
         "block_0001.safetensors",
     ]
 
-    monkeypatch.setattr(gptq_modifier.GPTQModifier, "_quantize_block", original)
     resumed_calls = []
     monkeypatch.setattr(
         gptq_modifier.GPTQModifier,

@@ -12,7 +12,7 @@ from hfcompress import GPTQConfig, LearnedRoundingConfig, QuantLinear, RecipeErr
 from hfcompress.quant.affine import QuantizedWeight, compute_qparams, quantize
 from hfcompress.techniques.learned_rounding import modifier as lr_modifier
 from hfcompress.techniques.learned_rounding.algorithm import RoundingLinear, signed_step
-from tests.conftest import make_tiny_llama
+from tests.conftest import killed_run, make_tiny_llama
 
 CALIB = torch.randint(0, 128, (16, 24), generator=torch.Generator().manual_seed(5))
 EVAL = torch.randint(0, 128, (16, 24), generator=torch.Generator().manual_seed(6))
@@ -100,31 +100,22 @@ def test_learned_rounding_beats_its_start(options):
     assert _logit_error(rounded, reference) < 0.7 * _logit_error(rtn, reference)
 
 
-class _Killed(Exception):
-    pass
-
-
 def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, monkeypatch):
     config = [LearnedRoundingConfig(bits=4, group_size=16, steps=10, batch_size=4)]
     uninterrupted = make_tiny_llama(seed=3, layers=3)
     compress(uninterrupted, config, calibration_data=CALIB, progress=False)
     expected = {k: v.clone() for k, v in uninterrupted.state_dict().items()}
 
-    original = lr_modifier.LearnedRoundingModifier._tune
-    calls = []
-
-    def killed_in_the_second_block(self, *args, **kwargs):
-        if len(calls) == 1:
-            raise _Killed
-        calls.append(1)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(lr_modifier.LearnedRoundingModifier, "_tune", killed_in_the_second_block)
-    with pytest.raises(_Killed):
-        compress(
+    # Killed in the middle of the second block's steps.
+    killed_run(
+        monkeypatch,
+        lr_modifier.LearnedRoundingModifier,
+        "_tune",
+        1,
+        lambda: compress(
             make_tiny_llama(seed=3, layers=3), config, calibration_data=CALIB, progress=False, checkpoint_dir=tmp_path
-        )
-    monkeypatch.setattr(lr_modifier.LearnedRoundingModifier, "_tune", original)
+        ),
+    )
     resumed = make_tiny_llama(seed=3, layers=3)
     compress(resumed, config, calibration_data=CALIB, progress=False, checkpoint_dir=tmp_path)
     got = resumed.state_dict()
