@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal, get_args, get_origin
 
 from hfcompress.errors import RecipeError
 
-__all__ = ["TechniqueConfig", "check_target_fields", "invalid"]
+__all__ = ["ConfigSection", "TechniqueConfig", "check_target_fields", "invalid"]
 
 
 def invalid(key: str, value: Any, accepted: str) -> RecipeError:
@@ -45,6 +45,8 @@ def _describe(annotation: Any) -> str:
         return " or ".join(_describe(a) for a in get_args(annotation))
     if annotation is type(None):
         return "null"
+    if isinstance(annotation, type) and issubclass(annotation, ConfigSection):
+        return "a mapping with keys " + ", ".join(f.name for f in dataclasses.fields(annotation))
     return getattr(annotation, "__name__", str(annotation))
 
 
@@ -55,11 +57,15 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
         if value in get_args(annotation) and type(value) in {type(a) for a in get_args(annotation)}:
             return value
     elif origin in (typing.Union, types.UnionType):
+        section_error = None
         for option in get_args(annotation):
             try:
                 return _coerce(key, option, value)
-            except RecipeError:
-                continue
+            except RecipeError as exc:
+                if isinstance(value, dict) and isinstance(option, type) and issubclass(option, ConfigSection):
+                    section_error = exc  # a mapping meant as this section: its own error says more
+        if section_error is not None:
+            raise section_error
     elif origin is tuple:
         if isinstance(value, (list, tuple)):
             item_type = get_args(annotation)[0]
@@ -79,22 +85,24 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
     elif annotation is str:
         if isinstance(value, str):
             return value
+    elif isinstance(annotation, type) and issubclass(annotation, ConfigSection):
+        if isinstance(value, annotation):
+            return value
+        if isinstance(value, dict):
+            try:
+                return annotation.from_dict(value)
+            except RecipeError as exc:
+                raise RecipeError(f"{key}: {exc}") from None
     else:  # pragma: no cover - a config declared a type this parser does not know
         raise TypeError(f"unsupported config annotation {annotation!r} for {key!r}")
     raise invalid(key, value, _describe(annotation))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class TechniqueConfig:
-    """Base of the per-technique configs.
-
-    Subclasses are frozen keyword-only dataclasses; they set ``technique`` (the name a recipe
-    uses), ``needs_calibration`` and ``needs_training``, and check their values in ``_validate``.
-    """
-
-    technique: ClassVar[str] = ""
-    needs_calibration: ClassVar[bool] = False
-    needs_training: ClassVar[bool] = False
+class _Strict:
+    """Frozen keyword-only dataclass data, checked on construction: each value against its
+    field's annotation (lists become tuples, mappings become nested sections), then
+    ``_validate``."""
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -109,23 +117,58 @@ class TechniqueConfig:
         """Raise :class:`RecipeError` (through :func:`invalid`) for values out of range."""
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TechniqueConfig:
-        """Build a config from a dict, refusing keys the config does not have."""
+    def _what(cls) -> str:
+        return cls.__name__
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        """Build one from a dict, refusing keys it does not have."""
         if not isinstance(data, dict):
-            raise RecipeError(f"a {cls.technique!r} stage must be a mapping, got {type(data).__name__}")
+            raise RecipeError(f"a {cls._what()} must be a mapping, got {type(data).__name__}")
         known = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise RecipeError(
-                f"unknown key(s) {', '.join(map(repr, unknown))} for technique {cls.technique!r}; "
-                f"accepted keys: {', '.join(known)}"
+                f"unknown key(s) {', '.join(map(repr, unknown))} for {cls._what()}; accepted keys: {', '.join(known)}"
             )
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
-        """The config as plain data (tuples become lists), suitable for JSON and YAML."""
+        """Plain data (tuples become lists, sections mappings), suitable for JSON and YAML;
+        ``from_dict`` turns it into an equal object."""
         out: dict[str, Any] = {}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            out[field.name] = list(value) if isinstance(value, tuple) else value
+            if isinstance(value, tuple):
+                value = list(value)
+            elif isinstance(value, _Strict):
+                value = value.to_dict()
+            out[field.name] = value
         return out
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ConfigSection(_Strict):
+    """A group of options that a technique config holds as one field, written as a nested
+    mapping in a recipe (e.g. ``budget: {bits_per_weight: 3.5}``)."""
+
+    @classmethod
+    def _what(cls) -> str:
+        return f"{cls.__name__} section"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TechniqueConfig(_Strict):
+    """Base of the per-technique configs.
+
+    Subclasses are frozen keyword-only dataclasses; they set ``technique`` (the name a recipe
+    uses), ``needs_calibration`` and ``needs_training``, and check their values in ``_validate``.
+    """
+
+    technique: ClassVar[str] = ""
+    needs_calibration: ClassVar[bool] = False
+    needs_training: ClassVar[bool] = False
+
+    @classmethod
+    def _what(cls) -> str:
+        return f"technique {cls.technique!r} stage"
