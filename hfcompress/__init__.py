@@ -27,6 +27,7 @@ from hfcompress.errors import (
 from hfcompress.integrations import transformers_quantizer as _transformers_quantizer
 from hfcompress.integrity import verify_checkpoint as verify
 from hfcompress.kinds import CompressedModule, register_module_kind
+from hfcompress.mixed_precision import BitsBudget, PrecisionPlan
 from hfcompress.patches import register_patch
 from hfcompress.quant.dispatch import Kernel, register_kernel
 from hfcompress.quant.linear import QuantLinear
@@ -48,6 +49,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActivationQuantConfig",
+    "BitsBudget",
     "BlockSparseConfig",
     "CalibrationDataError",
     "CheckpointError",
@@ -65,6 +67,7 @@ __all__ = [
     "ModelError",
     "OutputPathError",
     "PKDConfig",
+    "PrecisionPlan",
     "QuantArgs",
     "QuantLinear",
     "QuantScheme",

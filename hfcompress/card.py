@@ -25,6 +25,8 @@ from torch import nn
 
 from hfcompress.eval.size import size_report, total_bytes
 from hfcompress.kinds import compressed_modules
+from hfcompress.mixed_precision.plan import Choice, grid_table
+from hfcompress.quant.linear import QuantLinear
 from hfcompress.report import format_table
 
 __all__ = ["CardInfo", "layer_errors", "render_card", "write_card"]
@@ -249,6 +251,14 @@ def render_card(model: nn.Module, info: CardInfo) -> tuple[str, dict[str, str]]:
             "Largest: " + ", ".join(f"`{n}` {e:.4f}" for n, e in worst) + ".",
             "",
         ]
+    grids = {
+        n: Choice(m.bits, -1 if m.group_size == m.in_features else m.group_size)
+        for n, m in layers.items()
+        if isinstance(m, QuantLinear)
+    }
+    if len(set(grids.values())) > 1:  # mixed precision: say which layer got which grid
+        out += ["## Bits per layer", "", "Weight bits and group size (`pc`: per channel) of each layer.", ""]
+        out += [grid_table(grids), ""]
     if recipe is not None:
         out += ["## Recipe", "", "```json", json.dumps(recipe, indent=2), "```", ""]
     return "\n".join(out), files

@@ -49,6 +49,7 @@ def test_card_metadata_numbers_and_plots():
     assert {"hfcompress", "rtn", "4-bit"} <= set(meta["tags"])
     assert "| 20.000 |" in card and "| 21.500 |" in card and "two windows" in card
     assert '"technique": "rtn"' in card  # the recipe
+    assert "## Bits per layer" not in card  # one grid for every layer
     assert set(files) == {"hfcompress_layer_error.svg", "hfcompress_size_quality.svg"}
     bars = ET.fromstring(files["hfcompress_layer_error.svg"]).findall(".//{http://www.w3.org/2000/svg}rect")
     assert len(bars) == 1 + 14  # the background and one bar per layer

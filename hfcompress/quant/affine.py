@@ -63,6 +63,9 @@ class QuantizedWeight:
         return dequantize(self.q, self.scales, self.zeros, self.group_size, dtype=dtype)
 
 
+MIN_GROUP_SIZE = 8  # smaller groups cost more in scales than they save in error
+
+
 def resolve_group_size(group_size: int, in_features: int) -> int:
     """``-1`` means per channel: one group spanning all ``in_features`` columns."""
     return in_features if group_size == -1 else group_size

@@ -14,7 +14,7 @@ from hfcompress.quant.affine import QuantizedWeight, dequantize, num_groups
 from hfcompress.quant.packing import SUPPORTED_BITS, pack, packed_columns, unpack
 from hfcompress.quant.scheme import QuantArgs, QuantScheme
 
-__all__ = ["SCALE_DTYPES", "QuantLinear", "input_scale_size"]
+__all__ = ["SCALE_DTYPES", "QuantLinear", "input_scale_size", "quantized_bytes"]
 
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _SAFETENSORS_DTYPES = {torch.uint8: "U8", torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
@@ -299,3 +299,21 @@ class QuantLinear(CompressedModule):
         if not self.symmetric:
             total += self.zeros.numel() * self.zeros.element_size()
         return total
+
+
+def quantized_bytes(
+    out_features: int,
+    in_features: int,
+    *,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    float_zero: bool,
+    scale_dtype: str,
+) -> int:
+    """What :meth:`QuantLinear.storage_bytes` will be for a layer of these shapes and this
+    grid, before it exists (a size budget plans with it)."""
+    groups = num_groups(in_features, group_size)
+    scale_bytes = SCALE_DTYPES[scale_dtype].itemsize
+    zero_bytes = 0 if symmetric else (scale_bytes if float_zero else 1)
+    return out_features * (packed_columns(in_features, bits) + groups * (scale_bytes + zero_bytes))

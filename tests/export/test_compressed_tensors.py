@@ -40,8 +40,19 @@ def _reference_logits(model, ids, monkeypatch):
         ),
         # compressed-tensors' dynamic per-token grid is absmax / 127.5, ours absmax / 127.
         ([_w(8, -1), {"name": "a", "technique": "int8_activations"}], "int-quantized", 3e-2),
+        # Mixed precision: one config group per grid.
+        (
+            [
+                {
+                    **_w(4, 128),
+                    "budget": {"bits_per_weight": 5.0, "bits": [4, 8], "group_sizes": [16], "strategy": "layer_order"},
+                }
+            ],
+            "pack-quantized",
+            1e-5,
+        ),
     ],
-    ids=["w4a16-g16", "w8a16-channel", "w8a8-static", "w8a8-dynamic"],
+    ids=["w4a16-g16", "w8a16-channel", "w8a8-static", "w8a8-dynamic", "mixed-w4-w8"],
 )
 def test_export_loads_in_plain_transformers_with_our_logits(tmp_path, llama_ids, monkeypatch, stages, fmt, tol):
     model = make_tiny_llama()

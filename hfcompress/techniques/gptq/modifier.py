@@ -17,8 +17,8 @@ from hfcompress.input_stats import InputHessianHooks
 from hfcompress.kinds import linear_weight
 from hfcompress.layerwise import Block, LayerwiseRunner, autocast_dtype, compute_device, run_block, run_model
 from hfcompress.modifier import CompressionContext, ModelView
-from hfcompress.quant.affine import quantize_rtn
-from hfcompress.techniques.gptq.algorithm import GPTQResult, quantize_weight
+from hfcompress.quant.affine import QuantizedWeight, quantize, resolve_group_size
+from hfcompress.techniques.gptq.algorithm import GPTQResult, quantize_weight, search_qparams
 from hfcompress.techniques.gptq.config import GPTQConfig
 from hfcompress.techniques.weight_quant import WeightQuantModifier
 
@@ -53,8 +53,8 @@ class GPTQModifier(WeightQuantModifier):
         finally:
             hooks.remove()
         logger.debug("%s: %d x^T x products, %d shared", prefix or "model", hooks.products, hooks.reuses)
-        cfg = self.config
         for name in names:
+            cfg = self.config_for(prefix + name)
             layer = module.get_submodule(name)
             weight = linear_weight(layer)
             self.check_finite(prefix + name, weight)
@@ -66,15 +66,7 @@ class GPTQModifier(WeightQuantModifier):
                     self.stage,
                     prefix + name,
                 )
-                qw = quantize_rtn(
-                    weight.detach(),
-                    bits=cfg.bits,
-                    group_size=cfg.group_size,
-                    symmetric=cfg.symmetric,
-                    scale_dtype=cfg.torch_scale_dtype,
-                    float_zero=cfg.zero_point == "float",
-                )
-                self.replace(module, name, self.quantized_layer(layer, qw))
+                self.replace(module, name, self.quantized_layer(layer, self.rtn_weight(weight, cfg), config=cfg))
                 continue
             result = quantize_weight(
                 weight,
@@ -97,12 +89,29 @@ class GPTQModifier(WeightQuantModifier):
                     cfg.damp,
                     result.damp,
                 )
-            self._install(module, name, layer, result)
+            self._install(module, name, layer, result, cfg)
 
-    def _install(self, module: nn.Module, name: str, layer: nn.Module, result: GPTQResult) -> None:
-        """Put GPTQ's result for ``layer`` in its place (learned rounding puts a trainable
-        stand-in there instead)."""
-        self.replace(module, name, self.quantized_layer(layer, result.weight, actorder=self.config.act_order))
+    def _install(self, module: nn.Module, name: str, layer: nn.Module, result: GPTQResult, config: GPTQConfig) -> None:
+        """Put GPTQ's result for ``layer`` (on ``config``'s grid) in its place (learned
+        rounding puts a trainable stand-in there instead)."""
+        self.replace(module, name, self.quantized_layer(layer, result.weight, actorder=config.act_order, config=config))
+
+    def rtn_weight(self, weight: torch.Tensor, config: GPTQConfig) -> QuantizedWeight:
+        """Round-to-nearest on ``config``'s grid, with its range search if ``clip_search``."""
+        if not config.clip_search:
+            return super().rtn_weight(weight, config)
+        w = weight.detach().float()
+        grid = dict(
+            bits=config.bits,
+            group_size=config.group_size,
+            symmetric=config.symmetric,
+            scale_dtype=config.torch_scale_dtype,
+            float_zero=config.zero_point == "float",
+        )
+        scales, zeros = search_qparams(w, **grid)
+        q = quantize(w, scales, zeros, bits=config.bits, group_size=config.group_size)
+        group_size = resolve_group_size(config.group_size, w.shape[1])
+        return QuantizedWeight(q=q, scales=scales, zeros=zeros, bits=config.bits, group_size=group_size)
 
     def _quantize_block(self, block: Block) -> None:
         module = block.module
@@ -124,6 +133,7 @@ class GPTQModifier(WeightQuantModifier):
 
     @torch.no_grad()
     def apply(self, model: nn.Module, context: CompressionContext) -> None:
+        self.make_plan(model, context)
         cfg = self.config
         targets = list(self.planned)
         device = compute_device(model, context.device)

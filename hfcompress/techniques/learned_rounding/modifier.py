@@ -13,8 +13,8 @@ from torch import nn
 
 from hfcompress.kinds import linear_weight
 from hfcompress.layerwise import Block, propagate
-from hfcompress.quant.affine import QuantizedWeight, compute_qparams, quantize, resolve_group_size
-from hfcompress.techniques.gptq.algorithm import GPTQResult, search_qparams
+from hfcompress.quant.affine import QuantizedWeight
+from hfcompress.techniques.gptq.algorithm import GPTQResult
 from hfcompress.techniques.gptq.modifier import GPTQModifier
 from hfcompress.techniques.learned_rounding.algorithm import RoundingLinear, signed_step
 from hfcompress.techniques.learned_rounding.config import LearnedRoundingConfig
@@ -48,32 +48,21 @@ class LearnedRoundingModifier(GPTQModifier):
             learn_range=cfg.learn_range,
         ).to(base.device)
 
-    def _install(self, module: nn.Module, name: str, layer: nn.Module, result: GPTQResult) -> None:
+    def _install(
+        self, module: nn.Module, name: str, layer: nn.Module, result: GPTQResult, config: LearnedRoundingConfig
+    ) -> None:
         if not self._in_block:  # a layer outside the blocks (BERT's pooler): GPTQ's result as is
-            super()._install(module, name, layer, result)
+            super()._install(module, name, layer, result, config)
             return
         self._originals[name] = layer
         self.replace(module, name, self._stand_in(layer, result.unrounded, result.weight))
 
-    def _rtn_start(self, module: nn.Module, name: str) -> None:
-        cfg = self.config
+    def _rtn_start(self, module: nn.Module, name: str, config: LearnedRoundingConfig) -> None:
         layer = module.get_submodule(name)
         w = linear_weight(layer).detach().float()
         self.check_finite(name, w)
-        grid = dict(
-            bits=cfg.bits,
-            group_size=cfg.group_size,
-            symmetric=cfg.symmetric,
-            scale_dtype=cfg.torch_scale_dtype,
-            float_zero=cfg.zero_point == "float",
-        )
-        scales, zeros = (search_qparams if cfg.clip_search else compute_qparams)(w, **grid)
-        q = quantize(w, scales, zeros, bits=cfg.bits, group_size=cfg.group_size)
-        start = QuantizedWeight(
-            q=q, scales=scales, zeros=zeros, bits=cfg.bits, group_size=resolve_group_size(cfg.group_size, w.shape[1])
-        )
         self._originals[name] = layer
-        self.replace(module, name, self._stand_in(layer, w, start))
+        self.replace(module, name, self._stand_in(layer, w, self.rtn_weight(w, config)))
 
     def _quantize_block(self, block: Block) -> None:
         cfg = self.config
@@ -91,7 +80,7 @@ class LearnedRoundingModifier(GPTQModifier):
                 super()._quantize_block(block)
             else:
                 for name in block.targets:
-                    self._rtn_start(module, name)
+                    self._rtn_start(module, name, self.config_for(block.prefix + name))
         finally:
             self._in_block = False
         stand_ins = {name: module.get_submodule(name) for name in block.targets}
@@ -100,7 +89,10 @@ class LearnedRoundingModifier(GPTQModifier):
         for name, stand_in in stand_ins.items():
             original = self._originals.pop(name)
             actorder = cfg.act_order and cfg.init == "gptq"
-            self.replace(module, name, self.quantized_layer(original, stand_in.quantized(), actorder=actorder))
+            config = self.config_for(block.prefix + name)
+            self.replace(
+                module, name, self.quantized_layer(original, stand_in.quantized(), actorder=actorder, config=config)
+            )
 
     def _tune(self, block: Block, layers: list[RoundingLinear], targets: list[torch.Tensor]) -> None:
         cfg = self.config

@@ -8,7 +8,6 @@ from tqdm.auto import tqdm
 
 from hfcompress.kinds import linear_weight
 from hfcompress.modifier import CompressionContext
-from hfcompress.quant.affine import quantize_rtn
 from hfcompress.techniques.rtn.config import RTNConfig
 from hfcompress.techniques.weight_quant import WeightQuantModifier
 
@@ -20,6 +19,7 @@ class RTNModifier(WeightQuantModifier):
 
     @torch.no_grad()
     def apply(self, model: nn.Module, context: CompressionContext) -> None:
+        self.make_plan(model, context)
         for name in tqdm(self.planned, desc=f"{self.stage}: RTN", disable=not context.progress):
             # Offloaded weights (accelerate device_map/offload_folder) are loaded first, and
             # their block stays in memory, compressed, as GPTQ leaves it.
@@ -27,12 +27,6 @@ class RTNModifier(WeightQuantModifier):
             linear = model.get_submodule(name)
             weight = linear_weight(linear).detach()
             self.check_finite(name, weight)
-            qw = quantize_rtn(
-                weight,
-                bits=self.config.bits,
-                group_size=self.config.group_size,
-                symmetric=self.config.symmetric,
-                scale_dtype=self.config.torch_scale_dtype,
-                float_zero=self.config.zero_point == "float",
-            )
-            self.replace(model, name, self.quantized_layer(linear, qw))
+            config = self.config_for(name)
+            qw = self.rtn_weight(weight, config)
+            self.replace(model, name, self.quantized_layer(linear, qw, config=config))
