@@ -10,7 +10,7 @@ from torch import nn
 
 from hfcompress.kinds import linear_features
 
-__all__ = ["HessianAccumulator", "InputHessianHooks"]
+__all__ = ["HessianAccumulator", "InputHessianHooks", "InputShiftHooks"]
 
 
 class HessianAccumulator:
@@ -102,4 +102,72 @@ class InputHessianHooks:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+        self._last = None
+
+
+class InputShiftHooks:
+    """GPTAQ's statistic ``D = 2 / n * sum_t (x~_t - x_t) x_t^T`` per named layer: ``x_t`` the
+    layer's input in ``module`` (the model being quantized), ``x~_t`` its input in
+    ``float_module`` (a float copy) on the same token.
+
+    Run ``module`` on a batch, then ``float_module`` on the float model's version of the same
+    batch: the first pass keeps each layer's input, the second adds the product. Layers that
+    read the same input share one product, as in :class:`InputHessianHooks`. A layer whose
+    two inputs differ in rows (a routed expert) gets no statistic.
+
+    Attributes:
+        sums: Per layer, the ``[K, K]`` float32 sum of ``(x~ - x)^T x``.
+        counts: Per layer, the rows added.
+    """
+
+    def __init__(
+        self, module: nn.Module, float_module: nn.Module, names: Iterable[str], product_dtype: torch.dtype
+    ) -> None:
+        self.product_dtype = product_dtype
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.unpaired: set[str] = set()
+        self._inputs: dict[str, torch.Tensor] = {}
+        self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._handles = []
+        for name in names:
+            self._handles.append(module.get_submodule(name).register_forward_hook(self._keep(name)))
+            self._handles.append(float_module.get_submodule(name).register_forward_hook(self._add(name)))
+
+    def _keep(self, name: str):
+        def hook(_module, inputs, _output):
+            self._inputs[name] = inputs[0].detach()
+
+        return hook
+
+    def _add(self, name: str):
+        def hook(_module, inputs, _output):
+            x_float, x = inputs[0].detach(), self._inputs.pop(name, None)
+            if x is None or x.shape != x_float.shape:
+                self.unpaired.add(name)
+                return
+            with torch.autocast(x.device.type, enabled=False):
+                if self._last is not None and self._last[0] is x_float and self._last[1] is x:
+                    product = self._last[2]
+                else:
+                    flat = x.reshape(-1, x.shape[-1]).to(self.product_dtype)
+                    delta = x_float.reshape(-1, x.shape[-1]).to(self.product_dtype) - flat
+                    product = (delta.t() @ flat).float()
+                self._last = (x_float, x, product)
+            self.sums[name] = self.sums[name] + product if name in self.sums else product.clone()
+            self.counts[name] = self.counts.get(name, 0) + x.reshape(-1, x.shape[-1]).shape[0]
+
+        return hook
+
+    def shift(self, name: str) -> torch.Tensor | None:
+        """``D: [K, K]`` of layer ``name``, scaled like :meth:`HessianAccumulator.hessian`; None
+        for a layer without paired inputs."""
+        if name in self.unpaired or not self.counts.get(name):
+            return None
+        return self.sums[name] * (2.0 / self.counts[name])
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._inputs.clear()
         self._last = None

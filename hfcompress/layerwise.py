@@ -253,6 +253,8 @@ class Block:
         reference: With a runner built with ``reference=True``: the block's outputs in the
             unprocessed model, one per input (the float model's activations, for techniques
             that fit a block to them rather than to its own float output); else None.
+        reference_inputs: With ``reference=True``: the block's inputs in the unprocessed model,
+            one per item of ``inputs`` (GPTAQ compares each layer's inputs in both); else None.
     """
 
     index: int
@@ -263,6 +265,7 @@ class Block:
     targets: list[str]
     compute_dtype: torch.dtype | None = None
     reference: list[torch.Tensor] | None = None
+    reference_inputs: list[BlockInputs] | None = None
 
     def run(self) -> None:
         """Run the block on every input without gradients (for hooks that collect statistics)."""
@@ -348,7 +351,7 @@ class LayerwiseRunner:
                 if self.checkpoint is not None and self.checkpoint.has(index):
                     self.checkpoint.load(index, block)
                 else:
-                    process(Block(index, count, local, block, inputs, names, self.compute_dtype, expected))
+                    process(Block(index, count, local, block, inputs, names, self.compute_dtype, expected, reference))
                     if self.checkpoint is not None:
                         self.checkpoint.save(index, block)
             propagate(block, inputs, compute_dtype=self.compute_dtype)

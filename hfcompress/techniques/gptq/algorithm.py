@@ -18,7 +18,14 @@ import torch
 from hfcompress.input_stats import HessianAccumulator
 from hfcompress.quant.affine import QuantizedWeight, compute_qparams, resolve_group_size
 
-__all__ = ["GPTQResult", "HessianAccumulator", "cholesky_inverse_upper", "quantize_weight", "search_qparams"]
+__all__ = [
+    "GPTQResult",
+    "HessianAccumulator",
+    "asymmetric_target",
+    "cholesky_inverse_upper",
+    "quantize_weight",
+    "search_qparams",
+]
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,36 @@ def cholesky_inverse_upper(h: torch.Tensor, damp: float, max_damp: float = 1e3) 
         if damp >= max_damp:
             raise ValueError(f"H is not positive definite even with damp={damp}; is it finite?")
         damp *= 10
+
+
+def asymmetric_target(
+    w: torch.Tensor, h: torch.Tensor, d: torch.Tensor, damp: float, alpha: float = 1.0
+) -> torch.Tensor:
+    """GPTAQ (Li et al., 2025, "GPTAQ: Efficient Finetuning-Free Quantization for Asymmetric
+    Calibration"): the weight ``W'`` whose GPTQ objective on the quantized model's inputs
+    ``X`` is the error against the *float* model's output ``W X~``.
+
+    ``||Q X - W X~||^2 = tr((Q - W') H (Q - W')^T) + const`` with ``H = X X^T`` and
+    ``W' = W X~ X^T H^-1 = W + W D H^-1``, ``D = (X~ - X) X^T``; so quantizing ``W'`` with
+    GPTQ on ``H`` minimises the asymmetric objective, the paper's result in closed form.
+
+    Args:
+        w: ``W: [N, K]``.
+        h: ``H: [K, K]``, as :class:`HessianAccumulator` scales it.
+        d: ``D: [K, K]``, scaled the same way (:class:`~hfcompress.input_stats.InputShiftHooks`).
+        damp: Damping of ``H`` relative to the mean of its diagonal, as GPTQ's.
+        alpha: Weight of the correction (``W + alpha W D H^-1``); the GPTAQ authors' code
+            uses 0.25.
+
+    Returns:
+        ``W': [N, K]`` float32.
+    """
+    W = w.detach().float()
+    H = h.detach().float().to(W.device)
+    mean_diag = torch.mean(torch.diag(H)).item()
+    damped = H + damp * (mean_diag if mean_diag > 0 else 1.0) * torch.eye(H.shape[0], device=W.device)
+    # W D H^-1 = (H^-1 (W D)^T)^T, H symmetric.
+    return W + alpha * torch.linalg.solve(damped, (W @ d.float().to(W.device)).t()).t()
 
 
 def search_qparams(

@@ -36,6 +36,13 @@ class GPTQConfig(WeightQuantConfig):
         compute_dtype: Dtype of the calibration forward passes and of the ``x^T x``
             products: ``float32``, or ``bfloat16`` (autocast; about 3x faster on CPUs with
             AMX/AVX-512-BF16). The Hessian sums and the GPTQ solve stay float32.
+        asym_calibration: GPTAQ (Li et al., 2025): fit each layer's output on the quantized
+            model's inputs to the *float* model's output at that layer, not to its own float
+            output on those inputs, so each layer also corrects the error that reaches it. A
+            float copy of each block runs on the float model's activations beside it (one
+            more block pass per batch, and a second stream of activations in memory).
+        asym_alpha: With ``asym_calibration``: how much of the correction towards the float
+            model's output to apply (0: plain GPTQ; the GPTAQ authors' code uses 0.25).
     """
 
     technique = "gptq"
@@ -48,6 +55,8 @@ class GPTQConfig(WeightQuantConfig):
     true_sequential: bool = False
     batch_size: int = 8
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    asym_calibration: bool = False
+    asym_alpha: float = 0.25
 
     def _validate(self) -> None:
         super()._validate()
@@ -57,3 +66,5 @@ class GPTQConfig(WeightQuantConfig):
             raise invalid("damp", self.damp, "a number in (0, 1]")
         if self.batch_size < 1:
             raise invalid("batch_size", self.batch_size, "an integer >= 1")
+        if not 0 <= self.asym_alpha <= 1:
+            raise invalid("asym_alpha", self.asym_alpha, "a number in [0, 1] (0.25 by default)")

@@ -4,6 +4,7 @@ layer's Hessian while the calibration batches run through the block, then
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 
@@ -13,12 +14,12 @@ from torch import nn
 from hfcompress.architectures import blocks_of, sequential_groups
 from hfcompress.checkpointing import BlockCheckpoint, run_fingerprint
 from hfcompress.errors import ModelError
-from hfcompress.input_stats import InputHessianHooks
+from hfcompress.input_stats import InputHessianHooks, InputShiftHooks
 from hfcompress.kinds import linear_weight
 from hfcompress.layerwise import Block, LayerwiseRunner, autocast_dtype, compute_device, run_block, run_model
 from hfcompress.modifier import CompressionContext, ModelView
 from hfcompress.quant.affine import QuantizedWeight, quantize, resolve_group_size
-from hfcompress.techniques.gptq.algorithm import GPTQResult, quantize_weight, search_qparams
+from hfcompress.techniques.gptq.algorithm import GPTQResult, asymmetric_target, quantize_weight, search_qparams
 from hfcompress.techniques.gptq.config import GPTQConfig
 from hfcompress.techniques.weight_quant import WeightQuantModifier
 
@@ -33,9 +34,14 @@ class GPTQModifier(WeightQuantModifier):
     def __init__(self, config: GPTQConfig, stage: str) -> None:
         super().__init__(config, stage)
         self._batches: list[dict[str, torch.Tensor]] = []
+        self._float_block: nn.Module | None = None  # with asym_calibration: the block before quantization
 
     description = "GPTQ"  # the progress bar's label
-    needs_reference = False  # whether blocks get the float model's outputs (Block.reference)
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether blocks get the float model's activations (``Block.reference``)."""
+        return self.config.asym_calibration
 
     @property
     def observer(self) -> str:
@@ -44,14 +50,29 @@ class GPTQModifier(WeightQuantModifier):
     def _compute_dtype(self) -> torch.dtype | None:
         return autocast_dtype(self.config.compute_dtype)
 
-    def _quantize(self, module: nn.Module, names: list[str], run: Callable[[], None], prefix: str = "") -> None:
+    def _quantize(
+        self, module: nn.Module, names: list[str], run: Callable[[], None], prefix: str = "", block: Block | None = None
+    ) -> None:
         """Collect Hessians of ``names`` (inside ``module``, called ``prefix`` in the model)
-        while ``run()`` feeds calibration data, then replace each layer by its GPTQ result."""
-        hooks = InputHessianHooks(module, names, self._compute_dtype() or torch.float32)
+        while ``run()`` feeds calibration data, then replace each layer by its GPTQ result.
+        With ``asym_calibration`` and a ``block`` carrying the float model's inputs, the block
+        and its float copy run side by side instead, for GPTAQ's second statistic."""
+        dtype = self._compute_dtype() or torch.float32
+        hooks = InputHessianHooks(module, names, dtype)
+        shift = None
+        if block is not None and block.reference_inputs is not None and self._float_block is not None:
+            shift = InputShiftHooks(module, self._float_block, names, dtype)
         try:
-            run()
+            if shift is None:
+                run()
+            else:
+                for item, float_item in zip(block.inputs, block.reference_inputs, strict=True):
+                    run_block(module, [item], compute_dtype=block.compute_dtype)
+                    run_block(self._float_block, [float_item], compute_dtype=block.compute_dtype)
         finally:
             hooks.remove()
+            if shift is not None:
+                shift.remove()
         logger.debug("%s: %d x^T x products, %d shared", prefix or "model", hooks.products, hooks.reuses)
         for name in names:
             cfg = self.config_for(prefix + name)
@@ -68,9 +89,13 @@ class GPTQModifier(WeightQuantModifier):
                 )
                 self.replace(module, name, self.quantized_layer(layer, self.rtn_weight(weight, cfg), config=cfg))
                 continue
+            hessian = acc.hessian()
+            d = shift.shift(name) if shift is not None else None
+            if d is not None:
+                weight = asymmetric_target(weight, hessian, d, cfg.damp, cfg.asym_alpha)
             result = quantize_weight(
                 weight,
-                acc.hessian(),
+                hessian,
                 bits=cfg.bits,
                 group_size=cfg.group_size,
                 symmetric=cfg.symmetric,
@@ -119,8 +144,14 @@ class GPTQModifier(WeightQuantModifier):
             groups = sequential_groups(module, block.targets, lambda: run_block(module, block.inputs[:1]))
         else:
             groups = [block.targets]
-        for group in groups:
-            self._quantize(module, group, block.run, block.prefix)
+        # GPTAQ compares each layer's inputs with the float model's: a float copy of the block
+        # gives the latter, also for layers after a group quantized already (true_sequential).
+        self._float_block = copy.deepcopy(module) if self.config.asym_calibration else None
+        try:
+            for group in groups:
+                self._quantize(module, group, block.run, block.prefix, block)
+        finally:
+            self._float_block = None
 
     def check(self, model: nn.Module, context: CompressionContext, view: ModelView) -> None:
         super().check(model, context, view)

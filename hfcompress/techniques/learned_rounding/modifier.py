@@ -34,8 +34,8 @@ class LearnedRoundingModifier(GPTQModifier):
         self._originals: dict[str, nn.Module] = {}  # the float layers the stand-ins replaced
 
     @property
-    def needs_reference(self) -> bool:  # type: ignore[override]
-        return self.config.target == "float_model"
+    def needs_reference(self) -> bool:
+        return self.config.target == "float_model" or super().needs_reference
 
     def _stand_in(self, layer: nn.Module, base: torch.Tensor, start: QuantizedWeight) -> RoundingLinear:
         cfg = self.config
