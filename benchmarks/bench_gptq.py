@@ -6,9 +6,13 @@
         --peer llmcompressor=.venv-llmc/bin/python --peer hqq=.venv-hqq/bin/python   # peers in the same run
     python benchmarks/bench_gptq.py --schemes w4g128 --peer bnb=.venv/bin/python     # bitsandbytes NF4
     python benchmarks/bench_gptq.py --methods gptq lr-light lr --extra '{"compute_dtype": "bfloat16"}'
+    python benchmarks/bench_gptq.py --methods fp32 gptq --schemes mp3.5 order3.5 w3g48   # mixed precision
+    python benchmarks/bench_gptq.py --corpora wikitext2 glue --extra '{"asym_calibration": true}'  # GPTAQ
 
 Protocol (issue 3): calibration 128 windows x 512 tokens of WikiText-2 *validation*
-(seed 0); evaluation the first 40 windows of 512 tokens of WikiText-2 *test*. Each
+(seed 0); evaluation the first 40 windows of 512 tokens of WikiText-2 *test* (and, with
+``--corpora ... glue``, of a second corpus that is not WikiText-2: the MRPC, RTE and STS-B dev
+sentences; GPTQ refinements are kept only if they help there too). Each
 measurement runs in its own process, so peak RSS (ru_maxrss) is that method's alone; wall
 time covers calibration-data preparation and quantization, not model loading or evaluation.
 Peers (llm-compressor, HQQ, AutoRound) need their own environments (see benchmarks/RESULTS.md
@@ -27,7 +31,22 @@ import sys
 import time
 from pathlib import Path
 
-SCHEMES = {"w4g128": (4, 128), "w3g128": (3, 128), "w4pc": (4, -1)}
+# Each scheme is the grid fields of the weight config. The mixed-precision ones give a budget
+# (scales and zero points included) instead: "mp3.5" lets the sensitivity plan choose among
+# the default candidates (2/3/4/8 bits, groups 64/128); "order3.5" gives W4 g128 to the first
+# layers in model order and W3 g128 to the rest, as far as the budget goes; "w3g48" is uniform
+# W3 at exactly 3.5 bits per weight (3 + 24/48).
+SCHEMES = {
+    "w4g128": {"bits": 4, "group_size": 128},
+    "w3g128": {"bits": 3, "group_size": 128},
+    "w4pc": {"bits": 4, "group_size": -1},
+    "w4g64": {"bits": 4, "group_size": 64},
+    "w3g64": {"bits": 3, "group_size": 64},
+    "w3g48": {"bits": 3, "group_size": 48},
+    "mp3.5": {"budget": {"bits_per_weight": 3.5}},
+    "mp3.0": {"budget": {"bits_per_weight": 3.0}},
+    "order3.5": {"budget": {"bits_per_weight": 3.5, "bits": [3, 4], "group_sizes": [128], "strategy": "layer_order"}},
+}
 METHODS = ["fp32", "rtn", "gptq"]
 # Learned rounding (technique `learned_rounding`, started from GPTQ with --extra's options):
 # the light setting (50 steps of 4 windows) and the full one (AutoRound's default: 200 steps of 8).
@@ -44,19 +63,18 @@ PEER_SCRIPTS = {
 BEST_GPTQ = {"act_order": True, "clip_search": True, "compute_dtype": "bfloat16"}
 
 
-def quantize(model, tokenizer, method: str, bits: int, group_size: int, extra: dict) -> None:
+def quantize(model, tokenizer, method: str, grid: dict, extra: dict) -> None:
     """Compress ``model`` in place by ``method`` ("rtn", "gptq", "lr-light", "lr"; "fp32"
     leaves it), with the protocol's calibration data for the calibrated ones."""
     import hfcompress
 
     if method == "rtn":
-        hfcompress.compress(model, [hfcompress.RTNConfig(bits=bits, group_size=group_size)], progress=False)
+        hfcompress.compress(model, [hfcompress.RTNConfig.from_dict(grid)], progress=False)
     elif method in ("gptq", *LEARNED_ROUNDING):
         if method == "gptq":
-            config = hfcompress.GPTQConfig(bits=bits, group_size=group_size, **extra)
+            config = hfcompress.GPTQConfig.from_dict({**grid, **extra})
         else:
-            fields = {**extra, **LEARNED_ROUNDING[method]}
-            config = hfcompress.LearnedRoundingConfig(bits=bits, group_size=group_size, **fields)
+            config = hfcompress.LearnedRoundingConfig.from_dict({**grid, **extra, **LEARNED_ROUNDING[method]})
         hfcompress.compress(
             model,
             [config],
@@ -69,24 +87,54 @@ def quantize(model, tokenizer, method: str, bits: int, group_size: int, extra: d
         )
 
 
-def measure(method: str, scheme: str, extra: dict) -> dict:
+def glue_dev_text() -> str:
+    """A second evaluation corpus that is not WikiText-2: the distinct sentences of the MRPC,
+    RTE and STS-B dev sets (news, Wikipedia and image captions), one per line, in file order."""
+    from hfcompress.glue.data import load_glue
+
+    seen: dict[str, None] = {}
+    for task in ("mrpc", "rte", "stsb"):
+        for row in load_glue(task, "validation"):
+            for column in ("text_a", "text_b"):
+                seen.setdefault(str(row[column]).strip(), None)
+    return "\n".join(seen)
+
+
+def measure(method: str, scheme: str, extra: dict, corpora: tuple[str, ...] = ("wikitext2",)) -> dict:
     import torch
 
     from hfcompress.data import load_text
     from hfcompress.eval import perplexity
+    from hfcompress.eval.size import size_report
     from hfcompress.models import load_model, load_tokenizer
+    from hfcompress.targets import resolve_linear_targets
 
     torch.manual_seed(0)
     model = load_model("smollm2-135m")
     tokenizer = load_tokenizer("smollm2-135m")
-    bits, group_size = SCHEMES[scheme]
+    layers = list(resolve_linear_targets(model, ("Linear",), ("lm_head",)))
     start = time.perf_counter()
-    quantize(model, tokenizer, method, bits, group_size, extra)
+    quantize(model, tokenizer, method, SCHEMES[scheme], extra)
     wall = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    tokens = tokenizer(load_text("wikitext2:test"), return_tensors="pt", add_special_tokens=False).input_ids[0]
-    ppl = perplexity(model, tokens, seq_len=512, max_windows=40, progress=False).perplexity
-    return {"method": method, "scheme": scheme, "extra": extra, "ppl": ppl, "wall_s": wall, "peak_rss_mb": peak_mb}
+    bits = size_report(model, layers).bits_per_weight
+    texts = {"wikitext2": lambda: load_text("wikitext2:test"), "glue": glue_dev_text}
+    ppl = {}
+    for corpus in corpora:
+        tokens = tokenizer(texts[corpus](), return_tensors="pt", add_special_tokens=False).input_ids[0]
+        ppl[corpus] = perplexity(model, tokens, seq_len=512, max_windows=40, progress=False).perplexity
+    extra_ppl = {f"ppl_{c}": v for c, v in ppl.items() if c != "wikitext2"}
+    ppl = ppl.get("wikitext2", float("nan"))
+    return {
+        **extra_ppl,
+        "method": method,
+        "scheme": scheme,
+        "extra": extra,
+        "ppl": ppl,
+        "bits_per_weight": bits,
+        "wall_s": wall,
+        "peak_rss_mb": peak_mb,
+    }
 
 
 def main() -> None:
@@ -95,6 +143,13 @@ def main() -> None:
     parser.add_argument("--extra", default="{}", help="JSON of extra GPTQConfig (and LearnedRoundingConfig) fields")
     parser.add_argument("--methods", nargs="*", default=METHODS, choices=[*METHODS, *LEARNED_ROUNDING])
     parser.add_argument("--schemes", nargs="*", default=list(SCHEMES))
+    parser.add_argument(
+        "--corpora",
+        nargs="+",
+        default=["wikitext2"],
+        choices=["wikitext2", "glue"],
+        help="perplexity on WikiText-2 test and/or on GLUE dev sentences (MRPC, RTE, STS-B), 40 windows of 512",
+    )
     parser.add_argument(
         "--peer",
         action="append",
@@ -110,14 +165,14 @@ def main() -> None:
             parser.error(f"--peer {spec!r}: expected NAME=PYTHON with NAME in {sorted(PEER_SCRIPTS)}")
         peers.append((name, python))
     if args.one:
-        print(json.dumps(measure(args.one[0], args.one[1], json.loads(args.extra))))
+        print(json.dumps(measure(args.one[0], args.one[1], json.loads(args.extra), tuple(args.corpora))))
         return
     rows = []
     for scheme in args.schemes:
         for method in args.methods:
             if method == "fp32" and scheme != args.schemes[0]:
                 continue
-            cmd = [sys.executable, __file__, "--one", method, scheme, "--extra", args.extra]
+            cmd = [sys.executable, __file__, "--one", method, scheme, "--extra", args.extra, "--corpora", *args.corpora]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
             print(rows[-1], file=sys.stderr)
@@ -130,20 +185,27 @@ def main() -> None:
             else:
                 rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(rows[-1], file=sys.stderr)
-    fp32 = next((r["ppl"] for r in rows if r["method"] == "fp32"), None)
+    fp32 = next((r for r in rows if r["method"] == "fp32"), None)
     if fp32 is None:
         return
-    print(f"\nfp32 perplexity {fp32:.3f}\n")
-    print("| scheme | method | perplexity | increase over fp32 | quantization wall (s) | peak RSS (MB) |")
-    print("|---|---|---|---|---|---|")
+    glue = "ppl_glue" in fp32
+    print(f"\nfp32 perplexity {fp32['ppl']:.3f}" + (f", GLUE dev {fp32['ppl_glue']:.3f}" if glue else "") + "\n")
+    columns = ["bits per weight", "perplexity", "increase over fp32"]
+    columns += ["GLUE-dev perplexity", "increase"] if glue else []
+    columns += ["quantization wall (s)", "peak RSS (MB)"]
+    print("| scheme | method | " + " | ".join(columns) + " |")
+    print("|---|---|" + "---|" * len(columns))
     for r in rows:
         if "error" in r:
-            print(f"| {r['scheme']} | {r['method']} | failed: {r['error']} | | | |")
+            print(f"| {r['scheme']} | {r['method']} | failed: {r['error']} |" + " |" * (len(columns) - 1))
         elif r["method"] != "fp32":
-            print(
-                f"| {r['scheme']} | {r['method']} | {r['ppl']:.3f} | {r['ppl'] - fp32:+.3f} | {r['wall_s']:.1f} "
-                f"| {r['peak_rss_mb']:.0f} |"
-            )
+            cells = [f"{r['bits_per_weight']:.3f}" if r.get("bits_per_weight") else "?"]
+            cells += [f"{r['ppl']:.3f}", f"{r['ppl'] - fp32['ppl']:+.3f}"]
+            if glue:
+                ppl_glue = r.get("ppl_glue")
+                cells += [f"{ppl_glue:.3f}", f"{ppl_glue - fp32['ppl_glue']:+.3f}"] if ppl_glue else ["?", ""]
+            cells += [f"{r['wall_s']:.1f}", f"{r['peak_rss_mb']:.0f}"]
+            print(f"| {r['scheme']} | {r['method']} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
