@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
 
 from hfcompress.errors import ModelError
 from hfcompress.kinds import linear_weight
@@ -92,7 +93,8 @@ def fisher_diagonal(
             f"{offloaded[0]!r} are offloaded (meta device); load the model in memory, or use "
             "budget.strategy='layer_order', which measures nothing"
         )
-    params = {name: model.get_submodule(name).weight for name in names}
+    modules = {name: model.get_submodule(name) for name in names}
+    params = {name: module.weight for name, module in modules.items()}
     wanted = {id(p) for p in params.values()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     fisher = {name: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in weights.items()}
@@ -113,7 +115,7 @@ def fisher_diagonal(
                 loss = _loss(model, {k: v.to(device) for k, v in row.items()}, generator)
                 loss.backward()
                 for name, p in params.items():
-                    grad = p.grad.t() if p.grad.shape != fisher[name].shape else p.grad  # Conv1D stores W^T
+                    grad = p.grad.t() if isinstance(modules[name], Conv1D) else p.grad  # Conv1D stores W^T
                     fisher[name] += grad.float().square()
                     p.grad = None
     finally:

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import BertConfig, BertModel
+from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
 from hfcompress.errors import ModelError
 from hfcompress.mixed_precision import Choice
@@ -27,6 +27,16 @@ def test_causal_lm_fisher_is_the_mean_squared_per_sequence_gradient():
         model(input_ids=row[None], labels=row[None]).loss.backward()
         expected += model.get_submodule(name).weight.grad.square() / 3
     torch.testing.assert_close(got, expected)
+
+
+def test_conv1d_fisher_is_laid_out_like_its_weight_even_when_square():
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=2, n_positions=32)).eval()
+    names = ["transformer.h.0.attn.c_proj", "transformer.h.0.attn.c_attn"]  # [32, 32] (square) and [96, 32]
+    got = fisher_diagonal(model, names, [{"input_ids": IDS[:1]}], samples=1)
+    model.zero_grad()
+    model(input_ids=IDS[:1], labels=IDS[:1]).loss.backward()
+    for name in names:
+        torch.testing.assert_close(got[name], model.get_submodule(name).weight.grad.t().square())
 
 
 def test_gradients_are_left_as_they_were():
