@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-import hfcompress  # noqa: F401  (registers the transformers quantizer)
+import hfcompress  # (importing it also registers the transformers quantizer)
 
 
 def make_tiny_llama(seed: int = 0, tie: bool = True, layers: int = 2, **overrides) -> LlamaForCausalLM:
@@ -71,6 +71,25 @@ def killed_run(monkeypatch, owner: type, method: str, after_calls: int, run) -> 
     with pytest.raises(Killed):
         run()
     monkeypatch.setattr(owner, method, original)
+
+
+def assert_resume_gives_the_uninterrupted_result(
+    monkeypatch, tmp_path, config, calibration: torch.Tensor, owner: type, method: str, after_calls: int
+) -> None:
+    """Compress a 3-block tiny Llama (seed 3) with ``config`` in one go; then again, killed
+    once ``after_calls`` calls of ``owner.method`` completed and started over from the block
+    checkpoints in ``tmp_path``. Assert the two end with the same tensors."""
+
+    def run(**kwargs) -> LlamaForCausalLM:
+        model = make_tiny_llama(seed=3, layers=3)
+        hfcompress.compress(model, config, calibration_data=calibration, progress=False, **kwargs)
+        return model
+
+    expected = {k: v.clone() for k, v in run().state_dict().items()}
+    killed_run(monkeypatch, owner, method, after_calls, lambda: run(checkpoint_dir=tmp_path))
+    got = run(checkpoint_dir=tmp_path).state_dict()
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
 @pytest.fixture

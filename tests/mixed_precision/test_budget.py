@@ -23,7 +23,7 @@ from hfcompress.eval.size import size_report
 from hfcompress.kinds import compressed_modules
 from hfcompress.quant.linear import quantized_bytes
 from hfcompress.techniques.gptq import modifier as gptq_modifier
-from tests.conftest import killed_run, make_tiny_llama
+from tests.conftest import assert_resume_gives_the_uninterrupted_result, make_tiny_llama
 
 CALIB = torch.randint(0, 128, (8, 24), generator=torch.Generator().manual_seed(5))
 EVAL = torch.randint(0, 128, (4, 24), generator=torch.Generator().manual_seed(6))
@@ -107,23 +107,9 @@ def test_total_bytes_budget_and_learned_rounding():
 
 def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, monkeypatch):
     config = [GPTQConfig(budget=BUDGET)]
-    uninterrupted = make_tiny_llama(seed=3, layers=3)
-    compress(uninterrupted, config, calibration_data=CALIB, progress=False)
-    expected = uninterrupted.state_dict()
-    killed_run(
-        monkeypatch,
-        gptq_modifier.GPTQModifier,
-        "_quantize_block",
-        1,
-        lambda: compress(
-            make_tiny_llama(seed=3, layers=3), config, calibration_data=CALIB, progress=False, checkpoint_dir=tmp_path
-        ),
+    assert_resume_gives_the_uninterrupted_result(
+        monkeypatch, tmp_path, config, CALIB, gptq_modifier.GPTQModifier, "_quantize_block", 1
     )
-    resumed = make_tiny_llama(seed=3, layers=3)
-    compress(resumed, config, calibration_data=CALIB, progress=False, checkpoint_dir=tmp_path)
-    got = resumed.state_dict()
-    assert got.keys() == expected.keys()
-    assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
 def test_recipe_yaml_reads_and_writes_the_budget():

@@ -9,7 +9,7 @@ from hfcompress import GPTQConfig, RecipeError, compress
 from hfcompress.input_stats import HessianAccumulator, InputShiftHooks
 from hfcompress.techniques.gptq import modifier as gptq_modifier
 from hfcompress.techniques.gptq.algorithm import asymmetric_target
-from tests.conftest import killed_run, make_tiny_llama
+from tests.conftest import assert_resume_gives_the_uninterrupted_result, make_tiny_llama
 
 CALIB = torch.randint(0, 128, (8, 24), generator=torch.Generator().manual_seed(5))
 
@@ -71,22 +71,9 @@ def test_first_block_is_plain_gptq_and_later_blocks_fit_the_float_model():
 
 def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, monkeypatch):
     config = [GPTQConfig(bits=4, group_size=16, asym_calibration=True, true_sequential=True)]
-    uninterrupted = make_tiny_llama(seed=3, layers=3)
-    compress(uninterrupted, config, calibration_data=CALIB, progress=False)
-    expected = _state(uninterrupted)
-    killed_run(
-        monkeypatch,
-        gptq_modifier.GPTQModifier,
-        "_quantize_block",
-        1,
-        lambda: compress(
-            make_tiny_llama(seed=3, layers=3), config, calibration_data=CALIB, progress=False, checkpoint_dir=tmp_path
-        ),
+    assert_resume_gives_the_uninterrupted_result(
+        monkeypatch, tmp_path, config, CALIB, gptq_modifier.GPTQModifier, "_quantize_block", 1
     )
-    resumed = make_tiny_llama(seed=3, layers=3)
-    compress(resumed, config, calibration_data=CALIB, progress=False, checkpoint_dir=tmp_path)
-    got = resumed.state_dict()
-    assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
 def test_alpha_outside_zero_to_one_is_refused():

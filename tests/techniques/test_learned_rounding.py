@@ -12,7 +12,7 @@ from hfcompress import GPTQConfig, LearnedRoundingConfig, QuantLinear, RecipeErr
 from hfcompress.quant.affine import QuantizedWeight, compute_qparams, quantize
 from hfcompress.techniques.learned_rounding import modifier as lr_modifier
 from hfcompress.techniques.learned_rounding.algorithm import RoundingLinear, signed_step
-from tests.conftest import killed_run, make_tiny_llama
+from tests.conftest import assert_resume_gives_the_uninterrupted_result, make_tiny_llama
 
 CALIB = torch.randint(0, 128, (16, 24), generator=torch.Generator().manual_seed(5))
 EVAL = torch.randint(0, 128, (16, 24), generator=torch.Generator().manual_seed(6))
@@ -102,25 +102,10 @@ def test_learned_rounding_beats_its_start(options):
 
 def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, monkeypatch):
     config = [LearnedRoundingConfig(bits=4, group_size=16, steps=10, batch_size=4)]
-    uninterrupted = make_tiny_llama(seed=3, layers=3)
-    compress(uninterrupted, config, calibration_data=CALIB, progress=False)
-    expected = {k: v.clone() for k, v in uninterrupted.state_dict().items()}
-
     # Killed in the middle of the second block's steps.
-    killed_run(
-        monkeypatch,
-        lr_modifier.LearnedRoundingModifier,
-        "_tune",
-        1,
-        lambda: compress(
-            make_tiny_llama(seed=3, layers=3), config, calibration_data=CALIB, progress=False, checkpoint_dir=tmp_path
-        ),
+    assert_resume_gives_the_uninterrupted_result(
+        monkeypatch, tmp_path, config, CALIB, lr_modifier.LearnedRoundingModifier, "_tune", 1
     )
-    resumed = make_tiny_llama(seed=3, layers=3)
-    compress(resumed, config, calibration_data=CALIB, progress=False, checkpoint_dir=tmp_path)
-    got = resumed.state_dict()
-    assert got.keys() == expected.keys()
-    assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
 def test_saves_and_reloads_with_the_same_logits(tmp_path):
