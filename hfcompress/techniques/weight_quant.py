@@ -100,6 +100,12 @@ class WeightQuantConfig(TechniqueConfig):
         )
 
 
+def _weight_count(layer: nn.Module) -> int:
+    """``in_features * out_features`` of a linear-like layer."""
+    k, n = linear_features(layer)
+    return k * n
+
+
 class WeightQuantModifier(Modifier):
     """Resolves and checks the targeted linear-like layers; subclasses quantize them.
 
@@ -184,8 +190,7 @@ class WeightQuantModifier(Modifier):
         budget = self.config.budget
         if budget.total_bytes is not None:
             return budget.total_bytes
-        weights = sum(linear_features(m)[0] * linear_features(m)[1] for m in layers.values())
-        return int(budget.bits_per_weight * weights / 8)
+        return int(budget.bits_per_weight * sum(map(_weight_count, layers.values())) / 8)
 
     def _check_budget(self, model: nn.Module, context: CompressionContext, layers: dict[str, nn.Module]) -> None:
         """Refuse a budget below the smallest plan, and read the sensitivity's calibration data."""
@@ -194,7 +199,7 @@ class WeightQuantModifier(Modifier):
         least = sum(min(c) for c in costs.values())
         capacity = self._budget_bytes(layers)
         if least > capacity:
-            weights = sum(linear_features(m)[0] * linear_features(m)[1] for m in layers.values())
+            weights = sum(map(_weight_count, layers.values()))
             raise self.error(
                 f"budget {budget.to_dict()} allows {capacity} bytes for the {len(layers)} targeted layers, but their "
                 f"smallest candidates (bits {list(budget.bits)}, group sizes {list(budget.group_sizes)}) take "
@@ -252,7 +257,7 @@ class WeightQuantModifier(Modifier):
             estimated = sum(losses[n][j] for n, j in zip(names, picked, strict=True))
         self.plan = PrecisionPlan(
             layers={n: choices[n][j] for n, j in zip(names, picked, strict=True)},
-            weights={n: linear_features(layers[n])[0] * linear_features(layers[n])[1] for n in names},
+            weights={n: _weight_count(layers[n]) for n in names},
             bytes={n: costs[n][j] for n, j in zip(names, picked, strict=True)},
             budget_bytes=capacity,
             strategy=budget.strategy,
