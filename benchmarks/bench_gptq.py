@@ -8,6 +8,7 @@
     python benchmarks/bench_gptq.py --methods gptq lr-light lr --extra '{"compute_dtype": "bfloat16"}'
     python benchmarks/bench_gptq.py --methods fp32 gptq --schemes mp3.5 order3.5 w3g48   # mixed precision
     python benchmarks/bench_gptq.py --corpora wikitext2 glue --extra '{"asym_calibration": true}'  # GPTAQ
+    python benchmarks/bench_gptq.py --methods gptq awq-gptq --corpora wikitext2 glue   # AWQ scaling first
 
 Protocol (issue 3): calibration 128 windows x 512 tokens of WikiText-2 *validation*
 (seed 0); evaluation the first 40 windows of 512 tokens of WikiText-2 *test* (and, with
@@ -48,6 +49,8 @@ SCHEMES = {
     "order3.5": {"budget": {"bits_per_weight": 3.5, "bits": [3, 4], "group_sizes": [128], "strategy": "layer_order"}},
 }
 METHODS = ["fp32", "rtn", "gptq"]
+# GPTQ (or learned rounding) after an `awq` stage on the same grid.
+AWQ_FIRST = {"awq-gptq": "gptq", "awq-lr-light": "lr-light"}
 # Learned rounding (technique `learned_rounding`, started from GPTQ with --extra's options):
 # the light setting (50 steps of 4 windows) and the full one (AutoRound's default: 200 steps of 8).
 LEARNED_ROUNDING = {"lr-light": {"steps": 50, "batch_size": 4}, "lr": {"steps": 200}}
@@ -64,10 +67,17 @@ BEST_GPTQ = {"act_order": True, "clip_search": True, "compute_dtype": "bfloat16"
 
 
 def quantize(model, tokenizer, method: str, grid: dict, extra: dict) -> None:
-    """Compress ``model`` in place by ``method`` ("rtn", "gptq", "lr-light", "lr"; "fp32"
-    leaves it), with the protocol's calibration data for the calibrated ones."""
+    """Compress ``model`` in place by ``method`` ("rtn", "gptq", "lr-light", "lr", and
+    "awq-gptq" / "awq-lr-light" with an ``awq`` stage first; "fp32" leaves it), with the
+    protocol's calibration data for the calibrated ones."""
     import hfcompress
 
+    stages = []
+    if method in AWQ_FIRST:
+        dtype = extra.get("compute_dtype", "float32")
+        grid_of_awq = {"bits": grid.get("bits", 4), "group_size": grid.get("group_size", 128)}
+        stages.append(hfcompress.AWQConfig(**grid_of_awq, compute_dtype=dtype))
+        method = AWQ_FIRST[method]
     if method == "rtn":
         hfcompress.compress(model, [hfcompress.RTNConfig.from_dict(grid)], progress=False)
     elif method in ("gptq", *LEARNED_ROUNDING):
@@ -77,7 +87,7 @@ def quantize(model, tokenizer, method: str, grid: dict, extra: dict) -> None:
             config = hfcompress.LearnedRoundingConfig.from_dict({**grid, **extra, **LEARNED_ROUNDING[method]})
         hfcompress.compress(
             model,
-            [config],
+            [*stages, config],
             tokenizer=tokenizer,
             calibration_data="wikitext2:valid",
             progress=False,
@@ -141,7 +151,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "SCHEME"))
     parser.add_argument("--extra", default="{}", help="JSON of extra GPTQConfig (and LearnedRoundingConfig) fields")
-    parser.add_argument("--methods", nargs="*", default=METHODS, choices=[*METHODS, *LEARNED_ROUNDING])
+    parser.add_argument("--methods", nargs="*", default=METHODS, choices=[*METHODS, *LEARNED_ROUNDING, *AWQ_FIRST])
     parser.add_argument("--schemes", nargs="*", default=list(SCHEMES))
     parser.add_argument(
         "--corpora",

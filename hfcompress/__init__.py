@@ -35,6 +35,7 @@ from hfcompress.quant.scheme import QuantArgs, QuantScheme
 from hfcompress.recipe import Recipe, Stage
 from hfcompress.registry import get_technique, register_technique, registered_techniques
 from hfcompress.techniques.activations import ActivationQuantConfig
+from hfcompress.techniques.awq import AWQConfig
 from hfcompress.techniques.block_sparse import BlockSparseConfig, disable_block_sparse, enable_block_sparse
 from hfcompress.techniques.error_compensation import ErrorCompensationConfig
 from hfcompress.techniques.gptq import GPTQConfig
@@ -48,6 +49,7 @@ from hfcompress.techniques.smoothquant import SmoothQuantConfig
 __version__ = "0.1.0"
 
 __all__ = [
+    "AWQConfig",
     "ActivationQuantConfig",
     "BitsBudget",
     "BlockSparseConfig",

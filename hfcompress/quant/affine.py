@@ -33,6 +33,7 @@ __all__ = [
     "compute_qparams",
     "dequantize",
     "expand_groups",
+    "group_view",
     "num_groups",
     "quantize",
     "quantize_rtn",
@@ -81,7 +82,7 @@ def expand_groups(params: torch.Tensor, group_size: int, in_features: int) -> to
     return params.repeat_interleave(group_size, dim=1)[:, :in_features]
 
 
-def _group_view(w: torch.Tensor, group_size: int) -> torch.Tensor:
+def group_view(w: torch.Tensor, group_size: int) -> torch.Tensor:
     """``[N, K] -> [N, G, group_size]``, padding a partial last group by repeating its last
     column (which changes neither its min nor its max)."""
     n, k = w.shape
@@ -116,7 +117,7 @@ def compute_qparams(
         when ``float_zero``.
     """
     group_size = resolve_group_size(group_size, w.shape[1])
-    g = _group_view(w.float(), group_size)
+    g = group_view(w.float(), group_size)
     maxq = 2**bits - 1
     w_min, w_max = g.amin(dim=-1), g.amax(dim=-1)
     if not float_zero or symmetric:

@@ -2,6 +2,7 @@
 
 from hfcompress.techniques import (
     activations,
+    awq,
     block_sparse,
     error_compensation,
     gptq,
@@ -15,6 +16,7 @@ from hfcompress.techniques import (
 
 __all__ = [
     "activations",
+    "awq",
     "block_sparse",
     "error_compensation",
     "gptq",

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -24,9 +24,18 @@ from hfcompress.quant.linear import SCALE_DTYPES, QuantLinear, quantized_bytes
 from hfcompress.quant.packing import SUPPORTED_BITS
 from hfcompress.quant.scheme import QuantScheme
 
-__all__ = ["SCALE_DTYPES", "WeightQuantConfig", "WeightQuantModifier"]
+__all__ = ["SCALE_DTYPES", "WeightQuantConfig", "WeightQuantModifier", "check_grid_fields"]
 
 logger = logging.getLogger(__name__)
+
+
+def check_grid_fields(config: Any) -> None:
+    """Raise :func:`invalid` for a config's ``bits`` or ``group_size`` outside what the packed
+    layers hold."""
+    if config.bits not in SUPPORTED_BITS:
+        raise invalid("bits", config.bits, ", ".join(map(str, SUPPORTED_BITS)))
+    if config.group_size != -1 and config.group_size < MIN_GROUP_SIZE:
+        raise invalid("group_size", config.group_size, f"-1 (per channel) or an integer >= {MIN_GROUP_SIZE}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -63,10 +72,7 @@ class WeightQuantConfig(TechniqueConfig):
     budget: BitsBudget | None = None
 
     def _validate(self) -> None:
-        if self.bits not in SUPPORTED_BITS:
-            raise invalid("bits", self.bits, ", ".join(map(str, SUPPORTED_BITS)))
-        if self.group_size != -1 and self.group_size < MIN_GROUP_SIZE:
-            raise invalid("group_size", self.group_size, f"-1 (per channel) or an integer >= {MIN_GROUP_SIZE}")
+        check_grid_fields(self)
         if self.symmetric and self.zero_point == "float":
             raise invalid("zero_point", self.zero_point, "'integer' when symmetric is true (its zero point is fixed)")
         check_target_fields(self)

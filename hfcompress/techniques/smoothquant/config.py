@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 from hfcompress.config import TechniqueConfig, check_target_fields, invalid
 
-__all__ = ["SmoothQuantConfig", "parse_mapping"]
+__all__ = ["SmoothQuantConfig", "check_mapping_fields", "parse_mapping"]
 
 
 def parse_mapping(text: str) -> tuple[str, tuple[str, ...]]:
@@ -17,6 +17,16 @@ def parse_mapping(text: str) -> tuple[str, tuple[str, ...]]:
     if not arrow or not source.strip() or not readers:
         raise invalid("mappings", text, "strings 'source -> reader, reader, ...' with names relative to a block")
     return source.strip(), readers
+
+
+def check_mapping_fields(config: Any) -> None:
+    """Check the fields a rescaling stage (``smoothquant``, ``awq``) shares: ``mappings``,
+    ``batch_size`` and ``ignore``."""
+    for text in config.mappings:
+        parse_mapping(text)
+    if config.batch_size < 1:
+        raise invalid("batch_size", config.batch_size, "an integer >= 1")
+    check_target_fields(config, ("ignore",))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -72,8 +82,4 @@ class SmoothQuantConfig(TechniqueConfig):
             raise invalid("search_weight_bits", self.search_weight_bits, "2, 3, 4 or 8")
         if self.search_batches < 1:
             raise invalid("search_batches", self.search_batches, "an integer >= 1")
-        for text in self.mappings:
-            parse_mapping(text)
-        if self.batch_size < 1:
-            raise invalid("batch_size", self.batch_size, "an integer >= 1")
-        check_target_fields(self, ("ignore",))
+        check_mapping_fields(self)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ from hfcompress.targets import matches
 from hfcompress.techniques.smoothquant.algorithm import fake_quantize_weight_per_channel, smoothing_scales
 from hfcompress.techniques.smoothquant.config import SmoothQuantConfig, parse_mapping
 
-__all__ = ["Mapping", "SmoothQuantModifier"]
+__all__ = ["Mapping", "SmoothQuantModifier", "output_size", "smooth", "to_source"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def _divide_outputs(module: nn.Module, s: torch.Tensor) -> None:
         bias.div_(s.to(bias.dtype))
 
 
-def _smooth(block: nn.Module, mapping: Mapping, s: torch.Tensor) -> None:
+def smooth(block: nn.Module, mapping: Mapping, s: torch.Tensor) -> None:
     """Divide ``source``'s output channels by ``s`` and multiply the readers' columns by it."""
     _divide_outputs(block.get_submodule(mapping.source), s)
     for name in mapping.readers:
@@ -80,15 +81,17 @@ def _smooth(block: nn.Module, mapping: Mapping, s: torch.Tensor) -> None:
         w.mul_((s if index is None else s[index]).to(w.dtype)[None, :])
 
 
-def _to_source(mapping: Mapping, values: torch.Tensor, size: int) -> torch.Tensor:
-    """Per-reader-channel maxima ``[K]`` reduced to the source's ``size`` channels."""
+def to_source(mapping: Mapping, values: torch.Tensor, size: int, reduce: str = "amax") -> torch.Tensor:
+    """Per-reader-channel statistics ``[K]`` reduced (``"amax"`` or ``"mean"``) to the
+    source's ``size`` channels."""
     index = mapping.reader_index(values.numel(), values.device)
     if index is None:
         return values
-    return torch.zeros(size, dtype=values.dtype, device=values.device).scatter_reduce_(0, index, values, "amax")
+    out = torch.zeros(size, dtype=values.dtype, device=values.device)
+    return out.scatter_reduce_(0, index, values, reduce, include_self=False)
 
 
-def _output_size(module: nn.Module) -> int | None:
+def output_size(module: nn.Module) -> int | None:
     if is_linear_like(module):
         return linear_features(module)[1]
     weight = getattr(module, "weight", None)
@@ -129,6 +132,7 @@ def _fake_quantized(block: nn.Module, names: set[str], weight_bits: int):
 
 class SmoothQuantModifier(Modifier):
     config: SmoothQuantConfig
+    description = "SmoothQuant"  # messages and the progress bar's label
 
     def __init__(self, config: SmoothQuantConfig, stage: str) -> None:
         super().__init__(config, stage)
@@ -146,8 +150,8 @@ class SmoothQuantModifier(Modifier):
         done = [n for n, e in view.entries.items() if n.startswith(f"{prefix}.") and e.stage is not None]
         if done:
             raise self.error(
-                f"layer {done[0]!r} is already compressed by stage {view.entries[done[0]].stage!r}: SmoothQuant "
-                "rescales float weights, so put it before the weight stages"
+                f"layer {done[0]!r} is already compressed by stage {view.entries[done[0]].stage!r}: "
+                f"{self.description} rescales float weights, so put it before the weight stages"
             )
         for mapping in self._explicit:
             self._check_mapping(blocks[0], mapping)
@@ -159,7 +163,7 @@ class SmoothQuantModifier(Modifier):
             readers = [block.get_submodule(r) for r in mapping.readers]
         except AttributeError as exc:
             raise self.error(f"mapping {mapping.source} -> {', '.join(mapping.readers)}: {exc}") from None
-        size = _output_size(source)
+        size = output_size(source)
         for name, layer in zip(mapping.readers, readers, strict=True):
             if not is_linear_like(layer):
                 raise self.error(f"mapping reader {name!r} is a {type(layer).__name__}, not a float linear layer")
@@ -179,7 +183,7 @@ class SmoothQuantModifier(Modifier):
             device=compute_device(model, context.device),
             compute_dtype=autocast_dtype(cfg.compute_dtype),
             progress=context.progress,
-            desc=f"{self.stage}: SmoothQuant blocks",
+            desc=f"{self.stage}: {self.description} blocks",
         )
         prefix, _ = blocks_of(model)
         everything = [n for n, m in model.named_modules() if n.startswith(f"{prefix}.") and is_linear_like(m)]
@@ -190,6 +194,15 @@ class SmoothQuantModifier(Modifier):
     # -- one block -----------------------------------------------------------------------------
 
     def _process(self, block: Block) -> None:
+        mappings = self._mappings(block)
+        if mappings:
+            self._smooth_block(block, mappings)
+            self.applied[block.prefix] = mappings
+            logger.debug("%s: alphas %s", block.prefix, self.alphas[block.prefix])
+
+    def _mappings(self, block: Block) -> list[Mapping]:
+        """The block's mappings: the explicit ones (each must be an identity), or those
+        discovered, not ignored, and found to be an identity."""
         module = block.module
         ignored = {
             n
@@ -209,15 +222,16 @@ class SmoothQuantModifier(Modifier):
         else:
             mappings = [m for m in self._discover(block, probe) if not ignored & {m.source, *m.readers}]
             mappings = [m for m in mappings if self._is_exact(block, m, probe, reference)]
-        if not mappings:
-            return
+        return mappings
+
+    def _smooth_block(self, block: Block, mappings: list[Mapping]) -> None:
+        """Choose each mapping's factors and fold them in (recording the alphas)."""
         absmax = self._input_ranges(block, mappings)
         alphas = self._choose_alphas(block, mappings, absmax)
         for mapping in mappings:
-            _smooth(module, mapping, self._scales(module, mapping, absmax[mapping.source], alphas[mapping.source]))
-        self.applied[block.prefix] = mappings
+            s = self._scales(block.module, mapping, absmax[mapping.source], alphas[mapping.source])
+            smooth(block.module, mapping, s)
         self.alphas[block.prefix] = alphas
-        logger.debug("%s: alphas %s", block.prefix, alphas)
 
     def _discover(self, block: Block, probe: BlockInputs) -> list[Mapping]:
         """Norms read only through linears, by tracing which tensor each linear reads; plus the
@@ -228,7 +242,7 @@ class SmoothQuantModifier(Modifier):
         handles = []
         linears = {n: m for n, m in module.named_modules() if is_linear_like(m)}
         for name, sub in module.named_modules():
-            if name and "norm" in type(sub).__name__.lower() and _output_size(sub) is not None:
+            if name and "norm" in type(sub).__name__.lower() and output_size(sub) is not None:
                 handles.append(sub.register_forward_hook(lambda _m, _a, out, n=name: outputs.setdefault(n, out)))
         for name, layer in linears.items():
             handles.append(layer.register_forward_pre_hook(lambda _m, a, n=name: inputs.setdefault(n, a[0])))
@@ -255,11 +269,11 @@ class SmoothQuantModifier(Modifier):
         """Smoothing ``mapping`` with random factors leaves the block's output on ``probe``
         (``reference`` before smoothing) unchanged."""
         module = block.module
-        size = _output_size(module.get_submodule(mapping.source))
+        size = output_size(module.get_submodule(mapping.source))
         g = torch.Generator().manual_seed(0)
         s = torch.exp(torch.empty(size).uniform_(-1, 1, generator=g)).to(reference.device)
         with _restorable(module, [mapping]):
-            _smooth(module, mapping, s)
+            smooth(module, mapping, s)
             changed = block.forward(probe).float()
         error = float((changed - reference).abs().max() / reference.abs().max().clamp(min=1e-12))
         if error > _EXACT_TOL:
@@ -272,22 +286,23 @@ class SmoothQuantModifier(Modifier):
             )
         return error <= _EXACT_TOL
 
-    def _input_ranges(self, block: Block, mappings: list[Mapping]) -> dict[str, torch.Tensor]:
-        """Per-channel ``max|x|`` of each mapping's input over the calibration data."""
-        absmax: dict[str, torch.Tensor] = {}
+    def _watch_inputs(self, block: Block, mappings: list[Mapping], record: Callable[[str, torch.Tensor], None]) -> None:
+        """Run the calibration data through the block, calling ``record(source, x)`` with each
+        mapping's input as ``[tokens, channels]`` float32; a NaN or an infinity is an error
+        that names the layer."""
         handles = []
         for mapping in mappings:
             reader = mapping.readers[0]
 
             def hook(_m, args, source=mapping.source, reader=reader):
                 x = args[0].detach()
-                amax = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
-                if not torch.isfinite(amax).all():
+                x = x.reshape(-1, x.shape[-1]).float()
+                if not torch.isfinite(x).all():
                     raise CalibrationDataError(
                         f"stage {self.stage!r}: the calibration inputs of layer {block.prefix + reader!r} hold NaN or "
                         "infinite values; the model overflows on this data before this layer"
                     )
-                absmax[source] = torch.maximum(absmax[source], amax) if source in absmax else amax
+                record(source, x)
 
             handles.append(block.module.get_submodule(reader).register_forward_pre_hook(hook))
         try:
@@ -295,15 +310,25 @@ class SmoothQuantModifier(Modifier):
         finally:
             for handle in handles:
                 handle.remove()
+
+    def _input_ranges(self, block: Block, mappings: list[Mapping]) -> dict[str, torch.Tensor]:
+        """Per-channel ``max|x|`` of each mapping's input over the calibration data."""
+        absmax: dict[str, torch.Tensor] = {}
+
+        def record(source: str, x: torch.Tensor) -> None:
+            amax = x.abs().amax(dim=0)
+            absmax[source] = torch.maximum(absmax[source], amax) if source in absmax else amax
+
+        self._watch_inputs(block, mappings, record)
         return absmax
 
     def _scales(self, module: nn.Module, mapping: Mapping, act_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
         """The factors ``[source channels]`` for ``mapping`` at strength ``alpha``."""
         weights = [linear_weight(module.get_submodule(r)).detach().abs().float() for r in mapping.readers]
         weight_absmax = torch.stack([w.amax(dim=0) for w in weights]).amax(dim=0)
-        size = _output_size(module.get_submodule(mapping.source))
-        act = _to_source(mapping, act_absmax.to(weight_absmax.device), size)
-        return smoothing_scales(act, _to_source(mapping, weight_absmax, size), alpha)
+        size = output_size(module.get_submodule(mapping.source))
+        act = to_source(mapping, act_absmax.to(weight_absmax.device), size)
+        return smoothing_scales(act, to_source(mapping, weight_absmax, size), alpha)
 
     def _choose_alphas(
         self, block: Block, mappings: list[Mapping], absmax: dict[str, torch.Tensor]
@@ -323,7 +348,7 @@ class SmoothQuantModifier(Modifier):
         def loss() -> float:
             with _restorable(module, mappings):
                 for m in mappings:
-                    _smooth(module, m, self._scales(module, m, absmax[m.source], alphas[m.source]))
+                    smooth(module, m, self._scales(module, m, absmax[m.source], alphas[m.source]))
                 with _fake_quantized(module, readers, cfg.search_weight_bits):
                     return sum(
                         float((block.forward(item).float() - t).pow(2).mean())
@@ -344,7 +369,7 @@ def _pair(block: nn.Module, first: str, second: str) -> Mapping | None:
     """``first -> second`` when ``second`` reads ``first``'s channels one to one, or, under
     grouped-query attention, each of them ``groups`` times (the attention module that holds
     ``second`` says its ``head_dim``); None when the shapes allow neither."""
-    out, k = _output_size(block.get_submodule(first)), linear_features(block.get_submodule(second))[0]
+    out, k = output_size(block.get_submodule(first)), linear_features(block.get_submodule(second))[0]
     if out == k:
         return Mapping(first, (second,))
     parent = block.get_submodule(second.rpartition(".")[0]) if "." in second else block
