@@ -70,8 +70,11 @@ def test_signed_steps_lower_a_layers_output_error_and_the_codes_say_so(grid):
     assert torch.equal(stored.dequantize(), layer.weight().detach())
 
 
-def test_no_steps_from_gptq_is_gptq_exactly():
+@pytest.mark.parametrize("asym", [False, True])
+def test_no_steps_from_gptq_is_gptq_exactly(asym):
+    # asym: started from GPTAQ, whose float copy of the block must see the block untouched
     common = dict(bits=3, group_size=16, act_order=True, clip_search=True, compute_dtype="float32", batch_size=4)
+    common["asym_calibration"] = asym
     gptq, rounded = make_tiny_llama(layers=3), make_tiny_llama(layers=3)
     compress(gptq, [GPTQConfig(**common)], calibration_data=CALIB, progress=False)
     compress(rounded, [LearnedRoundingConfig(**common, steps=0)], calibration_data=CALIB, progress=False)
