@@ -15,6 +15,7 @@ EXAMPLES = {
     "learned_rounding": {"bits": 4, "group_size": 32, "steps": 3, "batch_size": 2},
     "pkd": {"num_layers": 1, "epochs": 1, "batch_size": 2},
     "smoothquant": {"alpha": 0.5},
+    "awq": {"bits": 4, "group_size": 32, "grid": 4},
     "int8_activations": {"strategy": "tensor", "dynamic": False, "observer": "mse"},
     "kv_cache": {"bits": 4, "group_size": 32, "residual_length": 8, "sink_tokens": 2},
     "low_rank": {"method": "whitened", "ratio": 0.25},

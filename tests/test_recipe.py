@@ -66,7 +66,7 @@ BAD = [
     ("stages:\n  - technique: rtn\n    symmetric: true\n    zero_point: float\n", r"zero_point='float'"),
     ("stages:\n  - technique: rtn\n    targets: []\n", r"targets=\[\] is invalid"),
     ("stages:\n  - technique: rtn\n    ignore: ['re:(']\n", r"not a valid regular expression"),
-    ("stages:\n  - technique: awq\n", r"unknown technique 'awq'; registered techniques: .*rtn"),
+    ("stages:\n  - technique: spqr\n", r"unknown technique 'spqr'; registered techniques: .*rtn"),
     ("stages:\n  - bits: 4\n", r"missing key 'technique'"),
     ("stages: []\n", r"'stages' must be a non-empty list"),
     ("stage:\n  - technique: rtn\n", r"unknown recipe key\(s\) \['stage'\]; accepted keys: \['stages'\]"),
