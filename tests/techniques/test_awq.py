@@ -129,3 +129,17 @@ def test_recipe_stage_reads_from_a_mapping(tiny_llama):
 def test_bad_options_are_refused(options, message):
     with pytest.raises(RecipeError, match=message):
         AWQConfig(**options)
+
+
+@pytest.mark.parametrize("config", [AWQConfig(), hfcompress.SmoothQuantConfig()])
+def test_nan_in_calibration_inputs_names_the_layer(config):
+    model = make_tiny_llama()
+    calib = CALIB.clone()
+    calib[calib == 99] = 98
+    calib[5, 3] = 99  # not in the first sequence, which the mapping discovery probes with
+    with torch.no_grad():
+        model.model.embed_tokens.weight[99] = float("inf")
+    with pytest.raises(
+        hfcompress.CalibrationDataError, match=r"'model\.layers\.0\.self_attn\.q_proj' hold NaN or infinite"
+    ):
+        compress(model, [config], calibration_data=calib, progress=False)

@@ -70,14 +70,15 @@ class AWQModifier(SmoothQuantModifier):
         counts: dict[str, int] = {}
         samples: dict[str, list[torch.Tensor]] = {}
 
-        def record(source: str, x: torch.Tensor) -> None:
-            total = x.abs().sum(dim=0, dtype=torch.float64)
+        def record(source: str, x: torch.Tensor) -> torch.Tensor:
+            total = x.abs().sum(dim=0, dtype=torch.float64)  # a NaN or an infinity in x stays in it
             sums[source] = sums[source] + total if source in sums else total
             counts[source] = counts.get(source, 0) + x.shape[0]
             kept = samples.setdefault(source, [])
             room = limit - sum(t.shape[0] for t in kept)
             if room > 0:
-                kept.append(x[:room].clone())
+                kept.append(x[:room].to(torch.float32, copy=True))
+            return total
 
         self._watch_inputs(block, mappings, record)
         return {s: ((sums[s] / counts[s]).float(), torch.cat(samples[s])) for s in sums}

@@ -139,7 +139,7 @@ class SmoothQuantModifier(Modifier):
         self._batches: list[dict[str, torch.Tensor]] = []
         self._explicit = [Mapping(*parse_mapping(text)) for text in config.mappings]
         self.applied: dict[str, list[Mapping]] = {}  # block prefix -> mappings smoothed
-        self.alphas: dict[str, dict[str, float]] = {}  # block prefix -> {mapping source: alpha}
+        self.alphas: dict[str, dict[str, float | None]] = {}  # block prefix -> {source: alpha; AWQ: None = unscaled}
 
     def check(self, model: nn.Module, context: CompressionContext, view: ModelView) -> None:
         super().check(model, context, view)
@@ -286,23 +286,24 @@ class SmoothQuantModifier(Modifier):
             )
         return error <= _EXACT_TOL
 
-    def _watch_inputs(self, block: Block, mappings: list[Mapping], record: Callable[[str, torch.Tensor], None]) -> None:
+    def _watch_inputs(
+        self, block: Block, mappings: list[Mapping], record: Callable[[str, torch.Tensor], torch.Tensor]
+    ) -> None:
         """Run the calibration data through the block, calling ``record(source, x)`` with each
-        mapping's input as ``[tokens, channels]`` float32; a NaN or an infinity is an error
-        that names the layer."""
+        mapping's input as ``[tokens, channels]``. ``record`` returns the per-channel statistic
+        it reduced ``x`` to; a NaN or an infinity there is an error that names the layer (so
+        the check costs no pass over ``x`` of its own)."""
         handles = []
         for mapping in mappings:
             reader = mapping.readers[0]
 
             def hook(_m, args, source=mapping.source, reader=reader):
                 x = args[0].detach()
-                x = x.reshape(-1, x.shape[-1]).float()
-                if not torch.isfinite(x).all():
+                if not torch.isfinite(record(source, x.reshape(-1, x.shape[-1]))).all():
                     raise CalibrationDataError(
                         f"stage {self.stage!r}: the calibration inputs of layer {block.prefix + reader!r} hold NaN or "
                         "infinite values; the model overflows on this data before this layer"
                     )
-                record(source, x)
 
             handles.append(block.module.get_submodule(reader).register_forward_pre_hook(hook))
         try:
@@ -315,9 +316,10 @@ class SmoothQuantModifier(Modifier):
         """Per-channel ``max|x|`` of each mapping's input over the calibration data."""
         absmax: dict[str, torch.Tensor] = {}
 
-        def record(source: str, x: torch.Tensor) -> None:
-            amax = x.abs().amax(dim=0)
+        def record(source: str, x: torch.Tensor) -> torch.Tensor:
+            amax = x.abs().amax(dim=0).float()
             absmax[source] = torch.maximum(absmax[source], amax) if source in absmax else amax
+            return amax
 
         self._watch_inputs(block, mappings, record)
         return absmax
