@@ -16,6 +16,7 @@ scheme). Only one block and its activations need to be on the compute device at 
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import ctypes.util
 import functools
@@ -250,11 +251,11 @@ class Block:
         inputs: Its calibration inputs, as the blocks before it (already processed) produce them.
         targets: The stage's target layers inside the block, relative to it (``"mlp.up_proj"``).
         compute_dtype: Autocast dtype of the calibration passes, or None.
-        reference: With a runner built with ``reference=True``: the block's outputs in the
-            unprocessed model, one per input (the float model's activations, for techniques
-            that fit a block to them rather than to its own float output); else None.
-        reference_inputs: With ``reference=True``: the block's inputs in the unprocessed model,
-            one per item of ``inputs`` (GPTAQ compares each layer's inputs in both); else None.
+        reference_inputs: With a runner built with ``reference=True``: the block's inputs in
+            the unprocessed model, one per item of ``inputs`` (GPTAQ compares each layer's
+            inputs in both); else None.
+        float_module: With ``reference=True``: a copy of the block as it was before
+            ``process`` (what computes :attr:`reference`); else None.
     """
 
     index: int
@@ -264,8 +265,11 @@ class Block:
     inputs: list[BlockInputs]
     targets: list[str]
     compute_dtype: torch.dtype | None = None
-    reference: list[torch.Tensor] | None = None
     reference_inputs: list[BlockInputs] | None = None
+    float_module: nn.Module | None = None
+
+    def __post_init__(self) -> None:
+        self._reference: list[torch.Tensor | None] = [None] * len(self.reference_inputs or [])
 
     def run(self) -> None:
         """Run the block on every input without gradients (for hooks that collect statistics)."""
@@ -276,6 +280,25 @@ class Block:
         respect to the block's parameters (and whatever ``process`` made trainable)."""
         with torch.set_grad_enabled(grad), autocast(item.args[0].device, self.compute_dtype):
             return _hidden(self.module(*item.args, **item.kwargs))
+
+    @torch.no_grad()
+    def reference_output(self, i: int) -> torch.Tensor:
+        """Run :attr:`float_module` on ``reference_inputs[i]`` (its hooks fire) and return its
+        output, which :attr:`reference` then reuses instead of computing it again."""
+        if self.float_module is None or self.reference_inputs is None:
+            raise RuntimeError("this block has no reference stream: build the runner with reference=True")
+        (out,) = _outputs(self.float_module, [self.reference_inputs[i]], self.compute_dtype)
+        self._reference[i] = out
+        return out
+
+    @property
+    def reference(self) -> list[torch.Tensor] | None:
+        """With ``reference=True``: the block's outputs in the unprocessed model, one per input
+        (the float model's activations, for techniques that fit a block to them rather than
+        to its own float output), computed on first use; else None."""
+        if self.reference_inputs is None:
+            return None
+        return [out if out is not None else self.reference_output(i) for i, out in enumerate(self._reference)]
 
 
 class LayerwiseRunner:
@@ -345,19 +368,21 @@ class LayerwiseRunner:
             materialize_offloaded(block, model=self.model)
             home = next(block.parameters(), next(block.buffers(), torch.empty(0))).device
             block.to(self.device)
-            # The unprocessed block's outputs on the reference stream, before `process` changes it.
-            expected = list(_outputs(block, reference, self.compute_dtype)) if reference is not None else None
+            # The unprocessed block, for the reference stream: a technique that runs it there
+            # anyway (GPTAQ) leaves its outputs in `view`, so that pass is not repeated.
+            float_block = copy.deepcopy(block) if reference is not None else None
+            view = Block(index, count, local, block, inputs, names, self.compute_dtype, reference, float_block)
             if names:
                 if self.checkpoint is not None and self.checkpoint.has(index):
                     self.checkpoint.load(index, block)
                 else:
-                    process(Block(index, count, local, block, inputs, names, self.compute_dtype, expected, reference))
+                    process(view)
                     if self.checkpoint is not None:
                         self.checkpoint.save(index, block)
             propagate(block, inputs, compute_dtype=self.compute_dtype)
             if reference is not None:
-                reference = [item.with_hidden(out) for item, out in zip(reference, expected, strict=True)]
-            del expected
+                reference = [item.with_hidden(out) for item, out in zip(reference, view.reference, strict=True)]
+            del view, float_block
             release_memory()
             block.to(home)
         del inputs, reference

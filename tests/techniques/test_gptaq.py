@@ -1,11 +1,13 @@
 """GPTAQ (``asym_calibration``): the closed-form target, the paired-input statistic, and the
 stage on a tiny Llama (first block unchanged, lower error against the float model, resume)."""
 
+import collections
+
 import pytest
 import torch
 from torch import nn
 
-from hfcompress import GPTQConfig, RecipeError, compress
+from hfcompress import GPTQConfig, LearnedRoundingConfig, RecipeError, compress
 from hfcompress.input_stats import HessianAccumulator, InputShiftHooks
 from hfcompress.techniques.gptq import modifier as gptq_modifier
 from hfcompress.techniques.gptq.algorithm import asymmetric_target
@@ -79,3 +81,24 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, monkeypatc
 def test_alpha_outside_zero_to_one_is_refused():
     with pytest.raises(RecipeError, match=r"asym_alpha=1.5 is invalid; accepted: a number in \[0, 1\]"):
         GPTQConfig(asym_calibration=True, asym_alpha=1.5)
+
+
+def test_the_float_copy_of_a_block_runs_once_per_batch():
+    """GPTAQ's pass through the float block also gives the float model's activations that
+    the next block needs (and learned rounding fits to): no second pass computes them."""
+    model = make_tiny_llama(seed=2, layers=2)
+    calls = collections.Counter()
+    for i, layer in enumerate(model.model.layers):  # the runner's float copies keep these hooks
+        layer.post_attention_layernorm.register_forward_hook(lambda *_, i=i: calls.update([i]))
+    config = GPTQConfig(bits=4, group_size=16, asym_calibration=True, batch_size=2)
+    compress(model, [config], calibration_data=CALIB, progress=False)
+    # 4 batches, each through the block (statistics), its float copy, then the block again
+    # (the next block's inputs).
+    assert calls == {0: 12, 1: 12}
+    calls.clear()
+    model = make_tiny_llama(seed=2, layers=2)
+    for i, layer in enumerate(model.model.layers):
+        layer.post_attention_layernorm.register_forward_hook(lambda *_, i=i: calls.update([i]))
+    config = LearnedRoundingConfig(bits=4, group_size=16, asym_calibration=True, batch_size=2, steps=3)
+    compress(model, [config], calibration_data=CALIB, progress=False)
+    assert calls == {0: 15, 1: 15}  # and one per learned-rounding step

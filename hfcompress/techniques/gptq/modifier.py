@@ -4,7 +4,6 @@ layer's Hessian while the calibration batches run through the block, then
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable
 
@@ -34,13 +33,13 @@ class GPTQModifier(WeightQuantModifier):
     def __init__(self, config: GPTQConfig, stage: str) -> None:
         super().__init__(config, stage)
         self._batches: list[dict[str, torch.Tensor]] = []
-        self._float_block: nn.Module | None = None  # with asym_calibration: the block before quantization
 
     description = "GPTQ"  # the progress bar's label
 
     @property
     def needs_reference(self) -> bool:
-        """Whether blocks get the float model's activations (``Block.reference``)."""
+        """Whether blocks get the float model's activations (``Block.reference``) and a float
+        copy of themselves (``Block.float_module``)."""
         return self.config.asym_calibration
 
     @property
@@ -60,15 +59,15 @@ class GPTQModifier(WeightQuantModifier):
         dtype = self._compute_dtype() or torch.float32
         hooks = InputHessianHooks(module, names, dtype)
         shift = None
-        if block is not None and block.reference_inputs is not None and self._float_block is not None:
-            shift = InputShiftHooks(module, self._float_block, names, dtype)
+        if self.config.asym_calibration and block is not None and block.float_module is not None:
+            shift = InputShiftHooks(module, block.float_module, names, dtype)
         try:
             if shift is None:
                 run()
-            else:
-                for item, float_item in zip(block.inputs, block.reference_inputs, strict=True):
+            else:  # each batch through the block, then the float block on the float model's version
+                for i, item in enumerate(block.inputs):
                     run_block(module, [item], compute_dtype=block.compute_dtype)
-                    run_block(self._float_block, [float_item], compute_dtype=block.compute_dtype)
+                    block.reference_output(i)
         finally:
             hooks.remove()
             if shift is not None:
@@ -144,14 +143,11 @@ class GPTQModifier(WeightQuantModifier):
             groups = sequential_groups(module, block.targets, lambda: run_block(module, block.inputs[:1]))
         else:
             groups = [block.targets]
-        # GPTAQ compares each layer's inputs with the float model's: a float copy of the block
-        # gives the latter, also for layers after a group quantized already (true_sequential).
-        self._float_block = copy.deepcopy(module) if self.config.asym_calibration else None
-        try:
-            for group in groups:
-                self._quantize(module, group, block.run, block.prefix, block)
-        finally:
-            self._float_block = None
+        # GPTAQ compares each layer's inputs with the float model's: the runner's float copy of
+        # the block gives the latter, also for layers after a group quantized already
+        # (true_sequential).
+        for group in groups:
+            self._quantize(module, group, block.run, block.prefix, block)
 
     def check(self, model: nn.Module, context: CompressionContext, view: ModelView) -> None:
         super().check(model, context, view)

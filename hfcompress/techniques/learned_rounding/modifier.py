@@ -67,12 +67,11 @@ class LearnedRoundingModifier(GPTQModifier):
     def _quantize_block(self, block: Block) -> None:
         cfg = self.config
         module = block.module
-        if block.reference is not None:
-            targets = block.reference
-        else:  # the float block's own outputs, before anything in it is quantized
+        own = None
+        if cfg.target == "block":  # the float block's own outputs, before anything in it is quantized
             stream = list(block.inputs)
             propagate(module, stream, compute_dtype=block.compute_dtype)
-            targets = [item.args[0] for item in stream]
+            own = [item.args[0] for item in stream]
         self._originals.clear()
         self._in_block = True
         try:
@@ -85,6 +84,8 @@ class LearnedRoundingModifier(GPTQModifier):
             self._in_block = False
         stand_ins = {name: module.get_submodule(name) for name in block.targets}
         stand_ins = {n: m for n, m in stand_ins.items() if isinstance(m, RoundingLinear)}
+        # The float model's activations: asked for after GPTQ, which (as GPTAQ) computed them already.
+        targets = own if own is not None else block.reference
         self._tune(block, list(stand_ins.values()), targets)
         for name, stand_in in stand_ins.items():
             original = self._originals.pop(name)
