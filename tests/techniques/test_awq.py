@@ -98,6 +98,33 @@ def test_the_search_never_picks_a_larger_error_than_no_scaling():
     assert error(s) <= error(None)
 
 
+def test_the_search_picks_the_exponent_with_the_lowest_output_error():
+    """The search scores candidates through x^T x; the choice is the one that measuring the
+    readers' outputs directly would make."""
+    from hfcompress.quant.affine import quantize_rtn
+
+    model = make_tiny_llama()
+    modifier = AWQModifier(AWQConfig(bits=3, group_size=16, grid=8, duo_scaling=False), "awq")
+    layer = model.model.layers[0]
+    x = torch.randn(64, 80, generator=torch.Generator().manual_seed(0))
+    x[:, [3, 17, 40]] *= 30  # outlier channels, so that some scaling pays
+    mapping = Mapping("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
+    x_mean = x.abs().mean(dim=0)
+
+    def output_error(scale):
+        total = 0.0
+        for name in mapping.readers:
+            w = layer.get_submodule(name).weight.detach()
+            w_hat = quantize_rtn(w * scale, bits=3, group_size=16, symmetric=False).dequantize() / scale
+            total += float((x @ w_hat.t() - x @ w.t()).double().square().sum())
+        return total
+
+    errors = {None: output_error(torch.ones(80))}
+    errors.update({i / 8: output_error(awq_scales(x_mean, None, i / 8)) for i in range(8)})
+    _, alpha = modifier._search(layer, mapping, x_mean, x)
+    assert alpha is not None and errors[alpha] == pytest.approx(min(errors.values()), rel=1e-4)
+
+
 def test_awq_after_the_weight_stage_is_refused(tiny_llama):
     with pytest.raises(RecipeError, match="AWQ rescales float weights, so put it before the weight stages"):
         compress(tiny_llama, [RTNConfig(bits=4, group_size=16), AWQConfig()], calibration_data=CALIB, progress=False)

@@ -98,16 +98,19 @@ class AWQModifier(SmoothQuantModifier):
             rows = sum(w.shape[0] for w in weights)
             w_mean = sum(relative_weight_mean(w, cfg.group_size) * (w.shape[0] / rows) for w in weights)
             w_src = to_source(mapping, w_mean, size, "mean")
-        targets = [x @ w.t() for w in weights]
+        # A reader's output error on x is ||x d^T||^2 = sum((d @ h) * d) with d = w_hat - w and
+        # h = x^T x: one product over the tokens per mapping instead of one per candidate and
+        # reader, and no difference of two large outputs.
+        h = x.t() @ x
 
         def error(s_src: torch.Tensor | None) -> float:
             s = None if s_src is None else (s_src if index is None else s_src[index])
             total = 0.0
-            for w, target in zip(weights, targets, strict=True):
+            for w in weights:
                 scaled = w if s is None else w * s
                 q = quantize_rtn(scaled, bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric)
-                w_hat = q.dequantize() if s is None else q.dequantize() / s
-                total += float((x @ w_hat.t() - target).square().sum())
+                d = (q.dequantize() if s is None else q.dequantize() / s) - w
+                total += float(((d @ h) * d).sum())
             return total
 
         best, best_alpha, best_error = None, None, error(None)
