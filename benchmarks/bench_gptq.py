@@ -52,7 +52,8 @@ METHODS = ["fp32", "rtn", "gptq"]
 # GPTQ (or learned rounding) after an `awq` stage on the same grid.
 AWQ_FIRST = {"awq-gptq": "gptq", "awq-lr-light": "lr-light"}
 # Learned rounding (technique `learned_rounding`, started from GPTQ with --extra's options):
-# the light setting (50 steps of 4 windows) and the full one (AutoRound's default: 200 steps of 8).
+# the light setting (50 steps of 4 windows) and the full one (AutoRound's default: 200 steps of 8);
+# `--extra` may override their steps and batch_size.
 LEARNED_ROUNDING = {"lr-light": {"steps": 50, "batch_size": 4}, "lr": {"steps": 200}}
 PEER_SCRIPTS = {
     "llmcompressor": "llmcompressor_gptq.py",
@@ -84,7 +85,7 @@ def quantize(model, tokenizer, method: str, grid: dict, extra: dict) -> None:
         if method == "gptq":
             config = hfcompress.GPTQConfig.from_dict({**grid, **extra})
         else:
-            config = hfcompress.LearnedRoundingConfig.from_dict({**grid, **extra, **LEARNED_ROUNDING[method]})
+            config = hfcompress.LearnedRoundingConfig.from_dict({**grid, **LEARNED_ROUNDING[method], **extra})
         hfcompress.compress(
             model,
             [*stages, config],
