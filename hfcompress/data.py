@@ -28,7 +28,16 @@ import torch
 
 from hfcompress.errors import CalibrationDataError
 
-__all__ = ["DATA_ENV", "bundled_wikitext_test", "calibration_samples", "data_dir", "join_wikitext_rows", "load_text"]
+__all__ = [
+    "DATA_ENV",
+    "bundled_wikitext_test",
+    "calibration_batches",
+    "calibration_ids",
+    "calibration_samples",
+    "data_dir",
+    "join_wikitext_rows",
+    "load_text",
+]
 
 DATA_ENV = "HFCOMPRESS_DATA_DIR"
 _SPLITS = {"test": "test", "valid": "valid", "validation": "valid"}
@@ -162,7 +171,31 @@ def calibration_batches(
     vocab_size: int | None = None,
     max_length: int | None = None,
 ) -> list[dict[str, torch.Tensor]]:
-    """Calibration data as model-ready batches ``{"input_ids": [B, seq_len]}``.
+    """Calibration data as model-ready batches ``{"input_ids": [B, seq_len]}``: the windows of
+    :func:`calibration_ids`, ``batch_size`` at a time."""
+    ids = calibration_ids(
+        data,
+        tokenizer,
+        num_samples=num_samples,
+        seq_len=seq_len,
+        seed=seed,
+        vocab_size=vocab_size,
+        max_length=max_length,
+    )
+    return [{"input_ids": chunk} for chunk in ids.split(batch_size)]
+
+
+def calibration_ids(
+    data,
+    tokenizer=None,
+    *,
+    num_samples: int = 128,
+    seq_len: int = 512,
+    seed: int = 0,
+    vocab_size: int | None = None,
+    max_length: int | None = None,
+) -> torch.Tensor:
+    """Calibration data as checked token windows ``[n, seq_len]`` (int64).
 
     Token tensors ``[n, T]`` are used as they are (all ``n`` rows); text (a list of strings, a
     file, ``wikitext2:valid``, a Dataset's ``text`` column) is tokenized and sampled by
@@ -195,4 +228,4 @@ def calibration_batches(
             f"calibration sequences of {ids.shape[1]} tokens exceed the model's max_position_embeddings={max_length}; "
             f"cut them to at most {max_length} tokens"
         )
-    return [{"input_ids": chunk.long()} for chunk in ids.split(batch_size)]
+    return ids.long()

@@ -50,6 +50,9 @@ class CompressionContext:
     calibration_seq_len: int = 512
     seed: int = 0
     checkpoint_dir: Path | None = None
+    # The checked calibration windows, once a stage asked for them: later stages batch the
+    # same tensor instead of tokenizing the data again.
+    calibration_windows: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -167,21 +170,23 @@ class Modifier(ABC):
     ) -> list[dict[str, torch.Tensor]]:
         """The context's calibration data as batches of ``batch_size`` windows, checked
         against the model's vocabulary and context length (call it from ``check``, before any
-        stage changes the model)."""
-        from hfcompress.data import calibration_batches
+        stage changes the model). The data is tokenized once per ``compress`` call; every
+        stage that asks gets the same windows."""
+        from hfcompress.data import calibration_ids
 
-        config = getattr(model, "config", None)
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        return calibration_batches(
-            context.calibration_data,
-            context.tokenizer,
-            num_samples=context.num_calibration_samples,
-            seq_len=context.calibration_seq_len,
-            seed=context.seed,
-            batch_size=batch_size,
-            vocab_size=getattr(text, "vocab_size", None),
-            max_length=getattr(text, "max_position_embeddings", None),
-        )
+        if context.calibration_windows is None:
+            config = getattr(model, "config", None)
+            text = config.get_text_config() if hasattr(config, "get_text_config") else config
+            context.calibration_windows = calibration_ids(
+                context.calibration_data,
+                context.tokenizer,
+                num_samples=context.num_calibration_samples,
+                seq_len=context.calibration_seq_len,
+                seed=context.seed,
+                vocab_size=getattr(text, "vocab_size", None),
+                max_length=getattr(text, "max_position_embeddings", None),
+            )
+        return [{"input_ids": chunk} for chunk in context.calibration_windows.split(batch_size)]
 
     @abstractmethod
     def apply(self, model: nn.Module, context: CompressionContext) -> None:

@@ -92,3 +92,40 @@ def test_calibration_samples_are_seeded_windows():
 def test_calibration_text_too_short():
     with pytest.raises(CalibrationDataError, match="seq_len=512 needs more"):
         calibration_samples(_CharTokenizer(), ["short"], num_samples=2, seq_len=512)
+
+
+def test_a_recipe_tokenizes_its_calibration_text_once(monkeypatch):
+    """Two calibrated stages (AWQ, then GPTQ with another batch size) draw the same windows
+    from one tokenization."""
+    import hfcompress
+    from hfcompress import data
+    from tests.conftest import make_char_tokenizer, make_tiny_llama
+
+    calls, real = [], data.calibration_samples
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(data, "calibration_samples", counted)
+    seen, batches_of = [], hfcompress.modifier.Modifier.calibration_batches
+
+    def recorded(self, *args):
+        seen.append(batches_of(self, *args))
+        return seen[-1]
+
+    monkeypatch.setattr(hfcompress.modifier.Modifier, "calibration_batches", recorded)
+    text = ["the quick brown fox jumps over the lazy dog " * 8] * 4
+    stages = [hfcompress.AWQConfig(bits=4, group_size=16, batch_size=2), hfcompress.GPTQConfig(bits=4, group_size=16)]
+    hfcompress.compress(
+        make_tiny_llama(),
+        stages,
+        tokenizer=make_char_tokenizer(),
+        calibration_data=text,
+        num_calibration_samples=6,
+        calibration_seq_len=16,
+        progress=False,
+    )
+    assert len(calls) == 1
+    assert [len(batches) for batches in seen] == [3, 1]  # 6 windows by 2, then by GPTQ's 8
+    assert torch.equal(torch.cat([b["input_ids"] for b in seen[0]]), seen[1][0]["input_ids"])
