@@ -55,11 +55,13 @@ AWQ_FIRST = {"awq-gptq": "gptq", "awq-lr-light": "lr-light"}
 # the light setting (50 steps of 4 windows) and the full one (AutoRound's default: 200 steps of 8);
 # `--extra` may override their steps and batch_size.
 LEARNED_ROUNDING = {"lr-light": {"steps": 50, "batch_size": 4}, "lr": {"steps": 200}}
+# Peer name -> its script in benchmarks/peers and the arguments after the scheme.
 PEER_SCRIPTS = {
-    "llmcompressor": "llmcompressor_gptq.py",
-    "hqq": "hqq_rtn.py",
-    "autoround": "autoround.py",
-    "bnb": "bnb_nf4.py",
+    "llmcompressor": ("llmcompressor_gptq.py",),
+    "hqq": ("hqq_rtn.py",),
+    "autoround": ("autoround.py",),
+    "autoround-light": ("autoround.py", "light"),
+    "bnb": ("bnb_nf4.py",),
 }
 
 
@@ -188,8 +190,9 @@ def main() -> None:
             rows.append(json.loads(out.strip().splitlines()[-1]))
             print(rows[-1], file=sys.stderr)
         for name, python in peers:
-            script = Path(__file__).parent / "peers" / PEER_SCRIPTS[name]
-            done = subprocess.run([python, str(script), scheme], capture_output=True, text=True)
+            script, *settings = PEER_SCRIPTS[name]
+            script = Path(__file__).parent / "peers" / script
+            done = subprocess.run([python, str(script), scheme, *settings], capture_output=True, text=True)
             if done.returncode != 0:  # a peer that cannot run a scheme is a result, not a crash
                 error = (done.stderr.strip().splitlines() or ["failed"])[-1][:100]
                 rows.append({"method": name, "scheme": scheme, "error": error})

@@ -1,11 +1,12 @@
 """Intel AutoRound on SmolLM2-135M under bench_gptq.py's protocol (run in its own env).
 
     .venv-llmc/bin/pip install auto-round==0.15.1          # beside llm-compressor (see its script)
-    .venv-llmc/bin/python benchmarks/peers/autoround.py w4pc [ITERS]
+    .venv-llmc/bin/python benchmarks/peers/autoround.py w4pc [ITERS | light]
 
 Same calibration token windows (hfcompress.data.calibration_samples: 128 x 512 of
 wiki.valid.raw), same evaluation function, one JSON line out. ITERS is AutoRound's
-sign-gradient steps per block (its default, 200, unless given). Asymmetric integers like ours;
+sign-gradient steps per block (its default, 200, unless given); ``light`` is its light
+recipe (``auto-round-light``: 50 iterations at lr 5e-3, batch 8). Asymmetric integers like ours;
 ``lm_head`` stays in float. Wall time covers the calibration windows and ``quantize()``; peak
 RSS is the process's ``ru_maxrss``. After ``quantize()`` AutoRound has written its rounded
 weights back into the float Linear layers (``fake`` quantization), which is what is scored;
@@ -41,7 +42,7 @@ def _check_rounded(model: torch.nn.Module, bits: int, group_size: int) -> None:
                 raise SystemExit(f"{name}: {distinct} distinct values in a group: AutoRound did not round it")
 
 
-def main(scheme: str, iters: int) -> None:
+def main(scheme: str, iters: int, lr: float | None = None) -> None:
     bits, group_size = SCHEMES[scheme]
     path = resolve_model_path("smollm2-135m")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -60,6 +61,7 @@ def main(scheme: str, iters: int) -> None:
         seqlen=ids.shape[1],
         batch_size=8,
         iters=iters,
+        lr=lr,
         device_map="cpu",
     )
     quantized, _ = rounder.quantize()
@@ -69,9 +71,13 @@ def main(scheme: str, iters: int) -> None:
     tokens = tokenizer(load_text("wikitext2:test"), return_tensors="pt", add_special_tokens=False).input_ids[0]
     with torch.no_grad():
         ppl = perplexity(quantized.float(), tokens, seq_len=512, max_windows=40, progress=False).perplexity
-    method = "autoround" if iters == 200 else f"autoround (iters={iters})"
+    method = "autoround" if iters == 200 and lr is None else f"autoround (iters={iters}, lr={lr or 1 / iters:g})"
     print(json.dumps({"method": method, "scheme": scheme, "ppl": ppl, "wall_s": wall, "peak_rss_mb": peak_mb}))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 200)
+    setting = sys.argv[2] if len(sys.argv) > 2 else "200"
+    if setting == "light":  # AutoRound's own light recipe (auto_round/cli/main.py, RECIPES["light"])
+        main(sys.argv[1], 50, 5e-3)
+    else:
+        main(sys.argv[1], int(setting))
