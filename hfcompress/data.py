@@ -160,29 +160,10 @@ def _as_text_or_ids(data) -> str | list[str] | torch.Tensor:
     )
 
 
-def calibration_batches(
-    data,
-    tokenizer=None,
-    *,
-    num_samples: int = 128,
-    seq_len: int = 512,
-    seed: int = 0,
-    batch_size: int = 8,
-    vocab_size: int | None = None,
-    max_length: int | None = None,
-) -> list[dict[str, torch.Tensor]]:
+def calibration_batches(data, tokenizer=None, *, batch_size: int = 8, **windows) -> list[dict[str, torch.Tensor]]:
     """Calibration data as model-ready batches ``{"input_ids": [B, seq_len]}``: the windows of
-    :func:`calibration_ids`, ``batch_size`` at a time."""
-    ids = calibration_ids(
-        data,
-        tokenizer,
-        num_samples=num_samples,
-        seq_len=seq_len,
-        seed=seed,
-        vocab_size=vocab_size,
-        max_length=max_length,
-    )
-    return [{"input_ids": chunk} for chunk in ids.split(batch_size)]
+    :func:`calibration_ids` (``windows``: its keyword arguments), ``batch_size`` at a time."""
+    return [{"input_ids": chunk} for chunk in calibration_ids(data, tokenizer, **windows).split(batch_size)]
 
 
 def calibration_ids(
