@@ -19,7 +19,9 @@ Two int8 matmuls serve it, chosen per call:
   runs of the same micro-benchmark).
 * ``torch._int_mm`` (int8 x int8 -> int32) otherwise: decoding (one row: the oneDNN op's
   per-call overhead dominates there), asymmetric weights (the ``(z - o) * sum(x_q)`` term is
-  applied after it) and CPUs or builds without oneDNN.
+  applied after it), CPUs or builds without oneDNN, and CPUs where oneDNN's op is slower than
+  ``torch._int_mm`` (:func:`onednn_available` times both once: on a 2-core AMD EPYC VM the
+  oneDNN op took over 1000x longer).
 
 The int32 accumulation is exact, so the result equals the reference kernel's
 ``fq(x) @ dequantize(W)^T`` up to float rounding of the epilogue (bfloat16 output rounding
@@ -32,6 +34,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -43,11 +46,14 @@ from hfcompress.quant.dispatch import Kernel, cached, register_kernel
 if TYPE_CHECKING:
     from hfcompress.quant.linear import QuantLinear
 
-__all__ = ["ONEDNN_MIN_ROWS", "onednn_available"]
+__all__ = ["ONEDNN_MIN_ROWS", "onednn_available", "onednn_works"]
 
 logger = logging.getLogger(__name__)
 
 ONEDNN_MIN_ROWS = 16
+# oneDNN is used where it is at most this many times slower than torch._int_mm in the
+# one-off timing of `onednn_available` (a margin for timing noise; the slow case is 1000x).
+ONEDNN_MAX_SLOWDOWN = 4.0
 
 
 @dataclass(frozen=True)
@@ -65,8 +71,8 @@ class _OneDNNPack:
 
 
 @functools.cache
-def onednn_available() -> bool:
-    """True when this torch build runs oneDNN's int8 linear on this CPU (tried once)."""
+def onednn_works() -> bool:
+    """True when this torch build runs oneDNN's int8 linear on this CPU correctly (tried once)."""
     op = getattr(torch.ops.onednn, "qlinear_pointwise", None)
     if op is None or not torch.backends.mkldnn.is_available():
         return False
@@ -80,6 +86,50 @@ def onednn_available() -> bool:
     except (RuntimeError, NotImplementedError) as exc:
         logger.info("oneDNN int8 linear unavailable (%s); W8A8 layers use torch._int_mm", exc)
         return False
+
+
+def _best_seconds(fn, repeats: int = 2) -> float:
+    fn()  # first call: prepacking, kernel generation
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@functools.cache
+def onednn_available() -> bool:
+    """True when oneDNN's int8 linear works here and is not far slower than ``torch._int_mm``
+    (at most ``ONEDNN_MAX_SLOWDOWN`` times its time, measured once per process on a
+    64 x 512 x 256 matmul: microseconds where oneDNN has a fast kernel, about 0.4 s where it
+    has not). On a 2-core AMD EPYC VM (AVX-512 VNNI, no AMX) with torch 2.13, oneDNN ran a
+    512 x 1536 x 576 matmul in 6.5 s against 3 ms for ``torch._int_mm``; on the Sapphire
+    Rapids VM the two were within 3x of each other, oneDNN usually ahead."""
+    if not onednn_works():
+        return False
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(-127, 128, (256, 512), generator=g, dtype=torch.int8)
+    x = torch.randint(-127, 128, (64, 512), generator=g, dtype=torch.int8)
+    packed = torch.ops.onednn.qlinear_prepack(w, None)
+    scales, zeros = torch.ones(256), torch.zeros(256, dtype=torch.long)
+
+    def run_onednn() -> None:
+        torch.ops.onednn.qlinear_pointwise(x, 1.0, 0, packed, scales, zeros, None, 1.0, 0, torch.float32,
+                                           "none", [], "")  # fmt: skip
+
+    w_t = w.t()
+    onednn_s = _best_seconds(run_onednn)
+    int_mm_s = _best_seconds(lambda: torch._int_mm(x, w_t))
+    if onednn_s > ONEDNN_MAX_SLOWDOWN * int_mm_s:
+        logger.info(
+            "oneDNN int8 linear is far slower than torch._int_mm on this CPU (%.2g s against %.2g s); W8A8 layers use "
+            "torch._int_mm",
+            onednn_s,
+            int_mm_s,
+        )
+        return False
+    return True
 
 
 def _supports(layer: QuantLinear, x: torch.Tensor) -> bool:
