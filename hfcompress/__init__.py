@@ -43,6 +43,7 @@ from hfcompress.techniques.kv_cache import KVCacheConfig, QuantizedKVCache, disa
 from hfcompress.techniques.learned_rounding import LearnedRoundingConfig
 from hfcompress.techniques.low_rank import LowRankConfig, LowRankLinear
 from hfcompress.techniques.pkd import PKDConfig, drop_layers, layer_map
+from hfcompress.techniques.rotation import RotationConfig
 from hfcompress.techniques.rtn import RTNConfig
 from hfcompress.techniques.smoothquant import SmoothQuantConfig
 
@@ -77,6 +78,7 @@ __all__ = [
     "RTNConfig",
     "Recipe",
     "RecipeError",
+    "RotationConfig",
     "SmoothQuantConfig",
     "Stage",
     "TechniqueConfig",

@@ -90,4 +90,5 @@ def apply_patches(model: nn.Module, records: list[dict[str, Any]]) -> None:
 def _ensure_builtin_patches() -> None:
     import hfcompress.experts
     import hfcompress.techniques.block_sparse
-    import hfcompress.techniques.kv_cache  # noqa: F401
+    import hfcompress.techniques.kv_cache
+    import hfcompress.techniques.rotation  # noqa: F401

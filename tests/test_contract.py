@@ -21,10 +21,12 @@ EXAMPLES = {
     "low_rank": {"method": "whitened", "ratio": 0.25},
     "error_compensation": {"rank": 4, "factor_bits": 8},
     "block_sparse": {"layout": "calibrated", "density": 0.5, "block_size": 16},
+    "rotate": {"seed": 3},
 }
 # Techniques that serve one kind of model only; on the other the stage must be refused, by name,
-# before the model changes (a KV cache needs a model that generates).
-ONLY = {"kv_cache": "llama"}
+# before the model changes (a KV cache needs a model that generates; rotation, a pre-norm
+# RMSNorm residual stream).
+ONLY = {"kv_cache": "llama", "rotate": "llama"}
 # Stages a technique needs before it (activations are quantized on layers a weight stage made).
 BEFORE = {
     "int8_activations": [{"technique": "rtn", "bits": 8, "group_size": -1, "symmetric": True}],

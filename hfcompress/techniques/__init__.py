@@ -10,6 +10,7 @@ from hfcompress.techniques import (
     learned_rounding,
     low_rank,
     pkd,
+    rotation,
     rtn,
     smoothquant,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "learned_rounding",
     "low_rank",
     "pkd",
+    "rotation",
     "rtn",
     "smoothquant",
 ]

@@ -1,0 +1,275 @@
+"""Applies :class:`RotationConfig` and registers the ``rotation`` patch.
+
+The weights are rotated in place (float64 arithmetic, cast back to the model's dtype). What
+the rotated model needs at run time besides its weights is the patch: the final norm as a
+:class:`RotatedRMSNorm` and the online Hadamard transform of each down projection's input.
+``from_pretrained`` re-applies it from the saved config before the weights load.
+
+The online transform is a forward pre-hook on whichever module sits at ``mlp.down_proj``
+(a float Linear, a ``QuantLinear`` after ``rtn``/``gptq``, a learned-rounding stand-in).
+Stages replace that module, so the MLP installs the hook on its current down projection
+before each call, first in the hook order: every hook a stage adds to observe the layer's
+input (GPTQ's Hessian, activation observers) sees the rotated input the weight is paired
+with. ``mlp.down_proj(h)`` keeps its meaning: ``h`` is the unrotated gated product.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from hfcompress.architectures import blocks_of
+from hfcompress.errors import ModelError
+from hfcompress.kinds import is_linear_like
+from hfcompress.modifier import CompressionContext, ModelView, Modifier
+from hfcompress.patches import earlier_patch, record_patch, register_patch
+from hfcompress.techniques.rotation.config import RotationConfig
+from hfcompress.techniques.rotation.hadamard import block_hadamard, ffn_block_size, hadamard_matrix, random_orthogonal
+
+__all__ = ["PATCH", "RotatedRMSNorm", "RotationModifier"]
+
+PATCH = "rotation"
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+_BLOCK_ATTR = "_hfc_ffn_hadamard"  # the Hadamard block of the down projection's input
+# Largest relative change of the probe's logits that rotating may cause, by model dtype.
+_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
+_HALF_TOLERANCE = 3e-2
+
+
+class RotatedRMSNorm(nn.Module):
+    """RMSNorm followed by a ``[hidden, hidden]`` matrix: ``rmsnorm(x) @ weight``. The final
+    norm of a rotated model, where ``weight = Q^T diag(g) Q`` undoes the residual rotation
+    and applies the norm's gain."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        eps: float,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(hidden_size, hidden_size, dtype=dtype, device=device))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return torch.matmul(h.to(x.dtype), self.weight.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.variance_epsilon}"
+
+
+@dataclass
+class _Parts:
+    """Where the rotated pieces of a supported model are."""
+
+    blocks_prefix: str
+    blocks: nn.ModuleList
+    embed: nn.Module
+    norm_name: str
+    norm: nn.Module
+    head: nn.Module | None
+    head_name: str | None
+    hidden: int
+    head_dim: int
+    intermediate: int
+
+
+def _parts(model: nn.Module) -> _Parts:
+    """The model's pieces, or a :class:`ModelError` saying why it cannot be rotated."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    model_type = getattr(text, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelError(
+            f"rotation supports pre-norm RMSNorm decoders ({', '.join(SUPPORTED_MODEL_TYPES)}), not model_type "
+            f"{model_type!r}: a LayerNorm or post-norm residual stream is not rotation-invariant. Use smoothquant "
+            "instead"
+        )
+    prefix, blocks = blocks_of(model)
+    base = getattr(model, "base_model", model)
+    norm = getattr(base, "norm", None)
+    embed = model.get_input_embeddings()
+    if norm is None or not hasattr(norm, "weight") or embed is None:
+        raise ModelError(f"cannot find the final norm and the input embedding of {type(model).__name__}")
+    for i, block in enumerate(blocks):
+        for path in [*(f"self_attn.{n}" for n in _ATTN), *(f"mlp.{n}" for n in _MLP)]:
+            try:
+                block.get_submodule(path)
+            except AttributeError:
+                raise ModelError(f"block {i} of {type(model).__name__} has no {path}; rotation cannot map it") from None
+        for path in ("input_layernorm", "post_attention_layernorm"):
+            if not type(getattr(block, path, None)).__name__.endswith("RMSNorm"):
+                raise ModelError(f"block {i} of {type(model).__name__} has no RMSNorm {path}; rotation needs one")
+    names = {id(m): n for n, m in model.named_modules()}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    hidden = text.hidden_size
+    return _Parts(
+        blocks_prefix=prefix,
+        blocks=blocks,
+        embed=embed,
+        norm_name=names[id(norm)],
+        norm=norm,
+        head=head,
+        head_name=names.get(id(head)) if head is not None else None,
+        hidden=hidden,
+        head_dim=getattr(text, "head_dim", None) or hidden // text.num_attention_heads,
+        intermediate=blocks[0].mlp.down_proj.in_features
+        if hasattr(blocks[0].mlp.down_proj, "in_features")
+        else text.intermediate_size,
+    )
+
+
+def _rotate_down_input(module: nn.Module, args: tuple) -> tuple:
+    return (block_hadamard(args[0], getattr(module, _BLOCK_ATTR)), *args[1:])
+
+
+def _install_down_hook(mlp: nn.Module, _args: tuple) -> None:
+    """MLP pre-hook: make sure the current down projection rotates its input, first."""
+    down = mlp.down_proj
+    block = getattr(mlp, _BLOCK_ATTR)
+    if getattr(down, _BLOCK_ATTR, None) != block:
+        setattr(down, _BLOCK_ATTR, block)
+        down.register_forward_pre_hook(_rotate_down_input, prepend=True)
+
+
+def _apply_patch(model: nn.Module, params: dict[str, Any]) -> None:
+    """Structure only (runs on the meta device when loading): the matrix final norm and the
+    online transform of the down projections."""
+    parts = _parts(model)
+    old = parts.norm
+    eps = getattr(old, "variance_epsilon", getattr(old, "eps", 1e-6))
+    new = RotatedRMSNorm(parts.hidden, eps, dtype=old.weight.dtype, device=old.weight.device)
+    model.set_submodule(parts.norm_name, new)
+    block = int(params.get("ffn_block", 0))
+    if block:
+        for layer in parts.blocks:
+            setattr(layer.mlp, _BLOCK_ATTR, block)
+            layer.mlp.register_forward_pre_hook(_install_down_hook)
+
+
+register_patch(PATCH, _apply_patch)
+
+
+def _set(param: torch.Tensor, value: torch.Tensor) -> None:
+    param.data.copy_(value.to(param.dtype))
+
+
+def _fold_and_rotate_inputs(norm: nn.Module, layers: list[nn.Module], q: torch.Tensor) -> None:
+    """``W <- W diag(g) Q`` for each layer reading ``norm``'s output; the norm's gain -> 1."""
+    g = norm.weight.detach().double()
+    for layer in layers:
+        w = layer.weight.detach().double()
+        _set(layer.weight, (w * g.unsqueeze(0)) @ q.to(w.device))
+    norm.weight.data.fill_(1.0)
+
+
+def _rotate_outputs(layer: nn.Module, q: torch.Tensor) -> None:
+    """``W <- Q^T W`` (and ``b <- b Q``) for a layer writing the residual stream."""
+    _set(layer.weight, q.t().to(layer.weight.device) @ layer.weight.detach().double())
+    if layer.bias is not None:
+        _set(layer.bias, layer.bias.detach().double() @ q.to(layer.bias.device))
+
+
+def _head_rotation(head_dim: int, seed: int) -> torch.Tensor:
+    """The Hadamard matrix of a power-of-two head dimension, else a random orthogonal one
+    (offline, any orthogonal matrix keeps the function)."""
+    if head_dim & (head_dim - 1) == 0:
+        return hadamard_matrix(head_dim, dtype=torch.float64)
+    return random_orthogonal(head_dim, seed)
+
+
+def _rotate_value_heads(v: nn.Module, o: nn.Module, h: torch.Tensor) -> None:
+    """Value head outputs by ``h`` (rows of ``v``), the matching input columns of ``o``."""
+    head_dim = h.shape[0]
+    h = h.to(v.weight.device)
+    wv = v.weight.detach().double()
+    _set(v.weight, (h.t() @ wv.reshape(-1, head_dim, wv.shape[1])).reshape(wv.shape))
+    if v.bias is not None:
+        _set(v.bias, (v.bias.detach().double().reshape(-1, head_dim) @ h).reshape(-1))
+    wo = o.weight.detach().double()
+    _set(o.weight, (wo.reshape(wo.shape[0], -1, head_dim) @ h).reshape(wo.shape))
+
+
+class RotationModifier(Modifier):
+    config: RotationConfig
+
+    def check(self, model: nn.Module, context: CompressionContext, view: ModelView) -> None:
+        super().check(model, context, view)
+        try:
+            parts = _parts(model)
+        except ModelError as exc:
+            raise self.error(str(exc)) from None
+        root = view.entries[""]
+        earlier = earlier_patch(root.marks, model, PATCH, False)
+        if earlier is not None:
+            raise self.error(f"the model is rotated already (by {earlier}); one rotate stage is enough")
+        names = [
+            f"{parts.blocks_prefix}.{i}.{path}"
+            for i in range(len(parts.blocks))
+            for path in [*(f"self_attn.{n}" for n in _ATTN), *(f"mlp.{n}" for n in _MLP)]
+        ]
+        if parts.head_name is not None:
+            names.append(parts.head_name)
+        for name in names:
+            entry = view.entries.get(name)
+            if entry is None or entry.stage is not None or not is_linear_like(entry.module):
+                by = f"stage {entry.stage!r}" if entry is not None and entry.stage else "an earlier run"
+                raise self.error(
+                    f"{name} is compressed by {by}; rotation changes float weights, so put the rotate stage "
+                    "before every stage that compresses the model's linear layers"
+                )
+        if any(p.is_meta for p in model.parameters()):
+            raise self.error("the model has offloaded (meta) weights; rotation needs every weight in memory")
+        root.marks[PATCH] = self.stage
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module, context: CompressionContext) -> None:
+        parts = _parts(model)
+        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        device = parts.embed.weight.device
+        probe = torch.randint(0, text.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
+        reference = model(input_ids=probe, use_cache=False).logits.float()
+
+        q = random_orthogonal(parts.hidden, self.config.seed)
+        tied = parts.head is not None and parts.head.weight is parts.embed.weight
+        embed = parts.embed.weight
+        _set(embed, embed.detach().double() @ q.to(embed.device))
+        block_size = ffn_block_size(parts.intermediate) if self.config.ffn else 0
+        head_rotation = _head_rotation(parts.head_dim, self.config.seed + 1)
+        for layer in parts.blocks:
+            attn, mlp = layer.self_attn, layer.mlp
+            _fold_and_rotate_inputs(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], q)
+            _fold_and_rotate_inputs(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], q)
+            _rotate_outputs(attn.o_proj, q)
+            _rotate_outputs(mlp.down_proj, q)
+            if self.config.heads:
+                _rotate_value_heads(attn.v_proj, attn.o_proj, head_rotation)
+            if block_size:
+                _set(mlp.down_proj.weight, block_hadamard(mlp.down_proj.weight.detach().double(), block_size))
+        gain = parts.norm.weight.detach().double().to(q.device)
+        matrix = q.t() @ torch.diag(gain) @ q
+        if parts.head is not None and not tied:
+            _set(parts.head.weight, parts.head.weight.detach().double() @ q.to(parts.head.weight.device))
+        _apply_patch(model, {"ffn_block": block_size})
+        norm = model.get_submodule(parts.norm_name)
+        _set(norm.weight, matrix.to(norm.weight.device))
+        record_patch(model, PATCH, {"ffn_block": block_size})
+
+        after = model(input_ids=probe, use_cache=False).logits.float()
+        change = float((after - reference).norm() / reference.norm().clamp(min=1e-30))
+        limit = _TOLERANCE.get(embed.dtype, _HALF_TOLERANCE)
+        if not change <= limit:
+            raise ModelError(
+                f"stage {self.stage!r}: rotating changed the model's logits by {change:.2e} (relative; at most "
+                f"{limit:g} expected), so this model is not rotation-invariant as built. The model is no longer "
+                "usable: reload it, and compress it without the rotate stage"
+            )

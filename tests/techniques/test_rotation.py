@@ -1,0 +1,180 @@
+"""The rotate stage: Hadamard transforms, exactness on Llama-family models, save and reload,
+the online down-projection transform under later stages, and errors."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+import hfcompress
+from hfcompress import ActivationQuantConfig, GPTQConfig, QuantLinear, RecipeError, RTNConfig, compress
+from hfcompress.techniques.rotation import RotatedRMSNorm, RotationConfig
+from hfcompress.techniques.rotation.hadamard import block_hadamard, ffn_block_size, hadamard_matrix, random_orthogonal
+from tests.conftest import make_tiny_llama
+
+CALIB = torch.randint(0, 128, (8, 24), generator=torch.Generator().manual_seed(3))
+W8 = RTNConfig(bits=8, group_size=-1, symmetric=True)
+
+
+def _with_outliers(model):
+    """A few huge channels in the norms' outputs, as trained LLMs have (SmolLM2's are 100x)."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[[5]] *= 100
+            layer.post_attention_layernorm.weight[[7]] *= 100
+    return model
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("block", [1, 2, 8, 32, 512])
+def test_block_hadamard_is_the_block_diagonal_matmul_and_its_own_inverse(block):
+    x = torch.randn(2, 3, 3 * block, dtype=torch.float64)
+    h = torch.block_diag(*[hadamard_matrix(block, dtype=torch.float64)] * 3)
+    torch.testing.assert_close(block_hadamard(x, block), x @ h)
+    torch.testing.assert_close(block_hadamard(block_hadamard(x, block), block), x)
+    assert torch.allclose(h @ h.t(), torch.eye(3 * block, dtype=torch.float64))
+
+
+def test_transform_sizes_and_bad_sizes():
+    assert [ffn_block_size(n) for n in (1536, 11008, 14336, 96)] == [512, 256, 2048, 32]
+    with pytest.raises(ValueError, match="not a multiple of the Hadamard block 64"):
+        block_hadamard(torch.randn(4, 96), 64)
+    with pytest.raises(ValueError, match="power-of-two order, not 12"):
+        hadamard_matrix(12)
+    q = random_orthogonal(80, seed=1)
+    assert torch.allclose(q @ q.t(), torch.eye(80, dtype=torch.float64))
+    assert torch.equal(q, random_orthogonal(80, seed=1)) and not torch.equal(q, random_orthogonal(80, seed=2))
+
+
+def _tiny_qwen2():
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():  # Qwen2's q/k/v biases start at zero: make them count
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_()
+    return model
+
+
+MODELS = {
+    "llama-tied-head20": lambda: make_tiny_llama(),
+    "llama-untied-head16": lambda: make_tiny_llama(tie=False, hidden_size=64),
+    "qwen2-biases": _tiny_qwen2,
+}
+
+
+@pytest.mark.parametrize("make", MODELS, ids=list(MODELS))
+def test_rotation_keeps_the_function_and_spreads_the_outliers(make, llama_ids):
+    model = _with_outliers(MODELS[make]())
+    before = _logits(model, llama_ids)
+    seen = {}
+    handle = model.model.layers[1].self_attn.q_proj.register_forward_pre_hook(lambda _m, a: seen.setdefault("b", a[0]))
+    _logits(model, llama_ids)
+    handle.remove()
+    compress(model, [RotationConfig()], progress=False)
+    torch.testing.assert_close(_logits(model, llama_ids), before, rtol=1e-4, atol=1e-4)
+    assert isinstance(model.model.norm, RotatedRMSNorm)
+    tied = model.config.tie_word_embeddings
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    handle = model.model.layers[1].self_attn.q_proj.register_forward_pre_hook(lambda _m, a: seen.setdefault("a", a[0]))
+    _logits(model, llama_ids)
+    handle.remove()
+
+    def peak(x):  # largest channel over the median channel
+        channel = x.abs().amax(dim=(0, 1))
+        return float(channel.max() / channel.median())
+
+    assert peak(seen["a"]) < peak(seen["b"]) / 2
+
+
+def test_bf16_model_rotates_within_its_precision(llama_ids):
+    model = make_tiny_llama(hidden_size=64).to(torch.bfloat16)
+    before = _logits(model, llama_ids).float()
+    compress(model, [RotationConfig()], progress=False)
+    after = _logits(model, llama_ids).float()
+    assert float((after - before).norm() / before.norm()) < 3e-2
+
+
+def test_rotation_lowers_the_w8a8_error(llama_ids):
+    def error(rotate):
+        model = _with_outliers(make_tiny_llama(hidden_size=64))
+        ref = _logits(model, llama_ids)
+        stages = ([RotationConfig()] if rotate else []) + [W8, ActivationQuantConfig()]
+        compress(model, stages, progress=False)
+        return float((_logits(model, llama_ids) - ref).norm() / ref.norm())
+
+    assert error(rotate=True) < 0.5 * error(rotate=False)
+
+
+def test_later_stages_see_the_rotated_down_projection_input(llama_ids):
+    """A hook a later stage puts on the down projection (GPTQ's Hessian, an observer) sees the
+    input the rotated weight is paired with, even on the QuantLinear that replaced it."""
+    model = make_tiny_llama(hidden_size=64)
+    compress(model, [RotationConfig(), W8], progress=False)
+    mlp = model.model.layers[0].mlp
+    assert isinstance(mlp.down_proj, QuantLinear)
+    seen = {}
+    mlp.down_proj.register_forward_pre_hook(lambda _m, a: seen.setdefault("x", a[0]))  # before the MLP ever ran
+    _logits(model, llama_ids)
+    gate_in = {}
+    mlp.gate_proj.register_forward_pre_hook(lambda _m, a: gate_in.setdefault("x", a[0]))
+    _logits(model, llama_ids)
+    with torch.no_grad():
+        product = mlp.act_fn(mlp.gate_proj(gate_in["x"])) * mlp.up_proj(gate_in["x"])
+    torch.testing.assert_close(seen["x"], block_hadamard(product, 32))
+
+
+@pytest.mark.parametrize(
+    "stages",
+    [
+        [RotationConfig(), W8, ActivationQuantConfig()],
+        [RotationConfig(), GPTQConfig(bits=4, group_size=32, batch_size=4), ActivationQuantConfig()],
+        [RotationConfig(ffn=False, heads=False), W8, ActivationQuantConfig(strategy="tensor", dynamic=False)],
+    ],
+    ids=["w8a8-dynamic", "gptq-w4a8", "static-no-online"],
+)
+def test_rotated_models_reload_with_the_same_logits(llama_ids, tmp_path, stages):
+    model = make_tiny_llama()
+    compress(model, stages, calibration_data=CALIB, progress=False)
+    expected = _logits(model, llama_ids)
+    hfcompress.save_pretrained(model, tmp_path / "m")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert isinstance(reloaded.model.norm, RotatedRMSNorm)
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    assert torch.equal(_logits(reloaded, llama_ids), expected)
+
+
+def test_rotating_after_a_weight_stage_is_refused(tiny_llama):
+    with pytest.raises(RecipeError, match=r"layers\.0\.self_attn\.q_proj is compressed by stage 'stage_0'.*before"):
+        compress(tiny_llama, [W8, RotationConfig()], progress=False)
+    assert not isinstance(tiny_llama.model.norm, RotatedRMSNorm)  # refused before anything changed
+
+
+def test_rotating_twice_is_refused(tiny_llama):
+    with pytest.raises(RecipeError, match="rotated already"):
+        compress(tiny_llama, [RotationConfig(), RotationConfig()], progress=False)
+    compress(tiny_llama, [RotationConfig()], progress=False)
+    with pytest.raises(RecipeError, match=r"rotated already \(by an earlier run"):
+        compress(tiny_llama, [RotationConfig()], progress=False)
+
+
+def test_post_norm_encoders_are_refused(tiny_bert):
+    with pytest.raises(RecipeError, match=r"not model_type 'bert'.*smoothquant instead"):
+        compress(tiny_bert, [RotationConfig()], progress=False)
+
+
+def test_bad_seed_is_refused():
+    with pytest.raises(RecipeError, match="seed=-1 is invalid"):
+        RotationConfig(seed=-1)
