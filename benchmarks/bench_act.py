@@ -48,6 +48,7 @@ from hfcompress.models import load_model, load_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 W8 = "{name: weights, technique: rtn, bits: 8, group_size: -1, symmetric: true}"
 SQ = "{name: smooth, technique: smoothquant, alpha: 0.5}"
+ROT = "{name: rotate, technique: rotate}"
 
 
 def _acts(**fields) -> str:
@@ -64,7 +65,15 @@ def _static(observer: str, **extra) -> str:
 
 
 # Models several rows start from: compressed once, copied for each row.
-PREFIXES = {"w8": _stages(W8), "sq+w8": _stages(SQ, W8), "gptq-w4g128": "recipes/llama_w4a16_gptq_g128.yaml"}
+GPTQ_W4 = "recipes/llama_w4a16_gptq_g128.yaml"
+PREFIXES = {
+    "w8": _stages(W8),
+    "sq+w8": _stages(SQ, W8),
+    "rot+w8": _stages(ROT, W8),
+    "gptq-w4g128": GPTQ_W4,
+    # The rotation, then exactly the stages of the GPTQ W4 recipe.
+    "rot+gptq-w4g128": _stages(ROT) + (ROOT / GPTQ_W4).read_text().split("stages:\n", 1)[1],
+}
 # label -> recipe: a path under recipes/, YAML text, None (the float model), or
 # (prefix, YAML of the stages added to that prefix's model).
 PPL_ROWS = {
@@ -72,7 +81,10 @@ PPL_ROWS = {
     "W8A16 (RTN W8 per channel)": ("w8", None),
     "W8A8 dynamic, no smoothing": ("w8", _stages(_acts())),
     "W8A8 dynamic, SmoothQuant 0.5": ("sq+w8", _stages(_acts())),
-    "W8A8 dynamic, SmoothQuant alpha search (llama_w8a8_dynamic.yaml)": "recipes/llama_w8a8_dynamic.yaml",
+    "W8A8 dynamic, SmoothQuant alpha search (llama_w8a8_dynamic_smoothquant.yaml)": (
+        "recipes/llama_w8a8_dynamic_smoothquant.yaml"
+    ),
+    "W8A8 dynamic, rotated (llama_w8a8_dynamic.yaml)": "recipes/llama_w8a8_dynamic.yaml",
     "W8A8 static per-tensor minmax, no smoothing": ("w8", _stages(_static("minmax"))),
     "W8A8 static per-tensor minmax, SmoothQuant 0.5": ("sq+w8", _stages(_static("minmax"))),
     "W8A8 static per-tensor minmax EMA 0.9, SmoothQuant 0.5": ("sq+w8", _stages(_static("minmax", ema=0.9))),
@@ -83,7 +95,10 @@ PPL_ROWS = {
     ),
     "W8A8 static per-tensor KL, SmoothQuant 0.5": ("sq+w8", _stages(_static("kl"))),
     "W4A16 GPTQ g128 (llama_w4a16_gptq_g128.yaml)": ("gptq-w4g128", None),
-    "W4A8: the same GPTQ weights + dynamic A8 (llama_w4a8_gptq_g128.yaml)": ("gptq-w4g128", _stages(_acts())),
+    "W8A8 static per-tensor MSE, rotated": ("rot+w8", _stages(_static("mse"))),
+    "W4A8: the same GPTQ weights + dynamic A8, not rotated": ("gptq-w4g128", _stages(_acts())),
+    "W4A16 GPTQ g128, rotated": ("rot+gptq-w4g128", None),
+    "W4A8: the rotated GPTQ weights + dynamic A8 (llama_w4a8_gptq_g128.yaml)": ("rot+gptq-w4g128", _stages(_acts())),
 }
 PEER_RUNS = [("static", 0.5), ("dynamic", 0.8)]
 
@@ -171,6 +186,7 @@ SPEED_ROWS = {
     "W8A16 (RTN W8 per channel)": (_stages(W8), torch.float32),
     "W8A8 dynamic per-token": (_stages(W8, _acts()), torch.float32),
     "W8A8 dynamic per-token, bf16 model": (_stages(W8, _acts()), torch.bfloat16),
+    "W8A8 dynamic per-token, rotated (llama_w8a8_dynamic.yaml)": (_stages(ROT, W8, _acts()), torch.float32),
     "W4A8 per channel, dynamic per-token": (
         _stages("{name: weights, technique: rtn, bits: 4, group_size: -1, symmetric: true}", _acts()),
         torch.float32,

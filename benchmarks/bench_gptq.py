@@ -9,6 +9,7 @@
     python benchmarks/bench_gptq.py --methods fp32 gptq --schemes mp3.5 order3.5 w3g48   # mixed precision
     python benchmarks/bench_gptq.py --corpora wikitext2 glue --extra '{"asym_calibration": true}'  # GPTAQ
     python benchmarks/bench_gptq.py --methods gptq awq-gptq --corpora wikitext2 glue   # AWQ scaling first
+    python benchmarks/bench_gptq.py --methods rot-gptq rot-lr-light --extra '{"asym_calibration": true}'  # rotated
 
 Protocol (issue 3): calibration 128 windows x 512 tokens of WikiText-2 *validation*
 (seed 0); evaluation the first 40 windows of 512 tokens of WikiText-2 *test* (and, with
@@ -49,8 +50,9 @@ SCHEMES = {
     "order3.5": {"budget": {"bits_per_weight": 3.5, "bits": [3, 4], "group_sizes": [128], "strategy": "layer_order"}},
 }
 METHODS = ["fp32", "rtn", "gptq"]
-# GPTQ (or learned rounding) after an `awq` stage on the same grid.
+# GPTQ (or learned rounding) after an `awq` stage on the same grid, or after a `rotate` stage.
 AWQ_FIRST = {"awq-gptq": "gptq", "awq-lr-light": "lr-light"}
+ROTATED_FIRST = {"rot-gptq": "gptq", "rot-lr-light": "lr-light"}
 # Learned rounding (technique `learned_rounding`, started from GPTQ with --extra's options):
 # the light setting (50 steps of 4 windows) and the full one (AutoRound's default: 200 steps of 8);
 # `--extra` may override their steps and batch_size.
@@ -70,12 +72,16 @@ BEST_GPTQ = {"act_order": True, "clip_search": True, "compute_dtype": "bfloat16"
 
 
 def quantize(model, tokenizer, method: str, grid: dict, extra: dict) -> None:
-    """Compress ``model`` in place by ``method`` ("rtn", "gptq", "lr-light", "lr", and
-    "awq-gptq" / "awq-lr-light" with an ``awq`` stage first; "fp32" leaves it), with the
-    protocol's calibration data for the calibrated ones."""
+    """Compress ``model`` in place by ``method`` ("rtn", "gptq", "lr-light", "lr";
+    "awq-gptq" / "awq-lr-light" with an ``awq`` stage first; "rot-gptq" / "rot-lr-light" with
+    a ``rotate`` stage first; "fp32" leaves it), with the protocol's calibration data for the
+    calibrated ones."""
     import hfcompress
 
     stages = []
+    if method in ROTATED_FIRST:
+        stages.append(hfcompress.RotationConfig())
+        method = ROTATED_FIRST[method]
     if method in AWQ_FIRST:
         dtype = extra.get("compute_dtype", "float32")
         grid_of_awq = {"bits": grid.get("bits", 4), "group_size": grid.get("group_size", 128)}
@@ -154,7 +160,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "SCHEME"))
     parser.add_argument("--extra", default="{}", help="JSON of extra GPTQConfig (and LearnedRoundingConfig) fields")
-    parser.add_argument("--methods", nargs="*", default=METHODS, choices=[*METHODS, *LEARNED_ROUNDING, *AWQ_FIRST])
+    parser.add_argument(
+        "--methods", nargs="*", default=METHODS, choices=[*METHODS, *LEARNED_ROUNDING, *AWQ_FIRST, *ROTATED_FIRST]
+    )
     parser.add_argument("--schemes", nargs="*", default=list(SCHEMES))
     parser.add_argument(
         "--corpora",
