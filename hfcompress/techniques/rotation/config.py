@@ -21,8 +21,8 @@ class RotationConfig(TechniqueConfig):
       ``[hidden, hidden]`` matrix norm (``Q^T diag(g) Q``), so a tied output embedding stays
       tied. Nothing runs at inference for this part.
     * **Attention values** (``heads``): each value head and the matching columns of the output
-      projection are rotated by a Hadamard matrix of the head dimension (offline, grouped-query
-      attention included).
+      projection are rotated by a Hadamard matrix of the head dimension (a seeded random
+      orthogonal one where it is not a power of two; offline, grouped-query attention included).
     * **MLP down projection** (``ffn``): its input is rotated on the fly by a block Hadamard
       transform (blocks of the largest power of two dividing the intermediate size: 512 on
       SmolLM2), and its weight by the same matrix. This is the one online cost: two small
