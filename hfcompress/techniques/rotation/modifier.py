@@ -35,6 +35,8 @@ PATCH = "rotation"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
+# Every linear layer of a block that the rotation rewrites, relative to the block.
+_LINEAR_PATHS = (*(f"self_attn.{n}" for n in _ATTN), *(f"mlp.{n}" for n in _MLP))
 _BLOCK_ATTR = "_hfc_ffn_hadamard"  # the Hadamard block of the down projection's input
 # Largest relative change of the probe's logits that rotating may cause, by model dtype.
 _TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
@@ -81,6 +83,7 @@ class _Parts:
     hidden: int
     head_dim: int
     intermediate: int
+    vocab_size: int
 
 
 def _parts(model: nn.Module) -> _Parts:
@@ -101,7 +104,7 @@ def _parts(model: nn.Module) -> _Parts:
     if norm is None or not hasattr(norm, "weight") or embed is None:
         raise ModelError(f"cannot find the final norm and the input embedding of {type(model).__name__}")
     for i, block in enumerate(blocks):
-        for path in [*(f"self_attn.{n}" for n in _ATTN), *(f"mlp.{n}" for n in _MLP)]:
+        for path in _LINEAR_PATHS:
             try:
                 block.get_submodule(path)
             except AttributeError:
@@ -125,6 +128,7 @@ def _parts(model: nn.Module) -> _Parts:
         intermediate=blocks[0].mlp.down_proj.in_features
         if hasattr(blocks[0].mlp.down_proj, "in_features")
         else text.intermediate_size,
+        vocab_size=text.vocab_size,
     )
 
 
@@ -141,19 +145,23 @@ def _install_down_hook(mlp: nn.Module, _args: tuple) -> None:
         down.register_forward_pre_hook(_rotate_down_input, prepend=True)
 
 
-def _apply_patch(model: nn.Module, params: dict[str, Any]) -> None:
-    """Structure only (runs on the meta device when loading): the matrix final norm and the
-    online transform of the down projections."""
-    parts = _parts(model)
+def _restructure(model: nn.Module, parts: _Parts, block: int) -> RotatedRMSNorm:
+    """Structure only (runs on the meta device when loading): put the matrix final norm in
+    place of the old one (returned, its weight not yet set) and, for ``block`` > 0, the online
+    transform of the down projections."""
     old = parts.norm
     eps = getattr(old, "variance_epsilon", getattr(old, "eps", 1e-6))
     new = RotatedRMSNorm(parts.hidden, eps, dtype=old.weight.dtype, device=old.weight.device)
     model.set_submodule(parts.norm_name, new)
-    block = int(params.get("ffn_block", 0))
     if block:
         for layer in parts.blocks:
             setattr(layer.mlp, _BLOCK_ATTR, block)
             layer.mlp.register_forward_pre_hook(_install_down_hook)
+    return new
+
+
+def _apply_patch(model: nn.Module, params: dict[str, Any]) -> None:
+    _restructure(model, _parts(model), int(params.get("ffn_block", 0)))
 
 
 register_patch(PATCH, _apply_patch)
@@ -212,11 +220,7 @@ class RotationModifier(Modifier):
         earlier = earlier_patch(root.marks, model, PATCH, False)
         if earlier is not None:
             raise self.error(f"the model is rotated already (by {earlier}); one rotate stage is enough")
-        names = [
-            f"{parts.blocks_prefix}.{i}.{path}"
-            for i in range(len(parts.blocks))
-            for path in [*(f"self_attn.{n}" for n in _ATTN), *(f"mlp.{n}" for n in _MLP)]
-        ]
+        names = [f"{parts.blocks_prefix}.{i}.{path}" for i in range(len(parts.blocks)) for path in _LINEAR_PATHS]
         if parts.head_name is not None:
             names.append(parts.head_name)
         for name in names:
@@ -234,9 +238,8 @@ class RotationModifier(Modifier):
     @torch.no_grad()
     def apply(self, model: nn.Module, context: CompressionContext) -> None:
         parts = _parts(model)
-        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         device = parts.embed.weight.device
-        probe = torch.randint(0, text.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
+        probe = torch.randint(0, parts.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
         reference = model(input_ids=probe, use_cache=False).logits.float()
 
         q = random_orthogonal(parts.hidden, self.config.seed)
@@ -259,8 +262,7 @@ class RotationModifier(Modifier):
         matrix = q.t() @ torch.diag(gain) @ q
         if parts.head is not None and not tied:
             _set(parts.head.weight, parts.head.weight.detach().double() @ q.to(parts.head.weight.device))
-        _apply_patch(model, {"ffn_block": block_size})
-        norm = model.get_submodule(parts.norm_name)
+        norm = _restructure(model, parts, block_size)
         _set(norm.weight, matrix.to(norm.weight.device))
         record_patch(model, PATCH, {"ffn_block": block_size})
 
