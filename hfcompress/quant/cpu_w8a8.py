@@ -17,9 +17,15 @@ Two int8 matmuls serve it, chosen per call:
   2-core dev VM (Sapphire Rapids class, AMX) it ran SmolLM2's four 512-row matmul shapes in
   0.52-0.64x the time of a bfloat16 matmul, where ``torch._int_mm`` took 0.55-1.6x (two
   runs of the same micro-benchmark).
-* ``torch._int_mm`` (int8 x int8 -> int32) otherwise: decoding (one row: the oneDNN op's
-  per-call overhead dominates there), asymmetric weights (the ``(z - o) * sum(x_q)`` term is
-  applied after it), CPUs or builds without oneDNN, and CPUs where oneDNN's op is slower than
+* for fewer than ``ONEDNN_MIN_ROWS`` rows (decoding), one call of a C kernel
+  (``w8a8_cpu.c``, compiled on first use by :mod:`hfcompress.quant.native`) that quantizes
+  the rows, takes the int8 dot products and applies the epilogue in one pass. Through torch
+  the same work is about a dozen small operator calls per layer, which at one row cost more
+  than the matmul; the kernel's float operations are torch's, in the same order, so its
+  float32 result is bit-identical.
+* ``torch._int_mm`` (int8 x int8 -> int32) otherwise: decoding without a C compiler or with
+  float16 inputs, asymmetric weights (the ``(z - o) * sum(x_q)`` term is applied after it),
+  CPUs or builds without oneDNN, and CPUs where oneDNN's op is slower than
   ``torch._int_mm`` (:func:`onednn_available` times both once: on a 2-core AMD EPYC VM the
   oneDNN op took over 1000x longer).
 
@@ -31,15 +37,18 @@ are left to the reference kernel: their scales cannot be applied after one integ
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from hfcompress.quant import native
 from hfcompress.quant.activations import activation_scales, quantize_activations
 from hfcompress.quant.dispatch import Kernel, cached, register_kernel
 
@@ -54,6 +63,8 @@ ONEDNN_MIN_ROWS = 16
 # oneDNN is used where it is at most this many times slower than torch._int_mm in the
 # one-off timing of `onednn_available` (a margin for timing noise; the slow case is 1000x).
 ONEDNN_MAX_SLOWDOWN = 4.0
+_NATIVE_SOURCE = Path(__file__).with_name("w8a8_cpu.c")
+_NATIVE_X_DTYPES = {torch.bfloat16: 1, torch.float32: 2}
 
 
 @dataclass(frozen=True)
@@ -148,7 +159,8 @@ def _supports(layer: QuantLinear, x: torch.Tensor) -> bool:
 
 def _build(layer: QuantLinear) -> _IntMMPack:
     correction = None if layer.symmetric else layer.zero_points().float()[:, 0] - 2 ** (layer.bits - 1)
-    return _IntMMPack(layer.signed_codes().t(), layer.scales.float()[:, 0], correction)
+    scales = layer.scales.float()[:, 0].contiguous()
+    return _IntMMPack(layer.signed_codes().contiguous().t(), scales, correction)
 
 
 def _build_onednn(layer: QuantLinear) -> _OneDNNPack:
@@ -206,8 +218,52 @@ def _quantized_input(layer: QuantLinear, x: torch.Tensor) -> tuple[torch.Tensor,
     return value
 
 
+@functools.cache
+def _native_library() -> ctypes.CDLL | None:
+    lib = native.load(_NATIVE_SOURCE, "the CPU W8A8 decode kernel (decoding uses torch._int_mm)")
+    if lib is not None:
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.w8a8_linear.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ctypes.c_int,
+                                    ctypes.c_float, ptr, ctypes.c_int]  # fmt: skip
+        lib.w8a8_linear.restype = ctypes.c_int
+    return lib
+
+
+def _native_forward(layer: QuantLinear, x: torch.Tensor, lib: ctypes.CDLL) -> torch.Tensor:
+    """``w8a8_cpu.c`` on the rows of ``x``: the result of the ``torch._int_mm`` path below."""
+    pack = cached(layer, "cpu_int_mm", _build)
+    weight = pack.weight.t()  # [N, K], contiguous
+    lead, n = x.shape[:-1], layer.out_features
+    x2 = x.reshape(-1, layer.in_features)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    act = layer.scheme.input_activations
+    static = None if act.dynamic else layer.input_scale
+    # torch adds the bias after casting to the input dtype: in float32, the kernel can do it.
+    bias = layer.bias if layer.bias is not None and x.dtype == torch.float32 else None
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.float().contiguous()
+    out = torch.empty(x2.shape[0], n)
+    failed = lib.w8a8_linear(
+        x2.data_ptr(), _NATIVE_X_DTYPES[x.dtype], x2.shape[0], layer.in_features, x2.stride(0),
+        weight.data_ptr(), n, pack.scales.data_ptr(),
+        None if pack.correction is None else pack.correction.data_ptr(),
+        None if bias is None else bias.data_ptr(),
+        int(static is None), 0.0 if static is None else float(static), out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    if failed:
+        raise MemoryError("the CPU W8A8 kernel could not allocate its scratch memory")
+    y = out.to(x.dtype).reshape(*lead, n)
+    return y if layer.bias is None or bias is not None else y + layer.bias.to(x.dtype)
+
+
 def _forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     lead = x.shape[:-1]
+    rows = x.numel() // layer.in_features
+    if rows < ONEDNN_MIN_ROWS and x.dtype in _NATIVE_X_DTYPES:
+        lib = _native_library()
+        if lib is not None:
+            return _native_forward(layer, x, lib)
     xq, sx = _quantized_input(layer, x)
     if layer.symmetric and xq.shape[0] >= ONEDNN_MIN_ROWS and onednn_available():
         out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32

@@ -6,78 +6,34 @@ step: at 8k tokens that made decoding 2.8x slower than the float cache). The C k
 each packed byte once and keeps the dequantized values in registers, the CPU counterpart of
 the Triton decode kernel.
 
-It is compiled with the system C compiler into ``~/.cache/hfcompress/kernels`` (once per
-source and CPU, about a second) and called through ``ctypes``. Without a compiler, or if the
-build fails, :func:`kv_decode_attention_cpu` returns None and callers use the torch path; the
-reason is logged once.
+It is compiled on first use and called through ``ctypes`` (:mod:`hfcompress.quant.native`).
+Without a compiler, or if the build fails, :func:`kv_decode_attention_cpu` returns None and
+callers use the torch path; the reason is logged once.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 from hfcompress_triton.kv_ref import block_strides
 
-from hfcompress.models import cache_dir
+from hfcompress.quant import native
 
 __all__ = ["available", "kv_decode_attention_cpu"]
 
-logger = logging.getLogger(__name__)
-
 _SOURCE = Path(__file__).with_name("kv_cpu.c")
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 _SCALE_DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 # The kernel keeps per-query-head state on the stack for at most this many heads per KV head.
 MAX_GROUP = 64
 
 
-def _cpu_id() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor()
-    lines = [line for line in text.splitlines() if line.startswith(("model name", "flags"))]
-    return "\n".join(lines[:2])
-
-
-def _build() -> Path:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise RuntimeError("no C compiler (cc or gcc) on PATH")
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(_FLAGS).encode() + _cpu_id().encode()).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"kv_cpu-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename: a crash mid-build never leaves a truncated library.
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        result = subprocess.run(
-            [compiler, *_FLAGS, str(_SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
-        os.replace(built, target)
-    return target
-
-
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    try:
-        lib = ctypes.CDLL(str(_build()))
-    except (OSError, RuntimeError) as exc:
-        logger.warning("the CPU KV-cache kernel is unavailable (%s); decoding uses the slower torch path", exc)
+    lib = native.load(_SOURCE, "the CPU KV-cache kernel (decoding uses the slower torch path)")
+    if lib is None:
         return None
     fn = lib.kv_decode_attention
     i64, ptr = ctypes.c_int64, ctypes.c_void_p

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hfcompress_triton.kv_ref import kv_decode_attention_ref, kv_quantize_ref
 
-from hfcompress.quant import kv_cpu
+from hfcompress.quant import kv_cpu, native
 from hfcompress.quant.kv import PackedKV, attend_dense, attend_packed, merge
 
 
@@ -108,11 +108,11 @@ def test_cpu_kernel_refuses_a_multi_token_query():
 
 def test_cpu_kernel_build_failure_falls_back(monkeypatch, caplog, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    monkeypatch.setattr(kv_cpu, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(native, "cache_dir", lambda: tmp_path)
     kv_cpu._library.cache_clear()
     try:
         with pytest.raises(OSError):
-            kv_cpu._build()
+            native.build(kv_cpu._SOURCE)
         assert kv_cpu._library() is None
         assert "torch path" in caplog.text
         assert not list(tmp_path.rglob("*.so"))  # nothing half-built left behind

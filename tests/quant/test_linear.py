@@ -284,3 +284,59 @@ def test_layers_reading_one_tensor_quantize_it_once(tiny_llama, llama_ids, monke
         calls.clear()
         assert torch.equal(tiny_llama(llama_ids).logits, fast)
     assert len(calls) == 2 * 7
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bits,symmetric", [(8, True), (8, False), (4, False)], ids=["W8-sym", "W8-asym", "W4-asym"])
+@pytest.mark.parametrize("strategy,dynamic", [("token", True), ("tensor", False)], ids=["dynamic", "static"])
+def test_cpu_w8a8_decode_kernel_equals_the_int_mm_path(strategy, dynamic, bits, symmetric, dtype, monkeypatch):
+    # The C kernel serves fewer than ONEDNN_MIN_ROWS rows; it does torch's float operations in
+    # torch's order on exact int32 sums, so the two paths agree bit for bit.
+    from hfcompress.quant import cpu_w8a8
+    from hfcompress.quant.scheme import QuantArgs
+
+    if cpu_w8a8._native_library() is None:
+        pytest.skip("no C compiler: the torch._int_mm path serves decoding")
+    act = QuantArgs(num_bits=8, symmetric=True, strategy=strategy, dynamic=dynamic, observer=None, zp_dtype=None)
+    n, k = 37, 97  # odd N and K
+    _, qw = _layer(n, k, bits=bits, group_size=-1, symmetric=symmetric)
+    weights = QuantScheme.weight_only(num_bits=bits, group_size=-1, in_features=k, symmetric=symmetric).weights
+    layer = QuantLinear.from_quantized(qw, QuantScheme(weights=weights, input_activations=act), bias=torch.randn(n))
+    layer.to(dtype)
+    if not dynamic:
+        layer.input_scale.fill_(0.03)
+    g = torch.Generator().manual_seed(1)
+    for shape in [(1, 1, k), (1, k), (13, k), (3, 5, k)]:
+        x = (torch.randn(shape, generator=g) * torch.linspace(0.2, 4, k)).to(dtype)
+        x[..., 7] = 0.0
+        with torch.no_grad():
+            fast = layer(x)
+            with monkeypatch.context() as m:
+                m.setattr(cpu_w8a8, "_native_library", lambda: None)
+                slow = layer(x)
+        assert fast.dtype == dtype and fast.shape == (*shape[:-1], n)
+        assert torch.equal(fast, slow)
+    # A strided input (a column slice) is read correctly.
+    wide = torch.randn(2, 2 * k, generator=g).to(dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(wide[:, :k]), layer(wide[:, :k].contiguous()), rtol=0, atol=0)
+
+
+def test_cpu_w8a8_decode_falls_back_when_the_kernel_cannot_build(monkeypatch, tmp_path, caplog):
+    from hfcompress.quant import cpu_w8a8, native
+    from hfcompress.quant.scheme import QuantArgs
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setattr(native, "cache_dir", lambda: tmp_path)
+    cpu_w8a8._native_library.cache_clear()
+    try:
+        act = QuantArgs(num_bits=8, symmetric=True, strategy="token", dynamic=True, observer=None, zp_dtype=None)
+        _, qw = _layer(16, 32, bits=8, group_size=-1, symmetric=True)
+        weights = QuantScheme.weight_only(num_bits=8, group_size=-1, in_features=32, symmetric=True).weights
+        layer = QuantLinear.from_quantized(qw, QuantScheme(weights=weights, input_activations=act))
+        x = torch.randn(1, 32)
+        torch.testing.assert_close(layer(x), dispatch.reference_forward(layer, x), rtol=1e-5, atol=1e-4)
+        assert "W8A8 decode kernel" in caplog.text and "torch._int_mm" in caplog.text
+        assert not list(tmp_path.rglob("*.so"))
+    finally:
+        cpu_w8a8._native_library.cache_clear()
