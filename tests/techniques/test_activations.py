@@ -140,8 +140,10 @@ def test_missing_static_scale_in_a_checkpoint_is_refused(tiny_llama, tmp_path):
         ({"strategy": "channel"}, "dynamic=True is invalid"),
         ({"strategy": "channel", "dynamic": False, "observer": "kl"}, "observer='kl' is invalid"),
         ({"strategy": "tensor", "dynamic": False, "observer": "mse", "ema": 0.9}, "ema=0.9 is invalid"),
+        ({"token_outlier_ratio": 50}, r"token_outlier_ratio=50(\.0)? is invalid"),  # dynamic: nothing to fall back from
+        ({"strategy": "tensor", "dynamic": False, "token_outlier_ratio": 1}, r"token_outlier_ratio=1(\.0)? is invalid"),
     ],
-    ids=["bits", "static-token", "dynamic-channel", "channel-kl", "mse-ema"],
+    ids=["bits", "static-token", "dynamic-channel", "channel-kl", "mse-ema", "ratio-dynamic", "ratio-1"],
 )
 def test_bad_settings_are_refused(options, match):
     with pytest.raises(RecipeError, match=match):
@@ -172,3 +174,34 @@ def test_nan_in_calibration_activations_names_the_layer(tiny_llama):
         tiny_llama.model.layers[1].post_attention_layernorm.weight[5] = float("inf")
     with pytest.raises(CalibrationDataError, match=r"model.layers.1.mlp.gate_proj'.*NaN or infinite"):
         compress(tiny_llama, [ACTS["static-minmax"]], calibration_data=CALIB, progress=False)
+
+
+def test_a_layer_with_a_massive_token_keeps_dynamic_scales_and_reloads_so(tiny_llama, llama_ids, tmp_path, caplog):
+    # A massive activation on the first token of one layer's input (as SmolLM2's layer-11 down
+    # projection has: 2100x the median token): that layer alone falls back to per-token scales.
+    compress(tiny_llama, [W8], progress=False)
+    down = tiny_llama.model.layers[1].mlp.down_proj
+
+    def massive_first_token(_module, args):
+        x = args[0].clone()
+        x[:, 0] *= 500
+        return (x,)
+
+    down.register_forward_pre_hook(massive_first_token)
+    stage = ActivationQuantConfig(strategy="tensor", dynamic=False, observer="mse", token_outlier_ratio=100)
+    with caplog.at_level("INFO", logger="hfcompress"):
+        compress(tiny_llama, [stage], calibration_data=CALIB, progress=False)
+    assert down.scheme.input_activations.strategy == "token" and down.scheme.input_activations.dynamic
+    assert not hasattr(down, "input_scale")
+    others = [layer for layer in _layers(tiny_llama) if layer is not down]
+    assert all(not layer.scheme.input_activations.dynamic for layer in others)
+    assert "'model.layers.1.mlp.down_proj' keeps dynamic per-token scales" in caplog.text
+    with torch.no_grad():
+        expected = tiny_llama(llama_ids).logits
+    hfcompress.save_pretrained(tiny_llama, tmp_path / "m")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    after = reloaded.model.layers[1].mlp.down_proj
+    assert after.scheme == down.scheme
+    after.register_forward_pre_hook(massive_first_token)
+    with torch.no_grad():
+        assert torch.equal(reloaded(llama_ids).logits, expected)

@@ -33,6 +33,12 @@ class ActivationQuantConfig(TechniqueConfig):
         percentile: For ``observer="percentile"``: the percentile of ``|x|`` kept unclipped.
         ema: For ``"minmax"``/``"percentile"``: weight of the running value in a moving
             average over calibration batches; null takes the statistic over all batches.
+        token_outlier_ratio: Static scales: a layer whose calibration inputs hold a token
+            whose absolute maximum is more than this many times the median token's keeps
+            dynamic per-token scales instead (logged, and recorded in its scheme, so the
+            checkpoint reloads it so). One static scale cannot serve such a token and the
+            others at once: on SmolLM2 the down projection of layer 11 sees one token at
+            2100x the median. null keeps every layer static.
         targets: Layers whose inputs to quantize (by default every ``QuantLinear``); each
             must have been quantized by an earlier stage or an earlier run.
         ignore: Layers to leave alone; wins over ``targets``.
@@ -48,6 +54,7 @@ class ActivationQuantConfig(TechniqueConfig):
     observer: Literal["minmax", "percentile", "mse", "kl"] = "minmax"
     percentile: float = 99.99
     ema: float | None = None
+    token_outlier_ratio: float | None = None
     targets: tuple[str, ...] = ("QuantLinear",)
     ignore: tuple[str, ...] = ("lm_head",)
     batch_size: int = 8
@@ -70,9 +77,16 @@ class ActivationQuantConfig(TechniqueConfig):
             raise invalid("percentile", self.percentile, "a number in (0, 100]")
         if self.ema is not None and not (0 <= self.ema < 1 and self.observer in ("minmax", "percentile")):
             raise invalid("ema", self.ema, "null, or a number in [0, 1) with observer 'minmax' or 'percentile'")
+        if self.token_outlier_ratio is not None and not (self.token_outlier_ratio > 1 and not self.dynamic):
+            accepted = "null, or a number > 1 with static scales (dynamic: false)"
+            raise invalid("token_outlier_ratio", self.token_outlier_ratio, accepted)
         if self.batch_size < 1:
             raise invalid("batch_size", self.batch_size, "an integer >= 1")
         check_target_fields(self)
+
+    def dynamic_fallback_args(self) -> QuantArgs:
+        """The args of a layer that ``token_outlier_ratio`` leaves dynamic: 8 bits per token."""
+        return dataclasses.replace(self.args(), strategy="token", dynamic=True, observer=None)
 
     def args(self) -> QuantArgs:
         """The input-activation args this stage gives each layer."""

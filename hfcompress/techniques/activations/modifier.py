@@ -30,6 +30,7 @@ class _ObserverHooks:
 
     def __init__(self, module: nn.Module, names: list[str], make, stage: str, prefix: str) -> None:
         self.observers: dict[str, ActivationObserver] = {}
+        self.token_absmax: dict[str, list[torch.Tensor]] = {}  # per observer: each token's max |x|
         self.alias: dict[str, str] = {}
         self._last: tuple[torch.Tensor, str] | None = None
         self._make, self._stage, self._prefix = make, stage, prefix
@@ -44,6 +45,7 @@ class _ObserverHooks:
             observer = self.observers.setdefault(name, self._make())
             try:
                 observer.update(x)
+                self.token_absmax.setdefault(name, []).append(x.detach().abs().amax(dim=-1).flatten().float().cpu())
             except ValueError as exc:
                 raise CalibrationDataError(
                     f"stage {self._stage!r}: the calibration inputs of layer {self._prefix + name!r}: {exc}. The "
@@ -57,6 +59,11 @@ class _ObserverHooks:
     def scale(self, name: str) -> torch.Tensor:
         return self.observers[self.alias.get(name, name)].scale()
 
+    def token_outlier_ratio(self, name: str) -> float:
+        """The largest token's max ``|x|`` over the median token's."""
+        absmax = torch.cat(self.token_absmax[self.alias.get(name, name)])
+        return float(absmax.max() / absmax.median().clamp(min=torch.finfo(torch.float32).tiny))
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -69,6 +76,8 @@ class ActivationQuantModifier(Modifier):
     def __init__(self, config: ActivationQuantConfig, stage: str) -> None:
         super().__init__(config, stage)
         self.planned: list[str] = []
+        # Layers that token_outlier_ratio left dynamic, with their ratio.
+        self.dynamic_fallbacks: dict[str, float] = {}
         self._batches: list[dict[str, torch.Tensor]] = []
 
     def check(self, model: nn.Module, context: CompressionContext, view: ModelView) -> None:
@@ -146,6 +155,17 @@ class ActivationQuantModifier(Modifier):
                     f"stage {self.stage!r}: layer {prefix + name!r} never ran on the calibration data (an expert no "
                     "token was routed to?); give it a dynamic scheme in another stage or add it to ignore"
                 )
+            layer = module.get_submodule(name)
+            ratio = hooks.token_outlier_ratio(name)
+            if cfg.token_outlier_ratio is not None and ratio > cfg.token_outlier_ratio:
+                layer.set_input_activations(cfg.dynamic_fallback_args())
+                self.dynamic_fallbacks[prefix + name] = ratio
+                logger.info(
+                    "stage %r: layer %r keeps dynamic per-token scales: a calibration token reaches %.0fx the median "
+                    "token's max |x| (token_outlier_ratio %g)",
+                    self.stage, prefix + name, ratio, cfg.token_outlier_ratio,
+                )  # fmt: skip
+                continue
             scale = hooks.scale(name)
-            module.get_submodule(name).set_input_activations(cfg.args(), scale.to(torch.float32))
+            layer.set_input_activations(cfg.args(), scale.to(torch.float32))
             logger.debug("%s%s: input scale %s", prefix, name, scale[:4].tolist())
