@@ -48,6 +48,7 @@ from hfcompress.models import load_model, load_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 W8 = "{name: weights, technique: rtn, bits: 8, group_size: -1, symmetric: true}"
 SQ = "{name: smooth, technique: smoothquant, alpha: 0.5}"
+SQ07 = "{name: smooth, technique: smoothquant, alpha: 0.7}"
 ROT = "{name: rotate, technique: rotate}"
 
 
@@ -69,6 +70,7 @@ GPTQ_W4 = "recipes/llama_w4a16_gptq_g128.yaml"
 PREFIXES = {
     "w8": _stages(W8),
     "sq+w8": _stages(SQ, W8),
+    "sq0.7+w8": _stages(SQ07, W8),
     "rot+w8": _stages(ROT, W8),
     "gptq-w4g128": GPTQ_W4,
     # The rotation, then exactly the stages of the GPTQ W4 recipe.
@@ -89,9 +91,14 @@ PPL_ROWS = {
     "W8A8 static per-tensor minmax, SmoothQuant 0.5": ("sq+w8", _stages(_static("minmax"))),
     "W8A8 static per-tensor minmax EMA 0.9, SmoothQuant 0.5": ("sq+w8", _stages(_static("minmax", ema=0.9))),
     "W8A8 static per-tensor percentile 99.99, SmoothQuant 0.5": ("sq+w8", _stages(_static("percentile"))),
-    "W8A8 static per-tensor MSE, SmoothQuant 0.5 (llama_w8a8_static_smoothquant.yaml)": (
-        "sq+w8",
+    "W8A8 static per-tensor MSE, SmoothQuant 0.5": ("sq+w8", _stages(_static("mse"))),
+    "W8A8 static per-tensor MSE, SmoothQuant 0.7 (llama_w8a8_static_smoothquant.yaml)": (
+        "sq0.7+w8",
         _stages(_static("mse")),
+    ),
+    "W8A8 static per-tensor MSE, SmoothQuant 0.7, token_outlier_ratio 20": (
+        "sq0.7+w8",
+        _stages(_static("mse", token_outlier_ratio=20)),
     ),
     "W8A8 static per-tensor KL, SmoothQuant 0.5": ("sq+w8", _stages(_static("kl"))),
     "W4A16 GPTQ g128 (llama_w4a16_gptq_g128.yaml)": ("gptq-w4g128", None),
@@ -100,7 +107,7 @@ PPL_ROWS = {
     "W4A16 GPTQ g128, rotated": ("rot+gptq-w4g128", None),
     "W4A8: the rotated GPTQ weights + dynamic A8 (llama_w4a8_gptq_g128.yaml)": ("rot+gptq-w4g128", _stages(_acts())),
 }
-PEER_RUNS = [("static", 0.5), ("dynamic", 0.8)]
+PEER_RUNS = [("static", 0.5), ("static", 0.7), ("dynamic", 0.8)]
 
 
 def _recipe(spec: str) -> hfcompress.Recipe:
