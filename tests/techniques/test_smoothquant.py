@@ -55,6 +55,19 @@ def test_discovers_the_llama_mappings_with_grouped_v_to_o(tiny_llama):
     }
 
 
+def test_an_explicit_grouped_v_to_o_mapping_is_accepted_as_the_discovery_finds_it(tiny_llama, llama_ids):
+    # Under grouped-query attention v gives fewer channels than o reads; the explicit mapping
+    # that the discovery itself uses must not be refused as a shape mismatch.
+    with torch.no_grad():
+        before = tiny_llama(llama_ids).logits
+        modifier = _smoothquant(tiny_llama, mappings=("self_attn.v_proj -> self_attn.o_proj",))
+        after = tiny_llama(llama_ids).logits
+    assert modifier.applied["model.layers.0."] == [
+        Mapping("self_attn.v_proj", ("self_attn.o_proj",), groups=2, head_dim=20)
+    ]
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
 def test_grouped_reader_index_maps_query_heads_to_their_kv_head():
     index = Mapping("v", ("o",), groups=2, head_dim=3).reader_index(12, torch.device("cpu"))
     assert index.tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 5, 3, 4, 5]

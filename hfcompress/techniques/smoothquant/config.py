@@ -56,7 +56,9 @@ class SmoothQuantConfig(TechniqueConfig):
             search runs the block ``len(alpha_grid)`` times per mapping).
         mappings: Explicit mappings instead of the discovery, names relative to a block:
             ``"input_layernorm -> self_attn.q_proj, self_attn.k_proj, self_attn.v_proj"``.
-            A mapping whose shapes disagree, or that changes the block's output, is an error.
+            ``"self_attn.v_proj -> self_attn.o_proj"`` under grouped-query attention is read as
+            the discovery reads it (each v channel feeds its query heads' o columns). A mapping
+            whose shapes disagree, or that changes the block's output, is an error.
         ignore: Linear layers never smoothed (nor their mapping).
         batch_size: Calibration sequences per forward pass.
         compute_dtype: Dtype of the calibration passes.

@@ -153,11 +153,13 @@ class SmoothQuantModifier(Modifier):
                 f"layer {done[0]!r} is already compressed by stage {view.entries[done[0]].stage!r}: "
                 f"{self.description} rescales float weights, so put it before the weight stages"
             )
-        for mapping in self._explicit:
-            self._check_mapping(blocks[0], mapping)
+        self._explicit = [self._check_mapping(blocks[0], mapping) for mapping in self._explicit]
         self._batches = self.calibration_batches(model, context, self.config.batch_size)
 
-    def _check_mapping(self, block: nn.Module, mapping: Mapping) -> None:
+    def _check_mapping(self, block: nn.Module, mapping: Mapping) -> Mapping:
+        """``mapping`` checked against ``block``; a one-reader linear-to-linear mapping whose
+        reader is wider than its source becomes grouped-query attention's v -> o where the
+        shapes allow (as the discovery finds it)."""
         try:
             source = block.get_submodule(mapping.source)
             readers = [block.get_submodule(r) for r in mapping.readers]
@@ -169,10 +171,14 @@ class SmoothQuantModifier(Modifier):
                 raise self.error(f"mapping reader {name!r} is a {type(layer).__name__}, not a float linear layer")
             k = linear_features(layer)[0]
             if size != k:
+                grouped = _pair(block, mapping.source, name) if len(readers) == 1 and is_linear_like(source) else None
+                if grouped is not None:
+                    return grouped
                 raise self.error(
                     f"mapping {mapping.source} -> {name}: the shapes disagree: {mapping.source!r} gives {size} "
                     f"channels and {name!r} reads {k}"
                 )
+        return mapping
 
     @torch.no_grad()
     def apply(self, model: nn.Module, context: CompressionContext) -> None:
