@@ -28,9 +28,12 @@ class _ObserverHooks:
     """Pre-hooks feeding each named layer's input to an observer; layers called with the very
     same tensor (q/k/v, gate/up) share one observer, and so one scale."""
 
-    def __init__(self, module: nn.Module, names: list[str], make, stage: str, prefix: str) -> None:
+    def __init__(
+        self, module: nn.Module, names: list[str], make, stage: str, prefix: str, track_tokens: bool = False
+    ) -> None:
         self.observers: dict[str, ActivationObserver] = {}
-        self.token_absmax: dict[str, list[torch.Tensor]] = {}  # per observer: each token's max |x|
+        # With track_tokens, per observer: each calibration token's max |x|.
+        self.token_absmax: dict[str, list[torch.Tensor]] | None = {} if track_tokens else None
         self.alias: dict[str, str] = {}
         self._last: tuple[torch.Tensor, str] | None = None
         self._make, self._stage, self._prefix = make, stage, prefix
@@ -45,7 +48,8 @@ class _ObserverHooks:
             observer = self.observers.setdefault(name, self._make())
             try:
                 observer.update(x)
-                self.token_absmax.setdefault(name, []).append(x.detach().abs().amax(dim=-1).flatten().float().cpu())
+                if self.token_absmax is not None:
+                    self.token_absmax.setdefault(name, []).append(x.detach().abs().amax(dim=-1).flatten().float().cpu())
             except ValueError as exc:
                 raise CalibrationDataError(
                     f"stage {self._stage!r}: the calibration inputs of layer {self._prefix + name!r}: {exc}. The "
@@ -144,7 +148,7 @@ class ActivationQuantModifier(Modifier):
         def make() -> ActivationObserver:
             return ActivationObserver(cfg.observer, cfg.strategy, percentile=cfg.percentile, ema=cfg.ema)
 
-        hooks = _ObserverHooks(module, names, make, self.stage, prefix)
+        hooks = _ObserverHooks(module, names, make, self.stage, prefix, cfg.token_outlier_ratio is not None)
         try:
             run()
         finally:
@@ -156,7 +160,7 @@ class ActivationQuantModifier(Modifier):
                     "token was routed to?); give it a dynamic scheme in another stage or add it to ignore"
                 )
             layer = module.get_submodule(name)
-            ratio = hooks.token_outlier_ratio(name)
+            ratio = hooks.token_outlier_ratio(name) if cfg.token_outlier_ratio is not None else 0.0
             if cfg.token_outlier_ratio is not None and ratio > cfg.token_outlier_ratio:
                 layer.set_input_activations(cfg.dynamic_fallback_args())
                 self.dynamic_fallbacks[prefix + name] = ratio
