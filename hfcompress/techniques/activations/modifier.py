@@ -80,8 +80,6 @@ class ActivationQuantModifier(Modifier):
     def __init__(self, config: ActivationQuantConfig, stage: str) -> None:
         super().__init__(config, stage)
         self.planned: list[str] = []
-        # Layers that token_outlier_ratio left dynamic, with their ratio.
-        self.dynamic_fallbacks: dict[str, float] = {}
         self._batches: list[dict[str, torch.Tensor]] = []
 
     def check(self, model: nn.Module, context: CompressionContext, view: ModelView) -> None:
@@ -160,14 +158,13 @@ class ActivationQuantModifier(Modifier):
                     "token was routed to?); give it a dynamic scheme in another stage or add it to ignore"
                 )
             layer = module.get_submodule(name)
-            ratio = hooks.token_outlier_ratio(name) if cfg.token_outlier_ratio is not None else 0.0
-            if cfg.token_outlier_ratio is not None and ratio > cfg.token_outlier_ratio:
+            limit = cfg.token_outlier_ratio
+            if limit is not None and (ratio := hooks.token_outlier_ratio(name)) > limit:
                 layer.set_input_activations(cfg.dynamic_fallback_args())
-                self.dynamic_fallbacks[prefix + name] = ratio
                 logger.info(
                     "stage %r: layer %r keeps dynamic per-token scales: a calibration token reaches %.0fx the median "
                     "token's max |x| (token_outlier_ratio %g)",
-                    self.stage, prefix + name, ratio, cfg.token_outlier_ratio,
+                    self.stage, prefix + name, ratio, limit,
                 )  # fmt: skip
                 continue
             scale = hooks.scale(name)
