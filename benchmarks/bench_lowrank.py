@@ -38,6 +38,15 @@ def _rtn(bits: int, group: int):
     return hfcompress.RTNConfig(bits=bits, group_size=group)
 
 
+def _mixed(bits_per_weight: float):
+    """GPTQ with bits and group size chosen per layer under a size budget (issue 14's
+    knapsack): the other way we have of spending the compensation's bytes."""
+    import hfcompress
+
+    budget = hfcompress.BitsBudget(bits_per_weight=bits_per_weight, bits=(3, 4, 8), group_sizes=(64, 128))
+    return hfcompress.GPTQConfig(bits=4, group_size=128, budget=budget, **BEST_GPTQ)
+
+
 def _ec(rank: int, factor_bits: int | None, allocation: str = "uniform"):
     import hfcompress
 
@@ -72,6 +81,10 @@ ROWS = {
     "gptq-w4+ec32x8": ("GPTQ g128 + compensation", lambda: [_gptq(4, 128), _ec(32, 8)]),
     "gptq-w3+ec32x8": ("GPTQ g128 + compensation", lambda: [_gptq(3, 128), _ec(32, 8)]),
     "gptq-w3+ec64x8": ("GPTQ g128 + compensation", lambda: [_gptq(3, 128), _ec(64, 8)]),
+    # Mixed precision (3/4/8 bits, groups 64/128) at the sizes of the compensated W4 rows:
+    # ec8x8 / ec16x4 (4.41 bits per weight) and ec32x8 (4.97).
+    "gptq-mixed-4.41": ("GPTQ mixed precision", lambda: [_mixed(4.41)]),
+    "gptq-mixed-4.97": ("GPTQ mixed precision", lambda: [_mixed(4.97)]),
     "gptq-w4+ec32x8-global": ("GPTQ g128 + compensation, global ranks", lambda: [_gptq(4, 128), _ec(32, 8, "global")]),
     "gptq-w3+ec32x8-global": ("GPTQ g128 + compensation, global ranks", lambda: [_gptq(3, 128), _ec(32, 8, "global")]),
     "gptq-w4-g32": ("GPTQ g32", lambda: [_gptq(4, 32)]),
