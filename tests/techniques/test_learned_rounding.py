@@ -139,9 +139,81 @@ def test_bert_pooler_outside_the_blocks_is_quantized(tiny_bert, bert_ids, tmp_pa
         assert torch.equal(reloaded(bert_ids).logits, tiny_bert(bert_ids).logits)
 
 
+def _kl_to(reference, model, ids):
+    with torch.no_grad():
+        p = torch.log_softmax(reference(ids).logits, -1)
+        q = torch.log_softmax(model(ids).logits, -1)
+    return (p.exp() * (p - q)).sum(-1).mean().item()
+
+
+def test_end_to_end_scales_lower_the_kl_and_keep_the_codes(tmp_path):
+    base = make_tiny_llama(layers=3)
+    common = dict(bits=3, group_size=16, steps=10, batch_size=4, compute_dtype="float32")
+    plain, tuned = copy.deepcopy(base), copy.deepcopy(base)
+    compress(plain, [LearnedRoundingConfig(**common)], calibration_data=CALIB, progress=False)
+    tuning = LearnedRoundingConfig(**common, e2e_steps=40, e2e_lr=3e-3)
+    compress(tuned, [tuning], calibration_data=CALIB, progress=False)
+    # The objective, measured in full (not over the top tokens the pass keeps): lower.
+    assert _kl_to(base, tuned, CALIB) < 0.9 * _kl_to(base, plain, CALIB)
+    layers = {n: m for n, m in tuned.named_modules() if isinstance(m, QuantLinear)}
+    assert len(layers) == 21
+    changed = 0
+    for name, layer in layers.items():
+        start = plain.get_submodule(name)
+        assert torch.equal(layer.qweight, start.qweight) and torch.equal(layer.zeros, start.zeros)
+        changed += not torch.equal(layer.scales, start.scales)
+    assert changed == 21
+    assert all(not p.requires_grad or p.grad is None for p in tuned.parameters())
+    assert all("forward" not in m.__dict__ for m in layers.values())  # the training forwards are gone
+    hfcompress.save_pretrained(tuned, tmp_path / "m")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(reloaded(EVAL).logits, tuned(EVAL).logits)
+
+
+def test_end_to_end_scales_are_seeded():
+    config = LearnedRoundingConfig(bits=4, group_size=16, steps=3, batch_size=4, e2e_steps=6, e2e_windows=5)
+    runs = [make_tiny_llama(layers=2) for _ in range(2)]
+    for model in runs:
+        compress(model, [config], calibration_data=CALIB, progress=False)
+    first, second = (m.state_dict() for m in runs)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_top_k_kl_is_zero_only_at_the_teacher():
+    from hfcompress.techniques.learned_rounding.scales import partial_kl
+
+    logits = torch.randn(7, 300, generator=torch.Generator().manual_seed(0))
+    logp = torch.log_softmax(logits, -1)
+    values, index = logp.topk(64, dim=-1)
+    rest = torch.log1p(-values.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-6))
+    teacher = torch.cat([values, rest], -1)
+    assert abs(partial_kl(logits, teacher, index).item()) < 1e-5
+    assert partial_kl(logits + torch.randn_like(logits), teacher, index).item() > 1e-3
+    # Mass moved out of the tail into the top tokens (which a top-k-only KL would reward) costs.
+    shifted = logits.clone()
+    shifted.scatter_add_(-1, index, torch.full_like(values, 0.5))
+    assert partial_kl(shifted, teacher, index).item() > 1e-3
+
+
+def test_end_to_end_scales_refuse_an_offloaded_model():
+    model = make_tiny_llama(layers=2)
+    model.model.embed_tokens.weight = torch.nn.Parameter(torch.empty(128, 80, device="meta"))
+    with pytest.raises(RecipeError, match="offloaded"):
+        compress(model, [LearnedRoundingConfig(bits=4, group_size=16, e2e_steps=2)], calibration_data=CALIB)
+
+
 @pytest.mark.parametrize(
     ("field", "value", "match"),
-    [("steps", -1, "steps=-1"), ("lr", 0.0, "lr=0.0"), ("init", "awq", "init='awq'"), ("target", "x", "target='x'")],
+    [
+        ("steps", -1, "steps=-1"),
+        ("lr", 0.0, "lr=0.0"),
+        ("init", "awq", "init='awq'"),
+        ("target", "x", "target='x'"),
+        ("e2e_steps", -2, "e2e_steps=-2"),
+        ("e2e_lr", 0.0, "e2e_lr=0.0"),
+        ("e2e_windows", 0, "e2e_windows=0"),
+    ],
 )
 def test_bad_config_is_refused(field, value, match):
     with pytest.raises(RecipeError, match=match):

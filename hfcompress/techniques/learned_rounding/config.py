@@ -45,6 +45,14 @@ class LearnedRoundingConfig(GPTQConfig):
             (AutoRound's choice) instead of the last step's.
         seed: Seeds the order in which batches are visited, so a rerun (or a resumed run)
             gives the same tensors.
+        e2e_steps: After the last block, this many Adam steps (one calibration window each)
+            tune every quantized layer's scales end to end, codes fixed, to lower the KL
+            divergence from the model's next-token distribution to the unquantized model's
+            (see :mod:`hfcompress.techniques.learned_rounding.scales`). 0 skips it. It runs
+            the whole model on its device, and holds each layer's codes in bfloat16 meanwhile.
+        e2e_lr: Adam's step size for the scales' log-factors (decays linearly to 0).
+        e2e_windows: Calibration windows the end-to-end steps visit (the first ones): the
+            unquantized model's predictions on them are computed before the first block.
     """
 
     technique = "learned_rounding"
@@ -59,6 +67,9 @@ class LearnedRoundingConfig(GPTQConfig):
     target: Literal["float_model", "block"] = "float_model"
     keep_best: bool = False
     seed: int = 0
+    e2e_steps: int = 0
+    e2e_lr: float = 3e-3
+    e2e_windows: int = 32
 
     def _validate(self) -> None:
         super()._validate()
@@ -66,6 +77,12 @@ class LearnedRoundingConfig(GPTQConfig):
             raise invalid("steps", self.steps, "an integer >= 0 (0 keeps the starting point)")
         if self.lr is not None and not 0 < self.lr <= 1:
             raise invalid("lr", self.lr, "a number in (0, 1], or null for 1 / steps")
+        if self.e2e_steps < 0:
+            raise invalid("e2e_steps", self.e2e_steps, "an integer >= 0 (0 skips the end-to-end pass)")
+        if not 0 < self.e2e_lr <= 1:
+            raise invalid("e2e_lr", self.e2e_lr, "a number in (0, 1]")
+        if self.e2e_windows < 1:
+            raise invalid("e2e_windows", self.e2e_windows, "an integer >= 1")
 
     @property
     def step_size(self) -> float:

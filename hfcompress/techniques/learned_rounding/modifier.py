@@ -12,12 +12,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from hfcompress.kinds import linear_weight
-from hfcompress.layerwise import Block, propagate
+from hfcompress.layerwise import Block, autocast_dtype, propagate
+from hfcompress.modifier import CompressionContext, ModelView
 from hfcompress.quant.affine import QuantizedWeight
+from hfcompress.quant.linear import QuantLinear
 from hfcompress.techniques.gptq.algorithm import GPTQResult
 from hfcompress.techniques.gptq.modifier import GPTQModifier
 from hfcompress.techniques.learned_rounding.algorithm import RoundingLinear, signed_step
 from hfcompress.techniques.learned_rounding.config import LearnedRoundingConfig
+from hfcompress.techniques.learned_rounding.scales import teacher_top_k, tune_scales
 
 __all__ = ["LearnedRoundingModifier"]
 
@@ -36,6 +39,31 @@ class LearnedRoundingModifier(GPTQModifier):
     @property
     def needs_reference(self) -> bool:
         return self.config.target == "float_model" or super().needs_reference
+
+    def check(self, model: nn.Module, context: CompressionContext, view: ModelView) -> None:
+        super().check(model, context, view)
+        if self.config.e2e_steps and any(p.device.type == "meta" for p in model.parameters()):
+            raise self.error(
+                "e2e_steps runs the whole model at once, but some of its weights are offloaded (on the meta "
+                "device); load the model into memory, or set e2e_steps: 0"
+            )
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module, context: CompressionContext) -> None:
+        cfg = self.config
+        if cfg.e2e_steps == 0:
+            super().apply(model, context)
+            return
+        # The unquantized model's predictions, before any block changes.
+        windows = list(torch.cat([b["input_ids"] for b in self._batches])[: cfg.e2e_windows])
+        dtype = autocast_dtype(cfg.compute_dtype)
+        teacher = teacher_top_k(model, windows, dtype)
+        super().apply(model, context)
+        layers = [m for n in self.planned if isinstance(m := model.get_submodule(n), QuantLinear)]
+        tune_scales(
+            model, layers, windows, teacher, steps=cfg.e2e_steps, lr=cfg.e2e_lr, compute_dtype=dtype,
+            seed=cfg.seed, progress=context.progress, desc=f"{self.stage}: scales, end to end",
+        )  # fmt: skip
 
     def _stand_in(self, layer: nn.Module, base: torch.Tensor, start: QuantizedWeight) -> RoundingLinear:
         cfg = self.config
