@@ -111,6 +111,14 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, monkeypatc
     )
 
 
+def test_resume_after_a_kill_in_the_end_to_end_steps_gives_the_uninterrupted_result(tmp_path, monkeypatch):
+    from hfcompress.techniques.learned_rounding.scales import _TunedScales
+
+    config = [LearnedRoundingConfig(bits=4, group_size=16, steps=4, batch_size=4, e2e_steps=8, e2e_windows=6)]
+    # 21 quantized layers: killed in the fourth end-to-end step, after every block is done.
+    assert_resume_gives_the_uninterrupted_result(monkeypatch, tmp_path, config, CALIB, _TunedScales, "forward", 70)
+
+
 def test_saves_and_reloads_with_the_same_logits(tmp_path):
     model = make_tiny_llama()
     compress(
