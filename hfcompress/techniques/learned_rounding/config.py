@@ -49,7 +49,8 @@ class LearnedRoundingConfig(GPTQConfig):
             tune every quantized layer's scales end to end, codes fixed, to lower the KL
             divergence from the model's next-token distribution to the unquantized model's
             (see :mod:`hfcompress.techniques.learned_rounding.scales`). 0 skips it. It runs
-            the whole model on its device, and holds each layer's codes in bfloat16 meanwhile.
+            the whole model on its device, and holds each layer's codes unpacked (one byte per
+            weight) meanwhile.
         e2e_lr: Adam's step size for the scales' log-factors (decays linearly to 0).
         e2e_windows: Calibration windows the end-to-end steps visit (the first ones): the
             unquantized model's predictions on them are computed before the first block.

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from hfcompress.quant.affine import expand_groups
+from hfcompress.quant.affine import dequantize
 from hfcompress.quant.linear import QuantLinear
 from hfcompress.techniques.learned_rounding.algorithm import _cast_ste
 
@@ -84,15 +84,12 @@ def partial_kl(logits: torch.Tensor, teacher_logp: torch.Tensor, index: torch.Te
 
 
 class _TunedScales:
-    """A ``QuantLinear`` computing with trainable scale factors (its codes held centred,
-    ``q - z``, in bfloat16, which is exact for integer zero points, or float32)."""
+    """A ``QuantLinear`` computing with trainable scale factors (its codes held unpacked,
+    one byte per weight)."""
 
     def __init__(self, layer: QuantLinear) -> None:
         self.layer = layer
-        k, g = layer.in_features, layer.group_size
-        exact = torch.float32 if layer.scheme.weights.float_zero else torch.bfloat16
-        zeros = expand_groups(layer.zero_points().float(), g, k)
-        self.centred = (layer.codes().float() - zeros).to(exact)
+        self.codes, self.zeros = layer.codes(), layer.zero_points()
         self.base = layer.scales.detach().float()
         self.log_factor = nn.Parameter(torch.zeros_like(self.base))
 
@@ -101,9 +98,8 @@ class _TunedScales:
         return _cast_ste(self.base * self.log_factor.exp(), self.layer.scales.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        layer = self.layer
-        weight = self.centred.float() * expand_groups(self.scales(), layer.group_size, layer.in_features)
-        return F.linear(x, weight.to(x.dtype), layer.bias)
+        weight = dequantize(self.codes, self.scales(), self.zeros, self.layer.group_size)
+        return F.linear(x, weight.to(x.dtype), self.layer.bias)
 
 
 def tune_scales(
