@@ -9,10 +9,10 @@ glue --finetune`` settings of bench_act.py: lr 1e-4, batch 32, bf16 autocast; MR
 on the full split, SST-2 1 epoch on its first ``--sst2-limit`` examples). The student is the
 teacher with block-sparse attention (``--layout``, ``--density``, block ``--block``, one
 global CLS block: the first block sees and is seen by every block), then trained on the same
-split with the distillation loss (``alpha``: CE and KL at temperature ``--temperature``), all
-weights learning. The kept density is measured over the dev forward passes: a sequence of
-one block runs dense and counts as fully kept, so short sentences keep far more than the
-target. Prints JSON lines and a table.
+split with the distillation loss (``alpha``: CE and KL at temperature ``--temperature``; with
+``--beta``, PKD's patient loss on every layer's CLS state too), all weights learning. The
+kept density is measured over the dev forward passes: a sequence of one block runs dense
+and counts as fully kept, so short sentences keep far more than the target. Prints JSON lines and a table.
 """
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument(
+        "--beta", type=float, default=0.0,
+        help="weight of PKD's patient loss on every layer's CLS state (0: none)",
+    )  # fmt: skip
     parser.add_argument("--sst2-limit", type=int, default=8000)
     parser.add_argument(
         "--models", type=Path, default=Path("benchmarks/out/block_sparse_glue"), help="fine-tuned teachers"
@@ -91,7 +95,8 @@ def main() -> None:
             trainer = make_trainer(
                 student, train, tokenizer, output_dir=scratch, teacher=teacher, alpha=args.alpha,
                 temperature=args.temperature, epochs=args.epochs, learning_rate=args.lr, batch_size=32,
-                bf16=True, progress=False,
+                bf16=True, progress=False, beta=args.beta,
+                layer_pairs=[(i, i) for i in range(student.config.num_hidden_layers)] if args.beta else (),
             )  # fmt: skip
             trainer.train()
         student.eval()
@@ -100,7 +105,7 @@ def main() -> None:
         score = evaluate_glue(student, tokenizer, task, source=args.glue_data)[0].main
         emit({"task": task, "model": "sparse + distilled", "score": score, "kept_density": kept_density(student),
               "train_s": time.perf_counter() - start, "epochs": args.epochs, "alpha": args.alpha,
-              "temperature": args.temperature, "lr": args.lr})  # fmt: skip
+              "temperature": args.temperature, "lr": args.lr, "beta": args.beta})  # fmt: skip
 
     print("\n| task | dense | block-sparse | after distillation | kept density (dev) |\n|---|---|---|---|---|")
     for task in args.tasks:
