@@ -12,7 +12,8 @@ global CLS block: the first block sees and is seen by every block), then trained
 split with the distillation loss (``alpha``: CE and KL at temperature ``--temperature``; with
 ``--beta``, PKD's patient loss on every layer's CLS state too), all weights learning. The
 kept density is measured over the dev forward passes: a sequence of one block runs dense
-and counts as fully kept, so short sentences keep far more than the target. Prints JSON lines and a table.
+and counts as fully kept, so short sentences keep far more than the target. Prints JSON
+lines and a table.
 """
 
 from __future__ import annotations

@@ -38,8 +38,7 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     import bench_gptq
 
-    from hfcompress.data import calibration_samples, load_text
-    from hfcompress.eval import perplexity
+    from hfcompress.data import calibration_samples
     from hfcompress.models import load_model, load_tokenizer
     from hfcompress.quant.linear import QuantLinear
     from hfcompress.techniques.learned_rounding.scales import teacher_top_k, tune_scales
@@ -55,14 +54,10 @@ def main() -> None:
     bench_gptq.quantize(model, tokenizer, "lr-light", bench_gptq.SCHEMES[args.scheme], extra)
     block_s = time.perf_counter() - start
 
-    texts = {"wikitext2": load_text("wikitext2:test"), "glue": bench_gptq.glue_dev_text()}
-    ids = {c: tokenizer(t, return_tensors="pt", add_special_tokens=False).input_ids[0] for c, t in texts.items()}
-
     def score(label: str, seconds: float) -> None:
+        ppl = bench_gptq.corpus_perplexities(model, tokenizer, ("wikitext2", "glue"))
         row = {"scheme": args.scheme, "model": label, "seconds": round(seconds, 1)}
-        for corpus, tokens in ids.items():
-            row[corpus] = round(perplexity(model, tokens, seq_len=512, max_windows=40, progress=False).perplexity, 3)
-        print(json.dumps(row), flush=True)
+        print(json.dumps({**row, **{c: round(v, 3) for c, v in ppl.items()}}), flush=True)
 
     score(f"learned rounding {args.steps} x 4, no pass", block_s)
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]

@@ -119,11 +119,23 @@ def glue_dev_text() -> str:
     return "\n".join(seen)
 
 
+def corpus_perplexities(model, tokenizer, corpora: tuple[str, ...]) -> dict[str, float]:
+    """The protocol's perplexity on each of ``corpora`` ("wikitext2": WikiText-2 test;
+    "glue": :func:`glue_dev_text`): the first 40 windows of 512 tokens."""
+    from hfcompress.data import load_text
+    from hfcompress.eval import perplexity
+
+    texts = {"wikitext2": lambda: load_text("wikitext2:test"), "glue": glue_dev_text}
+    ppl = {}
+    for corpus in corpora:
+        tokens = tokenizer(texts[corpus](), return_tensors="pt", add_special_tokens=False).input_ids[0]
+        ppl[corpus] = perplexity(model, tokens, seq_len=512, max_windows=40, progress=False).perplexity
+    return ppl
+
+
 def measure(method: str, scheme: str, extra: dict, corpora: tuple[str, ...] = ("wikitext2",)) -> dict:
     import torch
 
-    from hfcompress.data import load_text
-    from hfcompress.eval import perplexity
     from hfcompress.eval.size import size_report
     from hfcompress.models import load_model, load_tokenizer
     from hfcompress.targets import resolve_linear_targets
@@ -137,11 +149,7 @@ def measure(method: str, scheme: str, extra: dict, corpora: tuple[str, ...] = ("
     wall = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     bits = size_report(model, layers).bits_per_weight
-    texts = {"wikitext2": lambda: load_text("wikitext2:test"), "glue": glue_dev_text}
-    ppl = {}
-    for corpus in corpora:
-        tokens = tokenizer(texts[corpus](), return_tensors="pt", add_special_tokens=False).input_ids[0]
-        ppl[corpus] = perplexity(model, tokens, seq_len=512, max_windows=40, progress=False).perplexity
+    ppl = corpus_perplexities(model, tokenizer, corpora)
     extra_ppl = {f"ppl_{c}": v for c, v in ppl.items() if c != "wikitext2"}
     ppl = ppl.get("wikitext2", float("nan"))
     return {
