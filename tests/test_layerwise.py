@@ -113,3 +113,20 @@ def test_reference_stream_carries_the_unprocessed_models_activations():
             assert torch.allclose(reference, float_hidden[index + 1], atol=1e-5)
         if index > 0:  # the processed stream has drifted from it
             assert (inputs - float_hidden[index]).abs().max() > 1e-3
+
+
+def test_bfloat16_compute_falls_back_to_float32_where_the_device_has_no_fast_bfloat16(monkeypatch, caplog):
+    from hfcompress import layerwise
+
+    monkeypatch.setattr(layerwise, "_WARNED_BF16", set())
+    assert layerwise.autocast_dtype("float32", "cpu") is None
+    monkeypatch.setattr(layerwise, "native_bfloat16", lambda device_type: True)
+    assert layerwise.autocast_dtype("bfloat16", "cpu") is torch.bfloat16
+    assert not caplog.records
+
+    monkeypatch.setattr(layerwise, "native_bfloat16", lambda device_type: device_type != "cpu")
+    with caplog.at_level("WARNING", logger="hfcompress.layerwise"):
+        assert layerwise.autocast_dtype("bfloat16", torch.device("cpu")) is None
+        assert layerwise.autocast_dtype("bfloat16", "cpu") is None  # warned once, not per stage
+    (record,) = caplog.records
+    assert "no fast bfloat16" in record.getMessage() and "compute_dtype: float32" in record.getMessage()

@@ -127,8 +127,8 @@ class ActivationQuantModifier(Modifier):
         runner = LayerwiseRunner(
             model,
             self._batches,
-            device=compute_device(model, context.device),
-            compute_dtype=autocast_dtype(cfg.compute_dtype),
+            device=(device := compute_device(model, context.device)),
+            compute_dtype=autocast_dtype(cfg.compute_dtype, device),
             progress=context.progress,
             desc=f"{self.stage}: activation ranges",
         )

@@ -46,8 +46,8 @@ class GPTQModifier(WeightQuantModifier):
     def observer(self) -> str:
         return "mse" if self.config.clip_search else "minmax"
 
-    def _compute_dtype(self) -> torch.dtype | None:
-        return autocast_dtype(self.config.compute_dtype)
+    def _compute_dtype(self, device: torch.device) -> torch.dtype | None:
+        return autocast_dtype(self.config.compute_dtype, device)
 
     def _quantize(
         self, module: nn.Module, names: list[str], run: Callable[[], None], prefix: str = "", block: Block | None = None
@@ -56,7 +56,7 @@ class GPTQModifier(WeightQuantModifier):
         while ``run()`` feeds calibration data, then replace each layer by its GPTQ result.
         With ``asym_calibration`` and a ``block`` carrying the float model's inputs, the block
         and its float copy run side by side instead, for GPTAQ's second statistic."""
-        dtype = self._compute_dtype() or torch.float32
+        dtype = self._compute_dtype(compute_device(module, None)) or torch.float32
         hooks = InputHessianHooks(module, names, dtype)
         shift = None
         if self.config.asym_calibration and block is not None and block.float_module is not None:
@@ -176,7 +176,7 @@ class GPTQModifier(WeightQuantModifier):
             model,
             batches,
             device=device,
-            compute_dtype=self._compute_dtype(),
+            compute_dtype=self._compute_dtype(device),
             checkpoint=checkpoint,
             progress=context.progress,
             desc=f"{self.stage}: {self.description} blocks",

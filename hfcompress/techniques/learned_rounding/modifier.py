@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hfcompress.kinds import linear_weight
-from hfcompress.layerwise import Block, autocast_dtype, propagate
+from hfcompress.layerwise import Block, autocast_dtype, compute_device, propagate
 from hfcompress.modifier import CompressionContext, ModelView
 from hfcompress.quant.affine import QuantizedWeight
 from hfcompress.quant.linear import QuantLinear
@@ -56,7 +56,7 @@ class LearnedRoundingModifier(GPTQModifier):
             return
         # The unquantized model's predictions, before any block changes.
         windows = list(torch.cat([b["input_ids"] for b in self._batches])[: cfg.e2e_windows])
-        dtype = autocast_dtype(cfg.compute_dtype)
+        dtype = autocast_dtype(cfg.compute_dtype, compute_device(model, context.device))
         teacher = teacher_top_k(model, windows, dtype)
         super().apply(model, context)
         layers = [m for n in self.planned if isinstance(m := model.get_submodule(n), QuantLinear)]

@@ -139,7 +139,7 @@ class FactorModifier(Modifier):
             swap_module(module, name, new)
 
     def _calibrate(self, module: nn.Module, names: list[str], run: Callable[[], None]) -> dict[str, LayerStats]:
-        dtype = autocast_dtype(self.config.compute_dtype) or torch.float32
+        dtype = autocast_dtype(self.config.compute_dtype, compute_device(module, None)) or torch.float32
         hooks = InputHessianHooks(module, names, dtype, track_abs=self.track_abs)
         try:
             run()
@@ -170,8 +170,8 @@ class FactorModifier(Modifier):
         return LayerwiseRunner(
             model,
             self._batches,
-            device=compute_device(model, context.device),
-            compute_dtype=autocast_dtype(self.config.compute_dtype),
+            device=(device := compute_device(model, context.device)),
+            compute_dtype=autocast_dtype(self.config.compute_dtype, device),
             checkpoint=checkpoint,
             progress=context.progress,
             desc=f"{self.stage}: blocks",
