@@ -25,7 +25,8 @@ Two int8 matmuls serve it, chosen per call:
   float32 result is bit-identical.
 * ``torch._int_mm`` (int8 x int8 -> int32) otherwise: decoding without a C compiler or with
   float16 inputs, asymmetric weights (the ``(z - o) * sum(x_q)`` term is applied after it),
-  CPUs or builds without oneDNN, and CPUs where oneDNN's op is slower than
+  CPUs or builds without oneDNN, CPUs where oneDNN's op is not exact (:func:`onednn_works`
+  probes it once: without VNNI its 16-bit pair sums saturate) and CPUs where it is slower than
   ``torch._int_mm`` (:func:`onednn_available` times both once: on a 2-core AMD EPYC VM the
   oneDNN op took over 1000x longer).
 
@@ -83,20 +84,36 @@ class _OneDNNPack:
 
 @functools.cache
 def onednn_works() -> bool:
-    """True when this torch build runs oneDNN's int8 linear on this CPU correctly (tried once)."""
+    """True when this torch build runs oneDNN's int8 linear on this CPU exactly (tried once).
+
+    The probe takes full-range int8 values, extremes included, and asks for the exact int32
+    sums. On CPUs without VNNI (AVX2 only) oneDNN adds pairs of 8-bit products in 16 bits with
+    saturation (``vpmaddubsw``), so large activations times large weights come out wrong; on a
+    2-core AVX2 EPYC VM a tenth of a test layer's outputs were off by up to 20. There W8A8
+    layers use ``torch._int_mm``."""
     op = getattr(torch.ops.onednn, "qlinear_pointwise", None)
     if op is None or not torch.backends.mkldnn.is_available():
         return False
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(-127, 128, (32, 64), generator=g, dtype=torch.int8)
+    x = torch.randint(-128, 128, (16, 64), generator=g, dtype=torch.int8)
+    w[0], x[0] = 127, 127  # the largest sums of pairs: saturate 16-bit accumulation
+    x[1] = -128
+    expected = x.double() @ w.double().t()  # |sums| < 2**24: exact in float32 too
     try:
-        w = torch.ones(16, 16, dtype=torch.int8)
         packed = torch.ops.onednn.qlinear_prepack(w, None)
-        x = torch.ones(16, 16, dtype=torch.int8)
-        y = op(x, 1.0, 0, packed, torch.ones(16), torch.zeros(16, dtype=torch.long), None, 1.0, 0,
+        y = op(x, 1.0, 0, packed, torch.ones(32), torch.zeros(32, dtype=torch.long), None, 1.0, 0,
                torch.float32, "none", [], "")  # fmt: skip
-        return bool((y == 16).all())
     except (RuntimeError, NotImplementedError) as exc:
         logger.info("oneDNN int8 linear unavailable (%s); W8A8 layers use torch._int_mm", exc)
         return False
+    if not torch.equal(y.double(), expected):
+        logger.info(
+            "oneDNN int8 linear is not exact on this CPU (largest error %.3g; no VNNI?); W8A8 layers use torch._int_mm",
+            (y.double() - expected).abs().max().item(),
+        )
+        return False
+    return True
 
 
 def _best_seconds(fn, repeats: int = 2) -> float:

@@ -232,6 +232,37 @@ def test_onednn_is_used_only_where_it_is_not_far_slower_than_int_mm(monkeypatch)
         assert cpu_w8a8.onednn_available.__wrapped__() is chosen
 
 
+class _FakeOneDNN:
+    """Stands in for ``torch.ops.onednn``: exact int8 sums, or the sums of AVX2's
+    ``vpmaddubsw`` path (activations shifted to unsigned, pairs of products saturating at
+    16 bits, the shift taken off after), as oneDNN computes them on CPUs without VNNI."""
+
+    def __init__(self, saturate: bool):
+        self.saturate = saturate
+
+    def qlinear_prepack(self, w, _scales):
+        return w
+
+    def qlinear_pointwise(self, x, _xs, _xz, w, _ws, _wz, _bias, _os, _oz, _dtype, *_post):
+        if not self.saturate:
+            return x.double() @ w.double().t()
+        # vpmaddubsw: unsigned activations (x + 128) times signed weights, pairs summed in int16
+        u = x.double() + 128
+        pairs = (u[:, None, :] * w.double()[None, :, :]).view(x.shape[0], w.shape[0], -1, 2).sum(-1)
+        return pairs.clamp(-(2**15), 2**15 - 1).sum(-1) - 128 * w.double().sum(-1)
+
+
+@pytest.mark.parametrize("saturate", [False, True])
+def test_onednn_is_used_only_where_its_int8_sums_are_exact(saturate, monkeypatch):
+    # On an AVX2-only EPYC VM oneDNN's int8 linear gave a tenth of a layer's outputs off by up
+    # to 20: the one-off probe must refuse it there, whatever its speed.
+    from hfcompress.quant import cpu_w8a8
+
+    monkeypatch.setattr(torch.ops, "onednn", _FakeOneDNN(saturate))
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    assert cpu_w8a8.onednn_works.__wrapped__() is not saturate
+
+
 def test_cpu_int4_applies_the_zero_point_term_in_float32():
     # One-signed groups put the zero point at 0, where the op's offset (8 - z) * s is largest:
     # rounded to bfloat16 inside the op (as before the fix) it cost more than bfloat16 output
