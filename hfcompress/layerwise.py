@@ -42,6 +42,7 @@ __all__ = [
     "LayerwiseRunner",
     "autocast",
     "autocast_dtype",
+    "bfloat16_or_warn",
     "capture_block_inputs",
     "compute_device",
     "materialize_offloaded",
@@ -232,31 +233,39 @@ def native_bfloat16(device_type: str) -> bool:
     return True
 
 
+def bfloat16_or_warn(device: torch.device | str, asked: str, instead: str) -> bool:
+    """Whether to honour a bfloat16 speed setting (``asked``, as the user wrote it) on
+    ``device``: True where :func:`native_bfloat16` holds. Elsewhere False, with one warning
+    per setting and device type that names the setting ``instead`` that silences it: there
+    bfloat16 would make the work many times slower, not faster."""
+    device_type = torch.device(device).type
+    if native_bfloat16(device_type):
+        return True
+    if (device_type, asked) not in _WARNED_BF16:
+        _WARNED_BF16.add((device_type, asked))
+        logger.warning(
+            "%s asked for, but this %s has no fast bfloat16 matrix multiply (on a CPU: AVX-512 or newer), "
+            "where bfloat16 runs tens of times slower than float32; float32 is used instead. Results can "
+            "differ slightly from a bfloat16 run. Set %s to silence this.",
+            asked,
+            device_type,
+            instead,
+        )
+    return False
+
+
 def autocast_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype | None:
     """A config's ``compute_dtype`` as the autocast dtype of the calibration passes on
     ``device``: ``"bfloat16"`` -> ``torch.bfloat16``, ``"float32"`` -> None (no autocast).
 
-    ``compute_dtype`` is a speed setting, so where ``device`` has no fast bfloat16 path
-    (:func:`native_bfloat16`) the passes run in float32 instead, with a warning once per
-    process: asking for bfloat16 there would make the stage many times slower, not faster."""
+    ``compute_dtype`` is a speed setting, so where ``device`` has no fast bfloat16 path the
+    passes run in float32 instead, with a warning (:func:`bfloat16_or_warn`)."""
     if name != "bfloat16":
         return None
-    device_type = torch.device(device).type
-    if native_bfloat16(device_type):
-        return torch.bfloat16
-    if device_type not in _WARNED_BF16:
-        _WARNED_BF16.add(device_type)
-        logger.warning(
-            "compute_dtype: bfloat16 asked for, but this %s has no fast bfloat16 matrix multiply "
-            "(on a CPU: AVX-512 or newer), where it runs tens of times slower than float32; the "
-            "calibration passes run in float32 instead. Results can differ slightly from a bfloat16 "
-            "run. Set compute_dtype: float32 to silence this.",
-            device_type,
-        )
-    return None
+    return torch.bfloat16 if bfloat16_or_warn(device, "compute_dtype: bfloat16", "compute_dtype: float32") else None
 
 
-_WARNED_BF16: set[str] = set()
+_WARNED_BF16: set[tuple[str, str]] = set()
 
 
 def compute_device(model: nn.Module, device: torch.device | None) -> torch.device:

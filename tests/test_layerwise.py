@@ -130,3 +130,16 @@ def test_bfloat16_compute_falls_back_to_float32_where_the_device_has_no_fast_bfl
         assert layerwise.autocast_dtype("bfloat16", "cpu") is None  # warned once, not per stage
     (record,) = caplog.records
     assert "no fast bfloat16" in record.getMessage() and "compute_dtype: float32" in record.getMessage()
+
+
+def test_training_in_bfloat16_falls_back_to_float32_where_it_would_be_slow(monkeypatch, tmp_path):
+    from hfcompress import layerwise
+    from hfcompress.integrations.trainer import training_arguments
+
+    monkeypatch.setattr(layerwise, "_WARNED_BF16", set())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(layerwise, "native_bfloat16", lambda device_type: False)
+    assert training_arguments(tmp_path, bf16=True).bf16 is False
+    monkeypatch.setattr(layerwise, "native_bfloat16", lambda device_type: True)
+    assert training_arguments(tmp_path, bf16=True).bf16 is True
+    assert training_arguments(tmp_path, bf16=False).bf16 is False

@@ -36,7 +36,8 @@ class PKDConfig(TechniqueConfig):
         learning_rate: Peak AdamW learning rate (linear warm-up over 10%, then linear decay).
         batch_size: Examples per step and device.
         seed: Seed of the initialisation-independent randomness (shuffling, dropout).
-        bf16: Train under bfloat16 autocast.
+        bf16: Train under bfloat16 autocast (float32, with a warning, on a device without a
+            fast bfloat16 matmul, such as an AVX2-only CPU).
     """
 
     technique = "pkd"
