@@ -222,14 +222,15 @@ def native_bfloat16(device_type: str) -> bool:
     """Whether matrix products in bfloat16 are fast on this kind of device: on a CPU, whether
     oneDNN has a bfloat16 path (AVX-512 or newer); without one (AVX2-only CPUs) a bfloat16
     matmul runs tens of times slower than float32 (70x measured on an AVX2 EPYC VM). On CUDA,
-    whether the GPU supports bfloat16. Other devices are assumed to."""
+    whether the GPU computes in bfloat16 natively (compute capability 8 or newer), not by
+    emulation. Other devices are assumed to."""
     if device_type == "cpu":
         try:
             return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
         except (AttributeError, RuntimeError):
             return False
     if device_type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     return True
 
 
@@ -254,7 +255,7 @@ def bfloat16_or_warn(device: torch.device | str, asked: str, instead: str) -> bo
     return False
 
 
-def autocast_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype | None:
+def autocast_dtype(name: str, device: torch.device | str) -> torch.dtype | None:
     """A config's ``compute_dtype`` as the autocast dtype of the calibration passes on
     ``device``: ``"bfloat16"`` -> ``torch.bfloat16``, ``"float32"`` -> None (no autocast).
 
