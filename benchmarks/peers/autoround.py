@@ -11,6 +11,13 @@ recipe (``auto-round-light``: 50 iterations at lr 5e-3, batch 8). Asymmetric int
 RSS is the process's ``ru_maxrss``. After ``quantize()`` AutoRound has written its rounded
 weights back into the float Linear layers (``fake`` quantization), which is what is scored;
 the script checks that every weight group holds at most 2**bits distinct values.
+
+AutoRound's CPU default is bfloat16 autocast (``amp=True``): its CPU backend reports bf16
+support unconditionally, so on a CPU without a bfloat16 matmul (AVX2 only, where it runs
+about 70x slower than float32) it would not fall back as it does on devices it knows lack
+bf16. The script passes ``amp=False`` there, which is exactly AutoRound's own fallback, using
+the probe our ``compute_dtype: bfloat16`` uses (``hfcompress.layerwise.native_bfloat16``);
+the JSON line records which (``"amp"``).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hfcompress.data import calibration_samples, load_text
 from hfcompress.eval import perplexity
+from hfcompress.layerwise import native_bfloat16
 from hfcompress.models import resolve_model_path
 
 SCHEMES = {"w4g128": (4, 128), "w3g128": (3, 128), "w4pc": (4, -1)}
@@ -50,6 +58,7 @@ def main(scheme: str, iters: int, lr: float | None = None) -> None:
     start = time.perf_counter()
     ids = calibration_samples(tokenizer, "wikitext2:valid", num_samples=128, seq_len=512, seed=0)
     batches = [ids[i : i + 8] for i in range(0, ids.shape[0], 8)]
+    amp = native_bfloat16("cpu")  # AutoRound's fallback where bf16 is emulated (see the docstring)
     rounder = AutoRound(
         model,
         tokenizer,
@@ -63,6 +72,7 @@ def main(scheme: str, iters: int, lr: float | None = None) -> None:
         iters=iters,
         lr=lr,
         device_map="cpu",
+        amp=amp,
     )
     quantized, _ = rounder.quantize()
     wall = time.perf_counter() - start
@@ -72,7 +82,9 @@ def main(scheme: str, iters: int, lr: float | None = None) -> None:
     with torch.no_grad():
         ppl = perplexity(quantized.float(), tokens, seq_len=512, max_windows=40, progress=False).perplexity
     method = "autoround" if iters == 200 and lr is None else f"autoround (iters={iters}, lr={lr or 1 / iters:g})"
-    print(json.dumps({"method": method, "scheme": scheme, "ppl": ppl, "wall_s": wall, "peak_rss_mb": peak_mb}))
+    print(
+        json.dumps({"method": method, "scheme": scheme, "ppl": ppl, "wall_s": wall, "peak_rss_mb": peak_mb, "amp": amp})
+    )
 
 
 if __name__ == "__main__":
