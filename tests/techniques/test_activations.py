@@ -1,5 +1,8 @@
 """The int8_activations stage: W8A8 / W4A8 schemes, static calibration, save and reload, errors."""
 
+import copy
+import dataclasses
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -205,3 +208,62 @@ def test_a_layer_with_a_massive_token_keeps_dynamic_scales_and_reloads_so(tiny_l
     after.register_forward_pre_hook(massive_first_token)
     with torch.no_grad():
         assert torch.equal(reloaded(llama_ids).logits, expected)
+
+
+def _kl_to(reference: torch.Tensor, logits: torch.Tensor) -> float:
+    ref = torch.log_softmax(reference.float(), dim=-1)
+    return float(torch.nn.functional.kl_div(torch.log_softmax(logits.float(), -1), ref, log_target=True, reduction="batchmean"))
+
+
+@pytest.mark.parametrize("e2e_weights", [True, False], ids=["input-and-weight-scales", "input-scales"])
+def test_end_to_end_steps_bring_static_scales_closer_to_the_unquantized_model(
+    tiny_llama, llama_ids, tmp_path, e2e_weights
+):
+    compress(tiny_llama, [W8], progress=False)
+    with torch.no_grad():
+        before = tiny_llama(CALIB).logits  # what the stage's steps fit: the model before it
+    # Scales that clip a tenth of every input: far from the best, so the steps have work to do.
+    plain = ActivationQuantConfig(strategy="tensor", dynamic=False, observer="percentile", percentile=90)
+    tuned = dataclasses.replace(plain, e2e_steps=24, e2e_lr=0.02, e2e_weights=e2e_weights)
+    other = copy.deepcopy(tiny_llama)
+    compress(other, [plain], calibration_data=CALIB, progress=False)
+    compress(tiny_llama, [tuned], calibration_data=CALIB, progress=False)
+    pairs = list(zip(_layers(other), _layers(tiny_llama), strict=True))
+    assert any(not torch.equal(a.input_scale, b.input_scale) for a, b in pairs)
+    weight_scales_kept = all(torch.equal(a.scales, b.scales) for a, b in pairs)
+    assert weight_scales_kept == (not e2e_weights)
+    assert all(torch.equal(a.qweight, b.qweight) for a, b in pairs)  # the codes stay
+    with torch.no_grad():
+        kl_plain, kl_tuned = _kl_to(before, other(CALIB).logits), _kl_to(before, tiny_llama(CALIB).logits)
+    assert kl_tuned < 0.8 * kl_plain
+    with torch.no_grad():
+        expected = tiny_llama(llama_ids).logits
+    hfcompress.save_pretrained(tiny_llama, tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "m")(llama_ids).logits, expected)
+
+
+@pytest.mark.parametrize("act", ["static-minmax", "static-channel", "dynamic-token"])
+def test_the_tuned_stand_in_computes_what_the_layer_computes(tiny_llama, act, monkeypatch):
+    from hfcompress.techniques.learned_rounding.scales import _TunedScales
+
+    compress(tiny_llama, [W8, ACTS[act]], calibration_data=CALIB, progress=False)
+    layer = tiny_llama.model.layers[0].mlp.down_proj
+    x = torch.randn(5, layer.in_features) * layer.in_features**0.5
+    static = not ACTS[act].dynamic
+    stand_in = _TunedScales(layer, weights=True, inputs=static)
+    monkeypatch.setenv(FORCE_REFERENCE_ENV, "1")
+    with torch.no_grad():
+        torch.testing.assert_close(stand_in.forward(x), layer(x), rtol=1e-5, atol=1e-5)
+    if static:  # the input scale's gradient is LSQ's: rounding error inside the range, the clip outside
+        out = stand_in.forward(x)
+        out.backward(torch.ones_like(out))
+        assert stand_in.input_log_factor.grad is not None and stand_in.input_log_factor.grad.abs().sum() > 0
+    else:
+        with pytest.raises(ValueError, match="only a static input scale can be trained"):
+            _TunedScales(layer, inputs=True)
+
+
+def test_end_to_end_steps_need_static_scales():
+    with pytest.raises(RecipeError, match="e2e_steps=8 is invalid"):
+        hfcompress.Recipe.from_dict({"stages": [{"technique": "int8_activations", "e2e_steps": 8}]})

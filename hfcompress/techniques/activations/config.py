@@ -44,6 +44,16 @@ class ActivationQuantConfig(TechniqueConfig):
         ignore: Layers to leave alone; wins over ``targets``.
         batch_size: Calibration sequences per forward pass (static scales).
         compute_dtype: Dtype of the calibration passes (static scales).
+        e2e_steps: Static scales: after the observers, this many Adam steps (one calibration
+            window each) train every static input scale end to end, and with ``e2e_weights``
+            the weights' scales too (codes fixed), to lower the KL divergence from the
+            model's next-token distribution to the one it had before this stage (see
+            :mod:`hfcompress.techniques.learned_rounding.scales`). An observer picks each
+            layer's range for that layer alone; these steps pick the ranges for the model's
+            output. 0 skips it. It runs the whole model on its device.
+        e2e_lr: Adam's step size for the scales' log-factors (decays linearly to 0).
+        e2e_windows: Calibration windows the end-to-end steps visit (the first ones).
+        e2e_weights: Also train the weights' scales in those steps.
     """
 
     technique = "int8_activations"
@@ -59,6 +69,10 @@ class ActivationQuantConfig(TechniqueConfig):
     ignore: tuple[str, ...] = ("lm_head",)
     batch_size: int = 8
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    e2e_steps: int = 0
+    e2e_lr: float = 1e-2
+    e2e_windows: int = 32
+    e2e_weights: bool = True
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
@@ -82,6 +96,13 @@ class ActivationQuantConfig(TechniqueConfig):
             raise invalid("token_outlier_ratio", self.token_outlier_ratio, accepted)
         if self.batch_size < 1:
             raise invalid("batch_size", self.batch_size, "an integer >= 1")
+        if self.e2e_steps < 0 or (self.e2e_steps and self.dynamic):
+            accepted = "0, or an integer >= 1 with static scales (dynamic: false): dynamic scales have nothing to train"
+            raise invalid("e2e_steps", self.e2e_steps, accepted)
+        if not 0 < self.e2e_lr <= 1:
+            raise invalid("e2e_lr", self.e2e_lr, "a number in (0, 1]")
+        if self.e2e_windows < 1:
+            raise invalid("e2e_windows", self.e2e_windows, "an integer >= 1")
         check_target_fields(self)
 
     def dynamic_fallback_args(self) -> QuantArgs:

@@ -16,6 +16,7 @@ from hfcompress.quant.linear import QuantLinear
 from hfcompress.quant.observers import ActivationObserver
 from hfcompress.targets import select
 from hfcompress.techniques.activations.config import ActivationQuantConfig
+from hfcompress.techniques.learned_rounding.scales import teacher_top_k, tune_scales
 
 __all__ = ["ActivationQuantModifier"]
 
@@ -116,6 +117,11 @@ class ActivationQuantModifier(Modifier):
         self.planned = names
         if not cfg.dynamic:
             self._batches = self.calibration_batches(model, context, cfg.batch_size)
+        if cfg.e2e_steps and any(p.device.type == "meta" for p in model.parameters()):
+            raise self.error(
+                "e2e_steps runs the whole model at once, but some of its weights are offloaded (on the meta "
+                "device); load the model into memory, or set e2e_steps: 0"
+            )
 
     @torch.no_grad()
     def apply(self, model: nn.Module, context: CompressionContext) -> None:
@@ -124,11 +130,16 @@ class ActivationQuantModifier(Modifier):
             for name in self.planned:
                 model.get_submodule(name).set_input_activations(cfg.args())
             return
+        device = compute_device(model, context.device)
+        dtype = autocast_dtype(cfg.compute_dtype, device)
+        if cfg.e2e_steps:  # the model's predictions before its inputs are quantized
+            windows = list(torch.cat([b["input_ids"] for b in self._batches])[: cfg.e2e_windows])
+            teacher = teacher_top_k(model, windows, dtype)
         runner = LayerwiseRunner(
             model,
             self._batches,
-            device=(device := compute_device(model, context.device)),
-            compute_dtype=autocast_dtype(cfg.compute_dtype, device),
+            device=device,
+            compute_dtype=dtype,
             progress=context.progress,
             desc=f"{self.stage}: activation ranges",
         )
@@ -136,6 +147,12 @@ class ActivationQuantModifier(Modifier):
         outside = [n for n in self.planned if not n.startswith(f"{runner.prefix}.")]
         if outside:  # e.g. BERT's pooler: observed on full passes through the calibrated blocks
             self._calibrate(model, outside, lambda: run_model(model, self._batches))
+        if cfg.e2e_steps:
+            tune_scales(
+                model, [model.get_submodule(n) for n in self.planned], windows, teacher, steps=cfg.e2e_steps,
+                lr=cfg.e2e_lr, compute_dtype=dtype, seed=context.seed, weights=cfg.e2e_weights, inputs=True,
+                progress=context.progress, desc=f"{self.stage}: scales, end to end",
+            )  # fmt: skip
 
     def _calibrate_block(self, block: Block) -> None:
         self._calibrate(block.module, block.targets, block.run, block.prefix)

@@ -8,6 +8,13 @@ model's on calibration windows (the end-to-end step size training of EfficientQA
 al. 2024, with the float model as the teacher instead of labels). The codes and zero points
 stay as they are, so the stored format, the kernels and the reload are unchanged.
 
+Layers with static input-activation scales (``int8_activations`` with ``dynamic: false``)
+can have those trained too (``inputs=True``): the input is rounded onto its int8 grid with
+a straight-through estimate, so the scale gets the gradient of learned step size
+quantization (LSQ, Esser et al. 2020): the rounding error inside the range and the clipped
+value outside it. Layers with dynamic input scales compute with their inputs rounded as the
+int8 kernels round them, so every layer trains as it will run.
+
 The teacher is kept as its top ``TOP_K`` log-probabilities per token and the probability of
 all other tokens together, computed once before any block is quantized: a few MB for 32
 windows of 512 tokens at any vocabulary size. The loss is the KL divergence over those
@@ -25,9 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from hfcompress.quant.activations import fake_quantize_activations
 from hfcompress.quant.affine import dequantize
 from hfcompress.quant.linear import QuantLinear
-from hfcompress.techniques.learned_rounding.algorithm import _cast_ste
+from hfcompress.techniques.learned_rounding.algorithm import _cast_ste, _round_ste
 
 __all__ = ["TOP_K", "partial_kl", "teacher_top_k", "tune_scales"]
 
@@ -85,21 +93,67 @@ def partial_kl(logits: torch.Tensor, teacher_logp: torch.Tensor, index: torch.Te
 
 class _TunedScales:
     """A ``QuantLinear`` computing with trainable scale factors (its codes held unpacked,
-    one byte per weight)."""
+    one byte per weight): its weights' group scales with ``weights``, its static input scale
+    with ``inputs``."""
 
-    def __init__(self, layer: QuantLinear) -> None:
+    def __init__(self, layer: QuantLinear, *, weights: bool = True, inputs: bool = False) -> None:
         self.layer = layer
         self.codes, self.zeros = layer.codes(), layer.zero_points()
         self.base = layer.scales.detach().float()
-        self.log_factor = nn.Parameter(torch.zeros_like(self.base))
+        self.log_factor = nn.Parameter(torch.zeros_like(self.base)) if weights else None
+        self.act = layer.scheme.input_activations
+        self.static_input = self.act is not None and not self.act.dynamic
+        if inputs and not self.static_input:
+            raise ValueError("only a static input scale can be trained: this layer has none")
+        self.input_base = layer.input_scale.detach().float() if self.static_input else None
+        self.input_log_factor = nn.Parameter(torch.zeros_like(self.input_base)) if inputs else None
+        # Without weight factors the weight is fixed: dequantized once.
+        self._weight = None if weights else dequantize(self.codes, self.base, self.zeros, layer.group_size)
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for p in (self.log_factor, self.input_log_factor) if p is not None]
 
     def scales(self) -> torch.Tensor:
         """The scales now chosen, rounded to their storage dtype (gradients pass through)."""
+        if self.log_factor is None:
+            return self.layer.scales
         return _cast_ste(self.base * self.log_factor.exp(), self.layer.scales.dtype)
 
+    def input_scale(self) -> torch.Tensor:
+        """The static input scale now chosen (float32, as stored)."""
+        if self.input_log_factor is None:
+            return self.layer.input_scale
+        return self.input_base * self.input_log_factor.exp()
+
+    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` on the int8 grid the layer's kernel puts it on, gradients straight through
+        (and into a trained input scale)."""
+        if self.act is None:
+            return x
+        if self.input_log_factor is None:
+            return x + (fake_quantize_activations(x, self.act, self.input_base) - x).detach()
+        qmax = 2 ** (self.act.num_bits - 1) - 1
+        scale = self.input_scale()
+        return (torch.clamp(_round_ste(x.float() / scale), -qmax - 1, qmax) * scale).to(x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = dequantize(self.codes, self.scales(), self.zeros, self.layer.group_size)
-        return F.linear(x, weight.to(x.dtype), self.layer.bias)
+        weight = self._weight
+        if weight is None:
+            weight = dequantize(self.codes, self.scales(), self.zeros, self.layer.group_size)
+        return F.linear(self._inputs(x), weight.to(x.dtype), self.layer.bias)
+
+    @torch.no_grad()
+    def write(self) -> None:
+        """Store the chosen scales in the layer."""
+        if self.log_factor is not None:
+            self.layer.scales.copy_(self.scales().to(self.layer.scales.dtype))
+        if self.input_log_factor is not None:
+            self.layer.input_scale.copy_(self.input_scale())
+
+
+def _has_static_input(layer: QuantLinear) -> bool:
+    act = layer.scheme.input_activations
+    return act is not None and not act.dynamic
 
 
 def tune_scales(
@@ -112,17 +166,26 @@ def tune_scales(
     lr: float,
     compute_dtype: torch.dtype | None,
     seed: int = 0,
+    weights: bool = True,
+    inputs: bool = False,
     progress: bool = False,
     desc: str = "scales, end to end",
 ) -> list[float]:
     """Train the scales of ``layers`` for ``steps`` Adam steps of one window each (visited
     in a seeded random order; the step size decays linearly to 0), then write them into the
-    layers. Returns each step's loss (:func:`partial_kl` against ``teacher``)."""
-    tuned = [_TunedScales(layer) for layer in layers]
+    layers. Returns each step's loss (:func:`partial_kl` against ``teacher``).
+
+    ``weights`` trains the weights' group scales; ``inputs`` the static input scales of the
+    layers that have one (the others keep theirs)."""
+    tuned = [
+        _TunedScales(layer, weights=weights, inputs=inputs and _has_static_input(layer)) for layer in layers
+    ]
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
-    params = [t.log_factor for t in tuned]
+    params = [p for t in tuned for p in t.trainable()]
+    if not params:
+        raise ValueError("nothing to tune: no weight scales asked for and no layer has a static input scale")
     optimizer = torch.optim.Adam(params, lr=lr)
     generator = torch.Generator().manual_seed(seed)
     device = _model_device(model)
@@ -149,9 +212,8 @@ def tune_scales(
             t.layer.__dict__.pop("forward", None)
         for p in frozen:
             p.requires_grad_(True)
-    with torch.no_grad():
-        for t in tuned:
-            t.layer.scales.copy_(t.scales().to(t.layer.scales.dtype))
+    for t in tuned:
+        t.write()
     if losses:
         head, tail = losses[: max(1, steps // 8)], losses[-max(1, steps // 8) :]
         logger.info(
