@@ -3,6 +3,8 @@ and decode speed, GLUE, and llm-compressor's SmoothQuant + W8A8 beside ours, in 
 
     python benchmarks/bench_act.py                                  # every section
     python benchmarks/bench_act.py --sections ppl --peer llmcompressor=/tmp/peers/llmc/bin/python
+    python benchmarks/bench_act.py --sections ppl --samples 32 --rows fp32 static_smoothquant \
+        --peer llmcompressor=/tmp/peers/llmc/bin/python --peer-runs "static 0.7"
     python benchmarks/bench_act.py --sections speed --rounds 5
     python benchmarks/bench_act.py --sections glue --glue-models 'outputs/glue/minilm-l6-{task}'
 
@@ -92,10 +94,9 @@ PPL_ROWS = {
     "W8A8 static per-tensor minmax EMA 0.9, SmoothQuant 0.5": ("sq+w8", _stages(_static("minmax", ema=0.9))),
     "W8A8 static per-tensor percentile 99.99, SmoothQuant 0.5": ("sq+w8", _stages(_static("percentile"))),
     "W8A8 static per-tensor MSE, SmoothQuant 0.5": ("sq+w8", _stages(_static("mse"))),
-    "W8A8 static per-tensor MSE, SmoothQuant 0.7 (llama_w8a8_static_smoothquant.yaml)": (
-        "sq0.7+w8",
-        _stages(_static("mse")),
-    ),
+    "W8A8 static per-tensor MSE, SmoothQuant 0.7, observers only": ("sq0.7+w8", _stages(_static("mse"))),
+    "W8A8 static per-tensor MSE, SmoothQuant 0.7, scales trained end to end "
+    "(llama_w8a8_static_smoothquant.yaml)": "recipes/llama_w8a8_static_smoothquant.yaml",
     "W8A8 static per-tensor MSE, SmoothQuant 0.7, token_outlier_ratio 20": (
         "sq0.7+w8",
         _stages(_static("mse", token_outlier_ratio=20)),
@@ -107,7 +108,7 @@ PPL_ROWS = {
     "W4A16 GPTQ g128, rotated": ("rot+gptq-w4g128", None),
     "W4A8: the rotated GPTQ weights + dynamic A8 (llama_w4a8_gptq_g128.yaml)": ("rot+gptq-w4g128", _stages(_acts())),
 }
-PEER_RUNS = [("static", 0.5), ("static", 0.7), ("dynamic", 0.8)]
+PEER_RUNS = [("static", 0.5), ("static", 0.7), ("static", 0.8), ("dynamic", 0.8)]
 
 
 def _recipe(spec: str) -> hfcompress.Recipe:
@@ -162,6 +163,8 @@ def section_ppl(args) -> list[dict]:
         if name != "llmcompressor":
             raise SystemExit(f"unknown peer {name!r}; known: llmcompressor")
         for variant, alpha in PEER_RUNS:
+            if args.peer_runs and f"{variant} {alpha}" not in args.peer_runs:
+                continue
             script = ROOT / "benchmarks/peers/llmcompressor_w8a8.py"
             out = subprocess.run(
                 [python, str(script), variant, str(alpha), str(args.samples)],
@@ -295,6 +298,8 @@ def main() -> None:
     parser.add_argument("--rows", nargs="*", default=[], help="only the ppl rows whose label contains one of these")
     parser.add_argument("--samples", type=int, default=128, help="calibration windows of 512 tokens")
     parser.add_argument("--rounds", type=int, default=3)
+    runs = [f"{v} {a}" for v, a in PEER_RUNS]
+    parser.add_argument("--peer-runs", nargs="*", default=[], choices=runs, help="only these peer runs (default: all)")
     parser.add_argument("--peer", action="append", default=[], type=lambda s: tuple(s.split("=", 1)))
     parser.add_argument("--glue-models", default="outputs/glue/minilm-l6-{task}")
     parser.add_argument("--glue-tasks", nargs="+", default=["sst2", "mrpc"])

@@ -70,7 +70,7 @@ class ActivationQuantConfig(TechniqueConfig):
     batch_size: int = 8
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     e2e_steps: int = 0
-    e2e_lr: float = 1e-2
+    e2e_lr: float = 5e-3
     e2e_windows: int = 32
     e2e_weights: bool = True
 
