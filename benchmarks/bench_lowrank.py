@@ -85,6 +85,10 @@ ROWS = {
     # ec8x8 / ec16x4 (4.41 bits per weight) and ec32x8 (4.97).
     "gptq-mixed-4.41": ("GPTQ mixed precision", lambda: [_mixed(4.41)]),
     "gptq-mixed-4.97": ("GPTQ mixed precision", lambda: [_mixed(4.97)]),
+    # The same bytes (4.41 bits per weight) spent by both: a mixed plan under 4.2 bits, then
+    # rank 8 in 8 bits on it; and rank 16 in 4 bits spread by the errors' spectra.
+    "gptq-mixed-4.2+ec8x8": ("GPTQ mixed precision + compensation", lambda: [_mixed(4.2), _ec(8, 8)]),
+    "gptq-w4+ec16x4-global": ("GPTQ g128 + compensation, global ranks", lambda: [_gptq(4, 128), _ec(16, 4, "global")]),
     "gptq-w4+ec32x8-global": ("GPTQ g128 + compensation, global ranks", lambda: [_gptq(4, 128), _ec(32, 8, "global")]),
     "gptq-w3+ec32x8-global": ("GPTQ g128 + compensation, global ranks", lambda: [_gptq(3, 128), _ec(32, 8, "global")]),
     "gptq-w4-g32": ("GPTQ g32", lambda: [_gptq(4, 32)]),

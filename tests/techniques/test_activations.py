@@ -212,7 +212,9 @@ def test_a_layer_with_a_massive_token_keeps_dynamic_scales_and_reloads_so(tiny_l
 
 def _kl_to(reference: torch.Tensor, logits: torch.Tensor) -> float:
     ref = torch.log_softmax(reference.float(), dim=-1)
-    return float(torch.nn.functional.kl_div(torch.log_softmax(logits.float(), -1), ref, log_target=True, reduction="batchmean"))
+    return float(
+        torch.nn.functional.kl_div(torch.log_softmax(logits.float(), -1), ref, log_target=True, reduction="batchmean")
+    )
 
 
 @pytest.mark.parametrize("e2e_weights", [True, False], ids=["input-and-weight-scales", "input-scales"])
