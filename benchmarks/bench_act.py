@@ -97,6 +97,10 @@ PPL_ROWS = {
     "W8A8 static per-tensor MSE, SmoothQuant 0.7, observers only": ("sq0.7+w8", _stages(_static("mse"))),
     "W8A8 static per-tensor MSE, SmoothQuant 0.7, scales trained end to end "
     "(llama_w8a8_static_smoothquant.yaml)": "recipes/llama_w8a8_static_smoothquant.yaml",
+    "W8A8 static per-tensor MSE, SmoothQuant 0.7, scales trained end to end, 64 steps": (
+        "sq0.7+w8",
+        _stages(_static("mse", e2e_steps=64, e2e_lr=0.005)),
+    ),
     "W8A8 static per-tensor MSE, SmoothQuant 0.7, token_outlier_ratio 20": (
         "sq0.7+w8",
         _stages(_static("mse", token_outlier_ratio=20)),
