@@ -16,7 +16,7 @@ from hfcompress.quant.linear import QuantLinear
 from hfcompress.quant.observers import ActivationObserver
 from hfcompress.targets import select
 from hfcompress.techniques.activations.config import ActivationQuantConfig
-from hfcompress.techniques.learned_rounding.scales import teacher_top_k, tune_scales
+from hfcompress.techniques.learned_rounding.scales import calibration_windows, teacher_top_k, tune_scales
 
 __all__ = ["ActivationQuantModifier"]
 
@@ -133,7 +133,7 @@ class ActivationQuantModifier(Modifier):
         device = compute_device(model, context.device)
         dtype = autocast_dtype(cfg.compute_dtype, device)
         if cfg.e2e_steps:  # the model's predictions before its inputs are quantized
-            windows = list(torch.cat([b["input_ids"] for b in self._batches])[: cfg.e2e_windows])
+            windows = calibration_windows(self._batches, cfg.e2e_windows)
             teacher = teacher_top_k(model, windows, dtype)
         runner = LayerwiseRunner(
             model,

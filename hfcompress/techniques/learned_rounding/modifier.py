@@ -20,7 +20,7 @@ from hfcompress.techniques.gptq.algorithm import GPTQResult
 from hfcompress.techniques.gptq.modifier import GPTQModifier
 from hfcompress.techniques.learned_rounding.algorithm import RoundingLinear, signed_step
 from hfcompress.techniques.learned_rounding.config import LearnedRoundingConfig
-from hfcompress.techniques.learned_rounding.scales import teacher_top_k, tune_scales
+from hfcompress.techniques.learned_rounding.scales import calibration_windows, teacher_top_k, tune_scales
 
 __all__ = ["LearnedRoundingModifier"]
 
@@ -55,7 +55,7 @@ class LearnedRoundingModifier(GPTQModifier):
             super().apply(model, context)
             return
         # The unquantized model's predictions, before any block changes.
-        windows = list(torch.cat([b["input_ids"] for b in self._batches])[: cfg.e2e_windows])
+        windows = calibration_windows(self._batches, cfg.e2e_windows)
         dtype = autocast_dtype(cfg.compute_dtype, compute_device(model, context.device))
         teacher = teacher_top_k(model, windows, dtype)
         super().apply(model, context)

@@ -37,7 +37,7 @@ from hfcompress.quant.affine import dequantize
 from hfcompress.quant.linear import QuantLinear
 from hfcompress.techniques.learned_rounding.algorithm import _cast_ste, _round_ste
 
-__all__ = ["TOP_K", "partial_kl", "teacher_top_k", "tune_scales"]
+__all__ = ["TOP_K", "calibration_windows", "partial_kl", "teacher_top_k", "tune_scales"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +91,11 @@ def partial_kl(logits: torch.Tensor, teacher_logp: torch.Tensor, index: torch.Te
     return (teacher_logp.exp() * (teacher_logp - logq)).sum(-1).mean()
 
 
+def calibration_windows(batches: list[dict], count: int) -> list[torch.Tensor]:
+    """The first ``count`` token windows of the calibration batches, one tensor each."""
+    return list(torch.cat([b["input_ids"] for b in batches])[:count])
+
+
 class _TunedScales:
     """A ``QuantLinear`` computing with trainable scale factors (its codes held unpacked,
     one byte per weight): its weights' group scales with ``weights``, its static input scale
@@ -102,7 +107,7 @@ class _TunedScales:
         self.base = layer.scales.detach().float()
         self.log_factor = nn.Parameter(torch.zeros_like(self.base)) if weights else None
         self.act = layer.scheme.input_activations
-        self.static_input = self.act is not None and not self.act.dynamic
+        self.static_input = _has_static_input(layer)
         if inputs and not self.static_input:
             raise ValueError("only a static input scale can be trained: this layer has none")
         self.input_base = layer.input_scale.detach().float() if self.static_input else None
@@ -177,9 +182,7 @@ def tune_scales(
 
     ``weights`` trains the weights' group scales; ``inputs`` the static input scales of the
     layers that have one (the others keep theirs)."""
-    tuned = [
-        _TunedScales(layer, weights=weights, inputs=inputs and _has_static_input(layer)) for layer in layers
-    ]
+    tuned = [_TunedScales(layer, weights=weights, inputs=inputs and _has_static_input(layer)) for layer in layers]
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
