@@ -85,6 +85,9 @@ ROWS = {
     # ec8x8 / ec16x4 (4.41 bits per weight) and ec32x8 (4.97).
     "gptq-mixed-4.41": ("GPTQ mixed precision", lambda: [_mixed(4.41)]),
     "gptq-mixed-4.97": ("GPTQ mixed precision", lambda: [_mixed(4.97)]),
+    # The bytes of gptq-w4+ec16x4-global (4.449 bits per weight: its ranks hold the uniform
+    # allocation's weights, but their factor scales cost a little more).
+    "gptq-mixed-4.45": ("GPTQ mixed precision", lambda: [_mixed(4.45)]),
     # The same bytes (4.41 bits per weight) spent by both: a mixed plan under 4.2 bits, then
     # rank 8 in 8 bits on it; and rank 16 in 4 bits spread by the errors' spectra.
     "gptq-mixed-4.2+ec8x8": ("GPTQ mixed precision + compensation", lambda: [_mixed(4.2), _ec(8, 8)]),
