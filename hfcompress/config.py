@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal, get_args, get_origin
 
 from hfcompress.errors import RecipeError
 
-__all__ = ["ConfigSection", "TechniqueConfig", "check_target_fields", "invalid"]
+__all__ = ["ConfigSection", "TechniqueConfig", "check_e2e_fields", "check_target_fields", "invalid"]
 
 
 def invalid(key: str, value: Any, accepted: str) -> RecipeError:
@@ -33,6 +33,15 @@ def check_target_fields(config: Any, keys: tuple[str, ...] = ("targets", "ignore
         problem = check_patterns(getattr(config, key))
         if problem:
             raise invalid(key, list(getattr(config, key)), f"module names, class names or 're:' patterns; {problem}")
+
+
+def check_e2e_fields(config: Any) -> None:
+    """Raise :func:`invalid` for a bad ``e2e_lr`` or ``e2e_windows``: the fields of the
+    end-to-end scale steps (``learned_rounding`` and ``int8_activations`` share them)."""
+    if not 0 < config.e2e_lr <= 1:
+        raise invalid("e2e_lr", config.e2e_lr, "a number in (0, 1]")
+    if config.e2e_windows < 1:
+        raise invalid("e2e_windows", config.e2e_windows, "an integer >= 1")
 
 
 def _describe(annotation: Any) -> str:

@@ -226,3 +226,20 @@ def test_end_to_end_scales_refuse_an_offloaded_model():
 def test_bad_config_is_refused(field, value, match):
     with pytest.raises(RecipeError, match=match):
         LearnedRoundingConfig(**{field: value})
+
+
+@pytest.mark.parametrize("config_class", [LearnedRoundingConfig, hfcompress.ActivationQuantConfig])
+@pytest.mark.parametrize(("key", "value"), [("e2e_lr", 0.0), ("e2e_lr", 2.0), ("e2e_windows", 0)])
+def test_bad_end_to_end_fields_are_refused_by_both_stages_that_have_them(config_class, key, value):
+    extra = {} if config_class is LearnedRoundingConfig else {"dynamic": False, "strategy": "tensor"}
+    with pytest.raises(RecipeError, match=f"{key}={value!r} is invalid"):
+        config_class(**extra, **{key: value})
+
+
+def test_end_to_end_steps_refuse_an_offloaded_model():
+    from hfcompress.techniques.learned_rounding.scales import check_in_memory
+
+    model = torch.nn.Linear(4, 4, device="meta")
+    with pytest.raises(RecipeError, match="offloaded"):
+        check_in_memory(model, RecipeError)
+    check_in_memory(torch.nn.Linear(4, 4), RecipeError)  # in memory: no error

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from hfcompress.config import TechniqueConfig, check_target_fields, invalid
+from hfcompress.config import TechniqueConfig, check_e2e_fields, check_target_fields, invalid
 from hfcompress.quant.scheme import QuantArgs
 
 __all__ = ["ActivationQuantConfig"]
@@ -99,10 +99,7 @@ class ActivationQuantConfig(TechniqueConfig):
         if self.e2e_steps < 0 or (self.e2e_steps and self.dynamic):
             accepted = "0, or an integer >= 1 with static scales (dynamic: false): dynamic scales have nothing to train"
             raise invalid("e2e_steps", self.e2e_steps, accepted)
-        if not 0 < self.e2e_lr <= 1:
-            raise invalid("e2e_lr", self.e2e_lr, "a number in (0, 1]")
-        if self.e2e_windows < 1:
-            raise invalid("e2e_windows", self.e2e_windows, "an integer >= 1")
+        check_e2e_fields(self)
         check_target_fields(self)
 
     def dynamic_fallback_args(self) -> QuantArgs:

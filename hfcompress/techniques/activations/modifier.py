@@ -16,7 +16,12 @@ from hfcompress.quant.linear import QuantLinear
 from hfcompress.quant.observers import ActivationObserver
 from hfcompress.targets import select
 from hfcompress.techniques.activations.config import ActivationQuantConfig
-from hfcompress.techniques.learned_rounding.scales import calibration_windows, teacher_top_k, tune_scales
+from hfcompress.techniques.learned_rounding.scales import (
+    calibration_windows,
+    check_in_memory,
+    teacher_top_k,
+    tune_scales,
+)
 
 __all__ = ["ActivationQuantModifier"]
 
@@ -117,11 +122,8 @@ class ActivationQuantModifier(Modifier):
         self.planned = names
         if not cfg.dynamic:
             self._batches = self.calibration_batches(model, context, cfg.batch_size)
-        if cfg.e2e_steps and any(p.device.type == "meta" for p in model.parameters()):
-            raise self.error(
-                "e2e_steps runs the whole model at once, but some of its weights are offloaded (on the meta "
-                "device); load the model into memory, or set e2e_steps: 0"
-            )
+        if cfg.e2e_steps:
+            check_in_memory(model, self.error)
 
     @torch.no_grad()
     def apply(self, model: nn.Module, context: CompressionContext) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from hfcompress.config import invalid
+from hfcompress.config import check_e2e_fields, invalid
 from hfcompress.techniques.gptq.config import GPTQConfig
 
 __all__ = ["LearnedRoundingConfig"]
@@ -80,10 +80,7 @@ class LearnedRoundingConfig(GPTQConfig):
             raise invalid("lr", self.lr, "a number in (0, 1], or null for 1 / steps")
         if self.e2e_steps < 0:
             raise invalid("e2e_steps", self.e2e_steps, "an integer >= 0 (0 skips the end-to-end pass)")
-        if not 0 < self.e2e_lr <= 1:
-            raise invalid("e2e_lr", self.e2e_lr, "a number in (0, 1]")
-        if self.e2e_windows < 1:
-            raise invalid("e2e_windows", self.e2e_windows, "an integer >= 1")
+        check_e2e_fields(self)
 
     @property
     def step_size(self) -> float:

@@ -20,7 +20,12 @@ from hfcompress.techniques.gptq.algorithm import GPTQResult
 from hfcompress.techniques.gptq.modifier import GPTQModifier
 from hfcompress.techniques.learned_rounding.algorithm import RoundingLinear, signed_step
 from hfcompress.techniques.learned_rounding.config import LearnedRoundingConfig
-from hfcompress.techniques.learned_rounding.scales import calibration_windows, teacher_top_k, tune_scales
+from hfcompress.techniques.learned_rounding.scales import (
+    calibration_windows,
+    check_in_memory,
+    teacher_top_k,
+    tune_scales,
+)
 
 __all__ = ["LearnedRoundingModifier"]
 
@@ -42,11 +47,8 @@ class LearnedRoundingModifier(GPTQModifier):
 
     def check(self, model: nn.Module, context: CompressionContext, view: ModelView) -> None:
         super().check(model, context, view)
-        if self.config.e2e_steps and any(p.device.type == "meta" for p in model.parameters()):
-            raise self.error(
-                "e2e_steps runs the whole model at once, but some of its weights are offloaded (on the meta "
-                "device); load the model into memory, or set e2e_steps: 0"
-            )
+        if self.config.e2e_steps:
+            check_in_memory(model, self.error)
 
     @torch.no_grad()
     def apply(self, model: nn.Module, context: CompressionContext) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,7 @@ from hfcompress.quant.affine import dequantize
 from hfcompress.quant.linear import QuantLinear
 from hfcompress.techniques.learned_rounding.algorithm import _cast_ste, _round_ste
 
-__all__ = ["TOP_K", "calibration_windows", "partial_kl", "teacher_top_k", "tune_scales"]
+__all__ = ["TOP_K", "calibration_windows", "check_in_memory", "partial_kl", "teacher_top_k", "tune_scales"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,16 @@ def partial_kl(logits: torch.Tensor, teacher_logp: torch.Tensor, index: torch.Te
     logq = F.log_softmax(logits.float(), dim=-1).gather(-1, index)
     logq = torch.cat([logq, _rest(logq)[..., None]], dim=-1)
     return (teacher_logp.exp() * (teacher_logp - logq)).sum(-1).mean()
+
+
+def check_in_memory(model: nn.Module, error: Callable[[str], Exception]) -> None:
+    """Raise ``error(message)`` if some of ``model``'s weights are offloaded (on the meta
+    device): the end-to-end steps run the whole model at once."""
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise error(
+            "e2e_steps runs the whole model at once, but some of its weights are offloaded (on the meta "
+            "device); load the model into memory, or set e2e_steps: 0"
+        )
 
 
 def calibration_windows(batches: list[dict], count: int) -> list[torch.Tensor]:
