@@ -6,8 +6,9 @@ model wins back (our DistillationTrainer, pure KD).
 
 Protocol: evaluation on the first ``--eval-windows`` windows of ``--seq-len`` tokens of
 WikiText-2 test (as bench_block_sparse.py); training on WikiText-2 *validation* windows of the
-same length (shuffled, seed 0), bf16 autocast on CPU, the student block-sparse and the teacher
-the same model with dense attention. Only ``--train`` parameters learn (default: the attention
+same length (shuffled, seed 0), bf16 autocast on CPU (float32 where the CPU has no fast bf16
+matrix multiply), the student block-sparse and the teacher the same model with dense
+attention. Only ``--train`` parameters learn (default: the attention
 projections, q/k/v/o), on the pure distillation loss (``alpha = 1``: the KL divergence to the
 teacher's next-token distribution at temperature 1, no WikiText labels), so the target is the
 dense model, not WikiText-2.
