@@ -111,7 +111,9 @@ def compress(
     fuse_experts_back(model, {name: m for name, m in split.items() if name not in used})
     if used:
         record_patch(model, EXPERTS_PATCH, {"modules": used})
-    for modifier in modifiers:
+    for i, modifier in enumerate(modifiers):
+        for later in modifiers[i + 1 :]:
+            later.before_stage(model, modifier.stage)
         logger.info("applying stage %r (%s)", modifier.stage, modifier.config.technique)
         modifier.apply(model, context)
     if hasattr(model, "config"):

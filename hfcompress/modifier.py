@@ -188,6 +188,14 @@ class Modifier(ABC):
             )
         return [{"input_ids": chunk} for chunk in context.calibration_windows.split(batch_size)]
 
+    def before_stage(self, model: nn.Module, stage: str) -> None:
+        """Called on every later stage just before the earlier stage ``stage`` applies, with the
+        model as the stages before ``stage`` left it. Default: nothing. A stage that needs a
+        module that an earlier stage of the same call creates and a later one replaces (the
+        float factors of a low-rank layer, which a quantizing stage then rounds) takes it here:
+        at ``check`` time only its stand-in exists."""
+        return None
+
     @abstractmethod
     def apply(self, model: nn.Module, context: CompressionContext) -> None:
         """Modify ``model`` in place."""

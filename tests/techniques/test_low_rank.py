@@ -100,6 +100,11 @@ RECIPES = {
     "w3+compensation-8bit": [GPTQConfig(bits=3, group_size=16), ErrorCompensationConfig(rank=8)],
     "w3+compensation-4bit": [RTNConfig(bits=3, group_size=16), ErrorCompensationConfig(rank=8, factor_bits=4)],
     "w3+compensation-float": [RTNConfig(bits=3, group_size=16), ErrorCompensationConfig(rank=8, factor_bits=None)],
+    "low-rank+w3+compensation": [
+        LowRankConfig(ratio=0.25),
+        GPTQConfig(bits=3, group_size=16),
+        ErrorCompensationConfig(rank=4),
+    ],
 }
 
 
@@ -117,6 +122,25 @@ def test_low_rank_factors_are_quantized_by_a_later_stage(tiny_llama):
     compress(tiny_llama, RECIPES["low-rank+w4"], calibration_data=CALIB, progress=False)
     for layer in _low_rank(tiny_llama).values():
         assert isinstance(layer.factor_in, QuantLinear) and isinstance(layer.factor_out, QuantLinear)
+
+
+def test_compensation_corrects_the_quantized_factors_of_a_low_rank_layer(tiny_llama):
+    # The factors exist only once the low_rank stage has run; their float weights are taken
+    # just before the quantizing stage rounds them.
+    low_rank = copy.deepcopy(tiny_llama)
+    compress(low_rank, [LowRankConfig(ratio=0.25)], calibration_data=CALIB, progress=False)
+    reference = low_rank(CALIB).logits
+    plain, corrected = copy.deepcopy(tiny_llama), copy.deepcopy(tiny_llama)
+    stages = [LowRankConfig(ratio=0.25), RTNConfig(bits=3, group_size=16)]
+    compress(plain, stages, calibration_data=CALIB, progress=False)
+    compress(corrected, [*stages, ErrorCompensationConfig(rank=8)], calibration_data=CALIB, progress=False)
+    assert _mse(corrected, reference) < 0.6 * _mse(plain, reference)
+    ffn = {n: m for n, m in _low_rank(corrected).items() if n.endswith(FFN)}
+    assert len(ffn) == 3 * len(tiny_llama.model.layers)
+    for layer in ffn.values():
+        for factor in (layer.factor_in, layer.factor_out):
+            assert isinstance(factor, LowRankLinear) and isinstance(factor.base, QuantLinear)
+            assert factor.quant_error < 1
 
 
 def test_low_rank_bert_classifier_reloads(tiny_bert, tmp_path, bert_ids):

@@ -30,6 +30,9 @@ class ErrorCompensationModifier(FactorModifier):
         # The float layers the earlier stage quantized, kept for W (their weights stay alive
         # until this stage has run).
         self._originals: dict[str, nn.Module] = {}
+        # Layers an earlier stage of this call creates (e.g. low-rank factors): name -> the
+        # quantizing stage, just before which the real float layer is taken from the model.
+        self._created: dict[str, str] = {}
 
     def check(self, model: nn.Module, context: CompressionContext, view: ModelView) -> None:
         super().check(model, context, view)
@@ -50,6 +53,8 @@ class ErrorCompensationModifier(FactorModifier):
                 )
         self.check_calibrated(model, context)
         quantized_by = {name: view.entries[name].stage for name in names}
+        present = dict(model.named_modules())
+        self._created = {n: quantized_by[n] for n in names if present.get(n) is not view.entries[n].module}
         view.claim(names, self.stage, LowRankLinear.__name__)
         factor_class = (QuantLinear if cfg.factor_bits else nn.Linear).__name__
         for name in names:
@@ -64,6 +69,11 @@ class ErrorCompensationModifier(FactorModifier):
                 view.add(f"{name}.factor_out", nn.Linear(rank, n, bias=False), self.stage, factor_class)
             self._originals[name] = original
         self.planned = names
+
+    def before_stage(self, model: nn.Module, stage: str) -> None:
+        for name in [n for n, by in self._created.items() if by == stage]:
+            self._originals[name] = model.get_submodule(name)
+            del self._created[name]
 
     def _quantize_factor(self, w: torch.Tensor) -> QuantLinear:
         cfg = self.config
