@@ -80,3 +80,29 @@ def test_compress_save_reload(name, arch, tiny_llama, tiny_bert, llama_ids, bert
     hfcompress.save_pretrained(model, tmp_path / "m")
     reloaded = auto.from_pretrained(tmp_path / "m")
     assert (reloaded(ids).logits - logits).abs().max() <= 1e-5
+
+
+def test_every_kind_of_technique_in_one_recipe(tiny_llama, tmp_path):
+    # Weights (GPTQ with error compensation), activations (SmoothQuant, INT8), low rank,
+    # block-sparse attention and the quantized KV cache in one compress() call: it saves,
+    # reloads patched, and gives the same logits and the same greedy generation.
+    ids = torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(0))
+    stages = [
+        _config("smoothquant"),
+        _config("low_rank"),
+        _config("gptq"),
+        _config("error_compensation"),
+        registered_techniques()["int8_activations"].config_cls(),
+        _config("block_sparse"),
+        _config("kv_cache"),
+    ]
+    compress(tiny_llama, stages, calibration_data=ids, progress=False)
+    kinds = {type(m).__name__ for m in tiny_llama.modules()}
+    assert {"LowRankLinear", "QuantLinear"} <= kinds and tiny_llama.config._attn_implementation == "hfcompress_kv"
+    logits = tiny_llama(ids).logits
+    generated = tiny_llama.generate(ids[:1, :40], max_new_tokens=16, do_sample=False)
+    hfcompress.save_pretrained(tiny_llama, tmp_path / "m")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert {n: type(m) for n, m in reloaded.named_modules()} == {n: type(m) for n, m in tiny_llama.named_modules()}
+    assert torch.equal(reloaded(ids).logits, logits)
+    assert torch.equal(reloaded.generate(ids[:1, :40], max_new_tokens=16, do_sample=False), generated)

@@ -1,10 +1,14 @@
 """The one module that touches transformers' ``AttentionInterface``: registering our attention
-functions (with SDPA's mask builder), switching a model to one and back, and the dense SDPA
+functions (with SDPA's mask builder), switching a model to them and back, and the dense SDPA
 attention our functions fall back to.
 
-Two of our techniques replace the attention function (the quantized KV cache's
-``hfcompress_kv`` and block-sparse attention's ``hfcompress_block_sparse``). A model runs one
-attention function, so a model switched to one of ours refuses a switch to another.
+Two of our techniques replace the attention function: the quantized KV cache's
+``hfcompress_kv``, which reads a packed cache, and block-sparse attention's
+``hfcompress_block_sparse``, which chooses the tiles of a call whose keys are all its own (a
+prefill, a forward without a cache). They compose: a model with both runs ``hfcompress_kv``
+(the *outer* function), which passes each call with no stored keys to the module's *inner*
+function (:func:`sequence_attention`), block-sparse attention; steps over a cache attend
+densely either way. Two outer or two inner functions on one model do not compose.
 """
 
 from __future__ import annotations
@@ -24,21 +28,29 @@ __all__ = [
     "dense_attention",
     "register_attention",
     "restore_attention",
+    "sequence_attention",
+    "set_inner_attention",
     "switch_attention",
 ]
 
-_BEFORE = "_hfcompress_attn_before"
+_BEFORE = "_hfcompress_attn_before"  # on the model: the attention it ran before ours
+_ON = "_hfcompress_attn_on"  # on the model: ours switched on, in order
+_INNER = "_hfcompress_inner_attention"  # on an attention module: its inner function
 OURS: set[str] = set()
+_OUTER: set[str] = set()
 
 
-def register_attention(name: str, fn: Callable[..., tuple[torch.Tensor, Any]]) -> None:
-    """Register ``fn`` as transformers attention ``name``, its masks built as SDPA's."""
+def register_attention(name: str, fn: Callable[..., tuple[torch.Tensor, Any]], *, outer: bool = False) -> None:
+    """Register ``fn`` as transformers attention ``name``, its masks built as SDPA's. An
+    ``outer`` function hands calls whose keys are all their own to :func:`sequence_attention`."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
     AttentionInterface.register(name, fn)
     ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
     OURS.add(name)
+    if outer:
+        _OUTER.add(name)
 
 
 def check_attention_interface(model: nn.Module, what: str) -> None:
@@ -50,45 +62,108 @@ def check_attention_interface(model: nn.Module, what: str) -> None:
         )
 
 
-def attention_conflict(marks: dict[str, str], model: nn.Module, name: str) -> str | None:
-    """Why a stage switching ``model`` to our attention ``name`` cannot run, or None; records the
-    claim in ``marks`` (the model-level marks of a :class:`~hfcompress.modifier.ModelView`)."""
-    earlier = marks.get("attention")
+def _running(model: nn.Module) -> list[str]:
+    """Ours switched on for ``model`` (a model switched by hand to one of ours counts too)."""
+    on = list(getattr(model, _ON, []))
     current = model.config._attn_implementation
-    if earlier is None and current in OURS and current != name:
-        earlier = f"an earlier run ({current!r})"
-    if earlier is not None:
-        return (
-            f"the model's attention is already replaced (by {earlier}); the quantized KV cache and block-sparse "
-            "attention each replace the attention function, so they do not compose: keep one"
-        )
-    marks["attention"] = name
+    if current in OURS and current not in on:
+        on.append(current)
+    return on
+
+
+def _clash(on: list[str], name: str, outer: bool) -> str | None:
+    """The one of ``on`` that ``name`` cannot run beside (both outer or both inner), or None."""
+    return next((n for n in on if n != name and (n in _OUTER) == outer), None)
+
+
+def attention_conflict(marks: dict[str, str], model: nn.Module, name: str, stage: str, outer: bool) -> str | None:
+    """Why ``stage``, switching ``model`` to our attention ``name`` (``outer`` or inner), cannot
+    run, or None; records the claim in ``marks`` (the model-level marks of a
+    :class:`~hfcompress.modifier.ModelView`) as ``attention:outer|inner:<name>``."""
+    kind = "outer" if outer else "inner"
+    for key, earlier in marks.items():
+        if key.startswith(f"attention:{kind}:") and key != f"attention:{kind}:{name}":
+            return _conflict(f"stage {earlier!r}")
+    clash = _clash(_running(model), name, outer)
+    if clash is not None:
+        return _conflict(f"an earlier run ({clash!r})")
+    marks[f"attention:{kind}:{name}"] = stage
     return None
 
 
+def _conflict(where: str) -> str:
+    return (
+        f"the model's attention is already replaced in the same way (by {where}); block-sparse attention and "
+        "the quantized KV cache compose, but two of one kind do not: keep one"
+    )
+
+
 def switch_attention(model: nn.Module, name: str, what: str) -> None:
-    """Set ``model``'s attention to our registered ``name``, remembering the one it had.
+    """Switch ``name`` on for ``model`` (registered by :func:`register_attention`), remembering
+    the attention the model had; the model runs the outer one of ours that are on, else the
+    inner one.
 
     Raises:
-        ModelError: The model already runs another of our attention functions.
+        ModelError: The model already runs another of ours of the same kind (outer or inner).
     """
-    current = model.config._attn_implementation
-    if current in OURS and current != name:
+    on = _running(model)
+    clash = _clash(on, name, name in _OUTER)
+    if clash is not None:
         raise ModelError(
-            f"{what} replaces the attention function, and this model already runs {current!r}; "
-            "one attention-replacing technique per model (the quantized KV cache and block-sparse attention "
-            "do not compose)"
+            f"{what} replaces the attention function, and this model already runs {clash!r}, which cannot run "
+            "beside it (block-sparse attention and the quantized KV cache compose; two of one kind do not)"
         )
     if not hasattr(model, _BEFORE):
-        object.__setattr__(model, _BEFORE, current)
-    model.set_attn_implementation(name)
+        current = model.config._attn_implementation
+        object.__setattr__(model, _BEFORE, "sdpa" if current in OURS else current)
+    if name not in on:
+        on.append(name)
+    object.__setattr__(model, _ON, on)
+    _settle(model)
 
 
-def restore_attention(model: nn.Module) -> None:
-    """Undo :func:`switch_attention`: the attention the model had before."""
-    if hasattr(model, _BEFORE):
-        model.set_attn_implementation(getattr(model, _BEFORE))
-        object.__delattr__(model, _BEFORE)
+def restore_attention(model: nn.Module, name: str) -> None:
+    """Undo :func:`switch_attention` of ``name``: the other of ours still on, else the
+    attention the model had before."""
+    on = [n for n in _running(model) if n != name]
+    object.__setattr__(model, _ON, on)
+    _settle(model)
+
+
+def _settle(model: nn.Module) -> None:
+    on = getattr(model, _ON)
+    if not on:
+        if hasattr(model, _BEFORE):
+            model.set_attn_implementation(getattr(model, _BEFORE))
+            object.__delattr__(model, _BEFORE)
+        object.__delattr__(model, _ON)
+        return
+    outer = [n for n in on if n in _OUTER]
+    model.set_attn_implementation(outer[0] if outer else on[0])
+
+
+def set_inner_attention(module: nn.Module, fn: Callable[..., tuple[torch.Tensor, Any]] | None) -> None:
+    """Make ``fn`` the function :func:`sequence_attention` runs for ``module`` (None: SDPA)."""
+    if fn is not None:
+        object.__setattr__(module, _INNER, fn)
+    elif hasattr(module, _INNER):
+        object.__delattr__(module, _INNER)
+
+
+def sequence_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """What an outer function runs for a call whose keys are all its own: ``module``'s inner
+    function (block-sparse attention) if it has one, else SDPA."""
+    fn = getattr(module, _INNER, None) or dense_attention
+    return fn(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
 
 
 def dense_attention(

@@ -35,9 +35,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from hfcompress.errors import ModelError
 from hfcompress.integrations.attention import (
     check_attention_interface,
-    dense_attention,
     register_attention,
     restore_attention,
+    sequence_attention,
     switch_attention,
 )
 from hfcompress.quant.dispatch import _force_reference
@@ -376,13 +376,15 @@ def kv_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """The ``hfcompress_kv`` attention function: over a :class:`QuantizedKVLayer`'s parts when
-    ``key`` comes tagged from one, else transformers' SDPA attention."""
+    ``key`` comes tagged from one that holds keys already; otherwise (a prefill, a forward
+    without our cache) :func:`~hfcompress.integrations.attention.sequence_attention`: SDPA, or
+    block-sparse attention when the model has it too."""
     layer: QuantizedKVLayer | None = getattr(key, _TAG, None)
     if layer is None or layer._pending is None or layer._pending[0] is not key:
-        return dense_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+        return sequence_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     n_sink, n_packed, n_res = layer.sink_keys.shape[-2], layer.packed_tokens, layer.keys.shape[-2]
-    if n_sink + n_packed + n_res == 0:  # nothing stored yet (a prefill): plain attention
-        out = dense_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    if n_sink + n_packed + n_res == 0:  # nothing stored yet (a prefill): the keys are all this call's
+        out = sequence_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
         layer.commit()
         return out
     b, _, q_len, d = query.shape
@@ -439,7 +441,7 @@ def enable_kv_cache(model: nn.Module, spec: KVCacheConfig | None = None, **kwarg
     """
     spec = spec if spec is not None else KVCacheConfig(**kwargs)
     check_model(model, spec)
-    register_attention(ATTENTION, kv_attention)
+    register_attention(ATTENTION, kv_attention, outer=True)
     switch_attention(model, ATTENTION, "the quantized KV cache")
     if kv_config(model) is None:
         object.__setattr__(model, "_prepare_cache_for_generation", types.MethodType(_prepare_cache, model))
@@ -463,7 +465,7 @@ def disable_kv_cache(model: nn.Module) -> None:
     """Undo :func:`enable_kv_cache`: the default cache and the attention the model had before."""
     if kv_config(model) is None:
         return
-    restore_attention(model)
+    restore_attention(model, ATTENTION)
     for attr in (_CONFIG_ATTR, "_prepare_cache_for_generation"):
         object.__delattr__(model, attr)
 

@@ -156,16 +156,59 @@ def test_calibrated_layout_needs_calibration_data():
         compress(make_tiny_llama(), [_config("calibrated")], progress=False)
 
 
-def test_one_attention_replacement_per_model():
+@pytest.mark.parametrize("kv_first", [False, True])
+def test_block_sparse_composes_with_the_quantized_kv_cache(kv_first, tmp_path):
+    from hfcompress.integrations.kv_cache import QuantizedKVCache, disable_kv_cache
+
+    kv = KVCacheConfig(bits=4, group_size=32, residual_length=8)
+    sparse_only = make_tiny_llama()
+    enable_block_sparse(sparse_only, _config("dynamic"))
+    ids = _ids(1, 64)
+    want = sparse_only(ids).logits
+    assert (want - make_tiny_llama()(ids).logits).abs().max() > 1e-3  # sparse changes the logits
     model = make_tiny_llama()
-    with pytest.raises(RecipeError, match="do not compose"):
-        compress(model, [_config("local"), KVCacheConfig(bits=4, group_size=32)], progress=False)
+    compress(model, [kv, _config("dynamic")] if kv_first else [_config("dynamic"), kv], progress=False)
+    assert model.config._attn_implementation == "hfcompress_kv"
+    # A forward without a cache, and a prefill into the quantized cache, are block-sparse.
+    torch.testing.assert_close(model(ids).logits, want, rtol=0, atol=1e-5)
+    cache = QuantizedKVCache(model.config, spec=kv)
+    before = bsa.states(model)["model.layers.0.self_attn"].kept_tiles
+    prefill = model(ids, cache=cache, use_cache=True).logits
+    torch.testing.assert_close(prefill, want, rtol=0, atol=1e-5)
+    assert bsa.states(model)["model.layers.0.self_attn"].kept_tiles > before and cache.get_seq_length() == 64
+    out = model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert out[0, 64] == want[0, -1].argmax()
+    hfcompress.save_pretrained(model, tmp_path / "m")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert reloaded.config._attn_implementation == "hfcompress_kv" and bsa.sparse_config(reloaded) is not None
+    torch.testing.assert_close(reloaded(ids).logits, want, rtol=0, atol=1e-5)
+    assert torch.equal(reloaded.generate(ids, max_new_tokens=12, do_sample=False), out)
+    # Each switches off alone.
+    disable_kv_cache(model)
+    assert model.config._attn_implementation == "hfcompress_block_sparse"
+    torch.testing.assert_close(model(ids).logits, want, rtol=0, atol=1e-5)
+    disable_block_sparse(model)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_one_block_sparse_stage_per_model_and_two_inner_functions_do_not_compose():
+    from hfcompress.integrations.attention import dense_attention, register_attention, switch_attention
+
+    model = make_tiny_llama()
+    with pytest.raises(RecipeError, match="one block_sparse stage is enough"):
+        compress(model, [_config("local"), _config("dynamic")], progress=False)
     assert model.config._attn_implementation == "sdpa"
     compress(model, [_config("local")], progress=False)
     with pytest.raises(RecipeError, match="block-sparse already"):
         compress(model, [_config("dynamic")], progress=False)
-    with pytest.raises(RecipeError, match="do not compose"):
-        compress(model, [KVCacheConfig(bits=4, group_size=32)], progress=False)
+    # Another function of the same kind (inner: it attends over the call's own keys) is refused.
+    register_attention("test_inner", dense_attention)
+    with pytest.raises(hfcompress.ModelError, match="cannot run beside it"):
+        switch_attention(model, "test_inner", "a test attention")
+    other = make_tiny_llama()
+    switch_attention(other, "test_inner", "a test attention")
+    with pytest.raises(RecipeError, match="already replaced in the same way"):
+        compress(other, [_config("local")], progress=False)
 
 
 def test_kept_density_counts_every_call_and_short_sequences_as_dense():

@@ -26,6 +26,7 @@ from hfcompress.integrations.attention import (
     dense_attention,
     register_attention,
     restore_attention,
+    set_inner_attention,
     switch_attention,
 )
 from hfcompress.quant.dispatch import _force_reference
@@ -313,7 +314,7 @@ def enable_block_sparse(
             if tables is None or name not in tables
             else torch.tensor(tables[name], dtype=torch.float32, device="cpu")
         )
-        object.__setattr__(module, _STATE, SparseState(config, table))
+        _attach(module, SparseState(config, table))
     object.__setattr__(model, _CONFIG, config)
     return config
 
@@ -322,11 +323,23 @@ def disable_block_sparse(model: nn.Module) -> None:
     """Undo :func:`enable_block_sparse`: the attention the model had before."""
     if sparse_config(model) is None:
         return
-    restore_attention(model)
+    restore_attention(model, ATTENTION)
     for module in attention_modules(model).values():
-        if hasattr(module, _STATE):
-            object.__delattr__(module, _STATE)
+        _detach(module)
     object.__delattr__(model, _CONFIG)
+
+
+def _attach(module: nn.Module, state: SparseState) -> None:
+    """Give ``module`` its state, and block-sparse attention as its inner function (what the
+    quantized KV cache's attention runs for a prefill)."""
+    object.__setattr__(module, _STATE, state)
+    set_inner_attention(module, block_sparse_attention)
+
+
+def _detach(module: nn.Module) -> None:
+    if hasattr(module, _STATE):
+        object.__delattr__(module, _STATE)
+    set_inner_attention(module, None)
 
 
 def calibrate_tables(
@@ -345,7 +358,7 @@ def calibrate_tables(
     switch_attention(model, ATTENTION, "block-sparse attention")
     modules = attention_modules(model)
     for module in modules.values():
-        object.__setattr__(module, _STATE, SparseState(config, recording=True))
+        _attach(module, SparseState(config, recording=True))
     device = next(model.parameters()).device
     sequences = 0
     try:
@@ -356,8 +369,8 @@ def calibrate_tables(
     finally:
         recorded = {name: getattr(m, _STATE).recorded for name, m in modules.items()}
         for module in modules.values():
-            object.__delattr__(module, _STATE)
-        restore_attention(model)
+            _detach(module)
+        restore_attention(model, ATTENTION)
     missing = [name for name, table in recorded.items() if table is None]
     if missing:
         raise ModelError(
