@@ -109,7 +109,16 @@ def load_text(source: str | os.PathLike) -> str:
             raise CalibrationDataError(f"unknown WikiText-2 split {split!r}; accepted: {', '.join(_SPLITS)}")
         return _wikitext(_SPLITS[split])
     path = Path(name)
-    if not path.is_file():
+    try:
+        is_file = path.is_file()
+    except OSError:  # a name no file system takes (too long): the text itself, passed as a source
+        is_file = False
+    if not is_file and ("\n" in name or len(name) > 255):
+        raise CalibrationDataError(
+            f"the text source is a string of {len(name)} characters that names no file (text itself?); a string "
+            "names a file or one of wikitext2:test, wikitext2:valid: pass text as a list of strings ([text])"
+        )
+    if not is_file:
         raise CalibrationDataError(f"text source {name!r} is neither a file nor one of wikitext2:test, wikitext2:valid")
     text = path.read_text(encoding="utf-8")
     return join_wikitext_rows(text) if path.name.startswith("wiki.") and path.suffix == ".raw" else text

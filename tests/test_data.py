@@ -68,6 +68,11 @@ def test_unknown_sources_are_clear_errors(tmp_path):
         load_text("wikitext2:train")
     with pytest.raises(CalibrationDataError, match="neither a file nor one of"):
         load_text(tmp_path / "missing.txt")
+    # Text itself where a source is expected: an error that says so, not an OSError or the text.
+    for text in ("word " * 2000, "one line\nanother line"):
+        with pytest.raises(CalibrationDataError, match=r"names no file \(text itself\?\).*\[text\]") as info:
+            load_text(text)
+        assert len(str(info.value)) < 300
 
 
 def test_plain_text_file_is_read_as_is(tmp_path):
