@@ -50,6 +50,16 @@ def test_full_density_is_dense_attention():
     assert model.config._attn_implementation == "sdpa"
 
 
+def test_sequences_shorter_than_min_tokens_attend_densely():
+    dense, model = make_tiny_llama(), make_tiny_llama()
+    enable_block_sparse(model, _config("local", min_tokens=96))
+    short, long = _ids(1, 80), _ids(1, 96)
+    assert torch.equal(model(short).logits, dense(short).logits)
+    assert (model(long).logits - dense(long).logits).abs().max() > 1e-3
+    with pytest.raises(RecipeError, match="min_tokens=-1"):
+        _config("local", min_tokens=-1)
+
+
 def test_layout_with_every_tile_kept_through_the_sparse_path_is_dense():
     # density 1.0 takes the dense shortcut; two blocks, the first a sink, keep every tile through
     # the layout and the masked attention, and must give the dense logits.

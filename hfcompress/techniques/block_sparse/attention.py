@@ -6,8 +6,9 @@ switches the model's attention to :func:`block_sparse_attention`. Each call pick
 kernel (:mod:`hfcompress_triton.block_sparse`), elsewhere, or with a padding mask or attention
 dropout, through SDPA over the expanded token mask (the kernel's twin plus the mask).
 
-Only forwards whose queries are the whole sequence and longer than one block are sparse (a
-prefill, a training step, an encoder); a step over a cache (decoding) attends densely.
+Only forwards whose queries are the whole sequence, longer than one block and at least
+``min_tokens`` long are sparse (a prefill, a training step, an encoder); a step over a cache
+(decoding) attends densely.
 """
 
 from __future__ import annotations
@@ -217,7 +218,7 @@ def block_sparse_attention(
     causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
     if state.recording:
         _record(state, query, key, causal)
-    if state.recording or key.shape[2] != t or t <= cfg.block_size or cfg.density >= 1:
+    if state.recording or key.shape[2] != t or t <= cfg.block_size or t < cfg.min_tokens or cfg.density >= 1:
         state.last_density = None
         if key.shape[2] == t and not state.recording:
             n = L.num_blocks(t, cfg.block_size)

@@ -19,8 +19,8 @@ class BlockSparseConfig(TechniqueConfig):
     The stage changes no weight: it switches the model's attention to ``hfcompress_block_sparse``
     (through transformers' ``AttentionInterface``), records the layout, and ``from_pretrained``
     switches it back on. A forward whose queries are the whole sequence (a prefill, training,
-    an encoder) and longer than one block is sparse; a step over a cache (decoding) attends
-    densely.
+    an encoder), longer than one block and at least ``min_tokens`` long, is sparse; a step
+    over a cache (decoding) attends densely.
 
     Args:
         layout: Which tiles each head keeps:
@@ -46,6 +46,10 @@ class BlockSparseConfig(TechniqueConfig):
         random_blocks: ``bigbird``: random key blocks per query block.
         seed: ``bigbird``: seed of the random blocks.
         batch_size: ``calibrated``: sequences per calibration forward pass.
+        min_tokens: Sequences shorter than this attend densely (0: every sequence longer
+            than one block is sparse). Short prompts gain little speed and lose the most
+            quality: on SmolLM2-135M the dynamic layout at 50% costs +2.6% of perplexity at
+            2048 tokens and +25% at 512.
     """
 
     technique = "block_sparse"
@@ -59,6 +63,7 @@ class BlockSparseConfig(TechniqueConfig):
     random_blocks: int = 1
     seed: int = 0
     batch_size: int = 1
+    min_tokens: int = 0
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
@@ -75,3 +80,5 @@ class BlockSparseConfig(TechniqueConfig):
             raise invalid("random_blocks", self.random_blocks, "an integer >= 0")
         if self.batch_size < 1:
             raise invalid("batch_size", self.batch_size, "an integer >= 1")
+        if self.min_tokens < 0:
+            raise invalid("min_tokens", self.min_tokens, "an integer >= 0 (0: no minimum)")
