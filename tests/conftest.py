@@ -35,10 +35,11 @@ def make_tiny_llama(seed: int = 0, tie: bool = True, layers: int = 2, **override
 
 
 def make_tiny_bert(
-    seed: int = 0, layers: int = 2, num_labels: int = 3, vocab: int = 100
+    seed: int = 0, layers: int = 2, num_labels: int = 3, vocab: int = 100, **overrides
 ) -> BertForSequenceClassification:
+    """2 layers, hidden 64; ``overrides`` replace any of the config fields."""
     torch.manual_seed(seed)
-    config = BertConfig(
+    fields = dict(
         vocab_size=vocab,
         hidden_size=64,
         num_hidden_layers=layers,
@@ -48,7 +49,7 @@ def make_tiny_bert(
         num_labels=num_labels,
         pad_token_id=0,
     )
-    return BertForSequenceClassification(config).eval()
+    return BertForSequenceClassification(BertConfig(**{**fields, **overrides})).eval()
 
 
 class Killed(Exception):

@@ -1,10 +1,14 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from hfcompress import RecipeError, RTNConfig
+import hfcompress
+from hfcompress import RecipeError, RTNConfig, compress
 from hfcompress.recipe import Recipe, Stage
+from tests.conftest import make_tiny_bert, make_tiny_llama
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 
@@ -51,6 +55,42 @@ def test_round_trips_through_dict_and_yaml(recipe):
 def test_every_shipped_recipe_parses_and_documents_itself(path):
     assert path.read_text().startswith("#"), "a recipe opens with a comment saying what it does"
     assert len(Recipe.from_yaml(path)) >= 1
+
+
+# Recipes that train (distillation) need a training set and a task: tests/techniques/test_pkd_training.py.
+TRAINING = {"minilm_pkd_skip3.yaml", "minilm_pkd_skip3_w4a16_rtn.yaml"}
+APPLIED = [p for p in RECIPES if p.name not in TRAINING]
+
+
+@pytest.mark.parametrize("path", APPLIED, ids=[p.name for p in APPLIED])
+def test_every_shipped_recipe_compresses_a_small_model_that_reloads_the_same(path, tmp_path):
+    # Small models with the shipped recipes' shapes in reach: group size 128 divides the inputs,
+    # heads of 64 channels (KV groups of 64), 128-token windows (two attention blocks of 64).
+    decoder = path.name.startswith(("llama_", "smollm2_"))
+    if decoder:
+        model, auto = (
+            make_tiny_llama(hidden_size=256, intermediate_size=512, max_position_embeddings=256),
+            AutoModelForCausalLM,
+        )
+    else:
+        model, auto = (
+            make_tiny_bert(hidden_size=128, num_attention_heads=2, intermediate_size=256),
+            AutoModelForSequenceClassification,
+        )
+    ids = torch.randint(2, 100, (32, 128), generator=torch.Generator().manual_seed(0))
+    recipe = Recipe.from_yaml(path)
+    compress(model, recipe, calibration_data=ids, progress=False)
+    logits = model(ids[:2]).logits
+    assert torch.isfinite(logits).all()
+    hfcompress.save_pretrained(model, tmp_path / "m", card=False)
+    reloaded = auto.from_pretrained(tmp_path / "m")
+    assert {n: type(m) for n, m in reloaded.named_modules()} == {n: type(m) for n, m in model.named_modules()}
+    assert [s["name"] for s in reloaded.config.quantization_config.recipe["stages"]] == [s.name for s in recipe]
+    assert torch.equal(reloaded(ids[:2]).logits, logits)
+    if decoder:
+        prompt = ids[:1, :96]
+        generated = model.generate(prompt, max_new_tokens=8, do_sample=False)
+        assert torch.equal(reloaded.generate(prompt, max_new_tokens=8, do_sample=False), generated)
 
 
 BAD = [
