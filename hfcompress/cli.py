@@ -171,7 +171,8 @@ def _compress(args: argparse.Namespace) -> int:
         raise HfCompressError(
             f"stage {calibrating[0]!r} needs calibration data; pass --calibration wikitext2:valid (or a text file)"
         )
-    calibration = load_text(args.calibration) if calibrating else None
+    # Read now, to fail before the model loads; passed on as text (a list), not as a source name.
+    calibration = [load_text(args.calibration)] if calibrating else None
     eval_text = load_text(args.eval_data) if args.report else None
     torch.manual_seed(args.seed)
 

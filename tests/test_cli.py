@@ -128,3 +128,16 @@ def test_compress_with_error_compensation_reports_its_bits(tiny_llama_dir, text,
     )
     weights = sum(m.in_features * m.out_features for m in layers)
     assert bits == pytest.approx(8 * nbytes / weights, abs=0.005)
+
+
+def test_compress_with_a_calibrated_recipe_reads_the_calibration_text(tiny_llama_dir, text, tmp_path):
+    # The text file is read before the model loads and reaches the GPTQ stage as text.
+    recipe = tmp_path / "gptq.yaml"
+    recipe.write_text("stages:\n  - name: w4\n    technique: gptq\n    bits: 4\n    group_size: 32\n")
+    out = tmp_path / "out"
+    args = ["--quiet", "compress", "--model", str(tiny_llama_dir), "--recipe", str(recipe), "--output", str(out)]
+    assert (
+        main([*args, "--calibration", str(text), "--num-calibration-samples", "4", "--calibration-seq-len", "16"]) == 0
+    )
+    assert isinstance(AutoModelForCausalLM.from_pretrained(out).model.layers[0].mlp.up_proj, QuantLinear)
+    assert main([*args, "--overwrite"]) == 2  # no --calibration: refused before anything loads
