@@ -21,7 +21,11 @@
   the largest activations). An asymmetric zero point becomes a rank-one correction. The op
   crashes (torch 2.13) when K is not a multiple of 16, so K is zero-padded.
 
-Both serve weight-only schemes; a layer with quantized input activations goes elsewhere.
+Both serve weight-only schemes. A layer with quantized input activations goes to the integer
+matmuls of ``cpu_w8a8`` when its weights allow one (per channel); grouped 4-bit weights with
+int8 inputs (W4A8 g128) go to ``cpu_int4_a8``: the inputs fake-quantized (the reference's
+``fq(x)``), then ``cpu_int4``, at the weight-only op's speed instead of the reference's, which
+dequantizes the whole weight on every call.
 """
 
 from __future__ import annotations
@@ -172,5 +176,25 @@ def _cpu_int8_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return y if layer.bias is None else y + layer.bias.to(x.dtype)
 
 
+def _supports_int4_a8(layer: QuantLinear, x: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype in _FLOAT_INPUTS
+        and layer.scheme.input_activations is not None
+        and layer.bits == 4
+        and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+        and _int4_block_size(layer) is not None
+    )
+
+
+def _cpu_int4_a8_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    from hfcompress.quant.activations import fake_quantize_activations
+
+    x = fake_quantize_activations(x, layer.scheme.input_activations, getattr(layer, "input_scale", None))
+    return _cpu_int4_forward(layer, x)
+
+
 register_kernel(Kernel("cpu_int4", _supports_int4, _cpu_int4_forward, priority=20))
+# Below cpu_int_mm (20): a per-channel W4A8 layer keeps its integer matmul.
+register_kernel(Kernel("cpu_int4_a8", _supports_int4_a8, _cpu_int4_a8_forward, priority=10))
 register_kernel(Kernel("cpu_int8", _supports_int8, _cpu_int8_forward, priority=20))
