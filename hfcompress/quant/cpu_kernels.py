@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from hfcompress.quant.affine import num_groups
-from hfcompress.quant.dispatch import Kernel, cached, register_kernel
+from hfcompress.quant.dispatch import Kernel, cached, fake_quantize_inputs, register_kernel
 
 if TYPE_CHECKING:
     from hfcompress.quant.linear import QuantLinear
@@ -90,13 +90,19 @@ class _Int8Pack:
     padded_k: int
 
 
-def _supports_int4(layer: QuantLinear, x: torch.Tensor) -> bool:
+def _int4_op_fits(layer: QuantLinear, x: torch.Tensor) -> bool:
+    """Whether the int4 op can take ``layer``'s weights and ``x`` (whatever the input scheme)."""
     return (
-        _cpu_weight_only(layer, x)
+        x.device.type == "cpu"
+        and x.dtype in _FLOAT_INPUTS
         and layer.bits == 4
         and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
         and _int4_block_size(layer) is not None
     )
+
+
+def _supports_int4(layer: QuantLinear, x: torch.Tensor) -> bool:
+    return layer.scheme.input_activations is None and _int4_op_fits(layer, x)
 
 
 def _build_int4(layer: QuantLinear) -> _Int4Pack:
@@ -177,21 +183,11 @@ def _cpu_int8_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 
 
 def _supports_int4_a8(layer: QuantLinear, x: torch.Tensor) -> bool:
-    return (
-        x.device.type == "cpu"
-        and x.dtype in _FLOAT_INPUTS
-        and layer.scheme.input_activations is not None
-        and layer.bits == 4
-        and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
-        and _int4_block_size(layer) is not None
-    )
+    return layer.scheme.input_activations is not None and _int4_op_fits(layer, x)
 
 
 def _cpu_int4_a8_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    from hfcompress.quant.activations import fake_quantize_activations
-
-    x = fake_quantize_activations(x, layer.scheme.input_activations, getattr(layer, "input_scale", None))
-    return _cpu_int4_forward(layer, x)
+    return _cpu_int4_forward(layer, fake_quantize_inputs(layer, x))
 
 
 register_kernel(Kernel("cpu_int4", _supports_int4, _cpu_int4_forward, priority=20))

@@ -110,12 +110,17 @@ def reference_path() -> Iterator[None]:
             os.environ[FORCE_REFERENCE_ENV] = previous
 
 
+def fake_quantize_inputs(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """``fq(x)``: ``x`` on the int8 grid of ``layer``'s input scheme, in ``x``'s dtype (``x``
+    itself for weight-only schemes)."""
+    act = layer.scheme.input_activations
+    return x if act is None else fake_quantize_activations(x, act, getattr(layer, "input_scale", None))
+
+
 def reference_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     """``fq(x) @ dequantize(W).T + b`` in the activation dtype, ``fq`` the input quantization
     of the scheme (identity for weight-only schemes)."""
-    act = layer.scheme.input_activations
-    if act is not None:
-        x = fake_quantize_activations(x, act, getattr(layer, "input_scale", None))
+    x = fake_quantize_inputs(layer, x)
     return F.linear(x, layer.dequantize(x.dtype), layer.bias)
 
 
@@ -186,9 +191,7 @@ def _dense_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     if "dense" not in layer._kernel_cache:
         _DENSE.layers.append(layer)
     weight = cached(layer, "dense", lambda m: m.dequantize(torch.float32))
-    act = layer.scheme.input_activations
-    if act is not None:
-        x = fake_quantize_activations(x, act, getattr(layer, "input_scale", None))
+    x = fake_quantize_inputs(layer, x)
     return F.linear(x, weight.to(x.dtype) if not torch.is_autocast_enabled() else weight, layer.bias)
 
 
@@ -196,10 +199,8 @@ def _trainable_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     """The reference computation, differentiable in ``x`` (for adapters trained on a frozen
     quantized model): the weight is dequantized in ``x``'s dtype, and int8 input rounding
     passes the gradient straight through."""
-    act = layer.scheme.input_activations
-    if act is not None:
-        xq = fake_quantize_activations(x.detach(), act, getattr(layer, "input_scale", None))
-        x = x + (xq - x).detach()
+    if layer.scheme.input_activations is not None:
+        x = x + (fake_quantize_inputs(layer, x.detach()) - x).detach()
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     return F.linear(x, layer.dequantize(dtype), layer.bias)
 
