@@ -25,6 +25,7 @@ __all__ = [
     "OURS",
     "attention_conflict",
     "check_attention_interface",
+    "declare_outer",
     "dense_attention",
     "register_attention",
     "restore_attention",
@@ -40,17 +41,21 @@ OURS: set[str] = set()
 _OUTER: set[str] = set()
 
 
-def register_attention(name: str, fn: Callable[..., tuple[torch.Tensor, Any]], *, outer: bool = False) -> None:
-    """Register ``fn`` as transformers attention ``name``, its masks built as SDPA's. An
-    ``outer`` function hands calls whose keys are all their own to :func:`sequence_attention`."""
+def register_attention(name: str, fn: Callable[..., tuple[torch.Tensor, Any]]) -> None:
+    """Register ``fn`` as transformers attention ``name``, its masks built as SDPA's."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
     AttentionInterface.register(name, fn)
     ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
     OURS.add(name)
-    if outer:
-        _OUTER.add(name)
+
+
+def declare_outer(name: str) -> None:
+    """Declare our attention ``name`` an outer one: it hands calls whose keys are all their own
+    to :func:`sequence_attention` (declared where it is defined, so stages can check before
+    anything is registered)."""
+    _OUTER.add(name)
 
 
 def check_attention_interface(model: nn.Module, what: str) -> None:
@@ -71,31 +76,26 @@ def _running(model: nn.Module) -> list[str]:
     return on
 
 
-def _clash(on: list[str], name: str, outer: bool) -> str | None:
+def _clash(on: list[str], name: str) -> str | None:
     """The one of ``on`` that ``name`` cannot run beside (both outer or both inner), or None."""
-    return next((n for n in on if n != name and (n in _OUTER) == outer), None)
+    return next((n for n in on if n != name and (n in _OUTER) == (name in _OUTER)), None)
 
 
-def attention_conflict(marks: dict[str, str], model: nn.Module, name: str, stage: str, outer: bool) -> str | None:
-    """Why ``stage``, switching ``model`` to our attention ``name`` (``outer`` or inner), cannot
-    run, or None; records the claim in ``marks`` (the model-level marks of a
-    :class:`~hfcompress.modifier.ModelView`) as ``attention:outer|inner:<name>``."""
-    kind = "outer" if outer else "inner"
-    for key, earlier in marks.items():
-        if key.startswith(f"attention:{kind}:") and key != f"attention:{kind}:{name}":
-            return _conflict(f"stage {earlier!r}")
-    clash = _clash(_running(model), name, outer)
+def attention_conflict(marks: dict[str, str], model: nn.Module, name: str, stage: str) -> str | None:
+    """Why ``stage``, switching ``model`` to our attention ``name``, cannot run, or None; records
+    the claim in ``marks`` (the model-level marks of a :class:`~hfcompress.modifier.ModelView`)
+    as ``attention:<name>``."""
+    earlier = {key.partition(":")[2]: f"stage {s!r}" for key, s in marks.items() if key.startswith("attention:")}
+    for other in _running(model):
+        earlier.setdefault(other, f"an earlier run ({other!r})")
+    clash = _clash(list(earlier), name)
     if clash is not None:
-        return _conflict(f"an earlier run ({clash!r})")
-    marks[f"attention:{kind}:{name}"] = stage
+        return (
+            f"the model's attention is already replaced in the same way (by {earlier[clash]}); block-sparse "
+            "attention and the quantized KV cache compose, but two of one kind do not: keep one"
+        )
+    marks[f"attention:{name}"] = stage
     return None
-
-
-def _conflict(where: str) -> str:
-    return (
-        f"the model's attention is already replaced in the same way (by {where}); block-sparse attention and "
-        "the quantized KV cache compose, but two of one kind do not: keep one"
-    )
 
 
 def switch_attention(model: nn.Module, name: str, what: str) -> None:
@@ -107,7 +107,7 @@ def switch_attention(model: nn.Module, name: str, what: str) -> None:
         ModelError: The model already runs another of ours of the same kind (outer or inner).
     """
     on = _running(model)
-    clash = _clash(on, name, name in _OUTER)
+    clash = _clash(on, name)
     if clash is not None:
         raise ModelError(
             f"{what} replaces the attention function, and this model already runs {clash!r}, which cannot run "

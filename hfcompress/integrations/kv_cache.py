@@ -35,6 +35,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from hfcompress.errors import ModelError
 from hfcompress.integrations.attention import (
     check_attention_interface,
+    declare_outer,
     register_attention,
     restore_attention,
     sequence_attention,
@@ -51,6 +52,7 @@ __all__ = ["ATTENTION", "QuantizedKVCache", "QuantizedKVLayer", "disable_kv_cach
 logger = logging.getLogger(__name__)
 
 ATTENTION = "hfcompress_kv"
+declare_outer(ATTENTION)  # reads the packed cache; calls without stored keys go to sequence_attention
 _CONFIG_ATTR = "_hfcompress_kv_cache"
 _TAG = "_hfcompress_kv_layer"
 # Packed storage grows by at least this many tokens (or an eighth of what it holds) at a time.
@@ -441,7 +443,7 @@ def enable_kv_cache(model: nn.Module, spec: KVCacheConfig | None = None, **kwarg
     """
     spec = spec if spec is not None else KVCacheConfig(**kwargs)
     check_model(model, spec)
-    register_attention(ATTENTION, kv_attention, outer=True)
+    register_attention(ATTENTION, kv_attention)
     switch_attention(model, ATTENTION, "the quantized KV cache")
     if kv_config(model) is None:
         object.__setattr__(model, "_prepare_cache_for_generation", types.MethodType(_prepare_cache, model))

@@ -58,7 +58,7 @@ class BlockSparseModifier(Modifier):
             raise self.error(
                 f"the model's attention is block-sparse already (from {earlier}); one block_sparse stage is enough"
             )
-        conflict = attention_conflict(root.marks, model, ATTENTION, self.stage, outer=False)
+        conflict = attention_conflict(root.marks, model, ATTENTION, self.stage)
         if conflict is not None:
             raise self.error(conflict)
         root.marks[PATCH] = self.stage

@@ -41,7 +41,7 @@ class KVCacheModifier(Modifier):
             raise self.error(
                 f"the model already has a quantized KV cache (from {earlier}); one kv_cache stage is enough"
             )
-        conflict = attention_conflict(root.marks, model, ATTENTION, self.stage, outer=True)
+        conflict = attention_conflict(root.marks, model, ATTENTION, self.stage)
         if conflict is not None:
             raise self.error(conflict)
         root.marks[PATCH] = self.stage
