@@ -25,7 +25,6 @@ Calibration: ``--samples`` windows of 512 tokens of WikiText-2 validation (seed 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 import time
@@ -43,6 +42,9 @@ def main() -> None:
 
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_kv import perplexity_through_cache
 
     import hfcompress
     from hfcompress.data import load_text
@@ -70,21 +72,17 @@ def main() -> None:
             return cache.nbytes()
         return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
-    @torch.no_grad()
     def through_cache(model) -> tuple[float, int]:
-        total, count, nbytes = 0.0, 0, 0
-        for w in range(args.windows):
-            x = tokens[w * length : (w + 1) * length][None]
+        """bench_kv's perplexity through the cache, and the bytes of the last window's cache."""
+        caches = []
+
+        def make():
             spec = kv_config(model)
-            cache = QuantizedKVCache(model.config, spec=spec) if spec else DynamicCache(config=model.config)
-            logits = [model(x[:, : args.prefill], cache=cache).logits]
-            for start in range(args.prefill, length, 64):
-                logits.append(model(x[:, start : start + 64], cache=cache).logits)
-            lg = torch.cat(logits, dim=1)[0, :-1].float()
-            total += torch.nn.functional.cross_entropy(lg, x[0, 1:], reduction="sum").item()
-            count += length - 1
-            nbytes = cache_bytes(cache)
-        return math.exp(total / count), nbytes
+            caches.append(QuantizedKVCache(model.config, spec=spec) if spec else DynamicCache(config=model.config))
+            return caches[-1]
+
+        ppl = perplexity_through_cache(model, tokens, make, args.windows, length=length, prefill=args.prefill)
+        return ppl, cache_bytes(caches[-1])
 
     rows: list[tuple[str, dict]] = []
 
