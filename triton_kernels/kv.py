@@ -19,7 +19,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from hfcompress_triton.kv_ref import MIN_SCALE, Axis, block_strides, value_group_size
+from hfcompress_triton.kv_ref import MIN_SCALE as _MIN_SCALE
+from hfcompress_triton.kv_ref import Axis, block_strides, value_group_size
+
+# A kernel reads module globals only as constexprs.
+_MIN_SCALE_C = tl.constexpr(_MIN_SCALE)
 
 __all__ = ["kv_decode_attention", "kv_quantize"]
 
@@ -45,7 +49,7 @@ def _kv_quantize_channel_kernel(
     x = tl.load(x_ptr + (bh * n_tok + grp * G + t) * D + ch).to(tl.float32)  # [G, PER, W]
     lo, hi = tl.min(x, axis=0), tl.max(x, axis=0)  # [PER, W]
     QMAX: tl.constexpr = (1 << BITS) - 1
-    scale = tl.maximum((hi - lo) / QMAX, MIN_SCALE).to(s_ptr.dtype.element_ty)
+    scale = tl.maximum(tl.math.div_rn(hi - lo, QMAX * 1.0), _MIN_SCALE_C).to(s_ptr.dtype.element_ty)
     zero = lo.to(z_ptr.dtype.element_ty)
     row = (bh * tl.num_programs(1) + grp) * D + tl.reshape(ch, (PER, W))
     tl.store(s_ptr + row, scale)
@@ -83,7 +87,7 @@ def _kv_quantize_token_kernel(
         in_g = group == g
         g_lo = tl.min(tl.min(tl.where(in_g, x, float("inf")), axis=1), axis=0)
         g_hi = tl.max(tl.max(tl.where(in_g, x, float("-inf")), axis=1), axis=0)
-        g_scale = tl.maximum((g_hi - g_lo) / QMAX, MIN_SCALE).to(s_ptr.dtype.element_ty)
+        g_scale = tl.maximum(tl.math.div_rn(g_hi - g_lo, QMAX * 1.0), _MIN_SCALE_C).to(s_ptr.dtype.element_ty)
         g_zero = g_lo.to(z_ptr.dtype.element_ty)
         tl.store(s_ptr + tok * NG + g, g_scale)
         tl.store(z_ptr + tok * NG + g, g_zero)

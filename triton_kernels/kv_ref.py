@@ -91,7 +91,9 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 def _stats(x: torch.Tensor, bits: int, dim: int, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     lo, hi = x.amin(dim=dim), x.amax(dim=dim)
-    scale = ((hi - lo) / (2**bits - 1)).clamp(min=MIN_SCALE).to(scale_dtype)
+    # Divided by a tensor: CUDA multiplies by a scalar divisor's reciprocal (one ulp off the
+    # kernel's IEEE division and the CPU's).
+    scale = ((hi - lo) / hi.new_tensor(float(2**bits - 1))).clamp(min=MIN_SCALE).to(scale_dtype)
     return scale, lo.to(scale_dtype)
 
 

@@ -23,7 +23,10 @@ def per_token_quant_ref(x: torch.Tensor, scale: torch.Tensor | None = None) -> t
     for every row and returned as given (float32)."""
     xf = x.float()
     if scale is None:
-        scale = (xf.abs().amax(dim=-1, keepdim=True) / 127.0).clamp(min=_TINY)
+        # Divided by a tensor, not a Python number: CUDA multiplies by the reciprocal of a
+        # scalar divisor, one ulp off the kernel's IEEE division (and the CPU's).
+        amax = xf.abs().amax(dim=-1, keepdim=True)
+        scale = (amax / amax.new_tensor(127.0)).clamp(min=_TINY)
     else:
         scale = scale.float()
     return torch.clamp(torch.round(xf / scale), -128, 127).to(torch.int8), scale
@@ -31,6 +34,8 @@ def per_token_quant_ref(x: torch.Tensor, scale: torch.Tensor | None = None) -> t
 
 def int8_matmul_int32_ref(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
     """``x_q @ w_q^T`` in exact int32 arithmetic: ``[M, N]`` int32."""
+    if x_q.is_cuda:  # CUDA has no int64 matmul; float64 is exact here (|sum| <= 2**14 K < 2**53)
+        return (x_q.double() @ w_q.double().t()).to(torch.int32)
     return (x_q.to(torch.int64) @ w_q.to(torch.int64).t()).to(torch.int32)
 
 
