@@ -5,11 +5,12 @@
   quantized with a given static scale.
 * ``int8_gemm``: a tiled ``tl.dot`` of int8 tiles into an int32 accumulator (exact), with
   the dequantize epilogue fused: per-token (or per-tensor) scale of ``x`` times per-channel
-  scale of ``w``, plus bias, stored in the output dtype.
+  scale of ``w``, plus bias, stored in the output dtype. Tiles run in L2-friendly groups.
 
 The torch twins with the same parameter names are in :mod:`hfcompress_triton.w8a8_ref`.
-Block sizes come from a small heuristic (no autotune), so the kernels run under
-``TRITON_INTERPRET=1``; ``blocks=`` overrides them for a GPU sweep.
+The GEMM's tile comes from a heuristic over M (the H200 sweep's best per M range; no
+autotune, so the kernels also run under ``TRITON_INTERPRET=1``); ``blocks=`` overrides it,
+which is how ``benchmarks/bench_w8a8.py`` sweeps tiles.
 """
 
 from __future__ import annotations
@@ -35,10 +36,10 @@ def _per_token_quant_kernel(
     if STATIC:
         scale = tl.load(static_ptr)
     else:
-        scale = tl.maximum(tl.max(tl.abs(x), axis=0) / 127.0, 1.1754943508222875e-38)
+        scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=0), 127.0), 1.1754943508222875e-38)
     # Round half away from zero on |x|/s, as the twin's torch.round would up to ties (ties
     # are measure-zero for real activations; the tests use values without them).
-    v = x / scale
+    v = tl.math.div_rn(x, scale)  # IEEE division, as torch's (a plain / is approximate on CUDA)
     q = tl.where(v >= 0, tl.floor(v + 0.5), -tl.floor(-v + 0.5))
     q = tl.minimum(tl.maximum(q, -128.0), 127.0)
     tl.store(q_ptr + row * stride_qm + cols, q.to(tl.int8), mask=mask)
@@ -61,22 +62,45 @@ def _int8_gemm_kernel(
     stride_cm,
     PER_TOKEN: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    """c: [M, N] = (a: [M, K] int8 @ b: [N, K] int8 ^T) * sa * sb (+ bias), int32 accumulation."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    """c: [M, N] = (a: [M, K] int8 @ b: [N, K] int8 ^T) * sa * sb (+ bias), int32 accumulation.
+
+    One program per output tile, in groups of ``GROUP_M`` tile rows so that the programs that
+    run together share their ``b`` tiles in L2. ``EVEN_K``: K is a multiple of ``BLOCK_K`` (no
+    mask on the K axis)."""
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    group_rows = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_rows
+    pid_n = (pid % width) // group_rows
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
+    # Rows past M and N are clamped to a valid row (their results are not stored), so loads
+    # need no row mask.
+    ra = tl.where(rm < M, rm, 0)
+    rb = tl.where(rn < N, rn, 0)
+    a_ptrs = a_ptr + ra[:, None] * stride_am + rk[None, :]
+    b_ptrs = b_ptr + rb[:, None] * stride_bn + rk[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0)
-        b = tl.load(b_ptr + rn[None, :] * stride_bn + kk[:, None], mask=(rn[None, :] < N) & (kk[:, None] < K), other=0)
-        acc += tl.dot(a, b, out_dtype=tl.int32)
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=(k0 + rk)[None, :] < K, other=0)
+            b = tl.load(b_ptrs, mask=(k0 + rk)[None, :] < K, other=0)
+        acc += tl.dot(a, tl.trans(b), out_dtype=tl.int32)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
     if PER_TOKEN:
         sa = tl.load(sa_ptr + rm, mask=rm < M, other=0.0)
     else:
@@ -120,8 +144,16 @@ def per_token_quant(x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple
     return q, (static if scale is not None else out_scale)
 
 
-def _blocks(m: int, blocks: Mapping[str, int] | None) -> dict[str, int]:
-    chosen = {"BLOCK_M": 16 if m <= 16 else 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+def _blocks(m: int, n: int, blocks: Mapping[str, int] | None) -> dict[str, int]:
+    """The GEMM's tile: the best of the H200 sweep in benchmarks/RESULTS.md ("W8A8 GEMM") for
+    the M range, unless ``blocks`` overrides it."""
+    if m <= 16:  # decoding: one row of tiles; wider, deeper tiles for wide layers
+        bm, bn, bk, warps, stages = (16, 64, 128, 4, 4) if n <= 4096 else (16, 128, 256, 4, 3)
+    elif m < 256:
+        bm, bn, bk, warps, stages = 64, 128, 128, 4, 4
+    else:
+        bm, bn, bk, warps, stages = 128, 128, 128, 8, 3
+    chosen = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps, "num_stages": stages}
     chosen.update(blocks or {})
     return chosen
 
@@ -165,9 +197,7 @@ def int8_gemm(
     out = torch.empty((m, n), dtype=out_dtype, device=x_q.device)
     if m == 0:
         return out
-    cfg = _blocks(m, blocks)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
-    _int8_gemm_kernel[grid](
+    args = (
         x_q,
         w_q,
         x_scale.float().contiguous(),
@@ -180,8 +210,10 @@ def int8_gemm(
         x_q.stride(0),
         w_q.stride(0),
         out.stride(0),
-        PER_TOKEN=per_token,
-        HAS_BIAS=bias is not None,
-        **cfg,
+    )
+    cfg = _blocks(m, n, blocks)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    _int8_gemm_kernel[grid](
+        *args, PER_TOKEN=per_token, HAS_BIAS=bias is not None, EVEN_K=k % cfg["BLOCK_K"] == 0, **cfg
     )
     return out
