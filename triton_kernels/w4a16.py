@@ -5,8 +5,8 @@ Three kernels share the packed layout described in :mod:`hfcompress_triton.w4a16
 * ``w4_dequantize``: packed weight to an ``[N, K]`` matrix (bit-exact with its reference);
   with cuBLAS after it, the prefill path for larger M (see ``hfcompress.quant.triton_bridge``).
 * ``w4a16_gemv``: the decode path, one program per (up to 4 rows of x, block of N), each
-  weight tile unpacked once for those rows, reduction over K with vector loads; for small M
-  (1 when decoding).
+  weight tile unpacked once for those rows (codes to floats without int-to-float conversions),
+  products accumulated elementwise over K and reduced once; for small M (1 when decoding).
 * ``w4a16_gemm``: a fused tiled GEMM; weights are dequantized tile by tile in registers and
   fed to ``tl.dot``. Kept and tested, but ``QuantLinear`` does not use it: on an H200,
   ``w4_dequantize`` followed by cuBLAS was faster at every M measured (benchmarks/RESULTS.md).
@@ -30,6 +30,14 @@ __all__ = ["w4_dequantize", "w4a16_gemm", "w4a16_gemv"]
 
 
 @triton.jit
+def _code_to_float(q):
+    """A 4-bit code (int32 in [0, 15]) as float32, exactly, without an int-to-float conversion
+    (a quarter-rate instruction on NVIDIA GPUs that bounds the unpacking): the code becomes the
+    low mantissa bits of 2**23, which is then subtracted."""
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
 def _load_w_tile(
     qw_ptr, s_ptr, z_ptr, rn, kk, N, K, stride_qn, stride_sn, stride_zn, group_size, HAS_ZEROS: tl.constexpr
 ):
@@ -43,7 +51,7 @@ def _load_w_tile(
         z = tl.load(z_ptr + rn[:, None] * stride_zn + g[None, :], mask=mask, other=0).to(tl.float32)
     else:
         z = 8.0
-    return (q.to(tl.float32) - z) * s
+    return (_code_to_float(q) - z) * s
 
 
 @triton.jit
@@ -83,11 +91,57 @@ def _w4_dequantize_kernel(
             z = tl.load(z_ptr + rn[:, None] * stride_zn + g[None, :], mask=bmask, other=0).to(tl.float32)
         else:
             z = 8.0
-        w = tl.interleave(((byte & 0xF).to(tl.float32) - z) * s, ((byte >> 4).to(tl.float32) - z) * s)
+        w = tl.interleave((_code_to_float(byte & 0xF) - z) * s, (_code_to_float(byte >> 4) - z) * s)
     else:
         w = _load_w_tile(qw_ptr, s_ptr, z_ptr, rn, kk, N, K, stride_qn, stride_sn, stride_zn, group_size, HAS_ZEROS)
     mask = (rn[:, None] < N) & (kk[None, :] < K)
     tl.store(out_ptr + rn[:, None] * stride_on + kk[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gemv_group_tile(
+    x_ptr, qw_ptr, s_ptr, z_ptr, rm, rn, j0, M, N, K, KB, stride_xm, stride_qn, stride_sn, stride_zn, group_size,
+    HAS_ZEROS: tl.constexpr, EVEN: tl.constexpr, GROUPS_PER_TILE: tl.constexpr, WIDTH: tl.constexpr,
+):  # fmt: skip
+    """The GEMV's tile at byte column ``j0`` of rows ``rn``: the even and odd columns' codes plus
+    2**23 (``lo, hi``: ``[BLOCK_N, GPT, WIDTH]`` float32, see ``_code_to_float``), each group's
+    zero plus 2**23 and scale (``c, s``: ``[BLOCK_N, GPT, 1]``), so that a weight is
+    ``(lo - c) * s`` with one exact subtraction (float zeros: the codes and zeros as they are);
+    and the matching columns of x (``[BLOCK_M, GPT, WIDTH]``). ``EVEN``: nothing in the tile
+    is out of bounds (no masks)."""
+    gi = tl.arange(0, GROUPS_PER_TILE)
+    jj = j0 + gi[:, None] * WIDTH + tl.arange(0, WIDTH)[None, :]  # [GPT, WIDTH] byte columns
+    w_ptrs = qw_ptr + rn[:, None, None] * stride_qn + jj[None, :, :]
+    even = 2 * jj[None, :, :]  # [1, GPT, WIDTH]
+    x_rows = x_ptr + rm[:, None, None] * stride_xm + even
+    g = (2 * j0) // group_size + gi  # [GPT]
+    s_ptrs = s_ptr + rn[:, None] * stride_sn + g[None, :]
+    z_ptrs = z_ptr + rn[:, None] * stride_zn + g[None, :]
+    if EVEN:
+        byte = tl.load(w_ptrs).to(tl.int32)
+        x_even = tl.load(x_rows).to(tl.float32)
+        x_odd = tl.load(x_rows + 1).to(tl.float32)
+        s = tl.load(s_ptrs).to(tl.float32)
+        z = tl.load(z_ptrs).to(tl.float32) if HAS_ZEROS else 8.0
+    else:
+        byte = tl.load(w_ptrs, mask=(rn[:, None, None] < N) & (jj[None, :, :] < KB), other=0).to(tl.int32)
+        xm = rm[:, None, None] < M
+        x_even = tl.load(x_rows, mask=xm & (even < K), other=0.0).to(tl.float32)
+        x_odd = tl.load(x_rows + 1, mask=xm & (even + 1 < K), other=0.0).to(tl.float32)
+        gmask = (rn[:, None] < N) & (g[None, :] * group_size < K)
+        s = tl.load(s_ptrs, mask=gmask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptrs, mask=gmask, other=0).to(tl.float32) if HAS_ZEROS else 8.0
+    lo = ((byte & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
+    hi = ((byte >> 4) | 0x4B000000).to(tl.float32, bitcast=True)
+    if not HAS_ZEROS:
+        c = 8388616.0  # the symmetric zero, 8
+    elif z_ptr.dtype.element_ty == tl.uint8:
+        c = z[:, :, None] + 8388608.0  # an integer zero: exact
+    else:  # a float zero (HQQ-style) would be rounded: take 2**23 off the codes instead
+        lo -= 8388608.0
+        hi -= 8388608.0
+        c = z[:, :, None]
+    return lo, hi, c, s[:, :, None], x_even, x_odd
 
 
 @triton.jit
@@ -100,6 +154,7 @@ def _w4a16_gemv_kernel(
     M,
     N,
     K,
+    KB,
     stride_xm,
     stride_qn,
     stride_sn,
@@ -108,6 +163,7 @@ def _w4a16_gemv_kernel(
     group_size,
     HAS_ZEROS: tl.constexpr,
     GROUPS_PER_TILE: tl.constexpr,
+    EVEN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -117,38 +173,41 @@ def _w4a16_gemv_kernel(
     Each program unpacks its weight tile once for its ``BLOCK_M`` rows of x. With
     ``GROUPS_PER_TILE > 0`` every K tile holds whole groups or lies inside one (the launcher
     checks): each byte is loaded once, its two codes meet the even and odd columns of x, and
-    the group's affine map is applied once per group rather than per weight:
-    ``sum_k (q_k - z) s x_k = s (sum_k q_k x_k - z sum_k x_k)``. Otherwise (odd or awkward
-    group sizes) each weight is dequantized on its own.
+    each group's scale and zero are loaded once per tile. Otherwise (odd or awkward group
+    sizes) each weight's scale and zero are gathered on their own.
     """
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if GROUPS_PER_TILE > 0:
+        # The tile is [BLOCK_N, GROUPS_PER_TILE, WIDTH] bytes (WIDTH bytes of each group), so a
+        # group's scale and zero broadcast along the last axis. Products are accumulated
+        # elementwise across the whole K loop and reduced once at the end: no reduction across
+        # threads inside the loop. The loop runs over bytes (KB = ceil(K / 2) per row), so the
+        # compiler sees the tile's alignment and loads 16 bytes at a time.
         HALF: tl.constexpr = BLOCK_K // 2
         WIDTH: tl.constexpr = HALF // GROUPS_PER_TILE  # bytes per group within a tile
-        for k0 in range(0, K, BLOCK_K):
-            jj = k0 // 2 + tl.arange(0, HALF)  # byte columns of this tile
-            even = 2 * jj
-            byte = tl.load(
-                qw_ptr + rn[:, None] * stride_qn + jj[None, :], mask=(rn[:, None] < N) & (even[None, :] < K), other=0
-            ).to(tl.int32)  # [BLOCK_N, HALF]
-            x_rows = x_ptr + rm[:, None] * stride_xm + even[None, :]
-            x_even = tl.load(x_rows, mask=(rm[:, None] < M) & (even[None, :] < K), other=0.0).to(tl.float32)
-            x_odd = tl.load(x_rows + 1, mask=(rm[:, None] < M) & (even[None, :] + 1 < K), other=0.0).to(tl.float32)
-            lo = (byte & 0xF).to(tl.float32)
-            hi = (byte >> 4).to(tl.float32)
-            qx = lo[None, :, :] * x_even[:, None, :] + hi[None, :, :] * x_odd[:, None, :]  # [BM, BN, HALF]
-            qx = tl.sum(tl.reshape(qx, (BLOCK_M, BLOCK_N, GROUPS_PER_TILE, WIDTH)), axis=3)
-            xs = tl.sum(tl.reshape(x_even + x_odd, (BLOCK_M, GROUPS_PER_TILE, WIDTH)), axis=2)  # [BM, GPT]
-            g = k0 // group_size + tl.arange(0, GROUPS_PER_TILE)
-            gmask = (rn[:, None] < N) & (g[None, :] * group_size < K)
-            s = tl.load(s_ptr + rn[:, None] * stride_sn + g[None, :], mask=gmask, other=0.0).to(tl.float32)
-            if HAS_ZEROS:
-                z = tl.load(z_ptr + rn[:, None] * stride_zn + g[None, :], mask=gmask, other=0).to(tl.float32)
-                acc += tl.sum(s[None, :, :] * (qx - z[None, :, :] * xs[:, None, :]), axis=2)
-            else:
-                acc += tl.sum(s[None, :, :] * (qx - 8.0 * xs[:, None, :]), axis=2)
+        if BLOCK_M == 1:  # decoding: a 3-D accumulator (a 4-D one costs layout conversions)
+            acc3 = tl.zeros([BLOCK_N, GROUPS_PER_TILE, WIDTH], dtype=tl.float32)
+            for j0 in range(0, KB, HALF):
+                lo, hi, c, s, x_even, x_odd = _gemv_group_tile(
+                    x_ptr, qw_ptr, s_ptr, z_ptr, rm, rn, j0, M, N, K, KB, stride_xm, stride_qn, stride_sn,
+                    stride_zn, group_size, HAS_ZEROS, EVEN, GROUPS_PER_TILE, WIDTH,
+                )  # fmt: skip
+                # x: [1, GPT, WIDTH], broadcast over the rows; the scale once per pair of codes
+                acc3 += s * ((lo - c) * x_even + (hi - c) * x_odd)
+            acc = tl.sum(tl.sum(acc3, axis=2), axis=1)[None, :]
+        else:
+            acc4 = tl.zeros([BLOCK_M, BLOCK_N, GROUPS_PER_TILE, WIDTH], dtype=tl.float32)
+            for j0 in range(0, KB, HALF):
+                lo, hi, c, s, x_even, x_odd = _gemv_group_tile(
+                    x_ptr, qw_ptr, s_ptr, z_ptr, rm, rn, j0, M, N, K, KB, stride_xm, stride_qn, stride_sn,
+                    stride_zn, group_size, HAS_ZEROS, EVEN, GROUPS_PER_TILE, WIDTH,
+                )  # fmt: skip
+                w_lo = (lo - c) * s  # dequantized once for the BLOCK_M rows
+                w_hi = (hi - c) * s
+                acc4 += w_lo[None, :, :, :] * x_even[:, None, :, :] + w_hi[None, :, :, :] * x_odd[:, None, :, :]
+            acc = tl.sum(tl.sum(acc4, axis=3), axis=2)
     else:
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
@@ -284,10 +343,10 @@ def w4_dequantize(
     return out
 
 
-# Default GEMV tiles at M = 1: the best geometric mean over the six layer shapes of the H200
-# block sweep in benchmarks/RESULTS.md. For BLOCK_M rows of x, BLOCK_K shrinks by BLOCK_M to
-# keep the per-program tile the same size.
-GEMV_BLOCKS = {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4}
+# Default GEMV tiles at M = 1: the best geometric mean over the 7B layer shapes of the H200
+# block sweep of 2026-12-04 (benchmarks/RESULTS.md, "GPU run 2026-12-04"). For BLOCK_M rows of
+# x, BLOCK_K shrinks by BLOCK_M to keep the per-program tile the same size.
+GEMV_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4}
 DEQUANTIZE_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 256}
 
 
@@ -335,6 +394,7 @@ def w4a16_gemv(
         m,
         n,
         k,
+        (k + 1) // 2,
         x.stride(0),
         qweight.stride(0),
         scales.stride(0),
@@ -343,6 +403,7 @@ def w4a16_gemv(
         group_size,
         HAS_ZEROS=zeros is not None,
         GROUPS_PER_TILE=_groups_per_tile(group_size, k, meta["BLOCK_K"]),
+        EVEN=m % meta["BLOCK_M"] == 0 and n % meta["BLOCK_N"] == 0 and k % meta["BLOCK_K"] == 0 and k % group_size == 0,
         **meta,
     )
     return y
