@@ -22,6 +22,13 @@ LLAMA_CALIB = torch.randint(0, 128, (16, 24), generator=torch.Generator().manual
 BERT_CALIB = torch.randint(1, 100, (16, 24), generator=torch.Generator().manual_seed(5))
 
 
+def _logits(model, ids):
+    # Inference, as generate() runs it: a forward whose input needs a gradient takes the
+    # differentiable reference path instead of the kernels (dispatch.quant_linear_forward).
+    with torch.no_grad():
+        return model(ids).logits
+
+
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Counts of the Triton launches made through the bridge."""
@@ -60,7 +67,7 @@ def test_reloaded_gptq_llama_runs_the_kernels_with_the_same_logits(tmp_path, ker
     kernel_calls.update(dict.fromkeys(kernel_calls, 0))  # GPTQ itself ran the quantized blocks on the GPU
     prefill = LLAMA_CALIB[:2].cuda()  # M = 48 rows: dequantize, then cuBLAS
     step = LLAMA_CALIB[:1, :1].cuda()  # M = 1 row: the GEMV
-    before = (model(prefill).logits, model(step).logits)
+    before = (_logits(model, prefill), _logits(model, step))
     # every 4-bit Linear, once each
     assert kernel_calls == {"w4_dequantize": 14, "w4a16_gemv": 14, "w4a16_gemm": 0}
 
@@ -70,7 +77,7 @@ def test_reloaded_gptq_llama_runs_the_kernels_with_the_same_logits(tmp_path, ker
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").cuda()
     layer = reloaded.model.layers[1].mlp.down_proj
     assert isinstance(layer, QuantLinear) and layer.qweight.is_cuda
-    after = (reloaded(prefill).logits, reloaded(step).logits)
+    after = (_logits(reloaded, prefill), _logits(reloaded, step))
     assert kernel_calls == {"w4_dequantize": 28, "w4a16_gemv": 28, "w4a16_gemm": 0}
     # The same kernels on the same tensors: only nondeterminism could differ, and there is none.
     for b, a in zip(before, after, strict=True):
@@ -78,13 +85,15 @@ def test_reloaded_gptq_llama_runs_the_kernels_with_the_same_logits(tmp_path, ker
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_half_precision_kernels_agree_with_the_reference_path(tmp_path, monkeypatch, dtype):
+def test_half_precision_kernels_agree_with_the_reference_path(tmp_path, monkeypatch, kernel_calls, dtype):
     _gptq_llama(tmp_path / "m")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=dtype, device_map="cuda")
     ids = LLAMA_CALIB[:4].cuda()
-    kernels = model(ids).logits.float()
+    kernel_calls.update(dict.fromkeys(kernel_calls, 0))
+    kernels = _logits(model, ids).float()
+    assert kernel_calls["w4_dequantize"] == 14  # the kernels ran, not the reference twice
     monkeypatch.setenv(FORCE_REFERENCE_ENV, "1")
-    reference = model(ids).logits.float()
+    reference = _logits(model, ids).float()
     # Both round the same dequantized half-precision weights; they differ in summation order and
     # in where the product is rounded, a few half-precision ulps per layer.
     cosine = torch.nn.functional.cosine_similarity(kernels.flatten(), reference.flatten(), dim=0).item()
@@ -104,9 +113,9 @@ def test_reloaded_gptq_bert_runs_the_kernels_with_the_same_logits(tmp_path, kern
     model.save_pretrained(tmp_path / "b")
     kernel_calls.update(dict.fromkeys(kernel_calls, 0))
     ids = BERT_CALIB[:3].cuda()
-    before = model.cuda()(ids).logits
+    before = _logits(model.cuda(), ids)
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "b", device_map="cuda")
-    after = reloaded(ids).logits
+    after = _logits(reloaded, ids)
     assert kernel_calls["w4_dequantize"] == 2 * 2 * 6  # two runs x two layers x six Linears
     assert (after - before).abs().max().item() <= 1e-5
 
