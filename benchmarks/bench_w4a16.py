@@ -47,10 +47,7 @@ MS = (1, 4, 16, 128, 2048)
 DEVICE = "cuda"  # a module constant so that a CPU smoke run (interpreter, tiny shapes) can swap it
 
 GEMV_CONFIGS = [
-    {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w}
-    for bn in (4, 8, 16, 32, 64)
-    for bk in (128, 256, 512)
-    for w in (2, 4)
+    {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w} for bn in (4, 8, 16, 32) for bk in (512, 1024, 2048) for w in (4, 8)
 ]
 GEMM_CONFIGS = [
     {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": s}
@@ -116,10 +113,12 @@ def bench_ms(fn) -> float:
 def make_layer(n: int, k: int, dtype: torch.dtype, seed: int = 0):
     from hfcompress.quant import QuantLinear
     from hfcompress.quant.affine import quantize_rtn
+    from hfcompress.quant.scheme import QuantScheme
 
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)).to(DEVICE) * 0.02
     qw = quantize_rtn(w, bits=4, group_size=128, symmetric=False)
-    return QuantLinear.from_quantized(qw, symmetric=False)  # float16 scales, uint8 zeros
+    scheme = QuantScheme.weight_only(num_bits=4, group_size=128, in_features=k, symmetric=False)
+    return QuantLinear.from_quantized(qw, scheme)  # float16 scales, uint8 zeros
 
 
 def _rel_err(out: torch.Tensor, expected: torch.Tensor) -> float:
@@ -143,16 +142,16 @@ def _sweep(op, configs, x, layer, expected) -> dict:
     return times
 
 
-def layer_rows(dtype: torch.dtype, sweep: tuple[str, ...]) -> list[dict]:
+def layer_rows(dtype: torch.dtype, sweep: tuple[str, ...], shapes: dict | None = None, ms=MS) -> list[dict]:
     from hfcompress_triton import w4a16
 
     rows = []
-    for label, (n, k) in LAYER_SHAPES.items():
+    for label, (n, k) in (shapes or LAYER_SHAPES).items():
         layer = make_layer(n, k, dtype)
         dense_w = layer.dequantize(dtype)
         args = (layer.qweight, layer.scales, layer.zeros, layer.group_size)
         weight_bytes = layer.storage_bytes()
-        for m in MS:
+        for m in ms:
             x = torch.randn(m, k, device=DEVICE, dtype=dtype)
             with force_reference(True):
                 expected = layer(x)
@@ -248,7 +247,7 @@ def _prefill_ms(model, ids: torch.Tensor) -> float:
         return bench_ms(lambda: model(ids, use_cache=False, logits_to_keep=1))
 
 
-def e2e_rows(dtype: torch.dtype) -> list[dict]:
+def e2e_rows(dtype: torch.dtype, models: tuple[str, ...] = (), reference: bool = True) -> list[dict]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import hfcompress
@@ -256,6 +255,8 @@ def e2e_rows(dtype: torch.dtype) -> list[dict]:
 
     rows = []
     for label, shape in E2E_MODELS.items():
+        if models and not any(w in label for w in models):
+            continue
         torch.manual_seed(0)
         config = LlamaConfig(**shape, max_position_embeddings=4096)
         with torch.device(DEVICE):
@@ -267,7 +268,9 @@ def e2e_rows(dtype: torch.dtype) -> list[dict]:
         quant_s = time.perf_counter() - start
         prompt = torch.randint(1, config.vocab_size, (1, 32), device=DEVICE)
         long_ids = torch.randint(1, config.vocab_size, (1, 2048), device=DEVICE)
-        variants = {"dense": (dense, False), "W4 Triton": (w4, False), "W4 reference": (w4, True)}
+        variants = {"dense": (dense, False), "W4 Triton": (w4, False)}
+        if reference:
+            variants["W4 reference"] = (w4, True)
         for name, (model, ref) in variants.items():
             with force_reference(ref):
                 row = {
@@ -322,26 +325,45 @@ def main() -> None:
     )
     parser.add_argument("--e2e", action="store_true", help="also decode with Llama-shaped models")
     parser.add_argument("--no-layers", action="store_true", help="skip the per-layer table")
+    parser.add_argument("--e2e-models", default="", help="only the --e2e models whose label contains one of these")
+    parser.add_argument("--no-reference", action="store_true", help="--e2e without the pure-torch fallback's rows")
+    parser.add_argument(
+        "--gemv-blocks",
+        default="",
+        help="JSON tiles to run the GEMV at instead of its defaults, e.g. '{\"BLOCK_N\": 8}'",
+    )
+    parser.add_argument(
+        "--shapes", default="", help="only the layers whose label contains one of these (comma-separated)"
+    )
+    parser.add_argument("--ms", type=int, nargs="*", default=list(MS), help="the M values of the per-layer table")
     args = parser.parse_args()
+    wanted = [w for w in args.shapes.split(",") if w]
+    shapes = {k: v for k, v in LAYER_SHAPES.items() if not wanted or any(w in k for w in wanted)}
     if not torch.cuda.is_available():
         raise SystemExit("bench_w4a16.py needs a CUDA GPU (the Triton kernels' CPU interpreter is for tests only)")
     import triton
 
     dtype = getattr(torch, args.dtype)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.gemv_blocks:
+        from hfcompress_triton import w4a16
+
+        w4a16.GEMV_BLOCKS.update(json.loads(args.gemv_blocks))
+    from hfcompress_triton import w4a16
+
     header = (
         f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-        f"activations {args.dtype}"
+        f"activations {args.dtype}, GEMV tiles {w4a16.GEMV_BLOCKS}"
     )
     print(header, flush=True)
     report = [header]
     results: dict = {"device": header}
     if not args.no_layers:
-        results["layers"] = layer_rows(dtype, tuple(filter(None, args.sweep.split(","))))
+        results["layers"] = layer_rows(dtype, tuple(filter(None, args.sweep.split(","))), shapes, args.ms)
         report += ["", layer_table(results["layers"])]
         (args.out / "results.json").write_text(json.dumps(results, indent=1))
     if args.e2e:
-        results["e2e"] = e2e_rows(dtype)
+        results["e2e"] = e2e_rows(dtype, tuple(w for w in args.e2e_models.split(",") if w), not args.no_reference)
         report += ["", e2e_table(results["e2e"])]
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     (args.out / "report.md").write_text("\n".join(report) + "\n")

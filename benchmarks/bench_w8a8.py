@@ -27,6 +27,7 @@ import torch
 
 SHAPES = {"7B q/o 4096x4096": (4096, 4096), "7B gate/up 11008x4096": (11008, 4096), "smollm2 1536x576": (1536, 576)}
 MS = (1, 16, 256, 2048)
+DEVICE = "cuda"  # a module constant so that a CPU smoke run (interpreter, tiny shapes) can swap it
 GEMM_CONFIGS = [
     {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": st}
     for bm, bn, bk, w, st in [
@@ -38,6 +39,10 @@ GEMM_CONFIGS = [
         (64, 128, 128, 4, 4),
         (16, 64, 128, 4, 4),
         (16, 128, 256, 4, 3),
+        (128, 128, 128, 8, 4),
+        (128, 256, 128, 8, 3),
+        (256, 128, 128, 8, 3),
+        (128, 128, 256, 8, 3),
     ]
 ]
 
@@ -49,11 +54,11 @@ def _layer(w8a8, x, w_q, w_scale, bias):
 
 def _measure(w8a8, w8a8_ref, bench, n: int, k: int, m: int, sweep: bool) -> tuple[dict, tuple | None]:
     """Times (ms) of each variant at one shape and M, and the best sweep configuration."""
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16)
     w_scale = (w.float().abs().amax(1) / 127).contiguous()
     w_q = torch.round(w.float() / w_scale[:, None]).clamp(-128, 127).to(torch.int8).contiguous()
-    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(n, device=DEVICE, dtype=torch.bfloat16)
+    x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
     x_q, x_scale = w8a8.per_token_quant(x)
     t = {"bf16": bench(lambda: x @ w.t())}
     if m > 16:  # cuBLASLt's int8 GEMM needs M > 16
@@ -61,6 +66,7 @@ def _measure(w8a8, w8a8_ref, bench, n: int, k: int, m: int, sweep: bool) -> tupl
     t["gemm"] = bench(lambda: w8a8.int8_gemm(x_q, w_q, x_scale, w_scale, bias, torch.bfloat16))
     t["layer"] = bench(lambda: _layer(w8a8, x, w_q, w_scale, bias))
     best = None
+    t["sweep"] = {}
     if sweep and m >= 16:
         ref = w8a8_ref.int8_gemm_ref(x_q, w_q, x_scale, w_scale, bias, torch.bfloat16).float()
         for cfg in GEMM_CONFIGS:
@@ -72,6 +78,7 @@ def _measure(w8a8, w8a8_ref, bench, n: int, k: int, m: int, sweep: bool) -> tupl
             except Exception as exc:  # a configuration this GPU cannot run (shared memory): say so, go on
                 print(f"  {cfg} fails at M={m}, {n}x{k}: {str(exc).splitlines()[0][:120]}")
                 continue
+            t["sweep"][json.dumps(cfg)] = ms
             if best is None or ms < best[0]:
                 best = (ms, cfg)
     return t, best
@@ -84,7 +91,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/w8a8"))
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument(
+        "--shapes", default="", help="only the shapes whose label contains one of these (comma-separated)"
+    )
+    parser.add_argument("--ms", type=int, nargs="*", default=list(MS), help="the M values to time")
     args = parser.parse_args()
+    wanted = [w for w in args.shapes.split(",") if w]
+    shapes = {k: v for k, v in SHAPES.items() if not wanted or any(w in k for w in wanted)}
     args.out.mkdir(parents=True, exist_ok=True)
 
     def bench(fn) -> float:
@@ -94,11 +107,11 @@ def main() -> None:
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     print("\n| shape | M | bf16 ms | int_mm | gemm | layer (quantize + gemm) | best sweep |")
     print("|---|---|---|---|---|---|---|")
-    for label, (n, k) in SHAPES.items():
-        for m in MS:
+    for label, (n, k) in shapes.items():
+        for m in args.ms:
             t, best = _measure(w8a8, w8a8_ref, bench, n, k, m, args.sweep)
             rows.append({"shape": label, "m": m, **t, "best_sweep": best})
-            ratio = {key: f"{t['bf16'] / v:.2f}x" for key, v in t.items()}
+            ratio = {key: f"{t['bf16'] / v:.2f}x" for key, v in t.items() if key != "sweep"}
             sweep = f"{t['bf16'] / best[0]:.2f}x {best[1]}" if best else ""
             print(
                 f"| {label} | {m} | {t['bf16']:.4f} | {ratio.get('int_mm', '')} | {ratio['gemm']} | "

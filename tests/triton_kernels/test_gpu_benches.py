@@ -1,0 +1,81 @@
+"""The GPU benchmark scripts run their own code on CPU (the interpreter, tiny shapes, a stand-in
+timer), so that an API change breaks here rather than in a lent GPU's few minutes: the H200 run
+of 2026-12-04 lost its first call to three such breaks."""
+
+import importlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+
+    def load(name):
+        module = importlib.import_module(name)
+        return importlib.reload(module)  # a fresh module: the tests patch its constants
+
+    return load
+
+
+def _once_ms(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return 1000 * (time.perf_counter() - start)
+
+
+def test_w4a16_layer_rows_and_tile_picker_run(bench, monkeypatch, tmp_path):
+    w4 = bench("bench_w4a16")
+    monkeypatch.setattr(w4, "DEVICE", "cpu")
+    monkeypatch.setattr(w4, "bench_ms", _once_ms)
+    configs = [{"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4}, {"BLOCK_N": 4, "BLOCK_K": 128, "num_warps": 4}]
+    monkeypatch.setattr(w4, "GEMV_CONFIGS", configs)
+    rows = w4.layer_rows(torch.float32, ("gemv",), {"tiny 16x256": (16, 256)}, (1,))
+    (row,) = rows
+    assert row["gemv_rel_err"] < 1e-4  # the Triton GEMV against the float reference
+    assert row["layer_rel_err"] < 1e-2  # on CPU the layer runs the packed CPU kernel
+    assert set(row["gemv_sweep"]) == {json.dumps(c) for c in configs}
+    assert "tiny 16x256" in w4.layer_table(rows)
+
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"layers": rows}))
+    picked = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "pick_gemv_blocks.py"), str(results)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert picked.stdout.strip() == min(row["gemv_sweep"], key=row["gemv_sweep"].get)
+
+
+def test_w8a8_measure_runs_and_sweeps(bench, monkeypatch):
+    w8 = bench("bench_w8a8")
+    from hfcompress_triton import w8a8, w8a8_ref
+
+    monkeypatch.setattr(w8, "DEVICE", "cpu")
+    monkeypatch.setattr(w8, "GEMM_CONFIGS", w8.GEMM_CONFIGS[:2])
+    times, best = w8._measure(w8a8, w8a8_ref, _once_ms, 48, 64, 16, sweep=True)
+    assert {"bf16", "gemm", "layer", "sweep"} <= set(times)
+    assert best is not None and json.dumps(best[1]) in times["sweep"]
+
+
+def test_block_sparse_bench_smoke_run(bench, monkeypatch, capsys):
+    bs = bench("bench_block_sparse_gpu")
+    monkeypatch.setattr(
+        sys, "argv", ["x", "--device", "cpu", "--lengths", "64", "--blocks", "16", "--densities", "1.0", "0.5"]
+    )
+    bs.main()
+    out = capsys.readouterr().out
+    # with every tile kept, the kernel equals dense attention
+    err = float(out.split("max |ours - SDPA| = ")[1].split()[0])
+    assert err < 1e-4
+    assert out.count("| 64 | 16 |") == 2
