@@ -182,11 +182,26 @@ def layer_rows(dtype: torch.dtype, sweep: tuple[str, ...], shapes: dict | None =
     return rows
 
 
-def _best(times: dict | None) -> str:
+def matching(table: dict, spec: str) -> dict:
+    """The entries of ``table`` whose label contains one of the comma-separated words of
+    ``spec`` (all of them when ``spec`` is empty): the scripts' --shapes and --e2e-models."""
+    words = [w for w in spec.split(",") if w]
+    return {k: v for k, v in table.items() if not words or any(w in k for w in words)}
+
+
+def best_of(times: dict | None) -> tuple[float, dict] | None:
+    """The fastest ``(ms, configuration)`` of a sweep's ``{configuration as JSON: ms}``, or None."""
     if not times:
-        return "-"
+        return None
     cfg, ms = min(times.items(), key=lambda kv: kv[1])
-    return f"{ms:.4f} ({' '.join(f'{k}={v}' for k, v in json.loads(cfg).items())})"
+    return ms, json.loads(cfg)
+
+
+def _best(times: dict | None) -> str:
+    best = best_of(times)
+    if best is None:
+        return "-"
+    return f"{best[0]:.4f} ({' '.join(f'{k}={v}' for k, v in best[1].items())})"
 
 
 def layer_table(rows: list[dict]) -> str:
@@ -247,16 +262,14 @@ def _prefill_ms(model, ids: torch.Tensor) -> float:
         return bench_ms(lambda: model(ids, use_cache=False, logits_to_keep=1))
 
 
-def e2e_rows(dtype: torch.dtype, models: tuple[str, ...] = (), reference: bool = True) -> list[dict]:
+def e2e_rows(dtype: torch.dtype, models: dict | None = None, reference: bool = True) -> list[dict]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import hfcompress
     from hfcompress import RTNConfig
 
     rows = []
-    for label, shape in E2E_MODELS.items():
-        if models and not any(w in label for w in models):
-            continue
+    for label, shape in (models or E2E_MODELS).items():
         torch.manual_seed(0)
         config = LlamaConfig(**shape, max_position_embeddings=4096)
         with torch.device(DEVICE):
@@ -337,19 +350,16 @@ def main() -> None:
     )
     parser.add_argument("--ms", type=int, nargs="*", default=list(MS), help="the M values of the per-layer table")
     args = parser.parse_args()
-    wanted = [w for w in args.shapes.split(",") if w]
-    shapes = {k: v for k, v in LAYER_SHAPES.items() if not wanted or any(w in k for w in wanted)}
     if not torch.cuda.is_available():
         raise SystemExit("bench_w4a16.py needs a CUDA GPU (the Triton kernels' CPU interpreter is for tests only)")
     import triton
 
     dtype = getattr(torch, args.dtype)
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.gemv_blocks:
-        from hfcompress_triton import w4a16
-
-        w4a16.GEMV_BLOCKS.update(json.loads(args.gemv_blocks))
     from hfcompress_triton import w4a16
+
+    if args.gemv_blocks:
+        w4a16.GEMV_BLOCKS.update(json.loads(args.gemv_blocks))
 
     header = (
         f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
@@ -359,11 +369,13 @@ def main() -> None:
     report = [header]
     results: dict = {"device": header}
     if not args.no_layers:
-        results["layers"] = layer_rows(dtype, tuple(filter(None, args.sweep.split(","))), shapes, args.ms)
+        results["layers"] = layer_rows(
+            dtype, tuple(filter(None, args.sweep.split(","))), matching(LAYER_SHAPES, args.shapes), args.ms
+        )
         report += ["", layer_table(results["layers"])]
         (args.out / "results.json").write_text(json.dumps(results, indent=1))
     if args.e2e:
-        results["e2e"] = e2e_rows(dtype, tuple(w for w in args.e2e_models.split(",") if w), not args.no_reference)
+        results["e2e"] = e2e_rows(dtype, matching(E2E_MODELS, args.e2e_models), not args.no_reference)
         report += ["", e2e_table(results["e2e"])]
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     (args.out / "report.md").write_text("\n".join(report) + "\n")

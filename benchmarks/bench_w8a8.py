@@ -24,6 +24,7 @@ import json
 from pathlib import Path
 
 import torch
+from bench_w4a16 import best_of, matching
 
 SHAPES = {"7B q/o 4096x4096": (4096, 4096), "7B gate/up 11008x4096": (11008, 4096), "smollm2 1536x576": (1536, 576)}
 MS = (1, 16, 256, 2048)
@@ -52,8 +53,9 @@ def _layer(w8a8, x, w_q, w_scale, bias):
     return w8a8.int8_gemm(x_q, w_q, x_scale, w_scale, bias, torch.bfloat16)
 
 
-def _measure(w8a8, w8a8_ref, bench, n: int, k: int, m: int, sweep: bool) -> tuple[dict, tuple | None]:
-    """Times (ms) of each variant at one shape and M, and the best sweep configuration."""
+def _measure(w8a8, w8a8_ref, bench, n: int, k: int, m: int, sweep: bool) -> tuple[dict, dict]:
+    """Times (ms) of each variant at one shape and M, and of each sweep configuration that
+    computes correctly (``{configuration as JSON: ms}``)."""
     w = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16)
     w_scale = (w.float().abs().amax(1) / 127).contiguous()
     w_q = torch.round(w.float() / w_scale[:, None]).clamp(-128, 127).to(torch.int8).contiguous()
@@ -65,8 +67,7 @@ def _measure(w8a8, w8a8_ref, bench, n: int, k: int, m: int, sweep: bool) -> tupl
         t["int_mm"] = bench(lambda: torch._int_mm(x_q, w_q.t()))
     t["gemm"] = bench(lambda: w8a8.int8_gemm(x_q, w_q, x_scale, w_scale, bias, torch.bfloat16))
     t["layer"] = bench(lambda: _layer(w8a8, x, w_q, w_scale, bias))
-    best = None
-    t["sweep"] = {}
+    sweep_times = {}
     if sweep and m >= 16:
         ref = w8a8_ref.int8_gemm_ref(x_q, w_q, x_scale, w_scale, bias, torch.bfloat16).float()
         for cfg in GEMM_CONFIGS:
@@ -78,10 +79,8 @@ def _measure(w8a8, w8a8_ref, bench, n: int, k: int, m: int, sweep: bool) -> tupl
             except Exception as exc:  # a configuration this GPU cannot run (shared memory): say so, go on
                 print(f"  {cfg} fails at M={m}, {n}x{k}: {str(exc).splitlines()[0][:120]}")
                 continue
-            t["sweep"][json.dumps(cfg)] = ms
-            if best is None or ms < best[0]:
-                best = (ms, cfg)
-    return t, best
+            sweep_times[json.dumps(cfg)] = ms
+    return t, sweep_times
 
 
 def main() -> None:
@@ -96,8 +95,6 @@ def main() -> None:
     )
     parser.add_argument("--ms", type=int, nargs="*", default=list(MS), help="the M values to time")
     args = parser.parse_args()
-    wanted = [w for w in args.shapes.split(",") if w]
-    shapes = {k: v for k, v in SHAPES.items() if not wanted or any(w in k for w in wanted)}
     args.out.mkdir(parents=True, exist_ok=True)
 
     def bench(fn) -> float:
@@ -107,11 +104,12 @@ def main() -> None:
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     print("\n| shape | M | bf16 ms | int_mm | gemm | layer (quantize + gemm) | best sweep |")
     print("|---|---|---|---|---|---|---|")
-    for label, (n, k) in shapes.items():
+    for label, (n, k) in matching(SHAPES, args.shapes).items():
         for m in args.ms:
-            t, best = _measure(w8a8, w8a8_ref, bench, n, k, m, args.sweep)
-            rows.append({"shape": label, "m": m, **t, "best_sweep": best})
-            ratio = {key: f"{t['bf16'] / v:.2f}x" for key, v in t.items() if key != "sweep"}
+            t, sweep_times = _measure(w8a8, w8a8_ref, bench, n, k, m, args.sweep)
+            best = best_of(sweep_times)
+            rows.append({"shape": label, "m": m, **t, "sweep": sweep_times, "best_sweep": best})
+            ratio = {key: f"{t['bf16'] / v:.2f}x" for key, v in t.items()}
             sweep = f"{t['bf16'] / best[0]:.2f}x {best[1]}" if best else ""
             print(
                 f"| {label} | {m} | {t['bf16']:.4f} | {ratio.get('int_mm', '')} | {ratio['gemm']} | "

@@ -30,11 +30,17 @@ __all__ = ["w4_dequantize", "w4a16_gemm", "w4a16_gemv"]
 
 
 @triton.jit
+def _code_plus_2_23(q):
+    """A 4-bit code (int32 in [0, 15]) plus 2**23 as float32, exactly, without an int-to-float
+    conversion (a quarter-rate instruction on NVIDIA GPUs that bounds the unpacking): the code
+    becomes the low mantissa bits of 2**23."""
+    return (q | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _code_to_float(q):
-    """A 4-bit code (int32 in [0, 15]) as float32, exactly, without an int-to-float conversion
-    (a quarter-rate instruction on NVIDIA GPUs that bounds the unpacking): the code becomes the
-    low mantissa bits of 2**23, which is then subtracted."""
-    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    """A 4-bit code (int32 in [0, 15]) as float32, exactly (see ``_code_plus_2_23``)."""
+    return _code_plus_2_23(q) - 8388608.0
 
 
 @triton.jit
@@ -104,7 +110,7 @@ def _gemv_group_tile(
     HAS_ZEROS: tl.constexpr, EVEN: tl.constexpr, GROUPS_PER_TILE: tl.constexpr, WIDTH: tl.constexpr,
 ):  # fmt: skip
     """The GEMV's tile at byte column ``j0`` of rows ``rn``: the even and odd columns' codes plus
-    2**23 (``lo, hi``: ``[BLOCK_N, GPT, WIDTH]`` float32, see ``_code_to_float``), each group's
+    2**23 (``lo, hi``: ``[BLOCK_N, GPT, WIDTH]`` float32, see ``_code_plus_2_23``), each group's
     zero plus 2**23 and scale (``c, s``: ``[BLOCK_N, GPT, 1]``), so that a weight is
     ``(lo - c) * s`` with one exact subtraction (float zeros: the codes and zeros as they are);
     and the matching columns of x (``[BLOCK_M, GPT, WIDTH]``). ``EVEN``: nothing in the tile
@@ -131,8 +137,8 @@ def _gemv_group_tile(
         gmask = (rn[:, None] < N) & (g[None, :] * group_size < K)
         s = tl.load(s_ptrs, mask=gmask, other=0.0).to(tl.float32)
         z = tl.load(z_ptrs, mask=gmask, other=0).to(tl.float32) if HAS_ZEROS else 8.0
-    lo = ((byte & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
-    hi = ((byte >> 4) | 0x4B000000).to(tl.float32, bitcast=True)
+    lo = _code_plus_2_23(byte & 0xF)
+    hi = _code_plus_2_23(byte >> 4)
     if not HAS_ZEROS:
         c = 8388616.0  # the symmetric zero, 8
     elif z_ptr.dtype.element_ty == tl.uint8:

@@ -145,8 +145,8 @@ def per_token_quant(x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple
 
 
 def _blocks(m: int, n: int, blocks: Mapping[str, int] | None) -> dict[str, int]:
-    """The GEMM's tile: the best of the H200 sweep in benchmarks/RESULTS.md ("W8A8 GEMM") for
-    the M range, unless ``blocks`` overrides it."""
+    """The GEMM's tile: the best of the H200 sweep in benchmarks/RESULTS.md ("GPU run on an
+    NVIDIA H200", "W8A8 GEMM") for the M range, unless ``blocks`` overrides it."""
     if m <= 16:  # decoding: one row of tiles; wider, deeper tiles for wide layers
         bm, bn, bk, warps, stages = (16, 64, 128, 4, 4) if n <= 4096 else (16, 128, 256, 4, 3)
     elif m < 256:
@@ -197,7 +197,9 @@ def int8_gemm(
     out = torch.empty((m, n), dtype=out_dtype, device=x_q.device)
     if m == 0:
         return out
-    args = (
+    cfg = _blocks(m, n, blocks)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    _int8_gemm_kernel[grid](
         x_q,
         w_q,
         x_scale.float().contiguous(),
@@ -210,10 +212,9 @@ def int8_gemm(
         x_q.stride(0),
         w_q.stride(0),
         out.stride(0),
-    )
-    cfg = _blocks(m, n, blocks)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-    _int8_gemm_kernel[grid](
-        *args, PER_TOKEN=per_token, HAS_BIAS=bias is not None, EVEN_K=k % cfg["BLOCK_K"] == 0, **cfg
+        PER_TOKEN=per_token,
+        HAS_BIAS=bias is not None,
+        EVEN_K=k % cfg["BLOCK_K"] == 0,
+        **cfg,
     )
     return out

@@ -55,6 +55,12 @@ def test_w4a16_layer_rows_and_tile_picker_run(bench, monkeypatch, tmp_path):
         check=True,
     )
     assert picked.stdout.strip() == min(row["gemv_sweep"], key=row["gemv_sweep"].get)
+    results.write_text(json.dumps({"layers": []}))
+    empty = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "pick_gemv_blocks.py"), str(results)], capture_output=True, text=True
+    )
+    assert empty.returncode == 1 and "--sweep gemv" in empty.stderr
+    assert list(w4.matching(w4.LAYER_SHAPES, "7b,q/o")) == [k for k in w4.LAYER_SHAPES if "7b" in k or "q/o" in k]
 
 
 def test_w8a8_measure_runs_and_sweeps(bench, monkeypatch):
@@ -63,9 +69,10 @@ def test_w8a8_measure_runs_and_sweeps(bench, monkeypatch):
 
     monkeypatch.setattr(w8, "DEVICE", "cpu")
     monkeypatch.setattr(w8, "GEMM_CONFIGS", w8.GEMM_CONFIGS[:2])
-    times, best = w8._measure(w8a8, w8a8_ref, _once_ms, 48, 64, 16, sweep=True)
-    assert {"bf16", "gemm", "layer", "sweep"} <= set(times)
-    assert best is not None and json.dumps(best[1]) in times["sweep"]
+    times, sweep = w8._measure(w8a8, w8a8_ref, _once_ms, 48, 64, 16, sweep=True)
+    assert {"bf16", "gemm", "layer"} <= set(times)
+    best = w8.best_of(sweep)
+    assert best is not None and json.dumps(best[1]) in sweep
 
 
 def test_block_sparse_bench_smoke_run(bench, monkeypatch, capsys):
