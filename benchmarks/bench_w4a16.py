@@ -46,8 +46,26 @@ LAYER_SHAPES = {  # [N, K]
 MS = (1, 4, 16, 128, 2048)
 DEVICE = "cuda"  # a module constant so that a CPU smoke run (interpreter, tiny shapes) can swap it
 
+# The tile kernel at the tiles that led the H200 sweeps of 2026-12-04, then the tensor-core kernel
+# ("MMA": 1) over its tiles, its split over K (0: automatic) and its unpack (ASM 0: Triton ops).
 GEMV_CONFIGS = [
-    {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w} for bn in (4, 8, 16, 32) for bk in (512, 1024, 2048) for w in (4, 8)
+    {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w}
+    for bn, bk, w in [(16, 512, 4), (16, 1024, 4), (8, 1024, 4), (8, 512, 4), (32, 512, 4), (4, 2048, 4)]
+] + [
+    {"MMA": 1, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "ASM": asm, "num_warps": w, "num_stages": st}
+    for bn, bk, split, asm, w, st in [
+        (64, 128, 0, 1, 4, 3),
+        (64, 64, 0, 1, 4, 4),
+        (128, 128, 0, 1, 4, 3),
+        (128, 128, 0, 0, 4, 3),
+        (128, 64, 0, 1, 4, 4),
+        (128, 128, 0, 1, 8, 3),
+        (256, 128, 0, 1, 8, 3),
+        (128, 128, 2, 1, 4, 3),
+        (128, 128, 4, 1, 4, 3),
+        (128, 128, 8, 1, 4, 3),
+        (128, 128, 16, 1, 4, 3),
+    ]
 ]
 GEMM_CONFIGS = [
     {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": s}
@@ -197,25 +215,28 @@ def best_of(times: dict | None) -> tuple[float, dict] | None:
     return ms, json.loads(cfg)
 
 
-def _best(times: dict | None) -> str:
+def _best(times: dict | None, weight_bytes: int | None = None) -> str:
     best = best_of(times)
     if best is None:
         return "-"
-    return f"{best[0]:.4f} ({' '.join(f'{k}={v}' for k, v in best[1].items())})"
+    rate = f", {weight_bytes / best[0] / 1e9:.2f} TB/s" if weight_bytes else ""
+    return f"{best[0]:.4f}{rate} ({' '.join(f'{k}={v}' for k, v in best[1].items())})"
 
 
 def layer_table(rows: list[dict]) -> str:
     lines = [
         "| layer [N, K] | M | dense (cuBLAS) ms | W4 layer ms | vs dense | GEMV ms | tiled GEMM ms "
-        "| dequantize + cuBLAS ms | dequantize alone ms | torch reference ms | best swept ms (config) |",
+        "| dequantize + cuBLAS ms | dequantize alone ms | torch reference ms | best swept ms, weights read/s (config) "
+        "|",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         gemv = f"{r['gemv_ms']:.4f}" if "gemv_ms" in r else "-"
+        best = _best(r.get("gemv_sweep") or r.get("gemm_sweep"), r["weight_bytes"])
         lines.append(
             f"| {r['shape']} | {r['M']} | {r['dense_ms']:.4f} | {r['layer_ms']:.4f} | "
             f"{r['dense_ms'] / r['layer_ms']:.2f}x | {gemv} | {r['gemm_ms']:.4f} | {r['dequant_cublas_ms']:.4f} | "
-            f"{r['dequant_ms']:.4f} | {r['reference_ms']:.4f} | {_best(r.get('gemv_sweep') or r.get('gemm_sweep'))} |"
+            f"{r['dequant_ms']:.4f} | {r['reference_ms']:.4f} | {best} |"
         )
     return "\n".join(lines)
 

@@ -63,6 +63,20 @@ def test_w4a16_layer_rows_and_tile_picker_run(bench, monkeypatch, tmp_path):
     assert list(w4.matching(w4.LAYER_SHAPES, "7b,q/o")) == [k for k in w4.LAYER_SHAPES if "7b" in k or "q/o" in k]
 
 
+def test_w4a16_sweep_times_the_tensor_core_gemv(bench, monkeypatch):
+    w4 = bench("bench_w4a16")
+    monkeypatch.setattr(w4, "DEVICE", "cpu")
+    monkeypatch.setattr(w4, "bench_ms", _once_ms)
+    mma = [c for c in w4.GEMV_CONFIGS if c.get("MMA")]
+    keys = {"MMA", "BLOCK_N", "BLOCK_K", "SPLIT_K", "ASM", "num_warps", "num_stages"}
+    assert mma and all(set(c) <= keys for c in mma)
+    configs = [{**mma[0], "BLOCK_N": 16, "BLOCK_K": 64}, {**mma[0], "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 3}]
+    monkeypatch.setattr(w4, "GEMV_CONFIGS", configs)
+    (row,) = w4.layer_rows(torch.float16, ("gemv",), {"tiny 16x256": (16, 256)}, (1,))
+    assert set(row["gemv_sweep"]) == {json.dumps(c) for c in configs}  # both ran and matched the reference
+    assert "TB/s" in w4.layer_table([row])
+
+
 def test_w8a8_measure_runs_and_sweeps(bench, monkeypatch):
     w8 = bench("bench_w8a8")
     from hfcompress_triton import w8a8, w8a8_ref

@@ -108,3 +108,139 @@ def test_block_overrides_change_the_tiling_not_the_result(op, blocks, device):
     )
     with pytest.raises(ValueError, match=r"unknown blocks keys \['BLOCK_Q'\]"):
         kernel(x, qweight, scales, zeros, gs, blocks={"BLOCK_Q": 8})
+
+
+# The tensor-core GEMV (blocks={"MMA": 1}): float16/bfloat16 x of up to 16 rows, integer zeros,
+# K tiles inside a group. On CPU the interpreter runs it in float16 (its tl.dot is wrong on
+# bfloat16) without the inline PTX; the GPU tests below run both unpack paths in bfloat16.
+MMA_SHAPES = [(64, 256, 128), (40, 200, 64), (24, 72, -1), (32, 144, 48)]  # N, K: not multiples of the tiles
+
+
+def _mma_ref(x, qweight, scales, zeros, gs):
+    return w4a16_ref.w4a16_gemv_ref(x.float(), qweight, scales, zeros, gs)
+
+
+def _close_to(y, ref):
+    # float32 accumulation in both; y is rounded once to x's half-precision dtype
+    torch.testing.assert_close(y.float(), ref, atol=4e-3 * ref.abs().max().item(), rtol=4e-3)
+
+
+@pytest.mark.parametrize("split_k", [1, 3], ids=["whole-K", "split3"])
+@pytest.mark.parametrize("m", [1, 13, 16], ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("kind", ["asym", "sym"])
+@pytest.mark.parametrize("n,k,group_size", MMA_SHAPES, ids=[f"n{n}k{k}g{g}" for n, k, g in MMA_SHAPES])
+def test_mma_gemv_matches_reference(n, k, group_size, kind, m, split_k, device):
+    qweight, scales, zeros, gs = _packed(n, k, group_size, kind, device)
+    dtype = torch.float16 if device == "cpu" else torch.bfloat16
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(device, dtype)
+    blocks = {"MMA": 1, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": split_k}
+    assert w4a16._mma_kernel_fits(x, zeros, gs, blocks["BLOCK_K"])
+    y = w4a16.w4a16_gemv(x, qweight, scales, zeros, gs, blocks=blocks)
+    assert y.shape == (m, n) and y.dtype == dtype
+    _close_to(y, _mma_ref(x, qweight, scales, zeros, gs))
+
+
+@pytest.mark.parametrize("permute", [0, 1], ids=["natural", "permuted"])
+def test_mma_gemv_column_order_does_not_change_the_result(permute, device):
+    """PERMUTE takes each K tile's columns in the tensor cores' register order, x gathered to
+    match; the sum is the same."""
+    qweight, scales, zeros, gs = _packed(32, 256, 64, "asym", device)
+    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(5)).to(device, torch.float16)
+    blocks = {"MMA": 1, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2, "PERMUTE": permute}
+    _close_to(w4a16.w4a16_gemv(x, qweight, scales, zeros, gs, blocks=blocks), _mma_ref(x, qweight, scales, zeros, gs))
+
+
+def test_mma_gemv_split_k_leaves_its_workspace_zero(device):
+    """The split-K programs add into a float32 workspace and count into int32 counters; the last
+    of each output resets both, so a second call (another layer) starts from zeros."""
+    w4a16._SPLIT_WORKSPACES.clear()
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(0)).to(device, torch.float16)
+    blocks = {"MMA": 1, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 4}
+    for n, seed in ((48, 1), (32, 2)):  # two layers of different widths share the buffers
+        qweight, scales, zeros, gs = _packed(n, 256, 64, "asym", device, seed=seed)
+        first = w4a16.w4a16_gemv(x, qweight, scales, zeros, gs, blocks=blocks)
+        torch.testing.assert_close(w4a16.w4a16_gemv(x, qweight, scales, zeros, gs, blocks=blocks), first)
+        _close_to(first, _mma_ref(x, qweight, scales, zeros, gs))
+    ((ws, cnt),) = w4a16._SPLIT_WORKSPACES.values()
+    assert ws.numel() >= 48 and not ws.any() and not cnt.any()
+
+
+def test_mma_block_k_shrinks_to_lie_inside_a_group():
+    assert w4a16._mma_block_k(4096, 128, 128) == 128
+    assert w4a16._mma_block_k(4096, 64, 128) == 64
+    assert w4a16._mma_block_k(4096, 48, 128) == 16
+    assert w4a16._mma_block_k(4096, 4096, 128) == 128  # one group per row
+    assert w4a16._mma_block_k(4096, 72, 128) == 0  # 8: below the tensor cores' 16
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["float32 x", "float zeros", "group 72", "17 rows"],
+)
+def test_mma_gemv_falls_back_to_the_tile_kernel(case, device, monkeypatch):
+    """Calls the tensor-core kernel cannot take run the tile kernel instead, with the same result."""
+    kind, group, m, dtype = "asym", 64, 1, torch.float16
+    if case == "float32 x":
+        dtype = torch.float32
+    elif case == "float zeros":
+        kind = "float"
+    elif case == "group 72":
+        group = 72
+    else:
+        m = 17
+    qweight, scales, zeros, gs = _packed(24, 144, group, kind, device)
+    x = torch.randn(m, 144, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    monkeypatch.setattr(w4a16, "_gemv_mma", lambda *a, **k: pytest.fail("the tensor-core kernel ran"))
+    y = w4a16.w4a16_gemv(x, qweight, scales, zeros, gs, blocks={"MMA": 1})
+    _close_to(y, _mma_ref(x, qweight, scales, zeros, gs))
+
+
+def test_mma_blocks_come_from_the_call_or_an_mma_module_default(monkeypatch):
+    """{"MMA": 1} in a call takes the tensor-core tiles, not the tile kernel's module defaults;
+    an MMA module default (what bench_w4a16.py --gemv-blocks sets) applies to plain calls."""
+    seen = []
+    monkeypatch.setattr(w4a16, "_gemv_mma", lambda *a: seen.append(a[-1]) or a[-2])
+    qweight, scales, zeros, gs = _packed(16, 256, 128, "asym", "cpu")
+    x = torch.randn(1, 256, dtype=torch.float16)
+    w4a16.w4a16_gemv(x, qweight, scales, zeros, gs, blocks={"MMA": 1})
+    assert seen[-1]["BLOCK_K"] == w4a16.GEMV_MMA_BLOCKS["BLOCK_K"] and seen[-1]["BLOCK_N"] == 64
+    monkeypatch.setitem(w4a16.GEMV_BLOCKS, "MMA", 1)
+    monkeypatch.setitem(w4a16.GEMV_BLOCKS, "BLOCK_N", 32)
+    w4a16.w4a16_gemv(x, qweight, scales, zeros, gs)
+    assert seen[-1]["BLOCK_N"] == 32 and len(seen) == 2
+    with pytest.raises(ValueError, match=r"unknown blocks keys \['BLOCK_Q'\]"):
+        w4a16.w4a16_gemv(x, qweight, scales, zeros, gs, blocks={"MMA": 1, "BLOCK_Q": 8})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("asm", [0, 1], ids=["triton-unpack", "ptx-unpack"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_mma_gemv_on_gpu(dtype, asm):
+    """Both unpack paths on the GPU's tensor cores, at the default tiles (automatic split-K)
+    and unsplit, against the float32 reference."""
+    for m, (n, k, group_size) in ((1, (4096, 4096, 128)), (5, (1000, 1024, 64)), (16, (256, 576, 128))):
+        qweight, scales, zeros, gs = _packed(n, k, group_size, "asym", "cuda")
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        ref = _mma_ref(x, qweight, scales, zeros, gs)
+        for split in (0, 1):
+            blocks = {"MMA": 1, "ASM": asm, "SPLIT_K": split}
+            _close_to(w4a16.w4a16_gemv(x, qweight, scales, zeros, gs, blocks=blocks), ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mma_gemv_replays_in_a_cuda_graph():
+    """Split-K inside a captured graph: the workspace made during capture is zeroed by the graph,
+    and each replay leaves it zero for the next."""
+    qweight, scales, zeros, gs = _packed(2048, 2048, 128, "asym", "cuda")
+    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+    blocks = {"MMA": 1, "SPLIT_K": 8}
+    expected = w4a16.w4a16_gemv(x, qweight, scales, zeros, gs, blocks=blocks)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = w4a16.w4a16_gemv(x, qweight, scales, zeros, gs, blocks=blocks)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(y, expected)
