@@ -19,13 +19,14 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from hfcompress_triton.device import multiprocessors
 from hfcompress_triton.kv_ref import MIN_SCALE as _MIN_SCALE
 from hfcompress_triton.kv_ref import Axis, block_strides, value_group_size
 
 # A kernel reads module globals only as constexprs.
 _MIN_SCALE_C = tl.constexpr(_MIN_SCALE)
 
-__all__ = ["kv_decode_attention", "kv_quantize"]
+__all__ = ["dot_kernel_fits", "kv_decode_attention", "kv_quantize"]
 
 
 @triton.jit
@@ -227,6 +228,130 @@ def _kv_decode_kernel(
     tl.store(l_ptr + out_rows, l_i, mask=r_ok)
 
 
+@triton.jit
+def _nibble(byte, SHIFT: tl.constexpr):
+    """The 4-bit code at bit ``SHIFT`` of each byte as float32, exactly, without an int-to-float
+    conversion (quarter rate on NVIDIA GPUs): OR-ed into the mantissa of 2**23, minus 2**23."""
+    code = (byte.to(tl.int32) >> SHIFT) & 15
+    return (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _kv_decode_dot_kernel(
+    q_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, T, HKV, TOK_PER_SPLIT,
+    kp_sbh, ks_sbh, vp_sbh, vs_sbh, sm_scale, R: tl.constexpr, BLOCK_R: tl.constexpr, D: tl.constexpr,
+    G: tl.constexpr, GV: tl.constexpr, BLOCK_T: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``_kv_decode_kernel`` for 4-bit caches on tensor cores: same arguments and outputs.
+
+    Byte ``j`` of a token holds channel ``j`` in its low nibble and ``j + W`` (``W = D / 2``) in
+    its high one, so each half of the head dim is one contiguous tensor of codes. Keys share
+    a scale and zero per channel over a ``G``-token group, and a ``BLOCK_T`` block lies in one
+    group: the scores are ``(q * k_scale) . codes + q . k_zero``, a ``tl.dot`` on the codes
+    themselves per half. Values share a scale and zero per token over ``GV`` channels, and a
+    half lies in one such group (``GV % W == 0``, the launcher checks): each half's output is
+    ``(p * v_scale) @ codes + p . v_zero``. The R query heads of a KV head, padded to
+    ``BLOCK_R >= 16`` rows, are the dots' M; float32 operands at ``PRECISION`` (the launcher's
+    "tf32": 10-bit mantissas, far below the 4-bit codes' own error; "tf32x3" is about float32's
+    accuracy at twice the instructions; the interpreter computes in float32), float32
+    accumulation. No scale or zero is gathered per element. Compiled for sm_90 (D 128, 64-token
+    blocks, 4 warps) the loop issues about 10 instructions per code, against about 72 and
+    register spills for ``_kv_decode_kernel``."""
+    bh, split = tl.program_id(0), tl.program_id(1)
+    n_split = tl.num_programs(1)
+    W: tl.constexpr = D // 2
+    HI_GROUP: tl.constexpr = W // GV  # the value group of the upper half's channels (0 or 1)
+    r = tl.arange(0, BLOCK_R)
+    w = tl.arange(0, W)
+    r_ok = r < R
+    q_rows = q_ptr + (bh * R + r[:, None]) * D + w[None, :]
+    q_lo = tl.load(q_rows, mask=r_ok[:, None], other=0.0) * sm_scale  # [BLOCK_R, W]: channels 0..W-1
+    q_hi = tl.load(q_rows + W, mask=r_ok[:, None], other=0.0) * sm_scale
+    m_i = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_R,), tl.float32)
+    acc_lo = tl.zeros((BLOCK_R, W), tl.float32)
+    acc_hi = tl.zeros((BLOCK_R, W), tl.float32)
+    start = split * TOK_PER_SPLIT
+    end = tl.minimum(start + TOK_PER_SPLIT, T)
+    for t0 in range(start, end, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        ok = t < end
+        kb = tl.load(kp_ptr + bh * kp_sbh + t[:, None] * W + w[None, :], mask=ok[:, None], other=0)
+        k_row = ks_ptr + bh * ks_sbh + (t0 // G) * D + w  # this block's key group
+        z_row = kz_ptr + bh * ks_sbh + (t0 // G) * D + w
+        ks_lo, ks_hi = tl.load(k_row).to(tl.float32), tl.load(k_row + W).to(tl.float32)
+        kz_lo, kz_hi = tl.load(z_row).to(tl.float32), tl.load(z_row + W).to(tl.float32)
+        s = tl.dot(q_lo * ks_lo[None, :], tl.trans(_nibble(kb, 0)), input_precision=PRECISION)
+        s = tl.dot(q_hi * ks_hi[None, :], tl.trans(_nibble(kb, 4)), s, input_precision=PRECISION)
+        s += tl.sum(q_lo * kz_lo[None, :] + q_hi * kz_hi[None, :], axis=1)[:, None]
+        if HAS_BIAS:
+            s += tl.load(bias_ptr + (bh // HKV) * T + t, mask=ok, other=0.0)[None, :]
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # a row whose every key so far is masked keeps m = -inf: shift by 0 instead of nan
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - shift[:, None])
+        alpha = tl.exp(m_i - shift)
+        vb = tl.load(vp_ptr + bh * vp_sbh + t[:, None] * W + w[None, :], mask=ok[:, None], other=0)
+        v_row = bh * vs_sbh + t * (D // GV)
+        vs_lo = tl.load(vs_ptr + v_row, mask=ok, other=0.0).to(tl.float32)
+        vz_lo = tl.load(vz_ptr + v_row, mask=ok, other=0.0).to(tl.float32)
+        vs_hi = tl.load(vs_ptr + v_row + HI_GROUP, mask=ok, other=0.0).to(tl.float32)
+        vz_hi = tl.load(vz_ptr + v_row + HI_GROUP, mask=ok, other=0.0).to(tl.float32)
+        acc_lo = tl.dot(p * vs_lo[None, :], _nibble(vb, 0), acc_lo * alpha[:, None], PRECISION)
+        acc_hi = tl.dot(p * vs_hi[None, :], _nibble(vb, 4), acc_hi * alpha[:, None], PRECISION)
+        acc_lo += tl.sum(p * vz_lo[None, :], axis=1)[:, None]
+        acc_hi += tl.sum(p * vz_hi[None, :], axis=1)[:, None]
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+    out_rows = (bh * R + r) * n_split + split
+    o_rows = o_ptr + out_rows[:, None] * D + w[None, :]
+    tl.store(o_rows, acc_lo, mask=r_ok[:, None])
+    tl.store(o_rows + W, acc_hi, mask=r_ok[:, None])
+    tl.store(m_ptr + out_rows, m_i, mask=r_ok)
+    tl.store(l_ptr + out_rows, l_i, mask=r_ok)
+
+
+@triton.jit
+def _kv_merge_splits_kernel(o_ptr, m_ptr, l_ptr, out_ptr, lse_ptr, S, D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Merge one query head's ``S`` split results (flash-decoding's reduction, one launch): with
+    ``lse_s = m_s + log l_s``, ``lse = logsumexp_s lse_s`` and ``out = sum_s exp(lse_s - lse) /
+    l_s * o_s``, over ``BLOCK_S`` splits at a time with a running maximum. A split with
+    ``l_s = 0`` (empty or fully masked) weighs 0; a head with every token masked gets
+    ``out = 0`` and ``lse = -inf``. o: [heads, S, D]; m, l: [heads, S]."""
+    h = tl.program_id(0)
+    d = tl.arange(0, D)
+    top = float("-inf")  # running maximum of lse_s
+    total = 0.0  # sum of exp(lse_s - top)
+    acc = tl.zeros((D,), tl.float32)  # sum of exp(lse_s - top) / l_s * o_s
+    for s0 in range(0, S, BLOCK_S):
+        si = s0 + tl.arange(0, BLOCK_S)
+        ok = si < S
+        m = tl.load(m_ptr + h * S + si, mask=ok, other=float("-inf"))
+        l_ = tl.load(l_ptr + h * S + si, mask=ok, other=0.0)
+        live = l_ > 0.0
+        safe_l = tl.where(live, l_, 1.0)
+        lse_s = tl.where(live, m + tl.log(safe_l), float("-inf"))
+        new_top = tl.maximum(top, tl.max(lse_s, axis=0))
+        shift = tl.where(new_top == float("-inf"), 0.0, new_top)
+        rescale = tl.exp(top - shift)  # exp(-inf) = 0 before any live split
+        e = tl.where(live, tl.exp(lse_s - shift), 0.0)
+        o = tl.load(o_ptr + (h * S + si[:, None]) * D + d[None, :], mask=ok[:, None], other=0.0)
+        acc = acc * rescale + tl.sum((e / safe_l)[:, None] * o, axis=0)
+        total = total * rescale + tl.sum(e, axis=0)
+        top = new_top
+    live_head = total > 0.0
+    tl.store(out_ptr + h * D + d, acc / tl.where(live_head, total, 1.0))
+    tl.store(lse_ptr + h, tl.where(live_head, top + tl.log(tl.where(live_head, total, 1.0)), float("-inf")))
+
+
+def dot_kernel_fits(bits: int, group_size: int, head_dim: int) -> bool:
+    """Whether ``kv_decode_attention`` runs the tensor-core kernel: 4-bit codes, key groups of
+    at least 16 tokens, half a head of at least 16 channels lying in one value group."""
+    half = head_dim // 2
+    return bits == 4 and group_size >= 16 and half >= 16 and value_group_size(group_size, head_dim) % half == 0
+
+
 def _bh_stride(*tensors: torch.Tensor) -> int:
     # The kernel steps over (batch, head) blocks with one stride: they must be evenly spaced.
     sb, sh = block_strides(*tensors)
@@ -248,9 +373,13 @@ def kv_decode_attention(
     group_size: int,
     sm_scale: float,
     splits: int | None = None,
+    kernel: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """See :func:`hfcompress_triton.kv_ref.kv_decode_attention_ref`; ``splits`` slices of the
-    sequence run in parallel (default: enough programs to fill the device)."""
+    sequence run in parallel (default: enough programs to fill the device). ``kernel``:
+    ``"dot"`` (tensor cores, 4-bit caches whose groups fit, see ``dot_kernel_fits``),
+    ``"lanes"`` (every bit width; products reduced across threads) or None: ``"dot"`` where it
+    fits."""
     b, hq, nq, d = q.shape
     hkv, t = k_packed.shape[1], k_packed.shape[2]
     per = 8 // bits
@@ -260,10 +389,18 @@ def kv_decode_attention(
             f"T % group_size == 0: q {tuple(q.shape)}, keys {tuple(k_packed.shape)}, group {group_size}"
         )
     _check_pow2("head dim", d)
+    fits = dot_kernel_fits(bits, group_size, d)
+    if kernel not in (None, "dot", "lanes") or (kernel == "dot" and not fits):
+        raise ValueError(
+            f"kernel must be None, 'lanes' or 'dot' (4-bit, group >= 16, head dim >= 32 with half of it in one "
+            f"value group), got {kernel!r} for {bits} bits, group {group_size}, head dim {d}"
+        )
+    dot = fits and kernel != "lanes"
     r = hq // hkv
     block_t = min(group_size, 64)
     if splits is None:
-        splits = max(1, min(triton.cdiv(t, block_t), triton.cdiv(256, b * hkv)))
+        programs = 4 * multiprocessors(q.device) if dot else 256
+        splits = max(1, min(triton.cdiv(t, block_t), triton.cdiv(programs, b * hkv)))
     tok_per_split = triton.cdiv(triton.cdiv(t, splits), block_t) * block_t
     splits = triton.cdiv(t, tok_per_split) if t else 1
     o = torch.empty(b * hkv, r, splits, d, dtype=torch.float32, device=q.device)
@@ -272,40 +409,24 @@ def kv_decode_attention(
     bias_f = None if bias is None else bias.float().contiguous()
     kp_sbh, ks_sbh = _bh_stride(k_packed), _bh_stride(k_scale, k_zero)
     vp_sbh, vs_sbh = _bh_stride(v_packed), _bh_stride(v_scale, v_zero)
-    _kv_decode_kernel[(b * hkv, splits)](
+    args = (
         q.float().reshape(b * hkv, r, d).contiguous(),
-        k_packed,
-        k_scale,
-        k_zero,
-        v_packed,
-        v_scale,
-        v_zero,
+        k_packed, k_scale, k_zero, v_packed, v_scale, v_zero,
         bias_f if bias_f is not None else o,
-        o,
-        m,
-        l_,
-        t,
-        hkv,
-        tok_per_split,
-        kp_sbh,
-        ks_sbh,
-        vp_sbh,
-        vs_sbh,
-        float(sm_scale),
-        R=r,
-        BLOCK_R=max(triton.next_power_of_2(r), 1),
-        D=d,
-        G=group_size,
-        GV=value_group_size(group_size, d),
-        BITS=bits,
-        PER=per,
-        W=d // per,
-        BLOCK_T=block_t,
-        HAS_BIAS=bias_f is not None,
-    )
-    # merge the splits: lse_s = m_s + log l_s (an empty or fully masked split has l_s = 0)
-    lse_s = m + torch.log(l_)
-    lse = torch.logsumexp(lse_s, dim=-1)  # [B*HKV, R]
-    w = torch.exp(lse_s - lse.unsqueeze(-1)).nan_to_num_(0.0) / l_.clamp_min(torch.finfo(torch.float32).tiny)
-    out = (w.unsqueeze(-1) * o).sum(dim=2).nan_to_num_(0.0)
+        o, m, l_, t, hkv, tok_per_split, kp_sbh, ks_sbh, vp_sbh, vs_sbh, float(sm_scale),
+    )  # fmt: skip
+    shape = {"R": r, "D": d, "G": group_size, "GV": value_group_size(group_size, d), "BLOCK_T": block_t}
+    if dot:
+        _kv_decode_dot_kernel[(b * hkv, splits)](
+            *args, **shape, BLOCK_R=max(triton.next_power_of_2(r), 16), HAS_BIAS=bias_f is not None,
+            PRECISION="tf32",
+        )  # fmt: skip
+    else:
+        _kv_decode_kernel[(b * hkv, splits)](
+            *args, **shape, BLOCK_R=max(triton.next_power_of_2(r), 1), BITS=bits, PER=per, W=d // per,
+            HAS_BIAS=bias_f is not None,
+        )  # fmt: skip
+    out = torch.empty(b * hq, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b * hq, dtype=torch.float32, device=q.device)
+    _kv_merge_splits_kernel[(b * hq,)](o, m, l_, out, lse, splits, D=d, BLOCK_S=min(64, triton.next_power_of_2(splits)))
     return out.reshape(b, hq, 1, d), lse.reshape(b, hq, 1)

@@ -30,6 +30,7 @@ from collections.abc import Mapping
 import torch
 import triton
 import triton.language as tl
+from hfcompress_triton.device import multiprocessors
 
 __all__ = ["w4_dequantize", "w4a16_gemm", "w4a16_gemv"]
 
@@ -571,17 +572,11 @@ def _split_workspace(device: torch.device, size: int) -> tuple[torch.Tensor, tor
     return ws, cnt
 
 
-def _multiprocessors(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 8  # the interpreter: any small number exercises the same code
-
-
 def _gemv_mma(x, qweight, scales, z, stride_z, has_zeros, group_size, y, meta) -> torch.Tensor:
     (m, k), n = x.shape, qweight.shape[0]
     block_n, block_k = meta["BLOCK_N"], _mma_block_k(k, group_size, meta["BLOCK_K"])
     k_tiles, row_blocks = triton.cdiv(k, block_k), triton.cdiv(n, block_n)
-    split = meta["SPLIT_K"] or triton.cdiv(4 * _multiprocessors(x.device), row_blocks)
+    split = meta["SPLIT_K"] or triton.cdiv(4 * multiprocessors(x.device), row_blocks)
     tiles_per_split = triton.cdiv(k_tiles, max(1, min(split, k_tiles)))
     split = triton.cdiv(k_tiles, tiles_per_split)  # no program without a tile
     ws, cnt = _split_workspace(x.device, m * n) if split > 1 else (y, y)

@@ -77,6 +77,13 @@ def test_w4a16_sweep_times_the_tensor_core_gemv(bench, monkeypatch):
     assert "TB/s" in w4.layer_table([row])
 
 
+def test_kv_bench_measures_both_kernels(bench):
+    kvb = bench("bench_kv_gpu")
+    row = kvb.measure(1, 128, 32, 4, 2, 32, torch.device("cpu"), timer=_once_ms)
+    assert {"sdpa", "lanes", "dot", "append"} <= set(row) and row["dot_error"] < 1.0
+    assert kvb._ms_ratio(row, "dot").endswith("x") and kvb._ms_ratio({"sdpa": 1.0}, "dot") == "- | -"
+
+
 def test_w8a8_measure_runs_and_sweeps(bench, monkeypatch):
     w8 = bench("bench_w8a8")
     from hfcompress_triton import w8a8, w8a8_ref

@@ -81,22 +81,62 @@ def test_reference_attention_maps_query_heads_to_their_kv_head():
     torch.testing.assert_close(lse, torch.logsumexp(q @ k.repeat_interleave(3, 1).transpose(-1, -2) * d**-0.5, -1))
 
 
+def _tolerance(kernel: str, device: str) -> dict:
+    # float32 sums in another order: a few ulps; the tensor-core kernel's TF32 operands on a GPU
+    # (10-bit mantissas) cost about 1e-3
+    return {"rtol": 3e-3, "atol": 3e-3} if kernel == "dot" and device == "cuda" else {"rtol": 1e-5, "atol": 1e-5}
+
+
+@pytest.mark.parametrize("kernel", ["lanes", "dot"])
 @pytest.mark.parametrize("splits", [1, 3], ids=["one-split", "three-splits"])
 @pytest.mark.parametrize(("bits", "group", "d"), CASES, ids=IDS)
-def test_decode_kernel_matches_reference(bits, group, d, splits, device):
+def test_decode_kernel_matches_reference(bits, group, d, splits, kernel, device):
     pytest.importorskip("triton")
     from hfcompress_triton import kv
 
+    if kernel == "dot" and not kv.dot_kernel_fits(bits, group, d):
+        pytest.skip("the tensor-core kernel takes 4-bit caches whose groups fit (see dot_kernel_fits)")
     b, hq, hkv, t = 2, 6, 2, 256  # 3 query heads per KV head: not a power of two
     parts = [p.to(device) for p in _packed(b, hkv, t, d, bits, group)]
     q = torch.randn(b, hq, 1, d).to(device)
     bias = torch.zeros(b, t, device=device)
     bias[1, :37] = float("-inf")  # left padding of the second row
-    out, lse = kv.kv_decode_attention(q, *parts, bias, bits, group, 0.125, splits=splits)
+    out, lse = kv.kv_decode_attention(q, *parts, bias, bits, group, 0.125, splits=splits, kernel=kernel)
     want_out, want_lse = kv_ref.kv_decode_attention_ref(q, *parts, bias, bits, group, 0.125)
-    # float32 sums in another order: a few ulps
-    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, want_out, **_tolerance(kernel, device))
+    torch.testing.assert_close(lse, want_lse, **_tolerance(kernel, device))
+
+
+@pytest.mark.parametrize("kernel", ["lanes", "dot"])
+def test_decode_merges_more_splits_than_one_merge_chunk(kernel, device):
+    """128 splits: the merge kernel walks them 64 at a time with a running maximum."""
+    pytest.importorskip("triton")
+    from hfcompress_triton import kv
+
+    b, hq, hkv, t, d, group = 1, 2, 1, 4096, 32, 16
+    parts = [p.to(device) for p in _packed(b, hkv, t, d, 4, group)]
+    q = torch.randn(b, hq, 1, d).to(device)
+    bias = torch.zeros(b, t, device=device)
+    bias[0, :1500] = float("-inf")  # the first splits are fully masked
+    out, lse = kv.kv_decode_attention(q, *parts, bias, 4, group, 0.3, splits=200, kernel=kernel)
+    want_out, want_lse = kv_ref.kv_decode_attention_ref(q, *parts, bias, 4, group, 0.3)
+    torch.testing.assert_close(out, want_out, **_tolerance(kernel, device))
+    torch.testing.assert_close(lse, want_lse, **_tolerance(kernel, device))
+
+
+def test_decode_kernel_choice():
+    pytest.importorskip("triton")
+    from hfcompress_triton import kv
+
+    assert kv.dot_kernel_fits(4, 64, 128) and kv.dot_kernel_fits(4, 64, 64) and kv.dot_kernel_fits(4, 32, 32)
+    assert not kv.dot_kernel_fits(2, 64, 64)  # 2-bit: four codes a byte
+    assert not kv.dot_kernel_fits(4, 32, 128)  # a value group of 32 channels inside a 64-channel half
+    assert not kv.dot_kernel_fits(4, 8, 64)  # 8-token key groups: below the tensor cores' 16
+    parts = _packed(1, 1, 64, 64, 2, 16)
+    with pytest.raises(ValueError, match="kernel must be"):
+        kv.kv_decode_attention(torch.randn(1, 1, 1, 64), *parts, None, 2, 16, 0.2, kernel="dot")
+    with pytest.raises(ValueError, match="kernel must be"):
+        kv.kv_decode_attention(torch.randn(1, 1, 1, 64), *parts, None, 2, 16, 0.2, kernel="fast")
 
 
 def test_decode_kernel_fully_masked_row_and_strided_views(device):
@@ -110,11 +150,12 @@ def test_decode_kernel_fully_masked_row_and_strided_views(device):
     q = torch.randn(b, hq, 1, d).to(device)
     bias = torch.zeros(b, t, device=device)
     bias[0] = float("-inf")
-    out, lse = kv.kv_decode_attention(q, *parts, bias, 4, 32, 0.2, splits=2)
-    want_out, want_lse = kv_ref.kv_decode_attention_ref(q, *parts, bias, 4, 32, 0.2)
-    assert torch.isneginf(lse[0]).all() and (out[0] == 0).all()
-    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lse[1], want_lse[1], rtol=1e-5, atol=1e-5)
+    for kernel in ("lanes", "dot"):
+        out, lse = kv.kv_decode_attention(q, *parts, bias, 4, 32, 0.2, splits=2, kernel=kernel)
+        want_out, want_lse = kv_ref.kv_decode_attention_ref(q, *parts, bias, 4, 32, 0.2)
+        assert torch.isneginf(lse[0]).all() and (out[0] == 0).all()
+        torch.testing.assert_close(out, want_out, **_tolerance(kernel, device))
+        torch.testing.assert_close(lse[1], want_lse[1], **_tolerance(kernel, device))
 
 
 def test_decode_kernel_refuses_bad_shapes(device):
