@@ -336,7 +336,10 @@ def _w4a16_gemv_mma_kernel(
     over ``num_stages``. ``PERMUTE``: the tile's columns are taken in the order in which the
     tensor cores' register layout holds them, so that each thread's codes are contiguous bytes
     (one vector load from shared memory instead of one per byte), x gathered in the same
-    order. See ``_split_k_store`` for ``SPLIT_K > 1``.
+    order; 2 also puts all low nibbles before all high ones, so that the unpack's packed pairs
+    of codes are the tensor cores' pairs as they are (3.1 instructions per weight, but x is
+    then gathered by plain loads instead of asynchronous copies). See ``_split_k_store`` for
+    ``SPLIT_K > 1``.
     """
     dtype: tl.constexpr = x_ptr.dtype.element_ty
     OFFSET: tl.constexpr = 128.0 if dtype == tl.bfloat16 else 1024.0
@@ -345,7 +348,12 @@ def _w4a16_gemv_mma_kernel(
     rm = tl.arange(0, 16)
     rb = tl.arange(0, BLOCK_K // 2)
     rk = tl.arange(0, BLOCK_K)
-    if PERMUTE:
+    if PERMUTE == 2:
+        # logical k = hsel * BLOCK_K / 2 + j, j = 16b + 8h + 2t + e: nibble hsel of physical byte
+        # BLOCK_K / 8 * t + 4b + 2h + e
+        j = rk % (BLOCK_K // 2)
+        pk = 2 * (BLOCK_K // 8 * ((j // 2) % 4) + 4 * (j // 16) + 2 * ((j // 8) % 2) + j % 2) + rk // (BLOCK_K // 2)
+    elif PERMUTE:
         # logical k = 16b + 8h + 2t + e reads physical column 2 * (BLOCK_K / 8 * t + 2b + h) + e
         pk = 2 * (BLOCK_K // 8 * ((rk // 2) % 4) + 2 * (rk // 16) + (rk // 8) % 2) + rk % 2
     else:
@@ -365,7 +373,10 @@ def _w4a16_gemv_mma_kernel(
         else:
             byte = tl.load(w_ptrs, mask=(rn[:, None] < N) & (k0 + 2 * rb < K)[None, :], other=0)
             xt = tl.load(x_ptrs, mask=(rm[None, :] < M) & (k0 + pk < K)[:, None], other=0.0)
-        if PERMUTE:
+        if PERMUTE == 2:
+            byte = tl.permute(tl.reshape(byte, [BLOCK_N, 4, BLOCK_K // 32, 2, 2]), [0, 2, 3, 1, 4])  # [n, b, h, t, e]
+            byte = tl.reshape(byte, [BLOCK_N, BLOCK_K // 2])
+        elif PERMUTE:
             byte = tl.permute(tl.reshape(byte, [BLOCK_N, 4, BLOCK_K // 16, 2]), [0, 2, 3, 1])  # [n, b, h, t]
             byte = tl.reshape(byte, [BLOCK_N, BLOCK_K // 2])
         lo, hi = _codes_plus_offset(byte, ASM, dtype)
@@ -373,7 +384,10 @@ def _w4a16_gemv_mma_kernel(
             c = (z + OFFSET).to(dtype)[:, None]  # an integer zero plus the offset: exact
         else:
             c = tl.full([1, 1], 8.0 + OFFSET, dtype)
-        w = tl.reshape(tl.join(lo - c, hi - c), [BLOCK_N, BLOCK_K])  # q - z
+        if PERMUTE == 2:  # all low nibbles, then all high ones
+            w = tl.reshape(tl.permute(tl.join(lo - c, hi - c), [0, 2, 1]), [BLOCK_N, BLOCK_K])
+        else:  # a byte's two nibbles side by side
+            w = tl.reshape(tl.join(lo - c, hi - c), [BLOCK_N, BLOCK_K])
         acc += tl.dot(w, xt) * s[:, None]
     out_mask = (rn[:, None] < N) & (rm[None, :] < M)
     slot = rm[None, :] * N + rn[:, None]

@@ -68,7 +68,7 @@ def test_w4a16_sweep_times_the_tensor_core_gemv(bench, monkeypatch):
     monkeypatch.setattr(w4, "DEVICE", "cpu")
     monkeypatch.setattr(w4, "bench_ms", _once_ms)
     mma = [c for c in w4.GEMV_CONFIGS if c.get("MMA")]
-    keys = {"MMA", "BLOCK_N", "BLOCK_K", "SPLIT_K", "ASM", "num_warps", "num_stages"}
+    keys = {"MMA", "BLOCK_N", "BLOCK_K", "SPLIT_K", "ASM", "PERMUTE", "num_warps", "num_stages"}
     assert mma and all(set(c) <= keys for c in mma)
     configs = [{**mma[0], "BLOCK_N": 16, "BLOCK_K": 64}, {**mma[0], "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 3}]
     monkeypatch.setattr(w4, "GEMV_CONFIGS", configs)

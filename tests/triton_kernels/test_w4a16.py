@@ -140,10 +140,10 @@ def test_mma_gemv_matches_reference(n, k, group_size, kind, m, split_k, device):
     _close_to(y, _mma_ref(x, qweight, scales, zeros, gs))
 
 
-@pytest.mark.parametrize("permute", [0, 1], ids=["natural", "permuted"])
+@pytest.mark.parametrize("permute", [0, 1, 2], ids=["natural", "per-thread-bytes", "low-then-high"])
 def test_mma_gemv_column_order_does_not_change_the_result(permute, device):
-    """PERMUTE takes each K tile's columns in the tensor cores' register order, x gathered to
-    match; the sum is the same."""
+    """PERMUTE takes each K tile's columns in the tensor cores' register order (2: all low
+    nibbles, then all high ones), x gathered to match; the sum is the same."""
     qweight, scales, zeros, gs = _packed(32, 256, 64, "asym", device)
     x = torch.randn(2, 256, generator=torch.Generator().manual_seed(5)).to(device, torch.float16)
     blocks = {"MMA": 1, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2, "PERMUTE": permute}
