@@ -580,6 +580,7 @@ def _split_workspace(device: torch.device, size: int) -> tuple[torch.Tensor, tor
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     ws, cnt = _SPLIT_WORKSPACES.get((device, stream), (None, None))
     if ws is None or ws.numel() < size:
+        size = max(1 << 16, triton.next_power_of_2(size))  # room for most layers: few regrowths
         ws = torch.zeros(size, dtype=torch.float32, device=device)
         cnt = torch.zeros(size, dtype=torch.int32, device=device)
         _SPLIT_WORKSPACES[(device, stream)] = (ws, cnt)
