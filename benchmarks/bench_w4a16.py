@@ -1,6 +1,6 @@
 """W4A16 Triton kernels on a CUDA GPU: per-layer matmuls and end-to-end decoding, in one run.
 
-    python benchmarks/bench_w4a16.py [--out DIR] [--sweep gemv,gemm] [--e2e] [--dtype bfloat16]
+    python benchmarks/bench_w4a16.py [--out DIR] [--sweep gemv,gemm] [--sustained JSON] [--e2e] [--dtype bfloat16]
 
 Layers (``QuantLinear`` at 4 bits, group 128, asymmetric; random weights, so only the time
 means anything): for each shape ``[N, K]`` and each M, the median time of
@@ -13,6 +13,9 @@ means anything): for each shape ``[N, K]`` and each M, the median time of
 * ``reference``: the layer's pure-torch fallback (dequantize every call, then ``F.linear``);
 * with ``--sweep``, every block configuration in ``GEMV_CONFIGS`` (M <= 4) / ``GEMM_CONFIGS``
   (M > 4), each checked against the reference first (all timings go to results.json).
+
+``--sustained``: the GEMV as decoding runs it, eight different layers of each shape back to back
+in one CUDA graph, per-layer time and bytes read per second, beside bf16 cuBLAS the same way.
 
 ``--e2e``: a randomly initialised Llama of SmolLM2-135M's shape and one of TinyLlama-1.1B's
 shape, in the activation dtype vs W4 g128 RTN (``compress``), on the Triton path and on the
@@ -353,6 +356,65 @@ def e2e_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _graph_ms(fn) -> float:
+    """Median ms of one replay of ``fn`` captured in a CUDA graph (warmed up on a side stream
+    first, as capture requires): the GPU's time without Python's launch gaps."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return bench_ms(graph.replay)
+
+
+def sustained_gemv_rows(dtype: torch.dtype, shapes: dict, configs: list[dict], copies: int = 8) -> list[dict]:
+    """The GEMV as decoding runs it: ``copies`` different layers of each shape at M = 1, back to
+    back in one CUDA graph (no launch gaps between kernels; together larger than the L2 cache,
+    so every layer is read from memory), the replay's time divided by ``copies``; beside the
+    same for bf16 cuBLAS on the dequantized weights. ``configs``: the GEMV blocks to time
+    (each checked against the reference first)."""
+    from hfcompress_triton import w4a16
+
+    rows = []
+    for label, (n, k) in shapes.items():
+        layers = [make_layer(n, k, dtype, seed=i) for i in range(copies)]
+        dense = [layer.dequantize(dtype) for layer in layers]
+        x = torch.randn(1, k, device=DEVICE, dtype=dtype)
+        with force_reference(True):
+            expected = layers[0](x)
+        row = {"shape": label, "N": n, "K": k, "copies": copies, "weight_bytes": layers[0].storage_bytes()}
+        row["dense_ms"] = _graph_ms(lambda: [F.linear(x, w) for w in dense]) / copies  # noqa: B023
+        row["gemv_ms"] = {}
+        for cfg in configs:
+            args = [(layer.qweight, layer.scales, layer.zeros, layer.group_size) for layer in layers]
+            if _rel_err(w4a16.w4a16_gemv(x, *args[0], blocks=cfg), expected) > 3e-2:
+                print(f"  wrong {cfg}")
+                continue
+            timed = _graph_ms(lambda: [w4a16.w4a16_gemv(x, *a, blocks=cfg) for a in args])  # noqa: B023
+            row["gemv_ms"][json.dumps(cfg)] = timed / copies
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def sustained_table(rows: list[dict]) -> str:
+    lines = [
+        "| layer [N, K] | bf16 cuBLAS ms per layer | GEMV blocks | W4 GEMV ms per layer | weights read/s | vs cuBLAS |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        for cfg, ms in r["gemv_ms"].items():
+            lines.append(
+                f"| {r['shape']} | {r['dense_ms']:.4f} | {cfg} | {ms:.4f} | {r['weight_bytes'] / ms / 1e9:.2f} TB/s "
+                f"| {r['dense_ms'] / ms:.2f}x |"
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/w4a16"))
@@ -363,6 +425,12 @@ def main() -> None:
         help="comma-separated kernels whose block configurations are all timed: gemv, gemm",
     )
     parser.add_argument("--e2e", action="store_true", help="also decode with Llama-shaped models")
+    parser.add_argument(
+        "--sustained",
+        default="",
+        help="JSON list of GEMV blocks to time back to back in a CUDA graph over 8 copies of each --shapes "
+        "layer at M = 1 (sustained bandwidth), e.g. '[{}, {\"MMA\": 1}]'",
+    )
     parser.add_argument("--no-layers", action="store_true", help="skip the per-layer table")
     parser.add_argument("--e2e-models", default="", help="only the --e2e models whose label contains one of these")
     parser.add_argument("--no-reference", action="store_true", help="--e2e without the pure-torch fallback's rows")
@@ -400,6 +468,10 @@ def main() -> None:
         )
         report += ["", layer_table(results["layers"])]
         (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    if args.sustained:
+        configs = json.loads(args.sustained)
+        results["sustained"] = sustained_gemv_rows(dtype, matching(LAYER_SHAPES, args.shapes), configs)
+        report += ["", sustained_table(results["sustained"])]
     if args.e2e:
         results["e2e"] = e2e_rows(dtype, matching(E2E_MODELS, args.e2e_models), not args.no_reference)
         report += ["", e2e_table(results["e2e"])]

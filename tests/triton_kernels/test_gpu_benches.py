@@ -77,6 +77,17 @@ def test_w4a16_sweep_times_the_tensor_core_gemv(bench, monkeypatch):
     assert "TB/s" in w4.layer_table([row])
 
 
+def test_w4a16_sustained_gemv_rows_run(bench, monkeypatch):
+    w4 = bench("bench_w4a16")
+    monkeypatch.setattr(w4, "DEVICE", "cpu")
+    monkeypatch.setattr(w4, "_graph_ms", _once_ms)  # CUDA graphs need a GPU
+    configs = [{}, {"MMA": 1, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2}]
+    (row,) = w4.sustained_gemv_rows(torch.float16, {"tiny 16x256": (16, 256)}, configs, copies=2)
+    assert set(row["gemv_ms"]) == {json.dumps(c) for c in configs} and row["dense_ms"] > 0
+    table = w4.sustained_table([row])
+    assert table.count("tiny 16x256") == 2 and "TB/s" in table
+
+
 def test_kv_bench_measures_both_kernels(bench):
     kvb = bench("bench_kv_gpu")
     row = kvb.measure(1, 128, 32, 4, 2, 32, torch.device("cpu"), timer=_once_ms)
