@@ -625,6 +625,8 @@ def w4a16_gemv(
     ``"ASM": 1`` on CUDA; other calls take the tile kernel."""
     x, y, z, stride_z = _prepare_matmul(x, qweight, scales, zeros, group_size)
     (m, k), n = x.shape, qweight.shape[0]
+    if m == 0:
+        return y
     if (blocks or {}).get("MMA", GEMV_BLOCKS.get("MMA")):  # the module default's tiles only if it is MMA too
         chosen = {**(GEMV_BLOCKS if GEMV_BLOCKS.get("MMA") else {}), **(blocks or {})}
         meta = _blocks({**GEMV_MMA_BLOCKS, "MMA": 1}, {key: v for key, v in chosen.items() if key != "BLOCK_M"})

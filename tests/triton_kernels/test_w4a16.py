@@ -165,6 +165,14 @@ def test_mma_gemv_split_k_leaves_its_workspace_zero(device):
     assert ws.numel() >= 48 and not ws.any() and not cnt.any()
 
 
+@pytest.mark.parametrize("blocks", [{}, {"MMA": 1, "SPLIT_K": 2}], ids=["tile", "mma"])
+def test_gemv_of_no_rows_is_empty(blocks, device):
+    """An empty batch gets an empty result (the tile GEMV divided its K tile by 0 rows)."""
+    qweight, scales, zeros, gs = _packed(32, 256, 128, "asym", device)
+    x = torch.randn(0, 256).to(device, torch.float16)
+    assert w4a16.w4a16_gemv(x, qweight, scales, zeros, gs, blocks=blocks).shape == (0, 32)
+
+
 def test_mma_block_k_shrinks_to_lie_inside_a_group():
     assert w4a16._mma_block_k(4096, 128, 128) == 128
     assert w4a16._mma_block_k(4096, 64, 128) == 64
