@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -314,8 +316,15 @@ def test_layers_reading_one_tensor_quantize_it_once(tiny_llama, llama_ids, monke
 
     compress(tiny_llama, [RTNConfig(bits=8, group_size=-1, symmetric=True), ActivationQuantConfig()], progress=False)
     calls = []
-    original = cpu_w8a8.quantize_activations
-    monkeypatch.setattr(cpu_w8a8, "quantize_activations", lambda *a: calls.append(1) or original(*a))
+    torch_path, c_path = cpu_w8a8.quantize_activations, cpu_w8a8._native_quantize
+
+    def c_counted(*args):
+        result = c_path(*args)  # None where the C quantization declines and torch's runs
+        calls.extend([1] if result is not None else [])
+        return result
+
+    monkeypatch.setattr(cpu_w8a8, "quantize_activations", lambda *a: calls.append(1) or torch_path(*a))
+    monkeypatch.setattr(cpu_w8a8, "_native_quantize", c_counted)
     with torch.no_grad():
         fast = tiny_llama(llama_ids).logits
     assert len(calls) == 2 * 4  # per block: q/k/v once, o, gate/up once, down
@@ -328,9 +337,10 @@ def test_layers_reading_one_tensor_quantize_it_once(tiny_llama, llama_ids, monke
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("bits,symmetric", [(8, True), (8, False), (4, False)], ids=["W8-sym", "W8-asym", "W4-asym"])
 @pytest.mark.parametrize("strategy,dynamic", [("token", True), ("tensor", False)], ids=["dynamic", "static"])
-def test_cpu_w8a8_decode_kernel_equals_the_int_mm_path(strategy, dynamic, bits, symmetric, dtype, monkeypatch):
+def test_cpu_w8a8_c_kernel_equals_the_torch_path(strategy, dynamic, bits, symmetric, dtype, monkeypatch):
     # The C kernel serves fewer than ONEDNN_MIN_ROWS rows; it does torch's float operations in
-    # torch's order on exact int32 sums, so the two paths agree bit for bit.
+    # torch's order on exact int32 sums, so the two paths agree bit for bit. From 16 rows on
+    # it quantizes the rows (then oneDNN or torch._int_mm multiplies), also bit for bit.
     from hfcompress.quant import cpu_w8a8
     from hfcompress.quant.scheme import QuantArgs
 
@@ -345,20 +355,68 @@ def test_cpu_w8a8_decode_kernel_equals_the_int_mm_path(strategy, dynamic, bits, 
     if not dynamic:
         layer.input_scale.fill_(0.03)
     g = torch.Generator().manual_seed(1)
-    for shape in [(1, 1, k), (1, k), (13, k), (3, 5, k)]:
+    for shape in [(1, 1, k), (1, k), (13, k), (3, 5, k), (40, k), (2, 20, k)]:
         x = (torch.randn(shape, generator=g) * torch.linspace(0.2, 4, k)).to(dtype)
         x[..., 7] = 0.0
         with torch.no_grad():
             fast = layer(x)
             with monkeypatch.context() as m:
                 m.setattr(cpu_w8a8, "_native_library", lambda: None)
-                slow = layer(x)
+                slow = layer(x.clone())  # a new tensor: not the quantization cached for x
         assert fast.dtype == dtype and fast.shape == (*shape[:-1], n)
         assert torch.equal(fast, slow)
     # A strided input (a column slice) is read correctly.
     wide = torch.randn(2, 2 * k, generator=g).to(dtype)
     with torch.no_grad():
         torch.testing.assert_close(layer(wide[:, :k]), layer(wide[:, :k].contiguous()), rtol=0, atol=0)
+
+
+def test_cpu_w8a8_c_kernel_dot_paths_agree(tmp_path):
+    """w8a8_cpu.c has three int8 dot products (AVX-512 VNNI on q + 128, AVX2 pair
+    multiply-adds, plain C), chosen at compile time by the CPU it is built on; built for each
+    instruction set this CPU has, all give the plain build's result."""
+    import ctypes
+    import shutil
+    import subprocess
+
+    from hfcompress.quant import cpu_w8a8, native
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    flags = {"plain": [], "native": ["-march=native"]}
+    if " avx2" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False:
+        flags["avx2"] = ["-mavx2"]  # only where it can run: an AVX2 build would crash elsewhere
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    g = torch.Generator().manual_seed(0)
+    inputs = {  # K below, at and across the 64- and 16-byte vectors
+        k: (torch.randn(3, k, generator=g) * 3, torch.randint(-128, 128, (41, k), generator=g, dtype=torch.int8))
+        for k in (5, 64, 97, 130)
+    }
+    scales, corr = torch.rand(41), torch.randn(41)
+    outs = {}
+    for name, extra in flags.items():
+        lib_path = tmp_path / f"w8a8-{name}.so"
+        flags_ = [f for f in native.FLAGS if not f.startswith("-march")] + extra
+        built = subprocess.run(
+            [cc, *flags_, str(cpu_w8a8._NATIVE_SOURCE), "-o", str(lib_path), "-lm"], capture_output=True
+        )
+        if built.returncode != 0:
+            continue  # this compiler or CPU lacks the instruction set
+        lib = ctypes.CDLL(str(lib_path))
+        lib.w8a8_linear.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, ctypes.c_int,
+                                    ctypes.c_float, ptr, ctypes.c_int]  # fmt: skip
+        for k, (x, w) in inputs.items():
+            out = torch.empty(3, 41)
+            w_sum = w.sum(1, dtype=torch.int32)
+            failed = lib.w8a8_linear(x.data_ptr(), 2, 3, k, k, w.data_ptr(), w_sum.data_ptr(), 41, scales.data_ptr(),
+                                     corr.data_ptr(), None, 1, 0.0, out.data_ptr(), 1)  # fmt: skip
+            assert failed == 0
+            outs.setdefault(k, {})[name] = out
+    assert all("plain" in by_name for by_name in outs.values())
+    for by_name in outs.values():
+        for out in by_name.values():
+            assert torch.equal(out, by_name["plain"])
 
 
 def test_cpu_w8a8_decode_falls_back_when_the_kernel_cannot_build(monkeypatch, tmp_path, caplog):
