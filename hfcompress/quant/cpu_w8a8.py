@@ -23,9 +23,9 @@ Two int8 matmuls serve it, chosen per call:
   the epilogue in one pass. Through torch the same work is about a dozen small operator calls
   per layer, which at one row cost more than the matmul; the kernel's float operations are
   torch's, in the same order, so its float32 result is bit-identical. On AVX-512 CPUs the same
-  library also quantizes the rows of larger calls and applies the per-token scales after
-  oneDNN, each in one vectorized pass over rows in parallel, bit for bit torch's operations
-  (on a 2-core Sapphire Rapids VM, 3-5x faster than torch's five operator calls for 512 rows).
+  library also quantizes the rows of larger calls, in one vectorized pass per row with rows in
+  parallel, bit for bit torch's operations (on a 2-core Sapphire Rapids VM, 2-4x faster than
+  torch's five operator calls for 512 rows).
 * ``torch._int_mm`` (int8 x int8 -> int32) otherwise: decoding without a C compiler or with
   float16 inputs, asymmetric weights (the ``(z - o) * sum(x_q)`` term is applied after it),
   CPUs or builds without oneDNN, CPUs where oneDNN's op is not exact (:func:`onednn_works`
@@ -202,13 +202,7 @@ def _onednn(layer: QuantLinear, xq: torch.Tensor, sx: torch.Tensor, out_dtype: t
     )  # fmt: skip
     if not per_tensor:
         # In the output dtype: for bfloat16 the scale's rounding (2^-9) matches the output's.
-        lib = _native_library()
-        if lib is None or not lib.w8a8_quantize_is_vectorized() or not y.is_contiguous():
-            y.mul_(sx.to(out_dtype))
-        else:  # the same products in one pass, rows in parallel
-            scales = sx.reshape(-1).contiguous()
-            lib.w8a8_scale_rows(y.data_ptr(), _NATIVE_X_DTYPES[out_dtype], y.shape[0], y.shape[1],
-                                scales.data_ptr(), torch.get_num_threads())  # fmt: skip
+        y.mul_(sx.to(out_dtype))
         if layer.bias is not None:
             y.add_(layer.bias.to(out_dtype))
     return y
@@ -283,8 +277,6 @@ def _native_library() -> ctypes.CDLL | None:
                                            ctypes.c_int]  # fmt: skip
         lib.w8a8_quantize_rows.restype = ctypes.c_int
         lib.w8a8_quantize_is_vectorized.restype = ctypes.c_int
-        lib.w8a8_scale_rows.argtypes = [ptr, ctypes.c_int, i64, i64, ptr, ctypes.c_int]
-        lib.w8a8_scale_rows.restype = ctypes.c_int
     return lib
 
 

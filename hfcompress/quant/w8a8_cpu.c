@@ -180,52 +180,6 @@ int w8a8_quantize_rows(const void *x, int x_dtype, int64_t T, int64_t K, int64_t
     return failed;
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-/* float32 to bfloat16 rounded to nearest even, NaN to a quiet NaN: torch's rounding. */
-static inline __m256i to_bf16(__m512 v) {
-    __m512i b = _mm512_castps_si512(v);
-    __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(b, 16),
-                                                                                _mm512_set1_epi32(1)));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, bias), 16);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-    return _mm512_cvtepi32_epi16(r);
-}
-#endif
-
-/* y [T, N] (row stride N) times scales[t] per row, in place: y_dtype 2 float32 (one float32
- * product), 1 bfloat16 (the scale rounded to bfloat16, the product in float32 rounded to
- * bfloat16): torch's y.mul_(scales.to(y.dtype)) bit for bit (but for the bits of a NaN's
- * payload). Needs AVX-512 (see
- * w8a8_quantize_is_vectorized); returns 1 without it. */
-int w8a8_scale_rows(void *y, int y_dtype, int64_t T, int64_t N, const float *scales, int threads) {
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t t = 0; t < T; t++) {
-        float st = scales[t];
-        if (y_dtype == 1) {
-            uint16_t sb = (uint16_t)_mm_cvtsi128_si32(_mm256_castsi256_si128(to_bf16(_mm512_set1_ps(st))));
-            st = bf16_to_float(sb);
-        }
-        const __m512 vs = _mm512_set1_ps(st);
-        for (int64_t n = 0; n < N; n += 16) {
-            __mmask16 m = N - n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1u);
-            if (y_dtype == 2) {
-                float *p = (float *)y + t * N + n;
-                _mm512_mask_storeu_ps(p, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p), vs));
-            } else {
-                uint16_t *p = (uint16_t *)y + t * N + n;
-                __m512 v = load16(p, 1, 0, N - n);
-                _mm256_mask_storeu_epi16(p, m, to_bf16(_mm512_mul_ps(v, vs)));
-            }
-        }
-    }
-    return 0;
-#else
-    (void)y; (void)y_dtype; (void)T; (void)N; (void)scales; (void)threads;
-    return 1;
-#endif
-}
-
 /* Returns 0, or 1 when scratch memory cannot be allocated. */
 int w8a8_linear(const void *x, int x_dtype, int64_t T, int64_t K, int64_t x_stride, const int8_t *w,
                 const int32_t *w_sum, int64_t N, const float *w_scale, const float *corr, const float *bias,
