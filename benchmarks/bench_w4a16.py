@@ -45,6 +45,9 @@ LAYER_SHAPES = {  # [N, K]
     "llama-7b q/o 4096x4096": (4096, 4096),
     "llama-7b gate/up 11008x4096": (11008, 4096),
     "llama-7b down 4096x11008": (4096, 11008),
+    "tinyllama q/o 2048x2048": (2048, 2048),
+    "tinyllama gate/up 5632x2048": (5632, 2048),
+    "tinyllama down 2048x5632": (2048, 5632),
 }
 MS = (1, 4, 16, 128, 2048)
 DEVICE = "cuda"  # a module constant so that a CPU smoke run (interpreter, tiny shapes) can swap it

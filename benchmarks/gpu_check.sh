@@ -7,8 +7,9 @@
 # 1. the GPU-relevant tests (machine's own transformers), 12 workers, names printed as they end;
 # 2. benchmarks/bench_w4a16.py: the 7B-shaped layers at M = 1 with the GEMV sweep (issue 11:
 #    the GEMV's bandwidth; the tile kernel and the tensor-core kernel, "MMA": 1, side by side),
-#    then both GEMVs and the sweep's best sustained over 8 copies of each layer in a CUDA graph
-#    (weights read per second as decoding sees them), then decoding a TinyLlama-shaped model at
+#    then both GEMVs and the sweep's best sustained over 8 copies of each layer (7B and
+#    TinyLlama shapes) in a CUDA graph (weights read per second as decoding sees them), then
+#    decoding a TinyLlama-shaped model at
 #    the sweep's best configuration (issue 11: a CUDA-graph step faster than bf16);
 # 3. benchmarks/bench_kv_gpu.py: KV4 decode attention at 32k tokens, batch 8, both kernels (issue 12:
 #    2x SDPA);
@@ -36,9 +37,9 @@ step w4 150 python3 benchmarks/bench_w4a16.py --sweep gemv --shapes llama-7b --m
 tail -5 "$o/w4.log" | cut -c1-600
 blocks=$(python3 benchmarks/pick_gemv_blocks.py "$o/w4/results.json" 2>/dev/null || echo '{}')
 echo "GEMV tiles for decoding: $blocks"
-step sustained 45 python3 benchmarks/bench_w4a16.py --no-layers --shapes llama-7b \
+step sustained 60 python3 benchmarks/bench_w4a16.py --no-layers --shapes llama-7b,tinyllama \
     --sustained "[{}, {\"MMA\": 1}, $blocks]" --out "$o/sustained"
-tail -10 "$o/sustained.log" | cut -c1-300
+tail -20 "$o/sustained.log" | cut -c1-300
 step e2e 100 python3 benchmarks/bench_w4a16.py --no-layers --e2e --e2e-models TinyLlama --no-reference \
     --gemv-blocks "$blocks" --out "$o/e2e"
 tail -4 "$o/e2e.log"
