@@ -251,51 +251,46 @@ def _split_k_store(y_ptrs, ws_ptrs, cnt_ptrs, part, mask, SPLIT_K: tl.constexpr)
         tl.store(cnt_ptrs, tl.zeros_like(part).to(tl.int32), mask=last)
 
 
+def _unpack_asm(magic: str) -> str:
+    """The PTX of ``_codes_plus_offset``: four bytes in ``$4`` (one per element, byte i =
+    element i) to their low codes in ``$0`` (elements 0, 1) and ``$1`` (2, 3) and their high
+    codes in ``$2``, ``$3``, each 16-bit half ``magic | code``. ``prmt`` spreads bytes 0, 1 (2, 3)
+    to the two halves, ``shr`` brings the high nibbles down, ``lop3`` 0xEA is ``(a & b) | c``."""
+    return f"""{{
+    .reg .b32 t0, t1, u0, u1;
+    prmt.b32 t0, $4, 0, 0x4140;
+    prmt.b32 t1, $4, 0, 0x4342;
+    shr.u32 u0, t0, 4;
+    shr.u32 u1, t1, 4;
+    lop3.b32 $0, t0, 0x000F000F, {magic}, 0xEA;
+    lop3.b32 $1, t1, 0x000F000F, {magic}, 0xEA;
+    lop3.b32 $2, u0, 0x000F000F, {magic}, 0xEA;
+    lop3.b32 $3, u1, 0x000F000F, {magic}, 0xEA;
+    }}"""
+
+
+# bfloat16 128 and float16 1024 in both halves: a code OR-ed into the mantissa is 128 + q / 1024 + q.
+_UNPACK_BF16 = tl.constexpr(_unpack_asm("0x43004300"))
+_UNPACK_F16 = tl.constexpr(_unpack_asm("0x64006400"))
+
+
 @triton.jit
 def _codes_plus_offset(byte, ASM: tl.constexpr, dtype: tl.constexpr):
     """The low and high codes of ``byte`` (uint8) as ``OFFSET + q`` in ``dtype`` (float16: 1024,
     bfloat16: 128), exactly: the code OR-ed into the offset's mantissa, with no int-to-float
     conversion. ``ASM`` (CUDA only, not the interpreter): four bytes per two ``prmt`` and four
-    ``lop3`` instructions, two codes to a 32-bit register."""
+    ``lop3`` instructions, two codes to a 32-bit register (``_unpack_asm``)."""
     if ASM:
         if dtype == tl.bfloat16:
             lo, hi = tl.inline_asm_elementwise(
-                asm="""{
-                .reg .b32 t0, t1, u0, u1;
-                prmt.b32 t0, $4, 0, 0x4140;
-                prmt.b32 t1, $4, 0, 0x4342;
-                shr.u32 u0, t0, 4;
-                shr.u32 u1, t1, 4;
-                lop3.b32 $0, t0, 0x000F000F, 0x43004300, 0xEA;
-                lop3.b32 $1, t1, 0x000F000F, 0x43004300, 0xEA;
-                lop3.b32 $2, u0, 0x000F000F, 0x43004300, 0xEA;
-                lop3.b32 $3, u1, 0x000F000F, 0x43004300, 0xEA;
-                }""",
-                constraints="=r,=r,=r,=r,r",
-                args=[byte],
-                dtype=(tl.bfloat16, tl.bfloat16),
-                is_pure=True,
-                pack=4,
-            )
+                asm=_UNPACK_BF16, constraints="=r,=r,=r,=r,r", args=[byte], dtype=(tl.bfloat16, tl.bfloat16),
+                is_pure=True, pack=4,
+            )  # fmt: skip
         else:
             lo, hi = tl.inline_asm_elementwise(
-                asm="""{
-                .reg .b32 t0, t1, u0, u1;
-                prmt.b32 t0, $4, 0, 0x4140;
-                prmt.b32 t1, $4, 0, 0x4342;
-                shr.u32 u0, t0, 4;
-                shr.u32 u1, t1, 4;
-                lop3.b32 $0, t0, 0x000F000F, 0x64006400, 0xEA;
-                lop3.b32 $1, t1, 0x000F000F, 0x64006400, 0xEA;
-                lop3.b32 $2, u0, 0x000F000F, 0x64006400, 0xEA;
-                lop3.b32 $3, u1, 0x000F000F, 0x64006400, 0xEA;
-                }""",
-                constraints="=r,=r,=r,=r,r",
-                args=[byte],
-                dtype=(tl.float16, tl.float16),
-                is_pure=True,
-                pack=4,
-            )
+                asm=_UNPACK_F16, constraints="=r,=r,=r,=r,r", args=[byte], dtype=(tl.float16, tl.float16),
+                is_pure=True, pack=4,
+            )  # fmt: skip
     else:
         magic: tl.constexpr = 0x4300 if dtype == tl.bfloat16 else 0x6400
         b = byte.to(tl.int16)

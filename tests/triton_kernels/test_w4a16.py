@@ -252,3 +252,65 @@ def test_mma_gemv_replays_in_a_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
         torch.testing.assert_close(y, expected)
+
+
+def _run_ptx(asm: str, inputs: dict[str, int]) -> dict[str, int]:
+    """Run the straight-line PTX of ``_unpack_asm`` (prmt, shr, lop3 on 32-bit registers) in
+    Python: its bit logic checked on CPU, where the inline assembly itself cannot run."""
+    import re
+
+    regs = dict(inputs)
+
+    def value(token: str) -> int:
+        token = token.strip()
+        return regs[token] if token in regs else int(token, 0)
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        dst, *src = [a.strip() for a in rest.split(",")]
+        if op == "prmt.b32":
+            a, b, sel = value(src[0]), value(src[1]), value(src[2])
+            pool = a | (b << 32)
+            out = 0
+            for i in range(4):
+                nib = (sel >> (4 * i)) & 0xF
+                byte = (pool >> (8 * (nib & 7))) & 0xFF
+                if nib & 8:  # sign replication
+                    byte = 0xFF if byte & 0x80 else 0
+                out |= byte << (8 * i)
+        elif op == "shr.u32":
+            out = value(src[0]) >> value(src[1])
+        elif op == "lop3.b32":
+            a, b, c, lut = (value(x) for x in src)
+            out = 0
+            for bit in range(32):
+                index = (((a >> bit) & 1) << 2) | (((b >> bit) & 1) << 1) | ((c >> bit) & 1)
+                out |= ((lut >> index) & 1) << bit
+        else:
+            raise AssertionError(f"unexpected PTX {op}")
+        assert re.fullmatch(r"\$\d|t\d|u\d", dst)
+        regs[dst] = out & 0xFFFFFFFF
+    return regs
+
+
+@pytest.mark.parametrize("magic", [0x4300, 0x6400], ids=["bf16", "fp16"])
+def test_unpack_ptx_matches_the_triton_ops_it_replaces(magic):
+    """Register $4 holds elements 0-3 as bytes 0-3; $0 must pack elements 0 and 1 (low half
+    first) of ``(byte & 15) | magic``, $1 elements 2 and 3, and $2, $3 the same of
+    ``(byte >> 4) | magic``: what the interpreter's Triton ops compute element by element."""
+    asm = w4a16._unpack_asm(f"0x{magic:04X}{magic:04X}")
+    g = torch.Generator().manual_seed(0)
+    words = [*torch.randint(0, 2**32, (300,), generator=g, dtype=torch.int64).tolist(), 0, 0xFFFFFFFF, 0x12345678]
+    for word in words:
+        regs = _run_ptx(asm, {"$4": word})
+        b = [(word >> (8 * i)) & 0xFF for i in range(4)]
+        lo = [(x & 15) | magic for x in b]
+        hi = [(x >> 4) | magic for x in b]
+        assert regs["$0"] == lo[0] | lo[1] << 16 and regs["$1"] == lo[2] | lo[3] << 16
+        assert regs["$2"] == hi[0] | hi[1] << 16 and regs["$3"] == hi[2] | hi[3] << 16
+    # and the two instantiations the kernel uses are this template
+    assert w4a16._UNPACK_BF16.value == w4a16._unpack_asm("0x43004300")
+    assert w4a16._UNPACK_F16.value == w4a16._unpack_asm("0x64006400")
