@@ -595,7 +595,8 @@ def _gemv_mma(x, qweight, scales, z, stride_z, has_zeros, group_size, y, meta) -
         x, qweight, scales, z, y, ws, cnt, m, n, k, x.stride(0), qweight.stride(0), scales.stride(0), stride_z,
         y.stride(0), tiles_per_split * block_k, GROUP=group_size if group_size < k else 0,
         HAS_ZEROS=has_zeros, EVEN=n % block_n == 0 and k % block_k == 0, SPLIT_K=split,
-        ASM=meta["ASM"] and x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1", PERMUTE=meta["PERMUTE"],
+        ASM=meta["ASM"] and x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1",
+        PERMUTE=1 if meta["PERMUTE"] == 2 and block_k < 32 else meta["PERMUTE"],  # 2 needs two 16-column blocks
         BLOCK_N=block_n, BLOCK_K=block_k, **launch,
     )  # fmt: skip
     return y

@@ -140,12 +140,14 @@ def test_mma_gemv_matches_reference(n, k, group_size, kind, m, split_k, device):
     _close_to(y, _mma_ref(x, qweight, scales, zeros, gs))
 
 
+@pytest.mark.parametrize("group_size", [64, 48], ids=["g64", "g48-tile16"])
 @pytest.mark.parametrize("permute", [0, 1, 2], ids=["natural", "per-thread-bytes", "low-then-high"])
-def test_mma_gemv_column_order_does_not_change_the_result(permute, device):
+def test_mma_gemv_column_order_does_not_change_the_result(permute, group_size, device):
     """PERMUTE takes each K tile's columns in the tensor cores' register order (2: all low
-    nibbles, then all high ones), x gathered to match; the sum is the same."""
-    qweight, scales, zeros, gs = _packed(32, 256, 64, "asym", device)
-    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(5)).to(device, torch.float16)
+    nibbles, then all high ones), x gathered to match; the sum is the same. Group 48 shrinks
+    the K tile to 16 columns, where 2 falls back to 1."""
+    qweight, scales, zeros, gs = _packed(32, 288, group_size, "asym", device)
+    x = torch.randn(2, 288, generator=torch.Generator().manual_seed(5)).to(device, torch.float16)
     blocks = {"MMA": 1, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2, "PERMUTE": permute}
     _close_to(w4a16.w4a16_gemv(x, qweight, scales, zeros, gs, blocks=blocks), _mma_ref(x, qweight, scales, zeros, gs))
 
