@@ -88,6 +88,28 @@ def test_w4a16_sustained_gemv_rows_run(bench, monkeypatch):
     assert table.count("tiny 16x256") == 2 and "TB/s" in table
 
 
+def test_w4a16_e2e_rows_run(bench, monkeypatch):
+    """The decode rows gpu_check.sh's e2e step prints, on CPU with a tiny Llama (no CUDA graph
+    there): the model building, RTN W4, generate and prefill calls keep working."""
+    w4 = bench("bench_w4a16")
+    monkeypatch.setattr(w4, "DEVICE", "cpu")
+    monkeypatch.setattr(w4, "bench_ms", _once_ms)
+    tiny = {
+        "hidden_size": 128,  # the step's RTN uses groups of 128
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 256,
+        "tie_word_embeddings": True,
+    }
+    rows = w4.e2e_rows(torch.float32, {"tiny": tiny}, reference=False)
+    assert [r["variant"] for r in rows] == ["dense", "W4 Triton"]
+    assert all(r["decode_tok_s"] > 0 and r["graph_step_ms"] is None for r in rows)
+    assert rows[1]["weights_gb"] < rows[0]["weights_gb"]
+    assert "tiny" in w4.e2e_table(rows)
+
+
 def test_kv_bench_measures_both_kernels(bench):
     kvb = bench("bench_kv_gpu")
     row = kvb.measure(1, 128, 32, 4, 2, 32, torch.device("cpu"), timer=_once_ms)
