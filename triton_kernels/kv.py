@@ -147,6 +147,20 @@ def _unpack(p_ptr, rows, valid, BITS: tl.constexpr, PER: tl.constexpr, W: tl.con
 
 
 @triton.jit
+def _softmax_step(s, t, ok, m_i, bias_row, HAS_BIAS: tl.constexpr):
+    """One block of the online softmax: the scores ``s: [R, BLOCK_T]`` of tokens ``t`` plus the
+    row's bias, ``-inf`` where not ``ok``; returns ``p = exp(s - m_new)``, the factor ``alpha``
+    that rescales the running sums, and the new running maximum ``m_new``."""
+    if HAS_BIAS:
+        s += tl.load(bias_row + t, mask=ok, other=0.0)[None, :]
+    s = tl.where(ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # a row whose every key so far is masked keeps m = -inf: shift by 0 instead of nan
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return tl.exp(s - shift[:, None]), tl.exp(m_i - shift), m_new
+
+
+@triton.jit
 def _kv_decode_kernel(
     q_ptr,
     kp_ptr,
@@ -204,15 +218,7 @@ def _kv_decode_kernel(
         kz = tl.load(kz_ptr + g_rows, mask=ok[:, None], other=0.0).to(tl.float32)
         k = kc * ks + kz  # [BLOCK_T, D]
         s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [BLOCK_R, BLOCK_T]
-        if HAS_BIAS:
-            b = bh // HKV
-            s += tl.load(bias_ptr + b * T + t, mask=ok, other=0.0)[None, :]
-        s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # a row whose every key so far is masked keeps m = -inf: shift by 0 instead of nan
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - shift[:, None])
-        alpha = tl.exp(m_i - shift)
+        p, alpha, m_new = _softmax_step(s, t, ok, m_i, bias_ptr + (bh // HKV) * T, HAS_BIAS)
         # values: per-token scale and zero of each channel group
         vc = _unpack(vp_ptr + bh * vp_sbh, rows, ok[:, None], BITS, PER, W, D)
         v_rows = bh * vs_sbh + t[:, None] * (D // GV) + d[None, :] // GV
@@ -284,14 +290,7 @@ def _kv_decode_dot_kernel(
         s = tl.dot(q_lo * ks_lo[None, :], tl.trans(_nibble(kb, 0)), input_precision=PRECISION)
         s = tl.dot(q_hi * ks_hi[None, :], tl.trans(_nibble(kb, 4)), s, input_precision=PRECISION)
         s += tl.sum(q_lo * kz_lo[None, :] + q_hi * kz_hi[None, :], axis=1)[:, None]
-        if HAS_BIAS:
-            s += tl.load(bias_ptr + (bh // HKV) * T + t, mask=ok, other=0.0)[None, :]
-        s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # a row whose every key so far is masked keeps m = -inf: shift by 0 instead of nan
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - shift[:, None])
-        alpha = tl.exp(m_i - shift)
+        p, alpha, m_new = _softmax_step(s, t, ok, m_i, bias_ptr + (bh // HKV) * T, HAS_BIAS)
         vb = tl.load(vp_ptr + bh * vp_sbh + t[:, None] * W + w[None, :], mask=ok[:, None], other=0)
         v_row = bh * vs_sbh + t * (D // GV)
         vs_lo = tl.load(vs_ptr + v_row, mask=ok, other=0.0).to(tl.float32)
