@@ -270,21 +270,27 @@ def _decode_tps(model, prompt: torch.Tensor, new_tokens: int) -> float:
     return new_tokens / statistics.median(times)
 
 
+def _graph_ms(fn) -> float:
+    """Median ms of one replay of ``fn`` captured in a CUDA graph (warmed up on a side stream
+    first, as capture requires): the GPU's time without Python's launch gaps."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return bench_ms(graph.replay)
+
+
 def _graph_step_ms(model, ids: torch.Tensor) -> float | str:
     """One-token forward without a cache, captured in a CUDA graph and replayed: the GPU time of
     a decoding step's weights without Python's launch overhead; the error's text if capture fails."""
     try:
         with torch.no_grad():
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(3):
-                    model(ids, use_cache=False)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                model(ids, use_cache=False)
-        return bench_ms(graph.replay)
+            return _graph_ms(lambda: model(ids, use_cache=False))
     except Exception as exc:  # capture can fail on model code that syncs; report it
         return f"{type(exc).__name__}: {str(exc)[:200]}"
 
@@ -357,21 +363,6 @@ def e2e_table(rows: list[dict]) -> str:
             f"{_ms_and_ratio(r['graph_step_ms'], d['graph_step_ms'])} |"
         )
     return "\n".join(lines)
-
-
-def _graph_ms(fn) -> float:
-    """Median ms of one replay of ``fn`` captured in a CUDA graph (warmed up on a side stream
-    first, as capture requires): the GPU's time without Python's launch gaps."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return bench_ms(graph.replay)
 
 
 def sustained_gemv_rows(dtype: torch.dtype, shapes: dict, configs: list[dict], copies: int = 8) -> list[dict]:
