@@ -110,9 +110,14 @@ static inline int32_t dot_s8(const int8_t *q, const uint8_t *qu, const int8_t *w
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-/* Sixteen values of row t from k on (masked: lanes at or beyond K read as 0), as float32. */
+/* The lanes of k .. k + 15 that lie below K. */
+static inline __mmask16 lanes16(int64_t k, int64_t K) {
+    return K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1u);
+}
+
+/* Sixteen values of a row from k on (masked: lanes at or beyond K read as 0), as float32. */
 static inline __m512 load16(const void *x, int x_dtype, int64_t k, int64_t K) {
-    __mmask16 m = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1u);
+    __mmask16 m = lanes16(k, K);
     if (x_dtype == 2) return _mm512_maskz_loadu_ps(m, (const float *)x + k);
     __m512i h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)x + k));
     return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16)); /* bfloat16 -> float32: exact */
@@ -132,8 +137,7 @@ static float quantize_row16(const void *x, int x_dtype, int64_t K, int dynamic, 
         __m512 v = _mm512_div_ps(load16(x, x_dtype, k, K), vs);
         v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
-        __mmask16 m = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1u);
-        _mm_mask_storeu_epi8(qt + k, m, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
+        _mm_mask_storeu_epi8(qt + k, lanes16(k, K), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
     }
     return st;
 }
@@ -148,36 +152,22 @@ int w8a8_quantize_is_vectorized(void) {
 #endif
 }
 
-/* Rows in parallel: q [T, K] int8 (row stride K), scales [T]. Returns 0, or 1 when scratch
- * memory cannot be allocated. */
+/* Rows in parallel: q [T, K] int8 (row stride K), scales [T]. Returns 0, or 2 in a build
+ * without AVX-512, where callers use torch's ops instead (w8a8_quantize_is_vectorized). */
 int w8a8_quantize_rows(const void *x, int x_dtype, int64_t T, int64_t K, int64_t x_stride, int dynamic,
                        float static_scale, int8_t *q, float *scales, int threads) {
-    int failed = 0;
-    size_t elem = x_dtype == 2 ? sizeof(float) : sizeof(uint16_t);
-#pragma omp parallel num_threads(threads) reduction(| : failed)
-    {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < T; t++)
-            scales[t] = quantize_row16((const char *)x + (size_t)(t * x_stride) * elem, x_dtype, K, dynamic,
-                                       static_scale, q + t * K);
+    size_t elem = x_dtype == 2 ? sizeof(float) : sizeof(uint16_t);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t t = 0; t < T; t++)
+        scales[t] = quantize_row16((const char *)x + (size_t)(t * x_stride) * elem, x_dtype, K, dynamic, static_scale,
+                                   q + t * K);
+    return 0;
 #else
-        float *row = malloc(sizeof(float) * (size_t)K);
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < T; t++) {
-            int32_t sum;
-            if (!row) {
-                failed = 1;
-                continue;
-            }
-            load_row(x, x_dtype, t, K, x_stride, row);
-            scales[t] = quantize_row(row, K, dynamic, static_scale, q + t * K, &sum);
-        }
-        free(row);
+    (void)x; (void)x_dtype; (void)T; (void)K; (void)x_stride; (void)dynamic; (void)static_scale; (void)q;
+    (void)scales; (void)threads;
+    return 2;
 #endif
-    }
-    (void)elem;
-    return failed;
 }
 
 /* Returns 0, or 1 when scratch memory cannot be allocated. */
