@@ -59,7 +59,7 @@ from hfcompress.quant.dispatch import Kernel, cached, register_kernel
 if TYPE_CHECKING:
     from hfcompress.quant.linear import QuantLinear
 
-__all__ = ["ONEDNN_MIN_ROWS", "onednn_available", "onednn_works"]
+__all__ = ["ONEDNN_MIN_ROWS", "amx_available", "onednn_available", "onednn_works"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,12 @@ class _IntMMPack:
     scales: torch.Tensor  # [N] float32
     correction: torch.Tensor | None  # [N] float32, z - o; None when symmetric
     weight_sum: torch.Tensor  # [N] int32, the sum of each output row's codes (the C kernel's VNNI dot)
+
+
+@dataclass(frozen=True)
+class _AMXPack:
+    weight: torch.Tensor  # [ceil(N / 32) * 32 * K] int8, tdpbssd's tile layout (w8a8_cpu.c)
+    scales: torch.Tensor  # [N] float32
 
 
 @dataclass(frozen=True)
@@ -162,6 +168,61 @@ def onednn_available() -> bool:
         )
         return False
     return True
+
+
+@functools.cache
+def amx_available() -> bool:
+    """True when ``w8a8_cpu.c`` was built with its AMX kernel (a compiler and CPU with AMX-INT8),
+    Linux gave this process the tile state, and the kernel reproduces ``torch._int_mm``'s path
+    exactly on a probe that covers a row tail, padded channels and the extreme codes (checked
+    once per process)."""
+    lib = _native_library()
+    if lib is None or not lib.w8a8_amx_init():
+        return False
+    g = torch.Generator().manual_seed(0)
+    t, k, n = 37, 128, 48
+    w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    x = torch.randint(-128, 128, (t, k), generator=g, dtype=torch.int8)
+    w[0], x[0], x[1] = 127, 127, -128
+    sx, sw = torch.rand(t, 1, generator=g), torch.rand(n, generator=g)
+    packed = _amx_pack(w)
+    y = torch.empty(t, n)
+    failed = lib.w8a8_amx_linear(x.data_ptr(), sx.data_ptr(), 1, t, k, packed.data_ptr(), sw.data_ptr(), None, n,
+                                 y.data_ptr(), _NATIVE_X_DTYPES[torch.float32], torch.get_num_threads())  # fmt: skip
+    expected = torch._int_mm(x, w.t().contiguous()).float().mul_(sx).mul_(sw)
+    if failed or not torch.equal(y, expected):
+        logger.info("the AMX int8 kernel did not reproduce torch._int_mm on this CPU; W8A8 layers use oneDNN")
+        return False
+    return True
+
+
+def _amx_pack(codes: torch.Tensor) -> torch.Tensor:
+    n, k = codes.shape
+    packed = torch.empty((n + 31) // 32 * 32 * k, dtype=torch.int8)
+    _native_library().w8a8_amx_pack(codes.contiguous().data_ptr(), n, k, packed.data_ptr())
+    return packed
+
+
+def _build_amx(layer: QuantLinear) -> _AMXPack:
+    return _AMXPack(_amx_pack(layer.signed_codes()), layer.scales.float()[:, 0].contiguous())
+
+
+def _amx(layer: QuantLinear, xq: torch.Tensor, sx: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``w8a8_cpu.c``'s AMX matmul with the whole epilogue (per-token scale included) fused:
+    bit for bit the ``torch._int_mm`` path's result, without its passes over the output."""
+    pack = cached(layer, "cpu_amx", _build_amx)
+    t, n = xq.shape[0], layer.out_features
+    sx = sx.float().contiguous()
+    bias = None if layer.bias is None else layer.bias.to(out_dtype).float().contiguous()
+    y = torch.empty(t, n, dtype=out_dtype)
+    failed = _native_library().w8a8_amx_linear(
+        xq.data_ptr(), sx.data_ptr(), int(sx.numel() != 1), t, layer.in_features, pack.weight.data_ptr(),
+        pack.scales.data_ptr(), None if bias is None else bias.data_ptr(), n, y.data_ptr(),
+        _NATIVE_X_DTYPES[out_dtype], torch.get_num_threads(),
+    )  # fmt: skip
+    if failed:
+        raise MemoryError("the CPU W8A8 AMX kernel could not allocate its scratch memory")
+    return y
 
 
 def _supports(layer: QuantLinear, x: torch.Tensor) -> bool:
@@ -277,6 +338,12 @@ def _native_library() -> ctypes.CDLL | None:
                                            ctypes.c_int]  # fmt: skip
         lib.w8a8_quantize_rows.restype = ctypes.c_int
         lib.w8a8_quantize_is_vectorized.restype = ctypes.c_int
+        lib.w8a8_amx_init.restype = ctypes.c_int
+        lib.w8a8_amx_pack.argtypes = [ptr, i64, i64, ptr]
+        lib.w8a8_amx_pack.restype = None
+        lib.w8a8_amx_linear.argtypes = [ptr, ptr, ctypes.c_int, i64, i64, ptr, ptr, ptr, i64, ptr, ctypes.c_int,
+                                        ctypes.c_int]  # fmt: skip
+        lib.w8a8_amx_linear.restype = ctypes.c_int
     return lib
 
 
@@ -316,6 +383,15 @@ def _forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         if lib is not None:
             return _native_forward(layer, x, lib)
     xq, sx = _quantized_input(layer, x)
+    if (
+        layer.symmetric
+        and xq.shape[0] >= ONEDNN_MIN_ROWS
+        and x.dtype in _NATIVE_X_DTYPES
+        and layer.in_features % 64 == 0
+        and xq.is_contiguous()
+        and amx_available()
+    ):
+        return _amx(layer, xq, sx, x.dtype).reshape(*lead, layer.out_features)
     if layer.symmetric and xq.shape[0] >= ONEDNN_MIN_ROWS and onednn_available():
         out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
         return _onednn(layer, xq, sx, out_dtype).to(x.dtype).reshape(*lead, layer.out_features)

@@ -25,6 +25,7 @@
  * with AVX2, bytes widened to 16 bits and multiplied in pairs by vpmaddwd (exact: no 16-bit
  * saturation); else plain C. All three are exact, so all give the same int32.
  */
+#define _GNU_SOURCE /* syscall() */
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
@@ -32,6 +33,11 @@
 #include <string.h>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
+#endif
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512F__) && defined(__AVX512BW__)
+#define W8A8_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 static inline float bf16_to_float(uint16_t h) {
@@ -203,4 +209,160 @@ int w8a8_linear(const void *x, int x_dtype, int64_t T, int64_t K, int64_t x_stri
     }
     free(q); free(qu); free(s); free(qsum); free(row);
     return 0;
+}
+
+/* ---- AMX (Sapphire Rapids and later): the prefill's int8 matmul with its epilogue ----
+ *
+ * y[t, n] = (float)(q[t] . w[n]) * s_t * w_scale[n]  (+ bias[n])
+ *
+ * for symmetric weights (no zero-point term), in the order and precision of cpu_w8a8.py's
+ * torch._int_mm path: the product in float32, times the row's scale, times the channel's; a
+ * bfloat16 output is that rounded to nearest even, and the bias (already in the output
+ * dtype, given as float32) is added after the rounding and the sum rounded again, as torch
+ * adds a bfloat16 bias to a bfloat16 result. The int32 sums are exact, so the two paths
+ * agree bit for bit. oneDNN's op, the alternative, takes only a per-tensor activation scale:
+ * a per-token scale costs it one more pass over the output, which is what this saves.
+ *
+ * Weights are packed once (w8a8_amx_pack) into the tile layout tdpbssd reads: for each block
+ * of 16 output channels and 64 input channels, 16 rows of 64 bytes, row r holding the four
+ * codes k = 4r..4r+3 of each channel in turn. Output channels are padded with zeros to a
+ * multiple of 32; K must be a multiple of 64 (the caller checks). Each step multiplies a
+ * 32 x 32 block of the output: two 16-row tiles of q against two 16-channel tiles of w, four
+ * tdpbssd into four int32 accumulator tiles. The row tail (T not a multiple of 32) is copied
+ * into a zero-padded block. */
+
+/* 1 when this build has the AMX kernel and the kernel granted this process the tile data
+ * state (Linux asks for it once: arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA). */
+int w8a8_amx_init(void) {
+#ifdef W8A8_AMX
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+#else
+    return 0;
+#endif
+}
+
+/* w [N, K] int8 (row-major) into out [ceil(N / 32) * 32 * K] int8, the layout above. */
+void w8a8_amx_pack(const int8_t *w, int64_t N, int64_t K, int8_t *out) {
+    int64_t n_pad = (N + 31) / 32 * 32, kb_count = K / 64;
+    memset(out, 0, (size_t)(n_pad * K));
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t k = 0; k < K; k++)
+            out[((n / 16) * kb_count + k / 64) * 1024 + ((k % 64) / 4) * 64 + (n % 16) * 4 + k % 4] = w[n * K + k];
+}
+
+#ifdef W8A8_AMX
+typedef struct {
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* Round-to-nearest-even float32 -> bfloat16 bits, as torch converts (finite values). */
+static inline __m256i to_bf16_bits(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
+}
+
+static inline __m512 from_bf16_bits(__m256i h) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* Rows [m0, m0 + rows) and channels [n0, n0 + cols) of y from the int32 block acc [32][32]. */
+static void amx_epilogue(const int32_t *acc, const float *sx, int sx_per_row, int64_t m0, int64_t rows, int64_t n0,
+                         int64_t cols, const float *w_scale, const float *bias, int64_t N, void *y, int out_dtype) {
+    for (int64_t h = 0; h < 2; h++) {
+        int64_t c0 = h * 16;
+        if (c0 >= cols) break;
+        __mmask16 mask = cols - c0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (cols - c0)) - 1);
+        __m512 ws = _mm512_maskz_loadu_ps(mask, w_scale + n0 + c0);
+        __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n0 + c0) : _mm512_setzero_ps();
+        for (int64_t r = 0; r < rows; r++) {
+            __m512 v = _mm512_cvtepi32_ps(_mm512_loadu_si512(acc + r * 32 + c0));
+            v = _mm512_mul_ps(v, _mm512_set1_ps(sx[sx_per_row ? m0 + r : 0]));
+            v = _mm512_mul_ps(v, ws);
+            int64_t at = (m0 + r) * N + n0 + c0;
+            if (out_dtype == 2) {
+                if (bias) v = _mm512_add_ps(v, b);
+                _mm512_mask_storeu_ps((float *)y + at, mask, v);
+            } else {
+                __m256i o = to_bf16_bits(v);
+                if (bias) o = to_bf16_bits(_mm512_add_ps(from_bf16_bits(o), b));
+                _mm256_mask_storeu_epi16((uint16_t *)y + at, mask, o);
+            }
+        }
+    }
+}
+#endif
+
+/* y [T, N] (out_dtype 2: float32, 1: bfloat16) from q [T, K] int8 (row stride K), the row
+ * scales sx ([T] if sx_per_row, else [1]), the packed weights wp, w_scale [N] and bias [N]
+ * (float32, or NULL). Returns 0; 1 when scratch memory cannot be allocated; 2 in a build
+ * without AMX. */
+int w8a8_amx_linear(const int8_t *q, const float *sx, int sx_per_row, int64_t T, int64_t K, const int8_t *wp,
+                    const float *w_scale, const float *bias, int64_t N, void *y, int out_dtype, int threads) {
+#ifdef W8A8_AMX
+    int64_t kb_count = K / 64, n_blocks = (N + 31) / 32, m_blocks = (T + 31) / 32;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        tile_config cfg;
+        memset(&cfg, 0, sizeof cfg);
+        cfg.palette_id = 1;
+        for (int i = 0; i < 8; i++) {
+            cfg.rows[i] = 16;
+            cfg.colsb[i] = 64;
+        }
+        _tile_loadconfig(&cfg);
+        int32_t acc[32 * 32];
+        int8_t *pad = NULL;
+#pragma omp for schedule(static)
+        for (int64_t nb = 0; nb < n_blocks; nb++) {
+            const int8_t *b0 = wp + 2 * nb * kb_count * 1024, *b1 = b0 + kb_count * 1024;
+            for (int64_t mb = 0; mb < m_blocks; mb++) {
+                int64_t m0 = mb * 32, rows = T - m0 < 32 ? T - m0 : 32;
+                const int8_t *a = q + m0 * K;
+                if (rows < 32) {
+                    if (!pad && !(pad = malloc((size_t)(32 * K)))) {
+#pragma omp atomic write
+                        failed = 1;
+                        continue;
+                    }
+                    memcpy(pad, a, (size_t)(rows * K));
+                    memset(pad + rows * K, 0, (size_t)((32 - rows) * K));
+                    a = pad;
+                }
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_zero(2);
+                _tile_zero(3);
+                for (int64_t kb = 0; kb < kb_count; kb++) {
+                    _tile_loadd(4, a + kb * 64, K);
+                    _tile_loadd(5, a + 16 * K + kb * 64, K);
+                    _tile_loadd(6, b0 + kb * 1024, 64);
+                    _tile_loadd(7, b1 + kb * 1024, 64);
+                    _tile_dpbssd(0, 4, 6);
+                    _tile_dpbssd(1, 4, 7);
+                    _tile_dpbssd(2, 5, 6);
+                    _tile_dpbssd(3, 5, 7);
+                }
+                _tile_stored(0, acc, 128);
+                _tile_stored(1, acc + 16, 128);
+                _tile_stored(2, acc + 512, 128);
+                _tile_stored(3, acc + 528, 128);
+                int64_t n0 = nb * 32;
+                amx_epilogue(acc, sx, sx_per_row, m0, rows, n0, N - n0 < 32 ? N - n0 : 32, w_scale, bias, N, y,
+                             out_dtype);
+            }
+        }
+        free(pad);
+        _tile_release();
+    }
+    return failed;
+#else
+    (void)q; (void)sx; (void)sx_per_row; (void)T; (void)K; (void)wp; (void)w_scale; (void)bias; (void)N; (void)y;
+    (void)out_dtype; (void)threads;
+    return 2;
+#endif
 }

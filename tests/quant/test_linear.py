@@ -437,3 +437,110 @@ def test_cpu_w8a8_decode_falls_back_when_the_kernel_cannot_build(monkeypatch, tm
         assert not list(tmp_path.rglob("*.so"))
     finally:
         cpu_w8a8._native_library.cache_clear()
+
+
+def test_cpu_w8a8_amx_pack_is_the_tile_layout():
+    """Runs on any CPU with a C compiler (packing is plain C): channel n, input k of the packed
+    weights sits at block (n // 16, k // 64), row (k % 64) // 4, byte 4 * (n % 16) + k % 4,
+    and the channels past N (to a multiple of 32) are zero."""
+    from hfcompress.quant import cpu_w8a8
+
+    if cpu_w8a8._native_library() is None:
+        pytest.skip("no C compiler")
+    n, k = 40, 192
+    w = torch.randint(-128, 128, (n, k), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
+    packed = cpu_w8a8._amx_pack(w)
+    padded = torch.cat([w, torch.zeros(64 - n, k, dtype=torch.int8)])
+    expected = padded.view(4, 16, 3, 16, 4).permute(0, 2, 3, 1, 4).reshape(-1)
+    assert torch.equal(packed, expected)
+
+
+def _w8a8_layer(n, k, *, bits, symmetric, strategy, dynamic, dtype, bias=True):
+    from hfcompress.quant.scheme import QuantArgs
+
+    act = QuantArgs(num_bits=8, symmetric=True, strategy=strategy, dynamic=dynamic, observer=None, zp_dtype=None)
+    _, qw = _layer(n, k, bits=bits, group_size=-1, symmetric=symmetric)
+    weights = QuantScheme.weight_only(num_bits=bits, group_size=-1, in_features=k, symmetric=symmetric).weights
+    b = torch.randn(n) if bias else None
+    layer = QuantLinear.from_quantized(qw, QuantScheme(weights=weights, input_activations=act), bias=b)
+    layer.to(dtype)
+    if not dynamic:
+        layer.input_scale.fill_(0.03)
+    return layer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bits,bias", [(8, True), (8, False), (4, True)], ids=["W8-bias", "W8", "W4-bias"])
+@pytest.mark.parametrize("strategy,dynamic", [("token", True), ("tensor", False)], ids=["dynamic", "static"])
+def test_cpu_w8a8_amx_kernel_equals_the_int_mm_path(strategy, dynamic, bits, bias, dtype, monkeypatch):
+    # The AMX kernel takes the prefill's symmetric layers whose K is a multiple of 64. Its sums
+    # are exact and its epilogue is torch's float operations in torch's order, so it equals
+    # the torch._int_mm path bit for bit: row tails (T not a multiple of 32) and channels
+    # past a multiple of 32 included.
+    from hfcompress.quant import cpu_w8a8
+
+    if not cpu_w8a8.amx_available():
+        pytest.skip("no AMX-INT8 on this CPU (or no compiler with it)")
+    n, k = 72, 192
+    layer = _w8a8_layer(n, k, bits=bits, symmetric=True, strategy=strategy, dynamic=dynamic, dtype=dtype, bias=bias)
+    amx_calls = []
+    real_amx = cpu_w8a8._amx
+    monkeypatch.setattr(cpu_w8a8, "_amx", lambda *a: amx_calls.append(1) or real_amx(*a))
+    g = torch.Generator().manual_seed(1)
+    for shape in [(16, k), (37, k), (2, 33, k), (67, k), (128, k)]:
+        x = (torch.randn(shape, generator=g) * torch.linspace(0.2, 4, k)).to(dtype)
+        with torch.no_grad():
+            fast = layer(x)
+            with monkeypatch.context() as m:
+                m.setattr(cpu_w8a8, "amx_available", lambda: False)
+                m.setattr(cpu_w8a8, "onednn_available", lambda: False)
+                slow = layer(x.clone())
+        assert fast.dtype == dtype and fast.shape == (*shape[:-1], n)
+        assert torch.equal(fast, slow)
+    assert len(amx_calls) == 5
+
+
+def test_cpu_w8a8_amx_kernel_serves_only_what_it_computes_exactly(monkeypatch):
+    # Asymmetric weights (a zero-point term), K not a multiple of 64 and float16 inputs go to
+    # the other int8 matmuls; decoding's few rows to the C dot-product kernel.
+    from hfcompress.quant import cpu_w8a8
+
+    if not cpu_w8a8.amx_available():
+        pytest.skip("no AMX-INT8 on this CPU (or no compiler with it)")
+    amx_calls = []
+    real_amx = cpu_w8a8._amx
+    monkeypatch.setattr(cpu_w8a8, "_amx", lambda *a: amx_calls.append(1) or real_amx(*a))
+    cases = [  # (k, symmetric, dtype, rows, served by AMX)
+        (128, True, torch.float32, 40, True),
+        (128, False, torch.float32, 40, False),
+        (96, True, torch.float32, 40, False),
+        (128, True, torch.float16, 40, False),
+        (128, True, torch.float32, 3, False),
+    ]
+    for k, symmetric, dtype, rows, served in cases:
+        layer = _w8a8_layer(24, k, bits=8, symmetric=symmetric, strategy="token", dynamic=True, dtype=dtype)
+        x = torch.randn(rows, k).to(dtype)
+        amx_calls.clear()
+        with torch.no_grad():
+            y = layer(x)
+        assert bool(amx_calls) is served, (k, symmetric, dtype, rows)
+        assert _rel_err(y.float(), dispatch.reference_forward(layer, x).float()) < 1e-2
+
+
+def test_cpu_w8a8_amx_is_not_used_where_it_is_unavailable_or_inexact(monkeypatch, caplog):
+    from hfcompress.quant import cpu_w8a8
+
+    class NoAMX:
+        def w8a8_amx_init(self):
+            return 0
+
+    monkeypatch.setattr(cpu_w8a8, "_native_library", lambda: NoAMX())
+    assert cpu_w8a8.amx_available.__wrapped__() is False
+    monkeypatch.undo()
+    if not cpu_w8a8.amx_available():
+        pytest.skip("no AMX-INT8 on this CPU (or no compiler with it)")
+    real_int_mm = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: real_int_mm(a, b) + 1)  # a reference it cannot equal
+    with caplog.at_level("INFO", logger="hfcompress.quant.cpu_w8a8"):
+        assert cpu_w8a8.amx_available.__wrapped__() is False
+    assert "did not reproduce torch._int_mm" in caplog.text
