@@ -7,8 +7,14 @@ With ``x_q`` the int8 activation codes and ``s_x`` their scale (per token or per
 
     y = s_x * s_w * (x_q @ (q - o)^T - (z - o) * sum(x_q))  + b
 
-Two int8 matmuls serve it, chosen per call:
+Three int8 matmuls serve it, chosen per call:
 
+* on CPUs with AMX, for calls of at least ``ONEDNN_MIN_ROWS`` rows with symmetric weights and
+  K a multiple of 64, ``w8a8_cpu.c``'s AMX kernel (:func:`amx_available`): tile matmuls
+  (``tdpbssd``) with the whole epilogue, per-token scale included, applied as each 32 x 32
+  block of the output leaves the tiles. It is bit for bit the ``torch._int_mm`` path below,
+  and on SmolLM2's 512-row shapes took 0.5-0.75x the time of oneDNN's op plus its rescale
+  pass (2-core Sapphire Rapids VM).
 * oneDNN's ``qlinear_pointwise`` (the op inductor's x86 int8 path uses; AMX or VNNI where the
   CPU has them) for calls of at least ``ONEDNN_MIN_ROWS`` rows with symmetric weights: the
   weight is prepacked once, the per-channel scales, a per-tensor activation scale, the bias
@@ -83,6 +89,13 @@ class _IntMMPack:
 class _AMXPack:
     weight: torch.Tensor  # [ceil(N / 32) * 32 * K] int8, tdpbssd's tile layout (w8a8_cpu.c)
     scales: torch.Tensor  # [N] float32
+
+
+@dataclass(frozen=True)
+class _AMXBF16Pack:
+    weight: torch.Tensor  # [ceil(N / 32) * 32 * K] int8, codes - 128 in tdpbf16ps's B-tile order
+    scales: torch.Tensor  # [N] float32
+    correction: torch.Tensor | None  # [N] float32, (z - 128) * s; None when symmetric
 
 
 @dataclass(frozen=True)
@@ -172,10 +185,12 @@ def onednn_available() -> bool:
 
 @functools.cache
 def amx_available() -> bool:
-    """True when ``w8a8_cpu.c`` was built with its AMX kernel (a compiler and CPU with AMX-INT8),
-    Linux gave this process the tile state, and the kernel reproduces ``torch._int_mm``'s path
-    exactly on a probe that covers a row tail, padded channels and the extreme codes (checked
-    once per process)."""
+    """True when ``w8a8_cpu.c`` was built with its AMX kernels (a compiler and CPU with AMX-INT8
+    and AMX-BF16), Linux gave this process the tile state, and both kernels are exact on a
+    probe that covers a row tail, padded channels and the extreme codes (checked once per
+    process): the int8 one reproduces ``torch._int_mm``'s path bit for bit, the bfloat16 one
+    (8-bit weight-only prefill, see :mod:`hfcompress.quant.cpu_kernels`) gives the exact sums
+    of small integers."""
     lib = _native_library()
     if lib is None or not lib.w8a8_amx_init():
         return False
@@ -191,16 +206,56 @@ def amx_available() -> bool:
                                  y.data_ptr(), _NATIVE_X_DTYPES[torch.float32], torch.get_num_threads())  # fmt: skip
     expected = torch._int_mm(x, w.t().contiguous()).float().mul_(sx).mul_(sw)
     if failed or not torch.equal(y, expected):
-        logger.info("the AMX int8 kernel did not reproduce torch._int_mm on this CPU; W8A8 layers use oneDNN")
+        logger.info("the AMX int8 kernel did not reproduce torch._int_mm on this CPU; the AMX kernels are not used")
+        return False
+    # The bfloat16 kernel on small integers, whose float32 sums are exact in any order.
+    xb = torch.randint(-8, 9, (t, k), generator=g).to(torch.bfloat16)
+    packed = _amx_pack(w, _LIB_AMX_BF16_PACK)
+    failed = lib.w8a8_amx_bf16_linear(xb.data_ptr(), t, k, packed.data_ptr(), sw.data_ptr(), None, n, y.data_ptr(),
+                                      _NATIVE_X_DTYPES[torch.float32], torch.get_num_threads())  # fmt: skip
+    if failed or not torch.equal(y, (xb.double() @ w.double().t()).float().mul_(sw)):
+        logger.info("the AMX bfloat16 kernel did not reproduce exact sums on this CPU; the AMX kernels are not used")
         return False
     return True
 
 
-def _amx_pack(codes: torch.Tensor) -> torch.Tensor:
+_LIB_AMX_PACK, _LIB_AMX_BF16_PACK = "w8a8_amx_pack", "w8a8_amx_bf16_pack"
+
+
+def _amx_pack(codes: torch.Tensor, packer: str = _LIB_AMX_PACK) -> torch.Tensor:
+    """``codes: [N, K]`` int8 in the tile order of the int8 kernel (``w8a8_amx_pack``) or of
+    the bfloat16 one (``w8a8_amx_bf16_pack``), channels zero-padded to a multiple of 32."""
     n, k = codes.shape
     packed = torch.empty((n + 31) // 32 * 32 * k, dtype=torch.int8)
-    _native_library().w8a8_amx_pack(codes.contiguous().data_ptr(), n, k, packed.data_ptr())
+    getattr(_native_library(), packer)(codes.contiguous().data_ptr(), n, k, packed.data_ptr())
     return packed
+
+
+def build_amx_bf16(layer: QuantLinear) -> _AMXBF16Pack:
+    """The pack of an 8-bit per-channel weight-only layer for :func:`amx_bf16_linear`."""
+    s = layer.scales.float()[:, 0].contiguous()
+    correction = None if layer.symmetric else (layer.zero_points().float()[:, 0] - 128.0) * s
+    return _AMXBF16Pack(_amx_pack(layer.signed_codes(), _LIB_AMX_BF16_PACK), s, correction)
+
+
+def amx_bf16_linear(layer: QuantLinear, x2: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``x2 @ ((q - z) * s)^T`` for an 8-bit per-channel weight-only layer and ``x2: [T, K]``
+    bfloat16 (contiguous, K a multiple of 32), by ``w8a8_cpu.c``'s AMX bfloat16 kernel:
+    float32 sums of the exact codes, the scales unrounded, the zero-point term (asymmetric
+    weights) in float32 after it; in ``out_dtype`` where that is float32 or bfloat16 and the
+    weights are symmetric, else float32. No bias."""
+    pack = cached(layer, "cpu_int8_amx", build_amx_bf16)
+    direct = pack.correction is None and out_dtype in _NATIVE_X_DTYPES
+    y = torch.empty(x2.shape[0], layer.out_features, dtype=out_dtype if direct else torch.float32)
+    failed = _native_library().w8a8_amx_bf16_linear(
+        x2.data_ptr(), x2.shape[0], layer.in_features, pack.weight.data_ptr(), pack.scales.data_ptr(), None,
+        layer.out_features, y.data_ptr(), _NATIVE_X_DTYPES[y.dtype], torch.get_num_threads(),
+    )  # fmt: skip
+    if failed:
+        raise MemoryError("the CPU AMX bfloat16 kernel could not allocate its scratch memory")
+    if pack.correction is not None:  # (q - z) * s = (q - 128) * s - (z - 128) * s: rank one
+        y.sub_(x2.float().sum(dim=-1, keepdim=True) * pack.correction)
+    return y
 
 
 def _build_amx(layer: QuantLinear) -> _AMXPack:
@@ -344,6 +399,10 @@ def _native_library() -> ctypes.CDLL | None:
         lib.w8a8_amx_linear.argtypes = [ptr, ptr, ctypes.c_int, i64, i64, ptr, ptr, ptr, i64, ptr, ctypes.c_int,
                                         ctypes.c_int]  # fmt: skip
         lib.w8a8_amx_linear.restype = ctypes.c_int
+        lib.w8a8_amx_bf16_pack.argtypes = [ptr, i64, i64, ptr]
+        lib.w8a8_amx_bf16_pack.restype = None
+        lib.w8a8_amx_bf16_linear.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ctypes.c_int, ctypes.c_int]
+        lib.w8a8_amx_bf16_linear.restype = ctypes.c_int
     return lib
 
 

@@ -34,7 +34,8 @@
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
-#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__) && defined(__AVX512F__) && \
+    defined(__AVX512BW__)
 #define W8A8_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -269,9 +270,11 @@ static inline __m512 from_bf16_bits(__m256i h) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-/* Rows [m0, m0 + rows) and channels [n0, n0 + cols) of y from the int32 block acc [32][32]. */
-static void amx_epilogue(const int32_t *acc, const float *sx, int sx_per_row, int64_t m0, int64_t rows, int64_t n0,
-                         int64_t cols, const float *w_scale, const float *bias, int64_t N, void *y, int out_dtype) {
+/* Rows [m0, m0 + rows) and channels [n0, n0 + cols) of y from the block acc [32][32] (int32
+ * sums if acc_int, else float32); sx NULL means row scales of 1. */
+static void amx_epilogue(const void *acc, int acc_int, const float *sx, int sx_per_row, int64_t m0, int64_t rows,
+                         int64_t n0, int64_t cols, const float *w_scale, const float *bias, int64_t N, void *y,
+                         int out_dtype) {
     for (int64_t h = 0; h < 2; h++) {
         int64_t c0 = h * 16;
         if (c0 >= cols) break;
@@ -279,8 +282,9 @@ static void amx_epilogue(const int32_t *acc, const float *sx, int sx_per_row, in
         __m512 ws = _mm512_maskz_loadu_ps(mask, w_scale + n0 + c0);
         __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n0 + c0) : _mm512_setzero_ps();
         for (int64_t r = 0; r < rows; r++) {
-            __m512 v = _mm512_cvtepi32_ps(_mm512_loadu_si512(acc + r * 32 + c0));
-            v = _mm512_mul_ps(v, _mm512_set1_ps(sx[sx_per_row ? m0 + r : 0]));
+            __m512 v = acc_int ? _mm512_cvtepi32_ps(_mm512_loadu_si512((const int32_t *)acc + r * 32 + c0))
+                               : _mm512_loadu_ps((const float *)acc + r * 32 + c0);
+            if (sx) v = _mm512_mul_ps(v, _mm512_set1_ps(sx[sx_per_row ? m0 + r : 0]));
             v = _mm512_mul_ps(v, ws);
             int64_t at = (m0 + r) * N + n0 + c0;
             if (out_dtype == 2) {
@@ -293,6 +297,29 @@ static void amx_epilogue(const int32_t *acc, const float *sx, int sx_per_row, in
             }
         }
     }
+}
+
+/* All eight tiles 16 rows of 64 bytes: int8 or bfloat16 operands, int32 or float32 sums. */
+static void amx_configure(void) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette_id = 1;
+    for (int i = 0; i < 8; i++) {
+        cfg.rows[i] = 16;
+        cfg.colsb[i] = 64;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+/* The rows [m0, m0 + 32) of a [T, row_bytes] matrix, or, for the last partial block, a copy
+ * zero-padded to 32 rows in *pad (allocated on first use); NULL when that fails. */
+static const char *amx_row_block(const char *a, int64_t T, int64_t m0, int64_t row_bytes, char **pad) {
+    int64_t rows = T - m0;
+    if (rows >= 32) return a + m0 * row_bytes;
+    if (!*pad && !(*pad = malloc((size_t)(32 * row_bytes)))) return NULL;
+    memcpy(*pad, a + m0 * row_bytes, (size_t)(rows * row_bytes));
+    memset(*pad + rows * row_bytes, 0, (size_t)((32 - rows) * row_bytes));
+    return *pad;
 }
 #endif
 
@@ -307,31 +334,19 @@ int w8a8_amx_linear(const int8_t *q, const float *sx, int sx_per_row, int64_t T,
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        tile_config cfg;
-        memset(&cfg, 0, sizeof cfg);
-        cfg.palette_id = 1;
-        for (int i = 0; i < 8; i++) {
-            cfg.rows[i] = 16;
-            cfg.colsb[i] = 64;
-        }
-        _tile_loadconfig(&cfg);
+        amx_configure();
         int32_t acc[32 * 32];
-        int8_t *pad = NULL;
+        char *pad = NULL;
 #pragma omp for schedule(static)
         for (int64_t nb = 0; nb < n_blocks; nb++) {
             const int8_t *b0 = wp + 2 * nb * kb_count * 1024, *b1 = b0 + kb_count * 1024;
             for (int64_t mb = 0; mb < m_blocks; mb++) {
                 int64_t m0 = mb * 32, rows = T - m0 < 32 ? T - m0 : 32;
-                const int8_t *a = q + m0 * K;
-                if (rows < 32) {
-                    if (!pad && !(pad = malloc((size_t)(32 * K)))) {
+                const int8_t *a = (const int8_t *)amx_row_block((const char *)q, T, m0, K, &pad);
+                if (!a) {
 #pragma omp atomic write
-                        failed = 1;
-                        continue;
-                    }
-                    memcpy(pad, a, (size_t)(rows * K));
-                    memset(pad + rows * K, 0, (size_t)((32 - rows) * K));
-                    a = pad;
+                    failed = 1;
+                    continue;
                 }
                 _tile_zero(0);
                 _tile_zero(1);
@@ -352,7 +367,7 @@ int w8a8_amx_linear(const int8_t *q, const float *sx, int sx_per_row, int64_t T,
                 _tile_stored(2, acc + 512, 128);
                 _tile_stored(3, acc + 528, 128);
                 int64_t n0 = nb * 32;
-                amx_epilogue(acc, sx, sx_per_row, m0, rows, n0, N - n0 < 32 ? N - n0 : 32, w_scale, bias, N, y,
+                amx_epilogue(acc, 1, sx, sx_per_row, m0, rows, n0, N - n0 < 32 ? N - n0 : 32, w_scale, bias, N, y,
                              out_dtype);
             }
         }
@@ -363,6 +378,96 @@ int w8a8_amx_linear(const int8_t *q, const float *sx, int sx_per_row, int64_t T,
 #else
     (void)q; (void)sx; (void)sx_per_row; (void)T; (void)K; (void)wp; (void)w_scale; (void)bias; (void)N; (void)y;
     (void)out_dtype; (void)threads;
+    return 2;
+#endif
+}
+
+/* ---- AMX bfloat16: the prefill of 8-bit weight-only layers (W8A16) ----
+ *
+ * y[t, n] = (float32 sum over k of x[t, k] * (q[n, k] - 128)) * w_scale[n]
+ *
+ * x bfloat16 [T, K] (K a multiple of 32), the centred codes int8, exact in bfloat16, and the
+ * sums float32 (tdpbf16ps): the only rounding before the epilogue is the caller's of x to
+ * bfloat16, where torch's _weight_int8pack_mm (a kernel for decoding's few rows, 10-16x slower
+ * at 512 rows) also rounds the scaled weights' products to a bfloat16 output. Codes are packed
+ * once (w8a8_amx_bf16_pack) in the bfloat16 B-tile order, kept as int8: for each block of 16
+ * channels and 32 inputs, 16 rows of 16 channels x 2 consecutive inputs. Each thread widens a
+ * block of 32 channels to bfloat16 once (32 x K x 2 bytes of scratch) and runs every row
+ * block against it. */
+
+/* w [N, K] int8 into out [ceil(N / 32) * 32 * K] int8, the layout above (zero-padded channels). */
+void w8a8_amx_bf16_pack(const int8_t *w, int64_t N, int64_t K, int8_t *out) {
+    int64_t n_pad = (N + 31) / 32 * 32, kb_count = K / 32;
+    memset(out, 0, (size_t)(n_pad * K));
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t k = 0; k < K; k++)
+            out[((n / 16) * kb_count + k / 32) * 512 + ((k % 32) / 2) * 32 + (n % 16) * 2 + k % 2] = w[n * K + k];
+}
+
+/* y [T, N] (out_dtype 2: float32, 1: bfloat16) from x [T, K] bfloat16 (row stride K), the
+ * packed codes wp, w_scale [N] and bias [N] (float32, or NULL). Returns 0; 1 when scratch
+ * memory cannot be allocated; 2 in a build without AMX. */
+int w8a8_amx_bf16_linear(const uint16_t *x, int64_t T, int64_t K, const int8_t *wp, const float *w_scale,
+                         const float *bias, int64_t N, void *y, int out_dtype, int threads) {
+#ifdef W8A8_AMX
+    int64_t kb_count = K / 32, n_blocks = (N + 31) / 32, m_blocks = (T + 31) / 32;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        amx_configure();
+        float acc[32 * 32];
+        char *pad = NULL;
+        uint16_t *b = malloc(sizeof(uint16_t) * (size_t)(64 * K)); /* 2 tiles per k step */
+        if (!b) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t nb = 0; nb < n_blocks; nb++) {
+            if (!b) continue;
+            const int8_t *src = wp + 2 * nb * kb_count * 512;
+            for (int64_t i = 0; i < 2 * kb_count * 512; i += 16) { /* exact: |code| <= 128 */
+                __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + i))));
+                _mm256_storeu_si256((__m256i *)(b + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
+            }
+            const uint16_t *b0 = b, *b1 = b + kb_count * 512;
+            for (int64_t mb = 0; mb < m_blocks; mb++) {
+                int64_t m0 = mb * 32, rows = T - m0 < 32 ? T - m0 : 32;
+                const uint16_t *a = (const uint16_t *)amx_row_block((const char *)x, T, m0, 2 * K, &pad);
+                if (!a) {
+#pragma omp atomic write
+                    failed = 1;
+                    continue;
+                }
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_zero(2);
+                _tile_zero(3);
+                for (int64_t kb = 0; kb < kb_count; kb++) {
+                    _tile_loadd(4, a + kb * 32, 2 * K);
+                    _tile_loadd(5, a + 16 * K + kb * 32, 2 * K);
+                    _tile_loadd(6, b0 + kb * 512, 64);
+                    _tile_loadd(7, b1 + kb * 512, 64);
+                    _tile_dpbf16ps(0, 4, 6);
+                    _tile_dpbf16ps(1, 4, 7);
+                    _tile_dpbf16ps(2, 5, 6);
+                    _tile_dpbf16ps(3, 5, 7);
+                }
+                _tile_stored(0, acc, 128);
+                _tile_stored(1, acc + 16, 128);
+                _tile_stored(2, acc + 512, 128);
+                _tile_stored(3, acc + 528, 128);
+                int64_t n0 = nb * 32;
+                amx_epilogue(acc, 0, NULL, 0, m0, rows, n0, N - n0 < 32 ? N - n0 : 32, w_scale, bias, N, y, out_dtype);
+            }
+        }
+        free(b);
+        free(pad);
+        _tile_release();
+    }
+    return failed;
+#else
+    (void)x; (void)T; (void)K; (void)wp; (void)w_scale; (void)bias; (void)N; (void)y; (void)out_dtype; (void)threads;
     return 2;
 #endif
 }

@@ -544,3 +544,59 @@ def test_cpu_w8a8_amx_is_not_used_where_it_is_unavailable_or_inexact(monkeypatch
     with caplog.at_level("INFO", logger="hfcompress.quant.cpu_w8a8"):
         assert cpu_w8a8.amx_available.__wrapped__() is False
     assert "did not reproduce torch._int_mm" in caplog.text
+
+
+def test_cpu_w8a16_amx_pack_is_the_bfloat16_tile_layout():
+    # Channel n, input k sits at block (n // 16, k // 32), row (k % 32) // 2, element
+    # 2 * (n % 16) + k % 2; channels past N (to a multiple of 32) are zero.
+    from hfcompress.quant import cpu_w8a8
+
+    if cpu_w8a8._native_library() is None:
+        pytest.skip("no C compiler")
+    n, k = 40, 96
+    w = torch.randint(-128, 128, (n, k), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
+    packed = cpu_w8a8._amx_pack(w, cpu_w8a8._LIB_AMX_BF16_PACK)
+    padded = torch.cat([w, torch.zeros(64 - n, k, dtype=torch.int8)])
+    expected = padded.view(4, 16, 3, 16, 2).permute(0, 2, 3, 1, 4).reshape(-1)
+    assert torch.equal(packed, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_cpu_w8a16_prefill_on_amx_sums_the_bfloat16_inputs_exactly(symmetric, dtype, monkeypatch):
+    # From AMX_MIN_ROWS rows, 8-bit weight-only layers run the AMX bfloat16 kernel: float32
+    # sums of the exact codes and float32 scales, so the only rounding is that of the inputs
+    # to bfloat16 (and of a bfloat16 or float16 output), where the decode op also rounds its
+    # output to bfloat16.
+    from hfcompress.quant import cpu_kernels, cpu_w8a8
+
+    if not cpu_w8a8.amx_available():
+        pytest.skip("no AMX on this CPU (or no compiler with it)")
+    n, k = 40, 96  # channels past a multiple of 32; K a multiple of 32, not of 64
+    layer, qw = _layer(n, k, bits=8, group_size=-1, symmetric=symmetric, bias=True)
+    layer.to(dtype)
+    calls = []
+    real = cpu_w8a8.amx_bf16_linear
+    monkeypatch.setattr(cpu_w8a8, "amx_bf16_linear", lambda *a: calls.append(1) or real(*a))
+    dense = qw.dequantize().double()
+    g = torch.Generator().manual_seed(1)
+    for rows, served in [(cpu_kernels.AMX_MIN_ROWS - 1, False), (16, True), (37, True), (130, True)]:
+        x = (torch.randn(rows, k, generator=g) * torch.linspace(0.2, 4, k)).to(dtype)
+        calls.clear()
+        with torch.no_grad():
+            y = layer(x)
+        assert bool(calls) is served and y.dtype == dtype and y.shape == (rows, n)
+        exact = x.bfloat16().double() @ dense.t() + layer.bias.double()
+        tol = 1e-6 if dtype == torch.float32 else 4e-3  # float32 sums; else the output's rounding
+        assert _rel_err(y.double(), exact) < (tol if served else 1e-2)
+
+
+def test_cpu_w8a16_amx_needs_k_a_multiple_of_32(monkeypatch):
+    from hfcompress.quant import cpu_w8a8
+
+    if not cpu_w8a8.amx_available():
+        pytest.skip("no AMX on this CPU (or no compiler with it)")
+    monkeypatch.setattr(cpu_w8a8, "amx_bf16_linear", lambda *a: pytest.fail("AMX kernel called"))
+    layer, qw = _layer(16, 200, bits=8, group_size=-1, symmetric=True)
+    x = torch.randn(64, 200)
+    assert _rel_err(layer(x), x @ qw.dequantize().t()) < 2e-2
