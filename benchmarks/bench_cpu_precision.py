@@ -7,9 +7,11 @@ Per layer: the activations each quantized Linear sees on the first --tokens toke
 WikiText-2 test split are captured; the relative output error ``||y - y_ref|| / ||y_ref||``
 (summed over every layer) is measured against ``y_ref``, float32 activations times the
 float32 dequantized weight, for: bfloat16 activations alone (the floor of any bfloat16
-kernel), the kernel as it was before (int4: the op's zero-point offset rounded to
+kernel), torch's op as we called it before (int4: the op's zero-point offset rounded to
 bfloat16, which is also what calls of fewer than 16 rows still run; int8: the scales
-rounded to bfloat16 inside the op), and the kernel now on these 256-row calls.
+rounded to bfloat16 inside the op), the op as we call it now (what CPUs without AMX run on
+these 256-row calls), and, where the CPU has AMX, the AMX bfloat16 kernel that serves such
+calls there.
 Perplexity: WikiText-2 test, first --windows windows of 512 tokens, with the reference kernel
 in float32 (``HFCOMPRESS_FORCE_REFERENCE=1``) and with the fast path.
 """
@@ -27,7 +29,7 @@ import hfcompress
 from hfcompress.data import load_text
 from hfcompress.eval import perplexity
 from hfcompress.models import load_model, load_tokenizer
-from hfcompress.quant import cpu_kernels
+from hfcompress.quant import cpu_kernels, cpu_w8a8
 from hfcompress.quant.dispatch import reference_path, select_kernel
 
 RECIPES = {
@@ -76,8 +78,9 @@ def _capture(model, ids):
 
 
 def _errors(model, inputs, kernel_name):
-    sums = {"bf16 activations only": 0.0, "kernel before": 0.0, "kernel now": 0.0}
+    sums = {"bf16 activations only": 0.0, "kernel before": 0.0, "kernel now": 0.0, "AMX bf16 kernel": 0.0}
     ref_total = 0.0
+    amx = cpu_w8a8.amx_available()
     for name, m in model.named_modules():
         if name not in inputs:
             continue
@@ -85,13 +88,19 @@ def _errors(model, inputs, kernel_name):
         w = m.dequantize().float()
         ref = F.linear(x, w)
         assert select_kernel(m, x).name == kernel_name, (name, select_kernel(m, x).name)
-        outs = {"bf16 activations only": F.linear(x.bfloat16().float(), w), "kernel now": m(x).float()}
+        outs = {"bf16 activations only": F.linear(x.bfloat16().float(), w)}
+        if amx:
+            outs["AMX bf16 kernel"] = m(x).float()
         attribute, before, now = _BEFORE[kernel_name]
-        m._kernel_cache.clear()
-        setattr(cpu_kernels, attribute, before)
+        serves = cpu_w8a8.amx_bf16_serves
+        cpu_w8a8.amx_bf16_serves = lambda *a: False  # torch's op, as on CPUs without AMX
         try:
+            outs["kernel now"] = m(x).float()
+            m._kernel_cache.clear()
+            setattr(cpu_kernels, attribute, before)
             outs["kernel before"] = m(x).float()
         finally:
+            cpu_w8a8.amx_bf16_serves = serves
             setattr(cpu_kernels, attribute, now)
             m._kernel_cache.clear()
         for key, y in outs.items():
@@ -110,8 +119,8 @@ def main() -> None:
     tokenizer = load_tokenizer("smollm2-135m")
     tokens = tokenizer(load_text("wikitext2:test"), return_tensors="pt", add_special_tokens=False).input_ids[0]
     print(f"SmolLM2-135M, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
-    print("| scheme | kernel | rel. error: bf16 activations only | kernel before | kernel now |")
-    print("|---|---|---|---|---|")
+    print("| scheme | kernel | rel. error: bf16 activations only | op before | op now | AMX bf16 kernel |")
+    print("|---|---|---|---|---|---|")
     ppl_rows = []
     for label, (recipe, kernel_name) in RECIPES.items():
         model = copy.deepcopy(base)

@@ -20,13 +20,15 @@
   relative error: the op's bfloat16 output of the unscaled sums lost more on the layers with
   the largest activations). An asymmetric zero point becomes a rank-one correction. The op
   crashes (torch 2.13) when K is not a multiple of 16, so K is zero-padded.
-  The op is a decoding kernel: at 512 rows it took 10-16x the time of a bfloat16 matmul of
-  the same shape (2-core Sapphire Rapids VM). On CPUs with AMX, calls of at least
-  ``AMX_MIN_ROWS`` rows with K a multiple of 32 go instead to ``w8a8_cpu.c``'s AMX bfloat16
-  kernel (:func:`hfcompress.quant.cpu_w8a8.amx_bf16_linear`): the codes widened to bfloat16
-  (exact), float32 sums, the float32 scales unrounded, so the bfloat16 inputs are the only
-  rounding (on SmolLM2 prefill, 0.179% relative error against the op's 0.188%, and the floor
-  of bfloat16 inputs is 0.179%), at 0.7-0.8x the speed of the bfloat16 matmul.
+
+Both ops are decoding kernels: at 512 rows they took 10-16x the time of a bfloat16 matmul of
+the same shape (2-core Sapphire Rapids VM). On CPUs with AMX, calls of at least
+``AMX_BF16_MIN_ROWS`` rows (prefill, evaluation) whose K and group size are multiples of 32 go
+instead to ``w8a8_cpu.c``'s AMX bfloat16 kernel (:func:`hfcompress.quant.cpu_w8a8.amx_bf16_linear`):
+the codes widened to bfloat16 (exact), float32 sums, each group's float32 scale applied to
+its sums, the zero points' term in float32 after it. The bfloat16 inputs are then the only
+rounding: on SmolLM2's W8 prefill 0.179% relative error against the op's 0.188%, where the
+floor of bfloat16 inputs is 0.179% (benchmarks/bench_cpu_precision.py).
 
 Both serve weight-only schemes. A layer with quantized input activations goes to the integer
 matmuls of ``cpu_w8a8`` when its weights allow one (per channel); grouped 4-bit weights with
@@ -50,11 +52,10 @@ from hfcompress.quant.dispatch import Kernel, cached, fake_quantize_inputs, regi
 if TYPE_CHECKING:
     from hfcompress.quant.linear import QuantLinear
 
-__all__ = ["AMX_MIN_ROWS", "EXACT_OFFSET_MIN_ROWS", "INT4_BLOCK_SIZES"]
+__all__ = ["EXACT_OFFSET_MIN_ROWS", "INT4_BLOCK_SIZES"]
 
 INT4_BLOCK_SIZES = (256, 128, 64, 32)
 EXACT_OFFSET_MIN_ROWS = 16
-AMX_MIN_ROWS = 16
 _INT4_INNER_K_TILES = 2
 _FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -142,6 +143,8 @@ def _cpu_int4_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     k = layer.in_features
     x1 = x.reshape(-1, k)
     x2 = x1.to(torch.bfloat16)
+    if cpu_w8a8.amx_bf16_serves(layer, x1.shape[0]):
+        return _amx_bf16_forward(layer, x, x2)
     exact = x1.shape[0] >= EXACT_OFFSET_MIN_ROWS
     if pack.padded_k != k:
         x2 = F.pad(x2, (0, pack.padded_k - k))
@@ -176,13 +179,17 @@ def _build_int8(layer: QuantLinear) -> _Int8Pack:
     return _Int8Pack(weight.contiguous(), op_scales, s / op_scales.float(), correction, padded_k)
 
 
+def _amx_bf16_forward(layer: QuantLinear, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    y = cpu_w8a8.amx_bf16_linear(layer, x2.contiguous(), x.dtype).to(x.dtype)
+    y = y.reshape(*x.shape[:-1], layer.out_features)
+    return y if layer.bias is None else y + layer.bias.to(x.dtype)
+
+
 def _cpu_int8_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, layer.in_features).to(torch.bfloat16)
-    if x2.shape[0] >= AMX_MIN_ROWS and layer.in_features % 32 == 0 and cpu_w8a8.amx_available():
-        y = cpu_w8a8.amx_bf16_linear(layer, x2.contiguous(), x.dtype)
-        y = y.to(x.dtype).reshape(*lead, layer.out_features)
-        return y if layer.bias is None else y + layer.bias.to(x.dtype)
+    if cpu_w8a8.amx_bf16_serves(layer, x2.shape[0]):
+        return _amx_bf16_forward(layer, x, x2)
     pack = cached(layer, "cpu_int8", _build_int8)
     if pack.padded_k != layer.in_features:
         x2 = F.pad(x2, (0, pack.padded_k - layer.in_features))

@@ -65,11 +65,21 @@ from hfcompress.quant.dispatch import Kernel, cached, register_kernel
 if TYPE_CHECKING:
     from hfcompress.quant.linear import QuantLinear
 
-__all__ = ["ONEDNN_MIN_ROWS", "amx_available", "onednn_available", "onednn_works"]
+__all__ = [
+    "AMX_BF16_MIN_ROWS",
+    "ONEDNN_MIN_ROWS",
+    "amx_available",
+    "amx_bf16_linear",
+    "amx_bf16_serves",
+    "onednn_available",
+    "onednn_works",
+]
 
 logger = logging.getLogger(__name__)
 
 ONEDNN_MIN_ROWS = 16
+# Weight-only layers: from this many rows the AMX bfloat16 kernel beats torch's decoding ops.
+AMX_BF16_MIN_ROWS = 16
 # oneDNN is used where it is at most this many times slower than torch._int_mm in the
 # one-off timing of `onednn_available` (a margin for timing noise; the slow case is 1000x).
 ONEDNN_MAX_SLOWDOWN = 4.0
@@ -93,9 +103,10 @@ class _AMXPack:
 
 @dataclass(frozen=True)
 class _AMXBF16Pack:
-    weight: torch.Tensor  # [ceil(N / 32) * 32 * K] int8, codes - 128 in tdpbf16ps's B-tile order
-    scales: torch.Tensor  # [N] float32
-    correction: torch.Tensor | None  # [N] float32, (z - 128) * s; None when symmetric
+    weight: torch.Tensor  # [ceil(N / 32) * 32 * K] int8, codes - 2^(bits-1) in tdpbf16ps's B-tile order
+    scales: torch.Tensor  # [G, N] float32
+    group: int  # inputs per scale (K when per channel)
+    offsets: torch.Tensor | None  # [G, N] float32, (2^(bits-1) - z) * s; None when symmetric
 
 
 @dataclass(frozen=True)
@@ -211,8 +222,8 @@ def amx_available() -> bool:
     # The bfloat16 kernel on small integers, whose float32 sums are exact in any order.
     xb = torch.randint(-8, 9, (t, k), generator=g).to(torch.bfloat16)
     packed = _amx_pack(w, _LIB_AMX_BF16_PACK)
-    failed = lib.w8a8_amx_bf16_linear(xb.data_ptr(), t, k, packed.data_ptr(), sw.data_ptr(), None, n, y.data_ptr(),
-                                      _NATIVE_X_DTYPES[torch.float32], torch.get_num_threads())  # fmt: skip
+    failed = lib.w8a8_amx_bf16_linear(xb.data_ptr(), t, k, packed.data_ptr(), sw.data_ptr(), k, None, None, n,
+                                      y.data_ptr(), _NATIVE_X_DTYPES[y.dtype], torch.get_num_threads())  # fmt: skip
     if failed or not torch.equal(y, (xb.double() @ w.double().t()).float().mul_(sw)):
         logger.info("the AMX bfloat16 kernel did not reproduce exact sums on this CPU; the AMX kernels are not used")
         return False
@@ -232,29 +243,47 @@ def _amx_pack(codes: torch.Tensor, packer: str = _LIB_AMX_PACK) -> torch.Tensor:
 
 
 def build_amx_bf16(layer: QuantLinear) -> _AMXBF16Pack:
-    """The pack of an 8-bit per-channel weight-only layer for :func:`amx_bf16_linear`."""
-    s = layer.scales.float()[:, 0].contiguous()
-    correction = None if layer.symmetric else (layer.zero_points().float()[:, 0] - 128.0) * s
-    return _AMXBF16Pack(_amx_pack(layer.signed_codes(), _LIB_AMX_BF16_PACK), s, correction)
+    """The pack of a 4- or 8-bit weight-only layer for :func:`amx_bf16_linear`."""
+    k = layer.in_features
+    group = k if layer.scales.shape[1] == 1 else layer.group_size
+    offsets = None
+    if not layer.symmetric:
+        offsets = ((2 ** (layer.bits - 1) - layer.zero_points().float()) * layer.scales.float()).t().contiguous()
+    weight = _amx_pack(layer.signed_codes(), _LIB_AMX_BF16_PACK)
+    return _AMXBF16Pack(weight, layer.scales.float().t().contiguous(), group, offsets)
+
+
+def amx_bf16_serves(layer: QuantLinear, rows: int) -> bool:
+    """Whether :func:`amx_bf16_linear` takes ``rows`` rows of this weight-only layer: AMX here,
+    at least ``AMX_BF16_MIN_ROWS`` rows (fewer go to torch's decoding ops), 4- or 8-bit codes,
+    K and the group size multiples of 32."""
+    group = layer.in_features if layer.scales.shape[1] == 1 else layer.group_size
+    return (
+        rows >= AMX_BF16_MIN_ROWS
+        and layer.bits in (4, 8)
+        and layer.in_features % 32 == 0
+        and group % 32 == 0
+        and amx_available()
+    )
 
 
 def amx_bf16_linear(layer: QuantLinear, x2: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """``x2 @ ((q - z) * s)^T`` for an 8-bit per-channel weight-only layer and ``x2: [T, K]``
-    bfloat16 (contiguous, K a multiple of 32), by ``w8a8_cpu.c``'s AMX bfloat16 kernel:
-    float32 sums of the exact codes, the scales unrounded, the zero-point term (asymmetric
-    weights) in float32 after it; in ``out_dtype`` where that is float32 or bfloat16 and the
-    weights are symmetric, else float32. No bias."""
-    pack = cached(layer, "cpu_int8_amx", build_amx_bf16)
-    direct = pack.correction is None and out_dtype in _NATIVE_X_DTYPES
-    y = torch.empty(x2.shape[0], layer.out_features, dtype=out_dtype if direct else torch.float32)
+    """``x2 @ dequantize(W)^T`` for a weight-only layer that :func:`amx_bf16_serves` and ``x2:
+    [T, K]`` bfloat16, contiguous, by ``w8a8_cpu.c``'s AMX bfloat16 kernel: float32 sums of the
+    exact codes, each group's float32 scale applied to its sums and, for asymmetric weights,
+    ``(o - z) * s`` times the row's float32 sum over the group (``(q - z) * s = (q - o) * s +
+    (o - z) * s``, ``o = 2^(bits-1)``). In ``out_dtype`` where that is float32 or bfloat16,
+    else float32. No bias."""
+    pack = cached(layer, "cpu_amx_bf16", build_amx_bf16)
+    t, k = x2.shape
+    y = torch.empty(t, layer.out_features, dtype=out_dtype if out_dtype in _NATIVE_X_DTYPES else torch.float32)
+    offsets = None if pack.offsets is None else pack.offsets.data_ptr()
     failed = _native_library().w8a8_amx_bf16_linear(
-        x2.data_ptr(), x2.shape[0], layer.in_features, pack.weight.data_ptr(), pack.scales.data_ptr(), None,
+        x2.data_ptr(), t, k, pack.weight.data_ptr(), pack.scales.data_ptr(), pack.group, offsets, None,
         layer.out_features, y.data_ptr(), _NATIVE_X_DTYPES[y.dtype], torch.get_num_threads(),
     )  # fmt: skip
     if failed:
         raise MemoryError("the CPU AMX bfloat16 kernel could not allocate its scratch memory")
-    if pack.correction is not None:  # (q - z) * s = (q - 128) * s - (z - 128) * s: rank one
-        y.sub_(x2.float().sum(dim=-1, keepdim=True) * pack.correction)
     return y
 
 
@@ -401,7 +430,8 @@ def _native_library() -> ctypes.CDLL | None:
         lib.w8a8_amx_linear.restype = ctypes.c_int
         lib.w8a8_amx_bf16_pack.argtypes = [ptr, i64, i64, ptr]
         lib.w8a8_amx_bf16_pack.restype = None
-        lib.w8a8_amx_bf16_linear.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ctypes.c_int, ctypes.c_int]
+        lib.w8a8_amx_bf16_linear.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, i64, ptr, ctypes.c_int,
+                                             ctypes.c_int]  # fmt: skip
         lib.w8a8_amx_bf16_linear.restype = ctypes.c_int
     return lib
 

@@ -271,7 +271,7 @@ static inline __m512 from_bf16_bits(__m256i h) {
 }
 
 /* Rows [m0, m0 + rows) and channels [n0, n0 + cols) of y from the block acc [32][32] (int32
- * sums if acc_int, else float32); sx NULL means row scales of 1. */
+ * sums if acc_int, else float32); sx or w_scale NULL means scales of 1. */
 static void amx_epilogue(const void *acc, int acc_int, const float *sx, int sx_per_row, int64_t m0, int64_t rows,
                          int64_t n0, int64_t cols, const float *w_scale, const float *bias, int64_t N, void *y,
                          int out_dtype) {
@@ -279,13 +279,13 @@ static void amx_epilogue(const void *acc, int acc_int, const float *sx, int sx_p
         int64_t c0 = h * 16;
         if (c0 >= cols) break;
         __mmask16 mask = cols - c0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (cols - c0)) - 1);
-        __m512 ws = _mm512_maskz_loadu_ps(mask, w_scale + n0 + c0);
+        __m512 ws = w_scale ? _mm512_maskz_loadu_ps(mask, w_scale + n0 + c0) : _mm512_set1_ps(1.0f);
         __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n0 + c0) : _mm512_setzero_ps();
         for (int64_t r = 0; r < rows; r++) {
             __m512 v = acc_int ? _mm512_cvtepi32_ps(_mm512_loadu_si512((const int32_t *)acc + r * 32 + c0))
                                : _mm512_loadu_ps((const float *)acc + r * 32 + c0);
             if (sx) v = _mm512_mul_ps(v, _mm512_set1_ps(sx[sx_per_row ? m0 + r : 0]));
-            v = _mm512_mul_ps(v, ws);
+            if (w_scale) v = _mm512_mul_ps(v, ws);
             int64_t at = (m0 + r) * N + n0 + c0;
             if (out_dtype == 2) {
                 if (bias) v = _mm512_add_ps(v, b);
@@ -382,18 +382,23 @@ int w8a8_amx_linear(const int8_t *q, const float *sx, int sx_per_row, int64_t T,
 #endif
 }
 
-/* ---- AMX bfloat16: the prefill of 8-bit weight-only layers (W8A16) ----
+/* ---- AMX bfloat16: the prefill of 4- and 8-bit weight-only layers (W4A16, W8A16) ----
  *
- * y[t, n] = (float32 sum over k of x[t, k] * (q[n, k] - 128)) * w_scale[n]
+ * y[t, n] = sum over groups g of  w_scale[g, n] * (float32 sum over k in g of x[t, k] * c[n, k])
  *
- * x bfloat16 [T, K] (K a multiple of 32), the centred codes int8, exact in bfloat16, and the
- * sums float32 (tdpbf16ps): the only rounding before the epilogue is the caller's of x to
- * bfloat16, where torch's _weight_int8pack_mm (a kernel for decoding's few rows, 10-16x slower
- * at 512 rows) also rounds the scaled weights' products to a bfloat16 output. Codes are packed
- * once (w8a8_amx_bf16_pack) in the bfloat16 B-tile order, kept as int8: for each block of 16
+ * x bfloat16 [T, K] (K a multiple of 32), c the weight codes minus 2^(bits-1) (int8, exact in
+ * bfloat16), one float32 scale per channel and group of `group` inputs (a multiple of 32; the
+ * last group may be shorter), the sums float32 (tdpbf16ps). Asymmetric weights add
+ * (2^(bits-1) - z[g, n]) * s[g, n] times the row's float32 sum of x over the group. So the
+ * only rounding before the float32 epilogue is
+ * the caller's of x to bfloat16, where torch's _weight_int8pack_mm and
+ * _weight_int4pack_mm_for_cpu (decoding kernels, 10-16x slower than a bfloat16 matmul at 512
+ * rows) also round the scales and their output to bfloat16. Codes are packed once
+ * (w8a8_amx_bf16_pack) in the bfloat16 B-tile order, kept as int8: for each block of 16
  * channels and 32 inputs, 16 rows of 16 channels x 2 consecutive inputs. Each thread widens a
  * block of 32 channels to bfloat16 once (32 x K x 2 bytes of scratch) and runs every row
- * block against it. */
+ * block against it; with several groups, each group's tile sums are scaled into a float32
+ * block as the group ends. */
 
 /* w [N, K] int8 into out [ceil(N / 32) * 32 * K] int8, the layout above (zero-padded channels). */
 void w8a8_amx_bf16_pack(const int8_t *w, int64_t N, int64_t K, int8_t *out) {
@@ -405,17 +410,34 @@ void w8a8_amx_bf16_pack(const int8_t *w, int64_t N, int64_t K, int8_t *out) {
 }
 
 /* y [T, N] (out_dtype 2: float32, 1: bfloat16) from x [T, K] bfloat16 (row stride K), the
- * packed codes wp, w_scale [N] and bias [N] (float32, or NULL). Returns 0; 1 when scratch
- * memory cannot be allocated; 2 in a build without AMX. */
+ * packed codes wp, w_scale [G, N] (G = ceil(K / group)), the zero points' term offsets [G, N]
+ * ((2^(bits-1) - z) * s, times each row's sum over the group; NULL for symmetric weights) and
+ * bias [N] (float32, or NULL). Returns 0; 1 when scratch memory cannot be allocated; 2 in a
+ * build without AMX. */
 int w8a8_amx_bf16_linear(const uint16_t *x, int64_t T, int64_t K, const int8_t *wp, const float *w_scale,
-                         const float *bias, int64_t N, void *y, int out_dtype, int threads) {
+                         int64_t group, const float *offsets, const float *bias, int64_t N, void *y, int out_dtype,
+                         int threads) {
 #ifdef W8A8_AMX
     int64_t kb_count = K / 32, n_blocks = (N + 31) / 32, m_blocks = (T + 31) / 32;
-    int failed = 0;
+    int64_t group_steps = group / 32, groups = (kb_count + group_steps - 1) / group_steps;
+    int failed = 0, scaled = groups > 1 || offsets; /* else one epilogue with w_scale */
+    float *row_sums = offsets ? malloc(sizeof(float) * (size_t)(T * groups)) : NULL; /* [T, G] */
+    if (offsets && !row_sums) return 1;
 #pragma omp parallel num_threads(threads)
     {
         amx_configure();
-        float acc[32 * 32];
+        if (offsets) {
+#pragma omp for schedule(static)
+            for (int64_t t = 0; t < T; t++)
+                for (int64_t g = 0; g < groups; g++) {
+                    int64_t k0 = g * group, k1 = k0 + group < K ? k0 + group : K;
+                    __m512 sum = _mm512_setzero_ps();
+                    for (int64_t k = k0; k < k1; k += 16) /* K and group are multiples of 32 */
+                        sum = _mm512_add_ps(sum, from_bf16_bits(_mm256_loadu_si256((const __m256i *)(x + t * K + k))));
+                    row_sums[t * groups + g] = _mm512_reduce_add_ps(sum);
+                }
+        }
+        float acc[32 * 32], total[32 * 32];
         char *pad = NULL;
         uint16_t *b = malloc(sizeof(uint16_t) * (size_t)(64 * K)); /* 2 tiles per k step */
         if (!b) {
@@ -428,9 +450,13 @@ int w8a8_amx_bf16_linear(const uint16_t *x, int64_t T, int64_t K, const int8_t *
             const int8_t *src = wp + 2 * nb * kb_count * 512;
             for (int64_t i = 0; i < 2 * kb_count * 512; i += 16) { /* exact: |code| <= 128 */
                 __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + i))));
-                _mm256_storeu_si256((__m256i *)(b + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
+                _mm256_storeu_si256((__m256i *)(b + i),
+                                    _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
             }
             const uint16_t *b0 = b, *b1 = b + kb_count * 512;
+            int64_t n0 = nb * 32, cols = N - n0 < 32 ? N - n0 : 32;
+            __mmask16 mask0 = cols >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cols) - 1);
+            __mmask16 mask1 = cols <= 16 ? (__mmask16)0 : (__mmask16)((1u << (cols - 16)) - 1);
             for (int64_t mb = 0; mb < m_blocks; mb++) {
                 int64_t m0 = mb * 32, rows = T - m0 < 32 ? T - m0 : 32;
                 const uint16_t *a = (const uint16_t *)amx_row_block((const char *)x, T, m0, 2 * K, &pad);
@@ -439,35 +465,63 @@ int w8a8_amx_bf16_linear(const uint16_t *x, int64_t T, int64_t K, const int8_t *
                     failed = 1;
                     continue;
                 }
-                _tile_zero(0);
-                _tile_zero(1);
-                _tile_zero(2);
-                _tile_zero(3);
-                for (int64_t kb = 0; kb < kb_count; kb++) {
-                    _tile_loadd(4, a + kb * 32, 2 * K);
-                    _tile_loadd(5, a + 16 * K + kb * 32, 2 * K);
-                    _tile_loadd(6, b0 + kb * 512, 64);
-                    _tile_loadd(7, b1 + kb * 512, 64);
-                    _tile_dpbf16ps(0, 4, 6);
-                    _tile_dpbf16ps(1, 4, 7);
-                    _tile_dpbf16ps(2, 5, 6);
-                    _tile_dpbf16ps(3, 5, 7);
+                for (int64_t g = 0; g < groups; g++) {
+                    int64_t kb_end = (g + 1) * group_steps < kb_count ? (g + 1) * group_steps : kb_count;
+                    _tile_zero(0);
+                    _tile_zero(1);
+                    _tile_zero(2);
+                    _tile_zero(3);
+                    for (int64_t kb = g * group_steps; kb < kb_end; kb++) {
+                        _tile_loadd(4, a + kb * 32, 2 * K);
+                        _tile_loadd(5, a + 16 * K + kb * 32, 2 * K);
+                        _tile_loadd(6, b0 + kb * 512, 64);
+                        _tile_loadd(7, b1 + kb * 512, 64);
+                        _tile_dpbf16ps(0, 4, 6);
+                        _tile_dpbf16ps(1, 4, 7);
+                        _tile_dpbf16ps(2, 5, 6);
+                        _tile_dpbf16ps(3, 5, 7);
+                    }
+                    _tile_stored(0, acc, 128);
+                    _tile_stored(1, acc + 16, 128);
+                    _tile_stored(2, acc + 512, 128);
+                    _tile_stored(3, acc + 528, 128);
+                    if (!scaled) break;
+                    const float *sg = w_scale + g * N + n0;
+                    __m512 s0 = _mm512_maskz_loadu_ps(mask0, sg), s1 = _mm512_maskz_loadu_ps(mask1, sg + 16);
+                    __m512 o0 = _mm512_setzero_ps(), o1 = _mm512_setzero_ps();
+                    if (offsets) {
+                        o0 = _mm512_maskz_loadu_ps(mask0, offsets + g * N + n0);
+                        o1 = _mm512_maskz_loadu_ps(mask1, offsets + g * N + n0 + 16);
+                    }
+                    for (int64_t r = 0; r < rows; r++) {
+                        __m512 v0 = _mm512_mul_ps(_mm512_loadu_ps(acc + r * 32), s0);
+                        __m512 v1 = _mm512_mul_ps(_mm512_loadu_ps(acc + r * 32 + 16), s1);
+                        if (offsets) {
+                            __m512 rs = _mm512_set1_ps(row_sums[(m0 + r) * groups + g]);
+                            v0 = _mm512_fmadd_ps(rs, o0, v0);
+                            v1 = _mm512_fmadd_ps(rs, o1, v1);
+                        }
+                        if (g) {
+                            v0 = _mm512_add_ps(_mm512_loadu_ps(total + r * 32), v0);
+                            v1 = _mm512_add_ps(_mm512_loadu_ps(total + r * 32 + 16), v1);
+                        }
+                        _mm512_storeu_ps(total + r * 32, v0);
+                        _mm512_storeu_ps(total + r * 32 + 16, v1);
+                    }
                 }
-                _tile_stored(0, acc, 128);
-                _tile_stored(1, acc + 16, 128);
-                _tile_stored(2, acc + 512, 128);
-                _tile_stored(3, acc + 528, 128);
-                int64_t n0 = nb * 32;
-                amx_epilogue(acc, 0, NULL, 0, m0, rows, n0, N - n0 < 32 ? N - n0 : 32, w_scale, bias, N, y, out_dtype);
+                amx_epilogue(scaled ? total : acc, 0, NULL, 0, m0, rows, n0, cols, scaled ? NULL : w_scale, bias, N,
+                             y, out_dtype);
             }
         }
         free(b);
         free(pad);
         _tile_release();
     }
+    free(row_sums);
     return failed;
 #else
-    (void)x; (void)T; (void)K; (void)wp; (void)w_scale; (void)bias; (void)N; (void)y; (void)out_dtype; (void)threads;
+    (void)x; (void)T; (void)K; (void)wp; (void)w_scale; (void)group; (void)offsets; (void)bias; (void)N; (void)y;
+    (void)out_dtype; (void)threads;
     return 2;
 #endif
 }
