@@ -20,8 +20,8 @@ Protocol (the README's): calibration windows of 512 tokens of WikiText-2 *valida
   interpreter (llm-compressor pins another transformers) right after our rows.
 * ``speed``: prefill of one 512-token sequence (logits of the last position, as ``generate``
   computes them) and greedy decode (64 new tokens after a short prompt), tokens/s, for fp32,
-  bf16, W8A16, W8A8 and W4A8 (per channel, the int8 kernel's case), round-robin over
-  ``--rounds`` rounds, median.
+  bf16, W8A16, W4A16 g128, W8A8 and W4A8 (per channel, the int8 kernel's case; g128, the
+  W4 kernel's), round-robin over ``--rounds`` rounds, median.
 * ``glue``: MiniLM classifiers fine-tuned on SST-2 and MRPC (``--glue-models``, ``{task}`` in the
   path), fp32 vs W8A8 dynamic (with and without SmoothQuant), dev-set scores.
 
@@ -52,6 +52,7 @@ W8 = "{name: weights, technique: rtn, bits: 8, group_size: -1, symmetric: true}"
 SQ = "{name: smooth, technique: smoothquant, alpha: 0.5}"
 SQ07 = "{name: smooth, technique: smoothquant, alpha: 0.7}"
 ROT = "{name: rotate, technique: rotate}"
+W4G128 = "{name: weights, technique: rtn, bits: 4, group_size: 128, symmetric: false}"
 
 
 def _acts(**fields) -> str:
@@ -198,6 +199,7 @@ SPEED_ROWS = {
     "fp32": (None, torch.float32),
     "bf16 dense": (None, torch.bfloat16),
     "W8A16 (RTN W8 per channel)": (_stages(W8), torch.float32),
+    "W4A16 (RTN W4 g128, the README demo's)": (_stages(W4G128), torch.float32),
     "W8A8 dynamic per-token": (_stages(W8, _acts()), torch.float32),
     "W8A8 dynamic per-token, bf16 model": (_stages(W8, _acts()), torch.bfloat16),
     "W8A8 dynamic per-token, rotated (llama_w8a8_dynamic.yaml)": (_stages(ROT, W8, _acts()), torch.float32),
@@ -205,6 +207,7 @@ SPEED_ROWS = {
         _stages("{name: weights, technique: rtn, bits: 4, group_size: -1, symmetric: true}", _acts()),
         torch.float32,
     ),
+    "W4A8 g128, dynamic per-token (int8-grid inputs into the W4 kernel)": (_stages(W4G128, _acts()), torch.float32),
 }
 
 

@@ -103,7 +103,8 @@ class _AMXPack:
 
 @dataclass(frozen=True)
 class _AMXBF16Pack:
-    weight: torch.Tensor  # [ceil(N / 32) * 32 * K] int8, codes - 2^(bits-1) in tdpbf16ps's B-tile order
+    weight: torch.Tensor  # codes - 2^(bits-1) in tdpbf16ps's B-tile order: int8, or two 4-bit codes a byte
+    nibbles: bool  # 4-bit codes, two a byte
     scales: torch.Tensor  # [G, N] float32
     group: int  # inputs per scale (K when per channel)
     offsets: torch.Tensor | None  # [G, N] float32, (2^(bits-1) - z) * s; None when symmetric
@@ -222,7 +223,7 @@ def amx_available() -> bool:
     # The bfloat16 kernel on small integers, whose float32 sums are exact in any order.
     xb = torch.randint(-8, 9, (t, k), generator=g).to(torch.bfloat16)
     packed = _amx_pack(w, _LIB_AMX_BF16_PACK)
-    failed = lib.w8a8_amx_bf16_linear(xb.data_ptr(), t, k, packed.data_ptr(), sw.data_ptr(), k, None, None, n,
+    failed = lib.w8a8_amx_bf16_linear(xb.data_ptr(), t, k, packed.data_ptr(), 0, sw.data_ptr(), k, None, None, n,
                                       y.data_ptr(), _NATIVE_X_DTYPES[y.dtype], torch.get_num_threads())  # fmt: skip
     if failed or not torch.equal(y, (xb.double() @ w.double().t()).float().mul_(sw)):
         logger.info("the AMX bfloat16 kernel did not reproduce exact sums on this CPU; the AMX kernels are not used")
@@ -233,12 +234,15 @@ def amx_available() -> bool:
 _LIB_AMX_PACK, _LIB_AMX_BF16_PACK = "w8a8_amx_pack", "w8a8_amx_bf16_pack"
 
 
-def _amx_pack(codes: torch.Tensor, packer: str = _LIB_AMX_PACK) -> torch.Tensor:
+def _amx_pack(codes: torch.Tensor, packer: str = _LIB_AMX_PACK, nibbles: bool = False) -> torch.Tensor:
     """``codes: [N, K]`` int8 in the tile order of the int8 kernel (``w8a8_amx_pack``) or of
-    the bfloat16 one (``w8a8_amx_bf16_pack``), channels zero-padded to a multiple of 32."""
+    the bfloat16 one (``w8a8_amx_bf16_pack``; ``nibbles``: 4-bit codes two to a byte),
+    channels zero-padded to a multiple of 32."""
     n, k = codes.shape
-    packed = torch.empty((n + 31) // 32 * 32 * k, dtype=torch.int8)
-    getattr(_native_library(), packer)(codes.contiguous().data_ptr(), n, k, packed.data_ptr())
+    size = (n + 31) // 32 * 32 * k
+    packed = torch.empty(size // 2 if nibbles else size, dtype=torch.int8)
+    args = (int(nibbles),) if packer == _LIB_AMX_BF16_PACK else ()
+    getattr(_native_library(), packer)(codes.contiguous().data_ptr(), n, k, packed.data_ptr(), *args)
     return packed
 
 
@@ -249,8 +253,9 @@ def build_amx_bf16(layer: QuantLinear) -> _AMXBF16Pack:
     offsets = None
     if not layer.symmetric:
         offsets = ((2 ** (layer.bits - 1) - layer.zero_points().float()) * layer.scales.float()).t().contiguous()
-    weight = _amx_pack(layer.signed_codes(), _LIB_AMX_BF16_PACK)
-    return _AMXBF16Pack(weight, layer.scales.float().t().contiguous(), group, offsets)
+    nibbles = layer.bits == 4  # the pack as small as the layer's own codes
+    weight = _amx_pack(layer.signed_codes(), _LIB_AMX_BF16_PACK, nibbles)
+    return _AMXBF16Pack(weight, nibbles, layer.scales.float().t().contiguous(), group, offsets)
 
 
 def amx_bf16_serves(layer: QuantLinear, rows: int) -> bool:
@@ -279,7 +284,8 @@ def amx_bf16_linear(layer: QuantLinear, x2: torch.Tensor, out_dtype: torch.dtype
     y = torch.empty(t, layer.out_features, dtype=out_dtype if out_dtype in _NATIVE_X_DTYPES else torch.float32)
     offsets = None if pack.offsets is None else pack.offsets.data_ptr()
     failed = _native_library().w8a8_amx_bf16_linear(
-        x2.data_ptr(), t, k, pack.weight.data_ptr(), pack.scales.data_ptr(), pack.group, offsets, None,
+        x2.data_ptr(), t, k, pack.weight.data_ptr(), int(pack.nibbles), pack.scales.data_ptr(), pack.group, offsets,
+        None,
         layer.out_features, y.data_ptr(), _NATIVE_X_DTYPES[y.dtype], torch.get_num_threads(),
     )  # fmt: skip
     if failed:
@@ -428,10 +434,10 @@ def _native_library() -> ctypes.CDLL | None:
         lib.w8a8_amx_linear.argtypes = [ptr, ptr, ctypes.c_int, i64, i64, ptr, ptr, ptr, i64, ptr, ctypes.c_int,
                                         ctypes.c_int]  # fmt: skip
         lib.w8a8_amx_linear.restype = ctypes.c_int
-        lib.w8a8_amx_bf16_pack.argtypes = [ptr, i64, i64, ptr]
+        lib.w8a8_amx_bf16_pack.argtypes = [ptr, i64, i64, ptr, ctypes.c_int]
         lib.w8a8_amx_bf16_pack.restype = None
-        lib.w8a8_amx_bf16_linear.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, i64, ptr, ctypes.c_int,
-                                             ctypes.c_int]  # fmt: skip
+        lib.w8a8_amx_bf16_linear.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, ptr, i64, ptr, ptr, i64, ptr,
+                                             ctypes.c_int, ctypes.c_int]  # fmt: skip
         lib.w8a8_amx_bf16_linear.restype = ctypes.c_int
     return lib
 

@@ -394,29 +394,65 @@ int w8a8_amx_linear(const int8_t *q, const float *sx, int sx_per_row, int64_t T,
  * the caller's of x to bfloat16, where torch's _weight_int8pack_mm and
  * _weight_int4pack_mm_for_cpu (decoding kernels, 10-16x slower than a bfloat16 matmul at 512
  * rows) also round the scales and their output to bfloat16. Codes are packed once
- * (w8a8_amx_bf16_pack) in the bfloat16 B-tile order, kept as int8: for each block of 16
- * channels and 32 inputs, 16 rows of 16 channels x 2 consecutive inputs. Each thread widens a
+ * (w8a8_amx_bf16_pack) in the bfloat16 B-tile order, kept as int8 (two to a byte for 4-bit
+ * weights): for each block of 16 channels and 32 inputs, 16 rows of 16 channels x 2
+ * consecutive inputs. Each thread widens a
  * block of 32 channels to bfloat16 once (32 x K x 2 bytes of scratch) and runs every row
  * block against it; with several groups, each group's tile sums are scaled into a float32
  * block as the group ends. */
 
-/* w [N, K] int8 into out [ceil(N / 32) * 32 * K] int8, the layout above (zero-padded channels). */
-void w8a8_amx_bf16_pack(const int8_t *w, int64_t N, int64_t K, int8_t *out) {
+/* w [N, K] int8 into out, the layout above with channels zero-padded to a multiple of 32:
+ * [ceil(N / 32) * 32 * K] int8, or for 4-bit codes (nibbles, codes in [-8, 7]) half that,
+ * two codes a byte: of each 32 consecutive positions p of the int8 layout, byte p % 16 holds
+ * position p + 8 in its low nibble if p % 32 < 16, else in its high nibble. */
+void w8a8_amx_bf16_pack(const int8_t *w, int64_t N, int64_t K, int8_t *out, int nibbles) {
     int64_t n_pad = (N + 31) / 32 * 32, kb_count = K / 32;
-    memset(out, 0, (size_t)(n_pad * K));
+    memset(out, nibbles ? 0x88 : 0, (size_t)(nibbles ? n_pad * K / 2 : n_pad * K)); /* code 0 is nibble 8 */
     for (int64_t n = 0; n < N; n++)
-        for (int64_t k = 0; k < K; k++)
-            out[((n / 16) * kb_count + k / 32) * 512 + ((k % 32) / 2) * 32 + (n % 16) * 2 + k % 2] = w[n * K + k];
+        for (int64_t k = 0; k < K; k++) {
+            int64_t p = ((n / 16) * kb_count + k / 32) * 512 + ((k % 32) / 2) * 32 + (n % 16) * 2 + k % 2;
+            if (!nibbles) {
+                out[p] = w[n * K + k];
+                continue;
+            }
+            uint8_t *byte = (uint8_t *)out + p / 32 * 16 + p % 16, code = (uint8_t)(w[n * K + k] + 8);
+            *byte = p % 32 < 16 ? (uint8_t)((*byte & 0xF0) | code) : (uint8_t)((*byte & 0x0F) | (code << 4));
+        }
 }
+
+#ifdef W8A8_AMX
+/* bfloat16 bits of 16 small integers (exact: |v| <= 128). */
+static inline __m256i small_ints_to_bf16(__m512i v) {
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(_mm512_cvtepi32_ps(v)), 16));
+}
+
+/* The int8-layout positions [0, count) of packed codes src as bfloat16 into dst. */
+static void widen_codes(const int8_t *src, int64_t count, int nibbles, uint16_t *dst) {
+    if (nibbles) {
+        const __m512i low = _mm512_set1_epi32(15), eight = _mm512_set1_epi32(8);
+        for (int64_t i = 0; i < count; i += 32) {
+            __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(src + i / 2)));
+            __m512i lo = _mm512_sub_epi32(_mm512_and_si512(v, low), eight);
+            __m512i hi = _mm512_sub_epi32(_mm512_srli_epi32(v, 4), eight);
+            _mm256_storeu_si256((__m256i *)(dst + i), small_ints_to_bf16(lo));
+            _mm256_storeu_si256((__m256i *)(dst + i + 16), small_ints_to_bf16(hi));
+        }
+    } else {
+        for (int64_t i = 0; i < count; i += 16)
+            _mm256_storeu_si256((__m256i *)(dst + i),
+                                small_ints_to_bf16(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + i)))));
+    }
+}
+#endif
 
 /* y [T, N] (out_dtype 2: float32, 1: bfloat16) from x [T, K] bfloat16 (row stride K), the
  * packed codes wp, w_scale [G, N] (G = ceil(K / group)), the zero points' term offsets [G, N]
  * ((2^(bits-1) - z) * s, times each row's sum over the group; NULL for symmetric weights) and
  * bias [N] (float32, or NULL). Returns 0; 1 when scratch memory cannot be allocated; 2 in a
  * build without AMX. */
-int w8a8_amx_bf16_linear(const uint16_t *x, int64_t T, int64_t K, const int8_t *wp, const float *w_scale,
-                         int64_t group, const float *offsets, const float *bias, int64_t N, void *y, int out_dtype,
-                         int threads) {
+int w8a8_amx_bf16_linear(const uint16_t *x, int64_t T, int64_t K, const int8_t *wp, int nibbles,
+                         const float *w_scale, int64_t group, const float *offsets, const float *bias, int64_t N,
+                         void *y, int out_dtype, int threads) {
 #ifdef W8A8_AMX
     int64_t kb_count = K / 32, n_blocks = (N + 31) / 32, m_blocks = (T + 31) / 32;
     int64_t group_steps = group / 32, groups = (kb_count + group_steps - 1) / group_steps;
@@ -447,12 +483,8 @@ int w8a8_amx_bf16_linear(const uint16_t *x, int64_t T, int64_t K, const int8_t *
 #pragma omp for schedule(static)
         for (int64_t nb = 0; nb < n_blocks; nb++) {
             if (!b) continue;
-            const int8_t *src = wp + 2 * nb * kb_count * 512;
-            for (int64_t i = 0; i < 2 * kb_count * 512; i += 16) { /* exact: |code| <= 128 */
-                __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + i))));
-                _mm256_storeu_si256((__m256i *)(b + i),
-                                    _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
-            }
+            int64_t at = 2 * nb * kb_count * 512; /* int8-layout position of the block */
+            widen_codes(wp + (nibbles ? at / 2 : at), 2 * kb_count * 512, nibbles, b);
             const uint16_t *b0 = b, *b1 = b + kb_count * 512;
             int64_t n0 = nb * 32, cols = N - n0 < 32 ? N - n0 : 32;
             __mmask16 mask0 = cols >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cols) - 1);
@@ -520,8 +552,8 @@ int w8a8_amx_bf16_linear(const uint16_t *x, int64_t T, int64_t K, const int8_t *
     free(row_sums);
     return failed;
 #else
-    (void)x; (void)T; (void)K; (void)wp; (void)w_scale; (void)group; (void)offsets; (void)bias; (void)N; (void)y;
-    (void)out_dtype; (void)threads;
+    (void)x; (void)T; (void)K; (void)wp; (void)nibbles; (void)w_scale; (void)group; (void)offsets; (void)bias;
+    (void)N; (void)y; (void)out_dtype; (void)threads;
     return 2;
 #endif
 }

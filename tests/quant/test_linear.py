@@ -559,6 +559,12 @@ def test_cpu_w8a16_amx_pack_is_the_bfloat16_tile_layout():
     padded = torch.cat([w, torch.zeros(64 - n, k, dtype=torch.int8)])
     expected = padded.view(4, 16, 3, 16, 2).permute(0, 2, 3, 1, 4).reshape(-1)
     assert torch.equal(packed, expected)
+    # 4-bit codes two to a byte: of each 32 positions, the first 16 in the low nibbles (plus 8).
+    w4 = w // 16  # [-8, 7]
+    packed4 = cpu_w8a8._amx_pack(w4, cpu_w8a8._LIB_AMX_BF16_PACK, nibbles=True)
+    positions = (torch.cat([w4, torch.zeros(64 - n, k, dtype=torch.int8)]) + 8).view(4, 16, 3, 16, 2)
+    halves = positions.permute(0, 2, 3, 1, 4).reshape(-1, 2, 16).to(torch.int16)
+    assert torch.equal(packed4.view(torch.uint8).to(torch.int16), (halves[:, 0] | (halves[:, 1] << 4)).reshape(-1))
 
 
 AMX_WEIGHT_ONLY = [  # (bits, group_size, K): per channel, groups (the last one partial for W4 g64)
