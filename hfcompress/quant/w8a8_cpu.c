@@ -354,11 +354,11 @@ int w8a8_amx_linear(const int8_t *q, const float *sx, int sx_per_row, int64_t T,
                 _tile_zero(3);
                 for (int64_t kb = 0; kb < kb_count; kb++) {
                     _tile_loadd(4, a + kb * 64, K);
-                    _tile_loadd(5, a + 16 * K + kb * 64, K);
                     _tile_loadd(6, b0 + kb * 1024, 64);
-                    _tile_loadd(7, b1 + kb * 1024, 64);
                     _tile_dpbssd(0, 4, 6);
+                    _tile_loadd(7, b1 + kb * 1024, 64);
                     _tile_dpbssd(1, 4, 7);
+                    _tile_loadd(5, a + 16 * K + kb * 64, K);
                     _tile_dpbssd(2, 5, 6);
                     _tile_dpbssd(3, 5, 7);
                 }
@@ -505,11 +505,11 @@ int w8a8_amx_bf16_linear(const uint16_t *x, int64_t T, int64_t K, const int8_t *
                     _tile_zero(3);
                     for (int64_t kb = g * group_steps; kb < kb_end; kb++) {
                         _tile_loadd(4, a + kb * 32, 2 * K);
-                        _tile_loadd(5, a + 16 * K + kb * 32, 2 * K);
                         _tile_loadd(6, b0 + kb * 512, 64);
-                        _tile_loadd(7, b1 + kb * 512, 64);
                         _tile_dpbf16ps(0, 4, 6);
+                        _tile_loadd(7, b1 + kb * 512, 64);
                         _tile_dpbf16ps(1, 4, 7);
+                        _tile_loadd(5, a + 16 * K + kb * 32, 2 * K);
                         _tile_dpbf16ps(2, 5, 6);
                         _tile_dpbf16ps(3, 5, 7);
                     }
