@@ -5,7 +5,8 @@ and decode speed, GLUE, and llm-compressor's SmoothQuant + W8A8 beside ours, in 
     python benchmarks/bench_act.py --sections ppl --peer llmcompressor=/tmp/peers/llmc/bin/python
     python benchmarks/bench_act.py --sections ppl --samples 32 --rows fp32 static_smoothquant \
         --peer llmcompressor=/tmp/peers/llmc/bin/python --peer-runs "static 0.7"
-    python benchmarks/bench_act.py --sections speed --rounds 5
+    python benchmarks/bench_act.py --sections speed --rounds 5 [--amx-off]
+    python benchmarks/bench_act.py --sections layers
     python benchmarks/bench_act.py --sections glue --glue-models 'outputs/glue/minilm-l6-{task}'
 
 Protocol (the README's): calibration windows of 512 tokens of WikiText-2 *validation*
@@ -21,7 +22,11 @@ Protocol (the README's): calibration windows of 512 tokens of WikiText-2 *valida
 * ``speed``: prefill of one 512-token sequence (logits of the last position, as ``generate``
   computes them) and greedy decode (64 new tokens after a short prompt), tokens/s, for fp32,
   bf16, W8A16, W4A16 g128, W8A8 and W4A8 (per channel, the int8 kernel's case; g128, the
-  W4 kernel's), round-robin over ``--rounds`` rounds, median.
+  W4 kernel's), round-robin over ``--rounds`` rounds, median. ``--amx-off`` adds each
+  compressed row again with the AMX prefill kernels switched off (torch's ops and oneDNN, as
+  on CPUs without AMX), on a CPU that has them.
+* ``layers``: one layer per scheme (W8A8, W8A16, W4A16 g128) and SmolLM2 shape on 512
+  bfloat16 rows, AMX kernels off and on, beside a dense bfloat16 matmul (microseconds).
 * ``glue``: MiniLM classifiers fine-tuned on SST-2 and MRPC (``--glue-models``, ``{task}`` in the
   path), fp32 vs W8A8 dynamic (with and without SmoothQuant), dev-set scores.
 
@@ -31,6 +36,7 @@ Writes a JSON file per section to ``--out`` and prints markdown tables for RESUL
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -38,8 +44,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
+import torch.nn.functional as F
 
 import hfcompress
 from hfcompress.data import load_text
@@ -220,8 +228,22 @@ def _prefill_seconds(model, ids) -> float:
     return time.perf_counter() - start
 
 
+@contextlib.contextmanager
+def _amx(on: bool):
+    """The AMX prefill kernels as found (``on``), or switched off: torch's ops and oneDNN, as
+    on a CPU without AMX."""
+    from hfcompress.quant import cpu_w8a8
+
+    if on:
+        yield
+        return
+    with mock.patch.object(cpu_w8a8, "amx_available", lambda: False):
+        yield
+
+
 def section_speed(args) -> list[dict]:
     from hfcompress.eval import decode_speed
+    from hfcompress.quant import cpu_w8a8
     from hfcompress.quant.dispatch import select_path
 
     base = load_model("smollm2-135m")
@@ -237,25 +259,74 @@ def section_speed(args) -> list[dict]:
         down = model.model.layers[0].mlp.down_proj
         x = torch.randn(512, down.in_features if hasattr(down, "in_features") else 1536, dtype=model.dtype)
         path = select_path(down, x) if isinstance(down, hfcompress.QuantLinear) else "dense"
-        models[label] = (model, path)
-        _prefill_seconds(model, ids)  # warm-up: kernel packing
+        models[label] = (model, path, True)
+        if args.amx_off and recipe is not None and cpu_w8a8.amx_available():
+            models[f"{label} [AMX off]"] = (model, path, False)
+    for model, _path, amx in models.values():
+        with _amx(amx):
+            _prefill_seconds(model, ids)  # warm-up: kernel packing
     prefill = {label: [] for label in models}
     decode = {label: [] for label in models}
     for _ in range(args.rounds):
-        for label, (model, _path) in models.items():
-            prefill[label].append(ids.shape[1] / _prefill_seconds(model, ids))
-            decode[label].append(decode_speed(model, tokenizer, new_tokens=64, repeats=1).tokens_per_second)
+        for label, (model, _path, amx) in models.items():
+            with _amx(amx):
+                prefill[label].append(ids.shape[1] / _prefill_seconds(model, ids))
+                decode[label].append(decode_speed(model, tokenizer, new_tokens=64, repeats=1).tokens_per_second)
     rows = []
     fp32_p, fp32_d = statistics.median(prefill["fp32"]), statistics.median(decode["fp32"])
     print(f"\nCPU: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(
         "\n| model | linear kernel | prefill 512 tok/s | vs fp32 | decode tok/s | vs fp32 |\n|---|---|---|---|---|---|"
     )
-    for label, (_model, path) in models.items():
+    for label, (_model, path, _amx_on) in models.items():
         p, d = statistics.median(prefill[label]), statistics.median(decode[label])
         rows.append({"model": label, "kernel": path, "prefill_tok_s": p, "decode_tok_s": d, "rounds": args.rounds})
         print(f"| {label} | {path} | {p:.0f} | {p / fp32_p:.2f}x | {d:.1f} | {d / fp32_d:.2f}x |")
     return rows
+
+
+LAYER_SHAPES = [(1536, 576), (576, 1536), (576, 576)]  # SmolLM2's (N, K): gate/up, down, q/o
+
+
+def _best_us(fn, repeats: int = 15) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return 1e6 * best
+
+
+def section_layers(args) -> list[dict]:
+    """One QuantLinear per scheme and shape on 512 bfloat16 rows, with the AMX kernels switched
+    off and on, beside a dense bfloat16 matmul: microseconds, best of 15 calls. W8A8 includes
+    the activations' quantization (each call gets a fresh copy of x, so nothing is reused)."""
+    from hfcompress.quant.affine import quantize_rtn
+    from hfcompress.quant.scheme import QuantArgs, QuantScheme
+
+    act = QuantArgs(num_bits=8, symmetric=True, strategy="token", dynamic=True, observer=None, zp_dtype=None)
+    schemes = [("W8A8", 8, -1, True, act), ("W8A16", 8, -1, True, None), ("W4A16 g128", 4, 128, False, None)]
+    times: dict[str, list[float]] = {}
+    for n, k in LAYER_SHAPES:
+        x = torch.randn(512, k).bfloat16()
+        for name, bits, group_size, symmetric, acts in schemes:
+            qw = quantize_rtn(torch.randn(n, k), bits=bits, group_size=group_size, symmetric=symmetric)
+            weights = QuantScheme.weight_only(num_bits=bits, group_size=group_size, in_features=k, symmetric=symmetric)
+            scheme = QuantScheme(weights=weights.weights, input_activations=acts)
+            layer = hfcompress.QuantLinear.from_quantized(qw, scheme).to(torch.bfloat16)
+            for amx in (False, True):
+                label = f"{name}, {'AMX kernel' if amx else 'AMX off'}"
+                with torch.no_grad(), _amx(amx):
+                    times.setdefault(label, []).append(_best_us(lambda layer=layer, x=x: layer(x.clone())))
+        dense = torch.randn(n, k).bfloat16()
+        times.setdefault("dense bf16 matmul", []).append(_best_us(lambda x=x, w=dense: F.linear(x, w)))
+    print(f"\nCPU: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print("\n| call, 512 bf16 rows (us) | " + " | ".join(f"{n} x {k}" for n, k in LAYER_SHAPES) + " |")
+    print("|---|" + "---:|" * len(LAYER_SHAPES))
+    for label, values in times.items():
+        print(f"| {label} | " + " | ".join(f"{v:.0f}" for v in values) + " |")
+    return [{"call": label, "shapes": LAYER_SHAPES, "us": values} for label, values in times.items()]
 
 
 def section_glue(args) -> list[dict]:
@@ -301,10 +372,15 @@ def section_glue(args) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sections", nargs="+", default=["ppl", "speed", "glue"], choices=["ppl", "speed", "glue"])
+    parser.add_argument(
+        "--sections", nargs="+", default=["ppl", "speed", "glue"], choices=["ppl", "speed", "layers", "glue"]
+    )
     parser.add_argument("--rows", nargs="*", default=[], help="only the ppl rows whose label contains one of these")
     parser.add_argument("--samples", type=int, default=128, help="calibration windows of 512 tokens")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--amx-off", action="store_true", help="speed: also time each compressed row with the AMX kernels switched off"
+    )
     runs = [f"{v} {a}" for v, a in PEER_RUNS]
     parser.add_argument("--peer-runs", nargs="*", default=[], choices=runs, help="only these peer runs (default: all)")
     parser.add_argument("--peer", action="append", default=[], type=lambda s: tuple(s.split("=", 1)))
@@ -316,7 +392,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     for section in args.sections:
-        rows = {"ppl": section_ppl, "speed": section_speed, "glue": section_glue}[section](args)
+        sections = {"ppl": section_ppl, "speed": section_speed, "layers": section_layers, "glue": section_glue}
+        rows = sections[section](args)
         (args.out / f"{section}.json").write_text(json.dumps(rows, indent=1))
 
 
