@@ -23,7 +23,7 @@
 
 Both ops are decoding kernels: at 512 rows they took 10-16x the time of a bfloat16 matmul of
 the same shape (2-core Sapphire Rapids VM). On CPUs with AMX, calls of at least
-``AMX_BF16_MIN_ROWS`` rows (prefill, evaluation) whose K and group size are multiples of 32 go
+``AMX_MIN_ROWS`` rows (prefill, evaluation) whose K and group size are multiples of 32 go
 instead to ``w8a8_cpu.c``'s AMX bfloat16 kernel (:func:`hfcompress.quant.cpu_w8a8.amx_bf16_linear`):
 the codes widened to bfloat16 (exact), float32 sums, each group's float32 scale applied to
 its sums, the zero points' term in float32 after it. The bfloat16 inputs are then the only
@@ -206,6 +206,8 @@ def _supports_int4_a8(layer: QuantLinear, x: torch.Tensor) -> bool:
 
 
 def _cpu_int4_a8_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    if cpu_w8a8.amx_int8_serves(layer, x):  # int8 inputs times the 4-bit codes, per group, exact
+        return cpu_w8a8.amx_int8_forward(layer, x)
     return _cpu_int4_forward(layer, fake_quantize_inputs(layer, x))
 
 

@@ -66,11 +66,13 @@ if TYPE_CHECKING:
     from hfcompress.quant.linear import QuantLinear
 
 __all__ = [
-    "AMX_BF16_MIN_ROWS",
+    "AMX_MIN_ROWS",
     "ONEDNN_MIN_ROWS",
     "amx_available",
     "amx_bf16_linear",
     "amx_bf16_serves",
+    "amx_int8_forward",
+    "amx_int8_serves",
     "onednn_available",
     "onednn_works",
 ]
@@ -78,8 +80,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ONEDNN_MIN_ROWS = 16
-# Weight-only layers: from this many rows the AMX bfloat16 kernel beats torch's decoding ops.
-AMX_BF16_MIN_ROWS = 16
+# From this many rows the AMX kernels serve a call (weight-only: they beat torch's decoding ops).
+AMX_MIN_ROWS = 16
 # oneDNN is used where it is at most this many times slower than torch._int_mm in the
 # one-off timing of `onednn_available` (a margin for timing noise; the slow case is 1000x).
 ONEDNN_MAX_SLOWDOWN = 4.0
@@ -97,13 +99,7 @@ class _IntMMPack:
 
 @dataclass(frozen=True)
 class _AMXPack:
-    weight: torch.Tensor  # [ceil(N / 32) * 32 * K] int8, tdpbssd's tile layout (w8a8_cpu.c)
-    scales: torch.Tensor  # [N] float32
-
-
-@dataclass(frozen=True)
-class _AMXBF16Pack:
-    weight: torch.Tensor  # codes - 2^(bits-1) in tdpbf16ps's B-tile order: int8, or two 4-bit codes a byte
+    weight: torch.Tensor  # codes - 2^(bits-1) in the AMX tile layout (w8a8_cpu.c): int8, or two 4-bit codes a byte
     nibbles: bool  # 4-bit codes, two a byte
     scales: torch.Tensor  # [G, N] float32
     group: int  # inputs per scale (K when per channel)
@@ -201,8 +197,8 @@ def amx_available() -> bool:
     and AMX-BF16), Linux gave this process the tile state, and both kernels are exact on a
     probe that covers a row tail, padded channels and the extreme codes (checked once per
     process): the int8 one reproduces ``torch._int_mm``'s path bit for bit, the bfloat16 one
-    (8-bit weight-only prefill, see :mod:`hfcompress.quant.cpu_kernels`) gives the exact sums
-    of small integers."""
+    (weight-only prefill, see :mod:`hfcompress.quant.cpu_kernels`) gives the exact sums of
+    small integers."""
     lib = _native_library()
     if lib is None or not lib.w8a8_amx_init():
         return False
@@ -212,64 +208,70 @@ def amx_available() -> bool:
     x = torch.randint(-128, 128, (t, k), generator=g, dtype=torch.int8)
     w[0], x[0], x[1] = 127, 127, -128
     sx, sw = torch.rand(t, 1, generator=g), torch.rand(n, generator=g)
-    packed = _amx_pack(w)
     y = torch.empty(t, n)
-    failed = lib.w8a8_amx_linear(x.data_ptr(), sx.data_ptr(), 1, t, k, packed.data_ptr(), sw.data_ptr(), None, n,
-                                 y.data_ptr(), _NATIVE_X_DTYPES[torch.float32], torch.get_num_threads())  # fmt: skip
+    f32 = _NATIVE_X_DTYPES[torch.float32]
+    packed = _amx_pack(w, _INT8_STEP)  # held by a name: the kernel reads it after data_ptr() returns
+    failed = lib.w8a8_amx_linear(x.data_ptr(), sx.data_ptr(), 1, t, k, packed.data_ptr(), 0, sw.data_ptr(), k, None,
+                                 None, n, y.data_ptr(), f32, torch.get_num_threads())  # fmt: skip
     expected = torch._int_mm(x, w.t().contiguous()).float().mul_(sx).mul_(sw)
     if failed or not torch.equal(y, expected):
         logger.info("the AMX int8 kernel did not reproduce torch._int_mm on this CPU; the AMX kernels are not used")
         return False
     # The bfloat16 kernel on small integers, whose float32 sums are exact in any order.
     xb = torch.randint(-8, 9, (t, k), generator=g).to(torch.bfloat16)
-    packed = _amx_pack(w, _LIB_AMX_BF16_PACK)
+    packed = _amx_pack(w, _BF16_STEP)
     failed = lib.w8a8_amx_bf16_linear(xb.data_ptr(), t, k, packed.data_ptr(), 0, sw.data_ptr(), k, None, None, n,
-                                      y.data_ptr(), _NATIVE_X_DTYPES[y.dtype], torch.get_num_threads())  # fmt: skip
+                                      y.data_ptr(), f32, torch.get_num_threads())  # fmt: skip
     if failed or not torch.equal(y, (xb.double() @ w.double().t()).float().mul_(sw)):
         logger.info("the AMX bfloat16 kernel did not reproduce exact sums on this CPU; the AMX kernels are not used")
         return False
     return True
 
 
-_LIB_AMX_PACK, _LIB_AMX_BF16_PACK = "w8a8_amx_pack", "w8a8_amx_bf16_pack"
+# Inputs per k step of the two AMX kernels: the int8 one (tdpbssd), the bfloat16 one (tdpbf16ps).
+_INT8_STEP, _BF16_STEP = 64, 32
 
 
-def _amx_pack(codes: torch.Tensor, packer: str = _LIB_AMX_PACK, nibbles: bool = False) -> torch.Tensor:
-    """``codes: [N, K]`` int8 in the tile order of the int8 kernel (``w8a8_amx_pack``) or of
-    the bfloat16 one (``w8a8_amx_bf16_pack``; ``nibbles``: 4-bit codes two to a byte),
-    channels zero-padded to a multiple of 32."""
+def _amx_pack(codes: torch.Tensor, step: int, nibbles: bool = False) -> torch.Tensor:
+    """``codes: [N, K]`` int8 in the AMX tile layout for k steps of ``step`` inputs
+    (``w8a8_amx_pack``; ``nibbles``: 4-bit codes two to a byte), channels zero-padded to a
+    multiple of 32."""
     n, k = codes.shape
     size = (n + 31) // 32 * 32 * k
     packed = torch.empty(size // 2 if nibbles else size, dtype=torch.int8)
-    args = (int(nibbles),) if packer == _LIB_AMX_BF16_PACK else ()
-    getattr(_native_library(), packer)(codes.contiguous().data_ptr(), n, k, packed.data_ptr(), *args)
+    codes = codes.contiguous()  # a name holds it while C reads it
+    _native_library().w8a8_amx_pack(codes.data_ptr(), n, k, step, int(nibbles), packed.data_ptr())
     return packed
 
 
-def build_amx_bf16(layer: QuantLinear) -> _AMXBF16Pack:
-    """The pack of a 4- or 8-bit weight-only layer for :func:`amx_bf16_linear`."""
-    k = layer.in_features
-    group = k if layer.scales.shape[1] == 1 else layer.group_size
+def _group(layer: QuantLinear) -> int:
+    return layer.in_features if layer.scales.shape[1] == 1 else layer.group_size
+
+
+def _build_amx_pack(layer: QuantLinear, step: int) -> _AMXPack:
     offsets = None
     if not layer.symmetric:
         offsets = ((2 ** (layer.bits - 1) - layer.zero_points().float()) * layer.scales.float()).t().contiguous()
     nibbles = layer.bits == 4  # the pack as small as the layer's own codes
-    weight = _amx_pack(layer.signed_codes(), _LIB_AMX_BF16_PACK, nibbles)
-    return _AMXBF16Pack(weight, nibbles, layer.scales.float().t().contiguous(), group, offsets)
+    weight = _amx_pack(layer.signed_codes(), step, nibbles)
+    return _AMXPack(weight, nibbles, layer.scales.float().t().contiguous(), _group(layer), offsets)
+
+
+def _amx_fits(layer: QuantLinear, rows: int, step: int) -> bool:
+    return (
+        rows >= AMX_MIN_ROWS
+        and layer.bits in (4, 8)
+        and layer.in_features % step == 0
+        and _group(layer) % step == 0
+        and amx_available()
+    )
 
 
 def amx_bf16_serves(layer: QuantLinear, rows: int) -> bool:
     """Whether :func:`amx_bf16_linear` takes ``rows`` rows of this weight-only layer: AMX here,
-    at least ``AMX_BF16_MIN_ROWS`` rows (fewer go to torch's decoding ops), 4- or 8-bit codes,
-    K and the group size multiples of 32."""
-    group = layer.in_features if layer.scales.shape[1] == 1 else layer.group_size
-    return (
-        rows >= AMX_BF16_MIN_ROWS
-        and layer.bits in (4, 8)
-        and layer.in_features % 32 == 0
-        and group % 32 == 0
-        and amx_available()
-    )
+    at least ``AMX_MIN_ROWS`` rows (fewer go to torch's decoding ops), 4- or 8-bit codes, K and
+    the group size multiples of 32."""
+    return _amx_fits(layer, rows, _BF16_STEP)
 
 
 def amx_bf16_linear(layer: QuantLinear, x2: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -279,40 +281,55 @@ def amx_bf16_linear(layer: QuantLinear, x2: torch.Tensor, out_dtype: torch.dtype
     ``(o - z) * s`` times the row's float32 sum over the group (``(q - z) * s = (q - o) * s +
     (o - z) * s``, ``o = 2^(bits-1)``). In ``out_dtype`` where that is float32 or bfloat16,
     else float32. No bias."""
-    pack = cached(layer, "cpu_amx_bf16", build_amx_bf16)
+    pack = cached(layer, "cpu_amx_bf16", functools.partial(_build_amx_pack, step=_BF16_STEP))
     t, k = x2.shape
     y = torch.empty(t, layer.out_features, dtype=out_dtype if out_dtype in _NATIVE_X_DTYPES else torch.float32)
-    offsets = None if pack.offsets is None else pack.offsets.data_ptr()
     failed = _native_library().w8a8_amx_bf16_linear(
-        x2.data_ptr(), t, k, pack.weight.data_ptr(), int(pack.nibbles), pack.scales.data_ptr(), pack.group, offsets,
-        None,
-        layer.out_features, y.data_ptr(), _NATIVE_X_DTYPES[y.dtype], torch.get_num_threads(),
+        x2.data_ptr(), t, k, pack.weight.data_ptr(), int(pack.nibbles), pack.scales.data_ptr(), pack.group,
+        None if pack.offsets is None else pack.offsets.data_ptr(), None, layer.out_features, y.data_ptr(),
+        _NATIVE_X_DTYPES[y.dtype], torch.get_num_threads(),
     )  # fmt: skip
     if failed:
         raise MemoryError("the CPU AMX bfloat16 kernel could not allocate its scratch memory")
     return y
 
 
-def _build_amx(layer: QuantLinear) -> _AMXPack:
-    return _AMXPack(_amx_pack(layer.signed_codes()), layer.scales.float()[:, 0].contiguous())
+def amx_int8_serves(layer: QuantLinear, x: torch.Tensor) -> bool:
+    """Whether :func:`amx_int8_forward` takes ``x`` for this layer with 8-bit input activations
+    (per token or per tensor): AMX here, at least ``AMX_MIN_ROWS`` rows, float32 or bfloat16
+    inputs, 4- or 8-bit codes, K and the group size multiples of 64."""
+    act = layer.scheme.input_activations
+    return (
+        act is not None
+        and act.num_bits == 8
+        and act.strategy in ("token", "tensor")
+        and x.dtype in _NATIVE_X_DTYPES
+        and _amx_fits(layer, x.numel() // layer.in_features, _INT8_STEP)
+    )
 
 
-def _amx(layer: QuantLinear, xq: torch.Tensor, sx: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """``w8a8_cpu.c``'s AMX matmul with the whole epilogue (per-token scale included) fused:
-    bit for bit the ``torch._int_mm`` path's result, without its passes over the output."""
-    pack = cached(layer, "cpu_amx", _build_amx)
+def amx_int8_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """The layer on ``x`` (8-bit input activations) by ``w8a8_cpu.c``'s AMX int8 kernel: the
+    activations quantized (:func:`_quantized_input`), exact int32 sums per group, each group's
+    float32 scale applied to its sums and, for asymmetric weights, ``(o - z) * s`` times the
+    row's sum of codes over the group, then the row's scale. For symmetric per-channel weights
+    it is bit for bit the ``torch._int_mm`` path's result (one epilogue, torch's order)."""
+    xq, sx = _quantized_input(layer, x)
+    xq = xq.contiguous()
+    pack = cached(layer, "cpu_amx", functools.partial(_build_amx_pack, step=_INT8_STEP))
     t, n = xq.shape[0], layer.out_features
     sx = sx.float().contiguous()
-    bias = None if layer.bias is None else layer.bias.to(out_dtype).float().contiguous()
-    y = torch.empty(t, n, dtype=out_dtype)
+    bias = None if layer.bias is None else layer.bias.to(x.dtype).float().contiguous()
+    y = torch.empty(t, n, dtype=x.dtype)
     failed = _native_library().w8a8_amx_linear(
         xq.data_ptr(), sx.data_ptr(), int(sx.numel() != 1), t, layer.in_features, pack.weight.data_ptr(),
-        pack.scales.data_ptr(), None if bias is None else bias.data_ptr(), n, y.data_ptr(),
-        _NATIVE_X_DTYPES[out_dtype], torch.get_num_threads(),
+        int(pack.nibbles), pack.scales.data_ptr(), pack.group,
+        None if pack.offsets is None else pack.offsets.data_ptr(), None if bias is None else bias.data_ptr(), n,
+        y.data_ptr(), _NATIVE_X_DTYPES[x.dtype], torch.get_num_threads(),
     )  # fmt: skip
     if failed:
-        raise MemoryError("the CPU W8A8 AMX kernel could not allocate its scratch memory")
-    return y
+        raise MemoryError("the CPU AMX int8 kernel could not allocate its scratch memory")
+    return y.reshape(*x.shape[:-1], n)
 
 
 def _supports(layer: QuantLinear, x: torch.Tensor) -> bool:
@@ -429,13 +446,11 @@ def _native_library() -> ctypes.CDLL | None:
         lib.w8a8_quantize_rows.restype = ctypes.c_int
         lib.w8a8_quantize_is_vectorized.restype = ctypes.c_int
         lib.w8a8_amx_init.restype = ctypes.c_int
-        lib.w8a8_amx_pack.argtypes = [ptr, i64, i64, ptr]
+        lib.w8a8_amx_pack.argtypes = [ptr, i64, i64, i64, ctypes.c_int, ptr]
         lib.w8a8_amx_pack.restype = None
-        lib.w8a8_amx_linear.argtypes = [ptr, ptr, ctypes.c_int, i64, i64, ptr, ptr, ptr, i64, ptr, ctypes.c_int,
-                                        ctypes.c_int]  # fmt: skip
+        lib.w8a8_amx_linear.argtypes = [ptr, ptr, ctypes.c_int, i64, i64, ptr, ctypes.c_int, ptr, i64, ptr, ptr, i64,
+                                        ptr, ctypes.c_int, ctypes.c_int]  # fmt: skip
         lib.w8a8_amx_linear.restype = ctypes.c_int
-        lib.w8a8_amx_bf16_pack.argtypes = [ptr, i64, i64, ptr, ctypes.c_int]
-        lib.w8a8_amx_bf16_pack.restype = None
         lib.w8a8_amx_bf16_linear.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, ptr, i64, ptr, ptr, i64, ptr,
                                              ctypes.c_int, ctypes.c_int]  # fmt: skip
         lib.w8a8_amx_bf16_linear.restype = ctypes.c_int
@@ -477,16 +492,9 @@ def _forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         lib = _native_library()
         if lib is not None:
             return _native_forward(layer, x, lib)
+    if layer.symmetric and amx_int8_serves(layer, x):
+        return amx_int8_forward(layer, x)
     xq, sx = _quantized_input(layer, x)
-    if (
-        layer.symmetric
-        and xq.shape[0] >= ONEDNN_MIN_ROWS
-        and x.dtype in _NATIVE_X_DTYPES
-        and layer.in_features % 64 == 0
-        and xq.is_contiguous()
-        and amx_available()
-    ):
-        return _amx(layer, xq, sx, x.dtype).reshape(*lead, layer.out_features)
     if layer.symmetric and xq.shape[0] >= ONEDNN_MIN_ROWS and onednn_available():
         out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
         return _onednn(layer, xq, sx, out_dtype).to(x.dtype).reshape(*lead, layer.out_features)

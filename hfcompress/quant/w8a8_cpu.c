@@ -212,27 +212,46 @@ int w8a8_linear(const void *x, int x_dtype, int64_t T, int64_t K, int64_t x_stri
     return 0;
 }
 
-/* ---- AMX (Sapphire Rapids and later): the prefill's int8 matmul with its epilogue ----
+/* ---- AMX (Sapphire Rapids and later): prefill matmuls with their epilogues ----
  *
- * y[t, n] = (float)(q[t] . w[n]) * s_t * w_scale[n]  (+ bias[n])
+ * Two tile kernels share one driver (amx_linear), for calls of many rows (the caller decides):
  *
- * for symmetric weights (no zero-point term), in the order and precision of cpu_w8a8.py's
- * torch._int_mm path: the product in float32, times the row's scale, times the channel's; a
- * bfloat16 output is that rounded to nearest even, and the bias (already in the output
- * dtype, given as float32) is added after the rounding and the sum rounded again, as torch
- * adds a bfloat16 bias to a bfloat16 result. The int32 sums are exact, so the two paths
- * agree bit for bit. oneDNN's op, the alternative, takes only a per-tensor activation scale:
- * a per-token scale costs it one more pass over the output, which is what this saves.
+ * - int8 (w8a8_amx_linear, tdpbssd): int8 activation codes q [T, K] against signed weight
+ *   codes, exact int32 sums. Per channel with symmetric weights:
  *
- * Weights are packed once (w8a8_amx_pack) into the tile layout tdpbssd reads: for each block
- * of 16 output channels and 64 input channels, 16 rows of 64 bytes, row r holding the four
- * codes k = 4r..4r+3 of each channel in turn. Output channels are padded with zeros to a
- * multiple of 32; K must be a multiple of 64 (the caller checks). Each step multiplies a
- * 32 x 32 block of the output: two 16-row tiles of q against two 16-channel tiles of w, four
- * tdpbssd into four int32 accumulator tiles. The row tail (T not a multiple of 32) is copied
- * into a zero-padded block. */
+ *       y[t, n] = (float)(q[t] . w[n]) * s_t * w_scale[n]  (+ bias[n])
+ *
+ *   in the order and precision of cpu_w8a8.py's torch._int_mm path: the product in float32,
+ *   times the row's scale, times the channel's; a bfloat16 output is that rounded to nearest
+ *   even, and the bias (already in the output dtype, given as float32) is added after the
+ *   rounding and the sum rounded again, as torch adds a bfloat16 bias to a bfloat16 result.
+ *   So the two paths agree bit for bit. oneDNN's op, the alternative, takes only a per-tensor
+ *   activation scale: a per-token scale costs it one more pass over the output.
+ * - bfloat16 (w8a8_amx_bf16_linear, tdpbf16ps): bfloat16 activations [T, K] against the
+ *   weight codes widened to bfloat16 (exact: |code| <= 128), float32 sums; weight-only layers.
+ *
+ * Both take one float32 scale per channel and group of `group` inputs (w_scale [G, N], the
+ * last group may be shorter) and, for asymmetric weights, offsets [G, N] = (o - z) * s with o
+ * = 2^(bits-1), added times the row's sum over the group (codes are stored as c = q - o, and
+ * (q - z) * s = c * s + (o - z) * s):
+ *
+ *       y[t, n] = s_t * sum over g of (w_scale[g, n] * sum_{k in g} a[t, k] c[n, k]
+ *                                      + offsets[g, n] * sum_{k in g} a[t, k])   (+ bias[n])
+ *
+ * with s_t = 1 for the bfloat16 kernel. One group without offsets is the first form.
+ *
+ * Weights are packed once into the tile layout the instruction reads (w8a8_amx_pack): for each
+ * block of 16 channels and one k step (64 int8 or 32 bfloat16 inputs), 16 rows of 64 bytes,
+ * row r holding the 4 (int8) or 2 (bfloat16) consecutive inputs of each channel in turn, kept
+ * as int8 codes, or two 4-bit codes to a byte. Channels are zero-padded to a multiple of 32; K
+ * and the group size must be multiples of the k step (the caller checks). Each step multiplies
+ * a 32 x 32 block of the output: two 16-row tiles of activations against two 16-channel tiles
+ * of weights, four products into four accumulator tiles. Each thread takes blocks of 32
+ * channels (widening their codes, for bfloat16 or 4-bit packs, once into scratch) and runs
+ * every row block against them; the row tail (T not a multiple of 32) is copied into a
+ * zero-padded block. */
 
-/* 1 when this build has the AMX kernel and the kernel granted this process the tile data
+/* 1 when this build has the AMX kernels and the kernel granted this process the tile data
  * state (Linux asks for it once: arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA). */
 int w8a8_amx_init(void) {
 #ifdef W8A8_AMX
@@ -242,13 +261,25 @@ int w8a8_amx_init(void) {
 #endif
 }
 
-/* w [N, K] int8 (row-major) into out [ceil(N / 32) * 32 * K] int8, the layout above. */
-void w8a8_amx_pack(const int8_t *w, int64_t N, int64_t K, int8_t *out) {
-    int64_t n_pad = (N + 31) / 32 * 32, kb_count = K / 64;
-    memset(out, 0, (size_t)(n_pad * K));
+/* w [N, K] int8 (row-major) into out, the layout above for k steps of `step` inputs (64: the
+ * int8 kernel, 32: the bfloat16 one), channels zero-padded to a multiple of 32:
+ * [ceil(N / 32) * 32 * K] int8, or for 4-bit codes (nibbles, codes in [-8, 7]) half that, two
+ * codes a byte: of each 32 consecutive positions p of the int8 layout, byte p % 16 holds
+ * position p + 8 in its low nibble if p % 32 < 16, else in its high nibble. */
+void w8a8_amx_pack(const int8_t *w, int64_t N, int64_t K, int64_t step, int nibbles, int8_t *out) {
+    int64_t n_pad = (N + 31) / 32 * 32, k_steps = K / step, per_row = step / 16;
+    memset(out, nibbles ? 0x88 : 0, (size_t)(nibbles ? n_pad * K / 2 : n_pad * K)); /* code 0 is nibble 8 */
     for (int64_t n = 0; n < N; n++)
-        for (int64_t k = 0; k < K; k++)
-            out[((n / 16) * kb_count + k / 64) * 1024 + ((k % 64) / 4) * 64 + (n % 16) * 4 + k % 4] = w[n * K + k];
+        for (int64_t k = 0; k < K; k++) {
+            int64_t p = ((n / 16) * k_steps + k / step) * 16 * step + ((k % step) / per_row) * 16 * per_row + (n % 16) * per_row +
+                        k % per_row;
+            if (!nibbles) {
+                out[p] = w[n * K + k];
+                continue;
+            }
+            uint8_t *byte = (uint8_t *)out + p / 32 * 16 + p % 16, code = (uint8_t)(w[n * K + k] + 8);
+            *byte = p % 32 < 16 ? (uint8_t)((*byte & 0xF0) | code) : (uint8_t)((*byte & 0x0F) | (code << 4));
+        }
 }
 
 #ifdef W8A8_AMX
@@ -257,6 +288,18 @@ typedef struct {
     uint16_t colsb[16];
     uint8_t rows[16];
 } tile_config;
+
+/* All eight tiles 16 rows of 64 bytes: int8 or bfloat16 operands, int32 or float32 sums. */
+static void amx_configure(void) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette_id = 1;
+    for (int i = 0; i < 8; i++) {
+        cfg.rows[i] = 16;
+        cfg.colsb[i] = 64;
+    }
+    _tile_loadconfig(&cfg);
+}
 
 /* Round-to-nearest-even float32 -> bfloat16 bits, as torch converts (finite values). */
 static inline __m256i to_bf16_bits(__m512 v) {
@@ -270,15 +313,72 @@ static inline __m512 from_bf16_bits(__m256i h) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+/* bfloat16 bits of 16 small integers (exact: |v| <= 128). */
+static inline __m256i small_ints_to_bf16(__m512i v) {
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(_mm512_cvtepi32_ps(v)), 16));
+}
+
+/* The packed-layout positions [0, count) of codes src (int8, or two 4-bit codes a byte) as
+ * bfloat16 (to_bf16) or int8 into dst. */
+static void widen_codes(const int8_t *src, int64_t count, int nibbles, int to_bf16, void *dst) {
+    for (int64_t i = 0; i < count; i += 32) {
+        __m128i lo, hi; /* positions i..i+15 and i+16..i+31 as int8 */
+        if (nibbles) {
+            __m128i v = _mm_loadu_si128((const __m128i *)(src + i / 2)), nib = _mm_set1_epi8(15);
+            lo = _mm_sub_epi8(_mm_and_si128(v, nib), _mm_set1_epi8(8));
+            hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), nib), _mm_set1_epi8(8));
+        } else {
+            lo = _mm_loadu_si128((const __m128i *)(src + i));
+            hi = _mm_loadu_si128((const __m128i *)(src + i + 16));
+        }
+        if (to_bf16) {
+            _mm256_storeu_si256((__m256i *)((uint16_t *)dst + i), small_ints_to_bf16(_mm512_cvtepi8_epi32(lo)));
+            _mm256_storeu_si256((__m256i *)((uint16_t *)dst + i + 16), small_ints_to_bf16(_mm512_cvtepi8_epi32(hi)));
+        } else {
+            _mm_storeu_si128((__m128i *)((int8_t *)dst + i), lo);
+            _mm_storeu_si128((__m128i *)((int8_t *)dst + i + 16), hi);
+        }
+    }
+}
+
+/* The sum over [k0, k1) of row a (int8 or bfloat16; k0, k1 multiples of 32) as float32
+ * (int8 sums are exact in int32, then exact in float32 below 2^24). */
+static float row_sum(const void *a, int bf16, int64_t k0, int64_t k1) {
+    if (bf16) {
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t k = k0; k < k1; k += 16)
+            sum = _mm512_add_ps(sum, from_bf16_bits(_mm256_loadu_si256((const __m256i *)((const uint16_t *)a + k))));
+        return _mm512_reduce_add_ps(sum);
+    }
+    __m512i sum = _mm512_setzero_si512();
+    for (int64_t k = k0; k < k1; k += 16)
+        sum = _mm512_add_epi32(sum, _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)a + k))));
+    return (float)_mm512_reduce_add_epi32(sum);
+}
+
+/* The rows [m0, m0 + 32) of a [T, row_bytes] matrix, or, for the last partial block, a copy
+ * zero-padded to 32 rows in *pad (allocated on first use); NULL when that fails. */
+static const char *amx_row_block(const char *a, int64_t T, int64_t m0, int64_t row_bytes, char **pad) {
+    int64_t rows = T - m0;
+    if (rows >= 32) return a + m0 * row_bytes;
+    if (!*pad && !(*pad = malloc((size_t)(32 * row_bytes)))) return NULL;
+    memcpy(*pad, a + m0 * row_bytes, (size_t)(rows * row_bytes));
+    memset(*pad + rows * row_bytes, 0, (size_t)((32 - rows) * row_bytes));
+    return *pad;
+}
+
+static inline __mmask16 lanes_of(int64_t cols, int64_t c0) {
+    int64_t n = cols - c0;
+    return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
+}
+
 /* Rows [m0, m0 + rows) and channels [n0, n0 + cols) of y from the block acc [32][32] (int32
  * sums if acc_int, else float32); sx or w_scale NULL means scales of 1. */
 static void amx_epilogue(const void *acc, int acc_int, const float *sx, int sx_per_row, int64_t m0, int64_t rows,
                          int64_t n0, int64_t cols, const float *w_scale, const float *bias, int64_t N, void *y,
                          int out_dtype) {
-    for (int64_t h = 0; h < 2; h++) {
-        int64_t c0 = h * 16;
-        if (c0 >= cols) break;
-        __mmask16 mask = cols - c0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (cols - c0)) - 1);
+    for (int64_t c0 = 0; c0 < 32 && c0 < cols; c0 += 16) {
+        __mmask16 mask = lanes_of(cols, c0);
         __m512 ws = w_scale ? _mm512_maskz_loadu_ps(mask, w_scale + n0 + c0) : _mm512_set1_ps(1.0f);
         __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n0 + c0) : _mm512_setzero_ps();
         for (int64_t r = 0; r < rows; r++) {
@@ -299,250 +399,121 @@ static void amx_epilogue(const void *acc, int acc_int, const float *sx, int sx_p
     }
 }
 
-/* All eight tiles 16 rows of 64 bytes: int8 or bfloat16 operands, int32 or float32 sums. */
-static void amx_configure(void) {
-    tile_config cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette_id = 1;
-    for (int i = 0; i < 8; i++) {
-        cfg.rows[i] = 16;
-        cfg.colsb[i] = 64;
+/* total (first group: =, else +=) acc * s_g + row_sums_g * offsets_g over the block's rows
+ * and channels [n0, n0 + cols); row_sums_g[r * stride] is row m0 + r's sum over the group. */
+static void amx_add_group(const void *acc, int acc_int, float *total, int first, int64_t rows, int64_t n0,
+                          int64_t cols, const float *s_g, const float *offsets_g, const float *row_sums_g,
+                          int64_t stride) {
+    for (int64_t c0 = 0; c0 < 32; c0 += 16) {
+        __mmask16 mask = lanes_of(cols, c0);
+        __m512 s = _mm512_maskz_loadu_ps(mask, s_g + n0 + c0);
+        __m512 o = offsets_g ? _mm512_maskz_loadu_ps(mask, offsets_g + n0 + c0) : _mm512_setzero_ps();
+        for (int64_t r = 0; r < rows; r++) {
+            __m512 v = acc_int ? _mm512_cvtepi32_ps(_mm512_loadu_si512((const int32_t *)acc + r * 32 + c0))
+                               : _mm512_loadu_ps((const float *)acc + r * 32 + c0);
+            v = _mm512_mul_ps(v, s);
+            if (offsets_g) v = _mm512_fmadd_ps(_mm512_set1_ps(row_sums_g[r * stride]), o, v);
+            if (!first) v = _mm512_add_ps(_mm512_loadu_ps(total + r * 32 + c0), v);
+            _mm512_storeu_ps(total + r * 32 + c0, v);
+        }
     }
-    _tile_loadconfig(&cfg);
 }
 
-/* The rows [m0, m0 + 32) of a [T, row_bytes] matrix, or, for the last partial block, a copy
- * zero-padded to 32 rows in *pad (allocated on first use); NULL when that fails. */
-static const char *amx_row_block(const char *a, int64_t T, int64_t m0, int64_t row_bytes, char **pad) {
-    int64_t rows = T - m0;
-    if (rows >= 32) return a + m0 * row_bytes;
-    if (!*pad && !(*pad = malloc((size_t)(32 * row_bytes)))) return NULL;
-    memcpy(*pad, a + m0 * row_bytes, (size_t)(rows * row_bytes));
-    memset(*pad + rows * row_bytes, 0, (size_t)((32 - rows) * row_bytes));
-    return *pad;
-}
-#endif
-
-/* y [T, N] (out_dtype 2: float32, 1: bfloat16) from q [T, K] int8 (row stride K), the row
- * scales sx ([T] if sx_per_row, else [1]), the packed weights wp, w_scale [N] and bias [N]
- * (float32, or NULL). Returns 0; 1 when scratch memory cannot be allocated; 2 in a build
- * without AMX. */
-int w8a8_amx_linear(const int8_t *q, const float *sx, int sx_per_row, int64_t T, int64_t K, const int8_t *wp,
-                    const float *w_scale, const float *bias, int64_t N, void *y, int out_dtype, int threads) {
-#ifdef W8A8_AMX
-    int64_t kb_count = K / 64, n_blocks = (N + 31) / 32, m_blocks = (T + 31) / 32;
+/* The driver: a [T, K] int8 codes (bf16 == 0, tdpbssd, k steps of 64) or bfloat16 (tdpbf16ps,
+ * k steps of 32); wp the weights packed for that step. Returns 0, or 1 when scratch memory
+ * cannot be allocated. */
+static int amx_linear(int bf16, const void *a, int64_t T, int64_t K, const int8_t *wp, int nibbles, const float *sx,
+                      int sx_per_row, const float *w_scale, int64_t group, const float *offsets, const float *bias,
+                      int64_t N, void *y, int out_dtype, int threads) {
+    int64_t step = bf16 ? 32 : 64, row_bytes = bf16 ? 2 * K : K;
+    int64_t k_steps = K / step, n_blocks = (N + 31) / 32, m_blocks = (T + 31) / 32;
+    int64_t group_steps = group / step, groups = (k_steps + group_steps - 1) / group_steps;
+    int scaled = groups > 1 || offsets != NULL; /* else one epilogue with sx and w_scale */
+    int widen = bf16 || nibbles;               /* codes widened per block of channels */
     int failed = 0;
-#pragma omp parallel num_threads(threads)
-    {
-        amx_configure();
-        int32_t acc[32 * 32];
-        char *pad = NULL;
-#pragma omp for schedule(static)
-        for (int64_t nb = 0; nb < n_blocks; nb++) {
-            const int8_t *b0 = wp + 2 * nb * kb_count * 1024, *b1 = b0 + kb_count * 1024;
-            for (int64_t mb = 0; mb < m_blocks; mb++) {
-                int64_t m0 = mb * 32, rows = T - m0 < 32 ? T - m0 : 32;
-                const int8_t *a = (const int8_t *)amx_row_block((const char *)q, T, m0, K, &pad);
-                if (!a) {
-#pragma omp atomic write
-                    failed = 1;
-                    continue;
-                }
-                _tile_zero(0);
-                _tile_zero(1);
-                _tile_zero(2);
-                _tile_zero(3);
-                for (int64_t kb = 0; kb < kb_count; kb++) {
-                    _tile_loadd(4, a + kb * 64, K);
-                    _tile_loadd(6, b0 + kb * 1024, 64);
-                    _tile_dpbssd(0, 4, 6);
-                    _tile_loadd(7, b1 + kb * 1024, 64);
-                    _tile_dpbssd(1, 4, 7);
-                    _tile_loadd(5, a + 16 * K + kb * 64, K);
-                    _tile_dpbssd(2, 5, 6);
-                    _tile_dpbssd(3, 5, 7);
-                }
-                _tile_stored(0, acc, 128);
-                _tile_stored(1, acc + 16, 128);
-                _tile_stored(2, acc + 512, 128);
-                _tile_stored(3, acc + 528, 128);
-                int64_t n0 = nb * 32;
-                amx_epilogue(acc, 1, sx, sx_per_row, m0, rows, n0, N - n0 < 32 ? N - n0 : 32, w_scale, bias, N, y,
-                             out_dtype);
-            }
-        }
-        free(pad);
-        _tile_release();
-    }
-    return failed;
-#else
-    (void)q; (void)sx; (void)sx_per_row; (void)T; (void)K; (void)wp; (void)w_scale; (void)bias; (void)N; (void)y;
-    (void)out_dtype; (void)threads;
-    return 2;
-#endif
-}
-
-/* ---- AMX bfloat16: the prefill of 4- and 8-bit weight-only layers (W4A16, W8A16) ----
- *
- * y[t, n] = sum over groups g of  w_scale[g, n] * (float32 sum over k in g of x[t, k] * c[n, k])
- *
- * x bfloat16 [T, K] (K a multiple of 32), c the weight codes minus 2^(bits-1) (int8, exact in
- * bfloat16), one float32 scale per channel and group of `group` inputs (a multiple of 32; the
- * last group may be shorter), the sums float32 (tdpbf16ps). Asymmetric weights add
- * (2^(bits-1) - z[g, n]) * s[g, n] times the row's float32 sum of x over the group. So the
- * only rounding before the float32 epilogue is
- * the caller's of x to bfloat16, where torch's _weight_int8pack_mm and
- * _weight_int4pack_mm_for_cpu (decoding kernels, 10-16x slower than a bfloat16 matmul at 512
- * rows) also round the scales and their output to bfloat16. Codes are packed once
- * (w8a8_amx_bf16_pack) in the bfloat16 B-tile order, kept as int8 (two to a byte for 4-bit
- * weights): for each block of 16 channels and 32 inputs, 16 rows of 16 channels x 2
- * consecutive inputs. Each thread widens a
- * block of 32 channels to bfloat16 once (32 x K x 2 bytes of scratch) and runs every row
- * block against it; with several groups, each group's tile sums are scaled into a float32
- * block as the group ends. */
-
-/* w [N, K] int8 into out, the layout above with channels zero-padded to a multiple of 32:
- * [ceil(N / 32) * 32 * K] int8, or for 4-bit codes (nibbles, codes in [-8, 7]) half that,
- * two codes a byte: of each 32 consecutive positions p of the int8 layout, byte p % 16 holds
- * position p + 8 in its low nibble if p % 32 < 16, else in its high nibble. */
-void w8a8_amx_bf16_pack(const int8_t *w, int64_t N, int64_t K, int8_t *out, int nibbles) {
-    int64_t n_pad = (N + 31) / 32 * 32, kb_count = K / 32;
-    memset(out, nibbles ? 0x88 : 0, (size_t)(nibbles ? n_pad * K / 2 : n_pad * K)); /* code 0 is nibble 8 */
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t k = 0; k < K; k++) {
-            int64_t p = ((n / 16) * kb_count + k / 32) * 512 + ((k % 32) / 2) * 32 + (n % 16) * 2 + k % 2;
-            if (!nibbles) {
-                out[p] = w[n * K + k];
-                continue;
-            }
-            uint8_t *byte = (uint8_t *)out + p / 32 * 16 + p % 16, code = (uint8_t)(w[n * K + k] + 8);
-            *byte = p % 32 < 16 ? (uint8_t)((*byte & 0xF0) | code) : (uint8_t)((*byte & 0x0F) | (code << 4));
-        }
-}
-
-#ifdef W8A8_AMX
-/* bfloat16 bits of 16 small integers (exact: |v| <= 128). */
-static inline __m256i small_ints_to_bf16(__m512i v) {
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(_mm512_cvtepi32_ps(v)), 16));
-}
-
-/* The int8-layout positions [0, count) of packed codes src as bfloat16 into dst. */
-static void widen_codes(const int8_t *src, int64_t count, int nibbles, uint16_t *dst) {
-    if (nibbles) {
-        const __m512i low = _mm512_set1_epi32(15), eight = _mm512_set1_epi32(8);
-        for (int64_t i = 0; i < count; i += 32) {
-            __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(src + i / 2)));
-            __m512i lo = _mm512_sub_epi32(_mm512_and_si512(v, low), eight);
-            __m512i hi = _mm512_sub_epi32(_mm512_srli_epi32(v, 4), eight);
-            _mm256_storeu_si256((__m256i *)(dst + i), small_ints_to_bf16(lo));
-            _mm256_storeu_si256((__m256i *)(dst + i + 16), small_ints_to_bf16(hi));
-        }
-    } else {
-        for (int64_t i = 0; i < count; i += 16)
-            _mm256_storeu_si256((__m256i *)(dst + i),
-                                small_ints_to_bf16(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + i)))));
-    }
-}
-#endif
-
-/* y [T, N] (out_dtype 2: float32, 1: bfloat16) from x [T, K] bfloat16 (row stride K), the
- * packed codes wp, w_scale [G, N] (G = ceil(K / group)), the zero points' term offsets [G, N]
- * ((2^(bits-1) - z) * s, times each row's sum over the group; NULL for symmetric weights) and
- * bias [N] (float32, or NULL). Returns 0; 1 when scratch memory cannot be allocated; 2 in a
- * build without AMX. */
-int w8a8_amx_bf16_linear(const uint16_t *x, int64_t T, int64_t K, const int8_t *wp, int nibbles,
-                         const float *w_scale, int64_t group, const float *offsets, const float *bias, int64_t N,
-                         void *y, int out_dtype, int threads) {
-#ifdef W8A8_AMX
-    int64_t kb_count = K / 32, n_blocks = (N + 31) / 32, m_blocks = (T + 31) / 32;
-    int64_t group_steps = group / 32, groups = (kb_count + group_steps - 1) / group_steps;
-    int failed = 0, scaled = groups > 1 || offsets; /* else one epilogue with w_scale */
     float *row_sums = offsets ? malloc(sizeof(float) * (size_t)(T * groups)) : NULL; /* [T, G] */
     if (offsets && !row_sums) return 1;
 #pragma omp parallel num_threads(threads)
     {
         amx_configure();
-        if (offsets) {
-#pragma omp for schedule(static)
-            for (int64_t t = 0; t < T; t++)
-                for (int64_t g = 0; g < groups; g++) {
-                    int64_t k0 = g * group, k1 = k0 + group < K ? k0 + group : K;
-                    __m512 sum = _mm512_setzero_ps();
-                    for (int64_t k = k0; k < k1; k += 16) /* K and group are multiples of 32 */
-                        sum = _mm512_add_ps(sum, from_bf16_bits(_mm256_loadu_si256((const __m256i *)(x + t * K + k))));
-                    row_sums[t * groups + g] = _mm512_reduce_add_ps(sum);
-                }
-        }
-        float acc[32 * 32], total[32 * 32];
+        int32_t acc[32 * 32]; /* int32 or float32 sums */
+        float total[32 * 32];
         char *pad = NULL;
-        uint16_t *b = malloc(sizeof(uint16_t) * (size_t)(64 * K)); /* 2 tiles per k step */
-        if (!b) {
+        int8_t *b = widen ? malloc((size_t)(2 * k_steps * 1024)) : NULL; /* 2 channel tiles per k step */
+        if (widen && !b) {
 #pragma omp atomic write
             failed = 1;
         }
+        if (offsets) {
+#pragma omp for schedule(static)
+            for (int64_t t = 0; t < T; t++)
+                for (int64_t g = 0; g < groups; g++)
+                    row_sums[t * groups + g] = row_sum((const char *)a + t * row_bytes, bf16, g * group,
+                                                       (g + 1) * group < K ? (g + 1) * group : K);
+        }
 #pragma omp for schedule(static)
         for (int64_t nb = 0; nb < n_blocks; nb++) {
-            if (!b) continue;
-            int64_t at = 2 * nb * kb_count * 512; /* int8-layout position of the block */
-            widen_codes(wp + (nibbles ? at / 2 : at), 2 * kb_count * 512, nibbles, b);
-            const uint16_t *b0 = b, *b1 = b + kb_count * 512;
+            if (widen && !b) continue;
+            int64_t at = 2 * nb * k_steps * 1024 / (bf16 ? 2 : 1); /* packed-layout position of the block */
+            const int8_t *b0 = wp + (nibbles ? at / 2 : at);
+            if (widen) {
+                widen_codes(b0, 2 * k_steps * 1024 / (bf16 ? 2 : 1), nibbles, bf16, b);
+                b0 = b;
+            }
+            const int8_t *b1 = b0 + k_steps * 1024;
             int64_t n0 = nb * 32, cols = N - n0 < 32 ? N - n0 : 32;
-            __mmask16 mask0 = cols >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cols) - 1);
-            __mmask16 mask1 = cols <= 16 ? (__mmask16)0 : (__mmask16)((1u << (cols - 16)) - 1);
             for (int64_t mb = 0; mb < m_blocks; mb++) {
                 int64_t m0 = mb * 32, rows = T - m0 < 32 ? T - m0 : 32;
-                const uint16_t *a = (const uint16_t *)amx_row_block((const char *)x, T, m0, 2 * K, &pad);
-                if (!a) {
+                const char *a0 = amx_row_block((const char *)a, T, m0, row_bytes, &pad);
+                if (!a0) {
 #pragma omp atomic write
                     failed = 1;
                     continue;
                 }
+                const char *a1 = a0 + 16 * row_bytes;
                 for (int64_t g = 0; g < groups; g++) {
-                    int64_t kb_end = (g + 1) * group_steps < kb_count ? (g + 1) * group_steps : kb_count;
+                    int64_t kb_end = (g + 1) * group_steps < k_steps ? (g + 1) * group_steps : k_steps;
                     _tile_zero(0);
                     _tile_zero(1);
                     _tile_zero(2);
                     _tile_zero(3);
-                    for (int64_t kb = g * group_steps; kb < kb_end; kb++) {
-                        _tile_loadd(4, a + kb * 32, 2 * K);
-                        _tile_loadd(6, b0 + kb * 512, 64);
-                        _tile_dpbf16ps(0, 4, 6);
-                        _tile_loadd(7, b1 + kb * 512, 64);
-                        _tile_dpbf16ps(1, 4, 7);
-                        _tile_loadd(5, a + 16 * K + kb * 32, 2 * K);
-                        _tile_dpbf16ps(2, 5, 6);
-                        _tile_dpbf16ps(3, 5, 7);
+                    /* Each k step loads a tile just before its first product. */
+                    if (bf16) {
+                        for (int64_t kb = g * group_steps; kb < kb_end; kb++) {
+                            _tile_loadd(4, a0 + kb * 64, row_bytes);
+                            _tile_loadd(6, b0 + kb * 1024, 64);
+                            _tile_dpbf16ps(0, 4, 6);
+                            _tile_loadd(7, b1 + kb * 1024, 64);
+                            _tile_dpbf16ps(1, 4, 7);
+                            _tile_loadd(5, a1 + kb * 64, row_bytes);
+                            _tile_dpbf16ps(2, 5, 6);
+                            _tile_dpbf16ps(3, 5, 7);
+                        }
+                    } else {
+                        for (int64_t kb = g * group_steps; kb < kb_end; kb++) {
+                            _tile_loadd(4, a0 + kb * 64, row_bytes);
+                            _tile_loadd(6, b0 + kb * 1024, 64);
+                            _tile_dpbssd(0, 4, 6);
+                            _tile_loadd(7, b1 + kb * 1024, 64);
+                            _tile_dpbssd(1, 4, 7);
+                            _tile_loadd(5, a1 + kb * 64, row_bytes);
+                            _tile_dpbssd(2, 5, 6);
+                            _tile_dpbssd(3, 5, 7);
+                        }
                     }
                     _tile_stored(0, acc, 128);
                     _tile_stored(1, acc + 16, 128);
                     _tile_stored(2, acc + 512, 128);
                     _tile_stored(3, acc + 528, 128);
                     if (!scaled) break;
-                    const float *sg = w_scale + g * N + n0;
-                    __m512 s0 = _mm512_maskz_loadu_ps(mask0, sg), s1 = _mm512_maskz_loadu_ps(mask1, sg + 16);
-                    __m512 o0 = _mm512_setzero_ps(), o1 = _mm512_setzero_ps();
-                    if (offsets) {
-                        o0 = _mm512_maskz_loadu_ps(mask0, offsets + g * N + n0);
-                        o1 = _mm512_maskz_loadu_ps(mask1, offsets + g * N + n0 + 16);
-                    }
-                    for (int64_t r = 0; r < rows; r++) {
-                        __m512 v0 = _mm512_mul_ps(_mm512_loadu_ps(acc + r * 32), s0);
-                        __m512 v1 = _mm512_mul_ps(_mm512_loadu_ps(acc + r * 32 + 16), s1);
-                        if (offsets) {
-                            __m512 rs = _mm512_set1_ps(row_sums[(m0 + r) * groups + g]);
-                            v0 = _mm512_fmadd_ps(rs, o0, v0);
-                            v1 = _mm512_fmadd_ps(rs, o1, v1);
-                        }
-                        if (g) {
-                            v0 = _mm512_add_ps(_mm512_loadu_ps(total + r * 32), v0);
-                            v1 = _mm512_add_ps(_mm512_loadu_ps(total + r * 32 + 16), v1);
-                        }
-                        _mm512_storeu_ps(total + r * 32, v0);
-                        _mm512_storeu_ps(total + r * 32 + 16, v1);
-                    }
+                    amx_add_group(acc, !bf16, total, g == 0, rows, n0, cols, w_scale + g * N,
+                                  offsets ? offsets + g * N : NULL, row_sums ? row_sums + m0 * groups + g : NULL,
+                                  groups);
                 }
-                amx_epilogue(scaled ? total : acc, 0, NULL, 0, m0, rows, n0, cols, scaled ? NULL : w_scale, bias, N,
-                             y, out_dtype);
+                if (scaled)
+                    amx_epilogue(total, 0, sx, sx_per_row, m0, rows, n0, cols, NULL, bias, N, y, out_dtype);
+                else
+                    amx_epilogue(acc, !bf16, sx, sx_per_row, m0, rows, n0, cols, w_scale, bias, N, y, out_dtype);
             }
         }
         free(b);
@@ -551,6 +522,33 @@ int w8a8_amx_bf16_linear(const uint16_t *x, int64_t T, int64_t K, const int8_t *
     }
     free(row_sums);
     return failed;
+}
+#endif
+
+/* y [T, N] (out_dtype 2: float32, 1: bfloat16) from int8 codes q [T, K] (row stride K), the row
+ * scales sx ([T] if sx_per_row, else [1]), the weights packed for k steps of 64 (wp, nibbles),
+ * w_scale [G, N] (G = ceil(K / group)), offsets [G, N] (or NULL) and bias [N] (float32, or
+ * NULL). Returns 0; 1 when scratch memory cannot be allocated; 2 in a build without AMX. */
+int w8a8_amx_linear(const int8_t *q, const float *sx, int sx_per_row, int64_t T, int64_t K, const int8_t *wp,
+                    int nibbles, const float *w_scale, int64_t group, const float *offsets, const float *bias, int64_t N,
+                    void *y, int out_dtype, int threads) {
+#ifdef W8A8_AMX
+    return amx_linear(0, q, T, K, wp, nibbles, sx, sx_per_row, w_scale, group, offsets, bias, N, y, out_dtype,
+                      threads);
+#else
+    (void)q; (void)sx; (void)sx_per_row; (void)T; (void)K; (void)wp; (void)nibbles; (void)w_scale; (void)group;
+    (void)offsets; (void)bias; (void)N; (void)y; (void)out_dtype; (void)threads;
+    return 2;
+#endif
+}
+
+/* The same from bfloat16 activations x [T, K] (row stride K; no row scales), the weights
+ * packed for k steps of 32. */
+int w8a8_amx_bf16_linear(const uint16_t *x, int64_t T, int64_t K, const int8_t *wp, int nibbles,
+                         const float *w_scale, int64_t group, const float *offsets, const float *bias, int64_t N,
+                         void *y, int out_dtype, int threads) {
+#ifdef W8A8_AMX
+    return amx_linear(1, x, T, K, wp, nibbles, NULL, 0, w_scale, group, offsets, bias, N, y, out_dtype, threads);
 #else
     (void)x; (void)T; (void)K; (void)wp; (void)nibbles; (void)w_scale; (void)group; (void)offsets; (void)bias;
     (void)N; (void)y; (void)out_dtype; (void)threads;

@@ -449,7 +449,7 @@ def test_cpu_w8a8_amx_pack_is_the_tile_layout():
         pytest.skip("no C compiler")
     n, k = 40, 192
     w = torch.randint(-128, 128, (n, k), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
-    packed = cpu_w8a8._amx_pack(w)
+    packed = cpu_w8a8._amx_pack(w, cpu_w8a8._INT8_STEP)
     padded = torch.cat([w, torch.zeros(64 - n, k, dtype=torch.int8)])
     expected = padded.view(4, 16, 3, 16, 4).permute(0, 2, 3, 1, 4).reshape(-1)
     assert torch.equal(packed, expected)
@@ -484,8 +484,8 @@ def test_cpu_w8a8_amx_kernel_equals_the_int_mm_path(strategy, dynamic, bits, bia
     n, k = 72, 192
     layer = _w8a8_layer(n, k, bits=bits, symmetric=True, strategy=strategy, dynamic=dynamic, dtype=dtype, bias=bias)
     amx_calls = []
-    real_amx = cpu_w8a8._amx
-    monkeypatch.setattr(cpu_w8a8, "_amx", lambda *a: amx_calls.append(1) or real_amx(*a))
+    real_amx = cpu_w8a8.amx_int8_forward
+    monkeypatch.setattr(cpu_w8a8, "amx_int8_forward", lambda *a: amx_calls.append(1) or real_amx(*a))
     g = torch.Generator().manual_seed(1)
     for shape in [(16, k), (37, k), (2, 33, k), (67, k), (128, k)]:
         x = (torch.randn(shape, generator=g) * torch.linspace(0.2, 4, k)).to(dtype)
@@ -508,8 +508,8 @@ def test_cpu_w8a8_amx_kernel_serves_only_what_it_computes_exactly(monkeypatch):
     if not cpu_w8a8.amx_available():
         pytest.skip("no AMX-INT8 on this CPU (or no compiler with it)")
     amx_calls = []
-    real_amx = cpu_w8a8._amx
-    monkeypatch.setattr(cpu_w8a8, "_amx", lambda *a: amx_calls.append(1) or real_amx(*a))
+    real_amx = cpu_w8a8.amx_int8_forward
+    monkeypatch.setattr(cpu_w8a8, "amx_int8_forward", lambda *a: amx_calls.append(1) or real_amx(*a))
     cases = [  # (k, symmetric, dtype, rows, served by AMX)
         (128, True, torch.float32, 40, True),
         (128, False, torch.float32, 40, False),
@@ -555,13 +555,13 @@ def test_cpu_w8a16_amx_pack_is_the_bfloat16_tile_layout():
         pytest.skip("no C compiler")
     n, k = 40, 96
     w = torch.randint(-128, 128, (n, k), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
-    packed = cpu_w8a8._amx_pack(w, cpu_w8a8._LIB_AMX_BF16_PACK)
+    packed = cpu_w8a8._amx_pack(w, cpu_w8a8._BF16_STEP)
     padded = torch.cat([w, torch.zeros(64 - n, k, dtype=torch.int8)])
     expected = padded.view(4, 16, 3, 16, 2).permute(0, 2, 3, 1, 4).reshape(-1)
     assert torch.equal(packed, expected)
     # 4-bit codes two to a byte: of each 32 positions, the first 16 in the low nibbles (plus 8).
     w4 = w // 16  # [-8, 7]
-    packed4 = cpu_w8a8._amx_pack(w4, cpu_w8a8._LIB_AMX_BF16_PACK, nibbles=True)
+    packed4 = cpu_w8a8._amx_pack(w4, cpu_w8a8._BF16_STEP, nibbles=True)
     positions = (torch.cat([w4, torch.zeros(64 - n, k, dtype=torch.int8)]) + 8).view(4, 16, 3, 16, 2)
     halves = positions.permute(0, 2, 3, 1, 4).reshape(-1, 2, 16).to(torch.int16)
     assert torch.equal(packed4.view(torch.uint8).to(torch.int16), (halves[:, 0] | (halves[:, 1] << 4)).reshape(-1))
@@ -580,7 +580,7 @@ AMX_WEIGHT_ONLY = [  # (bits, group_size, K): per channel, groups (the last one 
 @pytest.mark.parametrize("bits,group_size,k", AMX_WEIGHT_ONLY, ids=[f"w{b}-g{g}-k{k}" for b, g, k in AMX_WEIGHT_ONLY])
 def test_cpu_weight_only_prefill_on_amx_sums_the_bfloat16_inputs_exactly(bits, group_size, k, symmetric, dtype,
                                                                         monkeypatch):  # fmt: skip
-    # From AMX_BF16_MIN_ROWS rows, 4- and 8-bit weight-only layers run the AMX bfloat16 kernel:
+    # From AMX_MIN_ROWS rows, 4- and 8-bit weight-only layers run the AMX bfloat16 kernel:
     # float32 sums of the exact codes, float32 scales per group, so the only rounding is that
     # of the inputs to bfloat16 (and of a bfloat16 or float16 output), where torch's decode
     # ops also round the scales and their output to bfloat16.
@@ -596,7 +596,7 @@ def test_cpu_weight_only_prefill_on_amx_sums_the_bfloat16_inputs_exactly(bits, g
     monkeypatch.setattr(cpu_w8a8, "amx_bf16_linear", lambda *a: calls.append(1) or real(*a))
     dense = qw.dequantize().double()
     g = torch.Generator().manual_seed(1)
-    for rows, served in [(cpu_w8a8.AMX_BF16_MIN_ROWS - 1, False), (16, True), (37, True), (130, True)]:
+    for rows, served in [(cpu_w8a8.AMX_MIN_ROWS - 1, False), (16, True), (37, True), (130, True)]:
         x = (torch.randn(rows, k, generator=g) * torch.linspace(0.2, 4, k)).to(dtype)
         calls.clear()
         with torch.no_grad():
@@ -616,3 +616,60 @@ def test_cpu_w8a16_amx_needs_k_a_multiple_of_32(monkeypatch):
     layer, qw = _layer(16, 200, bits=8, group_size=-1, symmetric=True)
     x = torch.randn(64, 200)
     assert _rel_err(layer(x), x @ qw.dequantize().t()) < 2e-2
+
+
+W4A8_AMX = [(4, 128, 320, False), (4, 64, 192, True), (4, 128, 256, False)]  # (bits, group, K, symmetric)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("strategy,dynamic", [("token", True), ("tensor", False)], ids=["dynamic", "static"])
+@pytest.mark.parametrize("bits,group_size,k,symmetric", W4A8_AMX, ids=[f"w{b}-g{g}-k{k}" for b, g, k, _ in W4A8_AMX])
+def test_grouped_w4a8_prefill_on_amx_is_the_reference_in_exact_int8(bits, group_size, k, symmetric, strategy,
+                                                                    dynamic, dtype, monkeypatch):  # fmt: skip
+    # Grouped weights with int8 inputs (W4A8 g128) take the AMX int8 kernel from AMX_MIN_ROWS
+    # rows: exact int32 sums per group, then each group's scale and zero point in float32, so
+    # the result is the reference's fq(x) @ dequantize(W)^T up to float32 rounding (bfloat16:
+    # the output's). Fewer rows keep cpu_int4_a8's bfloat16 path.
+    from hfcompress.quant import cpu_w8a8
+    from hfcompress.quant.scheme import QuantArgs
+
+    if not cpu_w8a8.amx_available():
+        pytest.skip("no AMX on this CPU (or no compiler with it)")
+    act = QuantArgs(num_bits=8, symmetric=True, strategy=strategy, dynamic=dynamic, observer=None, zp_dtype=None)
+    n = 40
+    _, qw = _layer(n, k, bits=bits, group_size=group_size, symmetric=symmetric)
+    weights = QuantScheme.weight_only(num_bits=bits, group_size=group_size, in_features=k, symmetric=symmetric).weights
+    layer = QuantLinear.from_quantized(qw, QuantScheme(weights=weights, input_activations=act), bias=torch.randn(n))
+    layer.to(dtype)
+    if not dynamic:
+        layer.input_scale.fill_(0.03)
+    calls = []
+    real = cpu_w8a8.amx_int8_forward
+    monkeypatch.setattr(cpu_w8a8, "amx_int8_forward", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(2)
+    for rows, served in [(cpu_w8a8.AMX_MIN_ROWS - 1, False), (16, True), (2 * 37, True)]:
+        x = (torch.randn(rows, k, generator=g) * torch.linspace(0.2, 4, k)).to(dtype)
+        calls.clear()
+        with torch.no_grad():
+            y = layer(x)
+            fq = dispatch.fake_quantize_inputs(layer, x.float())  # the int8 grid, in float32
+            ref = fq.double() @ qw.dequantize().double().t() + layer.bias.double()
+        assert bool(calls) is served and y.dtype == dtype and y.shape == (rows, n)
+        if served:
+            assert _rel_err(y.double(), ref) < (1e-6 if dtype == torch.float32 else 4e-3)
+
+
+def test_grouped_w4a8_amx_needs_k_and_groups_multiples_of_64(monkeypatch):
+    from hfcompress.quant import cpu_w8a8
+    from hfcompress.quant.scheme import QuantArgs
+
+    if not cpu_w8a8.amx_available():
+        pytest.skip("no AMX on this CPU (or no compiler with it)")
+    monkeypatch.setattr(cpu_w8a8, "amx_int8_forward", lambda *a: pytest.fail("AMX int8 kernel called"))
+    act = QuantArgs(num_bits=8, symmetric=True, strategy="token", dynamic=True, observer=None, zp_dtype=None)
+    for group_size, k in [(32, 128), (64, 160)]:  # group not a multiple of 64; K not one
+        _, qw = _layer(24, k, bits=4, group_size=group_size)
+        weights = QuantScheme.weight_only(num_bits=4, group_size=group_size, in_features=k, symmetric=False).weights
+        layer = QuantLinear.from_quantized(qw, QuantScheme(weights=weights, input_activations=act))
+        x = torch.randn(32, k)
+        assert _rel_err(layer(x), dispatch.reference_forward(layer, x)) < 2e-2
