@@ -25,7 +25,7 @@ Protocol (the README's): calibration windows of 512 tokens of WikiText-2 *valida
   W4 kernel's), round-robin over ``--rounds`` rounds, median. ``--amx-off`` adds each
   compressed row again with the AMX prefill kernels switched off (torch's ops and oneDNN, as
   on CPUs without AMX), on a CPU that has them.
-* ``layers``: one layer per scheme (W8A8, W8A16, W4A16 g128) and SmolLM2 shape on 512
+* ``layers``: one layer per scheme (W8A8, W4A8 g128, W8A16, W4A16 g128) and SmolLM2 shape on 512
   bfloat16 rows, AMX kernels off and on, beside a dense bfloat16 matmul (microseconds).
 * ``glue``: MiniLM classifiers fine-tuned on SST-2 and MRPC (``--glue-models``, ``{task}`` in the
   path), fp32 vs W8A8 dynamic (with and without SmoothQuant), dev-set scores.
@@ -300,13 +300,19 @@ def _best_us(fn, repeats: int = 15) -> float:
 
 def section_layers(args) -> list[dict]:
     """One QuantLinear per scheme and shape on 512 bfloat16 rows, with the AMX kernels switched
-    off and on, beside a dense bfloat16 matmul: microseconds, best of 15 calls. W8A8 includes
-    the activations' quantization (each call gets a fresh copy of x, so nothing is reused)."""
+    off and on, beside a dense bfloat16 matmul: microseconds, best of 15 calls. The A8 rows
+    include the activations' quantization (each call gets a fresh copy of x, so nothing is
+    reused)."""
     from hfcompress.quant.affine import quantize_rtn
     from hfcompress.quant.scheme import QuantArgs, QuantScheme
 
     act = QuantArgs(num_bits=8, symmetric=True, strategy="token", dynamic=True, observer=None, zp_dtype=None)
-    schemes = [("W8A8", 8, -1, True, act), ("W8A16", 8, -1, True, None), ("W4A16 g128", 4, 128, False, None)]
+    schemes = [
+        ("W8A8", 8, -1, True, act),
+        ("W4A8 g128", 4, 128, False, act),
+        ("W8A16", 8, -1, True, None),
+        ("W4A16 g128", 4, 128, False, None),
+    ]
     times: dict[str, list[float]] = {}
     for n, k in LAYER_SHAPES:
         x = torch.randn(512, k).bfloat16()

@@ -34,7 +34,12 @@ Both serve weight-only schemes. A layer with quantized input activations goes to
 matmuls of ``cpu_w8a8`` when its weights allow one (per channel); grouped 4-bit weights with
 int8 inputs (W4A8 g128) go to ``cpu_int4_a8``: the inputs fake-quantized (the reference's
 ``fq(x)``), then ``cpu_int4``, at the weight-only op's speed instead of the reference's, which
-dequantizes the whole weight on every call.
+dequantizes the whole weight on every call. On CPUs with AMX, its calls of ``AMX_MIN_ROWS``
+rows or more whose K and group size are multiples of 64 run ``w8a8_cpu.c``'s AMX int8 kernel
+(:func:`hfcompress.quant.cpu_w8a8.amx_int8_forward`): the int8 codes of the inputs times the
+4-bit codes, exact int32 sums per group, each group's scale and zero point in float32, the
+row's scale last; on SmolLM2's inputs it is the float32 reference up to 3.5e-7 relative error
+per layer, where the bfloat16 path is 1.5-2.1e-3 off.
 """
 
 from __future__ import annotations
