@@ -25,9 +25,8 @@ Both ops are decoding kernels: at 512 rows they took 10-16x the time of a bfloat
 the same shape (2-core Sapphire Rapids VM). On CPUs with AMX, calls of at least
 ``AMX_MIN_ROWS`` rows (prefill, evaluation) whose K and group size are multiples of 32 go
 instead to ``w8a8_cpu.c``'s AMX bfloat16 kernel (:func:`hfcompress.quant.cpu_w8a8.amx_bf16_linear`):
-the codes widened to bfloat16 (exact), float32 sums, each group's float32 scale applied to
-its sums, the zero points' term in float32 after it. The bfloat16 inputs are then the only
-rounding: on SmolLM2's W8 prefill 0.179% relative error against the op's 0.188%, where the
+the codes widened to bfloat16 (exact), float32 sums, each group's float32 scale and zero
+point applied to its sums. The bfloat16 inputs are then the only rounding: on SmolLM2's W8 prefill 0.179% relative error against the op's 0.188%, where the
 floor of bfloat16 inputs is 0.179% (benchmarks/bench_cpu_precision.py).
 
 Both serve weight-only schemes. A layer with quantized input activations goes to the integer
@@ -143,13 +142,13 @@ def _build_int4(layer: QuantLinear) -> _Int4Pack:
 
 
 def _cpu_int4_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    pack = cached(layer, "cpu_int4", _build_int4)
     lead = x.shape[:-1]
     k = layer.in_features
     x1 = x.reshape(-1, k)
     x2 = x1.to(torch.bfloat16)
     if cpu_w8a8.amx_bf16_serves(layer, x1.shape[0]):
         return _amx_bf16_forward(layer, x, x2)
+    pack = cached(layer, "cpu_int4", _build_int4)  # built on first use: prefill alone on AMX never needs it
     exact = x1.shape[0] >= EXACT_OFFSET_MIN_ROWS
     if pack.padded_k != k:
         x2 = F.pad(x2, (0, pack.padded_k - k))
@@ -198,6 +197,7 @@ def _cpu_int8_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     pack = cached(layer, "cpu_int8", _build_int8)
     if pack.padded_k != layer.in_features:
         x2 = F.pad(x2, (0, pack.padded_k - layer.in_features))
+    # The op returns x @ ((q - 128) * bfloat16(s))^T in bfloat16; the rescale undoes the rounding of s.
     y = torch.ops.aten._weight_int8pack_mm(x2, pack.weight, pack.op_scales).float() * pack.rescale
     if pack.correction is not None:
         # (q - z) * s = (q - 128) * s - (z - 128) * s: the second term is rank one.

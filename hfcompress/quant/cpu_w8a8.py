@@ -9,12 +9,15 @@ With ``x_q`` the int8 activation codes and ``s_x`` their scale (per token or per
 
 Three int8 matmuls serve it, chosen per call:
 
-* on CPUs with AMX, for calls of at least ``ONEDNN_MIN_ROWS`` rows with symmetric weights and
-  K a multiple of 64, ``w8a8_cpu.c``'s AMX kernel (:func:`amx_available`): tile matmuls
-  (``tdpbssd``) with the whole epilogue, per-token scale included, applied as each 32 x 32
-  block of the output leaves the tiles. It is bit for bit the ``torch._int_mm`` path below,
-  and on SmolLM2's 512-row shapes took 0.5-0.75x the time of oneDNN's op plus its rescale
-  pass (2-core Sapphire Rapids VM).
+* on CPUs with AMX, for calls of at least ``AMX_MIN_ROWS`` rows with symmetric weights and
+  K a multiple of 64, ``w8a8_cpu.c``'s AMX kernel (:func:`amx_available`,
+  :func:`amx_int8_forward`): tile matmuls (``tdpbssd``) with the whole epilogue, per-token
+  scale included, applied as each 32 x 32 block of the output leaves the tiles. It is bit for
+  bit the ``torch._int_mm`` path below, and on SmolLM2's 512-row shapes took 0.5-0.75x the
+  time of oneDNN's op plus its rescale pass (2-core Sapphire Rapids VM). The same kernel
+  serves grouped 4-bit weights with int8 inputs (W4A8 g128) for ``cpu_int4_a8``, each
+  group's int32 sums scaled in float32; and, with bfloat16 activations, weight-only prefill
+  for ``cpu_int4`` and ``cpu_int8`` (:func:`amx_bf16_linear`).
 * oneDNN's ``qlinear_pointwise`` (the op inductor's x86 int8 path uses; AMX or VNNI where the
   CPU has them) for calls of at least ``ONEDNN_MIN_ROWS`` rows with symmetric weights: the
   weight is prepacked once, the per-channel scales, a per-tensor activation scale, the bias
