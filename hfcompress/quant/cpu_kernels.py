@@ -24,10 +24,11 @@
 Both ops are decoding kernels: at 512 rows they took 10-16x the time of a bfloat16 matmul of
 the same shape (2-core Sapphire Rapids VM). On CPUs with AMX, calls of at least
 ``AMX_MIN_ROWS`` rows (prefill, evaluation) whose K and group size are multiples of 32 go
-instead to ``w8a8_cpu.c``'s AMX bfloat16 kernel (:func:`hfcompress.quant.cpu_w8a8.amx_bf16_linear`):
-the codes widened to bfloat16 (exact), float32 sums, each group's float32 scale and zero
-point applied to its sums. The bfloat16 inputs are then the only rounding: on SmolLM2's W8 prefill 0.179% relative error against the op's 0.188%, where the
-floor of bfloat16 inputs is 0.179% (benchmarks/bench_cpu_precision.py).
+instead to ``w8a8_cpu.c``'s AMX bfloat16 kernel
+(:func:`hfcompress.quant.cpu_w8a8.amx_bf16_linear`): the codes widened to bfloat16 (exact),
+float32 sums, each group's float32 scale and zero point applied to its sums. The bfloat16
+inputs are then the only rounding: on SmolLM2's W8 prefill 0.179% relative error against the
+op's 0.188%, where the floor of bfloat16 inputs is 0.179% (benchmarks/bench_cpu_precision.py).
 
 Both serve weight-only schemes. A layer with quantized input activations goes to the integer
 matmuls of ``cpu_w8a8`` when its weights allow one (per channel); grouped 4-bit weights with
