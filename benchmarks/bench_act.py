@@ -215,7 +215,7 @@ SPEED_ROWS = {
         _stages("{name: weights, technique: rtn, bits: 4, group_size: -1, symmetric: true}", _acts()),
         torch.float32,
     ),
-    "W4A8 g128, dynamic per-token (int8-grid inputs into the W4 kernel)": (_stages(W4G128, _acts()), torch.float32),
+    "W4A8 g128, dynamic per-token": (_stages(W4G128, _acts()), torch.float32),
 }
 
 
