@@ -211,6 +211,7 @@ SPEED_ROWS = {
     "W8A8 dynamic per-token": (_stages(W8, _acts()), torch.float32),
     "W8A8 dynamic per-token, bf16 model": (_stages(W8, _acts()), torch.bfloat16),
     "W8A8 dynamic per-token, rotated (llama_w8a8_dynamic.yaml)": (_stages(ROT, W8, _acts()), torch.float32),
+    "W8A8 dynamic per-token, rotated, bf16 model": (_stages(ROT, W8, _acts()), torch.bfloat16),
     "W4A8 per channel, dynamic per-token": (
         _stages("{name: weights, technique: rtn, bits: 4, group_size: -1, symmetric: true}", _acts()),
         torch.float32,

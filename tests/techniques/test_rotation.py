@@ -38,6 +38,35 @@ def test_block_hadamard_is_the_block_diagonal_matmul_and_its_own_inverse(block):
     assert torch.allclose(h @ h.t(), torch.eye(3 * block, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("block", [16, 32, 512, 2048])
+def test_cpu_hadamard_kernel_is_the_block_diagonal_matmul(block, dtype):
+    # hadamard_cpu.c (the fast Walsh-Hadamard transform) serves float32 and bfloat16 on CPU for
+    # blocks of 16 or more: float32 sums, one rounding of the output.
+    from hfcompress.techniques.rotation import hadamard
+
+    if hadamard._native_library() is None:
+        pytest.skip("no C compiler: the matmul path serves")
+    wide = torch.randn(2, 7, 3 * block + 5, dtype=torch.float64)
+    x64 = wide[..., 5:]  # a strided view: rows not contiguous in memory
+    x = x64.to(dtype)
+    y = hadamard._native_block_hadamard(x, block)
+    assert y is not None and y.dtype == dtype and y.shape == x.shape
+    h = torch.block_diag(*[hadamard_matrix(block, dtype=torch.float64)] * 3)
+    exact = x.double() @ h
+    tol = 1e-6 if dtype == torch.float32 else 2**-8  # float32 sums; bfloat16: one output rounding
+    assert ((y.double() - exact).norm() / exact.norm()).item() < tol
+    assert torch.equal(block_hadamard(x, block), y)
+    # Where it does not apply, the matmul path runs: a block not a power of two is refused there.
+    assert hadamard._native_block_hadamard(x, 3 * block // 2) is None
+    with pytest.raises(ValueError, match="power-of-two order"):
+        block_hadamard(torch.randn(2, 96), 48)
+    needs_grad = x.float().requires_grad_()
+    assert hadamard._native_block_hadamard(needs_grad, block) is None
+    block_hadamard(needs_grad, block).sum().backward()  # the matmul path keeps autograd
+    assert needs_grad.grad is not None
+
+
 def test_transform_sizes_and_bad_sizes():
     assert [ffn_block_size(n) for n in (1536, 11008, 14336, 96)] == [512, 256, 2048, 32]
     with pytest.raises(ValueError, match="not a multiple of the Hadamard block 64"):
