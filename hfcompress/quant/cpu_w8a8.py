@@ -53,6 +53,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -70,6 +71,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AMX_MIN_ROWS",
+    "NO_AMX_ENV",
     "ONEDNN_MIN_ROWS",
     "amx_available",
     "amx_bf16_linear",
@@ -85,6 +87,7 @@ logger = logging.getLogger(__name__)
 ONEDNN_MIN_ROWS = 16
 # From this many rows the AMX kernels serve a call (weight-only: they beat torch's decoding ops).
 AMX_MIN_ROWS = 16
+NO_AMX_ENV = "HFCOMPRESS_NO_AMX"
 # oneDNN is used where it is at most this many times slower than torch._int_mm in the
 # one-off timing of `onednn_available` (a margin for timing noise; the slow case is 1000x).
 ONEDNN_MAX_SLOWDOWN = 4.0
@@ -201,7 +204,11 @@ def amx_available() -> bool:
     probe that covers a row tail, padded channels and the extreme codes (checked once per
     process): the int8 one reproduces ``torch._int_mm``'s path bit for bit, the bfloat16 one
     (weight-only prefill, see :mod:`hfcompress.quant.cpu_kernels`) gives the exact sums of
-    small integers."""
+    small integers. ``HFCOMPRESS_NO_AMX=1`` switches them off (torch's ops and oneDNN serve, as
+    on CPUs without AMX)."""
+    if os.environ.get(NO_AMX_ENV, "") not in ("", "0"):
+        logger.info("%s is set: the AMX kernels are not used", NO_AMX_ENV)
+        return False
     lib = _native_library()
     if lib is None or not lib.w8a8_amx_init():
         return False

@@ -537,6 +537,10 @@ def test_cpu_w8a8_amx_is_not_used_where_it_is_unavailable_or_inexact(monkeypatch
     monkeypatch.setattr(cpu_w8a8, "_native_library", lambda: NoAMX())
     assert cpu_w8a8.amx_available.__wrapped__() is False
     monkeypatch.undo()
+    monkeypatch.setenv(cpu_w8a8.NO_AMX_ENV, "1")  # the user's switch, checked before anything runs
+    monkeypatch.setattr(cpu_w8a8, "_native_library", lambda: pytest.fail("probed despite HFCOMPRESS_NO_AMX"))
+    assert cpu_w8a8.amx_available.__wrapped__() is False
+    monkeypatch.undo()
     if not cpu_w8a8.amx_available():
         pytest.skip("no AMX-INT8 on this CPU (or no compiler with it)")
     real_int_mm = torch._int_mm
