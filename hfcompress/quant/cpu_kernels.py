@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from hfcompress.quant import cpu_w8a8
 from hfcompress.quant.affine import num_groups
-from hfcompress.quant.dispatch import Kernel, cached, fake_quantize_inputs, register_kernel
+from hfcompress.quant.dispatch import Kernel, cached, register_kernel
 
 if TYPE_CHECKING:
     from hfcompress.quant.linear import QuantLinear
@@ -214,7 +214,7 @@ def _supports_int4_a8(layer: QuantLinear, x: torch.Tensor) -> bool:
 def _cpu_int4_a8_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     if cpu_w8a8.amx_int8_serves(layer, x):  # int8 inputs times the 4-bit codes, per group, exact
         return cpu_w8a8.amx_int8_forward(layer, x)
-    return _cpu_int4_forward(layer, fake_quantize_inputs(layer, x))
+    return _cpu_int4_forward(layer, cpu_w8a8.fake_quantized_input(layer, x))
 
 
 register_kernel(Kernel("cpu_int4", _supports_int4, _cpu_int4_forward, priority=20))

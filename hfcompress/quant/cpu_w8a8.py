@@ -78,6 +78,7 @@ __all__ = [
     "amx_bf16_serves",
     "amx_int8_forward",
     "amx_int8_serves",
+    "fake_quantized_input",
     "onednn_available",
     "onednn_works",
 ]
@@ -441,6 +442,14 @@ def _quantized_input(layer: QuantLinear, x: torch.Tensor) -> tuple[torch.Tensor,
         value = (quantize_activations(x2, sx, act.num_bits), sx)
     _LAST.key, _LAST.value = (key, value) if version is not None else (None, None)
     return value
+
+
+def fake_quantized_input(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """``fq(x)`` (:func:`hfcompress.quant.dispatch.fake_quantize_inputs`) bit for bit, from the
+    codes :func:`_quantized_input` makes: in one C pass where it applies, and once for the
+    layers that read the same tensor (q, k and v; gate and up)."""
+    xq, sx = _quantized_input(layer, x)
+    return (xq.float() * sx).to(x.dtype).reshape(x.shape)
 
 
 @functools.cache

@@ -677,3 +677,28 @@ def test_grouped_w4a8_amx_needs_k_and_groups_multiples_of_64(monkeypatch):
         layer = QuantLinear.from_quantized(qw, QuantScheme(weights=weights, input_activations=act))
         x = torch.randn(32, k)
         assert _rel_err(layer(x), dispatch.reference_forward(layer, x)) < 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("strategy,dynamic", [("token", True), ("tensor", False), ("channel", False)])
+def test_w4a8_decode_inputs_are_the_references_fake_quantization(strategy, dynamic, dtype):
+    # cpu_int4_a8's few-row calls (decoding) put the inputs on their int8 grid from the codes
+    # cpu_w8a8 makes (one C pass, shared by layers reading one tensor): bit for bit fq(x).
+    from hfcompress.quant import cpu_w8a8
+    from hfcompress.quant.scheme import QuantArgs
+
+    act = QuantArgs(num_bits=8, symmetric=True, strategy=strategy, dynamic=dynamic, observer=None, zp_dtype=None)
+    k = 96
+    _, qw = _layer(24, k, bits=4, group_size=32)
+    weights = QuantScheme.weight_only(num_bits=4, group_size=32, in_features=k, symmetric=False).weights
+    layer = QuantLinear.from_quantized(qw, QuantScheme(weights=weights, input_activations=act)).to(dtype)
+    if not dynamic:
+        layer.input_scale.copy_(torch.rand(layer.input_scale.shape) * 0.05 + 0.01)
+    g = torch.Generator().manual_seed(3)
+    for shape in [(1, k), (1, 1, k), (13, k)]:
+        x = (torch.randn(shape, generator=g) * torch.linspace(0.2, 4, k)).to(dtype)
+        fast = cpu_w8a8.fake_quantized_input(layer, x)
+        assert fast.dtype == dtype and torch.equal(fast, dispatch.fake_quantize_inputs(layer, x))
+    x = torch.randn(2, k).to(dtype)
+    assert dispatch.select_path(layer, x) == "cpu_int4_a8"
+    assert _rel_err(layer(x).float(), dispatch.reference_forward(layer, x).float()) < 2e-2
