@@ -6,7 +6,10 @@
  *   quantization; without AVX-512 torch's vectorized ops are faster, see
  *   w8a8_quantize_is_vectorized);
  * - w8a8_linear: a layer for a few rows (decoding) in one call: quantize, int8 dot products,
- *   epilogue.
+ *   epilogue;
+ * - w8a8_amx_linear, w8a8_amx_bf16_linear: the prefill's matmuls on AMX tiles (int8 x int8,
+ *   and bfloat16 activations x widened weight codes for weight-only layers), per-group scales,
+ *   zero points and the epilogue fused (the section "AMX" at the end of this file).
  *
  * For each row t:
  *
