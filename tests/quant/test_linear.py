@@ -702,3 +702,39 @@ def test_w4a8_decode_inputs_are_the_references_fake_quantization(strategy, dynam
     x = torch.randn(2, k).to(dtype)
     assert dispatch.select_path(layer, x) == "cpu_int4_a8"
     assert _rel_err(layer(x).float(), dispatch.reference_forward(layer, x).float()) < 2e-2
+
+
+AMX_MODEL_SCHEMES = {  # name: (RTN fields, int8 inputs, the AMX entry point that must run)
+    "W4A16 g64": (dict(bits=4, group_size=64, symmetric=False), False, "amx_bf16_linear"),
+    "W8A16": (dict(bits=8, group_size=-1, symmetric=True), False, "amx_bf16_linear"),
+    "W8A8": (dict(bits=8, group_size=-1, symmetric=True), True, "amx_int8_forward"),
+    "W4A8 g64": (dict(bits=4, group_size=64, symmetric=False), True, "amx_int8_forward"),
+}
+
+
+@pytest.mark.parametrize("scheme", list(AMX_MODEL_SCHEMES))
+def test_a_compressed_llama_prefills_on_amx_as_the_reference_does(scheme, monkeypatch):
+    # A whole model (hidden 128, intermediate 256: the AMX kernels' multiples) on 2 x 12 = 24
+    # rows per call: every quantized layer runs an AMX kernel, and the logits are the float32
+    # reference kernel's up to the bfloat16 inputs (weight-only) or float rounding (A8; where
+    # a rounding difference moves an input across a code boundary, the next layer sees one
+    # code step more: a few 1e-4 here, where a wrong group scale or zero point costs 1e-1).
+    from hfcompress import ActivationQuantConfig, RTNConfig, compress
+    from hfcompress.quant import cpu_w8a8
+    from tests.conftest import make_tiny_llama
+
+    if not cpu_w8a8.amx_available():
+        pytest.skip("no AMX on this CPU (or no compiler with it)")
+    fields, acts, entry = AMX_MODEL_SCHEMES[scheme]
+    model = make_tiny_llama(hidden_size=128, intermediate_size=256)
+    compress(model, [RTNConfig(**fields), *([ActivationQuantConfig()] if acts else [])], progress=False)
+    calls = []
+    real = getattr(cpu_w8a8, entry)
+    monkeypatch.setattr(cpu_w8a8, entry, lambda *a: calls.append(1) or real(*a))
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        fast = model(ids).logits
+        with dispatch.reference_path():
+            ref = model(ids).logits
+    assert len(calls) == 2 * 7  # every projection of both blocks
+    assert _rel_err(fast, ref) < (1e-2 if not acts else 1e-3)
