@@ -77,3 +77,17 @@ def test_every_core_dependency_is_imported_by_the_package():
     if "gguf_file=" in source:
         imported.add("gguf")
     assert modules - imported == set()
+
+
+def test_every_c_kernel_source_is_listed_for_installation():
+    """The C kernels are compiled from their sources at run time: a non-editable install ships
+    only the files package-data lists, and a missing one silently leaves its torch fallback."""
+    from pathlib import Path
+
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    listed = {f"{package.replace('.', '/')}/{name}" for package, names in data.items() for name in names}
+    sources = {p.relative_to(root).as_posix() for p in (root / "hfcompress").rglob("*.[ch]")}
+    assert sources and sources - listed == set()

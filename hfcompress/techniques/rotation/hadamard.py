@@ -5,7 +5,7 @@
 * :func:`block_hadamard`: ``x @ blockdiag(H_b, ..., H_b)`` along the last dimension, computed
   as two small matmuls per block (``H_b = H_b1 kron H_b2``), so a block of 512 costs 2 x 16-32
   multiply-adds per value instead of 512. On CPU, for float32 and bfloat16 and blocks of 16 or
-  more, a fast Walsh-Hadamard transform in C (``hadamard_cpu.c``, built on first use by
+  more, a fast Walsh-Hadamard transform in C (``hfcompress/quant/hadamard_cpu.c``, built on first use by
   :mod:`hfcompress.quant.native`; log2(b) additions per value, one rounding) replaces them:
   on SmolLM2's W8A8 prefill the matmuls took about a tenth of the time.
 * :func:`random_orthogonal`: a seeded Haar-random orthogonal matrix (QR of a Gaussian matrix
@@ -54,7 +54,7 @@ def ffn_block_size(width: int) -> int:
     return width & -width
 
 
-_NATIVE_SOURCE = Path(__file__).with_name("hadamard_cpu.c")
+_NATIVE_SOURCE = Path(__file__).parents[2] / "quant" / "hadamard_cpu.c"  # beside the other C kernels
 _NATIVE_DTYPES = {torch.bfloat16: 1, torch.float32: 2}
 
 

@@ -1,5 +1,5 @@
-/* The online Hadamard transform of the rotate stage on CPU, in C (hadamard.py builds and loads
- * this through hfcompress/quant/native.py): y = x @ blockdiag(H_b, ..., H_b) over each row's
+/* The online Hadamard transform of the rotate stage on CPU, in C
+ * (hfcompress/techniques/rotation/hadamard.py builds and loads this through native.py): y = x @ blockdiag(H_b, ..., H_b) over each row's
  * K values, H_b the Sylvester Hadamard matrix of a power-of-two order b (16 or more) divided
  * by sqrt(b). The fast Walsh-Hadamard transform: log2(b) butterfly stages on a float32 copy of
  * the row, then the scale; the output rounded once (to nearest even for bfloat16). torch's
