@@ -12,23 +12,11 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "cpu_bf16.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
-
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static inline uint16_t float_to_bf16(float f) { /* round to nearest even (finite values) */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    u += 0x7FFF + ((u >> 16) & 1);
-    return (uint16_t)(u >> 16);
-}
 
 /* In place on v[0..b), b a power of two >= 16. */
 static void fwht_block(float *v, int64_t b) {

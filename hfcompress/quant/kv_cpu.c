@@ -17,6 +17,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_bf16.h"
+
 #ifdef __F16C__
 #include <immintrin.h>
 static inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
@@ -46,13 +48,7 @@ static inline float half_to_float(uint16_t h) {
 static inline float load_scale(const void *p, int64_t i, int dtype) {
     if (dtype == 2) return ((const float *)p)[i];
     uint16_t h = ((const uint16_t *)p)[i];
-    if (dtype == 1) {
-        uint32_t bits = (uint32_t)h << 16;
-        float f;
-        memcpy(&f, &bits, 4);
-        return f;
-    }
-    return half_to_float(h);
+    return dtype == 1 ? bf16_to_float(h) : half_to_float(h);
 }
 
 /* codes[D] (as float) of one token from its packed bytes */

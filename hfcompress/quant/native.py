@@ -1,9 +1,9 @@
 """The C kernels for CPU (``*.c`` beside this module), compiled on first use.
 
 Each source is compiled with the system C compiler into ``~/.cache/hfcompress/kernels``
-(once per source, flags and CPU, about a second) and loaded through ``ctypes``. Without a
-compiler, or if the build fails, :func:`load` returns None and logs the reason once; callers
-then use their torch path.
+(once per source, the local headers it includes, flags and CPU, about a second) and loaded
+through ``ctypes``. Without a compiler, or if the build fails, :func:`load` returns None and
+logs the reason once; callers then use their torch path.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -36,6 +37,16 @@ def _cpu_id() -> str:
     return "\n".join(lines[:2])
 
 
+_LOCAL_INCLUDE = re.compile(rb'^[ \t]*#[ \t]*include[ \t]+"([^"]+)"', re.MULTILINE)
+
+
+def _source_text(source: Path) -> bytes:
+    """``source`` and the headers beside it that it includes with quotes (``cpu_bf16.h``): what
+    the build depends on, so that editing a header rebuilds the libraries that include it."""
+    text = source.read_bytes()
+    return text + b"".join((source.parent / name.decode()).read_bytes() for name in _LOCAL_INCLUDE.findall(text))
+
+
 def build(source: Path) -> Path:
     """Compile ``source`` into a shared library (or find it built) and return its path.
 
@@ -45,7 +56,7 @@ def build(source: Path) -> Path:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
-    text = source.read_bytes()
+    text = _source_text(source)
     key = hashlib.sha256(text + " ".join(FLAGS).encode() + _cpu_id().encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"{source.stem}-{key}.so"
     if target.exists():

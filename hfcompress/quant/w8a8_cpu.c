@@ -34,6 +34,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "cpu_bf16.h"
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -43,13 +45,6 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
-
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
 
 /* Row t of x as float32 into row[K]; x_dtype: 1 bfloat16, 2 float32. */
 static inline void load_row(const void *x, int x_dtype, int64_t t, int64_t K, int64_t x_stride, float *row) {
