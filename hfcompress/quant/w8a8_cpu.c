@@ -417,6 +417,21 @@ static void amx_add_group(const void *acc, int acc_int, float *total, int first,
     }
 }
 
+/* One k step of the driver's 32 x 32 block with the tile product `dp` (its tile operands are
+ * immediates, so the two kernels differ by macro argument, not by pointer): each tile is loaded
+ * just before its first product, so products start while the rest load. */
+#define AMX_K_STEP(dp, kb)                                \
+    do {                                                  \
+        _tile_loadd(4, a0 + (kb) * 64, row_bytes);        \
+        _tile_loadd(6, b0 + (kb) * 1024, 64);             \
+        dp(0, 4, 6);                                      \
+        _tile_loadd(7, b1 + (kb) * 1024, 64);             \
+        dp(1, 4, 7);                                      \
+        _tile_loadd(5, a1 + (kb) * 64, row_bytes);        \
+        dp(2, 5, 6);                                      \
+        dp(3, 5, 7);                                      \
+    } while (0)
+
 /* The driver: a [T, K] int8 codes (bf16 == 0, tdpbssd, k steps of 64) or bfloat16 (tdpbf16ps,
  * k steps of 32); wp the weights packed for that step. Returns 0, or 1 when scratch memory
  * cannot be allocated. */
@@ -475,30 +490,10 @@ static int amx_linear(int bf16, const void *a, int64_t T, int64_t K, const int8_
                     _tile_zero(1);
                     _tile_zero(2);
                     _tile_zero(3);
-                    /* Each k step loads a tile just before its first product. */
-                    if (bf16) {
-                        for (int64_t kb = g * group_steps; kb < kb_end; kb++) {
-                            _tile_loadd(4, a0 + kb * 64, row_bytes);
-                            _tile_loadd(6, b0 + kb * 1024, 64);
-                            _tile_dpbf16ps(0, 4, 6);
-                            _tile_loadd(7, b1 + kb * 1024, 64);
-                            _tile_dpbf16ps(1, 4, 7);
-                            _tile_loadd(5, a1 + kb * 64, row_bytes);
-                            _tile_dpbf16ps(2, 5, 6);
-                            _tile_dpbf16ps(3, 5, 7);
-                        }
-                    } else {
-                        for (int64_t kb = g * group_steps; kb < kb_end; kb++) {
-                            _tile_loadd(4, a0 + kb * 64, row_bytes);
-                            _tile_loadd(6, b0 + kb * 1024, 64);
-                            _tile_dpbssd(0, 4, 6);
-                            _tile_loadd(7, b1 + kb * 1024, 64);
-                            _tile_dpbssd(1, 4, 7);
-                            _tile_loadd(5, a1 + kb * 64, row_bytes);
-                            _tile_dpbssd(2, 5, 6);
-                            _tile_dpbssd(3, 5, 7);
-                        }
-                    }
+                    if (bf16)
+                        for (int64_t kb = g * group_steps; kb < kb_end; kb++) AMX_K_STEP(_tile_dpbf16ps, kb);
+                    else
+                        for (int64_t kb = g * group_steps; kb < kb_end; kb++) AMX_K_STEP(_tile_dpbssd, kb);
                     _tile_stored(0, acc, 128);
                     _tile_stored(1, acc + 16, 128);
                     _tile_stored(2, acc + 512, 128);

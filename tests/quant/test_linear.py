@@ -439,22 +439,6 @@ def test_cpu_w8a8_decode_falls_back_when_the_kernel_cannot_build(monkeypatch, tm
         cpu_w8a8._native_library.cache_clear()
 
 
-def test_cpu_w8a8_amx_pack_is_the_tile_layout():
-    """Runs on any CPU with a C compiler (packing is plain C): channel n, input k of the packed
-    weights sits at block (n // 16, k // 64), row (k % 64) // 4, byte 4 * (n % 16) + k % 4,
-    and the channels past N (to a multiple of 32) are zero."""
-    from hfcompress.quant import cpu_w8a8
-
-    if cpu_w8a8._native_library() is None:
-        pytest.skip("no C compiler")
-    n, k = 40, 192
-    w = torch.randint(-128, 128, (n, k), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
-    packed = cpu_w8a8._amx_pack(w, cpu_w8a8._INT8_STEP)
-    padded = torch.cat([w, torch.zeros(64 - n, k, dtype=torch.int8)])
-    expected = padded.view(4, 16, 3, 16, 4).permute(0, 2, 3, 1, 4).reshape(-1)
-    assert torch.equal(packed, expected)
-
-
 def _w8a8_layer(n, k, *, bits, symmetric, strategy, dynamic, dtype, bias=True):
     from hfcompress.quant.scheme import QuantArgs
 
@@ -550,24 +534,29 @@ def test_cpu_w8a8_amx_is_not_used_where_it_is_unavailable_or_inexact(monkeypatch
     assert "did not reproduce torch._int_mm" in caplog.text
 
 
-def test_cpu_w8a16_amx_pack_is_the_bfloat16_tile_layout():
-    # Channel n, input k sits at block (n // 16, k // 32), row (k % 32) // 2, element
-    # 2 * (n % 16) + k % 2; channels past N (to a multiple of 32) are zero.
+@pytest.mark.parametrize("step", [64, 32], ids=["int8-tiles", "bf16-tiles"])
+def test_cpu_amx_pack_is_the_tile_layout(step):
+    """Runs on any CPU with a C compiler (packing is plain C). For k steps of ``step`` inputs
+    (64: the int8 kernel, 32: the bfloat16 one), with ``per = step / 16`` consecutive inputs a
+    channel in a tile row: channel n, input k sits at block (n // 16, k // step), row
+    (k % step) // per, element per * (n % 16) + k % per; channels past N (to a multiple of 32)
+    are zero. 4-bit codes go two to a byte: of each 32 positions, the first 16 in the low
+    nibbles, plus 8."""
     from hfcompress.quant import cpu_w8a8
 
     if cpu_w8a8._native_library() is None:
         pytest.skip("no C compiler")
-    n, k = 40, 96
+    n, k, per = 40, 3 * step, step // 16
     w = torch.randint(-128, 128, (n, k), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
-    packed = cpu_w8a8._amx_pack(w, cpu_w8a8._BF16_STEP)
-    padded = torch.cat([w, torch.zeros(64 - n, k, dtype=torch.int8)])
-    expected = padded.view(4, 16, 3, 16, 2).permute(0, 2, 3, 1, 4).reshape(-1)
-    assert torch.equal(packed, expected)
-    # 4-bit codes two to a byte: of each 32 positions, the first 16 in the low nibbles (plus 8).
+
+    def layout(codes):
+        padded = torch.cat([codes, torch.zeros(64 - n, k, dtype=torch.int8)])
+        return padded.view(4, 16, 3, 16, per).permute(0, 2, 3, 1, 4).reshape(-1)
+
+    assert torch.equal(cpu_w8a8._amx_pack(w, step), layout(w))
     w4 = w // 16  # [-8, 7]
-    packed4 = cpu_w8a8._amx_pack(w4, cpu_w8a8._BF16_STEP, nibbles=True)
-    positions = (torch.cat([w4, torch.zeros(64 - n, k, dtype=torch.int8)]) + 8).view(4, 16, 3, 16, 2)
-    halves = positions.permute(0, 2, 3, 1, 4).reshape(-1, 2, 16).to(torch.int16)
+    packed4 = cpu_w8a8._amx_pack(w4, step, nibbles=True)
+    halves = (layout(w4) + 8).reshape(-1, 2, 16).to(torch.int16)
     assert torch.equal(packed4.view(torch.uint8).to(torch.int16), (halves[:, 0] | (halves[:, 1] << 4)).reshape(-1))
 
 
