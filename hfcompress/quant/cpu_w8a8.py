@@ -13,8 +13,9 @@ Three int8 matmuls serve it, chosen per call:
   K a multiple of 64, ``w8a8_cpu.c``'s AMX kernel (:func:`amx_available`,
   :func:`amx_int8_forward`): tile matmuls (``tdpbssd``) with the whole epilogue, per-token
   scale included, applied as each 32 x 32 block of the output leaves the tiles. It is bit for
-  bit the ``torch._int_mm`` path below, and on SmolLM2's 512-row shapes took 0.5-0.75x the
-  time of oneDNN's op plus its rescale pass (2-core Sapphire Rapids VM). The same kernel
+  bit the ``torch._int_mm`` path below. On SmolLM2's 512-row shapes a layer took 0.68-0.85x
+  the time it took with oneDNN's op plus its rescale pass, the activations' quantization
+  included in both (``bench_act.py --sections layers``, 2-core Sapphire Rapids VM). The same kernel
   serves grouped 4-bit weights with int8 inputs (W4A8 g128) for ``cpu_int4_a8``, each
   group's int32 sums scaled in float32; and, with bfloat16 activations, weight-only prefill
   for ``cpu_int4`` and ``cpu_int8`` (:func:`amx_bf16_linear`).
