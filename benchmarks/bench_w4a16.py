@@ -55,13 +55,18 @@ MS = (1, 4, 16, 128, 2048)
 MAX_REL_ERR = 3e-2
 DEVICE = "cuda"  # a module constant so that a CPU smoke run (interpreter, tiny shapes) can swap it
 
-# The tile kernel at the tiles that led the H200 sweeps of 2026-12-04, then the tensor-core kernel
-# ("MMA": 1) over its tiles, its split over K (0: automatic), its unpack (ASM 0: Triton ops) and
-# its column order (PERMUTE 2: a tile's low nibbles, then its high ones).
+# The tile kernel at the tiles that led the H200 sweeps of 2026-12-04, unsplit and split over K
+# (SPLIT_K 0: automatic, four programs per multiprocessor), then the tensor-core kernel
+# ("MMA": 1) over its tiles, its split over K, its unpack (ASM 0: Triton ops) and its column
+# order (PERMUTE 2: a tile's low nibbles, then its high ones).
 GEMV_CONFIGS = (
     [
         {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w}
         for bn, bk, w in [(16, 512, 4), (16, 1024, 4), (8, 1024, 4), (8, 512, 4), (32, 512, 4), (4, 2048, 4)]
+    ]
+    + [
+        {"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": w}
+        for bn, bk, split, w in [(16, 512, 0, 4), (8, 1024, 0, 4), (8, 512, 0, 4), (16, 256, 0, 4), (16, 512, 4, 4)]
     ]
     + [{"MMA": 1, "BLOCK_N": 128, "BLOCK_K": 128, "PERMUTE": 2, "num_warps": w} for w in (4, 8)]
     + [
@@ -70,14 +75,12 @@ GEMV_CONFIGS = (
             (64, 128, 0, 1, 4, 3),
             (64, 64, 0, 1, 4, 4),
             (128, 128, 0, 1, 4, 3),
-            (128, 128, 0, 0, 4, 3),
             (128, 64, 0, 1, 4, 4),
             (128, 128, 0, 1, 8, 3),
             (256, 128, 0, 1, 8, 3),
             (128, 128, 2, 1, 4, 3),
             (128, 128, 4, 1, 4, 3),
             (128, 128, 8, 1, 4, 3),
-            (128, 128, 16, 1, 4, 3),
         ]
     ]
 )

@@ -4,9 +4,10 @@ Three launchers share the packed layout described in :mod:`hfcompress_triton.w4a
 
 * ``w4_dequantize``: packed weight to an ``[N, K]`` matrix (bit-exact with its reference);
   with cuBLAS after it, the prefill path for larger M (see ``hfcompress.quant.triton_bridge``).
-* ``w4a16_gemv``: the decode path, one program per (up to 4 rows of x, block of N), each
-  weight tile unpacked once for those rows (codes to floats without int-to-float conversions),
-  products accumulated elementwise over K and reduced once; for small M (1 when decoding).
+* ``w4a16_gemv``: the decode path, one program per (up to 4 rows of x, block of N, part of
+  K), each weight tile unpacked once for those rows (codes to floats without int-to-float
+  conversions), products accumulated elementwise over K and reduced once; for small M (1 when
+  decoding). ``"SPLIT_K"`` splits K (0: automatic) through a self-resetting workspace.
   With ``blocks={"MMA": 1}`` it runs a second kernel instead, for up to 16 rows of half-precision
   x: codes unpacked two to a register into ``q - z`` and multiplied on tensor cores, split over
   K with a self-resetting workspace (``_w4a16_gemv_mma_kernel``); not yet the default, as no
@@ -163,10 +164,13 @@ def _w4a16_gemv_kernel(
     s_ptr,
     z_ptr,
     y_ptr,
+    ws_ptr,
+    cnt_ptr,
     M,
     N,
     K,
     KB,
+    KB_SPLIT,
     stride_xm,
     stride_qn,
     stride_sn,
@@ -176,11 +180,15 @@ def _w4a16_gemv_kernel(
     HAS_ZEROS: tl.constexpr,
     GROUPS_PER_TILE: tl.constexpr,
     EVEN: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """y = x @ W.T for x: [M, K] with M small; grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)).
+    """y = x @ W.T for x: [M, K] with M small; grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N),
+    SPLIT_K): program (m, n, s) covers byte columns ``[s * KB_SPLIT, (s + 1) * KB_SPLIT)`` of
+    the packed rows (``KB_SPLIT`` a multiple of the tile, ``BLOCK_K // 2`` bytes); with
+    ``SPLIT_K > 1`` the parts add up through ``_split_k_store``'s workspace.
 
     Each program unpacks its weight tile once for its ``BLOCK_M`` rows of x. With
     ``GROUPS_PER_TILE > 0`` every K tile holds whole groups or lies inside one (the launcher
@@ -190,6 +198,11 @@ def _w4a16_gemv_kernel(
     """
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if SPLIT_K == 1:
+        jb, je = 0, KB
+    else:
+        jb = tl.program_id(2) * KB_SPLIT
+        je = tl.minimum(jb + KB_SPLIT, KB)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if GROUPS_PER_TILE > 0:
         # The tile is [BLOCK_N, GROUPS_PER_TILE, WIDTH] bytes (WIDTH bytes of each group), so a
@@ -201,7 +214,7 @@ def _w4a16_gemv_kernel(
         WIDTH: tl.constexpr = HALF // GROUPS_PER_TILE  # bytes per group within a tile
         if BLOCK_M == 1:  # decoding: a 3-D accumulator (a 4-D one costs layout conversions)
             acc3 = tl.zeros([BLOCK_N, GROUPS_PER_TILE, WIDTH], dtype=tl.float32)
-            for j0 in range(0, KB, HALF):
+            for j0 in range(jb, je, HALF):
                 lo, hi, c, s, x_even, x_odd = _gemv_group_tile(
                     x_ptr, qw_ptr, s_ptr, z_ptr, rm, rn, j0, M, N, K, KB, stride_xm, stride_qn, stride_sn,
                     stride_zn, group_size, HAS_ZEROS, EVEN, GROUPS_PER_TILE, WIDTH,
@@ -211,7 +224,7 @@ def _w4a16_gemv_kernel(
             acc = tl.sum(tl.sum(acc3, axis=2), axis=1)[None, :]
         else:
             acc4 = tl.zeros([BLOCK_M, BLOCK_N, GROUPS_PER_TILE, WIDTH], dtype=tl.float32)
-            for j0 in range(0, KB, HALF):
+            for j0 in range(jb, je, HALF):
                 lo, hi, c, s, x_even, x_odd = _gemv_group_tile(
                     x_ptr, qw_ptr, s_ptr, z_ptr, rm, rn, j0, M, N, K, KB, stride_xm, stride_qn, stride_sn,
                     stride_zn, group_size, HAS_ZEROS, EVEN, GROUPS_PER_TILE, WIDTH,
@@ -221,7 +234,7 @@ def _w4a16_gemv_kernel(
                 acc4 += w_lo[None, :, :, :] * x_even[:, None, :, :] + w_hi[None, :, :, :] * x_odd[:, None, :, :]
             acc = tl.sum(tl.sum(acc4, axis=3), axis=2)
     else:
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(2 * jb, tl.minimum(2 * je, K), BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(
                 x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0
@@ -229,7 +242,8 @@ def _w4a16_gemv_kernel(
             w = _load_w_tile(qw_ptr, s_ptr, z_ptr, rn, kk, N, K, stride_qn, stride_sn, stride_zn, group_size, HAS_ZEROS)
             acc += tl.sum(w[None, :, :] * x[:, None, :], axis=2)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
-    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+    slot = rm[:, None] * N + rn[None, :]
+    _split_k_store(y_ptr + rm[:, None] * stride_ym + rn[None, :], ws_ptr + slot, cnt_ptr + slot, acc, mask, SPLIT_K)
 
 
 @triton.jit
@@ -515,11 +529,13 @@ def w4_dequantize(
 # Default GEMV tiles at M = 1: the best geometric mean over the 7B layer shapes of the H200
 # block sweep of 2026-12-04 (benchmarks/RESULTS.md, "GPU run 2026-12-04"). For BLOCK_M rows of
 # x, BLOCK_K shrinks by BLOCK_M to keep the per-program tile the same size.
-GEMV_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4}
+GEMV_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 512, "SPLIT_K": 1, "num_warps": 4}
 # The tensor-core GEMV's tiles, taken when ``blocks`` (or ``GEMV_BLOCKS``) holds ``"MMA": 1``;
 # not yet measured on a GPU, so not the default. MMA_KEYS: the keys only it reads.
 GEMV_MMA_BLOCKS = {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 0, "ASM": 1, "PERMUTE": 1, "num_warps": 4, "num_stages": 3}
-MMA_KEYS = ("MMA", "SPLIT_K", "ASM", "PERMUTE")
+MMA_KEYS = ("MMA", "ASM", "PERMUTE")
+# SPLIT_K 0 (either GEMV): split K until the launch has this many programs per multiprocessor.
+SPLIT_PROGRAMS_PER_SM = 4
 DEQUANTIZE_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 256}
 
 
@@ -564,7 +580,7 @@ def _mma_kernel_fits(x: torch.Tensor, zeros: torch.Tensor | None, group_size: in
     )
 
 
-# Float32 sums and int32 counters (one each per output) of the split-K tensor-core GEMV, per
+# Float32 sums and int32 counters (one each per output) of the split-K GEMVs, per
 # (device, stream): zero between launches (see ``_split_k_store``), so one buffer serves every
 # layer that runs on the stream. A buffer first made during CUDA-graph capture belongs to that
 # graph's memory pool and stays referenced here.
@@ -582,14 +598,25 @@ def _split_workspace(device: torch.device, size: int) -> tuple[torch.Tensor, tor
     return ws, cnt
 
 
+def _split_k(
+    requested: int, k_tiles: int, programs: int, y: torch.Tensor
+) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    """``(split, tiles_per_split, workspace, counters)`` of a GEMV into ``y: [M, N]`` over
+    ``k_tiles`` K tiles with ``programs`` programs per part: ``requested`` parts (0: enough for
+    ``SPLIT_PROGRAMS_PER_SM`` programs per multiprocessor), no more than there are tiles and
+    none left without one. Unsplit, the workspace arguments are ``y`` itself (unused)."""
+    split = requested or triton.cdiv(SPLIT_PROGRAMS_PER_SM * multiprocessors(y.device), programs)
+    tiles_per_split = triton.cdiv(k_tiles, max(1, min(split, k_tiles)))
+    split = triton.cdiv(k_tiles, tiles_per_split)  # no program without a tile
+    ws, cnt = _split_workspace(y.device, y.numel()) if split > 1 else (y, y)
+    return split, tiles_per_split, ws, cnt
+
+
 def _gemv_mma(x, qweight, scales, z, stride_z, has_zeros, group_size, y, meta) -> torch.Tensor:
     (m, k), n = x.shape, qweight.shape[0]
     block_n, block_k = meta["BLOCK_N"], _mma_block_k(k, group_size, meta["BLOCK_K"])
-    k_tiles, row_blocks = triton.cdiv(k, block_k), triton.cdiv(n, block_n)
-    split = meta["SPLIT_K"] or triton.cdiv(4 * multiprocessors(x.device), row_blocks)
-    tiles_per_split = triton.cdiv(k_tiles, max(1, min(split, k_tiles)))
-    split = triton.cdiv(k_tiles, tiles_per_split)  # no program without a tile
-    ws, cnt = _split_workspace(x.device, m * n) if split > 1 else (y, y)
+    row_blocks = triton.cdiv(n, block_n)
+    split, tiles_per_split, ws, cnt = _split_k(meta["SPLIT_K"], triton.cdiv(k, block_k), row_blocks, y)
     launch = {key: meta[key] for key in ("num_warps", "num_stages") if key in meta}
     _w4a16_gemv_mma_kernel[(row_blocks, split)](
         x, qweight, scales, z, y, ws, cnt, m, n, k, x.stride(0), qweight.stride(0), scales.stride(0), stride_z,
@@ -613,12 +640,12 @@ def w4a16_gemv(
 ) -> torch.Tensor:
     """``y = x @ W.T`` for small M (decoding): ``x: [M, K]`` -> ``[M, N]`` in ``x.dtype``.
 
-    ``blocks`` (over ``GEMV_BLOCKS``): ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``num_warps``,
-    ``num_stages``. With ``"MMA": 1``, calls that fit (up to 16 rows of float16/bfloat16 x,
-    integer zeros, K tiles inside a group) go to the tensor-core kernel
-    (``_w4a16_gemv_mma_kernel``), split over K into ``SPLIT_K`` programs per row block (0:
-    enough for four programs per multiprocessor), its codes unpacked by inline PTX with
-    ``"ASM": 1`` on CUDA; other calls take the tile kernel."""
+    ``blocks`` (over ``GEMV_BLOCKS``): ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``SPLIT_K`` (the
+    parts K is split into, their sums added in a float32 workspace; 0: enough parts for
+    ``SPLIT_PROGRAMS_PER_SM`` programs per multiprocessor), ``num_warps``, ``num_stages``.
+    With ``"MMA": 1``, calls that fit (up to 16 rows of float16/bfloat16 x, integer zeros, K
+    tiles inside a group) go to the tensor-core kernel (``_w4a16_gemv_mma_kernel``), its codes
+    unpacked by inline PTX with ``"ASM": 1`` on CUDA; other calls take the tile kernel."""
     x, y, z, stride_z = _prepare_matmul(x, qweight, scales, zeros, group_size)
     (m, k), n = x.shape, qweight.shape[0]
     if m == 0:
@@ -635,16 +662,21 @@ def w4a16_gemv(
         {key: v for key, v in (blocks or {}).items() if key not in MMA_KEYS},
     )
     grid = (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
-    _w4a16_gemv_kernel[grid](
+    split_k = meta.pop("SPLIT_K", 1)
+    split, tiles_per_split, ws, cnt = _split_k(split_k, triton.cdiv(k, meta["BLOCK_K"]), grid[0] * grid[1], y)
+    _w4a16_gemv_kernel[(*grid, split)](
         x,
         qweight,
         scales,
         z,
         y,
+        ws,
+        cnt,
         m,
         n,
         k,
         (k + 1) // 2,
+        tiles_per_split * meta["BLOCK_K"] // 2,
         x.stride(0),
         qweight.stride(0),
         scales.stride(0),
@@ -654,6 +686,7 @@ def w4a16_gemv(
         HAS_ZEROS=zeros is not None,
         GROUPS_PER_TILE=_groups_per_tile(group_size, k, meta["BLOCK_K"]),
         EVEN=m % meta["BLOCK_M"] == 0 and n % meta["BLOCK_N"] == 0 and k % meta["BLOCK_K"] == 0 and k % group_size == 0,
+        SPLIT_K=split,
         **meta,
     )
     return y

@@ -37,7 +37,12 @@ def test_w4a16_layer_rows_and_tile_picker_run(bench, monkeypatch, tmp_path):
     w4 = bench("bench_w4a16")
     monkeypatch.setattr(w4, "DEVICE", "cpu")
     monkeypatch.setattr(w4, "bench_ms", _once_ms)
-    configs = [{"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4}, {"BLOCK_N": 4, "BLOCK_K": 128, "num_warps": 4}]
+    configs = [
+        {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4},
+        {"BLOCK_N": 4, "BLOCK_K": 128, "num_warps": 4},
+        {"BLOCK_N": 8, "BLOCK_K": 64, "SPLIT_K": 0, "num_warps": 4},
+    ]
+    assert any(c.get("SPLIT_K") == 0 and not c.get("MMA") for c in w4.GEMV_CONFIGS)  # the split tile GEMV is swept
     monkeypatch.setattr(w4, "GEMV_CONFIGS", configs)
     rows = w4.layer_rows(torch.float32, ("gemv",), {"tiny 16x256": (16, 256)}, (1,))
     (row,) = rows
@@ -81,11 +86,11 @@ def test_w4a16_sustained_gemv_rows_run(bench, monkeypatch):
     w4 = bench("bench_w4a16")
     monkeypatch.setattr(w4, "DEVICE", "cpu")
     monkeypatch.setattr(w4, "_graph_ms", _once_ms)  # CUDA graphs need a GPU
-    configs = [{}, {"MMA": 1, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2}]
+    configs = [{}, {"BLOCK_K": 64, "SPLIT_K": 2}, {"MMA": 1, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2}]
     (row,) = w4.sustained_gemv_rows(torch.float16, {"tiny 16x256": (16, 256)}, configs, copies=2)
     assert set(row["gemv_ms"]) == {json.dumps(c) for c in configs} and row["dense_ms"] > 0
     table = w4.sustained_table([row])
-    assert table.count("tiny 16x256") == 2 and "TB/s" in table
+    assert table.count("tiny 16x256") == 3 and "TB/s" in table
 
 
 def test_w4a16_e2e_rows_run(bench, monkeypatch):

@@ -110,6 +110,36 @@ def test_block_overrides_change_the_tiling_not_the_result(op, blocks, device):
         kernel(x, qweight, scales, zeros, gs, blocks={"BLOCK_Q": 8})
 
 
+@pytest.mark.parametrize("split_k", [2, 3, 0], ids=["split2", "split3", "auto"])
+@pytest.mark.parametrize("m", [1, 3], ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("n,k,group_size", SHAPES, ids=[f"n{n}k{k}g{g}" for n, k, g in SHAPES])
+def test_tile_gemv_split_k_matches_reference(n, k, group_size, m, split_k, device):
+    """The tile GEMV split over K (each part a run of whole K tiles, the parts summed in the
+    workspace) gives the unsplit result up to summation order, on the grouped and the
+    per-weight paths, partial tiles and groups included."""
+    qweight, scales, zeros, gs = _packed(n, k, group_size, "asym", device)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(device)
+    blocks = {"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": split_k}  # several K tiles even at K = 45
+    y = w4a16.w4a16_gemv(x, qweight, scales, zeros, gs, blocks=blocks)
+    ref = w4a16_ref.w4a16_gemv_ref(x, qweight, scales, zeros, gs)
+    torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_split_k_parts_cover_k_without_an_empty_one(monkeypatch):
+    """The launch's parts: as asked, at most one per K tile, none left without a tile, and
+    automatic ones sized for SPLIT_PROGRAMS_PER_SM programs per multiprocessor."""
+    monkeypatch.setattr(w4a16, "multiprocessors", lambda device: 132)
+    y = torch.empty(1, 4096)
+    assert w4a16._split_k(3, 10, 256, y)[:2] == (3, 4)  # tiles 4 + 4 + 2
+    assert w4a16._split_k(4, 10, 256, y)[:2] == (4, 3)  # 3 + 3 + 3 + 1
+    assert w4a16._split_k(8, 10, 256, y)[:2] == (5, 2)  # 8 parts of 10 tiles: 2 each, 5 parts
+    assert w4a16._split_k(20, 10, 256, y)[:2] == (10, 1)
+    assert w4a16._split_k(0, 64, 256, y)[:2] == (3, 22)  # 4 x 132 / 256 -> 3 parts
+    assert w4a16._split_k(0, 64, 16, y)[:2] == (32, 2)  # a narrow layer: 16 programs, 33 parts asked, 2 tiles each
+    split, _, ws, cnt = w4a16._split_k(1, 64, 16, y)
+    assert split == 1 and ws is y and cnt is y  # unsplit: no workspace
+
+
 # The tensor-core GEMV (blocks={"MMA": 1}): float16/bfloat16 x of up to 16 rows, integer zeros,
 # K tiles inside a group. On CPU the interpreter runs it in float16 (its tl.dot is wrong on
 # bfloat16) without the inline PTX; the GPU tests below run both unpack paths in bfloat16.
@@ -152,12 +182,13 @@ def test_mma_gemv_column_order_does_not_change_the_result(permute, group_size, d
     _close_to(w4a16.w4a16_gemv(x, qweight, scales, zeros, gs, blocks=blocks), _mma_ref(x, qweight, scales, zeros, gs))
 
 
-def test_mma_gemv_split_k_leaves_its_workspace_zero(device):
+@pytest.mark.parametrize("mma", [1, 0], ids=["mma", "tile"])
+def test_split_k_leaves_its_workspace_zero(mma, device):
     """The split-K programs add into a float32 workspace and count into int32 counters; the last
     of each output resets both, so a second call (another layer) starts from zeros."""
     w4a16._SPLIT_WORKSPACES.clear()
     x = torch.randn(1, 256, generator=torch.Generator().manual_seed(0)).to(device, torch.float16)
-    blocks = {"MMA": 1, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 4}
+    blocks = {"MMA": mma, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 4}
     for n, seed in ((48, 1), (32, 2)):  # two layers of different widths share the buffers
         qweight, scales, zeros, gs = _packed(n, 256, 64, "asym", device, seed=seed)
         first = w4a16.w4a16_gemv(x, qweight, scales, zeros, gs, blocks=blocks)
@@ -167,7 +198,7 @@ def test_mma_gemv_split_k_leaves_its_workspace_zero(device):
     assert ws.numel() >= 48 and not ws.any() and not cnt.any()
 
 
-@pytest.mark.parametrize("blocks", [{}, {"MMA": 1, "SPLIT_K": 2}], ids=["tile", "mma"])
+@pytest.mark.parametrize("blocks", [{}, {"SPLIT_K": 2}, {"MMA": 1, "SPLIT_K": 2}], ids=["tile", "tile-split", "mma"])
 def test_gemv_of_no_rows_is_empty(blocks, device):
     """An empty batch gets an empty result (the tile GEMV divided its K tile by 0 rows)."""
     qweight, scales, zeros, gs = _packed(32, 256, 128, "asym", device)
@@ -240,12 +271,13 @@ def test_mma_gemv_on_gpu(dtype, asm):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_mma_gemv_replays_in_a_cuda_graph():
+@pytest.mark.parametrize("blocks", [{"MMA": 1, "SPLIT_K": 8}, {"SPLIT_K": 8}], ids=["mma", "tile"])
+def test_split_k_gemv_replays_in_a_cuda_graph(blocks):
     """Split-K inside a captured graph: the workspace made during capture is zeroed by the graph,
     and each replay leaves it zero for the next."""
+    w4a16._SPLIT_WORKSPACES.clear()
     qweight, scales, zeros, gs = _packed(2048, 2048, 128, "asym", "cuda")
     x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
-    blocks = {"MMA": 1, "SPLIT_K": 8}
     expected = w4a16.w4a16_gemv(x, qweight, scales, zeros, gs, blocks=blocks)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
