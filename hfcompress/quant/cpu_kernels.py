@@ -9,10 +9,10 @@
   ``|8 - z| * 2^-9`` of a scale step. For calls of at least ``EXACT_OFFSET_MIN_ROWS`` rows
   (prefill, evaluation) we give the op ``m = 0`` and add ``sum_g (sum of x over group g) *
   (8 - z) * s`` ourselves in float32 (a [T, groups] x [groups, N] product). For fewer rows
-  (decoding) the three extra small ops would cost about 20% of SmolLM2's decode speed, so the
-  op takes the rounded ``m`` there. What stays rounded either way: the activations and the
-  scales (bfloat16, 2^-9 relative) and the op's output (bfloat16);
-  benchmarks/bench_cpu_precision.py measures both paths.
+  (decoding, where the decode kernel below does not serve) the three extra small ops would
+  cost about 20% of SmolLM2's decode speed, so the op takes the rounded ``m`` there. What
+  stays rounded either way: the activations and the scales (bfloat16, 2^-9 relative) and the
+  op's output (bfloat16); benchmarks/bench_cpu_precision.py measures both paths.
 * ``cpu_int8``: 8-bit per-channel weights, ``aten._weight_int8pack_mm``, bfloat16
   activations. The op takes bfloat16 scales; the output is then multiplied by
   ``s / bfloat16(s)`` in float32, which undoes the scale rounding exactly (per channel). On
@@ -29,6 +29,14 @@ instead to ``w8a8_cpu.c``'s AMX bfloat16 kernel
 float32 sums, each group's float32 scale and zero point applied to its sums. The bfloat16
 inputs are then the only rounding: on SmolLM2's W8 prefill 0.179% relative error against the
 op's 0.188%, where the floor of bfloat16 inputs is 0.179% (benchmarks/bench_cpu_precision.py).
+
+On CPUs with AVX-512 BF16, ``cpu_int4``'s calls of fewer than ``AMX_MIN_ROWS`` rows
+(decoding) whose group size is a multiple of 128 (or one group per channel) go to
+``w8a8_cpu.c``'s decode kernel instead (:func:`hfcompress.quant.cpu_w8a8.bf16_decode_forward`):
+it reads the layer's own packed codes (torch's op needs a repacked copy of them, not built
+then), takes float32 scales and zero points and rounds only the activations to bfloat16, so
+decoding no longer runs on the rounded offset ``m``. On SmolLM2's decode its layers took
+about 8% less time than the op's (memory-bound there: both stream the same bytes).
 
 Both serve weight-only schemes. A layer with quantized input activations goes to the integer
 matmuls of ``cpu_w8a8`` when its weights allow one (per channel); grouped 4-bit weights with
@@ -146,6 +154,10 @@ def _cpu_int4_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     lead = x.shape[:-1]
     k = layer.in_features
     x1 = x.reshape(-1, k)
+    y = cpu_w8a8.bf16_decode_forward(layer, x1)
+    if y is not None:
+        y = y.view(*lead, layer.out_features)
+        return y if layer.bias is None else y + layer.bias.to(x.dtype)
     x2 = x1.to(torch.bfloat16)
     if cpu_w8a8.amx_bf16_serves(layer, x1.shape[0]):
         return _amx_bf16_forward(layer, x, x2)

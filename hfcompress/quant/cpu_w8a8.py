@@ -79,6 +79,8 @@ __all__ = [
     "amx_bf16_serves",
     "amx_int8_forward",
     "amx_int8_serves",
+    "bf16_decode_available",
+    "bf16_decode_forward",
     "fake_quantized_input",
     "onednn_available",
     "onednn_works",
@@ -260,13 +262,20 @@ def _group(layer: QuantLinear) -> int:
     return layer.in_features if layer.scales.shape[1] == 1 else layer.group_size
 
 
-def _build_amx_pack(layer: QuantLinear, step: int) -> _AMXPack:
+def _group_scales(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The layer's scales ``[G, N]`` float32 and offsets ``[G, N]`` float32, ``(o - z) * s``
+    with ``o = 2^(bits-1)`` (None when symmetric): what the C kernels take."""
     offsets = None
     if not layer.symmetric:
         offsets = ((2 ** (layer.bits - 1) - layer.zero_points().float()) * layer.scales.float()).t().contiguous()
+    return layer.scales.float().t().contiguous(), offsets
+
+
+def _build_amx_pack(layer: QuantLinear, step: int) -> _AMXPack:
     nibbles = layer.bits == 4  # the pack as small as the layer's own codes
     weight = _amx_pack(layer.signed_codes(), step, nibbles)
-    return _AMXPack(weight, nibbles, layer.scales.float().t().contiguous(), _group(layer), offsets)
+    scales, offsets = _group_scales(layer)
+    return _AMXPack(weight, nibbles, scales, _group(layer), offsets)
 
 
 def _amx_fits(layer: QuantLinear, rows: int, step: int) -> bool:
@@ -303,6 +312,83 @@ def amx_bf16_linear(layer: QuantLinear, x2: torch.Tensor, out_dtype: torch.dtype
     )  # fmt: skip
     if failed:
         raise MemoryError("the CPU AMX bfloat16 kernel could not allocate its scratch memory")
+    return y
+
+
+# The 4-bit decode kernel's step: a group size must be a multiple of it (or cover K).
+_DECODE_STEP = 128
+
+
+@functools.cache
+def bf16_decode_available() -> bool:
+    """True when ``w8a8_cpu.c`` was built with ``w4_decode_linear`` (a compiler and CPU with
+    AVX-512 BF16) and it gives the exact sums of small integers on a probe that covers a
+    partial step, a channel block past N and the extreme codes (checked once per process)."""
+    lib = _native_library()
+    if lib is None or not lib.w4_decode_is_built():
+        return False
+    g = torch.Generator().manual_seed(0)
+    t, k, n = 3, 200, 7
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    codes[0, :2] = torch.tensor([0, 15], dtype=torch.uint8)
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+    x = torch.randint(-8, 9, (t, k), generator=g).float()
+    scales, offsets = torch.ones(1, n), torch.arange(n, dtype=torch.float32)[None, :].contiguous()
+    y = torch.empty(t, n)
+    f32 = _NATIVE_X_DTYPES[torch.float32]
+    failed = lib.w4_decode_linear(x.data_ptr(), f32, t, k, k, packed.data_ptr(), k // 2, n, scales.data_ptr(), k,
+                                  offsets.data_ptr(), y.data_ptr(), f32, 1)  # fmt: skip
+    expected = x.double() @ (codes.double() - 8).t() + x.double().sum(-1, keepdim=True) * offsets.double()
+    if failed or not torch.equal(y, expected.float()):
+        logger.info("the 4-bit decode kernel did not reproduce exact sums on this CPU; torch's int4 op serves")
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class _DecodePlan:
+    fits: bool  # a 4-bit layer whose group size the kernel takes, and the kernel is here
+    qweight: torch.Tensor  # the layer's packed codes: held, as the kernel reads them by address
+    scales: torch.Tensor  # [G, N] float32
+    offsets: torch.Tensor | None  # [G, N] float32, (8 - z) * s; None when symmetric
+    args: tuple  # w4_decode_linear's arguments from qw to offsets, as ctypes takes them
+
+
+def _decode_plan(layer: QuantLinear) -> _DecodePlan:
+    group = _group(layer)
+    fits = layer.bits == 4 and (group == layer.in_features or group % _DECODE_STEP == 0) and bf16_decode_available()
+    scales, offsets = _group_scales(layer) if fits else (layer.scales, None)
+    qweight = layer.qweight
+    args = (qweight.data_ptr(), qweight.stride(0), layer.out_features, scales.data_ptr(), group,
+            None if offsets is None else offsets.data_ptr())  # fmt: skip
+    return _DecodePlan(fits, qweight, scales, offsets, args)
+
+
+def bf16_decode_forward(layer: QuantLinear, x2: torch.Tensor) -> torch.Tensor | None:
+    """``x2 @ dequantize(W)^T`` for a 4-bit weight-only layer and ``x2: [T, K]``, in ``x2``'s
+    dtype, no bias, by ``w8a8_cpu.c``'s decode kernel; None where it does not serve (the
+    caller runs torch's int4 op): ``AMX_MIN_ROWS`` rows or more, inputs other than float32 or
+    bfloat16, group sizes other than multiples of 128 or one group per channel, or no kernel
+    here (:func:`bf16_decode_available`). ``x2`` is rounded to bfloat16; the layer's packed
+    codes are read as they are; float32 sums per group, each group's float32 scale applied
+    to its sums and ``(8 - z) * s`` times the row's sum over the group: the AMX bfloat16
+    kernel's result up to summation order. The call's fixed arguments are prepared once per
+    layer, as at one row the Python around the kernel costs as much as the kernel."""
+    if x2.shape[0] >= AMX_MIN_ROWS or x2.dtype not in _NATIVE_X_DTYPES:
+        return None
+    plan = cached(layer, "cpu_bf16_decode", _decode_plan)
+    if not plan.fits:
+        return None
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    t, k = x2.shape
+    y = torch.empty(t, plan.args[2], dtype=x2.dtype)
+    dtype = _NATIVE_X_DTYPES[x2.dtype]
+    failed = _native_library().w4_decode_linear(
+        x2.data_ptr(), dtype, t, k, x2.stride(0), *plan.args, y.data_ptr(), dtype, torch.get_num_threads()
+    )
+    if failed:
+        raise MemoryError("the CPU 4-bit decode kernel could not allocate its scratch memory")
     return y
 
 
@@ -474,6 +560,10 @@ def _native_library() -> ctypes.CDLL | None:
         lib.w8a8_amx_bf16_linear.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, ptr, i64, ptr, ptr, i64, ptr,
                                              ctypes.c_int, ctypes.c_int]  # fmt: skip
         lib.w8a8_amx_bf16_linear.restype = ctypes.c_int
+        lib.w4_decode_is_built.restype = ctypes.c_int
+        lib.w4_decode_linear.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ptr, i64, i64, ptr, i64, ptr, ptr,
+                                         ctypes.c_int, ctypes.c_int]  # fmt: skip
+        lib.w4_decode_linear.restype = ctypes.c_int
     return lib
 
 

@@ -9,7 +9,10 @@
  *   epilogue;
  * - w8a8_amx_linear, w8a8_amx_bf16_linear: the prefill's matmuls on AMX tiles (int8 x int8,
  *   and bfloat16 activations x widened weight codes for weight-only layers), per-group scales,
- *   zero points and the epilogue fused (the section "AMX" at the end of this file).
+ *   zero points and the epilogue fused (the section "AMX");
+ * - w4_decode_linear: a 4-bit weight-only layer for a few rows (decoding) on AVX-512 bfloat16
+ *   dot products, reading the layer's own packed codes (the section "4-bit decode" at the end
+ *   of this file).
  *
  * For each row t:
  *
@@ -545,6 +548,167 @@ int w8a8_amx_bf16_linear(const uint16_t *x, int64_t T, int64_t K, const int8_t *
 #else
     (void)x; (void)T; (void)K; (void)wp; (void)nibbles; (void)w_scale; (void)group; (void)offsets; (void)bias;
     (void)N; (void)y; (void)out_dtype; (void)threads;
+    return 2;
+#endif
+}
+
+/* ---- 4-bit decode (AVX-512 BF16): weight-only layers for a few rows ----
+ *
+ * y[t, n] = sum over g of (w_scale[g, n] * sum_{k in g} bf16(x[t, k]) (q[n, k] - 8)
+ *                          + offsets[g, n] * sum_{k in g} bf16(x[t, k]))
+ *
+ * with the conventions of the AMX kernels (w_scale and offsets [G, N], offsets = (8 - z) * s or
+ * NULL when symmetric), so the result is theirs up to float32 summation order: x rounded to
+ * bfloat16 (to nearest even) is the only rounding before the float32 sums. The codes are read
+ * as the layer stores them, ceil(K / 2) bytes a row (or more), byte i holding input 2i in its
+ * low nibble and 2i + 1 in its high one: no second copy of the weight.
+ *
+ * 64 bytes (128 inputs) a step: each code shifted into bits 3-6 of a byte 0x80 | q << 3 and
+ * interleaved with the byte 0x3F (vpunpck{l,h}bw), which makes bfloat16 1 + q / 16 exactly, and
+ * four vdpbf16ps against x gathered once per call into the order those unpacks produce (exact
+ * products, float32 sums). 16 sum (1 + q / 16) x - 24 sum x is sum (q - 8) x; a constant of 1
+ * against q / 16 loses far less to float32 cancellation than 128 + q would (measured on
+ * random layers: under 1e-6 relative, against 1-4e-6). Four channels run side by side
+ * (independent sums, one load of x for all four), channels split across threads; the codes a
+ * few kilobytes on are prefetched. The group size must be a multiple of 128 or cover K (one
+ * scale per channel), so that a step lies inside one group. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#define W4_DECODE 1
+#define W4_DECODE_CHANNELS 4 /* the sums' reduction below is written for four */
+#ifndef DECODE_PREFETCH
+#define DECODE_PREFETCH 4096
+#endif
+
+/* Position, in the step's gathered x, of input `off` (0 .. 127) of a step: vector v = 2 * nibble
+ * + (unpackhi), word p within it (8 words from each 16-byte lane). */
+static inline int64_t decode_slot(int64_t off) {
+    int64_t j = off >> 1, v = ((off & 1) << 1) | ((j >> 3) & 1), p = ((j >> 4) << 3) | (j & 7);
+    return v * 32 + p;
+}
+#endif
+
+/* 1 when this build has w4_decode_linear (AVX-512 F, BW and BF16). */
+int w4_decode_is_built(void) {
+#ifdef W4_DECODE
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* y [T, N] (out_dtype 2: float32, 1: bfloat16) from x [T, K] (x_dtype 2: float32, 1: bfloat16;
+ * row stride x_stride), qw [N, qw_stride] (at least ceil(K / 2) bytes a row), w_scale [G, N]
+ * and offsets [G, N] or NULL (G = ceil(K / group)). Returns 0; 1 when scratch memory cannot be
+ * allocated; 2 in a build without the kernel or for a group size it does not take. */
+int w4_decode_linear(const void *x, int x_dtype, int64_t T, int64_t K, int64_t x_stride, const uint8_t *qw,
+                     int64_t qw_stride, int64_t N, const float *w_scale, int64_t group, const float *offsets,
+                     void *y, int out_dtype, int threads) {
+#ifdef W4_DECODE
+    if (group < K && group % 128) return 2;
+    const int64_t G = (K + group - 1) / group, KB = (K + 1) / 2, steps = (K + 127) / 128;
+    const int64_t steps_per_group = group >= K ? steps : group / 128;
+    uint16_t *xg = aligned_alloc(64, (size_t)(T * steps * 256));
+    float *xsum = malloc(sizeof(float) * (size_t)(T * G)), *corr = malloc(sizeof(float) * (size_t)(T * N));
+    if (!xg || !xsum || !corr) {
+        free(xg); free(xsum); free(corr);
+        return 1;
+    }
+    memset(xg, 0, (size_t)(T * steps * 256)); /* inputs past K: 0 */
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t g = 0, k0 = 0; k0 < K; g++, k0 += group) {
+            float sum = 0.0f;
+            for (int64_t k = k0; k < k0 + group && k < K; k++) {
+                uint16_t h = x_dtype == 2 ? float_to_bf16(((const float *)x)[t * x_stride + k])
+                                          : ((const uint16_t *)x)[t * x_stride + k];
+                xg[(t * steps + (k >> 7)) * 128 + decode_slot(k & 127)] = h;
+                sum += bf16_to_float(h);
+            }
+            xsum[t * G + g] = sum;
+        }
+    const __m512i one = _mm512_set1_epi8(0x3F), mid = _mm512_set1_epi8(0x78), top = _mm512_set1_epi8((char)0x80);
+    const int64_t tail = KB - (steps - 1) * 64;
+    const __mmask64 tail_mask = tail >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << tail) - 1);
+    const int64_t blocks = (N + W4_DECODE_CHANNELS - 1) / W4_DECODE_CHANNELS;
+#pragma omp parallel num_threads(threads)
+    {
+        /* corr[t, n] = sum over g of (offsets[g, n] - 24 w_scale[g, n]) * xsum[t, g], sixteen
+         * channels at a time */
+#pragma omp for schedule(static)
+        for (int64_t n0 = 0; n0 < N; n0 += 16) {
+            const __mmask16 m = lanes16(n0, N);
+            for (int64_t t = 0; t < T; t++) {
+                __m512 c = _mm512_setzero_ps();
+                for (int64_t g = 0; g < G; g++) {
+                    __m512 o = _mm512_mul_ps(_mm512_set1_ps(-24.0f), _mm512_maskz_loadu_ps(m, w_scale + g * N + n0));
+                    if (offsets) o = _mm512_add_ps(o, _mm512_maskz_loadu_ps(m, offsets + g * N + n0));
+                    c = _mm512_fmadd_ps(o, _mm512_set1_ps(xsum[t * G + g]), c);
+                }
+                _mm512_mask_storeu_ps(corr + t * N + n0, m, c);
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; b++) {
+            const int64_t n0 = b * W4_DECODE_CHANNELS, rows = N - n0 < W4_DECODE_CHANNELS ? N - n0 : W4_DECODE_CHANNELS;
+            int64_t n[W4_DECODE_CHANNELS];
+            for (int r = 0; r < W4_DECODE_CHANNELS; r++) n[r] = r < rows ? n0 + r : N - 1; /* past N: not stored */
+            /* the codes DECODE_PREFETCH bytes on, into the caches while these run (decoding reads
+             * each weight once, from memory or the last-level cache) */
+            const char *block = (const char *)qw + n0 * qw_stride, *end = (const char *)qw + N * qw_stride;
+            for (const char *p = block + DECODE_PREFETCH; p < block + DECODE_PREFETCH + rows * qw_stride && p < end;
+                 p += 64)
+                _mm_prefetch(p, _MM_HINT_T0);
+            for (int64_t t = 0; t < T; t++) {
+                const __m512i *xt = (const __m512i *)(xg + t * steps * 128);
+                __m512 total[W4_DECODE_CHANNELS];
+                for (int r = 0; r < W4_DECODE_CHANNELS; r++) total[r] = _mm512_setzero_ps();
+                for (int64_t c = 0, g = 0, in_group = 0; c < steps; c++) {
+                    const __mmask64 m = c == steps - 1 ? tail_mask : ~(__mmask64)0;
+                    const __m512bh x0 = (__m512bh)xt[4 * c], x1 = (__m512bh)xt[4 * c + 1],
+                                   x2 = (__m512bh)xt[4 * c + 2], x3 = (__m512bh)xt[4 * c + 3];
+                    for (int r = 0; r < W4_DECODE_CHANNELS; r++) {
+                        const __m512i codes = _mm512_maskz_loadu_epi8(m, qw + n[r] * qw_stride + c * 64);
+                        /* (a & 0x78) | 0x80: a code into bits 3-6 of a byte, above the 0x80 */
+                        const __m512i lo = _mm512_ternarylogic_epi32(_mm512_slli_epi16(codes, 3), mid, top, 0xEA);
+                        const __m512i hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(codes, 1), mid, top, 0xEA);
+                        __m512 acc = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_unpacklo_epi8(lo, one), x0);
+                        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_unpackhi_epi8(lo, one), x1);
+                        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_unpacklo_epi8(hi, one), x2);
+                        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_unpackhi_epi8(hi, one), x3);
+                        total[r] = _mm512_fmadd_ps(acc, _mm512_set1_ps(16.0f * w_scale[g * N + n[r]]), total[r]);
+                    }
+                    if (++in_group == steps_per_group) {
+                        in_group = 0;
+                        g++;
+                    }
+                }
+                /* the four channels' sums at once: pairs, then quads within each 128-bit lane,
+                 * then the four lanes */
+                const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(total[0], total[1]),
+                                                 _mm512_unpackhi_ps(total[0], total[1]));
+                const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(total[2], total[3]),
+                                                 _mm512_unpackhi_ps(total[2], total[3]));
+                const __m512 s = _mm512_add_ps(_mm512_shuffle_ps(s01, s23, _MM_SHUFFLE(1, 0, 1, 0)),
+                                               _mm512_shuffle_ps(s01, s23, _MM_SHUFFLE(3, 2, 3, 2)));
+                __m128 v = _mm_add_ps(_mm_add_ps(_mm512_extractf32x4_ps(s, 0), _mm512_extractf32x4_ps(s, 1)),
+                                      _mm_add_ps(_mm512_extractf32x4_ps(s, 2), _mm512_extractf32x4_ps(s, 3)));
+                const __mmask8 keep = (__mmask8)((1u << rows) - 1u);
+                v = _mm_add_ps(v, _mm_maskz_loadu_ps(keep, corr + t * N + n0));
+                if (out_dtype == 2) {
+                    _mm_mask_storeu_ps((float *)y + t * N + n0, keep, v);
+                } else {
+                    float f[4];
+                    _mm_storeu_ps(f, v);
+                    for (int r = 0; r < rows; r++) ((uint16_t *)y)[t * N + n0 + r] = float_to_bf16(f[r]);
+                }
+            }
+        }
+    }
+    free(xg); free(xsum); free(corr);
+    return 0;
+#else
+    (void)x; (void)x_dtype; (void)T; (void)K; (void)x_stride; (void)qw; (void)qw_stride; (void)N; (void)w_scale;
+    (void)group;
+    (void)offsets; (void)y; (void)out_dtype; (void)threads;
     return 2;
 #endif
 }
