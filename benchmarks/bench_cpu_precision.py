@@ -10,8 +10,9 @@ float32 dequantized weight, for: bfloat16 activations alone (the floor of any bf
 kernel), torch's op as we called it before (int4: the op's zero-point offset rounded to
 bfloat16, which is also what calls of fewer than 16 rows still run; int8: the scales
 rounded to bfloat16 inside the op), the op as we call it now (what CPUs without AMX run on
-these 256-row calls), and, where the CPU has AMX, the AMX bfloat16 kernel that serves such
-calls there.
+these 256-row calls), where the CPU has AMX, the AMX bfloat16 kernel that serves such
+calls there, and for 4 bits, where the CPU has AVX-512 BF16, the decode kernel that serves
+calls of fewer than 16 rows (fed the same rows 8 at a time).
 Perplexity: WikiText-2 test, first --windows windows of 512 tokens, with the reference kernel
 in float32 (``HFCOMPRESS_FORCE_REFERENCE=1``) and with the fast path.
 """
@@ -78,7 +79,13 @@ def _capture(model, ids):
 
 
 def _errors(model, inputs, kernel_name):
-    sums = {"bf16 activations only": 0.0, "kernel before": 0.0, "kernel now": 0.0, "AMX bf16 kernel": 0.0}
+    sums = {
+        "bf16 activations only": 0.0,
+        "kernel before": 0.0,
+        "kernel now": 0.0,
+        "AMX bf16 kernel": 0.0,
+        "decode kernel": 0.0,
+    }
     ref_total = 0.0
     amx = cpu_w8a8.amx_available()
     for name, m in model.named_modules():
@@ -91,6 +98,10 @@ def _errors(model, inputs, kernel_name):
         outs = {"bf16 activations only": F.linear(x.bfloat16().float(), w)}
         if amx:
             outs["AMX bf16 kernel"] = m(x).float()
+        rows = x.reshape(-1, x.shape[-1])
+        if cpu_w8a8.bf16_decode_forward(m, rows[:1]) is not None:
+            parts = [cpu_w8a8.bf16_decode_forward(m, rows[i : i + 8]) for i in range(0, len(rows), 8)]
+            outs["decode kernel"] = torch.cat(parts).view(ref.shape)
         attribute, before, now = _BEFORE[kernel_name]
         serves = cpu_w8a8.amx_bf16_serves
         cpu_w8a8.amx_bf16_serves = lambda *a: False  # torch's op, as on CPUs without AMX
@@ -119,8 +130,10 @@ def main() -> None:
     tokenizer = load_tokenizer("smollm2-135m")
     tokens = tokenizer(load_text("wikitext2:test"), return_tensors="pt", add_special_tokens=False).input_ids[0]
     print(f"SmolLM2-135M, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
-    print("| scheme | kernel | rel. error: bf16 activations only | op before | op now | AMX bf16 kernel |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| scheme | kernel | rel. error: bf16 activations only | op before | op now | AMX bf16 kernel | decode kernel |"
+    )
+    print("|---|---|---|---|---|---|---|")
     ppl_rows = []
     for label, (recipe, kernel_name) in RECIPES.items():
         model = copy.deepcopy(base)

@@ -1,18 +1,23 @@
 """CPU decode speed and perplexity of SmolLM2-135M: fp32 vs W8 vs W4, measured in one run.
 
-    python benchmarks/bench_decode.py [--windows 40] [--rounds 3] [--new-tokens 64]
+    python benchmarks/bench_decode.py [--windows 40] [--rounds 3] [--new-tokens 64] [--decode-kernel-off]
 
 Every variant is built from the same fp32 model in this process; decode speed is measured
 round-robin (one measurement of each variant per round, median over rounds) so that machine
 drift hits all variants alike. Perplexity: WikiText-2 test, first --windows windows of 512
 tokens (the README's protocol). Prints a markdown table for benchmarks/RESULTS.md.
+
+``--decode-kernel-off`` adds rows for the 4-bit variants decoding on torch's int4 op instead
+of ``w8a8_cpu.c``'s decode kernel (on CPUs with AVX-512 BF16), timed in the same rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
+from unittest import mock
 
 import torch
 from tqdm.auto import tqdm
@@ -22,6 +27,9 @@ from hfcompress.data import load_text
 from hfcompress.eval import decode_speed, perplexity, size_report
 from hfcompress.eval.speed import cpu_name
 from hfcompress.models import load_model, load_tokenizer
+from hfcompress.quant import cpu_w8a8
+
+OP_SUFFIX = ", torch's int4 op"
 
 VARIANTS = {
     "fp32": None,
@@ -36,6 +44,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--decode-kernel-off", action="store_true", help="also time W4 on torch's int4 op")
     args = parser.parse_args()
 
     base = load_model("smollm2-135m")
@@ -52,10 +61,20 @@ def main() -> None:
         label: perplexity(m, tokens, seq_len=512, max_windows=args.windows, progress=False).perplexity
         for label, m in tqdm(models.items(), desc="perplexity")
     }
-    rates: dict[str, list[float]] = {label: [] for label in models}
+    timed = {label: (label, contextlib.nullcontext) for label in models}
+    if args.decode_kernel_off and cpu_w8a8.bf16_decode_available():
+        for label in [label for label in models if label.startswith("W4")]:
+            timed[label + OP_SUFFIX] = (
+                label,
+                lambda: mock.patch.object(cpu_w8a8, "bf16_decode_forward", lambda *a: None),
+            )
+            ppl[label + OP_SUFFIX] = ppl[label]  # 512-token windows: the prefill kernels, unchanged
+    rates: dict[str, list[float]] = {label: [] for label in timed}
     for _ in tqdm(range(args.rounds), desc="decode rounds"):
-        for label, model in models.items():
-            rates[label].append(decode_speed(model, tokenizer, new_tokens=args.new_tokens, repeats=1).tokens_per_second)
+        for label, (model_label, context) in timed.items():
+            with context():
+                result = decode_speed(models[model_label], tokenizer, new_tokens=args.new_tokens, repeats=1)
+            rates[label].append(result.tokens_per_second)
 
     # Measure every variant on the layers W4 quantized (all Linear layers but lm_head).
     w4_layers = [n for n, m in models["W4 g128 (asym)"].named_modules() if isinstance(m, hfcompress.QuantLinear)]
@@ -65,8 +84,8 @@ def main() -> None:
     print("| variant | model bytes | bits/weight (decoder Linear) | perplexity | decode tok/s | vs fp32 |")
     print("|---|---|---|---|---|---|")
     fp32_rate = statistics.median(rates["fp32"])
-    for label, model in models.items():
-        size = size_report(model, w4_layers)
+    for label, (model_label, _) in timed.items():
+        size = size_report(models[model_label], w4_layers)
         rate = statistics.median(rates[label])
         print(
             f"| {label} | {size.total_bytes / 1e6:.1f} MB | {size.bits_per_weight:.2f} | {ppl[label]:.3f} "
