@@ -7,8 +7,9 @@ round-robin (one measurement of each variant per round, median over rounds) so t
 drift hits all variants alike. Perplexity: WikiText-2 test, first --windows windows of 512
 tokens (the README's protocol). Prints a markdown table for benchmarks/RESULTS.md.
 
-``--decode-kernel-off`` adds rows for the 4-bit variants decoding on torch's int4 op instead
-of ``w8a8_cpu.c``'s decode kernel (on CPUs with AVX-512 BF16), timed in the same rounds.
+``--decode-kernel-off`` adds rows for the 3- and 4-bit variants decoding without
+``w8a8_cpu.c``'s decode kernel (on CPUs with AVX-512 BF16), timed in the same rounds: 4 bits on
+torch's int4 op, 3 bits on the reference kernel (which dequantizes the weight every call).
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ from hfcompress.eval.speed import cpu_name
 from hfcompress.models import load_model, load_tokenizer
 from hfcompress.quant import cpu_w8a8
 
-OP_SUFFIX = ", torch's int4 op"
+KERNEL_OFF = {"W4": ", torch's int4 op", "W3": ", reference kernel"}
 
 VARIANTS = {
     "fp32": None,
     "W8 per-channel (sym)": "recipes/llama_w8a16_rtn.yaml",
     "W4 g128 (asym)": "recipes/smollm2_w4a16_rtn_g128.yaml",
     "W4 g128 + lm_head W8": "recipes/smollm2_w4a16_rtn_g128_head_w8.yaml",
+    "W3 g128 (asym)": hfcompress.Recipe([hfcompress.RTNConfig(bits=3, group_size=128)]),
 }
 
 
@@ -62,13 +64,13 @@ def main() -> None:
         for label, m in tqdm(models.items(), desc="perplexity")
     }
     timed = {label: (label, contextlib.nullcontext) for label in models}
-    if args.decode_kernel_off and cpu_w8a8.bf16_decode_available():
-        for label in [label for label in models if label.startswith("W4")]:
-            timed[label + OP_SUFFIX] = (
-                label,
-                lambda: mock.patch.object(cpu_w8a8, "bf16_decode_forward", lambda *a: None),
-            )
-            ppl[label + OP_SUFFIX] = ppl[label]  # 512-token windows: the prefill kernels, unchanged
+    if args.decode_kernel_off:
+        for label in [label for label in models if label[:2] in KERNEL_OFF]:
+            if int(label[1]) not in cpu_w8a8.decode_bits():
+                continue  # no kernel for this width here: the row would time the same path twice
+            off = label + KERNEL_OFF[label[:2]]
+            timed[off] = (label, lambda: mock.patch.object(cpu_w8a8, "decode_forward", lambda *a: None))
+            ppl[off] = ppl[label]  # 512-token windows: the prefill paths, unchanged
     rates: dict[str, list[float]] = {label: [] for label in timed}
     for _ in tqdm(range(args.rounds), desc="decode rounds"):
         for label, (model_label, context) in timed.items():

@@ -1,4 +1,5 @@
-"""The CPU kernels: PyTorch's packed int4 and int8 weight-only matmuls.
+"""The CPU weight-only kernels: PyTorch's packed int4 and int8 matmuls, and our decode kernel
+for 2 and 3 bits.
 
 * ``cpu_int4``: 4-bit weights, ``aten._weight_int4pack_mm_for_cpu``. It needs N a multiple of
   16, K a multiple of its block size (32, 64, 128 or 256) and bfloat16 activations and
@@ -20,8 +21,13 @@
   relative error: the op's bfloat16 output of the unscaled sums lost more on the layers with
   the largest activations). An asymmetric zero point becomes a rank-one correction. The op
   crashes (torch 2.13) when K is not a multiple of 16, so K is zero-padded.
+* ``cpu_lowbit``: 2- and 3-bit weights whose group size the decode kernel below takes (a
+  multiple of 128, or per channel), where it is built (AVX-512 BF16 and VBMI): calls of fewer
+  than ``AMX_MIN_ROWS`` rows run the kernel, larger ones the reference computation (dequantize,
+  ``F.linear``), which before served every call: SmolLM2 W3 g128 decoded at 3.2 tokens/s
+  against float32's 29.2.
 
-Both ops are decoding kernels: at 512 rows they took 10-16x the time of a bfloat16 matmul of
+Torch's two ops are decoding kernels: at 512 rows they took 10-16x the time of a bfloat16 matmul of
 the same shape (2-core Sapphire Rapids VM). On CPUs with AMX, calls of at least
 ``AMX_MIN_ROWS`` rows (prefill, evaluation) whose K and group size are multiples of 32 go
 instead to ``w8a8_cpu.c``'s AMX bfloat16 kernel
@@ -32,13 +38,13 @@ op's 0.188%, where the floor of bfloat16 inputs is 0.179% (benchmarks/bench_cpu_
 
 On CPUs with AVX-512 BF16, ``cpu_int4``'s calls of fewer than ``AMX_MIN_ROWS`` rows
 (decoding) whose group size is a multiple of 128 (or one group per channel) go to
-``w8a8_cpu.c``'s decode kernel instead (:func:`hfcompress.quant.cpu_w8a8.bf16_decode_forward`):
+``w8a8_cpu.c``'s decode kernel instead (:func:`hfcompress.quant.cpu_w8a8.decode_forward`):
 it reads the layer's own packed codes (torch's op needs a repacked copy of them, not built
 then), takes float32 scales and zero points and rounds only the activations to bfloat16, so
 decoding no longer runs on the rounded offset ``m``. On SmolLM2's decode its layers took
 about 8% less time than the op's (memory-bound there: both stream the same bytes).
 
-Both serve weight-only schemes. A layer with quantized input activations goes to the integer
+All three serve weight-only schemes. A layer with quantized input activations goes to the integer
 matmuls of ``cpu_w8a8`` when its weights allow one (per channel); grouped 4-bit weights with
 int8 inputs (W4A8 g128) go to ``cpu_int4_a8``: the inputs fake-quantized (the reference's
 ``fq(x)``), then ``cpu_int4``, at the weight-only op's speed instead of the reference's, which
@@ -60,7 +66,7 @@ import torch.nn.functional as F
 
 from hfcompress.quant import cpu_w8a8
 from hfcompress.quant.affine import num_groups
-from hfcompress.quant.dispatch import Kernel, cached, register_kernel
+from hfcompress.quant.dispatch import Kernel, cached, reference_forward, register_kernel
 
 if TYPE_CHECKING:
     from hfcompress.quant.linear import QuantLinear
@@ -154,7 +160,7 @@ def _cpu_int4_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     lead = x.shape[:-1]
     k = layer.in_features
     x1 = x.reshape(-1, k)
-    y = cpu_w8a8.bf16_decode_forward(layer, x1)
+    y = cpu_w8a8.decode_forward(layer, x1)
     if y is not None:
         y = y.view(*lead, layer.out_features)
         return y if layer.bias is None else y + layer.bias.to(x.dtype)
@@ -229,7 +235,20 @@ def _cpu_int4_a8_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return _cpu_int4_forward(layer, cpu_w8a8.fake_quantized_input(layer, x))
 
 
+def _supports_lowbit(layer: QuantLinear, x: torch.Tensor) -> bool:
+    return _cpu_weight_only(layer, x) and layer.bits in (2, 3) and cpu_w8a8.decode_fits(layer)
+
+
+def _cpu_lowbit_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    y = cpu_w8a8.decode_forward(layer, x.reshape(-1, layer.in_features))
+    if y is None:  # AMX_MIN_ROWS rows or more, or float16 inputs
+        return reference_forward(layer, x)
+    y = y.view(*x.shape[:-1], layer.out_features)
+    return y if layer.bias is None else y + layer.bias.to(x.dtype)
+
+
 register_kernel(Kernel("cpu_int4", _supports_int4, _cpu_int4_forward, priority=20))
+register_kernel(Kernel("cpu_lowbit", _supports_lowbit, _cpu_lowbit_forward, priority=20))
 # Below cpu_int_mm (20): a per-channel W4A8 layer keeps its integer matmul.
 register_kernel(Kernel("cpu_int4_a8", _supports_int4_a8, _cpu_int4_a8_forward, priority=10))
 register_kernel(Kernel("cpu_int8", _supports_int8, _cpu_int8_forward, priority=20))

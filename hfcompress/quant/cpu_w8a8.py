@@ -66,6 +66,7 @@ import torch
 from hfcompress.quant import native
 from hfcompress.quant.activations import activation_scales, quantize_activations
 from hfcompress.quant.dispatch import Kernel, cached, register_kernel
+from hfcompress.quant.packing import pack
 
 if TYPE_CHECKING:
     from hfcompress.quant.linear import QuantLinear
@@ -79,8 +80,9 @@ __all__ = [
     "amx_bf16_serves",
     "amx_int8_forward",
     "amx_int8_serves",
-    "bf16_decode_available",
-    "bf16_decode_forward",
+    "decode_bits",
+    "decode_fits",
+    "decode_forward",
     "fake_quantized_input",
     "onednn_available",
     "onednn_works",
@@ -315,80 +317,95 @@ def amx_bf16_linear(layer: QuantLinear, x2: torch.Tensor, out_dtype: torch.dtype
     return y
 
 
-# The 4-bit decode kernel's step: a group size must be a multiple of it (or cover K).
+# The decode kernel's step: a group size must be a multiple of it (or cover K).
 _DECODE_STEP = 128
 
 
 @functools.cache
-def bf16_decode_available() -> bool:
-    """True when ``w8a8_cpu.c`` was built with ``w4_decode_linear`` (a compiler and CPU with
-    AVX-512 BF16) and it gives the exact sums of small integers on a probe that covers a
-    partial step, a channel block past N and the extreme codes (checked once per process)."""
+def decode_bits() -> frozenset[int]:
+    """The weight widths (of 2, 3 and 4 bits) ``w8a8_cpu.c``'s decode kernel takes here: built
+    (a compiler and CPU with AVX-512 BF16, and VBMI for 2 and 3 bits) and giving the exact sums
+    of small integers on a probe per width that covers a partial step, a channel block past N
+    and the extreme codes (checked once per process)."""
     lib = _native_library()
-    if lib is None or not lib.w4_decode_is_built():
-        return False
+    if lib is None:
+        return frozenset()
+    built = lib.decode_bits_built()
+    exact = set()
     g = torch.Generator().manual_seed(0)
     t, k, n = 3, 200, 7
-    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
-    codes[0, :2] = torch.tensor([0, 15], dtype=torch.uint8)
-    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
-    x = torch.randint(-8, 9, (t, k), generator=g).float()
-    scales, offsets = torch.ones(1, n), torch.arange(n, dtype=torch.float32)[None, :].contiguous()
-    y = torch.empty(t, n)
     f32 = _NATIVE_X_DTYPES[torch.float32]
-    failed = lib.w4_decode_linear(x.data_ptr(), f32, t, k, k, packed.data_ptr(), k // 2, n, scales.data_ptr(), k,
-                                  offsets.data_ptr(), y.data_ptr(), f32, 1)  # fmt: skip
-    expected = x.double() @ (codes.double() - 8).t() + x.double().sum(-1, keepdim=True) * offsets.double()
-    if failed or not torch.equal(y, expected.float()):
-        logger.info("the 4-bit decode kernel did not reproduce exact sums on this CPU; torch's int4 op serves")
-        return False
-    return True
+    for bits in (2, 3, 4):
+        if not built & (1 << bits):
+            continue
+        codes = torch.randint(0, 2**bits, (n, k), generator=g, dtype=torch.uint8)
+        codes[0, :2] = torch.tensor([0, 2**bits - 1], dtype=torch.uint8)
+        packed = pack(codes, bits)
+        x = torch.randint(-8, 9, (t, k), generator=g).float()
+        scales, offsets = torch.ones(1, n), torch.arange(n, dtype=torch.float32)[None, :].contiguous()
+        y = torch.empty(t, n)
+        failed = lib.decode_linear(x.data_ptr(), f32, t, k, k, packed.data_ptr(), bits, packed.shape[1], n,
+                                   scales.data_ptr(), k, offsets.data_ptr(), y.data_ptr(), f32, 1)  # fmt: skip
+        offset = 2 ** (bits - 1)
+        expected = x.double() @ (codes.double() - offset).t() + x.double().sum(-1, keepdim=True) * offsets.double()
+        if failed or not torch.equal(y, expected.float()):
+            logger.info("the %d-bit decode kernel did not reproduce exact sums on this CPU; it is not used", bits)
+            continue
+        exact.add(bits)
+    return frozenset(exact)
 
 
 @dataclass(frozen=True)
 class _DecodePlan:
-    fits: bool  # a 4-bit layer whose group size the kernel takes, and the kernel is here
+    fits: bool  # a 2-, 3- or 4-bit layer whose group size the kernel takes, and the kernel is here
     qweight: torch.Tensor  # the layer's packed codes: held, as the kernel reads them by address
     scales: torch.Tensor  # [G, N] float32
-    offsets: torch.Tensor | None  # [G, N] float32, (8 - z) * s; None when symmetric
-    args: tuple  # w4_decode_linear's arguments from qw to offsets, as ctypes takes them
+    offsets: torch.Tensor | None  # [G, N] float32, (o - z) * s; None when symmetric
+    args: tuple  # decode_linear's arguments from qw to offsets, as ctypes takes them
+
+
+def decode_fits(layer: QuantLinear) -> bool:
+    """Whether the decode kernel takes this layer's weights: a width it has here and a group
+    size that is a multiple of 128 or covers K."""
+    group = _group(layer)
+    return (group == layer.in_features or group % _DECODE_STEP == 0) and layer.bits in decode_bits()
 
 
 def _decode_plan(layer: QuantLinear) -> _DecodePlan:
     group = _group(layer)
-    fits = layer.bits == 4 and (group == layer.in_features or group % _DECODE_STEP == 0) and bf16_decode_available()
+    fits = decode_fits(layer)
     scales, offsets = _group_scales(layer) if fits else (layer.scales, None)
     qweight = layer.qweight
-    args = (qweight.data_ptr(), qweight.stride(0), layer.out_features, scales.data_ptr(), group,
+    args = (qweight.data_ptr(), layer.bits, qweight.stride(0), layer.out_features, scales.data_ptr(), group,
             None if offsets is None else offsets.data_ptr())  # fmt: skip
     return _DecodePlan(fits, qweight, scales, offsets, args)
 
 
-def bf16_decode_forward(layer: QuantLinear, x2: torch.Tensor) -> torch.Tensor | None:
-    """``x2 @ dequantize(W)^T`` for a 4-bit weight-only layer and ``x2: [T, K]``, in ``x2``'s
-    dtype, no bias, by ``w8a8_cpu.c``'s decode kernel; None where it does not serve (the
-    caller runs torch's int4 op): ``AMX_MIN_ROWS`` rows or more, inputs other than float32 or
-    bfloat16, group sizes other than multiples of 128 or one group per channel, or no kernel
-    here (:func:`bf16_decode_available`). ``x2`` is rounded to bfloat16; the layer's packed
-    codes are read as they are; float32 sums per group, each group's float32 scale applied
-    to its sums and ``(8 - z) * s`` times the row's sum over the group: the AMX bfloat16
-    kernel's result up to summation order. The call's fixed arguments are prepared once per
-    layer, as at one row the Python around the kernel costs as much as the kernel."""
+def decode_forward(layer: QuantLinear, x2: torch.Tensor) -> torch.Tensor | None:
+    """``x2 @ dequantize(W)^T`` for a 2-, 3- or 4-bit weight-only layer and ``x2: [T, K]``, in
+    ``x2``'s dtype, no bias, by ``w8a8_cpu.c``'s decode kernel; None where it does not serve:
+    ``AMX_MIN_ROWS`` rows or more, inputs other than float32 or bfloat16, group sizes other than
+    multiples of 128 or one group per channel, or no kernel for the width here
+    (:func:`decode_bits`). ``x2`` is rounded to bfloat16; the layer's packed codes are read as
+    they are; float32 sums per group, each group's float32 scale applied to its sums and
+    ``(o - z) * s`` times the row's sum over the group (``o = 2^(bits-1)``): for 4 bits the AMX
+    bfloat16 kernel's result up to summation order. The call's fixed arguments are prepared
+    once per layer, as at one row the Python around the kernel costs as much as the kernel."""
     if x2.shape[0] >= AMX_MIN_ROWS or x2.dtype not in _NATIVE_X_DTYPES:
         return None
-    plan = cached(layer, "cpu_bf16_decode", _decode_plan)
+    plan = cached(layer, "cpu_decode", _decode_plan)
     if not plan.fits:
         return None
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     t, k = x2.shape
-    y = torch.empty(t, plan.args[2], dtype=x2.dtype)
+    y = torch.empty(t, plan.args[3], dtype=x2.dtype)
     dtype = _NATIVE_X_DTYPES[x2.dtype]
-    failed = _native_library().w4_decode_linear(
+    failed = _native_library().decode_linear(
         x2.data_ptr(), dtype, t, k, x2.stride(0), *plan.args, y.data_ptr(), dtype, torch.get_num_threads()
     )
     if failed:
-        raise MemoryError("the CPU 4-bit decode kernel could not allocate its scratch memory")
+        raise MemoryError("the CPU low-bit decode kernel could not allocate its scratch memory")
     return y
 
 
@@ -560,10 +577,10 @@ def _native_library() -> ctypes.CDLL | None:
         lib.w8a8_amx_bf16_linear.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, ptr, i64, ptr, ptr, i64, ptr,
                                              ctypes.c_int, ctypes.c_int]  # fmt: skip
         lib.w8a8_amx_bf16_linear.restype = ctypes.c_int
-        lib.w4_decode_is_built.restype = ctypes.c_int
-        lib.w4_decode_linear.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ptr, i64, i64, ptr, i64, ptr, ptr,
-                                         ctypes.c_int, ctypes.c_int]  # fmt: skip
-        lib.w4_decode_linear.restype = ctypes.c_int
+        lib.decode_bits_built.restype = ctypes.c_int
+        lib.decode_linear.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ptr, ctypes.c_int, i64, i64, ptr, i64, ptr,
+                                      ptr, ctypes.c_int, ctypes.c_int]  # fmt: skip
+        lib.decode_linear.restype = ctypes.c_int
     return lib
 
 

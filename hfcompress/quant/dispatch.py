@@ -9,8 +9,8 @@ is one :func:`register_kernel` call beside its code; nothing here changes.
 Built in (see their modules for what each needs):
 
 * ``triton_w4a16`` (:mod:`hfcompress.quant.triton_bridge`): CUDA, 4-bit weight-only.
-* ``cpu_int4`` / ``cpu_int8`` (:mod:`hfcompress.quant.cpu_kernels`): PyTorch's packed CPU
-  ops, weight-only.
+* ``cpu_int4`` / ``cpu_int8`` / ``cpu_lowbit`` (:mod:`hfcompress.quant.cpu_kernels`):
+  PyTorch's packed CPU ops and our C decode kernel, weight-only.
 * ``reference``: quantize the input activations when the scheme says so, dequantize the
   weight to the activation dtype, ``F.linear``. Exact up to float rounding; used everywhere
   when ``HFCOMPRESS_FORCE_REFERENCE=1``.

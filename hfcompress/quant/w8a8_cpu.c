@@ -10,9 +10,9 @@
  * - w8a8_amx_linear, w8a8_amx_bf16_linear: the prefill's matmuls on AMX tiles (int8 x int8,
  *   and bfloat16 activations x widened weight codes for weight-only layers), per-group scales,
  *   zero points and the epilogue fused (the section "AMX");
- * - w4_decode_linear: a 4-bit weight-only layer for a few rows (decoding) on AVX-512 bfloat16
- *   dot products, reading the layer's own packed codes (the section "4-bit decode" at the end
- *   of this file).
+ * - decode_linear: a 2-, 3- or 4-bit weight-only layer for a few rows (decoding) on AVX-512
+ *   bfloat16 dot products, reading the layer's own packed codes (the section "Low-bit decode"
+ *   at the end of this file).
  *
  * For each row t:
  *
@@ -552,61 +552,125 @@ int w8a8_amx_bf16_linear(const uint16_t *x, int64_t T, int64_t K, const int8_t *
 #endif
 }
 
-/* ---- 4-bit decode (AVX-512 BF16): weight-only layers for a few rows ----
+/* ---- Low-bit decode (AVX-512 BF16): 2-, 3- and 4-bit weight-only layers for a few rows ----
  *
- * y[t, n] = sum over g of (w_scale[g, n] * sum_{k in g} bf16(x[t, k]) (q[n, k] - 8)
+ * y[t, n] = sum over g of (w_scale[g, n] * sum_{k in g} bf16(x[t, k]) (q[n, k] - o)
  *                          + offsets[g, n] * sum_{k in g} bf16(x[t, k]))
  *
- * with the conventions of the AMX kernels (w_scale and offsets [G, N], offsets = (8 - z) * s or
- * NULL when symmetric), so the result is theirs up to float32 summation order: x rounded to
- * bfloat16 (to nearest even) is the only rounding before the float32 sums. The codes are read
- * as the layer stores them, ceil(K / 2) bytes a row (or more), byte i holding input 2i in its
- * low nibble and 2i + 1 in its high one: no second copy of the weight.
+ * with o = 2^(bits-1) and the conventions of the AMX kernels (w_scale and offsets [G, N],
+ * offsets = (o - z) * s or NULL when symmetric), so for 4 bits the result is theirs up to float32
+ * summation order: x rounded to bfloat16 (to nearest even) is the only rounding before the
+ * float32 sums. The codes are read as the layer stores them (hfcompress/quant/packing.py): each
+ * run of 8 codes in `bits` bytes, code i at bits [bits * i, bits * (i + 1)) of their little-endian
+ * word, so for 4 bits byte i holds input 2i in its low nibble and 2i + 1 in its high one. No
+ * second copy of the weight.
  *
- * 64 bytes (128 inputs) a step: each code shifted into bits 3-6 of a byte 0x80 | q << 3 and
- * interleaved with the byte 0x3F (vpunpck{l,h}bw), which makes bfloat16 1 + q / 16 exactly, and
- * four vdpbf16ps against x gathered once per call into the order those unpacks produce (exact
- * products, float32 sums). 16 sum (1 + q / 16) x - 24 sum x is sum (q - 8) x; a constant of 1
- * against q / 16 loses far less to float32 cancellation than 128 + q would (measured on
- * random layers: under 1e-6 relative, against 1-4e-6). Four channels run side by side
- * (independent sums, one load of x for all four), channels split across threads; the codes a
- * few kilobytes on are prefetched. The group size must be a multiple of 128 or cover K (one
- * scale per channel), so that a step lies inside one group. */
+ * 128 inputs (16 * bits bytes) a step. Each code fills the top bits of a byte's low 7 (bits
+ * 7 - bits .. 6) under 0x80, which interleaved with the byte 0x3F (vpunpck{l,h}bw) makes bfloat16
+ * 1 + q / 2^bits exactly; four vdpbf16ps multiply those by x, gathered once per call into the
+ * order the unpacks produce (exact products, float32 sums). 2^bits sum (1 + q / 2^bits) x -
+ * (2^bits + o) sum x is sum (q - o) x; a constant of 1 against q / 2^bits loses far less to
+ * float32 cancellation than 128 + q would (on random 4-bit layers: under 1e-6 relative, against
+ * 1-4e-6; with 3-bit codes at q / 16, 1-3e-6).
+ *
+ * - 4 bits: a step is 64 bytes; the low nibbles shifted up 3 and the high ones down 1.
+ * - 2 and 3 bits (needs AVX-512 VBMI): each half step, 64 codes in 8 * bits bytes, has its runs
+ *   of 8 codes spread one to a 64-bit word (vpermb), from which vpmultishiftqb takes code j's bits
+ *   to the top of byte j (a rotation by bits * j - (7 - bits)).
+ *
+ * Four channels run side by side (independent sums, one load of x for all four), channels split
+ * across threads; the codes a few kilobytes on are prefetched. The group size must be a multiple
+ * of 128 or cover K (one scale per channel), so that a step lies inside one group. */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
-#define W4_DECODE 1
-#define W4_DECODE_CHANNELS 4 /* the sums' reduction below is written for four */
+#define LOWBIT_DECODE 1
+#define DECODE_CHANNELS 4 /* the sums' reduction below is written for four */
 #ifndef DECODE_PREFETCH
 #define DECODE_PREFETCH 4096
 #endif
+#if defined(__AVX512VBMI__)
+#define NARROW_DECODE 1
+#endif
 
-/* Position, in the step's gathered x, of input `off` (0 .. 127) of a step: vector v = 2 * nibble
- * + (unpackhi), word p within it (8 words from each 16-byte lane). */
-static inline int64_t decode_slot(int64_t off) {
-    int64_t j = off >> 1, v = ((off & 1) << 1) | ((j >> 3) & 1), p = ((j >> 4) << 3) | (j & 7);
-    return v * 32 + p;
+/* Position, in a step's gathered x (4 vectors of 32), of input `off` (0 .. 127) of the step:
+ * the vector, then the word within it (8 words from each 16-byte lane of the unpacks). */
+static inline int64_t decode_slot(int64_t off, int bits) {
+    int64_t v, j;
+    if (bits == 4) { /* byte j = off / 2; vector 2 * (high nibble) + unpackhi */
+        j = off >> 1;
+        v = ((off & 1) << 1) | ((j >> 3) & 1);
+    } else { /* half off / 64, byte j within it; vector 2 * half + unpackhi */
+        j = off & 63;
+        v = ((off >> 6) << 1) | ((j >> 3) & 1);
+    }
+    return v * 32 + ((j >> 4) << 3) + (j & 7);
+}
+
+/* One step's four bfloat16 operands (1 + q / 2^bits, in decode_slot's order) from its codes. */
+static inline void step_codes(const uint8_t *p, __mmask64 m, int bits, __m512i w[4]) {
+    const __m512i one = _mm512_set1_epi8(0x3F), top = _mm512_set1_epi8((char)0x80);
+    const __m512i codes = _mm512_maskz_loadu_epi8(m, p);
+    __m512i a, b;
+    if (bits == 4) { /* (x & 0x78) | 0x80 */
+        const __m512i mid = _mm512_set1_epi8(0x78);
+        a = _mm512_ternarylogic_epi32(_mm512_slli_epi16(codes, 3), mid, top, 0xEA);
+        b = _mm512_ternarylogic_epi32(_mm512_srli_epi16(codes, 1), mid, top, 0xEA);
+    } else {
+#ifdef NARROW_DECODE
+        /* half h's run r of 8 codes (bytes (8h + r) * bits ...) to bytes 8r ... of a word */
+        const __m512i first = bits == 3 ? _mm512_set_epi64(0x1717171717171615ULL, 0x1414141414141312ULL,
+                                                           0x111111111111100FULL, 0x0E0E0E0E0E0E0D0CULL,
+                                                           0x0B0B0B0B0B0B0A09ULL, 0x0808080808080706ULL,
+                                                           0x0505050505050403ULL, 0x0202020202020100ULL)
+                                        : _mm512_set_epi64(0x0F0F0F0F0F0F0F0EULL, 0x0D0D0D0D0D0D0D0CULL,
+                                                           0x0B0B0B0B0B0B0B0AULL, 0x0909090909090908ULL,
+                                                           0x0707070707070706ULL, 0x0505050505050504ULL,
+                                                           0x0303030303030302ULL, 0x0101010101010100ULL);
+        const __m512i second = _mm512_add_epi8(first, _mm512_set1_epi8((char)(8 * bits)));
+        /* byte j of a word: its bits from bits * j - (7 - bits) on (mod 64), so that code j fills
+         * bits 7 - bits .. 6 */
+        const __m512i shifts = _mm512_set1_epi64(bits == 3 ? 0x110E0B0805023F3CLL : 0x09070503013F3D3BLL);
+        const __m512i mask = _mm512_set1_epi8((char)(((1 << bits) - 1) << (7 - bits)));
+        a = _mm512_ternarylogic_epi32(
+            _mm512_multishift_epi64_epi8(shifts, _mm512_permutexvar_epi8(first, codes)), mask, top, 0xEA);
+        b = _mm512_ternarylogic_epi32(
+            _mm512_multishift_epi64_epi8(shifts, _mm512_permutexvar_epi8(second, codes)), mask, top, 0xEA);
+#else
+        a = b = _mm512_setzero_si512();
+#endif
+    }
+    w[0] = _mm512_unpacklo_epi8(a, one);
+    w[1] = _mm512_unpackhi_epi8(a, one);
+    w[2] = _mm512_unpacklo_epi8(b, one);
+    w[3] = _mm512_unpackhi_epi8(b, one);
 }
 #endif
 
-/* 1 when this build has w4_decode_linear (AVX-512 F, BW and BF16). */
-int w4_decode_is_built(void) {
-#ifdef W4_DECODE
-    return 1;
+/* The weight widths decode_linear takes in this build, as a mask of 1 << bits: 4 bits with AVX-512
+ * F, BW and BF16; 2 and 3 bits also need VBMI. */
+int decode_bits_built(void) {
+#if defined(NARROW_DECODE)
+    return (1 << 2) | (1 << 3) | (1 << 4);
+#elif defined(LOWBIT_DECODE)
+    return 1 << 4;
 #else
     return 0;
 #endif
 }
 
 /* y [T, N] (out_dtype 2: float32, 1: bfloat16) from x [T, K] (x_dtype 2: float32, 1: bfloat16;
- * row stride x_stride), qw [N, qw_stride] (at least ceil(K / 2) bytes a row), w_scale [G, N]
- * and offsets [G, N] or NULL (G = ceil(K / group)). Returns 0; 1 when scratch memory cannot be
- * allocated; 2 in a build without the kernel or for a group size it does not take. */
-int w4_decode_linear(const void *x, int x_dtype, int64_t T, int64_t K, int64_t x_stride, const uint8_t *qw,
-                     int64_t qw_stride, int64_t N, const float *w_scale, int64_t group, const float *offsets,
-                     void *y, int out_dtype, int threads) {
-#ifdef W4_DECODE
-    if (group < K && group % 128) return 2;
-    const int64_t G = (K + group - 1) / group, KB = (K + 1) / 2, steps = (K + 127) / 128;
-    const int64_t steps_per_group = group >= K ? steps : group / 128;
+ * row stride x_stride), `bits`-bit codes qw [N, qw_stride] (at least ceil(K / 8) * bits bytes a
+ * row), w_scale [G, N] and offsets [G, N] or NULL (G = ceil(K / group)). Returns 0; 1 when scratch
+ * memory cannot be allocated; 2 for a width this build does not take or a group size the kernel
+ * does not. */
+int decode_linear(const void *x, int x_dtype, int64_t T, int64_t K, int64_t x_stride, const uint8_t *qw, int bits,
+                  int64_t qw_stride, int64_t N, const float *w_scale, int64_t group, const float *offsets, void *y,
+                  int out_dtype, int threads) {
+#ifdef LOWBIT_DECODE
+    if (!(decode_bits_built() & (1 << bits)) || (group < K && group % 128)) return 2;
+    const int64_t G = (K + group - 1) / group, row_bytes = (K + 7) / 8 * bits, steps = (K + 127) / 128;
+    const int64_t steps_per_group = group >= K ? steps : group / 128, step_bytes = 16 * bits;
+    /* sum (q - o) x = unit sum (1 + q / unit) x - (unit + o) sum x, unit = 2^bits, o = 2^(bits-1) */
+    const float unit = (float)(1 << bits), offset = (float)((1 << bits) + (1 << (bits - 1)));
     uint16_t *xg = aligned_alloc(64, (size_t)(T * steps * 256));
     float *xsum = malloc(sizeof(float) * (size_t)(T * G)), *corr = malloc(sizeof(float) * (size_t)(T * N));
     if (!xg || !xsum || !corr) {
@@ -620,18 +684,18 @@ int w4_decode_linear(const void *x, int x_dtype, int64_t T, int64_t K, int64_t x
             for (int64_t k = k0; k < k0 + group && k < K; k++) {
                 uint16_t h = x_dtype == 2 ? float_to_bf16(((const float *)x)[t * x_stride + k])
                                           : ((const uint16_t *)x)[t * x_stride + k];
-                xg[(t * steps + (k >> 7)) * 128 + decode_slot(k & 127)] = h;
+                xg[(t * steps + (k >> 7)) * 128 + decode_slot(k & 127, bits)] = h;
                 sum += bf16_to_float(h);
             }
             xsum[t * G + g] = sum;
         }
-    const __m512i one = _mm512_set1_epi8(0x3F), mid = _mm512_set1_epi8(0x78), top = _mm512_set1_epi8((char)0x80);
-    const int64_t tail = KB - (steps - 1) * 64;
+    const int64_t tail = row_bytes - (steps - 1) * step_bytes;
     const __mmask64 tail_mask = tail >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << tail) - 1);
-    const int64_t blocks = (N + W4_DECODE_CHANNELS - 1) / W4_DECODE_CHANNELS;
+    const __mmask64 full_mask = step_bytes >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << step_bytes) - 1);
+    const int64_t blocks = (N + DECODE_CHANNELS - 1) / DECODE_CHANNELS;
 #pragma omp parallel num_threads(threads)
     {
-        /* corr[t, n] = sum over g of (offsets[g, n] - 24 w_scale[g, n]) * xsum[t, g], sixteen
+        /* corr[t, n] = sum over g of (offsets[g, n] - offset w_scale[g, n]) * xsum[t, g], sixteen
          * channels at a time */
 #pragma omp for schedule(static)
         for (int64_t n0 = 0; n0 < N; n0 += 16) {
@@ -639,7 +703,7 @@ int w4_decode_linear(const void *x, int x_dtype, int64_t T, int64_t K, int64_t x
             for (int64_t t = 0; t < T; t++) {
                 __m512 c = _mm512_setzero_ps();
                 for (int64_t g = 0; g < G; g++) {
-                    __m512 o = _mm512_mul_ps(_mm512_set1_ps(-24.0f), _mm512_maskz_loadu_ps(m, w_scale + g * N + n0));
+                    __m512 o = _mm512_mul_ps(_mm512_set1_ps(-offset), _mm512_maskz_loadu_ps(m, w_scale + g * N + n0));
                     if (offsets) o = _mm512_add_ps(o, _mm512_maskz_loadu_ps(m, offsets + g * N + n0));
                     c = _mm512_fmadd_ps(o, _mm512_set1_ps(xsum[t * G + g]), c);
                 }
@@ -648,9 +712,9 @@ int w4_decode_linear(const void *x, int x_dtype, int64_t T, int64_t K, int64_t x
         }
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < blocks; b++) {
-            const int64_t n0 = b * W4_DECODE_CHANNELS, rows = N - n0 < W4_DECODE_CHANNELS ? N - n0 : W4_DECODE_CHANNELS;
-            int64_t n[W4_DECODE_CHANNELS];
-            for (int r = 0; r < W4_DECODE_CHANNELS; r++) n[r] = r < rows ? n0 + r : N - 1; /* past N: not stored */
+            const int64_t n0 = b * DECODE_CHANNELS, rows = N - n0 < DECODE_CHANNELS ? N - n0 : DECODE_CHANNELS;
+            int64_t n[DECODE_CHANNELS];
+            for (int r = 0; r < DECODE_CHANNELS; r++) n[r] = r < rows ? n0 + r : N - 1; /* past N: not stored */
             /* the codes DECODE_PREFETCH bytes on, into the caches while these run (decoding reads
              * each weight once, from memory or the last-level cache) */
             const char *block = (const char *)qw + n0 * qw_stride, *end = (const char *)qw + N * qw_stride;
@@ -659,22 +723,20 @@ int w4_decode_linear(const void *x, int x_dtype, int64_t T, int64_t K, int64_t x
                 _mm_prefetch(p, _MM_HINT_T0);
             for (int64_t t = 0; t < T; t++) {
                 const __m512i *xt = (const __m512i *)(xg + t * steps * 128);
-                __m512 total[W4_DECODE_CHANNELS];
-                for (int r = 0; r < W4_DECODE_CHANNELS; r++) total[r] = _mm512_setzero_ps();
+                __m512 total[DECODE_CHANNELS];
+                for (int r = 0; r < DECODE_CHANNELS; r++) total[r] = _mm512_setzero_ps();
                 for (int64_t c = 0, g = 0, in_group = 0; c < steps; c++) {
-                    const __mmask64 m = c == steps - 1 ? tail_mask : ~(__mmask64)0;
+                    const __mmask64 m = c == steps - 1 ? tail_mask : full_mask;
                     const __m512bh x0 = (__m512bh)xt[4 * c], x1 = (__m512bh)xt[4 * c + 1],
                                    x2 = (__m512bh)xt[4 * c + 2], x3 = (__m512bh)xt[4 * c + 3];
-                    for (int r = 0; r < W4_DECODE_CHANNELS; r++) {
-                        const __m512i codes = _mm512_maskz_loadu_epi8(m, qw + n[r] * qw_stride + c * 64);
-                        /* (a & 0x78) | 0x80: a code into bits 3-6 of a byte, above the 0x80 */
-                        const __m512i lo = _mm512_ternarylogic_epi32(_mm512_slli_epi16(codes, 3), mid, top, 0xEA);
-                        const __m512i hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(codes, 1), mid, top, 0xEA);
-                        __m512 acc = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_unpacklo_epi8(lo, one), x0);
-                        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_unpackhi_epi8(lo, one), x1);
-                        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_unpacklo_epi8(hi, one), x2);
-                        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_unpackhi_epi8(hi, one), x3);
-                        total[r] = _mm512_fmadd_ps(acc, _mm512_set1_ps(16.0f * w_scale[g * N + n[r]]), total[r]);
+                    for (int r = 0; r < DECODE_CHANNELS; r++) {
+                        __m512i w[4];
+                        step_codes(qw + n[r] * qw_stride + c * step_bytes, m, bits, w);
+                        __m512 acc = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)w[0], x0);
+                        acc = _mm512_dpbf16_ps(acc, (__m512bh)w[1], x1);
+                        acc = _mm512_dpbf16_ps(acc, (__m512bh)w[2], x2);
+                        acc = _mm512_dpbf16_ps(acc, (__m512bh)w[3], x3);
+                        total[r] = _mm512_fmadd_ps(acc, _mm512_set1_ps(unit * w_scale[g * N + n[r]]), total[r]);
                     }
                     if (++in_group == steps_per_group) {
                         in_group = 0;
@@ -706,9 +768,8 @@ int w4_decode_linear(const void *x, int x_dtype, int64_t T, int64_t K, int64_t x
     free(xg); free(xsum); free(corr);
     return 0;
 #else
-    (void)x; (void)x_dtype; (void)T; (void)K; (void)x_stride; (void)qw; (void)qw_stride; (void)N; (void)w_scale;
-    (void)group;
-    (void)offsets; (void)y; (void)out_dtype; (void)threads;
+    (void)x; (void)x_dtype; (void)T; (void)K; (void)x_stride; (void)qw; (void)bits; (void)qw_stride; (void)N;
+    (void)w_scale; (void)group; (void)offsets; (void)y; (void)out_dtype; (void)threads;
     return 2;
 #endif
 }
