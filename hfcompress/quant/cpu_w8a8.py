@@ -274,16 +274,16 @@ def _group_scales(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor | None
 
 
 def _build_amx_pack(layer: QuantLinear, step: int) -> _AMXPack:
-    nibbles = layer.bits == 4  # the pack as small as the layer's own codes
+    nibbles = layer.bits <= 4  # two codes a byte: for 4 bits as small as the layer's own codes
     weight = _amx_pack(layer.signed_codes(), step, nibbles)
     scales, offsets = _group_scales(layer)
     return _AMXPack(weight, nibbles, scales, _group(layer), offsets)
 
 
-def _amx_fits(layer: QuantLinear, rows: int, step: int) -> bool:
+def _amx_fits(layer: QuantLinear, rows: int, step: int, widths: tuple[int, ...] = (4, 8)) -> bool:
     return (
         rows >= AMX_MIN_ROWS
-        and layer.bits in (4, 8)
+        and layer.bits in widths
         and layer.in_features % step == 0
         and _group(layer) % step == 0
         and amx_available()
@@ -292,9 +292,9 @@ def _amx_fits(layer: QuantLinear, rows: int, step: int) -> bool:
 
 def amx_bf16_serves(layer: QuantLinear, rows: int) -> bool:
     """Whether :func:`amx_bf16_linear` takes ``rows`` rows of this weight-only layer: AMX here,
-    at least ``AMX_MIN_ROWS`` rows (fewer go to torch's decoding ops), 4- or 8-bit codes, K and
-    the group size multiples of 32."""
-    return _amx_fits(layer, rows, _BF16_STEP)
+    at least ``AMX_MIN_ROWS`` rows (fewer go to the decoding kernels), 2-, 3-, 4- or 8-bit
+    codes (the narrower ones packed two to a byte), K and the group size multiples of 32."""
+    return _amx_fits(layer, rows, _BF16_STEP, (2, 3, 4, 8))
 
 
 def amx_bf16_linear(layer: QuantLinear, x2: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:

@@ -565,6 +565,8 @@ AMX_WEIGHT_ONLY = [  # (bits, group_size, K): per channel, groups (the last one 
     (4, -1, 96),
     (4, 64, 160),
     (4, 32, 96),
+    (3, 128, 320),  # 2 and 3 bits: signed codes in the 4-bit pack's nibbles
+    (2, -1, 96),
 ]
 
 
@@ -665,10 +667,11 @@ def test_cpu_decode_kernel_sums_the_bfloat16_inputs_exactly(bits, n, k, group_si
 
 
 @pytest.mark.parametrize("bits", [3, 2], ids=lambda b: f"w{b}")
-def test_cpu_lowbit_kernel_decodes_on_the_kernel_and_prefills_on_the_reference(bits):
+def test_cpu_lowbit_kernel_decodes_on_the_kernel_and_prefills_on_amx_or_the_reference(bits):
     # 2- and 3-bit layers whose groups the decode kernel takes get a CPU kernel of their own
     # (before, every call dequantized the weight: SmolLM2 W3 g128 decoded at 3.2 tokens/s
-    # against float32's 29.2); from AMX_MIN_ROWS rows it computes as the reference kernel does.
+    # against float32's 29.2); from AMX_MIN_ROWS rows the AMX bfloat16 kernel serves them, or
+    # without AMX the reference computation.
     cpu_w8a8 = _decode_kernel(bits)
     layer, qw = _layer(24, 256, bits=bits, group_size=128, bias=True)
     x = torch.randn(1, 256)
@@ -680,8 +683,12 @@ def test_cpu_lowbit_kernel_decodes_on_the_kernel_and_prefills_on_the_reference(b
         y = layer(x)
         assert y.shape == (2, 1, 24)
         assert _rel_err(y.double(), x.bfloat16().double() @ dense.double().t() + layer.bias.double()) < 3e-6
-        x = torch.randn(1, cpu_w8a8.AMX_MIN_ROWS, 256)  # prefill: the reference computation
-        assert torch.equal(layer(x), dispatch.reference_forward(layer, x))
+        x = torch.randn(1, cpu_w8a8.AMX_MIN_ROWS, 256)  # prefill
+        if cpu_w8a8.amx_available():
+            exact = x.bfloat16().double() @ dense.double().t() + layer.bias.double()
+            assert _rel_err(layer(x).double(), exact) < 1e-6
+        else:
+            assert torch.equal(layer(x), dispatch.reference_forward(layer, x))
 
 
 def test_cpu_w4_decode_kernel_applies_the_zero_point_in_float32():
