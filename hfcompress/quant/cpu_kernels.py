@@ -21,8 +21,8 @@ for 2 and 3 bits.
   relative error: the op's bfloat16 output of the unscaled sums lost more on the layers with
   the largest activations). An asymmetric zero point becomes a rank-one correction. The op
   crashes (torch 2.13) when K is not a multiple of 16, so K is zero-padded.
-* ``cpu_lowbit``: 2- and 3-bit weights whose group size the decode kernel below takes (a
-  multiple of 128, or per channel), where it is built (AVX-512 BF16 and VBMI): calls of fewer
+* ``cpu_lowbit``: 2- and 3-bit weights whose group size the decode kernel below takes (32, 64,
+  a multiple of 128, or per channel), where it is built (AVX-512 BF16 and VBMI): calls of fewer
   than ``AMX_MIN_ROWS`` rows run the kernel; larger ones the AMX bfloat16 kernel below (its
   pack two codes a byte: 4/3 of a 3-bit layer's own bytes, twice a 2-bit one's), or without AMX the reference
   computation (dequantize, ``F.linear``), which before served every call: SmolLM2 W3 g128

@@ -580,7 +580,8 @@ int w8a8_amx_bf16_linear(const uint16_t *x, int64_t T, int64_t K, const int8_t *
  *
  * Four channels run side by side (independent sums, one load of x for all four), channels split
  * across threads; the codes a few kilobytes on are prefetched. The group size must be a multiple
- * of 128 or cover K (one scale per channel), so that a step lies inside one group. */
+ * of 128 or cover K (one scale per channel), so that a step lies inside one group, or be 32 or
+ * 64, where each 128-bit lane of a step's products lies inside one group and takes its scale. */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #define LOWBIT_DECODE 1
 #define DECODE_CHANNELS 4 /* the sums' reduction below is written for four */
@@ -659,16 +660,32 @@ int decode_bits_built(void) {
 
 /* y [T, N] (out_dtype 2: float32, 1: bfloat16) from x [T, K] (x_dtype 2: float32, 1: bfloat16;
  * row stride x_stride), `bits`-bit codes qw [N, qw_stride] (at least ceil(K / 8) * bits bytes a
- * row), w_scale [G, N] and offsets [G, N] or NULL (G = ceil(K / group)). Returns 0; 1 when scratch
- * memory cannot be allocated; 2 for a width this build does not take or a group size the kernel
- * does not. */
+ * row), w_scale [G, N] and offsets [G, N] or NULL (G = ceil(K / group)); for group sizes 32 and
+ * 64 also the scales by channel, scale_rows [N, G]. Returns 0; 1 when scratch memory cannot be
+ * allocated; 2 for a width this build does not take or a group size the kernel does not. */
 int decode_linear(const void *x, int x_dtype, int64_t T, int64_t K, int64_t x_stride, const uint8_t *qw, int bits,
-                  int64_t qw_stride, int64_t N, const float *w_scale, int64_t group, const float *offsets, void *y,
-                  int out_dtype, int threads) {
+                  int64_t qw_stride, int64_t N, const float *w_scale, int64_t group, const float *offsets,
+                  const float *scale_rows, void *y, int out_dtype, int threads) {
 #ifdef LOWBIT_DECODE
-    if (!(decode_bits_built() & (1 << bits)) || (group < K && group % 128)) return 2;
+    /* fine: groups of 32 or 64, several a step; each 128-bit lane of the products then lies
+     * inside one group (4 bits: lane L holds inputs 32L .. 32L + 31 of the step; 2 and 3 bits:
+     * 16L .. 16L + 15 of each half), so a step's sums are scaled lane by lane */
+    const int fine = group < K && (group == 32 || group == 64);
+    if (!(decode_bits_built() & (1 << bits)) || (group < K && group % 128 && !fine) || (fine && !scale_rows))
+        return 2;
     const int64_t G = (K + group - 1) / group, row_bytes = (K + 7) / 8 * bits, steps = (K + 127) / 128;
-    const int64_t steps_per_group = group >= K ? steps : group / 128, step_bytes = 16 * bits;
+    const int64_t steps_per_group = group >= K ? steps : fine ? 1 : group / 128, step_bytes = 16 * bits;
+    __m512i lanes_a = _mm512_setzero_si512(), lanes_b = _mm512_setzero_si512(); /* group of each lane */
+    if (fine) {
+        int32_t a[16], b[16];
+        for (int f = 0; f < 16; f++) {
+            int64_t lane = f / 4;
+            a[f] = (int32_t)((bits == 4 ? 32 * lane : 16 * lane) / group);
+            b[f] = (int32_t)((bits == 4 ? 32 * lane : 64 + 16 * lane) / group);
+        }
+        lanes_a = _mm512_loadu_si512(a);
+        lanes_b = _mm512_loadu_si512(b);
+    }
     /* sum (q - o) x = unit sum (1 + q / unit) x - (unit + o) sum x, unit = 2^bits, o = 2^(bits-1) */
     const float unit = (float)(1 << bits), offset = (float)((1 << bits) + (1 << (bits - 1)));
     uint16_t *xg = aligned_alloc(64, (size_t)(T * steps * 256));
@@ -732,6 +749,19 @@ int decode_linear(const void *x, int x_dtype, int64_t T, int64_t K, int64_t x_st
                     for (int r = 0; r < DECODE_CHANNELS; r++) {
                         __m512i w[4];
                         step_codes(qw + n[r] * qw_stride + c * step_bytes, m, bits, w);
+                        if (fine) { /* the step's (up to) 4 groups' scales, spread to their lanes */
+                            const int64_t g0 = c * (128 / group);
+                            const __mmask8 in = (__mmask8)(G - g0 >= 4 ? 0xF : (1u << (G - g0)) - 1u);
+                            const __m512 s4 = _mm512_castps128_ps512(
+                                _mm_mul_ps(_mm_maskz_loadu_ps(in, scale_rows + n[r] * G + g0), _mm_set1_ps(unit)));
+                            __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)w[0], x0);
+                            a = _mm512_dpbf16_ps(a, (__m512bh)w[1], x1);
+                            __m512 b = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)w[2], x2);
+                            b = _mm512_dpbf16_ps(b, (__m512bh)w[3], x3);
+                            total[r] = _mm512_fmadd_ps(a, _mm512_permutexvar_ps(lanes_a, s4), total[r]);
+                            total[r] = _mm512_fmadd_ps(b, _mm512_permutexvar_ps(lanes_b, s4), total[r]);
+                            continue;
+                        }
                         __m512 acc = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)w[0], x0);
                         acc = _mm512_dpbf16_ps(acc, (__m512bh)w[1], x1);
                         acc = _mm512_dpbf16_ps(acc, (__m512bh)w[2], x2);
@@ -769,7 +799,7 @@ int decode_linear(const void *x, int x_dtype, int64_t T, int64_t K, int64_t x_st
     return 0;
 #else
     (void)x; (void)x_dtype; (void)T; (void)K; (void)x_stride; (void)qw; (void)bits; (void)qw_stride; (void)N;
-    (void)w_scale; (void)group; (void)offsets; (void)y; (void)out_dtype; (void)threads;
+    (void)w_scale; (void)group; (void)offsets; (void)scale_rows; (void)y; (void)out_dtype; (void)threads;
     return 2;
 #endif
 }
