@@ -24,12 +24,13 @@ for 2 and 3 bits.
 * ``cpu_lowbit``: 2- and 3-bit weights whose group size the decode kernel below takes (32, 64,
   a multiple of 128, or per channel), where it is built (AVX-512 BF16 and VBMI): calls of fewer
   than ``AMX_MIN_ROWS`` rows run the kernel; larger ones the AMX bfloat16 kernel below (its
-  pack two codes a byte: 4/3 of a 3-bit layer's own bytes, twice a 2-bit one's), or without AMX the reference
-  computation (dequantize, ``F.linear``), which before served every call: SmolLM2 W3 g128
-  decoded at 3.2 tokens/s against float32's 29.2, and prefilled 512 tokens at 0.58x its speed.
+  pack two codes a byte: 4/3 of a 3-bit layer's own bytes, twice a 2-bit one's), or without
+  AMX the reference computation (dequantize, ``F.linear``), which before served every call:
+  SmolLM2 W3 g128 decoded at 3.2 tokens/s against float32's 29.2, and prefilled 512 tokens at
+  0.58x its speed.
 
-Torch's two ops are decoding kernels: at 512 rows they took 10-16x the time of a bfloat16 matmul of
-the same shape (2-core Sapphire Rapids VM). On CPUs with AMX, calls of at least
+Torch's two ops are decoding kernels: at 512 rows they took 10-16x the time of a bfloat16
+matmul of the same shape (2-core Sapphire Rapids VM). On CPUs with AMX, calls of at least
 ``AMX_MIN_ROWS`` rows (prefill, evaluation) whose K and group size are multiples of 32 go
 instead to ``w8a8_cpu.c``'s AMX bfloat16 kernel
 (:func:`hfcompress.quant.cpu_w8a8.amx_bf16_linear`): the codes widened to bfloat16 (exact),
@@ -163,8 +164,7 @@ def _cpu_int4_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     x1 = x.reshape(-1, k)
     y = cpu_w8a8.decode_forward(layer, x1)
     if y is not None:
-        y = y.view(*lead, layer.out_features)
-        return y if layer.bias is None else y + layer.bias.to(x.dtype)
+        return _output(layer, x, y)
     x2 = x1.to(torch.bfloat16)
     if cpu_w8a8.amx_bf16_serves(layer, x1.shape[0]):
         return _amx_bf16_forward(layer, x, x2)
@@ -203,10 +203,15 @@ def _build_int8(layer: QuantLinear) -> _Int8Pack:
     return _Int8Pack(weight.contiguous(), op_scales, s / op_scales.float(), correction, padded_k)
 
 
-def _amx_bf16_forward(layer: QuantLinear, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-    y = cpu_w8a8.amx_bf16_linear(layer, x2.contiguous(), x.dtype).to(x.dtype)
+def _output(layer: QuantLinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A C kernel's ``y: [T, N]`` (no bias) for ``x: [..., K]``: shaped ``[..., N]``, the bias added
+    in ``x``'s dtype, as torch adds it."""
     y = y.reshape(*x.shape[:-1], layer.out_features)
     return y if layer.bias is None else y + layer.bias.to(x.dtype)
+
+
+def _amx_bf16_forward(layer: QuantLinear, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    return _output(layer, x, cpu_w8a8.amx_bf16_linear(layer, x2.contiguous(), x.dtype).to(x.dtype))
 
 
 def _cpu_int8_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
@@ -247,8 +252,7 @@ def _cpu_lowbit_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     y = cpu_w8a8.decode_forward(layer, x1)
     if y is None:  # AMX_MIN_ROWS rows or more without AMX, or float16 inputs
         return reference_forward(layer, x)
-    y = y.view(*x.shape[:-1], layer.out_features)
-    return y if layer.bias is None else y + layer.bias.to(x.dtype)
+    return _output(layer, x, y)
 
 
 register_kernel(Kernel("cpu_int4", _supports_int4, _cpu_int4_forward, priority=20))
