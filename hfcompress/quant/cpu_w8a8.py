@@ -65,7 +65,7 @@ import torch
 
 from hfcompress.quant import native
 from hfcompress.quant.activations import activation_scales, quantize_activations
-from hfcompress.quant.dispatch import Kernel, cached, register_kernel
+from hfcompress.quant.dispatch import FORCE_REFERENCE_ENV, Kernel, cached, register_kernel
 from hfcompress.quant.packing import pack
 
 if TYPE_CHECKING:
@@ -420,8 +420,13 @@ def decode_forward(layer: QuantLinear, x2: torch.Tensor) -> torch.Tensor | None:
     failed = _native_library().decode_linear(
         x2.data_ptr(), dtype, t, k, x2.stride(0), *plan.args, y.data_ptr(), dtype, torch.get_num_threads()
     )
-    if failed:
+    if failed == 1:
         raise MemoryError("the CPU low-bit decode kernel could not allocate its scratch memory")
+    if failed:  # decode_fits let through a layer the C kernel refuses: a bug, not a user error
+        raise RuntimeError(
+            f"w8a8_cpu.c's decode_linear refused a {layer.bits}-bit layer with group size {_group(layer)} "
+            f"(code {failed}); set {FORCE_REFERENCE_ENV}=1 to run the reference kernel meanwhile"
+        )
     return y
 
 

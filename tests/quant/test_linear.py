@@ -766,6 +766,25 @@ def test_cpu_decode_kernel_is_not_used_where_it_is_unavailable_or_inexact(monkey
         assert cpu_w8a8.decode_bits.__wrapped__() == widths - {3}
 
 
+def test_cpu_decode_kernel_failures_are_named(monkeypatch):
+    cpu_w8a8 = _decode_kernel()
+    layer, _ = _layer(16, 256, group_size=128)
+    x = torch.randn(1, 256)
+    real = cpu_w8a8._native_library()
+    for code, error, message in [(1, MemoryError, "scratch memory"), (2, RuntimeError, "HFCOMPRESS_FORCE_REFERENCE=1")]:
+
+        class Refusing:
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+            def decode_linear(self, *args, code=code):
+                return code
+
+        monkeypatch.setattr(cpu_w8a8, "_native_library", lambda: Refusing())
+        with pytest.raises(error, match=message):
+            cpu_w8a8.decode_forward(layer, x)
+
+
 def test_cpu_w8a16_amx_needs_k_a_multiple_of_32(monkeypatch):
     from hfcompress.quant import cpu_w8a8
 
