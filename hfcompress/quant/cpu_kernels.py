@@ -44,7 +44,8 @@ On CPUs with AVX-512 BF16, ``cpu_int4``'s calls of fewer than ``AMX_MIN_ROWS`` r
 it reads the layer's own packed codes (torch's op needs a repacked copy of them, not built
 then), takes float32 scales and zero points and rounds only the activations to bfloat16, so
 decoding no longer runs on the rounded offset ``m``. On SmolLM2's decode its layers took
-about 8% less time than the op's (memory-bound there: both stream the same bytes).
+3-8% less time than the op's in ad-hoc timings (memory-bound there: both stream the same
+bytes).
 
 All three serve weight-only schemes. A layer with quantized input activations goes to the integer
 matmuls of ``cpu_w8a8`` when its weights allow one (per channel); grouped 4-bit weights with
