@@ -1,4 +1,4 @@
-"""CPU decode speed and perplexity of SmolLM2-135M: fp32 vs W8 vs W4, measured in one run.
+"""CPU decode speed and perplexity of SmolLM2-135M: fp32 vs W8 vs W4 vs W3, measured in one run.
 
     python benchmarks/bench_decode.py [--windows 40] [--rounds 3] [--new-tokens 64] [--decode-kernel-off]
 
