@@ -23,29 +23,30 @@ for 2 and 3 bits.
   crashes (torch 2.13) when K is not a multiple of 16, so K is zero-padded.
 * ``cpu_lowbit``: 2- and 3-bit weights whose group size the decode kernel below takes (32, 64,
   a multiple of 128, or per channel), where it is built (AVX-512 BF16 and VBMI): calls of fewer
-  than ``AMX_MIN_ROWS`` rows run the kernel; larger ones the AMX bfloat16 kernel below (its
-  pack two codes a byte: 4/3 of a 3-bit layer's own bytes, twice a 2-bit one's), or without
-  AMX the reference computation (dequantize, ``F.linear``), which before served every call:
-  SmolLM2 W3 g128 decoded at 3.2 tokens/s against float32's 29.2, and prefilled 512 tokens at
-  0.58x its speed.
+  than ``AMX_BF16_MIN_ROWS`` rows run the kernel (fewer than ``AMX_MIN_ROWS`` without AMX);
+  larger ones the AMX bfloat16 kernel below (its pack two codes a byte: 4/3 of a 3-bit layer's
+  own bytes, twice a 2-bit one's), or without AMX the reference computation (dequantize,
+  ``F.linear``), which before served every call: SmolLM2 W3 g128 decoded at 3.2 tokens/s
+  against float32's 29.2, and prefilled 512 tokens at 0.58x its speed.
 
 Torch's two ops are decoding kernels: at 512 rows they took 10-16x the time of a bfloat16
 matmul of the same shape (2-core Sapphire Rapids VM). On CPUs with AMX, calls of at least
-``AMX_MIN_ROWS`` rows (prefill, evaluation) whose K and group size are multiples of 32 go
-instead to ``w8a8_cpu.c``'s AMX bfloat16 kernel
+``AMX_BF16_MIN_ROWS`` rows (prefill, evaluation, batched decoding) whose K and group size are
+multiples of 32 go instead to ``w8a8_cpu.c``'s AMX bfloat16 kernel
 (:func:`hfcompress.quant.cpu_w8a8.amx_bf16_linear`): the codes widened to bfloat16 (exact),
 float32 sums, each group's float32 scale and zero point applied to its sums. The bfloat16
 inputs are then the only rounding: on SmolLM2's W8 prefill 0.179% relative error against the
 op's 0.188%, where the floor of bfloat16 inputs is 0.179% (benchmarks/bench_cpu_precision.py).
 
-On CPUs with AVX-512 BF16, ``cpu_int4``'s calls of fewer than ``AMX_MIN_ROWS`` rows
+On CPUs with AVX-512 BF16, ``cpu_int4``'s other calls of fewer than ``AMX_MIN_ROWS`` rows
 (decoding) whose group size is a multiple of 128 (or one group per channel) go to
 ``w8a8_cpu.c``'s decode kernel instead (:func:`hfcompress.quant.cpu_w8a8.decode_forward`):
 it reads the layer's own packed codes (torch's op needs a repacked copy of them, not built
 then), takes float32 scales and zero points and rounds only the activations to bfloat16, so
 decoding no longer runs on the rounded offset ``m``. On SmolLM2's decode its layers took
-3-8% less time than the op's in ad-hoc timings (memory-bound there: both stream the same
-bytes).
+3-8% less time than the op's in ad-hoc timings. Both are bound by arithmetic there, not by
+memory (a layer took the same time read from L2 as from the last-level cache): on this CPU
+``vdpbf16ps`` issues about once every two cycles.
 
 All three serve weight-only schemes. A layer with quantized input activations goes to the integer
 matmuls of ``cpu_w8a8`` when its weights allow one (per channel); grouped 4-bit weights with
@@ -160,15 +161,15 @@ def _build_int4(layer: QuantLinear) -> _Int4Pack:
 
 
 def _cpu_int4_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    lead = x.shape[:-1]
     k = layer.in_features
-    x1 = x.reshape(-1, k)
-    y = cpu_w8a8.decode_forward(layer, x1)
+    if cpu_w8a8.amx_bf16_serves(layer, x.numel() // k):
+        return _amx_bf16_forward(layer, x, x.reshape(-1, k).to(torch.bfloat16))
+    y = cpu_w8a8.decode_forward(layer, x)
     if y is not None:
-        return _output(layer, x, y)
+        return _add_bias(layer, x, y)
+    lead = x.shape[:-1]
+    x1 = x.reshape(-1, k)
     x2 = x1.to(torch.bfloat16)
-    if cpu_w8a8.amx_bf16_serves(layer, x1.shape[0]):
-        return _amx_bf16_forward(layer, x, x2)
     pack = cached(layer, "cpu_int4", _build_int4)  # built on first use: prefill alone on AMX never needs it
     exact = x1.shape[0] >= EXACT_OFFSET_MIN_ROWS
     if pack.padded_k != k:
@@ -204,11 +205,14 @@ def _build_int8(layer: QuantLinear) -> _Int8Pack:
     return _Int8Pack(weight.contiguous(), op_scales, s / op_scales.float(), correction, padded_k)
 
 
-def _output(layer: QuantLinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """A C kernel's ``y: [T, N]`` (no bias) for ``x: [..., K]``: shaped ``[..., N]``, the bias added
-    in ``x``'s dtype, as torch adds it."""
-    y = y.reshape(*x.shape[:-1], layer.out_features)
+def _add_bias(layer: QuantLinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A C kernel's ``y`` (no bias) with the bias added in ``x``'s dtype, as torch adds it."""
     return y if layer.bias is None else y + layer.bias.to(x.dtype)
+
+
+def _output(layer: QuantLinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A C kernel's ``y: [T, N]`` (no bias) for ``x: [..., K]``: shaped ``[..., N]``, the bias added."""
+    return _add_bias(layer, x, y.reshape(*x.shape[:-1], layer.out_features))
 
 
 def _amx_bf16_forward(layer: QuantLinear, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
@@ -250,10 +254,10 @@ def _cpu_lowbit_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     x1 = x.reshape(-1, layer.in_features)
     if cpu_w8a8.amx_bf16_serves(layer, x1.shape[0]):
         return _amx_bf16_forward(layer, x, x1.to(torch.bfloat16))
-    y = cpu_w8a8.decode_forward(layer, x1)
-    if y is None:  # AMX_MIN_ROWS rows or more without AMX, or float16 inputs
+    y = cpu_w8a8.decode_forward(layer, x)
+    if y is None:  # AMX_MIN_ROWS rows or more without AMX (or K not a multiple of 32), or float16 inputs
         return reference_forward(layer, x)
-    return _output(layer, x, y)
+    return _add_bias(layer, x, y)
 
 
 register_kernel(Kernel("cpu_int4", _supports_int4, _cpu_int4_forward, priority=20))

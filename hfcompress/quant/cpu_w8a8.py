@@ -72,6 +72,7 @@ if TYPE_CHECKING:
     from hfcompress.quant.linear import QuantLinear
 
 __all__ = [
+    "AMX_BF16_MIN_ROWS",
     "AMX_MIN_ROWS",
     "NO_AMX_ENV",
     "ONEDNN_MIN_ROWS",
@@ -91,8 +92,13 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ONEDNN_MIN_ROWS = 16
-# From this many rows the AMX kernels serve a call (weight-only: they beat torch's decoding ops).
+# From this many rows the AMX int8 kernel serves a call with int8 inputs.
 AMX_MIN_ROWS = 16
+# From this many rows the AMX bfloat16 kernel serves a weight-only call: from 3 rows it beat the
+# decode kernel (2-, 3- and 4-bit codes) and torch's int8 op on SmolLM2's shapes, up to 5x at 15
+# rows (batched or speculative decoding), as its time hardly grows below 16 rows; at 1 row they
+# take 0.55-0.75x its time, at 2 about the same (2-core Sapphire Rapids VM).
+AMX_BF16_MIN_ROWS = 3
 NO_AMX_ENV = "HFCOMPRESS_NO_AMX"
 # oneDNN is used where it is at most this many times slower than torch._int_mm in the
 # one-off timing of `onednn_available` (a margin for timing noise; the slow case is 1000x).
@@ -233,14 +239,22 @@ def amx_available() -> bool:
     if failed or not torch.equal(y, expected):
         logger.info("the AMX int8 kernel did not reproduce torch._int_mm on this CPU; the AMX kernels are not used")
         return False
-    # The bfloat16 kernel on small integers, whose float32 sums are exact in any order.
+    # The bfloat16 kernel on small integers, whose float32 sums are exact in any order: 8-bit
+    # codes on two row tiles and a tail, 4-bit codes (two a byte) on the one-tile path of up to
+    # 16 rows.
     xb = torch.randint(-8, 9, (t, k), generator=g).to(torch.bfloat16)
-    packed = _amx_pack(w, _BF16_STEP)
-    failed = lib.w8a8_amx_bf16_linear(xb.data_ptr(), t, k, packed.data_ptr(), 0, sw.data_ptr(), k, None, None, n,
-                                      y.data_ptr(), f32, torch.get_num_threads())  # fmt: skip
-    if failed or not torch.equal(y, (xb.double() @ w.double().t()).float().mul_(sw)):
-        logger.info("the AMX bfloat16 kernel did not reproduce exact sums on this CPU; the AMX kernels are not used")
-        return False
+    w4 = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+    w4[0, :2] = torch.tensor([-8, 7], dtype=torch.int8)
+    for codes, rows, nibbles in ((w, t, False), (w4, 5, True)):
+        packed = _amx_pack(codes, _BF16_STEP, nibbles)
+        failed = lib.w8a8_amx_bf16_linear(xb.data_ptr(), rows, k, packed.data_ptr(), int(nibbles), sw.data_ptr(), k,
+                                          None, None, n, y.data_ptr(), f32, torch.get_num_threads())  # fmt: skip
+        expected = (xb[:rows].double() @ codes.double().t()).float().mul_(sw)
+        if failed or not torch.equal(y[:rows], expected):
+            logger.info(
+                "the AMX bfloat16 kernel did not reproduce exact sums on this CPU; the AMX kernels are not used"
+            )
+            return False
     return True
 
 
@@ -280,9 +294,11 @@ def _build_amx_pack(layer: QuantLinear, step: int) -> _AMXPack:
     return _AMXPack(weight, nibbles, scales, _group(layer), offsets)
 
 
-def _amx_fits(layer: QuantLinear, rows: int, step: int, widths: tuple[int, ...] = (4, 8)) -> bool:
+def _amx_fits(
+    layer: QuantLinear, rows: int, step: int, widths: tuple[int, ...] = (4, 8), min_rows: int = AMX_MIN_ROWS
+) -> bool:
     return (
-        rows >= AMX_MIN_ROWS
+        rows >= min_rows
         and layer.bits in widths
         and layer.in_features % step == 0
         and _group(layer) % step == 0
@@ -292,9 +308,9 @@ def _amx_fits(layer: QuantLinear, rows: int, step: int, widths: tuple[int, ...] 
 
 def amx_bf16_serves(layer: QuantLinear, rows: int) -> bool:
     """Whether :func:`amx_bf16_linear` takes ``rows`` rows of this weight-only layer: AMX here,
-    at least ``AMX_MIN_ROWS`` rows (fewer go to the decoding kernels), 2-, 3-, 4- or 8-bit
+    at least ``AMX_BF16_MIN_ROWS`` rows (fewer go to the decoding kernels), 2-, 3-, 4- or 8-bit
     codes (the narrower ones packed two to a byte), K and the group size multiples of 32."""
-    return _amx_fits(layer, rows, _BF16_STEP, (2, 3, 4, 8))
+    return _amx_fits(layer, rows, _BF16_STEP, (2, 3, 4, 8), AMX_BF16_MIN_ROWS)
 
 
 def amx_bf16_linear(layer: QuantLinear, x2: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -373,7 +389,8 @@ class _DecodePlan:
     scales: torch.Tensor  # [G, N] float32
     offsets: torch.Tensor | None  # [G, N] float32, (o - z) * s; None when symmetric
     scale_rows: torch.Tensor | None  # [N, G] float32, for groups of 32 and 64; else None
-    args: tuple  # decode_linear's arguments from qw to scale_rows, as ctypes takes them
+    array: torch.Tensor  # int64: decode_planned's plan (the addresses of the tensors above, widths)
+    address: int  # array's
 
 
 def decode_fits(layer: QuantLinear) -> bool:
@@ -392,34 +409,43 @@ def _decode_plan(layer: QuantLinear) -> _DecodePlan:
     scales, offsets = _group_scales(layer) if fits else (layer.scales, None)
     scale_rows = layer.scales.float().contiguous() if fits and group in _FINE_GROUPS else None
     qweight = layer.qweight
-    pointers = [None if tensor is None else tensor.data_ptr() for tensor in (offsets, scale_rows)]
-    args = (qweight.data_ptr(), layer.bits, qweight.stride(0), layer.out_features, scales.data_ptr(), group, *pointers)
-    return _DecodePlan(fits, qweight, scales, offsets, scale_rows, args)
+    pointers = [0 if tensor is None else tensor.data_ptr() for tensor in (offsets, scale_rows)]
+    array = torch.tensor(
+        [qweight.data_ptr(), layer.bits, qweight.stride(0), layer.out_features, scales.data_ptr(), group, *pointers,
+         layer.in_features],
+        dtype=torch.int64,
+    )  # fmt: skip
+    return _DecodePlan(fits, qweight, scales, offsets, scale_rows, array, array.data_ptr())
 
 
-def decode_forward(layer: QuantLinear, x2: torch.Tensor) -> torch.Tensor | None:
-    """``x2 @ dequantize(W)^T`` for a 2-, 3- or 4-bit weight-only layer and ``x2: [T, K]``, in
-    ``x2``'s dtype, no bias, by ``w8a8_cpu.c``'s decode kernel; None where it does not serve:
-    ``AMX_MIN_ROWS`` rows or more, inputs other than float32 or bfloat16, group sizes other than
-    32, 64, multiples of 128 or one group per channel, or no kernel for the width here
-    (:func:`decode_bits`). ``x2`` is rounded to bfloat16; the layer's packed codes are read as
-    they are; float32 sums per group, each group's float32 scale applied to its sums and
-    ``(o - z) * s`` times the row's sum over the group (``o = 2^(bits-1)``): for 4 bits the AMX
-    bfloat16 kernel's result up to summation order. The call's fixed arguments are prepared
-    once per layer, as at one row the Python around the kernel costs as much as the kernel."""
-    if x2.shape[0] >= AMX_MIN_ROWS or x2.dtype not in _NATIVE_X_DTYPES:
+def decode_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor | None:
+    """``x @ dequantize(W)^T`` for a 2-, 3- or 4-bit weight-only layer and ``x: [..., K]``, as
+    ``[..., N]`` in ``x``'s dtype, no bias, by ``w8a8_cpu.c``'s decode kernel; None where it does
+    not serve: ``AMX_MIN_ROWS`` rows or more, inputs other than float32 or bfloat16, group sizes
+    other than 32, 64, multiples of 128 or one group per channel, or no kernel for the width here
+    (:func:`decode_bits`). ``x`` is rounded to bfloat16; the layer's packed codes are read as they
+    are; float32 sums per group, each group's float32 scale applied to its sums and ``(o - z) *
+    s`` times the row's sum over the group (``o = 2^(bits-1)``): for 4 bits the AMX bfloat16
+    kernel's result up to summation order. The call's fixed arguments are prepared once per layer
+    and passed as one array, as at one row the Python around the kernel cost as much as the
+    kernel."""
+    dtype = _NATIVE_X_DTYPES.get(x.dtype)
+    k = layer.in_features
+    if dtype is None or x.numel() >= AMX_MIN_ROWS * k:
         return None
     plan = cached(layer, "cpu_decode", _decode_plan)
     if not plan.fits:
         return None
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    t, k = x2.shape
-    y = torch.empty(t, plan.args[3], dtype=x2.dtype)
-    dtype = _NATIVE_X_DTYPES[x2.dtype]
-    failed = _native_library().decode_linear(
-        x2.data_ptr(), dtype, t, k, x2.stride(0), *plan.args, y.data_ptr(), dtype, torch.get_num_threads()
-    )
+    if x.is_contiguous():  # decoding's case: no view to make
+        rows, address, stride = x.numel() // k, x.data_ptr(), k
+    else:
+        x2 = x.reshape(-1, k)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        rows, address, stride = x2.shape[0], x2.data_ptr(), x2.stride(0)
+    y = torch.empty(*x.shape[:-1], layer.out_features, dtype=x.dtype)
+    failed = _native_library().decode_planned(plan.address, address, dtype, rows, stride, y.data_ptr(),
+                                              torch.get_num_threads())  # fmt: skip
     if failed == 1:
         raise MemoryError("the CPU low-bit decode kernel could not allocate its scratch memory")
     if failed:  # decode_fits let through a layer the C kernel refuses: a bug, not a user error
@@ -602,6 +628,8 @@ def _native_library() -> ctypes.CDLL | None:
         lib.decode_linear.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ptr, ctypes.c_int, i64, i64, ptr, i64, ptr,
                                       ptr, ptr, ctypes.c_int, ctypes.c_int]  # fmt: skip
         lib.decode_linear.restype = ctypes.c_int
+        lib.decode_planned.argtypes = [ptr, ptr, ctypes.c_int, i64, i64, ptr, ctypes.c_int]
+        lib.decode_planned.restype = ctypes.c_int
     return lib
 
 

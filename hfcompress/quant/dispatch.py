@@ -141,10 +141,14 @@ def select_path(layer: QuantLinear, x: torch.Tensor) -> str:
 
 def _buffers_key(layer: QuantLinear) -> tuple:
     # In-place writes (load_state_dict, copy_) bump `_version`; assigning a new tensor changes
-    # its id. Read through `_buffers` directly: Module.__getattr__ costs more than the check.
+    # its id. Read through `_buffers` directly: Module.__getattr__ costs more than the check,
+    # and a flat tuple less than one built by a generator (decoding checks it on every call).
     buffers = layer._buffers
-    names = ("qweight", "scales") if layer.symmetric else ("qweight", "scales", "zeros")
-    return tuple((id(buffers[n]), buffers[n]._version) for n in names)
+    q, s = buffers["qweight"], buffers["scales"]
+    if layer.symmetric:
+        return (id(q), q._version, id(s), s._version)
+    z = buffers["zeros"]
+    return (id(q), q._version, id(s), s._version, id(z), z._version)
 
 
 def cached(layer: QuantLinear, name: str, build: Callable[[QuantLinear], Any]) -> Any:

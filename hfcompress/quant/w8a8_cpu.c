@@ -322,6 +322,31 @@ static inline __m256i small_ints_to_bf16(__m512i v) {
 /* The packed-layout positions [0, count) of codes src (int8, or two 4-bit codes a byte) as
  * bfloat16 (to_bf16) or int8 into dst. */
 static void widen_codes(const int8_t *src, int64_t count, int nibbles, int to_bf16, void *dst) {
+#if defined(__AVX512VL__) && defined(__AVX512BF16__)
+    /* To bfloat16, where the instructions are here: a quarter to a third of the instructions of
+     * the general loop below, the same values. */
+    if (to_bf16 && nibbles) { /* each code's bfloat16 looked up: word j of the table is j - 8 */
+        const __m256i table = _mm256_setr_epi16((short)0xC100, (short)0xC0E0, (short)0xC0C0, (short)0xC0A0,
+                                                (short)0xC080, (short)0xC040, (short)0xC000, (short)0xBF80, 0,
+                                                0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0);
+        for (int64_t i = 0; i < count; i += 32) { /* vpermw reads the low 4 bits of each word */
+            const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(src + i / 2)));
+            _mm256_storeu_si256((__m256i *)((uint16_t *)dst + i), _mm256_permutexvar_epi16(v, table));
+            _mm256_storeu_si256((__m256i *)((uint16_t *)dst + i + 16),
+                                _mm256_permutexvar_epi16(_mm256_srli_epi16(v, 4), table));
+        }
+        return;
+    }
+    if (to_bf16) { /* int8 codes: two float32 vectors of them to one of bfloat16 (exact) */
+        for (int64_t i = 0; i < count; i += 32) {
+            const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + i))));
+            const __m512 hi =
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + i + 16))));
+            _mm512_storeu_si512((uint16_t *)dst + i, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        }
+        return;
+    }
+#endif
     for (int64_t i = 0; i < count; i += 32) {
         __m128i lo, hi; /* positions i..i+15 and i+16..i+31 as int8 */
         if (nibbles) {
@@ -358,11 +383,13 @@ static float row_sum(const void *a, int bf16, int64_t k0, int64_t k1) {
 }
 
 /* The rows [m0, m0 + 32) of a [T, row_bytes] matrix, or, for the last partial block, a copy
- * zero-padded to 32 rows in *pad (allocated on first use); NULL when that fails. */
+ * zero-padded to 32 rows in *pad (allocated and filled on first use); NULL when that fails. */
 static const char *amx_row_block(const char *a, int64_t T, int64_t m0, int64_t row_bytes, char **pad) {
     int64_t rows = T - m0;
     if (rows >= 32) return a + m0 * row_bytes;
-    if (!*pad && !(*pad = malloc((size_t)(32 * row_bytes)))) return NULL;
+    if (*pad) return *pad; /* only the last block is partial: filled once, on the first call (a copy
+                            * per block of channels took a quarter of a 1-row call) */
+    if (!(*pad = malloc((size_t)(32 * row_bytes)))) return NULL;
     memcpy(*pad, a + m0 * row_bytes, (size_t)(rows * row_bytes));
     memset(*pad + rows * row_bytes, 0, (size_t)((32 - rows) * row_bytes));
     return *pad;
@@ -435,6 +462,17 @@ static void amx_add_group(const void *acc, int acc_int, float *total, int first,
         dp(3, 5, 7);                                      \
     } while (0)
 
+/* The same for a block of at most 16 rows: the second row tile would multiply only padding
+ * (at one row that was a quarter of the call). */
+#define AMX_K_STEP_HALF(dp, kb)                           \
+    do {                                                  \
+        _tile_loadd(4, a0 + (kb) * 64, row_bytes);        \
+        _tile_loadd(6, b0 + (kb) * 1024, 64);             \
+        dp(0, 4, 6);                                      \
+        _tile_loadd(7, b1 + (kb) * 1024, 64);             \
+        dp(1, 4, 7);                                      \
+    } while (0)
+
 /* The driver: a [T, K] int8 codes (bf16 == 0, tdpbssd, k steps of 64) or bfloat16 (tdpbf16ps,
  * k steps of 32); wp the weights packed for that step. Returns 0, or 1 when scratch memory
  * cannot be allocated. */
@@ -493,14 +531,20 @@ static int amx_linear(int bf16, const void *a, int64_t T, int64_t K, const int8_
                     _tile_zero(1);
                     _tile_zero(2);
                     _tile_zero(3);
-                    if (bf16)
+                    if (rows <= 16 && bf16)
+                        for (int64_t kb = g * group_steps; kb < kb_end; kb++) AMX_K_STEP_HALF(_tile_dpbf16ps, kb);
+                    else if (rows <= 16)
+                        for (int64_t kb = g * group_steps; kb < kb_end; kb++) AMX_K_STEP_HALF(_tile_dpbssd, kb);
+                    else if (bf16)
                         for (int64_t kb = g * group_steps; kb < kb_end; kb++) AMX_K_STEP(_tile_dpbf16ps, kb);
                     else
                         for (int64_t kb = g * group_steps; kb < kb_end; kb++) AMX_K_STEP(_tile_dpbssd, kb);
                     _tile_stored(0, acc, 128);
                     _tile_stored(1, acc + 16, 128);
-                    _tile_stored(2, acc + 512, 128);
-                    _tile_stored(3, acc + 528, 128);
+                    if (rows > 16) {
+                        _tile_stored(2, acc + 512, 128);
+                        _tile_stored(3, acc + 528, 128);
+                    }
                     if (!scaled) break;
                     amx_add_group(acc, !bf16, total, g == 0, rows, n0, cols, w_scale + g * N,
                                   offsets ? offsets + g * N : NULL, row_sums ? row_sums + m0 * groups + g : NULL,
@@ -644,6 +688,89 @@ static inline void step_codes(const uint8_t *p, __mmask64 m, int bits, __m512i w
     w[2] = _mm512_unpacklo_epi8(b, one);
     w[3] = _mm512_unpackhi_epi8(b, one);
 }
+
+/* Channels [n0, n0 + rows) (rows <= DECODE_CHANNELS) of y, every row t, before the zero-point
+ * correction corr [T, N]. decode_linear calls it with `bits` and `fine` as literals, so that each
+ * width gets its own loop without tests of them per step: at one row that took a tenth of a 4-bit
+ * layer's time. */
+static inline __attribute__((always_inline)) void decode_block(const uint16_t *xg, int64_t T, int64_t steps,
+                                                               const uint8_t *qw, int64_t qw_stride, int64_t N,
+                                                               int64_t n0, int64_t rows, const float *w_scale,
+                                                               int64_t group, int64_t G, int64_t steps_per_group,
+                                                               const float *scale_rows, __m512i lanes_a,
+                                                               __m512i lanes_b, const float *corr,
+                                                               __mmask64 full_mask, __mmask64 tail_mask, void *y,
+                                                               int out_dtype, const int bits, const int fine) {
+    const int64_t step_bytes = 16 * bits;
+    const float unit = (float)(1 << bits);
+    const uint8_t *p[DECODE_CHANNELS];
+    int64_t n[DECODE_CHANNELS];
+    for (int r = 0; r < DECODE_CHANNELS; r++) {
+        n[r] = r < rows ? n0 + r : N - 1; /* past N: not stored */
+        p[r] = qw + n[r] * qw_stride;
+    }
+    /* the codes DECODE_PREFETCH bytes on, into the caches while these run (decoding reads each
+     * weight once, from memory or the last-level cache) */
+    const char *block = (const char *)qw + n0 * qw_stride, *end = (const char *)qw + N * qw_stride;
+    for (const char *q = block + DECODE_PREFETCH; q < block + DECODE_PREFETCH + rows * qw_stride && q < end; q += 64)
+        _mm_prefetch(q, _MM_HINT_T0);
+    for (int64_t t = 0; t < T; t++) {
+        const __m512i *xt = (const __m512i *)(xg + t * steps * 128);
+        __m512 total[DECODE_CHANNELS];
+        for (int r = 0; r < DECODE_CHANNELS; r++) total[r] = _mm512_setzero_ps();
+        const float *ws = w_scale; /* row g of w_scale: the current group's */
+        for (int64_t c = 0, in_group = 0; c < steps; c++) {
+            const __mmask64 m = c == steps - 1 ? tail_mask : full_mask;
+            const __m512bh x0 = (__m512bh)xt[4 * c], x1 = (__m512bh)xt[4 * c + 1], x2 = (__m512bh)xt[4 * c + 2],
+                           x3 = (__m512bh)xt[4 * c + 3];
+            for (int r = 0; r < DECODE_CHANNELS; r++) {
+                __m512i w[4];
+                step_codes(p[r] + c * step_bytes, m, bits, w);
+                if (fine) { /* the step's (up to) 4 groups' scales, spread to their lanes */
+                    const int64_t g0 = c * (128 / group);
+                    const __mmask8 in = (__mmask8)(G - g0 >= 4 ? 0xF : (1u << (G - g0)) - 1u);
+                    const __m512 s4 = _mm512_castps128_ps512(
+                        _mm_mul_ps(_mm_maskz_loadu_ps(in, scale_rows + n[r] * G + g0), _mm_set1_ps(unit)));
+                    __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)w[0], x0);
+                    a = _mm512_dpbf16_ps(a, (__m512bh)w[1], x1);
+                    __m512 b = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)w[2], x2);
+                    b = _mm512_dpbf16_ps(b, (__m512bh)w[3], x3);
+                    total[r] = _mm512_fmadd_ps(a, _mm512_permutexvar_ps(lanes_a, s4), total[r]);
+                    total[r] = _mm512_fmadd_ps(b, _mm512_permutexvar_ps(lanes_b, s4), total[r]);
+                } else {
+                    __m512 acc = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)w[0], x0);
+                    acc = _mm512_dpbf16_ps(acc, (__m512bh)w[1], x1);
+                    acc = _mm512_dpbf16_ps(acc, (__m512bh)w[2], x2);
+                    acc = _mm512_dpbf16_ps(acc, (__m512bh)w[3], x3);
+                    total[r] = _mm512_fmadd_ps(acc, _mm512_set1_ps(unit * ws[n[r]]), total[r]);
+                }
+            }
+            if (!fine && ++in_group == steps_per_group) {
+                in_group = 0;
+                ws += N;
+            }
+        }
+        /* the four channels' sums at once: pairs, then quads within each 128-bit lane, then the
+         * four lanes */
+        const __m512 s01 =
+            _mm512_add_ps(_mm512_unpacklo_ps(total[0], total[1]), _mm512_unpackhi_ps(total[0], total[1]));
+        const __m512 s23 =
+            _mm512_add_ps(_mm512_unpacklo_ps(total[2], total[3]), _mm512_unpackhi_ps(total[2], total[3]));
+        const __m512 s = _mm512_add_ps(_mm512_shuffle_ps(s01, s23, _MM_SHUFFLE(1, 0, 1, 0)),
+                                       _mm512_shuffle_ps(s01, s23, _MM_SHUFFLE(3, 2, 3, 2)));
+        __m128 v = _mm_add_ps(_mm_add_ps(_mm512_extractf32x4_ps(s, 0), _mm512_extractf32x4_ps(s, 1)),
+                              _mm_add_ps(_mm512_extractf32x4_ps(s, 2), _mm512_extractf32x4_ps(s, 3)));
+        const __mmask8 keep = (__mmask8)((1u << rows) - 1u);
+        v = _mm_add_ps(v, _mm_maskz_loadu_ps(keep, corr + t * N + n0));
+        if (out_dtype == 2) {
+            _mm_mask_storeu_ps((float *)y + t * N + n0, keep, v);
+        } else {
+            float f[4];
+            _mm_storeu_ps(f, v);
+            for (int r = 0; r < rows; r++) ((uint16_t *)y)[t * N + n0 + r] = float_to_bf16(f[r]);
+        }
+    }
+}
 #endif
 
 /* The weight widths decode_linear takes in this build, as a mask of 1 << bits: 4 bits with AVX-512
@@ -673,6 +800,7 @@ int decode_linear(const void *x, int x_dtype, int64_t T, int64_t K, int64_t x_st
     const int fine = group < K && (group == 32 || group == 64);
     if (!(decode_bits_built() & (1 << bits)) || (group < K && group % 128 && !fine) || (fine && !scale_rows))
         return 2;
+    if (T <= 0) return 0;
     const int64_t G = (K + group - 1) / group, row_bytes = (K + 7) / 8 * bits, steps = (K + 127) / 128;
     const int64_t steps_per_group = group >= K ? steps : fine ? 1 : group / 128, step_bytes = 16 * bits;
     __m512i lanes_a = _mm512_setzero_si512(), lanes_b = _mm512_setzero_si512(); /* group of each lane */
@@ -687,7 +815,7 @@ int decode_linear(const void *x, int x_dtype, int64_t T, int64_t K, int64_t x_st
         lanes_b = _mm512_loadu_si512(b);
     }
     /* sum (q - o) x = unit sum (1 + q / unit) x - (unit + o) sum x, unit = 2^bits, o = 2^(bits-1) */
-    const float unit = (float)(1 << bits), offset = (float)((1 << bits) + (1 << (bits - 1)));
+    const float offset = (float)((1 << bits) + (1 << (bits - 1)));
     uint16_t *xg = aligned_alloc(64, (size_t)(T * steps * 256));
     float *xsum = malloc(sizeof(float) * (size_t)(T * G)), *corr = malloc(sizeof(float) * (size_t)(T * N));
     if (!xg || !xsum || !corr) {
@@ -695,17 +823,29 @@ int decode_linear(const void *x, int x_dtype, int64_t T, int64_t K, int64_t x_st
         return 1;
     }
     memset(xg, 0, (size_t)(T * steps * 256)); /* inputs past K: 0 */
-    for (int64_t t = 0; t < T; t++)
-        for (int64_t g = 0, k0 = 0; k0 < K; g++, k0 += group) {
-            float sum = 0.0f;
-            for (int64_t k = k0; k < k0 + group && k < K; k++) {
-                uint16_t h = x_dtype == 2 ? float_to_bf16(((const float *)x)[t * x_stride + k])
-                                          : ((const uint16_t *)x)[t * x_stride + k];
-                xg[(t * steps + (k >> 7)) * 128 + decode_slot(k & 127, bits)] = h;
-                sum += bf16_to_float(h);
+    int16_t slot[128];
+    for (int i = 0; i < 128; i++) slot[i] = (int16_t)decode_slot(i, bits);
+    /* x rounded to bfloat16 sixteen at a time (round to nearest even, as torch), each group's
+     * sum of the rounded values in float32 (a run of 16 lies inside one group: groups are
+     * multiples of 32, or K), then each value to its slot */
+    for (int64_t t = 0; t < T; t++) {
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 16) {
+            const __mmask16 m = lanes16(k, K);
+            const __m256i h = x_dtype == 2 ? (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(
+                                                 m, (const float *)x + t * x_stride + k))
+                                           : _mm256_maskz_loadu_epi16(m, (const uint16_t *)x + t * x_stride + k);
+            sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+            if (k + 16 >= K || (k + 16) % group == 0) {
+                xsum[t * G + k / group] = _mm512_reduce_add_ps(sum);
+                sum = _mm512_setzero_ps();
             }
-            xsum[t * G + g] = sum;
+            uint16_t v[16];
+            _mm256_storeu_si256((__m256i *)v, h);
+            uint16_t *xs = xg + (t * steps + (k >> 7)) * 128;
+            for (int i = 0; i < 16 && k + i < K; i++) xs[slot[(k + i) & 127]] = v[i];
         }
+    }
     const int64_t tail = row_bytes - (steps - 1) * step_bytes;
     const __mmask64 tail_mask = tail >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << tail) - 1);
     const __mmask64 full_mask = step_bytes >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << step_bytes) - 1);
@@ -730,69 +870,18 @@ int decode_linear(const void *x, int x_dtype, int64_t T, int64_t K, int64_t x_st
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < blocks; b++) {
             const int64_t n0 = b * DECODE_CHANNELS, rows = N - n0 < DECODE_CHANNELS ? N - n0 : DECODE_CHANNELS;
-            int64_t n[DECODE_CHANNELS];
-            for (int r = 0; r < DECODE_CHANNELS; r++) n[r] = r < rows ? n0 + r : N - 1; /* past N: not stored */
-            /* the codes DECODE_PREFETCH bytes on, into the caches while these run (decoding reads
-             * each weight once, from memory or the last-level cache) */
-            const char *block = (const char *)qw + n0 * qw_stride, *end = (const char *)qw + N * qw_stride;
-            for (const char *p = block + DECODE_PREFETCH; p < block + DECODE_PREFETCH + rows * qw_stride && p < end;
-                 p += 64)
-                _mm_prefetch(p, _MM_HINT_T0);
-            for (int64_t t = 0; t < T; t++) {
-                const __m512i *xt = (const __m512i *)(xg + t * steps * 128);
-                __m512 total[DECODE_CHANNELS];
-                for (int r = 0; r < DECODE_CHANNELS; r++) total[r] = _mm512_setzero_ps();
-                for (int64_t c = 0, g = 0, in_group = 0; c < steps; c++) {
-                    const __mmask64 m = c == steps - 1 ? tail_mask : full_mask;
-                    const __m512bh x0 = (__m512bh)xt[4 * c], x1 = (__m512bh)xt[4 * c + 1],
-                                   x2 = (__m512bh)xt[4 * c + 2], x3 = (__m512bh)xt[4 * c + 3];
-                    for (int r = 0; r < DECODE_CHANNELS; r++) {
-                        __m512i w[4];
-                        step_codes(qw + n[r] * qw_stride + c * step_bytes, m, bits, w);
-                        if (fine) { /* the step's (up to) 4 groups' scales, spread to their lanes */
-                            const int64_t g0 = c * (128 / group);
-                            const __mmask8 in = (__mmask8)(G - g0 >= 4 ? 0xF : (1u << (G - g0)) - 1u);
-                            const __m512 s4 = _mm512_castps128_ps512(
-                                _mm_mul_ps(_mm_maskz_loadu_ps(in, scale_rows + n[r] * G + g0), _mm_set1_ps(unit)));
-                            __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)w[0], x0);
-                            a = _mm512_dpbf16_ps(a, (__m512bh)w[1], x1);
-                            __m512 b = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)w[2], x2);
-                            b = _mm512_dpbf16_ps(b, (__m512bh)w[3], x3);
-                            total[r] = _mm512_fmadd_ps(a, _mm512_permutexvar_ps(lanes_a, s4), total[r]);
-                            total[r] = _mm512_fmadd_ps(b, _mm512_permutexvar_ps(lanes_b, s4), total[r]);
-                            continue;
-                        }
-                        __m512 acc = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)w[0], x0);
-                        acc = _mm512_dpbf16_ps(acc, (__m512bh)w[1], x1);
-                        acc = _mm512_dpbf16_ps(acc, (__m512bh)w[2], x2);
-                        acc = _mm512_dpbf16_ps(acc, (__m512bh)w[3], x3);
-                        total[r] = _mm512_fmadd_ps(acc, _mm512_set1_ps(unit * w_scale[g * N + n[r]]), total[r]);
-                    }
-                    if (++in_group == steps_per_group) {
-                        in_group = 0;
-                        g++;
-                    }
-                }
-                /* the four channels' sums at once: pairs, then quads within each 128-bit lane,
-                 * then the four lanes */
-                const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(total[0], total[1]),
-                                                 _mm512_unpackhi_ps(total[0], total[1]));
-                const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(total[2], total[3]),
-                                                 _mm512_unpackhi_ps(total[2], total[3]));
-                const __m512 s = _mm512_add_ps(_mm512_shuffle_ps(s01, s23, _MM_SHUFFLE(1, 0, 1, 0)),
-                                               _mm512_shuffle_ps(s01, s23, _MM_SHUFFLE(3, 2, 3, 2)));
-                __m128 v = _mm_add_ps(_mm_add_ps(_mm512_extractf32x4_ps(s, 0), _mm512_extractf32x4_ps(s, 1)),
-                                      _mm_add_ps(_mm512_extractf32x4_ps(s, 2), _mm512_extractf32x4_ps(s, 3)));
-                const __mmask8 keep = (__mmask8)((1u << rows) - 1u);
-                v = _mm_add_ps(v, _mm_maskz_loadu_ps(keep, corr + t * N + n0));
-                if (out_dtype == 2) {
-                    _mm_mask_storeu_ps((float *)y + t * N + n0, keep, v);
-                } else {
-                    float f[4];
-                    _mm_storeu_ps(f, v);
-                    for (int r = 0; r < rows; r++) ((uint16_t *)y)[t * N + n0 + r] = float_to_bf16(f[r]);
-                }
-            }
+#define DECODE_BLOCK(BITS, FINE)                                                                                \
+    decode_block(xg, T, steps, qw, qw_stride, N, n0, rows, w_scale, group, G, steps_per_group, scale_rows, lanes_a, \
+                 lanes_b, corr, full_mask, tail_mask, y, out_dtype, BITS, FINE)
+            if (bits == 4)
+                fine ? DECODE_BLOCK(4, 1) : DECODE_BLOCK(4, 0);
+#ifdef NARROW_DECODE
+            else if (bits == 3)
+                fine ? DECODE_BLOCK(3, 1) : DECODE_BLOCK(3, 0);
+            else
+                fine ? DECODE_BLOCK(2, 1) : DECODE_BLOCK(2, 0);
+#endif
+#undef DECODE_BLOCK
         }
     }
     free(xg); free(xsum); free(corr);
@@ -802,4 +891,14 @@ int decode_linear(const void *x, int x_dtype, int64_t T, int64_t K, int64_t x_st
     (void)w_scale; (void)group; (void)offsets; (void)scale_rows; (void)y; (void)out_dtype; (void)threads;
     return 2;
 #endif
+}
+
+/* decode_linear with a layer's fixed arguments in one array, plan = {qw, bits, qw_stride, N,
+ * w_scale, group, offsets, scale_rows, K} (pointers as integers, 0 for NULL), and x and y of one
+ * dtype: at one row, ctypes took as long to convert decode_linear's sixteen arguments as the
+ * kernel took on SmolLM2's smaller layers. */
+int decode_planned(const int64_t *plan, const void *x, int dtype, int64_t T, int64_t x_stride, void *y, int threads) {
+    return decode_linear(x, dtype, T, plan[8], x_stride, (const uint8_t *)(intptr_t)plan[0], (int)plan[1], plan[2],
+                         plan[3], (const float *)(intptr_t)plan[4], plan[5], (const float *)(intptr_t)plan[6],
+                         (const float *)(intptr_t)plan[7], y, dtype, threads);
 }

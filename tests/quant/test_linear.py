@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -534,6 +535,17 @@ def test_cpu_w8a8_amx_is_not_used_where_it_is_unavailable_or_inexact(monkeypatch
     assert "did not reproduce torch._int_mm" in caplog.text
 
 
+def test_cpu_amx_kernels_built_and_granted_pass_their_probe():
+    # The AMX tests skip where amx_available() is False; a kernel built here, with the tile
+    # state granted, that fails its exactness probe must fail the suite instead.
+    from hfcompress.quant import cpu_w8a8
+
+    lib = cpu_w8a8._native_library()
+    if os.environ.get(cpu_w8a8.NO_AMX_ENV, "") not in ("", "0") or lib is None or not lib.w8a8_amx_init():
+        pytest.skip("no AMX kernel built here, or no tile state granted")
+    assert cpu_w8a8.amx_available.__wrapped__(), "the AMX kernels are built here but failed their probe"
+
+
 @pytest.mark.parametrize("step", [64, 32], ids=["int8-tiles", "bf16-tiles"])
 def test_cpu_amx_pack_is_the_tile_layout(step):
     """Runs on any CPU with a C compiler (packing is plain C). For k steps of ``step`` inputs
@@ -575,10 +587,11 @@ AMX_WEIGHT_ONLY = [  # (bits, group_size, K): per channel, groups (the last one 
 @pytest.mark.parametrize("bits,group_size,k", AMX_WEIGHT_ONLY, ids=[f"w{b}-g{g}-k{k}" for b, g, k in AMX_WEIGHT_ONLY])
 def test_cpu_weight_only_prefill_on_amx_sums_the_bfloat16_inputs_exactly(bits, group_size, k, symmetric, dtype,
                                                                         monkeypatch):  # fmt: skip
-    # From AMX_MIN_ROWS rows, 4- and 8-bit weight-only layers run the AMX bfloat16 kernel:
-    # float32 sums of the exact codes, float32 scales per group, so the only rounding is that
-    # of the inputs to bfloat16 (and of a bfloat16 or float16 output), where torch's decode
-    # ops also round the scales and their output to bfloat16.
+    # From AMX_BF16_MIN_ROWS rows (prefill, and batched decoding), weight-only layers run the
+    # AMX bfloat16 kernel: float32 sums of the exact codes, float32 scales per group, so the
+    # only rounding is that of the inputs to bfloat16 (and of a bfloat16 or float16 output),
+    # where torch's decode ops also round the scales and their output to bfloat16. Up to 16
+    # rows it multiplies one row tile, from 17 two.
     from hfcompress.quant import cpu_w8a8
 
     if not cpu_w8a8.amx_available():
@@ -591,7 +604,9 @@ def test_cpu_weight_only_prefill_on_amx_sums_the_bfloat16_inputs_exactly(bits, g
     monkeypatch.setattr(cpu_w8a8, "amx_bf16_linear", lambda *a: calls.append(1) or real(*a))
     dense = qw.dequantize().double()
     g = torch.Generator().manual_seed(1)
-    for rows, served in [(cpu_w8a8.AMX_MIN_ROWS - 1, False), (16, True), (37, True), (130, True)]:
+    least = cpu_w8a8.AMX_BF16_MIN_ROWS
+    for rows, served in [(least - 1, False), (least, True), (15, True), (16, True), (17, True), (37, True),
+                         (130, True)]:  # fmt: skip
         x = (torch.randn(rows, k, generator=g) * torch.linspace(0.2, 4, k)).to(dtype)
         calls.clear()
         with torch.no_grad():
@@ -636,17 +651,23 @@ DECODE_WIDTH_CASES = [(b, *c) for b in (4, 3, 2) for c in DECODE_CASES if not (b
 )
 def test_cpu_decode_kernel_sums_the_bfloat16_inputs_exactly(bits, n, k, group_size, symmetric, float_zero, dtype,
                                                            monkeypatch):  # fmt: skip
-    # Below AMX_MIN_ROWS rows, 2-, 3- and 4-bit weight-only layers run w8a8_cpu.c's decode
-    # kernel on the layer's own packed codes: float32 sums of the exact codes, float32 scales
-    # and zero points, so the only rounding is that of the inputs to bfloat16 (and of a
-    # bfloat16 output). For 4 bits torch's int4 op, which served these calls before, is not
-    # built; 2 and 3 bits had only the reference kernel, which dequantized the weight on every
-    # call.
+    # Below AMX_MIN_ROWS rows (below AMX_BF16_MIN_ROWS where the AMX kernel serves: switched
+    # off here, so that every row count reaches the decode kernel), 2-, 3- and 4-bit
+    # weight-only layers run w8a8_cpu.c's decode kernel on the layer's own packed codes: float32
+    # sums of the exact codes, float32 scales and zero points, so the only rounding is that of
+    # the inputs to bfloat16 (and of a bfloat16 output). For 4 bits torch's int4 op, which
+    # served these calls before, is not built; 2 and 3 bits had only the reference kernel,
+    # which dequantized the weight on every call.
     from hfcompress.quant import cpu_kernels
 
     cpu_w8a8 = _decode_kernel(bits)
+    amx_serves = cpu_w8a8.amx_bf16_serves
+    monkeypatch.setattr(cpu_w8a8, "amx_bf16_serves", lambda layer, rows: False)
     monkeypatch.setattr(cpu_kernels, "_build_int4", lambda layer: pytest.fail("torch's int4 op was prepared"))
     monkeypatch.setattr(cpu_kernels, "reference_forward", lambda *a: pytest.fail("the reference kernel ran"))
+    decoded = []
+    decode = cpu_w8a8.decode_forward
+    monkeypatch.setattr(cpu_w8a8, "decode_forward", lambda *a: decoded.append(1) or decode(*a))
     layer, qw = _layer(n, k, bits=bits, group_size=group_size, symmetric=symmetric, float_zero=float_zero, bias=True)
     layer.to(dtype)
     dense = qw.dequantize().double()
@@ -654,22 +675,18 @@ def test_cpu_decode_kernel_sums_the_bfloat16_inputs_exactly(bits, n, k, group_si
     wide = (torch.randn(cpu_w8a8.AMX_MIN_ROWS - 1, 2 * k, generator=g) * torch.linspace(0.2, 4, 2 * k)).to(dtype)
     for x in (wide[:1, :k], wide[:3, :k], wide[:, :k], wide[:2, k:].contiguous()):  # row strides 2K and K
         assert dispatch.select_path(layer, x) == ("cpu_int4" if bits == 4 else "cpu_lowbit")
+        decoded.clear()
         with torch.no_grad():
             y = layer(x)
-        assert y.dtype == dtype and y.shape == (x.shape[0], n)
+        assert decoded and y.dtype == dtype and y.shape == (x.shape[0], n)
         exact = x.bfloat16().double() @ dense.t() + layer.bias.double()
         # float32 sums (1e-6 is 2000x below the bfloat16 inputs' own error); a bfloat16 output
         assert _rel_err(y.double(), exact) < (3e-6 if dtype == torch.float32 else 4e-3)
-        if (
-            bits == 4
-            and cpu_w8a8.amx_bf16_serves(layer, cpu_w8a8.AMX_MIN_ROWS)
-            and x.shape[0] == 1
-            and dtype == torch.float32
-        ):
+        if bits == 4 and amx_serves(layer, cpu_w8a8.AMX_MIN_ROWS) and x.shape[0] == 1 and dtype == torch.float32:
             # the AMX prefill kernel on the same row: the same sums, in another order
-            with torch.no_grad():
-                prefill = layer(x.expand(cpu_w8a8.AMX_MIN_ROWS, k))
-            torch.testing.assert_close(prefill[:1], y, rtol=1e-5, atol=1e-5)
+            rows = x.expand(cpu_w8a8.AMX_MIN_ROWS, k).bfloat16().contiguous()
+            prefill = cpu_w8a8.amx_bf16_linear(layer, rows, x.dtype)
+            torch.testing.assert_close(prefill[:1] + layer.bias, y, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("bits", [3, 2], ids=lambda b: f"w{b}")
@@ -777,7 +794,7 @@ def test_cpu_decode_kernel_failures_are_named(monkeypatch):
             def __getattr__(self, name):
                 return getattr(real, name)
 
-            def decode_linear(self, *args, code=code):
+            def decode_planned(self, *args, code=code):
                 return code
 
         monkeypatch.setattr(cpu_w8a8, "_native_library", lambda: Refusing())
