@@ -1,6 +1,7 @@
 """CPU decode speed and perplexity of SmolLM2-135M: fp32 vs W8 vs W4 vs W3, measured in one run.
 
     python benchmarks/bench_decode.py [--windows 40] [--rounds 3] [--new-tokens 64] [--decode-kernel-off]
+        [--batch 8]
 
 Every variant is built from the same fp32 model in this process; decode speed is measured
 round-robin (one measurement of each variant per round, median over rounds) so that machine
@@ -10,6 +11,11 @@ tokens (the README's protocol). Prints a markdown table for benchmarks/RESULTS.m
 ``--decode-kernel-off`` adds rows for the 3- and 4-bit variants decoding without
 ``w8a8_cpu.c``'s decode kernel (on CPUs with AVX-512 BF16), timed in the same rounds: 4 bits on
 torch's int4 op, 3 bits on the reference kernel (which dequantizes the weight every call).
+
+``--batch B`` (B > 1) adds a second table: every variant decoding B sequences side by side
+(each step runs B rows through each layer), and, on CPUs with AMX, each quantized variant again
+with the AMX bfloat16 kernel serving only from ``AMX_MIN_ROWS`` rows (the routing before it took
+weight-only calls from ``AMX_BF16_MIN_ROWS``), in the same rounds.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import argparse
 import contextlib
 import copy
 import statistics
+from collections.abc import Callable
 from unittest import mock
 
 import torch
@@ -31,6 +38,7 @@ from hfcompress.models import load_model, load_tokenizer
 from hfcompress.quant import cpu_w8a8
 
 KERNEL_OFF = {"W4": ", torch's int4 op", "W3": ", reference kernel"}
+BATCH_OFF = ", AMX from 16 rows (before)"
 
 VARIANTS = {
     "fp32": None,
@@ -47,7 +55,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--decode-kernel-off", action="store_true", help="also time W4 on torch's int4 op")
+    parser.add_argument("--batch", type=int, default=1, help="also time decoding this many sequences at once")
     args = parser.parse_args()
+    if args.batch < 1:
+        parser.error(f"--batch {args.batch}: give 1 (no batched table) or more sequences")
 
     base = load_model("smollm2-135m")
     tokenizer = load_tokenizer("smollm2-135m")
@@ -71,12 +82,28 @@ def main() -> None:
             off = label + KERNEL_OFF[label[:2]]
             timed[off] = (label, lambda: mock.patch.object(cpu_w8a8, "decode_forward", lambda *a: None))
             ppl[off] = ppl[label]  # 512-token windows: the prefill paths, unchanged
+    batched: dict[str, tuple[str, Callable]] = {}
+    if args.batch > 1:
+        batched = {label: (label, contextlib.nullcontext) for label in models}
+        if cpu_w8a8.amx_available():
+            for label in [label for label in models if label != "fp32"]:
+                batched[label + BATCH_OFF] = (
+                    label,
+                    lambda: mock.patch.object(cpu_w8a8, "AMX_BF16_MIN_ROWS", cpu_w8a8.AMX_MIN_ROWS),
+                )
     rates: dict[str, list[float]] = {label: [] for label in timed}
+    batch_rates: dict[str, list[float]] = {label: [] for label in batched}
     for _ in tqdm(range(args.rounds), desc="decode rounds"):
         for label, (model_label, context) in timed.items():
             with context():
                 result = decode_speed(models[model_label], tokenizer, new_tokens=args.new_tokens, repeats=1)
             rates[label].append(result.tokens_per_second)
+        for label, (model_label, context) in batched.items():
+            with context():
+                result = decode_speed(
+                    models[model_label], tokenizer, new_tokens=args.new_tokens, repeats=1, batch=args.batch
+                )
+            batch_rates[label].append(result.tokens_per_second)
 
     # Measure every variant on the layers W4 quantized (all Linear layers but lm_head).
     w4_layers = [n for n, m in models["W4 g128 (asym)"].named_modules() if isinstance(m, hfcompress.QuantLinear)]
@@ -93,6 +120,14 @@ def main() -> None:
             f"| {label} | {size.total_bytes / 1e6:.1f} MB | {size.bits_per_weight:.2f} | {ppl[label]:.3f} "
             f"| {rate:.1f} | {rate / fp32_rate:.2f}x |"
         )
+    if batched:
+        print(f"\nBatched decode: {args.batch} sequences side by side, tokens/s over all of them\n")
+        print("| variant | decode tok/s | vs fp32 |")
+        print("|---|---|---|")
+        fp32_rate = statistics.median(batch_rates["fp32"])
+        for label, values in batch_rates.items():
+            rate = statistics.median(values)
+            print(f"| {label} | {rate:.1f} | {rate / fp32_rate:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -29,16 +29,19 @@ def cpu_name() -> str:
 @dataclass(frozen=True)
 class DecodeSpeed:
     """Attributes:
-    tokens_per_second: Decode throughput, prefill excluded (median of the repeats).
-    new_tokens: Tokens decoded per repeat.
+    tokens_per_second: Decode throughput, prefill excluded (median of the repeats), over all
+        sequences of the batch.
+    new_tokens: Tokens decoded per sequence and repeat.
     prompt_tokens: Prompt length.
     repeats: Timed repeats.
+    batch: Sequences decoded side by side (each decoding step runs ``batch`` rows).
     """
 
     tokens_per_second: float
     new_tokens: int
     prompt_tokens: int
     repeats: int
+    batch: int = 1
 
 
 def _generate_seconds(model, input_ids: torch.Tensor, new_tokens: int) -> float:
@@ -56,21 +59,25 @@ def _generate_seconds(model, input_ids: torch.Tensor, new_tokens: int) -> float:
 
 @torch.no_grad()
 def decode_speed(
-    model, tokenizer, *, prompt: str = DEFAULT_PROMPT, new_tokens: int = 64, repeats: int = 3
+    model, tokenizer, *, prompt: str = DEFAULT_PROMPT, new_tokens: int = 64, repeats: int = 3, batch: int = 1
 ) -> DecodeSpeed:
-    """Greedy-decode ``new_tokens`` after ``prompt`` (batch 1, KV cache on).
+    """Greedy-decode ``new_tokens`` after ``prompt`` (KV cache on), ``batch`` copies of the
+    prompt side by side (batched generation: every step runs ``batch`` rows through each layer).
 
     Prefill is removed by timing a 1-token generation too: decode rate =
-    ``(new_tokens - 1) / (t(new_tokens) - t(1))``; one warm-up run precedes the timed ones.
+    ``batch * (new_tokens - 1) / (t(new_tokens) - t(1))``; one warm-up run precedes the timed
+    ones.
     """
     if new_tokens < 2:
         raise ValueError(f"new_tokens={new_tokens} must be >= 2")
+    if batch < 1:
+        raise ValueError(f"batch={batch} must be >= 1")
     device = next(model.parameters()).device
-    input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device).expand(batch, -1)
     _generate_seconds(model, input_ids, new_tokens)  # warm-up: caches, kernel packing
     rates = []
     for _ in range(repeats):
         full = _generate_seconds(model, input_ids, new_tokens)
         prefill = _generate_seconds(model, input_ids, 1)
-        rates.append((new_tokens - 1) / max(full - prefill, 1e-9))
-    return DecodeSpeed(statistics.median(rates), new_tokens, input_ids.shape[1], repeats)
+        rates.append(batch * (new_tokens - 1) / max(full - prefill, 1e-9))
+    return DecodeSpeed(statistics.median(rates), new_tokens, input_ids.shape[1], repeats, batch)

@@ -54,3 +54,19 @@ def test_decode_speed_reports_a_rate(tiny_llama):
 
     speed = decode_speed(tiny_llama, Tok(), new_tokens=4, repeats=1)
     assert speed.tokens_per_second > 0 and speed.prompt_tokens == 3 and speed.new_tokens == 4
+
+
+def test_decode_speed_decodes_a_batch_side_by_side(tiny_llama, monkeypatch):
+    class Tok:
+        def __call__(self, text, return_tensors):
+            return type("Enc", (), {"input_ids": torch.tensor([[1, 2, 3]])})()
+
+    shapes = []
+    generate = tiny_llama.generate
+    monkeypatch.setattr(
+        tiny_llama, "generate", lambda ids, **kw: shapes.append(tuple(ids.shape)) or generate(ids, **kw)
+    )
+    speed = decode_speed(tiny_llama, Tok(), new_tokens=4, repeats=1, batch=3)
+    assert speed.batch == 3 and {tuple(shape) for shape in shapes} == {(3, 3)}
+    with pytest.raises(ValueError, match="batch=0"):
+        decode_speed(tiny_llama, Tok(), new_tokens=4, batch=0)
