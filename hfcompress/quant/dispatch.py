@@ -217,6 +217,11 @@ def quant_linear_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     The choice is remembered per (device type, dtype, forced reference) on the layer: decoding
     calls every layer once per token, and re-deciding each time cost a measurable share of it.
     """
+    if x.shape[-1] != layer.in_features:  # the C kernels read rows of in_features by address
+        raise ValueError(
+            f"this quantized layer takes inputs whose last dimension is its in_features={layer.in_features}; "
+            f"got an input of shape {tuple(x.shape)}"
+        )
     if x.requires_grad and torch.is_grad_enabled():
         return _trainable_forward(layer, x)
     if _DENSE.active:

@@ -1,4 +1,5 @@
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -952,3 +953,15 @@ def test_c_kernels_rebuild_when_a_header_they_include_changes(monkeypatch, tmp_p
     (tmp_path / "value.h").write_text("static int value(void) { return 2; }\n")
     second = native.build(source)
     assert second != first and ctypes.CDLL(str(second)).probe() == 2
+
+
+@pytest.mark.parametrize("bits", [4, 3, 8])
+def test_quant_linear_names_an_input_of_the_wrong_width(bits):
+    # The C kernels read rows of in_features values by address: an input of another width (here
+    # one whose element count is a multiple of in_features) is refused with its shape, on every
+    # path, rather than read as other rows.
+    layer, _ = _layer(16, 256, bits=bits, group_size=128)
+    for x in (torch.randn(1, 512), torch.randn(2, 8, 128), torch.randn(40, 128)):
+        with pytest.raises(ValueError, match=r"in_features=256.*" + re.escape(str(tuple(x.shape)))):
+            layer(x)
+    assert layer(torch.randn(2, 256)).shape == (2, 16)
