@@ -1,5 +1,5 @@
-"""The CPU weight-only kernels: PyTorch's packed int4 and int8 matmuls, and our decode kernel
-for 2 and 3 bits.
+"""The CPU weight-only kernels: PyTorch's packed int4 and int8 matmuls, our decode kernel (2,
+3, 4 and 8 bits) and our AMX bfloat16 kernel.
 
 * ``cpu_int4``: 4-bit weights, ``aten._weight_int4pack_mm_for_cpu``. It needs N a multiple of
   16, K a multiple of its block size (32, 64, 128 or 256) and bfloat16 activations and
@@ -20,7 +20,11 @@ for 2 and 3 bits.
   SmolLM2 this beat giving the op unit scales and applying ``s`` after it (0.19% vs 0.27%
   relative error: the op's bfloat16 output of the unscaled sums lost more on the layers with
   the largest activations). An asymmetric zero point becomes a rank-one correction. The op
-  crashes (torch 2.13) when K is not a multiple of 16, so K is zero-padded.
+  crashes (torch 2.13) when K is not a multiple of 16, so K is zero-padded. On CPUs with
+  AVX-512 BF16, calls the AMX kernel below does not take (fewer than ``AMX_BF16_MIN_ROWS``
+  rows, or fewer than ``AMX_MIN_ROWS`` without AMX) run ``w8a8_cpu.c``'s decode kernel instead,
+  in float32: each code minus 128 is an exact float32 and the inputs are not rounded, so its
+  float32 sums are the only rounding.
 * ``cpu_lowbit``: 2- and 3-bit weights whose group size the decode kernel below takes (32, 64,
   a multiple of 128, or per channel), where it is built (AVX-512 BF16 and VBMI): calls of fewer
   than ``AMX_BF16_MIN_ROWS`` rows run the kernel (fewer than ``AMX_MIN_ROWS`` without AMX);
@@ -220,10 +224,13 @@ def _amx_bf16_forward(layer: QuantLinear, x: torch.Tensor, x2: torch.Tensor) -> 
 
 
 def _cpu_int8_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    if cpu_w8a8.amx_bf16_serves(layer, x.numel() // layer.in_features):
+        return _amx_bf16_forward(layer, x, x.reshape(-1, layer.in_features).to(torch.bfloat16))
+    y = cpu_w8a8.decode_forward(layer, x)  # float32 products: exact inputs, unlike the op's bfloat16
+    if y is not None:
+        return _add_bias(layer, x, y)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, layer.in_features).to(torch.bfloat16)
-    if cpu_w8a8.amx_bf16_serves(layer, x2.shape[0]):
-        return _amx_bf16_forward(layer, x, x2)
     pack = cached(layer, "cpu_int8", _build_int8)
     if pack.padded_k != layer.in_features:
         x2 = F.pad(x2, (0, pack.padded_k - layer.in_features))

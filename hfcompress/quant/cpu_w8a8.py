@@ -341,11 +341,11 @@ _FINE_GROUPS = (32, 64)
 
 @functools.cache
 def decode_bits() -> frozenset[int]:
-    """The weight widths (of 2, 3 and 4 bits) ``w8a8_cpu.c``'s decode kernel takes here: built
+    """The weight widths (of 2, 3, 4 and 8 bits) ``w8a8_cpu.c``'s decode kernel takes here: built
     (a compiler and CPU with AVX-512 BF16, and VBMI for 2 and 3 bits) and giving the exact sums
-    of small integers on a probe per width, one scale per channel and groups of 32 and 64 with
-    their own scales, that covers a partial step and group, a channel block past N and the
-    extreme codes (checked once per process)."""
+    of small integers on a probe per width, one scale per channel and (below 8 bits) groups of
+    32 and 64 with their own scales, that covers a partial step and group, a channel block past
+    N and the extreme codes (checked once per process)."""
     lib = _native_library()
     if lib is None:
         return frozenset()
@@ -354,7 +354,7 @@ def decode_bits() -> frozenset[int]:
     g = torch.Generator().manual_seed(0)
     t, k, n = 3, 200, 7
     f32 = _NATIVE_X_DTYPES[torch.float32]
-    for bits in (2, 3, 4):
+    for bits in (2, 3, 4, 8):
         if not built & (1 << bits):
             continue
         codes = torch.randint(0, 2**bits, (n, k), generator=g, dtype=torch.uint8)
@@ -362,7 +362,7 @@ def decode_bits() -> frozenset[int]:
         packed = pack(codes, bits)
         x = torch.randint(-8, 9, (t, k), generator=g).float()
         ok = True
-        for group in (k, 32, 64):
+        for group in (k, 32, 64) if bits < 8 else (k,):  # 8 bits: one scale per channel only
             groups = -(-k // group)
             scales = torch.randint(1, 5, (n, groups), generator=g).float()  # small integers: exact sums
             offsets = torch.randint(-3, 4, (n, groups), generator=g).float()
@@ -384,7 +384,7 @@ def decode_bits() -> frozenset[int]:
 
 @dataclass(frozen=True)
 class _DecodePlan:
-    fits: bool  # a 2-, 3- or 4-bit layer whose group size the kernel takes, and the kernel is here
+    fits: bool  # a 2-, 3-, 4- or 8-bit layer whose group size the kernel takes, and the kernel is here
     qweight: torch.Tensor  # the layer's packed codes: held, as the kernel reads them by address
     scales: torch.Tensor  # [G, N] float32
     offsets: torch.Tensor | None  # [G, N] float32, (o - z) * s; None when symmetric
@@ -395,10 +395,13 @@ class _DecodePlan:
 
 def decode_fits(layer: QuantLinear) -> bool:
     """Whether the decode kernel takes this layer's weights: a width it has here and a group
-    size that is a multiple of 128 or covers K, or for 2 and 3 bits also 32 or 64. (4-bit
-    layers with groups of 32 or 64 stay on torch's int4 op: on SmolLM2 it decoded 3-6% faster
-    than the kernel's lane-by-lane scaling; 2 and 3 bits have no op.)"""
+    size that is a multiple of 128 or covers K, or for 2 and 3 bits also 32 or 64; 8 bits take
+    one scale per channel only. (4-bit layers with groups of 32 or 64 stay on torch's int4 op:
+    on SmolLM2 it decoded 3-6% faster than the kernel's lane-by-lane scaling; 2 and 3 bits have
+    no op.)"""
     group = _group(layer)
+    if layer.bits == 8:
+        return group == layer.in_features and 8 in decode_bits()
     fine = group in _FINE_GROUPS and layer.bits < 4
     return (group == layer.in_features or group % _DECODE_STEP == 0 or fine) and layer.bits in decode_bits()
 
@@ -419,16 +422,17 @@ def _decode_plan(layer: QuantLinear) -> _DecodePlan:
 
 
 def decode_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor | None:
-    """``x @ dequantize(W)^T`` for a 2-, 3- or 4-bit weight-only layer and ``x: [..., K]``, as
-    ``[..., N]`` in ``x``'s dtype, no bias, by ``w8a8_cpu.c``'s decode kernel; None where it does
-    not serve: ``AMX_MIN_ROWS`` rows or more, inputs other than float32 or bfloat16, group sizes
-    other than 32, 64, multiples of 128 or one group per channel, or no kernel for the width here
-    (:func:`decode_bits`). ``x`` is rounded to bfloat16; the layer's packed codes are read as they
-    are; float32 sums per group, each group's float32 scale applied to its sums and ``(o - z) *
-    s`` times the row's sum over the group (``o = 2^(bits-1)``): for 4 bits the AMX bfloat16
-    kernel's result up to summation order. The call's fixed arguments are prepared once per layer
-    and passed as one array, as at one row the Python around the kernel cost as much as the
-    kernel."""
+    """``x @ dequantize(W)^T`` for a 2-, 3-, 4- or 8-bit weight-only layer and ``x: [..., K]``,
+    as ``[..., N]`` in ``x``'s dtype, no bias, by ``w8a8_cpu.c``'s decode kernel; None where it
+    does not serve: ``AMX_MIN_ROWS`` rows or more, inputs other than float32 or bfloat16, group
+    sizes other than 32, 64, multiples of 128 or one group per channel (8 bits: per channel
+    only), or no kernel for the width here (:func:`decode_bits`). Below 8 bits ``x`` is rounded
+    to bfloat16 (``vdpbf16ps``); 8-bit layers multiply in float32, so there the sums are the only
+    rounding. The layer's packed codes are read as they are; float32 sums per group, each group's
+    float32 scale applied to its sums and ``(o - z) * s`` times the row's sum over the group
+    (``o = 2^(bits-1)``): for 4 bits the AMX bfloat16 kernel's result up to summation order. The
+    call's fixed arguments are prepared once per layer and passed as one array, as at one row
+    the Python around the kernel cost as much as the kernel."""
     dtype = _NATIVE_X_DTYPES.get(x.dtype)
     k = layer.in_features
     if dtype is None or x.numel() >= AMX_MIN_ROWS * k:

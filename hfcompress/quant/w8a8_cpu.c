@@ -118,9 +118,9 @@ static inline int32_t dot_s8(const int8_t *q, const uint8_t *qu, const int8_t *w
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-/* The lanes of k .. k + 15 that lie below K. */
+/* The lanes of k .. k + 15 that lie below K (none when k >= K). */
 static inline __mmask16 lanes16(int64_t k, int64_t K) {
-    return K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1u);
+    return K - k >= 16 ? (__mmask16)0xFFFF : K <= k ? (__mmask16)0 : (__mmask16)((1u << (K - k)) - 1u);
 }
 
 /* Sixteen values of a row from k on (masked: lanes at or beyond K read as 0), as float32. */
@@ -636,6 +636,29 @@ int w8a8_amx_bf16_linear(const uint16_t *x, int64_t T, int64_t K, const int8_t *
 #define NARROW_DECODE 1
 #endif
 
+/* The sums of four channels' vectors: pairs, then quads within each 128-bit lane, then the four
+ * lanes. */
+static inline __m128 sum_channels(const __m512 total[4]) {
+    const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(total[0], total[1]), _mm512_unpackhi_ps(total[0], total[1]));
+    const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(total[2], total[3]), _mm512_unpackhi_ps(total[2], total[3]));
+    const __m512 s = _mm512_add_ps(_mm512_shuffle_ps(s01, s23, _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_ps(s01, s23, _MM_SHUFFLE(3, 2, 3, 2)));
+    return _mm_add_ps(_mm_add_ps(_mm512_extractf32x4_ps(s, 0), _mm512_extractf32x4_ps(s, 1)),
+                      _mm_add_ps(_mm512_extractf32x4_ps(s, 2), _mm512_extractf32x4_ps(s, 3)));
+}
+
+/* The first `rows` (<= 4) values of v to out (out_dtype 2: float32, 1: bfloat16). */
+static inline void store_channels(__m128 v, int64_t rows, void *out, int out_dtype) {
+    const __mmask8 keep = (__mmask8)((1u << rows) - 1u);
+    if (out_dtype == 2) {
+        _mm_mask_storeu_ps((float *)out, keep, v);
+    } else {
+        float f[4];
+        _mm_storeu_ps(f, v);
+        for (int r = 0; r < rows; r++) ((uint16_t *)out)[r] = float_to_bf16(f[r]);
+    }
+}
+
 /* Position, in a step's gathered x (4 vectors of 32), of input `off` (0 .. 127) of the step:
  * the vector, then the word within it (8 words from each 16-byte lane of the unpacks). */
 static inline int64_t decode_slot(int64_t off, int bits) {
@@ -750,36 +773,99 @@ static inline __attribute__((always_inline)) void decode_block(const uint16_t *x
                 ws += N;
             }
         }
-        /* the four channels' sums at once: pairs, then quads within each 128-bit lane, then the
-         * four lanes */
-        const __m512 s01 =
-            _mm512_add_ps(_mm512_unpacklo_ps(total[0], total[1]), _mm512_unpackhi_ps(total[0], total[1]));
-        const __m512 s23 =
-            _mm512_add_ps(_mm512_unpacklo_ps(total[2], total[3]), _mm512_unpackhi_ps(total[2], total[3]));
-        const __m512 s = _mm512_add_ps(_mm512_shuffle_ps(s01, s23, _MM_SHUFFLE(1, 0, 1, 0)),
-                                       _mm512_shuffle_ps(s01, s23, _MM_SHUFFLE(3, 2, 3, 2)));
-        __m128 v = _mm_add_ps(_mm_add_ps(_mm512_extractf32x4_ps(s, 0), _mm512_extractf32x4_ps(s, 1)),
-                              _mm_add_ps(_mm512_extractf32x4_ps(s, 2), _mm512_extractf32x4_ps(s, 3)));
         const __mmask8 keep = (__mmask8)((1u << rows) - 1u);
-        v = _mm_add_ps(v, _mm_maskz_loadu_ps(keep, corr + t * N + n0));
-        if (out_dtype == 2) {
-            _mm_mask_storeu_ps((float *)y + t * N + n0, keep, v);
-        } else {
-            float f[4];
-            _mm_storeu_ps(f, v);
-            for (int r = 0; r < rows; r++) ((uint16_t *)y)[t * N + n0 + r] = float_to_bf16(f[r]);
+        store_channels(_mm_add_ps(sum_channels(total), _mm_maskz_loadu_ps(keep, corr + t * N + n0)), rows,
+                       (char *)y + (t * N + n0) * (out_dtype == 2 ? 4 : 2), out_dtype);
+    }
+}
+
+/* decode8_linear's channels [n0, n0 + rows) for x rows t .. t + R - 1 (R, 1 or 2, a literal at
+ * each call): four channels side by side, two sums each (alternate runs of 16 inputs). */
+static inline __attribute__((always_inline)) void decode8_rows(const float *xf, int64_t kp, int64_t K,
+                                                               const uint8_t *qw, int64_t qw_stride, int64_t N,
+                                                               int64_t n0, int64_t rows, const float *w_scale,
+                                                               const float *offsets, const float *xsum, int64_t t,
+                                                               void *y, int out_dtype, const int R) {
+    const __m512i half = _mm512_set1_epi32(128);
+    const uint8_t *p[DECODE_CHANNELS];
+    for (int r = 0; r < DECODE_CHANNELS; r++) p[r] = qw + (r < rows ? n0 + r : N - 1) * qw_stride;
+    __m512 a[2][DECODE_CHANNELS], c[2][DECODE_CHANNELS];
+    for (int i = 0; i < R; i++)
+        for (int r = 0; r < DECODE_CHANNELS; r++) a[i][r] = c[i][r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < kp; k += 32) {
+        const __mmask16 m0 = lanes16(k, K), m1 = lanes16(k + 16, K); /* codes past K: x is 0 there */
+        for (int r = 0; r < DECODE_CHANNELS; r++) {
+            const __m512 q0 = _mm512_cvtepi32_ps(
+                _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m0, p[r] + k)), half));
+            const __m512 q1 = _mm512_cvtepi32_ps(
+                _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m1, p[r] + k + 16)), half));
+            for (int i = 0; i < R; i++) {
+                a[i][r] = _mm512_fmadd_ps(q0, _mm512_load_ps(xf + (t + i) * kp + k), a[i][r]);
+                c[i][r] = _mm512_fmadd_ps(q1, _mm512_load_ps(xf + (t + i) * kp + k + 16), c[i][r]);
+            }
         }
     }
+    const __mmask8 keep = (__mmask8)((1u << rows) - 1u);
+    const __m128 s = _mm_maskz_loadu_ps(keep, w_scale + n0);
+    for (int i = 0; i < R; i++) {
+        for (int r = 0; r < DECODE_CHANNELS; r++) a[i][r] = _mm512_add_ps(a[i][r], c[i][r]);
+        __m128 v = _mm_mul_ps(sum_channels(a[i]), s);
+        if (offsets) v = _mm_fmadd_ps(_mm_maskz_loadu_ps(keep, offsets + n0), _mm_set1_ps(xsum[t + i]), v);
+        store_channels(v, rows, (char *)y + ((t + i) * N + n0) * (out_dtype == 2 ? 4 : 2), out_dtype);
+    }
+}
+
+/* 8-bit codes, one scale per channel, in float32: y[t, n] = w_scale[n] sum_k (q[n, k] - 128)
+ * x[t, k] + offsets[n] sum_k x[t, k] (offsets = (128 - z) * s, or NULL when symmetric). Each
+ * code minus 128 is an exact float32; x stays float32 (bfloat16 inputs widened, exactly), so the
+ * float32 sums are the only rounding. Widening 16 codes a vector costs what vdpbf16ps would save
+ * (its codes would need two bfloat16 halves), and float32 products lose nothing to rounding x.
+ * Blocks of four channels split across threads (decode8_rows). */
+static int decode8_linear(const void *x, int x_dtype, int64_t T, int64_t K, int64_t x_stride, const uint8_t *qw,
+                          int64_t qw_stride, int64_t N, const float *w_scale, const float *offsets, void *y,
+                          int out_dtype, int threads) {
+    const int64_t kp = (K + 31) / 32 * 32; /* x zero-padded to whole pairs of runs */
+    float *xf = aligned_alloc(64, sizeof(float) * (size_t)(T * kp)), *xsum = malloc(sizeof(float) * (size_t)T);
+    if (!xf || !xsum) {
+        free(xf); free(xsum);
+        return 1;
+    }
+    for (int64_t t = 0; t < T; t++) {
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t k = 0; k < kp; k += 16) {
+            const __m512 v = load16(x_dtype == 2 ? (const void *)((const float *)x + t * x_stride)
+                                                 : (const void *)((const uint16_t *)x + t * x_stride),
+                                    x_dtype, k, K);
+            _mm512_store_ps(xf + t * kp + k, v);
+            sum = _mm512_add_ps(sum, v);
+        }
+        xsum[t] = _mm512_reduce_add_ps(sum);
+    }
+    const int64_t blocks = (N + DECODE_CHANNELS - 1) / DECODE_CHANNELS;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t n0 = b * DECODE_CHANNELS, rows = N - n0 < DECODE_CHANNELS ? N - n0 : DECODE_CHANNELS;
+        const char *block = (const char *)qw + n0 * qw_stride, *end = (const char *)qw + N * qw_stride;
+        for (const char *q = block + DECODE_PREFETCH; q < block + DECODE_PREFETCH + rows * qw_stride && q < end;
+             q += 64)
+            _mm_prefetch(q, _MM_HINT_T0);
+        int64_t t = 0;
+        for (; t + 1 < T; t += 2) /* two rows a pass: each code widened once for both */
+            decode8_rows(xf, kp, K, qw, qw_stride, N, n0, rows, w_scale, offsets, xsum, t, y, out_dtype, 2);
+        if (t < T) decode8_rows(xf, kp, K, qw, qw_stride, N, n0, rows, w_scale, offsets, xsum, t, y, out_dtype, 1);
+    }
+    free(xf); free(xsum);
+    return 0;
 }
 #endif
 
-/* The weight widths decode_linear takes in this build, as a mask of 1 << bits: 4 bits with AVX-512
- * F, BW and BF16; 2 and 3 bits also need VBMI. */
+/* The weight widths decode_linear takes in this build, as a mask of 1 << bits: 4 and 8 bits with
+ * AVX-512 F, BW and BF16; 2 and 3 bits also need VBMI. */
 int decode_bits_built(void) {
 #if defined(NARROW_DECODE)
-    return (1 << 2) | (1 << 3) | (1 << 4);
+    return (1 << 2) | (1 << 3) | (1 << 4) | (1 << 8);
 #elif defined(LOWBIT_DECODE)
-    return 1 << 4;
+    return (1 << 4) | (1 << 8);
 #else
     return 0;
 #endif
@@ -788,8 +874,9 @@ int decode_bits_built(void) {
 /* y [T, N] (out_dtype 2: float32, 1: bfloat16) from x [T, K] (x_dtype 2: float32, 1: bfloat16;
  * row stride x_stride), `bits`-bit codes qw [N, qw_stride] (at least ceil(K / 8) * bits bytes a
  * row), w_scale [G, N] and offsets [G, N] or NULL (G = ceil(K / group)); for group sizes 32 and
- * 64 also the scales by channel, scale_rows [N, G]. Returns 0; 1 when scratch memory cannot be
- * allocated; 2 for a width this build does not take or a group size the kernel does not. */
+ * 64 also the scales by channel, scale_rows [N, G]. 8-bit codes take one scale per channel
+ * (decode8_linear). Returns 0; 1 when scratch memory cannot be allocated; 2 for a width this
+ * build does not take or a group size the kernel does not. */
 int decode_linear(const void *x, int x_dtype, int64_t T, int64_t K, int64_t x_stride, const uint8_t *qw, int bits,
                   int64_t qw_stride, int64_t N, const float *w_scale, int64_t group, const float *offsets,
                   const float *scale_rows, void *y, int out_dtype, int threads) {
@@ -801,6 +888,10 @@ int decode_linear(const void *x, int x_dtype, int64_t T, int64_t K, int64_t x_st
     if (!(decode_bits_built() & (1 << bits)) || (group < K && group % 128 && !fine) || (fine && !scale_rows))
         return 2;
     if (T <= 0) return 0;
+    if (bits == 8) /* one scale per channel only */
+        return group < K ? 2
+                         : decode8_linear(x, x_dtype, T, K, x_stride, qw, qw_stride, N, w_scale, offsets, y, out_dtype,
+                                          threads);
     const int64_t G = (K + group - 1) / group, row_bytes = (K + 7) / 8 * bits, steps = (K + 127) / 128;
     const int64_t steps_per_group = group >= K ? steps : fine ? 1 : group / 128, step_bytes = 16 * bits;
     __m512i lanes_a = _mm512_setzero_si512(), lanes_b = _mm512_setzero_si512(); /* group of each lane */

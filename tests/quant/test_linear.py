@@ -738,6 +738,7 @@ def test_cpu_decode_kernel_serves_only_what_it_takes():
     w4g64, _ = _layer(16, 256, group_size=64)
     w3g64, _ = _layer(16, 256, bits=3, group_size=64)
     w8, _ = _layer(16, 256, bits=8, group_size=-1)
+    w8g128, _ = _layer(16, 256, bits=8, group_size=128)
     x = torch.randn(1, 256)
     assert cpu_w8a8.decode_forward(w4g128, x) is not None
     assert cpu_w8a8.decode_forward(w4g128, x.bfloat16()) is not None
@@ -747,8 +748,9 @@ def test_cpu_decode_kernel_serves_only_what_it_takes():
     assert cpu_w8a8.decode_forward(w4g64, x) is None  # 4 bits: torch's op is faster at fine groups
     if 3 in cpu_w8a8.decode_bits():
         assert cpu_w8a8.decode_forward(w3g64, x) is not None  # 2 and 3 bits: scaled lane by lane
-    assert cpu_w8a8.decode_forward(w8, x) is None
-    for layer in (w4g48, w4g64, w8):  # what it refuses still runs, on torch's ops
+    assert (cpu_w8a8.decode_forward(w8, x) is not None) == (8 in cpu_w8a8.decode_bits())  # per channel
+    assert cpu_w8a8.decode_forward(w8g128, x) is None  # 8 bits: one scale per channel only
+    for layer in (w4g48, w4g64, w8g128):  # what it refuses still runs, on torch's ops or the reference
         assert _rel_err(layer(x), x @ layer.dequantize().t()) < 2e-2
 
 
@@ -965,3 +967,30 @@ def test_quant_linear_names_an_input_of_the_wrong_width(bits):
         with pytest.raises(ValueError, match=r"in_features=256.*" + re.escape(str(tuple(x.shape)))):
             layer(x)
     assert layer(torch.randn(2, 256)).shape == (2, 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n,k,symmetric", [(40, 576, True), (7, 200, False), (9, 45, False), (33, 1536, True)])
+def test_cpu_w8_decode_kernel_multiplies_in_float32(n, k, symmetric, dtype, monkeypatch):
+    # 8-bit per-channel layers decode (below AMX_BF16_MIN_ROWS rows, or below AMX_MIN_ROWS
+    # without AMX: switched off here) on w8a8_cpu.c's decode kernel in float32: no rounding of
+    # the inputs, where torch's int8 op, which served these calls before, takes them and its
+    # scales in bfloat16 (0.18% on SmolLM2). Odd K, channels past a block of 4, strided rows.
+    from hfcompress.quant import cpu_kernels
+
+    cpu_w8a8 = _decode_kernel(8)
+    monkeypatch.setattr(cpu_w8a8, "amx_bf16_serves", lambda layer, rows: False)
+    monkeypatch.setattr(cpu_kernels, "_build_int8", lambda layer: pytest.fail("torch's int8 op was prepared"))
+    layer, qw = _layer(n, k, bits=8, group_size=-1, symmetric=symmetric, bias=True)
+    layer.to(dtype)
+    dense = qw.dequantize().double()
+    g = torch.Generator().manual_seed(2)
+    wide = (torch.randn(cpu_w8a8.AMX_MIN_ROWS - 1, 2 * k, generator=g) * torch.linspace(0.2, 4, 2 * k)).to(dtype)
+    for x in (wide[:1, :k], wide[:3, :k], wide[:, :k], wide[:2, k:].contiguous()):
+        assert dispatch.select_path(layer, x) == "cpu_int8"
+        with torch.no_grad():
+            y = layer(x)
+        assert y.dtype == dtype and y.shape == (x.shape[0], n)
+        exact = x.double() @ dense.t() + layer.bias.double()
+        # float32 sums of exact products; a bfloat16 output rounds once
+        assert _rel_err(y.double(), exact) < (1e-6 if dtype == torch.float32 else 4e-3)
