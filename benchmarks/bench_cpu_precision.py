@@ -11,8 +11,8 @@ kernel), torch's op as we called it before (int4: the op's zero-point offset rou
 bfloat16, which is also what calls of fewer than 16 rows still run; int8: the scales
 rounded to bfloat16 inside the op), the op as we call it now (what CPUs without AMX run on
 these 256-row calls), where the CPU has AMX, the AMX bfloat16 kernel that serves such
-calls there, and for 4 bits, where the CPU has AVX-512 BF16, the decode kernel that serves
-calls of fewer than 16 rows (fed the same rows 8 at a time).
+calls there, and where the CPU has AVX-512 BF16, the decode kernel that serves decoding calls
+(fed the same rows 8 at a time; 4 bits on bfloat16 inputs, 8 bits in float32).
 Perplexity: WikiText-2 test, first --windows windows of 512 tokens, with the reference kernel
 in float32 (``HFCOMPRESS_FORCE_REFERENCE=1``) and with the fast path.
 """
@@ -139,7 +139,7 @@ def main() -> None:
         model = copy.deepcopy(base)
         hfcompress.compress(model, recipe, progress=False)
         errors = _errors(model, _capture(model, tokens[: args.tokens].view(1, -1)), kernel_name)
-        cells = [f"{100 * v:.3f}%" if v is not None else "-" for v in errors.values()]
+        cells = ["-" if v is None else f"{100 * v:.3f}%" if v >= 1e-5 else f"{100 * v:.1e}%" for v in errors.values()]
         print(f"| {label} | {kernel_name} | " + " | ".join(cells) + " |")
         with reference_path():
             reference = perplexity(model, tokens, seq_len=512, max_windows=args.windows, progress=False).perplexity

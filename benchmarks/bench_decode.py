@@ -8,9 +8,10 @@ round-robin (one measurement of each variant per round, median over rounds) so t
 drift hits all variants alike. Perplexity: WikiText-2 test, first --windows windows of 512
 tokens (the README's protocol). Prints a markdown table for benchmarks/RESULTS.md.
 
-``--decode-kernel-off`` adds rows for the 3- and 4-bit variants decoding without
-``w8a8_cpu.c``'s decode kernel (on CPUs with AVX-512 BF16), timed in the same rounds: 4 bits on
-torch's int4 op, 3 bits on the reference kernel (which dequantizes the weight every call).
+``--decode-kernel-off`` adds rows for the 3-, 4- and 8-bit variants decoding without
+``w8a8_cpu.c``'s decode kernel (on CPUs with AVX-512 BF16), timed in the same rounds: 8 and 4
+bits on torch's int8 and int4 ops, 3 bits on the reference kernel (which dequantizes the weight
+every call).
 
 ``--batch B`` (B > 1) adds a second table: every variant decoding B sequences side by side
 (each step runs B rows through each layer), and, on CPUs with AMX, each quantized variant again
@@ -37,7 +38,7 @@ from hfcompress.eval.speed import cpu_name
 from hfcompress.models import load_model, load_tokenizer
 from hfcompress.quant import cpu_w8a8
 
-KERNEL_OFF = {"W4": ", torch's int4 op", "W3": ", reference kernel"}
+KERNEL_OFF = {"W8": ", torch's int8 op", "W4": ", torch's int4 op", "W3": ", reference kernel"}
 BATCH_OFF = ", AMX from 16 rows (before)"
 
 VARIANTS = {
@@ -79,7 +80,7 @@ def main() -> None:
         for label in [label for label in models if label[:2] in KERNEL_OFF]:
             if int(label[1]) not in cpu_w8a8.decode_bits():
                 continue  # no kernel for this width here: the row would time the same path twice
-            off = label + KERNEL_OFF[label[:2]]
+            off = label + (", torch's int4 and int8 ops" if "lm_head W8" in label else KERNEL_OFF[label[:2]])
             timed[off] = (label, lambda: mock.patch.object(cpu_w8a8, "decode_forward", lambda *a: None))
             ppl[off] = ppl[label]  # 512-token windows: the prefill paths, unchanged
     batched: dict[str, tuple[str, Callable]] = {}
