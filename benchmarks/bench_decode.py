@@ -16,7 +16,8 @@ every call).
 ``--batch B`` (B > 1) adds a second table: every variant decoding B sequences side by side
 (each step runs B rows through each layer), and, on CPUs with AMX, each quantized variant again
 with the AMX bfloat16 kernel serving only from ``AMX_MIN_ROWS`` rows (the routing before it took
-weight-only calls from ``AMX_BF16_MIN_ROWS``), in the same rounds.
+weight-only calls from ``AMX_BF16_MIN_ROWS``; fewer rows then go to the decode kernel or torch's
+ops), in the same rounds.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from hfcompress.models import load_model, load_tokenizer
 from hfcompress.quant import cpu_w8a8
 
 KERNEL_OFF = {"W8": ", torch's int8 op", "W4": ", torch's int4 op", "W3": ", reference kernel"}
-BATCH_OFF = ", AMX from 16 rows (before)"
+BATCH_OFF = ", AMX from 16 rows"
 
 VARIANTS = {
     "fp32": None,
