@@ -8,11 +8,12 @@
  * - w8a8_linear: a layer for a few rows (decoding) in one call: quantize, int8 dot products,
  *   epilogue;
  * - w8a8_amx_linear, w8a8_amx_bf16_linear: the prefill's matmuls on AMX tiles (int8 x int8,
- *   and bfloat16 activations x widened weight codes for weight-only layers), per-group scales,
- *   zero points and the epilogue fused (the section "AMX");
+ *   and bfloat16 activations x widened weight codes for weight-only layers, which it also runs
+ *   from 3 rows: batched decoding), per-group scales, zero points and the epilogue fused (the
+ *   section "AMX");
  * - decode_linear: a 2-, 3- or 4-bit weight-only layer for a few rows (decoding) on AVX-512
- *   bfloat16 dot products, reading the layer's own packed codes (the section "Low-bit decode"
- *   at the end of this file).
+ *   bfloat16 dot products, or an 8-bit one in float32, reading the layer's own packed codes
+ *   (the section "Low-bit decode" at the end of this file).
  *
  * For each row t:
  *
