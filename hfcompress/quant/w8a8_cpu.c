@@ -396,18 +396,13 @@ static const char *amx_row_block(const char *a, int64_t T, int64_t m0, int64_t r
     return *pad;
 }
 
-static inline __mmask16 lanes_of(int64_t cols, int64_t c0) {
-    int64_t n = cols - c0;
-    return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
-}
-
 /* Rows [m0, m0 + rows) and channels [n0, n0 + cols) of y from the block acc [32][32] (int32
  * sums if acc_int, else float32); sx or w_scale NULL means scales of 1. */
 static void amx_epilogue(const void *acc, int acc_int, const float *sx, int sx_per_row, int64_t m0, int64_t rows,
                          int64_t n0, int64_t cols, const float *w_scale, const float *bias, int64_t N, void *y,
                          int out_dtype) {
     for (int64_t c0 = 0; c0 < 32 && c0 < cols; c0 += 16) {
-        __mmask16 mask = lanes_of(cols, c0);
+        __mmask16 mask = lanes16(c0, cols);
         __m512 ws = w_scale ? _mm512_maskz_loadu_ps(mask, w_scale + n0 + c0) : _mm512_set1_ps(1.0f);
         __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n0 + c0) : _mm512_setzero_ps();
         for (int64_t r = 0; r < rows; r++) {
@@ -434,7 +429,7 @@ static void amx_add_group(const void *acc, int acc_int, float *total, int first,
                           int64_t cols, const float *s_g, const float *offsets_g, const float *row_sums_g,
                           int64_t stride) {
     for (int64_t c0 = 0; c0 < 32; c0 += 16) {
-        __mmask16 mask = lanes_of(cols, c0);
+        __mmask16 mask = lanes16(c0, cols);
         __m512 s = _mm512_maskz_loadu_ps(mask, s_g + n0 + c0);
         __m512 o = offsets_g ? _mm512_maskz_loadu_ps(mask, offsets_g + n0 + c0) : _mm512_setzero_ps();
         for (int64_t r = 0; r < rows; r++) {
@@ -448,23 +443,11 @@ static void amx_add_group(const void *acc, int acc_int, float *total, int first,
     }
 }
 
-/* One k step of the driver's 32 x 32 block with the tile product `dp` (its tile operands are
- * immediates, so the two kernels differ by macro argument, not by pointer): each tile is loaded
- * just before its first product, so products start while the rest load. */
-#define AMX_K_STEP(dp, kb)                                \
-    do {                                                  \
-        _tile_loadd(4, a0 + (kb) * 64, row_bytes);        \
-        _tile_loadd(6, b0 + (kb) * 1024, 64);             \
-        dp(0, 4, 6);                                      \
-        _tile_loadd(7, b1 + (kb) * 1024, 64);             \
-        dp(1, 4, 7);                                      \
-        _tile_loadd(5, a1 + (kb) * 64, row_bytes);        \
-        dp(2, 5, 6);                                      \
-        dp(3, 5, 7);                                      \
-    } while (0)
-
-/* The same for a block of at most 16 rows: the second row tile would multiply only padding
- * (at one row that was a quarter of the call). */
+/* One k step of the driver's block against its first row tile only, with the tile product `dp`
+ * (its tile operands are immediates, so the two kernels differ by macro argument, not by
+ * pointer): each tile is loaded just before its first product, so products start while the rest
+ * load. Alone, it serves blocks of at most 16 rows, where the second row tile would multiply only
+ * padding (at one row that was a quarter of the call). */
 #define AMX_K_STEP_HALF(dp, kb)                           \
     do {                                                  \
         _tile_loadd(4, a0 + (kb) * 64, row_bytes);        \
@@ -472,6 +455,15 @@ static void amx_add_group(const void *acc, int acc_int, float *total, int first,
         dp(0, 4, 6);                                      \
         _tile_loadd(7, b1 + (kb) * 1024, 64);             \
         dp(1, 4, 7);                                      \
+    } while (0)
+
+/* The whole 32 x 32 block: the first row tile's products, then the second's. */
+#define AMX_K_STEP(dp, kb)                                \
+    do {                                                  \
+        AMX_K_STEP_HALF(dp, kb);                          \
+        _tile_loadd(5, a1 + (kb) * 64, row_bytes);        \
+        dp(2, 5, 6);                                      \
+        dp(3, 5, 7);                                      \
     } while (0)
 
 /* The driver: a [T, K] int8 codes (bf16 == 0, tdpbssd, k steps of 64) or bfloat16 (tdpbf16ps,
@@ -597,7 +589,8 @@ int w8a8_amx_bf16_linear(const uint16_t *x, int64_t T, int64_t K, const int8_t *
 #endif
 }
 
-/* ---- Low-bit decode (AVX-512 BF16): 2-, 3- and 4-bit weight-only layers for a few rows ----
+/* ---- Low-bit decode (AVX-512 BF16): 2-, 3- and 4-bit weight-only layers for a few rows (and
+ * 8-bit ones in float32: decode8_linear, below) ----
  *
  * y[t, n] = sum over g of (w_scale[g, n] * sum_{k in g} bf16(x[t, k]) (q[n, k] - o)
  *                          + offsets[g, n] * sum_{k in g} bf16(x[t, k]))
@@ -636,6 +629,14 @@ int w8a8_amx_bf16_linear(const uint16_t *x, int64_t T, int64_t K, const int8_t *
 #if defined(__AVX512VBMI__)
 #define NARROW_DECODE 1
 #endif
+
+/* The codes DECODE_PREFETCH bytes past channels [n0, n0 + rows), into the caches while those run
+ * (decoding reads each weight once, from memory or the last-level cache). */
+static inline void prefetch_codes(const uint8_t *qw, int64_t qw_stride, int64_t N, int64_t n0, int64_t rows) {
+    const char *block = (const char *)qw + n0 * qw_stride, *end = (const char *)qw + N * qw_stride;
+    for (const char *q = block + DECODE_PREFETCH; q < block + DECODE_PREFETCH + rows * qw_stride && q < end; q += 64)
+        _mm_prefetch(q, _MM_HINT_T0);
+}
 
 /* The sums of four channels' vectors: pairs, then quads within each 128-bit lane, then the four
  * lanes. */
@@ -733,11 +734,7 @@ static inline __attribute__((always_inline)) void decode_block(const uint16_t *x
         n[r] = r < rows ? n0 + r : N - 1; /* past N: not stored */
         p[r] = qw + n[r] * qw_stride;
     }
-    /* the codes DECODE_PREFETCH bytes on, into the caches while these run (decoding reads each
-     * weight once, from memory or the last-level cache) */
-    const char *block = (const char *)qw + n0 * qw_stride, *end = (const char *)qw + N * qw_stride;
-    for (const char *q = block + DECODE_PREFETCH; q < block + DECODE_PREFETCH + rows * qw_stride && q < end; q += 64)
-        _mm_prefetch(q, _MM_HINT_T0);
+    prefetch_codes(qw, qw_stride, N, n0, rows);
     for (int64_t t = 0; t < T; t++) {
         const __m512i *xt = (const __m512i *)(xg + t * steps * 128);
         __m512 total[DECODE_CHANNELS];
@@ -846,10 +843,7 @@ static int decode8_linear(const void *x, int x_dtype, int64_t T, int64_t K, int6
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t n0 = b * DECODE_CHANNELS, rows = N - n0 < DECODE_CHANNELS ? N - n0 : DECODE_CHANNELS;
-        const char *block = (const char *)qw + n0 * qw_stride, *end = (const char *)qw + N * qw_stride;
-        for (const char *q = block + DECODE_PREFETCH; q < block + DECODE_PREFETCH + rows * qw_stride && q < end;
-             q += 64)
-            _mm_prefetch(q, _MM_HINT_T0);
+        prefetch_codes(qw, qw_stride, N, n0, rows);
         int64_t t = 0;
         for (; t + 1 < T; t += 2) /* two rows a pass: each code widened once for both */
             decode8_rows(xf, kp, K, qw, qw_stride, N, n0, rows, w_scale, offsets, xsum, t, y, out_dtype, 2);
