@@ -97,7 +97,7 @@ AMX_MIN_ROWS = 16
 # From this many rows the AMX bfloat16 kernel serves a weight-only call: from 3 rows it beat the
 # decode kernel (2-, 3- and 4-bit codes) and torch's int8 op on SmolLM2's shapes, up to 5x at 15
 # rows (batched or speculative decoding), as its time hardly grows below 16 rows; at 1 row they
-# take 0.55-0.75x its time, at 2 about the same (2-core Sapphire Rapids VM).
+# take 0.55-0.9x its time, at 2 about the same (2-core Sapphire Rapids VM).
 AMX_BF16_MIN_ROWS = 3
 NO_AMX_ENV = "HFCOMPRESS_NO_AMX"
 # oneDNN is used where it is at most this many times slower than torch._int_mm in the
