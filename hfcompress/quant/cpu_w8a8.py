@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hfcompress.quant import native
+from hfcompress.quant import compiled, native
 from hfcompress.quant.activations import activation_scales, quantize_activations
 from hfcompress.quant.dispatch import FORCE_REFERENCE_ENV, Kernel, cached, register_kernel
 from hfcompress.quant.packing import pack
@@ -583,7 +583,8 @@ def _quantized_input(layer: QuantLinear, x: torch.Tensor) -> tuple[torch.Tensor,
     act = layer.scheme.input_activations
     static = getattr(layer, "input_scale", None)
     try:
-        version = x._version
+        # Compiled code may rewrite a buffer it handed to the op without bumping its version.
+        version = None if compiled.in_op() else x._version
     except RuntimeError:  # an inference-mode tensor has no version counter: do not reuse
         version = None
     key = (x, version, act, None if static is None else tuple(static.tolist()))

@@ -41,6 +41,7 @@ __all__ = [
     "FORCE_REFERENCE_ENV",
     "Kernel",
     "cached",
+    "check_input_shape",
     "dense_weights",
     "quant_linear_forward",
     "reference_forward",
@@ -209,6 +210,16 @@ def _trainable_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, layer.dequantize(dtype), layer.bias)
 
 
+def check_input_shape(layer: QuantLinear, x: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``x``'s last dimension is ``layer.in_features`` (the C
+    kernels read rows of ``in_features`` values by address)."""
+    if x.shape[-1] != layer.in_features:
+        raise ValueError(
+            f"this quantized layer takes inputs whose last dimension is its in_features={layer.in_features}; "
+            f"got an input of shape {tuple(x.shape)}"
+        )
+
+
 def quant_linear_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     """Run ``layer`` on ``x: [..., K]`` through the kernel :func:`select_kernel` picks, or,
     when ``x`` needs a gradient, through the differentiable reference computation (the packed
@@ -217,11 +228,7 @@ def quant_linear_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     The choice is remembered per (device type, dtype, forced reference) on the layer: decoding
     calls every layer once per token, and re-deciding each time cost a measurable share of it.
     """
-    if x.shape[-1] != layer.in_features:  # the C kernels read rows of in_features by address
-        raise ValueError(
-            f"this quantized layer takes inputs whose last dimension is its in_features={layer.in_features}; "
-            f"got an input of shape {tuple(x.shape)}"
-        )
+    check_input_shape(layer, x)
     if x.requires_grad and torch.is_grad_enabled():
         return _trainable_forward(layer, x)
     if _DENSE.active:

@@ -9,7 +9,7 @@ from torch import nn
 
 from hfcompress.errors import CheckpointError
 from hfcompress.kinds import CompressedModule, register_module_kind
-from hfcompress.quant import dispatch
+from hfcompress.quant import compiled, dispatch
 from hfcompress.quant.affine import QuantizedWeight, dequantize, num_groups
 from hfcompress.quant.packing import SUPPORTED_BITS, pack, packed_columns, unpack
 from hfcompress.quant.scheme import QuantArgs, QuantScheme
@@ -92,6 +92,12 @@ class QuantLinear(CompressedModule):
             self.register_parameter("bias", None)
         self._kernel_cache: dict[str, object] = {}  # repacked weights per kernel
         self._path_cache: dict[tuple, object] = {}  # (device type, dtype, forced) -> kernel
+        self._handle = compiled.register_layer(self)  # what the torch.compile op calls it by
+
+    def __setstate__(self, state: dict) -> None:
+        # A copy (copy.deepcopy, pickle) is a new layer: it gets its own handle for the op.
+        super().__setstate__(state)
+        self._handle = compiled.register_layer(self)
 
     def _register_input_scale(self, device: torch.device | str | None) -> None:
         act = self.scheme.input_activations
@@ -284,6 +290,8 @@ class QuantLinear(CompressedModule):
         return result
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if compiled.uses_op(x):  # under torch.compile: one opaque op (see hfcompress.quant.compiled)
+            return compiled.compiled_forward(self, x)
         return dispatch.quant_linear_forward(self, x)
 
     def extra_repr(self) -> str:
