@@ -1,7 +1,7 @@
 """CPU decode speed and perplexity of SmolLM2-135M: fp32 vs W8 vs W4 vs W3, measured in one run.
 
     python benchmarks/bench_decode.py [--windows 40] [--rounds 3] [--new-tokens 64] [--decode-kernel-off]
-        [--batch 8]
+        [--batch 8] [--compile]
 
 Every variant is built from the same fp32 model in this process; decode speed is measured
 round-robin (one measurement of each variant per round, median over rounds) so that machine
@@ -12,6 +12,11 @@ tokens (the README's protocol). Prints a markdown table for benchmarks/RESULTS.m
 ``w8a8_cpu.c``'s decode kernel (on CPUs with AVX-512 BF16), timed in the same rounds: 8 and 4
 bits on torch's int8 and int4 ops, 3 bits on the reference kernel (which dequantizes the weight
 every call).
+
+``--compile`` adds each variant again with ``model.forward = torch.compile(model.forward)``,
+timed in the same rounds (the first, untimed, call compiles). Every ``QuantLinear`` is then one
+``hfcompress::quant_linear`` op in the graph (:mod:`hfcompress.quant.compiled`); the Python
+between the layers runs as compiled code.
 
 ``--batch B`` (B > 1) adds a second table: every variant decoding B sequences side by side
 (each step runs B rows through each layer), and, on CPUs with AMX, each quantized variant again
@@ -25,11 +30,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from unittest import mock
 
 import torch
+import torch._dynamo
 from tqdm.auto import tqdm
 
 import hfcompress
@@ -41,6 +48,7 @@ from hfcompress.quant import cpu_w8a8
 
 KERNEL_OFF = {"W8": ", torch's int8 op", "W4": ", torch's int4 op", "W3": ", reference kernel"}
 BATCH_OFF = ", AMX from 16 rows"
+COMPILED = ", torch.compile"
 
 VARIANTS = {
     "fp32": None,
@@ -51,6 +59,16 @@ VARIANTS = {
 }
 
 
+@contextlib.contextmanager
+def _compiled(model, forward) -> Iterator[None]:
+    """``model`` running ``forward`` (its compiled forward) inside the context."""
+    model.forward = forward
+    try:
+        yield
+    finally:
+        del model.forward  # the instance attribute: the class's forward again
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--windows", type=int, default=40)
@@ -58,6 +76,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--decode-kernel-off", action="store_true", help="also time W4 on torch's int4 op")
     parser.add_argument("--batch", type=int, default=1, help="also time decoding this many sequences at once")
+    parser.add_argument("--compile", action="store_true", help="also time each variant under torch.compile")
     args = parser.parse_args()
     if args.batch < 1:
         parser.error(f"--batch {args.batch}: give 1 (no batched table) or more sequences")
@@ -84,6 +103,16 @@ def main() -> None:
             off = label + (", torch's int4 and int8 ops" if "lm_head W8" in label else KERNEL_OFF[label[:2]])
             timed[off] = (label, lambda: mock.patch.object(cpu_w8a8, "decode_forward", lambda *a: None))
             ppl[off] = ppl[label]  # 512-token windows: the prefill paths, unchanged
+    if args.compile:
+        # Each model is its own set of guards on the same code objects (prefill, decode, growing
+        # caches): past Dynamo's default of 8 the later variants would run uncompiled.
+        torch._dynamo.config.recompile_limit = torch._dynamo.config.accumulated_recompile_limit = 256
+        for label in list(models):
+            timed[label + COMPILED] = (
+                label,
+                functools.partial(_compiled, models[label], torch.compile(models[label].forward)),
+            )
+            ppl[label + COMPILED] = ppl[label]  # perplexity: the eager model's
     batched: dict[str, tuple[str, Callable]] = {}
     if args.batch > 1:
         batched = {label: (label, contextlib.nullcontext) for label in models}
