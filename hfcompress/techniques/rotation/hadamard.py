@@ -72,9 +72,12 @@ def _native_library() -> ctypes.CDLL | None:
 
 def _native_block_hadamard(x: torch.Tensor, block: int) -> torch.Tensor | None:
     """``hadamard_cpu.c`` on ``x``, or None where it does not apply (not CPU, another dtype, a
-    block under 16 or not a power of two, grad mode on a tensor that needs it, no compiler)."""
+    block under 16 or not a power of two, grad mode on a tensor that needs it, no compiler, or
+    while ``torch.compile`` traces: there the two matmuls below compile into the graph, where
+    a ``ctypes`` call would break it)."""
     if (
-        x.device.type != "cpu"
+        torch.compiler.is_compiling()
+        or x.device.type != "cpu"
         or x.dtype not in _NATIVE_DTYPES
         or block < 16
         or block & (block - 1)
