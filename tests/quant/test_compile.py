@@ -15,7 +15,7 @@ import torch._dynamo
 import hfcompress
 from hfcompress.quant import QuantLinear, compiled, dispatch
 from hfcompress.techniques.rotation import hadamard
-from tests.conftest import make_tiny_llama
+from tests.conftest import make_tiny_bert, make_tiny_llama
 
 W4 = [{"technique": "rtn", "bits": 4, "group_size": 64, "ignore": ["lm_head"]}]
 W8A8 = [
@@ -63,6 +63,19 @@ def test_a_compiled_decoder_is_one_graph_and_computes_the_eager_logits(stages, r
     assert torch.equal(got, eager)  # the same kernels on the same inputs
     if stages is not W3:  # 3 bits have a kernel only with AVX-512 VBMI
         assert "reference" not in _paths(model, ids)  # the packed kernels ran, not the fallback
+
+
+def test_a_compiled_w8a8_bert_classifier_is_one_graph_with_the_eager_logits():
+    model = make_tiny_bert().eval()
+    hfcompress.compress(model, hfcompress.Recipe.from_dict({"stages": W8A8}), progress=False)
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(3))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = model(ids).logits
+        explained = torch._dynamo.explain(model)(ids)
+        got = torch.compile(model, backend="aot_eager", fullgraph=True)(ids).logits
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    assert torch.equal(got, eager)
 
 
 def test_inductor_compiles_a_quantized_decoder_around_the_op():
