@@ -1,4 +1,4 @@
-"""``QuantLinear`` under ``torch.compile``: the whole quantized linear as one custom op.
+"""``QuantLinear`` under ``torch.compile``: the whole quantized linear as one operator.
 
 The kernels behind a ``QuantLinear`` are C functions called through ``ctypes`` and Triton
 launchers with Python around them. Dynamo cannot trace those: without this module every
@@ -11,7 +11,9 @@ shape. A decoder then compiles into one graph: the Python between the layers (no
 embeddings, attention glue) runs as compiled code, the linears on our kernels.
 
 The op is used for inference only: a call that needs a gradient, or runs under autocast,
-traces the eager path as before (graph breaks, but the same numbers).
+traces the eager path as before (graph breaks, but the same numbers). A handle names a layer
+of this process only: a program exported with the op in it (``torch.export``) runs in the
+process whose layers it names.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from hfcompress.quant import dispatch
 if TYPE_CHECKING:
     from hfcompress.quant.linear import QuantLinear
 
-__all__ = ["compiled_forward", "register_layer", "uses_op"]
+__all__ = ["compiled_forward", "in_op", "register_layer", "uses_op"]
 
 _LAYERS: weakref.WeakValueDictionary[int, QuantLinear] = weakref.WeakValueDictionary()
 _NEXT = itertools.count(1)
@@ -97,6 +99,6 @@ def uses_op(x: torch.Tensor) -> bool:
 
 
 def compiled_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)`` through the custom op (shape checked here, where Dynamo can see it)."""
+    """``layer(x)`` through the operator (shape checked here, where Dynamo can see it)."""
     dispatch.check_input_shape(layer, x)
     return torch.ops.hfcompress.quant_linear(x, layer._handle, layer.out_features)
