@@ -207,7 +207,8 @@ def _build_int8(layer: QuantLinear) -> _Int8Pack:
 
 def _add_bias(layer: QuantLinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """A kernel's ``y`` (no bias) with the bias added in ``x``'s dtype, as torch adds it."""
-    return y if layer.bias is None else y + layer.bias.to(x.dtype)
+    bias = layer._parameters["bias"]  # not Module.__getattr__: decoding calls this for every layer
+    return y if bias is None else y + bias.to(x.dtype)
 
 
 def _output(layer: QuantLinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -223,7 +224,8 @@ def _our_kernels(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor | None:
     """A weight-only layer on ``w8a8_cpu.c``: the AMX bfloat16 kernel from ``AMX_BF16_MIN_ROWS``
     rows, else the decode kernel (None where neither serves; the caller's op or the reference
     then does)."""
-    if cpu_w8a8.amx_bf16_serves(layer, x.numel() // layer.in_features):
+    rows = x.numel() // layer.in_features
+    if rows >= cpu_w8a8.AMX_BF16_MIN_ROWS and cpu_w8a8.amx_bf16_serves(layer, rows):  # decoding skips the call
         return _amx_bf16_forward(layer, x, x.reshape(-1, layer.in_features).to(torch.bfloat16))
     y = cpu_w8a8.decode_forward(layer, x)
     return None if y is None else _add_bias(layer, x, y)

@@ -92,7 +92,16 @@ def registered_kernels() -> list[Kernel]:
     return sorted(_KERNELS.values(), key=lambda k: -k.priority)
 
 
+# os.environ.get of a variable that is not set raises and catches a KeyError inside: 0.66 us,
+# against 0.04 us for a look in the mapping's own dict (CPython's os.environ keeps one), and
+# every decoding call of every layer asks. The public API still reads the value when it is set.
+_ENVIRON_DATA = getattr(os.environ, "_data", None)
+_FORCE_KEY = os.environ.encodekey(FORCE_REFERENCE_ENV) if hasattr(os.environ, "encodekey") else None
+
+
 def _force_reference() -> bool:
+    if _ENVIRON_DATA is not None and _FORCE_KEY not in _ENVIRON_DATA:
+        return False
     return os.environ.get(FORCE_REFERENCE_ENV, "0") not in ("", "0", "false", "False")
 
 
@@ -228,7 +237,8 @@ def quant_linear_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     The choice is remembered per (device type, dtype, forced reference) on the layer: decoding
     calls every layer once per token, and re-deciding each time cost a measurable share of it.
     """
-    check_input_shape(layer, x)
+    if x.shape[-1] != layer.in_features:
+        check_input_shape(layer, x)  # raises
     if x.requires_grad and torch.is_grad_enabled():
         return _trainable_forward(layer, x)
     if _DENSE.active:
