@@ -95,8 +95,9 @@ def registered_kernels() -> list[Kernel]:
 # os.environ.get of a variable that is not set raises and catches a KeyError inside: 0.66 us,
 # against 0.04 us for a look in the mapping's own dict (CPython's os.environ keeps one), and
 # every decoding call of every layer asks. The public API still reads the value when it is set.
-_ENVIRON_DATA = getattr(os.environ, "_data", None)
-_FORCE_KEY = os.environ.encodekey(FORCE_REFERENCE_ENV) if hasattr(os.environ, "encodekey") else None
+# Both or neither: a dict without its key encoding would answer "not set" for ever.
+_ENVIRON_DATA = getattr(os.environ, "_data", None) if hasattr(os.environ, "encodekey") else None
+_FORCE_KEY = os.environ.encodekey(FORCE_REFERENCE_ENV) if _ENVIRON_DATA is not None else None
 
 
 def _force_reference() -> bool:
