@@ -100,7 +100,8 @@ def attend_dense(
     if bias is not None:
         scores = scores + bias[:, None, None]
     lse = torch.logsumexp(scores, dim=-1)
-    p = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num_(0.0)
+    p = torch.exp(scores - lse.unsqueeze(-1))
+    p = p.nan_to_num(0.0) if p.requires_grad else p.nan_to_num_(0.0)  # in place only without autograd
     out = p @ v.float().unsqueeze(2)
     return Partial(out.reshape(b, hq, nq, d), lse.reshape(b, hq, nq))
 
@@ -125,6 +126,8 @@ def merge(parts: list[Partial]) -> Partial:
         return parts[0]
     lse = torch.stack([p.lse for p in parts])  # [P, B, Hq, Q]
     total = torch.logsumexp(lse, dim=0)
-    weights = torch.exp(lse - total).nan_to_num_(0.0)  # a fully masked part, or row, weighs 0
+    weights = torch.exp(lse - total)
+    # a fully masked part, or row, weighs 0 (in place only without autograd)
+    weights = weights.nan_to_num(0.0) if weights.requires_grad else weights.nan_to_num_(0.0)
     out = sum(w.unsqueeze(-1) * p.out for w, p in zip(weights, parts, strict=True))
     return Partial(out, total)
