@@ -18,6 +18,12 @@ part with the Triton split-K kernel; a multi-token step reads it chunk by chunk
 (:func:`hfcompress.quant.kv.attend_packed`). A model whose attention is not ``hfcompress_kv``
 (or any model under ``dispatch.reference_path()``) gets the reference behaviour: the history
 dequantized and concatenated with the new tokens, the same numbers by a slower road.
+
+Under ``torch.compile`` a step over stored tokens is one operator per layer,
+``hfcompress::kv_attend``, which runs the eager step at run time; a prefill attends in the
+graph and stores its tokens through ``hfcompress::kv_store`` (see "under torch.compile" below).
+A model with the ``hfcompress_kv`` attention then compiles into a prefill graph and one decode
+graph, however long the cache grows.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from hfcompress.integrations.attention import (
     sequence_attention,
     switch_attention,
 )
+from hfcompress.quant import compiled
 from hfcompress.quant.dispatch import _force_reference
 from hfcompress.quant.kv import PackedKV, Partial, attend_dense, attend_packed, merge
 from hfcompress.quant.kv_cpu import kv_decode_attention_cpu
@@ -55,6 +62,7 @@ ATTENTION = "hfcompress_kv"
 declare_outer(ATTENTION)  # reads the packed cache; calls without stored keys go to sequence_attention
 _CONFIG_ATTR = "_hfcompress_kv_cache"
 _TAG = "_hfcompress_kv_layer"
+_TRACED_TAG = "_hfcompress_kv_traced_layer"  # the same, for a step the operators will store
 # Packed storage grows by at least this many tokens (or an eighth of what it holds) at a time.
 _GROW_TOKENS = 256
 # Queries per block when a multi-token step (a chunked prefill) attends over a stored history.
@@ -78,6 +86,16 @@ class QuantizedKVLayer(CacheLayerMixin):
         self._fused = fused
         self.cumulative_length = 0
         self._clear()
+        self._register()
+
+    def _register(self) -> None:
+        # What the torch.compile operators call this layer by: a tensor, so that a compiled
+        # graph takes it as an input and serves every cache, not a constant baked into it.
+        self._handle = torch.tensor(_LAYERS.add(self))
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._register()  # a copy (deepcopy, pickle) is a layer of its own
 
     def _clear(self) -> None:
         self.keys = self.values = None  # the residual window, [B, H, R, D]
@@ -106,6 +124,11 @@ class QuantizedKVLayer(CacheLayerMixin):
         With the ``hfcompress_kv`` attention they are returned tagged and appended after
         attention; otherwise the dequantized history followed by them is returned.
         """
+        if _traced_step(key_states) and self._fused():
+            # Traced: the hfcompress_kv attention stores the tokens inside its operator, at
+            # run time (module docstring), so nothing here is read or changed while tracing.
+            setattr(key_states, _TRACED_TAG, self)
+            return key_states, value_states
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.commit()
@@ -299,7 +322,10 @@ class QuantizedKVCache(Cache):
         super().__init__(layers=[QuantizedKVLayer(spec, fused) for _ in range(text.num_hidden_layers)])
 
     def _fused(self) -> bool:
-        return getattr(self._config, "_attn_implementation", None) == ATTENTION and not _force_reference()
+        # While Dynamo traces, the reference-path switch is read at run time, in the operators.
+        if getattr(self._config, "_attn_implementation", None) != ATTENTION:
+            return False
+        return torch.compiler.is_compiling() or not _force_reference()
 
     def nbytes(self) -> int:
         """Bytes stored over all layers (:meth:`QuantizedKVLayer.nbytes`)."""
@@ -381,6 +407,9 @@ def kv_attention(
     ``key`` comes tagged from one that holds keys already; otherwise (a prefill, a forward
     without our cache) :func:`~hfcompress.integrations.attention.sequence_attention`: SDPA, or
     block-sparse attention when the model has it too."""
+    traced: QuantizedKVLayer | None = getattr(key, _TRACED_TAG, None)
+    if traced is not None:
+        return _traced_attention(traced, module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     layer: QuantizedKVLayer | None = getattr(key, _TAG, None)
     if layer is None or layer._pending is None or layer._pending[0] is not key:
         return sequence_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
@@ -419,6 +448,75 @@ def kv_attention(
     out = torch.cat(outs, dim=2).to(query.dtype)
     layer.commit()
     return out.transpose(1, 2).contiguous(), None
+
+
+# -- under torch.compile ------------------------------------------------------------------------
+#
+# The cache's state (growing buffers, token counts, the packed part) is Python state that Dynamo
+# would guard on and re-trace at every step, and its kernels are ctypes and Triton calls it
+# cannot trace. While Dynamo traces, a step over stored tokens is therefore one operator,
+# hfcompress::kv_attend, that runs the eager step above (store, attend, append) at run time on
+# the layer its handle names; a prefill attends in the graph (SDPA, or block-sparse attention)
+# and stores its tokens through hfcompress::kv_store. The only state the graph reads is the
+# layer's token count (a prefill or not, and the positions), which Dynamo makes a symbolic
+# integer after the first decode steps. Both operators change the cache, so they are marked
+# unsafe for CUDA graphs (which would replay their kernels without running them).
+
+_LAYERS = compiled.Registry("QuantizedKVLayer", "hfcompress::kv_attend")
+
+
+def _traced_step(key: torch.Tensor) -> bool:
+    """Whether this step goes through the operators: while Dynamo traces, without gradients
+    (they have no backward; a step that needs one traces the eager code, with graph breaks)."""
+    return torch.compiler.is_compiling() and not (key.requires_grad and torch.is_grad_enabled())
+
+
+def _traced_attention(layer, module, query, key, value, attention_mask, dropout, scaling, **kwargs):
+    if layer.cumulative_length == 0:  # a prefill: all keys are this call's
+        out, _ = sequence_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+        return torch.ops.hfcompress.kv_store(out, key, value, layer._handle), None
+    sm_scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return torch.ops.hfcompress.kv_attend(query, key, value, attention_mask, layer._handle, sm_scale), None
+
+
+def _kv_store(out: torch.Tensor, key: torch.Tensor, value: torch.Tensor, handle: torch.Tensor) -> torch.Tensor:
+    layer: QuantizedKVLayer = _LAYERS.get(int(handle))
+    layer.update(key, value)
+    layer.commit()
+    return out.clone()  # an operator's output may not alias its input
+
+
+def _kv_attend(query, key, value, mask, handle, sm_scale: float) -> torch.Tensor:
+    layer: QuantizedKVLayer = _LAYERS.get(int(handle))
+    keys, values = layer.update(key, value)
+    if getattr(keys, _TAG, None) is layer and layer.cumulative_length > key.shape[-2]:
+        return kv_attention(None, query, keys, values, mask, scaling=sm_scale)[0]
+    # The reference path (update returned the dequantized history and the new tokens), or a
+    # cache emptied since the graph was traced: dense attention over all of it.
+    b, _, q_len, _ = query.shape
+    bias = _bias(mask, b, q_len, keys.shape[-2], query.device)
+    out = attend_dense(query, keys, values, bias, sm_scale).out.to(query.dtype)
+    layer.commit()
+    return out.transpose(1, 2).contiguous()
+
+
+def _kv_attend_fake(query, key, value, mask, handle, sm_scale):
+    b, h, q_len, d = query.shape
+    return query.new_empty((b, q_len, h, d))
+
+
+_OPS = torch.library.Library("hfcompress", "FRAGMENT")
+_OPS.define(
+    "kv_store(Tensor out, Tensor key, Tensor value, Tensor handle) -> Tensor", tags=(torch.Tag.cudagraph_unsafe,)
+)
+_OPS.define(
+    "kv_attend(Tensor query, Tensor key, Tensor value, Tensor? mask, Tensor handle, float sm_scale) -> Tensor",
+    tags=(torch.Tag.cudagraph_unsafe,),
+)
+_OPS.impl("kv_store", _kv_store, "CompositeExplicitAutograd")
+_OPS.impl("kv_attend", _kv_attend, "CompositeExplicitAutograd")
+torch.library.register_fake("hfcompress::kv_store", lambda out, key, value, handle: torch.empty_like(out), lib=_OPS)
+torch.library.register_fake("hfcompress::kv_attend", _kv_attend_fake, lib=_OPS)
 
 
 # -- switching it on --------------------------------------------------------------------------

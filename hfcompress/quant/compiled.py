@@ -30,11 +30,45 @@ from hfcompress.quant import dispatch
 if TYPE_CHECKING:
     from hfcompress.quant.linear import QuantLinear
 
-__all__ = ["compiled_forward", "in_op", "register_layer", "uses_op"]
+__all__ = ["Registry", "compiled_forward", "in_op", "register_layer", "uses_op"]
 
-_LAYERS: weakref.WeakValueDictionary[int, QuantLinear] = weakref.WeakValueDictionary()
-_NEXT = itertools.count(1)
-_LOCK = threading.Lock()
+
+class Registry:
+    """Objects of this process under integer handles, held weakly: how an opaque operator names
+    the stateful object it works on (an operator's arguments are tensors and numbers only).
+
+    Args:
+        what: The objects' kind and the operator that looks them up, for the error message.
+    """
+
+    def __init__(self, what: str, op: str) -> None:
+        self._items: weakref.WeakValueDictionary[int, object] = weakref.WeakValueDictionary()
+        self._next = itertools.count(1)
+        self._lock = threading.Lock()
+        self._what, self._op = what, op
+
+    def add(self, obj: object) -> int:
+        """A new handle for ``obj`` (each object, copies included, gets its own)."""
+        with self._lock:
+            handle = next(self._next)
+            self._items[handle] = obj
+        return handle
+
+    def get(self, handle: int):
+        """The object under ``handle``.
+
+        Raises:
+            RuntimeError: It was deleted (a compiled program outlived it).
+        """
+        obj = self._items.get(handle)
+        if obj is None:
+            raise RuntimeError(
+                f"{self._op}: no {self._what} is registered under handle {handle} (it was deleted); recompile the model"
+            )
+        return obj
+
+
+_LAYERS = Registry("QuantLinear", "hfcompress::quant_linear")
 
 
 class _OpState(threading.local):
@@ -47,10 +81,7 @@ _STATE = _OpState()
 
 def register_layer(layer: QuantLinear) -> int:
     """A new handle for ``layer`` (each layer, copies included, gets its own)."""
-    with _LOCK:
-        handle = next(_NEXT)
-        _LAYERS[handle] = layer
-    return handle
+    return _LAYERS.add(layer)
 
 
 def in_op() -> bool:
@@ -62,11 +93,6 @@ def in_op() -> bool:
 
 def _quant_linear(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
     layer = _LAYERS.get(handle)
-    if layer is None:
-        raise RuntimeError(
-            f"hfcompress::quant_linear: no QuantLinear is registered under handle {handle} (the layer was "
-            "deleted); recompile the model"
-        )
     outer = _STATE.active
     _STATE.active = True
     try:
