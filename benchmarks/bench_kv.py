@@ -1,7 +1,7 @@
 """The quantized KV cache on SmolLM2-135M beside transformers' QuantizedCache (quanto and HQQ
 backends), measured in one run on this machine.
 
-    python benchmarks/bench_kv.py [--windows 8] [--trials 20] [--only ppl,needle,bytes,speed]
+    python benchmarks/bench_kv.py [--windows 8] [--trials 20] [--only ppl,needle,bytes,speed] [--compile]
 
 Parts (each prints a markdown table for benchmarks/RESULTS.md):
 
@@ -19,7 +19,8 @@ Parts (each prints a markdown table for benchmarks/RESULTS.md):
   (one child process per cache; the peak is reset after the model loads).
 * ``speed``: CPU decode tokens/s at 512, 2k and 8k tokens of context, bfloat16 model, median
   of --steps steps; ours also through the reference path (the history dequantized every step,
-  what transformers' QuantizedCache does).
+  what transformers' QuantizedCache does). ``--compile`` adds the float cache and ours KV4
+  with ``model.forward = torch.compile(model.forward)``.
 
 Peers: axis 0 for quanto (its default; it accepts only 0 or -1), axis 1 for HQQ (what HQQ's
 README says to start with), q_group_size 64 and residual_length 128 (transformers' defaults).
@@ -29,6 +30,7 @@ quanto has no 8-bit KV; HQQ's 8-bit runs.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import random
@@ -272,10 +274,50 @@ def decode_rate(model, cache, logits, steps: int) -> float:
     return 1.0 / statistics.median(times)
 
 
+COMPILED = ", torch.compile"
+
+
+PEER_PACKAGES = {"quanto": "optimum.quanto", "hqq": "hqq"}
+
+
+def _missing_backend(label: str) -> str | None:
+    """The package a peer cache ``label`` needs, when it is not installed."""
+    package = PEER_PACKAGES[PEERS[label]["backend"]]
+    try:
+        found = importlib.util.find_spec(package) is not None
+    except ModuleNotFoundError:  # a parent package (optimum) is missing
+        found = False
+    return None if found else package
+
+
+def _cache_for(label: str, model, prefill: DynamicCache):
+    """A ``label`` cache holding the prompt's keys and values."""
+    name = label.replace(" (reference path)", "").replace(COMPILED, "")
+    if name == FLOAT:
+        cache = DynamicCache(config=model.config)
+        for i, layer in enumerate(prefill.layers):
+            cache.update(layer.keys.clone(), layer.values.clone(), i)
+        return cache
+    return _load_prefill(cache_factory(name, model.config)(), prefill)
+
+
 def run_speed(args) -> None:
     model = load_model(MODEL).to(torch.bfloat16)
     enable_kv_cache(model)
-    labels = [FLOAT, "ours KV4", "ours KV4 (reference path)", "ours KV2", "quanto KV4", "HQQ KV4"]
+    labels = [FLOAT, "ours KV4", "ours KV4 (reference path)", "ours KV2"]
+    for peer in ("quanto KV4", "HQQ KV4"):
+        missing = _missing_backend(peer)
+        if missing:
+            print(f"{peer}: left out, {missing} is not installed")
+        else:
+            labels.append(peer)
+    compiled = None
+    if args.compile:
+        # model.forward compiled; under it our cache's decode step is one operator per layer
+        # (hfcompress.integrations.kv_cache). Each context's first steps, untimed, compile.
+        labels += [FLOAT + COMPILED, "ours KV4" + COMPILED]
+        compiled = torch.compile(model.forward)
+        torch._dynamo.config.recompile_limit = torch._dynamo.config.accumulated_recompile_limit = 64
     rates: dict[tuple[str, int], float] = {}
     for context in args.speed_contexts:
         ids = torch.randint(100, 10000, (1, context))
@@ -283,14 +325,15 @@ def run_speed(args) -> None:
         with torch.no_grad():
             logits = model(ids, cache=prefill, logits_to_keep=1).logits
         for label in tqdm(labels, desc=f"decode at {context}"):
-            name = label.replace(" (reference path)", "")
-            if label == FLOAT:
-                cache = DynamicCache(config=model.config)
-                for i, layer in enumerate(prefill.layers):
-                    cache.update(layer.keys.clone(), layer.values.clone(), i)
-            else:
-                cache = _load_prefill(cache_factory(name, model.config)(), prefill)
-            if label.endswith("(reference path)"):
+            cache = _cache_for(label, model, prefill)
+            if label.endswith(COMPILED):
+                model.forward = compiled
+                try:
+                    decode_rate(model, _cache_for(label, model, prefill), logits, 3)  # compiles
+                    rates[(label, context)] = decode_rate(model, cache, logits, args.steps)
+                finally:
+                    del model.forward  # the instance attribute: the class's forward again
+            elif label.endswith("(reference path)"):
                 with reference_path():
                     rates[(label, context)] = decode_rate(model, cache, logits, args.steps)
             else:
@@ -312,6 +355,7 @@ def main() -> None:
     parser.add_argument("--byte-contexts", type=int, nargs="+", default=[4096, 8192])
     parser.add_argument("--speed-contexts", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--compile", action="store_true", help="speed: also time the float cache and KV4 compiled")
     parser.add_argument("--child-bytes", nargs=2, metavar=("LABEL", "CONTEXT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_bytes:
