@@ -192,6 +192,10 @@ class QuantizedKVLayer(CacheLayerMixin):
 
     # -- reading ---------------------------------------------------------------------------
 
+    def holds_tokens(self) -> bool:
+        """Whether tokens are stored (the staged step's excluded)."""
+        return self.is_initialized and bool(self.sink_keys.shape[-2] + self.packed_tokens + self.keys.shape[-2])
+
     def packed(self) -> PackedKV | None:
         """The packed part (views of the used tokens), or None while it is empty."""
         if not self.packed_tokens:
@@ -413,13 +417,19 @@ def kv_attention(
     layer: QuantizedKVLayer | None = getattr(key, _TAG, None)
     if layer is None or layer._pending is None or layer._pending[0] is not key:
         return sequence_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    n_sink, n_packed, n_res = layer.sink_keys.shape[-2], layer.packed_tokens, layer.keys.shape[-2]
-    if n_sink + n_packed + n_res == 0:  # nothing stored yet (a prefill): the keys are all this call's
+    if not layer.holds_tokens():  # nothing stored yet (a prefill): the keys are all this call's
         out = sequence_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
         layer.commit()
         return out
-    b, _, q_len, d = query.shape
-    sm_scale = scaling if scaling is not None else d**-0.5
+    sm_scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return _stored_attention(layer, query, key, value, attention_mask, sm_scale), None
+
+
+def _stored_attention(layer, query, key, value, attention_mask, sm_scale: float) -> torch.Tensor:
+    """Attention of this step (its keys staged in ``layer``, which holds tokens already) over
+    every part, then the step's tokens appended: ``[B, Q, H, D]``."""
+    n_sink, n_packed, n_res = layer.sink_keys.shape[-2], layer.packed_tokens, layer.keys.shape[-2]
+    b, _, q_len, _ = query.shape
     total = n_sink + n_packed + n_res + q_len
     bias = _bias(attention_mask, b, q_len, total, query.device)
     # The full-precision parts (sinks, window, this step's tokens) attend as one: attention
@@ -434,7 +444,7 @@ def kv_attention(
         out = _cpu_decode_step(query, layer.packed(), packed_bias, dense_k, dense_v, dense_bias, sm_scale)
         if out is not None:
             layer.commit()
-            return out.to(query.dtype).transpose(1, 2).contiguous(), None
+            return out.to(query.dtype).transpose(1, 2).contiguous()
     outs = []
     # Query blocks bound the [B, H, Q, T] scores of a long chunked prefill.
     for q0 in range(0, q_len, _QUERY_BLOCK):
@@ -447,7 +457,7 @@ def kv_attention(
         outs.append(merge(parts).out)
     out = torch.cat(outs, dim=2).to(query.dtype)
     layer.commit()
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous()
 
 
 # -- under torch.compile ------------------------------------------------------------------------
@@ -489,8 +499,8 @@ def _kv_store(out: torch.Tensor, key: torch.Tensor, value: torch.Tensor, handle:
 def _kv_attend(query, key, value, mask, handle, sm_scale: float) -> torch.Tensor:
     layer: QuantizedKVLayer = _LAYERS.get(int(handle))
     keys, values = layer.update(key, value)
-    if getattr(keys, _TAG, None) is layer and layer.cumulative_length > key.shape[-2]:
-        return kv_attention(None, query, keys, values, mask, scaling=sm_scale)[0]
+    if getattr(keys, _TAG, None) is layer and layer.holds_tokens():
+        return _stored_attention(layer, query, keys, values, mask, sm_scale)
     # The reference path (update returned the dequantized history and the new tokens), or a
     # cache emptied since the graph was traced: dense attention over all of it.
     b, _, q_len, _ = query.shape
