@@ -38,7 +38,8 @@ class Registry:
     the stateful object it works on (an operator's arguments are tensors and numbers only).
 
     Args:
-        what: The objects' kind and the operator that looks them up, for the error message.
+        what: The objects' kind, for the error message.
+        op: The operator that looks them up, for the error message.
     """
 
     def __init__(self, what: str, op: str) -> None:

@@ -90,6 +90,11 @@ def _grouped(q: torch.Tensor, hkv: int) -> torch.Tensor:
     return q.reshape(b, hkv, hq // hkv, nq, d)  # [B, Hkv, R, Q, D], R query heads per KV head
 
 
+def _zero_nans(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with NaNs (fully masked rows) as 0: in place, unless autograd saved ``t``."""
+    return t.nan_to_num(0.0) if t.requires_grad else t.nan_to_num_(0.0)
+
+
 def attend_dense(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, sm_scale: float
 ) -> Partial:
@@ -100,8 +105,7 @@ def attend_dense(
     if bias is not None:
         scores = scores + bias[:, None, None]
     lse = torch.logsumexp(scores, dim=-1)
-    p = torch.exp(scores - lse.unsqueeze(-1))
-    p = p.nan_to_num(0.0) if p.requires_grad else p.nan_to_num_(0.0)  # in place only without autograd
+    p = _zero_nans(torch.exp(scores - lse.unsqueeze(-1)))
     out = p @ v.float().unsqueeze(2)
     return Partial(out.reshape(b, hq, nq, d), lse.reshape(b, hq, nq))
 
@@ -126,8 +130,6 @@ def merge(parts: list[Partial]) -> Partial:
         return parts[0]
     lse = torch.stack([p.lse for p in parts])  # [P, B, Hq, Q]
     total = torch.logsumexp(lse, dim=0)
-    weights = torch.exp(lse - total)
-    # a fully masked part, or row, weighs 0 (in place only without autograd)
-    weights = weights.nan_to_num(0.0) if weights.requires_grad else weights.nan_to_num_(0.0)
+    weights = _zero_nans(torch.exp(lse - total))  # a fully masked part, or row, weighs 0
     out = sum(w.unsqueeze(-1) * p.out for w, p in zip(weights, parts, strict=True))
     return Partial(out, total)
