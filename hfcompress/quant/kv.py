@@ -90,9 +90,14 @@ def _grouped(q: torch.Tensor, hkv: int) -> torch.Tensor:
     return q.reshape(b, hkv, hq // hkv, nq, d)  # [B, Hkv, R, Q, D], R query heads per KV head
 
 
-def _zero_nans(t: torch.Tensor) -> torch.Tensor:
-    """``t`` with NaNs (fully masked rows) as 0: in place, unless autograd saved ``t``."""
-    return t.nan_to_num(0.0) if t.requires_grad else t.nan_to_num_(0.0)
+def _logsumexp(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lse, shift)``: the log-sum-exp over ``dim`` (``-inf`` where every entry is, a fully
+    masked row) and the same with those ``-inf`` as 0, to subtract before ``exp``. With it
+    a masked row's weights are ``exp(-inf) = 0`` and its gradients 0, not NaN (subtracting
+    ``-inf`` itself, or the backward of a log-sum-exp over ``-inf`` only, gives NaN)."""
+    dead = x.amax(dim, keepdim=True) == float("-inf")
+    shift = torch.logsumexp(x.masked_fill(dead, 0.0), dim).masked_fill(dead.squeeze(dim), 0.0)
+    return shift.masked_fill(dead.squeeze(dim), float("-inf")), shift
 
 
 def attend_dense(
@@ -104,8 +109,8 @@ def attend_dense(
     scores = (qg @ k.float().unsqueeze(2).transpose(-1, -2)) * sm_scale  # [B, Hkv, R, Q, T]
     if bias is not None:
         scores = scores + bias[:, None, None]
-    lse = torch.logsumexp(scores, dim=-1)
-    p = _zero_nans(torch.exp(scores - lse.unsqueeze(-1)))
+    lse, shift = _logsumexp(scores, -1)
+    p = torch.exp(scores - shift.unsqueeze(-1))
     out = p @ v.float().unsqueeze(2)
     return Partial(out.reshape(b, hq, nq, d), lse.reshape(b, hq, nq))
 
@@ -129,7 +134,7 @@ def merge(parts: list[Partial]) -> Partial:
     if len(parts) == 1:
         return parts[0]
     lse = torch.stack([p.lse for p in parts])  # [P, B, Hq, Q]
-    total = torch.logsumexp(lse, dim=0)
-    weights = _zero_nans(torch.exp(lse - total))  # a fully masked part, or row, weighs 0
+    total, shift = _logsumexp(lse, 0)
+    weights = torch.exp(lse - shift)  # a fully masked part, or row, weighs 0
     out = sum(w.unsqueeze(-1) * p.out for w, p in zip(weights, parts, strict=True))
     return Partial(out, total)

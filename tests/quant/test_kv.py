@@ -36,6 +36,28 @@ def test_parts_merge_to_attention_over_the_whole_sequence():
     )
 
 
+def test_gradients_through_merged_parts_with_fully_masked_rows_are_finite():
+    # A padded query row that sees no key (in one part, or in all) weighs nothing: its output and
+    # its gradients are 0, not NaN, and the other rows get the gradients of plain attention.
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 3, 8, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 2, 12, 8, generator=g, requires_grad=True) for _ in range(2))
+    bias = torch.zeros(2, 3, 12)
+    bias[0, 1] = float("-inf")  # sees no key at all
+    bias[1, 2, :5] = float("-inf")  # sees no key of the first part
+    got = merge([attend_dense(q, k[:, :, a:z], v[:, :, a:z], bias[..., a:z], 0.5) for a, z in ((0, 5), (5, 12))])
+    assert got.out[0, :, 1].abs().max() == 0 and got.lse[0, :, 1].isneginf().all()
+    live = torch.ones(2, 1, 3, 1)
+    live[0, :, 1] = 0
+    grads = torch.autograd.grad((got.out * live).square().sum(), (q, k, v))
+    seen = bias.clone()
+    seen[0, 1] = 0  # plain softmax makes NaNs of that row, which its 0 weight in the loss cannot undo
+    want = torch.autograd.grad((_attention(q, k, v, seen, 0.5) * live).square().sum(), (q, k, v))
+    for a, b in zip(grads, want, strict=True):
+        assert a.isfinite().all()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_chunked_packed_attention_equals_dequantize_then_attend(bits):
     g = torch.Generator().manual_seed(1)
