@@ -15,7 +15,9 @@ tokens in full precision, merges the parts exactly, and only then appends the ne
 the cache. A CPU decode step is one call of the C kernel (:mod:`hfcompress.quant.kv_cpu`: the
 packed part and the full-precision parts in one softmax); a CUDA decode step reads the packed
 part with the Triton split-K kernel; a multi-token step reads it chunk by chunk
-(:func:`hfcompress.quant.kv.attend_packed`). A model whose attention is not ``hfcompress_kv``
+(:func:`hfcompress.quant.kv.attend_packed`). A step before anything is packed (the first
+``sink_tokens + residual_length + group_size`` tokens or so) has full-precision keys only
+and attends through SDPA in float32. A model whose attention is not ``hfcompress_kv``
 (or any model under ``dispatch.reference_path()``) gets the reference behaviour: the history
 dequantized and concatenated with the new tokens, the same numbers by a slower road.
 
@@ -36,6 +38,7 @@ from typing import Any
 import torch
 from hfcompress_triton.kv_ref import kv_quantize_ref
 from torch import nn
+from torch.nn import functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 from hfcompress.errors import ModelError
@@ -379,6 +382,15 @@ def _attend_packed(q: torch.Tensor, packed: PackedKV, bias: torch.Tensor | None,
     return attend_packed(q, packed, bias, sm_scale)
 
 
+def _attend_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, sm_scale: float):
+    """:func:`~hfcompress.quant.kv.attend_dense`'s output (float32, a fully masked row 0)
+    through SDPA, without the log-sum-exp: for a step whose keys are all full precision."""
+    mask = None if bias is None else bias[:, None]  # [B, 1, Q, T], broadcast over the heads
+    out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), mask, scale=sm_scale, enable_gqa=True)
+    # Some SDPA backends give a fully masked row NaN (the CPU one gives 0).
+    return out if bias is None else out.nan_to_num(0.0)
+
+
 def _cpu_decode_step(
     q: torch.Tensor, packed: PackedKV, packed_bias, dense_k, dense_v, dense_bias, sm_scale: float
 ) -> torch.Tensor | None:
@@ -450,10 +462,13 @@ def _stored_attention(layer, query, key, value, attention_mask, sm_scale: float)
     for q0 in range(0, q_len, _QUERY_BLOCK):
         rows = slice(q0, q0 + _QUERY_BLOCK)
         qb = query[:, :, rows]
-        parts = [attend_dense(qb, dense_k, dense_v, None if dense_bias is None else dense_bias[:, rows], sm_scale)]
-        if n_packed:
-            row_bias = None if packed_bias is None else packed_bias[:, rows]
-            parts.append(_attend_packed(qb, layer.packed(), row_bias, sm_scale))
+        row_bias = None if dense_bias is None else dense_bias[:, rows]
+        if not n_packed:  # one part: no log-sum-exp to merge, so SDPA (several times faster)
+            outs.append(_attend_sdpa(qb, dense_k, dense_v, row_bias, sm_scale))
+            continue
+        parts = [attend_dense(qb, dense_k, dense_v, row_bias, sm_scale)]
+        row_bias = None if packed_bias is None else packed_bias[:, rows]
+        parts.append(_attend_packed(qb, layer.packed(), row_bias, sm_scale))
         outs.append(merge(parts).out)
     out = torch.cat(outs, dim=2).to(query.dtype)
     layer.commit()

@@ -224,3 +224,25 @@ def test_a_deep_copy_keeps_the_cache_on_its_own_config(model):
     cache = getattr(out, "cache", None) or out.past_key_values
     assert isinstance(cache, QuantizedKVCache) and cache._config is clone.config
     assert torch.equal(out.sequences, _generate(model, ids, max_new_tokens=30))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sdpa_for_the_full_precision_only_steps_equals_attend_dense(dtype):
+    # Before anything is packed a step's keys are all full precision, and SDPA serves it: the
+    # same float32 output as attend_dense, a fully masked row 0 (not NaN), and gradients.
+    from hfcompress.quant.kv import attend_dense
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 5, 16, generator=g).to(dtype).requires_grad_()
+    k, v = (torch.randn(2, 2, 9, 16, generator=g).to(dtype) for _ in range(2))
+    bias = kv_cache._bias(None, 2, 5, 9, q.device)
+    bias[1, 0] = float("-inf")  # a padded query row sees no key
+    for b in (None, bias):
+        want = attend_dense(q, k, v, b, 0.25).out
+        got = kv_cache._attend_sdpa(q, k, v, b, 0.25)
+        assert got.dtype == torch.float32 and not got.isnan().any()
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+    assert got[1, :, 0].abs().max() == 0
+    (grad_got,) = torch.autograd.grad(got.sum(), q)
+    (grad_want,) = torch.autograd.grad(want.sum(), q)
+    torch.testing.assert_close(grad_got, grad_want, atol=2e-6, rtol=1e-5)
