@@ -158,3 +158,32 @@ def test_cpu_kernel_with_a_dense_part_equals_the_merged_parts():
     want = merge([attend_packed(q, packed, bias[:, None], 0.2), attend_dense(q, dk, dv, dense_bias[:, None], 0.2)])
     torch.testing.assert_close(out, want.out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse, want.lse, rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_cpu_kernel_splits_a_long_packed_part_and_merges_exactly(threads):
+    # 1216 packed tokens (19 groups of 64) are split over whole groups (the last split shorter)
+    # so that few KV heads still keep every thread busy; the splits merge to one softmax, a
+    # split that a row cannot see included, and a row that sees nothing at all.
+    g = torch.Generator().manual_seed(5)
+    b, hq, hkv, t, td, d, group = 3, 6, 2, 1216, 7, 64, 64
+    k, v = torch.randn(b, hkv, t, d, generator=g) * 2, torch.randn(b, hkv, t, d, generator=g)
+    parts = (*kv_quantize_ref(k, 4, group, "channel"), *kv_quantize_ref(v, 4, group, "token"))
+    dk, dv = torch.randn(b, hkv, td, d, generator=g), torch.randn(b, hkv, td, d, generator=g)
+    q = torch.randn(b, hq, 1, d, generator=g)
+    bias, dense_bias = torch.zeros(b, t), torch.zeros(b, td)
+    bias[1, :700] = float("-inf")  # left padding over the first splits
+    bias[2], dense_bias[2] = float("-inf"), float("-inf")  # sees no key
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out, lse = kv_cpu.kv_decode_attention_cpu(q, *parts, bias, 4, group, 0.2, dk, dv, dense_bias)
+    finally:
+        torch.set_num_threads(before)
+    packed = PackedKV(*parts, 4, group)
+    want = merge([attend_packed(q, packed, bias[:, None], 0.2), attend_dense(q, dk, dv, dense_bias[:, None], 0.2)])
+    torch.testing.assert_close(out[:2], want.out[:2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse[:2], want.lse[:2], rtol=1e-5, atol=1e-5)
+    assert (out[2] == 0).all() and lse[2].isneginf().all()
+
