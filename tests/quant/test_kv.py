@@ -186,4 +186,3 @@ def test_cpu_kernel_splits_a_long_packed_part_and_merges_exactly(threads):
     torch.testing.assert_close(out[:2], want.out[:2], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse[:2], want.lse[:2], rtol=1e-5, atol=1e-5)
     assert (out[2] == 0).all() and lse[2].isneginf().all()
-
