@@ -382,7 +382,9 @@ def _attend_packed(q: torch.Tensor, packed: PackedKV, bias: torch.Tensor | None,
     return attend_packed(q, packed, bias, sm_scale)
 
 
-def _attend_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, sm_scale: float):
+def _attend_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, sm_scale: float
+) -> torch.Tensor:
     """:func:`~hfcompress.quant.kv.attend_dense`'s output (float32, a fully masked row 0)
     through SDPA, without the log-sum-exp: for a step whose keys are all full precision."""
     mask = None if bias is None else bias[:, None]  # [B, 1, Q, T], broadcast over the heads
@@ -462,13 +464,13 @@ def _stored_attention(layer, query, key, value, attention_mask, sm_scale: float)
     for q0 in range(0, q_len, _QUERY_BLOCK):
         rows = slice(q0, q0 + _QUERY_BLOCK)
         qb = query[:, :, rows]
-        row_bias = None if dense_bias is None else dense_bias[:, rows]
+        dense_rows = None if dense_bias is None else dense_bias[:, rows]
         if not n_packed:  # one part: no log-sum-exp to merge, so SDPA (several times faster)
-            outs.append(_attend_sdpa(qb, dense_k, dense_v, row_bias, sm_scale))
+            outs.append(_attend_sdpa(qb, dense_k, dense_v, dense_rows, sm_scale))
             continue
-        parts = [attend_dense(qb, dense_k, dense_v, row_bias, sm_scale)]
-        row_bias = None if packed_bias is None else packed_bias[:, rows]
-        parts.append(_attend_packed(qb, layer.packed(), row_bias, sm_scale))
+        packed_rows = None if packed_bias is None else packed_bias[:, rows]
+        parts = [attend_dense(qb, dense_k, dense_v, dense_rows, sm_scale)]
+        parts.append(_attend_packed(qb, layer.packed(), packed_rows, sm_scale))
         outs.append(merge(parts).out)
     out = torch.cat(outs, dim=2).to(query.dtype)
     layer.commit()
