@@ -202,8 +202,7 @@ int kv_decode_attention(
     if (S > groups) S = groups;
     if (S < 1) S = 1;
     const int per = (groups + S - 1) / S; /* groups per split */
-    S = per ? (groups + per - 1) / per : 1;
-    if (S < 1) S = 1;
+    S = per ? (groups + per - 1) / per : 1; /* so that every split starts before T (or T = 0) */
     /* per task: m [R] | l [R] | acc [R, D] */
     const int64_t tasks = (int64_t)heads * S, stride = 2 * (int64_t)R + (int64_t)R * D;
     float *parts = malloc(sizeof(float) * (size_t)(tasks * stride));
@@ -220,7 +219,7 @@ int kv_decode_attention(
                 q + b * q_sb + (int64_t)h * R * q_sh, q_sh, kp + b * kp_sb + h * kp_sh, ks, kz, b * ks_sb + h * ks_sh,
                 vp + b * vp_sb + h * vp_sh, vs, vz, b * vs_sb + h * vs_sh, bias ? bias + (int64_t)b * T : NULL,
                 dk ? dk + dso : NULL, dv ? dv + dso : NULL, dbias ? dbias + (int64_t)b * Td : NULL, last ? Td : 0,
-                t0 < T ? t0 : T, t1, R, D, bits, group, scale_dtype, sm_scale, m, l, acc)) {
+                t0, t1, R, D, bits, group, scale_dtype, sm_scale, m, l, acc)) {
 #pragma omp atomic write
             failed = 1;
         }
