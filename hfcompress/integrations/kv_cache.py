@@ -407,6 +407,7 @@ def _cpu_decode_step(
         dense_k,
         dense_v,
         None if dense_bias is None else dense_bias[:, 0],
+        out_dtype=torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32,
     )
     return None if result is None else result[0]
 

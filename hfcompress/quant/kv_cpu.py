@@ -3,8 +3,9 @@
 PyTorch has no operator that reads 2- or 4-bit codes, and doing the unpacking with torch ops
 writes a dequantized copy of every chunk (several passes over ``T x D`` floats per layer and
 step: at 8k tokens that made decoding 2.8x slower than the float cache). The C kernel reads
-each packed byte once and keeps the dequantized values in registers, the CPU counterpart of
-the Triton decode kernel.
+each packed byte once, unpacking a few tokens at a time into a scratch that stays in L1 cache:
+the CPU counterpart of the Triton decode kernel. On CPUs with AVX2 it scores and sums in
+vectors (:func:`vector_path`).
 
 It is compiled on first use and called through ``ctypes`` (:mod:`hfcompress.quant.native`).
 Without a compiler, or if the build fails, :func:`kv_decode_attention_cpu` returns None and
@@ -22,10 +23,12 @@ from hfcompress_triton.kv_ref import block_strides
 
 from hfcompress.quant import native
 
-__all__ = ["available", "kv_decode_attention_cpu"]
+__all__ = ["available", "kv_decode_attention_cpu", "vector_path"]
 
 _SOURCE = Path(__file__).with_name("kv_cpu.c")
 _SCALE_DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+# What the kernel reads the query and the dense part in, and writes its output in, as they are.
+_IO_DTYPES = {torch.bfloat16: 1, torch.float32: 2}
 # The kernel keeps per-query-head state on the stack for at most this many heads per KV head.
 MAX_GROUP = 64
 
@@ -44,15 +47,25 @@ def _library() -> ctypes.CDLL | None:
         + [ptr, ptr, i64, i64, ptr]  # the dense part
         + [ptr, ptr]  # out, lse
         + [ctypes.c_int] * 9
-        + [ctypes.c_float, ctypes.c_int]
+        + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
     )
     fn.restype = ctypes.c_int
+    lib.kv_vector_path.argtypes = [ctypes.c_int] * 3
+    lib.kv_vector_path.restype = ctypes.c_int
     return lib
 
 
 def available() -> bool:
     """True when the kernel is built (or builds now)."""
     return _library() is not None
+
+
+def vector_path(bits: int, head_dim: int, group_size: int) -> bool:
+    """Whether the kernel runs its AVX2 path for these codes (the CPU has AVX2 and FMA, and the
+    shapes tile into its vectors: what the KV cache's defaults give) rather than its plain
+    loops; False when the kernel is unavailable."""
+    lib = _library()
+    return lib is not None and bool(lib.kv_vector_path(bits, head_dim, group_size))
 
 
 def kv_decode_attention_cpu(
@@ -70,14 +83,19 @@ def kv_decode_attention_cpu(
     dense_keys: torch.Tensor | None = None,
     dense_values: torch.Tensor | None = None,
     dense_bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """:func:`hfcompress_triton.kv_ref.kv_decode_attention_ref` in C on CPU tensors, or None
     when the kernel is unavailable. Same arguments and results, plus an optional dense part
-    that joins the same softmax (so that one call covers a whole decode step):
+    that joins the same softmax (so that one call covers a whole decode step), and the output's
+    dtype. The sums are float32 whatever the dtypes; a bfloat16 output is rounded once, at
+    the end.
 
     Args:
         dense_keys, dense_values: ``[B, Hkv, Td, D]`` float keys and values, or None.
         dense_bias: ``[B, Td]`` float32 added to their scores, or None.
+        out_dtype: ``out``'s dtype, float32 (the reference's) or bfloat16 (for a bfloat16
+            model: with a bfloat16 query and dense part, nothing is converted in Python).
     """
     lib = _library()
     if lib is None:
@@ -91,17 +109,24 @@ def kv_decode_attention_cpu(
         )
     if k_scale.dtype != v_scale.dtype or k_zero.dtype != k_scale.dtype or v_zero.dtype != v_scale.dtype:
         raise ValueError("keys and values must store scales and zeros in one dtype")
-    qf = q.float().reshape(b, hq, d).contiguous()
-    bias = None if bias is None else bias.float().contiguous()
-    out = torch.empty(b, hq, d)
-    lse = torch.empty(b, hq)
+    if out_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"the CPU decode attention writes float32 or bfloat16, not {out_dtype}")
     td = 0 if dense_keys is None else dense_keys.shape[2]
+    if td and (dense_values.shape != dense_keys.shape or dense_keys.shape[:2] != k_packed.shape[:2]):
+        raise ValueError(f"dense keys {tuple(dense_keys.shape)} and values {tuple(dense_values.shape)} do not fit")
+    # The query, the dense part and the output share one dtype in the kernel: bfloat16 when all
+    # three are (read and written as they are), float32 otherwise.
+    dense_dtypes = {dense_keys.dtype, dense_values.dtype} if td else set()
+    io_dtype = torch.bfloat16 if {q.dtype, out_dtype} | dense_dtypes == {torch.bfloat16} else torch.float32
+    qf = q.to(io_dtype).reshape(b, hq, d)
+    qf = qf if qf.stride(2) == 1 else qf.contiguous()
+    bias = None if bias is None else bias.float().contiguous()
     if td:
-        dense_keys = dense_keys.float().contiguous()
-        dense_values = dense_values.float().contiguous()
-        if dense_values.shape != dense_keys.shape or dense_keys.shape[:2] != k_packed.shape[:2]:
-            raise ValueError(f"dense keys {tuple(dense_keys.shape)} and values {tuple(dense_values.shape)} do not fit")
+        dense_keys = dense_keys.to(io_dtype).contiguous()
+        dense_values = dense_values.to(io_dtype).contiguous()
         dense_bias = None if dense_bias is None else dense_bias.float().contiguous()
+    out = torch.empty(b, hq, d, dtype=io_dtype)
+    lse = torch.empty(b, hq)
     ks_strides, vs_strides = block_strides(k_scale, k_zero), block_strides(v_scale, v_zero)
     failed = lib.kv_decode_attention(
         qf.data_ptr(),
@@ -135,8 +160,9 @@ def kv_decode_attention_cpu(
         group_size,
         _SCALE_DTYPES[k_scale.dtype],
         float(sm_scale),
+        _IO_DTYPES[io_dtype],
         torch.get_num_threads(),
     )
     if failed:
         raise MemoryError("the CPU KV-cache kernel could not allocate its scratch memory")
-    return out.reshape(b, hq, 1, d), lse.reshape(b, hq, 1)
+    return out.to(out_dtype).reshape(b, hq, 1, d), lse.reshape(b, hq, 1)

@@ -81,8 +81,8 @@ needs_compiler = pytest.mark.skipif(not kv_cpu.available(), reason="no C compile
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
 @pytest.mark.parametrize(
     ("bits", "group", "d"),
-    [(4, 64, 64), (2, 16, 64), (8, 32, 32), (4, 128, 64)],
-    ids=["b4-g64", "b2-g16", "b8-g32-d32", "b4-g128"],
+    [(4, 64, 64), (2, 16, 64), (8, 32, 32), (4, 128, 64), (4, 16, 64), (4, 8, 24)],
+    ids=["b4-g64", "b2-g16", "b8-g32-d32", "b4-g128", "b4-g16", "b4-g8-d24-plain-loops"],
 )
 def test_cpu_kernel_matches_reference(bits, group, d, scale_dtype):
     g = torch.Generator().manual_seed(2)
@@ -99,6 +99,88 @@ def test_cpu_kernel_matches_reference(bits, group, d, scale_dtype):
     want_out, want_lse = kv_decode_attention_ref(q, *parts, bias, bits, group, 0.125)
     torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)  # float32 sums in another order
     torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+
+
+def _cpu_has(*flags: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next(line for line in f if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return set(flags) <= set(line.split())
+
+
+@needs_compiler
+def test_cpu_kernel_takes_its_vector_path_for_the_caches_shapes_on_avx2():
+    shapes = [(4, 64, 64), (2, 64, 16), (8, 64, 64), (4, 128, 64), (4, 32, 32)]  # (bits, head dim, group)
+    if _cpu_has("avx2", "fma"):
+        assert all(kv_cpu.vector_path(*shape) for shape in shapes)
+    assert not kv_cpu.vector_path(4, 24, 8)  # 12-byte rows: the plain loops
+
+
+@needs_compiler
+@pytest.mark.parametrize(
+    ("bits", "group", "d", "r", "td"),
+    [(4, 64, 64, 3, 13), (4, 64, 128, 5, 0), (2, 16, 64, 8, 1), (8, 32, 32, 1, 8), (4, 16, 16, 4, 21)],
+    ids=["b4-d64-r3", "b4-d128-r5-two-value-groups", "b2-r8", "b8-d32-r1", "b4-d16-r4"],
+)
+def test_cpu_kernel_vector_path_shapes_equal_the_merged_parts(bits, group, d, r, td):
+    # Query heads per KV head beyond the 4 the value sums keep in registers, two value groups
+    # per head, a dense part that is not a multiple of the 8 tokens scored at once.
+    g = torch.Generator().manual_seed(6)
+    b, hkv, t = 2, 2, 3 * group
+    k, v = torch.randn(b, hkv, t, d, generator=g) * 2, torch.randn(b, hkv, t, d, generator=g)
+    parts = (*kv_quantize_ref(k, bits, group, "channel"), *kv_quantize_ref(v, bits, group, "token"))
+    dk, dv = torch.randn(b, hkv, td, d, generator=g), torch.randn(b, hkv, td, d, generator=g)
+    q = torch.randn(b, hkv * r, 1, d, generator=g)
+    bias, dense_bias = torch.zeros(b, t), torch.zeros(b, td)
+    bias[1, : group + 3] = float("-inf")
+    dense = (dk, dv, dense_bias) if td else (None, None, None)
+    out, lse = kv_cpu.kv_decode_attention_cpu(q, *parts, bias, bits, group, 0.3, *dense)
+    want = [attend_packed(q, PackedKV(*parts, bits, group), bias[:, None], 0.3)]
+    if td:
+        want.append(attend_dense(q, dk, dv, dense_bias[:, None], 0.3))
+    torch.testing.assert_close(out, merge(want).out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, merge(want).lse, rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+def test_cpu_kernel_softmax_underflow_and_nan():
+    # Scores hundreds apart: most weights underflow to 0 (the vector exp flushes below -87.3,
+    # as expf does); a NaN in the query stays NaN in its row's output, not a finite value.
+    g = torch.Generator().manual_seed(7)
+    b, hkv, t, d, group = 1, 1, 128, 64, 64
+    k, v = torch.randn(b, hkv, t, d, generator=g) * 20, torch.randn(b, hkv, t, d, generator=g)
+    parts = (*kv_quantize_ref(k, 4, group, "channel"), *kv_quantize_ref(v, 4, group, "token"))
+    q = torch.randn(b, 2, 1, d, generator=g) * 20
+    q[0, 1, 0, 5] = float("nan")
+    out, lse = kv_cpu.kv_decode_attention_cpu(q, *parts, None, 4, group, 1.0)
+    want_out, want_lse = kv_decode_attention_ref(q[:, :1], *parts, None, 4, group, 1.0)
+    torch.testing.assert_close(out[:, :1], want_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse[:, :1], want_lse, rtol=1e-5, atol=1e-5)
+    assert out[0, 1].isnan().all()
+
+
+@needs_compiler
+def test_cpu_kernel_reads_bfloat16_and_writes_the_requested_dtype():
+    # A bfloat16 model's query and dense part go in as they are and the output comes out in
+    # bfloat16, rounded once from the float32 sums: the float32 result of the same values, rounded.
+    g = torch.Generator().manual_seed(8)
+    b, hkv, t, td, d, group = 2, 3, 128, 11, 64, 64
+    k, v = torch.randn(b, hkv, t, d, generator=g), torch.randn(b, hkv, t, d, generator=g)
+    parts = (*kv_quantize_ref(k, 4, group, "channel"), *kv_quantize_ref(v, 4, group, "token"))
+    q = torch.randn(b, 3 * hkv, 1, d, generator=g).bfloat16()
+    dk, dv = torch.randn(b, hkv, td, d, generator=g).bfloat16(), torch.randn(b, hkv, td, d, generator=g).bfloat16()
+    args = (*parts, None, 4, group, 0.125, dk, dv, None)
+    want, want_lse = kv_cpu.kv_decode_attention_cpu(q.float(), *args[:-3], dk.float(), dv.float(), None)
+    got, lse = kv_cpu.kv_decode_attention_cpu(q, *args, out_dtype=torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and want.dtype == torch.float32
+    torch.testing.assert_close(got, want.bfloat16(), rtol=0, atol=0)
+    torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
+    as_float, _ = kv_cpu.kv_decode_attention_cpu(q, *args)  # the default output: float32
+    torch.testing.assert_close(as_float, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        kv_cpu.kv_decode_attention_cpu(q, *args, out_dtype=torch.float16)
 
 
 @needs_compiler
