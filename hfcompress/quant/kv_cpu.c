@@ -310,6 +310,21 @@ static inline void unpack_rows(const uint8_t *src, int n, int D, int bits, float
     }
 }
 
+/* p[off], p[off + step], ..., p[off + 7 * step] (dtype code 0, 1, 2) as floats */
+static inline __m256 load8(const void *p, int64_t off, int step, int dtype) {
+    if (step == 1) {
+        if (dtype == 2) return _mm256_loadu_ps((const float *)p + off);
+        const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + off));
+        if (dtype == 1) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+#ifdef __F16C__
+        return _mm256_cvtph_ps(h);
+#endif
+    }
+    float f[8];
+    for (int u = 0; u < 8; u++) f[u] = load_scale(p, off + (int64_t)u * step, dtype);
+    return _mm256_loadu_ps(f);
+}
+
 /* The sums of a[0], ..., a[7]'s lanes, as one vector. */
 static inline __m256 sum8(const __m256 a[8]) {
     const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
@@ -423,17 +438,29 @@ static int attend_split_vec(
     for (int t = t0; t < t1; t += VB) {
         const int n = t1 - t < VB ? t1 - t : VB;
         unpack_rows(vpb + (int64_t)t * nbytes, n, D, bits, rows);
-        for (int i = 0; i < n; i++) {
-            const int64_t srow = vso + (int64_t)(t + i) * nvg;
-            for (int j = 0; j < nvg; j++) {
-                const float s = load_scale(vs, srow + j, scale_dtype), z = load_scale(vz, srow + j, scale_dtype);
+        for (int j = 0; j < nvg; j++)
+            for (int i = 0; i < n; i += 8) { /* 8 tokens' weights in one vector */
+                const int m = n - i < 8 ? n - i : 8;
+                const int64_t srow = vso + (int64_t)(t + i) * nvg + j;
+                if (m < 8) { /* a partial last key group */
+                    for (int u = 0; u < m; u++) {
+                        const float sc = load_scale(vs, srow + u * nvg, scale_dtype);
+                        const float z = load_scale(vz, srow + u * nvg, scale_dtype);
+                        for (int r = 0; r < R; r++) {
+                            const float p = scores[r * N + (t - t0) + i + u];
+                            w[((int64_t)r * nvg + j) * VB + i + u] = p * sc;
+                            zacc[r * nvg + j] += p * z;
+                        }
+                    }
+                    continue;
+                }
+                const __m256 sv = load8(vs, srow, nvg, scale_dtype), zv = load8(vz, srow, nvg, scale_dtype);
                 for (int r = 0; r < R; r++) {
-                    const float p = scores[r * N + (t - t0) + i];
-                    w[((int64_t)r * nvg + j) * VB + i] = p * s;
-                    zacc[r * nvg + j] += p * z;
+                    const __m256 p = _mm256_loadu_ps(scores + r * N + (t - t0) + i);
+                    _mm256_storeu_ps(w + ((int64_t)r * nvg + j) * VB + i, _mm256_mul_ps(p, sv));
+                    zacc[r * nvg + j] += hsum256(_mm256_mul_ps(p, zv));
                 }
             }
-        }
         values_rows(w, (int64_t)nvg * VB, VB, block, R, D, rows, n, acc);
     }
     /* dense values: the weights are the probabilities */
