@@ -407,15 +407,14 @@ static int attend_split_vec(
     if (!scores) return 1;
     float *qs = scores + (size_t)R * N, *qd = qs + (size_t)R * D, *rows = qd + (size_t)R * D;
     float *kss = rows + (size_t)VB * D, *kzs = kss + D, *qz = kzs + D, *zacc = qz + R, *w = zacc + (size_t)R * nvg;
-    /* packed scores, 8 tokens at a time inside each key group */
+    /* packed scores, 8 tokens at a time inside each key group (T is whole groups: the Python
+     * wrapper checks; so the packed tokens come in 8s, here and for the value weights below) */
     for (int g0 = t0; g0 < t1; g0 += group) {
-        const int g1 = g0 + group < t1 ? g0 + group : t1;
+        const int g1 = g0 + group;
         fold_key_group(qb, q_sh, ks, kz, kso + (int64_t)(g0 / group) * D, R, D, scale_dtype, sm_scale, kss, kzs, qs, qz);
         for (int t = g0; t < g1; t += 8) {
-            const int n = g1 - t < 8 ? g1 - t : 8;
-            if (n < 8) memset(rows, 0, sizeof(float) * 8 * (size_t)D);
-            unpack_rows(kpb + (int64_t)t * nbytes, n, D, bits, rows);
-            scores8(qs, R, D, rows, n, qz, bb ? bb + t : NULL, scores + (t - t0), N);
+            unpack_rows(kpb + (int64_t)t * nbytes, 8, D, bits, rows);
+            scores8(qs, R, D, rows, 8, qz, bb ? bb + t : NULL, scores + (t - t0), N);
         }
     }
     /* dense scores */
@@ -440,20 +439,7 @@ static int attend_split_vec(
         unpack_rows(vpb + (int64_t)t * nbytes, n, D, bits, rows);
         for (int j = 0; j < nvg; j++)
             for (int i = 0; i < n; i += 8) { /* 8 tokens' weights in one vector */
-                const int m = n - i < 8 ? n - i : 8;
                 const int64_t srow = vso + (int64_t)(t + i) * nvg + j;
-                if (m < 8) { /* a partial last key group */
-                    for (int u = 0; u < m; u++) {
-                        const float sc = load_scale(vs, srow + u * nvg, scale_dtype);
-                        const float z = load_scale(vz, srow + u * nvg, scale_dtype);
-                        for (int r = 0; r < R; r++) {
-                            const float p = scores[r * N + (t - t0) + i + u];
-                            w[((int64_t)r * nvg + j) * VB + i + u] = p * sc;
-                            zacc[r * nvg + j] += p * z;
-                        }
-                    }
-                    continue;
-                }
                 const __m256 sv = load8(vs, srow, nvg, scale_dtype), zv = load8(vz, srow, nvg, scale_dtype);
                 for (int r = 0; r < R; r++) {
                     const __m256 p = _mm256_loadu_ps(scores + r * N + (t - t0) + i);

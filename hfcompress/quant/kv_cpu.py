@@ -107,6 +107,8 @@ def kv_decode_attention_cpu(
             f"CPU decode attention needs one query step and at most {MAX_GROUP} query heads per KV head: "
             f"q {tuple(q.shape)}, keys {tuple(k_packed.shape)}, scales {k_scale.dtype}"
         )
+    if t % group_size or k_scale.shape[2] != t // group_size:
+        raise ValueError(f"the packed keys hold whole groups: {t} tokens, group {group_size}, scales {k_scale.shape}")
     if k_scale.dtype != v_scale.dtype or k_zero.dtype != k_scale.dtype or v_zero.dtype != v_scale.dtype:
         raise ValueError("keys and values must store scales and zeros in one dtype")
     if out_dtype not in (torch.float32, torch.bfloat16):

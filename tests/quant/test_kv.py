@@ -210,6 +210,17 @@ def test_cpu_kernel_refuses_a_multi_token_query():
         kv_cpu.kv_decode_attention_cpu(torch.randn(1, 2, 3, 16), *parts, None, 4, 32, 0.2)
 
 
+@needs_compiler
+def test_cpu_kernel_refuses_a_partial_key_group():
+    parts = (
+        *kv_quantize_ref(torch.randn(1, 1, 64, 16), 4, 32, "channel"),
+        *kv_quantize_ref(torch.randn(1, 1, 64, 16), 4, 32, "token"),
+    )
+    cut = [p[:, :, :1] if i in (1, 2) else p[:, :, :40] for i, p in enumerate(parts)]  # 40 tokens, groups of 32
+    with pytest.raises(ValueError, match="whole groups"):
+        kv_cpu.kv_decode_attention_cpu(torch.randn(1, 2, 1, 16), *cut, None, 4, 32, 0.2)
+
+
 def test_cpu_kernel_build_failure_falls_back(monkeypatch, caplog, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setattr(native, "cache_dir", lambda: tmp_path)
