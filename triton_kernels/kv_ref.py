@@ -191,5 +191,6 @@ def kv_decode_attention_ref(
     if bias is not None:
         scores = scores + bias[:, None, None, :]
     lse = torch.logsumexp(scores, dim=-1)
-    p = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num_(0.0)
+    # A fully masked row weighs 0 (exp(-inf - -inf) would be NaN); a NaN score stays NaN.
+    p = torch.exp(scores - lse.unsqueeze(-1)).masked_fill_(lse.isneginf().unsqueeze(-1), 0.0)
     return p @ v, lse
