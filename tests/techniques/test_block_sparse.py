@@ -161,6 +161,14 @@ def test_config_refuses_bad_values():
     assert BlockSparseConfig.from_dict(BlockSparseConfig(layout="local").to_dict()) == BlockSparseConfig(layout="local")
 
 
+def test_calibration_refuses_an_attention_that_gives_nan():
+    model = make_tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].self_attn.q_proj.weight[3, 5] = float("nan")  # the last layer: one module
+    with pytest.raises(hfcompress.ModelError, match=r"model\.layers\.1\.self_attn gave NaN"):
+        compress(model, [_config("calibrated")], calibration_data=_ids(4, seed=3), progress=False)
+
+
 def test_calibrated_layout_needs_calibration_data():
     with pytest.raises(CalibrationDataError, match="block_sparse"):
         compress(make_tiny_llama(), [_config("calibrated")], progress=False)

@@ -377,6 +377,14 @@ def calibrate_tables(
         raise ModelError(
             f"the calibration passes never reached the attention of {missing[:3]}; is the model's attention dense?"
         )
+    broken = [name for name, table in recorded.items() if not torch.isfinite(table).all()]
+    if broken:
+        more = f" and {len(broken) - 1} after it" if len(broken) > 1 else ""
+        raise ModelError(
+            f"the attention of {broken[0]}{more} gave NaN or Inf during "
+            "block-sparse calibration: the model's weights or activations are not finite (float16 may "
+            "overflow where bfloat16 or float32 does not); fix the model before calibrating its layout"
+        )
     return {name: table / sequences for name, table in recorded.items()}
 
 

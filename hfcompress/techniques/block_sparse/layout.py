@@ -215,7 +215,9 @@ def _add_mass(mass, counts, q, kk, r, block, tq, causal, key_mask, pad) -> None:
         logits = logits.masked_fill(~visible, -math.inf)
     if key_mask is not None:
         logits = logits.masked_fill(~key_mask, -math.inf)
-    probs = torch.nn.functional.pad(logits.softmax(-1).nan_to_num(0.0), (0, pad))  # a row seeing no key: 0
+    # A row that sees no key weighs 0 (its softmax is NaN); a NaN logit stays NaN, for the caller to see.
+    probs = logits.softmax(-1).masked_fill(logits.isneginf().all(-1, keepdim=True), 0.0)
+    probs = torch.nn.functional.pad(probs, (0, pad))
     per_block = probs.view(h, len(r), nk, block).sum(-1)  # [H, R, nK]
     mass.index_add_(1, r // block, per_block)
     counts.index_add_(0, r // block, torch.ones(len(r), device=q.device))
