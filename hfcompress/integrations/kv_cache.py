@@ -389,8 +389,11 @@ def _attend_sdpa(
     through SDPA, without the log-sum-exp: for a step whose keys are all full precision."""
     mask = None if bias is None else bias[:, None]  # [B, 1, Q, T], broadcast over the heads
     out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), mask, scale=sm_scale, enable_gqa=True)
-    # Some SDPA backends give a fully masked row NaN (the CPU one gives 0).
-    return out if bias is None else out.nan_to_num(0.0)
+    if bias is None:
+        return out
+    # Some SDPA backends give a fully masked row NaN (the CPU one gives 0); only those rows are
+    # set to 0, so that a NaN from the inputs still shows.
+    return out.masked_fill(bias.isneginf().all(-1)[:, None, :, None], 0.0)
 
 
 def _cpu_decode_step(

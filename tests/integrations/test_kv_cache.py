@@ -246,3 +246,7 @@ def test_sdpa_for_the_full_precision_only_steps_equals_attend_dense(dtype):
     (grad_got,) = torch.autograd.grad(got.sum(), q)
     (grad_want,) = torch.autograd.grad(want.sum(), q)
     torch.testing.assert_close(grad_got, grad_want, atol=2e-6, rtol=1e-5)
+    q_nan = q.detach().clone()
+    q_nan[0, 1, 2, 3] = float("nan")  # a NaN in the inputs stays NaN in its row (it was set to 0)
+    out = kv_cache._attend_sdpa(q_nan, k, v, bias, 0.25)
+    assert out[0, 1, 2].isnan().all() and out[1, :, 0].abs().max() == 0
