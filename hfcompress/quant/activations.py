@@ -14,7 +14,7 @@ import torch
 
 from hfcompress.quant.scheme import QuantArgs
 
-__all__ = ["activation_scales", "fake_quantize_activations", "quantize_activations"]
+__all__ = ["activation_scales", "fake_quantize_activations", "nonfinite_rows_nan", "quantize_activations"]
 
 
 def activation_scales(x: torch.Tensor, args: QuantArgs, static_scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -51,9 +51,27 @@ def quantize_activations(x: torch.Tensor, scales: torch.Tensor, num_bits: int = 
     return q.round_().clamp_(-qmax - 1, qmax).to(torch.int8)
 
 
+def nonfinite_rows_nan(x: torch.Tensor, scales: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """``scales`` with NaN for the rows of ``x: [T, K]`` that hold a NaN or an infinity.
+
+    An int8 code cannot hold either, so an int8 kernel would turn it into a finite number and
+    the layer's output row into a finite guess. Through the scale, the row's output is NaN, as
+    the float layer's is not finite. A dynamic per-token scale is NaN or infinite there already;
+    a static one gets ``[T, 1]`` scales, but only when some row needs it.
+    """
+    if args.dynamic and args.strategy == "token":
+        return scales
+    bad = ~x.isfinite().all(dim=-1, keepdim=True)
+    if not bad.any():
+        return scales
+    return scales.expand(x.shape[0], scales.shape[-1]).masked_fill(bad, float("nan"))
+
+
 def fake_quantize_activations(
     x: torch.Tensor, args: QuantArgs, static_scale: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``x`` rounded onto its 8-bit grid, in ``x``'s dtype: what an int8 kernel computes with."""
+    """``x`` rounded onto its 8-bit grid, in ``x``'s dtype: what an int8 kernel computes with.
+    A NaN or an infinity stays as it is (an int8 code would make it a finite number)."""
     scales = activation_scales(x, args, static_scale)
-    return (quantize_activations(x, scales, args.num_bits).float() * scales).to(x.dtype)
+    fq = (quantize_activations(x, scales, args.num_bits).float() * scales).to(x.dtype)
+    return torch.where(x.isfinite(), fq, x)

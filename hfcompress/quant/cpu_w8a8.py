@@ -64,7 +64,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from hfcompress.quant import compiled, native
-from hfcompress.quant.activations import activation_scales, quantize_activations
+from hfcompress.quant.activations import activation_scales, nonfinite_rows_nan, quantize_activations
 from hfcompress.quant.dispatch import FORCE_REFERENCE_ENV, Kernel, cached, register_kernel
 from hfcompress.quant.packing import pack
 
@@ -575,7 +575,8 @@ def _native_quantize(x2: torch.Tensor, act, static: torch.Tensor | None) -> tupl
     )  # fmt: skip
     if failed:  # only a build without AVX-512 refuses, and it was asked above
         raise RuntimeError(f"w8a8_quantize_rows returned {failed}")
-    return q, (scales if per_token else static.float())
+    # A static scale stays one number, unless a row held a NaN or an infinity: its scale is NaN.
+    return q, (scales if per_token or scales.isnan().any() else static.float())
 
 
 def _quantized_input(layer: QuantLinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -595,7 +596,7 @@ def _quantized_input(layer: QuantLinear, x: torch.Tensor) -> tuple[torch.Tensor,
     value = _native_quantize(x2, act, static) if act.num_bits == 8 else None
     if value is None:
         sx = activation_scales(x2, act, static)  # [T, 1] or [1]
-        value = (quantize_activations(x2, sx, act.num_bits), sx)
+        value = (quantize_activations(x2, sx, act.num_bits), nonfinite_rows_nan(x2, sx, act))
     _LAST.key, _LAST.value = (key, value) if version is not None else (None, None)
     return value
 

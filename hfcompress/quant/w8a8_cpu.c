@@ -17,7 +17,8 @@
  *
  * For each row t:
  *
- *   s_t   = max(absmax(x[t]) / 127, FLT_MIN) if dynamic, else static_scale
+ *   s_t   = max(absmax(x[t]) / 127, FLT_MIN) if dynamic, else static_scale; NaN if x[t] holds
+ *           a NaN or an infinity (so that y[t] is NaN: the codes cannot carry it)
  *   q[t]  = clamp(round_half_even(x[t] / s_t), -128, 127)             (int8)
  *   y[t,n] = ((float)(q[t] . w[n]) - (float)sum(q[t]) * corr[n]) * s_t * w_scale[n] (+ bias[n])
  *
@@ -60,7 +61,9 @@ static inline void load_row(const void *x, int x_dtype, int64_t t, int64_t K, in
     }
 }
 
-/* Quantize row[K] into qt[K]; returns the scale, sets *sum to sum(qt). */
+/* Quantize row[K] into qt[K]; returns the scale, sets *sum to sum(qt). A row holding a NaN or
+ * an infinity gets the scale NaN (its codes are numbers, so the scale carries it): the layer's
+ * output row is NaN, as the float layer's would not be finite, instead of a finite guess. */
 static inline float quantize_row(const float *row, int64_t K, int dynamic, float static_scale, int8_t *qt,
                                  int32_t *sum) {
     float st = static_scale;
@@ -70,14 +73,16 @@ static inline float quantize_row(const float *row, int64_t K, int dynamic, float
         st = fmaxf(amax / 127.0f, FLT_MIN);
     }
     int32_t s = 0;
+    int finite = 1;
     for (int64_t k = 0; k < K; k++) {
+        finite &= isfinite(row[k]) != 0;
         float v = nearbyintf(row[k] / st); /* default rounding mode: half to even, as torch.round */
         v = fminf(fmaxf(v, -128.0f), 127.0f);
         qt[k] = (int8_t)v;
         s += qt[k];
     }
     *sum = s;
-    return st;
+    return finite ? st : NAN;
 }
 
 /* q . w over K, exact. qu = q + 128 as unsigned bytes (used with VNNI), w_sum = sum(w). */
@@ -133,7 +138,8 @@ static inline __m512 load16(const void *x, int x_dtype, int64_t k, int64_t K) {
 }
 
 /* quantize_row for one row of x, sixteen lanes at a time: IEEE division, rounding half to
- * even and the clamp, as the scalar code and torch do, so the codes are the same. */
+ * even and the clamp, as the scalar code and torch do, so the codes are the same (and the
+ * scale NaN for a row that holds a NaN or an infinity, as there). */
 static float quantize_row16(const void *x, int x_dtype, int64_t K, int dynamic, float static_scale, int8_t *qt) {
     float st = static_scale;
     if (dynamic) {
@@ -142,13 +148,17 @@ static float quantize_row16(const void *x, int x_dtype, int64_t K, int dynamic, 
         st = fmaxf(_mm512_reduce_max_ps(amax) / 127.0f, FLT_MIN);
     }
     const __m512 vs = _mm512_set1_ps(st), lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f);
+    const __m512 inf = _mm512_set1_ps(INFINITY);
+    __mmask16 bad = 0;
     for (int64_t k = 0; k < K; k += 16) {
-        __m512 v = _mm512_div_ps(load16(x, x_dtype, k, K), vs);
+        const __m512 xv = load16(x, x_dtype, k, K);
+        bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(xv), inf, _CMP_NLT_UQ); /* |x| = inf, or NaN */
+        __m512 v = _mm512_div_ps(xv, vs);
         v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
         _mm_mask_storeu_epi8(qt + k, lanes16(k, K), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
     }
-    return st;
+    return bad ? NAN : st;
 }
 #endif
 

@@ -1,5 +1,6 @@
 """The int8_activations stage: W8A8 / W4A8 schemes, static calibration, save and reload, errors."""
 
+import contextlib
 import copy
 import dataclasses
 
@@ -19,7 +20,7 @@ from hfcompress import (
     RTNConfig,
     compress,
 )
-from hfcompress.quant.dispatch import FORCE_REFERENCE_ENV, select_path
+from hfcompress.quant.dispatch import FORCE_REFERENCE_ENV, reference_path, select_path
 
 CALIB = torch.randint(0, 128, (8, 24), generator=torch.Generator().manual_seed(3))
 W8 = RTNConfig(bits=8, group_size=-1, symmetric=True)
@@ -269,3 +270,55 @@ def test_the_tuned_stand_in_computes_what_the_layer_computes(tiny_llama, act, mo
 def test_end_to_end_steps_need_static_scales():
     with pytest.raises(RecipeError, match="e2e_steps=8 is invalid"):
         hfcompress.Recipe.from_dict({"stages": [{"technique": "int8_activations", "e2e_steps": 8}]})
+
+
+NONFINITE = {
+    "W8A8-dynamic": [W8, ACTS["dynamic-token"]],
+    "W8A8-static": [W8, ACTS["static-minmax"]],
+    "W8A8-static-channel": [W8, ACTS["static-channel"]],
+    "W4A8-g128": [RTNConfig(bits=4, group_size=128, symmetric=True), ACTS["dynamic-token"]],
+}
+
+
+def _only(path: str, monkeypatch) -> None:
+    """Steer 40-row calls of an int8-input layer to one path (on a CPU that has them all)."""
+    from hfcompress.quant import cpu_w8a8
+
+    if path != "amx":
+        monkeypatch.setattr(cpu_w8a8, "amx_int8_serves", lambda layer, x: False)
+    if path in ("int_mm", "torch-quantizer"):
+        monkeypatch.setattr(cpu_w8a8, "onednn_available", lambda: False)
+    if path == "torch-quantizer":
+        monkeypatch.setattr(cpu_w8a8, "_native_quantize", lambda x2, act, static: None)
+
+
+@pytest.mark.parametrize("path", ["amx", "onednn", "int_mm", "torch-quantizer"])
+@pytest.mark.parametrize("recipe", NONFINITE, ids=list(NONFINITE))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_nan_or_inf_input_row_gives_a_nonfinite_output_row_on_every_path(recipe, dtype, path, monkeypatch):
+    # An int8 code cannot hold a NaN or an infinity: every path (the C decode call, the row
+    # quantizer with AMX, oneDNN or torch._int_mm, the W4A8 path, the reference) turned such a
+    # row into a finite guess before; now its output row is not finite, and the other rows
+    # are as they were.
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama(hidden_size=256, intermediate_size=512)
+    compress(model, NONFINITE[recipe], calibration_data=CALIB, progress=False)
+    layer = model.model.layers[0].mlp.down_proj  # K = 512: the AMX kernels' shapes
+    _only(path, monkeypatch)
+    g = torch.Generator().manual_seed(4)
+    for rows in (1, 5, 40):  # the C decode call, then the row quantizer and the matmul kernels
+        clean = torch.randn(rows, layer.in_features, generator=g).to(dtype)
+        x = clean.clone()
+        x[0, 3] = float("nan")
+        bad = [0]
+        if rows > 2:
+            x[2, 7] = float("inf")
+            bad.append(2)
+        good = [r for r in range(rows) if r not in bad]
+        for reference in (False, True):
+            with torch.no_grad(), reference_path() if reference else contextlib.nullcontext():
+                y, want = layer(x), layer(clean)
+            assert not y[bad].isfinite().any(), (rows, reference, select_path(layer, x))
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(y[good], want[good], rtol=tol, atol=tol)
