@@ -43,7 +43,10 @@ def _per_token_quant_kernel(
     q = tl.where(v >= 0, tl.floor(v + 0.5), -tl.floor(-v + 0.5))
     q = tl.minimum(tl.maximum(q, -128.0), 127.0)
     tl.store(q_ptr + row * stride_qm + cols, q.to(tl.int8), mask=mask)
-    tl.store(s_ptr + row, scale)
+    # A row holding a NaN or an infinity gets the scale NaN: its codes are numbers, so the
+    # scale carries it into the output row (|x| <= FLT_MAX is false for both).
+    bad = tl.sum(tl.where(tl.abs(x) <= 3.4028234663852886e38, 0, 1), axis=0)
+    tl.store(s_ptr + row, tl.where(bad > 0, float("nan"), scale))
 
 
 @triton.jit
@@ -116,8 +119,9 @@ def _int8_gemm_kernel(
 def per_token_quant(x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x: [M, K]`` (float16/bfloat16/float32, rows contiguous) to int8.
 
-    Returns ``(x_q: [M, K] int8, scale: [M, 1] float32)``, or with a static ``scale: [1]``
-    (float32) the codes under that scale and the scale itself.
+    Returns ``(x_q: [M, K] int8, scale: [M, 1] float32)``; with a static ``scale: [1]`` the
+    codes under that scale and the scale per row. A row holding a NaN or an infinity gets the
+    scale NaN (an int8 code cannot hold either), so its output row is NaN.
     """
     if x.dim() != 2 or x.stride(-1) != 1:
         raise ValueError(f"x must be a 2-D tensor with contiguous rows, got shape {tuple(x.shape)}")
@@ -141,7 +145,7 @@ def per_token_quant(x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple
             STATIC=scale is not None,
             BLOCK_K=triton.next_power_of_2(k),
         )
-    return q, (static if scale is not None else out_scale)
+    return q, out_scale
 
 
 def _blocks(m: int, n: int, blocks: Mapping[str, int] | None) -> dict[str, int]:

@@ -19,8 +19,9 @@ _TINY = torch.finfo(torch.float32).tiny
 
 
 def per_token_quant_ref(x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x_q: [M, K] int8, scale: [M, 1] float32)``; with a static ``scale: [1]``, it is used
-    for every row and returned as given (float32)."""
+    """``(x_q: [M, K] int8, scale: [M, 1] float32)``; a static ``scale: [1]`` is used for every
+    row and returned per row (float32). A row holding a NaN or an infinity gets the scale NaN:
+    an int8 code cannot hold either, so the scale carries it into the output row."""
     xf = x.float()
     if scale is None:
         # Divided by a tensor, not a Python number: CUDA multiplies by the reciprocal of a
@@ -28,8 +29,9 @@ def per_token_quant_ref(x: torch.Tensor, scale: torch.Tensor | None = None) -> t
         amax = xf.abs().amax(dim=-1, keepdim=True)
         scale = (amax / amax.new_tensor(127.0)).clamp(min=_TINY)
     else:
-        scale = scale.float()
-    return torch.clamp(torch.round(xf / scale), -128, 127).to(torch.int8), scale
+        scale = scale.float().reshape(1, 1).expand(x.shape[0], 1)
+    q = torch.clamp(torch.round(xf / scale), -128, 127).to(torch.int8)
+    return q, scale.masked_fill(~xf.isfinite().all(dim=-1, keepdim=True), float("nan"))
 
 
 def int8_matmul_int32_ref(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:

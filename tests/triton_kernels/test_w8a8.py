@@ -34,9 +34,26 @@ def test_per_token_quant_with_a_static_scale(device):
     x = _x(13, 100, device)
     scale = torch.tensor([0.05], device=device)
     q, s = w8a8.per_token_quant(x, scale)
-    q_ref, _ = w8a8_ref.per_token_quant_ref(x, scale)
-    assert torch.equal(q, q_ref) and torch.equal(s, scale)
+    q_ref, s_ref = w8a8_ref.per_token_quant_ref(x, scale)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref) and torch.equal(s, scale.expand(13, 1))
     assert int(q.max()) == 127 and int(q.min()) == -128  # the outlier channel clips
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_per_token_quant_gives_a_row_with_nan_or_inf_the_scale_nan(static, device):
+    # An int8 code cannot hold a NaN or an infinity: the row's scale carries it, so the GEMM's
+    # output row is NaN (it was a finite number), and the other rows keep their scales.
+    x = _x(5, 100, device)
+    x[1, 7], x[3, 99] = float("nan"), float("-inf")
+    scale = torch.tensor([0.05], device=device) if static else None
+    q, s = w8a8.per_token_quant(x, scale)
+    q_ref, s_ref = w8a8_ref.per_token_quant_ref(x, scale)
+    assert s[[1, 3]].isnan().all() and s[[0, 2, 4]].isfinite().all()
+    torch.testing.assert_close(s, s_ref, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(q[[0, 2, 4]], q_ref[[0, 2, 4]])
+    w_q = torch.randint(-127, 128, (6, 100), dtype=torch.int8, device=device)
+    y = w8a8.int8_gemm(q, w_q, s, torch.ones(6, device=device), None, torch.float32)
+    assert y[[1, 3]].isnan().all() and y[[0, 2, 4]].isfinite().all()
 
 
 @pytest.mark.parametrize("k", KS, ids=lambda k: f"K{k}")
