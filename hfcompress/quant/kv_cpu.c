@@ -195,13 +195,14 @@ static inline void add_value_zeros(float *acc, const float *zacc, int R, int D, 
 }
 
 /* Attention of the R query heads of one (batch, KV head) over one split: packed tokens
- * [t0, t1) and, when dense, the Td dense tokens. Writes, per head r, the split's maximum score
+ * [t0, t1) and, when dense, the Td dense tokens (row r's dense bias: dbb[(r % nq) * Td :], nq
+ * queries per head). Writes, per head r, the split's maximum score
  * m[r], its sum of exp(score - m[r]) l[r], and acc[r, :] = sum_t exp(score - m[r]) * v[t, :]
  * (unnormalized; m[r] = -inf, l[r] = 0 and acc = 0 when every score is -inf). */
 static int attend_split(
     const float *qb, int64_t q_sh, const uint8_t *kpb, const void *ks, const void *kz, int64_t kso,
     const uint8_t *vpb, const void *vs, const void *vz, int64_t vso, const float *bb,
-    const float *dkb, const float *dvb, const float *dbb, int Td, int t0, int t1,
+    const float *dkb, const float *dvb, const float *dbb, int Td, int nq, int t0, int t1,
     int R, int D, int bits, int group, int scale_dtype, float sm_scale, float *m_out, float *l_out, float *acc) {
     const int block = group < D ? group : D, nbytes = D * bits / 8, nvg = D / block;
     const int64_t N = (int64_t)(t1 - t0) + Td;
@@ -230,13 +231,12 @@ static int attend_split(
     const int64_t T = t1 - t0;
     for (int t = 0; t < Td; t++) {
         const float *kt = dkb + (int64_t)t * D;
-        const float add = dbb ? dbb[t] : 0.f;
         for (int r = 0; r < R; r++) {
             float s = 0.f;
             const float *qr = qb + r * q_sh;
 #pragma omp simd reduction(+ : s)
             for (int d = 0; d < D; d++) s += qr[d] * kt[d];
-            scores[r * N + T + t] = s * sm_scale + add;
+            scores[r * N + T + t] = s * sm_scale + (dbb ? dbb[(int64_t)(r % nq) * Td + t] : 0.f);
         }
     }
     softmax_rows(scores, N, R, m_out, l_out);
@@ -332,11 +332,12 @@ static inline __m256 sum8(const __m256 a[8]) {
     return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
 }
 
-/* scores[r * N + i] = q[r, :] . rows[i, :] + add[r] + bias[i] for i < n <= 8 (add, bias: NULL
- * for none). rows holds 8 rows of D floats; those past n are read but not stored. */
+/* scores[r * N + i] = q[r, :] . rows[i, :] + add[r] + bias[(r % nq) * ldb + i] for i < n <= 8
+ * (add, bias: NULL for none; ldb = 0: one bias for every row). rows holds 8 rows of D floats;
+ * those past n are read but not stored. */
 static inline void scores8(
-    const float *q, int R, int D, const float *rows, int n, const float *add, const float *bias, float *scores,
-    int64_t N) {
+    const float *q, int R, int D, const float *rows, int n, const float *add, const float *bias, int nq,
+    int64_t ldb, float *scores, int64_t N) {
     for (int r = 0; r < R; r++) {
         __m256 acc[8];
         for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
@@ -347,7 +348,8 @@ static inline void scores8(
         }
         float s[8];
         _mm256_storeu_ps(s, _mm256_add_ps(sum8(acc), _mm256_set1_ps(add ? add[r] : 0.f)));
-        for (int i = 0; i < n; i++) scores[r * N + i] = s[i] + (bias ? bias[i] : 0.f);
+        const float *br = bias ? bias + (int64_t)(r % nq) * ldb : NULL;
+        for (int i = 0; i < n; i++) scores[r * N + i] = s[i] + (br ? br[i] : 0.f);
     }
 }
 
@@ -396,7 +398,7 @@ static inline void values_rows(
 static int attend_split_vec(
     const float *qb, int64_t q_sh, const uint8_t *kpb, const void *ks, const void *kz, int64_t kso,
     const uint8_t *vpb, const void *vs, const void *vz, int64_t vso, const float *bb,
-    const float *dkb, const float *dvb, const float *dbb, int Td, int t0, int t1,
+    const float *dkb, const float *dvb, const float *dbb, int Td, int nq, int t0, int t1,
     int R, int D, int bits, int group, int scale_dtype, float sm_scale, float *m_out, float *l_out, float *acc) {
     const int block = group < D ? group : D, nvg = D / block, nbytes = D * bits / 8;
     const int64_t T = t1 - t0, N = T + Td;
@@ -414,7 +416,7 @@ static int attend_split_vec(
         fold_key_group(qb, q_sh, ks, kz, kso + (int64_t)(g0 / group) * D, R, D, scale_dtype, sm_scale, kss, kzs, qs, qz);
         for (int t = g0; t < g1; t += 8) {
             unpack_rows(kpb + (int64_t)t * nbytes, 8, D, bits, rows);
-            scores8(qs, R, D, rows, 8, qz, bb ? bb + t : NULL, scores + (t - t0), N);
+            scores8(qs, R, D, rows, 8, qz, bb ? bb + t : NULL, 1, 0, scores + (t - t0), N);
         }
     }
     /* dense scores */
@@ -428,7 +430,7 @@ static int attend_split_vec(
             memcpy(rows, src, sizeof(float) * (size_t)n * D);
             src = rows;
         }
-        scores8(qd, R, D, src, n, NULL, dbb ? dbb + t : NULL, scores + T + t, N);
+        scores8(qd, R, D, src, n, NULL, dbb ? dbb + t : NULL, nq, Td, scores + T + t, N);
     }
     softmax_rows(scores, N, R, m_out, l_out);
     /* packed values, VB tokens at a time: each weight is p times the token's value scale */
@@ -474,9 +476,14 @@ int kv_vector_path(int bits, int D, int group) {
 #define MIN_SPLIT_TOKENS 256
 
 /* Strides are in elements, for the [B, H] leading dims (each (b, h) block is contiguous). The
- * optional dense part (Td tokens: the sinks, the recent window and this step's token) joins the
+ * optional dense part (Td tokens: the sinks, the recent window and this step's tokens) joins the
  * same softmax, so one call gives the whole step's attention. The query, the dense part and the
  * output are of dtype io_dtype (1 bfloat16, 2 float32; the sums are float32 either way).
+ *
+ * A step of nq query tokens passes them as more query heads: Hq is the number of rows, each
+ * head's nq queries one after the other, so the R = Hq / Hkv rows of a KV head are its query
+ * heads' queries and read its packed part once. The packed bias is the same for every query
+ * (padding); the dense bias [B, nq, Td] differs per query (causal among this step's tokens).
  *
  * The work is split over (batch, KV head) and, when there are fewer of those than threads can
  * share evenly (3 KV heads on 2 threads left one thread idle a third of the time), over whole
@@ -492,9 +499,9 @@ int kv_decode_attention(
     const void *vs, const void *vz, int64_t vs_sb, int64_t vs_sh,  /* [B, Hkv, T, D/block] */
     const float *bias,                                             /* [B, T] or NULL */
     const void *dk, const void *dv, int64_t d_sb, int64_t d_sh,    /* [B, Hkv, Td, D] or NULL */
-    const float *dbias,                                            /* [B, Td] or NULL */
+    const float *dbias,                                            /* [B, nq, Td] or NULL */
     void *out, float *lse,                                         /* [B, Hq, D], [B, Hq] */
-    int B, int Hq, int Hkv, int T, int Td, int D, int bits, int group, int scale_dtype, float sm_scale,
+    int B, int Hq, int Hkv, int T, int Td, int nq, int D, int bits, int group, int scale_dtype, float sm_scale,
     int io_dtype, int threads) {
     const int R = Hq / Hkv, heads = B * Hkv, groups = (T + group - 1) / group;
     /* splits per (batch, KV head): about 8 tasks per thread, whole groups, MIN_SPLIT_TOKENS each */
@@ -511,7 +518,7 @@ int kv_decode_attention(
     int failed = 0;
     int (*split)(const float *, int64_t, const uint8_t *, const void *, const void *, int64_t, const uint8_t *,
                  const void *, const void *, int64_t, const float *, const float *, const float *, const float *, int,
-                 int, int, int, int, int, int, int, float, float *, float *, float *) = attend_split;
+                 int, int, int, int, int, int, int, int, float, float *, float *, float *) = attend_split;
 #ifdef KV_FAST
     if (kv_vector_path(bits, D, group)) split = attend_split_vec;
 #endif
@@ -540,7 +547,7 @@ int kv_decode_attention(
         if (split(
                 rows, D, kp + b * kp_sb + h * kp_sh, ks, kz, b * ks_sb + h * ks_sh, vp + b * vp_sb + h * vp_sh, vs, vz,
                 b * vs_sb + h * vs_sh, bias ? bias + (int64_t)b * T : NULL, dkf, dvf,
-                dbias ? dbias + (int64_t)b * Td : NULL, last ? Td : 0, t0, t1, R, D, bits, group, scale_dtype, sm_scale,
+                dbias ? dbias + (int64_t)b * nq * Td : NULL, last ? Td : 0, nq, t0, t1, R, D, bits, group, scale_dtype, sm_scale,
                 m, l, acc)) {
 #pragma omp atomic write
             failed = 1;

@@ -46,7 +46,7 @@ def _library() -> ctypes.CDLL | None:
         + [ptr]  # bias
         + [ptr, ptr, i64, i64, ptr]  # the dense part
         + [ptr, ptr]  # out, lse
-        + [ctypes.c_int] * 9
+        + [ctypes.c_int] * 10
         + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
     )
     fn.restype = ctypes.c_int
@@ -87,24 +87,30 @@ def kv_decode_attention_cpu(
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """:func:`hfcompress_triton.kv_ref.kv_decode_attention_ref` in C on CPU tensors, or None
     when the kernel is unavailable. Same arguments and results, plus an optional dense part
-    that joins the same softmax (so that one call covers a whole decode step), and the output's
+    that joins the same softmax (so that one call covers a whole step), and the output's
     dtype. The sums are float32 whatever the dtypes; a bfloat16 output is rounded once, at
     the end.
 
+    ``q: [B, Hq, Q, D]`` may hold several query tokens (a chunk of a prompt, a chat's next
+    turn). They attend to the packed keys alike (``bias: [B, T]``, padding), while the dense
+    part's bias may differ per query (causal among the step's own tokens). The kernel takes
+    them as more query heads, so the packed part is read once for up to ``MAX_GROUP`` rows.
+
     Args:
         dense_keys, dense_values: ``[B, Hkv, Td, D]`` float keys and values, or None.
-        dense_bias: ``[B, Td]`` float32 added to their scores, or None.
+        dense_bias: ``[B, Td]`` (every query) or ``[B, Q, Td]`` float32 added to their
+            scores, or None.
         out_dtype: ``out``'s dtype, float32 (the reference's) or bfloat16 (for a bfloat16
             model: with a bfloat16 query and dense part, nothing is converted in Python).
     """
     lib = _library()
     if lib is None:
         return None
-    b, hq, nq, d = q.shape
+    b, hq, nq, _ = q.shape
     hkv, t = k_packed.shape[1], k_packed.shape[2]
-    if nq != 1 or hq % hkv or hq // hkv > MAX_GROUP or k_scale.dtype not in _SCALE_DTYPES:
+    if hq % hkv or hq // hkv > MAX_GROUP or k_scale.dtype not in _SCALE_DTYPES:
         raise ValueError(
-            f"CPU decode attention needs one query step and at most {MAX_GROUP} query heads per KV head: "
+            f"CPU decode attention needs at most {MAX_GROUP} query heads per KV head: "
             f"q {tuple(q.shape)}, keys {tuple(k_packed.shape)}, scales {k_scale.dtype}"
         )
     if t % group_size or k_scale.shape[2] != t // group_size:
@@ -120,15 +126,40 @@ def kv_decode_attention_cpu(
     # three are (read and written as they are), float32 otherwise.
     dense_dtypes = {dense_keys.dtype, dense_values.dtype} if td else set()
     io_dtype = torch.bfloat16 if {q.dtype, out_dtype} | dense_dtypes == {torch.bfloat16} else torch.float32
-    qf = q.to(io_dtype).reshape(b, hq, d)
-    qf = qf if qf.stride(2) == 1 else qf.contiguous()
     bias = None if bias is None else bias.float().contiguous()
     if td:
         dense_keys = dense_keys.to(io_dtype).contiguous()
         dense_values = dense_values.to(io_dtype).contiguous()
-        dense_bias = None if dense_bias is None else dense_bias.float().contiguous()
-    out = torch.empty(b, hq, d, dtype=io_dtype)
-    lse = torch.empty(b, hq)
+        if dense_bias is not None:
+            dense_bias = dense_bias.float()
+            dense_bias = dense_bias[:, None].expand(b, nq, td) if dense_bias.dim() == 2 else dense_bias
+    else:
+        dense_keys = dense_values = dense_bias = None
+    step = max(1, MAX_GROUP // (hq // hkv))  # queries per call: R * step rows per KV head
+    parts = [
+        _call(
+            lib, q[:, :, q0 : q0 + step].to(io_dtype), (k_packed, k_scale, k_zero, v_packed, v_scale, v_zero), bias,
+            (bits, group_size, sm_scale), dense_keys, dense_values,
+            None if dense_bias is None else dense_bias[:, q0 : q0 + step],
+        )
+        for q0 in range(0, nq, step)
+    ]  # fmt: skip
+    out = parts[0][0] if len(parts) == 1 else torch.cat([o for o, _ in parts], dim=2)
+    lse = parts[0][1] if len(parts) == 1 else torch.cat([lse for _, lse in parts], dim=2)
+    return out.to(out_dtype), lse
+
+
+def _call(lib, q, packed, bias, settings, dense_keys, dense_values, dense_bias):
+    """One kernel call: ``q: [B, Hq, n, D]`` in the kernel's dtype, the other tensors ready."""
+    b, hq, n, d = q.shape
+    k_packed, k_scale, k_zero, v_packed, v_scale, v_zero = packed
+    bits, group_size, sm_scale = settings
+    qf = q.reshape(b, hq * n, d)  # each head's n queries one after the other: more rows
+    qf = qf if qf.stride(2) == 1 and (n == 1 or qf.is_contiguous()) else qf.contiguous()
+    td = 0 if dense_keys is None else dense_keys.shape[2]
+    dense_bias = None if dense_bias is None else dense_bias.contiguous()
+    out = torch.empty(b, hq * n, d, dtype=q.dtype)
+    lse = torch.empty(b, hq * n)
     ks_strides, vs_strides = block_strides(k_scale, k_zero), block_strides(v_scale, v_zero)
     failed = lib.kv_decode_attention(
         qf.data_ptr(),
@@ -149,22 +180,23 @@ def kv_decode_attention_cpu(
         dense_values.data_ptr() if td else None,
         dense_keys.stride(0) if td else 0,
         dense_keys.stride(1) if td else 0,
-        dense_bias.data_ptr() if td and dense_bias is not None else None,
+        None if dense_bias is None else dense_bias.data_ptr(),
         out.data_ptr(),
         lse.data_ptr(),
         b,
-        hq,
-        hkv,
-        t,
+        hq * n,
+        k_packed.shape[1],
+        k_packed.shape[2],
         td,
+        n,
         d,
         bits,
         group_size,
         _SCALE_DTYPES[k_scale.dtype],
         float(sm_scale),
-        _IO_DTYPES[io_dtype],
+        _IO_DTYPES[q.dtype],
         torch.get_num_threads(),
     )
     if failed:
         raise MemoryError("the CPU KV-cache kernel could not allocate its scratch memory")
-    return out.to(out_dtype).reshape(b, hq, 1, d), lse.reshape(b, hq, 1)
+    return out.reshape(b, hq, n, d), lse.reshape(b, hq, n)

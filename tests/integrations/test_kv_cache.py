@@ -1,5 +1,7 @@
 """The quantized KV cache inside transformers: generate, beams, padding, the packed part's life."""
 
+import contextlib
+
 import pytest
 import torch
 from transformers import DynamicCache, LlamaForCausalLM
@@ -176,6 +178,28 @@ def test_bytes_account_for_codes_scales_sinks_and_window(model):
     full = 2 * n_full * b * h * d * 4  # float32 model
     assert layer.nbytes() == codes + scales + full
     assert cache.nbytes() == 2 * layer.nbytes() and cache.allocated_bytes() >= cache.nbytes()
+
+
+def test_a_step_that_needs_gradients_keeps_them(model):
+    # The CPU kernel has no backward: a step with gradients on takes the torch path, so the
+    # query projection gets the gradient the dequantized history gives (it got none, silently).
+    import copy
+
+    prefilled = QuantizedKVCache(model.config, bits=4, **SPEC)
+    with torch.no_grad():
+        model(torch.randint(1, 128, (1, 100), generator=torch.Generator().manual_seed(0)), cache=prefilled)
+    assert prefilled.layers[0].packed_tokens > 0
+    q_proj = model.model.layers[0].self_attn.q_proj
+    for n in (1, 3):
+        step = torch.randint(1, 128, (1, n), generator=torch.Generator().manual_seed(n))
+        grads = []
+        for ctx in (contextlib.nullcontext, reference_path):
+            model.zero_grad()
+            with ctx():
+                model(step, cache=copy.deepcopy(prefilled)).logits.sum().backward()
+            grads.append(q_proj.weight.grad.clone())
+        assert grads[0].abs().sum() > 0
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
 
 
 def test_refuses_models_it_cannot_serve():

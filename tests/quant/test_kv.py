@@ -201,13 +201,44 @@ def test_cpu_kernel_reads_views_of_buffers_with_spare_capacity_and_masked_rows()
 
 
 @needs_compiler
-def test_cpu_kernel_refuses_a_multi_token_query():
+@pytest.mark.parametrize("n_queries", [2, 7, 40], ids=lambda n: f"Q{n}")
+def test_cpu_kernel_takes_several_query_tokens_with_a_causal_dense_part(n_queries):
+    # A chunk of a prompt (or a chat's next turn) over a cache: every query sees the packed
+    # keys alike (padding only), and the dense part (sinks, window, the chunk itself) with a
+    # causal bias of its own. 40 queries of 3 heads exceed one call's 64 rows: two calls.
+    g = torch.Generator().manual_seed(9)
+    b, hq, hkv, t, d, group, window = 2, 6, 2, 192, 64, 64, 11
+    td = window + n_queries
+    k, v = torch.randn(b, hkv, t, d, generator=g) * 2, torch.randn(b, hkv, t, d, generator=g)
+    parts = (*kv_quantize_ref(k, 4, group, "channel"), *kv_quantize_ref(v, 4, group, "token"))
+    dk, dv = torch.randn(b, hkv, td, d, generator=g), torch.randn(b, hkv, td, d, generator=g)
+    q = torch.randn(b, hq, n_queries, d, generator=g)
+    bias = torch.zeros(b, t)
+    bias[1, :70] = float("-inf")  # left padding of row 1
+    causal = torch.ones(n_queries, td, dtype=torch.bool).tril(diagonal=window)
+    dense_bias = torch.zeros(b, n_queries, td).masked_fill(~causal, float("-inf"))
+    out, lse = kv_cpu.kv_decode_attention_cpu(q, *parts, bias, 4, group, 0.2, dk, dv, dense_bias)
+    packed = PackedKV(*parts, 4, group)
+    want = merge([attend_packed(q, packed, bias[:, None], 0.2), attend_dense(q, dk, dv, dense_bias, 0.2)])
+    assert out.shape == (b, hq, n_queries, d) and lse.shape == (b, hq, n_queries)
+    torch.testing.assert_close(out, want.out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, want.lse, rtol=1e-5, atol=1e-5)
+    q16, dk16, dv16 = q.bfloat16(), dk.bfloat16(), dv.bfloat16()
+    out16, _ = kv_cpu.kv_decode_attention_cpu(q16, *parts, bias, 4, group, 0.2, dk16, dv16, dense_bias, torch.bfloat16)
+    want16, _ = kv_cpu.kv_decode_attention_cpu(
+        q16.float(), *parts, bias, 4, group, 0.2, dk16.float(), dv16.float(), dense_bias
+    )
+    torch.testing.assert_close(out16, want16.bfloat16(), rtol=0, atol=0)
+
+
+@needs_compiler
+def test_cpu_kernel_refuses_more_query_heads_per_kv_head_than_it_holds():
     parts = (
         *kv_quantize_ref(torch.randn(1, 1, 32, 16), 4, 32, "channel"),
         *kv_quantize_ref(torch.randn(1, 1, 32, 16), 4, 32, "token"),
     )
-    with pytest.raises(ValueError, match="one query step"):
-        kv_cpu.kv_decode_attention_cpu(torch.randn(1, 2, 3, 16), *parts, None, 4, 32, 0.2)
+    with pytest.raises(ValueError, match="at most 64 query heads per KV head"):
+        kv_cpu.kv_decode_attention_cpu(torch.randn(1, 65, 1, 16), *parts, None, 4, 32, 0.2)
 
 
 @needs_compiler
