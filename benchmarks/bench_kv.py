@@ -103,7 +103,7 @@ def run_ppl(args) -> None:
     enable_kv_cache(model)
     tokenizer = load_tokenizer(MODEL)
     ids = tokenizer(load_text("wikitext2:test"), return_tensors="pt", add_special_tokens=False).input_ids[0]
-    labels = [FLOAT, *OURS, *PEERS]
+    labels = _available([FLOAT, *OURS, *PEERS])
     rows = {}
     for label in tqdm(labels, desc="perplexity through the cache"):
         # CPU time of this process: unlike wall time, unaffected by other work on the machine
@@ -161,7 +161,7 @@ def run_needle(args) -> None:
     model = load_model(MODEL)
     enable_kv_cache(model)
     tokenizer = load_tokenizer(MODEL)
-    labels = [FLOAT, "ours KV4", "ours KV2", "quanto KV4", "HQQ KV4", "quanto KV2", "HQQ KV2"]
+    labels = _available([FLOAT, "ours KV4", "ours KV2", "quanto KV4", "HQQ KV4", "quanto KV2", "HQQ KV2"])
     hits = {(label, n): 0 for label in labels for n in args.lengths}
     rng = random.Random(0)
     for n in args.lengths:
@@ -240,7 +240,7 @@ def _child_bytes(label: str, context: int) -> None:
 
 
 def run_bytes(args) -> None:
-    labels = [FLOAT, *OURS, "quanto KV4", "HQQ KV4"]
+    labels = _available([FLOAT, *OURS, "quanto KV4", "HQQ KV4"])
     print("\n### KV bytes and peak process memory (bfloat16 model; one child process per cache)\n")
     print("| cache | context | KV bytes (MB) | vs bf16 cache | peak RSS from prefill on (MB) |\n|---|---|---|---|---|")
     for context in args.byte_contexts:
@@ -290,6 +290,18 @@ def _missing_backend(label: str) -> str | None:
     return None if found else package
 
 
+def _available(labels: list[str]) -> list[str]:
+    """``labels`` without the peers whose backend is not installed (each named once)."""
+    kept = []
+    for label in labels:
+        missing = _missing_backend(label) if label in PEERS else None
+        if missing:
+            print(f"{label}: left out, {missing} is not installed")
+        else:
+            kept.append(label)
+    return kept
+
+
 def _cache_for(label: str, model, prefill: DynamicCache):
     """A ``label`` cache holding the prompt's keys and values."""
     name = label.replace(" (reference path)", "").replace(COMPILED, "")
@@ -304,13 +316,7 @@ def _cache_for(label: str, model, prefill: DynamicCache):
 def run_speed(args) -> None:
     model = load_model(MODEL).to(torch.bfloat16)
     enable_kv_cache(model)
-    labels = [FLOAT, "ours KV4", "ours KV4 (reference path)", "ours KV2"]
-    for peer in ("quanto KV4", "HQQ KV4"):
-        missing = _missing_backend(peer)
-        if missing:
-            print(f"{peer}: left out, {missing} is not installed")
-        else:
-            labels.append(peer)
+    labels = _available([FLOAT, "ours KV4", "ours KV4 (reference path)", "ours KV2", "quanto KV4", "HQQ KV4"])
     compiled = None
     if args.compile:
         # model.forward compiled; under it our cache's decode step is one operator per layer
