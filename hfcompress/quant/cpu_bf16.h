@@ -21,4 +21,15 @@ static inline uint16_t float_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
+/* dst[:n] = p[off : off + n] as float32, p float32 (dtype code 2) or bfloat16 (code 1): the
+ * rows the kernels read in the model's dtype. */
+static inline void load_floats(const void *p, int64_t off, int64_t n, int dtype, float *dst) {
+    if (dtype == 2) {
+        memcpy(dst, (const float *)p + off, sizeof(float) * (size_t)n);
+        return;
+    }
+    const uint16_t *h = (const uint16_t *)p + off;
+    for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_float(h[i]);
+}
+
 #endif

@@ -66,12 +66,7 @@ int hadamard_rows(const void *x, int dtype, int64_t T, int64_t K, int64_t x_stri
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; t++) {
             if (!row) continue;
-            if (dtype == 2) {
-                memcpy(row, (const float *)x + t * x_stride, sizeof(float) * (size_t)K);
-            } else {
-                const uint16_t *xr = (const uint16_t *)x + t * x_stride;
-                for (int64_t k = 0; k < K; k++) row[k] = bf16_to_float(xr[k]);
-            }
+            load_floats(x, t * x_stride, K, dtype, row);
             for (int64_t k = 0; k < K; k += block) fwht_block(row + k, block);
             if (dtype == 2) {
                 float *yr = (float *)y + t * K;

@@ -90,16 +90,6 @@ static inline float load_scale(const void *p, int64_t i, int dtype) {
     return dtype == 1 ? bf16_to_float(h) : half_to_float(h);
 }
 
-/* dst[:n] = p[off : off + n] in float32 (p of dtype code 1 or 2: bfloat16, float32) */
-static inline void load_rows(const void *p, int64_t off, int64_t n, int dtype, float *dst) {
-    if (dtype == 2) {
-        memcpy(dst, (const float *)p + off, sizeof(float) * (size_t)n);
-        return;
-    }
-    const uint16_t *h = (const uint16_t *)p + off;
-    for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_float(h[i]);
-}
-
 /* p[off : off + n] = src[:n] (dtype code 1 or 2: bfloat16 rounded to nearest even, float32) */
 static inline void store_row(void *p, int64_t off, const float *src, int n, int dtype) {
     if (dtype == 2) {
@@ -536,11 +526,11 @@ int kv_decode_attention(
             failed = 1;
             continue;
         }
-        for (int r = 0; r < R; r++) load_rows(q, b * q_sb + ((int64_t)h * R + r) * q_sh, D, io_dtype, rows + r * D);
+        for (int r = 0; r < R; r++) load_floats(q, b * q_sb + ((int64_t)h * R + r) * q_sh, D, io_dtype, rows + r * D);
         const float *dkf = dk ? (const float *)dk + dso : NULL, *dvf = dv ? (const float *)dv + dso : NULL;
         if (dn) {
-            load_rows(dk, dso, dn, io_dtype, rows + R * D);
-            load_rows(dv, dso, dn, io_dtype, rows + R * D + dn);
+            load_floats(dk, dso, dn, io_dtype, rows + R * D);
+            load_floats(dv, dso, dn, io_dtype, rows + R * D + dn);
             dkf = rows + R * D;
             dvf = rows + R * D + dn;
         }

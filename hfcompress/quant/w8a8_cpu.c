@@ -51,16 +51,6 @@
 #include <unistd.h>
 #endif
 
-/* Row t of x as float32 into row[K]; x_dtype: 1 bfloat16, 2 float32. */
-static inline void load_row(const void *x, int x_dtype, int64_t t, int64_t K, int64_t x_stride, float *row) {
-    if (x_dtype == 2) {
-        memcpy(row, (const float *)x + t * x_stride, sizeof(float) * (size_t)K);
-    } else {
-        const uint16_t *xr = (const uint16_t *)x + t * x_stride;
-        for (int64_t k = 0; k < K; k++) row[k] = bf16_to_float(xr[k]);
-    }
-}
-
 /* Quantize row[K] into qt[K]; returns the scale, sets *sum to sum(qt). A row holding a NaN or
  * an infinity gets the scale NaN (its codes are numbers, so the scale carries it): the layer's
  * output row is NaN, as the float layer's would not be finite, instead of a finite guess. */
@@ -203,7 +193,7 @@ int w8a8_linear(const void *x, int x_dtype, int64_t T, int64_t K, int64_t x_stri
         return 1;
     }
     for (int64_t t = 0; t < T; t++) {
-        load_row(x, x_dtype, t, K, x_stride, row);
+        load_floats(x, t * x_stride, K, x_dtype, row); /* x_dtype: 1 bfloat16, 2 float32 */
         s[t] = quantize_row(row, K, dynamic, static_scale, q + t * K, &qsum[t]);
         for (int64_t k = 0; k < K; k++) qu[t * K + k] = (uint8_t)((int32_t)q[t * K + k] + 128);
     }
