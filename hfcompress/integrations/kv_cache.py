@@ -12,9 +12,10 @@ How attention reads it: ``update`` does not return the whole history. It keeps t
 new keys and values aside and returns them tagged with the layer; the registered attention
 function (``hfcompress_kv``) then attends to each stored part as it is stored and to the new
 tokens in full precision, merges the parts exactly, and only then appends the new tokens to
-the cache. A CPU decode step is one call of the C kernel (:mod:`hfcompress.quant.kv_cpu`: the
-packed part and the full-precision parts in one softmax); a CUDA decode step reads the packed
-part with the Triton split-K kernel; a multi-token step reads it chunk by chunk
+the cache. A CPU step is one call of the C kernel (:mod:`hfcompress.quant.kv_cpu`: the packed
+part and the full-precision parts in one softmax), for one query token or several; a CUDA
+decode step reads the packed part with the Triton split-K kernel; a CUDA multi-token step, and
+any step that needs gradients, reads it chunk by chunk
 (:func:`hfcompress.quant.kv.attend_packed`). A step before anything is packed (the first
 ``sink_tokens + residual_length + group_size`` tokens or so) has full-precision keys only
 and attends through SDPA in float32. A model whose attention is not ``hfcompress_kv``

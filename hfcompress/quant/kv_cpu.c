@@ -1,6 +1,7 @@
 /* CPU decode attention over a packed KIVI cache (hfcompress/quant/kv_cpu.py builds and loads it).
  *
- * One query step: for each (batch, KV head), the R query heads that share the KV head read the
+ * One step (one query token, or several as more rows, see kv_decode_attention): for each
+ * (batch, KV head), the R query heads that share the KV head read the
  * packed keys and values once, a few tokens at a time unpacked into a scratch that stays in L1
  * cache; nothing of size T x D is ever written. The math is that of hfcompress_triton.kv_ref.kv_decode_attention_ref:
  *
@@ -270,8 +271,8 @@ static int attend_split(
 /* The path in AVX2 vectors (8 floats); the plain loops above serve CPUs without AVX2 and
  * shapes the vectors do not tile. Those reduce each token's dot product across lanes and keep
  * the value sums in memory. This path scores 8 tokens into one vector (one reduction for the
- * 8) and keeps up to 4 query heads' value sums in registers while it walks the tokens: 2.1x to
- * 2.5x faster (RESULTS.md, stop 48). */
+ * 8) and keeps up to 4 query heads' value sums in registers while it walks the tokens: 2.0x to
+ * 2.6x faster at 2k-8k tokens (RESULTS.md, stop 48). */
 #define VB 32 /* value tokens unpacked per block: their float rows stay in L1 */
 
 /* n rows of BITS-bit codes (D * BITS / 8 bytes each) as float rows [n, D], in the packing
