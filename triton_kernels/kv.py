@@ -317,17 +317,20 @@ def _kv_merge_splits_kernel(o_ptr, m_ptr, l_ptr, out_ptr, lse_ptr, S, D: tl.cons
     ``lse_s = m_s + log l_s``, ``lse = logsumexp_s lse_s`` and ``out = sum_s exp(lse_s - lse) /
     l_s * o_s``, over ``BLOCK_S`` splits at a time with a running maximum. A split with
     ``l_s = 0`` (empty or fully masked) weighs 0; a head with every token masked gets
-    ``out = 0`` and ``lse = -inf``. o: [heads, S, D]; m, l: [heads, S]."""
+    ``out = 0`` and ``lse = -inf``; a head with a NaN in any split (a NaN query or cache entry)
+    gets NaN for both, as the reference does. o: [heads, S, D]; m, l: [heads, S]."""
     h = tl.program_id(0)
     d = tl.arange(0, D)
     top = float("-inf")  # running maximum of lse_s
     total = 0.0  # sum of exp(lse_s - top)
     acc = tl.zeros((D,), tl.float32)  # sum of exp(lse_s - top) / l_s * o_s
+    nans = 0  # splits whose m or l is NaN: "l > 0" below is false for them, which would drop them
     for s0 in range(0, S, BLOCK_S):
         si = s0 + tl.arange(0, BLOCK_S)
         ok = si < S
         m = tl.load(m_ptr + h * S + si, mask=ok, other=float("-inf"))
         l_ = tl.load(l_ptr + h * S + si, mask=ok, other=0.0)
+        nans += tl.sum(((m != m) | (l_ != l_)).to(tl.int32), axis=0)
         live = l_ > 0.0
         safe_l = tl.where(live, l_, 1.0)
         lse_s = tl.where(live, m + tl.log(safe_l), float("-inf"))
@@ -340,8 +343,10 @@ def _kv_merge_splits_kernel(o_ptr, m_ptr, l_ptr, out_ptr, lse_ptr, S, D: tl.cons
         total = total * rescale + tl.sum(e, axis=0)
         top = new_top
     live_head = total > 0.0
-    tl.store(out_ptr + h * D + d, acc / tl.where(live_head, total, 1.0))
-    tl.store(lse_ptr + h, tl.where(live_head, top + tl.log(tl.where(live_head, total, 1.0)), float("-inf")))
+    out = acc / tl.where(live_head, total, 1.0)
+    lse = tl.where(live_head, top + tl.log(tl.where(live_head, total, 1.0)), float("-inf"))
+    tl.store(out_ptr + h * D + d, tl.where(nans > 0, float("nan"), out))
+    tl.store(lse_ptr + h, tl.where(nans > 0, float("nan"), lse))
 
 
 def dot_kernel_fits(bits: int, group_size: int, head_dim: int) -> bool:

@@ -158,6 +158,26 @@ def test_decode_kernel_fully_masked_row_and_strided_views(device):
         torch.testing.assert_close(lse[1], want_lse[1], **_tolerance(kernel, device))
 
 
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the interpreter's max over the NaN row
+@pytest.mark.parametrize("kernel", ["lanes", "dot"])
+def test_decode_kernel_keeps_nan_rows_nan(kernel, device):
+    # A NaN in one query head gives that head NaN output and log-sum-exp, as the reference does
+    # (the merge used to drop the NaN split and report lse = -inf); the other heads are unchanged.
+    pytest.importorskip("triton")
+    from hfcompress_triton import kv
+
+    b, hq, hkv, t, d = 2, 4, 2, 128, 32
+    parts = [p.to(device) for p in _packed(b, hkv, t, d, 4, 32)]
+    q = torch.randn(b, hq, 1, d).to(device)
+    q[1, 2, 0, 7] = float("nan")
+    out, lse = kv.kv_decode_attention(q, *parts, None, 4, 32, 0.2, splits=2, kernel=kernel)
+    want_out, want_lse = kv_ref.kv_decode_attention_ref(q, *parts, None, 4, 32, 0.2)
+    assert out[1, 2].isnan().all() and lse[1, 2].isnan().all()
+    assert not out[0].isnan().any() and not lse[0].isnan().any()
+    torch.testing.assert_close(out, want_out, equal_nan=True, **_tolerance(kernel, device))
+    torch.testing.assert_close(lse, want_lse, equal_nan=True, **_tolerance(kernel, device))
+
+
 def test_decode_kernel_refuses_bad_shapes(device):
     pytest.importorskip("triton")
     from hfcompress_triton import kv
