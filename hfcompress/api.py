@@ -13,11 +13,11 @@ from torch import nn
 from hfcompress.errors import RecipeError
 from hfcompress.experts import PATCH as EXPERTS_PATCH
 from hfcompress.experts import fuse_experts_back, unfuse_experts
-from hfcompress.integrations.transformers_quantizer import attach_quantization_config
+from hfcompress.integrations.transformers_quantizer import HfCompressQuantizationConfig, attach_quantization_config
 from hfcompress.kinds import compressed_modules, is_linear_like
 from hfcompress.modifier import CompressionContext, ModelView
 from hfcompress.patches import record_patch, recorded_patches
-from hfcompress.recipe import Recipe
+from hfcompress.recipe import Recipe, Stage
 from hfcompress.registry import technique_for_config
 from hfcompress.saving import check_folder, save_atomically
 
@@ -34,6 +34,30 @@ def _as_recipe(recipe: Recipe | str | os.PathLike | Any) -> Recipe:
     if isinstance(recipe, dict):
         return Recipe.from_dict(recipe)
     return Recipe(recipe if isinstance(recipe, (list, tuple)) else [recipe])
+
+
+def _after_earlier_calls(recipe: Recipe, model: nn.Module) -> Recipe:
+    """``recipe`` with the stage names that the model's recorded recipe already uses (an
+    earlier ``compress()`` call, or a compressed checkpoint) suffixed ``_2``, ``_3``, ...: the
+    recorded recipe appends this one, and must stay a recipe that ``compress`` accepts (the
+    model card prints it to reproduce the model)."""
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if not isinstance(config, HfCompressQuantizationConfig):
+        return recipe
+    earlier = {s.get("name") for s in config.recipe.get("stages", [])}
+    taken = earlier | {s.name for s in recipe}
+    stages = []
+    for stage in recipe:
+        name = stage.name
+        if name in earlier:
+            k = 2
+            while f"{name}_{k}" in taken:
+                k += 1
+            name = f"{name}_{k}"
+            taken.add(name)
+            logger.info("stage %r is named %r: the model's recorded recipe has one named so", stage.name, name)
+        stages.append(Stage(name=name, config=stage.config))
+    return Recipe(stages)
 
 
 def compress(
@@ -57,6 +81,9 @@ def compress(
     it, and against the given data, before any stage runs: an invalid recipe, or a stage the
     earlier ones leave with nothing to do, leaves the model untouched. Afterwards the model carries a
     ``quantization_config`` that ``save_pretrained`` writes and ``from_pretrained`` reads back.
+    A model compressed before (an earlier call, or a compressed checkpoint) can take stages
+    that add to its layers (``int8_activations``, ``kv_cache``); its recorded recipe gets this
+    one's stages appended, a stage name it already holds suffixed ``_2`` (``_3``, ...).
 
     Args:
         model: A transformers model (or any ``nn.Module``).
@@ -82,6 +109,7 @@ def compress(
     recipe = _as_recipe(recipe)
     if not isinstance(model, nn.Module):
         raise RecipeError(f"compress() needs a torch.nn.Module, got {type(model).__name__}")
+    recipe = _after_earlier_calls(recipe, model)
     context = CompressionContext(
         tokenizer=tokenizer,
         calibration_data=calibration_data,

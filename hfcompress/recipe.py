@@ -119,7 +119,9 @@ class Recipe:
         if path.is_dir():
             raise RecipeError(f"recipe {str(path)!r} is a folder; give the path of a recipe YAML file inside it")
         if not path.is_file():
-            raise RecipeError(f"recipe file {str(path)!r} does not exist")
+            text = "\n" in str(path) or str(path).lstrip().startswith("stages:")
+            hint = "; it reads as YAML text: parse that with Recipe.from_yaml_str(text)" if text else ""
+            raise RecipeError(f"recipe file {str(path)!r} does not exist{hint}")
         try:
             return cls.from_yaml_str(path.read_text(encoding="utf-8"))
         except RecipeError as exc:

@@ -1,3 +1,4 @@
+import copy
 import dataclasses
 
 import pytest
@@ -76,6 +77,28 @@ def test_invalid_stage_fails_before_any_stage_touches_the_model(tiny_llama, bad,
         compress(tiny_llama, recipe, progress=False)
     assert _unchanged(tiny_llama, before)
     assert not hasattr(tiny_llama.config, "quantization_config")
+
+
+def test_a_compressed_model_refuses_a_second_weight_stage_by_name(tiny_llama):
+    compress(tiny_llama, [RTNConfig(bits=8, group_size=-1)], progress=False)
+    before = _state(tiny_llama)
+    with pytest.raises(RecipeError, match=r"14 layer\(s\) of this model are compressed already .* a QuantLinear"):
+        compress(tiny_llama, [RTNConfig(bits=4, group_size=16)], progress=False)
+    assert _unchanged(tiny_llama, before)
+
+
+def test_calls_in_turn_record_a_recipe_that_rebuilds_the_model(tiny_llama, llama_ids):
+    # Each call names its stages stage_0, stage_1, ...; the recorded recipe appends them and
+    # must stay a valid recipe (unique names) that gives the same model in one call (the model
+    # card prints it for that).
+    fresh = copy.deepcopy(tiny_llama)
+    compress(tiny_llama, [RTNConfig(bits=8, group_size=-1, symmetric=True)], progress=False)
+    compress(tiny_llama, [hfcompress.ActivationQuantConfig(), hfcompress.KVCacheConfig(bits=4)], progress=False)
+    recorded = tiny_llama.config.quantization_config.recipe
+    assert [s["name"] for s in recorded["stages"]] == ["stage_0", "stage_0_2", "stage_1"]
+    compress(fresh, hfcompress.Recipe.from_dict(recorded), progress=False)
+    assert fresh.config.quantization_config.to_dict() == tiny_llama.config.quantization_config.to_dict()
+    assert torch.equal(fresh(llama_ids).logits, tiny_llama(llama_ids).logits)
 
 
 def test_nan_weight_is_refused_and_nothing_changes(tiny_llama):

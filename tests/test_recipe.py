@@ -123,8 +123,11 @@ def test_bad_recipes_name_the_problem(text, message):
 
 
 def test_missing_file():
-    with pytest.raises(RecipeError, match="does not exist"):
+    with pytest.raises(RecipeError, match=r"does not exist$"):
         Recipe.from_yaml("/nonexistent/recipe.yaml")
+    # YAML text where a path belongs (compress() takes a path): named, with the right call
+    with pytest.raises(RecipeError, match=r"does not exist; it reads as YAML text: .* Recipe.from_yaml_str"):
+        Recipe.from_yaml("stages:\n  - technique: rtn\n")
 
 
 def test_python_configs_validate_too():

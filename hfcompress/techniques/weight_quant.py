@@ -14,7 +14,7 @@ from torch import nn
 
 from hfcompress.config import TechniqueConfig, check_target_fields, invalid
 from hfcompress.errors import CalibrationDataError, ModelError
-from hfcompress.kinds import is_linear_like, linear_features, linear_weight, swap_module
+from hfcompress.kinds import CompressedModule, is_linear_like, linear_features, linear_weight, swap_module
 from hfcompress.layerwise import materialize_offloaded
 from hfcompress.mixed_precision import BitsBudget, Choice, PrecisionPlan, plan_by_layer_order, solve_budget
 from hfcompress.mixed_precision.sensitivity import choice_losses, fisher_diagonal
@@ -140,6 +140,15 @@ class WeightQuantModifier(Modifier):
                     f"targets={list(self.config.targets)} with ignore={list(self.config.ignore)} select no layer left "
                     f"to quantize: the {len(taken)} layer(s) they match (e.g. {taken[0]!r}) are compressed by the "
                     f"earlier stage(s) {stages}. Remove this stage, or narrow the earlier stage's targets"
+                )
+            done = [n for n, e in view.entries.items() if e.stage is None and isinstance(e.module, CompressedModule)]
+            if done:
+                raise self.error(
+                    f"targets={list(self.config.targets)} with ignore={list(self.config.ignore)} select no float "
+                    f"linear layer: {len(done)} layer(s) of this model are compressed already (e.g. {done[0]!r}, a "
+                    f"{type(view.entries[done[0]].module).__name__}), by an earlier compress() call or a compressed "
+                    "checkpoint. Compress the float model instead; a recipe for an already compressed model takes "
+                    "stages that add to its layers (int8_activations, kv_cache, ...), not a second weight stage"
                 )
             linear = [n for n, e in view.entries.items() if is_linear_like(e.module) and e.stage is None][:8]
             raise self.error(
