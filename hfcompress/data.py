@@ -3,6 +3,8 @@
 A text source is one of:
 
 * ``wikitext2:test`` / ``wikitext2:valid`` (also ``wikitext2:validation``): WikiText-2 raw.
+  The Hub's names work too: ``wikitext:test``, ``Salesforce/wikitext:test``, with or without
+  the config (``wikitext:wikitext-2-raw-v1:validation``).
   Read from ``$HFCOMPRESS_DATA_DIR/wikitext-2-raw/wiki.<split>.raw`` or from the
   ``shared/data`` folder beside this checkout; else, for the test split, from the copy this
   package ships (``hfcompress/resources``, CC BY-SA 3.0, checked against the official
@@ -42,6 +44,8 @@ __all__ = [
 DATA_ENV = "HFCOMPRESS_DATA_DIR"
 _SPLITS = {"test": "test", "valid": "valid", "validation": "valid"}
 _HUB_SPLITS = {"test": "test", "valid": "validation"}
+_WIKITEXT_NAMES = ("wikitext2", "wikitext", "Salesforce/wikitext")  # ours, then the Hub's
+_WIKITEXT_CONFIG = "wikitext-2-raw-v1"
 _BUNDLED_TEST = "wikitext-2-raw-v1-test.raw.gz"
 _BUNDLED_TEST_SHA256 = "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08"
 
@@ -103,10 +107,14 @@ def _wikitext(split: str) -> str:
 def load_text(source: str | os.PathLike) -> str:
     """The text of a source (see the module docstring)."""
     name = str(source)
-    if name.startswith(("wikitext2:", "wikitext:")):
-        split = name.split(":", 1)[1]
-        if split not in _SPLITS:
-            raise CalibrationDataError(f"unknown WikiText-2 split {split!r}; accepted: {', '.join(_SPLITS)}")
+    dataset, _, split = name.partition(":")
+    if dataset in _WIKITEXT_NAMES and not Path(name).is_file():
+        config, _, split = split.rpartition(":")
+        if config not in ("", _WIKITEXT_CONFIG) or split not in _SPLITS:
+            raise CalibrationDataError(
+                f"{name!r}: WikiText-2 is named <dataset>[:{_WIKITEXT_CONFIG}]:<split> with a split of "
+                f"{', '.join(_SPLITS)} (e.g. wikitext2:test, wikitext:validation)"
+            )
         return _wikitext(_SPLITS[split])
     path = Path(name)
     try:

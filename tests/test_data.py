@@ -63,9 +63,17 @@ def test_bundled_test_split_is_byte_identical_to_the_data_folder(monkeypatch):
     assert load_text("wikitext2:test") == local
 
 
+@pytest.mark.parametrize(
+    "name", ["wikitext:test", "Salesforce/wikitext:test", "wikitext:wikitext-2-raw-v1:test", "wikitext2:test"]
+)
+def test_hub_names_of_wikitext_are_the_same_text(name):
+    assert load_text(name) == load_text("wikitext2:test")
+
+
 def test_unknown_sources_are_clear_errors(tmp_path):
-    with pytest.raises(CalibrationDataError, match="unknown WikiText-2 split 'train'"):
-        load_text("wikitext2:train")
+    for name in ("wikitext2:train", "wikitext", "Salesforce/wikitext", "wikitext:wikitext-103-raw-v1:test"):
+        with pytest.raises(CalibrationDataError, match=r"WikiText-2 is named .*\(e.g. wikitext2:test"):
+            load_text(name)
     with pytest.raises(CalibrationDataError, match="neither a file nor one of"):
         load_text(tmp_path / "missing.txt")
     # Text itself where a source is expected: an error that says so, not an OSError or the text.
