@@ -30,7 +30,7 @@ import hfcompress
 from hfcompress.data import load_text
 from hfcompress.eval import perplexity
 from hfcompress.models import load_model, load_tokenizer
-from hfcompress.quant import cpu_kernels, cpu_w8a8
+from hfcompress.quant import cpu_decode, cpu_kernels, cpu_w8a8
 from hfcompress.quant.dispatch import reference_path, select_kernel
 
 RECIPES = {
@@ -99,8 +99,8 @@ def _errors(model, inputs, kernel_name):
         if amx:
             outs["AMX bf16 kernel"] = m(x).float()
         rows = x.reshape(-1, x.shape[-1])
-        if cpu_w8a8.decode_forward(m, rows[:1]) is not None:
-            parts = [cpu_w8a8.decode_forward(m, rows[i : i + 8]) for i in range(0, len(rows), 8)]
+        if cpu_decode.decode_forward(m, rows[:1]) is not None:
+            parts = [cpu_decode.decode_forward(m, rows[i : i + 8]) for i in range(0, len(rows), 8)]
             outs["decode kernel"] = torch.cat(parts).view(ref.shape)
         attribute, before, now = _BEFORE[kernel_name]
         serves = cpu_w8a8.amx_bf16_serves

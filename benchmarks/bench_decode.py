@@ -44,7 +44,7 @@ from hfcompress.data import load_text
 from hfcompress.eval import decode_speed, perplexity, size_report
 from hfcompress.eval.speed import cpu_name
 from hfcompress.models import load_model, load_tokenizer
-from hfcompress.quant import cpu_w8a8
+from hfcompress.quant import cpu_decode, cpu_w8a8
 
 KERNEL_OFF = {"W8": ", torch's int8 op", "W4": ", torch's int4 op", "W3": ", reference kernel"}
 BATCH_OFF = ", AMX from 16 rows"
@@ -98,10 +98,10 @@ def main() -> None:
     timed = {label: (label, contextlib.nullcontext) for label in models}
     if args.decode_kernel_off:
         for label in [label for label in models if label[:2] in KERNEL_OFF]:
-            if int(label[1]) not in cpu_w8a8.decode_bits():
+            if int(label[1]) not in cpu_decode.decode_bits():
                 continue  # no kernel for this width here: the row would time the same path twice
             off = label + (", torch's int4 and int8 ops" if "lm_head W8" in label else KERNEL_OFF[label[:2]])
-            timed[off] = (label, lambda: mock.patch.object(cpu_w8a8, "decode_forward", lambda *a: None))
+            timed[off] = (label, lambda: mock.patch.object(cpu_decode, "decode_forward", lambda *a: None))
             ppl[off] = ppl[label]  # 512-token windows: the prefill paths, unchanged
     if args.compile:
         # Each model is its own set of guards on the same code objects (prefill, decode, growing

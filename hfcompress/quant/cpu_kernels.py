@@ -44,7 +44,7 @@ op's 0.188%, where the floor of bfloat16 inputs is 0.179% (benchmarks/bench_cpu_
 
 On CPUs with AVX-512 BF16, ``cpu_int4``'s other calls of fewer than ``AMX_MIN_ROWS`` rows
 (decoding) whose group size is a multiple of 128 (or one group per channel) go to
-``w8a8_cpu.c``'s decode kernel instead (:func:`hfcompress.quant.cpu_w8a8.decode_forward`):
+``w8a8_cpu.c``'s decode kernel instead (:func:`hfcompress.quant.cpu_decode.decode_forward`):
 it reads the layer's own packed codes (torch's op needs a repacked copy of them, not built
 then), takes float32 scales and zero points and rounds only the activations to bfloat16, so
 decoding no longer runs on the rounded offset ``m``. On SmolLM2's decode its layers took
@@ -72,7 +72,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from hfcompress.quant import cpu_w8a8
+from hfcompress.quant import cpu_decode, cpu_w8a8
 from hfcompress.quant.affine import num_groups
 from hfcompress.quant.dispatch import Kernel, cached, reference_forward, register_kernel
 
@@ -227,7 +227,7 @@ def _our_kernels(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor | None:
     rows = x.numel() // layer.in_features
     if rows >= cpu_w8a8.AMX_BF16_MIN_ROWS and cpu_w8a8.amx_bf16_serves(layer, rows):  # decoding skips the call
         return _amx_bf16_forward(layer, x, x.reshape(-1, layer.in_features).to(torch.bfloat16))
-    y = cpu_w8a8.decode_forward(layer, x)
+    y = cpu_decode.decode_forward(layer, x)
     return None if y is None else _add_bias(layer, x, y)
 
 
@@ -258,7 +258,7 @@ def _cpu_int4_a8_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 
 
 def _supports_lowbit(layer: QuantLinear, x: torch.Tensor) -> bool:
-    return _cpu_weight_only(layer, x) and layer.bits in (2, 3) and cpu_w8a8.decode_fits(layer)
+    return _cpu_weight_only(layer, x) and layer.bits in (2, 3) and cpu_decode.decode_fits(layer)
 
 
 def _cpu_lowbit_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:

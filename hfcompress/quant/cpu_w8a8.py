@@ -65,8 +65,7 @@ import torch
 
 from hfcompress.quant import compiled, native
 from hfcompress.quant.activations import activation_scales, nonfinite_rows_nan, quantize_activations
-from hfcompress.quant.dispatch import FORCE_REFERENCE_ENV, Kernel, cached, register_kernel
-from hfcompress.quant.packing import pack
+from hfcompress.quant.dispatch import Kernel, cached, register_kernel
 
 if TYPE_CHECKING:
     from hfcompress.quant.linear import QuantLinear
@@ -74,6 +73,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AMX_BF16_MIN_ROWS",
     "AMX_MIN_ROWS",
+    "NATIVE_X_DTYPES",
     "NO_AMX_ENV",
     "ONEDNN_MIN_ROWS",
     "amx_available",
@@ -81,10 +81,10 @@ __all__ = [
     "amx_bf16_serves",
     "amx_int8_forward",
     "amx_int8_serves",
-    "decode_bits",
-    "decode_fits",
-    "decode_forward",
     "fake_quantized_input",
+    "group_scales",
+    "layer_group",
+    "native_library",
     "onednn_available",
     "onednn_works",
 ]
@@ -104,7 +104,8 @@ NO_AMX_ENV = "HFCOMPRESS_NO_AMX"
 # one-off timing of `onednn_available` (a margin for timing noise; the slow case is 1000x).
 ONEDNN_MAX_SLOWDOWN = 4.0
 _NATIVE_SOURCE = Path(__file__).with_name("w8a8_cpu.c")
-_NATIVE_X_DTYPES = {torch.bfloat16: 1, torch.float32: 2}
+# The input dtypes w8a8_cpu.c's kernels read, and their codes there.
+NATIVE_X_DTYPES = {torch.bfloat16: 1, torch.float32: 2}
 
 
 @dataclass(frozen=True)
@@ -221,7 +222,7 @@ def amx_available() -> bool:
     if os.environ.get(NO_AMX_ENV, "") not in ("", "0"):
         logger.info("%s is set: the AMX kernels are not used", NO_AMX_ENV)
         return False
-    lib = _native_library()
+    lib = native_library()
     if lib is None or not lib.w8a8_amx_init():
         return False
     g = torch.Generator().manual_seed(0)
@@ -231,7 +232,7 @@ def amx_available() -> bool:
     w[0], x[0], x[1] = 127, 127, -128
     sx, sw = torch.rand(t, 1, generator=g), torch.rand(n, generator=g)
     y = torch.empty(t, n)
-    f32 = _NATIVE_X_DTYPES[torch.float32]
+    f32 = NATIVE_X_DTYPES[torch.float32]
     packed = _amx_pack(w, _INT8_STEP)  # held by a name: the kernel reads it after data_ptr() returns
     failed = lib.w8a8_amx_linear(x.data_ptr(), sx.data_ptr(), 1, t, k, packed.data_ptr(), 0, sw.data_ptr(), k, None,
                                  None, n, y.data_ptr(), f32, torch.get_num_threads())  # fmt: skip
@@ -270,15 +271,16 @@ def _amx_pack(codes: torch.Tensor, step: int, nibbles: bool = False) -> torch.Te
     size = (n + 31) // 32 * 32 * k
     packed = torch.empty(size // 2 if nibbles else size, dtype=torch.int8)
     codes = codes.contiguous()  # a name holds it while C reads it
-    _native_library().w8a8_amx_pack(codes.data_ptr(), n, k, step, int(nibbles), packed.data_ptr())
+    native_library().w8a8_amx_pack(codes.data_ptr(), n, k, step, int(nibbles), packed.data_ptr())
     return packed
 
 
-def _group(layer: QuantLinear) -> int:
+def layer_group(layer: QuantLinear) -> int:
+    """The layer's group size, ``in_features`` for one scale per channel."""
     return layer.in_features if layer.scales.shape[1] == 1 else layer.group_size
 
 
-def _group_scales(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor | None]:
+def group_scales(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The layer's scales ``[G, N]`` float32 and offsets ``[G, N]`` float32, ``(o - z) * s``
     with ``o = 2^(bits-1)`` (None when symmetric): what the C kernels take."""
     offsets = None
@@ -290,8 +292,8 @@ def _group_scales(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor | None
 def _build_amx_pack(layer: QuantLinear, step: int) -> _AMXPack:
     nibbles = layer.bits <= 4  # two codes a byte: for 4 bits as small as the layer's own codes
     weight = _amx_pack(layer.signed_codes(), step, nibbles)
-    scales, offsets = _group_scales(layer)
-    return _AMXPack(weight, nibbles, scales, _group(layer), offsets)
+    scales, offsets = group_scales(layer)
+    return _AMXPack(weight, nibbles, scales, layer_group(layer), offsets)
 
 
 def _amx_fits(
@@ -301,7 +303,7 @@ def _amx_fits(
         rows >= min_rows
         and layer.bits in widths
         and layer.in_features % step == 0
-        and _group(layer) % step == 0
+        and layer_group(layer) % step == 0
         and amx_available()
     )
 
@@ -322,141 +324,14 @@ def amx_bf16_linear(layer: QuantLinear, x2: torch.Tensor, out_dtype: torch.dtype
     else float32. No bias."""
     pack = cached(layer, "cpu_amx_bf16", functools.partial(_build_amx_pack, step=_BF16_STEP))
     t, k = x2.shape
-    y = torch.empty(t, layer.out_features, dtype=out_dtype if out_dtype in _NATIVE_X_DTYPES else torch.float32)
-    failed = _native_library().w8a8_amx_bf16_linear(
+    y = torch.empty(t, layer.out_features, dtype=out_dtype if out_dtype in NATIVE_X_DTYPES else torch.float32)
+    failed = native_library().w8a8_amx_bf16_linear(
         x2.data_ptr(), t, k, pack.weight.data_ptr(), int(pack.nibbles), pack.scales.data_ptr(), pack.group,
         None if pack.offsets is None else pack.offsets.data_ptr(), None, layer.out_features, y.data_ptr(),
-        _NATIVE_X_DTYPES[y.dtype], torch.get_num_threads(),
+        NATIVE_X_DTYPES[y.dtype], torch.get_num_threads(),
     )  # fmt: skip
     if failed:
         raise MemoryError("the CPU AMX bfloat16 kernel could not allocate its scratch memory")
-    return y
-
-
-# The decode kernel's step: a group size must be a multiple of it, cover K, or be one of the
-# fine groups, which it scales lane by lane.
-_DECODE_STEP = 128
-_FINE_GROUPS = (32, 64)
-
-
-@functools.cache
-def decode_bits() -> frozenset[int]:
-    """The weight widths (of 2, 3, 4 and 8 bits) ``w8a8_cpu.c``'s decode kernel takes here: built
-    (a compiler and CPU with AVX-512 BF16, and VBMI for 2 and 3 bits) and giving the exact sums
-    of small integers on a probe per width, one scale per channel and (below 8 bits) groups of
-    32 and 64 with their own scales, that covers a partial step and group, a channel block past
-    N and the extreme codes (checked once per process)."""
-    lib = _native_library()
-    if lib is None:
-        return frozenset()
-    built = lib.decode_bits_built()
-    exact = set()
-    g = torch.Generator().manual_seed(0)
-    t, k, n = 3, 200, 7
-    f32 = _NATIVE_X_DTYPES[torch.float32]
-    for bits in (2, 3, 4, 8):
-        if not built & (1 << bits):
-            continue
-        codes = torch.randint(0, 2**bits, (n, k), generator=g, dtype=torch.uint8)
-        codes[0, :2] = torch.tensor([0, 2**bits - 1], dtype=torch.uint8)
-        packed = pack(codes, bits)
-        x = torch.randint(-8, 9, (t, k), generator=g).float()
-        ok = True
-        for group in (k, 32, 64) if bits < 8 else (k,):  # 8 bits: one scale per channel only
-            groups = -(-k // group)
-            scales = torch.randint(1, 5, (n, groups), generator=g).float()  # small integers: exact sums
-            offsets = torch.randint(-3, 4, (n, groups), generator=g).float()
-            weight = (codes.double() - 2 ** (bits - 1)) * scales.double().repeat_interleave(group, 1)[:, :k]
-            sums = torch.nn.functional.pad(x.double(), (0, groups * group - k)).view(t, groups, group).sum(-1)
-            expected = (x.double() @ weight.t() + sums @ offsets.double().t()).float()
-            y = torch.empty(t, n)
-            scales_t, offsets_t = scales.t().contiguous(), offsets.t().contiguous()
-            failed = lib.decode_linear(x.data_ptr(), f32, t, k, k, packed.data_ptr(), bits, packed.shape[1], n,
-                                       scales_t.data_ptr(), group, offsets_t.data_ptr(), scales.data_ptr(),
-                                       y.data_ptr(), f32, 1)  # fmt: skip
-            ok = ok and not failed and torch.equal(y, expected)
-        if not ok:
-            logger.info("the %d-bit decode kernel did not reproduce exact sums on this CPU; it is not used", bits)
-            continue
-        exact.add(bits)
-    return frozenset(exact)
-
-
-@dataclass(frozen=True)
-class _DecodePlan:
-    fits: bool  # a 2-, 3-, 4- or 8-bit layer whose group size the kernel takes, and the kernel is here
-    qweight: torch.Tensor  # the layer's packed codes: held, as the kernel reads them by address
-    scales: torch.Tensor  # [G, N] float32
-    offsets: torch.Tensor | None  # [G, N] float32, (o - z) * s; None when symmetric
-    scale_rows: torch.Tensor | None  # [N, G] float32, for groups of 32 and 64; else None
-    array: torch.Tensor  # int64: decode_planned's plan (the addresses of the tensors above, widths)
-    address: int  # array's
-
-
-def decode_fits(layer: QuantLinear) -> bool:
-    """Whether the decode kernel takes this layer's weights: a width it has here and a group
-    size that is a multiple of 128 or covers K, or for 2 and 3 bits also 32 or 64; 8 bits take
-    one scale per channel only. (4-bit layers with groups of 32 or 64 stay on torch's int4 op:
-    on SmolLM2 it decoded 3-6% faster than the kernel's lane-by-lane scaling; 2 and 3 bits have
-    no op.)"""
-    group = _group(layer)
-    if layer.bits == 8:
-        return group == layer.in_features and 8 in decode_bits()
-    fine = group in _FINE_GROUPS and layer.bits < 4
-    return (group == layer.in_features or group % _DECODE_STEP == 0 or fine) and layer.bits in decode_bits()
-
-
-def _decode_plan(layer: QuantLinear) -> _DecodePlan:
-    group = _group(layer)
-    fits = decode_fits(layer)
-    scales, offsets = _group_scales(layer) if fits else (layer.scales, None)
-    scale_rows = layer.scales.float().contiguous() if fits and group in _FINE_GROUPS else None
-    qweight = layer.qweight
-    pointers = [0 if tensor is None else tensor.data_ptr() for tensor in (offsets, scale_rows)]
-    array = torch.tensor(
-        [qweight.data_ptr(), layer.bits, qweight.stride(0), layer.out_features, scales.data_ptr(), group, *pointers,
-         layer.in_features],
-        dtype=torch.int64,
-    )  # fmt: skip
-    return _DecodePlan(fits, qweight, scales, offsets, scale_rows, array, array.data_ptr())
-
-
-def decode_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor | None:
-    """``x @ dequantize(W)^T`` for a 2-, 3-, 4- or 8-bit weight-only layer and ``x: [..., K]``,
-    as ``[..., N]`` in ``x``'s dtype, no bias, by ``w8a8_cpu.c``'s decode kernel; None where it
-    does not serve: ``AMX_MIN_ROWS`` rows or more, inputs other than float32 or bfloat16, group
-    sizes other than 32, 64, multiples of 128 or one group per channel (8 bits: per channel
-    only), or no kernel for the width here (:func:`decode_bits`). Below 8 bits ``x`` is rounded
-    to bfloat16 (``vdpbf16ps``); 8-bit layers multiply in float32, so there the sums are the only
-    rounding. The layer's packed codes are read as they are; float32 sums per group, each group's
-    float32 scale applied to its sums and ``(o - z) * s`` times the row's sum over the group
-    (``o = 2^(bits-1)``): for 4 bits the AMX bfloat16 kernel's result up to summation order. The
-    call's fixed arguments are prepared once per layer and passed as one array, as at one row
-    the Python around the kernel cost as much as the kernel."""
-    dtype = _NATIVE_X_DTYPES.get(x.dtype)
-    k = layer.in_features
-    if dtype is None or x.numel() >= AMX_MIN_ROWS * k:
-        return None
-    plan = cached(layer, "cpu_decode", _decode_plan)
-    if not plan.fits:
-        return None
-    if x.is_contiguous():  # decoding's case: no view to make
-        rows, address, stride = x.numel() // k, x.data_ptr(), k
-    else:
-        x2 = x.reshape(-1, k)
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        rows, address, stride = x2.shape[0], x2.data_ptr(), x2.stride(0)
-    y = x.new_empty((*x.shape[:-1], layer.out_features))  # 0.4 us less than torch.empty here
-    failed = _native_library().decode_planned(plan.address, address, dtype, rows, stride, y.data_ptr(),
-                                              torch.get_num_threads())  # fmt: skip
-    if failed == 1:
-        raise MemoryError("the CPU low-bit decode kernel could not allocate its scratch memory")
-    if failed:  # decode_fits let through a layer the C kernel refuses: a bug, not a user error
-        raise RuntimeError(
-            f"w8a8_cpu.c's decode_linear refused a {layer.bits}-bit layer with group size {_group(layer)} "
-            f"(code {failed}); set {FORCE_REFERENCE_ENV}=1 to run the reference kernel meanwhile"
-        )
     return y
 
 
@@ -469,7 +344,7 @@ def amx_int8_serves(layer: QuantLinear, x: torch.Tensor) -> bool:
         act is not None
         and act.num_bits == 8
         and act.strategy in ("token", "tensor")
-        and x.dtype in _NATIVE_X_DTYPES
+        and x.dtype in NATIVE_X_DTYPES
         and _amx_fits(layer, x.numel() // layer.in_features, _INT8_STEP)
     )
 
@@ -487,11 +362,11 @@ def amx_int8_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     sx = sx.float().contiguous()
     bias = None if layer.bias is None else layer.bias.to(x.dtype).float().contiguous()
     y = torch.empty(t, n, dtype=x.dtype)
-    failed = _native_library().w8a8_amx_linear(
+    failed = native_library().w8a8_amx_linear(
         xq.data_ptr(), sx.data_ptr(), int(sx.numel() != 1), t, layer.in_features, pack.weight.data_ptr(),
         int(pack.nibbles), pack.scales.data_ptr(), pack.group,
         None if pack.offsets is None else pack.offsets.data_ptr(), None if bias is None else bias.data_ptr(), n,
-        y.data_ptr(), _NATIVE_X_DTYPES[x.dtype], torch.get_num_threads(),
+        y.data_ptr(), NATIVE_X_DTYPES[x.dtype], torch.get_num_threads(),
     )  # fmt: skip
     if failed:
         raise MemoryError("the CPU AMX int8 kernel could not allocate its scratch memory")
@@ -561,16 +436,16 @@ def _native_quantize(x2: torch.Tensor, act, static: torch.Tensor | None) -> tupl
     torch's ops are faster; float16; a dynamic per-tensor or per-channel scale)."""
     per_token = act.strategy == "token" and act.dynamic
     per_tensor_static = act.strategy == "tensor" and not act.dynamic and static is not None and static.numel() == 1
-    if not (per_token or per_tensor_static) or x2.dtype not in _NATIVE_X_DTYPES or x2.stride(-1) != 1:
+    if not (per_token or per_tensor_static) or x2.dtype not in NATIVE_X_DTYPES or x2.stride(-1) != 1:
         return None
-    lib = _native_library()
+    lib = native_library()
     if lib is None or not lib.w8a8_quantize_is_vectorized():
         return None
     t, k = x2.shape
     q = torch.empty(t, k, dtype=torch.int8)
     scales = torch.empty(t, 1)
     failed = lib.w8a8_quantize_rows(
-        x2.data_ptr(), _NATIVE_X_DTYPES[x2.dtype], t, k, x2.stride(0), int(per_token),
+        x2.data_ptr(), NATIVE_X_DTYPES[x2.dtype], t, k, x2.stride(0), int(per_token),
         0.0 if per_token else float(static), q.data_ptr(), scales.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     if failed:  # only a build without AVX-512 refuses, and it was asked above
@@ -610,7 +485,7 @@ def fake_quantized_input(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def _native_library() -> ctypes.CDLL | None:
+def native_library() -> ctypes.CDLL | None:
     lib = native.load(_NATIVE_SOURCE, "the CPU W8A8 decode kernel (decoding uses torch._int_mm)")
     if lib is not None:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
@@ -655,7 +530,7 @@ def _native_forward(layer: QuantLinear, x: torch.Tensor, lib: ctypes.CDLL) -> to
         bias = bias.float().contiguous()
     out = torch.empty(x2.shape[0], n)
     failed = lib.w8a8_linear(
-        x2.data_ptr(), _NATIVE_X_DTYPES[x.dtype], x2.shape[0], layer.in_features, x2.stride(0),
+        x2.data_ptr(), NATIVE_X_DTYPES[x.dtype], x2.shape[0], layer.in_features, x2.stride(0),
         weight.data_ptr(), pack.weight_sum.data_ptr(), n, pack.scales.data_ptr(),
         None if pack.correction is None else pack.correction.data_ptr(),
         None if bias is None else bias.data_ptr(),
@@ -670,8 +545,8 @@ def _native_forward(layer: QuantLinear, x: torch.Tensor, lib: ctypes.CDLL) -> to
 def _forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     lead = x.shape[:-1]
     rows = x.numel() // layer.in_features
-    if rows < ONEDNN_MIN_ROWS and x.dtype in _NATIVE_X_DTYPES:
-        lib = _native_library()
+    if rows < ONEDNN_MIN_ROWS and x.dtype in NATIVE_X_DTYPES:
+        lib = native_library()
         if lib is not None:
             return _native_forward(layer, x, lib)
     if layer.symmetric and amx_int8_serves(layer, x):

@@ -1,6 +1,6 @@
-import os
+"""QuantLinear: its CPU paths against the reference kernel, its state and dtypes, and its errors."""
+
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,30 +9,7 @@ from hfcompress.quant import dispatch
 from hfcompress.quant.affine import QuantizedWeight, quantize_rtn
 from hfcompress.quant.linear import QuantLinear
 from hfcompress.quant.scheme import QuantScheme
-
-
-def _layer(n, k, *, bits=4, group_size=32, symmetric=False, float_zero=False, bias=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g)
-    qw = quantize_rtn(w, bits=bits, group_size=group_size, symmetric=symmetric, float_zero=float_zero)
-    b = torch.randn(n, generator=g) if bias else None
-    scheme = QuantScheme.weight_only(
-        num_bits=bits, group_size=group_size, in_features=k, symmetric=symmetric, float_zero=float_zero
-    )
-    return QuantLinear.from_quantized(qw, scheme, bias=b), qw
-
-
-def _rel_err(y, ref):
-    return ((y - ref).norm() / ref.norm()).item()
-
-
-def _fast_and_bf16_errors(layer, x, dense):
-    """Relative errors against float32 ``x @ dense^T``: the layer's, and that of bfloat16
-    activations and output alone (the floor of the fast CPU ops)."""
-    ref = x @ dense.t()
-    bf16_rounding = (x.bfloat16().float() @ dense.t()).bfloat16().float()
-    return _rel_err(layer(x), ref), _rel_err(bf16_rounding, ref)
-
+from tests.quant.helpers import fast_and_bf16_errors, quant_layer, rel_err
 
 CASES = [
     # (n, k, bits, group_size, symmetric, float_zero, expected CPU path)
@@ -52,19 +29,21 @@ CASES = [
     "n,k,bits,group_size,symmetric,float_zero,path", CASES, ids=[f"{c[6]}-w{c[2]}-n{c[0]}-k{c[1]}" for c in CASES]
 )
 def test_cpu_paths_match_the_reference(n, k, bits, group_size, symmetric, float_zero, path):
-    layer, qw = _layer(n, k, bits=bits, group_size=group_size, symmetric=symmetric, float_zero=float_zero, bias=True)
+    layer, qw = quant_layer(
+        n, k, bits=bits, group_size=group_size, symmetric=symmetric, float_zero=float_zero, bias=True
+    )
     x = torch.randn(3, 5, k)
     assert dispatch.select_path(layer, x) == path
     ref = x @ qw.dequantize().t() + layer.bias
     assert torch.allclose(dispatch.reference_forward(layer, x), ref, atol=1e-4, rtol=1e-5)
     # The fast CPU ops take bfloat16 activations (8-bit mantissa): ~0.4% relative error per
     # rounding, averaged over K. 2% of the output norm bounds it with a wide margin.
-    assert _rel_err(layer(x), ref) < 2e-2
+    assert rel_err(layer(x), ref) < 2e-2
     assert layer(x).shape == (3, 5, n) and layer(x).dtype == x.dtype
 
 
 def test_force_reference_env(monkeypatch):
-    layer, _ = _layer(32, 64)
+    layer, _ = quant_layer(32, 64)
     x = torch.randn(2, 64)
     monkeypatch.setenv(dispatch.FORCE_REFERENCE_ENV, "1")
     assert dispatch.select_path(layer, x) == "reference"
@@ -72,8 +51,8 @@ def test_force_reference_env(monkeypatch):
 
 
 def test_kernel_cache_follows_load_state_dict():
-    layer, _ = _layer(32, 64, seed=0)
-    other, _ = _layer(32, 64, seed=1)
+    layer, _ = quant_layer(32, 64, seed=0)
+    other, _ = quant_layer(32, 64, seed=1)
     x = torch.randn(2, 64)
     before = layer(x)
     layer.load_state_dict(other.state_dict())
@@ -82,20 +61,20 @@ def test_kernel_cache_follows_load_state_dict():
 
 
 def test_state_dict_holds_packed_tensors_only():
-    layer, _ = _layer(16, 40, bias=True)
+    layer, _ = quant_layer(16, 40, bias=True)
     assert set(layer.state_dict()) == {"qweight", "scales", "zeros", "bias"}
     assert layer.qweight.shape == (16, 20) and layer.qweight.dtype == torch.uint8
-    sym, _ = _layer(16, 40, symmetric=True)
+    sym, _ = quant_layer(16, 40, symmetric=True)
     assert set(sym.state_dict()) == {"qweight", "scales"}
 
 
 def test_storage_bytes():
-    layer, _ = _layer(16, 64, group_size=32)
+    layer, _ = quant_layer(16, 64, group_size=32)
     assert layer.storage_bytes() == 16 * 32 + 16 * 2 * 2 + 16 * 2  # codes + fp16 scales + uint8 zeros
 
 
 def test_dense_weights_context_computes_with_the_dequantized_weight_and_forgets_it():
-    layer, qw = _layer(48, 200, bias=True)
+    layer, qw = quant_layer(48, 200, bias=True)
     x = torch.randn(4, 200)
     with dispatch.dense_weights():
         y = layer(x)
@@ -136,7 +115,7 @@ def test_float_zero_of_a_far_off_constant_group_stays_finite():
 @pytest.mark.parametrize("float_zero", [False, True], ids=["integer-zero", "float-zero"])
 def test_casting_the_model_keeps_the_layout_dtypes(float_zero):
     # Defect: model.to(torch.bfloat16) silently cast the float16 scales (and float zero points).
-    layer, qw = _layer(32, 64, float_zero=float_zero, bias=True)
+    layer, qw = quant_layer(32, 64, float_zero=float_zero, bias=True)
     model = torch.nn.Sequential(layer).to(torch.bfloat16)
     assert layer.scales.dtype == torch.float16 and torch.equal(layer.scales, qw.scales)
     assert layer.zeros.dtype == qw.zeros.dtype and torch.equal(layer.zeros, qw.zeros)
@@ -154,7 +133,7 @@ def test_input_activation_quantization_on_the_reference_path(strategy):
     from hfcompress.quant.scheme import QuantArgs
 
     act = QuantArgs(num_bits=8, symmetric=True, strategy=strategy, dynamic=True, observer=None, zp_dtype=None)
-    _, qw = _layer(16, 64, bits=8, group_size=-1, symmetric=True)
+    _, qw = quant_layer(16, 64, bits=8, group_size=-1, symmetric=True)
     scheme = QuantScheme(
         weights=QuantScheme.weight_only(num_bits=8, group_size=-1, in_features=64, symmetric=True).weights,
         input_activations=act,
@@ -187,7 +166,7 @@ def test_int8_activation_kernel_matches_the_reference(bits, group_size, symmetri
 
     act = QuantArgs(num_bits=8, symmetric=True, strategy=strategy, dynamic=dynamic, observer=None, zp_dtype=None)
     n, k = 13, 80  # N and K not multiples of 16
-    _, qw = _layer(n, k, bits=bits, group_size=group_size, symmetric=symmetric)
+    _, qw = quant_layer(n, k, bits=bits, group_size=group_size, symmetric=symmetric)
     weights = QuantScheme.weight_only(num_bits=bits, group_size=group_size, in_features=k, symmetric=symmetric)
     layer = QuantLinear.from_quantized(qw, QuantScheme(weights=weights.weights, input_activations=act))
     layer.bias = torch.nn.Parameter(torch.randn(n))
@@ -199,80 +178,9 @@ def test_int8_activation_kernel_matches_the_reference(bits, group_size, symmetri
         if path == "cpu_int4_a8":
             # The int4 op takes bfloat16 activations (as cpu_int4 does): the same inputs on the
             # 8-bit grid, then rounded to bfloat16, a few 1e-3 of the output norm.
-            assert _rel_err(y, ref) < 1e-2 and y.shape == ref.shape and y.dtype == x.dtype
+            assert rel_err(y, ref) < 1e-2 and y.shape == ref.shape and y.dtype == x.dtype
         else:
             torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "int_mm"])
-@pytest.mark.parametrize("strategy,dynamic", [("token", True), ("tensor", False)])
-def test_both_cpu_int8_matmuls_match_the_reference(strategy, dynamic, onednn, dtype, monkeypatch):
-    from hfcompress.quant import cpu_w8a8
-    from hfcompress.quant.scheme import QuantArgs
-
-    if onednn and not cpu_w8a8.onednn_works():
-        pytest.skip("this torch build or CPU has no oneDNN int8 linear")
-    monkeypatch.setattr(cpu_w8a8, "onednn_available", lambda: onednn)
-    act = QuantArgs(num_bits=8, symmetric=True, strategy=strategy, dynamic=dynamic, observer=None, zp_dtype=None)
-    _, qw = _layer(40, 96, bits=8, group_size=-1, symmetric=True)
-    weights = QuantScheme.weight_only(num_bits=8, group_size=-1, in_features=96, symmetric=True).weights
-    layer = QuantLinear.from_quantized(qw, QuantScheme(weights=weights, input_activations=act), bias=torch.randn(40))
-    layer.to(dtype)  # the bias follows the model's dtype
-    if not dynamic:
-        layer.input_scale.fill_(0.03)
-    x = (torch.randn(3, 37, 96) * torch.linspace(0.2, 4, 96)).to(dtype)  # 111 rows: the prefill path
-    y, ref = layer(x), dispatch.reference_forward(layer, x)
-    assert y.dtype == dtype
-    # float32: exact integer sums, the scales applied in another order. bfloat16: the output
-    # (and, per token, the row scale) rounded to bfloat16 on the kernel's side, the
-    # reference's bfloat16 weight and matmul on the other.
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
-    assert _rel_err(y.float(), ref.float()) < tol
-
-
-def test_onednn_is_used_only_where_it_is_not_far_slower_than_int_mm(monkeypatch):
-    # On a 2-core AMD EPYC VM oneDNN's int8 linear ran 1000x slower than torch._int_mm: the
-    # one-off timing must catch that, and keep oneDNN where the two are close.
-    from hfcompress.quant import cpu_w8a8
-
-    if not cpu_w8a8.onednn_works():
-        pytest.skip("this torch build or CPU has no oneDNN int8 linear")
-    for onednn_s, int_mm_s, chosen in [(1.0, 0.001, False), (0.003, 0.001, True), (0.001, 0.002, True)]:
-        seconds = iter([onednn_s, int_mm_s])
-        monkeypatch.setattr(cpu_w8a8, "_best_seconds", lambda _fn, seconds=seconds: next(seconds))
-        assert cpu_w8a8.onednn_available.__wrapped__() is chosen
-
-
-class _FakeOneDNN:
-    """Stands in for ``torch.ops.onednn``: exact int8 sums, or the sums of AVX2's
-    ``vpmaddubsw`` path (activations shifted to unsigned, pairs of products saturating at
-    16 bits, the shift taken off after), as oneDNN computes them on CPUs without VNNI."""
-
-    def __init__(self, saturate: bool):
-        self.saturate = saturate
-
-    def qlinear_prepack(self, w, _scales):
-        return w
-
-    def qlinear_pointwise(self, x, _xs, _xz, w, _ws, _wz, _bias, _os, _oz, _dtype, *_post):
-        if not self.saturate:
-            return x.double() @ w.double().t()
-        # vpmaddubsw: unsigned activations (x + 128) times signed weights, pairs summed in int16
-        u = x.double() + 128
-        pairs = (u[:, None, :] * w.double()[None, :, :]).view(x.shape[0], w.shape[0], -1, 2).sum(-1)
-        return pairs.clamp(-(2**15), 2**15 - 1).sum(-1) - 128 * w.double().sum(-1)
-
-
-@pytest.mark.parametrize("saturate", [False, True])
-def test_onednn_is_used_only_where_its_int8_sums_are_exact(saturate, monkeypatch):
-    # On an AVX2-only EPYC VM oneDNN's int8 linear gave a tenth of a layer's outputs off by up
-    # to 20: the one-off probe must refuse it there, whatever its speed.
-    from hfcompress.quant import cpu_w8a8
-
-    monkeypatch.setattr(torch.ops, "onednn", _FakeOneDNN(saturate))
-    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
-    assert cpu_w8a8.onednn_works.__wrapped__() is not saturate
 
 
 def test_cpu_int4_applies_the_zero_point_term_in_float32():
@@ -287,7 +195,7 @@ def test_cpu_int4_applies_the_zero_point_term_in_float32():
     layer = QuantLinear.from_quantized(qw, scheme)
     x = torch.randn(32, 512, generator=g) + 1.0  # enough rows for the exact offset (not decoding)
     assert dispatch.select_path(layer, x) == "cpu_int4"
-    fast, bf16_floor = _fast_and_bf16_errors(layer, x, qw.dequantize().float())
+    fast, bf16_floor = fast_and_bf16_errors(layer, x, qw.dequantize().float())
     assert fast < 0.75 * bf16_floor
 
 
@@ -308,653 +216,8 @@ def test_cpu_int8_uses_the_float16_scales_unrounded():
     for rows in (1, 32):  # decoding and prefill take the same op
         x = torch.randn(rows, k, generator=g)
         assert dispatch.select_path(layer, x) == "cpu_int8"
-        fast, bf16_floor = _fast_and_bf16_errors(layer, x, dense)
+        fast, bf16_floor = fast_and_bf16_errors(layer, x, dense)
         assert fast < 1.5 * bf16_floor
-
-
-def test_layers_reading_one_tensor_quantize_it_once(tiny_llama, llama_ids, monkeypatch):
-    from hfcompress import ActivationQuantConfig, RTNConfig, compress
-    from hfcompress.quant import cpu_w8a8
-
-    compress(tiny_llama, [RTNConfig(bits=8, group_size=-1, symmetric=True), ActivationQuantConfig()], progress=False)
-    calls = []
-    torch_path, c_path = cpu_w8a8.quantize_activations, cpu_w8a8._native_quantize
-
-    def c_counted(*args):
-        result = c_path(*args)  # None where the C quantization declines and torch's runs
-        calls.extend([1] if result is not None else [])
-        return result
-
-    monkeypatch.setattr(cpu_w8a8, "quantize_activations", lambda *a: calls.append(1) or torch_path(*a))
-    monkeypatch.setattr(cpu_w8a8, "_native_quantize", c_counted)
-    with torch.no_grad():
-        fast = tiny_llama(llama_ids).logits
-    assert len(calls) == 2 * 4  # per block: q/k/v once, o, gate/up once, down
-    with torch.inference_mode():  # no version counters: nothing is reused, same result
-        calls.clear()
-        assert torch.equal(tiny_llama(llama_ids).logits, fast)
-    assert len(calls) == 2 * 7
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("bits,symmetric", [(8, True), (8, False), (4, False)], ids=["W8-sym", "W8-asym", "W4-asym"])
-@pytest.mark.parametrize("strategy,dynamic", [("token", True), ("tensor", False)], ids=["dynamic", "static"])
-def test_cpu_w8a8_c_kernel_equals_the_torch_path(strategy, dynamic, bits, symmetric, dtype, monkeypatch):
-    # The C kernel serves fewer than ONEDNN_MIN_ROWS rows; it does torch's float operations in
-    # torch's order on exact int32 sums, so the two paths agree bit for bit. From 16 rows on
-    # it quantizes the rows (then oneDNN or torch._int_mm multiplies), also bit for bit.
-    from hfcompress.quant import cpu_w8a8
-    from hfcompress.quant.scheme import QuantArgs
-
-    if cpu_w8a8._native_library() is None:
-        pytest.skip("no C compiler: the torch._int_mm path serves decoding")
-    act = QuantArgs(num_bits=8, symmetric=True, strategy=strategy, dynamic=dynamic, observer=None, zp_dtype=None)
-    n, k = 37, 97  # odd N and K
-    _, qw = _layer(n, k, bits=bits, group_size=-1, symmetric=symmetric)
-    weights = QuantScheme.weight_only(num_bits=bits, group_size=-1, in_features=k, symmetric=symmetric).weights
-    layer = QuantLinear.from_quantized(qw, QuantScheme(weights=weights, input_activations=act), bias=torch.randn(n))
-    layer.to(dtype)
-    if not dynamic:
-        layer.input_scale.fill_(0.03)
-    g = torch.Generator().manual_seed(1)
-    for shape in [(1, 1, k), (1, k), (13, k), (3, 5, k), (40, k), (2, 20, k)]:
-        x = (torch.randn(shape, generator=g) * torch.linspace(0.2, 4, k)).to(dtype)
-        x[..., 7] = 0.0
-        with torch.no_grad():
-            fast = layer(x)
-            with monkeypatch.context() as m:
-                m.setattr(cpu_w8a8, "_native_library", lambda: None)
-                slow = layer(x.clone())  # a new tensor: not the quantization cached for x
-        assert fast.dtype == dtype and fast.shape == (*shape[:-1], n)
-        assert torch.equal(fast, slow)
-    # A strided input (a column slice) is read correctly.
-    wide = torch.randn(2, 2 * k, generator=g).to(dtype)
-    with torch.no_grad():
-        torch.testing.assert_close(layer(wide[:, :k]), layer(wide[:, :k].contiguous()), rtol=0, atol=0)
-
-
-def test_cpu_w8a8_c_kernel_dot_paths_agree(tmp_path):
-    """w8a8_cpu.c has three int8 dot products (AVX-512 VNNI on q + 128, AVX2 pair
-    multiply-adds, plain C), chosen at compile time by the CPU it is built on; built for each
-    instruction set this CPU has, all give the plain build's result."""
-    import ctypes
-    import shutil
-    import subprocess
-
-    from hfcompress.quant import cpu_w8a8, native
-
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("no C compiler")
-    flags = {"plain": [], "native": ["-march=native"]}
-    if " avx2" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False:
-        flags["avx2"] = ["-mavx2"]  # only where it can run: an AVX2 build would crash elsewhere
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    g = torch.Generator().manual_seed(0)
-    inputs = {  # K below, at and across the 64- and 16-byte vectors
-        k: (torch.randn(3, k, generator=g) * 3, torch.randint(-128, 128, (41, k), generator=g, dtype=torch.int8))
-        for k in (5, 64, 97, 130)
-    }
-    scales, corr = torch.rand(41), torch.randn(41)
-    outs = {}
-    for name, extra in flags.items():
-        lib_path = tmp_path / f"w8a8-{name}.so"
-        flags_ = [f for f in native.FLAGS if not f.startswith("-march")] + extra
-        built = subprocess.run(
-            [cc, *flags_, str(cpu_w8a8._NATIVE_SOURCE), "-o", str(lib_path), "-lm"], capture_output=True
-        )
-        if built.returncode != 0:
-            continue  # this compiler or CPU lacks the instruction set
-        lib = ctypes.CDLL(str(lib_path))
-        lib.w8a8_linear.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, ctypes.c_int,
-                                    ctypes.c_float, ptr, ctypes.c_int]  # fmt: skip
-        for k, (x, w) in inputs.items():
-            out = torch.empty(3, 41)
-            w_sum = w.sum(1, dtype=torch.int32)
-            failed = lib.w8a8_linear(x.data_ptr(), 2, 3, k, k, w.data_ptr(), w_sum.data_ptr(), 41, scales.data_ptr(),
-                                     corr.data_ptr(), None, 1, 0.0, out.data_ptr(), 1)  # fmt: skip
-            assert failed == 0
-            outs.setdefault(k, {})[name] = out
-    assert all("plain" in by_name for by_name in outs.values())
-    for by_name in outs.values():
-        for out in by_name.values():
-            assert torch.equal(out, by_name["plain"])
-
-
-def test_cpu_w8a8_decode_falls_back_when_the_kernel_cannot_build(monkeypatch, tmp_path, caplog):
-    from hfcompress.quant import cpu_w8a8, native
-    from hfcompress.quant.scheme import QuantArgs
-
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    monkeypatch.setattr(native, "cache_dir", lambda: tmp_path)
-    cpu_w8a8._native_library.cache_clear()
-    try:
-        act = QuantArgs(num_bits=8, symmetric=True, strategy="token", dynamic=True, observer=None, zp_dtype=None)
-        _, qw = _layer(16, 32, bits=8, group_size=-1, symmetric=True)
-        weights = QuantScheme.weight_only(num_bits=8, group_size=-1, in_features=32, symmetric=True).weights
-        layer = QuantLinear.from_quantized(qw, QuantScheme(weights=weights, input_activations=act))
-        x = torch.randn(1, 32)
-        torch.testing.assert_close(layer(x), dispatch.reference_forward(layer, x), rtol=1e-5, atol=1e-4)
-        assert "W8A8 decode kernel" in caplog.text and "torch._int_mm" in caplog.text
-        assert not list(tmp_path.rglob("*.so"))
-    finally:
-        cpu_w8a8._native_library.cache_clear()
-
-
-def _w8a8_layer(n, k, *, bits, symmetric, strategy, dynamic, dtype, bias=True):
-    from hfcompress.quant.scheme import QuantArgs
-
-    act = QuantArgs(num_bits=8, symmetric=True, strategy=strategy, dynamic=dynamic, observer=None, zp_dtype=None)
-    _, qw = _layer(n, k, bits=bits, group_size=-1, symmetric=symmetric)
-    weights = QuantScheme.weight_only(num_bits=bits, group_size=-1, in_features=k, symmetric=symmetric).weights
-    b = torch.randn(n) if bias else None
-    layer = QuantLinear.from_quantized(qw, QuantScheme(weights=weights, input_activations=act), bias=b)
-    layer.to(dtype)
-    if not dynamic:
-        layer.input_scale.fill_(0.03)
-    return layer
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("bits,bias", [(8, True), (8, False), (4, True)], ids=["W8-bias", "W8", "W4-bias"])
-@pytest.mark.parametrize("strategy,dynamic", [("token", True), ("tensor", False)], ids=["dynamic", "static"])
-def test_cpu_w8a8_amx_kernel_equals_the_int_mm_path(strategy, dynamic, bits, bias, dtype, monkeypatch):
-    # The AMX kernel takes the prefill's symmetric layers whose K is a multiple of 64. Its sums
-    # are exact and its epilogue is torch's float operations in torch's order, so it equals
-    # the torch._int_mm path bit for bit: row tails (T not a multiple of 32) and channels
-    # past a multiple of 32 included.
-    from hfcompress.quant import cpu_w8a8
-
-    if not cpu_w8a8.amx_available():
-        pytest.skip("no AMX-INT8 on this CPU (or no compiler with it)")
-    n, k = 72, 192
-    layer = _w8a8_layer(n, k, bits=bits, symmetric=True, strategy=strategy, dynamic=dynamic, dtype=dtype, bias=bias)
-    amx_calls = []
-    real_amx = cpu_w8a8.amx_int8_forward
-    monkeypatch.setattr(cpu_w8a8, "amx_int8_forward", lambda *a: amx_calls.append(1) or real_amx(*a))
-    g = torch.Generator().manual_seed(1)
-    for shape in [(16, k), (37, k), (2, 33, k), (67, k), (128, k)]:
-        x = (torch.randn(shape, generator=g) * torch.linspace(0.2, 4, k)).to(dtype)
-        with torch.no_grad():
-            fast = layer(x)
-            with monkeypatch.context() as m:
-                m.setattr(cpu_w8a8, "amx_available", lambda: False)
-                m.setattr(cpu_w8a8, "onednn_available", lambda: False)
-                slow = layer(x.clone())
-        assert fast.dtype == dtype and fast.shape == (*shape[:-1], n)
-        assert torch.equal(fast, slow)
-    assert len(amx_calls) == 5
-
-
-def test_cpu_w8a8_amx_kernel_serves_only_what_it_computes_exactly(monkeypatch):
-    # Asymmetric weights (a zero-point term), K not a multiple of 64 and float16 inputs go to
-    # the other int8 matmuls; decoding's few rows to the C dot-product kernel.
-    from hfcompress.quant import cpu_w8a8
-
-    if not cpu_w8a8.amx_available():
-        pytest.skip("no AMX-INT8 on this CPU (or no compiler with it)")
-    amx_calls = []
-    real_amx = cpu_w8a8.amx_int8_forward
-    monkeypatch.setattr(cpu_w8a8, "amx_int8_forward", lambda *a: amx_calls.append(1) or real_amx(*a))
-    cases = [  # (k, symmetric, dtype, rows, served by AMX)
-        (128, True, torch.float32, 40, True),
-        (128, False, torch.float32, 40, False),
-        (96, True, torch.float32, 40, False),
-        (128, True, torch.float16, 40, False),
-        (128, True, torch.float32, 3, False),
-    ]
-    for k, symmetric, dtype, rows, served in cases:
-        layer = _w8a8_layer(24, k, bits=8, symmetric=symmetric, strategy="token", dynamic=True, dtype=dtype)
-        x = torch.randn(rows, k).to(dtype)
-        amx_calls.clear()
-        with torch.no_grad():
-            y = layer(x)
-        assert bool(amx_calls) is served, (k, symmetric, dtype, rows)
-        assert _rel_err(y.float(), dispatch.reference_forward(layer, x).float()) < 1e-2
-
-
-def test_cpu_w8a8_amx_is_not_used_where_it_is_unavailable_or_inexact(monkeypatch, caplog):
-    from hfcompress.quant import cpu_w8a8
-
-    class NoAMX:
-        def w8a8_amx_init(self):
-            return 0
-
-    monkeypatch.setattr(cpu_w8a8, "_native_library", lambda: NoAMX())
-    assert cpu_w8a8.amx_available.__wrapped__() is False
-    monkeypatch.undo()
-    monkeypatch.setenv(cpu_w8a8.NO_AMX_ENV, "1")  # the user's switch, checked before anything runs
-    monkeypatch.setattr(cpu_w8a8, "_native_library", lambda: pytest.fail("probed despite HFCOMPRESS_NO_AMX"))
-    assert cpu_w8a8.amx_available.__wrapped__() is False
-    monkeypatch.undo()
-    if not cpu_w8a8.amx_available():
-        pytest.skip("no AMX-INT8 on this CPU (or no compiler with it)")
-    real_int_mm = torch._int_mm
-    monkeypatch.setattr(torch, "_int_mm", lambda a, b: real_int_mm(a, b) + 1)  # a reference it cannot equal
-    with caplog.at_level("INFO", logger="hfcompress.quant.cpu_w8a8"):
-        assert cpu_w8a8.amx_available.__wrapped__() is False
-    assert "did not reproduce torch._int_mm" in caplog.text
-
-
-def test_cpu_amx_kernels_built_and_granted_pass_their_probe():
-    # The AMX tests skip where amx_available() is False; a kernel built here, with the tile
-    # state granted, that fails its exactness probe must fail the suite instead.
-    from hfcompress.quant import cpu_w8a8
-
-    lib = cpu_w8a8._native_library()
-    if os.environ.get(cpu_w8a8.NO_AMX_ENV, "") not in ("", "0") or lib is None or not lib.w8a8_amx_init():
-        pytest.skip("no AMX kernel built here, or no tile state granted")
-    assert cpu_w8a8.amx_available.__wrapped__(), "the AMX kernels are built here but failed their probe"
-
-
-@pytest.mark.parametrize("step", [64, 32], ids=["int8-tiles", "bf16-tiles"])
-def test_cpu_amx_pack_is_the_tile_layout(step):
-    """Runs on any CPU with a C compiler (packing is plain C). For k steps of ``step`` inputs
-    (64: the int8 kernel, 32: the bfloat16 one), with ``per = step / 16`` consecutive inputs a
-    channel in a tile row: channel n, input k sits at block (n // 16, k // step), row
-    (k % step) // per, element per * (n % 16) + k % per; channels past N (to a multiple of 32)
-    are zero. 4-bit codes go two to a byte: of each 32 positions, the first 16 in the low
-    nibbles, plus 8."""
-    from hfcompress.quant import cpu_w8a8
-
-    if cpu_w8a8._native_library() is None:
-        pytest.skip("no C compiler")
-    n, k, per = 40, 3 * step, step // 16
-    w = torch.randint(-128, 128, (n, k), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
-
-    def layout(codes):
-        padded = torch.cat([codes, torch.zeros(64 - n, k, dtype=torch.int8)])
-        return padded.view(4, 16, 3, 16, per).permute(0, 2, 3, 1, 4).reshape(-1)
-
-    assert torch.equal(cpu_w8a8._amx_pack(w, step), layout(w))
-    w4 = w // 16  # [-8, 7]
-    packed4 = cpu_w8a8._amx_pack(w4, step, nibbles=True)
-    halves = (layout(w4) + 8).reshape(-1, 2, 16).to(torch.int16)
-    assert torch.equal(packed4.view(torch.uint8).to(torch.int16), (halves[:, 0] | (halves[:, 1] << 4)).reshape(-1))
-
-
-AMX_WEIGHT_ONLY = [  # (bits, group_size, K): per channel, groups (the last one partial for W4 g64)
-    (8, -1, 96),
-    (4, -1, 96),
-    (4, 64, 160),
-    (4, 32, 96),
-    (3, 128, 320),  # 2 and 3 bits: signed codes in the 4-bit pack's nibbles
-    (2, -1, 96),
-]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-@pytest.mark.parametrize("bits,group_size,k", AMX_WEIGHT_ONLY, ids=[f"w{b}-g{g}-k{k}" for b, g, k in AMX_WEIGHT_ONLY])
-def test_cpu_weight_only_prefill_on_amx_sums_the_bfloat16_inputs_exactly(bits, group_size, k, symmetric, dtype,
-                                                                        monkeypatch):  # fmt: skip
-    # From AMX_BF16_MIN_ROWS rows (prefill, and batched decoding), weight-only layers run the
-    # AMX bfloat16 kernel: float32 sums of the exact codes, float32 scales per group, so the
-    # only rounding is that of the inputs to bfloat16 (and of a bfloat16 or float16 output),
-    # where torch's decode ops also round the scales and their output to bfloat16. Up to 16
-    # rows it multiplies one row tile, from 17 two.
-    from hfcompress.quant import cpu_w8a8
-
-    if not cpu_w8a8.amx_available():
-        pytest.skip("no AMX on this CPU (or no compiler with it)")
-    n = 40  # channels past a multiple of 32
-    layer, qw = _layer(n, k, bits=bits, group_size=group_size, symmetric=symmetric, bias=True)
-    layer.to(dtype)
-    calls = []
-    real = cpu_w8a8.amx_bf16_linear
-    monkeypatch.setattr(cpu_w8a8, "amx_bf16_linear", lambda *a: calls.append(1) or real(*a))
-    dense = qw.dequantize().double()
-    g = torch.Generator().manual_seed(1)
-    least = cpu_w8a8.AMX_BF16_MIN_ROWS
-    for rows, served in [(least - 1, False), (least, True), (15, True), (16, True), (17, True), (37, True),
-                         (130, True)]:  # fmt: skip
-        x = (torch.randn(rows, k, generator=g) * torch.linspace(0.2, 4, k)).to(dtype)
-        calls.clear()
-        with torch.no_grad():
-            y = layer(x)
-        assert bool(calls) is served and y.dtype == dtype and y.shape == (rows, n)
-        exact = x.bfloat16().double() @ dense.t() + layer.bias.double()
-        tol = 1e-6 if dtype == torch.float32 else 4e-3  # float32 sums; else the output's rounding
-        assert _rel_err(y.double(), exact) < (tol if served else 2e-2)
-
-
-def _decode_kernel(bits=4):
-    """cpu_w8a8, where w8a8_cpu.c was built with the decode kernel for ``bits``-bit weights
-    (else the test skips); a built width must pass its exactness probe."""
-    from hfcompress.quant import cpu_w8a8
-
-    lib = cpu_w8a8._native_library()
-    if lib is None or not lib.decode_bits_built() & (1 << bits):
-        pytest.skip(f"no {bits}-bit decode kernel here (AVX-512 BF16, and VBMI below 4 bits)")
-    assert bits in cpu_w8a8.decode_bits(), f"the {bits}-bit decode kernel is built but failed its probe"
-    return cpu_w8a8
-
-
-DECODE_CASES = [  # (n, k, group_size, symmetric, float_zero): the kernel's steps and groups are 128 inputs
-    (40, 576, 128, False, False),  # SmolLM2's K: a partial last step and group
-    (7, 200, -1, True, False),  # per channel; N not a multiple of the kernel's 4 channels; a partial step
-    (9, 45, -1, False, True),  # odd K (rows padded to whole runs of 8 codes), float zero points
-    (33, 1536, 256, False, False),  # two steps a group
-    (24, 320, 64, False, False),  # two groups a step, scaled lane by lane; a partial last step
-    (12, 200, 32, True, False),  # four groups a step, a partial last group
-]
-
-
-# 4-bit layers with groups of 32 or 64 stay on torch's int4 op (the probe checks the kernel there)
-DECODE_WIDTH_CASES = [(b, *c) for b in (4, 3, 2) for c in DECODE_CASES if not (b == 4 and c[2] in (32, 64))]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize(
-    "bits,n,k,group_size,symmetric,float_zero",
-    DECODE_WIDTH_CASES,
-    ids=[f"w{c[0]}-n{c[1]}-k{c[2]}-g{c[3]}" for c in DECODE_WIDTH_CASES],
-)
-def test_cpu_decode_kernel_sums_the_bfloat16_inputs_exactly(bits, n, k, group_size, symmetric, float_zero, dtype,
-                                                           monkeypatch):  # fmt: skip
-    # Below AMX_MIN_ROWS rows (below AMX_BF16_MIN_ROWS where the AMX kernel serves: switched
-    # off here, so that every row count reaches the decode kernel), 2-, 3- and 4-bit
-    # weight-only layers run w8a8_cpu.c's decode kernel on the layer's own packed codes: float32
-    # sums of the exact codes, float32 scales and zero points, so the only rounding is that of
-    # the inputs to bfloat16 (and of a bfloat16 output). For 4 bits torch's int4 op, which
-    # served these calls before, is not built; 2 and 3 bits had only the reference kernel,
-    # which dequantized the weight on every call.
-    from hfcompress.quant import cpu_kernels
-
-    cpu_w8a8 = _decode_kernel(bits)
-    amx_serves = cpu_w8a8.amx_bf16_serves
-    monkeypatch.setattr(cpu_w8a8, "amx_bf16_serves", lambda layer, rows: False)
-    monkeypatch.setattr(cpu_kernels, "_build_int4", lambda layer: pytest.fail("torch's int4 op was prepared"))
-    monkeypatch.setattr(cpu_kernels, "reference_forward", lambda *a: pytest.fail("the reference kernel ran"))
-    decoded = []
-    decode = cpu_w8a8.decode_forward
-    monkeypatch.setattr(cpu_w8a8, "decode_forward", lambda *a: decoded.append(1) or decode(*a))
-    layer, qw = _layer(n, k, bits=bits, group_size=group_size, symmetric=symmetric, float_zero=float_zero, bias=True)
-    layer.to(dtype)
-    dense = qw.dequantize().double()
-    g = torch.Generator().manual_seed(1)
-    wide = (torch.randn(cpu_w8a8.AMX_MIN_ROWS - 1, 2 * k, generator=g) * torch.linspace(0.2, 4, 2 * k)).to(dtype)
-    for x in (wide[:1, :k], wide[:3, :k], wide[:, :k], wide[:2, k:].contiguous()):  # row strides 2K and K
-        assert dispatch.select_path(layer, x) == ("cpu_int4" if bits == 4 else "cpu_lowbit")
-        decoded.clear()
-        with torch.no_grad():
-            y = layer(x)
-        assert decoded and y.dtype == dtype and y.shape == (x.shape[0], n)
-        exact = x.bfloat16().double() @ dense.t() + layer.bias.double()
-        # float32 sums (1e-6 is 2000x below the bfloat16 inputs' own error); a bfloat16 output
-        assert _rel_err(y.double(), exact) < (3e-6 if dtype == torch.float32 else 4e-3)
-        if bits == 4 and amx_serves(layer, cpu_w8a8.AMX_MIN_ROWS) and x.shape[0] == 1 and dtype == torch.float32:
-            # the AMX prefill kernel on the same row: the same sums, in another order
-            rows = x.expand(cpu_w8a8.AMX_MIN_ROWS, k).bfloat16().contiguous()
-            prefill = cpu_w8a8.amx_bf16_linear(layer, rows, x.dtype)
-            torch.testing.assert_close(prefill[:1] + layer.bias, y, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("bits", [3, 2], ids=lambda b: f"w{b}")
-def test_cpu_lowbit_kernel_decodes_on_the_kernel_and_prefills_on_amx_or_the_reference(bits):
-    # 2- and 3-bit layers whose groups the decode kernel takes get a CPU kernel of their own
-    # (before, every call dequantized the weight: SmolLM2 W3 g128 decoded at 3.2 tokens/s
-    # against float32's 29.2); from AMX_MIN_ROWS rows the AMX bfloat16 kernel serves them, or
-    # without AMX the reference computation.
-    cpu_w8a8 = _decode_kernel(bits)
-    layer, qw = _layer(24, 256, bits=bits, group_size=128, bias=True)
-    x = torch.randn(1, 256)
-    assert dispatch.select_path(layer, x) == "cpu_lowbit"
-    assert dispatch.select_path(_layer(24, 256, bits=bits, group_size=48)[0], x) == "reference"
-    dense = qw.dequantize()
-    with torch.no_grad():
-        x = torch.randn(2, 1, 256)  # decoding: the kernel
-        y = layer(x)
-        assert y.shape == (2, 1, 24)
-        assert _rel_err(y.double(), x.bfloat16().double() @ dense.double().t() + layer.bias.double()) < 3e-6
-        x = torch.randn(1, cpu_w8a8.AMX_MIN_ROWS, 256)  # prefill
-        if cpu_w8a8.amx_available():
-            exact = x.bfloat16().double() @ dense.double().t() + layer.bias.double()
-            assert _rel_err(layer(x).double(), exact) < 1e-6
-        else:
-            assert torch.equal(layer(x), dispatch.reference_forward(layer, x))
-
-
-def test_cpu_w4_decode_kernel_applies_the_zero_point_in_float32():
-    # The case where torch's int4 op, given (8 - z) * s rounded to bfloat16 at decode sizes,
-    # lost the most (zero points at 0): one row now stays below the bfloat16 floor.
-    _decode_kernel()
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(64, 512, generator=g).abs() + 0.5
-    qw = quantize_rtn(w, bits=4, group_size=128, symmetric=False)
-    assert int(qw.zeros.max()) == 0
-    layer = QuantLinear.from_quantized(
-        qw, QuantScheme.weight_only(num_bits=4, group_size=128, in_features=512, symmetric=False)
-    )
-    x = torch.randn(1, 512, generator=g) + 1.0
-    fast, bf16_floor = _fast_and_bf16_errors(layer, x, qw.dequantize().float())
-    assert fast < 0.75 * bf16_floor
-
-
-def test_cpu_decode_kernel_serves_only_what_it_takes():
-    cpu_w8a8 = _decode_kernel()
-    w4g128, _ = _layer(16, 256, group_size=128)
-    w4g48, _ = _layer(16, 256, group_size=48)
-    w4g64, _ = _layer(16, 256, group_size=64)
-    w3g64, _ = _layer(16, 256, bits=3, group_size=64)
-    w8, _ = _layer(16, 256, bits=8, group_size=-1)
-    w8g128, _ = _layer(16, 256, bits=8, group_size=128)
-    x = torch.randn(1, 256)
-    assert cpu_w8a8.decode_forward(w4g128, x) is not None
-    assert cpu_w8a8.decode_forward(w4g128, x.bfloat16()) is not None
-    assert cpu_w8a8.decode_forward(w4g128, torch.randn(cpu_w8a8.AMX_MIN_ROWS, 256)) is None  # prefill
-    assert cpu_w8a8.decode_forward(w4g128, x.half()) is None
-    assert cpu_w8a8.decode_forward(w4g48, x) is None  # a 32-input lane would straddle groups
-    assert cpu_w8a8.decode_forward(w4g64, x) is None  # 4 bits: torch's op is faster at fine groups
-    if 3 in cpu_w8a8.decode_bits():
-        assert cpu_w8a8.decode_forward(w3g64, x) is not None  # 2 and 3 bits: scaled lane by lane
-    assert (cpu_w8a8.decode_forward(w8, x) is not None) == (8 in cpu_w8a8.decode_bits())  # per channel
-    assert cpu_w8a8.decode_forward(w8g128, x) is None  # 8 bits: one scale per channel only
-    for layer in (w4g48, w4g64, w8g128):  # what it refuses still runs, on torch's ops or the reference
-        assert _rel_err(layer(x), x @ layer.dequantize().t()) < 2e-2
-
-
-def test_cpu_decode_kernel_is_not_used_where_it_is_unavailable_or_inexact(monkeypatch):
-    import ctypes
-
-    from hfcompress.quant import cpu_w8a8
-
-    real = cpu_w8a8._native_library()
-    widths = cpu_w8a8.decode_bits()
-
-    class Unbuilt:
-        def decode_bits_built(self):
-            return 0
-
-    monkeypatch.setattr(cpu_w8a8, "_native_library", lambda: Unbuilt())
-    assert cpu_w8a8.decode_bits.__wrapped__() == frozenset()
-    monkeypatch.setattr(cpu_w8a8, "_native_library", lambda: None)  # no compiler
-    assert cpu_w8a8.decode_bits.__wrapped__() == frozenset()
-    if widths:
-
-        class OffByOneAtThreeBits:  # the real kernel, one output nudged for 3-bit weights
-            def __getattr__(self, name):
-                return getattr(real, name)
-
-            def decode_linear(self, *args):
-                failed = real.decode_linear(*args)
-                if args[6] == 3:
-                    ctypes.c_float.from_address(args[-3]).value += 1.0
-                return failed
-
-        monkeypatch.setattr(cpu_w8a8, "_native_library", lambda: OffByOneAtThreeBits())
-        assert cpu_w8a8.decode_bits.__wrapped__() == widths - {3}
-
-
-def test_cpu_decode_kernel_failures_are_named(monkeypatch):
-    cpu_w8a8 = _decode_kernel()
-    layer, _ = _layer(16, 256, group_size=128)
-    x = torch.randn(1, 256)
-    real = cpu_w8a8._native_library()
-    for code, error, message in [(1, MemoryError, "scratch memory"), (2, RuntimeError, "HFCOMPRESS_FORCE_REFERENCE=1")]:
-
-        class Refusing:
-            def __getattr__(self, name):
-                return getattr(real, name)
-
-            def decode_planned(self, *args, code=code):
-                return code
-
-        monkeypatch.setattr(cpu_w8a8, "_native_library", lambda: Refusing())
-        with pytest.raises(error, match=message):
-            cpu_w8a8.decode_forward(layer, x)
-
-
-def test_cpu_w8a16_amx_needs_k_a_multiple_of_32(monkeypatch):
-    from hfcompress.quant import cpu_w8a8
-
-    if not cpu_w8a8.amx_available():
-        pytest.skip("no AMX on this CPU (or no compiler with it)")
-    monkeypatch.setattr(cpu_w8a8, "amx_bf16_linear", lambda *a: pytest.fail("AMX kernel called"))
-    layer, qw = _layer(16, 200, bits=8, group_size=-1, symmetric=True)
-    x = torch.randn(64, 200)
-    assert _rel_err(layer(x), x @ qw.dequantize().t()) < 2e-2
-
-
-W4A8_AMX = [(4, 128, 320, False), (4, 64, 192, True), (4, 128, 256, False)]  # (bits, group, K, symmetric)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("strategy,dynamic", [("token", True), ("tensor", False)], ids=["dynamic", "static"])
-@pytest.mark.parametrize("bits,group_size,k,symmetric", W4A8_AMX, ids=[f"w{b}-g{g}-k{k}" for b, g, k, _ in W4A8_AMX])
-def test_grouped_w4a8_prefill_on_amx_is_the_reference_in_exact_int8(bits, group_size, k, symmetric, strategy,
-                                                                    dynamic, dtype, monkeypatch):  # fmt: skip
-    # Grouped weights with int8 inputs (W4A8 g128) take the AMX int8 kernel from AMX_MIN_ROWS
-    # rows: exact int32 sums per group, then each group's scale and zero point in float32, so
-    # the result is the reference's fq(x) @ dequantize(W)^T up to float32 rounding (bfloat16:
-    # the output's). Fewer rows keep cpu_int4_a8's bfloat16 path.
-    from hfcompress.quant import cpu_w8a8
-    from hfcompress.quant.scheme import QuantArgs
-
-    if not cpu_w8a8.amx_available():
-        pytest.skip("no AMX on this CPU (or no compiler with it)")
-    act = QuantArgs(num_bits=8, symmetric=True, strategy=strategy, dynamic=dynamic, observer=None, zp_dtype=None)
-    n = 40
-    _, qw = _layer(n, k, bits=bits, group_size=group_size, symmetric=symmetric)
-    weights = QuantScheme.weight_only(num_bits=bits, group_size=group_size, in_features=k, symmetric=symmetric).weights
-    layer = QuantLinear.from_quantized(qw, QuantScheme(weights=weights, input_activations=act), bias=torch.randn(n))
-    layer.to(dtype)
-    if not dynamic:
-        layer.input_scale.fill_(0.03)
-    calls = []
-    real = cpu_w8a8.amx_int8_forward
-    monkeypatch.setattr(cpu_w8a8, "amx_int8_forward", lambda *a: calls.append(1) or real(*a))
-    g = torch.Generator().manual_seed(2)
-    for rows, served in [(cpu_w8a8.AMX_MIN_ROWS - 1, False), (16, True), (2 * 37, True)]:
-        x = (torch.randn(rows, k, generator=g) * torch.linspace(0.2, 4, k)).to(dtype)
-        calls.clear()
-        with torch.no_grad():
-            y = layer(x)
-            fq = dispatch.fake_quantize_inputs(layer, x.float())  # the int8 grid, in float32
-            ref = fq.double() @ qw.dequantize().double().t() + layer.bias.double()
-        assert bool(calls) is served and y.dtype == dtype and y.shape == (rows, n)
-        if served:
-            assert _rel_err(y.double(), ref) < (1e-6 if dtype == torch.float32 else 4e-3)
-
-
-def test_grouped_w4a8_amx_needs_k_and_groups_multiples_of_64(monkeypatch):
-    from hfcompress.quant import cpu_w8a8
-    from hfcompress.quant.scheme import QuantArgs
-
-    if not cpu_w8a8.amx_available():
-        pytest.skip("no AMX on this CPU (or no compiler with it)")
-    monkeypatch.setattr(cpu_w8a8, "amx_int8_forward", lambda *a: pytest.fail("AMX int8 kernel called"))
-    act = QuantArgs(num_bits=8, symmetric=True, strategy="token", dynamic=True, observer=None, zp_dtype=None)
-    for group_size, k in [(32, 128), (64, 160)]:  # group not a multiple of 64; K not one
-        _, qw = _layer(24, k, bits=4, group_size=group_size)
-        weights = QuantScheme.weight_only(num_bits=4, group_size=group_size, in_features=k, symmetric=False).weights
-        layer = QuantLinear.from_quantized(qw, QuantScheme(weights=weights, input_activations=act))
-        x = torch.randn(32, k)
-        assert _rel_err(layer(x), dispatch.reference_forward(layer, x)) < 2e-2
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("strategy,dynamic", [("token", True), ("tensor", False), ("channel", False)])
-def test_w4a8_decode_inputs_are_the_references_fake_quantization(strategy, dynamic, dtype):
-    # cpu_int4_a8's few-row calls (decoding) put the inputs on their int8 grid from the codes
-    # cpu_w8a8 makes (one C pass, shared by layers reading one tensor): bit for bit fq(x).
-    from hfcompress.quant import cpu_w8a8
-    from hfcompress.quant.scheme import QuantArgs
-
-    act = QuantArgs(num_bits=8, symmetric=True, strategy=strategy, dynamic=dynamic, observer=None, zp_dtype=None)
-    k = 96
-    _, qw = _layer(24, k, bits=4, group_size=32)
-    weights = QuantScheme.weight_only(num_bits=4, group_size=32, in_features=k, symmetric=False).weights
-    layer = QuantLinear.from_quantized(qw, QuantScheme(weights=weights, input_activations=act)).to(dtype)
-    if not dynamic:
-        layer.input_scale.copy_(torch.rand(layer.input_scale.shape) * 0.05 + 0.01)
-    g = torch.Generator().manual_seed(3)
-    for shape in [(1, k), (1, 1, k), (13, k)]:
-        x = (torch.randn(shape, generator=g) * torch.linspace(0.2, 4, k)).to(dtype)
-        fast = cpu_w8a8.fake_quantized_input(layer, x)
-        assert fast.dtype == dtype and torch.equal(fast, dispatch.fake_quantize_inputs(layer, x))
-    x = torch.randn(2, k).to(dtype)
-    assert dispatch.select_path(layer, x) == "cpu_int4_a8"
-    assert _rel_err(layer(x).float(), dispatch.reference_forward(layer, x).float()) < 2e-2
-
-
-AMX_MODEL_SCHEMES = {  # name: (RTN fields, int8 inputs, the AMX entry point that must run)
-    "W4A16 g64": (dict(bits=4, group_size=64, symmetric=False), False, "amx_bf16_linear"),
-    "W8A16": (dict(bits=8, group_size=-1, symmetric=True), False, "amx_bf16_linear"),
-    "W8A8": (dict(bits=8, group_size=-1, symmetric=True), True, "amx_int8_forward"),
-    "W4A8 g64": (dict(bits=4, group_size=64, symmetric=False), True, "amx_int8_forward"),
-}
-
-
-@pytest.mark.parametrize("scheme", list(AMX_MODEL_SCHEMES))
-def test_a_compressed_llama_prefills_on_amx_as_the_reference_does(scheme, monkeypatch):
-    # A whole model (hidden 128, intermediate 256: the AMX kernels' multiples) on 2 x 12 = 24
-    # rows per call: every quantized layer runs an AMX kernel, and the logits are the float32
-    # reference kernel's up to the bfloat16 inputs (weight-only) or float rounding (A8; where
-    # a rounding difference moves an input across a code boundary, the next layer sees one
-    # code step more: a few 1e-4 here, where a wrong group scale or zero point costs 1e-1).
-    from hfcompress import ActivationQuantConfig, RTNConfig, compress
-    from hfcompress.quant import cpu_w8a8
-    from tests.conftest import make_tiny_llama
-
-    if not cpu_w8a8.amx_available():
-        pytest.skip("no AMX on this CPU (or no compiler with it)")
-    fields, acts, entry = AMX_MODEL_SCHEMES[scheme]
-    model = make_tiny_llama(hidden_size=128, intermediate_size=256)
-    compress(model, [RTNConfig(**fields), *([ActivationQuantConfig()] if acts else [])], progress=False)
-    calls = []
-    real = getattr(cpu_w8a8, entry)
-    monkeypatch.setattr(cpu_w8a8, entry, lambda *a: calls.append(1) or real(*a))
-    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        fast = model(ids).logits
-        with dispatch.reference_path():
-            ref = model(ids).logits
-    assert len(calls) == 2 * 7  # every projection of both blocks
-    assert _rel_err(fast, ref) < (1e-2 if not acts else 1e-3)
-
-
-def test_c_kernels_rebuild_when_a_header_they_include_changes(monkeypatch, tmp_path):
-    # The build cache is keyed on the source and the local headers it includes with quotes
-    # (cpu_bf16.h): an edited header must not load a library built from the old one.
-    import ctypes
-    import shutil
-
-    from hfcompress.quant import native
-
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("no C compiler")
-    monkeypatch.setenv("CC", cc)
-    monkeypatch.setattr(native, "cache_dir", lambda: tmp_path / "cache")
-    (tmp_path / "value.h").write_text("static int value(void) { return 1; }\n")
-    source = tmp_path / "probe.c"
-    source.write_text('#include "value.h"\nint probe(void) { return value(); }\n')
-    first = native.build(source)
-    assert native.build(source) == first  # cached
-    (tmp_path / "value.h").write_text("static int value(void) { return 2; }\n")
-    second = native.build(source)
-    assert second != first and ctypes.CDLL(str(second)).probe() == 2
 
 
 @pytest.mark.parametrize("bits", [4, 3, 8])
@@ -962,35 +225,8 @@ def test_quant_linear_names_an_input_of_the_wrong_width(bits):
     # The C kernels read rows of in_features values by address: an input of another width (here
     # one whose element count is a multiple of in_features) is refused with its shape, on every
     # path, rather than read as other rows.
-    layer, _ = _layer(16, 256, bits=bits, group_size=128)
+    layer, _ = quant_layer(16, 256, bits=bits, group_size=128)
     for x in (torch.randn(1, 512), torch.randn(2, 8, 128), torch.randn(40, 128)):
         with pytest.raises(ValueError, match=r"in_features=256.*" + re.escape(str(tuple(x.shape)))):
             layer(x)
     assert layer(torch.randn(2, 256)).shape == (2, 16)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("n,k,symmetric", [(40, 576, True), (7, 200, False), (9, 45, False), (33, 1536, True)])
-def test_cpu_w8_decode_kernel_multiplies_in_float32(n, k, symmetric, dtype, monkeypatch):
-    # 8-bit per-channel layers decode (below AMX_BF16_MIN_ROWS rows, or below AMX_MIN_ROWS
-    # without AMX: switched off here) on w8a8_cpu.c's decode kernel in float32: no rounding of
-    # the inputs, where torch's int8 op, which served these calls before, takes them and its
-    # scales in bfloat16 (0.18% on SmolLM2). Odd K, channels past a block of 4, strided rows.
-    from hfcompress.quant import cpu_kernels
-
-    cpu_w8a8 = _decode_kernel(8)
-    monkeypatch.setattr(cpu_w8a8, "amx_bf16_serves", lambda layer, rows: False)
-    monkeypatch.setattr(cpu_kernels, "_build_int8", lambda layer: pytest.fail("torch's int8 op was prepared"))
-    layer, qw = _layer(n, k, bits=8, group_size=-1, symmetric=symmetric, bias=True)
-    layer.to(dtype)
-    dense = qw.dequantize().double()
-    g = torch.Generator().manual_seed(2)
-    wide = (torch.randn(cpu_w8a8.AMX_MIN_ROWS - 1, 2 * k, generator=g) * torch.linspace(0.2, 4, 2 * k)).to(dtype)
-    for x in (wide[:1, :k], wide[:3, :k], wide[:, :k], wide[:2, k:].contiguous()):
-        assert dispatch.select_path(layer, x) == "cpu_int8"
-        with torch.no_grad():
-            y = layer(x)
-        assert y.dtype == dtype and y.shape == (x.shape[0], n)
-        exact = x.double() @ dense.t() + layer.bias.double()
-        # float32 sums of exact products; a bfloat16 output rounds once
-        assert _rel_err(y.double(), exact) < (1e-6 if dtype == torch.float32 else 4e-3)

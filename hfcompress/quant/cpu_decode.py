@@ -1,0 +1,157 @@
+"""The CPU decode kernel of weight-only layers (``W2A16`` to ``W8A16``): ``w8a8_cpu.c``'s
+``decode_linear``, for calls of fewer than ``AMX_MIN_ROWS`` rows (decoding).
+
+On CPUs with AVX-512 BF16 (and VBMI for 2 and 3 bits) it reads the layer's own packed codes and
+sums them against the rows in float32, each group's scale and zero point applied to its sums:
+see :func:`decode_forward`. :mod:`hfcompress.quant.cpu_kernels` routes weight-only calls here
+first; calls it does not serve (:func:`decode_fits`, or None from :func:`decode_forward`) go to
+AMX, torch's int4 and int8 ops or the reference kernel. The kernel shares its library, and the
+scale layout of the AMX kernels, with :mod:`hfcompress.quant.cpu_w8a8`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from hfcompress.quant import cpu_w8a8
+from hfcompress.quant.cpu_w8a8 import AMX_MIN_ROWS, NATIVE_X_DTYPES, group_scales, layer_group
+from hfcompress.quant.dispatch import FORCE_REFERENCE_ENV, cached
+from hfcompress.quant.packing import pack
+
+if TYPE_CHECKING:
+    from hfcompress.quant.linear import QuantLinear
+
+__all__ = ["decode_bits", "decode_fits", "decode_forward"]
+
+logger = logging.getLogger(__name__)
+
+# The kernel's k step: groups must be multiples of it, cover K, or (2 and 3 bits) be one of
+# _FINE_GROUPS, which it scales lane by lane.
+_DECODE_STEP = 128
+_FINE_GROUPS = (32, 64)
+
+
+@functools.cache
+def decode_bits() -> frozenset[int]:
+    """The weight widths (of 2, 3, 4 and 8 bits) ``w8a8_cpu.c``'s decode kernel takes here: built
+    (a compiler and CPU with AVX-512 BF16, and VBMI for 2 and 3 bits) and giving the exact sums
+    of small integers on a probe per width, one scale per channel and (below 8 bits) groups of
+    32 and 64 with their own scales, that covers a partial step and group, a channel block past
+    N and the extreme codes (checked once per process)."""
+    lib = cpu_w8a8.native_library()
+    if lib is None:
+        return frozenset()
+    built = lib.decode_bits_built()
+    exact = set()
+    g = torch.Generator().manual_seed(0)
+    t, k, n = 3, 200, 7
+    f32 = NATIVE_X_DTYPES[torch.float32]
+    for bits in (2, 3, 4, 8):
+        if not built & (1 << bits):
+            continue
+        codes = torch.randint(0, 2**bits, (n, k), generator=g, dtype=torch.uint8)
+        codes[0, :2] = torch.tensor([0, 2**bits - 1], dtype=torch.uint8)
+        packed = pack(codes, bits)
+        x = torch.randint(-8, 9, (t, k), generator=g).float()
+        ok = True
+        for group in (k, 32, 64) if bits < 8 else (k,):  # 8 bits: one scale per channel only
+            groups = -(-k // group)
+            scales = torch.randint(1, 5, (n, groups), generator=g).float()  # small integers: exact sums
+            offsets = torch.randint(-3, 4, (n, groups), generator=g).float()
+            weight = (codes.double() - 2 ** (bits - 1)) * scales.double().repeat_interleave(group, 1)[:, :k]
+            sums = torch.nn.functional.pad(x.double(), (0, groups * group - k)).view(t, groups, group).sum(-1)
+            expected = (x.double() @ weight.t() + sums @ offsets.double().t()).float()
+            y = torch.empty(t, n)
+            scales_t, offsets_t = scales.t().contiguous(), offsets.t().contiguous()
+            failed = lib.decode_linear(x.data_ptr(), f32, t, k, k, packed.data_ptr(), bits, packed.shape[1], n,
+                                       scales_t.data_ptr(), group, offsets_t.data_ptr(), scales.data_ptr(),
+                                       y.data_ptr(), f32, 1)  # fmt: skip
+            ok = ok and not failed and torch.equal(y, expected)
+        if not ok:
+            logger.info("the %d-bit decode kernel did not reproduce exact sums on this CPU; it is not used", bits)
+            continue
+        exact.add(bits)
+    return frozenset(exact)
+
+
+@dataclass(frozen=True)
+class _DecodePlan:
+    fits: bool  # a 2-, 3-, 4- or 8-bit layer whose group size the kernel takes, and the kernel is here
+    qweight: torch.Tensor  # the layer's packed codes: held, as the kernel reads them by address
+    scales: torch.Tensor  # [G, N] float32
+    offsets: torch.Tensor | None  # [G, N] float32, (o - z) * s; None when symmetric
+    scale_rows: torch.Tensor | None  # [N, G] float32, for groups of 32 and 64; else None
+    array: torch.Tensor  # int64: decode_planned's plan (the addresses of the tensors above, widths)
+    address: int  # array's
+
+
+def decode_fits(layer: QuantLinear) -> bool:
+    """Whether the decode kernel takes this layer's weights: a width it has here and a group
+    size that is a multiple of 128 or covers K, or for 2 and 3 bits also 32 or 64; 8 bits take
+    one scale per channel only. (4-bit layers with groups of 32 or 64 stay on torch's int4 op:
+    on SmolLM2 it decoded 3-6% faster than the kernel's lane-by-lane scaling; 2 and 3 bits have
+    no op.)"""
+    group = layer_group(layer)
+    if layer.bits == 8:
+        return group == layer.in_features and 8 in decode_bits()
+    fine = group in _FINE_GROUPS and layer.bits < 4
+    return (group == layer.in_features or group % _DECODE_STEP == 0 or fine) and layer.bits in decode_bits()
+
+
+def _decode_plan(layer: QuantLinear) -> _DecodePlan:
+    group = layer_group(layer)
+    fits = decode_fits(layer)
+    scales, offsets = group_scales(layer) if fits else (layer.scales, None)
+    scale_rows = layer.scales.float().contiguous() if fits and group in _FINE_GROUPS else None
+    qweight = layer.qweight
+    pointers = [0 if tensor is None else tensor.data_ptr() for tensor in (offsets, scale_rows)]
+    array = torch.tensor(
+        [qweight.data_ptr(), layer.bits, qweight.stride(0), layer.out_features, scales.data_ptr(), group, *pointers,
+         layer.in_features],
+        dtype=torch.int64,
+    )  # fmt: skip
+    return _DecodePlan(fits, qweight, scales, offsets, scale_rows, array, array.data_ptr())
+
+
+def decode_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor | None:
+    """``x @ dequantize(W)^T`` for a 2-, 3-, 4- or 8-bit weight-only layer and ``x: [..., K]``,
+    as ``[..., N]`` in ``x``'s dtype, no bias, by ``w8a8_cpu.c``'s decode kernel; None where it
+    does not serve: ``AMX_MIN_ROWS`` rows or more, inputs other than float32 or bfloat16, group
+    sizes other than 32, 64, multiples of 128 or one group per channel (8 bits: per channel
+    only), or no kernel for the width here (:func:`decode_bits`). Below 8 bits ``x`` is rounded
+    to bfloat16 (``vdpbf16ps``); 8-bit layers multiply in float32, so there the sums are the only
+    rounding. The layer's packed codes are read as they are; float32 sums per group, each group's
+    float32 scale applied to its sums and ``(o - z) * s`` times the row's sum over the group
+    (``o = 2^(bits-1)``): for 4 bits the AMX bfloat16 kernel's result up to summation order. The
+    call's fixed arguments are prepared once per layer and passed as one array, as at one row
+    the Python around the kernel cost as much as the kernel."""
+    dtype = NATIVE_X_DTYPES.get(x.dtype)
+    k = layer.in_features
+    if dtype is None or x.numel() >= AMX_MIN_ROWS * k:
+        return None
+    plan = cached(layer, "cpu_decode", _decode_plan)
+    if not plan.fits:
+        return None
+    if x.is_contiguous():  # decoding's case: no view to make
+        rows, address, stride = x.numel() // k, x.data_ptr(), k
+    else:
+        x2 = x.reshape(-1, k)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        rows, address, stride = x2.shape[0], x2.data_ptr(), x2.stride(0)
+    y = x.new_empty((*x.shape[:-1], layer.out_features))  # 0.4 us less than torch.empty here
+    failed = cpu_w8a8.native_library().decode_planned(plan.address, address, dtype, rows, stride, y.data_ptr(),
+                                              torch.get_num_threads())  # fmt: skip
+    if failed == 1:
+        raise MemoryError("the CPU low-bit decode kernel could not allocate its scratch memory")
+    if failed:  # decode_fits let through a layer the C kernel refuses: a bug, not a user error
+        raise RuntimeError(
+            f"w8a8_cpu.c's decode_linear refused a {layer.bits}-bit layer with group size {layer_group(layer)} "
+            f"(code {failed}); set {FORCE_REFERENCE_ENV}=1 to run the reference kernel meanwhile"
+        )
+    return y
