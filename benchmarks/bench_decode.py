@@ -9,7 +9,7 @@ drift hits all variants alike. Perplexity: WikiText-2 test, first --windows wind
 tokens (the README's protocol). Prints a markdown table for benchmarks/RESULTS.md.
 
 ``--decode-kernel-off`` adds rows for the 3-, 4- and 8-bit variants decoding without
-``w8a8_cpu.c``'s decode kernel (on CPUs with AVX-512 BF16), timed in the same rounds: 8 and 4
+``decode_cpu.c``'s decode kernel (on CPUs with AVX-512 BF16), timed in the same rounds: 8 and 4
 bits on torch's int8 and int4 ops, 3 bits on the reference kernel (which dequantizes the weight
 every call).
 

@@ -1,24 +1,27 @@
-"""The CPU decode kernel of weight-only layers (``W2A16`` to ``W8A16``): ``w8a8_cpu.c``'s
+"""The CPU decode kernel of weight-only layers (``W2A16`` to ``W8A16``): ``decode_cpu.c``'s
 ``decode_linear``, for calls of fewer than ``AMX_MIN_ROWS`` rows (decoding).
 
 On CPUs with AVX-512 BF16 (and VBMI for 2 and 3 bits) it reads the layer's own packed codes and
 sums them against the rows in float32, each group's scale and zero point applied to its sums:
 see :func:`decode_forward`. :mod:`hfcompress.quant.cpu_kernels` routes weight-only calls here
-first; calls it does not serve (:func:`decode_fits`, or None from :func:`decode_forward`) go to
-AMX, torch's int4 and int8 ops or the reference kernel. The kernel shares its library, and the
-scale layout of the AMX kernels, with :mod:`hfcompress.quant.cpu_w8a8`.
+for a few rows; calls it does not serve (:func:`decode_fits`, or None from
+:func:`decode_forward`) go to AMX, torch's int4 and int8 ops or the reference kernel. The kernel
+takes the scale layout of :mod:`hfcompress.quant.cpu_w8a8`'s AMX kernels
+(:func:`~hfcompress.quant.cpu_w8a8.group_scales`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from hfcompress.quant import cpu_w8a8
+from hfcompress.quant import native
 from hfcompress.quant.cpu_w8a8 import AMX_MIN_ROWS, NATIVE_X_DTYPES, group_scales, layer_group
 from hfcompress.quant.dispatch import FORCE_REFERENCE_ENV, cached
 from hfcompress.quant.packing import pack
@@ -30,6 +33,24 @@ __all__ = ["decode_bits", "decode_fits", "decode_forward"]
 
 logger = logging.getLogger(__name__)
 
+_SOURCE = Path(__file__).with_name("decode_cpu.c")
+
+
+@functools.cache
+def _native_library() -> ctypes.CDLL | None:
+    """``decode_cpu.c``, built on first use (None without a C compiler)."""
+    lib = native.load(_SOURCE, "the CPU weight-only decode kernel (decoding uses torch's int4 and int8 ops)")
+    if lib is not None:
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.decode_bits_built.restype = ctypes.c_int
+        lib.decode_linear.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ptr, ctypes.c_int, i64, i64, ptr, i64, ptr,
+                                      ptr, ptr, ctypes.c_int, ctypes.c_int]  # fmt: skip
+        lib.decode_linear.restype = ctypes.c_int
+        lib.decode_planned.argtypes = [ptr, ptr, ctypes.c_int, i64, i64, ptr, ctypes.c_int]
+        lib.decode_planned.restype = ctypes.c_int
+    return lib
+
+
 # The kernel's k step: groups must be multiples of it, cover K, or (2 and 3 bits) be one of
 # _FINE_GROUPS, which it scales lane by lane.
 _DECODE_STEP = 128
@@ -38,12 +59,12 @@ _FINE_GROUPS = (32, 64)
 
 @functools.cache
 def decode_bits() -> frozenset[int]:
-    """The weight widths (of 2, 3, 4 and 8 bits) ``w8a8_cpu.c``'s decode kernel takes here: built
+    """The weight widths (of 2, 3, 4 and 8 bits) ``decode_cpu.c``'s kernel takes here: built
     (a compiler and CPU with AVX-512 BF16, and VBMI for 2 and 3 bits) and giving the exact sums
     of small integers on a probe per width, one scale per channel and (below 8 bits) groups of
     32 and 64 with their own scales, that covers a partial step and group, a channel block past
     N and the extreme codes (checked once per process)."""
-    lib = cpu_w8a8.native_library()
+    lib = _native_library()
     if lib is None:
         return frozenset()
     built = lib.decode_bits_built()
@@ -120,7 +141,7 @@ def _decode_plan(layer: QuantLinear) -> _DecodePlan:
 
 def decode_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor | None:
     """``x @ dequantize(W)^T`` for a 2-, 3-, 4- or 8-bit weight-only layer and ``x: [..., K]``,
-    as ``[..., N]`` in ``x``'s dtype, no bias, by ``w8a8_cpu.c``'s decode kernel; None where it
+    as ``[..., N]`` in ``x``'s dtype, no bias, by ``decode_cpu.c``'s kernel; None where it
     does not serve: ``AMX_MIN_ROWS`` rows or more, inputs other than float32 or bfloat16, group
     sizes other than 32, 64, multiples of 128 or one group per channel (8 bits: per channel
     only), or no kernel for the width here (:func:`decode_bits`). Below 8 bits ``x`` is rounded
@@ -145,13 +166,13 @@ def decode_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor | None:
             x2 = x2.contiguous()
         rows, address, stride = x2.shape[0], x2.data_ptr(), x2.stride(0)
     y = x.new_empty((*x.shape[:-1], layer.out_features))  # 0.4 us less than torch.empty here
-    failed = cpu_w8a8.native_library().decode_planned(plan.address, address, dtype, rows, stride, y.data_ptr(),
+    failed = _native_library().decode_planned(plan.address, address, dtype, rows, stride, y.data_ptr(),
                                               torch.get_num_threads())  # fmt: skip
     if failed == 1:
         raise MemoryError("the CPU low-bit decode kernel could not allocate its scratch memory")
     if failed:  # decode_fits let through a layer the C kernel refuses: a bug, not a user error
         raise RuntimeError(
-            f"w8a8_cpu.c's decode_linear refused a {layer.bits}-bit layer with group size {layer_group(layer)} "
+            f"decode_cpu.c's decode_linear refused a {layer.bits}-bit layer with group size {layer_group(layer)} "
             f"(code {failed}); set {FORCE_REFERENCE_ENV}=1 to run the reference kernel meanwhile"
         )
     return y

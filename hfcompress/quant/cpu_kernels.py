@@ -22,7 +22,7 @@
   the largest activations). An asymmetric zero point becomes a rank-one correction. The op
   crashes (torch 2.13) when K is not a multiple of 16, so K is zero-padded. On CPUs with
   AVX-512 BF16, calls the AMX kernel below does not take (fewer than ``AMX_BF16_MIN_ROWS``
-  rows, or fewer than ``AMX_MIN_ROWS`` without AMX) run ``w8a8_cpu.c``'s decode kernel instead,
+  rows, or fewer than ``AMX_MIN_ROWS`` without AMX) run ``decode_cpu.c``'s decode kernel instead,
   in float32: each code minus 128 is an exact float32 and the inputs are not rounded, so its
   float32 sums are the only rounding.
 * ``cpu_lowbit``: 2- and 3-bit weights whose group size the decode kernel below takes (32, 64,
@@ -44,7 +44,7 @@ op's 0.188%, where the floor of bfloat16 inputs is 0.179% (benchmarks/bench_cpu_
 
 On CPUs with AVX-512 BF16, ``cpu_int4``'s other calls of fewer than ``AMX_MIN_ROWS`` rows
 (decoding) whose group size is a multiple of 128 (or one group per channel) go to
-``w8a8_cpu.c``'s decode kernel instead (:func:`hfcompress.quant.cpu_decode.decode_forward`):
+``decode_cpu.c``'s decode kernel instead (:func:`hfcompress.quant.cpu_decode.decode_forward`):
 it reads the layer's own packed codes (torch's op needs a repacked copy of them, not built
 then), takes float32 scales and zero points and rounds only the activations to bfloat16, so
 decoding no longer runs on the rounded offset ``m``. On SmolLM2's decode its layers took
@@ -221,9 +221,9 @@ def _amx_bf16_forward(layer: QuantLinear, x: torch.Tensor, x2: torch.Tensor) -> 
 
 
 def _our_kernels(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor | None:
-    """A weight-only layer on ``w8a8_cpu.c``: the AMX bfloat16 kernel from ``AMX_BF16_MIN_ROWS``
-    rows, else the decode kernel (None where neither serves; the caller's op or the reference
-    then does)."""
+    """A weight-only layer on our C kernels: ``w8a8_cpu.c``'s AMX bfloat16 kernel from
+    ``AMX_BF16_MIN_ROWS`` rows, else ``decode_cpu.c``'s decode kernel (None where neither
+    serves; the caller's op or the reference then does)."""
     rows = x.numel() // layer.in_features
     if rows >= cpu_w8a8.AMX_BF16_MIN_ROWS and cpu_w8a8.amx_bf16_serves(layer, rows):  # decoding skips the call
         return _amx_bf16_forward(layer, x, x.reshape(-1, layer.in_features).to(torch.bfloat16))

@@ -84,7 +84,6 @@ __all__ = [
     "fake_quantized_input",
     "group_scales",
     "layer_group",
-    "native_library",
     "onednn_available",
     "onednn_works",
 ]
@@ -222,7 +221,7 @@ def amx_available() -> bool:
     if os.environ.get(NO_AMX_ENV, "") not in ("", "0"):
         logger.info("%s is set: the AMX kernels are not used", NO_AMX_ENV)
         return False
-    lib = native_library()
+    lib = _native_library()
     if lib is None or not lib.w8a8_amx_init():
         return False
     g = torch.Generator().manual_seed(0)
@@ -271,7 +270,7 @@ def _amx_pack(codes: torch.Tensor, step: int, nibbles: bool = False) -> torch.Te
     size = (n + 31) // 32 * 32 * k
     packed = torch.empty(size // 2 if nibbles else size, dtype=torch.int8)
     codes = codes.contiguous()  # a name holds it while C reads it
-    native_library().w8a8_amx_pack(codes.data_ptr(), n, k, step, int(nibbles), packed.data_ptr())
+    _native_library().w8a8_amx_pack(codes.data_ptr(), n, k, step, int(nibbles), packed.data_ptr())
     return packed
 
 
@@ -325,7 +324,7 @@ def amx_bf16_linear(layer: QuantLinear, x2: torch.Tensor, out_dtype: torch.dtype
     pack = cached(layer, "cpu_amx_bf16", functools.partial(_build_amx_pack, step=_BF16_STEP))
     t, k = x2.shape
     y = torch.empty(t, layer.out_features, dtype=out_dtype if out_dtype in NATIVE_X_DTYPES else torch.float32)
-    failed = native_library().w8a8_amx_bf16_linear(
+    failed = _native_library().w8a8_amx_bf16_linear(
         x2.data_ptr(), t, k, pack.weight.data_ptr(), int(pack.nibbles), pack.scales.data_ptr(), pack.group,
         None if pack.offsets is None else pack.offsets.data_ptr(), None, layer.out_features, y.data_ptr(),
         NATIVE_X_DTYPES[y.dtype], torch.get_num_threads(),
@@ -362,7 +361,7 @@ def amx_int8_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     sx = sx.float().contiguous()
     bias = None if layer.bias is None else layer.bias.to(x.dtype).float().contiguous()
     y = torch.empty(t, n, dtype=x.dtype)
-    failed = native_library().w8a8_amx_linear(
+    failed = _native_library().w8a8_amx_linear(
         xq.data_ptr(), sx.data_ptr(), int(sx.numel() != 1), t, layer.in_features, pack.weight.data_ptr(),
         int(pack.nibbles), pack.scales.data_ptr(), pack.group,
         None if pack.offsets is None else pack.offsets.data_ptr(), None if bias is None else bias.data_ptr(), n,
@@ -438,7 +437,7 @@ def _native_quantize(x2: torch.Tensor, act, static: torch.Tensor | None) -> tupl
     per_tensor_static = act.strategy == "tensor" and not act.dynamic and static is not None and static.numel() == 1
     if not (per_token or per_tensor_static) or x2.dtype not in NATIVE_X_DTYPES or x2.stride(-1) != 1:
         return None
-    lib = native_library()
+    lib = _native_library()
     if lib is None or not lib.w8a8_quantize_is_vectorized():
         return None
     t, k = x2.shape
@@ -485,7 +484,7 @@ def fake_quantized_input(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def native_library() -> ctypes.CDLL | None:
+def _native_library() -> ctypes.CDLL | None:
     lib = native.load(_NATIVE_SOURCE, "the CPU W8A8 decode kernel (decoding uses torch._int_mm)")
     if lib is not None:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
@@ -505,12 +504,6 @@ def native_library() -> ctypes.CDLL | None:
         lib.w8a8_amx_bf16_linear.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, ptr, i64, ptr, ptr, i64, ptr,
                                              ctypes.c_int, ctypes.c_int]  # fmt: skip
         lib.w8a8_amx_bf16_linear.restype = ctypes.c_int
-        lib.decode_bits_built.restype = ctypes.c_int
-        lib.decode_linear.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ptr, ctypes.c_int, i64, i64, ptr, i64, ptr,
-                                      ptr, ptr, ctypes.c_int, ctypes.c_int]  # fmt: skip
-        lib.decode_linear.restype = ctypes.c_int
-        lib.decode_planned.argtypes = [ptr, ptr, ctypes.c_int, i64, i64, ptr, ctypes.c_int]
-        lib.decode_planned.restype = ctypes.c_int
     return lib
 
 
@@ -546,7 +539,7 @@ def _forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     lead = x.shape[:-1]
     rows = x.numel() // layer.in_features
     if rows < ONEDNN_MIN_ROWS and x.dtype in NATIVE_X_DTYPES:
-        lib = native_library()
+        lib = _native_library()
         if lib is not None:
             return _native_forward(layer, x, lib)
     if layer.symmetric and amx_int8_serves(layer, x):

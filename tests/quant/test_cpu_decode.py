@@ -11,9 +11,9 @@ from tests.quant.helpers import fast_and_bf16_errors, quant_layer, rel_err
 
 
 def _decode_kernel(bits=4):
-    """Skip the test unless w8a8_cpu.c was built with the decode kernel for ``bits``-bit
+    """Skip the test unless decode_cpu.c was built with the kernel for ``bits``-bit
     weights; a built width must pass its exactness probe."""
-    lib = cpu_w8a8.native_library()
+    lib = cpu_decode._native_library()
     if lib is None or not lib.decode_bits_built() & (1 << bits):
         pytest.skip(f"no {bits}-bit decode kernel here (AVX-512 BF16, and VBMI below 4 bits)")
     assert bits in cpu_decode.decode_bits(), f"the {bits}-bit decode kernel is built but failed its probe"
@@ -43,7 +43,7 @@ def test_cpu_decode_kernel_sums_the_bfloat16_inputs_exactly(bits, n, k, group_si
                                                            monkeypatch):  # fmt: skip
     # Below AMX_MIN_ROWS rows (below AMX_BF16_MIN_ROWS where the AMX kernel serves: switched
     # off here, so that every row count reaches the decode kernel), 2-, 3- and 4-bit
-    # weight-only layers run w8a8_cpu.c's decode kernel on the layer's own packed codes: float32
+    # weight-only layers run decode_cpu.c's kernel on the layer's own packed codes: float32
     # sums of the exact codes, float32 scales and zero points, so the only rounding is that of
     # the inputs to bfloat16 (and of a bfloat16 output). For 4 bits torch's int4 op, which
     # served these calls before, is not built; 2 and 3 bits had only the reference kernel,
@@ -148,16 +148,16 @@ def test_cpu_decode_kernel_serves_only_what_it_takes():
 def test_cpu_decode_kernel_is_not_used_where_it_is_unavailable_or_inexact(monkeypatch):
     import ctypes
 
-    real = cpu_w8a8.native_library()
+    real = cpu_decode._native_library()
     widths = cpu_decode.decode_bits()
 
     class Unbuilt:
         def decode_bits_built(self):
             return 0
 
-    monkeypatch.setattr(cpu_w8a8, "native_library", lambda: Unbuilt())
+    monkeypatch.setattr(cpu_decode, "_native_library", lambda: Unbuilt())
     assert cpu_decode.decode_bits.__wrapped__() == frozenset()
-    monkeypatch.setattr(cpu_w8a8, "native_library", lambda: None)  # no compiler
+    monkeypatch.setattr(cpu_decode, "_native_library", lambda: None)  # no compiler
     assert cpu_decode.decode_bits.__wrapped__() == frozenset()
     if widths:
 
@@ -171,7 +171,7 @@ def test_cpu_decode_kernel_is_not_used_where_it_is_unavailable_or_inexact(monkey
                     ctypes.c_float.from_address(args[-3]).value += 1.0
                 return failed
 
-        monkeypatch.setattr(cpu_w8a8, "native_library", lambda: OffByOneAtThreeBits())
+        monkeypatch.setattr(cpu_decode, "_native_library", lambda: OffByOneAtThreeBits())
         assert cpu_decode.decode_bits.__wrapped__() == widths - {3}
 
 
@@ -179,7 +179,7 @@ def test_cpu_decode_kernel_failures_are_named(monkeypatch):
     _decode_kernel()
     layer, _ = quant_layer(16, 256, group_size=128)
     x = torch.randn(1, 256)
-    real = cpu_w8a8.native_library()
+    real = cpu_decode._native_library()
     for code, error, message in [(1, MemoryError, "scratch memory"), (2, RuntimeError, "HFCOMPRESS_FORCE_REFERENCE=1")]:
 
         class Refusing:
@@ -189,7 +189,7 @@ def test_cpu_decode_kernel_failures_are_named(monkeypatch):
             def decode_planned(self, *args, code=code):
                 return code
 
-        monkeypatch.setattr(cpu_w8a8, "native_library", lambda: Refusing())
+        monkeypatch.setattr(cpu_decode, "_native_library", lambda: Refusing())
         with pytest.raises(error, match=message):
             cpu_decode.decode_forward(layer, x)
 
@@ -198,7 +198,7 @@ def test_cpu_decode_kernel_failures_are_named(monkeypatch):
 @pytest.mark.parametrize("n,k,symmetric", [(40, 576, True), (7, 200, False), (9, 45, False), (33, 1536, True)])
 def test_cpu_w8_decode_kernel_multiplies_in_float32(n, k, symmetric, dtype, monkeypatch):
     # 8-bit per-channel layers decode (below AMX_BF16_MIN_ROWS rows, or below AMX_MIN_ROWS
-    # without AMX: switched off here) on w8a8_cpu.c's decode kernel in float32: no rounding of
+    # without AMX: switched off here) on decode_cpu.c's kernel in float32: no rounding of
     # the inputs, where torch's int8 op, which served these calls before, takes them and its
     # scales in bfloat16 (0.18% on SmolLM2). Odd K, channels past a block of 4, strided rows.
     from hfcompress.quant import cpu_kernels

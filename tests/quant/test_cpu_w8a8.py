@@ -118,7 +118,7 @@ def test_cpu_w8a8_c_kernel_equals_the_torch_path(strategy, dynamic, bits, symmet
     from hfcompress.quant import cpu_w8a8
     from hfcompress.quant.scheme import QuantArgs
 
-    if cpu_w8a8.native_library() is None:
+    if cpu_w8a8._native_library() is None:
         pytest.skip("no C compiler: the torch._int_mm path serves decoding")
     act = QuantArgs(num_bits=8, symmetric=True, strategy=strategy, dynamic=dynamic, observer=None, zp_dtype=None)
     n, k = 37, 97  # odd N and K
@@ -135,7 +135,7 @@ def test_cpu_w8a8_c_kernel_equals_the_torch_path(strategy, dynamic, bits, symmet
         with torch.no_grad():
             fast = layer(x)
             with monkeypatch.context() as m:
-                m.setattr(cpu_w8a8, "native_library", lambda: None)
+                m.setattr(cpu_w8a8, "_native_library", lambda: None)
                 slow = layer(x.clone())  # a new tensor: not the quantization cached for x
         assert fast.dtype == dtype and fast.shape == (*shape[:-1], n)
         assert torch.equal(fast, slow)
@@ -199,7 +199,7 @@ def test_cpu_w8a8_decode_falls_back_when_the_kernel_cannot_build(monkeypatch, tm
 
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setattr(native, "cache_dir", lambda: tmp_path)
-    cpu_w8a8.native_library.cache_clear()
+    cpu_w8a8._native_library.cache_clear()
     try:
         act = QuantArgs(num_bits=8, symmetric=True, strategy="token", dynamic=True, observer=None, zp_dtype=None)
         _, qw = quant_layer(16, 32, bits=8, group_size=-1, symmetric=True)
@@ -210,7 +210,7 @@ def test_cpu_w8a8_decode_falls_back_when_the_kernel_cannot_build(monkeypatch, tm
         assert "W8A8 decode kernel" in caplog.text and "torch._int_mm" in caplog.text
         assert not list(tmp_path.rglob("*.so"))
     finally:
-        cpu_w8a8.native_library.cache_clear()
+        cpu_w8a8._native_library.cache_clear()
 
 
 def _w8a8_layer(n, k, *, bits, symmetric, strategy, dynamic, dtype, bias=True):
@@ -292,11 +292,11 @@ def test_cpu_w8a8_amx_is_not_used_where_it_is_unavailable_or_inexact(monkeypatch
         def w8a8_amx_init(self):
             return 0
 
-    monkeypatch.setattr(cpu_w8a8, "native_library", lambda: NoAMX())
+    monkeypatch.setattr(cpu_w8a8, "_native_library", lambda: NoAMX())
     assert cpu_w8a8.amx_available.__wrapped__() is False
     monkeypatch.undo()
     monkeypatch.setenv(cpu_w8a8.NO_AMX_ENV, "1")  # the user's switch, checked before anything runs
-    monkeypatch.setattr(cpu_w8a8, "native_library", lambda: pytest.fail("probed despite HFCOMPRESS_NO_AMX"))
+    monkeypatch.setattr(cpu_w8a8, "_native_library", lambda: pytest.fail("probed despite HFCOMPRESS_NO_AMX"))
     assert cpu_w8a8.amx_available.__wrapped__() is False
     monkeypatch.undo()
     if not cpu_w8a8.amx_available():
@@ -313,7 +313,7 @@ def test_cpu_amx_kernels_built_and_granted_pass_their_probe():
     # state granted, that fails its exactness probe must fail the suite instead.
     from hfcompress.quant import cpu_w8a8
 
-    lib = cpu_w8a8.native_library()
+    lib = cpu_w8a8._native_library()
     if os.environ.get(cpu_w8a8.NO_AMX_ENV, "") not in ("", "0") or lib is None or not lib.w8a8_amx_init():
         pytest.skip("no AMX kernel built here, or no tile state granted")
     assert cpu_w8a8.amx_available.__wrapped__(), "the AMX kernels are built here but failed their probe"
@@ -329,7 +329,7 @@ def test_cpu_amx_pack_is_the_tile_layout(step):
     nibbles, plus 8."""
     from hfcompress.quant import cpu_w8a8
 
-    if cpu_w8a8.native_library() is None:
+    if cpu_w8a8._native_library() is None:
         pytest.skip("no C compiler")
     n, k, per = 40, 3 * step, step // 16
     w = torch.randint(-128, 128, (n, k), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
