@@ -13,10 +13,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -381,9 +383,34 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _library_progress_bars(show: bool) -> Iterator[None]:
+    """transformers' and huggingface_hub's own bars (loading and writing weights, downloads)
+    off while the command runs when ``show`` is False (``--quiet``); restored afterwards."""
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as transformers_logging
+
+    was_on = transformers_logging.is_progress_bar_enabled(), not hub_utils.are_progress_bars_disabled()
+    if not show:
+        transformers_logging.disable_progress_bar()
+        hub_utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not show and was_on[0]:
+            transformers_logging.enable_progress_bar()
+        if not show and was_on[1]:
+            hub_utils.enable_progress_bars()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
+    with _library_progress_bars(not args.quiet):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         if args.command == "compress":
             return _compress(args)

@@ -54,6 +54,20 @@ def test_eval_ppl_json(tiny_llama_dir, text, capsys):
     assert result["windows"] == 900 // 16 and result["perplexity"] > 1
 
 
+def test_quiet_silences_the_libraries_bars_too_and_restores_them(tiny_llama_dir, text, capsys):
+    # transformers draws "Loading weights" and "Writing model shards" bars of its own; --quiet
+    # (no progress bars) turns them off for the command and back on after it.
+    from transformers.utils import logging as transformers_logging
+
+    assert transformers_logging.is_progress_bar_enabled()
+    args = ["--quiet", "eval", "ppl", "--model", str(tiny_llama_dir), "--eval-data", str(text), "--seq-len", "16"]
+    assert main(args) == 0
+    assert "%|" not in capsys.readouterr().err
+    assert transformers_logging.is_progress_bar_enabled()
+    assert main(args[1:]) == 0  # without --quiet: the bars are there
+    assert "Loading weights" in capsys.readouterr().err
+
+
 def test_bad_recipe_exits_2_before_loading(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("stages:\n  - technique: rtn\n    bits: 5\n")
