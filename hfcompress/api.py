@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hfcompress.errors import RecipeError
+from hfcompress.errors import ModelError, RecipeError
 from hfcompress.experts import PATCH as EXPERTS_PATCH
 from hfcompress.experts import fuse_experts_back, unfuse_experts
 from hfcompress.integrations.transformers_quantizer import HfCompressQuantizationConfig, attach_quantization_config
@@ -58,6 +58,21 @@ def _after_earlier_calls(recipe: Recipe, model: nn.Module) -> Recipe:
             logger.info("stage %r is named %r: the model's recorded recipe has one named so", stage.name, name)
         stages.append(Stage(name=name, config=stage.config))
     return Recipe(stages)
+
+
+def _usable_device(device: str | torch.device | None) -> torch.device | None:
+    """``device`` as a torch.device, or a ModelError when this torch cannot run on it (a CPU
+    build, or no GPU of that index), before any stage starts."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelError(f"device={device!r} is not a torch device ({exc}); pass e.g. 'cpu' or 'cuda:0'") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA"
+        raise ModelError(f"device={device!r}, but this torch ({torch.__version__}) sees {found}; pass device='cpu'")
+    return dev
 
 
 def compress(
@@ -115,7 +130,7 @@ def compress(
         calibration_data=calibration_data,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        device=torch.device(device) if device is not None else None,
+        device=_usable_device(device),
         progress=progress,
         num_calibration_samples=num_calibration_samples,
         calibration_seq_len=calibration_seq_len,

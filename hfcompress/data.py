@@ -203,9 +203,16 @@ def calibration_ids(
     """
     source = _as_text_or_ids(data)
     if isinstance(source, torch.Tensor):
+        if source.dim() not in (1, 2):
+            raise CalibrationDataError(
+                f"calibration token ids must be [num_samples, seq_len] (or one sample [seq_len]), got shape "
+                f"{tuple(source.shape)}"
+            )
         ids = source if source.dim() == 2 else source[None]
         if ids.dtype not in (torch.int64, torch.int32) or ids.numel() == 0:
-            raise CalibrationDataError(f"calibration token ids must be a non-empty integer tensor, got {ids.dtype}")
+            raise CalibrationDataError(
+                f"calibration token ids must be a non-empty integer tensor, got {ids.dtype} {tuple(ids.shape)}"
+            )
     else:
         if tokenizer is None:
             raise CalibrationDataError("text calibration data needs a tokenizer: pass tokenizer=... to compress()")

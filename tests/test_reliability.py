@@ -26,7 +26,7 @@ import hfcompress
 from hfcompress import GPTQConfig, RTNConfig, compress
 from hfcompress import saving as saving_module
 from hfcompress.cli import main
-from hfcompress.errors import CalibrationDataError, CheckpointError, EvaluationError, OutputPathError
+from hfcompress.errors import CalibrationDataError, CheckpointError, EvaluationError, ModelError, OutputPathError
 from hfcompress.eval.perplexity import perplexity
 from tests.conftest import killed_run, make_char_tokenizer, make_tiny_llama
 
@@ -480,6 +480,23 @@ def test_calibration_ids_outside_the_vocabulary():
         CalibrationDataError, match=r"calibration token id 200 is outside the model's vocabulary \(0\.\.127\)"
     ):
         compress(make_tiny_llama(), [GPTQConfig(bits=4, group_size=16)], calibration_data=ids, progress=False)
+
+
+def test_calibration_ids_of_the_wrong_shape():
+    # [batches, samples, tokens] failed inside attention with a size mismatch
+    ids = torch.randint(0, 128, (2, 4, 16))
+    with pytest.raises(CalibrationDataError, match=r"must be \[num_samples, seq_len\].*got shape \(2, 4, 16\)"):
+        compress(make_tiny_llama(), [GPTQConfig(bits=4, group_size=16)], calibration_data=ids, progress=False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a torch without CUDA")
+def test_a_cuda_device_without_cuda_is_named_before_anything_runs():
+    model = make_tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 128, (4, 16))
+    with pytest.raises(ModelError, match=r"device='cuda', but this torch .* sees no CUDA; pass device='cpu'"):
+        compress(model, [GPTQConfig(bits=4, group_size=16)], calibration_data=ids, device="cuda", progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_calibration_window_longer_than_the_model_allows():
