@@ -104,7 +104,10 @@ def compress(
         model: A transformers model (or any ``nn.Module``).
         recipe: A :class:`Recipe`, a path to a recipe YAML file, a dict, or technique configs.
         tokenizer: Tokenizer for text calibration data.
-        calibration_data: Calibration samples, for stages that need them.
+        calibration_data: Calibration samples, for stages that need them: text (a list of
+            strings, a file, ``"wikitext2:valid"``, a Dataset's ``text`` column), cut into
+            windows; or token ids of one length (a ``[num_samples, seq_len]`` tensor, a list of
+            id tensors or of unpadded tokenizer outputs, a Dataset's ``input_ids`` column).
         train_dataset: Training set, for stages that train.
         eval_dataset: Evaluation set, for stages that train.
         device: Compute device for layerwise stages; None uses the model's first parameter's.

@@ -23,6 +23,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 
@@ -156,6 +157,39 @@ def calibration_samples(
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
 
 
+def _stacked_ids(samples) -> torch.Tensor:
+    """Token-id samples (tensors or lists ``[T]`` or ``[n, T]``, or mappings holding
+    ``input_ids`` and maybe ``attention_mask``) as one ``[num_samples, T]`` tensor; samples of
+    different lengths, or with padding, are a :class:`CalibrationDataError`: calibration takes
+    whole windows of one length."""
+    rows = []
+    for i, sample in enumerate(samples):
+        mask = None
+        if isinstance(sample, Mapping):
+            if "input_ids" not in sample:
+                raise CalibrationDataError(f"calibration sample {i} has no 'input_ids' (keys {sorted(sample)})")
+            sample, mask = sample["input_ids"], sample.get("attention_mask")
+        ids = torch.as_tensor(sample)
+        if ids.dim() not in (1, 2):
+            raise CalibrationDataError(
+                f"calibration sample {i} must be [seq_len] or [n, seq_len], got {tuple(ids.shape)}"
+            )
+        if mask is not None and not bool(torch.as_tensor(mask).all()):
+            raise CalibrationDataError(
+                f"calibration sample {i} is padded (its attention_mask holds zeros); calibration takes unpadded "
+                "windows of one length: tokenize without padding, or pass the text and let compress() cut windows"
+            )
+        rows.extend(ids.reshape(-1, ids.shape[-1]))
+    lengths = sorted({len(r) for r in rows})
+    if len(lengths) > 1:
+        raise CalibrationDataError(
+            f"calibration samples have different lengths ({lengths[0]} to {lengths[-1]} tokens); calibration takes "
+            "windows of one length: cut them to one length, or pass the text and let compress() cut the windows "
+            "(calibration_seq_len)"
+        )
+    return torch.stack(rows) if rows else torch.empty(0, 0, dtype=torch.long)
+
+
 def _as_text_or_ids(data) -> str | list[str] | torch.Tensor:
     """Normalise the accepted calibration inputs to a text source or a token tensor."""
     if isinstance(data, torch.Tensor):
@@ -164,16 +198,21 @@ def _as_text_or_ids(data) -> str | list[str] | torch.Tensor:
         return str(data)
     if isinstance(data, (list, tuple)) and all(isinstance(t, str) for t in data):
         return list(data)
+    if isinstance(data, Mapping) and "input_ids" in data:  # a tokenizer's output (BatchEncoding)
+        return _stacked_ids([data])
+    if isinstance(data, (list, tuple)) and data and all(isinstance(t, (torch.Tensor, Mapping)) for t in data):
+        return _stacked_ids(data)  # token tensors, or tokenizer outputs (AutoGPTQ's "examples")
     column_names = getattr(data, "column_names", None)  # a datasets.Dataset
     if column_names is not None:
         if "input_ids" in column_names:
-            return torch.tensor(data["input_ids"])
+            return _stacked_ids([torch.as_tensor(row) for row in data["input_ids"]])
         if "text" in column_names:
             return [t for t in data["text"] if t]
         raise CalibrationDataError(f"a calibration Dataset needs a 'text' or 'input_ids' column; it has {column_names}")
     raise CalibrationDataError(
         "calibration_data must be a list of strings, a text source (file path, 'wikitext2:valid'), "
-        f"a datasets.Dataset or a [num_samples, seq_len] tensor of token ids; got {type(data).__name__}"
+        "a datasets.Dataset, a [num_samples, seq_len] tensor of token ids, or a list of token-id tensors or "
+        f"tokenizer outputs of one length; got {type(data).__name__}"
     )
 
 

@@ -142,3 +142,34 @@ def test_a_recipe_tokenizes_its_calibration_text_once(monkeypatch):
     assert len(calls) == 1
     assert [len(batches) for batches in seen] == [3, 1]  # 6 windows by 2, then by GPTQ's 8
     assert torch.equal(torch.cat([b["input_ids"] for b in seen[0]]), seen[1][0]["input_ids"])
+
+
+def test_token_samples_in_the_shapes_peers_take_are_one_tensor():
+    # AutoGPTQ/GPTQModel take a list of tokenizer outputs; others a list of id tensors or a
+    # Dataset with an input_ids column: each gives the [num_samples, seq_len] tensor.
+    import datasets
+
+    from hfcompress.data import calibration_ids
+    from tests.conftest import make_char_tokenizer
+
+    tokenizer = make_char_tokenizer()
+    texts = ["the quick brown fox", "jumps over the dogs"]  # 19 characters each
+    want = torch.tensor([tokenizer(t).input_ids for t in texts])
+    encodings = [tokenizer(t, return_tensors="pt") for t in texts]
+    assert torch.equal(calibration_ids(encodings), want)
+    assert torch.equal(calibration_ids(tokenizer(texts, return_tensors="pt")), want)
+    assert torch.equal(calibration_ids([torch.tensor(r) for r in want.tolist()]), want)
+    assert torch.equal(calibration_ids(datasets.Dataset.from_dict({"input_ids": want.tolist()})), want)
+
+
+def test_token_samples_of_two_lengths_or_padded_are_refused():
+    from hfcompress.data import calibration_ids
+    from tests.conftest import make_char_tokenizer
+
+    tokenizer = make_char_tokenizer()
+    with pytest.raises(CalibrationDataError, match=r"different lengths \(3 to 5 tokens\).*calibration_seq_len"):
+        calibration_ids([torch.tensor([1, 2, 3]), torch.tensor([1, 2, 3, 4, 5])])
+    tokenizer.pad_token = " "
+    padded = tokenizer(["a long sentence", "short"], padding=True, return_tensors="pt")
+    with pytest.raises(CalibrationDataError, match=r"calibration sample 0 is padded"):
+        calibration_ids(padded)
