@@ -42,9 +42,41 @@ class PerplexityResult:
     seq_len: int
 
 
+def _token_stream(input_ids, model: torch.nn.Module, seq_len: int) -> torch.Tensor:
+    """``input_ids`` as ``[T]`` (a tokenizer's ``[1, T]`` too), checked against the model:
+    an :class:`EvaluationError` for text, other shapes, ids outside the vocabulary, windows
+    longer than ``max_position_embeddings`` or a model without a language-model head."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise EvaluationError(
+            f"input_ids must be a tensor of token ids, got {type(input_ids).__name__}; for text use "
+            "text_perplexity(model, tokenizer, text)"
+        )
+    if input_ids.dim() == 2 and input_ids.shape[0] == 1:
+        input_ids = input_ids[0]
+    if input_ids.dim() != 1 or input_ids.is_floating_point():
+        raise EvaluationError(f"input_ids must be 1-D [T] token ids, got {input_ids.dtype} {tuple(input_ids.shape)}")
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    vocab = getattr(config, "vocab_size", None)
+    if vocab and input_ids.numel() and (int(input_ids.max()) >= vocab or int(input_ids.min()) < 0):
+        bad = int(input_ids.max()) if int(input_ids.max()) >= vocab else int(input_ids.min())
+        raise EvaluationError(f"token id {bad} is outside the model's vocabulary (0..{vocab - 1}); wrong tokenizer?")
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions and seq_len > positions:
+        raise EvaluationError(
+            f"seq_len={seq_len} exceeds the model's max_position_embeddings={positions}; pass a seq_len of at "
+            f"most {positions}"
+        )
+    if callable(getattr(model, "can_generate", None)) and not model.can_generate():  # a transformers encoder
+        raise EvaluationError(
+            f"perplexity needs a causal language model; {type(model).__name__} is not one (score a classifier with "
+            "`hfcompress eval glue`)"
+        )
+    return input_ids
+
+
 def _windows(input_ids: torch.Tensor, seq_len: int, max_windows: int | None) -> torch.Tensor:
-    if input_ids.dim() != 1:
-        raise ValueError(f"input_ids must be 1-D [T], got shape {tuple(input_ids.shape)}")
     count = input_ids.numel() // seq_len
     if max_windows is not None:
         count = min(count, max_windows)
@@ -70,12 +102,13 @@ def perplexity(
 
     Args:
         model: A causal LM returning ``.logits`` of shape ``[B, T, V]``.
-        input_ids: ``[T]`` int64 token stream.
+        input_ids: ``[T]`` (or ``[1, T]``) int64 token stream.
         seq_len: Tokens per window.
         max_windows: Score only the first windows; None scores all.
         batch_size: Windows per forward pass (does not change the result beyond float rounding).
         progress: Show a progress bar.
     """
+    input_ids = _token_stream(input_ids, model, seq_len)
     windows = _windows(input_ids, seq_len, max_windows)
     if max_windows is not None and windows.shape[0] < max_windows:
         logger.warning(

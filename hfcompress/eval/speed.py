@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hfcompress.errors import EvaluationError
+
 __all__ = ["DEFAULT_PROMPT", "DecodeSpeed", "cpu_name", "decode_speed"]
 
 DEFAULT_PROMPT = "The history of the printing press begins"
@@ -72,6 +74,8 @@ def decode_speed(
         raise ValueError(f"new_tokens={new_tokens} must be >= 2")
     if batch < 1:
         raise ValueError(f"batch={batch} must be >= 1")
+    if not callable(getattr(model, "can_generate", None)) or not model.can_generate():
+        raise EvaluationError(f"decode speed needs a model that generates; {type(model).__name__} does not")
     device = next(model.parameters()).device
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device).expand(batch, -1)
     _generate_seconds(model, input_ids, new_tokens)  # warm-up: caches, kernel packing

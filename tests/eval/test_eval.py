@@ -33,6 +33,32 @@ def test_perplexity_needs_a_full_window(tiny_llama):
         perplexity(tiny_llama, torch.arange(20), seq_len=32, progress=False)
 
 
+BAD_EVAL_INPUTS = [
+    ("text", lambda ids: "some text", 16, r"must be a tensor of token ids, got str; for text use text_perplexity"),
+    ("two-rows", lambda ids: ids.view(2, 50), 16, r"must be 1-D \[T\] token ids, got torch.int64 \(2, 50\)"),
+    ("floats", lambda ids: ids.float(), 16, r"must be 1-D \[T\] token ids, got torch.float32"),
+    ("vocabulary", lambda ids: ids + 1000, 16, r"token id \d+ is outside the model's vocabulary \(0..127\)"),
+    # the tiny Llama's max_position_embeddings is 64; a Llama still ran such windows and scored them
+    ("too-long", lambda ids: ids, 100, r"seq_len=100 exceeds the model's max_position_embeddings=64"),
+]
+
+
+@pytest.mark.parametrize("make,seq_len,message", [c[1:] for c in BAD_EVAL_INPUTS], ids=[c[0] for c in BAD_EVAL_INPUTS])
+def test_perplexity_names_unusable_inputs(tiny_llama, make, seq_len, message):
+    ids = torch.randint(0, 128, (100,), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(EvaluationError, match=message):
+        perplexity(tiny_llama, make(ids), seq_len=seq_len, progress=False)
+    one_row = perplexity(tiny_llama, ids[None], seq_len=16, progress=False)  # a tokenizer's [1, T]
+    assert one_row == perplexity(tiny_llama, ids, seq_len=16, progress=False)
+
+
+def test_perplexity_and_decode_speed_refuse_a_classifier(tiny_bert):
+    with pytest.raises(EvaluationError, match="needs a causal language model; BertForSequenceClassification"):
+        perplexity(tiny_bert, torch.randint(0, 100, (64,)), seq_len=16, progress=False)
+    with pytest.raises(EvaluationError, match="needs a model that generates; BertForSequenceClassification"):
+        decode_speed(tiny_bert, None)
+
+
 def test_size_report_before_and_after(tiny_llama):
     stats = linear_layer_stats(tiny_llama)
     compress(tiny_llama, [RTNConfig(bits=4, group_size=16)], progress=False)
