@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from hfcompress.errors import ModelError
 from hfcompress.layerwise import bfloat16_or_warn
 from hfcompress.techniques.pkd.loss import (
     UNLABELLED,
@@ -77,6 +78,16 @@ def training_arguments(
 
 
 # Keyword arguments of a student forward that are not model inputs the teacher should see.
+def _text_config(model: nn.Module) -> Any:
+    config = getattr(model, "config", None)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _blocks(model: nn.Module) -> int | None:
+    """The model's number of blocks (``num_hidden_layers``), or None when it does not say."""
+    return getattr(_text_config(model), "num_hidden_layers", None)
+
+
 _NOT_INPUTS = frozenset({"labels", "num_items_in_batch", "output_hidden_states", "output_attentions", "return_dict"})
 
 
@@ -104,13 +115,43 @@ class Distiller:
         alpha: float = 0.5,
         beta: float = 100.0,
     ) -> None:
+        if temperature <= 0 or not 0 <= alpha <= 1 or beta < 0:
+            raise ModelError(
+                f"distillation needs temperature > 0, 0 <= alpha <= 1 and beta >= 0; got temperature={temperature}, "
+                f"alpha={alpha}, beta={beta}"
+            )
         self.teacher = teacher.eval().requires_grad_(False)
-        self.layer_pairs = tuple(layer_pairs)
+        self.layer_pairs = tuple((int(s), int(t)) for s, t in layer_pairs)
         self.temperature = temperature
         self.alpha = alpha
         self.beta = beta
         self._term_sums: dict[str, float] = {}
         self._term_count = 0
+        # a negative index would pick a hidden state from the end (-1: the embeddings) silently
+        self._check_pairs("teacher", 1, _blocks(teacher))
+
+    def _check_pairs(self, role: str, side: int, blocks: int | None) -> None:
+        bad = [p for p in self.layer_pairs if p[side] < 0 or (blocks is not None and p[side] >= blocks)]
+        if bad:
+            have = f"its blocks are 0..{blocks - 1}" if blocks is not None else "indices start at 0"
+            raise ModelError(
+                f"layer_pairs {bad} name {role} blocks that do not exist ({have}); pairs are (student_block, "
+                "teacher_block), 0-based"
+            )
+
+    def check_student(self, student: nn.Module) -> None:
+        """A :class:`ModelError` before training when the patient loss cannot pair ``student``
+        with the teacher: a pair naming a block the student lacks, or hidden states of
+        different widths (PKD compares them without a projection)."""
+        self._check_pairs("student", 0, _blocks(student))
+        if not self.needs_hidden_states:
+            return
+        widths = [getattr(_text_config(m), "hidden_size", None) for m in (student, self.teacher)]
+        if None not in widths and widths[0] != widths[1]:
+            raise ModelError(
+                f"the patient loss compares hidden states, but the student's are {widths[0]} wide and the teacher's "
+                f"{widths[1]}; distil into a student of the teacher's width, or pass beta=0 (no patient loss)"
+            )
 
     @property
     def needs_hidden_states(self) -> bool:
@@ -196,6 +237,7 @@ class DistillationTrainer(Trainer):
         self.distiller = Distiller(
             teacher, layer_pairs=layer_pairs, temperature=temperature, alpha=alpha, beta=beta
         ).to(self.args.device)
+        self.distiller.check_student(self.model)
         self.teacher = self.distiller.teacher
         # Our loss is a per-batch mean; tell the Trainer not to rescale it by token counts.
         self.model_accepts_loss_kwargs = False
@@ -256,6 +298,7 @@ class DistillationCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None:
             raise ValueError("DistillationCallback needs the Trainer's model")
+        self.distiller.check_student(model)
         self.distiller.to(args.device)
         self._accumulation = args.gradient_accumulation_steps
         self._hook = model.register_forward_pre_hook(self._record_inputs, with_kwargs=True)

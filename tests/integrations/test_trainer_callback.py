@@ -124,6 +124,37 @@ def test_compute_loss_func_without_the_callback_is_a_clear_error(classifier_setu
         callback.compute_loss_func(None, None)
 
 
+def test_layer_pairs_and_weights_that_cannot_work_are_named_before_training(classifier_setup, tmp_path):
+    # A pair past the last block failed at the first step with an IndexError; a negative one
+    # silently took a hidden state from the end (-1: the embeddings).
+    from tests.conftest import make_tiny_bert
+
+    teacher, tokenizer, train = classifier_setup
+    blocks = teacher.config.num_hidden_layers
+    for pairs in ([(0, blocks)], [(0, -1)]):
+        with pytest.raises(hfcompress.ModelError, match=r"name teacher blocks that do not exist"):
+            DistillationCallback(teacher, layer_pairs=pairs)
+    with pytest.raises(hfcompress.ModelError, match=r"need.*alpha <= 1.*got temperature=5.0, alpha=1.5"):
+        DistillationCallback(teacher, alpha=1.5)
+    student = hfcompress.drop_layers(copy.deepcopy(teacher), (1, 3))  # 2 blocks
+    with pytest.raises(hfcompress.ModelError, match=r"\[\(2, 3\)\] name student blocks .* 0\.\.1"):
+        DistillationTrainer(
+            model=student, args=_args(tmp_path, "s"), train_dataset=train, teacher=teacher, layer_pairs=[(2, 3)]
+        )
+    narrow = make_tiny_bert(layers=2, hidden_size=32, num_labels=teacher.config.num_labels)
+    callback = DistillationCallback(teacher, layer_pairs=[(0, 1)])
+    trainer = Trainer(
+        model=narrow,
+        args=_args(tmp_path, "n"),
+        train_dataset=train,
+        data_collator=_collator(narrow, tokenizer),
+        callbacks=[callback],
+        compute_loss_func=callback.compute_loss_func,
+    )
+    with pytest.raises(hfcompress.ModelError, match=r"student's are 32 wide and the teacher's \d+; .* beta=0"):
+        trainer.train()
+
+
 @pytest.mark.real_model
 def test_vanilla_trainer_distils_a_3_layer_minilm_like_distillation_trainer(tmp_path, tiny_glue_dir):
     """The issue's check: a 3-layer PKD-Skip MiniLM student, 10 steps, equal within 1e-6."""
