@@ -138,14 +138,14 @@ def load_glue(task: GlueTask | str, split: str, source: str | os.PathLike | None
     Args:
         task: A task or its name (``"sst2"``, ``"SST-2"``, ...).
         split: ``"train"``, ``"validation"`` (MNLI: ``"validation_matched"`` /
-            ``"validation_mismatched"``).
+            ``"validation_mismatched"``), or the original files' names (``"dev"``, ...).
         source: See the module docstring.
         limit: Keep only the first ``limit`` examples (quick runs).
     """
     from datasets import Dataset
 
     task = get_task(task) if isinstance(task, str) else task
-    task.split_file(split)  # refuse an unknown split before any I/O
+    split = task.split_name(split)  # refuse an unknown split before any I/O
     where = resolve_glue_source(source)
     if isinstance(where, Path):
         ds = Dataset.from_dict(read_glue_tsv(_task_file(where, task, split), task))

@@ -55,11 +55,22 @@ class GlueTask:
     def is_regression(self) -> bool:
         return self.num_labels == 1
 
-    def split_file(self, split: str) -> str:
+    def split_name(self, split: str) -> str:
+        """The split's name as the Hub has it; the original files' names (``"dev"``,
+        ``"dev_matched"``) are taken too."""
         files = dict(self.splits)
-        if split not in files:
-            raise GlueDataError(f"GLUE task {self.name!r} has no split {split!r}; splits: {', '.join(files)}")
-        return files[split]
+        if split in files:
+            return split
+        by_file = {file.removesuffix(".tsv"): name for name, file in self.splits}
+        if split in by_file:
+            return by_file[split]
+        raise GlueDataError(
+            f"GLUE task {self.name!r} has no split {split!r}; splits: {', '.join(files)} (or by file: "
+            f"{', '.join(by_file)})"
+        )
+
+    def split_file(self, split: str) -> str:
+        return dict(self.splits)[self.split_name(split)]
 
 
 _NLI2 = ("entailment", "not_entailment")

@@ -81,6 +81,17 @@ def test_original_layout_is_read_per_task(tmp_path, task):
     assert ("text_b" in ds.column_names) == (len(get_task(task).text_columns) == 2)
 
 
+def test_splits_by_the_original_file_names(tmp_path):
+    # the original layout calls the validation split "dev" (dev.tsv, dev_matched.tsv)
+    _write(tmp_path, "rte")
+    assert load_glue("rte", "dev", tmp_path)["text_a"] == load_glue("rte", "validation", tmp_path)["text_a"]
+    _write(tmp_path, "mnli")
+    assert (
+        load_glue("mnli", "dev_matched", tmp_path)["text_a"]
+        == load_glue("mnli", "validation_matched", tmp_path)["text_a"]
+    )
+
+
 def test_task_folder_itself_is_accepted(tmp_path):
     path = _write(tmp_path, "rte")
     assert len(load_glue("RTE", "validation", path.parent)) == 2
@@ -126,7 +137,7 @@ def test_wrong_header_is_refused(tmp_path):
 
 
 def test_unknown_split_is_refused():
-    with pytest.raises(GlueDataError, match=r"no split 'validation'.*validation_matched"):
+    with pytest.raises(GlueDataError, match=r"no split 'validation'.*validation_matched.*\(or by file: .*dev_matched"):
         load_glue("mnli", "validation", "/nonexistent")
 
 
