@@ -45,7 +45,7 @@ class PerplexityResult:
 def _token_stream(input_ids, model: torch.nn.Module, seq_len: int) -> torch.Tensor:
     """``input_ids`` as ``[T]`` (a tokenizer's ``[1, T]`` too), checked against the model:
     an :class:`EvaluationError` for text, other shapes, ids outside the vocabulary, windows
-    longer than ``max_position_embeddings`` or a model without a language-model head."""
+    longer than ``max_position_embeddings`` or a transformers model that does not generate."""
     if not isinstance(input_ids, torch.Tensor):
         raise EvaluationError(
             f"input_ids must be a tensor of token ids, got {type(input_ids).__name__}; for text use "
