@@ -45,7 +45,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_eval_args(p: argparse.ArgumentParser, windows_default: int | None) -> None:
-    p.add_argument("--eval-data", default=DEFAULT_EVAL_DATA, help="wikitext2:test, wikitext2:valid or a text file")
+    p.add_argument(
+        "--eval-data",
+        default=DEFAULT_EVAL_DATA,
+        help="wikitext2:test, wikitext2:valid (or the Hub's names, wikitext:test, ...) or a text file",
+    )
     p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="tokens per perplexity window")
     p.add_argument(
         "--max-windows", type=int, default=windows_default, help="score the first N windows (default: %(default)s)"
@@ -62,7 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--recipe", required=True, help="recipe YAML file")
     c.add_argument("--output", required=True, help="folder to save the compressed model into")
     c.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --output")
-    c.add_argument("--calibration", default=None, help="calibration text: wikitext2:valid or a text file")
+    c.add_argument(
+        "--calibration",
+        default=None,
+        help="calibration text: wikitext2:valid (or the Hub's name, wikitext:validation) or a text file",
+    )
     c.add_argument("--num-calibration-samples", type=int, default=128)
     c.add_argument("--calibration-seq-len", type=int, default=512)
     c.add_argument("--seed", type=int, default=0)
