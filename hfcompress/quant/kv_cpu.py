@@ -128,8 +128,12 @@ def kv_decode_attention_cpu(
     io_dtype = torch.bfloat16 if {q.dtype, out_dtype} | dense_dtypes == {torch.bfloat16} else torch.float32
     bias = None if bias is None else bias.float().contiguous()
     if td:
-        dense_keys = dense_keys.to(io_dtype).contiguous()
-        dense_values = dense_values.to(io_dtype).contiguous()
+        dense_keys, dense_values = dense_keys.to(io_dtype), dense_values.to(io_dtype)
+        # The kernel steps over (batch, head) blocks by the keys' strides and reads each block's
+        # [Td, D] rows as one run: views of the cache's buffers pass as they are.
+        runs = dense_keys.stride(-1) == 1 and dense_keys.stride(-2) == dense_keys.shape[-1]
+        if not runs or dense_values.stride() != dense_keys.stride():
+            dense_keys, dense_values = dense_keys.contiguous(), dense_values.contiguous()
         if dense_bias is not None:
             dense_bias = dense_bias.float()
             dense_bias = dense_bias[:, None].expand(b, nq, td) if dense_bias.dim() == 2 else dense_bias
