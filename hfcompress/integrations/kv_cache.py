@@ -8,11 +8,11 @@ attention sinks), a packed KIVI part (keys per channel, values per token, ``bits
 grows ``group_size`` tokens at a time, and the most recent tokens in full precision (the
 residual window). A token is quantized once, when it leaves the window, never again.
 
-How attention reads it: ``update`` does not return the whole history. It keeps the step's
-new keys and values aside and returns them tagged with the layer; the registered attention
-function (``hfcompress_kv``) then attends to each stored part as it is stored and to the new
-tokens in full precision, merges the parts exactly, and only then appends the new tokens to
-the cache. A CPU step is one call of the C kernel (:mod:`hfcompress.quant.kv_cpu`: the packed
+How attention reads it: ``update`` does not return the whole history. It writes the step's
+new keys and values after the stored full-precision ones (not yet counted in) and returns
+them tagged with the layer; the registered attention function (``hfcompress_kv``) then
+attends to the packed part and to the full-precision tokens, the step's own included, as one
+view of the layer's buffer, merges the parts exactly, and only then counts the new tokens in. A CPU step is one call of the C kernel (:mod:`hfcompress.quant.kv_cpu`: the packed
 part and the full-precision parts in one softmax), for one query token or several; a CUDA
 decode step reads the packed part with the Triton split-K kernel; a CUDA multi-token step, and
 any step that needs gradients, reads it chunk by chunk
