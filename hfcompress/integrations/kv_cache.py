@@ -10,13 +10,14 @@ residual window). A token is quantized once, when it leaves the window, never ag
 
 How attention reads it: ``update`` does not return the whole history. It writes the step's
 new keys and values after the stored full-precision ones (not yet counted in) and returns
-them tagged with the layer; the registered attention function (``hfcompress_kv``) then
-attends to the packed part and to the full-precision tokens, the step's own included, as one
-view of the layer's buffer, merges the parts exactly, and only then counts the new tokens in. A CPU step is one call of the C kernel (:mod:`hfcompress.quant.kv_cpu`: the packed
-part and the full-precision parts in one softmax), for one query token or several; a CUDA
-decode step reads the packed part with the Triton split-K kernel; a CUDA multi-token step, and
-any step that needs gradients, reads it chunk by chunk
-(:func:`hfcompress.quant.kv.attend_packed`). A step before anything is packed (the first
+them tagged with the layer; the registered attention function (``hfcompress_kv``,
+:mod:`hfcompress.integrations.kv_attention`) then attends to the packed part and to the
+full-precision tokens, the step's own included, as one view of the layer's buffer, merges the
+parts exactly, and only then counts the new tokens in. A CPU step is one call of the C kernel
+(:mod:`hfcompress.quant.kv_cpu`: the packed part and the full-precision parts in one softmax),
+for one query token or several; a CUDA decode step reads the packed part with the Triton
+split-K kernel; a CUDA multi-token step, and any step that needs gradients, reads it chunk by
+chunk (:func:`hfcompress.quant.kv.attend_packed`). A step before anything is packed (the first
 ``sink_tokens + residual_length + group_size`` tokens or so) has full-precision keys only
 and attends through SDPA in float32. A model whose attention is not ``hfcompress_kv``
 (or any model under ``dispatch.reference_path()``) gets the reference behaviour: the history
@@ -24,9 +25,9 @@ dequantized and concatenated with the new tokens, the same numbers by a slower r
 
 Under ``torch.compile`` a step over stored tokens is one operator per layer,
 ``hfcompress::kv_attend``, which runs the eager step at run time; a prefill attends in the
-graph and stores its tokens through ``hfcompress::kv_store`` (see "under torch.compile" below).
-A model with the ``hfcompress_kv`` attention then compiles into a prefill graph and one decode
-graph, however long the cache grows.
+graph and stores its tokens through ``hfcompress::kv_store`` (see "under torch.compile" in
+:mod:`hfcompress.integrations.kv_attention`). A model with the ``hfcompress_kv`` attention then
+compiles into a prefill graph and one decode graph, however long the cache grows.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from typing import Any
 import torch
 from hfcompress_triton.kv_ref import kv_quantize_ref
 from torch import nn
-from torch.nn import functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 from hfcompress.errors import ModelError
@@ -48,14 +48,11 @@ from hfcompress.integrations.attention import (
     declare_outer,
     register_attention,
     restore_attention,
-    sequence_attention,
     switch_attention,
 )
-from hfcompress.quant import compiled
+from hfcompress.integrations.kv_attention import LAYER_TAG, LAYERS, TRACED_TAG, kv_attention, traced_step, use_triton
 from hfcompress.quant.dispatch import _force_reference
-from hfcompress.quant.kv import PackedKV, Partial, attend_dense, attend_packed, merge
-from hfcompress.quant.kv_cpu import kv_decode_attention_cpu
-from hfcompress.quant.triton_bridge import available as triton_available
+from hfcompress.quant.kv import PackedKV
 from hfcompress.techniques.kv_cache.config import KVCacheConfig
 
 __all__ = ["ATTENTION", "QuantizedKVCache", "QuantizedKVLayer", "disable_kv_cache", "enable_kv_cache", "kv_config"]
@@ -65,12 +62,8 @@ logger = logging.getLogger(__name__)
 ATTENTION = "hfcompress_kv"
 declare_outer(ATTENTION)  # reads the packed cache; calls without stored keys go to sequence_attention
 _CONFIG_ATTR = "_hfcompress_kv_cache"
-_TAG = "_hfcompress_kv_layer"
-_TRACED_TAG = "_hfcompress_kv_traced_layer"  # the same, for a step the operators will store
 # Packed storage grows by at least this many tokens (or an eighth of what it holds) at a time.
 _GROW_TOKENS = 256
-# Queries per block when a multi-token step (a chunked prefill) attends over a stored history.
-_QUERY_BLOCK = 256
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -95,7 +88,7 @@ class QuantizedKVLayer(CacheLayerMixin):
     def _register(self) -> None:
         # What the torch.compile operators call this layer by: a tensor, so that a compiled
         # graph takes it as an input and serves every cache, not a constant baked into it.
-        self._handle = torch.tensor(_LAYERS.add(self))
+        self._handle = torch.tensor(LAYERS.add(self))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -152,10 +145,10 @@ class QuantizedKVLayer(CacheLayerMixin):
         With the ``hfcompress_kv`` attention they are returned tagged and appended after
         attention; otherwise the dequantized history followed by them is returned.
         """
-        if _traced_step(key_states) and self._fused():
+        if traced_step(key_states) and self._fused():
             # Traced: the hfcompress_kv attention stores the tokens inside its operator, at
             # run time (module docstring), so nothing here is read or changed while tracing.
-            setattr(key_states, _TRACED_TAG, self)
+            setattr(key_states, TRACED_TAG, self)
             return key_states, value_states
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -164,7 +157,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         if self._fused():
             self._stage(key_states, value_states)
             self._pending = (key_states, value_states)
-            setattr(key_states, _TAG, self)
+            setattr(key_states, LAYER_TAG, self)
             return key_states, value_states
         keys, values = self.history()
         self._append(key_states, value_states)
@@ -356,14 +349,8 @@ def _head_dim(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def _use_triton(x: torch.Tensor) -> bool:
-    # The Triton kernels tile the head dim by powers of two; other head dims take the torch path.
-    d = x.shape[-1]
-    return x.is_cuda and d & (d - 1) == 0 and triton_available()
-
-
 def _quantize(x, bits, group_size, axis, scale_dtype):
-    if _use_triton(x):
+    if use_triton(x):
         from hfcompress_triton.kv import kv_quantize
 
         return kv_quantize(x, bits, group_size, axis, scale_dtype)
@@ -417,211 +404,6 @@ def _check_layer_types(config: Any) -> None:
             f"the quantized KV cache serves full-attention layers only; this model has layer types {sorted(kinds)} "
             "(sliding-window or linear-attention layers keep their own caches): use the model's default cache"
         )
-
-
-# -- attention --------------------------------------------------------------------------------
-
-
-def _bias(mask: torch.Tensor | None, b: int, q: int, total: int, device: torch.device) -> torch.Tensor | None:
-    """``[B, Q, total]`` float32 additive bias from transformers' mask (None: causal, every
-    stored token visible, the new tokens causal among themselves)."""
-    if mask is None:
-        if q == 1:
-            return None
-        allowed = torch.ones(q, total, dtype=torch.bool, device=device).tril(diagonal=total - q)
-        return torch.zeros(b, q, total, device=device).masked_fill_(~allowed, float("-inf"))
-    if mask.dim() != 4 or mask.shape[1] != 1:
-        raise ValueError(f"the hfcompress_kv attention expects a [B, 1, Q, T] mask, got {tuple(mask.shape)}")
-    if mask.shape[-1] != total:
-        raise ValueError(f"the attention mask covers {mask.shape[-1]} keys, the cache holds {total}")
-    mask = mask[:, 0]
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, device=device).masked_fill_(~mask, float("-inf"))
-    return mask.float().expand(b, q, total)
-
-
-def _attend_packed(q: torch.Tensor, packed: PackedKV, bias: torch.Tensor | None, sm_scale: float) -> Partial:
-    if q.shape[2] == 1 and _use_triton(q):
-        from hfcompress_triton.kv import kv_decode_attention
-
-        row_bias = None if bias is None else bias[:, 0]
-        return Partial(*kv_decode_attention(q, *packed.tensors(), row_bias, packed.bits, packed.group_size, sm_scale))
-    return attend_packed(q, packed, bias, sm_scale)
-
-
-def _attend_sdpa(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, sm_scale: float
-) -> torch.Tensor:
-    """:func:`~hfcompress.quant.kv.attend_dense`'s output (float32, a fully masked row 0)
-    through SDPA, without the log-sum-exp: for a step whose keys are all full precision."""
-    mask = None if bias is None else bias[:, None]  # [B, 1, Q, T], broadcast over the heads
-    out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), mask, scale=sm_scale, enable_gqa=True)
-    if bias is None:
-        return out
-    # Some SDPA backends give a fully masked row NaN (the CPU one gives 0); only those rows are
-    # set to 0, so that a NaN from the inputs still shows.
-    return out.masked_fill(bias.isneginf().all(-1)[:, None, :, None], 0.0)
-
-
-def _cpu_step(
-    q: torch.Tensor, packed: PackedKV, packed_bias, dense_k, dense_v, dense_bias, sm_scale: float
-) -> torch.Tensor | None:
-    """A whole CPU step (packed and dense parts in one softmax) in the C kernel, or None: no
-    kernel, or queries that do not see the packed keys alike (the kernel shares their bias)."""
-    if packed_bias is not None and q.shape[2] > 1 and not bool((packed_bias == packed_bias[:, :1]).all()):
-        return None
-    result = kv_decode_attention_cpu(
-        q,
-        *packed.tensors(),
-        None if packed_bias is None else packed_bias[:, 0],
-        packed.bits,
-        packed.group_size,
-        sm_scale,
-        dense_k,
-        dense_v,
-        dense_bias,
-        out_dtype=torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32,
-    )
-    return None if result is None else result[0]
-
-
-def kv_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """The ``hfcompress_kv`` attention function: over a :class:`QuantizedKVLayer`'s parts when
-    ``key`` comes tagged from one that holds keys already; otherwise (a prefill, a forward
-    without our cache) :func:`~hfcompress.integrations.attention.sequence_attention`: SDPA, or
-    block-sparse attention when the model has it too."""
-    traced: QuantizedKVLayer | None = getattr(key, _TRACED_TAG, None)
-    if traced is not None:
-        return _traced_attention(traced, module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    layer: QuantizedKVLayer | None = getattr(key, _TAG, None)
-    if layer is None or layer._pending is None or layer._pending[0] is not key:
-        return sequence_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    if not layer.holds_tokens():  # nothing stored yet (a prefill): the keys are all this call's
-        out = sequence_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-        layer.commit()
-        return out
-    sm_scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return _stored_attention(layer, query, key, value, attention_mask, sm_scale), None
-
-
-def _stored_attention(layer, query, key, value, attention_mask, sm_scale: float) -> torch.Tensor:
-    """Attention of this step (its keys staged in ``layer``, which holds tokens already) over
-    every part, then the step's tokens appended: ``[B, Q, H, D]``."""
-    n_sink, n_packed, n_res = layer._sinks, layer.packed_tokens, layer._window
-    b, _, q_len, _ = query.shape
-    total = n_sink + n_packed + n_res + q_len
-    bias = _bias(attention_mask, b, q_len, total, query.device)
-    # The full-precision parts (sinks, window, this step's tokens, staged in that order in the
-    # layer's buffers) attend as one: attention does not depend on the order of the keys, only
-    # on each key's bias.
-    dense_k, dense_v = layer.dense_parts(q_len)
-    packed_bias = dense_bias = None
-    if bias is not None:
-        packed_bias = bias[..., n_sink : n_sink + n_packed]
-        dense_bias = torch.cat([bias[..., :n_sink], bias[..., n_sink + n_packed :]], dim=-1)
-    # On CPU the C kernel takes the whole step, one token or many (2x-9x faster than the torch
-    # path below for 4 to 1024 queries, RESULTS.md stop 48), unless the queries see the packed
-    # keys differently or the step needs gradients (the kernel has no backward).
-    grads = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    if n_packed and query.device.type == "cpu" and not grads:
-        out = _cpu_step(query, layer.packed(), packed_bias, dense_k, dense_v, dense_bias, sm_scale)
-        if out is not None:
-            layer.commit()
-            return out.to(query.dtype).transpose(1, 2).contiguous()
-    outs = []
-    # Query blocks bound the [B, H, Q, T] scores of a long chunked prefill.
-    for q0 in range(0, q_len, _QUERY_BLOCK):
-        rows = slice(q0, q0 + _QUERY_BLOCK)
-        qb = query[:, :, rows]
-        dense_rows = None if dense_bias is None else dense_bias[:, rows]
-        if not n_packed:  # one part: no log-sum-exp to merge, so SDPA (several times faster)
-            outs.append(_attend_sdpa(qb, dense_k, dense_v, dense_rows, sm_scale))
-            continue
-        packed_rows = None if packed_bias is None else packed_bias[:, rows]
-        parts = [attend_dense(qb, dense_k, dense_v, dense_rows, sm_scale)]
-        parts.append(_attend_packed(qb, layer.packed(), packed_rows, sm_scale))
-        outs.append(merge(parts).out)
-    out = torch.cat(outs, dim=2).to(query.dtype)
-    layer.commit()
-    return out.transpose(1, 2).contiguous()
-
-
-# -- under torch.compile ------------------------------------------------------------------------
-#
-# The cache's state (growing buffers, token counts, the packed part) is Python state that Dynamo
-# would guard on and re-trace at every step, and its kernels are ctypes and Triton calls it
-# cannot trace. While Dynamo traces, a step over stored tokens is therefore one operator,
-# hfcompress::kv_attend, that runs the eager step above (store, attend, append) at run time on
-# the layer its handle names; a prefill attends in the graph (SDPA, or block-sparse attention)
-# and stores its tokens through hfcompress::kv_store. The only state the graph reads is the
-# layer's token count (a prefill or not, and the positions), which Dynamo makes a symbolic
-# integer after the first decode steps. Both operators change the cache, so they are marked
-# unsafe for CUDA graphs (which would replay their kernels without running them).
-
-_LAYERS = compiled.Registry("QuantizedKVLayer", "hfcompress::kv_attend")
-
-
-def _traced_step(key: torch.Tensor) -> bool:
-    """Whether this step goes through the operators: while Dynamo traces, without gradients
-    (they have no backward; a step that needs one traces the eager code, with graph breaks)."""
-    return torch.compiler.is_compiling() and not (key.requires_grad and torch.is_grad_enabled())
-
-
-def _traced_attention(layer, module, query, key, value, attention_mask, dropout, scaling, **kwargs):
-    if layer.cumulative_length == 0:  # a prefill: all keys are this call's
-        out, _ = sequence_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-        return torch.ops.hfcompress.kv_store(out, key, value, layer._handle), None
-    sm_scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return torch.ops.hfcompress.kv_attend(query, key, value, attention_mask, layer._handle, sm_scale), None
-
-
-def _kv_store(out: torch.Tensor, key: torch.Tensor, value: torch.Tensor, handle: torch.Tensor) -> torch.Tensor:
-    layer: QuantizedKVLayer = _LAYERS.get(int(handle))
-    layer.update(key, value)
-    layer.commit()
-    return out.clone()  # an operator's output may not alias its input
-
-
-def _kv_attend(query, key, value, mask, handle, sm_scale: float) -> torch.Tensor:
-    layer: QuantizedKVLayer = _LAYERS.get(int(handle))
-    keys, values = layer.update(key, value)
-    if getattr(keys, _TAG, None) is layer and layer.holds_tokens():
-        return _stored_attention(layer, query, keys, values, mask, sm_scale)
-    # The reference path (update returned the dequantized history and the new tokens), or a
-    # cache emptied since the graph was traced: dense attention over all of it.
-    b, _, q_len, _ = query.shape
-    bias = _bias(mask, b, q_len, keys.shape[-2], query.device)
-    out = attend_dense(query, keys, values, bias, sm_scale).out.to(query.dtype)
-    layer.commit()
-    return out.transpose(1, 2).contiguous()
-
-
-def _kv_attend_fake(query, key, value, mask, handle, sm_scale):
-    b, h, q_len, d = query.shape
-    return query.new_empty((b, q_len, h, d))
-
-
-_OPS = torch.library.Library("hfcompress", "FRAGMENT")
-_OPS.define(
-    "kv_store(Tensor out, Tensor key, Tensor value, Tensor handle) -> Tensor", tags=(torch.Tag.cudagraph_unsafe,)
-)
-_OPS.define(
-    "kv_attend(Tensor query, Tensor key, Tensor value, Tensor? mask, Tensor handle, float sm_scale) -> Tensor",
-    tags=(torch.Tag.cudagraph_unsafe,),
-)
-_OPS.impl("kv_store", _kv_store, "CompositeExplicitAutograd")
-_OPS.impl("kv_attend", _kv_attend, "CompositeExplicitAutograd")
-torch.library.register_fake("hfcompress::kv_store", lambda out, key, value, handle: torch.empty_like(out), lib=_OPS)
-torch.library.register_fake("hfcompress::kv_attend", _kv_attend_fake, lib=_OPS)
 
 
 # -- switching it on --------------------------------------------------------------------------

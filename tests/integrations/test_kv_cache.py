@@ -7,7 +7,7 @@ import torch
 from transformers import DynamicCache, LlamaForCausalLM
 
 from hfcompress.errors import ModelError
-from hfcompress.integrations import kv_cache
+from hfcompress.integrations import kv_attention, kv_cache
 from hfcompress.integrations.kv_cache import QuantizedKVCache, disable_kv_cache, enable_kv_cache, kv_config
 from hfcompress.quant.dispatch import reference_path
 
@@ -259,11 +259,11 @@ def test_sdpa_for_the_full_precision_only_steps_equals_attend_dense(dtype):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 5, 16, generator=g).to(dtype).requires_grad_()
     k, v = (torch.randn(2, 2, 9, 16, generator=g).to(dtype) for _ in range(2))
-    bias = kv_cache._bias(None, 2, 5, 9, q.device)
+    bias = kv_attention._bias(None, 2, 5, 9, q.device)
     bias[1, 0] = float("-inf")  # a padded query row sees no key
     for b in (None, bias):
         want = attend_dense(q, k, v, b, 0.25).out
-        got = kv_cache._attend_sdpa(q, k, v, b, 0.25)
+        got = kv_attention._attend_sdpa(q, k, v, b, 0.25)
         assert got.dtype == torch.float32 and not got.isnan().any()
         torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
     assert got[1, :, 0].abs().max() == 0
@@ -272,5 +272,5 @@ def test_sdpa_for_the_full_precision_only_steps_equals_attend_dense(dtype):
     torch.testing.assert_close(grad_got, grad_want, atol=2e-6, rtol=1e-5)
     q_nan = q.detach().clone()
     q_nan[0, 1, 2, 3] = float("nan")  # a NaN in the inputs stays NaN in its row (it was set to 0)
-    out = kv_cache._attend_sdpa(q_nan, k, v, bias, 0.25)
+    out = kv_attention._attend_sdpa(q_nan, k, v, bias, 0.25)
     assert out[0, 1, 2].isnan().all() and out[1, :, 0].abs().max() == 0
