@@ -178,19 +178,26 @@ class QuantizedKVLayer(CacheLayerMixin):
         """Write ``k, v: [B, H, Q, D]`` after the stored full-precision tokens, not yet counted
         in; the buffers grow (a copy of what they hold) when they lack the room."""
         used, q = self._sinks + self._window, k.shape[-2]
+        if used + q > self._dense[0].shape[-2]:
+            self._resize(max(used + q, self._steady_capacity()))
         keys, values = self._dense
-        if used + q > keys.shape[-2]:
-            spec = self.spec
-            # room for the window at its longest and a decoding step's growth beyond it
-            capacity = max(used + q, spec.sink_tokens + spec.residual_length + spec.group_size) + spec.group_size
-            grown = []
-            for old in (keys, values):
-                new = old.new_empty(*old.shape[:2], capacity, old.shape[-1])
-                new[..., :used, :] = old[..., :used, :]
-                grown.append(new)
-            keys, values = self._dense = tuple(grown)
         keys[..., used : used + q, :] = k
         values[..., used : used + q, :] = v
+
+    def _steady_capacity(self) -> int:
+        """Buffer tokens that hold the sinks, the window at its longest and a decoding step."""
+        spec = self.spec
+        return spec.sink_tokens + spec.residual_length + 2 * spec.group_size
+
+    def _resize(self, capacity: int) -> None:
+        """New buffers of ``capacity`` tokens holding what the old ones hold (a copy)."""
+        used = self._sinks + self._window
+        resized = []
+        for old in self._dense:
+            new = old.new_empty(*old.shape[:2], capacity, old.shape[-1])
+            new[..., :used, :] = old[..., :used, :]
+            resized.append(new)
+        self._dense = tuple(resized)
 
     def _count_in(self, q: int) -> None:
         """Count the ``q`` staged tokens in: the first ones fill the sinks (the window is empty
@@ -208,6 +215,10 @@ class QuantizedKVLayer(CacheLayerMixin):
             for buf in self._dense:  # the rest of the window moves up to the sinks
                 buf[..., s : s + rest, :] = buf[..., s + leaving : s + leaving + rest, :].clone()
             self._window = rest
+            if self._dense[0].shape[-2] > 2 * self._steady_capacity():
+                # a long prompt grew the buffers to its length: give that memory back, or the
+                # cache would hold the prompt in full precision as well as packed
+                self._resize(self._steady_capacity())
 
     def _pack(self, k: torch.Tensor, v: torch.Tensor) -> None:
         spec, scale_dtype = self.spec, _dtype(self.spec.scale_dtype)

@@ -180,6 +180,20 @@ def test_bytes_account_for_codes_scales_sinks_and_window(model):
     assert cache.nbytes() == 2 * layer.nbytes() and cache.allocated_bytes() >= cache.nbytes()
 
 
+def test_a_long_prompt_leaves_no_full_precision_copy_behind(model):
+    # The full-precision buffer grows to hold a prompt while it is packed; afterwards it gives
+    # that memory back: holding sinks, window and a step, not the prompt's length.
+    cache = QuantizedKVCache(model.config, bits=4, **SPEC)
+    ids = torch.randint(1, 128, (1, 400))
+    with torch.no_grad():
+        model(ids[:, :390], cache=cache)
+        model(ids[:, 390:], cache=cache)  # and a step after it
+    layer = cache.layers[0]
+    steady = 4 + 16 + 2 * 16  # sinks, window, two groups
+    assert all(buf.shape[-2] <= 2 * steady for buf in layer._dense)  # it held 390 tokens
+    assert layer.packed_tokens + 4 + layer.keys.shape[-2] == 400  # every token kept, once
+
+
 def test_a_step_that_needs_gradients_keeps_them(model):
     # The CPU kernel has no backward: a step with gradients on takes the torch path, so the
     # query projection gets the gradient the dequantized history gives (it got none, silently).
