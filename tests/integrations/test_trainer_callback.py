@@ -35,6 +35,18 @@ def _args(tmp_path, name, accumulation=1):
     )
 
 
+def _with_callback(student, callback, train, tokenizer, args) -> Trainer:
+    """An unmodified ``Trainer`` distilling through ``callback``, as its docstring shows."""
+    return Trainer(
+        model=student,
+        args=args,
+        train_dataset=train,
+        data_collator=_collator(student, tokenizer),
+        callbacks=[callback],
+        compute_loss_func=callback.compute_loss_func,
+    )
+
+
 def _both(student, teacher, train, tokenizer, tmp_path, accumulation=1, **weights):
     """Loss curves and final weights of DistillationTrainer and of Trainer + callback, from
     the same student copy and seed (dropout left on: the random streams must match too)."""
@@ -48,13 +60,8 @@ def _both(student, teacher, train, tokenizer, tmp_path, accumulation=1, **weight
     )
     ours.train()
     callback = DistillationCallback(teacher, **weights)
-    vanilla = Trainer(
-        model=copy.deepcopy(student),
-        args=_args(tmp_path, "vanilla", accumulation),
-        train_dataset=train,
-        data_collator=_collator(student, tokenizer),
-        callbacks=[callback],
-        compute_loss_func=callback.compute_loss_func,
+    vanilla = _with_callback(
+        copy.deepcopy(student), callback, train, tokenizer, _args(tmp_path, "vanilla", accumulation)
     )
     vanilla.train()
     curves = [[e for e in t.state.log_history if "loss" in e] for t in (ours, vanilla)]
@@ -104,14 +111,7 @@ def test_callback_hook_is_removed_after_training(classifier_setup, tmp_path):
     teacher, tokenizer, train = classifier_setup
     student = hfcompress.drop_layers(copy.deepcopy(teacher), (1, 3))
     callback = DistillationCallback(teacher, **WEIGHTS)
-    Trainer(
-        model=student,
-        args=_args(tmp_path, "t"),
-        train_dataset=train,
-        data_collator=_collator(student, tokenizer),
-        callbacks=[callback],
-        compute_loss_func=callback.compute_loss_func,
-    ).train()
+    _with_callback(student, callback, train, tokenizer, _args(tmp_path, "t")).train()
     assert not student._forward_pre_hooks
     ids = torch.tensor([[2, 5, 6]])
     assert student(input_ids=ids).hidden_states is None  # no hidden states asked for after training
@@ -142,14 +142,8 @@ def test_layer_pairs_and_weights_that_cannot_work_are_named_before_training(clas
             model=student, args=_args(tmp_path, "s"), train_dataset=train, teacher=teacher, layer_pairs=[(2, 3)]
         )
     narrow = make_tiny_bert(layers=2, hidden_size=32, num_labels=teacher.config.num_labels)
-    callback = DistillationCallback(teacher, layer_pairs=[(0, 1)])
-    trainer = Trainer(
-        model=narrow,
-        args=_args(tmp_path, "n"),
-        train_dataset=train,
-        data_collator=_collator(narrow, tokenizer),
-        callbacks=[callback],
-        compute_loss_func=callback.compute_loss_func,
+    trainer = _with_callback(
+        narrow, DistillationCallback(teacher, layer_pairs=[(0, 1)]), train, tokenizer, _args(tmp_path, "n")
     )
     with pytest.raises(hfcompress.ModelError, match=r"student's are 32 wide and the teacher's \d+; .* beta=0"):
         trainer.train()
