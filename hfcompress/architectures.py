@@ -23,7 +23,14 @@ from torch import nn
 
 from hfcompress.errors import ModelError
 
-__all__ = ["ARCHITECTURES", "Architecture", "blocks_of", "find_blocks", "sequential_groups"]
+__all__ = ["ARCHITECTURES", "Architecture", "blocks_of", "find_blocks", "sequential_groups", "text_config"]
+
+
+def text_config(model: nn.Module):
+    """The config of ``model``'s text part (its whole config for a text-only model), or None
+    for a module without a config."""
+    config = getattr(model, "config", None)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from hfcompress.architectures import text_config
 from hfcompress.errors import CheckpointError
 
 __all__ = [
@@ -166,8 +167,7 @@ def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
     if get_out is not None and get_out() is old and getattr(config, "tie_word_embeddings", False):
         # The input embedding keeps the float weight; the output head is now its own tensor.
         config.tie_word_embeddings = False
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        text_config.tie_word_embeddings = False
+        text_config(model).tie_word_embeddings = False
     model.set_submodule(name, new)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hfcompress.architectures import text_config
 from hfcompress.config import TechniqueConfig
 from hfcompress.errors import CalibrationDataError, RecipeError, TrainingDataError
 
@@ -175,8 +176,7 @@ class Modifier(ABC):
         from hfcompress.data import calibration_ids
 
         if context.calibration_windows is None:
-            config = getattr(model, "config", None)
-            text = config.get_text_config() if hasattr(config, "get_text_config") else config
+            text = text_config(model)
             context.calibration_windows = calibration_ids(
                 context.calibration_data,
                 context.tokenizer,

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from hfcompress.architectures import text_config
 from hfcompress.errors import EvaluationError
 
 __all__ = ["PerplexityResult", "perplexity", "text_perplexity"]
@@ -55,9 +56,7 @@ def _token_stream(input_ids, model: torch.nn.Module, seq_len: int) -> torch.Tens
         input_ids = input_ids[0]
     if input_ids.dim() != 1 or input_ids.is_floating_point():
         raise EvaluationError(f"input_ids must be 1-D [T] token ids, got {input_ids.dtype} {tuple(input_ids.shape)}")
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config()
+    config = text_config(model)
     vocab = getattr(config, "vocab_size", None)
     if vocab and input_ids.numel() and (int(input_ids.max()) >= vocab or int(input_ids.min()) < 0):
         bad = int(input_ids.max()) if int(input_ids.max()) >= vocab else int(input_ids.min())

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from hfcompress.architectures import text_config
 from hfcompress.errors import ModelError
 from hfcompress.layerwise import bfloat16_or_warn
 from hfcompress.techniques.pkd.loss import (
@@ -77,17 +78,12 @@ def training_arguments(
     return TrainingArguments(**kwargs)
 
 
-# Keyword arguments of a student forward that are not model inputs the teacher should see.
-def _text_config(model: nn.Module) -> Any:
-    config = getattr(model, "config", None)
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def _blocks(model: nn.Module) -> int | None:
     """The model's number of blocks (``num_hidden_layers``), or None when it does not say."""
-    return getattr(_text_config(model), "num_hidden_layers", None)
+    return getattr(text_config(model), "num_hidden_layers", None)
 
 
+# Keyword arguments of a student forward that are not model inputs the teacher should see.
 _NOT_INPUTS = frozenset({"labels", "num_items_in_batch", "output_hidden_states", "output_attentions", "return_dict"})
 
 
@@ -146,7 +142,7 @@ class Distiller:
         self._check_pairs("student", 0, _blocks(student))
         if not self.needs_hidden_states:
             return
-        widths = [getattr(_text_config(m), "hidden_size", None) for m in (student, self.teacher)]
+        widths = [getattr(text_config(m), "hidden_size", None) for m in (student, self.teacher)]
         if None not in widths and widths[0] != widths[1]:
             raise ModelError(
                 f"the patient loss compares hidden states, but the student's are {widths[0]} wide and the teacher's "

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hfcompress.architectures import blocks_of
+from hfcompress.architectures import blocks_of, text_config
 from hfcompress.errors import ModelError
 from hfcompress.kinds import is_linear_like
 from hfcompress.modifier import CompressionContext, ModelView, Modifier
@@ -88,8 +88,7 @@ class _Parts:
 
 def _parts(model: nn.Module) -> _Parts:
     """The model's pieces, or a :class:`ModelError` saying why it cannot be rotated."""
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(model)
     model_type = getattr(text, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelError(
