@@ -205,7 +205,7 @@ def _as_text_or_ids(data) -> str | list[str] | torch.Tensor:
     column_names = getattr(data, "column_names", None)  # a datasets.Dataset
     if column_names is not None:
         if "input_ids" in column_names:
-            return _stacked_ids([torch.as_tensor(row) for row in data["input_ids"]])
+            return _stacked_ids(data["input_ids"])
         if "text" in column_names:
             return [t for t in data["text"] if t]
         raise CalibrationDataError(f"a calibration Dataset needs a 'text' or 'input_ids' column; it has {column_names}")

@@ -58,8 +58,9 @@ def _token_stream(input_ids, model: torch.nn.Module, seq_len: int) -> torch.Tens
         raise EvaluationError(f"input_ids must be 1-D [T] token ids, got {input_ids.dtype} {tuple(input_ids.shape)}")
     config = text_config(model)
     vocab = getattr(config, "vocab_size", None)
-    if vocab and input_ids.numel() and (int(input_ids.max()) >= vocab or int(input_ids.min()) < 0):
-        bad = int(input_ids.max()) if int(input_ids.max()) >= vocab else int(input_ids.min())
+    lo, hi = (int(input_ids.min()), int(input_ids.max())) if input_ids.numel() else (0, 0)
+    if vocab and (hi >= vocab or lo < 0):
+        bad = hi if hi >= vocab else lo
         raise EvaluationError(f"token id {bad} is outside the model's vocabulary (0..{vocab - 1}); wrong tokenizer?")
     positions = getattr(config, "max_position_embeddings", None)
     if positions and seq_len > positions:
