@@ -8,4 +8,16 @@ in :mod:`hfcompress_triton.w4a16_ref`, the kernels in :mod:`hfcompress_triton.w4
 
 from __future__ import annotations
 
-__all__ = ["block_sparse", "block_sparse_ref", "device", "kv", "kv_ref", "w4a16", "w4a16_ref", "w8a8", "w8a8_ref"]
+__all__ = [
+    "block_sparse",
+    "block_sparse_ref",
+    "device",
+    "kv",
+    "kv_ref",
+    "split_k",
+    "w4a16",
+    "w4a16_mma",
+    "w4a16_ref",
+    "w8a8",
+    "w8a8_ref",
+]

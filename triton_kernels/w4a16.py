@@ -10,8 +10,8 @@ Three launchers share the packed layout described in :mod:`hfcompress_triton.w4a
   decoding). ``"SPLIT_K"`` splits K (0: automatic) through a self-resetting workspace.
   With ``blocks={"MMA": 1}`` it runs a second kernel instead, for up to 16 rows of half-precision
   x: codes unpacked two to a register into ``q - z`` and multiplied on tensor cores, split over
-  K with a self-resetting workspace (``_w4a16_gemv_mma_kernel``); not yet the default, as no
-  GPU has measured it.
+  K with a self-resetting workspace (:mod:`hfcompress_triton.w4a16_mma`); not yet the default,
+  as no GPU has measured it. Split K for both: :mod:`hfcompress_triton.split_k`.
 * ``w4a16_gemm``: a fused tiled GEMM; weights are dequantized tile by tile in registers and
   fed to ``tl.dot``. Kept and tested, but ``QuantLinear`` does not use it: on an H200,
   ``w4_dequantize`` followed by cuBLAS was faster at every M measured (benchmarks/RESULTS.md).
@@ -25,13 +25,13 @@ a small heuristic rather than autotuned, so the kernels also run under ``TRITON_
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
 import torch
 import triton
 import triton.language as tl
-from hfcompress_triton.device import multiprocessors
+from hfcompress_triton.split_k import plan_split, split_k_store
+from hfcompress_triton.w4a16_mma import GEMV_MMA_BLOCKS, MMA_KEYS, gemv_mma, mma_kernel_fits
 
 __all__ = ["w4_dequantize", "w4a16_gemm", "w4a16_gemv"]
 
@@ -188,7 +188,7 @@ def _w4a16_gemv_kernel(
     """y = x @ W.T for x: [M, K] with M small; grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N),
     SPLIT_K): program (m, n, s) covers byte columns ``[s * KB_SPLIT, (s + 1) * KB_SPLIT)`` of
     the packed rows (``KB_SPLIT`` a multiple of the tile, ``BLOCK_K // 2`` bytes); with
-    ``SPLIT_K > 1`` the parts add up through ``_split_k_store``'s workspace.
+    ``SPLIT_K > 1`` the parts add up through ``split_k_store``'s workspace.
 
     Each program unpacks its weight tile once for its ``BLOCK_M`` rows of x. With
     ``GROUPS_PER_TILE > 0`` every K tile holds whole groups or lies inside one (the launcher
@@ -243,164 +243,7 @@ def _w4a16_gemv_kernel(
             acc += tl.sum(w[None, :, :] * x[:, None, :], axis=2)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     slot = rm[:, None] * N + rn[None, :]
-    _split_k_store(y_ptr + rm[:, None] * stride_ym + rn[None, :], ws_ptr + slot, cnt_ptr + slot, acc, mask, SPLIT_K)
-
-
-@triton.jit
-def _split_k_store(y_ptrs, ws_ptrs, cnt_ptrs, part, mask, SPLIT_K: tl.constexpr):
-    """Store ``part`` at ``y_ptrs``, or with ``SPLIT_K > 1`` add each value into its float32
-    workspace slot and then count it in its int32 counter (both zero on entry). The thread
-    that brings a counter to ``SPLIT_K`` holds the last part of that output: it reads the
-    sum, stores it and sets the slot and the counter back to zero, ready for the next launch
-    without a memset. Each value's add and count come from the same thread in program order
-    and the count is acquire-release, so the last thread's read sees every add."""
-    if SPLIT_K == 1:
-        tl.store(y_ptrs, part.to(y_ptrs.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(ws_ptrs, part, mask=mask)
-        last = mask & (tl.atomic_add(cnt_ptrs, 1, mask=mask) == SPLIT_K - 1)
-        total = tl.where(last, tl.atomic_add(ws_ptrs, tl.zeros_like(part), mask=last), 0.0)  # masked: undefined
-        tl.store(y_ptrs, total.to(y_ptrs.dtype.element_ty), mask=last)
-        tl.store(ws_ptrs, tl.zeros_like(part), mask=last)
-        tl.store(cnt_ptrs, tl.zeros_like(part).to(tl.int32), mask=last)
-
-
-def _unpack_asm(magic: str) -> str:
-    """The PTX of ``_codes_plus_offset``: four bytes in ``$4`` (one per element, byte i =
-    element i) to their low codes in ``$0`` (elements 0, 1) and ``$1`` (2, 3) and their high
-    codes in ``$2``, ``$3``, each 16-bit half ``magic | code``. ``prmt`` spreads bytes 0, 1 (2, 3)
-    to the two halves, ``shr`` brings the high nibbles down, ``lop3`` 0xEA is ``(a & b) | c``."""
-    return f"""{{
-    .reg .b32 t0, t1, u0, u1;
-    prmt.b32 t0, $4, 0, 0x4140;
-    prmt.b32 t1, $4, 0, 0x4342;
-    shr.u32 u0, t0, 4;
-    shr.u32 u1, t1, 4;
-    lop3.b32 $0, t0, 0x000F000F, {magic}, 0xEA;
-    lop3.b32 $1, t1, 0x000F000F, {magic}, 0xEA;
-    lop3.b32 $2, u0, 0x000F000F, {magic}, 0xEA;
-    lop3.b32 $3, u1, 0x000F000F, {magic}, 0xEA;
-    }}"""
-
-
-# bfloat16 128 and float16 1024 in both halves: a code OR-ed into the mantissa is 128 + q / 1024 + q.
-_UNPACK_BF16 = tl.constexpr(_unpack_asm("0x43004300"))
-_UNPACK_F16 = tl.constexpr(_unpack_asm("0x64006400"))
-
-
-@triton.jit
-def _codes_plus_offset(byte, ASM: tl.constexpr, dtype: tl.constexpr):
-    """The low and high codes of ``byte`` (uint8) as ``OFFSET + q`` in ``dtype`` (float16: 1024,
-    bfloat16: 128), exactly: the code OR-ed into the offset's mantissa, with no int-to-float
-    conversion. ``ASM`` (CUDA only, not the interpreter): four bytes per two ``prmt`` and four
-    ``lop3`` instructions, two codes to a 32-bit register (``_unpack_asm``)."""
-    if ASM:
-        if dtype == tl.bfloat16:
-            lo, hi = tl.inline_asm_elementwise(
-                asm=_UNPACK_BF16, constraints="=r,=r,=r,=r,r", args=[byte], dtype=(tl.bfloat16, tl.bfloat16),
-                is_pure=True, pack=4,
-            )  # fmt: skip
-        else:
-            lo, hi = tl.inline_asm_elementwise(
-                asm=_UNPACK_F16, constraints="=r,=r,=r,=r,r", args=[byte], dtype=(tl.float16, tl.float16),
-                is_pure=True, pack=4,
-            )  # fmt: skip
-    else:
-        magic: tl.constexpr = 0x4300 if dtype == tl.bfloat16 else 0x6400
-        b = byte.to(tl.int16)
-        lo = ((b & 15) | magic).to(dtype, bitcast=True)
-        hi = ((b >> 4) | magic).to(dtype, bitcast=True)
-    return lo, hi
-
-
-@triton.jit
-def _group_scale_zero(s_ptr, z_ptr, rn, g, N, stride_sn, stride_zn, HAS_ZEROS: tl.constexpr, EVEN: tl.constexpr):
-    """Rows ``rn``'s scale and zero (float32; 8 when symmetric) of group ``g``."""
-    if EVEN:
-        s = tl.load(s_ptr + rn * stride_sn + g).to(tl.float32)
-        z = tl.load(z_ptr + rn * stride_zn + g).to(tl.float32) if HAS_ZEROS else 8.0
-    else:
-        s = tl.load(s_ptr + rn * stride_sn + g, mask=rn < N, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + rn * stride_zn + g, mask=rn < N, other=0).to(tl.float32) if HAS_ZEROS else 8.0
-    return s, z
-
-
-@triton.jit
-def _w4a16_gemv_mma_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_qn, stride_sn, stride_zn,
-    stride_ym, K_SPLIT, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, EVEN: tl.constexpr, SPLIT_K: tl.constexpr,
-    ASM: tl.constexpr, PERMUTE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """y = x @ W.T for up to 16 rows of x (float16/bfloat16) on tensor cores; grid
-    (cdiv(N, BLOCK_N), SPLIT_K), program (n, s) covers rows n of W and the s-th ``K_SPLIT``
-    columns. ``GROUP``: the group size, a multiple of ``BLOCK_K`` (0: one group per row).
-
-    Each K tile lies inside one group. Its codes become ``q - z`` exactly in x's dtype (the
-    code OR-ed into the mantissa of an offset, minus offset + z: two codes per packed
-    instruction), ``tl.dot`` multiplies them with x (padded to 16 rows) into float32, and the
-    group's scale multiplies the tile's sum once per output. M = 1 wastes 15/16 of the tensor
-    cores' work, which does not matter at decode sizes, where the loop's cost is unpacking
-    codes: compiled for sm_90 at 128 x 128 tiles it issues 3.5 instructions per weight (the
-    tile kernel: 6-9). The codes travel to shared memory by asynchronous copies, pipelined
-    over ``num_stages``. ``PERMUTE``: the tile's columns are taken in the order in which the
-    tensor cores' register layout holds them, so that each thread's codes are contiguous bytes
-    (one vector load from shared memory instead of one per byte), x gathered in the same
-    order; 2 also puts all low nibbles before all high ones, so that the unpack's packed pairs
-    of codes are the tensor cores' pairs as they are (3.1 instructions per weight, but x is
-    then gathered by plain loads instead of asynchronous copies). See ``_split_k_store`` for
-    ``SPLIT_K > 1``.
-    """
-    dtype: tl.constexpr = x_ptr.dtype.element_ty
-    OFFSET: tl.constexpr = 128.0 if dtype == tl.bfloat16 else 1024.0
-    pid_n = tl.program_id(0)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = tl.arange(0, 16)
-    rb = tl.arange(0, BLOCK_K // 2)
-    rk = tl.arange(0, BLOCK_K)
-    if PERMUTE == 2:
-        # logical k = hsel * BLOCK_K / 2 + j, j = 16b + 8h + 2t + e: nibble hsel of physical byte
-        # BLOCK_K / 8 * t + 4b + 2h + e
-        j = rk % (BLOCK_K // 2)
-        pk = 2 * (BLOCK_K // 8 * ((j // 2) % 4) + 4 * (j // 16) + 2 * ((j // 8) % 2) + j % 2) + rk // (BLOCK_K // 2)
-    elif PERMUTE:
-        # logical k = 16b + 8h + 2t + e reads physical column 2 * (BLOCK_K / 8 * t + 2b + h) + e
-        pk = 2 * (BLOCK_K // 8 * ((rk // 2) % 4) + 2 * (rk // 16) + (rk // 8) % 2) + rk % 2
-    else:
-        pk = rk
-    acc = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
-    k_start = tl.program_id(1) * K_SPLIT
-    k_end = tl.minimum(k_start + K_SPLIT, K)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        s, z = _group_scale_zero(
-            s_ptr, z_ptr, rn, k0 // GROUP if GROUP else 0, N, stride_sn, stride_zn, HAS_ZEROS, EVEN
-        )  # fmt: skip
-        w_ptrs = qw_ptr + rn[:, None] * stride_qn + (k0 // 2 + rb)[None, :]
-        x_ptrs = x_ptr + rm[None, :] * stride_xm + (k0 + pk)[:, None]  # x.T: [BLOCK_K, 16]
-        if EVEN:
-            byte = tl.load(w_ptrs)
-            xt = tl.load(x_ptrs, mask=rm[None, :] < M, other=0.0)
-        else:
-            byte = tl.load(w_ptrs, mask=(rn[:, None] < N) & (k0 + 2 * rb < K)[None, :], other=0)
-            xt = tl.load(x_ptrs, mask=(rm[None, :] < M) & (k0 + pk < K)[:, None], other=0.0)
-        if PERMUTE == 2:
-            byte = tl.permute(tl.reshape(byte, [BLOCK_N, 4, BLOCK_K // 32, 2, 2]), [0, 2, 3, 1, 4])  # [n, b, h, t, e]
-            byte = tl.reshape(byte, [BLOCK_N, BLOCK_K // 2])
-        elif PERMUTE:
-            byte = tl.permute(tl.reshape(byte, [BLOCK_N, 4, BLOCK_K // 16, 2]), [0, 2, 3, 1])  # [n, b, h, t]
-            byte = tl.reshape(byte, [BLOCK_N, BLOCK_K // 2])
-        lo, hi = _codes_plus_offset(byte, ASM, dtype)
-        if HAS_ZEROS:
-            c = (z + OFFSET).to(dtype)[:, None]  # an integer zero plus the offset: exact
-        else:
-            c = tl.full([1, 1], 8.0 + OFFSET, dtype)
-        if PERMUTE == 2:  # all low nibbles, then all high ones
-            w = tl.reshape(tl.permute(tl.join(lo - c, hi - c), [0, 2, 1]), [BLOCK_N, BLOCK_K])
-        else:  # a byte's two nibbles side by side
-            w = tl.reshape(tl.join(lo - c, hi - c), [BLOCK_N, BLOCK_K])
-        acc += tl.dot(w, xt) * s[:, None]
-    out_mask = (rn[:, None] < N) & (rm[None, :] < M)
-    slot = rm[None, :] * N + rn[:, None]
-    _split_k_store(y_ptr + rm[None, :] * stride_ym + rn[:, None], ws_ptr + slot, cnt_ptr + slot, acc, out_mask, SPLIT_K)
+    split_k_store(y_ptr + rm[:, None] * stride_ym + rn[None, :], ws_ptr + slot, cnt_ptr + slot, acc, mask, SPLIT_K)
 
 
 @triton.jit
@@ -530,12 +373,6 @@ def w4_dequantize(
 # block sweep of 2026-12-04 (benchmarks/RESULTS.md, "GPU run 2026-12-04"). For BLOCK_M rows of
 # x, BLOCK_K shrinks by BLOCK_M to keep the per-program tile the same size.
 GEMV_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 512, "SPLIT_K": 1, "num_warps": 4}
-# The tensor-core GEMV's tiles, taken when ``blocks`` (or ``GEMV_BLOCKS``) holds ``"MMA": 1``;
-# not yet measured on a GPU, so not the default. MMA_KEYS: the keys only it reads.
-GEMV_MMA_BLOCKS = {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 0, "ASM": 1, "PERMUTE": 1, "num_warps": 4, "num_stages": 3}
-MMA_KEYS = ("MMA", "ASM", "PERMUTE")
-# SPLIT_K 0 (either GEMV): split K until the launch has this many programs per multiprocessor.
-SPLIT_PROGRAMS_PER_SM = 4
 DEQUANTIZE_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 256}
 
 
@@ -559,76 +396,6 @@ def _blocks(defaults: dict[str, int], blocks: Mapping[str, int] | None) -> dict[
     return {**defaults, **(blocks or {})}
 
 
-def _mma_block_k(k: int, group_size: int, block_k: int) -> int:
-    """The tensor-core GEMV's K tile: ``block_k``, halved until it divides the group size (a
-    tile must lie inside one group); 0 when that leaves less than the tensor cores' 16."""
-    if group_size < k:
-        while block_k >= 16 and group_size % block_k:
-            block_k //= 2
-    return block_k if block_k >= 16 else 0
-
-
-def _mma_kernel_fits(x: torch.Tensor, zeros: torch.Tensor | None, group_size: int, block_k: int) -> bool:
-    """Whether the tensor-core GEMV can take this call: at most 16 rows of float16/bfloat16 x,
-    integer zeros (or none), and a K tile of at least 16 inside one group."""
-    m, k = x.shape
-    return (
-        m <= 16
-        and x.dtype in (torch.float16, torch.bfloat16)
-        and (zeros is None or zeros.dtype == torch.uint8)
-        and _mma_block_k(k, group_size, block_k) > 0
-    )
-
-
-# Float32 sums and int32 counters (one each per output) of the split-K GEMVs, per
-# (device, stream): zero between launches (see ``_split_k_store``), so one buffer serves every
-# layer that runs on the stream. A buffer first made during CUDA-graph capture belongs to that
-# graph's memory pool and stays referenced here.
-_SPLIT_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _split_workspace(device: torch.device, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    ws, cnt = _SPLIT_WORKSPACES.get((device, stream), (None, None))
-    if ws is None or ws.numel() < size:
-        size = max(1 << 16, triton.next_power_of_2(size))  # room for most layers: few regrowths
-        ws = torch.zeros(size, dtype=torch.float32, device=device)
-        cnt = torch.zeros(size, dtype=torch.int32, device=device)
-        _SPLIT_WORKSPACES[(device, stream)] = (ws, cnt)
-    return ws, cnt
-
-
-def _split_k(
-    requested: int, k_tiles: int, programs: int, y: torch.Tensor
-) -> tuple[int, int, torch.Tensor, torch.Tensor]:
-    """``(split, tiles_per_split, workspace, counters)`` of a GEMV into ``y: [M, N]`` over
-    ``k_tiles`` K tiles with ``programs`` programs per part: ``requested`` parts (0: enough for
-    ``SPLIT_PROGRAMS_PER_SM`` programs per multiprocessor), no more than there are tiles and
-    none left without one. Unsplit, the workspace arguments are ``y`` itself (unused)."""
-    split = requested or triton.cdiv(SPLIT_PROGRAMS_PER_SM * multiprocessors(y.device), programs)
-    tiles_per_split = triton.cdiv(k_tiles, max(1, min(split, k_tiles)))
-    split = triton.cdiv(k_tiles, tiles_per_split)  # no program without a tile
-    ws, cnt = _split_workspace(y.device, y.numel()) if split > 1 else (y, y)
-    return split, tiles_per_split, ws, cnt
-
-
-def _gemv_mma(x, qweight, scales, z, stride_z, has_zeros, group_size, y, meta) -> torch.Tensor:
-    (m, k), n = x.shape, qweight.shape[0]
-    block_n, block_k = meta["BLOCK_N"], _mma_block_k(k, group_size, meta["BLOCK_K"])
-    row_blocks = triton.cdiv(n, block_n)
-    split, tiles_per_split, ws, cnt = _split_k(meta["SPLIT_K"], triton.cdiv(k, block_k), row_blocks, y)
-    launch = {key: meta[key] for key in ("num_warps", "num_stages") if key in meta}
-    _w4a16_gemv_mma_kernel[(row_blocks, split)](
-        x, qweight, scales, z, y, ws, cnt, m, n, k, x.stride(0), qweight.stride(0), scales.stride(0), stride_z,
-        y.stride(0), tiles_per_split * block_k, GROUP=group_size if group_size < k else 0,
-        HAS_ZEROS=has_zeros, EVEN=n % block_n == 0 and k % block_k == 0, SPLIT_K=split,
-        ASM=meta["ASM"] and x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1",
-        PERMUTE=1 if meta["PERMUTE"] == 2 and block_k < 32 else meta["PERMUTE"],  # 2 needs two 16-column blocks
-        BLOCK_N=block_n, BLOCK_K=block_k, **launch,
-    )  # fmt: skip
-    return y
-
-
 def w4a16_gemv(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -644,7 +411,7 @@ def w4a16_gemv(
     parts K is split into, their sums added in a float32 workspace; 0: enough parts for
     ``SPLIT_PROGRAMS_PER_SM`` programs per multiprocessor), ``num_warps``, ``num_stages``.
     With ``"MMA": 1``, calls that fit (up to 16 rows of float16/bfloat16 x, integer zeros, K
-    tiles inside a group) go to the tensor-core kernel (``_w4a16_gemv_mma_kernel``), its codes
+    tiles inside a group) go to the tensor-core kernel (:mod:`hfcompress_triton.w4a16_mma`), its codes
     unpacked by inline PTX with ``"ASM": 1`` on CUDA; other calls take the tile kernel."""
     x, y, z, stride_z = _prepare_matmul(x, qweight, scales, zeros, group_size)
     (m, k), n = x.shape, qweight.shape[0]
@@ -653,8 +420,8 @@ def w4a16_gemv(
     if (blocks or {}).get("MMA", GEMV_BLOCKS.get("MMA")):  # the module default's tiles only if it is MMA too
         chosen = {**(GEMV_BLOCKS if GEMV_BLOCKS.get("MMA") else {}), **(blocks or {})}
         meta = _blocks({**GEMV_MMA_BLOCKS, "MMA": 1}, {key: v for key, v in chosen.items() if key != "BLOCK_M"})
-        if _mma_kernel_fits(x, zeros, group_size, meta["BLOCK_K"]):
-            return _gemv_mma(x, qweight, scales, z, stride_z, zeros is not None, group_size, y, meta)
+        if mma_kernel_fits(x, zeros, group_size, meta["BLOCK_K"]):
+            return gemv_mma(x, qweight, scales, z, stride_z, zeros is not None, group_size, y, meta)
     block_m = min(triton.next_power_of_2(m), 4)
     tile = {key: v for key, v in GEMV_BLOCKS.items() if key not in MMA_KEYS}
     meta = _blocks(
@@ -663,7 +430,7 @@ def w4a16_gemv(
     )
     grid = (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
     split_k = meta.pop("SPLIT_K", 1)
-    split, tiles_per_split, ws, cnt = _split_k(split_k, triton.cdiv(k, meta["BLOCK_K"]), grid[0] * grid[1], y)
+    split, tiles_per_split, ws, cnt = plan_split(split_k, triton.cdiv(k, meta["BLOCK_K"]), grid[0] * grid[1], y)
     _w4a16_gemv_kernel[(*grid, split)](
         x,
         qweight,

@@ -7,7 +7,8 @@ from hfcompress.quant.affine import quantize_rtn
 from hfcompress.quant.packing import pack
 
 triton = pytest.importorskip("triton")
-from hfcompress_triton import w4a16, w4a16_ref  # noqa: E402
+from hfcompress_triton import split_k as splitting  # noqa: E402
+from hfcompress_triton import w4a16, w4a16_mma, w4a16_ref  # noqa: E402
 
 
 def _packed(n, k, group_size, kind, device, seed=0):
@@ -128,15 +129,15 @@ def test_tile_gemv_split_k_matches_reference(n, k, group_size, m, split_k, devic
 def test_split_k_parts_cover_k_without_an_empty_one(monkeypatch):
     """The launch's parts: as asked, at most one per K tile, none left without a tile, and
     automatic ones sized for SPLIT_PROGRAMS_PER_SM programs per multiprocessor."""
-    monkeypatch.setattr(w4a16, "multiprocessors", lambda device: 132)
+    monkeypatch.setattr(splitting, "multiprocessors", lambda device: 132)
     y = torch.empty(1, 4096)
-    assert w4a16._split_k(3, 10, 256, y)[:2] == (3, 4)  # tiles 4 + 4 + 2
-    assert w4a16._split_k(4, 10, 256, y)[:2] == (4, 3)  # 3 + 3 + 3 + 1
-    assert w4a16._split_k(8, 10, 256, y)[:2] == (5, 2)  # 8 parts of 10 tiles: 2 each, 5 parts
-    assert w4a16._split_k(20, 10, 256, y)[:2] == (10, 1)
-    assert w4a16._split_k(0, 64, 256, y)[:2] == (3, 22)  # 4 x 132 / 256 -> 3 parts
-    assert w4a16._split_k(0, 64, 16, y)[:2] == (32, 2)  # a narrow layer: 16 programs, 33 parts asked, 2 tiles each
-    split, _, ws, cnt = w4a16._split_k(1, 64, 16, y)
+    assert splitting.plan_split(3, 10, 256, y)[:2] == (3, 4)  # tiles 4 + 4 + 2
+    assert splitting.plan_split(4, 10, 256, y)[:2] == (4, 3)  # 3 + 3 + 3 + 1
+    assert splitting.plan_split(8, 10, 256, y)[:2] == (5, 2)  # 8 parts of 10 tiles: 2 each, 5 parts
+    assert splitting.plan_split(20, 10, 256, y)[:2] == (10, 1)
+    assert splitting.plan_split(0, 64, 256, y)[:2] == (3, 22)  # 4 x 132 / 256 -> 3 parts
+    assert splitting.plan_split(0, 64, 16, y)[:2] == (32, 2)  # 16 programs: 33 parts asked, 2 tiles each
+    split, _, ws, cnt = splitting.plan_split(1, 64, 16, y)
     assert split == 1 and ws is y and cnt is y  # unsplit: no workspace
 
 
@@ -164,7 +165,7 @@ def test_mma_gemv_matches_reference(n, k, group_size, kind, m, split_k, device):
     dtype = torch.float16 if device == "cpu" else torch.bfloat16
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(device, dtype)
     blocks = {"MMA": 1, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": split_k}
-    assert w4a16._mma_kernel_fits(x, zeros, gs, blocks["BLOCK_K"])
+    assert w4a16_mma.mma_kernel_fits(x, zeros, gs, blocks["BLOCK_K"])
     y = w4a16.w4a16_gemv(x, qweight, scales, zeros, gs, blocks=blocks)
     assert y.shape == (m, n) and y.dtype == dtype
     _close_to(y, _mma_ref(x, qweight, scales, zeros, gs))
@@ -186,7 +187,7 @@ def test_mma_gemv_column_order_does_not_change_the_result(permute, group_size, d
 def test_split_k_leaves_its_workspace_zero(mma, device):
     """The split-K programs add into a float32 workspace and count into int32 counters; the last
     of each output resets both, so a second call (another layer) starts from zeros."""
-    w4a16._SPLIT_WORKSPACES.clear()
+    splitting.WORKSPACES.clear()
     x = torch.randn(1, 256, generator=torch.Generator().manual_seed(0)).to(device, torch.float16)
     blocks = {"MMA": mma, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 4}
     for n, seed in ((48, 1), (32, 2)):  # two layers of different widths share the buffers
@@ -194,7 +195,7 @@ def test_split_k_leaves_its_workspace_zero(mma, device):
         first = w4a16.w4a16_gemv(x, qweight, scales, zeros, gs, blocks=blocks)
         torch.testing.assert_close(w4a16.w4a16_gemv(x, qweight, scales, zeros, gs, blocks=blocks), first)
         _close_to(first, _mma_ref(x, qweight, scales, zeros, gs))
-    ((ws, cnt),) = w4a16._SPLIT_WORKSPACES.values()
+    ((ws, cnt),) = splitting.WORKSPACES.values()
     assert ws.numel() >= 48 and not ws.any() and not cnt.any()
 
 
@@ -207,11 +208,11 @@ def test_gemv_of_no_rows_is_empty(blocks, device):
 
 
 def test_mma_block_k_shrinks_to_lie_inside_a_group():
-    assert w4a16._mma_block_k(4096, 128, 128) == 128
-    assert w4a16._mma_block_k(4096, 64, 128) == 64
-    assert w4a16._mma_block_k(4096, 48, 128) == 16
-    assert w4a16._mma_block_k(4096, 4096, 128) == 128  # one group per row
-    assert w4a16._mma_block_k(4096, 72, 128) == 0  # 8: below the tensor cores' 16
+    assert w4a16_mma.mma_block_k(4096, 128, 128) == 128
+    assert w4a16_mma.mma_block_k(4096, 64, 128) == 64
+    assert w4a16_mma.mma_block_k(4096, 48, 128) == 16
+    assert w4a16_mma.mma_block_k(4096, 4096, 128) == 128  # one group per row
+    assert w4a16_mma.mma_block_k(4096, 72, 128) == 0  # 8: below the tensor cores' 16
 
 
 @pytest.mark.parametrize(
@@ -231,7 +232,7 @@ def test_mma_gemv_falls_back_to_the_tile_kernel(case, device, monkeypatch):
         m = 17
     qweight, scales, zeros, gs = _packed(24, 144, group, kind, device)
     x = torch.randn(m, 144, generator=torch.Generator().manual_seed(1)).to(device, dtype)
-    monkeypatch.setattr(w4a16, "_gemv_mma", lambda *a, **k: pytest.fail("the tensor-core kernel ran"))
+    monkeypatch.setattr(w4a16, "gemv_mma", lambda *a, **k: pytest.fail("the tensor-core kernel ran"))
     y = w4a16.w4a16_gemv(x, qweight, scales, zeros, gs, blocks={"MMA": 1})
     _close_to(y, _mma_ref(x, qweight, scales, zeros, gs))
 
@@ -240,11 +241,11 @@ def test_mma_blocks_come_from_the_call_or_an_mma_module_default(monkeypatch):
     """{"MMA": 1} in a call takes the tensor-core tiles, not the tile kernel's module defaults;
     an MMA module default (what bench_w4a16.py --gemv-blocks sets) applies to plain calls."""
     seen = []
-    monkeypatch.setattr(w4a16, "_gemv_mma", lambda *a: seen.append(a[-1]) or a[-2])
+    monkeypatch.setattr(w4a16, "gemv_mma", lambda *a: seen.append(a[-1]) or a[-2])
     qweight, scales, zeros, gs = _packed(16, 256, 128, "asym", "cpu")
     x = torch.randn(1, 256, dtype=torch.float16)
     w4a16.w4a16_gemv(x, qweight, scales, zeros, gs, blocks={"MMA": 1})
-    assert seen[-1]["BLOCK_K"] == w4a16.GEMV_MMA_BLOCKS["BLOCK_K"] and seen[-1]["BLOCK_N"] == 64
+    assert seen[-1]["BLOCK_K"] == w4a16_mma.GEMV_MMA_BLOCKS["BLOCK_K"] and seen[-1]["BLOCK_N"] == 64
     monkeypatch.setitem(w4a16.GEMV_BLOCKS, "MMA", 1)
     monkeypatch.setitem(w4a16.GEMV_BLOCKS, "BLOCK_N", 32)
     w4a16.w4a16_gemv(x, qweight, scales, zeros, gs)
@@ -275,7 +276,7 @@ def test_mma_gemv_on_gpu(dtype, asm):
 def test_split_k_gemv_replays_in_a_cuda_graph(blocks):
     """Split-K inside a captured graph: the workspace made during capture is zeroed by the graph,
     and each replay leaves it zero for the next."""
-    w4a16._SPLIT_WORKSPACES.clear()
+    splitting.WORKSPACES.clear()
     qweight, scales, zeros, gs = _packed(2048, 2048, 128, "asym", "cuda")
     x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
     expected = w4a16.w4a16_gemv(x, qweight, scales, zeros, gs, blocks=blocks)
@@ -335,7 +336,7 @@ def test_unpack_ptx_matches_the_triton_ops_it_replaces(magic):
     """Register $4 holds elements 0-3 as bytes 0-3; $0 must pack elements 0 and 1 (low half
     first) of ``(byte & 15) | magic``, $1 elements 2 and 3, and $2, $3 the same of
     ``(byte >> 4) | magic``: what the interpreter's Triton ops compute element by element."""
-    asm = w4a16._unpack_asm(f"0x{magic:04X}{magic:04X}")
+    asm = w4a16_mma._unpack_asm(f"0x{magic:04X}{magic:04X}")
     g = torch.Generator().manual_seed(0)
     words = [*torch.randint(0, 2**32, (300,), generator=g, dtype=torch.int64).tolist(), 0, 0xFFFFFFFF, 0x12345678]
     for word in words:
@@ -346,5 +347,5 @@ def test_unpack_ptx_matches_the_triton_ops_it_replaces(magic):
         assert regs["$0"] == lo[0] | lo[1] << 16 and regs["$1"] == lo[2] | lo[3] << 16
         assert regs["$2"] == hi[0] | hi[1] << 16 and regs["$3"] == hi[2] | hi[3] << 16
     # and the two instantiations the kernel uses are this template
-    assert w4a16._UNPACK_BF16.value == w4a16._unpack_asm("0x43004300")
-    assert w4a16._UNPACK_F16.value == w4a16._unpack_asm("0x64006400")
+    assert w4a16_mma._UNPACK_BF16.value == w4a16_mma._unpack_asm("0x43004300")
+    assert w4a16_mma._UNPACK_F16.value == w4a16_mma._unpack_asm("0x64006400")
