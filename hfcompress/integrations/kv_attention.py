@@ -19,9 +19,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from hfcompress.integrations.attention import sequence_attention
-from hfcompress.quant import compiled
+from hfcompress.quant import compiled, kv_cpu
 from hfcompress.quant.kv import PackedKV, Partial, attend_dense, attend_packed, merge
-from hfcompress.quant.kv_cpu import kv_decode_attention_cpu
 from hfcompress.quant.triton_bridge import available as triton_available
 
 if TYPE_CHECKING:
@@ -94,19 +93,18 @@ def _cpu_step(
     kernel, or queries that do not see the packed keys alike (the kernel shares their bias)."""
     if packed_bias is not None and q.shape[2] > 1 and not bool((packed_bias == packed_bias[:, :1]).all()):
         return None
-    result = kv_decode_attention_cpu(
+    if not kv_cpu.available():
+        return None
+    out, _ = kv_cpu.PackedArgs.of_view(packed).attend(
         q,
-        *packed.tensors(),
         None if packed_bias is None else packed_bias[:, 0],
-        packed.bits,
-        packed.group_size,
         sm_scale,
         dense_k,
         dense_v,
         dense_bias,
         out_dtype=torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32,
     )
-    return None if result is None else result[0]
+    return out
 
 
 def kv_attention(

@@ -16,7 +16,7 @@ Shapes: ``q: [B, Hq, Q, D]``; keys and values ``[B, Hkv, T, D]`` with ``Hq`` a m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from hfcompress_triton.kv_ref import kv_dequantize_ref
@@ -43,6 +43,8 @@ class PackedKV:
         k_scale, k_zero: ``[B, Hkv, T / group_size, D]`` (keys per channel).
         v_scale, v_zero: ``[B, Hkv, T, D / group_size]`` (values per token).
         bits, group_size: As quantized (:func:`hfcompress_triton.kv_ref.kv_quantize_ref`).
+        kernel_args: What kernels derive from these tensors once and keep for the view's life
+            (:class:`hfcompress.quant.kv_cpu.PackedArgs`), by kernel.
     """
 
     k_packed: torch.Tensor
@@ -53,6 +55,7 @@ class PackedKV:
     v_zero: torch.Tensor
     bits: int
     group_size: int
+    kernel_args: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def tokens(self) -> int:

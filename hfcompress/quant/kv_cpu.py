@@ -16,14 +16,19 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from hfcompress_triton.kv_ref import block_strides
 
 from hfcompress.quant import native
 
-__all__ = ["available", "kv_decode_attention_cpu", "vector_path"]
+if TYPE_CHECKING:
+    from hfcompress.quant.kv import PackedKV
+
+__all__ = ["PackedArgs", "available", "kv_decode_attention_cpu", "vector_path"]
 
 _SOURCE = Path(__file__).with_name("kv_cpu.c")
 _SCALE_DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
@@ -103,104 +108,122 @@ def kv_decode_attention_cpu(
         out_dtype: ``out``'s dtype, float32 (the reference's) or bfloat16 (for a bfloat16
             model: with a bfloat16 query and dense part, nothing is converted in Python).
     """
-    lib = _library()
-    if lib is None:
+    if _library() is None:
         return None
-    b, hq, nq, _ = q.shape
-    hkv, t = k_packed.shape[1], k_packed.shape[2]
-    if hq % hkv or hq // hkv > MAX_GROUP or k_scale.dtype not in _SCALE_DTYPES:
-        raise ValueError(
-            f"CPU decode attention needs at most {MAX_GROUP} query heads per KV head: "
-            f"q {tuple(q.shape)}, keys {tuple(k_packed.shape)}, scales {k_scale.dtype}"
-        )
-    if t % group_size or k_scale.shape[2] != t // group_size:
-        raise ValueError(f"the packed keys hold whole groups: {t} tokens, group {group_size}, scales {k_scale.shape}")
-    if k_scale.dtype != v_scale.dtype or k_zero.dtype != k_scale.dtype or v_zero.dtype != v_scale.dtype:
-        raise ValueError("keys and values must store scales and zeros in one dtype")
-    if out_dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"the CPU decode attention writes float32 or bfloat16, not {out_dtype}")
-    td = 0 if dense_keys is None else dense_keys.shape[2]
-    if td and (dense_values.shape != dense_keys.shape or dense_keys.shape[:2] != k_packed.shape[:2]):
-        raise ValueError(f"dense keys {tuple(dense_keys.shape)} and values {tuple(dense_values.shape)} do not fit")
-    # The query, the dense part and the output share one dtype in the kernel: bfloat16 when all
-    # three are (read and written as they are), float32 otherwise.
-    dense_dtypes = {dense_keys.dtype, dense_values.dtype} if td else set()
-    io_dtype = torch.bfloat16 if {q.dtype, out_dtype} | dense_dtypes == {torch.bfloat16} else torch.float32
-    bias = None if bias is None else bias.float().contiguous()
-    if td:
-        dense_keys, dense_values = dense_keys.to(io_dtype), dense_values.to(io_dtype)
-        # The kernel steps over (batch, head) blocks by the keys' strides and reads each block's
-        # [Td, D] rows as one run: views of the cache's buffers pass as they are.
-        runs = dense_keys.stride(-1) == 1 and dense_keys.stride(-2) == dense_keys.shape[-1]
-        if not runs or dense_values.stride() != dense_keys.stride():
-            dense_keys, dense_values = dense_keys.contiguous(), dense_values.contiguous()
-        if dense_bias is not None:
-            dense_bias = dense_bias.float()
-            dense_bias = dense_bias[:, None].expand(b, nq, td) if dense_bias.dim() == 2 else dense_bias
-    else:
-        dense_keys = dense_values = dense_bias = None
-    step = max(1, MAX_GROUP // (hq // hkv))  # queries per call: R * step rows per KV head
-    parts = [
-        _call(
-            lib, q[:, :, q0 : q0 + step].to(io_dtype), (k_packed, k_scale, k_zero, v_packed, v_scale, v_zero), bias,
-            (bits, group_size, sm_scale), dense_keys, dense_values,
-            None if dense_bias is None else dense_bias[:, q0 : q0 + step],
-        )
-        for q0 in range(0, nq, step)
-    ]  # fmt: skip
-    out = parts[0][0] if len(parts) == 1 else torch.cat([o for o, _ in parts], dim=2)
-    lse = parts[0][1] if len(parts) == 1 else torch.cat([lse for _, lse in parts], dim=2)
-    return out.to(out_dtype), lse
+    packed = PackedArgs.of(k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, bits, group_size)
+    return packed.attend(q, bias, sm_scale, dense_keys, dense_values, dense_bias, out_dtype)
 
 
-def _call(lib, q, packed, bias, settings, dense_keys, dense_values, dense_bias):
-    """One kernel call: ``q: [B, Hq, n, D]`` in the kernel's dtype, the other tensors ready."""
-    b, hq, n, d = q.shape
-    k_packed, k_scale, k_zero, v_packed, v_scale, v_zero = packed
-    bits, group_size, sm_scale = settings
-    qf = q.reshape(b, hq * n, d)  # each head's n queries one after the other: more rows
-    qf = qf if qf.stride(2) == 1 and (n == 1 or qf.is_contiguous()) else qf.contiguous()
-    td = 0 if dense_keys is None else dense_keys.shape[2]
-    dense_bias = None if dense_bias is None else dense_bias.contiguous()
-    out = torch.empty(b, hq * n, d, dtype=q.dtype)
-    lse = torch.empty(b, hq * n)
-    ks_strides, vs_strides = block_strides(k_scale, k_zero), block_strides(v_scale, v_zero)
-    failed = lib.kv_decode_attention(
-        qf.data_ptr(),
-        qf.stride(0),
-        qf.stride(1),
-        k_packed.data_ptr(),
-        *block_strides(k_packed),
-        k_scale.data_ptr(),
-        k_zero.data_ptr(),
-        *ks_strides,
-        v_packed.data_ptr(),
-        *block_strides(v_packed),
-        v_scale.data_ptr(),
-        v_zero.data_ptr(),
-        *vs_strides,
-        None if bias is None else bias.data_ptr(),
-        dense_keys.data_ptr() if td else None,
-        dense_values.data_ptr() if td else None,
-        dense_keys.stride(0) if td else 0,
-        dense_keys.stride(1) if td else 0,
-        None if dense_bias is None else dense_bias.data_ptr(),
-        out.data_ptr(),
-        lse.data_ptr(),
-        b,
-        hq * n,
-        k_packed.shape[1],
-        k_packed.shape[2],
-        td,
-        n,
-        d,
-        bits,
-        group_size,
-        _SCALE_DTYPES[k_scale.dtype],
-        float(sm_scale),
-        _IO_DTYPES[q.dtype],
-        torch.get_num_threads(),
-    )
-    if failed:
-        raise MemoryError("the CPU KV-cache kernel could not allocate its scratch memory")
-    return out.reshape(b, hq, n, d), lse.reshape(b, hq, n)
+@dataclass(frozen=True)
+class PackedArgs:
+    """A packed part's kernel arguments, checked once: what every call over the same tensors
+    (a cache layer's decoding steps until its packed part grows) passes unchanged. Making them
+    costs about as much as the kernel's Python around each call did before (tens of
+    microseconds against a kernel of 30-100 at a few hundred tokens), so the KV cache keeps
+    one per view of its packed part (:meth:`of_view`)."""
+
+    args: tuple  # pointers and strides of the six tensors, in the kernel's order
+    batch: int
+    kv_heads: int
+    tokens: int
+    bits: int
+    group_size: int
+    scale_dtype: int
+
+    @classmethod
+    def of(cls, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, bits: int, group_size: int) -> PackedArgs:
+        b, hkv, t = k_packed.shape[:3]
+        if k_scale.dtype not in _SCALE_DTYPES:
+            raise ValueError(
+                f"CPU decode attention reads scales in {sorted(map(str, _SCALE_DTYPES))}, not {k_scale.dtype}"
+            )
+        if t % group_size or k_scale.shape[2] != t // group_size:
+            raise ValueError(
+                f"the packed keys hold whole groups: {t} tokens, group {group_size}, scales {k_scale.shape}"
+            )
+        if k_scale.dtype != v_scale.dtype or k_zero.dtype != k_scale.dtype or v_zero.dtype != v_scale.dtype:
+            raise ValueError("keys and values must store scales and zeros in one dtype")
+        args = (
+            k_packed.data_ptr(), *block_strides(k_packed), k_scale.data_ptr(), k_zero.data_ptr(),
+            *block_strides(k_scale, k_zero), v_packed.data_ptr(), *block_strides(v_packed), v_scale.data_ptr(),
+            v_zero.data_ptr(), *block_strides(v_scale, v_zero),
+        )  # fmt: skip
+        return cls(args, b, hkv, t, bits, group_size, _SCALE_DTYPES[k_scale.dtype])
+
+    @classmethod
+    def of_view(cls, packed: PackedKV) -> PackedArgs:
+        """The arguments of ``packed``, made on its first call and kept with it (the view's
+        tensors, and so their pointers, live as long as it does)."""
+        args = packed.kernel_args.get("cpu")
+        if args is None:
+            args = packed.kernel_args["cpu"] = cls.of(*packed.tensors(), packed.bits, packed.group_size)
+        return args
+
+    def attend(self, q, bias, sm_scale, dense_keys=None, dense_values=None, dense_bias=None, out_dtype=torch.float32):
+        """:func:`kv_decode_attention_cpu` over these packed tensors (which must still be alive)."""
+        b, hq, nq, _ = q.shape
+        hkv = self.kv_heads
+        if hq % hkv or hq // hkv > MAX_GROUP or b != self.batch:
+            raise ValueError(
+                f"CPU decode attention needs at most {MAX_GROUP} query heads per KV head and one batch: "
+                f"q {tuple(q.shape)}, {self.batch} rows of {hkv} KV heads"
+            )
+        if out_dtype not in _IO_DTYPES:
+            raise ValueError(f"the CPU decode attention writes float32 or bfloat16, not {out_dtype}")
+        td = 0 if dense_keys is None else dense_keys.shape[2]
+        if td and (dense_values.shape != dense_keys.shape or tuple(dense_keys.shape[:2]) != (b, hkv)):
+            raise ValueError(f"dense keys {tuple(dense_keys.shape)} and values {tuple(dense_values.shape)} do not fit")
+        # The query, the dense part and the output share one dtype in the kernel: bfloat16 when
+        # all three are (read and written as they are), float32 otherwise.
+        bf16 = torch.bfloat16
+        same = q.dtype == out_dtype == bf16 and (not td or dense_keys.dtype == dense_values.dtype == bf16)
+        io_dtype = bf16 if same else torch.float32
+        bias = None if bias is None else bias.float().contiguous()
+        if td:
+            if dense_keys.dtype != io_dtype or dense_values.dtype != io_dtype:
+                dense_keys, dense_values = dense_keys.to(io_dtype), dense_values.to(io_dtype)
+            # The kernel steps over (batch, head) blocks by the keys' strides and reads each
+            # block's [Td, D] rows as one run: views of the cache's buffers pass as they are.
+            runs = dense_keys.stride(-1) == 1 and dense_keys.stride(-2) == dense_keys.shape[-1]
+            if not runs or dense_values.stride() != dense_keys.stride():
+                dense_keys, dense_values = dense_keys.contiguous(), dense_values.contiguous()
+            if dense_bias is not None:
+                dense_bias = dense_bias.float()
+                dense_bias = dense_bias[:, None].expand(b, nq, td) if dense_bias.dim() == 2 else dense_bias
+        else:
+            dense_keys = dense_values = dense_bias = None
+        q = q if q.dtype == io_dtype else q.to(io_dtype)
+        step = max(1, MAX_GROUP // (hq // hkv))  # queries per call: R * step rows per KV head
+        dense = (dense_keys, dense_values)
+        if nq <= step:
+            out, lse = self._call(q, bias, sm_scale, dense, dense_bias)
+        else:
+            rows = [slice(q0, q0 + step) for q0 in range(0, nq, step)]
+            parts = [
+                self._call(q[:, :, r], bias, sm_scale, dense, None if dense_bias is None else dense_bias[:, r])
+                for r in rows
+            ]
+            out, lse = torch.cat([o for o, _ in parts], dim=2), torch.cat([lse for _, lse in parts], dim=2)
+        return (out if out.dtype == out_dtype else out.to(out_dtype)), lse
+
+    def _call(self, q, bias, sm_scale, dense, dense_bias):
+        """One kernel call: ``q: [B, Hq, n, D]`` in the kernel's dtype, the other tensors ready."""
+        b, hq, n, d = q.shape
+        dense_keys, dense_values = dense
+        qf = q.reshape(b, hq * n, d)  # each head's n queries one after the other: more rows
+        qf = qf if qf.stride(2) == 1 and (n == 1 or qf.is_contiguous()) else qf.contiguous()
+        td = 0 if dense_keys is None else dense_keys.shape[2]
+        dense_bias = None if dense_bias is None else dense_bias.contiguous()
+        out = torch.empty(b, hq * n, d, dtype=q.dtype)
+        lse = torch.empty(b, hq * n)
+        failed = _library().kv_decode_attention(
+            qf.data_ptr(), qf.stride(0), qf.stride(1), *self.args, None if bias is None else bias.data_ptr(),
+            dense_keys.data_ptr() if td else None, dense_values.data_ptr() if td else None,
+            dense_keys.stride(0) if td else 0, dense_keys.stride(1) if td else 0,
+            None if dense_bias is None else dense_bias.data_ptr(), out.data_ptr(), lse.data_ptr(),
+            b, hq * n, self.kv_heads, self.tokens, td, n, d, self.bits, self.group_size, self.scale_dtype,
+            float(sm_scale), _IO_DTYPES[q.dtype], torch.get_num_threads(),
+        )  # fmt: skip
+        if failed:
+            raise MemoryError("the CPU KV-cache kernel could not allocate its scratch memory")
+        return out.reshape(b, hq, n, d), lse.reshape(b, hq, n)

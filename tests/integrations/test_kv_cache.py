@@ -9,6 +9,7 @@ from transformers import DynamicCache, LlamaForCausalLM
 from hfcompress.errors import ModelError
 from hfcompress.integrations import kv_attention, kv_cache
 from hfcompress.integrations.kv_cache import QuantizedKVCache, disable_kv_cache, enable_kv_cache, kv_config
+from hfcompress.quant import kv_cpu
 from hfcompress.quant.dispatch import reference_path
 
 from ..conftest import make_tiny_bert, make_tiny_llama
@@ -91,6 +92,27 @@ def test_tokens_are_quantized_once_as_they_leave_the_window(model, monkeypatch):
     assert sum(quantized) == 2 * len(cache.layers) * layer.packed_tokens
     assert layer.packed_tokens == 100 - 4 - layer.keys.shape[-2]
     assert torch.equal(layer.packed().k_packed[:, :, :16], first)  # old codes never rewritten
+
+
+@pytest.mark.skipif(not kv_cpu.available(), reason="no C compiler: the torch path serves instead")
+def test_the_kernel_arguments_of_a_packed_part_are_made_once(model, monkeypatch):
+    """The CPU kernel's checked arguments are made once per view of a layer's packed part and
+    kept with it until the part grows; every step between reuses them."""
+    made, views = [], []
+    real_of, real_of_view = kv_cpu.PackedArgs.of.__func__, kv_cpu.PackedArgs.of_view.__func__
+    monkeypatch.setattr(kv_cpu.PackedArgs, "of", classmethod(lambda cls, *a: made.append(1) or real_of(cls, *a)))
+    monkeypatch.setattr(
+        kv_cpu.PackedArgs, "of_view", classmethod(lambda cls, view: views.append(view) or real_of_view(cls, view))
+    )
+    cache = QuantizedKVCache(model.config, bits=4, **SPEC)
+    ids = torch.randint(1, 128, (1, 100), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for t in range(0, 100, 4):
+            model(ids[:, t : t + 4], cache=cache)
+    # Steps of 4 tokens: the packed part is empty until 4 sinks and a window of 32 are full (the
+    # first 9 steps), then holds 16, 32, 48 and 64 tokens for 4 steps each.
+    assert len(views) == 16 * len(cache.layers)
+    assert len(made) == len({id(v) for v in views}) == 4 * len(cache.layers)
 
 
 def test_sink_tokens_stay_in_full_precision(model):

@@ -242,6 +242,20 @@ def test_cpu_kernel_refuses_more_query_heads_per_kv_head_than_it_holds():
 
 
 @needs_compiler
+def test_cpu_kernel_refuses_a_query_batch_the_cache_does_not_hold():
+    """The kernel reads as many batch rows of the packed part as q has: more would read past it."""
+    parts = (
+        *kv_quantize_ref(torch.randn(1, 1, 32, 16), 4, 32, "channel"),
+        *kv_quantize_ref(torch.randn(1, 1, 32, 16), 4, 32, "token"),
+    )
+    with pytest.raises(ValueError, match=r"one batch: q \(2, 2, 1, 16\), 1 rows of 1 KV heads"):
+        kv_cpu.kv_decode_attention_cpu(torch.randn(2, 2, 1, 16), *parts, None, 4, 32, 0.2)
+    dense = torch.randn(2, 1, 5, 16)
+    with pytest.raises(ValueError, match="dense keys"):
+        kv_cpu.kv_decode_attention_cpu(torch.randn(1, 2, 1, 16), *parts, None, 4, 32, 0.2, dense, dense)
+
+
+@needs_compiler
 def test_cpu_kernel_refuses_a_partial_key_group():
     parts = (
         *kv_quantize_ref(torch.randn(1, 1, 64, 16), 4, 32, "channel"),
