@@ -33,6 +33,10 @@ LAYER_TAG = "_hfcompress_kv_layer"
 TRACED_TAG = "_hfcompress_kv_traced_layer"  # the same, for a step the operators will store
 # Queries per block when a multi-token step (a chunked prefill) attends over a stored history.
 _QUERY_BLOCK = 256
+# Queries from which a CPU step attends like a float cache, through SDPA over every token with
+# the packed part dequantized (one pass in C), rather than through the C kernel, which scores
+# the queries one by one against the codes: 1.3x-3.9x faster from 32 queries (RESULTS.md, stop 50).
+DEQUANTIZE_QUERIES = 32
 
 
 def use_triton(x: torch.Tensor) -> bool:
@@ -45,18 +49,25 @@ def use_triton(x: torch.Tensor) -> bool:
 # -- attention --------------------------------------------------------------------------------
 
 
-def _bias(mask: torch.Tensor | None, b: int, q: int, total: int, device: torch.device) -> torch.Tensor | None:
-    """``[B, Q, total]`` float32 additive bias from transformers' mask (None: causal, every
-    stored token visible, the new tokens causal among themselves)."""
-    if mask is None:
-        if q == 1:
-            return None
-        allowed = torch.ones(q, total, dtype=torch.bool, device=device).tril(diagonal=total - q)
-        return torch.zeros(b, q, total, device=device).masked_fill_(~allowed, float("-inf"))
+def _causal(q: int, total: int, device: torch.device) -> torch.Tensor:
+    """``[Q, total]`` bool: every stored token visible, the new tokens causal among themselves."""
+    return torch.ones(q, total, dtype=torch.bool, device=device).tril(diagonal=total - q)
+
+
+def _check_mask(mask: torch.Tensor, total: int) -> None:
     if mask.dim() != 4 or mask.shape[1] != 1:
         raise ValueError(f"the hfcompress_kv attention expects a [B, 1, Q, T] mask, got {tuple(mask.shape)}")
     if mask.shape[-1] != total:
         raise ValueError(f"the attention mask covers {mask.shape[-1]} keys, the cache holds {total}")
+
+
+def _bias(mask: torch.Tensor | None, b: int, q: int, total: int, device: torch.device) -> torch.Tensor | None:
+    """``[B, Q, total]`` float32 additive bias from transformers' mask (None: causal)."""
+    if mask is None:
+        if q == 1:
+            return None
+        return torch.zeros(b, q, total, device=device).masked_fill_(~_causal(q, total, device), float("-inf"))
+    _check_mask(mask, total)
     mask = mask[:, 0]
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, device=device).masked_fill_(~mask, float("-inf"))
@@ -84,6 +95,25 @@ def _attend_sdpa(
     # Some SDPA backends give a fully masked row NaN (the CPU one gives 0); only those rows are
     # set to 0, so that a NaN from the inputs still shows.
     return out.masked_fill(bias.isneginf().all(-1)[:, None, :, None], 0.0)
+
+
+def _whole_step_sdpa(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, sm_scale: float
+) -> torch.Tensor:
+    """SDPA over a whole step's keys and values (every token, in order: what a float cache
+    holds) with transformers' ``[B, 1, Q, T]`` mask as it is (None: causal), in the query's
+    dtype; rows that see no key are 0, as in the other paths. ``[B, Q, H, D]``."""
+    q_len, total = query.shape[2], keys.shape[2]
+    if mask is None:
+        mask = _causal(q_len, total, query.device)
+    else:
+        _check_mask(mask, total)
+        mask = mask if mask.dtype == torch.bool else mask.to(query.dtype)
+    out = F.scaled_dot_product_attention(query, keys, values, mask, scale=sm_scale, enable_gqa=True)
+    dead = (~mask if mask.dtype == torch.bool else mask.isneginf()).all(-1)  # [B, 1, Q] or [Q]
+    if dead.any():
+        out = out.masked_fill(dead[..., None], 0.0)
+    return out.transpose(1, 2).contiguous()
 
 
 def _cpu_step(
@@ -135,11 +165,22 @@ def kv_attention(
     return _stored_attention(layer, query, key, value, attention_mask, sm_scale), None
 
 
+def _needs_grads(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _stored_attention(layer, query, key, value, attention_mask, sm_scale: float) -> torch.Tensor:
     """Attention of this step (its keys staged in ``layer``, which holds tokens already) over
     every part, then the step's tokens appended: ``[B, Q, H, D]``."""
     n_sink, n_packed, n_res = layer._sinks, layer.packed_tokens, layer._window
     b, _, q_len, _ = query.shape
+    grads = _needs_grads(query, key, value)
+    if q_len >= DEQUANTIZE_QUERIES and not grads:
+        whole = layer.whole_step(q_len)
+        if whole is not None:
+            out = _whole_step_sdpa(query, whole[0].to(query.dtype), whole[1].to(query.dtype), attention_mask, sm_scale)
+            layer.commit()
+            return out
     total = n_sink + n_packed + n_res + q_len
     bias = _bias(attention_mask, b, q_len, total, query.device)
     # The full-precision parts (sinks, window, this step's tokens, staged in that order in the
@@ -153,7 +194,6 @@ def _stored_attention(layer, query, key, value, attention_mask, sm_scale: float)
     # On CPU the C kernel takes the whole step, one token or many (2x-9x faster than the torch
     # path below for 4 to 1024 queries, RESULTS.md stop 48), unless the queries see the packed
     # keys differently or the step needs gradients (the kernel has no backward).
-    grads = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     if n_packed and query.device.type == "cpu" and not grads:
         out = _cpu_step(query, layer.packed(), packed_bias, dense_k, dense_v, dense_bias, sm_scale)
         if out is not None:

@@ -51,6 +51,7 @@ from hfcompress.integrations.attention import (
     switch_attention,
 )
 from hfcompress.integrations.kv_attention import LAYER_TAG, LAYERS, TRACED_TAG, kv_attention, traced_step, use_triton
+from hfcompress.quant import kv_cpu
 from hfcompress.quant.dispatch import _force_reference
 from hfcompress.quant.kv import PackedKV
 from hfcompress.techniques.kv_cache.config import KVCacheConfig
@@ -288,6 +289,30 @@ class QuantizedKVLayer(CacheLayerMixin):
             keys.append(pk)
             values.append(pv)
         return torch.cat([*keys, self.keys], dim=-2), torch.cat([*values, self.values], dim=-2)
+
+    def whole_step(self, step_tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Every stored token and the staged step's ``step_tokens``, in order (sinks, packed,
+        window, step), as new ``[B, H, T, D]`` keys and values in the buffers' dtype: what a
+        float cache would hold. The packed part is dequantized in one pass of C code, bit for bit
+        :meth:`history`'s; None on another device, without the C code, or for what it does not
+        write (float16, a head dim over 512)."""
+        packed = self.packed()
+        b, h, _, d = self._dense[0].shape
+        if (
+            packed is None
+            or self._dense[0].device.type != "cpu"
+            or not kv_cpu.available()
+            or self.dtype not in (torch.float32, torch.bfloat16)
+            or d > kv_cpu.MAX_DEQUANTIZE_HEAD_DIM
+        ):
+            return None
+        s, tp, rest = self._sinks, packed.tokens, self._window + step_tokens
+        whole = torch.empty(2, b, h, s + tp + rest, d, dtype=self.dtype)
+        kv_cpu.PackedArgs.of_view(packed).dequantize_into(whole[0, :, :, s:], whole[1, :, :, s:])
+        for out, buf in zip(whole, self._dense, strict=True):
+            out[:, :, :s] = buf[:, :, :s]
+            out[:, :, s + tp :] = buf[:, :, s : s + rest]
+        return whole[0], whole[1]
 
     def _full_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.sink_keys, self.sink_values))

@@ -575,3 +575,56 @@ int kv_decode_attention(
     free(parts);
     return failed;
 }
+
+/* Tokens [0, T) of a packed part dequantized into out [B, H, T, D] (rows of D contiguous; o_sb,
+ * o_sh its batch and head strides), of dtype out_dtype (1 bfloat16, 2 float32): for a step of
+ * many query tokens, which then attends over whole keys and values through SDPA. axis 0 (keys,
+ * per channel): x[t, d] = code * s[t / group, d] + z[t / group, d]; axis 1 (values, per token):
+ * x[t, d] = code * s[t, d / block] + z[t, d / block], block = min(group, D). The product and the
+ * sum are rounded separately in float32 (ISO C: no contraction into an FMA) and the result
+ * once to out_dtype: bit for bit hfcompress_triton.kv_ref.kv_dequantize_ref. */
+void kv_dequantize(
+    const uint8_t *p, int64_t p_sb, int64_t p_sh,                /* [B, H, T, D*bits/8] */
+    const void *s, const void *z, int64_t s_sb, int64_t s_sh,    /* [B, H, T/G, D] or [B, H, T, D/block] */
+    void *out, int64_t o_sb, int64_t o_sh,                       /* [B, H, T, D] */
+    int B, int H, int T, int D, int bits, int group, int axis, int scale_dtype, int out_dtype, int threads) {
+    const int bytes = D * bits / 8, block = group < D ? group : D, sw = axis ? D / block : D;
+    /* tasks: (batch, head, run of tokens), so that 2 or 3 heads still share the threads */
+    const int run = 64, runs = (T + run - 1) / run;
+    const int64_t tasks = (int64_t)B * H * runs;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t task = 0; task < tasks; task++) {
+        const int bh = (int)(task / runs), b = bh / H, h = bh % H, t0 = (int)(task % runs) * run;
+        const int t1 = t0 + run < T ? t0 + run : T;
+        float codes[512], sc[512], zc[512], x[512]; /* D <= 512: kv_cpu.py checks */
+        int64_t loaded = -1; /* the scale row in sc, zc (a key group's serves its group's tokens) */
+        for (int t = t0; t < t1; t++) {
+            unpack_row(p + b * p_sb + h * p_sh + (int64_t)t * bytes, D, bits, codes);
+            const int64_t srow = b * s_sb + h * s_sh + (int64_t)(axis ? t : t / group) * sw;
+            if (srow != loaded) {
+                for (int j = 0; j < sw; j++) {
+                    sc[j] = load_scale(s, srow + j, scale_dtype);
+                    zc[j] = load_scale(z, srow + j, scale_dtype);
+                }
+                loaded = srow;
+            }
+            if (axis) {
+                for (int j = 0; j < sw; j++) {
+                    const float sj = sc[j], zj = zc[j];
+#pragma omp simd
+                    for (int d = j * block; d < (j + 1) * block; d++) {
+                        const float prod = codes[d] * sj;
+                        x[d] = prod + zj;
+                    }
+                }
+            } else {
+#pragma omp simd
+                for (int d = 0; d < D; d++) {
+                    const float prod = codes[d] * sc[d];
+                    x[d] = prod + zc[d];
+                }
+            }
+            store_row(out, b * o_sb + h * o_sh + (int64_t)t * D, x, D, out_dtype);
+        }
+    }
+}

@@ -36,6 +36,8 @@ _SCALE_DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 _IO_DTYPES = {torch.bfloat16: 1, torch.float32: 2}
 # The kernel keeps per-query-head state on the stack for at most this many heads per KV head.
 MAX_GROUP = 64
+# kv_dequantize unpacks a token into stack arrays of this many channels.
+MAX_DEQUANTIZE_HEAD_DIM = 512
 
 
 @functools.cache
@@ -55,6 +57,8 @@ def _library() -> ctypes.CDLL | None:
         + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
     )
     fn.restype = ctypes.c_int
+    lib.kv_dequantize.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, ptr, i64, i64] + [ctypes.c_int] * 10
+    lib.kv_dequantize.restype = None
     lib.kv_vector_path.argtypes = [ctypes.c_int] * 3
     lib.kv_vector_path.restype = ctypes.c_int
     return lib
@@ -205,6 +209,35 @@ class PackedArgs:
             ]
             out, lse = torch.cat([o for o, _ in parts], dim=2), torch.cat([lse for _, lse in parts], dim=2)
         return (out if out.dtype == out_dtype else out.to(out_dtype)), lse
+
+    def dequantize_into(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write the packed tokens, dequantized, to positions ``[0, T)`` of ``keys, values:
+        [B, Hkv, >= T, D]`` (float32 or bfloat16, each row of ``D`` contiguous): bit for bit
+        :func:`hfcompress_triton.kv_ref.kv_dequantize_ref`, in one pass over the codes."""
+        b, h, room, d = keys.shape
+        if (
+            values.shape != keys.shape
+            or values.stride() != keys.stride()
+            or (b, h) != (self.batch, self.kv_heads)
+            or room < self.tokens
+            or keys.dtype not in _IO_DTYPES
+            or values.dtype != keys.dtype
+            or keys.stride(-1) != 1
+            or keys.stride(-2) != d
+            or d > MAX_DEQUANTIZE_HEAD_DIM
+            or d * self.bits % 8
+        ):
+            raise ValueError(
+                f"cannot dequantize {self.batch} x {self.kv_heads} heads of {self.tokens} packed tokens into "
+                f"{keys.dtype} {tuple(keys.shape)} and {values.dtype} {tuple(values.shape)}, strides "
+                f"{keys.stride()}: want float32 or bfloat16, rows contiguous, head dim <= {MAX_DEQUANTIZE_HEAD_DIM}"
+            )
+        lib, out_dtype, threads = _library(), _IO_DTYPES[keys.dtype], torch.get_num_threads()
+        for axis, (args, out) in enumerate(((self.args[:7], keys), (self.args[7:], values))):
+            lib.kv_dequantize(
+                *args, out.data_ptr(), out.stride(0), out.stride(1), b, h, self.tokens, d, self.bits,
+                self.group_size, axis, self.scale_dtype, out_dtype, threads,
+            )  # fmt: skip
 
     def _call(self, q, bias, sm_scale, dense, dense_bias):
         """One kernel call: ``q: [B, Hq, n, D]`` in the kernel's dtype, the other tensors ready."""

@@ -142,6 +142,59 @@ def test_left_padded_batch(model):
     assert torch.equal(fused, ref)
 
 
+@pytest.mark.skipif(not kv_cpu.available(), reason="no C compiler: the torch path serves instead")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("chunk", [40, 8], ids=["whole-step", "kernel"])
+def test_padded_chunks_over_a_packed_history_match_the_reference_path(chunk, dtype, monkeypatch):
+    """A left-padded batch fed in chunks after the packed part exists: chunks of 32 queries
+    or more attend through SDPA over the whole step (the packed part dequantized in C), shorter
+    ones through the C kernel; both give the reference path's logits on the real tokens, and
+    the padded rows, which see no key, no NaN."""
+    model = make_model().to(dtype)
+    enable_kv_cache(model, bits=4, **SPEC)
+    whole = []
+    real = kv_cache.QuantizedKVLayer.whole_step
+    monkeypatch.setattr(kv_cache.QuantizedKVLayer, "whole_step", lambda self, n: whole.append(n) or real(self, n))
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(1, 128, (2, 120), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :50] = 0  # row 1 left-padded past the first chunk
+    fused, ref = QuantizedKVCache(model.config, bits=4, **SPEC), QuantizedKVCache(model.config, bits=4, **SPEC)
+    with torch.no_grad():
+        model(ids[:, :40], attention_mask=mask[:, :40], cache=fused)
+        with reference_path():
+            model(ids[:, :40], attention_mask=mask[:, :40], cache=ref)
+        for start in range(40, 120, chunk):
+            end = start + chunk
+            a = model(ids[:, start:end], attention_mask=mask[:, :end], cache=fused).logits
+            with reference_path():
+                b = model(ids[:, start:end], attention_mask=mask[:, :end], cache=ref).logits
+            assert not a.isnan().any()
+            real_rows = mask[:, start:end].bool()
+            tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=0.05, atol=0.05)
+            torch.testing.assert_close(a[real_rows], b[real_rows], **tol)
+    assert fused.layers[0].packed_tokens > 0
+    assert whole == ([] if chunk < 32 else [chunk] * 2 * len(fused.layers))
+
+
+@pytest.mark.skipif(not kv_cpu.available(), reason="no C compiler: the torch path serves instead")
+def test_the_whole_step_dequantizes_like_the_reference_history(model, monkeypatch):
+    """whole_step's keys and values: the reference history (the packed part dequantized in
+    torch) and the staged step, bit for bit; None for a dtype the C code does not write."""
+    cache = QuantizedKVCache(model.config, bits=4, **SPEC)
+    ids = torch.randint(1, 128, (2, 90), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        model(ids, cache=cache)
+    layer = cache.layers[1]
+    step = torch.randn(2, 2, 3, 16), torch.randn(2, 2, 3, 16)
+    layer._stage(*step)
+    keys, values = layer.whole_step(3)
+    want_k, want_v = layer.history()
+    assert torch.equal(keys, torch.cat([want_k, step[0]], -2)) and torch.equal(values, torch.cat([want_v, step[1]], -2))
+    monkeypatch.setattr(layer, "dtype", torch.float16)
+    assert layer.whole_step(3) is None
+
+
 def test_beam_search(model):
     ids = _prompts(1)[0]
     kw = dict(num_beams=3, max_new_tokens=50)
