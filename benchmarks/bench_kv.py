@@ -1,7 +1,7 @@
 """The quantized KV cache on SmolLM2-135M beside transformers' QuantizedCache (quanto and HQQ
 backends), measured in one run on this machine.
 
-    python benchmarks/bench_kv.py [--windows 8] [--trials 20] [--only ppl,needle,bytes,speed] [--compile]
+    python benchmarks/bench_kv.py [--windows 8] [--trials 20] [--only ppl,needle,bytes,speed,chunks] [--compile]
 
 Parts (each prints a markdown table for benchmarks/RESULTS.md):
 
@@ -17,6 +17,9 @@ Parts (each prints a markdown table for benchmarks/RESULTS.md):
   for the peers every tensor their quantized states hold, plus their window) against a
   bfloat16 DynamicCache, and the process's peak resident memory from the prefill on
   (one child process per cache; the peak is reset after the model loads).
+* ``chunks``: a 4096-token prompt fed in chunks of 512 and of 64 tokens (a chunked prefill, or
+  a chat's turns), each chunk attending to everything earlier through the cache: seconds, and
+  the last position's logits against the float cache's.
 * ``speed``: CPU decode tokens/s at 512, 2k and 8k tokens of context, bfloat16 model, median
   of --steps steps; ours also through the reference path (the history dequantized every step,
   what transformers' QuantizedCache does). ``--compile`` adds the float cache and ours KV4
@@ -352,15 +355,50 @@ def run_speed(args) -> None:
         print(f"| {label} | " + " | ".join(cells) + " |")
 
 
+def run_chunks(args) -> None:
+    """A long prompt fed in chunks (a chunked prefill; a chat's next turn is one such chunk),
+    every chunk attending to everything earlier through the cache: seconds for the whole
+    prompt, best of ``--rounds``, bfloat16 model, with the last position's logits against the
+    float cache's."""
+    model = load_model(MODEL).to(torch.bfloat16)
+    enable_kv_cache(model)
+    labels = [FLOAT, "ours KV4", "ours KV2"]
+    ids = torch.randint(100, 10000, (1, args.chunk_prompt), generator=torch.Generator().manual_seed(0))
+    print(f"\n### A {args.chunk_prompt}-token prompt in chunks (bfloat16 model, best of {args.rounds}; {cpu_name()})\n")
+    print("| cache | " + " | ".join(f"chunks of {c}" for c in args.chunk_sizes) + " |")
+    print("|---|" + "---|" * len(args.chunk_sizes))
+    rows: dict[str, list[str]] = {label: [] for label in labels}
+    for chunk in args.chunk_sizes:
+        seconds, last = {}, {}
+        for label in labels:
+            best = math.inf
+            for _ in range(args.rounds):
+                cache = cache_factory(label, model.config)()
+                start = time.perf_counter()
+                for s in range(0, ids.shape[1], chunk):
+                    logits = model(ids[:, s : s + chunk], cache=cache, logits_to_keep=1).logits
+                best = min(best, time.perf_counter() - start)
+            seconds[label], last[label] = best, logits[0, -1].float()
+        for label in labels:
+            diff = (last[label] - last[FLOAT]).abs().max().item()
+            ratio = seconds[FLOAT] / seconds[label]
+            rows[label].append(f"{seconds[label]:.2f} s ({ratio:.2f}x; logits max diff {diff:.2f})")
+    for label in labels:
+        print(f"| {label} | " + " | ".join(rows[label]) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default="ppl,needle,bytes,speed", help="comma-separated parts to run")
+    parser.add_argument("--only", default="ppl,needle,bytes,speed,chunks", help="comma-separated parts to run")
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     parser.add_argument("--byte-contexts", type=int, nargs="+", default=[4096, 8192])
     parser.add_argument("--speed-contexts", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--chunk-prompt", type=int, default=4096, help="chunks: the prompt's tokens")
+    parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[512, 64])
+    parser.add_argument("--rounds", type=int, default=2, help="chunks: timed rounds per cache (the best counts)")
     parser.add_argument("--compile", action="store_true", help="speed: also time the float cache and KV4 compiled")
     parser.add_argument("--child-bytes", nargs=2, metavar=("LABEL", "CONTEXT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -369,7 +407,7 @@ def main() -> None:
         return
     torch.set_grad_enabled(False)
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}")
-    parts = {"ppl": run_ppl, "needle": run_needle, "bytes": run_bytes, "speed": run_speed}
+    parts = {"ppl": run_ppl, "needle": run_needle, "bytes": run_bytes, "speed": run_speed, "chunks": run_chunks}
     for part in args.only.split(","):
         parts[part](args)
 
