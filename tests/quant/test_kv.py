@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 import torch
-from hfcompress_triton.kv_ref import kv_decode_attention_ref, kv_quantize_ref
+from hfcompress_triton.kv_ref import kv_decode_attention_ref, kv_dequantize_ref, kv_quantize_ref
 
 from hfcompress.quant import kv_cpu, native
 from hfcompress.quant.kv import PackedKV, attend_dense, attend_packed, merge
@@ -239,6 +239,50 @@ def test_cpu_kernel_refuses_more_query_heads_per_kv_head_than_it_holds():
     )
     with pytest.raises(ValueError, match="at most 64 query heads per KV head"):
         kv_cpu.kv_decode_attention_cpu(torch.randn(1, 65, 1, 16), *parts, None, 4, 32, 0.2)
+
+
+DEQUANTIZE_CASES = [
+    (4, 64, 64, torch.bfloat16),
+    (2, 16, 64, torch.float16),
+    (8, 32, 128, torch.float32),
+    (4, 128, 64, torch.bfloat16),
+]
+
+
+@needs_compiler
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "bits,group,d,scale_dtype", DEQUANTIZE_CASES, ids=["kv4-bf16", "kv2-fp16", "kv8-d128-fp32", "kv4-g128"]
+)
+def test_cpu_dequantize_is_the_reference_bit_for_bit(bits, group, d, scale_dtype, out_dtype):
+    """kv_dequantize writes kv_dequantize_ref's values exactly (float32 products and sums rounded
+    separately, one rounding to the output dtype), into a view of a larger buffer, and nothing
+    past the packed tokens."""
+    g = torch.Generator().manual_seed(bits)
+    k, v = torch.randn(2, 3, 256, d, generator=g) * 3, torch.randn(2, 3, 256, d, generator=g)
+    parts = (
+        *kv_quantize_ref(k, bits, group, "channel", scale_dtype),
+        *kv_quantize_ref(v, bits, group, "token", scale_dtype),
+    )
+    args = kv_cpu.PackedArgs.of(*parts, bits, group)
+    buf = torch.full((2, 2, 3, 300, d), float("nan"), dtype=out_dtype)
+    args.dequantize_into(buf[0, :, :, 10:], buf[1, :, :, 10:])  # a view at an offset, spare room after
+    want_k = kv_dequantize_ref(*parts[:3], bits, group, "channel", out_dtype)
+    want_v = kv_dequantize_ref(*parts[3:], bits, group, "token", out_dtype)
+    assert torch.equal(buf[0, :, :, 10:266], want_k) and torch.equal(buf[1, :, :, 10:266], want_v)
+    assert buf[:, :, :, :10].isnan().all() and buf[:, :, :, 266:].isnan().all()
+
+
+@needs_compiler
+def test_cpu_dequantize_refuses_what_it_cannot_write():
+    parts = (
+        *kv_quantize_ref(torch.randn(1, 2, 64, 16), 4, 32, "channel"),
+        *kv_quantize_ref(torch.randn(1, 2, 64, 16), 4, 32, "token"),
+    )
+    args = kv_cpu.PackedArgs.of(*parts, 4, 32)
+    for out in (torch.empty(1, 2, 64, 16, dtype=torch.float16), torch.empty(1, 2, 63, 16), torch.empty(1, 3, 64, 16)):
+        with pytest.raises(ValueError, match="cannot dequantize 1 x 2 heads of 64 packed tokens"):
+            args.dequantize_into(out, out.clone())
 
 
 @needs_compiler
