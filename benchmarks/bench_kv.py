@@ -21,9 +21,11 @@ Parts (each prints a markdown table for benchmarks/RESULTS.md):
   a chat's turns), each chunk attending to everything earlier through the cache: seconds, and
   the last position's logits against the float cache's.
 * ``speed``: CPU decode tokens/s at 512, 2k and 8k tokens of context, bfloat16 model, median
-  of --steps steps; ours also through the reference path (the history dequantized every step,
-  what transformers' QuantizedCache does). ``--compile`` adds the float cache and ours KV4
-  with ``model.forward = torch.compile(model.forward)``.
+  of --steps steps; ours also through the reference path (the history dequantized every step
+  in torch, what transformers' QuantizedCache does), and given to the model with its SDPA
+  attention (no ``enable_kv_cache``: ``update`` hands SDPA the history, dequantized in C).
+  ``--compile`` adds the float cache and ours KV4 with
+  ``model.forward = torch.compile(model.forward)``.
 
 Peers: axis 0 for quanto (its default; it accepts only 0 or -1), axis 1 for HQQ (what HQQ's
 README says to start with), q_group_size 64 and residual_length 128 (transformers' defaults).
@@ -50,7 +52,7 @@ from transformers import DynamicCache, QuantizedCache
 
 from hfcompress.data import load_text
 from hfcompress.eval.speed import cpu_name
-from hfcompress.integrations.kv_cache import QuantizedKVCache, enable_kv_cache
+from hfcompress.integrations.kv_cache import QuantizedKVCache, disable_kv_cache, enable_kv_cache
 from hfcompress.models import load_model, load_tokenizer
 from hfcompress.quant.dispatch import reference_path
 
@@ -305,9 +307,12 @@ def _available(labels: list[str]) -> list[str]:
     return kept
 
 
+PLAIN_SDPA = " (SDPA attention)"  # the cache given to a model whose attention is not ours
+
+
 def _cache_for(label: str, model, prefill: DynamicCache):
     """A ``label`` cache holding the prompt's keys and values."""
-    name = label.replace(" (reference path)", "").replace(COMPILED, "")
+    name = label.replace(" (reference path)", "").replace(COMPILED, "").replace(PLAIN_SDPA, "")
     if name == FLOAT:
         cache = DynamicCache(config=model.config)
         for i, layer in enumerate(prefill.layers):
@@ -319,7 +324,9 @@ def _cache_for(label: str, model, prefill: DynamicCache):
 def run_speed(args) -> None:
     model = load_model(MODEL).to(torch.bfloat16)
     enable_kv_cache(model)
-    labels = _available([FLOAT, "ours KV4", "ours KV4 (reference path)", "ours KV2", "quanto KV4", "HQQ KV4"])
+    labels = _available(
+        [FLOAT, "ours KV4", "ours KV4 (reference path)", "ours KV4" + PLAIN_SDPA, "ours KV2", "quanto KV4", "HQQ KV4"]
+    )
     compiled = None
     if args.compile:
         # model.forward compiled; under it our cache's decode step is one operator per layer
@@ -345,6 +352,12 @@ def run_speed(args) -> None:
             elif label.endswith("(reference path)"):
                 with reference_path():
                     rates[(label, context)] = decode_rate(model, cache, logits, args.steps)
+            elif label.endswith(PLAIN_SDPA):  # update() hands SDPA the dequantized history
+                disable_kv_cache(model)
+                try:
+                    rates[(label, context)] = decode_rate(model, cache, logits, args.steps)
+                finally:
+                    enable_kv_cache(model)
             else:
                 rates[(label, context)] = decode_rate(model, cache, logits, args.steps)
     print(f"\n### CPU decode tokens/s (bfloat16 model, median of {args.steps} steps; {cpu_name()})\n")

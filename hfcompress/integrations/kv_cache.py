@@ -144,7 +144,8 @@ class QuantizedKVLayer(CacheLayerMixin):
         """Take this step's ``[B, H, Q, D]`` keys and values.
 
         With the ``hfcompress_kv`` attention they are returned tagged and appended after
-        attention; otherwise the dequantized history followed by them is returned.
+        attention; otherwise the dequantized history followed by them is returned (see
+        :meth:`whole_step`; :meth:`history` on the reference path).
         """
         if traced_step(key_states) and self._fused():
             # Traced: the hfcompress_kv attention stores the tokens inside its operator, at
@@ -160,9 +161,18 @@ class QuantizedKVLayer(CacheLayerMixin):
             self._pending = (key_states, value_states)
             setattr(key_states, LAYER_TAG, self)
             return key_states, value_states
-        keys, values = self.history()
-        self._append(key_states, value_states)
-        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+        # Another attention function: it gets every token. The packed part is dequantized in C
+        # (several times faster than torch ops), except on the reference path and under autograd
+        # (the returned step must carry its graph).
+        q = key_states.shape[-2]
+        self._stage(key_states, value_states)
+        grads = torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad)
+        whole = None if grads or _force_reference() else self.whole_step(q)
+        if whole is None:
+            keys, values = self.history()
+            whole = torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+        self._count_in(q)
+        return whole
 
     def commit(self) -> None:
         """Append the tokens of the last fused step (after its attention ran; they are in the
@@ -170,10 +180,6 @@ class QuantizedKVLayer(CacheLayerMixin):
         if self._pending is not None:
             pending, self._pending = self._pending, None
             self._count_in(pending[0].shape[-2])
-
-    def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        self._stage(k, v)
-        self._count_in(k.shape[-2])
 
     def _stage(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write ``k, v: [B, H, Q, D]`` after the stored full-precision tokens, not yet counted

@@ -241,6 +241,33 @@ def test_without_our_attention_the_cache_still_gives_the_same_tokens():
         assert torch.equal(a, b)
 
 
+@pytest.mark.skipif(not kv_cpu.available(), reason="no C compiler: the torch path serves instead")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_without_our_attention_the_history_is_dequantized_in_c_exactly(dtype, monkeypatch):
+    """A model on plain SDPA gets the whole history from update(): dequantized by the C code
+    (whole_step) outside the reference path, with the same logits as the torch history gives."""
+    plain = make_model().to(dtype)
+    calls = []
+    real = kv_cache.QuantizedKVLayer.whole_step
+
+    def spy(self, n):
+        whole = real(self, n)
+        calls.append(whole is not None)
+        return whole
+
+    monkeypatch.setattr(kv_cache.QuantizedKVLayer, "whole_step", spy)
+    ids = torch.randint(1, 128, (2, 100), generator=torch.Generator().manual_seed(6))
+    fast, ref = QuantizedKVCache(plain.config, bits=4, **SPEC), QuantizedKVCache(plain.config, bits=4, **SPEC)
+    with torch.no_grad():
+        for start, end in ((0, 60), *((t, t + 1) for t in range(60, 70)), (70, 100)):
+            a = plain(ids[:, start:end], cache=fast).logits
+            with reference_path():
+                b = plain(ids[:, start:end], cache=ref).logits
+            assert torch.equal(a, b)
+    # the prompt found nothing packed; the 11 steps after it took the C path
+    assert calls == [False] * len(fast.layers) + [True] * 11 * len(fast.layers)
+
+
 def test_bytes_account_for_codes_scales_sinks_and_window(model):
     cache = QuantizedKVCache(model.config, bits=4, **SPEC)
     with torch.no_grad():
