@@ -13,8 +13,13 @@ transformers' load report, installed by :func:`register`).
 
 Checkpoint format: version 2 records, per layer, its module kind and its layout (for
 ``quant_linear``, a :class:`~hfcompress.quant.scheme.QuantScheme`) and the recipe stage that
-made it, plus the model patches. Version 1 checkpoints (flat ``bits``/``group_size`` layer
-entries, no kinds) are read and upgraded on load.
+made it, plus the model patches. Version 3 adds one tensor, the load guard
+(:func:`load_guard_key`): an empty ``uint8`` tensor stored as the first compressed layer's
+``weight``. Without ``import hfcompress``, transformers does not know ``quant_method:
+"hfcompress"`` and only warns; it would then build the float model and leave every compressed
+layer randomly initialised. The guard's shape mismatches that float ``weight``, which makes
+the load an error instead. Versions 1 (flat ``bits``/``group_size`` layer entries, no kinds)
+and 2 are read and upgraded on load.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -45,14 +51,26 @@ __all__ = [
     "HfCompressQuantizationConfig",
     "HfCompressQuantizer",
     "attach_quantization_config",
+    "load_guard_key",
     "register",
 ]
 
 logger = logging.getLogger(__name__)
 
 QUANT_METHOD = "hfcompress"
-FORMAT_VERSION = 2
-READABLE_FORMAT_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_FORMAT_VERSIONS = (1, 2, 3)
+# The load guard: an empty tensor of this dtype (see the module docstring).
+_GUARD_DTYPE = ("U8", (0,))
+
+
+def load_guard_key(layers: Iterable[str]) -> str | None:
+    """The key of the load guard for a model with compressed ``layers``: the ``weight`` of the
+    first one (by name) that replaced a float module (a layer nested in another one, such as
+    a low-rank layer's quantized factor, replaced none); None without layers."""
+    names = sorted(layers)
+    outer = [n for n in names if not any(n.startswith(f"{other}.") for other in names)]
+    return f"{outer[0]}.weight" if outer else None
 
 
 class HfCompressQuantizationConfig(QuantizationConfigMixin):
@@ -98,7 +116,7 @@ class HfCompressQuantizationConfig(QuantizationConfigMixin):
             )
         if self.format_version == 1:
             self.layers = {name: QuantLinear.spec_from_v1(name, spec) for name, spec in self.layers.items()}
-            self.format_version = FORMAT_VERSION
+        self.format_version = FORMAT_VERSION  # 2 lacks only the load guard, which saving adds
         for name, spec in self.layers.items():
             if not isinstance(spec, dict) or "kind" not in spec:
                 raise CheckpointError(f"quantization_config.layers[{name!r}] lacks its 'kind'")
@@ -145,6 +163,12 @@ class HfCompressQuantizer(HfQuantizer):
             # holds comes from the checkpoint. Mark both as initialised so init skips them.
             parent = model.get_submodule(name.rpartition(".")[0])
             new._is_hf_initialized = parent._is_hf_initialized = True
+        guard = load_guard_key(config.layers)
+        if guard is not None:  # the compressed module has no `weight`: not an unexpected key
+            model._keys_to_ignore_on_load_unexpected = {
+                *(model._keys_to_ignore_on_load_unexpected or ()),
+                rf"^{re.escape(guard)}$",
+            }
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -163,7 +187,11 @@ class HfCompressQuantizer(HfQuantizer):
         # Each key travels with a tensor holding its digest's index; renaming keeps the tensors.
         saved = revert_weight_conversion(model, {key: torch.tensor([i]) for i, key in enumerate(hashes)})
         renamed = {key: digests[int(index)] for key, index in saved.items()}
-        return None, {HASH_KEY: json.dumps(renamed, sort_keys=True)}
+        state_dict = model.state_dict()
+        guard = load_guard_key(self.quantization_config.layers)
+        if guard is not None:
+            state_dict[guard] = torch.zeros(_GUARD_DTYPE[1], dtype=torch.uint8)
+        return state_dict, {HASH_KEY: json.dumps(renamed, sort_keys=True)}
 
     def is_serializable(self) -> bool:
         return True
@@ -236,6 +264,12 @@ def check_checkpoint(
     if rename is not None:
         found = {rename(key): value for key, value in found.items()}
     where = Path(checkpoint_files[0]).parent if checkpoint_files else "checkpoint"
+    guard = load_guard_key(layers)
+    if guard in found and found.pop(guard) != _GUARD_DTYPE:
+        raise CheckpointError(
+            f"{where}: tensor {guard!r} should be the empty uint8 load guard that hfcompress writes; the files "
+            "were edited. Re-save the compressed model"
+        )
     undescribed = undescribed_compressed_layers(found, layers)
     if undescribed:
         raise CheckpointError(
@@ -316,20 +350,26 @@ def _guard_plain_loads() -> None:
 
     @functools.wraps(original)
     def report(model, pretrained_model_name_or_path, ignore_mismatched_sizes, loading_info, logger=None):
-        original(model, pretrained_model_name_or_path, ignore_mismatched_sizes, loading_info, logger)
-        undescribed = undescribed_compressed_layers(loading_info.unexpected_keys, {})
-        if undescribed:
-            raise CheckpointError(
-                f"{pretrained_model_name_or_path}: the files hold packed quantized tensors for layer(s) "
-                f"{undescribed[:4]} that config.json does not describe (its quantization_config was deleted or "
-                "overwritten); loading would give randomly initialised layers. Restore the saved config.json"
-            )
+        try:  # raises itself on the load guard's size mismatch: ours is the clearer error
+            original(model, pretrained_model_name_or_path, ignore_mismatched_sizes, loading_info, logger)
+        finally:
+            _refuse_undescribed(pretrained_model_name_or_path, loading_info)
 
     report._hfcompress_guard = True
     loading_report.log_state_dict_report = report
     modeling_utils = sys.modules.get("transformers.modeling_utils")
     if modeling_utils is not None:
         modeling_utils.log_state_dict_report = report
+
+
+def _refuse_undescribed(pretrained_model_name_or_path, loading_info) -> None:
+    undescribed = undescribed_compressed_layers(loading_info.unexpected_keys, {})
+    if undescribed:
+        raise CheckpointError(
+            f"{pretrained_model_name_or_path}: the files hold packed quantized tensors for layer(s) "
+            f"{undescribed[:4]} that config.json does not describe (its quantization_config was deleted or "
+            "overwritten); loading would give randomly initialised layers. Restore the saved config.json"
+        )
 
 
 def register() -> None:

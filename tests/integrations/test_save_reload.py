@@ -46,7 +46,7 @@ def test_saved_config_records_recipe_and_layers(tiny_llama, tmp_path):
     config = json.loads((tmp_path / "m" / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "hfcompress"
     assert config["recipe"]["stages"][0]["technique"] == "rtn"
-    assert config["format_version"] == 2
+    assert config["format_version"] == 3
     assert config["layers"]["model.layers.0.self_attn.q_proj"] == {
         "kind": "quant_linear",
         "in_features": 80,
