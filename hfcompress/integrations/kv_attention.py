@@ -4,10 +4,12 @@ the operators that stand for it under ``torch.compile``.
 
 A step over stored tokens attends to the packed part and to the full-precision tokens (sinks,
 window and the step's own, one view of the layer's buffer) in one softmax: on CPU in one call of
-the C kernel (:mod:`hfcompress.quant.kv_cpu`), for one query token or several; on CUDA the
+the C kernel (:mod:`hfcompress.quant.kv_cpu`), for one query token or up to 31; on CUDA the
 packed part through the Triton split-K kernel (one query token) or chunk by chunk
-(:func:`hfcompress.quant.kv.attend_packed`), merged with the dense part by log-sum-exp. The
-cache itself, and the rest of transformers' cache API, is :mod:`hfcompress.integrations.kv_cache`.
+(:func:`hfcompress.quant.kv.attend_packed`), merged with the dense part by log-sum-exp. A CPU
+step of ``DEQUANTIZE_QUERIES`` or more attends like a float cache instead: SDPA over every
+token, the packed part dequantized in one pass of C code. The cache itself, and the rest of
+transformers' cache API, is :mod:`hfcompress.integrations.kv_cache`.
 """
 
 from __future__ import annotations
@@ -175,6 +177,8 @@ def _stored_attention(layer, query, key, value, attention_mask, sm_scale: float)
     n_sink, n_packed, n_res = layer._sinks, layer.packed_tokens, layer._window
     b, _, q_len, _ = query.shape
     grads = _needs_grads(query, key, value)
+    # Many queries (a chunk of a prompt): SDPA over every token, like a float cache (CPU only;
+    # elsewhere, and without the C code, whole_step gives None).
     if q_len >= DEQUANTIZE_QUERIES and not grads:
         whole = layer.whole_step(q_len)
         if whole is not None:
@@ -191,9 +195,9 @@ def _stored_attention(layer, query, key, value, attention_mask, sm_scale: float)
     if bias is not None:
         packed_bias = bias[..., n_sink : n_sink + n_packed]
         dense_bias = torch.cat([bias[..., :n_sink], bias[..., n_sink + n_packed :]], dim=-1)
-    # On CPU the C kernel takes the whole step, one token or many (2x-9x faster than the torch
-    # path below for 4 to 1024 queries, RESULTS.md stop 48), unless the queries see the packed
-    # keys differently or the step needs gradients (the kernel has no backward).
+    # Fewer queries: on CPU the C kernel takes the whole step (2x-9x faster than the torch path
+    # below, RESULTS.md stop 48), unless the queries see the packed keys differently or the step
+    # needs gradients (the kernel has no backward).
     if n_packed and query.device.type == "cpu" and not grads:
         out = _cpu_step(query, layer.packed(), packed_bias, dense_k, dense_v, dense_bias, sm_scale)
         if out is not None:

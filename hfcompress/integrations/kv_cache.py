@@ -15,13 +15,16 @@ them tagged with the layer; the registered attention function (``hfcompress_kv``
 full-precision tokens, the step's own included, as one view of the layer's buffer, merges the
 parts exactly, and only then counts the new tokens in. A CPU step is one call of the C kernel
 (:mod:`hfcompress.quant.kv_cpu`: the packed part and the full-precision parts in one softmax),
-for one query token or several; a CUDA decode step reads the packed part with the Triton
-split-K kernel; a CUDA multi-token step, and any step that needs gradients, reads it chunk by
-chunk (:func:`hfcompress.quant.kv.attend_packed`). A step before anything is packed (the first
+for one query token or up to 31; from 32 (a chunk of a prompt) the packed part is dequantized
+in one pass of C code and the step attends through SDPA over every token (:meth:`whole_step`).
+A CUDA decode step reads the packed part with the Triton split-K kernel; a CUDA multi-token
+step, and any step that needs gradients, reads it chunk by chunk
+(:func:`hfcompress.quant.kv.attend_packed`). A step before anything is packed (the first
 ``sink_tokens + residual_length + group_size`` tokens or so) has full-precision keys only
-and attends through SDPA in float32. A model whose attention is not ``hfcompress_kv``
-(or any model under ``dispatch.reference_path()``) gets the reference behaviour: the history
-dequantized and concatenated with the new tokens, the same numbers by a slower road.
+and attends through SDPA in float32. A model whose attention is not ``hfcompress_kv`` gets the
+whole history from ``update``, dequantized (on CPU by the same C pass, :meth:`whole_step`);
+under ``dispatch.reference_path()`` the history is dequantized in torch
+(:meth:`history`): the same numbers by a slower road.
 
 Under ``torch.compile`` a step over stored tokens is one operator per layer,
 ``hfcompress::kv_attend``, which runs the eager step at run time; a prefill attends in the
