@@ -4,7 +4,7 @@ the operators that stand for it under ``torch.compile``.
 
 A step over stored tokens attends to the packed part and to the full-precision tokens (sinks,
 window and the step's own, one view of the layer's buffer) in one softmax: on CPU in one call of
-the C kernel (:mod:`hfcompress.quant.kv_cpu`), for one query token or up to 31; on CUDA the
+the C kernel (:mod:`hfcompress.quant.kv_cpu`), for one query token or up to 15; on CUDA the
 packed part through the Triton split-K kernel (one query token) or chunk by chunk
 (:func:`hfcompress.quant.kv.attend_packed`), merged with the dense part by log-sum-exp. A CPU
 step of ``DEQUANTIZE_QUERIES`` or more attends like a float cache instead: SDPA over every
@@ -37,8 +37,9 @@ TRACED_TAG = "_hfcompress_kv_traced_layer"  # the same, for a step the operators
 _QUERY_BLOCK = 256
 # Queries from which a CPU step attends like a float cache, through SDPA over every token with
 # the packed part dequantized (one pass in C), rather than through the C kernel, which scores
-# the queries one by one against the codes: 1.3x-3.9x faster from 32 queries (RESULTS.md, stop 50).
-DEQUANTIZE_QUERIES = 32
+# the queries one by one against the codes: 1.1x-5.2x faster from 16 queries, slower at 8 and
+# fewer (RESULTS.md, stop 50).
+DEQUANTIZE_QUERIES = 16
 
 
 def use_triton(x: torch.Tensor) -> bool:

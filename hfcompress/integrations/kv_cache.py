@@ -15,7 +15,7 @@ them tagged with the layer; the registered attention function (``hfcompress_kv``
 full-precision tokens, the step's own included, as one view of the layer's buffer, merges the
 parts exactly, and only then counts the new tokens in. A CPU step is one call of the C kernel
 (:mod:`hfcompress.quant.kv_cpu`: the packed part and the full-precision parts in one softmax),
-for one query token or up to 31; from 32 (a chunk of a prompt) the packed part is dequantized
+for one query token or up to 15; from 16 (a chunk of a prompt) the packed part is dequantized
 in one pass of C code and the step attends through SDPA over every token (:meth:`whole_step`).
 A CUDA decode step reads the packed part with the Triton split-K kernel; a CUDA multi-token
 step, and any step that needs gradients, reads it chunk by chunk

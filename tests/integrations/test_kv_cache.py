@@ -146,7 +146,7 @@ def test_left_padded_batch(model):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("chunk", [40, 8], ids=["whole-step", "kernel"])
 def test_padded_chunks_over_a_packed_history_match_the_reference_path(chunk, dtype, monkeypatch):
-    """A left-padded batch fed in chunks after the packed part exists: chunks of 32 queries
+    """A left-padded batch fed in chunks after the packed part exists: chunks of 16 queries
     or more attend through SDPA over the whole step (the packed part dequantized in C), shorter
     ones through the C kernel; both give the reference path's logits on the real tokens, and
     the padded rows, which see no key, no NaN."""
@@ -174,7 +174,7 @@ def test_padded_chunks_over_a_packed_history_match_the_reference_path(chunk, dty
             tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=0.05, atol=0.05)
             torch.testing.assert_close(a[real_rows], b[real_rows], **tol)
     assert fused.layers[0].packed_tokens > 0
-    assert whole == ([] if chunk < 32 else [chunk] * 2 * len(fused.layers))
+    assert whole == ([] if chunk < kv_attention.DEQUANTIZE_QUERIES else [chunk] * 2 * len(fused.layers))
 
 
 @pytest.mark.skipif(not kv_cpu.available(), reason="no C compiler: the torch path serves instead")
