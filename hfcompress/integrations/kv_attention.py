@@ -28,7 +28,7 @@ from hfcompress.quant.triton_bridge import available as triton_available
 if TYPE_CHECKING:
     from hfcompress.integrations.kv_cache import QuantizedKVLayer
 
-__all__ = ["LAYERS", "LAYER_TAG", "TRACED_TAG", "kv_attention", "traced_step", "use_triton"]
+__all__ = ["LAYERS", "LAYER_TAG", "TRACED_TAG", "kv_attention", "needs_grads", "traced_step", "use_triton"]
 
 # update() tags a step's keys with their layer: kv_attention then knows the step and its cache.
 LAYER_TAG = "_hfcompress_kv_layer"
@@ -86,18 +86,27 @@ def _attend_packed(q: torch.Tensor, packed: PackedKV, bias: torch.Tensor | None,
     return attend_packed(q, packed, bias, sm_scale)
 
 
+def _sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, sm_scale: float
+) -> torch.Tensor:
+    """SDPA with ``mask`` (bool, or additive in the inputs' dtype; ``[B, 1, Q, T]`` or ``[Q, T]``,
+    None for none), the rows that see no key set to 0: some SDPA backends give such a row NaN
+    (the CPU one gives 0), and only those rows are set, so that a NaN from the inputs still
+    shows. ``[B, H, Q, D]``."""
+    out = F.scaled_dot_product_attention(q, k, v, mask, scale=sm_scale, enable_gqa=True)
+    if mask is None:
+        return out
+    dead = (~mask if mask.dtype == torch.bool else mask.isneginf()).all(-1)  # [B, 1, Q] or [Q]
+    return out.masked_fill(dead[..., None], 0.0) if dead.any() else out
+
+
 def _attend_sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, sm_scale: float
 ) -> torch.Tensor:
     """:func:`~hfcompress.quant.kv.attend_dense`'s output (float32, a fully masked row 0)
     through SDPA, without the log-sum-exp: for a step whose keys are all full precision."""
     mask = None if bias is None else bias[:, None]  # [B, 1, Q, T], broadcast over the heads
-    out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), mask, scale=sm_scale, enable_gqa=True)
-    if bias is None:
-        return out
-    # Some SDPA backends give a fully masked row NaN (the CPU one gives 0); only those rows are
-    # set to 0, so that a NaN from the inputs still shows.
-    return out.masked_fill(bias.isneginf().all(-1)[:, None, :, None], 0.0)
+    return _sdpa(q.float(), k.float(), v.float(), mask, sm_scale)
 
 
 def _whole_step_sdpa(
@@ -112,11 +121,7 @@ def _whole_step_sdpa(
     else:
         _check_mask(mask, total)
         mask = mask if mask.dtype == torch.bool else mask.to(query.dtype)
-    out = F.scaled_dot_product_attention(query, keys, values, mask, scale=sm_scale, enable_gqa=True)
-    dead = (~mask if mask.dtype == torch.bool else mask.isneginf()).all(-1)  # [B, 1, Q] or [Q]
-    if dead.any():
-        out = out.masked_fill(dead[..., None], 0.0)
-    return out.transpose(1, 2).contiguous()
+    return _sdpa(query, keys, values, mask, sm_scale).transpose(1, 2).contiguous()
 
 
 def _cpu_step(
@@ -168,7 +173,8 @@ def kv_attention(
     return _stored_attention(layer, query, key, value, attention_mask, sm_scale), None
 
 
-def _needs_grads(*tensors: torch.Tensor) -> bool:
+def needs_grads(*tensors: torch.Tensor) -> bool:
+    """Whether autograd will want gradients through any of ``tensors`` (the C paths have no backward)."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
@@ -177,7 +183,7 @@ def _stored_attention(layer, query, key, value, attention_mask, sm_scale: float)
     every part, then the step's tokens appended: ``[B, Q, H, D]``."""
     n_sink, n_packed, n_res = layer._sinks, layer.packed_tokens, layer._window
     b, _, q_len, _ = query.shape
-    grads = _needs_grads(query, key, value)
+    grads = needs_grads(query, key, value)
     # Many queries (a chunk of a prompt): SDPA over every token, like a float cache (CPU only;
     # elsewhere, and without the C code, whole_step gives None).
     if q_len >= DEQUANTIZE_QUERIES and not grads:

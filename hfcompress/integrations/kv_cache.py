@@ -53,7 +53,15 @@ from hfcompress.integrations.attention import (
     restore_attention,
     switch_attention,
 )
-from hfcompress.integrations.kv_attention import LAYER_TAG, LAYERS, TRACED_TAG, kv_attention, traced_step, use_triton
+from hfcompress.integrations.kv_attention import (
+    LAYER_TAG,
+    LAYERS,
+    TRACED_TAG,
+    kv_attention,
+    needs_grads,
+    traced_step,
+    use_triton,
+)
 from hfcompress.quant import kv_cpu
 from hfcompress.quant.dispatch import _force_reference
 from hfcompress.quant.kv import PackedKV
@@ -169,7 +177,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         # (the returned step must carry its graph).
         q = key_states.shape[-2]
         self._stage(key_states, value_states)
-        grads = torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad)
+        grads = needs_grads(key_states, value_states)
         whole = None if grads or _force_reference() else self.whole_step(q)
         if whole is None:
             keys, values = self.history()

@@ -28,7 +28,7 @@ import functools
 import json
 import logging
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -60,17 +60,17 @@ logger = logging.getLogger(__name__)
 QUANT_METHOD = "hfcompress"
 FORMAT_VERSION = 3
 READABLE_FORMAT_VERSIONS = (1, 2, 3)
-# The load guard: an empty tensor of this dtype (see the module docstring).
-_GUARD_DTYPE = ("U8", (0,))
+# The load guard's (dtype, shape) in the safetensors header: an empty uint8 tensor (see the
+# module docstring).
+_GUARD_HEADER = ("U8", (0,))
 
 
-def load_guard_key(layers: Iterable[str]) -> str | None:
+def load_guard_key(layers: Collection[str]) -> str | None:
     """The key of the load guard for a model with compressed ``layers``: the ``weight`` of the
-    first one (by name) that replaced a float module (a layer nested in another one, such as
-    a low-rank layer's quantized factor, replaced none); None without layers."""
-    names = sorted(layers)
-    outer = [n for n in names if not any(n.startswith(f"{other}.") for other in names)]
-    return f"{outer[0]}.weight" if outer else None
+    first one by name, None without layers. That one replaced a float module: a layer nested
+    in another (a low-rank layer's quantized factor, which replaced none) sorts after the
+    layer holding it, whose name is a prefix of its own."""
+    return f"{min(layers)}.weight" if layers else None
 
 
 class HfCompressQuantizationConfig(QuantizationConfigMixin):
@@ -190,7 +190,7 @@ class HfCompressQuantizer(HfQuantizer):
         state_dict = model.state_dict()
         guard = load_guard_key(self.quantization_config.layers)
         if guard is not None:
-            state_dict[guard] = torch.zeros(_GUARD_DTYPE[1], dtype=torch.uint8)
+            state_dict[guard] = torch.zeros(_GUARD_HEADER[1], dtype=torch.uint8)
         return state_dict, {HASH_KEY: json.dumps(renamed, sort_keys=True)}
 
     def is_serializable(self) -> bool:
@@ -265,7 +265,7 @@ def check_checkpoint(
         found = {rename(key): value for key, value in found.items()}
     where = Path(checkpoint_files[0]).parent if checkpoint_files else "checkpoint"
     guard = load_guard_key(layers)
-    if guard in found and found.pop(guard) != _GUARD_DTYPE:
+    if guard in found and found.pop(guard) != _GUARD_HEADER:
         raise CheckpointError(
             f"{where}: tensor {guard!r} should be the empty uint8 load guard that hfcompress writes; the files "
             "were edited. Re-save the compressed model"
