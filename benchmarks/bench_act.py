@@ -5,7 +5,7 @@ and decode speed, GLUE, and llm-compressor's SmoothQuant + W8A8 beside ours, in 
     python benchmarks/bench_act.py --sections ppl --peer llmcompressor=/tmp/peers/llmc/bin/python
     python benchmarks/bench_act.py --sections ppl --samples 32 --rows fp32 static_smoothquant \
         --peer llmcompressor=/tmp/peers/llmc/bin/python --peer-runs "static 0.7"
-    python benchmarks/bench_act.py --sections speed --rounds 5 [--amx-off]
+    python benchmarks/bench_act.py --sections speed --rounds 5 [--amx-off] [--dense-off]
     python benchmarks/bench_act.py --sections layers
     python benchmarks/bench_act.py --sections glue --glue-models 'outputs/glue/minilm-l6-{task}'
 
@@ -24,7 +24,9 @@ Protocol (the README's): calibration windows of 512 tokens of WikiText-2 *valida
   bf16, W8A16, W4A16 g128, W8A8 and W4A8 (per channel, the int8 kernel's case; g128, the
   W4 kernel's), round-robin over ``--rounds`` rounds, median. ``--amx-off`` adds each
   compressed row again with the AMX prefill kernels switched off (torch's ops and oneDNN, as
-  on CPUs without AMX), on a CPU that has them.
+  on CPUs without AMX), on a CPU that has them. ``--dense-off`` adds the rows whose many-row
+  calls can dequantize to bfloat16 and multiply in bfloat16 (no AMX, AVX-512 BF16) again with
+  that switched off: torch's int4 and int8 ops, as before it.
 * ``layers``: one layer per scheme (W8A8, W4A8 g128, W8A16, W4A16 g128) and SmolLM2 shape on 512
   bfloat16 rows, AMX kernels off and on, beside a dense bfloat16 matmul (microseconds).
 * ``glue``: MiniLM classifiers fine-tuned on SST-2 and MRPC (``--glue-models``, ``{task}`` in the
@@ -230,21 +232,28 @@ def _prefill_seconds(model, ids) -> float:
 
 
 @contextlib.contextmanager
-def _amx(on: bool):
+def _amx(on: bool, dense: bool = True):
     """The AMX prefill kernels as found (``on``), or switched off: torch's ops and oneDNN, as
-    on a CPU without AMX."""
-    from hfcompress.quant import cpu_w8a8
+    on a CPU without AMX; ``dense=False`` also switches off the bfloat16 matmul of the
+    dequantized weight that serves weight-only calls of many rows without AMX (torch's int4
+    and int8 ops, or the reference for 2 and 3 bits, as before it)."""
+    from hfcompress.quant import cpu_decode, cpu_w8a8
 
-    if on:
+    with contextlib.ExitStack() as stack:
+        if not on:
+            stack.enter_context(mock.patch.object(cpu_w8a8, "amx_available", lambda: False))
+        if not dense:
+            stack.enter_context(mock.patch.object(cpu_decode, "dense_available", lambda: False))
         yield
-        return
-    with mock.patch.object(cpu_w8a8, "amx_available", lambda: False):
-        yield
+
+
+# The kernels whose calls of many rows can take the bfloat16 matmul of the dequantized weight.
+_DENSE_PATHS = ("cpu_int4", "cpu_int8", "cpu_lowbit", "cpu_int4_a8")
 
 
 def section_speed(args) -> list[dict]:
     from hfcompress.eval import decode_speed
-    from hfcompress.quant import cpu_w8a8
+    from hfcompress.quant import cpu_decode, cpu_w8a8
     from hfcompress.quant.dispatch import select_path
 
     base = load_model("smollm2-135m")
@@ -260,17 +269,19 @@ def section_speed(args) -> list[dict]:
         down = model.model.layers[0].mlp.down_proj
         x = torch.randn(512, down.in_features if hasattr(down, "in_features") else 1536, dtype=model.dtype)
         path = select_path(down, x) if isinstance(down, hfcompress.QuantLinear) else "dense"
-        models[label] = (model, path, True)
+        models[label] = (model, path, (True, True))
         if args.amx_off and recipe is not None and cpu_w8a8.amx_available():
-            models[f"{label} [AMX off]"] = (model, path, False)
-    for model, _path, amx in models.values():
-        with _amx(amx):
+            models[f"{label} [AMX off]"] = (model, path, (False, True))
+        if args.dense_off and recipe is not None and cpu_decode.dense_available() and path in _DENSE_PATHS:
+            models[f"{label} [bf16 matmul off]"] = (model, path, (cpu_w8a8.amx_available(), False))
+    for model, _path, switches in models.values():
+        with _amx(*switches):
             _prefill_seconds(model, ids)  # warm-up: kernel packing
     prefill = {label: [] for label in models}
     decode = {label: [] for label in models}
     for _ in range(args.rounds):
-        for label, (model, _path, amx) in models.items():
-            with _amx(amx):
+        for label, (model, _path, switches) in models.items():
+            with _amx(*switches):
                 prefill[label].append(ids.shape[1] / _prefill_seconds(model, ids))
                 decode[label].append(decode_speed(model, tokenizer, new_tokens=64, repeats=1).tokens_per_second)
     rows = []
@@ -279,7 +290,7 @@ def section_speed(args) -> list[dict]:
     print(
         "\n| model | linear kernel | prefill 512 tok/s | vs fp32 | decode tok/s | vs fp32 |\n|---|---|---|---|---|---|"
     )
-    for label, (_model, path, _amx_on) in models.items():
+    for label, (_model, path, _switches) in models.items():
         p, d = statistics.median(prefill[label]), statistics.median(decode[label])
         rows.append({"model": label, "kernel": path, "prefill_tok_s": p, "decode_tok_s": d, "rounds": args.rounds})
         print(f"| {label} | {path} | {p:.0f} | {p / fp32_p:.2f}x | {d:.1f} | {d / fp32_d:.2f}x |")
@@ -387,6 +398,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
         "--amx-off", action="store_true", help="speed: also time each compressed row with the AMX kernels switched off"
+    )
+    parser.add_argument(
+        "--dense-off",
+        action="store_true",
+        help="speed: also time the rows that take the bfloat16 matmul of the dequantized weight without it",
     )
     runs = [f"{v} {a}" for v, a in PEER_RUNS]
     parser.add_argument("--peer-runs", nargs="*", default=[], choices=runs, help="only these peer runs (default: all)")

@@ -29,7 +29,7 @@ from hfcompress.quant.packing import pack
 if TYPE_CHECKING:
     from hfcompress.quant.linear import QuantLinear
 
-__all__ = ["decode_bits", "decode_fits", "decode_forward"]
+__all__ = ["DENSE_MIN_ROWS", "decode_bits", "decode_fits", "decode_forward", "dense_forward", "dequantize_bf16"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,8 @@ def _native_library() -> ctypes.CDLL | None:
         lib.decode_linear.restype = ctypes.c_int
         lib.decode_planned.argtypes = [ptr, ptr, ctypes.c_int, i64, i64, ptr, ctypes.c_int]
         lib.decode_planned.restype = ctypes.c_int
+        lib.dequantize_weight.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]
+        lib.dequantize_weight.restype = ctypes.c_int
     return lib
 
 
@@ -176,3 +178,77 @@ def decode_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor | None:
             f"(code {failed}); set {FORCE_REFERENCE_ENV}=1 to run the reference kernel meanwhile"
         )
     return y
+
+
+# -- many rows without AMX: dequantize, then a bfloat16 matmul ----------------------------------
+
+# Rows from which a 4- or 8-bit weight-only call that AMX does not take dequantizes its weight to
+# bfloat16 and multiplies in bfloat16 (oneDNN), rather than running torch's int4 or int8 op:
+# on SmolLM2's layer shapes (AMD EPYC with AVX-512 BF16, 2 threads, RESULTS.md stop 51) the two
+# took about the same time from 24 to 64 rows, and the bfloat16 matmul 1.3x-1.5x less from 96
+# and about 2x less at 512. 2- and 3-bit layers have no such op: their calls of AMX_MIN_ROWS
+# rows or more, too many for the decode kernel, took the reference kernel, 3x-12x slower.
+DENSE_MIN_ROWS = 64
+
+
+def _dense_min_rows(layer: QuantLinear) -> int:
+    return DENSE_MIN_ROWS if layer.bits in (4, 8) else AMX_MIN_ROWS
+
+
+@dataclass(frozen=True)
+class _DensePlan:
+    qweight: torch.Tensor  # the layer's packed codes, read by address
+    scales: torch.Tensor  # [N, G] float32
+    zeros: torch.Tensor | None  # [N, G] float32; None when symmetric
+
+
+def _dense_plan(layer: QuantLinear) -> _DensePlan:
+    zeros = None if layer.symmetric else layer.zeros.float().contiguous()
+    return _DensePlan(layer.qweight, layer.scales.float().contiguous(), zeros)
+
+
+def dequantize_bf16(layer: QuantLinear) -> torch.Tensor | None:
+    """The layer's weight ``[N, K]`` in bfloat16, from its packed codes in one pass of
+    ``decode_cpu.c``'s ``dequantize_weight``: bit for bit ``layer.dequantize(torch.bfloat16)``
+    ((q - z) * s in float32, rounded to nearest even), at a fraction of its time. None without
+    the C code, or for a layer on another device than the CPU."""
+    lib = _native_library()
+    if lib is None or layer.qweight.device.type != "cpu":
+        return None
+    plan = cached(layer, "cpu_dense", _dense_plan)
+    n, k = layer.out_features, layer.in_features
+    w = torch.empty(n, k, dtype=torch.bfloat16)
+    zeros = 0 if plan.zeros is None else plan.zeros.data_ptr()
+    failed = lib.dequantize_weight(plan.qweight.data_ptr(), layer.bits, plan.qweight.stride(0), n, k,
+                                   plan.scales.data_ptr(), zeros, layer_group(layer), w.data_ptr(),
+                                   torch.get_num_threads())  # fmt: skip
+    if failed == 1:
+        raise MemoryError("decode_cpu.c's dequantize_weight could not allocate its scratch memory")
+    if failed:
+        raise RuntimeError(f"decode_cpu.c's dequantize_weight refused a {layer.bits}-bit layer (code {failed})")
+    return w
+
+
+@functools.cache
+def dense_available() -> bool:
+    """Whether this CPU multiplies bfloat16 fast (AVX-512 BF16, as the decode kernel needs),
+    so that dequantizing to bfloat16 for a call of many rows pays."""
+    lib = _native_library()
+    return lib is not None and bool(lib.decode_bits_built())
+
+
+def dense_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor | None:
+    """``x @ dequantize(W)^T`` for a weight-only layer and ``x: [..., K]`` of many rows
+    (``DENSE_MIN_ROWS`` for 4 and 8 bits, ``AMX_MIN_ROWS`` for 2 and 3), as ``[..., N]`` in
+    ``x``'s dtype, no bias: the weight dequantized to bfloat16 (:func:`dequantize_bf16`, a
+    temporary the size of a bfloat16 weight) and multiplied by ``x`` in bfloat16 (float32 sums
+    inside oneDNN, a bfloat16 output). The rounding is a bfloat16 model's: inputs, weights and
+    outputs in bfloat16. None where it does not serve: fewer rows, or a CPU without AVX-512
+    BF16, where a bfloat16 matmul is slow (:func:`dense_available`)."""
+    k = layer.in_features
+    if x.numel() < _dense_min_rows(layer) * k or not dense_available():
+        return None
+    w = dequantize_bf16(layer)
+    if w is None:
+        return None
+    return torch.nn.functional.linear(x.to(torch.bfloat16), w).to(x.dtype)

@@ -228,6 +228,8 @@ def _our_kernels(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor | None:
     if rows >= cpu_w8a8.AMX_BF16_MIN_ROWS and cpu_w8a8.amx_bf16_serves(layer, rows):  # decoding skips the call
         return _amx_bf16_forward(layer, x, x.reshape(-1, layer.in_features).to(torch.bfloat16))
     y = cpu_decode.decode_forward(layer, x)
+    if y is None:  # many rows without AMX: dequantize, then a bfloat16 matmul
+        y = cpu_decode.dense_forward(layer, x)
     return None if y is None else _add_bias(layer, x, y)
 
 

@@ -409,3 +409,78 @@ int decode_planned(const int64_t *plan, const void *x, int dtype, int64_t T, int
                          plan[3], (const float *)(intptr_t)plan[4], plan[5], (const float *)(intptr_t)plan[6],
                          (const float *)(intptr_t)plan[7], y, dtype, threads);
 }
+
+/* One row's `bits`-bit codes (the layer's packing: each run of 8 codes in `bits` bytes, code i
+ * at bits [bits * i, bits * (i + 1)) of their little-endian word) as float32, K of them (the
+ * packed row holds ceil(K / 8) runs; codes past K are written too, up to the run's end). */
+static inline void unpack_weight_row(const uint8_t *p, int bits, int64_t K, float *codes) {
+    const int64_t runs = (K + 7) / 8;
+    if (bits == 8) {
+#pragma omp simd
+        for (int64_t k = 0; k < K; k++) codes[k] = (float)p[k];
+    } else if (bits == 4) {
+#pragma omp simd
+        for (int64_t j = 0; j < runs * 4; j++) {
+            codes[2 * j] = (float)(p[j] & 15);
+            codes[2 * j + 1] = (float)(p[j] >> 4);
+        }
+    } else if (bits == 2) {
+#pragma omp simd
+        for (int64_t j = 0; j < runs * 2; j++) {
+            codes[4 * j] = (float)(p[j] & 3);
+            codes[4 * j + 1] = (float)((p[j] >> 2) & 3);
+            codes[4 * j + 2] = (float)((p[j] >> 4) & 3);
+            codes[4 * j + 3] = (float)(p[j] >> 6);
+        }
+    } else { /* 3 bits: a run's 24-bit word */
+        for (int64_t r = 0; r < runs; r++) {
+            const uint32_t w = (uint32_t)p[3 * r] | (uint32_t)p[3 * r + 1] << 8 | (uint32_t)p[3 * r + 2] << 16;
+            for (int i = 0; i < 8; i++) codes[8 * r + i] = (float)((w >> (3 * i)) & 7);
+        }
+    }
+}
+
+/* The dequantized weight w [N, K] bfloat16 (row stride K) of a layer's packed codes qw [N,
+ * qw_stride] (2, 3, 4 or 8 bits): w[n, k] = bf16((q[n, k] - z[n, g]) * s[n, g]), g = k / group,
+ * with scales [N, G] and zeros [N, G] float32 (NULL: 2^(bits-1), symmetric), the difference and
+ * the product rounded separately in float32 (ISO C: no contraction into an FMA), then to
+ * bfloat16 to nearest even: bit for bit the reference dequantize (hfcompress/quant/affine.py) cast
+ * to bfloat16. For CPUs without AMX whose bfloat16 matmul is fast: the weight-only layers' calls
+ * of many rows dequantize, then multiply in bfloat16 (cpu_decode.py). Returns 0; 1 when scratch
+ * memory cannot be allocated; 2 for a width other than 2, 3, 4 or 8. */
+int dequantize_weight(const uint8_t *qw, int bits, int64_t qw_stride, int64_t N, int64_t K, const float *scales,
+                      const float *zeros, int64_t group, uint16_t *w, int threads) {
+    if (bits != 2 && bits != 3 && bits != 4 && bits != 8) return 2;
+    const int64_t G = (K + group - 1) / group, room = (K + 7) / 8 * 8;
+    const float symmetric_zero = (float)(1 << (bits - 1));
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *codes = malloc(sizeof(float) * (size_t)room), *row = malloc(sizeof(float) * (size_t)room);
+        /* every thread meets the loop (a worksharing loop's barrier waits for all of them) */
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            if (!codes || !row) {
+#pragma omp atomic write
+                failed = 1;
+                continue;
+            }
+            unpack_weight_row(qw + n * qw_stride, bits, K, codes);
+            for (int64_t g = 0; g < G; g++) {
+                const float s = scales[n * G + g], z = zeros ? zeros[n * G + g] : symmetric_zero;
+                const int64_t k1 = (g + 1) * group < K ? (g + 1) * group : K;
+#pragma omp simd
+                for (int64_t k = g * group; k < k1; k++) {
+                    const float d = codes[k] - z;
+                    row[k] = d * s;
+                }
+            }
+            uint16_t *out = w + n * K;
+#pragma omp simd
+            for (int64_t k = 0; k < K; k++) out[k] = float_to_bf16(row[k]);
+        }
+        free(codes);
+        free(row);
+    }
+    return failed;
+}

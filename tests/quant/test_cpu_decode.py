@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hfcompress.quant import cpu_decode, cpu_w8a8, dispatch
 from hfcompress.quant.affine import quantize_rtn
@@ -82,11 +83,11 @@ def test_cpu_decode_kernel_sums_the_bfloat16_inputs_exactly(bits, n, k, group_si
 
 
 @pytest.mark.parametrize("bits", [3, 2], ids=lambda b: f"w{b}")
-def test_cpu_lowbit_kernel_decodes_on_the_kernel_and_prefills_on_amx_or_the_reference(bits):
+def test_cpu_lowbit_kernel_decodes_on_the_kernel_and_prefills_on_amx_or_a_bfloat16_matmul(bits):
     # 2- and 3-bit layers whose groups the decode kernel takes get a CPU kernel of their own
     # (before, every call dequantized the weight: SmolLM2 W3 g128 decoded at 3.2 tokens/s
     # against float32's 29.2); from AMX_MIN_ROWS rows the AMX bfloat16 kernel serves them, or
-    # without AMX the reference computation.
+    # without AMX a bfloat16 matmul of the dequantized weight (before, the reference computation).
     _decode_kernel(bits)
     layer, qw = quant_layer(24, 256, bits=bits, group_size=128, bias=True)
     x = torch.randn(1, 256)
@@ -103,7 +104,8 @@ def test_cpu_lowbit_kernel_decodes_on_the_kernel_and_prefills_on_amx_or_the_refe
             exact = x.bfloat16().double() @ dense.double().t() + layer.bias.double()
             assert rel_err(layer(x).double(), exact) < 1e-6
         else:
-            assert torch.equal(layer(x), dispatch.reference_forward(layer, x))
+            weight = layer.dequantize(torch.bfloat16)
+            assert torch.equal(layer(x), F.linear(x.bfloat16(), weight).float() + layer.bias)
 
 
 def test_cpu_w4_decode_kernel_applies_the_zero_point_in_float32():
@@ -219,3 +221,102 @@ def test_cpu_w8_decode_kernel_multiplies_in_float32(n, k, symmetric, dtype, monk
         exact = x.double() @ dense.t() + layer.bias.double()
         # float32 sums of exact products; a bfloat16 output rounds once
         assert rel_err(y.double(), exact) < (1e-6 if dtype == torch.float32 else 4e-3)
+
+
+DEQUANTIZE_CASES = [  # (bits, n, k, group_size, symmetric, float_zero)
+    (4, 40, 576, 128, False, False),  # SmolLM2's K: a partial last group
+    (4, 9, 45, -1, False, True),  # odd K (rows padded to whole runs of 8 codes), float zero points
+    (4, 12, 200, 32, True, False),
+    (8, 7, 200, -1, True, False),
+    (8, 5, 96, 48, False, False),  # 8-bit groups (torch's int8 op takes per channel only)
+    (3, 24, 320, 64, False, False),
+    (3, 6, 45, 8, False, True),  # the smallest group; odd K
+    (2, 33, 256, 128, True, False),
+]
+
+
+@pytest.mark.parametrize(
+    "bits,n,k,group_size,symmetric,float_zero",
+    DEQUANTIZE_CASES,
+    ids=[f"w{c[0]}-k{c[2]}-g{c[3]}" for c in DEQUANTIZE_CASES],
+)
+def test_dequantize_bf16_is_the_reference_weight_bit_for_bit(bits, n, k, group_size, symmetric, float_zero):
+    # decode_cpu.c's dequantize_weight reads the packed codes and rounds (q - z) * s once, as
+    # the reference's float32 dequantize cast to bfloat16 does: the same bits.
+    if cpu_decode._native_library() is None:
+        pytest.skip("no C compiler")
+    layer, _ = quant_layer(n, k, bits=bits, group_size=group_size, symmetric=symmetric, float_zero=float_zero)
+    w = cpu_decode.dequantize_bf16(layer)
+    assert w.dtype == torch.bfloat16 and w.shape == (n, k)
+    assert torch.equal(w, layer.dequantize(torch.bfloat16))
+
+
+def _dense_path():
+    if not cpu_decode.dense_available():
+        pytest.skip("no AVX-512 BF16 here: calls of many rows keep torch's ops")
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 128), (8, -1), (3, 128), (2, 64)])
+def test_many_rows_without_amx_multiply_the_dequantized_weight_in_bfloat16(bits, group_size, monkeypatch):
+    # Without AMX, torch's int4 and int8 ops are decoding kernels: at 512 rows of SmolLM2's
+    # shapes they took about twice the time of dequantizing to bfloat16 and a bfloat16 matmul
+    # (AMD EPYC, AVX-512 BF16), which made W4A16 and W8A16 prefill slower than float32. From
+    # DENSE_MIN_ROWS rows (4 and 8 bits; 2 and 3 bits, whose calls took the reference, from
+    # AMX_MIN_ROWS) those calls now run the matmul: a bfloat16 model's rounding.
+    from hfcompress.quant import cpu_kernels
+
+    _dense_path()
+    monkeypatch.setattr(cpu_w8a8, "amx_bf16_serves", lambda layer, rows: False)
+    layer, qw = quant_layer(48, 256, bits=bits, group_size=group_size, symmetric=bits == 8, bias=True)
+    weight = layer.dequantize(torch.bfloat16)
+    first = cpu_decode.DENSE_MIN_ROWS if bits in (4, 8) else cpu_w8a8.AMX_MIN_ROWS
+    ran = []
+    dense_forward = cpu_decode.dense_forward
+
+    def counted(*args):
+        y = dense_forward(*args)
+        ran.extend([] if y is None else [1])
+        return y
+
+    monkeypatch.setattr(cpu_decode, "dense_forward", counted)
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(2, first // 2, 256).to(dtype)
+            y = layer(x)
+            assert ran, "the bfloat16 matmul did not run"
+            assert y.dtype == dtype and y.shape == (2, first // 2, 48)
+            expected = F.linear(x.bfloat16(), weight).to(dtype) + layer.bias.to(dtype)
+            assert torch.equal(y, expected)
+            # its error: a bfloat16 model's, within 2x that of rounding only inputs and output
+            dense = qw.dequantize().float()
+            ref = x.float() @ dense.t()
+            floor = rel_err((x.bfloat16().float() @ dense.t()).bfloat16().float(), ref)
+            assert rel_err(y.float() - layer.bias, ref) < 2 * floor
+        ran.clear()
+        # fewer rows: torch's op (4 and 8 bits) or, below AMX_MIN_ROWS, the decode kernel
+        x = torch.randn(first - 1, 256)
+        if bits in (4, 8):
+            built = []
+            build = cpu_kernels._build_int4 if bits == 4 else cpu_kernels._build_int8
+            monkeypatch.setattr(cpu_kernels, f"_build_int{bits}", lambda lay: built.append(1) or build(lay))
+            layer(x)
+            assert built and not ran
+        else:
+            layer(x)
+            assert not ran
+
+
+def test_many_rows_keep_torch_ops_without_avx512_bf16(monkeypatch):
+    # Where a bfloat16 matmul is slow (AVX2 only: 70x float32 on one VM), nothing changes.
+    from hfcompress.quant import cpu_kernels
+
+    monkeypatch.setattr(cpu_w8a8, "amx_bf16_serves", lambda layer, rows: False)
+    monkeypatch.setattr(cpu_decode, "dense_available", lambda: False)
+    monkeypatch.setattr(cpu_decode, "dequantize_bf16", lambda layer: pytest.fail("dequantized for a matmul"))
+    layer, _ = quant_layer(48, 256, group_size=128)
+    built = []
+    build = cpu_kernels._build_int4
+    monkeypatch.setattr(cpu_kernels, "_build_int4", lambda lay: built.append(1) or build(lay))
+    with torch.no_grad():
+        layer(torch.randn(cpu_decode.DENSE_MIN_ROWS * 2, 256))
+    assert built
