@@ -491,6 +491,8 @@ def _native_library() -> ctypes.CDLL | None:
         lib.w8a8_linear.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, ctypes.c_int,
                                     ctypes.c_float, ptr, ctypes.c_int]  # fmt: skip
         lib.w8a8_linear.restype = ctypes.c_int
+        lib.w8a8_planned.argtypes = [ptr, ptr, ctypes.c_int, i64, i64, ptr, ptr, ctypes.c_int]
+        lib.w8a8_planned.restype = ctypes.c_int
         lib.w8a8_quantize_rows.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ctypes.c_int, ctypes.c_float, ptr, ptr,
                                            ctypes.c_int]  # fmt: skip
         lib.w8a8_quantize_rows.restype = ctypes.c_int
@@ -507,32 +509,56 @@ def _native_library() -> ctypes.CDLL | None:
     return lib
 
 
-def _native_forward(layer: QuantLinear, x: torch.Tensor, lib: ctypes.CDLL) -> torch.Tensor:
-    """``w8a8_cpu.c`` on the rows of ``x``: the result of the ``torch._int_mm`` path below."""
+@dataclass(frozen=True)
+class _NativePlan:
+    pack: _IntMMPack  # held: the kernel reads its tensors by address
+    weight: torch.Tensor  # [N, K] int8, contiguous
+    static: torch.Tensor | None  # the layer's input_scale buffer (static schemes), read by address
+    array: torch.Tensor  # int64: w8a8_planned's plan
+    address: int  # array's
+
+
+def _native_plan(layer: QuantLinear) -> _NativePlan:
     pack = cached(layer, "cpu_int_mm", _build)
     weight = pack.weight.t()  # [N, K], contiguous
-    lead, n = x.shape[:-1], layer.out_features
-    x2 = x.reshape(-1, layer.in_features)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
     act = layer.scheme.input_activations
-    static = None if act.dynamic else layer.input_scale
-    # torch adds the bias after casting to the input dtype: in float32, the kernel can do it.
-    bias = layer.bias if layer.bias is not None and x.dtype == torch.float32 else None
-    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
-        bias = bias.float().contiguous()
-    out = torch.empty(x2.shape[0], n)
-    failed = lib.w8a8_linear(
-        x2.data_ptr(), NATIVE_X_DTYPES[x.dtype], x2.shape[0], layer.in_features, x2.stride(0),
-        weight.data_ptr(), pack.weight_sum.data_ptr(), n, pack.scales.data_ptr(),
-        None if pack.correction is None else pack.correction.data_ptr(),
-        None if bias is None else bias.data_ptr(),
-        int(static is None), 0.0 if static is None else float(static), out.data_ptr(), torch.get_num_threads(),
+    static = None if act.dynamic else layer._buffers["input_scale"]
+    array = torch.tensor(
+        [weight.data_ptr(), pack.weight_sum.data_ptr(), layer.out_features, pack.scales.data_ptr(),
+         0 if pack.correction is None else pack.correction.data_ptr(), int(static is None),
+         0 if static is None else static.data_ptr(), layer.in_features],
+        dtype=torch.int64,
     )  # fmt: skip
+    return _NativePlan(pack, weight, static, array, array.data_ptr())
+
+
+def _native_forward(layer: QuantLinear, x: torch.Tensor, lib: ctypes.CDLL) -> torch.Tensor:
+    """``w8a8_cpu.c`` on the rows of ``x``: the result of the ``torch._int_mm`` path below. The
+    call's fixed arguments are prepared once per layer and passed as one array."""
+    plan = cached(layer, "cpu_w8a8_native", _native_plan)
+    if plan.static is not None and layer._buffers.get("input_scale") is not plan.static:  # a new scale tensor
+        layer._kernel_cache.pop("cpu_w8a8_native", None)
+        plan = cached(layer, "cpu_w8a8_native", _native_plan)
+    k, n = layer.in_features, layer.out_features
+    if x.is_contiguous():  # decoding's case: no view to make
+        rows, address, stride = x.numel() // k, x.data_ptr(), k
+    else:
+        x2 = x.reshape(-1, k)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        rows, address, stride = x2.shape[0], x2.data_ptr(), x2.stride(0)
+    fp32 = x.dtype == torch.float32
+    # torch adds the bias after casting to the input dtype: in float32, the kernel can do it.
+    bias = layer._parameters["bias"]
+    kernel_bias = bias is not None and fp32 and bias.dtype == torch.float32 and bias.is_contiguous()
+    out = x.new_empty((*x.shape[:-1], n)) if fp32 else torch.empty(rows, n)
+    bias_address = bias.data_ptr() if kernel_bias else None
+    failed = lib.w8a8_planned(plan.address, address, NATIVE_X_DTYPES[x.dtype], rows, stride, bias_address,
+                              out.data_ptr(), torch.get_num_threads())  # fmt: skip
     if failed:
         raise MemoryError("the CPU W8A8 kernel could not allocate its scratch memory")
-    y = out.to(x.dtype).reshape(*lead, n)
-    return y if layer.bias is None or bias is not None else y + layer.bias.to(x.dtype)
+    y = out if fp32 else out.to(x.dtype).reshape(*x.shape[:-1], n)
+    return y if bias is None or kernel_bias else y + bias.to(x.dtype)
 
 
 def _forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:

@@ -178,9 +178,21 @@ int w8a8_linear(const void *x, int x_dtype, int64_t T, int64_t K, int64_t x_stri
         return 1;
     }
     for (int64_t t = 0; t < T; t++) {
+        int8_t *qt = q + t * K;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+        /* sixteen lanes at a time, the same codes and scale as the scalar quantize_row (whose
+         * division and nearbyintf per value took most of a small layer's time) */
+        const size_t elem = x_dtype == 2 ? sizeof(float) : sizeof(uint16_t);
+        s[t] = quantize_row16((const char *)x + (size_t)(t * x_stride) * elem, x_dtype, K, dynamic, static_scale, qt);
+        int32_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t k = 0; k < K; k++) sum += qt[k];
+        qsum[t] = sum;
+#else
         load_floats(x, t * x_stride, K, x_dtype, row); /* x_dtype: 1 bfloat16, 2 float32 */
-        s[t] = quantize_row(row, K, dynamic, static_scale, q + t * K, &qsum[t]);
-        for (int64_t k = 0; k < K; k++) qu[t * K + k] = (uint8_t)((int32_t)q[t * K + k] + 128);
+        s[t] = quantize_row(row, K, dynamic, static_scale, qt, &qsum[t]);
+#endif
+        for (int64_t k = 0; k < K; k++) qu[t * K + k] = (uint8_t)((int32_t)qt[k] + 128);
     }
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
@@ -197,6 +209,20 @@ int w8a8_linear(const void *x, int x_dtype, int64_t T, int64_t K, int64_t x_stri
     }
     free(q); free(qu); free(s); free(qsum); free(row);
     return 0;
+}
+
+/* w8a8_linear with a layer's fixed arguments in one array, plan = {w, w_sum, N, w_scale, corr,
+ * dynamic, static_scale, K} (pointers as integers, 0 for NULL; static_scale the address of one
+ * float32, read at each call, or 0 when dynamic): at one row, ctypes took as long to convert
+ * w8a8_linear's fifteen arguments as the kernel took on SmolLM2's smaller layers (as for
+ * decode_cpu.c's decode_planned). */
+int w8a8_planned(const int64_t *plan, const void *x, int x_dtype, int64_t T, int64_t x_stride, const float *bias,
+                 float *out, int threads) {
+    const float *static_scale = (const float *)(intptr_t)plan[6];
+    return w8a8_linear(x, x_dtype, T, plan[7], x_stride, (const int8_t *)(intptr_t)plan[0],
+                       (const int32_t *)(intptr_t)plan[1], plan[2], (const float *)(intptr_t)plan[3],
+                       (const float *)(intptr_t)plan[4], bias, (int)plan[5], static_scale ? *static_scale : 0.0f, out,
+                       threads);
 }
 
 /* ---- AMX (Sapphire Rapids and later): prefill matmuls with their epilogues ----

@@ -145,6 +145,41 @@ def test_cpu_w8a8_c_kernel_equals_the_torch_path(strategy, dynamic, bits, symmet
         torch.testing.assert_close(layer(wide[:, :k]), layer(wide[:, :k].contiguous()), rtol=0, atol=0)
 
 
+def test_cpu_w8a8_c_kernel_reads_the_current_static_scale(monkeypatch):
+    # The kernel's fixed arguments are prepared once per layer (one array for ctypes); the
+    # static input scale is read through its address at every call, so a scale changed in place
+    # (load_state_dict) or replaced by a new tensor is the one used.
+    from hfcompress.quant import cpu_w8a8
+    from hfcompress.quant.scheme import QuantArgs
+
+    if cpu_w8a8._native_library() is None:
+        pytest.skip("no C compiler: the torch._int_mm path serves decoding")
+    act = QuantArgs(num_bits=8, symmetric=True, strategy="tensor", dynamic=False, observer=None, zp_dtype=None)
+    _, qw = quant_layer(24, 64, bits=8, group_size=-1, symmetric=True)
+    weights = QuantScheme.weight_only(num_bits=8, group_size=-1, in_features=64, symmetric=True).weights
+    layer = QuantLinear.from_quantized(qw, QuantScheme(weights=weights, input_activations=act))
+    x = torch.randn(1, 64) * 3
+
+    def torch_path():
+        with monkeypatch.context() as m:
+            m.setattr(cpu_w8a8, "_native_library", lambda: None)
+            return layer(x.clone())
+
+    with torch.no_grad():
+        outs = []
+        for change in (
+            lambda: layer.input_scale.fill_(0.02),
+            lambda: layer.load_state_dict({**layer.state_dict(), "input_scale": torch.tensor([0.05])}),
+            lambda: setattr(layer, "input_scale", torch.tensor([0.08])),
+        ):
+            layer(x)  # the plan is built (or kept)
+            change()
+            fast = layer(x.clone())
+            assert torch.equal(fast, torch_path())
+            outs.append(fast)
+    assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
+
+
 def test_cpu_w8a8_c_kernel_dot_paths_agree(tmp_path):
     """w8a8_cpu.c has three int8 dot products (AVX-512 VNNI on q + 128, AVX2 pair
     multiply-adds, plain C), chosen at compile time by the CPU it is built on; built for each
