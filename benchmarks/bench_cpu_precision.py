@@ -9,10 +9,12 @@ WikiText-2 test split are captured; the relative output error ``||y - y_ref|| / 
 float32 dequantized weight, for: bfloat16 activations alone (the floor of any bfloat16
 kernel), torch's op as we called it before (int4: the op's zero-point offset rounded to
 bfloat16, which is also what calls of fewer than 16 rows still run; int8: the scales
-rounded to bfloat16 inside the op), the op as we call it now (what CPUs without AMX run on
+rounded to bfloat16 inside the op), the op as we call it now (what CPUs without AMX or AVX-512 BF16 run on
 these 256-row calls), where the CPU has AMX, the AMX bfloat16 kernel that serves such
 calls there, and where the CPU has AVX-512 BF16, the decode kernel that serves decoding calls
-(fed the same rows 8 at a time; 4 bits on bfloat16 inputs, 8 bits in float32).
+(fed the same rows 8 at a time; 4 bits on bfloat16 inputs, 8 bits in float32) and the bfloat16
+matmul of the weight dequantized to bfloat16, which serves calls of 64 rows or more there
+without AMX.
 Perplexity: WikiText-2 test, first --windows windows of 512 tokens, with the reference kernel
 in float32 (``HFCOMPRESS_FORCE_REFERENCE=1``) and with the fast path.
 """
@@ -85,6 +87,7 @@ def _errors(model, inputs, kernel_name):
         "kernel now": 0.0,
         "AMX bf16 kernel": 0.0,
         "decode kernel": 0.0,
+        "bf16 matmul": 0.0,
     }
     ref_total = 0.0
     amx = cpu_w8a8.amx_available()
@@ -102,16 +105,19 @@ def _errors(model, inputs, kernel_name):
         if cpu_decode.decode_forward(m, rows[:1]) is not None:
             parts = [cpu_decode.decode_forward(m, rows[i : i + 8]) for i in range(0, len(rows), 8)]
             outs["decode kernel"] = torch.cat(parts).view(ref.shape)
+        if cpu_decode.dense_available():
+            outs["bf16 matmul"] = cpu_decode.dense_forward(m, x).float()
         attribute, before, now = _BEFORE[kernel_name]
-        serves = cpu_w8a8.amx_bf16_serves
+        serves, dense = cpu_w8a8.amx_bf16_serves, cpu_decode.dense_available
         cpu_w8a8.amx_bf16_serves = lambda *a: False  # torch's op, as on CPUs without AMX
+        cpu_decode.dense_available = lambda: False  # (and without the bfloat16 matmul)
         try:
             outs["kernel now"] = m(x).float()
             m._kernel_cache.clear()
             setattr(cpu_kernels, attribute, before)
             outs["kernel before"] = m(x).float()
         finally:
-            cpu_w8a8.amx_bf16_serves = serves
+            cpu_w8a8.amx_bf16_serves, cpu_decode.dense_available = serves, dense
             setattr(cpu_kernels, attribute, now)
             m._kernel_cache.clear()
         for key, y in outs.items():
@@ -131,9 +137,10 @@ def main() -> None:
     tokens = tokenizer(load_text("wikitext2:test"), return_tensors="pt", add_special_tokens=False).input_ids[0]
     print(f"SmolLM2-135M, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
     print(
-        "| scheme | kernel | rel. error: bf16 activations only | op before | op now | AMX bf16 kernel | decode kernel |"
+        "| scheme | kernel | rel. error: bf16 activations only | op before | op now | AMX bf16 kernel | decode kernel "
+        "| bf16 matmul |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     ppl_rows = []
     for label, (recipe, kernel_name) in RECIPES.items():
         model = copy.deepcopy(base)

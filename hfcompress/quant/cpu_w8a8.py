@@ -32,7 +32,10 @@ Three int8 matmuls serve it, chosen per call:
   the rows, takes the int8 dot products (AVX-512 VNNI, else AVX2 multiply-adds) and applies
   the epilogue in one pass. Through torch the same work is about a dozen small operator calls
   per layer, which at one row cost more than the matmul; the kernel's float operations are
-  torch's, in the same order, so its float32 result is bit-identical. On AVX-512 CPUs the same
+  torch's, in the same order, so its float32 result is bit-identical. Its fixed arguments
+  are prepared once per layer and passed as one array (``w8a8_planned``), and with AVX-512 it
+  quantizes the row sixteen lanes at a time: a one-row call on SmolLM2's four layer shapes
+  took 11.6-19.7 us, against 21.6-34.3 us before (AMD EPYC VM, alternating runs). On AVX-512 CPUs the same
   library also quantizes the rows of larger calls, in one vectorized pass per row with rows in
   parallel, bit for bit torch's operations (on a 2-core Sapphire Rapids VM, 2-4x faster than
   torch's five operator calls for 512 rows).
