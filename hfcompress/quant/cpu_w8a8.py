@@ -89,6 +89,7 @@ __all__ = [
     "layer_group",
     "onednn_available",
     "onednn_works",
+    "row_view",
 ]
 
 logger = logging.getLogger(__name__)
@@ -512,6 +513,18 @@ def _native_library() -> ctypes.CDLL | None:
     return lib
 
 
+def row_view(x: torch.Tensor, k: int) -> tuple[torch.Tensor, int, int, int]:
+    """``x: [..., k]`` as rows for a C kernel: ``(held, rows, address, row stride)``, ``held``
+    the tensor whose memory ``address`` points into (keep it alive through the call); a copy
+    only when the last dimension is strided."""
+    if x.is_contiguous():  # decoding's case: no view to make
+        return x, x.numel() // k, x.data_ptr(), k
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return x2, x2.shape[0], x2.data_ptr(), x2.stride(0)
+
+
 @dataclass(frozen=True)
 class _NativePlan:
     pack: _IntMMPack  # held: the kernel reads its tensors by address
@@ -543,13 +556,7 @@ def _native_forward(layer: QuantLinear, x: torch.Tensor, lib: ctypes.CDLL) -> to
         layer._kernel_cache.pop("cpu_w8a8_native", None)
         plan = cached(layer, "cpu_w8a8_native", _native_plan)
     k, n = layer.in_features, layer.out_features
-    if x.is_contiguous():  # decoding's case: no view to make
-        rows, address, stride = x.numel() // k, x.data_ptr(), k
-    else:
-        x2 = x.reshape(-1, k)
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        rows, address, stride = x2.shape[0], x2.data_ptr(), x2.stride(0)
+    _held, rows, address, stride = row_view(x, k)  # _held: alive through the call
     fp32 = x.dtype == torch.float32
     # torch adds the bias after casting to the input dtype: in float32, the kernel can do it.
     bias = layer._parameters["bias"]
