@@ -21,12 +21,13 @@ Protocol (the README's): calibration windows of 512 tokens of WikiText-2 *valida
   interpreter (llm-compressor pins another transformers) right after our rows.
 * ``speed``: prefill of one 512-token sequence (logits of the last position, as ``generate``
   computes them) and greedy decode (64 new tokens after a short prompt), tokens/s, for fp32,
-  bf16, W8A16, W4A16 g128, W8A8 and W4A8 (per channel, the int8 kernel's case; g128, the
-  W4 kernel's), round-robin over ``--rounds`` rounds, median. ``--amx-off`` adds each
-  compressed row again with the AMX prefill kernels switched off (torch's ops and oneDNN, as
-  on CPUs without AMX), on a CPU that has them. ``--dense-off`` adds the rows whose many-row
-  calls can dequantize to bfloat16 and multiply in bfloat16 (no AMX, AVX-512 BF16) again with
-  that switched off: torch's int4 and int8 ops, as before it.
+  bf16, W8A16, W4A16 g128 (both also in a bfloat16 model, beside bf16 dense), W8A8 and W4A8
+  (per channel, the int8 kernel's case; g128, the W4 kernel's), round-robin over ``--rounds``
+  rounds, median. ``--amx-off`` adds each compressed row again with the AMX prefill kernels
+  switched off (torch's ops and oneDNN, as on CPUs without AMX), on a CPU that has them.
+  ``--dense-off`` adds the rows whose many-row calls can dequantize to bfloat16 and multiply
+  in bfloat16 (no AMX, AVX-512 BF16) again with that switched off: torch's int4 and int8 ops,
+  as before it.
 * ``layers``: one layer per scheme (W8A8, W4A8 g128, W8A16, W4A16 g128) and SmolLM2 shape on 512
   bfloat16 rows, AMX kernels off and on, beside a dense bfloat16 matmul (microseconds).
 * ``glue``: MiniLM classifiers fine-tuned on SST-2 and MRPC (``--glue-models``, ``{task}`` in the
@@ -210,6 +211,8 @@ SPEED_ROWS = {
     "bf16 dense": (None, torch.bfloat16),
     "W8A16 (RTN W8 per channel)": (_stages(W8), torch.float32),
     "W4A16 (RTN W4 g128, the README demo's)": (_stages(W4G128), torch.float32),
+    "W8A16, bf16 model": (_stages(W8), torch.bfloat16),
+    "W4A16 g128, bf16 model": (_stages(W4G128), torch.bfloat16),
     "W8A8 dynamic per-token": (_stages(W8, _acts()), torch.float32),
     "W8A8 dynamic per-token, bf16 model": (_stages(W8, _acts()), torch.bfloat16),
     "W8A8 dynamic per-token, rotated (llama_w8a8_dynamic.yaml)": (_stages(ROT, W8, _acts()), torch.float32),
