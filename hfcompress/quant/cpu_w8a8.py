@@ -423,68 +423,125 @@ def _onednn(layer: QuantLinear, xq: torch.Tensor, sx: torch.Tensor, out_dtype: t
 class _LastInput(threading.local):
     """The last quantized input: q, k and v (gate and up) are called with the very same
     tensor, so it is quantized once for all of them (SmolLM2: 4 quantizations per block
-    instead of 7). Holds one activation tensor alive until the next call."""
+    instead of 7). Holds the last input's codes and its fake quantization alive until the next
+    call."""
 
     def __init__(self) -> None:
         self.key: tuple | None = None
         self.value: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.fq_key: tuple | None = None  # the same for fake_quantized_input's result
+        self.fq: torch.Tensor | None = None
 
 
 _LAST = _LastInput()
 
 
-def _native_quantize(x2: torch.Tensor, act, static: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``w8a8_cpu.c``'s row quantization of ``x2: [T, K]`` (rows in parallel, AVX-512), bit for
-    bit the torch path's result; None where it does not apply (no compiler, no AVX-512, where
-    torch's ops are faster; float16; a dynamic per-tensor or per-channel scale)."""
+def _input_key(x: torch.Tensor, act, static: torch.Tensor | None) -> tuple | None:
+    """What makes a layer's quantized input reusable by the next layer: the very tensor ``x``
+    (unchanged since: its version), the input scheme and a static scale's value; None when it
+    cannot be reused."""
+    try:
+        # Compiled code may rewrite a buffer it handed to the op without bumping its version.
+        version = None if compiled.in_op() else x._version
+    except RuntimeError:  # an inference-mode tensor has no version counter: do not reuse
+        return None
+    return None if version is None else (x, version, act, None if static is None else tuple(static.tolist()))
+
+
+def _same_input(last: tuple | None, key: tuple | None) -> bool:
+    return key is not None and last is not None and last[0] is key[0] and last[1:] == key[1:]
+
+
+def _native_rows(x2: torch.Tensor, act, static: torch.Tensor | None) -> tuple[ctypes.CDLL, int, float] | None:
+    """``(library, dynamic, static scale)`` for ``w8a8_cpu.c``'s row quantization of ``x2: [T,
+    K]`` (rows in parallel, AVX-512), or None where it does not apply (no compiler, no AVX-512,
+    where torch's ops are faster; float16; a dynamic per-tensor or per-channel scale)."""
     per_token = act.strategy == "token" and act.dynamic
     per_tensor_static = act.strategy == "tensor" and not act.dynamic and static is not None and static.numel() == 1
     if not (per_token or per_tensor_static) or x2.dtype not in NATIVE_X_DTYPES or x2.stride(-1) != 1:
         return None
-    lib = _native_library()
-    if lib is None or not lib.w8a8_quantize_is_vectorized():
+    lib = _vectorized_library()
+    if lib is None:
         return None
+    return lib, int(per_token), 0.0 if per_token else float(static)
+
+
+def _vectorized_library() -> ctypes.CDLL | None:
+    """``w8a8_cpu.c`` where its row quantization is vectorized (AVX-512), else None."""
+    lib = _native_library()
+    return lib if lib is not None and _is_vectorized(lib) else None
+
+
+@functools.cache
+def _is_vectorized(lib: ctypes.CDLL) -> bool:
+    return bool(lib.w8a8_quantize_is_vectorized())  # asked once: decoding asks for every layer
+
+
+def _native_quantize(x2: torch.Tensor, act, static: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``w8a8_cpu.c``'s row quantization of ``x2: [T, K]``, bit for bit the torch path's result;
+    None where it does not apply (:func:`_native_rows`)."""
+    native_rows = _native_rows(x2, act, static)
+    if native_rows is None:
+        return None
+    lib, dynamic, static_scale = native_rows
     t, k = x2.shape
     q = torch.empty(t, k, dtype=torch.int8)
     scales = torch.empty(t, 1)
     failed = lib.w8a8_quantize_rows(
-        x2.data_ptr(), NATIVE_X_DTYPES[x2.dtype], t, k, x2.stride(0), int(per_token),
-        0.0 if per_token else float(static), q.data_ptr(), scales.data_ptr(), torch.get_num_threads(),
+        x2.data_ptr(), NATIVE_X_DTYPES[x2.dtype], t, k, x2.stride(0), dynamic, static_scale, q.data_ptr(),
+        scales.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     if failed:  # only a build without AVX-512 refuses, and it was asked above
         raise RuntimeError(f"w8a8_quantize_rows returned {failed}")
     # A static scale stays one number, unless a row held a NaN or an infinity: its scale is NaN.
-    return q, (scales if per_token or scales.isnan().any() else static.float())
+    return q, (scales if dynamic or scales.isnan().any() else static.float())
 
 
 def _quantized_input(layer: QuantLinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x_q: [T, K] int8, s_x: [T, 1] or [1] float32)`` for ``x: [..., K]``."""
     act = layer.scheme.input_activations
-    static = getattr(layer, "input_scale", None)
-    try:
-        # Compiled code may rewrite a buffer it handed to the op without bumping its version.
-        version = None if compiled.in_op() else x._version
-    except RuntimeError:  # an inference-mode tensor has no version counter: do not reuse
-        version = None
-    key = (x, version, act, None if static is None else tuple(static.tolist()))
-    last = _LAST.key
-    if version is not None and last is not None and last[0] is x and last[1:] == key[1:]:
+    static = layer._buffers.get("input_scale")
+    key = _input_key(x, act, static)
+    if _same_input(_LAST.key, key):
         return _LAST.value
     x2 = x.reshape(-1, layer.in_features)
     value = _native_quantize(x2, act, static) if act.num_bits == 8 else None
     if value is None:
         sx = activation_scales(x2, act, static)  # [T, 1] or [1]
         value = (quantize_activations(x2, sx, act.num_bits), nonfinite_rows_nan(x2, sx, act))
-    _LAST.key, _LAST.value = (key, value) if version is not None else (None, None)
+    _LAST.key, _LAST.value = (key, value) if key is not None else (None, None)
     return value
 
 
 def fake_quantized_input(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    """``fq(x)`` (:func:`hfcompress.quant.dispatch.fake_quantize_inputs`) bit for bit, from the
-    codes :func:`_quantized_input` makes: in one C pass where it applies, and once for the
-    layers that read the same tensor (q, k and v; gate and up)."""
-    xq, sx = _quantized_input(layer, x)
-    return (xq.float() * sx).to(x.dtype).reshape(x.shape)
+    """``fq(x)`` (:func:`hfcompress.quant.dispatch.fake_quantize_inputs`) bit for bit: in one C
+    pass where it applies (``w8a8_fake_quantize_rows``: the codes of :func:`_native_quantize`
+    times their scales, in ``x``'s dtype), else from the codes :func:`_quantized_input` makes;
+    once for the layers that read the same tensor (q, k and v; gate and up)."""
+    act = layer.scheme.input_activations
+    static = layer._buffers.get("input_scale")
+    key = _input_key(x, act, static)
+    if _same_input(_LAST.fq_key, key):
+        return _LAST.fq
+    x2 = x.reshape(-1, layer.in_features)
+    native_rows = _native_rows(x2, act, static) if act.num_bits == 8 else None
+    if native_rows is not None:
+        lib, dynamic, static_scale = native_rows
+        fq = torch.empty(x2.shape, dtype=x.dtype)
+        failed = lib.w8a8_fake_quantize_rows(
+            x2.data_ptr(), NATIVE_X_DTYPES[x2.dtype], x2.shape[0], x2.shape[1], x2.stride(0), dynamic, static_scale,
+            fq.data_ptr(), NATIVE_X_DTYPES[x.dtype], torch.get_num_threads(),
+        )  # fmt: skip
+        if failed == 1:
+            raise MemoryError("w8a8_fake_quantize_rows could not allocate its scratch memory")
+        if failed:  # only a build without AVX-512 refuses, and it was asked above
+            raise RuntimeError(f"w8a8_fake_quantize_rows returned {failed}")
+    else:
+        xq, sx = _quantized_input(layer, x)
+        fq = (xq.float() * sx).to(x.dtype)
+    fq = fq.reshape(x.shape)
+    _LAST.fq_key, _LAST.fq = (key, fq) if key is not None else (None, None)
+    return fq
 
 
 @functools.cache
@@ -500,6 +557,9 @@ def _native_library() -> ctypes.CDLL | None:
         lib.w8a8_quantize_rows.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ctypes.c_int, ctypes.c_float, ptr, ptr,
                                            ctypes.c_int]  # fmt: skip
         lib.w8a8_quantize_rows.restype = ctypes.c_int
+        lib.w8a8_fake_quantize_rows.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ctypes.c_int, ctypes.c_float, ptr,
+                                                ctypes.c_int, ctypes.c_int]  # fmt: skip
+        lib.w8a8_fake_quantize_rows.restype = ctypes.c_int
         lib.w8a8_quantize_is_vectorized.restype = ctypes.c_int
         lib.w8a8_amx_init.restype = ctypes.c_int
         lib.w8a8_amx_pack.argtypes = [ptr, i64, i64, i64, ctypes.c_int, ptr]

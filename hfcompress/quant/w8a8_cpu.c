@@ -164,6 +164,50 @@ int w8a8_quantize_rows(const void *x, int x_dtype, int64_t T, int64_t K, int64_t
 #endif
 }
 
+/* The rows' fake quantization, out [T, K] (row stride K; out_dtype 2 float32, 1 bfloat16 rounded
+ * to nearest even) = (float)q[t, k] * s_t with q and s_t as w8a8_quantize_rows makes them: bit for
+ * bit torch's (q.float() * s).to(dtype), in one pass (the W4A8 layers that multiply fq(x) by
+ * grouped 4-bit weights; through torch, the quantization and these two ops took 17 us a row on a
+ * 576-wide layer). Returns 0, 1 when scratch memory cannot be allocated, or 2 in a build without
+ * AVX-512 (w8a8_quantize_is_vectorized). */
+int w8a8_fake_quantize_rows(const void *x, int x_dtype, int64_t T, int64_t K, int64_t x_stride, int dynamic,
+                            float static_scale, void *out, int out_dtype, int threads) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    const size_t elem = x_dtype == 2 ? sizeof(float) : sizeof(uint16_t);
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        int8_t *q = malloc((size_t)K);
+        /* every thread meets the loop (a worksharing loop's barrier waits for all of them) */
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; t++) {
+            if (!q) {
+#pragma omp atomic write
+                failed = 1;
+                continue;
+            }
+            const float s = quantize_row16((const char *)x + (size_t)(t * x_stride) * elem, x_dtype, K, dynamic,
+                                           static_scale, q);
+            if (out_dtype == 2) {
+                float *o = (float *)out + t * K;
+#pragma omp simd
+                for (int64_t k = 0; k < K; k++) o[k] = (float)q[k] * s;
+            } else {
+                uint16_t *o = (uint16_t *)out + t * K;
+#pragma omp simd
+                for (int64_t k = 0; k < K; k++) o[k] = float_to_bf16((float)q[k] * s);
+            }
+        }
+        free(q);
+    }
+    return failed;
+#else
+    (void)x; (void)x_dtype; (void)T; (void)K; (void)x_stride; (void)dynamic; (void)static_scale; (void)out;
+    (void)out_dtype; (void)threads;
+    return 2;
+#endif
+}
+
 /* Returns 0, or 1 when scratch memory cannot be allocated. */
 int w8a8_linear(const void *x, int x_dtype, int64_t T, int64_t K, int64_t x_stride, const int8_t *w,
                 const int32_t *w_sum, int64_t N, const float *w_scale, const float *corr, const float *bias,

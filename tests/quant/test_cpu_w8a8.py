@@ -495,11 +495,19 @@ def test_grouped_w4a8_amx_needs_k_and_groups_multiples_of_64(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("strategy,dynamic", [("token", True), ("tensor", False), ("channel", False)])
-def test_w4a8_decode_inputs_are_the_references_fake_quantization(strategy, dynamic, dtype):
-    # cpu_int4_a8's few-row calls (decoding) put the inputs on their int8 grid from the codes
-    # cpu_w8a8 makes (one C pass, shared by layers reading one tensor): bit for bit fq(x).
+def test_w4a8_decode_inputs_are_the_references_fake_quantization(strategy, dynamic, dtype, monkeypatch):
+    # cpu_int4_a8's calls without AMX put the inputs on their int8 grid: for per-token and
+    # static per-tensor scales in one C pass (w8a8_fake_quantize_rows), once for the layers
+    # reading one tensor; bit for bit fq(x), rows holding a NaN or an infinity included.
     from hfcompress.quant import cpu_w8a8
     from hfcompress.quant.scheme import QuantArgs
+
+    lib = cpu_w8a8._native_library()
+    native = lib is not None and lib.w8a8_quantize_is_vectorized() and strategy != "channel"
+    calls = []
+    if native:
+        c_fake_quantize = lib.w8a8_fake_quantize_rows
+        monkeypatch.setattr(lib, "w8a8_fake_quantize_rows", lambda *a: calls.append(1) or c_fake_quantize(*a))
 
     act = QuantArgs(num_bits=8, symmetric=True, strategy=strategy, dynamic=dynamic, observer=None, zp_dtype=None)
     k = 96
@@ -509,10 +517,27 @@ def test_w4a8_decode_inputs_are_the_references_fake_quantization(strategy, dynam
     if not dynamic:
         layer.input_scale.copy_(torch.rand(layer.input_scale.shape) * 0.05 + 0.01)
     g = torch.Generator().manual_seed(3)
-    for shape in [(1, k), (1, 1, k), (13, k)]:
+
+    def same(a, b):  # bit for bit, NaN where NaN
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+    for shape in [(1, k), (1, 1, k), (13, k), (2, 40, k)]:
         x = (torch.randn(shape, generator=g) * torch.linspace(0.2, 4, k)).to(dtype)
+        x.view(-1, k)[-1, 5] = float("nan") if len(shape) == 3 else float("inf")
         fast = cpu_w8a8.fake_quantized_input(layer, x)
-        assert fast.dtype == dtype and torch.equal(fast, dispatch.fake_quantize_inputs(layer, x))
+        assert fast.dtype == dtype and fast.shape == x.shape
+        # the finite rows: fq(x); the last row's scale is NaN, so the whole row is (the
+        # reference keeps the infinity itself: either way the layer's output row is NaN)
+        rows, reference = fast.view(-1, k), dispatch.fake_quantize_inputs(layer, x).view(-1, k)
+        same(rows[:-1], reference[:-1])
+        assert rows[-1].isnan().all()
+        assert cpu_w8a8.fake_quantized_input(layer, x) is fast  # the next layer reading x
+        x.view(-1, k)[-1, 5] = 0.0
+        x.mul_(0.5)  # changed in place: quantized again
+        same(cpu_w8a8.fake_quantized_input(layer, x), dispatch.fake_quantize_inputs(layer, x))
+    wide = (torch.randn(3, 2 * k, generator=g) * 2).to(dtype)  # a strided input (a column slice)
+    same(cpu_w8a8.fake_quantized_input(layer, wide[:, :k]), dispatch.fake_quantize_inputs(layer, wide[:, :k]))
+    assert len(calls) == (9 if native else 0)
     x = torch.randn(2, k).to(dtype)
     assert dispatch.select_path(layer, x) == "cpu_int4_a8"
     assert rel_err(layer(x).float(), dispatch.reference_forward(layer, x).float()) < 2e-2
