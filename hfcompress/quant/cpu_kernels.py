@@ -63,7 +63,8 @@ against 0.188% for W8).
 All three serve weight-only schemes. A layer with quantized input activations goes to the integer
 matmuls of ``cpu_w8a8`` when its weights allow one (per channel); grouped 4-bit weights with
 int8 inputs (W4A8 g128) go to ``cpu_int4_a8``: the inputs fake-quantized (the reference's
-``fq(x)``), then ``cpu_int4``, at the weight-only op's speed instead of the reference's, which
+``fq(x)``, in one C pass where ``w8a8_cpu.c`` is vectorized, and once for the layers that read
+one tensor), then ``cpu_int4``, at the weight-only op's speed instead of the reference's, which
 dequantizes the whole weight on every call. On CPUs with AMX, its calls of ``AMX_MIN_ROWS``
 rows or more whose K and group size are multiples of 64 run ``w8a8_cpu.c``'s AMX int8 kernel
 (:func:`hfcompress.quant.cpu_w8a8.amx_int8_forward`): the int8 codes of the inputs times the
