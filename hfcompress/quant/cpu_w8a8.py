@@ -611,10 +611,7 @@ def _native_plan(layer: QuantLinear) -> _NativePlan:
 def _native_forward(layer: QuantLinear, x: torch.Tensor, lib: ctypes.CDLL) -> torch.Tensor:
     """``w8a8_cpu.c`` on the rows of ``x``: the result of the ``torch._int_mm`` path below. The
     call's fixed arguments are prepared once per layer and passed as one array."""
-    plan = cached(layer, "cpu_w8a8_native", _native_plan)
-    if plan.static is not None and layer._buffers.get("input_scale") is not plan.static:  # a new scale tensor
-        layer._kernel_cache.pop("cpu_w8a8_native", None)
-        plan = cached(layer, "cpu_w8a8_native", _native_plan)
+    plan = cached(layer, "cpu_w8a8_native", _native_plan)  # rebuilt for a new input_scale tensor
     k, n = layer.in_features, layer.out_features
     _held, rows, address, stride = row_view(x, k)  # _held: alive through the call
     fp32 = x.dtype == torch.float32

@@ -155,11 +155,14 @@ def _buffers_key(layer: QuantLinear) -> tuple:
     # its id. Read through `_buffers` directly: Module.__getattr__ costs more than the check,
     # and a flat tuple less than one built by a generator (decoding checks it on every call).
     buffers = layer._buffers
-    q, s = buffers["qweight"], buffers["scales"]
+    q, s, a = buffers["qweight"], buffers["scales"], buffers.get("input_scale")
+    # A static input scale is read by address (cpu_w8a8's decode plan), so only a new tensor
+    # counts: its value may change in place (calibration) without rebuilding any pack.
+    scale = () if a is None else (id(a),)
     if layer.symmetric:
-        return (id(q), q._version, id(s), s._version)
+        return (id(q), q._version, id(s), s._version, *scale)
     z = buffers["zeros"]
-    return (id(q), q._version, id(s), s._version, id(z), z._version)
+    return (id(q), q._version, id(s), s._version, id(z), z._version, *scale)
 
 
 def cached(layer: QuantLinear, name: str, build: Callable[[QuantLinear], Any]) -> Any:
