@@ -96,6 +96,9 @@ def compress(
     it, and against the given data, before any stage runs: an invalid recipe, or a stage the
     earlier ones leave with nothing to do, leaves the model untouched. Afterwards the model carries a
     ``quantization_config`` that ``save_pretrained`` writes and ``from_pretrained`` reads back.
+    Called under ``torch.inference_mode()`` it gives the model it gives under ``torch.no_grad()``;
+    on a model whose weights were made in inference mode, a stage that takes gradients (learned
+    rounding, tuned static scales, a sensitivity budget, distillation) is refused up front.
     A model compressed before (an earlier call, or a compressed checkpoint) can take stages
     that add to its layers (``int8_activations``, ``kv_cache``); its recorded recipe gets this
     one's stages appended, a stage name it already holds suffixed ``_2`` (``_3``, ...).
@@ -143,6 +146,21 @@ def compress(
     if checkpoint_dir is not None:
         check_folder(checkpoint_dir, flag="checkpoint_dir")  # before any stage runs, not after block 1
     modifiers = [technique_for_config(s.config).modifier_cls(s.config, s.name) for s in recipe]
+    # Under torch.inference_mode() the stages run as under torch.no_grad(), so that the tensors
+    # they make (packed weights, scales) are normal ones and the stages that train take
+    # gradients; but on a model whose weights were made in inference mode, in it (only there can
+    # those weights be written in place), and refused by the stages that take gradients.
+    frozen = any(p.is_inference() for p in model.parameters())
+    grad = torch.is_grad_enabled()  # before inference_mode(False), which turns it on
+    with torch.inference_mode(frozen), torch.set_grad_enabled(grad and not frozen):
+        _run_stages(model, modifiers, context)
+    if hasattr(model, "config"):
+        attach_quantization_config(model, recipe.to_dict())
+    return model
+
+
+def _run_stages(model: nn.Module, modifiers: list, context: CompressionContext) -> None:
+    """Check every stage, then apply them in order (:func:`compress`)."""
     # Fused MoE experts are split into per-expert Linear layers (views: nothing is copied and
     # the forward is the same) so that stages can target them; put back if no stage does.
     split = unfuse_experts(model)
@@ -150,6 +168,8 @@ def compress(
         view = ModelView(model)
         for modifier in modifiers:
             modifier.check(model, context, view)
+        if any(p.is_inference() for p in model.parameters()):
+            _refuse_gradients(modifiers)
         used = _split_experts_in_use(split, view)
     except BaseException:
         fuse_experts_back(model, split)
@@ -162,9 +182,18 @@ def compress(
             later.before_stage(model, modifier.stage)
         logger.info("applying stage %r (%s)", modifier.stage, modifier.config.technique)
         modifier.apply(model, context)
-    if hasattr(model, "config"):
-        attach_quantization_config(model, recipe.to_dict())
-    return model
+
+
+def _refuse_gradients(modifiers: list) -> None:
+    """Refuse, before any stage runs, a stage that takes gradients through a model whose weights
+    are inference tensors (made under ``torch.inference_mode()``)."""
+    for modifier in modifiers:
+        if modifier.takes_gradients():
+            raise ModelError(
+                f"stage {modifier.stage!r} ({modifier.config.technique}) takes gradients through the model, whose "
+                "weights were made under torch.inference_mode() and cannot enter autograd; load or build the model "
+                "outside torch.inference_mode() (torch.no_grad() is fine)"
+            )
 
 
 def _split_experts_in_use(split: dict[str, nn.Module], view: ModelView) -> list[str]:

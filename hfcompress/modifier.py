@@ -166,6 +166,11 @@ class Modifier(ABC):
                 "datasets.Dataset) or --calibration on the command line"
             )
 
+    def takes_gradients(self) -> bool:
+        """Whether :meth:`apply` runs backward passes through the model (training, gradient
+        sensitivity, tuned scales). Default: the stages that train."""
+        return type(self.config).needs_training
+
     def calibration_batches(
         self, model: nn.Module, context: CompressionContext, batch_size: int
     ) -> list[dict[str, torch.Tensor]]:

@@ -151,6 +151,25 @@ def select_path(layer: QuantLinear, x: torch.Tensor) -> str:
 
 
 def _buffers_key(layer: QuantLinear) -> tuple:
+    try:
+        return _versions_key(layer)
+    except RuntimeError:  # a buffer made under torch.inference_mode() has no version counter
+        _normal_buffers(layer)
+        return _versions_key(layer)
+
+
+def _normal_buffers(layer: QuantLinear) -> None:
+    """Replace ``layer``'s inference tensors (buffers made under ``torch.inference_mode()``:
+    compressing, loading or ``.to()`` inside it) by normal copies, whose in-place writes bump a
+    version counter as the kernel cache needs; an inference tensor written in place inside
+    inference mode would leave a stale pack behind, undetected."""
+    with torch.inference_mode(False):
+        for name, t in list(layer._buffers.items()):
+            if t is not None and t.is_inference():
+                layer._buffers[name] = t.clone()
+
+
+def _versions_key(layer: QuantLinear) -> tuple:
     # In-place writes (load_state_dict, copy_) bump `_version`; assigning a new tensor changes
     # its id. Read through `_buffers` directly: Module.__getattr__ costs more than the check,
     # and a flat tuple less than one built by a generator (decoding checks it on every call).

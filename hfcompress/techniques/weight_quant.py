@@ -130,6 +130,10 @@ class WeightQuantModifier(Modifier):
         self._layer_configs: dict[str, WeightQuantConfig] = {}
         self._sensitivity_batches: list[dict[str, torch.Tensor]] = []
 
+    def takes_gradients(self) -> bool:
+        budget = self.config.budget  # a budget's layer sensitivities are Fisher information
+        return super().takes_gradients() or (budget is not None and budget.strategy == "sensitivity")
+
     def check(self, model: nn.Module, context: CompressionContext, view: ModelView) -> None:
         super().check(model, context, view)
         names, taken = view.free_linear(self.config.targets, self.config.ignore)

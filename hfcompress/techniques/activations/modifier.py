@@ -88,6 +88,9 @@ class ActivationQuantModifier(Modifier):
         self.planned: list[str] = []
         self._batches: list[dict[str, torch.Tensor]] = []
 
+    def takes_gradients(self) -> bool:
+        return bool(self.config.e2e_steps)  # the static scales tuned end to end
+
     def check(self, model: nn.Module, context: CompressionContext, view: ModelView) -> None:
         super().check(model, context, view)
         cfg = self.config

@@ -45,6 +45,9 @@ class LearnedRoundingModifier(GPTQModifier):
     def needs_reference(self) -> bool:
         return self.config.target == "float_model" or super().needs_reference
 
+    def takes_gradients(self) -> bool:
+        return True  # the rounding is learned by gradient descent, block by block
+
     def check(self, model: nn.Module, context: CompressionContext, view: ModelView) -> None:
         super().check(model, context, view)
         if self.config.e2e_steps:
