@@ -36,7 +36,6 @@ compiles into a prefill graph and one decode graph, however long the cache grows
 from __future__ import annotations
 
 import logging
-import types
 from collections.abc import Callable
 from typing import Any
 
@@ -484,21 +483,33 @@ def enable_kv_cache(model: nn.Module, spec: KVCacheConfig | None = None, **kwarg
     register_attention(ATTENTION, kv_attention)
     switch_attention(model, ATTENTION, "the quantized KV cache")
     if kv_config(model) is None:
-        object.__setattr__(model, "_prepare_cache_for_generation", types.MethodType(_prepare_cache, model))
+        object.__setattr__(model, "_prepare_cache_for_generation", _PrepareCache(model))
     object.__setattr__(model, _CONFIG_ATTR, spec)
     return spec
 
 
-def _prepare_cache(self, generation_config, model_kwargs, *args, **kwargs):
-    # generate's own cache preparation, then its default DynamicCache swapped for ours (a cache
-    # the caller passed is left alone). Looked up on the class, so that a deep copy of the
-    # model prepares its own cache.
-    result = type(self)._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
-    for key in ("cache", "past_key_values"):
-        cache = model_kwargs.get(key)
-        if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
-            model_kwargs[key] = QuantizedKVCache(self.config, spec=kv_config(self))
-    return result
+class _PrepareCache:
+    """``model._prepare_cache_for_generation`` while the quantized cache is on: generate's own
+    cache preparation, then its default DynamicCache swapped for ours (a cache the caller passed
+    is left alone). An object rather than a bound method, so that the model pickles
+    (``torch.save(model)``) and a deep copy prepares its own cache (the copy holds a copy of it)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, generation_config, model_kwargs, *args, **kwargs):
+        model = self.model
+        result = type(model)._prepare_cache_for_generation(model, generation_config, model_kwargs, *args, **kwargs)
+        for key in ("cache", "past_key_values"):
+            cache = model_kwargs.get(key)
+            if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
+                model_kwargs[key] = QuantizedKVCache(model.config, spec=kv_config(model))
+        return result
+
+    def __setstate__(self, state: dict) -> None:
+        # Unpickled in a process where the attention may not be registered yet.
+        self.__dict__.update(state)
+        register_attention(ATTENTION, kv_attention)
 
 
 def disable_kv_cache(model: nn.Module) -> None:

@@ -74,6 +74,12 @@ class SparseState:
     kept_tiles: int = 0
     total_tiles: int = 0
 
+    def __setstate__(self, state: dict) -> None:
+        # Unpickled (``torch.load`` of a whole model) in a process where the attention may not
+        # be registered yet.
+        self.__dict__.update(state)
+        register_attention(ATTENTION, block_sparse_attention)
+
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The modules that call the attention function: those with ``is_causal`` and a config."""
