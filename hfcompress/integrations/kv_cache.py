@@ -85,7 +85,7 @@ class QuantizedKVLayer(CacheLayerMixin):
     """One attention layer's cache: sinks, packed part, residual window (module docstring)."""
 
     is_compileable = False
-    is_croppable = False
+    is_croppable = True  # see crop: exact within the full-precision window
     is_sliding = False
 
     def __init__(self, spec: KVCacheConfig, fused: Callable[[], bool]) -> None:
@@ -360,6 +360,46 @@ class QuantizedKVLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.cumulative_length = 0
         self._clear()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` tokens (transformers' convention: assisted and
+        prompt-lookup decoding drop the rejected draft tokens this way); a positive value is the
+        length to keep, as transformers 5's earlier releases called it.
+
+        Exact while the dropped tokens are in the full-precision window, which holds at least
+        ``residual_length`` tokens once the sinks are full: the cache is then as if it had never
+        seen them. Dropping further cuts into the packed part a group at a time; a cut group's
+        surviving tokens return to the window as their dequantized values.
+        """
+        if not self.is_initialized:
+            return
+        self.commit()
+        stored = self._sinks + self.packed_tokens + self._window
+        drop = -tokens_to_remove if tokens_to_remove <= 0 else max(stored - tokens_to_remove, 0)
+        drop = min(drop, stored)
+        if drop == 0:
+            return
+        self.cumulative_length -= drop
+        if drop <= self._window:
+            self._window -= drop
+            return
+        drop -= self._window
+        self._window = 0
+        if drop > self.packed_tokens:  # everything packed goes, and some sinks
+            self._sinks -= drop - self.packed_tokens
+            self.packed_tokens, self._packed_view = 0, None
+            return
+        g, keep = self.spec.group_size, self.packed_tokens - drop
+        whole = keep // g * g
+        if keep > whole:  # the cut group's first tokens, dequantized, become the window
+            keys, values = self.packed().dequantize(self.dtype)
+            s, n = self._sinks, keep - whole
+            if s + n > self._dense[0].shape[-2]:
+                self._resize(self._steady_capacity())
+            self._dense[0][..., s : s + n, :] = keys[..., whole:keep, :]
+            self._dense[1][..., s : s + n, :] = values[..., whole:keep, :]
+            self._window = n
+        self.packed_tokens, self._packed_view = whole, None
 
     # -- batch reordering (beam search and friends): exact, nothing is re-quantized ------------
 

@@ -1,6 +1,7 @@
 """The quantized KV cache inside transformers: generate, beams, padding, the packed part's life."""
 
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -390,3 +391,58 @@ def test_sdpa_for_the_full_precision_only_steps_equals_attend_dense(dtype):
     q_nan[0, 1, 2, 3] = float("nan")  # a NaN in the inputs stays NaN in its row (it was set to 0)
     out = kv_attention._attend_sdpa(q_nan, k, v, bias, 0.25)
     assert out[0, 1, 2].isnan().all() and out[1, :, 0].abs().max() == 0
+
+
+@pytest.mark.parametrize(
+    "drop",
+    [0, 5, 24, 30, 40, 58],
+    ids=["none", "in-window", "whole-window", "into-a-group", "a-whole-group", "into-the-sinks"],
+)
+def test_crop_keeps_exactly_the_first_tokens_and_decoding_goes_on(model, drop):
+    """Assisted and prompt-lookup decoding drop rejected draft tokens with ``crop``: the kept
+    tokens read back as they did before (a cut packed group's survivors return to the window
+    as their dequantized values, which is what was read for them), and decoding goes on as on
+    the reference path."""
+    ids = torch.randint(1, 128, (1, 60), generator=torch.Generator().manual_seed(4))
+    cache = QuantizedKVCache(model.config, bits=4, **SPEC)
+    with torch.no_grad():
+        model(ids[:, :50], cache=cache)
+        for t in range(50, 60):  # and decoding steps
+            model(ids[:, t : t + 1], cache=cache)
+    layer = cache.layers[0]
+    layer.commit()
+    assert (layer._sinks, layer.packed_tokens, layer._window) == (4, 32, 24)
+    keys, values = (t.clone() for t in layer.history())
+    cache.crop(-drop)
+    assert cache.get_seq_length() == 60 - drop
+    k2, v2 = layer.history()
+    assert torch.equal(k2, keys[..., : 60 - drop, :]) and torch.equal(v2, values[..., : 60 - drop, :])
+    # decoding on from the cropped cache: the fused path equals the reference path
+    more = torch.randint(1, 128, (1, 30), generator=torch.Generator().manual_seed(5))
+    twin = copy.deepcopy(cache)
+    with torch.no_grad():
+        got = [model(more[:, t : t + 1], cache=cache).logits for t in range(30)]
+        with reference_path():
+            want = [model(more[:, t : t + 1], cache=twin).logits for t in range(30)]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert cache.get_seq_length() == 90 - drop and layer.packed_tokens + layer._sinks + layer._window == 90 - drop
+
+
+@pytest.mark.parametrize("assistant", ["prompt_lookup", "assistant_model"])
+def test_assisted_decoding(model, assistant):
+    """transformers refused it (a cache that cannot be cropped). With an 8-bit cache it gives
+    what the float cache gives; with a 4-bit one, what the reference path gives."""
+    g = torch.Generator().manual_seed(6)
+    phrase = torch.randint(1, 128, (1, 12), generator=g)
+    ids = torch.cat([phrase, torch.randint(1, 128, (1, 5), generator=g), phrase, phrase[:, :4]], 1)  # repeats
+    kw = dict(max_new_tokens=40)
+    if assistant == "prompt_lookup":
+        kw["prompt_lookup_num_tokens"] = 6
+    else:
+        kw["assistant_model"] = make_model(seed=1)
+    want = _generate(model, ids, DynamicCache(config=model.config), **kw)
+    assert torch.equal(_generate(model, ids, QuantizedKVCache(model.config, bits=8, **SPEC), **kw), want)
+    fused = _generate(model, ids, QuantizedKVCache(model.config, bits=4, **SPEC), **kw)
+    with reference_path():
+        assert torch.equal(_generate(model, ids, QuantizedKVCache(model.config, bits=4, **SPEC), **kw), fused)
