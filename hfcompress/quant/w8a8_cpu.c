@@ -216,8 +216,14 @@ int w8a8_linear(const void *x, int x_dtype, int64_t T, int64_t K, int64_t x_stri
     uint8_t *qu = malloc((size_t)(T * K));
     float *s = malloc(sizeof(float) * (size_t)T);
     int32_t *qsum = malloc(sizeof(int32_t) * (size_t)T);
-    float *row = malloc(sizeof(float) * (size_t)K);
-    if (!q || !qu || !s || !qsum || !row) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    float *row = NULL; /* the vectorized quantization reads x in place */
+    const int row_missing = 0;
+#else
+    float *row = malloc(sizeof(float) * (size_t)K); /* a row of x as float32 */
+    const int row_missing = !row;
+#endif
+    if (!q || !qu || !s || !qsum || row_missing) {
         free(q); free(qu); free(s); free(qsum); free(row);
         return 1;
     }
