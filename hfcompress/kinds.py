@@ -8,12 +8,13 @@ per-block checkpoints only talk to this interface, so a new technique adds a kin
 file plus one :func:`register_module_kind` line, without touching the loader.
 
 Linear-like float modules are ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2's
-projections, whose weight is stored transposed, ``[K, N]``); :func:`linear_weight` gives
-either as ``W: [N, K]``.
+projections, whose weight is stored transposed, ``[K, N]``), and their subclasses that compute
+the same (:func:`is_linear_like`); :func:`linear_weight` gives either as ``W: [N, K]``.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, ClassVar
 
 import torch
@@ -25,23 +26,55 @@ from hfcompress.errors import CheckpointError
 
 __all__ = [
     "LINEAR_CLASSES",
+    "SAME_FORWARD_SUBCLASSES",
     "CompressedModule",
     "compressed_modules",
     "get_module_kind",
     "is_linear_like",
+    "linear_class_names",
     "linear_features",
     "linear_weight",
+    "plain_linear_class",
     "register_module_kind",
     "registered_module_kinds",
     "swap_module",
 ]
 
 LINEAR_CLASSES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
+# Subclasses that override forward to compute the same x W^T + b (Falcon's, as a plain matmul).
+SAME_FORWARD_SUBCLASSES = frozenset({"FalconLinear"})
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    """True for a float ``nn.Linear`` or ``Conv1D`` (compressed kinds are not linear-like)."""
-    return isinstance(module, LINEAR_CLASSES)
+    """True for a float layer that computes ``x W^T + b`` through its forward: ``nn.Linear``,
+    ``Conv1D``, and their subclasses that keep that forward (compressed kinds are not
+    linear-like). A subclass with a forward of its own (an MoE router that returns the top
+    experts, bitsandbytes' quantized layers) is not: a quantized layer in its place would
+    compute something else."""
+    return isinstance(module, LINEAR_CLASSES) and plain_linear_class(type(module))
+
+
+@functools.cache
+def plain_linear_class(cls: type) -> bool:
+    """Whether instances of ``cls`` (a subclass of one of :data:`LINEAR_CLASSES`) are linear-like
+    (:func:`is_linear_like`)."""
+    if cls in LINEAR_CLASSES or cls.__name__ in SAME_FORWARD_SUBCLASSES:
+        return True
+    if cls.__name__ == "NonDynamicallyQuantizableLinear":  # nn.MultiheadAttention reads its weight, not its forward
+        return False
+    return cls.forward in (nn.Linear.forward, Conv1D.forward)
+
+
+def linear_class_names() -> frozenset[str]:
+    """The class names the target pattern ``"Linear"`` stands for: the linear-like classes
+    defined so far (:func:`is_linear_like`)."""
+    found, todo = set(), list(LINEAR_CLASSES)
+    while todo:
+        cls = todo.pop()
+        if plain_linear_class(cls):
+            found.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return frozenset(found)
 
 
 def linear_features(module: nn.Module) -> tuple[int, int]:

@@ -5,7 +5,8 @@ A pattern is one of:
 * an exact module name, as ``model.named_modules()`` gives it (``"lm_head"``,
   ``"model.layers.0.mlp.down_proj"``);
 * a class name (``"LlamaMLP"``); ``"Linear"`` stands for every linear-like layer
-  (``nn.Linear`` and transformers' ``Conv1D``, GPT-2's projections);
+  (``nn.Linear``, transformers' ``Conv1D`` of GPT-2's projections, and their subclasses that
+  compute the same, such as Falcon's; not an MoE router's);
 * ``"re:<regex>"``, matched with :func:`re.fullmatch` against the module name
   (``"re:.*mlp\\.(up|gate)_proj"``).
 
@@ -20,11 +21,9 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from hfcompress.kinds import LINEAR_CLASSES, is_linear_like
+from hfcompress.kinds import is_linear_like, linear_class_names
 
 __all__ = ["check_patterns", "matches", "resolve_linear_targets", "select"]
-
-_LINEAR_NAMES = {cls.__name__ for cls in LINEAR_CLASSES}
 
 
 def check_patterns(patterns: Iterable[str]) -> str | None:
@@ -40,18 +39,21 @@ def check_patterns(patterns: Iterable[str]) -> str | None:
     return None
 
 
-def matches(name: str, class_name: str, pattern: str) -> bool:
-    """True when ``pattern`` selects the module called ``name`` of class ``class_name``."""
+def matches(name: str, class_name: str, pattern: str, linear_names: frozenset[str] | None = None) -> bool:
+    """True when ``pattern`` selects the module called ``name`` of class ``class_name``
+    (``linear_names``: what ``"Linear"`` stands for, :func:`~hfcompress.kinds.linear_class_names`
+    when not given)."""
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], name) is not None
-    if pattern == "Linear" and class_name in _LINEAR_NAMES:
+    if pattern == "Linear" and class_name in (linear_class_names() if linear_names is None else linear_names):
         return True
     return pattern == name or pattern == class_name
 
 
 def _selected(modules: list[tuple[str, str]], patterns: tuple[str, ...]) -> set[str]:
     """Names selected by any pattern, including everything inside a selected container."""
-    roots = [name for name, cls in modules if any(matches(name, cls, p) for p in patterns)]
+    linear = linear_class_names()
+    roots = [name for name, cls in modules if any(matches(name, cls, p, linear) for p in patterns)]
     if "" in roots:
         return {name for name, _ in modules}
     selected: set[str] = set(roots)

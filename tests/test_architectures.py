@@ -13,6 +13,8 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    FalconConfig,
+    FalconForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     MixtralConfig,
@@ -188,3 +190,54 @@ def test_block_sparse_attention_through_the_attention_interface(name, tmp_path):
     hfcompress.save_pretrained(model, tmp_path / name)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / name)
     assert (reloaded(ids).logits - sparse).abs().max() <= 1e-5
+
+
+def _falcon():
+    config = FalconConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_kv_heads=2,
+        new_decoder_architecture=True,
+        vocab_size=VOCAB,
+    )
+    return FalconForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("technique", ["rtn", "gptq"])
+def test_falcons_linear_subclass_is_compressed(technique, tmp_path):
+    # FalconLinear subclasses nn.Linear with a forward of its own that computes the same;
+    # "Linear" (the default target) selected no layer of Falcon before.
+    torch.manual_seed(0)
+    model = _falcon()
+    reference = model(HELD_OUT).logits
+    config = RTNConfig(bits=8, group_size=-1) if technique == "rtn" else GPTQConfig(bits=8, group_size=-1)
+    compress(model, [config], calibration_data=CALIB, progress=False)
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 8  # qkv, dense, h_to_4h, 4h_to_h
+    expected = model(HELD_OUT).logits
+    assert (expected - reference).norm() < 0.05 * reference.norm()
+    hfcompress.save_pretrained(model, tmp_path / "falcon")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "falcon")
+    assert torch.equal(reloaded(HELD_OUT).logits, expected)
+
+
+class _Doubled(torch.nn.Linear):  # a forward of its own that is not x W^T + b
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class _Plain(torch.nn.Linear):  # nn.Linear's forward: linear-like
+    pass
+
+
+@pytest.mark.parametrize("targets", [["Linear"], ["re:.*"]], ids=["Linear", "everything"])
+def test_a_linear_subclass_with_another_forward_is_never_compressed(targets):
+    """An MoE router (Phi-MoE's, Llama 4's) subclasses nn.Linear but returns the top experts; a
+    quantized layer in its place would compute something else, whatever the pattern."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_Plain(32, 32), torch.nn.ReLU(), _Doubled(32, 32), torch.nn.Linear(32, 8))
+    x = torch.randn(4, 32)
+    reference = model(x)
+    compress(model, [RTNConfig(bits=8, group_size=-1, targets=targets)], progress=False)
+    assert [type(m).__name__ for m in model] == ["QuantLinear", "ReLU", "_Doubled", "QuantLinear"]
+    assert (model(x) - reference).norm() < 0.02 * reference.norm()
