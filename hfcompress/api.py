@@ -201,7 +201,11 @@ def _split_experts_in_use(split: dict[str, nn.Module], view: ModelView) -> list[
     would merge a float expert left among compressed ones back into a fused tensor on load)."""
     used = []
     for name in split:
-        layers = [(n, e) for n, e in view.entries.items() if n.startswith(f"{name}.") and is_linear_like(e.module)]
+        # the experts' own layers (the split module's), not those a stage adds inside them (low
+        # rank's factors)
+        experts = view.entries[name].module if name in view.entries else nn.Module()
+        inside = (f"{name}.{n}" for n, m in experts.named_modules() if is_linear_like(m))
+        layers = [(n, view.entries[n]) for n in inside if n in view.entries]
         changed = [n for n, e in layers if e.stage is not None]
         if changed and len(changed) != len(layers):
             left = next(n for n, e in layers if e.stage is None)

@@ -75,6 +75,24 @@ def test_a_recipe_that_leaves_the_experts_alone_keeps_them_fused(tmp_path):
     assert model.config.quantization_config.patches == []
 
 
+@pytest.mark.parametrize("then_rtn", [False, True], ids=["low_rank", "low_rank+rtn"])
+def test_low_rank_factors_every_expert_and_reloads(then_rtn, tmp_path):
+    # The factors low rank adds inside the experts are new layers, not experts left in float:
+    # they were taken for an expert the recipe skipped, and low rank on a MoE was refused.
+    model = _make("mixtral")
+    stages = [hfcompress.LowRankConfig(ratio=0.5)] + ([RTNConfig(bits=8, group_size=-1)] if then_rtn else [])
+    compress(model, stages, calibration_data=CALIB, progress=False)
+    experts = model.model.layers[0].mlp.experts
+    assert isinstance(experts, LinearExperts)
+    factored = [m for m in experts.modules() if type(m).__name__ == "LowRankLinear"]
+    assert len(factored) == 2 * 4  # gate_up and down of 4 experts
+    assert any(isinstance(m, QuantLinear) for m in experts.modules()) == then_rtn
+    expected = model(HELD_OUT).logits
+    hfcompress.save_pretrained(model, tmp_path / "m")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert torch.equal(reloaded(HELD_OUT).logits, expected)
+
+
 def test_compressing_some_experts_of_a_layer_is_refused_before_anything_changes():
     model = _make("mixtral")
     with pytest.raises(RecipeError, match=r"compresses some experts of model.layers.0.mlp.experts but not"):
