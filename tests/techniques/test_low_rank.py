@@ -302,3 +302,32 @@ def test_global_compensation_spends_the_uniform_budget_better(tiny_llama):
     assert factor_weights(models["global"]) <= factor_weights(models["uniform"])
     assert len({m.rank for m in _low_rank(models["global"]).values()}) > 1
     assert _mse(models["global"], reference) < _mse(models["uniform"], reference)
+
+
+def _distilbert():
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    config = DistilBertConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, hidden_dim=96, max_position_embeddings=64)
+    return DistilBertForSequenceClassification(config)
+
+
+def _opt():
+    from tests.test_architectures import _make
+
+    return _make("opt")
+
+
+@pytest.mark.parametrize(
+    "make,expected",
+    [
+        (_distilbert, ["distilbert.transformer.layer.0.ffn.lin1", "distilbert.transformer.layer.0.ffn.lin2"]),
+        (_opt, ["model.decoder.layers.0.fc1", "model.decoder.layers.0.fc2"]),
+    ],
+    ids=["distilbert", "opt"],
+)
+def test_the_default_targets_find_the_ffn_of_distilbert_and_opt(make, expected):
+    torch.manual_seed(0)
+    model = make().eval()
+    hfcompress.compress(model, [hfcompress.LowRankConfig(method="svd", ratio=0.3)], progress=False)
+    factored = sorted(n for n, m in model.named_modules() if type(m).__name__ == "LowRankLinear")
+    assert factored == sorted(expected + [n.replace(".0.", ".1.") for n in expected])

@@ -9,8 +9,14 @@ from hfcompress.config import TechniqueConfig, check_target_fields, invalid
 
 __all__ = ["FFN_TARGETS", "FactorStageConfig", "LowRankConfig"]
 
-# The feed-forward layers of decoder blocks (``mlp``) and of BERT-style encoder blocks.
-FFN_TARGETS = (r"re:.*\.mlp", r"re:.*\.layer\.\d+\.(intermediate|output)\.dense")
+# The feed-forward layers of decoder blocks (``mlp``; OPT's ``fc1``/``fc2``), of BERT-style
+# encoder blocks and of DistilBERT's (``ffn``).
+FFN_TARGETS = (
+    r"re:.*\.mlp",
+    r"re:.*\.layer\.\d+\.(intermediate|output)\.dense",
+    r"re:.*\.ffn",
+    r"re:.*\.layers\.\d+\.fc[12]",
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
