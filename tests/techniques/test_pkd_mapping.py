@@ -98,3 +98,41 @@ def test_model_without_repeated_blocks_is_refused():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2))
     with pytest.raises(hfcompress.ModelError, match="cannot find the repeated transformer blocks of Sequential"):
         drop_layers(model, (0,))
+
+
+def _modernbert():
+    from transformers import ModernBertConfig, ModernBertForSequenceClassification
+
+    config = ModernBertConfig(
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=96,
+        max_position_embeddings=64,
+        num_labels=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        cls_token_id=1,
+        sep_token_id=2,
+    )
+    torch.manual_seed(0)
+    return ModernBertForSequenceClassification(config).eval()
+
+
+def test_a_student_whose_first_block_would_reload_differently_is_refused(tmp_path):
+    """ModernBERT builds block 0 without an attention norm: a student whose first block is
+    teacher block 1 would drop that norm's weights on reload (a different model, silently)."""
+    model = _modernbert()
+    with pytest.raises(hfcompress.ModelError, match=r"builds its block 0 unlike block 1, .*attn_norm"):
+        hfcompress.drop_layers(model, (1, 3))
+    assert model.config.num_hidden_layers == 4 and len(model.model.layers) == 4  # untouched
+    with torch.no_grad():  # a norm that is not the identity, so that losing it shows
+        model.model.layers[3].attn_norm.weight.mul_(3)
+    student = hfcompress.drop_layers(model, (0, 3))
+    hfcompress.save_pretrained(student, tmp_path / "s")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "s")
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, student(ids).logits)

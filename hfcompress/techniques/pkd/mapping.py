@@ -9,15 +9,19 @@ whose blocks it finds can be shortened.
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Sequence
 from typing import Literal
 
+import torch
 from torch import nn
 
 from hfcompress.architectures import blocks_of
-from hfcompress.errors import RecipeError
+from hfcompress.errors import ModelError, RecipeError
 
-__all__ = ["LAYER_MAP_KEY", "drop_layers", "layer_map", "num_layers"]
+__all__ = ["LAYER_MAP_KEY", "check_student_layout", "drop_layers", "layer_map", "num_layers"]
+
+logger = logging.getLogger(__name__)
 
 LAYER_MAP_KEY = "hfcompress_layer_map"
 Strategy = Literal["skip", "last", "explicit"]
@@ -87,6 +91,7 @@ def drop_layers(model: nn.Module, keep: Sequence[int], *, copy_model: bool = Fal
     _, blocks = blocks_of(model)
     n = len(blocks)
     keep = layer_map(n, "explicit", layers=keep)
+    check_student_layout(model, keep)
     kept = [blocks[i] for i in keep]
     for new_index, block in enumerate(kept):
         for module in block.modules():
@@ -100,12 +105,66 @@ def drop_layers(model: nn.Module, keep: Sequence[int], *, copy_model: bool = Fal
     previous = getattr(config, LAYER_MAP_KEY, None)
     # A student of a student records the layers of the original teacher.
     origin = [previous["teacher_layers"][i] for i in keep] if previous else list(keep)
-    config.num_hidden_layers = len(keep)
-    if isinstance(getattr(config, "layer_types", None), list) and len(config.layer_types) == n:
-        config.layer_types = [config.layer_types[i] for i in keep]
+    _shorten_config(config, keep, n)
     setattr(
         config,
         LAYER_MAP_KEY,
         {"teacher_layers": origin, "num_teacher_layers": previous["num_teacher_layers"] if previous else n},
     )
     return model
+
+
+def _shorten_config(config, keep: tuple[int, ...], n: int) -> None:
+    config.num_hidden_layers = len(keep)
+    if isinstance(getattr(config, "layer_types", None), list) and len(config.layer_types) == n:
+        config.layer_types = [config.layer_types[i] for i in keep]
+
+
+def check_student_layout(model: nn.Module, keep: tuple[int, ...]) -> None:
+    """Raise :class:`ModelError` if the student that keeps the blocks ``keep`` would not reload:
+    where the architecture builds a block by its index (ModernBERT's first block has no
+    attention norm), a model built from the student's config lays out block ``i`` unlike the
+    teacher's block ``keep[i]``, and ``from_pretrained`` would drop or leave unset the weights
+    that differ: a different model, silently. Built on the meta device (no memory); a model that
+    cannot be built from its config is not checked."""
+    from hfcompress.kinds import CompressedModule
+
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(type(model), "config_class"):
+        return
+    _, blocks = blocks_of(model)
+    student = copy.deepcopy(config)
+    _shorten_config(student, keep, len(blocks))
+    try:
+        with torch.device("meta"):
+            fresh = type(model)(student)
+        _, fresh_blocks = blocks_of(fresh)
+    except Exception as exc:  # a model class with a construction of its own: not checked
+        logger.debug("student layout not checked: %s(config) failed: %s", type(model).__name__, exc)
+        return
+    for i, teacher_index in enumerate(keep):
+        ours, built = _layout(blocks[teacher_index], CompressedModule), _layout(fresh_blocks[i], CompressedModule)
+        differ = sorted(name for name in ours.keys() | built.keys() if ours.get(name) != built.get(name))
+        if differ:
+            shown = ", ".join(f"{name or '(block)'}: {ours.get(name, 'absent')} here, {built.get(name, 'absent')} "
+                              "as built" for name in differ[:3])  # fmt: skip
+            raise ModelError(
+                f"{type(model).__name__} builds its block {i} unlike block {teacher_index}, which the student would "
+                f"keep there ({shown}); saved and reloaded, the student would lose those weights. Keep teacher "
+                f"block {i} at position {i} (strategy 'explicit' with layers that include it), or choose other layers"
+            )
+
+
+def _layout(block: nn.Module, compressed: type) -> dict[str, str]:
+    """Each submodule's class and parameter shapes, by name; compressed modules (which replaced a
+    float module of their own shape) and what is inside them are left out."""
+    out, skip = {}, ()
+    for name, module in block.named_modules():
+        if skip and name.startswith(skip):
+            continue
+        if isinstance(module, compressed):
+            skip = (f"{name}.",) if name else ("",)
+            continue
+        params = ",".join(f"{k}{list(p.shape)}" for k, p in module.named_parameters(recurse=False))
+        out[name] = f"{type(module).__name__}({params})"
+    return out

@@ -14,7 +14,7 @@ from hfcompress.errors import HfCompressError
 from hfcompress.kinds import CompressedModule
 from hfcompress.modifier import CompressionContext, ModelView, Modifier
 from hfcompress.techniques.pkd.config import PKDConfig
-from hfcompress.techniques.pkd.mapping import drop_layers, layer_map, num_layers
+from hfcompress.techniques.pkd.mapping import check_student_layout, drop_layers, layer_map, num_layers
 
 __all__ = ["PKDModifier"]
 
@@ -51,6 +51,7 @@ class PKDModifier(Modifier):
         try:
             keep = self._keep(model)
             prefix, _ = blocks_of(model)
+            check_student_layout(model, keep)
         except HfCompressError as exc:  # a bad mapping or a model whose blocks cannot be found
             raise self.error(str(exc)) from exc
         view.rename_blocks(prefix, keep)
