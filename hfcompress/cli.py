@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from hfcompress.cli_args import int_at_least
 from hfcompress.errors import HfCompressError
 from hfcompress.glue.commands import add_distill_parser, add_eval_glue_parser, run_distill, run_eval_glue
 
@@ -50,9 +51,12 @@ def _add_eval_args(p: argparse.ArgumentParser, windows_default: int | None) -> N
         default=DEFAULT_EVAL_DATA,
         help="wikitext2:test, wikitext2:valid (or the Hub's names, wikitext:test, ...) or a text file",
     )
-    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="tokens per perplexity window")
+    p.add_argument("--seq-len", type=int_at_least(2), default=DEFAULT_SEQ_LEN, help="tokens per perplexity window")
     p.add_argument(
-        "--max-windows", type=int, default=windows_default, help="score the first N windows (default: %(default)s)"
+        "--max-windows",
+        type=int_at_least(1),
+        default=windows_default,
+        help="score the first N windows (default: %(default)s)",
     )
 
 
@@ -71,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="calibration text: wikitext2:valid (or the Hub's name, wikitext:validation) or a text file",
     )
-    c.add_argument("--num-calibration-samples", type=int, default=128)
-    c.add_argument("--calibration-seq-len", type=int, default=512)
+    c.add_argument("--num-calibration-samples", type=int_at_least(1), default=128)
+    c.add_argument("--calibration-seq-len", type=int_at_least(2), default=512)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument(
         "--checkpoint-dir", default=None, help="persist finished blocks of layerwise stages here; rerun to resume"
@@ -80,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default=None, help="compute device for layerwise stages (default: keep)")
     c.add_argument("--push-to-hub", default=None, metavar="REPO", help="also upload the saved model to this repo")
     c.add_argument("--report", action="store_true", help="measure before and after, print a table")
-    c.add_argument("--decode-tokens", type=int, default=DEFAULT_DECODE_TOKENS, help="for --report; 0 skips")
+    c.add_argument("--decode-tokens", type=int_at_least(0), default=DEFAULT_DECODE_TOKENS, help="for --report; 0 skips")
     _add_eval_args(c, DEFAULT_EVAL_WINDOWS)
 
     e = sub.add_parser("eval", help="measure a model")
@@ -88,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl = esub.add_parser("ppl", help="perplexity over non-overlapping windows of a text")
     _add_model_args(ppl)
     _add_eval_args(ppl, None)
-    ppl.add_argument("--batch-size", type=int, default=1)
+    ppl.add_argument("--batch-size", type=int_at_least(1), default=1)
     ppl.add_argument("--json", action="store_true", help="print the result as JSON")
     add_eval_glue_parser(esub)
     add_distill_parser(sub)
@@ -100,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --output")
     x.add_argument(
         "--requantize-group-size",
-        type=int,
+        type=int_at_least(1),
         default=None,
         metavar="G",
         help="re-quantize layers with a partial last group at group size G (the format has no partial groups; "

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from hfcompress import QuantLinear
@@ -155,3 +156,36 @@ def test_compress_with_a_calibrated_recipe_reads_the_calibration_text(tiny_llama
     )
     assert isinstance(AutoModelForCausalLM.from_pretrained(out).model.layers[0].mlp.up_proj, QuantLinear)
     assert main([*args, "--overwrite"]) == 2  # no --calibration: refused before anything loads
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["eval", "ppl", "--model", "m", "--seq-len", "1"], "argument --seq-len: 1 is less than 2"),
+        (["eval", "ppl", "--model", "m", "--batch-size", "0"], "argument --batch-size: 0 is less than 1"),
+        (["eval", "ppl", "--model", "m", "--max-windows", "-3"], "argument --max-windows: -3 is less than 1"),
+        (["eval", "ppl", "--model", "m", "--seq-len", "x"], "argument --seq-len: 'x' is not an integer"),
+        (
+            ["compress", "--model", "m", "--recipe", "r", "--output", "o", "--num-calibration-samples", "0"],
+            "argument --num-calibration-samples: 0 is less than 1",
+        ),
+        (["eval", "glue", "--model", "m", "--limit", "0"], "argument --limit: 0 is less than 1"),
+    ],
+    ids=["seq-len", "batch-size", "max-windows", "not-a-number", "calibration-samples", "glue-limit"],
+)
+def test_bad_numbers_are_usage_errors_naming_the_flag(args, message, capsys):
+    # they crashed deep in the run before (a division by zero, a reshape to [-3, 512])
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_perplexity_refuses_windows_it_cannot_score(tiny_llama):
+    from hfcompress.errors import EvaluationError
+    from hfcompress.eval.perplexity import perplexity
+
+    ids = torch.randint(0, 100, (200,))
+    for kwargs in (dict(seq_len=1), dict(seq_len=16, batch_size=0), dict(seq_len=16, max_windows=0)):
+        with pytest.raises(EvaluationError, match="a window needs at least 2 tokens"):
+            perplexity(tiny_llama, ids, progress=False, **kwargs)

@@ -108,6 +108,11 @@ def perplexity(
         batch_size: Windows per forward pass (does not change the result beyond float rounding).
         progress: Show a progress bar.
     """
+    if seq_len < 2 or batch_size < 1 or (max_windows is not None and max_windows < 1):
+        raise EvaluationError(
+            f"seq_len={seq_len}, batch_size={batch_size}, max_windows={max_windows}: a window needs at least 2 "
+            "tokens (one to predict from), a batch at least 1 window, and max_windows is None or at least 1"
+        )
     input_ids = _token_stream(input_ids, model, seq_len)
     windows = _windows(input_ids, seq_len, max_windows)
     if max_windows is not None and windows.shape[0] < max_windows:

@@ -17,6 +17,7 @@ import logging
 import time
 from pathlib import Path
 
+from hfcompress.cli_args import int_at_least
 from hfcompress.errors import HfCompressError
 
 __all__ = ["add_distill_parser", "add_eval_glue_parser", "run_distill", "run_eval_glue"]
@@ -29,14 +30,16 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data-dir", default=None, help="GLUE folder in the original layout, or nyu-mll/glue (default: shared/data)"
     )
-    p.add_argument("--max-length", type=int, default=128, help="tokens per example (pairs truncated longest-first)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N examples of each split")
+    p.add_argument(
+        "--max-length", type=int_at_least(2), default=128, help="tokens per example (pairs truncated longest-first)"
+    )
+    p.add_argument("--limit", type=int_at_least(1), default=None, help="use only the first N examples of each split")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--learning-rate", type=float, default=5e-5)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int_at_least(1), default=32)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--bf16", action="store_true", help="train under bfloat16 autocast")
 
@@ -53,7 +56,7 @@ def add_eval_glue_parser(esub: argparse._SubParsersAction) -> None:
     g.add_argument("--tasks", default=DEFAULT_TASKS, help="comma-separated GLUE tasks (default: %(default)s)")
     g.add_argument("--finetune", action="store_true", help="fine-tune each model on each task's train split first")
     g.add_argument("--output-dir", default=None, help="with --finetune: save the fine-tuned models here")
-    g.add_argument("--eval-batch-size", type=int, default=64)
+    g.add_argument("--eval-batch-size", type=int_at_least(1), default=64)
     g.add_argument("--json", default=None, help="write all scores to this JSON file")
     g.add_argument("--markdown", default=None, help="write the table to this markdown file")
     _add_data_args(g)
@@ -68,7 +71,7 @@ def add_distill_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--output", required=True, help="folder to save the student into")
     d.add_argument(
         "--augment",
-        type=int,
+        type=int_at_least(0),
         default=0,
         metavar="COPIES",
         help="also train on COPIES unlabelled copies of each example with words swapped for their neighbours "
