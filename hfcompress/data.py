@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import os
 from collections.abc import Mapping
 from importlib import resources
@@ -41,6 +42,8 @@ __all__ = [
     "join_wikitext_rows",
     "load_text",
 ]
+
+logger = logging.getLogger(__name__)
 
 DATA_ENV = "HFCOMPRESS_DATA_DIR"
 _SPLITS = {"test": "test", "valid": "valid", "validation": "valid"}
@@ -152,6 +155,16 @@ def calibration_samples(
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
     if ids.numel() < seq_len + 1:
         raise CalibrationDataError(f"calibration text has {ids.numel()} tokens; seq_len={seq_len} needs more")
+    if ids.numel() < num_samples * seq_len:
+        logger.warning(
+            "the calibration text has %d tokens, fewer than the %d windows x %d tokens drawn from it: the windows "
+            "overlap, so calibration sees at most %d distinct tokens; give more text (such as wikitext2:valid) "
+            "or fewer, shorter windows (num_calibration_samples, calibration_seq_len)",
+            ids.numel(),
+            num_samples,
+            seq_len,
+            ids.numel(),
+        )
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len, (num_samples,), generator=generator)
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])

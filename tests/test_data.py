@@ -107,6 +107,17 @@ def test_calibration_text_too_short():
         calibration_samples(_CharTokenizer(), ["short"], num_samples=2, seq_len=512)
 
 
+def test_text_shorter_than_the_windows_drawn_is_warned_about(caplog):
+    text = ["the quick brown fox jumps over the lazy dog"] * 20  # 937 tokens with the separators
+    with caplog.at_level("WARNING", logger="hfcompress.data"):
+        calibration_samples(_CharTokenizer(), text, num_samples=20, seq_len=100)
+    assert "fewer than the 20 windows x 100 tokens drawn from it: the windows overlap" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hfcompress.data"):
+        calibration_samples(_CharTokenizer(), text, num_samples=8, seq_len=16)
+    assert caplog.text == ""
+
+
 def test_a_recipe_tokenizes_its_calibration_text_once(monkeypatch):
     """Two calibrated stages (AWQ, then GPTQ with another batch size) draw the same windows
     from one tokenization."""
