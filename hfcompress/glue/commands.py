@@ -71,7 +71,7 @@ def add_distill_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--output", required=True, help="folder to save the student into")
     d.add_argument(
         "--augment",
-        type=int_at_least(0),
+        type=int,
         default=0,
         metavar="COPIES",
         help="also train on COPIES unlabelled copies of each example with words swapped for their neighbours "
