@@ -161,3 +161,15 @@ def test_malformed_mapping_text_is_refused():
 def test_smoothquant_after_the_weight_stage_is_refused(tiny_llama):
     with pytest.raises(RecipeError, match="put it before the weight stages"):
         compress(tiny_llama, [W8, SmoothQuantConfig()], calibration_data=CALIB, progress=False)
+
+
+@pytest.mark.parametrize("technique", ["smoothquant", "awq"])
+def test_smoothing_a_model_compressed_by_an_earlier_call_is_refused(tiny_llama, llama_ids, technique):
+    # it ran and smoothed nothing ("0 mappings"), recorded as a stage that had been applied
+    compress(tiny_llama, [W8], progress=False)
+    before = tiny_llama(llama_ids).logits
+    config = SmoothQuantConfig() if technique == "smoothquant" else hfcompress.AWQConfig()
+    with pytest.raises(RecipeError, match=r"already compressed by an earlier run: .* put it before the weight stages"):
+        compress(tiny_llama, [config], calibration_data=CALIB, progress=False)
+    assert torch.equal(tiny_llama(llama_ids).logits, before)
+    assert len(tiny_llama.config.quantization_config.recipe["stages"]) == 1

@@ -14,7 +14,7 @@ from torch import nn
 
 from hfcompress.architectures import blocks_of
 from hfcompress.errors import CalibrationDataError, ModelError
-from hfcompress.kinds import is_linear_like, linear_features, linear_weight
+from hfcompress.kinds import CompressedModule, is_linear_like, linear_features, linear_weight
 from hfcompress.layerwise import Block, BlockInputs, LayerwiseRunner, autocast_dtype, compute_device
 from hfcompress.modifier import CompressionContext, ModelView, Modifier
 from hfcompress.quant.activations import fake_quantize_activations
@@ -147,11 +147,19 @@ class SmoothQuantModifier(Modifier):
             prefix, blocks = blocks_of(model)
         except ModelError as exc:
             raise self.error(str(exc)) from None
-        done = [n for n, e in view.entries.items() if n.startswith(f"{prefix}.") and e.stage is not None]
+        # compressed by an earlier stage of this recipe, or by an earlier run (a compressed
+        # checkpoint, an earlier compress() call): either way not float any more
+        done = [
+            n
+            for n, e in view.entries.items()
+            if n.startswith(f"{prefix}.") and (e.stage is not None or isinstance(e.module, CompressedModule))
+        ]
         if done:
+            entry = view.entries[done[0]]
+            by = f"stage {entry.stage!r}" if entry.stage is not None else "an earlier run"
             raise self.error(
-                f"layer {done[0]!r} is already compressed by stage {view.entries[done[0]].stage!r}: "
-                f"{self.description} rescales float weights, so put it before the weight stages"
+                f"layer {done[0]!r} is already compressed by {by}: {self.description} rescales float weights, so "
+                "put it before the weight stages (of the same recipe, on the float model)"
             )
         self._explicit = [self._check_mapping(blocks[0], mapping) for mapping in self._explicit]
         self._batches = self.calibration_batches(model, context, self.config.batch_size)
