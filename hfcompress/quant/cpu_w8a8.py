@@ -550,9 +550,9 @@ def _native_library() -> ctypes.CDLL | None:
     if lib is not None:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.w8a8_linear.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, ctypes.c_int,
-                                    ctypes.c_float, ptr, ctypes.c_int]  # fmt: skip
+                                    ctypes.c_float, ptr, ctypes.c_int, ctypes.c_int]  # fmt: skip
         lib.w8a8_linear.restype = ctypes.c_int
-        lib.w8a8_planned.argtypes = [ptr, ptr, ctypes.c_int, i64, i64, ptr, ptr, ctypes.c_int]
+        lib.w8a8_planned.argtypes = [ptr, ptr, ctypes.c_int, i64, i64, ptr, ptr, ctypes.c_int, ctypes.c_int]
         lib.w8a8_planned.restype = ctypes.c_int
         lib.w8a8_quantize_rows.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ctypes.c_int, ctypes.c_float, ptr, ptr,
                                            ctypes.c_int]  # fmt: skip
@@ -614,18 +614,17 @@ def _native_forward(layer: QuantLinear, x: torch.Tensor, lib: ctypes.CDLL) -> to
     plan = cached(layer, "cpu_w8a8_native", _native_plan)  # rebuilt for a new input_scale tensor
     k, n = layer.in_features, layer.out_features
     _held, rows, address, stride = row_view(x, k)  # _held: alive through the call
-    fp32 = x.dtype == torch.float32
     # torch adds the bias after casting to the input dtype: in float32, the kernel can do it.
     bias = layer._parameters["bias"]
-    kernel_bias = bias is not None and fp32 and bias.dtype == torch.float32 and bias.is_contiguous()
-    out = x.new_empty((*x.shape[:-1], n)) if fp32 else torch.empty(rows, n)
+    kernel_bias = bias is not None and x.dtype == torch.float32 and bias.dtype == torch.float32 and bias.is_contiguous()
+    out = x.new_empty((*x.shape[:-1], n))  # written in x's dtype (a bfloat16 one rounded as torch rounds)
     bias_address = bias.data_ptr() if kernel_bias else None
-    failed = lib.w8a8_planned(plan.address, address, NATIVE_X_DTYPES[x.dtype], rows, stride, bias_address,
-                              out.data_ptr(), torch.get_num_threads())  # fmt: skip
+    dtype = NATIVE_X_DTYPES[x.dtype]
+    failed = lib.w8a8_planned(plan.address, address, dtype, rows, stride, bias_address, out.data_ptr(), dtype,
+                              torch.get_num_threads())  # fmt: skip
     if failed:
         raise MemoryError("the CPU W8A8 kernel could not allocate its scratch memory")
-    y = out if fp32 else out.to(x.dtype).reshape(*x.shape[:-1], n)
-    return y if bias is None or kernel_bias else y + bias.to(x.dtype)
+    return out if bias is None or kernel_bias else out + bias.to(x.dtype)
 
 
 def _forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,8 @@
  * asymmetric weights (NULL when symmetric). Every float operation is the one, in the same
  * order and precision, that the torch path of cpu_w8a8.py performs, and the dot product is
  * exact in int32, so the two agree bit for bit (float32 output; the bias only for float32
- * inputs, whose torch path adds it in float32).
+ * inputs, whose torch path adds it in float32). w8a8_linear writes y as float32 or rounded to
+ * bfloat16 (to nearest even, NaN as NaN: torch's .to(torch.bfloat16) of the float32 result).
  *
  * The dot products: with AVX-512 VNNI, vpdpbusd on (q + 128) as unsigned bytes against the
  * signed weights, 64 products an instruction, minus 128 * sum(w[n]) (w_sum, precomputed);
@@ -208,10 +209,11 @@ int w8a8_fake_quantize_rows(const void *x, int x_dtype, int64_t T, int64_t K, in
 #endif
 }
 
-/* Returns 0, or 1 when scratch memory cannot be allocated. */
+/* out [T, N]: float32 (out_dtype 2) or bfloat16 (1). Returns 0, or 1 when scratch memory cannot
+ * be allocated. */
 int w8a8_linear(const void *x, int x_dtype, int64_t T, int64_t K, int64_t x_stride, const int8_t *w,
                 const int32_t *w_sum, int64_t N, const float *w_scale, const float *corr, const float *bias,
-                int dynamic, float static_scale, float *out, int threads) {
+                int dynamic, float static_scale, void *out, int out_dtype, int threads) {
     int8_t *q = malloc((size_t)(T * K));
     uint8_t *qu = malloc((size_t)(T * K));
     float *s = malloc(sizeof(float) * (size_t)T);
@@ -254,7 +256,10 @@ int w8a8_linear(const void *x, int x_dtype, int64_t T, int64_t K, int64_t x_stri
             y = y * s[t];
             y = y * w_scale[n];
             if (bias) y = y + bias[n];
-            out[t * N + n] = y;
+            if (out_dtype == 1)
+                ((uint16_t *)out)[t * N + n] = y != y ? (uint16_t)0x7FC0 : float_to_bf16(y);
+            else
+                ((float *)out)[t * N + n] = y;
         }
     }
     free(q); free(qu); free(s); free(qsum); free(row);
@@ -267,12 +272,12 @@ int w8a8_linear(const void *x, int x_dtype, int64_t T, int64_t K, int64_t x_stri
  * w8a8_linear's fifteen arguments as the kernel took on SmolLM2's smaller layers (as for
  * decode_cpu.c's decode_planned). */
 int w8a8_planned(const int64_t *plan, const void *x, int x_dtype, int64_t T, int64_t x_stride, const float *bias,
-                 float *out, int threads) {
+                 void *out, int out_dtype, int threads) {
     const float *static_scale = (const float *)(intptr_t)plan[6];
     return w8a8_linear(x, x_dtype, T, plan[7], x_stride, (const int8_t *)(intptr_t)plan[0],
                        (const int32_t *)(intptr_t)plan[1], plan[2], (const float *)(intptr_t)plan[3],
                        (const float *)(intptr_t)plan[4], bias, (int)plan[5], static_scale ? *static_scale : 0.0f, out,
-                       threads);
+                       out_dtype, threads);
 }
 
 /* ---- AMX (Sapphire Rapids and later): prefill matmuls with their epilogues ----

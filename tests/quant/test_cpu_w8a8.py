@@ -139,6 +139,16 @@ def test_cpu_w8a8_c_kernel_equals_the_torch_path(strategy, dynamic, bits, symmet
                 slow = layer(x.clone())  # a new tensor: not the quantization cached for x
         assert fast.dtype == dtype and fast.shape == (*shape[:-1], n)
         assert torch.equal(fast, slow)
+    # A row holding a NaN comes out NaN (in bfloat16 too, where the kernel rounds the output).
+    x = torch.randn(3, k, generator=g).to(dtype)
+    x[1, 5] = float("nan")
+    with torch.no_grad():
+        fast = layer(x)
+        with monkeypatch.context() as m:
+            m.setattr(cpu_w8a8, "_native_library", lambda: None)
+            slow = layer(x.clone())
+    assert fast[1].isnan().all() and not fast[[0, 2]].isnan().any()
+    torch.testing.assert_close(fast, slow, rtol=0, atol=0, equal_nan=True)
     # A strided input (a column slice) is read correctly.
     wide = torch.randn(2, 2 * k, generator=g).to(dtype)
     with torch.no_grad():
@@ -214,12 +224,12 @@ def test_cpu_w8a8_c_kernel_dot_paths_agree(tmp_path):
             continue  # this compiler or CPU lacks the instruction set
         lib = ctypes.CDLL(str(lib_path))
         lib.w8a8_linear.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, ctypes.c_int,
-                                    ctypes.c_float, ptr, ctypes.c_int]  # fmt: skip
+                                    ctypes.c_float, ptr, ctypes.c_int, ctypes.c_int]  # fmt: skip
         for k, (x, w) in inputs.items():
             out = torch.empty(3, 41)
             w_sum = w.sum(1, dtype=torch.int32)
             failed = lib.w8a8_linear(x.data_ptr(), 2, 3, k, k, w.data_ptr(), w_sum.data_ptr(), 41, scales.data_ptr(),
-                                     corr.data_ptr(), None, 1, 0.0, out.data_ptr(), 1)  # fmt: skip
+                                     corr.data_ptr(), None, 1, 0.0, out.data_ptr(), 2, 1)  # fmt: skip
             assert failed == 0
             outs.setdefault(k, {})[name] = out
     assert all("plain" in by_name for by_name in outs.values())
