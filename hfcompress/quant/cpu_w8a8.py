@@ -420,6 +420,16 @@ def _onednn(layer: QuantLinear, xq: torch.Tensor, sx: torch.Tensor, out_dtype: t
     return y
 
 
+class _Slot:
+    """One remembered result and the key of the input it was made from (:func:`_remembered`)."""
+
+    __slots__ = ("key", "value")
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.value = None
+
+
 class _LastInput(threading.local):
     """The last quantized input: q, k and v (gate and up) are called with the very same
     tensor, so it is quantized once for all of them (SmolLM2: 4 quantizations per block
@@ -427,13 +437,24 @@ class _LastInput(threading.local):
     call."""
 
     def __init__(self) -> None:
-        self.key: tuple | None = None
-        self.value: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.fq_key: tuple | None = None  # the same for fake_quantized_input's result
-        self.fq: torch.Tensor | None = None
+        self.codes = _Slot()  # _quantized_input's (x_q, s_x)
+        self.fq = _Slot()  # fake_quantized_input's fq(x)
 
 
 _LAST = _LastInput()
+
+
+def _remembered(slot: _Slot, layer: QuantLinear, x: torch.Tensor, compute):
+    """``compute(layer, x, act, static)``, or ``slot``'s value when ``x`` is the input it was
+    made from (:func:`_input_key`); the result is remembered in ``slot``."""
+    act = layer.scheme.input_activations
+    static = layer._buffers.get("input_scale")
+    key = _input_key(x, act, static)
+    if _same_input(slot.key, key):
+        return slot.value
+    value = compute(layer, x, act, static)
+    slot.key, slot.value = (key, value) if key is not None else (None, None)
+    return value
 
 
 def _input_key(x: torch.Tensor, act, static: torch.Tensor | None) -> tuple | None:
@@ -499,17 +520,15 @@ def _native_quantize(x2: torch.Tensor, act, static: torch.Tensor | None) -> tupl
 
 def _quantized_input(layer: QuantLinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x_q: [T, K] int8, s_x: [T, 1] or [1] float32)`` for ``x: [..., K]``."""
-    act = layer.scheme.input_activations
-    static = layer._buffers.get("input_scale")
-    key = _input_key(x, act, static)
-    if _same_input(_LAST.key, key):
-        return _LAST.value
+    return _remembered(_LAST.codes, layer, x, _quantize_input)
+
+
+def _quantize_input(layer: QuantLinear, x: torch.Tensor, act, static: torch.Tensor | None):
     x2 = x.reshape(-1, layer.in_features)
     value = _native_quantize(x2, act, static) if act.num_bits == 8 else None
     if value is None:
         sx = activation_scales(x2, act, static)  # [T, 1] or [1]
         value = (quantize_activations(x2, sx, act.num_bits), nonfinite_rows_nan(x2, sx, act))
-    _LAST.key, _LAST.value = (key, value) if key is not None else (None, None)
     return value
 
 
@@ -518,30 +537,26 @@ def fake_quantized_input(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     pass where it applies (``w8a8_fake_quantize_rows``: the codes of :func:`_native_quantize`
     times their scales, in ``x``'s dtype), else from the codes :func:`_quantized_input` makes;
     once for the layers that read the same tensor (q, k and v; gate and up)."""
-    act = layer.scheme.input_activations
-    static = layer._buffers.get("input_scale")
-    key = _input_key(x, act, static)
-    if _same_input(_LAST.fq_key, key):
-        return _LAST.fq
+    return _remembered(_LAST.fq, layer, x, _fake_quantize_input)
+
+
+def _fake_quantize_input(layer: QuantLinear, x: torch.Tensor, act, static: torch.Tensor | None) -> torch.Tensor:
     x2 = x.reshape(-1, layer.in_features)
     native_rows = _native_rows(x2, act, static) if act.num_bits == 8 else None
-    if native_rows is not None:
-        lib, dynamic, static_scale = native_rows
-        fq = torch.empty(x2.shape, dtype=x.dtype)
-        failed = lib.w8a8_fake_quantize_rows(
-            x2.data_ptr(), NATIVE_X_DTYPES[x2.dtype], x2.shape[0], x2.shape[1], x2.stride(0), dynamic, static_scale,
-            fq.data_ptr(), NATIVE_X_DTYPES[x.dtype], torch.get_num_threads(),
-        )  # fmt: skip
-        if failed == 1:
-            raise MemoryError("w8a8_fake_quantize_rows could not allocate its scratch memory")
-        if failed:  # only a build without AVX-512 refuses, and it was asked above
-            raise RuntimeError(f"w8a8_fake_quantize_rows returned {failed}")
-    else:
+    if native_rows is None:
         xq, sx = _quantized_input(layer, x)
-        fq = (xq.float() * sx).to(x.dtype)
-    fq = fq.reshape(x.shape)
-    _LAST.fq_key, _LAST.fq = (key, fq) if key is not None else (None, None)
-    return fq
+        return (xq.float() * sx).to(x.dtype).reshape(x.shape)
+    lib, dynamic, static_scale = native_rows
+    fq = torch.empty(x2.shape, dtype=x.dtype)
+    failed = lib.w8a8_fake_quantize_rows(
+        x2.data_ptr(), NATIVE_X_DTYPES[x2.dtype], x2.shape[0], x2.shape[1], x2.stride(0), dynamic, static_scale,
+        fq.data_ptr(), NATIVE_X_DTYPES[x.dtype], torch.get_num_threads(),
+    )  # fmt: skip
+    if failed == 1:
+        raise MemoryError("w8a8_fake_quantize_rows could not allocate its scratch memory")
+    if failed:  # only a build without AVX-512 refuses, and it was asked above
+        raise RuntimeError(f"w8a8_fake_quantize_rows returned {failed}")
+    return fq.reshape(x.shape)
 
 
 @functools.cache
