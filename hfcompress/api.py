@@ -153,14 +153,15 @@ def compress(
     frozen = any(p.is_inference() for p in model.parameters())
     grad = torch.is_grad_enabled()  # before inference_mode(False), which turns it on
     with torch.inference_mode(frozen), torch.set_grad_enabled(grad and not frozen):
-        _run_stages(model, modifiers, context)
+        _run_stages(model, modifiers, context, frozen)
     if hasattr(model, "config"):
         attach_quantization_config(model, recipe.to_dict())
     return model
 
 
-def _run_stages(model: nn.Module, modifiers: list, context: CompressionContext) -> None:
-    """Check every stage, then apply them in order (:func:`compress`)."""
+def _run_stages(model: nn.Module, modifiers: list, context: CompressionContext, frozen: bool) -> None:
+    """Check every stage, then apply them in order (:func:`compress`; ``frozen``: the model's
+    weights are inference tensors)."""
     # Fused MoE experts are split into per-expert Linear layers (views: nothing is copied and
     # the forward is the same) so that stages can target them; put back if no stage does.
     split = unfuse_experts(model)
@@ -168,7 +169,7 @@ def _run_stages(model: nn.Module, modifiers: list, context: CompressionContext) 
         view = ModelView(model)
         for modifier in modifiers:
             modifier.check(model, context, view)
-        if any(p.is_inference() for p in model.parameters()):
+        if frozen:
             _refuse_gradients(modifiers)
         used = _split_experts_in_use(split, view)
     except BaseException:
