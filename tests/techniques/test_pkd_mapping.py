@@ -37,8 +37,10 @@ def test_pkd_strategies(n, strategy, k, expected):
         (dict(strategy="skip", num_student_layers=8), "a student of 8 layers from a teacher of 6"),
         (dict(strategy="last", num_student_layers=6), "a student of 6 layers from a teacher of 6"),
         (dict(strategy="explicit"), "needs `layers`"),
+        (dict(strategy="explicit", layers=3), r"layers=3 must be a list of teacher layer indices"),
+        (dict(strategy="explicit", layers="1,3"), r"layers='1,3' must be a list"),
     ],
-    ids=["missing-layer", "unordered", "all-layers", "more-layers", "as-many-layers", "explicit-empty"],
+    ids=["missing-layer", "unordered", "all-layers", "more-layers", "as-many-layers", "explicit-empty", "int", "str"],
 )
 def test_bad_mappings_are_refused(kwargs, message):
     with pytest.raises(hfcompress.RecipeError, match=message):
@@ -136,3 +138,66 @@ def test_a_student_whose_first_block_would_reload_differently_is_refused(tmp_pat
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, student(ids).logits)
+
+
+def _moe(model_type: str, **extra):
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        **extra,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def _reloads_the_same(student, tmp_path) -> AutoModelForCausalLM:
+    hfcompress.save_pretrained(student, tmp_path / "s")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "s").eval()
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, student(ids).logits)
+    return reloaded
+
+
+def test_the_dense_blocks_of_a_qwen_moe_follow_the_kept_layers(tmp_path):
+    """Qwen-MoE lists its dense blocks by index (``mlp_only_layers``): the student lists the
+    kept ones at their new indices, so teacher block 1 (dense) can open the student. A sparse
+    block the student's ``decoder_sparse_step`` cannot place is refused."""
+    experts = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+    model = _moe("qwen2_moe", mlp_only_layers=[1], **experts)
+    student = drop_layers(model, (1, 3), copy_model=True)
+    assert student.config.mlp_only_layers == [0]
+    reloaded = _reloads_the_same(student, tmp_path)
+    assert type(reloaded.model.layers[0].mlp).__name__ == "Qwen2MoeMLP"
+    assert type(reloaded.model.layers[1].mlp).__name__ == "Qwen2MoeSparseMoeBlock"
+
+    stepped = _moe("qwen2_moe", decoder_sparse_step=2, **experts)  # blocks 1 and 3 sparse
+    with pytest.raises(hfcompress.ModelError, match=r"builds its block 0 unlike block 1"):
+        drop_layers(stepped, (1, 3))
+    assert drop_layers(stepped, (0, 3), copy_model=True).config.mlp_only_layers == [0]
+
+
+def test_llama4_per_block_fields_follow_the_kept_layers(tmp_path):
+    """Llama 4 keeps which blocks skip RoPE (``no_rope_layers``, one entry per block) and which
+    are MoE (``moe_layers``, indices): both must describe the kept blocks, or the reloaded student
+    applies RoPE where the teacher did not, silently."""
+    model = _moe(
+        "llama4_text",
+        head_dim=16,
+        num_local_experts=4,
+        interleave_moe_layer_step=2,
+        intermediate_size_mlp=96,
+        no_rope_layers=[1, 1, 1, 0],
+    )
+    assert model.config.moe_layers == [1, 3]
+    student = drop_layers(model, (1, 3), copy_model=True)
+    assert student.config.no_rope_layers == [1, 0] and student.config.moe_layers == [0, 1]
+    _reloads_the_same(student, tmp_path)

@@ -51,6 +51,11 @@ def layer_map(
     """
     n = num_teacher_layers
     if strategy == "explicit":
+        if isinstance(layers, (int, str, bytes)) or not hasattr(layers, "__iter__"):
+            raise RecipeError(
+                f"layers={layers!r} must be a list of teacher layer indices, e.g. [1, 3, 5]; for a student of k "
+                "layers chosen for you, use strategy 'skip' or 'last' with num_student_layers=k"
+            )
         keep = tuple(int(i) for i in layers)
         if not keep:
             raise RecipeError("strategy='explicit' needs `layers`: the teacher layers to keep, e.g. [1, 3, 5]")
@@ -114,10 +119,32 @@ def drop_layers(model: nn.Module, keep: Sequence[int], *, copy_model: bool = Fal
     return model
 
 
+# Config fields that hold one entry per block (Llama 4's ``no_rope_layers``), and fields that list
+# the indices of blocks of one kind (Qwen-MoE's dense ``mlp_only_layers``, Llama 4's ``moe_layers``):
+# both follow the kept blocks, so that a model built from the student's config lays them out as kept.
+_PER_BLOCK_FIELDS = ("layer_types", "no_rope_layers")
+_INDEX_FIELDS = ("moe_layers",)
+
+
 def _shorten_config(config, keep: tuple[int, ...], n: int) -> None:
     config.num_hidden_layers = len(keep)
-    if isinstance(getattr(config, "layer_types", None), list) and len(config.layer_types) == n:
-        config.layer_types = [config.layer_types[i] for i in keep]
+    for field in _PER_BLOCK_FIELDS:
+        values = getattr(config, field, None)
+        if isinstance(values, list) and len(values) == n:
+            setattr(config, field, [values[i] for i in keep])
+    for field in _INDEX_FIELDS:
+        values = getattr(config, field, None)
+        if isinstance(values, list):
+            setattr(config, field, [i for i, old in enumerate(keep) if old in values])
+    only = getattr(config, "mlp_only_layers", None)
+    if isinstance(only, list):
+        # Qwen-MoE: block i is dense if listed, or if it is off the sparse step. The student lists
+        # each kept dense block at its new index; a kept sparse block off the student's step
+        # cannot be expressed, and check_student_layout refuses it.
+        step = getattr(config, "decoder_sparse_step", 1) or 1
+        experts = getattr(config, "num_experts", 0) or 0
+        dense = [old in only or experts == 0 or (old + 1) % step != 0 for old in keep]
+        config.mlp_only_layers = [i for i, d in enumerate(dense) if d]
 
 
 def check_student_layout(model: nn.Module, keep: tuple[int, ...]) -> None:
@@ -150,8 +177,9 @@ def check_student_layout(model: nn.Module, keep: tuple[int, ...]) -> None:
                               "as built" for name in differ[:3])  # fmt: skip
             raise ModelError(
                 f"{type(model).__name__} builds its block {i} unlike block {teacher_index}, which the student would "
-                f"keep there ({shown}); saved and reloaded, the student would lose those weights. Keep teacher "
-                f"block {i} at position {i} (strategy 'explicit' with layers that include it), or choose other layers"
+                f"keep there ({shown}); saved and reloaded, the student would lose those weights. Choose layers "
+                f"(strategy 'explicit') whose kinds the student's config can lay out at their new positions; if "
+                f"this architecture builds its block {i} specially, keep teacher block {i} at position {i}"
             )
 
 
