@@ -65,6 +65,13 @@ def check_attention_interface(model: nn.Module, what: str) -> None:
             f"{type(model).__name__}'s attention does not go through transformers' AttentionInterface, so {what} "
             "cannot replace it; this model is not supported"
         )
+    if not getattr(type(model), "_supports_sdpa", True):
+        # Our attention functions compute what SDPA computes; such a model's attention adds to it
+        # (Gemma 2's logit soft-capping, GPT-OSS's attention sinks), which they would drop.
+        raise ModelError(
+            f"{type(model).__name__}'s attention is not SDPA's (transformers runs it eagerly: logit soft-capping, "
+            f"attention sinks or the like), and {what} computes SDPA's attention; this model is not supported"
+        )
 
 
 def _running(model: nn.Module) -> list[str]:

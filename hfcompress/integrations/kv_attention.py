@@ -159,6 +159,11 @@ def kv_attention(
     ``key`` comes tagged from one that holds keys already; otherwise (a prefill, a forward
     without our cache) :func:`~hfcompress.integrations.attention.sequence_attention`: SDPA, or
     block-sparse attention when the model has it too."""
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise ValueError(
+            "the hfcompress_kv attention computes SDPA's attention and cannot apply this model's logit soft-capping "
+            "or attention sinks; switch the quantized KV cache off (hfcompress.disable_kv_cache)"
+        )
     traced: QuantizedKVLayer | None = getattr(key, TRACED_TAG, None)
     if traced is not None:
         return _traced_attention(traced, module, query, key, value, attention_mask, dropout, scaling, **kwargs)

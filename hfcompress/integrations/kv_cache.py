@@ -35,6 +35,7 @@ compiles into a prefill graph and one decode graph, however long the cache grows
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -467,12 +468,12 @@ class QuantizedKVCache(Cache):
     def __init__(self, config: Any, spec: KVCacheConfig | None = None, **kwargs: Any) -> None:
         spec = spec if spec is not None else KVCacheConfig(**kwargs)
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-        _check_layer_types(text)
+        kinds = _layer_kinds(text)
         _check_head_dim(_head_dim(text), spec)
         self.spec = spec
         self._config = text
         fused = self._fused
-        super().__init__(layers=[QuantizedKVLayer(spec, fused) for _ in range(text.num_hidden_layers)])
+        super().__init__(layers=[QuantizedKVLayer(spec, fused) if kind is None else kind() for kind in kinds])
 
     def _fused(self) -> bool:
         # While Dynamo traces, the reference-path switch is read at run time, in the operators.
@@ -481,21 +482,66 @@ class QuantizedKVCache(Cache):
         return torch.compiler.is_compiling() or not _force_reference()
 
     def nbytes(self) -> int:
-        """Bytes stored over all layers (:meth:`QuantizedKVLayer.nbytes`)."""
-        return sum(layer.nbytes() for layer in self.layers)
+        """Bytes stored over all layers (:meth:`QuantizedKVLayer.nbytes`; a sliding-window layer's
+        float keys and values)."""
+        return sum(
+            layer.nbytes() if isinstance(layer, QuantizedKVLayer) else _float_bytes(layer) for layer in self.layers
+        )
 
     def allocated_bytes(self) -> int:
         """Bytes held over all layers, spare packed capacity included."""
-        return sum(layer.allocated_bytes() for layer in self.layers)
-
-
-def _check_layer_types(config: Any) -> None:
-    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
-    if kinds != {"full_attention"}:
-        raise ModelError(
-            f"the quantized KV cache serves full-attention layers only; this model has layer types {sorted(kinds)} "
-            "(sliding-window or linear-attention layers keep their own caches): use the model's default cache"
+        return sum(
+            layer.allocated_bytes() if isinstance(layer, QuantizedKVLayer) else _float_bytes(layer)
+            for layer in self.layers
         )
+
+
+def _float_bytes(layer: CacheLayerMixin) -> int:
+    if not getattr(layer, "is_initialized", False):
+        return 0
+    return sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
+
+
+# Layer types whose attention goes through the attention function over a window of the most
+# recent tokens (Gemma 2 and 3, Cohere 2, Qwen 2 with sliding windows; Llama 4's chunks): their
+# caches stay transformers' own float ones, bounded by the window, and the attention function
+# hands them to SDPA with the model's own window mask.
+_WINDOWED = ("sliding_attention", "chunked_attention")
+
+
+def _layer_kinds(config: Any) -> list[Callable[[], CacheLayerMixin] | None]:
+    """Per layer, None for a full-attention layer (a :class:`QuantizedKVLayer`), else the maker of
+    transformers' own cache layer for a windowed one. A config without ``layer_types`` has full
+    attention everywhere, as far as the cache goes (Mistral's ``sliding_window`` then masks
+    within it, as transformers' masks do).
+
+    Raises:
+        ModelError: a layer type with no attention to quantize (linear attention, state-space
+            layers), or no full-attention layer at all.
+    """
+    from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, get_layer_types_and_kwargs
+
+    types = getattr(config, "layer_types", None)
+    if not types:
+        return [None] * config.num_hidden_layers
+    other = sorted(set(types) - {"full_attention", *_WINDOWED})
+    if other:
+        raise ModelError(
+            f"the quantized KV cache serves full-attention layers (sliding-window and chunked layers keep their own "
+            f"float caches); this model also has layer types {other}, whose caches it cannot hold: use the model's "
+            "default cache"
+        )
+    if "full_attention" not in types:
+        raise ModelError(
+            f"the quantized KV cache quantizes full-attention layers, and this model has none (layer types "
+            f"{sorted(set(types))}): its sliding-window caches are bounded by the window already; use the model's "
+            "default cache"
+        )
+    _, kwargs = get_layer_types_and_kwargs(config)
+    return [
+        None if kind == "full_attention" else functools.partial(DYNAMIC_LAYER_TYPE_MAPPING[kind], **kw)
+        for kind, kw in zip(types, kwargs, strict=True)
+    ]
 
 
 # -- switching it on --------------------------------------------------------------------------
@@ -515,8 +561,10 @@ def enable_kv_cache(model: nn.Module, spec: KVCacheConfig | None = None, **kwarg
         spec: The cache config; or its fields as keyword arguments.
 
     Raises:
-        ModelError: The model cannot generate, or its attention does not use ``AttentionInterface``,
-            or it has sliding-window or linear-attention layers.
+        ModelError: The model cannot generate, or its attention does not use ``AttentionInterface``
+            or is not SDPA's, or it has layers other than full-attention, sliding-window and chunked
+            ones, or no full-attention layer (sliding-window and chunked layers keep transformers'
+            own float caches, bounded by their window).
     """
     spec = spec if spec is not None else KVCacheConfig(**kwargs)
     check_model(model, spec)
@@ -573,6 +621,6 @@ def check_model(model: nn.Module, spec: KVCacheConfig | None = None) -> None:
     config = model.config.get_text_config(decoder=True)
     if getattr(config, "is_encoder_decoder", False):
         raise ModelError(f"{name} is an encoder-decoder model; the quantized KV cache serves decoder-only models")
-    _check_layer_types(config)
+    _layer_kinds(config)
     if spec is not None:
         _check_head_dim(_head_dim(config), spec)

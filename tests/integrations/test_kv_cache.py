@@ -323,9 +323,78 @@ def test_refuses_models_it_cannot_serve():
     with pytest.raises(ModelError, match="does not generate"):
         enable_kv_cache(make_tiny_bert())
     config = make_model().config
-    config.layer_types = ["sliding_attention", "full_attention"]
-    with pytest.raises(ModelError, match="full-attention layers only"):
+    config.layer_types = ["sliding_attention", "sliding_attention"]
+    with pytest.raises(ModelError, match="quantizes full-attention layers, and this model has none"):
         QuantizedKVCache(config)
+    config.layer_types = ["linear_attention", "full_attention"]
+    with pytest.raises(ModelError, match=r"also has layer types \['linear_attention'\]"):
+        QuantizedKVCache(config)
+
+
+def _hybrid(model_type: str, **extra):
+    """A tiny model of sliding-window (or chunked) and full-attention layers, window 16."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=None,
+        pad_token_id=0,
+        **extra,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+HYBRIDS = {
+    "gemma3": ("gemma3_text", dict(sliding_window=16, sliding_window_pattern=2)),
+    "qwen2-sliding": ("qwen2", dict(use_sliding_window=True, sliding_window=16, max_window_layers=1)),
+    "llama4-chunked": ("llama4_text", dict(num_local_experts=4, attention_chunk_size=16, intermediate_size_mlp=96)),
+}
+
+
+@pytest.mark.parametrize("name", HYBRIDS)
+def test_hybrid_models_quantize_their_full_attention_layers(name):
+    """Gemma 3, Qwen 2 with sliding windows, Llama 4: the full-attention layers' caches are
+    packed, the windowed layers keep transformers' own float caches (bounded by the window),
+    and at 8 bits greedy decoding of a left-padded batch past the window gives the float
+    cache's tokens."""
+    model_type, extra = HYBRIDS[name]
+    model = _hybrid(model_type, **extra)
+    enable_kv_cache(model, bits=8, group_size=16, residual_length=8, sink_tokens=0)
+    ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=40, do_sample=False, return_dict_in_generate=True)
+    with torch.no_grad():
+        want = model.generate(ids, cache=DynamicCache(config=model.config), **kw)
+        got = model.generate(ids, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    cache = got.past_key_values
+    full = [t == "full_attention" for t in model.config.layer_types]
+    assert [isinstance(layer, kv_cache.QuantizedKVLayer) for layer in cache.layers] == full
+    for layer, is_full in zip(cache.layers, full, strict=True):
+        if is_full:
+            assert layer.packed_tokens >= 64  # 80 tokens less the window
+        else:
+            assert layer.keys.shape[-2] < 80  # the window's float tokens only
+    assert cache.nbytes() > 0
+
+
+def test_models_whose_attention_is_not_sdpa_are_refused():
+    """Gemma 2 soft-caps its attention logits and runs eagerly: our attention (SDPA's) would
+    drop the cap in decoding steps, silently."""
+    model = _hybrid("gemma2", sliding_window=16)
+    with pytest.raises(ModelError, match="Gemma2ForCausalLM's attention is not SDPA's"):
+        enable_kv_cache(model, bits=4)
 
 
 def test_refuses_a_group_that_does_not_fit_the_head_dim(tiny_llama):
