@@ -39,6 +39,11 @@ _ON = "_hfcompress_attn_on"  # on the model: ours switched on, in order
 _INNER = "_hfcompress_inner_attention"  # on an attention module: its inner function
 OURS: set[str] = set()
 _OUTER: set[str] = set()
+# Layer types (``config.layer_types``) that attend over a window of the most recent tokens (Gemma
+# 2 and 3, Cohere 2, Qwen 2 with sliding windows; Llama 4's chunks). Our attention functions leave
+# them as they are: the quantized KV cache keeps their float caches, and block-sparse attention
+# their dense attention, with transformers' own window masks.
+WINDOWED_LAYER_TYPES = ("sliding_attention", "chunked_attention")
 
 
 def register_attention(name: str, fn: Callable[..., tuple[torch.Tensor, Any]]) -> None:

@@ -47,6 +47,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 from hfcompress.errors import ModelError
 from hfcompress.integrations.attention import (
+    WINDOWED_LAYER_TYPES,
     check_attention_interface,
     declare_outer,
     register_attention,
@@ -502,13 +503,6 @@ def _float_bytes(layer: CacheLayerMixin) -> int:
     return sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
 
 
-# Layer types whose attention goes through the attention function over a window of the most
-# recent tokens (Gemma 2 and 3, Cohere 2, Qwen 2 with sliding windows; Llama 4's chunks): their
-# caches stay transformers' own float ones, bounded by the window, and the attention function
-# hands them to SDPA with the model's own window mask.
-_WINDOWED = ("sliding_attention", "chunked_attention")
-
-
 def _layer_kinds(config: Any) -> list[Callable[[], CacheLayerMixin] | None]:
     """Per layer, None for a full-attention layer (a :class:`QuantizedKVLayer`), else the maker of
     transformers' own cache layer for a windowed one. A config without ``layer_types`` has full
@@ -524,7 +518,7 @@ def _layer_kinds(config: Any) -> list[Callable[[], CacheLayerMixin] | None]:
     types = getattr(config, "layer_types", None)
     if not types:
         return [None] * config.num_hidden_layers
-    other = sorted(set(types) - {"full_attention", *_WINDOWED})
+    other = sorted(set(types) - {"full_attention", *WINDOWED_LAYER_TYPES})
     if other:
         raise ModelError(
             f"the quantized KV cache serves full-attention layers (sliding-window and chunked layers keep their own "

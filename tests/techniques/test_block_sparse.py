@@ -267,3 +267,45 @@ def test_calibrated_layout_warns_on_inputs_longer_than_its_calibration(caplog):
     with caplog.at_level("WARNING"):
         model(_ids(1, 64))
     assert "measured on sequences of 2 blocks; this one has 4" in caplog.text
+
+
+@pytest.mark.parametrize("layout", ["dynamic", "calibrated"])
+def test_hybrid_models_make_only_their_full_attention_layers_sparse(layout, tmp_path):
+    """Gemma 3 alternating sliding-window and full-attention layers: the windowed layers keep
+    their dense attention (layer 0's output equals the dense model's), the full-attention ones
+    run sparse, calibrated tables exist for those only, and the model reloads with the same
+    logits. A model of windowed layers only, or with layers of another kind, is refused."""
+    from tests.integrations.test_kv_cache import _hybrid
+
+    dense = _hybrid("gemma3_text", sliding_window=16, sliding_window_pattern=2)
+    model = _hybrid("gemma3_text", sliding_window=16, sliding_window_pattern=2)
+    stage = {"name": "b", "technique": "block_sparse", "layout": layout, "density": 0.5, "block_size": 16}
+    calibration = torch.randint(3, 128, (4, 96), generator=torch.Generator().manual_seed(1))
+    compress(model, {"stages": [{**stage, "min_tokens": 16}]}, calibration_data=calibration, progress=False)
+    states = bsa.states(model)
+    assert [s.windowed for s in states.values()] == [True, False, True, False]
+    if layout == "calibrated":
+        assert [s.table is not None for s in states.values()] == [False, True, False, True]
+    ids = torch.randint(3, 128, (2, 96), generator=torch.Generator().manual_seed(0))
+    seen = {}
+    hooks = [
+        m.model.layers[0].self_attn.register_forward_hook(lambda _m, _a, out, key=key: seen.update({key: out[0]}))
+        for key, m in (("sparse", model), ("dense", dense))
+    ]
+    with torch.no_grad():
+        logits, dense_logits = model(ids).logits, dense(ids).logits
+    for hook in hooks:
+        hook.remove()
+    assert torch.equal(seen["sparse"], seen["dense"])
+    assert [s.last_density for s in states.values()][1::2] == [pytest.approx(0.524, abs=1e-3)] * 2
+    assert not torch.allclose(logits, dense_logits, atol=1e-3)
+    hfcompress.save_pretrained(model, tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "m")(ids).logits, logits)
+
+    windowed_only = _hybrid("gemma3_text", sliding_window=16, sliding_window_pattern=6)
+    with pytest.raises(hfcompress.ModelError, match="replaces full attention, and this model has none"):
+        enable_block_sparse(windowed_only, density=0.5)
+    windowed_only.config.layer_types = ["linear_attention", *windowed_only.config.layer_types[1:]]
+    with pytest.raises(hfcompress.ModelError, match=r"also has layer types \['linear_attention'\]"):
+        enable_block_sparse(windowed_only, density=0.5)

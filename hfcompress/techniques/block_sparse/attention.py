@@ -23,6 +23,7 @@ from torch import nn
 
 from hfcompress.errors import ModelError
 from hfcompress.integrations.attention import (
+    WINDOWED_LAYER_TYPES,
     check_attention_interface,
     dense_attention,
     register_attention,
@@ -73,6 +74,8 @@ class SparseState:
     last_density: float | None = None
     kept_tiles: int = 0
     total_tiles: int = 0
+    # A sliding-window or chunked layer of a hybrid model: it keeps its dense attention.
+    windowed: bool = False
 
     def __setstate__(self, state: dict) -> None:
         # Unpickled (``torch.load`` of a whole model) in a process where the attention may not
@@ -218,6 +221,8 @@ def block_sparse_attention(
             f"{type(module).__name__} runs the block-sparse attention function but was not set up by "
             "enable_block_sparse (a module created after the switch?); call enable_block_sparse(model, ...) again"
         )
+    if state.windowed:
+        return dense_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     cfg = state.config
     t, d = query.shape[2:]
     causal = kwargs.get("is_causal")
@@ -278,13 +283,39 @@ def check_model(model: nn.Module) -> None:
             f"{type(model).__name__} is an encoder-decoder model; block-sparse attention serves decoders and encoders"
         )
     kinds = set(getattr(config.get_text_config(), "layer_types", None) or ["full_attention"])
-    if kinds != {"full_attention"}:
+    other = sorted(kinds - {"full_attention", *WINDOWED_LAYER_TYPES})
+    if other:
         raise ModelError(
-            f"block-sparse attention replaces full attention; this model has layer types {sorted(kinds)} "
-            "(sliding-window or linear-attention layers keep their own attention)"
+            f"block-sparse attention replaces full attention (sliding-window and chunked layers keep their own); "
+            f"this model also has layer types {other}"
         )
-    if not attention_modules(model):
+    if "full_attention" not in kinds:
+        raise ModelError(
+            f"block-sparse attention replaces full attention, and this model has none (layer types {sorted(kinds)}): "
+            "its windowed attention costs linear time already"
+        )
+    modules = attention_modules(model)
+    if not modules:
         raise ModelError(f"found no attention module in {type(model).__name__} (modules with is_causal and a config)")
+    if kinds != {"full_attention"}:
+        unplaced = [name for name, module in modules.items() if not isinstance(getattr(module, "layer_idx", None), int)]
+        if unplaced:
+            raise ModelError(
+                f"{type(model).__name__} mixes layer types {sorted(kinds)}, and its attention module {unplaced[0]!r} "
+                "has no layer_idx to tell which kind it is"
+            )
+
+
+def _windowed(model: nn.Module, module: nn.Module) -> bool:
+    """Whether ``module`` is the attention of a sliding-window or chunked layer (it stays dense)."""
+    types = getattr(model.config.get_text_config(), "layer_types", None)
+    index = getattr(module, "layer_idx", None)
+    return bool(types) and isinstance(index, int) and types[index] in WINDOWED_LAYER_TYPES
+
+
+def sparse_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The attention modules that block-sparse attention serves: those of full-attention layers."""
+    return {name: m for name, m in attention_modules(model).items() if not _windowed(model, m)}
 
 
 def enable_block_sparse(
@@ -308,7 +339,7 @@ def enable_block_sparse(
     check_model(model)
     modules = attention_modules(model)
     if config.layout == "calibrated":
-        missing = sorted(set(modules) - set(tables or {}))
+        missing = sorted(set(sparse_modules(model)) - set(tables or {}))
         if missing:
             raise ModelError(
                 f"the calibrated block-sparse layout has no table for {missing[:3]} (of {len(missing)} modules)"
@@ -321,7 +352,7 @@ def enable_block_sparse(
             if tables is None or name not in tables
             else torch.tensor(tables[name], dtype=torch.float32, device="cpu")
         )
-        _attach(module, SparseState(config, table))
+        _attach(module, SparseState(config, table, windowed=_windowed(model, module)))
     object.__setattr__(model, _CONFIG, config)
     return config
 
@@ -365,7 +396,8 @@ def calibrate_tables(
     switch_attention(model, ATTENTION, "block-sparse attention")
     modules = attention_modules(model)
     for module in modules.values():
-        _attach(module, SparseState(config, recording=True))
+        windowed = _windowed(model, module)
+        _attach(module, SparseState(config, recording=not windowed, windowed=windowed))
     device = next(model.parameters()).device
     sequences = 0
     try:
@@ -374,7 +406,7 @@ def calibrate_tables(
                 model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
                 sequences += len(batch["input_ids"])
     finally:
-        recorded = {name: getattr(m, _STATE).recorded for name, m in modules.items()}
+        recorded = {name: getattr(m, _STATE).recorded for name, m in modules.items() if not getattr(m, _STATE).windowed}
         for module in modules.values():
             _detach(module)
         restore_attention(model, ATTENTION)
