@@ -132,6 +132,16 @@ class CompressedModule(nn.Module):
         """Bytes of the compressed weight (bias excluded)."""
         raise NotImplementedError
 
+    def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The ``[N, K]`` float weight of the linear map this module computes (its input
+        quantization aside), for ``model.dequantize()``."""
+        raise NotImplementedError(f"{type(self).__name__} ({self.kind!r}) has no float form: it cannot be dequantized")
+
+    def dense_bias(self) -> torch.Tensor | None:
+        """The bias added to that map's output, or None."""
+        bias = getattr(self, "bias", None)
+        return bias if isinstance(bias, torch.Tensor) else None
+
     def linear_spec(self, **layout: Any) -> dict[str, Any]:
         """The spec of a linear-like kind: its kind, ``in_features``, ``out_features``, the
         ``layout`` fields, and the recipe stage that made it when known."""

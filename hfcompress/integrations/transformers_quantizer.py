@@ -193,6 +193,12 @@ class HfCompressQuantizer(HfQuantizer):
             state_dict[guard] = torch.zeros(_GUARD_HEADER[1], dtype=torch.uint8)
         return state_dict, {HASH_KEY: json.dumps(renamed, sort_keys=True)}
 
+    def _dequantize(self, model, dtype=None):
+        # model.dequantize(): transformers removes the quantization config afterwards.
+        from hfcompress.dequantizing import dequantize_model
+
+        return dequantize_model(model, dtype)
+
     def is_serializable(self) -> bool:
         return True
 

@@ -271,6 +271,9 @@ class QuantLinear(CompressedModule):
         """The ``[N, K]`` weight this layer computes with."""
         return dequantize(self.codes(), self.scales, self.zero_points(), self.group_size, dtype=dtype)
 
+    def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.dequantize(dtype)
+
     def _apply(self, fn, recurse: bool = True):
         # Moving or casting the layer replaces its buffers: drop kernel state built from them.
         self._kernel_cache.clear()

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from hfcompress.errors import CheckpointError
-from hfcompress.kinds import CompressedModule, register_module_kind
+from hfcompress.kinds import CompressedModule, linear_weight, register_module_kind
 
 __all__ = ["LowRankLinear", "module_storage_bytes"]
 
@@ -163,6 +163,10 @@ class LowRankLinear(CompressedModule):
         w = b @ a
         return w + _dense(self.base, dtype) if self.base is not None else w
 
+    def dense_bias(self) -> torch.Tensor | None:
+        holder = self.base if self.base is not None else self.factor_out
+        return holder.dense_bias() if isinstance(holder, CompressedModule) else holder.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.factor_out(self.factor_in(x))
         return y + self.base(x) if self.base is not None else y
@@ -172,6 +176,6 @@ class LowRankLinear(CompressedModule):
 
 
 def _dense(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    if hasattr(module, "dequantize"):
-        return module.dequantize(dtype)
-    return module.weight.to(dtype)
+    if isinstance(module, CompressedModule):
+        return module.dense_weight(dtype)
+    return linear_weight(module).to(dtype)
