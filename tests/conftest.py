@@ -34,6 +34,25 @@ def make_tiny_llama(seed: int = 0, tie: bool = True, layers: int = 2, **override
     return LlamaForCausalLM(config).eval()
 
 
+def make_tiny_causal(model_type: str, **extra):
+    """A tiny random causal LM of any ``model_type`` (4 layers, hidden 64, 4 query heads on 2 KV
+    heads, 256 positions); ``extra`` sets or replaces config fields."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    fields.update(extra)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **fields)).eval()
+
+
 def make_tiny_bert(
     seed: int = 0, layers: int = 2, num_labels: int = 3, vocab: int = 100, **overrides
 ) -> BertForSequenceClassification:

@@ -13,7 +13,7 @@ from hfcompress.integrations.kv_cache import QuantizedKVCache, disable_kv_cache,
 from hfcompress.quant import kv_cpu
 from hfcompress.quant.dispatch import reference_path
 
-from ..conftest import make_tiny_bert, make_tiny_llama
+from ..conftest import make_tiny_bert, make_tiny_causal, make_tiny_llama
 
 # Small groups and window, so that a few dozen tokens go well past the residual window.
 SPEC = dict(group_size=16, residual_length=16, sink_tokens=4)
@@ -332,26 +332,8 @@ def test_refuses_models_it_cannot_serve():
 
 
 def _hybrid(model_type: str, **extra):
-    """A tiny model of sliding-window (or chunked) and full-attention layers, window 16."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model(
-        model_type,
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=None,
-        pad_token_id=0,
-        **extra,
-    )
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval()
+    """A tiny model of sliding-window (or chunked) and full-attention layers, head dim 16."""
+    return make_tiny_causal(model_type, head_dim=16, bos_token_id=1, eos_token_id=None, pad_token_id=0, **extra)
 
 
 HYBRIDS = {

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import hfcompress
 from hfcompress.techniques.pkd.mapping import LAYER_MAP_KEY, drop_layers, layer_map
-from tests.conftest import make_tiny_bert, make_tiny_llama
+from tests.conftest import make_tiny_bert, make_tiny_causal, make_tiny_llama
 
 
 @pytest.mark.parametrize(
@@ -140,24 +140,6 @@ def test_a_student_whose_first_block_would_reload_differently_is_refused(tmp_pat
         assert torch.equal(reloaded(ids).logits, student(ids).logits)
 
 
-def _moe(model_type: str, **extra):
-    from transformers import AutoConfig
-
-    config = AutoConfig.for_model(
-        model_type,
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        **extra,
-    )
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval()
-
-
 def _reloads_the_same(student, tmp_path) -> AutoModelForCausalLM:
     hfcompress.save_pretrained(student, tmp_path / "s")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "s").eval()
@@ -172,14 +154,14 @@ def test_the_dense_blocks_of_a_qwen_moe_follow_the_kept_layers(tmp_path):
     kept ones at their new indices, so teacher block 1 (dense) can open the student. A sparse
     block the student's ``decoder_sparse_step`` cannot place is refused."""
     experts = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
-    model = _moe("qwen2_moe", mlp_only_layers=[1], **experts)
+    model = make_tiny_causal("qwen2_moe", mlp_only_layers=[1], **experts)
     student = drop_layers(model, (1, 3), copy_model=True)
     assert student.config.mlp_only_layers == [0]
     reloaded = _reloads_the_same(student, tmp_path)
     assert type(reloaded.model.layers[0].mlp).__name__ == "Qwen2MoeMLP"
     assert type(reloaded.model.layers[1].mlp).__name__ == "Qwen2MoeSparseMoeBlock"
 
-    stepped = _moe("qwen2_moe", decoder_sparse_step=2, **experts)  # blocks 1 and 3 sparse
+    stepped = make_tiny_causal("qwen2_moe", decoder_sparse_step=2, **experts)  # blocks 1 and 3 sparse
     with pytest.raises(hfcompress.ModelError, match=r"builds its block 0 unlike block 1"):
         drop_layers(stepped, (1, 3))
     assert drop_layers(stepped, (0, 3), copy_model=True).config.mlp_only_layers == [0]
@@ -189,7 +171,7 @@ def test_llama4_per_block_fields_follow_the_kept_layers(tmp_path):
     """Llama 4 keeps which blocks skip RoPE (``no_rope_layers``, one entry per block) and which
     are MoE (``moe_layers``, indices): both must describe the kept blocks, or the reloaded student
     applies RoPE where the teacher did not, silently."""
-    model = _moe(
+    model = make_tiny_causal(
         "llama4_text",
         head_dim=16,
         num_local_experts=4,
