@@ -9,7 +9,7 @@ import hfcompress
 from hfcompress import ActivationQuantConfig, GPTQConfig, QuantLinear, RecipeError, RTNConfig, compress
 from hfcompress.techniques.rotation import RotatedRMSNorm, RotationConfig
 from hfcompress.techniques.rotation.hadamard import block_hadamard, ffn_block_size, hadamard_matrix, random_orthogonal
-from tests.conftest import make_tiny_llama
+from tests.conftest import make_tiny_causal, make_tiny_llama
 
 CALIB = torch.randint(0, 128, (8, 24), generator=torch.Generator().manual_seed(3))
 W8 = RTNConfig(bits=8, group_size=-1, symmetric=True)
@@ -19,8 +19,8 @@ def _with_outliers(model):
     """A few huge channels in the norms' outputs, as trained LLMs have (SmolLM2's are 100x)."""
     with torch.no_grad():
         for layer in model.model.layers:
-            layer.input_layernorm.weight[[5]] *= 100
-            layer.post_attention_layernorm.weight[[7]] *= 100
+            layer.input_layernorm.weight[5] = 100.0  # a gain of 100 (101 where norms scale by 1 + weight)
+            layer.post_attention_layernorm.weight[7] = 100.0
     return model
 
 
@@ -101,6 +101,14 @@ MODELS = {
     "llama-tied-head20": lambda: make_tiny_llama(),
     "llama-untied-head16": lambda: make_tiny_llama(tie=False, hidden_size=64),
     "qwen2-biases": _tiny_qwen2,
+    # scalar multipliers on the embeddings, the residual branches, attention and the logits
+    "granite": lambda: make_tiny_causal(
+        "granite", embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=4.0
+    ),
+    # norms that scale by 1 + weight, and a scaled embedding
+    "gemma": lambda: make_tiny_causal("gemma", head_dim=16),
+    # fused q/k/v and gate/up layers (Phi-3, Phi-4), a partial rotary embedding
+    "phi3-fused": lambda: make_tiny_causal("phi3", pad_token_id=0, partial_rotary_factor=0.5),
 }
 
 
@@ -109,7 +117,8 @@ def test_rotation_keeps_the_function_and_spreads_the_outliers(make, llama_ids):
     model = _with_outliers(MODELS[make]())
     before = _logits(model, llama_ids)
     seen = {}
-    handle = model.model.layers[1].self_attn.q_proj.register_forward_pre_hook(lambda _m, a: seen.setdefault("b", a[0]))
+    norm = model.model.layers[1].input_layernorm  # what the q/k/v projections read
+    handle = norm.register_forward_hook(lambda _m, _a, out: seen.setdefault("b", out))
     _logits(model, llama_ids)
     handle.remove()
     compress(model, [RotationConfig()], progress=False)
@@ -117,7 +126,7 @@ def test_rotation_keeps_the_function_and_spreads_the_outliers(make, llama_ids):
     assert isinstance(model.model.norm, RotatedRMSNorm)
     tied = model.config.tie_word_embeddings
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
-    handle = model.model.layers[1].self_attn.q_proj.register_forward_pre_hook(lambda _m, a: seen.setdefault("a", a[0]))
+    handle = norm.register_forward_hook(lambda _m, _a, out: seen.setdefault("a", out))
     _logits(model, llama_ids)
     handle.remove()
 
@@ -182,6 +191,18 @@ def test_rotated_models_reload_with_the_same_logits(llama_ids, tmp_path, stages)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     assert isinstance(reloaded.model.norm, RotatedRMSNorm)
     assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    assert torch.equal(_logits(reloaded, llama_ids), expected)
+
+
+@pytest.mark.parametrize("make", ["gemma", "phi3-fused"])
+def test_rotated_gemma_and_phi3_reload_with_the_same_logits(make, llama_ids, tmp_path):
+    model = MODELS[make]()
+    stages = [RotationConfig(), GPTQConfig(bits=4, group_size=32, batch_size=4), ActivationQuantConfig()]
+    compress(model, stages, calibration_data=CALIB, progress=False)
+    expected = _logits(model, llama_ids)
+    hfcompress.save_pretrained(model, tmp_path / "m")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert isinstance(reloaded.model.norm, RotatedRMSNorm)
     assert torch.equal(_logits(reloaded, llama_ids), expected)
 
 

@@ -32,11 +32,48 @@ from hfcompress.techniques.rotation.hadamard import block_hadamard, ffn_block_si
 __all__ = ["PATCH", "RotatedRMSNorm", "RotationModifier"]
 
 PATCH = "rotation"
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-_MLP = ("gate_proj", "up_proj", "down_proj")
-# Every linear layer of a block that the rotation rewrites, relative to the block.
-_LINEAR_PATHS = (*(f"self_attn.{n}" for n in _ATTN), *(f"mlp.{n}" for n in _MLP))
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where a block's rotated linears are, relative to the block: those reading the attention
+    norm and the MLP norm, those writing the residual stream, and the value projection (a
+    layer, or the rows of a fused q/k/v layer that ``value_rows`` picks)."""
+
+    attention_inputs: tuple[str, ...]
+    mlp_inputs: tuple[str, ...]
+    attention_output: str = "self_attn.o_proj"
+    mlp_output: str = "mlp.down_proj"
+    value: str = "self_attn.v_proj"
+    fused_qkv: bool = False
+
+    def paths(self) -> tuple[str, ...]:
+        return (*self.attention_inputs, self.attention_output, *self.mlp_inputs, self.mlp_output)
+
+    def value_rows(self, text) -> slice | None:
+        """The value projection's rows within a fused q/k/v layer (None: a layer of its own)."""
+        if not self.fused_qkv:
+            return None
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        q = text.num_attention_heads * head_dim
+        kv = (getattr(text, "num_key_value_heads", None) or text.num_attention_heads) * head_dim
+        return slice(q + kv, q + 2 * kv)
+
+
+_SEPARATE = _Layout(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+_FUSED = _Layout(("self_attn.qkv_proj",), ("mlp.gate_up_proj",), value="self_attn.qkv_proj", fused_qkv=True)
+# Pre-norm RMSNorm decoders whose residual stream is rotation-invariant (scalar multipliers, as
+# Granite's and Gemma's embedding scale, keep it so; Gemma's norms scale by 1 + weight).
+LAYOUTS: dict[str, _Layout] = {
+    "llama": _SEPARATE,
+    "mistral": _SEPARATE,
+    "qwen2": _SEPARATE,
+    "qwen3": _SEPARATE,
+    "granite": _SEPARATE,
+    "gemma": _SEPARATE,
+    "phi3": _FUSED,
+}
+SUPPORTED_MODEL_TYPES = tuple(LAYOUTS)
 _BLOCK_ATTR = "_hfc_ffn_hadamard"  # the Hadamard block of the down projection's input
 # Largest relative change of the probe's logits that rotating may cause, by model dtype.
 _TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
@@ -73,6 +110,8 @@ class RotatedRMSNorm(nn.Module):
 class _Parts:
     """Where the rotated pieces of a supported model are."""
 
+    layout: _Layout
+    value_rows: slice | None
     blocks_prefix: str
     blocks: nn.ModuleList
     embed: nn.Module
@@ -102,8 +141,9 @@ def _parts(model: nn.Module) -> _Parts:
     embed = model.get_input_embeddings()
     if norm is None or not hasattr(norm, "weight") or embed is None:
         raise ModelError(f"cannot find the final norm and the input embedding of {type(model).__name__}")
+    layout = LAYOUTS[model_type]
     for i, block in enumerate(blocks):
-        for path in _LINEAR_PATHS:
+        for path in layout.paths():
             try:
                 block.get_submodule(path)
             except AttributeError:
@@ -115,6 +155,8 @@ def _parts(model: nn.Module) -> _Parts:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     hidden = text.hidden_size
     return _Parts(
+        layout=layout,
+        value_rows=layout.value_rows(text),
         blocks_prefix=prefix,
         blocks=blocks,
         embed=embed,
@@ -124,9 +166,7 @@ def _parts(model: nn.Module) -> _Parts:
         head_name=names.get(id(head)) if head is not None else None,
         hidden=hidden,
         head_dim=getattr(text, "head_dim", None) or hidden // text.num_attention_heads,
-        intermediate=blocks[0].mlp.down_proj.in_features
-        if hasattr(blocks[0].mlp.down_proj, "in_features")
-        else text.intermediate_size,
+        intermediate=getattr(blocks[0].get_submodule(layout.mlp_output), "in_features", text.intermediate_size),
         vocab_size=text.vocab_size,
     )
 
@@ -170,13 +210,36 @@ def _set(param: torch.Tensor, value: torch.Tensor) -> None:
     param.data.copy_(value.to(param.dtype))
 
 
+def _norm_offset(norm: nn.Module) -> float:
+    """``a`` in the norm's gain ``a + weight``: 0 for Llama's RMSNorm, 1 for Gemma's (measured:
+    the norm of a vector of ones, with the weight zeroed)."""
+    eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+    saved = norm.weight.detach().clone()
+    norm.weight.data.zero_()
+    try:
+        probe = torch.ones(1, saved.numel(), dtype=torch.float32, device=saved.device).to(saved.dtype)
+        gain = float(norm(probe).float().mean()) * (1 + eps) ** 0.5
+    finally:
+        norm.weight.data.copy_(saved)
+    for offset in (0.0, 1.0):
+        if abs(gain - offset) < 1e-2:
+            return offset
+    raise ModelError(f"{type(norm).__name__} is not an RMSNorm of gain weight or 1 + weight; rotation cannot fold it")
+
+
+def _gain(norm: nn.Module) -> torch.Tensor:
+    """The norm's per-channel gain, float64."""
+    return norm.weight.detach().double() + _norm_offset(norm)
+
+
 def _fold_and_rotate_inputs(norm: nn.Module, layers: list[nn.Module], q: torch.Tensor) -> None:
     """``W <- W diag(g) Q`` for each layer reading ``norm``'s output; the norm's gain -> 1."""
-    g = norm.weight.detach().double()
+    offset = _norm_offset(norm)
+    g = norm.weight.detach().double() + offset
     for layer in layers:
         w = layer.weight.detach().double()
         _set(layer.weight, (w * g.unsqueeze(0)) @ q.to(w.device))
-    norm.weight.data.fill_(1.0)
+    norm.weight.data.fill_(1.0 - offset)
 
 
 def _rotate_outputs(layer: nn.Module, q: torch.Tensor) -> None:
@@ -194,14 +257,17 @@ def _head_rotation(head_dim: int, seed: int) -> torch.Tensor:
     return random_orthogonal(head_dim, seed)
 
 
-def _rotate_value_heads(v: nn.Module, o: nn.Module, h: torch.Tensor) -> None:
-    """Value head outputs by ``h`` (rows of ``v``), the matching input columns of ``o``."""
+def _rotate_value_heads(v: nn.Module, o: nn.Module, h: torch.Tensor, rows: slice | None = None) -> None:
+    """Value head outputs by ``h`` (rows of ``v``, or its ``rows`` in a fused q/k/v layer), the
+    matching input columns of ``o``."""
     head_dim = h.shape[0]
     h = h.to(v.weight.device)
-    wv = v.weight.detach().double()
-    _set(v.weight, (h.t() @ wv.reshape(-1, head_dim, wv.shape[1])).reshape(wv.shape))
+    rows = rows if rows is not None else slice(None)
+    wv = v.weight.detach()[rows].double()
+    v.weight.data[rows] = (h.t() @ wv.reshape(-1, head_dim, wv.shape[1])).reshape(wv.shape).to(v.weight.dtype)
     if v.bias is not None:
-        _set(v.bias, (v.bias.detach().double().reshape(-1, head_dim) @ h).reshape(-1))
+        bv = v.bias.detach()[rows].double()
+        v.bias.data[rows] = (bv.reshape(-1, head_dim) @ h).reshape(-1).to(v.bias.dtype)
     wo = o.weight.detach().double()
     _set(o.weight, (wo.reshape(wo.shape[0], -1, head_dim) @ h).reshape(wo.shape))
 
@@ -219,7 +285,8 @@ class RotationModifier(Modifier):
         earlier = earlier_patch(root.marks, model, PATCH, False)
         if earlier is not None:
             raise self.error(f"the model is rotated already (by {earlier}); one rotate stage is enough")
-        names = [f"{parts.blocks_prefix}.{i}.{path}" for i in range(len(parts.blocks)) for path in _LINEAR_PATHS]
+        paths = parts.layout.paths()
+        names = [f"{parts.blocks_prefix}.{i}.{path}" for i in range(len(parts.blocks)) for path in paths]
         if parts.head_name is not None:
             names.append(parts.head_name)
         for name in names:
@@ -247,17 +314,19 @@ class RotationModifier(Modifier):
         _set(embed, embed.detach().double() @ q.to(embed.device))
         block_size = ffn_block_size(parts.intermediate) if self.config.ffn else 0
         head_rotation = _head_rotation(parts.head_dim, self.config.seed + 1)
+        layout = parts.layout
         for layer in parts.blocks:
-            attn, mlp = layer.self_attn, layer.mlp
-            _fold_and_rotate_inputs(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], q)
-            _fold_and_rotate_inputs(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], q)
-            _rotate_outputs(attn.o_proj, q)
-            _rotate_outputs(mlp.down_proj, q)
+            get = layer.get_submodule
+            _fold_and_rotate_inputs(layer.input_layernorm, [get(p) for p in layout.attention_inputs], q)
+            _fold_and_rotate_inputs(layer.post_attention_layernorm, [get(p) for p in layout.mlp_inputs], q)
+            o_proj, down = get(layout.attention_output), get(layout.mlp_output)
+            _rotate_outputs(o_proj, q)
+            _rotate_outputs(down, q)
             if self.config.heads:
-                _rotate_value_heads(attn.v_proj, attn.o_proj, head_rotation)
+                _rotate_value_heads(get(layout.value), o_proj, head_rotation, parts.value_rows)
             if block_size:
-                _set(mlp.down_proj.weight, block_hadamard(mlp.down_proj.weight.detach().double(), block_size))
-        gain = parts.norm.weight.detach().double().to(q.device)
+                _set(down.weight, block_hadamard(down.weight.detach().double(), block_size))
+        gain = _gain(parts.norm).to(q.device)
         matrix = q.t() @ torch.diag(gain) @ q
         if parts.head is not None and not tied:
             _set(parts.head.weight, parts.head.weight.detach().double() @ q.to(parts.head.weight.device))
