@@ -8,7 +8,7 @@ from hfcompress import ActivationQuantConfig, GPTQConfig, RecipeError, RTNConfig
 from hfcompress.modifier import CompressionContext
 from hfcompress.techniques.smoothquant.algorithm import smoothing_scales
 from hfcompress.techniques.smoothquant.modifier import Mapping, SmoothQuantModifier
-from tests.conftest import make_tiny_llama
+from tests.conftest import make_tiny_causal, make_tiny_llama
 
 CALIB = torch.randint(1, 100, (8, 24), generator=torch.Generator().manual_seed(3))  # valid for both tiny models
 W8 = RTNConfig(bits=8, group_size=-1, symmetric=True)
@@ -173,3 +173,40 @@ def test_smoothing_a_model_compressed_by_an_earlier_call_is_refused(tiny_llama, 
         compress(tiny_llama, [config], calibration_data=CALIB, progress=False)
     assert torch.equal(tiny_llama(llama_ids).logits, before)
     assert len(tiny_llama.config.quantization_config.recipe["stages"]) == 1
+
+
+@pytest.mark.parametrize("model_type", ["gemma", "gemma3_text"])
+def test_gemma_norms_of_gain_one_plus_weight_are_smoothed(model_type, llama_ids):
+    """Gemma's RMSNorms scale by 1 + weight: dividing the weight by s is not dividing the gain,
+    so the exactness check used to drop every norm mapping of Gemma models, silently (and
+    with them most of what SmoothQuant does)."""
+    from hfcompress.norms import norm_offset
+
+    def make():
+        model = make_tiny_causal(model_type, head_dim=16)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.input_layernorm.weight[[3, 40]] = 60.0
+        return model
+
+    model = make()
+    assert norm_offset(model.model.layers[0].input_layernorm) == 1
+    before = model(llama_ids).logits.detach()
+    modifier = _smoothquant(model)
+    sources = {m.source for m in modifier.applied["model.layers.0."]}
+    assert "input_layernorm" in sources
+    assert {"post_attention_layernorm", "pre_feedforward_layernorm"} & sources
+    with torch.no_grad():
+        torch.testing.assert_close(model(llama_ids).logits, before, rtol=1e-4, atol=1e-4)
+
+    def error(smooth):
+        model = make()
+        stages = ([SmoothQuantConfig()] if smooth else []) + [
+            W8,
+            ActivationQuantConfig(strategy="tensor", dynamic=False),
+        ]
+        compress(model, stages, calibration_data=CALIB, progress=False)
+        with torch.no_grad():
+            return float((model(llama_ids).logits - before).norm() / before.norm())
+
+    assert error(smooth=True) < 0.5 * error(smooth=False)

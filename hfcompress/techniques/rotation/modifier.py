@@ -25,6 +25,7 @@ from hfcompress.architectures import blocks_of, text_config
 from hfcompress.errors import ModelError
 from hfcompress.kinds import is_linear_like
 from hfcompress.modifier import CompressionContext, ModelView, Modifier
+from hfcompress.norms import norm_gain, norm_offset, set_norm_gain
 from hfcompress.patches import earlier_patch, record_patch, register_patch
 from hfcompress.techniques.rotation.config import RotationConfig
 from hfcompress.techniques.rotation.hadamard import block_hadamard, ffn_block_size, hadamard_matrix, random_orthogonal
@@ -210,36 +211,17 @@ def _set(param: torch.Tensor, value: torch.Tensor) -> None:
     param.data.copy_(value.to(param.dtype))
 
 
-def _norm_offset(norm: nn.Module) -> float:
-    """``a`` in the norm's gain ``a + weight``: 0 for Llama's RMSNorm, 1 for Gemma's (measured:
-    the norm of a vector of ones, with the weight zeroed)."""
-    eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
-    saved = norm.weight.detach().clone()
-    norm.weight.data.zero_()
-    try:
-        probe = torch.ones(1, saved.numel(), dtype=torch.float32, device=saved.device).to(saved.dtype)
-        gain = float(norm(probe).float().mean()) * (1 + eps) ** 0.5
-    finally:
-        norm.weight.data.copy_(saved)
-    for offset in (0.0, 1.0):
-        if abs(gain - offset) < 1e-2:
-            return offset
-    raise ModelError(f"{type(norm).__name__} is not an RMSNorm of gain weight or 1 + weight; rotation cannot fold it")
-
-
-def _gain(norm: nn.Module) -> torch.Tensor:
-    """The norm's per-channel gain, float64."""
-    return norm.weight.detach().double() + _norm_offset(norm)
-
-
 def _fold_and_rotate_inputs(norm: nn.Module, layers: list[nn.Module], q: torch.Tensor) -> None:
     """``W <- W diag(g) Q`` for each layer reading ``norm``'s output; the norm's gain -> 1."""
-    offset = _norm_offset(norm)
+    try:
+        offset = norm_offset(norm)
+    except ValueError as exc:
+        raise ModelError(f"rotation cannot fold the norm's gain: {exc}") from None
     g = norm.weight.detach().double() + offset
     for layer in layers:
         w = layer.weight.detach().double()
         _set(layer.weight, (w * g.unsqueeze(0)) @ q.to(w.device))
-    norm.weight.data.fill_(1.0 - offset)
+    set_norm_gain(norm, torch.ones_like(g), offset)
 
 
 def _rotate_outputs(layer: nn.Module, q: torch.Tensor) -> None:
@@ -326,7 +308,7 @@ class RotationModifier(Modifier):
                 _rotate_value_heads(get(layout.value), o_proj, head_rotation, parts.value_rows)
             if block_size:
                 _set(down.weight, block_hadamard(down.weight.detach().double(), block_size))
-        gain = _gain(parts.norm).to(q.device)
+        gain = norm_gain(parts.norm).to(q.device)
         matrix = q.t() @ torch.diag(gain) @ q
         if parts.head is not None and not tied:
             _set(parts.head.weight, parts.head.weight.detach().double() @ q.to(parts.head.weight.device))

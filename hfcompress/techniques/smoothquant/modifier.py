@@ -17,6 +17,7 @@ from hfcompress.errors import CalibrationDataError, ModelError
 from hfcompress.kinds import CompressedModule, is_linear_like, linear_features, linear_weight
 from hfcompress.layerwise import Block, BlockInputs, LayerwiseRunner, autocast_dtype, compute_device
 from hfcompress.modifier import CompressionContext, ModelView, Modifier
+from hfcompress.norms import norm_offset, set_norm_gain
 from hfcompress.quant.activations import fake_quantize_activations
 from hfcompress.quant.scheme import QuantArgs
 from hfcompress.targets import matches
@@ -65,7 +66,14 @@ def _divide_outputs(module: nn.Module, s: torch.Tensor) -> None:
     if is_linear_like(module):
         linear_weight(module).div_(s.to(module.weight.dtype)[:, None])
     else:
-        module.weight.div_(s.to(module.weight.dtype))
+        try:  # a norm: its gain (Gemma's is 1 + weight) divided by s
+            offset = norm_offset(module)
+        except ValueError:  # not a plain gain: divide the weight, and the exactness check decides
+            offset = 0.0
+        if offset:
+            set_norm_gain(module, (module.weight.detach().double() + offset) / s.double(), offset)
+        else:
+            module.weight.div_(s.to(module.weight.dtype))
     bias = getattr(module, "bias", None)
     if isinstance(bias, torch.Tensor):
         bias.div_(s.to(bias.dtype))
