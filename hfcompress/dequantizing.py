@@ -103,10 +103,14 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     # Build every float layer before replacing any: an error leaves the model as it was.
     replacements = {}
     for name, module in layers.items():
-        try:
-            template = templates.get_submodule(name) if templates is not None else None
-        except AttributeError:
-            template = None
+        template = None
+        if templates is not None:
+            # Under a peft adapter the layer is the wrapper's base_layer; the float model has it
+            # at the wrapper's place.
+            try:
+                template = templates.get_submodule(name.replace(".base_layer", ""))
+            except AttributeError:
+                pass
         replacements[name] = _float_layer(template, module, dtype)
     for name, layer in replacements.items():
         model.set_submodule(name, layer)

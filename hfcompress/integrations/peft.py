@@ -12,8 +12,10 @@ a gradient; int8 input activations pass their gradient straight through the roun
     model = load_lora(base_compressed_model, "adapter")
 
 peft's own ``get_peft_model`` works too once :func:`register_quant_linear` has been called
-on the ``LoraConfig``. ``merge``/``merge_and_unload`` are refused: the merged weight is not
-on the quantization grid, and writing it back would quietly re-quantize the adapter away.
+on the ``LoraConfig``. ``merge``/``merge_and_unload`` into packed weights are refused: the merged
+weight is not on the quantization grid, and writing it back would quietly re-quantize the
+adapter away. After ``model.dequantize()`` the base layers are float and the adapters merge
+into them (the QLoRA way to a float model with the adapter in it).
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from typing import Any
 import peft
 import torch
 from peft.tuners.lora.layer import LoraLayer
+from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
 from hfcompress.errors import ModelError
-from hfcompress.kinds import compressed_modules
+from hfcompress.kinds import CompressedModule, compressed_modules, linear_weight
 from hfcompress.quant.linear import QuantLinear
 
 __all__ = ["QuantLoraLinear", "add_lora", "load_lora", "register_quant_linear"]
@@ -61,16 +64,39 @@ class QuantLoraLinear(nn.Module, LoraLayer):
             raise ModelError(f"LoRA on hfcompress QuantLinear layers supports plain LoRA only, not {variants}")
         return None
 
+    def _float_base(self) -> nn.Module:
+        """The base layer, which must be float to merge into (after ``model.dequantize()``)."""
+        base = self.get_base_layer()
+        if isinstance(base, CompressedModule):
+            raise ModelError(
+                "a LoRA adapter cannot be merged into packed quantized weights (the sum is not on their grid, and "
+                "re-quantizing it would undo most of the adapter). Keep the adapter unmerged (save it with "
+                "save_pretrained and load it with hfcompress.integrations.peft.load_lora), or call "
+                "model.dequantize() first: the base layers become float, and the adapter merges into them"
+            )
+        return base
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        raise ModelError(
-            "a LoRA adapter cannot be merged into packed quantized weights (the sum is not on their grid, and "
-            "re-quantizing it would undo most of the adapter). Keep the adapter unmerged (save it with "
-            "save_pretrained and load it with hfcompress.integrations.peft.load_lora), or merge it into the float "
-            "model before compressing"
-        )
+        """Add the adapters' ``B A * s`` to a float base layer (after ``model.dequantize()``)."""
+        base = self._float_base()
+        for name in check_adapters_to_merge(self, adapter_names):
+            if name not in self.lora_A:
+                continue
+            weight = linear_weight(base)  # [N, K] (a transposed view of a Conv1D's)
+            merged = weight.detach().float() + self.get_delta_weight(name).float()
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+            with torch.no_grad():
+                weight.copy_(merged.to(weight.dtype))
+            self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        raise ModelError("nothing to unmerge: adapters on packed quantized weights are never merged")
+        base = self._float_base()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            weight = linear_weight(base)
+            with torch.no_grad():
+                weight.copy_((weight.float() - self.get_delta_weight(name).float()).to(weight.dtype))
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         return (self.lora_B[adapter].weight @ self.lora_A[adapter].weight) * self.scaling[adapter]
@@ -79,7 +105,7 @@ class QuantLoraLinear(nn.Module, LoraLayer):
         self._check_forward_args(x, *args, **kwargs)
         kwargs.pop("adapter_names", None)
         result = self.base_layer(x, *args, **kwargs)
-        if self.disable_adapters:
+        if self.disable_adapters or self.merged:
             return result
         for name in self.active_adapters:
             if name not in self.lora_A:

@@ -98,3 +98,29 @@ def test_attention_patches_are_switched_off_and_structural_ones_refused():
     with pytest.raises(hfcompress.ModelError, match="patch 'rotation' changed its structure"):
         rotated.dequantize()
     assert sum(isinstance(m, CompressedModule) for m in rotated.modules()) == 14  # untouched
+
+
+def test_a_lora_adapter_merges_into_the_dequantized_model(tmp_path):
+    """QLoRA's way to a float model with the adapter in it: dequantize the base, then merge."""
+    from hfcompress.integrations.peft import add_lora
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64)).eval()
+    hfcompress.compress(
+        model, {"stages": [{"name": "w", "technique": "rtn", "bits": 4, "group_size": 16}]}, progress=False
+    )
+    peft_model = add_lora(model, r=4, lora_alpha=8)
+    with torch.no_grad():  # a trained adapter: B is no longer zero
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    with pytest.raises(hfcompress.ModelError, match=r"call model.dequantize\(\) first"):
+        peft_model.merge_and_unload()
+    with reference_path():
+        want = _logits(peft_model)
+    peft_model.dequantize()
+    torch.testing.assert_close(_logits(peft_model), want, rtol=1e-4, atol=1e-4)
+    merged = peft_model.merge_and_unload()
+    assert type(merged.transformer.h[0].attn.c_proj) is Conv1D  # unwrapped, and still Conv1D
+    torch.testing.assert_close(_logits(merged), want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(_plain_reload(merged, tmp_path / "plain")(IDS).logits, _logits(merged))
