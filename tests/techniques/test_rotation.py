@@ -228,3 +228,23 @@ def test_post_norm_encoders_are_refused(tiny_bert):
 def test_bad_seed_is_refused():
     with pytest.raises(RecipeError, match="seed=-1 is invalid"):
         RotationConfig(seed=-1)
+
+
+def test_a_sequence_classifier_keeps_its_function(llama_ids, tmp_path):
+    """A decoder with a classification head (no LM head): the final norm gives its output back
+    unrotated, so the `score` head reads what it was trained on. Before, the stage broke the
+    model (logits off by 390%) and then refused it."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.for_model(
+        "llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_labels=3, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = _with_outliers(AutoModelForSequenceClassification.from_config(config).eval())
+    before = _logits(model, llama_ids)
+    compress(model, [RotationConfig()], progress=False)
+    torch.testing.assert_close(_logits(model, llama_ids), before, rtol=1e-4, atol=1e-4)
+    hfcompress.save_pretrained(model, tmp_path / "m")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m")
+    assert torch.equal(_logits(reloaded, llama_ids), _logits(model, llama_ids))

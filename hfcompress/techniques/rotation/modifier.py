@@ -83,8 +83,9 @@ _HALF_TOLERANCE = 3e-2
 
 class RotatedRMSNorm(nn.Module):
     """RMSNorm followed by a ``[hidden, hidden]`` matrix: ``rmsnorm(x) @ weight``. The final
-    norm of a rotated model, where ``weight = Q^T diag(g) Q`` undoes the residual rotation
-    and applies the norm's gain."""
+    norm of a rotated model, where ``weight = Q^T diag(g) Q`` applies the norm's gain within the
+    rotated basis (the LM head reads it rotated), or ``Q^T diag(g)`` for a model without an LM
+    head, whose other heads read the output unrotated."""
 
     def __init__(
         self,
@@ -309,7 +310,10 @@ class RotationModifier(Modifier):
             if block_size:
                 _set(down.weight, block_hadamard(down.weight.detach().double(), block_size))
         gain = norm_gain(parts.norm).to(q.device)
-        matrix = q.t() @ torch.diag(gain) @ q
+        # With an LM head the final norm's output stays rotated, and the head reads it rotated (a
+        # tied head through the rotated embedding); a model without one (a sequence classifier's
+        # `score`, a QA head) gets the output back unrotated, and its heads stay as they are.
+        matrix = q.t() @ torch.diag(gain) @ q if parts.head is not None else q.t() @ torch.diag(gain)
         if parts.head is not None and not tied:
             _set(parts.head.weight, parts.head.weight.detach().double() @ q.to(parts.head.weight.device))
         norm = _restructure(model, parts, block_size)
