@@ -23,7 +23,15 @@ from torch import nn
 
 from hfcompress.errors import ModelError
 
-__all__ = ["ARCHITECTURES", "Architecture", "blocks_of", "find_blocks", "sequential_groups", "text_config"]
+__all__ = [
+    "ARCHITECTURES",
+    "Architecture",
+    "blocks_of",
+    "find_blocks",
+    "outside_language_model",
+    "sequential_groups",
+    "text_config",
+]
 
 
 def text_config(model: nn.Module):
@@ -66,6 +74,12 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     no_split = set(getattr(model, "_no_split_modules", None) or ())
     named = [(n, m) for n, m in lists if type(m[0]).__name__ in no_split]
     candidates = named or [(n, m) for n, m in lists if len(m) >= 2]
+    # A multimodal model (its text config is not its config): the language model's blocks, not
+    # a vision tower's, which may be the longer list (Qwen2-VL-2B: 32 vision blocks, 28 text).
+    decoder = _language_model(model)
+    if decoder is not None:
+        inside = [(n, m) for n, m in candidates if n.startswith(f"{decoder}.")]
+        candidates = inside or candidates
     if not candidates:
         raise ModelError(
             f"cannot find the repeated transformer blocks of {type(model).__name__}: no nn.ModuleList of identical "
@@ -73,6 +87,44 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         )
     # The longest list; on a tie the first (outermost) one in module order.
     return max(candidates, key=lambda item: len(item[1]))
+
+
+def _language_model(model: nn.Module) -> str | None:
+    """The qualified name of a multimodal model's language model (``get_decoder()``), or None
+    for a text-only model or one without it."""
+    config = getattr(model, "config", None)
+    if config is None or text_config(model) is config or not hasattr(model, "get_decoder"):
+        return None
+    try:
+        decoder = model.get_decoder()
+    except Exception:  # a model class whose get_decoder does not apply
+        return None
+    if not isinstance(decoder, nn.Module) or decoder is model:
+        return None
+    return next((name for name, module in model.named_modules() if module is decoder), None)
+
+
+def outside_language_model(model: nn.Module) -> frozenset[str]:
+    """The modules of a multimodal model outside its language model and LM head (the vision
+    tower, the projector): the default target ``"Linear"`` leaves them alone. Empty for a
+    text-only model."""
+    decoder = _language_model(model)
+    if decoder is None:
+        return frozenset()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    keep = (f"{decoder}.",)
+    names = [(name, module) for name, module in model.named_modules()]
+    heads = {name for name, module in names if head is not None and module is head}
+    return frozenset(
+        name
+        for name, _ in names
+        if name
+        and name != decoder
+        and not name.startswith(keep)
+        and name not in heads
+        and not any(name.startswith(f"{h}.") for h in heads)
+        and not decoder.startswith(f"{name}.")  # the language model's ancestors
+    )
 
 
 def blocks_of(model: nn.Module) -> tuple[str, nn.ModuleList]:

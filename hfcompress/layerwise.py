@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hfcompress.architectures import blocks_of
+from hfcompress.errors import ModelError
 from hfcompress.quant.dispatch import dense_weights
 
 if TYPE_CHECKING:
@@ -169,7 +170,12 @@ def capture_block_inputs(
     finally:
         handle.remove()
     if len(captured) != len(batches):
-        raise RuntimeError(f"captured {len(captured)} of {len(batches)} batches: the block never ran")
+        raise ModelError(
+            f"the model's forward on the calibration batches never reached its first block "
+            f"({type(first_block).__name__}; {len(captured)} of {len(batches)} batches did): the block list found "
+            "is not the one these inputs run through. Add an entry for this model_type to "
+            "hfcompress.architectures.ARCHITECTURES"
+        )
     return captured
 
 

@@ -82,7 +82,11 @@ class ModelView:
     """
 
     def __init__(self, model: nn.Module) -> None:
+        from hfcompress.architectures import outside_language_model
+
         self.entries: dict[str, ViewEntry] = {n: ViewEntry(type(m).__name__, m) for n, m in model.named_modules()}
+        # A multimodal model's modules outside its language model: "Linear" does not target them.
+        self.outside = outside_language_model(model)
 
     def pairs(self) -> list[tuple[str, str]]:
         """``(name, class name)`` of every module, in module order (what target patterns match)."""
@@ -108,7 +112,7 @@ class ModelView:
         from hfcompress.targets import select
 
         free, taken = [], []
-        for name in select(self.pairs(), targets, ignore):
+        for name in select(self.pairs(), targets, ignore, self.outside):
             entry = self.entries[name]
             if entry.module is None or not is_linear_like(entry.module):
                 continue

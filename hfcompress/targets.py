@@ -11,7 +11,9 @@ A pattern is one of:
   (``"re:.*mlp\\.(up|gate)_proj"``).
 
 A pattern that selects a container selects the layers inside it. ``ignore`` wins over
-``targets``.
+``targets``. In a multimodal model, ``"Linear"`` as a target stands for the linear layers of the
+language model and its LM head: the vision tower and the projector, which text calibration
+data never reaches, are compressed only when named (``"re:model\\.vision_tower\\..*"``).
 """
 
 from __future__ import annotations
@@ -50,10 +52,17 @@ def matches(name: str, class_name: str, pattern: str, linear_names: frozenset[st
     return pattern == name or pattern == class_name
 
 
-def _selected(modules: list[tuple[str, str]], patterns: tuple[str, ...]) -> set[str]:
-    """Names selected by any pattern, including everything inside a selected container."""
+def _selected(
+    modules: list[tuple[str, str]], patterns: tuple[str, ...], outside: frozenset[str] = frozenset()
+) -> set[str]:
+    """Names selected by any pattern, including everything inside a selected container;
+    ``"Linear"`` does not select the ``outside`` modules (a multimodal model's vision tower)."""
     linear = linear_class_names()
-    roots = [name for name, cls in modules if any(matches(name, cls, p, linear) for p in patterns)]
+    roots = [
+        name
+        for name, cls in modules
+        if any(matches(name, cls, p, linear) and not (p == "Linear" and name in outside) for p in patterns)
+    ]
     if "" in roots:
         return {name for name, _ in modules}
     selected: set[str] = set(roots)
@@ -63,17 +72,26 @@ def _selected(modules: list[tuple[str, str]], patterns: tuple[str, ...]) -> set[
     return selected
 
 
-def select(modules: Iterable[tuple[str, str]], targets: tuple[str, ...], ignore: tuple[str, ...]) -> list[str]:
+def select(
+    modules: Iterable[tuple[str, str]],
+    targets: tuple[str, ...],
+    ignore: tuple[str, ...],
+    outside: frozenset[str] = frozenset(),
+) -> list[str]:
     """Names, among ``(name, class name)`` pairs, that ``targets`` select and ``ignore`` does
-    not, in the given order."""
+    not, in the given order (``outside``: what ``"Linear"`` leaves alone as a target, see
+    :func:`~hfcompress.architectures.outside_language_model`)."""
     modules = list(modules)
-    chosen = _selected(modules, targets) - _selected(modules, ignore)
+    chosen = _selected(modules, targets, outside) - _selected(modules, ignore)
     return [name for name, _ in modules if name in chosen]
 
 
 def resolve_linear_targets(model: nn.Module, targets: tuple[str, ...], ignore: tuple[str, ...]) -> dict[str, nn.Module]:
     """The float linear-like layers that ``targets`` select and ``ignore`` does not, by
     name, in module order."""
+    from hfcompress.architectures import outside_language_model
+
     modules = dict(model.named_modules())
-    names = select(((n, type(m).__name__) for n, m in modules.items()), targets, ignore)
+    pairs = ((n, type(m).__name__) for n, m in modules.items())
+    names = select(pairs, targets, ignore, outside_language_model(model))
     return {n: modules[n] for n in names if is_linear_like(modules[n])}

@@ -241,3 +241,42 @@ def test_a_linear_subclass_with_another_forward_is_never_compressed(targets):
     compress(model, [RTNConfig(bits=8, group_size=-1, targets=targets)], progress=False)
     assert [type(m).__name__ for m in model] == ["QuantLinear", "ReLU", "_Doubled", "QuantLinear"]
     assert (model(x) - reference).norm() < 0.02 * reference.norm()
+
+
+def _llava():
+    """A tiny Llava whose vision tower has more blocks (4) than its language model (2), as
+    Qwen2-VL-2B has (32 and 28)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    text = dict(model_type="llama", vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                  num_attention_heads=2, image_size=32, patch_size=8)  # fmt: skip
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(LlavaConfig(text_config=text, vision_config=vision, image_token_id=150)).eval()
+
+
+def test_a_multimodal_model_compresses_its_language_model(tmp_path):
+    """The blocks are the language model's, not the longer vision tower's (GPTQ failed: the
+    text calibration data never reached the vision blocks), and "Linear" targets the language
+    model and its head; the vision tower is compressed only when named."""
+    from transformers import LlavaForConditionalGeneration
+
+    model = _llava()
+    assert blocks_of(model)[0] == "model.language_model.layers"
+    calibration = torch.randint(3, 140, (4, 24), generator=torch.Generator().manual_seed(0))
+    compress(
+        model, [GPTQConfig(bits=4, group_size=16, ignore=["lm_head"])], calibration_data=calibration, progress=False
+    )
+    quantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    assert len(quantized) == 14 and all(n.startswith("model.language_model.layers.") for n in quantized)
+    ids = torch.randint(3, 140, (1, 12), generator=torch.Generator().manual_seed(1))
+    hfcompress.save_pretrained(model, tmp_path / "m")
+    reloaded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+    named = _llava()
+    compress(named, [RTNConfig(bits=8, group_size=-1, targets=[r"re:model\.vision_tower\..*"])], progress=False)
+    quantized = [n for n, m in named.named_modules() if isinstance(m, QuantLinear)]
+    assert len(quantized) == 24 and all(n.startswith("model.vision_tower.") for n in quantized)

@@ -94,7 +94,7 @@ class ActivationQuantModifier(Modifier):
     def check(self, model: nn.Module, context: CompressionContext, view: ModelView) -> None:
         super().check(model, context, view)
         cfg = self.config
-        chosen = select(view.pairs(), cfg.targets, cfg.ignore)
+        chosen = select(view.pairs(), cfg.targets, cfg.ignore, view.outside)
         names, floats = [], []
         for name in chosen:
             entry = view.entries[name]

@@ -37,7 +37,7 @@ class ErrorCompensationModifier(FactorModifier):
     def check(self, model: nn.Module, context: CompressionContext, view: ModelView) -> None:
         super().check(model, context, view)
         cfg = self.config
-        chosen = select(view.pairs(), cfg.targets, cfg.ignore)
+        chosen = select(view.pairs(), cfg.targets, cfg.ignore, view.outside)
         names = [n for n in chosen if view.entries[n].class_name == QuantLinear.__name__]
         if not names:
             raise self.error(
