@@ -280,3 +280,20 @@ def test_a_multimodal_model_compresses_its_language_model(tmp_path):
     compress(named, [RTNConfig(bits=8, group_size=-1, targets=[r"re:model\.vision_tower\..*"])], progress=False)
     quantized = [n for n, m in named.named_modules() if isinstance(m, QuantLinear)]
     assert len(quantized) == 24 and all(n.startswith("model.vision_tower.") for n in quantized)
+
+
+def test_block_sparse_attention_on_a_multimodal_model_leaves_the_vision_tower_dense():
+    from hfcompress.techniques.block_sparse.attention import states
+
+    model = _llava()
+    compress(model, [hfcompress.BlockSparseConfig(density=0.5, block_size=16, min_tokens=16)], progress=False)
+    dense = {name: state.windowed for name, state in states(model).items()}
+    assert dense == {
+        **{f"model.vision_tower.encoder.layers.{i}.self_attn": True for i in range(4)},
+        **{f"model.language_model.layers.{i}.self_attn": False for i in range(2)},
+    }
+    ids = torch.randint(3, 140, (1, 64), generator=torch.Generator().manual_seed(0))
+    ids[0, 5:21] = 150  # the image's 16 patch tokens
+    with torch.no_grad():
+        model(input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32))
+    assert states(model)["model.language_model.layers.0.self_attn"].last_density < 1

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hfcompress.architectures import outside_language_model
 from hfcompress.errors import ModelError
 from hfcompress.integrations.attention import (
     WINDOWED_LAYER_TYPES,
@@ -74,7 +75,8 @@ class SparseState:
     last_density: float | None = None
     kept_tiles: int = 0
     total_tiles: int = 0
-    # A sliding-window or chunked layer of a hybrid model: it keeps its dense attention.
+    # A sliding-window or chunked layer of a hybrid model, or a multimodal model's vision
+    # attention: it keeps its dense attention.
     windowed: bool = False
 
     def __setstate__(self, state: dict) -> None:
@@ -306,16 +308,23 @@ def check_model(model: nn.Module) -> None:
             )
 
 
-def _windowed(model: nn.Module, module: nn.Module) -> bool:
-    """Whether ``module`` is the attention of a sliding-window or chunked layer (it stays dense)."""
-    types = getattr(model.config.get_text_config(), "layer_types", None)
-    index = getattr(module, "layer_idx", None)
-    return bool(types) and isinstance(index, int) and types[index] in WINDOWED_LAYER_TYPES
+def _dense_modules(model: nn.Module) -> set[str]:
+    """The attention modules that keep dense attention: those of sliding-window or chunked
+    layers, and a multimodal model's outside its language model (the vision tower's)."""
+    types = getattr(model.config.get_text_config(), "layer_types", None) or []
+    outside = outside_language_model(model)
+    dense = set()
+    for name, module in attention_modules(model).items():
+        index = getattr(module, "layer_idx", None)
+        if name in outside or (isinstance(index, int) and index < len(types) and types[index] in WINDOWED_LAYER_TYPES):
+            dense.add(name)
+    return dense
 
 
 def sparse_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The attention modules that block-sparse attention serves: those of full-attention layers."""
-    return {name: m for name, m in attention_modules(model).items() if not _windowed(model, m)}
+    """The attention modules that block-sparse attention serves: the language model's full-attention ones."""
+    dense = _dense_modules(model)
+    return {name: m for name, m in attention_modules(model).items() if name not in dense}
 
 
 def enable_block_sparse(
@@ -346,13 +355,14 @@ def enable_block_sparse(
             )
     register_attention(ATTENTION, block_sparse_attention)
     switch_attention(model, ATTENTION, "block-sparse attention")
+    dense = _dense_modules(model)
     for name, module in modules.items():
         table = (
             None
             if tables is None or name not in tables
             else torch.tensor(tables[name], dtype=torch.float32, device="cpu")
         )
-        _attach(module, SparseState(config, table, windowed=_windowed(model, module)))
+        _attach(module, SparseState(config, table, windowed=name in dense))
     object.__setattr__(model, _CONFIG, config)
     return config
 
@@ -395,9 +405,9 @@ def calibrate_tables(
     register_attention(ATTENTION, block_sparse_attention)
     switch_attention(model, ATTENTION, "block-sparse attention")
     modules = attention_modules(model)
-    for module in modules.values():
-        windowed = _windowed(model, module)
-        _attach(module, SparseState(config, recording=not windowed, windowed=windowed))
+    dense = _dense_modules(model)
+    for name, module in modules.items():
+        _attach(module, SparseState(config, recording=name not in dense, windowed=name in dense))
     device = next(model.parameters()).device
     sequences = 0
     try:
