@@ -41,7 +41,10 @@ DEFAULT_DECODE_TOKENS = 64
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="bundled name (smollm2-135m, minilm-l6), folder or Hub id")
     p.add_argument(
-        "--task", choices=["causal-lm", "sequence-classification"], default=None, help="default: from the config"
+        "--task",
+        choices=["causal-lm", "sequence-classification", "image-text-to-text"],
+        default=None,
+        help="default: from the config",
     )
 
 
@@ -299,10 +302,12 @@ def _print_report(args: argparse.Namespace, rows: list, threads: int) -> None:
 def _eval_ppl(args: argparse.Namespace) -> int:
     from hfcompress.data import load_text
     from hfcompress.eval.perplexity import text_perplexity
-    from hfcompress.models import load_model, load_tokenizer
+    from hfcompress.models import default_task, load_model, load_tokenizer
 
     text = load_text(args.eval_data)
-    model = load_model(args.model, task=args.task or "causal-lm", strict=True, verify=True)
+    # A causal LM's perplexity; a vision-language model's is its language model's, on text.
+    task = args.task or ("image-text-to-text" if default_task(args.model) == "image-text-to-text" else "causal-lm")
+    model = load_model(args.model, task=task, strict=True, verify=True)
     tokenizer = load_tokenizer(args.model)
     result = text_perplexity(
         model,

@@ -27,11 +27,11 @@ import torch
 
 from hfcompress.errors import ModelError
 
-__all__ = ["BUNDLED_MODELS", "Task", "cache_dir", "load_model", "load_tokenizer", "resolve_model_path"]
+__all__ = ["BUNDLED_MODELS", "Task", "cache_dir", "default_task", "load_model", "load_tokenizer", "resolve_model_path"]
 
 logger = logging.getLogger(__name__)
 
-Task = Literal["causal-lm", "sequence-classification"]
+Task = Literal["causal-lm", "sequence-classification", "image-text-to-text"]
 CACHE_ENV = "HFCOMPRESS_CACHE"
 
 
@@ -155,10 +155,21 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
 def _infer_task(path: str) -> Task:
     from transformers import AutoConfig
 
-    architectures = AutoConfig.from_pretrained(path).architectures or []
+    config = AutoConfig.from_pretrained(path)
+    architectures = config.architectures or []
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
         return "causal-lm"
+    if getattr(config, "vision_config", None) is not None and any(
+        a.endswith("ForConditionalGeneration") for a in architectures
+    ):
+        return "image-text-to-text"  # a vision-language model (Llava, Qwen2-VL, Gemma 3)
     return "sequence-classification"
+
+
+def default_task(name_or_path: str | os.PathLike) -> Task:
+    """The task a model loads as when none is given: a bundled model's, else from its config."""
+    bundle = BUNDLED_MODELS.get(str(name_or_path))
+    return bundle.task if bundle else _infer_task(resolve_model_path(name_or_path))
 
 
 # Heads that from_pretrained creates fresh when a base model is loaded for a task: their
@@ -196,7 +207,8 @@ def load_model(
 
     Args:
         name_or_path: A bundled name (see :data:`BUNDLED_MODELS`), a folder or a Hub id.
-        task: ``"causal-lm"`` or ``"sequence-classification"``.
+        task: ``"causal-lm"``, ``"sequence-classification"`` or ``"image-text-to-text"`` (a
+            vision-language model, compressed and measured on text).
         dtype: The float dtype of the weights that are not compressed.
         strict: Refuse (:class:`ModelError`) a load whose report lists missing, unexpected or
             mis-shaped weights, except a task head that a base model gets fresh. Our CLI
@@ -205,15 +217,17 @@ def load_model(
             :mod:`hfcompress.integrity`); None follows ``$HFCOMPRESS_VERIFY_ON_LOAD``.
         **kwargs: Passed to ``from_pretrained`` (``num_labels=...``, ``device_map=...``).
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSequenceClassification
 
     from hfcompress.integrity import verifying
 
     path = resolve_model_path(name_or_path)
-    if task is None:
-        bundle = BUNDLED_MODELS.get(str(name_or_path))
-        task = bundle.task if bundle else _infer_task(path)
-    auto = {"causal-lm": AutoModelForCausalLM, "sequence-classification": AutoModelForSequenceClassification}
+    task = task if task is not None else default_task(name_or_path)
+    auto = {
+        "causal-lm": AutoModelForCausalLM,
+        "sequence-classification": AutoModelForSequenceClassification,
+        "image-text-to-text": AutoModelForImageTextToText,
+    }
     if task not in auto:
         raise ModelError(f"task={task!r} is not supported; accepted: {', '.join(auto)}")
     with verifying(verify) if verify is not None else contextlib.nullcontext():

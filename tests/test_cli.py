@@ -189,3 +189,24 @@ def test_perplexity_refuses_windows_it_cannot_score(tiny_llama):
     for kwargs in (dict(seq_len=1), dict(seq_len=16, batch_size=0), dict(seq_len=16, max_windows=0)):
         with pytest.raises(EvaluationError, match="a window needs at least 2 tokens"):
             perplexity(tiny_llama, ids, progress=False, **kwargs)
+
+
+def test_a_vision_language_model_compresses_and_evaluates_on_text(recipe, text, tmp_path, capsys):
+    """A Llava folder loads as image-text-to-text (it loaded as a sequence classifier); its
+    language model is compressed and its perplexity measured on text."""
+    from transformers import LlavaForConditionalGeneration
+
+    from tests.conftest import make_char_tokenizer
+    from tests.test_architectures import _llava
+
+    folder = tmp_path / "llava"
+    _llava().save_pretrained(folder)
+    make_char_tokenizer().save_pretrained(folder)
+    out = tmp_path / "out"
+    assert main(["--quiet", "compress", "--model", str(folder), "--recipe", str(recipe), "--output", str(out)]) == 0
+    model = LlavaForConditionalGeneration.from_pretrained(out)
+    assert isinstance(model.model.language_model.layers[0].mlp.up_proj, QuantLinear)
+    assert not isinstance(model.model.vision_tower.encoder.layers[0].mlp.fc1, QuantLinear)
+    args = ["--quiet", "eval", "ppl", "--model", str(out), "--eval-data", str(text), "--seq-len", "16", "--json"]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["perplexity"] > 1
