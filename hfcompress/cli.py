@@ -195,7 +195,7 @@ def _compress(args: argparse.Namespace) -> int:
 
     logger.info("loading %s", args.model)
     model = load_model(args.model, task=args.task, strict=True, verify=True)
-    is_lm = model.config.architectures[0].endswith(("ForCausalLM", "LMHeadModel"))
+    is_lm = _generates_text(model)
     # Only calibration and the report read text; a model folder without a tokenizer is
     # compressed by a recipe that needs none.
     tokenizer = (
@@ -346,6 +346,13 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generates_text(model) -> bool:
+    """A causal LM or a vision-language model (measured by perplexity and decoding on text),
+    not a classifier."""
+    can_generate = getattr(model, "can_generate", None)
+    return bool(callable(can_generate) and can_generate())
+
+
 def _export(args: argparse.Namespace) -> int:
     import torch
 
@@ -362,7 +369,7 @@ def _export(args: argparse.Namespace) -> int:
     # Refuse what the format cannot express before anything is measured or written.
     plan_compressed_tensors(model, partial_groups=requantize is not None)
     ppl_before = None
-    is_lm = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in model.config.architectures or [])
+    is_lm = _generates_text(model)
     measure = requantize is not None and is_lm
     tokenizer = load_tokenizer(args.model) if measure else _optional_tokenizer(args.model)
     if measure:

@@ -203,7 +203,10 @@ def test_a_vision_language_model_compresses_and_evaluates_on_text(recipe, text, 
     _llava().save_pretrained(folder)
     make_char_tokenizer().save_pretrained(folder)
     out = tmp_path / "out"
-    assert main(["--quiet", "compress", "--model", str(folder), "--recipe", str(recipe), "--output", str(out)]) == 0
+    args = ["--quiet", "compress", "--model", str(folder), "--recipe", str(recipe), "--output", str(out)]
+    args += ["--report", "--eval-data", str(text), "--seq-len", "16", "--max-windows", "2", "--decode-tokens", "2"]
+    assert main(args) == 0
+    assert "first 2 non-overlapping windows of 16 tokens" in capsys.readouterr().out  # measured on text
     model = LlavaForConditionalGeneration.from_pretrained(out)
     assert isinstance(model.model.language_model.layers[0].mlp.up_proj, QuantLinear)
     assert not isinstance(model.model.vision_tower.encoder.layers[0].mlp.fc1, QuantLinear)

@@ -54,7 +54,8 @@ def _generate_seconds(model, input_ids: torch.Tensor, new_tokens: int) -> float:
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
         do_sample=False,
-        pad_token_id=model.config.eos_token_id,
+        # the text config's (a vision-language model's own config has none)
+        pad_token_id=model.generation_config.eos_token_id or model.config.get_text_config().eos_token_id,
     )
     return time.perf_counter() - start
 

@@ -362,8 +362,13 @@ import transformers
 assert "hfcompress" not in sys.modules
 folder, inputs, out = sys.argv[1], sys.argv[2], sys.argv[3]
 config = transformers.AutoConfig.from_pretrained(folder)
-auto = transformers.AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in config.architectures) \\
-    else transformers.AutoModelForSequenceClassification
+names = config.architectures or []
+if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in names):
+    auto = transformers.AutoModelForCausalLM
+elif getattr(config, "vision_config", None) is not None and any(a.endswith("ForConditionalGeneration") for a in names):
+    auto = transformers.AutoModelForImageTextToText
+else:
+    auto = transformers.AutoModelForSequenceClassification
 model = auto.from_pretrained(folder, dtype=torch.float32).eval()
 ids = torch.load(inputs)
 with torch.no_grad():

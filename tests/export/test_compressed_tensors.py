@@ -178,3 +178,18 @@ def test_requantizing_export_refuses_other_problems_before_changing_the_model(tm
         export_compressed_tensors(model, tmp_path / "ct", requantize_group_size=16)
     assert model.model.layers[0].self_attn.q_proj is layer and layer.group_size == 32  # not re-grouped
     assert not (tmp_path / "ct").exists()
+
+
+def test_a_vision_language_model_exports_and_loads_as_one(tmp_path, monkeypatch):
+    """The check loaded every non-causal export as a sequence classifier: a Llava export
+    failed it. Its language model's layers are the compressed ones."""
+    from tests.test_architectures import _llava
+
+    model = _llava()
+    hfcompress.compress(model, {"stages": [_w(4, 16, ignore=["lm_head"])]}, progress=False)
+    ids = torch.randint(3, 140, (1, 16), generator=torch.Generator().manual_seed(0))
+    ours = _reference_logits(model, ids, monkeypatch)
+    export_compressed_tensors(model, tmp_path / "ct")
+    theirs, info = check_with_transformers(tmp_path / "ct", ids)
+    assert info["class"] == "LlavaForConditionalGeneration"
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
