@@ -59,6 +59,11 @@ def test_two_stages_apply_in_order(tiny_llama):
 FAILS = [
     (RTNConfig(bits=4, group_size=128), RecipeError, r"stage 'stage_1' \(rtn\): group_size=128 exceeds in_features=80"),
     (RTNConfig(targets=("re:.*nothing.*",)), RecipeError, r"select no linear layer"),
+    (
+        RTNConfig(bits=8, targets=("lm_head",)),
+        RecipeError,
+        r"\['lm_head'\] is both a target and ignored .*ignore: \[\]",
+    ),
     # Defect: the first stage takes every MLP layer, so this one is left with nothing to do.
     (
         RTNConfig(bits=8, group_size=-1, targets=("re:.*mlp.*",)),
@@ -69,7 +74,9 @@ FAILS = [
 ]
 
 
-@pytest.mark.parametrize("bad,error,message", FAILS, ids=["group-too-large", "no-targets", "nothing-left"])
+@pytest.mark.parametrize(
+    "bad,error,message", FAILS, ids=["group-too-large", "no-targets", "head-ignored-by-default", "nothing-left"]
+)
 def test_invalid_stage_fails_before_any_stage_touches_the_model(tiny_llama, bad, error, message):
     before = _state(tiny_llama)
     recipe = hfcompress.Recipe([RTNConfig(bits=4, group_size=16, targets=("re:.*mlp.*",)), bad])

@@ -155,9 +155,16 @@ class WeightQuantModifier(Modifier):
                     "stages that add to its layers (int8_activations, kv_cache, ...), not a second weight stage"
                 )
             linear = [n for n, e in view.entries.items() if is_linear_like(e.module) and e.stage is None][:8]
+            ignored = [t for t in self.config.targets if t in self.config.ignore]
+            hint = (
+                f"; {ignored} is both a target and ignored (ignore defaults to ['lm_head']): pass ignore: [] to "
+                "quantize it"
+                if ignored
+                else ""
+            )
             raise self.error(
                 f"targets={list(self.config.targets)} with ignore={list(self.config.ignore)} select no "
-                f"linear layer; linear layers in this model include {linear}"
+                f"linear layer; linear layers in this model include {linear}{hint}"
             )
         for name in names:
             layer = view.entries[name].module
