@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hfcompress.architectures import blocks_of
+from hfcompress.architectures import blocks_of, text_config
 from hfcompress.errors import ModelError
 from hfcompress.quant.dispatch import dense_weights
 
@@ -44,6 +44,7 @@ __all__ = [
     "autocast",
     "autocast_dtype",
     "bfloat16_or_warn",
+    "block_kinds",
     "capture_block_inputs",
     "compute_device",
     "materialize_offloaded",
@@ -60,13 +61,33 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class BlockInputs:
-    """One calibration batch as a block sees it: its positional and keyword arguments."""
+    """One calibration batch as a block sees it: its positional and keyword arguments.
+
+    In a model whose blocks are of several kinds (``config.layer_types``: Gemma 3's sliding-window
+    and full-attention layers), each kind gets keyword arguments of its own (its attention mask,
+    its rotary tables): ``by_kind`` holds them, and :meth:`for_kind` gives the inputs of a block of
+    one kind."""
 
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+    by_kind: dict[str, dict[str, Any]] | None = None
 
     def with_hidden(self, hidden: torch.Tensor) -> BlockInputs:
-        return BlockInputs((hidden, *self.args[1:]), self.kwargs)
+        return BlockInputs((hidden, *self.args[1:]), self.kwargs, self.by_kind)
+
+    def for_kind(self, kind: str | None) -> BlockInputs:
+        if kind is None or self.by_kind is None:
+            return self
+        return BlockInputs(self.args, self.by_kind[kind], self.by_kind)
+
+
+def block_kinds(model: nn.Module, blocks: nn.ModuleList) -> list[str] | None:
+    """Each block's kind where the model's blocks are of several (``layer_types``, one per block),
+    else None: then every block takes the first block's keyword arguments."""
+    types = getattr(text_config(model), "layer_types", None)
+    if isinstance(types, (list, tuple)) and len(types) == len(blocks) and len(set(types)) > 1:
+        return list(types)
+    return None
 
 
 def _offload_hooks(module: nn.Module) -> Iterator[tuple[nn.Module, Any]]:
@@ -147,28 +168,60 @@ def _to(value: Any, device: torch.device) -> Any:
 
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, first_block: nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device
+    model: nn.Module,
+    first_block: nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    device: torch.device,
+    *,
+    blocks: nn.ModuleList | None = None,
+    kinds: list[str] | None = None,
 ) -> list[BlockInputs]:
     """Run ``model`` on each batch until ``first_block`` is reached; return what it received.
 
+    With ``blocks`` and their ``kinds`` (:func:`block_kinds`), the forward goes on to the first
+    block of each kind and records the keyword arguments that kind receives (``by_kind``).
     The modules before the first block (embeddings, rotary tables) run on their own devices;
     captured tensors are moved to ``device``.
     """
     captured: list[BlockInputs] = []
+    leaders: dict[str, int] = {}
+    if blocks is not None and kinds is not None:
+        for index, kind in enumerate(kinds):
+            leaders.setdefault(kind, index)
+    last = max(leaders.values(), default=0)
+    current: dict[str, dict[str, Any]] = {}
 
-    def hook(module, args, kwargs):
-        kwargs = {k: _to(v, device) for k, v in kwargs.items() if k not in _CACHE_KWARGS}
-        captured.append(BlockInputs(_to(args, device), kwargs))
-        raise _Captured
+    def keywords(kwargs: dict[str, Any]) -> dict[str, Any]:
+        return {k: _to(v, device) for k, v in kwargs.items() if k not in _CACHE_KWARGS}
 
-    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    def first(module, args, kwargs):
+        current.clear()
+        captured.append(BlockInputs(_to(args, device), keywords(kwargs)))
+        if not leaders:
+            raise _Captured
+
+    def leader(kind: str, index: int):
+        def hook(module, args, kwargs):
+            current[kind] = keywords(kwargs)
+            if index == last:
+                captured[-1] = BlockInputs(captured[-1].args, current[kinds[0]], dict(current))
+                raise _Captured
+
+        return hook
+
+    handles = [first_block.register_forward_pre_hook(first, with_kwargs=True)]
+    handles += [
+        blocks[index].register_forward_pre_hook(leader(kind, index), with_kwargs=True)
+        for kind, index in leaders.items()
+    ]
     model_device = next(model.parameters()).device
     try:
         for batch in batches:
             with contextlib.suppress(_Captured):
                 model(**{k: v.to(model_device) for k, v in batch.items()}, use_cache=False)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     if len(captured) != len(batches):
         raise ModelError(
             f"the model's forward on the calibration batches never reached its first block "
@@ -406,7 +459,8 @@ class LayerwiseRunner:
         prefix, blocks = blocks_of(self.model)
         self.prefix = prefix
         targets = list(targets)
-        inputs = capture_block_inputs(self.model, blocks[0], self.batches, self.device)
+        kinds = block_kinds(self.model, blocks)
+        inputs = capture_block_inputs(self.model, blocks[0], self.batches, self.device, blocks=blocks, kinds=kinds)
         reference = list(inputs) if self.reference else None  # the unprocessed model's stream
         release_memory()
         count = len(blocks)
@@ -425,6 +479,10 @@ class LayerwiseRunner:
             # The unprocessed block, for the reference stream: a technique that runs it there
             # anyway (GPTAQ) leaves its outputs in `view`, so that pass is not repeated.
             float_block = copy.deepcopy(block) if reference is not None else None
+            if kinds is not None:  # this block's own attention mask and rotary tables
+                inputs = [item.for_kind(kinds[index]) for item in inputs]
+                if reference is not None:
+                    reference = [item.for_kind(kinds[index]) for item in reference]
             view = Block(index, count, local, block, inputs, names, self.compute_dtype, reference, float_block)
             if names:
                 if self.checkpoint is not None and self.checkpoint.has(index):

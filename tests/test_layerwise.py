@@ -143,3 +143,34 @@ def test_training_in_bfloat16_falls_back_to_float32_where_it_would_be_slow(monke
     monkeypatch.setattr(layerwise, "native_bfloat16", lambda device_type: True)
     assert training_arguments(tmp_path, bf16=True).bf16 is True
     assert training_arguments(tmp_path, bf16=False).bf16 is False
+
+
+@pytest.mark.parametrize(
+    ("model_type", "extra"),
+    [
+        ("gemma3_text", dict(head_dim=16, sliding_window=16, sliding_window_pattern=2)),
+        ("qwen2", dict(use_sliding_window=True, sliding_window=16, max_window_layers=1)),
+    ],
+    ids=["gemma3", "qwen2-sliding"],
+)
+def test_each_kind_of_block_gets_its_own_mask_and_rotary_tables(model_type, extra):
+    """Hybrid models give their sliding-window and full-attention blocks different attention
+    masks (and Gemma 3 different rotary tables). The calibration stream used to replay block
+    0's to every block, so the full-attention blocks of Gemma 3 computed on a sliding-window
+    mask (3.4 off the model's own activations at 64 tokens, window 16): GPTQ, AWQ and
+    SmoothQuant calibrated on activations the model never produces."""
+    from tests.conftest import make_tiny_causal
+
+    model = make_tiny_causal(model_type, **extra)
+    ids = torch.randint(3, 128, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states
+    outputs = {}
+
+    def record(block: Block) -> None:
+        outputs[block.index] = block.forward(block.inputs[0])
+
+    names = [f"model.layers.{i}.mlp.up_proj" for i in range(4)]
+    LayerwiseRunner(model, [{"input_ids": ids}], device=torch.device("cpu"), progress=False).run(record, names)
+    for index in range(3):  # the last block's output is before the final norm
+        torch.testing.assert_close(outputs[index], hidden[index + 1], rtol=0, atol=1e-5)
