@@ -124,6 +124,12 @@ class QuantizedKVLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
         b, h, _, d = key_states.shape
+        if value_states.shape[-1] != d or value_states.shape[1] != h:
+            raise ModelError(
+                f"keys of {h} heads x {d} channels and values of {value_states.shape[1]} x {value_states.shape[-1]}: "
+                "the quantized KV cache stores keys and values of one shape (multi-head latent attention, as in "
+                "DeepSeek-V3, is not supported); use the model's default cache"
+            )
         _check_head_dim(d, self.spec)
         self._dense = (key_states.new_zeros(b, h, 0, d), value_states.new_zeros(b, h, 0, d))
         self.is_initialized = True
@@ -616,5 +622,12 @@ def check_model(model: nn.Module, spec: KVCacheConfig | None = None) -> None:
     if getattr(config, "is_encoder_decoder", False):
         raise ModelError(f"{name} is an encoder-decoder model; the quantized KV cache serves decoder-only models")
     _layer_kinds(config)
+    v_dim = getattr(config, "v_head_dim", None)
+    k_dim = getattr(config, "qk_head_dim", None) or _head_dim(config)
+    if getattr(config, "kv_lora_rank", None) or (v_dim is not None and v_dim != k_dim):
+        raise ModelError(
+            f"{name} uses multi-head latent attention (keys of {k_dim} channels, values of {v_dim}); the quantized KV "
+            "cache stores keys and values of one shape per head: this model is not supported"
+        )
     if spec is not None:
         _check_head_dim(_head_dim(config), spec)

@@ -371,6 +371,20 @@ def test_hybrid_models_quantize_their_full_attention_layers(name):
     assert cache.nbytes() > 0
 
 
+def test_multi_head_latent_attention_is_refused():
+    """DeepSeek-V3's keys (24 channels here) and values (16) differ in shape: generate crashed
+    inside the cache with a shape error."""
+    mla = dict(kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+               n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
+               n_group=1, topk_group=1, num_key_value_heads=4)  # fmt: skip
+    model = make_tiny_causal("deepseek_v3", **mla)
+    with pytest.raises(ModelError, match="multi-head latent attention"):
+        enable_kv_cache(model, bits=8)
+    ids = torch.randint(3, 128, (1, 20))
+    with pytest.raises(ModelError, match="keys and values of one shape"), torch.no_grad():
+        model.generate(ids, cache=QuantizedKVCache(model.config, bits=8, group_size=32), max_new_tokens=2)
+
+
 def test_models_whose_attention_is_not_sdpa_are_refused():
     """Gemma 2 soft-caps its attention logits and runs eagerly: our attention (SDPA's) would
     drop the cap in decoding steps, silently."""
