@@ -248,3 +248,29 @@ def test_a_sequence_classifier_keeps_its_function(llama_ids, tmp_path):
     hfcompress.save_pretrained(model, tmp_path / "m")
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m")
     assert torch.equal(_logits(reloaded, llama_ids), _logits(model, llama_ids))
+
+
+LLAMA_LIKE = {
+    "smollm3": dict(pad_token_id=0),  # NoPE layers
+    "ernie4_5": {},
+    "seed_oss": dict(head_dim=16),  # q/k/v/o biases
+    "helium": dict(head_dim=16),
+    "arcee": {},  # an MLP without a gate (ReLU^2): up -> down
+    "apertus": {},  # the same, and norms named attention_layernorm / feedforward_layernorm
+}
+
+
+@pytest.mark.parametrize("model_type", LLAMA_LIKE)
+def test_llama_like_decoders_rotate_exactly_and_reload(model_type, tmp_path):
+    model = make_tiny_causal(model_type, **LLAMA_LIKE[model_type])
+    with torch.no_grad():  # gains that are not all 1
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.3)
+    ids = torch.randint(3, 100, (2, 24), generator=torch.Generator().manual_seed(1))
+    before = _logits(model, ids)
+    compress(model, [RotationConfig()], progress=False)
+    torch.testing.assert_close(_logits(model, ids), before, rtol=1e-4, atol=1e-4)
+    compress(model, [W8, ActivationQuantConfig()], progress=False)
+    hfcompress.save_pretrained(model, tmp_path / "m")
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "m"), ids), _logits(model, ids))

@@ -47,6 +47,8 @@ class _Layout:
     mlp_output: str = "mlp.down_proj"
     value: str = "self_attn.v_proj"
     fused_qkv: bool = False
+    attention_norm: str = "input_layernorm"
+    mlp_norm: str = "post_attention_layernorm"
 
     def paths(self) -> tuple[str, ...]:
         return (*self.attention_inputs, self.attention_output, *self.mlp_inputs, self.mlp_output)
@@ -63,6 +65,8 @@ class _Layout:
 
 _SEPARATE = _Layout(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
 _FUSED = _Layout(("self_attn.qkv_proj",), ("mlp.gate_up_proj",), value="self_attn.qkv_proj", fused_qkv=True)
+_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_UP_ONLY = _Layout(_ATTENTION, ("mlp.up_proj",))  # an MLP without a gate (Arcee's ReLU^2)
 # Pre-norm RMSNorm decoders whose residual stream is rotation-invariant (scalar multipliers, as
 # Granite's and Gemma's embedding scale, keep it so; Gemma's norms scale by 1 + weight).
 LAYOUTS: dict[str, _Layout] = {
@@ -73,6 +77,14 @@ LAYOUTS: dict[str, _Layout] = {
     "granite": _SEPARATE,
     "gemma": _SEPARATE,
     "phi3": _FUSED,
+    "smollm3": _SEPARATE,
+    "ernie4_5": _SEPARATE,
+    "seed_oss": _SEPARATE,
+    "helium": _SEPARATE,
+    "arcee": _UP_ONLY,
+    "apertus": _Layout(
+        _ATTENTION, ("mlp.up_proj",), attention_norm="attention_layernorm", mlp_norm="feedforward_layernorm"
+    ),
 }
 SUPPORTED_MODEL_TYPES = tuple(LAYOUTS)
 _BLOCK_ATTR = "_hfc_ffn_hadamard"  # the Hadamard block of the down projection's input
@@ -150,7 +162,7 @@ def _parts(model: nn.Module) -> _Parts:
                 block.get_submodule(path)
             except AttributeError:
                 raise ModelError(f"block {i} of {type(model).__name__} has no {path}; rotation cannot map it") from None
-        for path in ("input_layernorm", "post_attention_layernorm"):
+        for path in (layout.attention_norm, layout.mlp_norm):
             if not type(getattr(block, path, None)).__name__.endswith("RMSNorm"):
                 raise ModelError(f"block {i} of {type(model).__name__} has no RMSNorm {path}; rotation needs one")
     names = {id(m): n for n, m in model.named_modules()}
@@ -300,8 +312,8 @@ class RotationModifier(Modifier):
         layout = parts.layout
         for layer in parts.blocks:
             get = layer.get_submodule
-            _fold_and_rotate_inputs(layer.input_layernorm, [get(p) for p in layout.attention_inputs], q)
-            _fold_and_rotate_inputs(layer.post_attention_layernorm, [get(p) for p in layout.mlp_inputs], q)
+            _fold_and_rotate_inputs(get(layout.attention_norm), [get(p) for p in layout.attention_inputs], q)
+            _fold_and_rotate_inputs(get(layout.mlp_norm), [get(p) for p in layout.mlp_inputs], q)
             o_proj, down = get(layout.attention_output), get(layout.mlp_output)
             _rotate_outputs(o_proj, q)
             _rotate_outputs(down, q)
