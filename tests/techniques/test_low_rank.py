@@ -317,13 +317,20 @@ def _opt():
     return _make("opt")
 
 
+def _lfm2():
+    from tests.conftest import make_tiny_causal
+
+    return make_tiny_causal("lfm2", num_hidden_layers=2, layer_types=["full_attention", "full_attention"])
+
+
 @pytest.mark.parametrize(
     "make,expected",
     [
         (_distilbert, ["distilbert.transformer.layer.0.ffn.lin1", "distilbert.transformer.layer.0.ffn.lin2"]),
         (_opt, ["model.decoder.layers.0.fc1", "model.decoder.layers.0.fc2"]),
+        (_lfm2, [f"model.layers.0.feed_forward.w{i}" for i in (1, 2, 3)]),
     ],
-    ids=["distilbert", "opt"],
+    ids=["distilbert", "opt", "lfm2-feed-forward"],
 )
 def test_the_default_targets_find_the_ffn_of_distilbert_and_opt(make, expected):
     torch.manual_seed(0)

@@ -16,6 +16,7 @@ FFN_TARGETS = (
     r"re:.*\.layer\.\d+\.(intermediate|output)\.dense",
     r"re:.*\.ffn",
     r"re:.*\.layers\.\d+\.fc[12]",
+    r"re:.*\.layers\.\d+\.feed_forward",  # Llama 4, LFM2, Falcon-H1
 )
 
 
