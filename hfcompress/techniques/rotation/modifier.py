@@ -49,9 +49,14 @@ class _Layout:
     fused_qkv: bool = False
     attention_norm: str = "input_layernorm"
     mlp_norm: str = "post_attention_layernorm"
+    # A mixture of experts at `mlp` (fused expert tensors, a router, maybe a shared expert): its
+    # weights are found by shape and name (:func:`_moe_weights`); no online transform there.
+    moe: bool = False
 
     def paths(self) -> tuple[str, ...]:
-        return (*self.attention_inputs, self.attention_output, *self.mlp_inputs, self.mlp_output)
+        """The block's linear layers that the rotation rewrites (an MoE's weights not included)."""
+        mlp = () if self.moe else (*self.mlp_inputs, self.mlp_output)
+        return (*self.attention_inputs, self.attention_output, *mlp)
 
     def value_rows(self, text) -> slice | None:
         """The value projection's rows within a fused q/k/v layer (None: a layer of its own)."""
@@ -67,6 +72,7 @@ _SEPARATE = _Layout(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _FUSED = _Layout(("self_attn.qkv_proj",), ("mlp.gate_up_proj",), value="self_attn.qkv_proj", fused_qkv=True)
 _ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _UP_ONLY = _Layout(_ATTENTION, ("mlp.up_proj",))  # an MLP without a gate (Arcee's ReLU^2)
+_MOE = _Layout(_ATTENTION, (), moe=True)
 # Pre-norm RMSNorm decoders whose residual stream is rotation-invariant (scalar multipliers, as
 # Granite's and Gemma's embedding scale, keep it so; Gemma's norms scale by 1 + weight).
 LAYOUTS: dict[str, _Layout] = {
@@ -85,7 +91,33 @@ LAYOUTS: dict[str, _Layout] = {
     "apertus": _Layout(
         _ATTENTION, ("mlp.up_proj",), attention_norm="attention_layernorm", mlp_norm="feedforward_layernorm"
     ),
+    "mixtral": _MOE,
+    "qwen2_moe": _MOE,
+    "qwen3_moe": _MOE,
+    "olmoe": _MOE,
 }
+
+
+def _moe_weights(mlp: nn.Module, hidden: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """An MoE block's weights that read the residual stream (the router, the experts' gate/up
+    tensors, a shared expert's layers and its gate: last dimension ``hidden``) and those that
+    write it (``down`` tensors, ``w2``: dimension -2 is ``hidden``).
+
+    Raises:
+        ModelError: a weight that is neither (rotation cannot place it).
+    """
+    inputs, outputs = [], []
+    for name, param in mlp.named_parameters():
+        leaf = name.removesuffix(".weight").rpartition(".")[2]
+        if param.dim() >= 2 and (leaf.startswith("down") or leaf == "w2") and param.shape[-2] == hidden:
+            outputs.append(param)
+        elif param.dim() >= 2 and param.shape[-1] == hidden:
+            inputs.append(param)
+        else:
+            raise ModelError(f"the MoE weight {name} {tuple(param.shape)} neither reads nor writes the residual stream")
+    return inputs, outputs
+
+
 SUPPORTED_MODEL_TYPES = tuple(LAYOUTS)
 _BLOCK_ATTR = "_hfc_ffn_hadamard"  # the Hadamard block of the down projection's input
 # Largest relative change of the probe's logits that rotating may cause, by model dtype.
@@ -165,6 +197,8 @@ def _parts(model: nn.Module) -> _Parts:
         for path in (layout.attention_norm, layout.mlp_norm):
             if not type(getattr(block, path, None)).__name__.endswith("RMSNorm"):
                 raise ModelError(f"block {i} of {type(model).__name__} has no RMSNorm {path}; rotation needs one")
+        if layout.moe:
+            _moe_weights(block.mlp, text.hidden_size)  # every weight placed, before anything changes
     names = {id(m): n for n, m in model.named_modules()}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     hidden = text.hidden_size
@@ -180,7 +214,9 @@ def _parts(model: nn.Module) -> _Parts:
         head_name=names.get(id(head)) if head is not None else None,
         hidden=hidden,
         head_dim=getattr(text, "head_dim", None) or hidden // text.num_attention_heads,
-        intermediate=getattr(blocks[0].get_submodule(layout.mlp_output), "in_features", text.intermediate_size),
+        intermediate=0
+        if layout.moe
+        else getattr(blocks[0].get_submodule(layout.mlp_output), "in_features", text.intermediate_size),
         vocab_size=text.vocab_size,
     )
 
@@ -224,16 +260,17 @@ def _set(param: torch.Tensor, value: torch.Tensor) -> None:
     param.data.copy_(value.to(param.dtype))
 
 
-def _fold_and_rotate_inputs(norm: nn.Module, layers: list[nn.Module], q: torch.Tensor) -> None:
-    """``W <- W diag(g) Q`` for each layer reading ``norm``'s output; the norm's gain -> 1."""
+def _fold_and_rotate_inputs(norm: nn.Module, weights: list[torch.Tensor], q: torch.Tensor) -> None:
+    """``W <- W diag(g) Q`` for each weight reading ``norm``'s output (along its last dimension:
+    a layer's ``[N, H]``, fused experts' ``[E, N, H]``); the norm's gain -> 1."""
     try:
         offset = norm_offset(norm)
     except ValueError as exc:
         raise ModelError(f"rotation cannot fold the norm's gain: {exc}") from None
     g = norm.weight.detach().double() + offset
-    for layer in layers:
-        w = layer.weight.detach().double()
-        _set(layer.weight, (w * g.unsqueeze(0)) @ q.to(w.device))
+    for weight in weights:
+        w = weight.detach().double()
+        _set(weight, (w * g.to(w.device)) @ q.to(w.device))
     set_norm_gain(norm, torch.ones_like(g), offset)
 
 
@@ -307,20 +344,27 @@ class RotationModifier(Modifier):
         tied = parts.head is not None and parts.head.weight is parts.embed.weight
         embed = parts.embed.weight
         _set(embed, embed.detach().double() @ q.to(embed.device))
-        block_size = ffn_block_size(parts.intermediate) if self.config.ffn else 0
+        block_size = ffn_block_size(parts.intermediate) if self.config.ffn and not parts.layout.moe else 0
         head_rotation = _head_rotation(parts.head_dim, self.config.seed + 1)
         layout = parts.layout
         for layer in parts.blocks:
             get = layer.get_submodule
-            _fold_and_rotate_inputs(get(layout.attention_norm), [get(p) for p in layout.attention_inputs], q)
-            _fold_and_rotate_inputs(get(layout.mlp_norm), [get(p) for p in layout.mlp_inputs], q)
-            o_proj, down = get(layout.attention_output), get(layout.mlp_output)
+            _fold_and_rotate_inputs(get(layout.attention_norm), [get(p).weight for p in layout.attention_inputs], q)
+            o_proj = get(layout.attention_output)
             _rotate_outputs(o_proj, q)
-            _rotate_outputs(down, q)
+            if layout.moe:
+                reads, writes = _moe_weights(layer.mlp, parts.hidden)
+                _fold_and_rotate_inputs(get(layout.mlp_norm), reads, q)
+                for weight in writes:  # W <- Q^T W over dimension -2
+                    _set(weight, torch.matmul(q.t().to(weight.device), weight.detach().double()))
+            else:
+                _fold_and_rotate_inputs(get(layout.mlp_norm), [get(p).weight for p in layout.mlp_inputs], q)
+                down = get(layout.mlp_output)
+                _rotate_outputs(down, q)
+                if block_size:
+                    _set(down.weight, block_hadamard(down.weight.detach().double(), block_size))
             if self.config.heads:
                 _rotate_value_heads(get(layout.value), o_proj, head_rotation, parts.value_rows)
-            if block_size:
-                _set(down.weight, block_hadamard(down.weight.detach().double(), block_size))
         gain = norm_gain(parts.norm).to(q.device)
         # With an LM head the final norm's output stays rotated, and the head reads it rotated (a
         # tied head through the rotated embedding); a model without one (a sequence classifier's
