@@ -297,3 +297,8 @@ def test_block_sparse_attention_on_a_multimodal_model_leaves_the_vision_tower_de
     with torch.no_grad():
         model(input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32))
     assert states(model)["model.language_model.layers.0.self_attn"].last_density < 1
+
+
+def test_rotating_a_multimodal_model_is_refused_with_the_reason():
+    with pytest.raises(hfcompress.RecipeError, match="image features enter the language model's residual stream"):
+        compress(_llava(), [hfcompress.RotationConfig()], progress=False)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hfcompress.architectures import blocks_of, text_config
+from hfcompress.architectures import blocks_of, outside_language_model, text_config
 from hfcompress.errors import ModelError
 from hfcompress.kinds import is_linear_like
 from hfcompress.modifier import CompressionContext, ModelView, Modifier
@@ -180,6 +180,12 @@ def _parts(model: nn.Module) -> _Parts:
             f"rotation supports pre-norm RMSNorm decoders ({', '.join(SUPPORTED_MODEL_TYPES)}), not model_type "
             f"{model_type!r}: a LayerNorm or post-norm residual stream is not rotation-invariant. Use smoothquant "
             "instead"
+        )
+    if outside_language_model(model):
+        raise ModelError(
+            f"{type(model).__name__} is a multimodal model: its image features enter the language model's residual "
+            "stream from the vision tower's projector, unrotated, so rotating the language model would change what "
+            "it computes on images. Use smoothquant instead"
         )
     prefix, blocks = blocks_of(model)
     base = getattr(model, "base_model", model)
