@@ -260,22 +260,6 @@ LLAMA_LIKE = {
 }
 
 
-@pytest.mark.parametrize("model_type", LLAMA_LIKE)
-def test_llama_like_decoders_rotate_exactly_and_reload(model_type, tmp_path):
-    model = make_tiny_causal(model_type, **LLAMA_LIKE[model_type])
-    with torch.no_grad():  # gains that are not all 1
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.3)
-    ids = torch.randint(3, 100, (2, 24), generator=torch.Generator().manual_seed(1))
-    before = _logits(model, ids)
-    compress(model, [RotationConfig()], progress=False)
-    torch.testing.assert_close(_logits(model, ids), before, rtol=1e-4, atol=1e-4)
-    compress(model, [W8, ActivationQuantConfig()], progress=False)
-    hfcompress.save_pretrained(model, tmp_path / "m")
-    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "m"), ids), _logits(model, ids))
-
-
 MOES = {
     "mixtral": dict(num_local_experts=4),
     # a shared expert and its gate beside the routed ones
@@ -285,12 +269,14 @@ MOES = {
 }
 
 
-@pytest.mark.parametrize("model_type", MOES)
-def test_mixtures_of_experts_rotate_exactly_and_reload(model_type, tmp_path):
-    """The router, the fused experts' gate/up and down tensors (and a shared expert and its
-    gate) are rotated with the residual stream; the experts then split and quantize (W4A8)."""
-    model = make_tiny_causal(model_type, **MOES[model_type])
-    with torch.no_grad():  # gains that are not all 1
+@pytest.mark.parametrize("model_type", [*LLAMA_LIKE, *MOES])
+def test_more_decoders_rotate_exactly_and_reload(model_type, tmp_path):
+    """Each added model type keeps its logits (1e-4) with norm gains that are not all 1, then
+    quantizes and reloads. In the mixtures of experts the router, the fused experts' gate/up and
+    down tensors (and a shared expert and its gate) rotate with the residual stream, and the
+    experts then split and quantize (GPTQ W4A8)."""
+    model = make_tiny_causal(model_type, **{**LLAMA_LIKE, **MOES}[model_type])
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if "layernorm" in name:
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.3)
@@ -298,7 +284,7 @@ def test_mixtures_of_experts_rotate_exactly_and_reload(model_type, tmp_path):
     before = _logits(model, ids)
     compress(model, [RotationConfig()], progress=False)
     torch.testing.assert_close(_logits(model, ids), before, rtol=1e-4, atol=1e-4)
-    compress(model, [GPTQConfig(bits=4, group_size=16, batch_size=4), ActivationQuantConfig()], calibration_data=CALIB,
-             progress=False)  # fmt: skip
+    weights = GPTQConfig(bits=4, group_size=16, batch_size=4) if model_type in MOES else W8
+    compress(model, [weights, ActivationQuantConfig()], calibration_data=CALIB, progress=False)
     hfcompress.save_pretrained(model, tmp_path / "m")
     assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "m"), ids), _logits(model, ids))
