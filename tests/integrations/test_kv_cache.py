@@ -371,6 +371,34 @@ def test_hybrid_models_quantize_their_full_attention_layers(name):
     assert cache.nbytes() > 0
 
 
+def test_a_hybrid_model_with_every_technique_reloads_and_decodes_the_same(tmp_path):
+    """Gemma 3 with GPTQ W4A8, block-sparse prefills and the 4-bit cache on its full-attention
+    layers: saved, reloaded, and greedy decoding past the window gives the same tokens."""
+    from transformers import AutoModelForCausalLM
+
+    import hfcompress
+
+    model = _hybrid("gemma3_text", sliding_window=16, sliding_window_pattern=2)
+    stages = [
+        {"name": "w", "technique": "gptq", "bits": 4, "group_size": 16, "ignore": ["lm_head"]},
+        {"name": "a", "technique": "int8_activations"},
+        {"name": "b", "technique": "block_sparse", "density": 0.5, "block_size": 16, "min_tokens": 64},
+        {"name": "k", "technique": "kv_cache", "bits": 4, "group_size": 16, "residual_length": 16},
+    ]
+    calibration = torch.randint(3, 128, (4, 64), generator=torch.Generator().manual_seed(0))
+    hfcompress.compress(model, {"stages": stages}, calibration_data=calibration, progress=False)
+    hfcompress.save_pretrained(model, tmp_path / "m")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    ids = torch.randint(3, 128, (1, 100), generator=torch.Generator().manual_seed(1))
+    kw = dict(max_new_tokens=20, do_sample=False, return_dict_in_generate=True)
+    with torch.no_grad():
+        want, got = model.generate(ids, **kw), reloaded.generate(ids, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    assert [type(layer).__name__ for layer in got.past_key_values.layers] == [
+        "DynamicSlidingWindowLayer", "QuantizedKVLayer", "DynamicSlidingWindowLayer", "QuantizedKVLayer"
+    ]  # fmt: skip
+
+
 def test_multi_head_latent_attention_is_refused():
     """DeepSeek-V3's keys (24 channels here) and values (16) differ in shape: generate crashed
     inside the cache with a shape error."""
