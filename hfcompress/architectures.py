@@ -15,6 +15,7 @@ the discovery would pick the wrong list.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,10 +24,13 @@ from torch import nn
 
 from hfcompress.errors import ModelError
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "ARCHITECTURES",
     "Architecture",
     "blocks_of",
+    "build_on_meta",
     "find_blocks",
     "outside_language_model",
     "sequential_groups",
@@ -125,6 +129,17 @@ def outside_language_model(model: nn.Module) -> frozenset[str]:
         and not any(name.startswith(f"{h}.") for h in heads)
         and not decoder.startswith(f"{name}.")  # the language model's ancestors
     )
+
+
+def build_on_meta(model: nn.Module, config) -> nn.Module | None:
+    """A model of ``model``'s class built from ``config`` on the meta device (no memory): what
+    ``from_pretrained`` would lay out. None (logged) when the class cannot be built from a config."""
+    try:
+        with torch.device("meta"):
+            return type(model)(config)
+    except Exception as exc:  # a model class with a construction of its own
+        logger.debug("%s(config) could not be built on the meta device: %s", type(model).__name__, exc)
+        return None
 
 
 def blocks_of(model: nn.Module) -> tuple[str, nn.ModuleList]:

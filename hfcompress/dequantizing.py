@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from hfcompress.architectures import build_on_meta
 from hfcompress.errors import ModelError
 from hfcompress.kinds import CompressedModule, compressed_modules, is_linear_like
 from hfcompress.patches import PATCHES_ATTR, recorded_patches
@@ -45,18 +46,11 @@ def _outermost(model: nn.Module) -> dict[str, CompressedModule]:
 
 def _float_templates(model: nn.Module) -> nn.Module | None:
     """The model as its config builds it, on the meta device (no memory), or None when its class
-    cannot be built from its config."""
+    cannot be built from its config (its compressed layers then become ``nn.Linear``)."""
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    try:
-        with torch.device("meta"):
-            return type(model)(config)
-    except Exception as exc:  # a model class with a construction of its own
-        logger.debug(
-            "dequantize: %s(config) failed (%s); compressed layers become nn.Linear", type(model).__name__, exc
-        )
-        return None
+    return build_on_meta(model, config)
 
 
 def _float_layer(template: nn.Module | None, module: CompressedModule, dtype: torch.dtype) -> nn.Module:

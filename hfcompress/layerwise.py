@@ -184,27 +184,27 @@ def capture_block_inputs(
     captured tensors are moved to ``device``.
     """
     captured: list[BlockInputs] = []
+    # The first block of each kind after the first block's own (whose arguments `first` records).
     leaders: dict[str, int] = {}
     if blocks is not None and kinds is not None:
         for index, kind in enumerate(kinds):
             leaders.setdefault(kind, index)
+        del leaders[kinds[0]]
     last = max(leaders.values(), default=0)
-    current: dict[str, dict[str, Any]] = {}
 
     def keywords(kwargs: dict[str, Any]) -> dict[str, Any]:
         return {k: _to(v, device) for k, v in kwargs.items() if k not in _CACHE_KWARGS}
 
     def first(module, args, kwargs):
-        current.clear()
-        captured.append(BlockInputs(_to(args, device), keywords(kwargs)))
+        own = keywords(kwargs)
+        captured.append(BlockInputs(_to(args, device), own, {kinds[0]: own} if leaders else None))
         if not leaders:
             raise _Captured
 
     def leader(kind: str, index: int):
         def hook(module, args, kwargs):
-            current[kind] = keywords(kwargs)
+            captured[-1].by_kind[kind] = keywords(kwargs)
             if index == last:
-                captured[-1] = BlockInputs(captured[-1].args, current[kinds[0]], dict(current))
                 raise _Captured
 
         return hook

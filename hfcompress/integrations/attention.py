@@ -79,6 +79,29 @@ def check_attention_interface(model: nn.Module, what: str) -> None:
         )
 
 
+def check_layer_types(config: Any, what: str, acts: str, none_reason: str, fix: str = "") -> list[str] | None:
+    """``config.layer_types`` (None when the config has none: full attention throughout), checked
+    for ``what``, which ``acts`` on full-attention layers while sliding-window and chunked ones
+    keep their own attention.
+
+    Raises:
+        ModelError: a layer of another type (linear attention, state-space layers), or no
+            full-attention layer (``none_reason`` says why that leaves nothing to do).
+    """
+    types = getattr(config, "layer_types", None)
+    if not types:
+        return None
+    other = sorted(set(types) - {"full_attention", *WINDOWED_LAYER_TYPES})
+    if other:
+        raise ModelError(
+            f"{what} {acts} (sliding-window and chunked layers keep their own); this model also has layer types "
+            f"{other}{fix}"
+        )
+    if "full_attention" not in types:
+        raise ModelError(f"{what} {acts}, and this model has none (layer types {sorted(set(types))}): {none_reason}")
+    return list(types)
+
+
 def _running(model: nn.Module) -> list[str]:
     """Ours switched on for ``model`` (a model switched by hand to one of ours counts too)."""
     on = list(getattr(model, _ON, []))

@@ -47,8 +47,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 from hfcompress.errors import ModelError
 from hfcompress.integrations.attention import (
-    WINDOWED_LAYER_TYPES,
     check_attention_interface,
+    check_layer_types,
     declare_outer,
     register_attention,
     restore_attention,
@@ -521,22 +521,15 @@ def _layer_kinds(config: Any) -> list[Callable[[], CacheLayerMixin] | None]:
     """
     from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, get_layer_types_and_kwargs
 
-    types = getattr(config, "layer_types", None)
-    if not types:
+    types = check_layer_types(
+        config,
+        "the quantized KV cache",
+        "quantizes full-attention layers",
+        "its sliding-window caches are bounded by the window already; use the model's default cache",
+        fix=", whose caches it cannot hold: use the model's default cache",
+    )
+    if types is None:
         return [None] * config.num_hidden_layers
-    other = sorted(set(types) - {"full_attention", *WINDOWED_LAYER_TYPES})
-    if other:
-        raise ModelError(
-            f"the quantized KV cache serves full-attention layers (sliding-window and chunked layers keep their own "
-            f"float caches); this model also has layer types {other}, whose caches it cannot hold: use the model's "
-            "default cache"
-        )
-    if "full_attention" not in types:
-        raise ModelError(
-            f"the quantized KV cache quantizes full-attention layers, and this model has none (layer types "
-            f"{sorted(set(types))}): its sliding-window caches are bounded by the window already; use the model's "
-            "default cache"
-        )
     _, kwargs = get_layer_types_and_kwargs(config)
     return [
         None if kind == "full_attention" else functools.partial(DYNAMIC_LAYER_TYPE_MAPPING[kind], **kw)

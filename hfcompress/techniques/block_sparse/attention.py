@@ -26,6 +26,7 @@ from hfcompress.errors import ModelError
 from hfcompress.integrations.attention import (
     WINDOWED_LAYER_TYPES,
     check_attention_interface,
+    check_layer_types,
     dense_attention,
     register_attention,
     restore_attention,
@@ -284,47 +285,36 @@ def check_model(model: nn.Module) -> None:
         raise ModelError(
             f"{type(model).__name__} is an encoder-decoder model; block-sparse attention serves decoders and encoders"
         )
-    kinds = set(getattr(config.get_text_config(), "layer_types", None) or ["full_attention"])
-    other = sorted(kinds - {"full_attention", *WINDOWED_LAYER_TYPES})
-    if other:
-        raise ModelError(
-            f"block-sparse attention replaces full attention (sliding-window and chunked layers keep their own); "
-            f"this model also has layer types {other}"
-        )
-    if "full_attention" not in kinds:
-        raise ModelError(
-            f"block-sparse attention replaces full attention, and this model has none (layer types {sorted(kinds)}): "
-            "its windowed attention costs linear time already"
-        )
+    types = check_layer_types(
+        config.get_text_config(),
+        "block-sparse attention",
+        "replaces full attention",
+        "its windowed attention costs linear time already",
+    )
     modules = attention_modules(model)
     if not modules:
         raise ModelError(f"found no attention module in {type(model).__name__} (modules with is_causal and a config)")
-    if kinds != {"full_attention"}:
+    if types is not None and set(types) != {"full_attention"}:
         unplaced = [name for name, module in modules.items() if not isinstance(getattr(module, "layer_idx", None), int)]
         if unplaced:
             raise ModelError(
-                f"{type(model).__name__} mixes layer types {sorted(kinds)}, and its attention module {unplaced[0]!r} "
-                "has no layer_idx to tell which kind it is"
+                f"{type(model).__name__} mixes layer types {sorted(set(types))}, and its attention module "
+                f"{unplaced[0]!r} has no layer_idx to tell which kind it is"
             )
 
 
-def _dense_modules(model: nn.Module) -> set[str]:
-    """The attention modules that keep dense attention: those of sliding-window or chunked
-    layers, and a multimodal model's outside its language model (the vision tower's)."""
+def _dense_modules(model: nn.Module, modules: dict[str, nn.Module]) -> set[str]:
+    """Those of ``modules`` (:func:`attention_modules`) that keep dense attention: the attention of
+    sliding-window or chunked layers, and a multimodal model's outside its language model (the
+    vision tower's)."""
     types = getattr(model.config.get_text_config(), "layer_types", None) or []
     outside = outside_language_model(model)
     dense = set()
-    for name, module in attention_modules(model).items():
+    for name, module in modules.items():
         index = getattr(module, "layer_idx", None)
         if name in outside or (isinstance(index, int) and index < len(types) and types[index] in WINDOWED_LAYER_TYPES):
             dense.add(name)
     return dense
-
-
-def sparse_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The attention modules that block-sparse attention serves: the language model's full-attention ones."""
-    dense = _dense_modules(model)
-    return {name: m for name, m in attention_modules(model).items() if name not in dense}
 
 
 def enable_block_sparse(
@@ -347,15 +337,15 @@ def enable_block_sparse(
     config = config if config is not None else BlockSparseConfig(**kwargs)
     check_model(model)
     modules = attention_modules(model)
+    dense = _dense_modules(model, modules)
     if config.layout == "calibrated":
-        missing = sorted(set(sparse_modules(model)) - set(tables or {}))
+        missing = sorted(set(modules) - dense - set(tables or {}))
         if missing:
             raise ModelError(
                 f"the calibrated block-sparse layout has no table for {missing[:3]} (of {len(missing)} modules)"
             )
     register_attention(ATTENTION, block_sparse_attention)
     switch_attention(model, ATTENTION, "block-sparse attention")
-    dense = _dense_modules(model)
     for name, module in modules.items():
         table = (
             None
@@ -405,7 +395,7 @@ def calibrate_tables(
     register_attention(ATTENTION, block_sparse_attention)
     switch_attention(model, ATTENTION, "block-sparse attention")
     modules = attention_modules(model)
-    dense = _dense_modules(model)
+    dense = _dense_modules(model, modules)
     for name, module in modules.items():
         _attach(module, SparseState(config, recording=name not in dense, windowed=name in dense))
     device = next(model.parameters()).device
@@ -416,7 +406,7 @@ def calibrate_tables(
                 model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
                 sequences += len(batch["input_ids"])
     finally:
-        recorded = {name: getattr(m, _STATE).recorded for name, m in modules.items() if not getattr(m, _STATE).windowed}
+        recorded = {name: getattr(m, _STATE).recorded for name, m in modules.items() if name not in dense}
         for module in modules.values():
             _detach(module)
         restore_attention(model, ATTENTION)

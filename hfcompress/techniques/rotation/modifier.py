@@ -58,19 +58,18 @@ class _Layout:
         mlp = () if self.moe else (*self.mlp_inputs, self.mlp_output)
         return (*self.attention_inputs, self.attention_output, *mlp)
 
-    def value_rows(self, text) -> slice | None:
+    def value_rows(self, text, head_dim: int) -> slice | None:
         """The value projection's rows within a fused q/k/v layer (None: a layer of its own)."""
         if not self.fused_qkv:
             return None
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         q = text.num_attention_heads * head_dim
         kv = (getattr(text, "num_key_value_heads", None) or text.num_attention_heads) * head_dim
         return slice(q + kv, q + 2 * kv)
 
 
-_SEPARATE = _Layout(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
-_FUSED = _Layout(("self_attn.qkv_proj",), ("mlp.gate_up_proj",), value="self_attn.qkv_proj", fused_qkv=True)
 _ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_SEPARATE = _Layout(_ATTENTION, ("mlp.gate_proj", "mlp.up_proj"))
+_FUSED = _Layout(("self_attn.qkv_proj",), ("mlp.gate_up_proj",), value="self_attn.qkv_proj", fused_qkv=True)
 _UP_ONLY = _Layout(_ATTENTION, ("mlp.up_proj",))  # an MLP without a gate (Arcee's ReLU^2)
 _MOE = _Layout(_ATTENTION, (), moe=True)
 # Pre-norm RMSNorm decoders whose residual stream is rotation-invariant (scalar multipliers, as
@@ -208,9 +207,10 @@ def _parts(model: nn.Module) -> _Parts:
     names = {id(m): n for n, m in model.named_modules()}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     hidden = text.hidden_size
+    head_dim = getattr(text, "head_dim", None) or hidden // text.num_attention_heads
     return _Parts(
         layout=layout,
-        value_rows=layout.value_rows(text),
+        value_rows=layout.value_rows(text, head_dim),
         blocks_prefix=prefix,
         blocks=blocks,
         embed=embed,
@@ -219,7 +219,7 @@ def _parts(model: nn.Module) -> _Parts:
         head=head,
         head_name=names.get(id(head)) if head is not None else None,
         hidden=hidden,
-        head_dim=getattr(text, "head_dim", None) or hidden // text.num_attention_heads,
+        head_dim=head_dim,
         intermediate=0
         if layout.moe
         else getattr(blocks[0].get_submodule(layout.mlp_output), "in_features", text.intermediate_size),
@@ -280,9 +280,14 @@ def _fold_and_rotate_inputs(norm: nn.Module, weights: list[torch.Tensor], q: tor
     set_norm_gain(norm, torch.ones_like(g), offset)
 
 
+def _rotate_output_rows(weight: torch.Tensor, q: torch.Tensor) -> None:
+    """``W <- Q^T W`` over dimension -2 (a layer's ``[H, K]``, fused experts' ``[E, H, I]``)."""
+    _set(weight, torch.matmul(q.t().to(weight.device), weight.detach().double()))
+
+
 def _rotate_outputs(layer: nn.Module, q: torch.Tensor) -> None:
     """``W <- Q^T W`` (and ``b <- b Q``) for a layer writing the residual stream."""
-    _set(layer.weight, q.t().to(layer.weight.device) @ layer.weight.detach().double())
+    _rotate_output_rows(layer.weight, q)
     if layer.bias is not None:
         _set(layer.bias, layer.bias.detach().double() @ q.to(layer.bias.device))
 
@@ -361,8 +366,8 @@ class RotationModifier(Modifier):
             if layout.moe:
                 reads, writes = _moe_weights(layer.mlp, parts.hidden)
                 _fold_and_rotate_inputs(get(layout.mlp_norm), reads, q)
-                for weight in writes:  # W <- Q^T W over dimension -2
-                    _set(weight, torch.matmul(q.t().to(weight.device), weight.detach().double()))
+                for weight in writes:
+                    _rotate_output_rows(weight, q)
             else:
                 _fold_and_rotate_inputs(get(layout.mlp_norm), [get(p).weight for p in layout.mlp_inputs], q)
                 down = get(layout.mlp_output)
