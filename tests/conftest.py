@@ -53,6 +53,24 @@ def make_tiny_causal(model_type: str, **extra):
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **fields)).eval()
 
 
+def make_tiny_hybrid(model_type: str, **extra):
+    """A tiny model of sliding-window (or chunked) and full-attention layers, head dim 16."""
+    return make_tiny_causal(model_type, head_dim=16, bos_token_id=1, eos_token_id=None, pad_token_id=0, **extra)
+
+
+def make_tiny_llava():
+    """A tiny Llava whose vision tower has more blocks (4) than its language model (2), as
+    Qwen2-VL-2B has (32 and 28)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    text = dict(model_type="llama", vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                  num_attention_heads=2, image_size=32, patch_size=8)  # fmt: skip
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(LlavaConfig(text_config=text, vision_config=vision, image_token_id=150)).eval()
+
+
 def make_tiny_bert(
     seed: int = 0, layers: int = 2, num_labels: int = 3, vocab: int = 100, **overrides
 ) -> BertForSequenceClassification:

@@ -29,7 +29,7 @@ import hfcompress
 from hfcompress import GPTQConfig, QuantLinear, RTNConfig, compress
 from hfcompress.architectures import ARCHITECTURES, blocks_of, find_blocks, sequential_groups
 from hfcompress.layerwise import capture_block_inputs, run_block
-from tests.conftest import make_tiny_bert, make_tiny_llama
+from tests.conftest import make_tiny_bert, make_tiny_llama, make_tiny_llava
 
 VOCAB = 128
 
@@ -243,26 +243,13 @@ def test_a_linear_subclass_with_another_forward_is_never_compressed(targets):
     assert (model(x) - reference).norm() < 0.02 * reference.norm()
 
 
-def _llava():
-    """A tiny Llava whose vision tower has more blocks (4) than its language model (2), as
-    Qwen2-VL-2B has (32 and 28)."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-
-    text = dict(model_type="llama", vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
-    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-                  num_attention_heads=2, image_size=32, patch_size=8)  # fmt: skip
-    torch.manual_seed(0)
-    return LlavaForConditionalGeneration(LlavaConfig(text_config=text, vision_config=vision, image_token_id=150)).eval()
-
-
 def test_a_multimodal_model_compresses_its_language_model(tmp_path):
     """The blocks are the language model's, not the longer vision tower's (GPTQ failed: the
     text calibration data never reached the vision blocks), and "Linear" targets the language
     model and its head; the vision tower is compressed only when named."""
     from transformers import LlavaForConditionalGeneration
 
-    model = _llava()
+    model = make_tiny_llava()
     assert blocks_of(model)[0] == "model.language_model.layers"
     calibration = torch.randint(3, 140, (4, 24), generator=torch.Generator().manual_seed(0))
     compress(
@@ -276,7 +263,7 @@ def test_a_multimodal_model_compresses_its_language_model(tmp_path):
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
 
-    named = _llava()
+    named = make_tiny_llava()
     compress(named, [RTNConfig(bits=8, group_size=-1, targets=[r"re:model\.vision_tower\..*"])], progress=False)
     quantized = [n for n, m in named.named_modules() if isinstance(m, QuantLinear)]
     assert len(quantized) == 24 and all(n.startswith("model.vision_tower.") for n in quantized)
@@ -285,7 +272,7 @@ def test_a_multimodal_model_compresses_its_language_model(tmp_path):
 def test_block_sparse_attention_on_a_multimodal_model_leaves_the_vision_tower_dense():
     from hfcompress.techniques.block_sparse.attention import states
 
-    model = _llava()
+    model = make_tiny_llava()
     compress(model, [hfcompress.BlockSparseConfig(density=0.5, block_size=16, min_tokens=16)], progress=False)
     dense = {name: state.windowed for name, state in states(model).items()}
     assert dense == {
@@ -301,4 +288,4 @@ def test_block_sparse_attention_on_a_multimodal_model_leaves_the_vision_tower_de
 
 def test_rotating_a_multimodal_model_is_refused_with_the_reason():
     with pytest.raises(hfcompress.RecipeError, match="image features enter the language model's residual stream"):
-        compress(_llava(), [hfcompress.RotationConfig()], progress=False)
+        compress(make_tiny_llava(), [hfcompress.RotationConfig()], progress=False)

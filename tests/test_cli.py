@@ -196,11 +196,10 @@ def test_a_vision_language_model_compresses_and_evaluates_on_text(recipe, text, 
     language model is compressed and its perplexity measured on text."""
     from transformers import LlavaForConditionalGeneration
 
-    from tests.conftest import make_char_tokenizer
-    from tests.test_architectures import _llava
+    from tests.conftest import make_char_tokenizer, make_tiny_llava
 
     folder = tmp_path / "llava"
-    _llava().save_pretrained(folder)
+    make_tiny_llava().save_pretrained(folder)
     make_char_tokenizer().save_pretrained(folder)
     out = tmp_path / "out"
     args = ["--quiet", "compress", "--model", str(folder), "--recipe", str(recipe), "--output", str(out)]

@@ -183,9 +183,9 @@ def test_requantizing_export_refuses_other_problems_before_changing_the_model(tm
 def test_a_vision_language_model_exports_and_loads_as_one(tmp_path, monkeypatch):
     """The check loaded every non-causal export as a sequence classifier: a Llava export
     failed it. Its language model's layers are the compressed ones."""
-    from tests.test_architectures import _llava
+    from tests.conftest import make_tiny_llava
 
-    model = _llava()
+    model = make_tiny_llava()
     hfcompress.compress(model, {"stages": [_w(4, 16, ignore=["lm_head"])]}, progress=False)
     ids = torch.randint(3, 140, (1, 16), generator=torch.Generator().manual_seed(0))
     ours = _reference_logits(model, ids, monkeypatch)

@@ -13,7 +13,7 @@ from hfcompress.integrations.kv_cache import QuantizedKVCache, disable_kv_cache,
 from hfcompress.quant import kv_cpu
 from hfcompress.quant.dispatch import reference_path
 
-from ..conftest import make_tiny_bert, make_tiny_causal, make_tiny_llama
+from ..conftest import make_tiny_bert, make_tiny_causal, make_tiny_hybrid, make_tiny_llama
 
 # Small groups and window, so that a few dozen tokens go well past the residual window.
 SPEC = dict(group_size=16, residual_length=16, sink_tokens=4)
@@ -331,11 +331,6 @@ def test_refuses_models_it_cannot_serve():
         QuantizedKVCache(config)
 
 
-def _hybrid(model_type: str, **extra):
-    """A tiny model of sliding-window (or chunked) and full-attention layers, head dim 16."""
-    return make_tiny_causal(model_type, head_dim=16, bos_token_id=1, eos_token_id=None, pad_token_id=0, **extra)
-
-
 HYBRIDS = {
     "gemma3": ("gemma3_text", dict(sliding_window=16, sliding_window_pattern=2)),
     "qwen2-sliding": ("qwen2", dict(use_sliding_window=True, sliding_window=16, max_window_layers=1)),
@@ -350,7 +345,7 @@ def test_hybrid_models_quantize_their_full_attention_layers(name):
     and at 8 bits greedy decoding of a left-padded batch past the window gives the float
     cache's tokens."""
     model_type, extra = HYBRIDS[name]
-    model = _hybrid(model_type, **extra)
+    model = make_tiny_hybrid(model_type, **extra)
     enable_kv_cache(model, bits=8, group_size=16, residual_length=8, sink_tokens=0)
     ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
@@ -378,7 +373,7 @@ def test_a_hybrid_model_with_every_technique_reloads_and_decodes_the_same(tmp_pa
 
     import hfcompress
 
-    model = _hybrid("gemma3_text", sliding_window=16, sliding_window_pattern=2)
+    model = make_tiny_hybrid("gemma3_text", sliding_window=16, sliding_window_pattern=2)
     stages = [
         {"name": "w", "technique": "gptq", "bits": 4, "group_size": 16, "ignore": ["lm_head"]},
         {"name": "a", "technique": "int8_activations"},
@@ -416,7 +411,7 @@ def test_multi_head_latent_attention_is_refused():
 def test_models_whose_attention_is_not_sdpa_are_refused():
     """Gemma 2 soft-caps its attention logits and runs eagerly: our attention (SDPA's) would
     drop the cap in decoding steps, silently."""
-    model = _hybrid("gemma2", sliding_window=16)
+    model = make_tiny_hybrid("gemma2", sliding_window=16)
     with pytest.raises(ModelError, match="Gemma2ForCausalLM's attention is not SDPA's"):
         enable_kv_cache(model, bits=4)
 

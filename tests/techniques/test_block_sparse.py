@@ -275,10 +275,10 @@ def test_hybrid_models_make_only_their_full_attention_layers_sparse(layout, tmp_
     their dense attention (layer 0's output equals the dense model's), the full-attention ones
     run sparse, calibrated tables exist for those only, and the model reloads with the same
     logits. A model of windowed layers only, or with layers of another kind, is refused."""
-    from tests.integrations.test_kv_cache import _hybrid
+    from tests.conftest import make_tiny_hybrid
 
-    dense = _hybrid("gemma3_text", sliding_window=16, sliding_window_pattern=2)
-    model = _hybrid("gemma3_text", sliding_window=16, sliding_window_pattern=2)
+    dense = make_tiny_hybrid("gemma3_text", sliding_window=16, sliding_window_pattern=2)
+    model = make_tiny_hybrid("gemma3_text", sliding_window=16, sliding_window_pattern=2)
     stage = {"name": "b", "technique": "block_sparse", "layout": layout, "density": 0.5, "block_size": 16}
     calibration = torch.randint(3, 128, (4, 96), generator=torch.Generator().manual_seed(1))
     compress(model, {"stages": [{**stage, "min_tokens": 16}]}, calibration_data=calibration, progress=False)
@@ -303,7 +303,7 @@ def test_hybrid_models_make_only_their_full_attention_layers_sparse(layout, tmp_
     with torch.no_grad():
         assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "m")(ids).logits, logits)
 
-    windowed_only = _hybrid("gemma3_text", sliding_window=16, sliding_window_pattern=6)
+    windowed_only = make_tiny_hybrid("gemma3_text", sliding_window=16, sliding_window_pattern=6)
     with pytest.raises(hfcompress.ModelError, match="replaces full attention, and this model has none"):
         enable_block_sparse(windowed_only, density=0.5)
     windowed_only.config.layer_types = ["linear_attention", *windowed_only.config.layer_types[1:]]
