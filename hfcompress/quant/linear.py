@@ -14,7 +14,7 @@ from hfcompress.quant.affine import QuantizedWeight, dequantize, num_groups
 from hfcompress.quant.packing import SUPPORTED_BITS, pack, packed_columns, unpack
 from hfcompress.quant.scheme import QuantArgs, QuantScheme
 
-__all__ = ["SCALE_DTYPES", "QuantLinear", "input_scale_size", "quantized_bytes"]
+__all__ = ["SCALE_DTYPES", "PackedWeight", "QuantLinear", "input_scale_size", "quantized_bytes"]
 
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _SAFETENSORS_DTYPES = {torch.uint8: "U8", torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
@@ -29,8 +29,159 @@ def input_scale_size(act: QuantArgs, in_features: int) -> int:
     return in_features if act.strategy == "channel" else 1
 
 
+class PackedWeight(CompressedModule):
+    """Packed integer weights ``W: [N, K]``, quantized per channel or per group along K; the
+    storage that :class:`QuantLinear` computes with and :class:`~hfcompress.quant.embedding.
+    QuantEmbedding` looks rows up in.
+
+    Buffers (saved in the state dict under these names):
+        qweight: ``[N, packed_columns(K, bits)]`` uint8, codes packed along K.
+        scales: ``[N, G]`` float scales.
+        zeros: ``[N, G]`` zero points, uint8 or floats in the scales' dtype (asymmetric
+            only; symmetric layers use the constant ``2**(bits-1)``).
+    Rows are independent: row ``n`` of each buffer holds row ``n`` of ``W``.
+    """
+
+    marker_tensors = ("qweight",)
+
+    def _init_packed(
+        self, in_features: int, out_features: int, scheme: QuantScheme, device: torch.device | str | None
+    ) -> None:
+        w = scheme.weights
+        if w.num_bits not in SUPPORTED_BITS:
+            raise ValueError(f"num_bits={w.num_bits} cannot be packed; supported: {SUPPORTED_BITS}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.scheme = scheme
+        self.bits = w.num_bits
+        self.group_size = w.group_size if w.strategy == "group" else in_features
+        self.symmetric = w.symmetric
+        self.stage: str | None = None  # the recipe stage that made this module, recorded in its spec
+        scale_dtype = SCALE_DTYPES[w.scale_dtype]
+        groups = num_groups(in_features, self.group_size)
+        cols = packed_columns(in_features, self.bits)
+        self.register_buffer("qweight", torch.zeros(out_features, cols, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, groups, dtype=scale_dtype, device=device))
+        if not self.symmetric:
+            zero_dtype = scale_dtype if w.float_zero else torch.uint8
+            self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=zero_dtype, device=device))
+
+    def _fill(self, qw: QuantizedWeight) -> None:
+        """Store the codes, scales and zero points of ``qw`` (of this module's grid)."""
+        if self.group_size != qw.group_size or self.scales.dtype != qw.scales.dtype:
+            raise ValueError(
+                f"quantized weight (group {qw.group_size}, {qw.scales.dtype}) does not match the scheme "
+                f"(group {self.group_size}, {self.scales.dtype})"
+            )
+        self.qweight.copy_(pack(qw.q, qw.bits))
+        self.scales.copy_(qw.scales)
+        if not self.symmetric:
+            self.zeros.copy_(qw.zeros)
+
+    @staticmethod
+    def packed_tensors(name: str, scheme: QuantScheme, n: int, k: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """The packed weight's tensors a checkpoint holds, by full key: (safetensors dtype, shape)."""
+        w = scheme.weights
+        groups = num_groups(k, w.group_size if w.strategy == "group" else k)
+        scale = _SAFETENSORS_DTYPES[SCALE_DTYPES[w.scale_dtype]]
+        out = {
+            f"{name}.qweight": ("U8", (n, packed_columns(k, w.num_bits))),
+            f"{name}.scales": (scale, (n, groups)),
+        }
+        if not w.symmetric:
+            out[f"{name}.zeros"] = (scale if w.float_zero else "U8", (n, groups))
+        return out
+
+    def check_loaded(self, name: str) -> None:
+        if self.qweight.is_meta:
+            raise CheckpointError(f"tensor {name}.qweight was not loaded")
+        scales = self.scales.float()
+        if not torch.isfinite(scales).all() or not (scales > 0).all():
+            raise CheckpointError(
+                f"tensor {name}.scales holds NaN, infinite or non-positive values; the checkpoint is corrupt"
+            )
+        if not self.symmetric:
+            if self.zeros.is_floating_point():
+                if not torch.isfinite(self.zeros.float()).all():
+                    raise CheckpointError(
+                        f"tensor {name}.zeros holds NaN or infinite values; the checkpoint is corrupt"
+                    )
+            elif int(self.zeros.max()) > 2**self.bits - 1:
+                raise CheckpointError(
+                    f"tensor {name}.zeros exceeds {2**self.bits - 1}, the largest {self.bits}-bit code"
+                )
+        if hasattr(self, "input_scale"):
+            s = self.input_scale
+            if not torch.isfinite(s).all() or not (s > 0).all():
+                raise CheckpointError(f"tensor {name}.input_scale is not a finite positive scale")
+
+    # -- what kernels and lookups read -------------------------------------------------------------
+
+    def zero_points(self) -> torch.Tensor:
+        """``[N, G]`` zero points, the constant ``2**(bits-1)`` (uint8) for symmetric layers."""
+        if self.symmetric:
+            return torch.full_like(self.scales, 2 ** (self.bits - 1), dtype=torch.uint8)
+        return self.zeros
+
+    def codes(self) -> torch.Tensor:
+        """The unpacked ``[N, K]`` uint8 codes."""
+        return unpack(self.qweight, self.bits, self.in_features)
+
+    def signed_codes(self) -> torch.Tensor:
+        """The ``[N, K]`` codes minus ``2**(bits-1)`` as int8 (what int8 matmuls multiply;
+        4- and 8-bit codes fit)."""
+        return (self.codes().to(torch.int16) - 2 ** (self.bits - 1)).to(torch.int8)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The ``[N, K]`` weight this layer computes with."""
+        return dequantize(self.codes(), self.scales, self.zero_points(), self.group_size, dtype=dtype)
+
+    def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.dequantize(dtype)
+
+    def _drop_derived(self) -> None:
+        """Forget state built from the buffers (a kernel's repacked weights); called when they move."""
+
+    def _apply(self, fn, recurse: bool = True):
+        # Moving or casting the layer replaces its buffers: drop state built from them.
+        self._drop_derived()
+        # The layout tensors follow a move but never a cast: their dtypes are the format (as
+        # bitsandbytes and torchao keep theirs). `fn` is tried on an empty probe first, so a
+        # cast is never applied to them, even transiently.
+        layout = {n: self._buffers[n] for n in _LAYOUT_BUFFERS if self._buffers.get(n) is not None}
+        for n in layout:
+            self._buffers[n] = None
+        try:
+            result = super()._apply(fn, recurse)
+        finally:
+            for n, tensor in layout.items():
+                probe = fn(torch.empty(0, dtype=tensor.dtype, device=tensor.device))
+                self._buffers[n] = fn(tensor) if probe.dtype == tensor.dtype else tensor.to(device=probe.device)
+        return result
+
+    def rows(self, index: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows ``W[index]`` in ``dtype``: ``[*index.shape, K]``, dequantizing only those rows."""
+        flat = index.reshape(-1)
+        scales = self.scales[flat]
+        if self.symmetric:
+            zeros = torch.full_like(scales, 2 ** (self.bits - 1), dtype=torch.uint8)
+        else:
+            zeros = self.zeros[flat]
+        codes = unpack(self.qweight[flat], self.bits, self.in_features)
+        out = dequantize(codes, scales, zeros, self.group_size, dtype=dtype)
+        return out.reshape(*index.shape, self.in_features)
+
+    def storage_bytes(self) -> int:
+        """Bytes of the packed weight, scales and zeros (bias excluded)."""
+        total = self.qweight.numel() * self.qweight.element_size()
+        total += self.scales.numel() * self.scales.element_size()
+        if not self.symmetric:
+            total += self.zeros.numel() * self.zeros.element_size()
+        return total
+
+
 @register_module_kind
-class QuantLinear(CompressedModule):
+class QuantLinear(PackedWeight):
     """A Linear layer with ``bits``-bit weights, quantized per channel or per group along K,
     and optionally 8-bit input activations; its :class:`QuantScheme` says which.
 
@@ -67,24 +218,7 @@ class QuantLinear(CompressedModule):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        w = scheme.weights
-        if w.num_bits not in SUPPORTED_BITS:
-            raise ValueError(f"num_bits={w.num_bits} cannot be packed; supported: {SUPPORTED_BITS}")
-        self.in_features = in_features
-        self.out_features = out_features
-        self.scheme = scheme
-        self.bits = w.num_bits
-        self.group_size = w.group_size if w.strategy == "group" else in_features
-        self.symmetric = w.symmetric
-        self.stage: str | None = None  # the recipe stage that made this layer, recorded in its spec
-        scale_dtype = SCALE_DTYPES[w.scale_dtype]
-        groups = num_groups(in_features, self.group_size)
-        cols = packed_columns(in_features, self.bits)
-        self.register_buffer("qweight", torch.zeros(out_features, cols, dtype=torch.uint8, device=device))
-        self.register_buffer("scales", torch.ones(out_features, groups, dtype=scale_dtype, device=device))
-        if not self.symmetric:
-            zero_dtype = scale_dtype if w.float_zero else torch.uint8
-            self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=zero_dtype, device=device))
+        self._init_packed(in_features, out_features, scheme, device)
         self._register_input_scale(device)
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
@@ -93,6 +227,10 @@ class QuantLinear(CompressedModule):
         self._kernel_cache: dict[str, object] = {}  # repacked weights per kernel
         self._path_cache: dict[tuple, object] = {}  # (device type, dtype, forced) -> kernel
         self._handle = compiled.register_layer(self)  # what the torch.compile op calls it by
+
+    def _drop_derived(self) -> None:
+        self._kernel_cache.clear()
+        self._path_cache.clear()
 
     def __setstate__(self, state: dict) -> None:
         # A copy (copy.deepcopy, pickle) is a new layer: it gets its own handle for the op.
@@ -150,15 +288,7 @@ class QuantLinear(CompressedModule):
         layer = cls(
             k, n, scheme, bias=bias is not None, dtype=bias.dtype if bias is not None else None, device=qw.q.device
         )
-        if layer.group_size != qw.group_size or layer.scales.dtype != qw.scales.dtype:
-            raise ValueError(
-                f"quantized weight (group {qw.group_size}, {qw.scales.dtype}) does not match the scheme "
-                f"(group {layer.group_size}, {layer.scales.dtype})"
-            )
-        layer.qweight.copy_(pack(qw.q, qw.bits))
-        layer.scales.copy_(qw.scales)
-        if not layer.symmetric:
-            layer.zeros.copy_(qw.zeros)
+        layer._fill(qw)
         if bias is not None:
             layer.bias.data.copy_(bias.detach())
         return layer
@@ -212,85 +342,12 @@ class QuantLinear(CompressedModule):
     @classmethod
     def expected_tensors(cls, name: str, spec: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]:
         scheme = QuantScheme.from_dict(spec["scheme"])
-        w = scheme.weights
-        n, k = spec["out_features"], spec["in_features"]
-        groups = num_groups(k, w.group_size if w.strategy == "group" else k)
-        scale = _SAFETENSORS_DTYPES[SCALE_DTYPES[w.scale_dtype]]
-        out = {
-            f"{name}.qweight": ("U8", (n, packed_columns(k, w.num_bits))),
-            f"{name}.scales": (scale, (n, groups)),
-        }
-        if not w.symmetric:
-            out[f"{name}.zeros"] = (scale if w.float_zero else "U8", (n, groups))
+        k = spec["in_features"]
+        out = cls.packed_tensors(name, scheme, spec["out_features"], k)
         act = scheme.input_activations
         if act is not None and not act.dynamic:
             out[f"{name}.input_scale"] = ("F32", (input_scale_size(act, k),))
         return out
-
-    def check_loaded(self, name: str) -> None:
-        if self.qweight.is_meta:
-            raise CheckpointError(f"tensor {name}.qweight was not loaded")
-        scales = self.scales.float()
-        if not torch.isfinite(scales).all() or not (scales > 0).all():
-            raise CheckpointError(
-                f"tensor {name}.scales holds NaN, infinite or non-positive values; the checkpoint is corrupt"
-            )
-        if not self.symmetric:
-            if self.zeros.is_floating_point():
-                if not torch.isfinite(self.zeros.float()).all():
-                    raise CheckpointError(
-                        f"tensor {name}.zeros holds NaN or infinite values; the checkpoint is corrupt"
-                    )
-            elif int(self.zeros.max()) > 2**self.bits - 1:
-                raise CheckpointError(
-                    f"tensor {name}.zeros exceeds {2**self.bits - 1}, the largest {self.bits}-bit code"
-                )
-        if hasattr(self, "input_scale"):
-            s = self.input_scale
-            if not torch.isfinite(s).all() or not (s > 0).all():
-                raise CheckpointError(f"tensor {name}.input_scale is not a finite positive scale")
-
-    # -- what the kernels read --------------------------------------------------------------
-
-    def zero_points(self) -> torch.Tensor:
-        """``[N, G]`` zero points, the constant ``2**(bits-1)`` (uint8) for symmetric layers."""
-        if self.symmetric:
-            return torch.full_like(self.scales, 2 ** (self.bits - 1), dtype=torch.uint8)
-        return self.zeros
-
-    def codes(self) -> torch.Tensor:
-        """The unpacked ``[N, K]`` uint8 codes."""
-        return unpack(self.qweight, self.bits, self.in_features)
-
-    def signed_codes(self) -> torch.Tensor:
-        """The ``[N, K]`` codes minus ``2**(bits-1)`` as int8 (what int8 matmuls multiply;
-        4- and 8-bit codes fit)."""
-        return (self.codes().to(torch.int16) - 2 ** (self.bits - 1)).to(torch.int8)
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The ``[N, K]`` weight this layer computes with."""
-        return dequantize(self.codes(), self.scales, self.zero_points(), self.group_size, dtype=dtype)
-
-    def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.dequantize(dtype)
-
-    def _apply(self, fn, recurse: bool = True):
-        # Moving or casting the layer replaces its buffers: drop kernel state built from them.
-        self._kernel_cache.clear()
-        self._path_cache.clear()
-        # The layout tensors follow a move but never a cast: their dtypes are the format (as
-        # bitsandbytes and torchao keep theirs). `fn` is tried on an empty probe first, so a
-        # cast is never applied to them, even transiently.
-        layout = {n: self._buffers[n] for n in _LAYOUT_BUFFERS if self._buffers.get(n) is not None}
-        for n in layout:
-            self._buffers[n] = None
-        try:
-            result = super()._apply(fn, recurse)
-        finally:
-            for n, tensor in layout.items():
-                probe = fn(torch.empty(0, dtype=tensor.dtype, device=tensor.device))
-                self._buffers[n] = fn(tensor) if probe.dtype == tensor.dtype else tensor.to(device=probe.device)
-        return result
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if compiled.uses_op(x):  # under torch.compile: one opaque op (see hfcompress.quant.compiled)
@@ -302,14 +359,6 @@ class QuantLinear(CompressedModule):
             f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}, "
             f"group_size={self.group_size}, symmetric={self.symmetric}, bias={self.bias is not None}"
         )
-
-    def storage_bytes(self) -> int:
-        """Bytes of the packed weight, scales and zeros (bias excluded)."""
-        total = self.qweight.numel() * self.qweight.element_size()
-        total += self.scales.numel() * self.scales.element_size()
-        if not self.symmetric:
-            total += self.zeros.numel() * self.zeros.element_size()
-        return total
 
 
 def quantized_bytes(
