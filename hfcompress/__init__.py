@@ -30,6 +30,7 @@ from hfcompress.kinds import CompressedModule, register_module_kind
 from hfcompress.mixed_precision import BitsBudget, PrecisionPlan
 from hfcompress.patches import register_patch
 from hfcompress.quant.dispatch import Kernel, register_kernel
+from hfcompress.quant.embedding import QuantEmbedding
 from hfcompress.quant.linear import QuantLinear
 from hfcompress.quant.scheme import QuantArgs, QuantScheme
 from hfcompress.recipe import Recipe, Stage
@@ -37,6 +38,7 @@ from hfcompress.registry import get_technique, register_technique, registered_te
 from hfcompress.techniques.activations import ActivationQuantConfig
 from hfcompress.techniques.awq import AWQConfig
 from hfcompress.techniques.block_sparse import BlockSparseConfig, disable_block_sparse, enable_block_sparse
+from hfcompress.techniques.embeddings import EmbeddingQuantConfig
 from hfcompress.techniques.error_compensation import ErrorCompensationConfig
 from hfcompress.techniques.gptq import GPTQConfig
 from hfcompress.techniques.kv_cache import KVCacheConfig, QuantizedKVCache, disable_kv_cache, enable_kv_cache
@@ -59,6 +61,7 @@ __all__ = [
     "CompressedModule",
     "DistillationCallback",
     "DistillationTrainer",
+    "EmbeddingQuantConfig",
     "ErrorCompensationConfig",
     "GPTQConfig",
     "HfCompressError",
@@ -72,6 +75,7 @@ __all__ = [
     "PKDConfig",
     "PrecisionPlan",
     "QuantArgs",
+    "QuantEmbedding",
     "QuantLinear",
     "QuantScheme",
     "QuantizedKVCache",

@@ -1,7 +1,8 @@
 """``model.dequantize()``: a compressed model back to a plain float transformers model.
 
 Each compressed layer becomes the float layer of the class the model's own config builds at
-that name (``nn.Linear``, GPT-2's ``Conv1D``, Falcon's ``FalconLinear``), holding the weight
+that name (``nn.Linear``, GPT-2's ``Conv1D``, Falcon's ``FalconLinear``, the model's embedding
+class for a quantized embedding, tied to its head again when they shared one table), holding the weight
 the compressed layer computes with (:meth:`~hfcompress.kinds.CompressedModule.dense_weight`:
 the dequantized codes, a low-rank layer's ``B A`` plus its base) and its bias. Input
 quantization goes: the float layer reads its input as it is. The quantized KV cache and
@@ -22,10 +23,11 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from hfcompress.architectures import build_on_meta
+from hfcompress.architectures import build_on_meta, text_config
 from hfcompress.errors import ModelError
 from hfcompress.kinds import CompressedModule, compressed_modules, is_linear_like
 from hfcompress.patches import PATCHES_ATTR, recorded_patches
+from hfcompress.quant.embedding import QuantEmbedding, TiedQuantEmbedding
 
 __all__ = ["dequantize_model"]
 
@@ -53,7 +55,22 @@ def _float_templates(model: nn.Module) -> nn.Module | None:
     return build_on_meta(model, config)
 
 
+def _float_embedding(template: nn.Module | None, module: CompressedModule, dtype: torch.dtype) -> nn.Module:
+    table = module.dense_weight(torch.float32)  # [V, D]
+    if not isinstance(template, nn.Embedding) or template.weight.shape != table.shape:
+        template = nn.Embedding(*table.shape, padding_idx=module.padding_idx, device="meta")
+    layer = template.to_empty(device=table.device).to(dtype)
+    with torch.no_grad():
+        layer.weight.copy_(table)
+        scale = getattr(layer, "embed_scale", None)
+        if isinstance(scale, torch.Tensor):  # a buffer that to_empty left uninitialised
+            scale.fill_(module.embed_scale)
+    return layer
+
+
 def _float_layer(template: nn.Module | None, module: CompressedModule, dtype: torch.dtype) -> nn.Module:
+    if isinstance(module, (QuantEmbedding, TiedQuantEmbedding)):
+        return _float_embedding(template, module, dtype)
     weight = module.dense_weight(torch.float32)  # [N, K]
     bias = module.dense_bias()
     device = weight.device
@@ -108,6 +125,10 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         replacements[name] = _float_layer(template, module, dtype)
     for name, layer in replacements.items():
         model.set_submodule(name, layer)
+    for name, module in layers.items():
+        if isinstance(module, TiedQuantEmbedding):  # tie the float head and embedding again
+            model.get_submodule(module.tied_to).weight = model.get_submodule(name).weight
+            model.config.tie_word_embeddings = text_config(model).tie_word_embeddings = True
     disable_kv_cache(model)
     disable_block_sparse(model)
     if hasattr(model, PATCHES_ATTR):

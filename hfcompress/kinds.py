@@ -103,6 +103,10 @@ class CompressedModule(nn.Module):
     kind: ClassVar[str] = ""
     replaces: ClassVar[tuple[type[nn.Module], ...]] = LINEAR_CLASSES
     marker_tensors: ClassVar[tuple[str, ...]] = ()
+    # Whether loading marks the parent module initialised too (see the transformers loader):
+    # needed where a parent's weight init reaches into a child's ``weight``; wrong where the
+    # parent's init sets buffers of its own (BERT's embeddings set their position ids there).
+    shields_parent_init: ClassVar[bool] = True
 
     def spec(self) -> dict[str, Any]:
         """The layout as plain JSON data; must include ``"kind": self.kind``."""
@@ -124,6 +128,10 @@ class CompressedModule(nn.Module):
         """Every tensor a checkpoint must hold for this module, by full key: (safetensors
         dtype, shape). Float tensors whose dtype follows the model (a bias) are left out."""
         raise NotImplementedError
+
+    def attach(self, model: nn.Module) -> None:
+        """Called once the whole ``model`` is loaded, before :meth:`check_loaded`: a module that
+        reads another's tensors (an embedding tied to its LM head) links to it here."""
 
     def check_loaded(self, name: str) -> None:
         """Raise :class:`CheckpointError` when the loaded tensors are not usable."""
@@ -216,5 +224,6 @@ def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def _ensure_builtin_kinds() -> None:
     # The built-in kinds register when their module is imported.
+    import hfcompress.quant.embedding
     import hfcompress.quant.linear
     import hfcompress.techniques.low_rank.layer  # noqa: F401

@@ -22,6 +22,7 @@ EXAMPLES = {
     "error_compensation": {"rank": 4, "factor_bits": 8},
     "block_sparse": {"layout": "calibrated", "density": 0.5, "block_size": 16},
     "rotate": {"seed": 3},
+    "embeddings": {"bits": 4, "group_size": 32, "symmetric": False},
 }
 # Techniques that serve one kind of model only; on the other the stage must be refused, by name,
 # before the model changes (a KV cache needs a model that generates; rotation, a pre-norm

@@ -56,9 +56,10 @@ def total_bytes(model: nn.Module) -> int:
     return total
 
 
-def _layers(model: nn.Module) -> dict[str, nn.Module]:
+def _layers(model: nn.Module, embeddings: bool = False) -> dict[str, nn.Module]:
     """Linear layers as the model computes them: each outermost compressed module (a
-    low-rank layer counts with its factors), and each float Linear outside one."""
+    low-rank layer counts with its factors, a quantized embedding as a ``V x D`` table), and
+    each float Linear outside one (and each float embedding, when ``embeddings``)."""
     out: dict[str, nn.Module] = {}
     inside: tuple[str, ...] = ()
     for name, m in model.named_modules():
@@ -67,7 +68,7 @@ def _layers(model: nn.Module) -> dict[str, nn.Module]:
         if isinstance(m, CompressedModule) and hasattr(m, "in_features"):
             out[name] = m
             inside = (*inside, f"{name}.")
-        elif isinstance(m, nn.Linear):
+        elif isinstance(m, nn.Linear) or (embeddings and isinstance(m, nn.Embedding)):
             out[name] = m
     return out
 
@@ -79,8 +80,12 @@ def compressed_layer_names(model: nn.Module) -> list[str]:
 
 def linear_layer_stats(model: nn.Module) -> dict[str, tuple[int, int]]:
     """For every Linear layer (see :func:`_layers`), by name: (weights of the ``N x K``
-    layer it computes, bytes it takes)."""
-    return {name: (m.in_features * m.out_features, _layer_bytes(m)) for name, m in _layers(model).items()}
+    layer it computes, bytes it takes); float embeddings too (``V x D``), to compare with a
+    model whose embedding a recipe quantized."""
+    return {
+        name: (m.weight.numel() if isinstance(m, nn.Embedding) else m.in_features * m.out_features, _layer_bytes(m))
+        for name, m in _layers(model, embeddings=True).items()
+    }
 
 
 def size_report(

@@ -163,7 +163,14 @@ def plan_compressed_tensors(model: nn.Module, *, partial_groups: bool = False) -
     plan = {}
     for name, module in compressed_modules(model).items():
         if not isinstance(module, QuantLinear):
-            raise ExportError(f"layer {name!r} is a {module.kind} layer; compressed-tensors export covers quant_linear")
+            hint = (
+                ": the format quantizes Linear layers only. Export a model compressed without the embeddings stage"
+                if module.kind.endswith("embedding")
+                else ""
+            )
+            raise ExportError(
+                f"layer {name!r} is a {module.kind} layer; compressed-tensors export covers quant_linear{hint}"
+            )
         scheme = {
             "weights": _weight_args(name, module, partial_groups),
             "input_activations": _activation_args(name, module),

@@ -162,7 +162,9 @@ class HfCompressQuantizer(HfQuantizer):
             # (GPT-2's scaled init of c_proj): a compressed module has none, and everything it
             # holds comes from the checkpoint. Mark both as initialised so init skips them.
             parent = model.get_submodule(name.rpartition(".")[0])
-            new._is_hf_initialized = parent._is_hf_initialized = True
+            new._is_hf_initialized = True
+            if new.shields_parent_init:
+                parent._is_hf_initialized = True
         guard = load_guard_key(config.layers)
         if guard is not None:  # the compressed module has no `weight`: not an unexpected key
             model._keys_to_ignore_on_load_unexpected = {
@@ -172,7 +174,10 @@ class HfCompressQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        for name, module in compressed_modules(model).items():
+        modules = compressed_modules(model)
+        for module in modules.values():
+            module.attach(model)
+        for name, module in modules.items():
             module.check_loaded(name)
         return model
 
