@@ -55,6 +55,13 @@ VARIANTS = {
     "W8 per-channel (sym)": "recipes/llama_w8a16_rtn.yaml",
     "W4 g128 (asym)": "recipes/smollm2_w4a16_rtn_g128.yaml",
     "W4 g128 + lm_head W8": "recipes/smollm2_w4a16_rtn_g128_head_w8.yaml",
+    "W4 g128 + embeddings W8 (shared with lm_head)": "recipes/smollm2_w4a16_rtn_g128_emb8.yaml",
+    "W4 g128 + embeddings W4 g64 (shared with lm_head)": hfcompress.Recipe(
+        [
+            hfcompress.RTNConfig(bits=4, group_size=128),
+            hfcompress.EmbeddingQuantConfig(bits=4, group_size=64, symmetric=False),
+        ]
+    ),
     "W3 g128 (asym)": hfcompress.Recipe([hfcompress.RTNConfig(bits=3, group_size=128)]),
 }
 
