@@ -24,6 +24,7 @@ from hfcompress.errors import (
     RecipeError,
     TrainingDataError,
 )
+from hfcompress.integrations import post_import as _post_import
 from hfcompress.integrations import transformers_quantizer as _transformers_quantizer
 from hfcompress.integrity import verify_checkpoint as verify
 from hfcompress.kinds import CompressedModule, register_module_kind
@@ -50,6 +51,16 @@ from hfcompress.techniques.rtn import RTNConfig
 from hfcompress.techniques.smoothquant import SmoothQuantConfig
 
 __version__ = "0.1.0"
+
+
+def _install_peft() -> None:
+    import importlib
+
+    importlib.import_module("hfcompress.integrations.peft")  # which installs itself (install())
+
+
+# peft's LoRA learns our layers once peft is imported (get_peft_model, "all-linear", add_adapter).
+_post_import.when_imported("peft", _install_peft)
 
 __all__ = [
     "AWQConfig",

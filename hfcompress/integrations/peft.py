@@ -11,8 +11,10 @@ a gradient; int8 input activations pass their gradient straight through the roun
     model.save_pretrained("adapter")                   # the adapter only
     model = load_lora(base_compressed_model, "adapter")
 
-peft's own ``get_peft_model`` works too once :func:`register_quant_linear` has been called
-on the ``LoraConfig``. ``merge``/``merge_and_unload`` into packed weights are refused: the merged
+peft's own ``get_peft_model`` and ``PeftModel.from_pretrained`` work too: :func:`install`
+(run when peft is imported in a process that imported hfcompress) teaches peft's LoRA to wrap
+``QuantLinear`` layers and makes ``target_modules="all-linear"`` include them.
+``merge``/``merge_and_unload`` into packed weights are refused: the merged
 weight is not on the quantization grid, and writing it back would quietly re-quantize the
 adapter away. After ``model.dequantize()`` the base layers are float and the adapters merge
 into them (the QLoRA way to a float model with the adapter in it).
@@ -25,15 +27,18 @@ from typing import Any
 
 import peft
 import torch
+from peft.tuners import tuners_utils
+from peft.tuners.lora import model as lora_model
 from peft.tuners.lora.layer import LoraLayer
-from peft.tuners.tuners_utils import check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND, SEQ_CLS_HEAD_NAMES
 from torch import nn
 
 from hfcompress.errors import ModelError
 from hfcompress.kinds import CompressedModule, compressed_modules, linear_weight
 from hfcompress.quant.linear import QuantLinear
 
-__all__ = ["QuantLoraLinear", "add_lora", "load_lora", "register_quant_linear"]
+__all__ = ["QuantLoraLinear", "add_lora", "install", "load_lora", "register_quant_linear"]
 
 
 class QuantLoraLinear(nn.Module, LoraLayer):
@@ -169,3 +174,58 @@ def load_lora(model: nn.Module, adapter: str | os.PathLike, *, is_trainable: boo
     with the QuantLinear mapping registered)."""
     config = register_quant_linear(peft.LoraConfig.from_pretrained(str(adapter)))
     return peft.PeftModel.from_pretrained(model, str(adapter), config=config, is_trainable=is_trainable)
+
+
+def _quantized_linear_names(config: Any, model: nn.Module) -> set[str]:
+    """For ``target_modules="all-linear"``: the QuantLinear layers peft's own expansion misses
+    (it looks for ``nn.Linear``), leaving out what it leaves out of float models: the output
+    head, a classifier's head, and layers already inside an adapter."""
+    targets = getattr(config, "target_modules", None)
+    if not (isinstance(targets, str) and targets.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND):
+        return set()
+    exclude: set[nn.Module] = set()
+    get_output = getattr(model, "get_output_embeddings", None)
+    if get_output is not None and get_output() is not None:
+        exclude.add(get_output())
+    if getattr(config, "task_type", None) == "SEQ_CLS":
+        exclude.update(m for m in (getattr(model, n, None) for n in SEQ_CLS_HEAD_NAMES) if m is not None)
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            exclude.update(module.modules())
+    return {name for name, m in model.named_modules() if isinstance(m, QuantLinear) and m not in exclude}
+
+
+_installed = False
+
+
+def install() -> None:
+    """Teach peft, in this process, to put LoRA adapters on hfcompress layers: a ``LoraConfig``
+    that reaches a ``QuantLinear`` gets the :class:`QuantLoraLinear` mapping
+    (:func:`register_quant_linear`), and ``"all-linear"`` includes ``QuantLinear`` layers.
+    Nothing changes for other layers. Idempotent."""
+    global _installed
+    if _installed:
+        return
+    create = lora_model.LoraModel._create_new_module
+
+    def create_new_module(lora_config, adapter_name, target, **kwargs):
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if isinstance(base, QuantLinear):
+            register_quant_linear(lora_config)
+        return create(lora_config, adapter_name, target, **kwargs)
+
+    expand = tuners_utils._maybe_include_all_linear_layers
+
+    def include_all_linear(peft_config, model):
+        quantized = _quantized_linear_names(peft_config, model)
+        peft_config = expand(peft_config, model)
+        if quantized:
+            peft_config.target_modules = set(peft_config.target_modules) | quantized
+        return peft_config
+
+    lora_model.LoraModel._create_new_module = staticmethod(create_new_module)
+    tuners_utils._maybe_include_all_linear_layers = include_all_linear
+    _installed = True
+
+
+install()

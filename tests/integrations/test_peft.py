@@ -111,3 +111,68 @@ def test_lora_on_a_quantized_classifier_and_bad_variants():
         add_lora(quantized, r=4, use_dora=True)
     with pytest.raises(ModelError, match="no compressed layers"):
         add_lora(make_tiny_llama(), r=4)
+
+
+def _w4_llama(**kwargs):
+    model = make_tiny_llama(**kwargs)
+    hfcompress.compress(model, hfcompress.Recipe.from_dict(W4), progress=False)
+    return model
+
+
+def test_plain_get_peft_model_wraps_quantized_layers_and_reloads(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = _w4_llama()
+    hfcompress.save_pretrained(model, tmp_path / "base")
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    wrapped = peft_model.base_model.model.model.layers[0].self_attn
+    assert isinstance(wrapped.q_proj, QuantLoraLinear) and isinstance(wrapped.q_proj.base_layer, QuantLinear)
+    ids = torch.randint(0, 128, (2, 10))
+    losses = _train(peft_model, ids, steps=5)
+    assert losses[-1] < losses[0]
+    peft_model.eval()
+    logits = peft_model(ids).logits
+    peft_model.save_pretrained(tmp_path / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    assert torch.equal(reloaded(ids).logits, logits)
+
+
+@pytest.mark.parametrize("head_w8", [False, True])
+def test_all_linear_includes_quantized_layers_but_not_the_head(head_w8):
+    from peft import LoraConfig, get_peft_model
+
+    model = make_tiny_llama()
+    stages = [hfcompress.RTNConfig(bits=4, group_size=16)]
+    if head_w8:
+        stages.append(hfcompress.RTNConfig(bits=8, group_size=-1, targets=("lm_head",), ignore=()))
+    hfcompress.compress(model, hfcompress.Recipe(stages), progress=False)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    wrapped = {n.rpartition(".")[2] for n, m in peft_model.named_modules() if isinstance(m, QuantLoraLinear)}
+    assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert not isinstance(peft_model.base_model.model.lm_head, QuantLoraLinear)
+
+
+def test_peft_learns_our_layers_whichever_is_imported_first():
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, torch\n"
+        "{first}\n"
+        "from tests.conftest import make_tiny_llama\n"
+        "from peft import LoraConfig, get_peft_model\n"
+        "m = make_tiny_llama()\n"
+        "hfcompress.compress(m, [hfcompress.RTNConfig(bits=4, group_size=16)], progress=False)\n"
+        "p = get_peft_model(m, LoraConfig(r=2, target_modules=['q_proj']))\n"
+        "print(type(p.base_model.model.model.layers[0].self_attn.q_proj).__name__)\n"
+    )
+    orders = {
+        "peft first": "import peft\nimport hfcompress",
+        "hfcompress first": "import hfcompress\nassert 'peft' not in sys.modules  # not imported for nothing",
+    }
+    for label, first in orders.items():
+        out = subprocess.run([sys.executable, "-c", probe.format(first=first)], capture_output=True, text=True)
+        assert out.returncode == 0, (label, out.stderr[-2000:])
+        assert out.stdout.strip().splitlines()[-1] == "QuantLoraLinear", label
