@@ -209,3 +209,20 @@ def test_recipe_file_runs(tmp_path):
     hfcompress.compress(model, "recipes/smollm2_w4a16_rtn_g128_emb8.yaml", progress=False)
     assert isinstance(model.model.embed_tokens, TiedQuantEmbedding) and model.lm_head.bits == 8
     assert model.model.layers[0].self_attn.q_proj.bits == 4
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_rotation_after_the_embeddings_stage_is_refused_before_anything_changes(tie):
+    model = make_tiny_llama(tie=tie)
+    before = model.model.embed_tokens.weight.detach().clone()
+    with pytest.raises(RecipeError, match="put the rotate stage before"):
+        _compress(model, EmbeddingQuantConfig(), hfcompress.RotationConfig())
+    assert torch.equal(model.model.embed_tokens.weight, before)
+
+
+def test_rotation_before_the_embeddings_stage_keeps_the_table_shared():
+    model = make_tiny_llama(tie=True)
+    reference = model(IDS).logits
+    _compress(model, hfcompress.RotationConfig(), EmbeddingQuantConfig())
+    assert model.model.embed_tokens.source is model.lm_head
+    assert (model(IDS).logits - reference).norm() / reference.norm() < 0.05

@@ -23,7 +23,7 @@ from torch import nn
 
 from hfcompress.architectures import blocks_of, outside_language_model, text_config
 from hfcompress.errors import ModelError
-from hfcompress.kinds import is_linear_like
+from hfcompress.kinds import CompressedModule, is_linear_like
 from hfcompress.modifier import CompressionContext, ModelView, Modifier
 from hfcompress.norms import norm_gain, norm_offset, set_norm_gain
 from hfcompress.patches import earlier_patch, record_patch, register_patch
@@ -340,6 +340,14 @@ class RotationModifier(Modifier):
                     f"{name} is compressed by {by}; rotation changes float weights, so put the rotate stage "
                     "before every stage that compresses the model's linear layers"
                 )
+        embed = next(n for n, m in model.named_modules() if m is parts.embed)
+        entry = view.entries.get(embed)
+        if entry is None or entry.stage is not None or isinstance(parts.embed, CompressedModule):
+            by = f"stage {entry.stage!r}" if entry is not None and entry.stage else "an earlier run"
+            raise self.error(
+                f"the input embedding {embed} is quantized by {by}; rotation changes its float weight, so put the "
+                "rotate stage before the embeddings stage"
+            )
         if any(p.is_meta for p in model.parameters()):
             raise self.error("the model has offloaded (meta) weights; rotation needs every weight in memory")
         root.marks[PATCH] = self.stage
