@@ -55,6 +55,7 @@ import torch.nn.functional as F
 import hfcompress
 from hfcompress.data import load_text
 from hfcompress.eval import perplexity
+from hfcompress.eval.size import total_bytes
 from hfcompress.eval.speed import cpu_name
 from hfcompress.models import load_model, load_tokenizer
 
@@ -127,7 +128,9 @@ PPL_ROWS = {
 PEER_RUNS = [("static", 0.5), ("static", 0.7), ("static", 0.8), ("dynamic", 0.8)]
 
 
-def _recipe(spec: str) -> hfcompress.Recipe:
+def _recipe(spec: str | hfcompress.Recipe) -> hfcompress.Recipe:
+    if isinstance(spec, hfcompress.Recipe):
+        return spec
     if spec.endswith(".yaml"):
         return hfcompress.Recipe.from_yaml(ROOT / spec)
     return hfcompress.Recipe.from_yaml_str(spec)
@@ -359,6 +362,9 @@ def section_glue(args) -> list[dict]:
         "fp32": None,
         "W8A8 dynamic": _stages(w8, _acts()),
         "W8A8 dynamic, SmoothQuant 0.5": "recipes/bert_w8a8_dynamic.yaml",
+        "the same, 8-bit word embeddings": hfcompress.Recipe(
+            [*_recipe("recipes/bert_w8a8_dynamic.yaml").stages, hfcompress.EmbeddingQuantConfig()]
+        ),
     }
     rows = []
     for task in args.glue_tasks:
@@ -381,13 +387,16 @@ def section_glue(args) -> list[dict]:
                     progress=False,
                 )
             result = evaluate_glue(model, tokenizer, task, source=args.glue_data)[0]
-            rows.append({"task": task, "model": label, "score": result.main, "metrics": result.metrics})
+            row = {"task": task, "model": label, "score": result.main, "metrics": result.metrics}
+            rows.append({**row, "model_mb": total_bytes(model) / 1e6})
             print(json.dumps(rows[-1]), flush=True)
     print("\n| task | fp32 | " + " | ".join(list(variants)[1:]) + " |\n|---|---|" + "---|" * (len(variants) - 1))
     for task in args.glue_tasks:
         scores = {r["model"]: 100 * r["score"] for r in rows if r["task"] == task}
         cells = " | ".join(f"{scores[v]:.1f} ({scores[v] - scores['fp32']:+.1f})" for v in list(variants)[1:])
         print(f"| {task} | {scores['fp32']:.1f} | {cells} |")
+    sizes = {r["model"]: r["model_mb"] for r in rows if r["task"] == args.glue_tasks[0]}
+    print("\nmodel bytes: " + ", ".join(f"{label} {mb:.1f} MB" for label, mb in sizes.items()))
     return rows
 
 
