@@ -104,6 +104,15 @@ class _EmbeddingBase(CompressedModule):
             )
         return shape
 
+    @staticmethod
+    def _loaded_fields(spec: dict[str, Any], original: nn.Module) -> dict[str, Any]:
+        """The constructor's keyword arguments for a module loaded in place of ``original``."""
+        return {
+            "dtype": original.weight.dtype,
+            "padding_idx": original.padding_idx,
+            "embed_scale": spec.get("embed_scale"),
+        }
+
     @classmethod
     def _validate_shape(cls, name: str, spec: dict[str, Any], keys: tuple[str, ...]) -> None:
         missing = [k for k in ("num_embeddings", "embedding_dim", *keys) if k not in spec]
@@ -178,14 +187,7 @@ class QuantEmbedding(_EmbeddingBase, PackedWeight):
     @classmethod
     def from_spec(cls, spec: dict[str, Any], original: nn.Module) -> QuantEmbedding:
         v, d = cls._replaced(spec, original)
-        module = cls(
-            v,
-            d,
-            QuantScheme.from_dict(spec["scheme"]),
-            dtype=original.weight.dtype,
-            padding_idx=original.padding_idx,
-            embed_scale=spec.get("embed_scale"),
-        )
+        module = cls(v, d, QuantScheme.from_dict(spec["scheme"]), **cls._loaded_fields(spec, original))
         module.stage = spec.get("stage")
         return module
 
@@ -272,14 +274,7 @@ class TiedQuantEmbedding(_EmbeddingBase):
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], original: nn.Module) -> TiedQuantEmbedding:
-        module = cls(
-            None,
-            spec["tied_to"],
-            cls._replaced(spec, original),
-            dtype=original.weight.dtype,
-            padding_idx=original.padding_idx,
-            embed_scale=spec.get("embed_scale"),
-        )
+        module = cls(None, spec["tied_to"], cls._replaced(spec, original), **cls._loaded_fields(spec, original))
         module.stage = spec.get("stage")
         return module
 
