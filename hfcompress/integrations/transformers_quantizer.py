@@ -137,11 +137,16 @@ class HfCompressQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files: Iterable[str] | None = None, **kwargs):
         config = self.quantization_config
         apply_patches(model, config.patches)
+        saved_guard = load_guard_key(config.layers)
+        names = _model_names(model, config.layers)
         if checkpoint_files is not None:
             files = list(checkpoint_files)
-            check_checkpoint(files, config.layers, rename=_loaded_name_function(model))
+            convert = _loaded_name_function(model)
+            check_checkpoint(files, config.layers, rename=convert, keep=names)
             if verify_on_load():
                 verify_files(files)
+        self.dropped_layers = sorted(name for name, new_name in names.items() if new_name is None)
+        config.layers = _rename_layers(model, config.layers, names)
         for name, spec in config.layers.items():
             try:
                 old = model.get_submodule(name)
@@ -165,12 +170,13 @@ class HfCompressQuantizer(HfQuantizer):
             new._is_hf_initialized = True
             if new.shields_parent_init:
                 parent._is_hf_initialized = True
-        guard = load_guard_key(config.layers)
-        if guard is not None:  # the compressed module has no `weight`: not an unexpected key
-            model._keys_to_ignore_on_load_unexpected = {
-                *(model._keys_to_ignore_on_load_unexpected or ()),
-                rf"^{re.escape(guard)}$",
-            }
+        # The compressed module has no `weight`: the guard is not an unexpected key (nor the
+        # tensors of a head this model class does not have, which transformers drops).
+        ignored = {saved_guard, load_guard_key(config.layers)} - {None}
+        ignored = {rf"^{re.escape(key)}$" for key in ignored}
+        ignored |= {rf"^{re.escape(name)}\." for name in self.dropped_layers}
+        if ignored:
+            model._keys_to_ignore_on_load_unexpected = {*(model._keys_to_ignore_on_load_unexpected or ()), *ignored}
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -251,6 +257,49 @@ def undescribed_compressed_layers(keys: Iterable[str], layers: dict[str, Any]) -
     return sorted(found - set(layers))
 
 
+def _model_names(model: torch.nn.Module, layers: dict[str, Any]) -> dict[str, str | None]:
+    """Each checkpoint layer name as ``model`` calls it, None for a layer it does not build.
+
+    transformers loads a checkpoint of a model with a head into its base model
+    (``AutoModel.from_pretrained`` on a causal LM or a classifier) by dropping the
+    ``base_model_prefix`` from the keys and the head's tensors, and a base model's checkpoint
+    into a model with a head by adding the prefix. The compressed layers follow the same rule.
+    """
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    inside = f"{prefix}."
+    has_prefix = bool(prefix) and any(name.startswith(inside) for name in layers)
+    expects_prefix = bool(prefix) and isinstance(getattr(model, prefix, None), torch.nn.Module)
+    if has_prefix and not expects_prefix:  # a model with a head, loaded as its base model
+        return {name: name[len(prefix) + 1 :] if name.startswith(inside) else None for name in layers}
+    if expects_prefix and not has_prefix and layers:  # a base model, loaded under a head
+        return {name: f"{prefix}.{name}" for name in layers}
+    return {name: name for name in layers}
+
+
+def _rename_layers(
+    model: torch.nn.Module, layers: dict[str, dict[str, Any]], names: dict[str, str | None]
+) -> dict[str, dict[str, Any]]:
+    """``layers`` under the model's names (:func:`_model_names`), without those it lacks; a
+    layer tied to one it lacks is an error naming the class to load instead."""
+    if all(names[name] == name for name in layers):
+        return layers
+    renamed = {}
+    for name, spec in layers.items():
+        if names[name] is None:
+            continue
+        tied = spec.get("tied_to")
+        if tied is not None:
+            if names.get(tied) is None:
+                raise CheckpointError(
+                    f"layer {name!r} reads its packed rows from {tied!r} (an embedding quantized with its tied head), "
+                    f"which {type(model).__name__} does not build; load the checkpoint with the class it was saved "
+                    "from (e.g. AutoModelForCausalLM) and use its base model (model.model)"
+                )
+            spec = {**spec, "tied_to": names[tied]}
+        renamed[names[name]] = spec
+    return renamed
+
+
 def _loaded_name_function(model) -> Callable[[str], str]:
     """The key a checkpoint tensor gets when transformers loads it into ``model`` (its
     conversion mapping's renamings), so file keys compare with the model's module names."""
@@ -266,14 +315,25 @@ def _loaded_name_function(model) -> Callable[[str], str]:
 
 
 def check_checkpoint(
-    checkpoint_files: list[str], layers: dict[str, dict[str, Any]], rename: Callable[[str], str] | None = None
+    checkpoint_files: list[str],
+    layers: dict[str, dict[str, Any]],
+    rename: Callable[[str], str] | None = None,
+    keep: dict[str, str | None] | None = None,
 ) -> None:
     """Compare the safetensors headers with the tensors the config promises; raise on any gap,
     and on compressed tensors the config does not describe. ``rename`` maps a file's keys to
-    the model's names (see :func:`_loaded_name_function`)."""
+    the model's conversion names (see :func:`_loaded_name_function`); ``keep`` (from
+    :func:`_model_names`) leaves out the layers the loading model does not build, and their
+    tensors."""
     found = _read_headers(checkpoint_files)
     if rename is not None:
         found = {rename(key): value for key, value in found.items()}
+    if keep is not None:
+        dropped = tuple(f"{name}." for name, new in keep.items() if new is None)
+        if dropped:
+            layers = {name: spec for name, spec in layers.items() if keep[name] is not None}
+            guard = load_guard_key(keep)
+            found = {key: v for key, v in found.items() if not key.startswith(dropped) and key != guard}
     where = Path(checkpoint_files[0]).parent if checkpoint_files else "checkpoint"
     guard = load_guard_key(layers)
     if guard in found and found.pop(guard) != _GUARD_HEADER:

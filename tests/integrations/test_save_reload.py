@@ -183,3 +183,55 @@ def test_saved_config_says_which_stage_made_each_layer(tiny_llama, tmp_path):
     for name, spec in layers.items():
         stage, bits = ("stage_0", 4) if ".mlp." in name else ("stage_1", 8)
         assert spec["stage"] == stage and spec["scheme"]["weights"]["num_bits"] == bits, name
+
+
+def test_a_causal_lm_checkpoint_loads_as_its_base_model_and_back(tiny_llama, llama_ids, tmp_path):
+    # AutoModel on a causal LM checkpoint: transformers drops the "model." prefix and the head.
+    from transformers import AutoModel
+
+    head_w8 = RTNConfig(bits=8, group_size=-1, symmetric=True, targets=("lm_head",), ignore=())
+    compress(tiny_llama, [RTNConfig(bits=4, group_size=32), head_w8], progress=False)
+    hidden = tiny_llama.model(llama_ids).last_hidden_state
+    hfcompress.save_pretrained(tiny_llama, tmp_path / "lm")
+    base = AutoModel.from_pretrained(tmp_path / "lm")
+    assert isinstance(base.layers[0].mlp.down_proj, QuantLinear)
+    assert torch.equal(base(llama_ids).last_hidden_state, hidden)
+    assert "lm_head" not in base.config.quantization_config.layers
+    # Saved from the base model, it loads as a base model again, and under a new (float) head.
+    hfcompress.save_pretrained(base, tmp_path / "base")
+    assert torch.equal(AutoModel.from_pretrained(tmp_path / "base")(llama_ids).last_hidden_state, hidden)
+    causal = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    assert isinstance(causal.model.layers[0].mlp.down_proj, QuantLinear) and type(causal.lm_head) is torch.nn.Linear
+    assert torch.equal(causal.model(llama_ids).last_hidden_state, hidden)
+
+
+def test_a_classifier_checkpoint_loads_as_its_encoder(tiny_bert, bert_ids, tmp_path):
+    from transformers import AutoModel
+
+    compress(tiny_bert, [RTNConfig(bits=8, group_size=-1, symmetric=True, ignore=("classifier",))], progress=False)
+    hfcompress.save_pretrained(tiny_bert, tmp_path / "cls")
+    encoder = AutoModel.from_pretrained(tmp_path / "cls")
+    assert torch.equal(encoder(bert_ids).last_hidden_state, tiny_bert.bert(bert_ids).last_hidden_state)
+
+
+def test_an_embedding_tied_to_a_head_the_class_lacks_is_refused_by_name(tmp_path):
+    from transformers import AutoModel
+
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama(tie=True)
+    compress(model, [hfcompress.EmbeddingQuantConfig()], progress=False)
+    hfcompress.save_pretrained(model, tmp_path / "m")
+    with pytest.raises(CheckpointError, match=r"reads its packed rows from 'lm_head'.*AutoModelForCausalLM"):
+        AutoModel.from_pretrained(tmp_path / "m")
+
+
+def test_a_damaged_checkpoint_is_still_refused_when_loaded_as_the_base_model(saved):
+    from transformers import AutoModel
+
+    path = saved / "model.safetensors"
+    tensors = load_file(path)
+    del tensors["model.layers.0.mlp.down_proj.scales"]
+    save_file(tensors, path)
+    with pytest.raises(CheckpointError, match=r"down_proj\.scales"):
+        AutoModel.from_pretrained(saved)
