@@ -85,7 +85,8 @@ def test_compress_save_reload(name, arch, tiny_llama, tiny_bert, llama_ids, bert
 
 def test_every_kind_of_technique_in_one_recipe(tiny_llama, tmp_path):
     # Weights (GPTQ with error compensation), activations (SmoothQuant, INT8), low rank,
-    # block-sparse attention and the quantized KV cache in one compress() call: it saves,
+    # the token embedding (shared with the tied head), block-sparse attention and the
+    # quantized KV cache in one compress() call: it saves,
     # reloads patched, and gives the same logits and the same greedy generation.
     ids = torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(0))
     stages = [
@@ -94,12 +95,13 @@ def test_every_kind_of_technique_in_one_recipe(tiny_llama, tmp_path):
         _config("gptq"),
         _config("error_compensation"),
         registered_techniques()["int8_activations"].config_cls(),
+        _config("embeddings"),
         _config("block_sparse"),
         _config("kv_cache"),
     ]
     compress(tiny_llama, stages, calibration_data=ids, progress=False)
     kinds = {type(m).__name__ for m in tiny_llama.modules()}
-    assert {"LowRankLinear", "QuantLinear"} <= kinds and tiny_llama.config._attn_implementation == "hfcompress_kv"
+    assert {"LowRankLinear", "QuantLinear", "TiedQuantEmbedding"} <= kinds and tiny_llama.config._attn_implementation == "hfcompress_kv"
     logits = tiny_llama(ids).logits
     generated = tiny_llama.generate(ids[:1, :40], max_new_tokens=16, do_sample=False)
     hfcompress.save_pretrained(tiny_llama, tmp_path / "m")
