@@ -101,7 +101,8 @@ def test_every_kind_of_technique_in_one_recipe(tiny_llama, tmp_path):
     ]
     compress(tiny_llama, stages, calibration_data=ids, progress=False)
     kinds = {type(m).__name__ for m in tiny_llama.modules()}
-    assert {"LowRankLinear", "QuantLinear", "TiedQuantEmbedding"} <= kinds and tiny_llama.config._attn_implementation == "hfcompress_kv"
+    assert {"LowRankLinear", "QuantLinear", "TiedQuantEmbedding"} <= kinds
+    assert tiny_llama.config._attn_implementation == "hfcompress_kv"
     logits = tiny_llama(ids).logits
     generated = tiny_llama.generate(ids[:1, :40], max_new_tokens=16, do_sample=False)
     hfcompress.save_pretrained(tiny_llama, tmp_path / "m")

@@ -62,6 +62,9 @@ class _EmbeddingBase(CompressedModule):
     ``model.to(dtype)``, the ids being integers), padding index and row scale."""
 
     replaces = (nn.Embedding,)
+    # Loading leaves the parent's weight init to run: BERT's embeddings set their position ids
+    # there. Some parents' init also writes into this module's `weight` (ModernBERT's); a
+    # stand-in on the meta device takes those writes until the load is done (see attach).
     shields_parent_init = False
 
     def __getattr__(self, name: str):
@@ -103,6 +106,12 @@ class _EmbeddingBase(CompressedModule):
                 f"model has {shape[0]} x {shape[1]}"
             )
         return shape
+
+    def _stand_in_while_loading(self) -> None:
+        self.__dict__["weight"] = torch.empty(self.num_embeddings, self.embedding_dim, device="meta")
+
+    def attach(self, model: nn.Module) -> None:
+        self.__dict__.pop("weight", None)  # the loading stand-in: this module has no float weight
 
     @staticmethod
     def _loaded_fields(spec: dict[str, Any], original: nn.Module) -> dict[str, Any]:
@@ -189,6 +198,7 @@ class QuantEmbedding(_EmbeddingBase, PackedWeight):
         v, d = cls._replaced(spec, original)
         module = cls(v, d, QuantScheme.from_dict(spec["scheme"]), **cls._loaded_fields(spec, original))
         module.stage = spec.get("stage")
+        module._stand_in_while_loading()
         return module
 
     @classmethod
@@ -263,6 +273,7 @@ class TiedQuantEmbedding(_EmbeddingBase):
         return self._source
 
     def attach(self, model: nn.Module) -> None:
+        super().attach(model)
         try:
             head = model.get_submodule(self.tied_to)
         except AttributeError:
@@ -276,6 +287,7 @@ class TiedQuantEmbedding(_EmbeddingBase):
     def from_spec(cls, spec: dict[str, Any], original: nn.Module) -> TiedQuantEmbedding:
         module = cls(None, spec["tied_to"], cls._replaced(spec, original), **cls._loaded_fields(spec, original))
         module.stage = spec.get("stage")
+        module._stand_in_while_loading()
         return module
 
     @classmethod

@@ -226,3 +226,26 @@ def test_rotation_before_the_embeddings_stage_keeps_the_table_shared():
     _compress(model, hfcompress.RotationConfig(), EmbeddingQuantConfig())
     assert model.model.embed_tokens.source is model.lm_head
     assert (model(IDS).logits - reference).norm() / reference.norm() < 0.05
+
+
+def test_modernbert_reloads_although_its_embeddings_init_reaches_into_the_table(tmp_path):
+    # ModernBERT's init of its embeddings module writes into tok_embeddings.weight: loading
+    # gives the quantized table a stand-in for those writes, gone once the load is done.
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(
+        "modernbert", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=64, pad_token_id=1, bos_token_id=2, eos_token_id=3,
+        cls_token_id=2, sep_token_id=3, num_labels=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    ids = IDS % 100 + 5
+    _compress(model, EmbeddingQuantConfig())
+    hfcompress.save_pretrained(model, tmp_path)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    embedding = reloaded.get_input_embeddings()
+    assert isinstance(embedding, QuantEmbedding) and "weight" not in embedding.__dict__
+    assert torch.equal(reloaded(ids).logits, model(ids).logits)
+    with pytest.raises(AttributeError, match="packed integer rows"):
+        reloaded.resize_token_embeddings(140)
