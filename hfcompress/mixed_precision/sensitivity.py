@@ -58,9 +58,17 @@ def _loss(model: nn.Module, row: dict[str, torch.Tensor], generator: torch.Gener
     if logits is not None and logits.dim() == 2:
         label = torch.multinomial(logits.detach().float().softmax(-1).cpu(), 1, generator=generator)
         return F.cross_entropy(logits.float(), label.view(-1).to(logits.device))
-    y = logits if logits is not None else out[0]
-    r = torch.randn(y.shape, generator=generator).to(y.device, y.dtype)
-    return (y * r).sum()
+    # A random projection of what the model outputs: the logits, or every float output of a
+    # base model (BERT's pooled output too, else its pooler would get no gradient).
+    if logits is not None:
+        outputs = [logits]
+    else:
+        values = out.values() if hasattr(out, "values") else out
+        outputs = [y for y in values if isinstance(y, torch.Tensor) and y.is_floating_point()]
+    loss = 0
+    for y in outputs:
+        loss = loss + (y * torch.randn(y.shape, generator=generator).to(y.device, y.dtype)).sum()
+    return loss
 
 
 def fisher_diagonal(
@@ -115,6 +123,8 @@ def fisher_diagonal(
                 loss = _loss(model, {k: v.to(device) for k, v in row.items()}, generator)
                 loss.backward()
                 for name, p in params.items():
+                    if p.grad is None:  # the layer does not reach what the model outputs: no sensitivity
+                        continue
                     grad = p.grad.t() if isinstance(modules[name], Conv1D) else p.grad  # Conv1D stores W^T
                     fisher[name] += grad.float().square()
                     p.grad = None

@@ -86,3 +86,20 @@ def test_choice_losses_weight_the_rounding_error_by_the_fisher():
     assert choice_losses(w, masked, choices[:1], _rtn)[0] == pytest.approx(
         0.5 * float((w - _rtn(w, choices[0]))[0].square().sum())
     )
+
+
+def test_a_base_encoder_measures_its_pooler_too():
+    # BertModel outputs the pooled vector beside the hidden states: the projection covers both,
+    # so the pooler has a sensitivity (it had no gradient, and a size budget crashed).
+    import hfcompress
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48
+    )
+    model = BertModel(config).eval()
+    fisher = fisher_diagonal(model, ["pooler.dense", "encoder.layer.0.output.dense"], [{"input_ids": IDS}], samples=3)
+    assert fisher["pooler.dense"].sum() > 0 and fisher["encoder.layer.0.output.dense"].sum() > 0
+    budget = {"bits_per_weight": 4.5, "group_sizes": [16]}
+    hfcompress.compress(model, [hfcompress.RTNConfig(budget=budget)], calibration_data=IDS, progress=False)
+    assert isinstance(model.pooler.dense, hfcompress.QuantLinear)

@@ -288,3 +288,16 @@ def test_more_decoders_rotate_exactly_and_reload(model_type, tmp_path):
     compress(model, [weights, ActivationQuantConfig()], calibration_data=CALIB, progress=False)
     hfcompress.save_pretrained(model, tmp_path / "m")
     assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "m"), ids), _logits(model, ids))
+
+
+def test_a_base_decoder_without_a_head_rotates_to_the_same_hidden_states(tmp_path):
+    from transformers import AutoModel
+
+    model = make_tiny_llama().model  # LlamaModel: outputs hidden states, no logits
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    reference = model(ids).last_hidden_state
+    hfcompress.compress(model, [hfcompress.RotationConfig()], progress=False)
+    rotated = model(ids).last_hidden_state
+    assert ((rotated - reference).norm() / reference.norm()) < 1e-4
+    hfcompress.save_pretrained(model, tmp_path)
+    assert torch.equal(AutoModel.from_pretrained(tmp_path)(ids).last_hidden_state, rotated)

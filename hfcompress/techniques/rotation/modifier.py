@@ -315,6 +315,13 @@ def _rotate_value_heads(v: nn.Module, o: nn.Module, h: torch.Tensor, rows: slice
     _set(o.weight, (wo.reshape(wo.shape[0], -1, head_dim) @ h).reshape(wo.shape))
 
 
+def _probe_output(model: nn.Module, probe: torch.Tensor) -> torch.Tensor:
+    """What the model computes on ``probe``: its logits, or a base model's last hidden state."""
+    out = model(input_ids=probe, use_cache=False)
+    logits = getattr(out, "logits", None)
+    return (logits if logits is not None else out[0]).float()
+
+
 class RotationModifier(Modifier):
     config: RotationConfig
 
@@ -357,7 +364,7 @@ class RotationModifier(Modifier):
         parts = _parts(model)
         device = parts.embed.weight.device
         probe = torch.randint(0, parts.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
-        reference = model(input_ids=probe, use_cache=False).logits.float()
+        reference = _probe_output(model, probe)
 
         q = random_orthogonal(parts.hidden, self.config.seed)
         tied = parts.head is not None and parts.head.weight is parts.embed.weight
@@ -395,12 +402,12 @@ class RotationModifier(Modifier):
         _set(norm.weight, matrix.to(norm.weight.device))
         record_patch(model, PATCH, {"ffn_block": block_size})
 
-        after = model(input_ids=probe, use_cache=False).logits.float()
+        after = _probe_output(model, probe)
         change = float((after - reference).norm() / reference.norm().clamp(min=1e-30))
         limit = _TOLERANCE.get(embed.dtype, _HALF_TOLERANCE)
         if not change <= limit:
             raise ModelError(
-                f"stage {self.stage!r}: rotating changed the model's logits by {change:.2e} (relative; at most "
+                f"stage {self.stage!r}: rotating changed the model's output by {change:.2e} (relative; at most "
                 f"{limit:g} expected), so this model is not rotation-invariant as built. The model is no longer "
                 "usable: reload it, and compress it without the rotate stage"
             )
