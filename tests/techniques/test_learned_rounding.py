@@ -243,3 +243,22 @@ def test_end_to_end_steps_refuse_an_offloaded_model():
     with pytest.raises(RecipeError, match="offloaded"):
         check_in_memory(model, RecipeError)
     check_in_memory(torch.nn.Linear(4, 4), RecipeError)  # in memory: no error
+
+
+@pytest.mark.parametrize("stages", ["learned_rounding", "static_activations"])
+def test_end_to_end_steps_on_a_base_model_are_refused_before_anything_changes(stages):
+    # A base model has no logits to match: refused at the check, not after earlier stages ran.
+    from hfcompress import ActivationQuantConfig
+
+    model = make_tiny_llama().model
+    recipe = {
+        "learned_rounding": [LearnedRoundingConfig(bits=4, group_size=16, steps=2, batch_size=2, e2e_steps=2)],
+        "static_activations": [
+            RTNConfig(bits=8, group_size=-1, symmetric=True),
+            ActivationQuantConfig(strategy="tensor", dynamic=False, e2e_steps=2),
+        ],
+    }[stages]
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(RecipeError, match=r"returns no logits.*set e2e_steps: 0"):
+        compress(model, recipe, calibration_data=ids, progress=False)
+    assert not any(type(m).__name__ == "QuantLinear" for m in model.modules())

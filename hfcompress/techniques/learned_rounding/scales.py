@@ -92,12 +92,24 @@ def partial_kl(logits: torch.Tensor, teacher_logp: torch.Tensor, index: torch.Te
 
 
 def check_in_memory(model: nn.Module, error: Callable[[str], Exception]) -> None:
-    """Raise ``error(message)`` if some of ``model``'s weights are offloaded (on the meta
-    device): the end-to-end steps run the whole model at once."""
+    """Raise ``error(message)`` if the end-to-end steps cannot run on ``model``: some of its
+    weights are offloaded (on the meta device; the steps run the whole model at once), or it
+    returns no logits to match (a base model without its head). Checked before any stage runs."""
     if any(p.device.type == "meta" for p in model.parameters()):
         raise error(
             "e2e_steps runs the whole model at once, but some of its weights are offloaded (on the meta "
             "device); load the model into memory, or set e2e_steps: 0"
+        )
+    try:
+        with torch.no_grad():
+            out = model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=_model_device(model)))
+    except Exception:  # a model that needs more inputs: the steps themselves will say what fails
+        return
+    if getattr(out, "logits", None) is None:
+        raise error(
+            f"e2e_steps matches the model's output distribution to the float model's, but {type(model).__name__} "
+            "returns no logits (a base model without its head); set e2e_steps: 0, or compress the model with its "
+            "head (e.g. AutoModelForCausalLM, AutoModelForMaskedLM) and load the base model from the result"
         )
 
 
