@@ -25,6 +25,7 @@ from pathlib import Path
 from hfcompress.cli_args import int_at_least
 from hfcompress.errors import HfCompressError
 from hfcompress.glue.commands import add_distill_parser, add_eval_glue_parser, run_distill, run_eval_glue
+from hfcompress.models import TASKS
 
 __all__ = ["build_parser", "main"]
 
@@ -42,9 +43,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="bundled name (smollm2-135m, minilm-l6), folder or Hub id")
     p.add_argument(
         "--task",
-        choices=["causal-lm", "sequence-classification", "image-text-to-text"],
+        choices=list(TASKS),
         default=None,
-        help="default: from the config",
+        help="default: from the config (feature-extraction: the base model without a head, e.g. a "
+        "sentence-embedding encoder)",
     )
 
 

@@ -27,11 +27,21 @@ import torch
 
 from hfcompress.errors import ModelError
 
-__all__ = ["BUNDLED_MODELS", "Task", "cache_dir", "default_task", "load_model", "load_tokenizer", "resolve_model_path"]
+__all__ = [
+    "BUNDLED_MODELS",
+    "TASKS",
+    "Task",
+    "cache_dir",
+    "default_task",
+    "load_model",
+    "load_tokenizer",
+    "resolve_model_path",
+]
 
 logger = logging.getLogger(__name__)
 
-Task = Literal["causal-lm", "sequence-classification", "image-text-to-text"]
+Task = Literal["causal-lm", "sequence-classification", "feature-extraction", "image-text-to-text"]
+TASKS: tuple[str, ...] = ("causal-lm", "sequence-classification", "feature-extraction", "image-text-to-text")
 CACHE_ENV = "HFCOMPRESS_CACHE"
 
 
@@ -207,8 +217,10 @@ def load_model(
 
     Args:
         name_or_path: A bundled name (see :data:`BUNDLED_MODELS`), a folder or a Hub id.
-        task: ``"causal-lm"``, ``"sequence-classification"`` or ``"image-text-to-text"`` (a
-            vision-language model, compressed and measured on text).
+        task: ``"causal-lm"``, ``"sequence-classification"``, ``"feature-extraction"`` (the
+            base model without a head, ``AutoModel``: a sentence-embedding encoder such as
+            all-MiniLM-L6-v2) or ``"image-text-to-text"`` (a vision-language model, compressed
+            and measured on text).
         dtype: The float dtype of the weights that are not compressed.
         strict: Refuse (:class:`ModelError`) a load whose report lists missing, unexpected or
             mis-shaped weights, except a task head that a base model gets fresh. Our CLI
@@ -217,7 +229,12 @@ def load_model(
             :mod:`hfcompress.integrity`); None follows ``$HFCOMPRESS_VERIFY_ON_LOAD``.
         **kwargs: Passed to ``from_pretrained`` (``num_labels=...``, ``device_map=...``).
     """
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSequenceClassification
+    from transformers import (
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoModelForSequenceClassification,
+    )
 
     from hfcompress.integrity import verifying
 
@@ -226,6 +243,7 @@ def load_model(
     auto = {
         "causal-lm": AutoModelForCausalLM,
         "sequence-classification": AutoModelForSequenceClassification,
+        "feature-extraction": AutoModel,
         "image-text-to-text": AutoModelForImageTextToText,
     }
     if task not in auto:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from hfcompress import QuantLinear
+from hfcompress import QuantEmbedding, QuantLinear
 from hfcompress.cli import main
 
 RECIPE = "stages:\n  - name: w4\n    technique: rtn\n    bits: 4\n    group_size: 32\n"
@@ -212,3 +212,30 @@ def test_a_vision_language_model_compresses_and_evaluates_on_text(recipe, text, 
     args = ["--quiet", "eval", "ppl", "--model", str(out), "--eval-data", str(text), "--seq-len", "16", "--json"]
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["perplexity"] > 1
+
+
+def test_compress_a_sentence_embedding_encoder_as_its_base_model(tmp_path):
+    # --task feature-extraction loads AutoModel: no classifier head is added, and the saved
+    # folder loads as the base model it was (what sentence-embedding users load).
+    from transformers import AutoModel, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96
+    )
+    BertModel(config).save_pretrained(tmp_path / "encoder")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "stages:\n  - {name: w8, technique: rtn, bits: 8, group_size: -1, symmetric: true}\n"
+        "  - {name: emb, technique: embeddings}\n"
+    )
+    out = tmp_path / "out"
+    args = ["--quiet", "compress", "--model", str(tmp_path / "encoder"), "--task", "feature-extraction"]
+    assert main([*args, "--recipe", str(recipe), "--output", str(out)]) == 0
+    model = AutoModel.from_pretrained(out)
+    assert type(model).__name__ == "BertModel" and "classifier" not in dict(model.named_modules())
+    assert isinstance(model.embeddings.word_embeddings, QuantEmbedding)
+    assert isinstance(model.pooler.dense, QuantLinear)
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    reference = BertModel.from_pretrained(tmp_path / "encoder")(ids).last_hidden_state
+    assert ((model(ids).last_hidden_state - reference).norm() / reference.norm()) < 0.02
