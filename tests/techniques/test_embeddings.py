@@ -249,3 +249,19 @@ def test_modernbert_reloads_although_its_embeddings_init_reaches_into_the_table(
     assert torch.equal(reloaded(ids).logits, model(ids).logits)
     with pytest.raises(AttributeError, match="packed integer rows"):
         reloaded.resize_token_embeddings(140)
+
+
+def test_an_offloaded_tied_pair_is_still_stored_once(tmp_path):
+    # accelerate's disk offload keeps tied weights as two meta tensors: the config says they
+    # are one matrix, and the stage shares it as in memory.
+    from accelerate import dispatch_model
+
+    reference = make_tiny_llama(tie=True)
+    _compress(reference, EmbeddingQuantConfig())
+    model = make_tiny_llama(tie=True)
+    device_map = {"model.embed_tokens": "disk", "model.layers": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu",
+                  "lm_head": "disk"}  # fmt: skip
+    model = dispatch_model(model, device_map=device_map, offload_dir=str(tmp_path / "offload"))
+    _compress(model, EmbeddingQuantConfig())
+    assert isinstance(model.model.embed_tokens, TiedQuantEmbedding) and model.model.embed_tokens.source is model.lm_head
+    assert torch.equal(model(IDS).logits, reference(IDS).logits)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hfcompress.architectures import text_config
 from hfcompress.errors import ModelError
 from hfcompress.kinds import CompressedModule, is_linear_like, swap_module
 from hfcompress.modifier import CompressionContext, ModelView, Modifier
@@ -38,8 +39,16 @@ def _tied_head(model: nn.Module, embedding: nn.Module) -> tuple[str, nn.Module] 
         head = model.get_output_embeddings()
     except (AttributeError, NotImplementedError):
         return None
-    if head is None or not is_linear_like(head) or getattr(head, "weight", None) is not embedding.weight:
+    if head is None or not is_linear_like(head):
         return None
+    weight = getattr(head, "weight", None)
+    if weight is not embedding.weight:
+        # accelerate's offload hooks keep a tied pair as two meta tensors: the config says
+        # whether they are one matrix.
+        offloaded = weight is not None and weight.is_meta and embedding.weight.is_meta
+        tied = offloaded and weight.shape == embedding.weight.shape and text_config(model).tie_word_embeddings
+        if not tied:
+            return None
     return next((name, m) for name, m in model.named_modules() if m is head)
 
 
