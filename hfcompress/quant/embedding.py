@@ -107,8 +107,12 @@ class _EmbeddingBase(CompressedModule):
             )
         return shape
 
-    def _stand_in_while_loading(self) -> None:
+    def _loading(self, spec: dict[str, Any]):
+        """This module, made from ``spec`` to be loaded into: its stage, and a stand-in weight
+        for the parent's init until :meth:`attach`."""
+        self.stage = spec.get("stage")
         self.__dict__["weight"] = torch.empty(self.num_embeddings, self.embedding_dim, device="meta")
+        return self
 
     def attach(self, model: nn.Module) -> None:
         self.__dict__.pop("weight", None)  # the loading stand-in: this module has no float weight
@@ -196,10 +200,7 @@ class QuantEmbedding(_EmbeddingBase, PackedWeight):
     @classmethod
     def from_spec(cls, spec: dict[str, Any], original: nn.Module) -> QuantEmbedding:
         v, d = cls._replaced(spec, original)
-        module = cls(v, d, QuantScheme.from_dict(spec["scheme"]), **cls._loaded_fields(spec, original))
-        module.stage = spec.get("stage")
-        module._stand_in_while_loading()
-        return module
+        return cls(v, d, QuantScheme.from_dict(spec["scheme"]), **cls._loaded_fields(spec, original))._loading(spec)
 
     @classmethod
     def validate_spec(cls, name: str, spec: dict[str, Any]) -> None:
@@ -285,10 +286,8 @@ class TiedQuantEmbedding(_EmbeddingBase):
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], original: nn.Module) -> TiedQuantEmbedding:
-        module = cls(None, spec["tied_to"], cls._replaced(spec, original), **cls._loaded_fields(spec, original))
-        module.stage = spec.get("stage")
-        module._stand_in_while_loading()
-        return module
+        shape = cls._replaced(spec, original)
+        return cls(None, spec["tied_to"], shape, **cls._loaded_fields(spec, original))._loading(spec)
 
     @classmethod
     def validate_spec(cls, name: str, spec: dict[str, Any]) -> None:
