@@ -138,9 +138,9 @@ class HfCompressQuantizer(HfQuantizer):
         config = self.quantization_config
         apply_patches(model, config.patches)
         saved_guard = load_guard_key(config.layers)
-        names = _model_names(model, config.layers)
-        if checkpoint_files is not None:
-            files = list(checkpoint_files)
+        files = list(checkpoint_files) if checkpoint_files is not None else None
+        names = _model_names(model, config.layers, list(_read_headers(files)) if files else None)
+        if files is not None:
             convert = _loaded_name_function(model)
             check_checkpoint(files, config.layers, rename=convert, keep=names)
             if verify_on_load():
@@ -257,21 +257,25 @@ def undescribed_compressed_layers(keys: Iterable[str], layers: dict[str, Any]) -
     return sorted(found - set(layers))
 
 
-def _model_names(model: torch.nn.Module, layers: dict[str, Any]) -> dict[str, str | None]:
+def _model_names(
+    model: torch.nn.Module, layers: dict[str, Any], keys: list[str] | None = None
+) -> dict[str, str | None]:
     """Each checkpoint layer name as ``model`` calls it, None for a layer it does not build.
 
     transformers loads a checkpoint of a model with a head into its base model
     (``AutoModel.from_pretrained`` on a causal LM or a classifier) by dropping the
     ``base_model_prefix`` from the keys and the head's tensors, and a base model's checkpoint
-    into a model with a head by adding the prefix. The compressed layers follow the same rule.
+    into a model with a head by adding the prefix; whether the checkpoint has the prefix, it
+    tells from all its ``keys`` (the layer names when the files are not known). The compressed
+    layers follow the same rule.
     """
     prefix = getattr(model, "base_model_prefix", "") or ""
     inside = f"{prefix}."
-    has_prefix = bool(prefix) and any(name.startswith(inside) for name in layers)
+    has_prefix = bool(prefix) and any(key.startswith(inside) for key in (keys if keys is not None else layers))
     expects_prefix = bool(prefix) and isinstance(getattr(model, prefix, None), torch.nn.Module)
     if has_prefix and not expects_prefix:  # a model with a head, loaded as its base model
         return {name: name[len(prefix) + 1 :] if name.startswith(inside) else None for name in layers}
-    if expects_prefix and not has_prefix and layers:  # a base model, loaded under a head
+    if expects_prefix and not has_prefix:  # a base model, loaded under a head
         return {name: f"{prefix}.{name}" for name in layers}
     return {name: name for name in layers}
 

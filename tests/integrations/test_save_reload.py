@@ -235,3 +235,19 @@ def test_a_damaged_checkpoint_is_still_refused_when_loaded_as_the_base_model(sav
     save_file(tensors, path)
     with pytest.raises(CheckpointError, match=r"down_proj\.scales"):
         AutoModel.from_pretrained(saved)
+
+
+def test_a_checkpoint_with_only_its_head_compressed_reloads_in_either_class(tmp_path):
+    # Whether a checkpoint has the base model's prefix is told from all its tensors, not from
+    # the compressed layers alone (here only lm_head, which has none).
+    from transformers import AutoModel
+
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama(tie=False)
+    compress(model, [RTNConfig(bits=8, group_size=-1, symmetric=True, targets=("lm_head",), ignore=())], progress=False)
+    hfcompress.save_pretrained(model, tmp_path / "m")
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "m")(ids).logits, model(ids).logits)
+    base = AutoModel.from_pretrained(tmp_path / "m")
+    assert torch.equal(base(ids).last_hidden_state, model.model(ids).last_hidden_state)
