@@ -139,9 +139,20 @@ class HfCompressQuantizer(HfQuantizer):
         apply_patches(model, config.patches)
         saved_guard = load_guard_key(config.layers)
         files = list(checkpoint_files) if checkpoint_files is not None else None
-        names = _model_names(model, config.layers, list(_read_headers(files)) if files else None)
+        convert = _loaded_name_function(model)
+        keys = [convert(key) for key in _read_headers(files)] if files else None  # as transformers renames them
+        names = _model_names(model, config.layers, keys)
+        modules = dict(model.named_modules())
+        kept = [new for new in names.values() if new is not None]
+        outer = [n for n in kept if not any(n.startswith(f"{o}.") for o in kept)]  # nested ones replace none
+        if getattr(convert, "renames", False) and any(n not in modules for n in outer):
+            saved = (getattr(model.config, "architectures", None) or ["the class it was saved from"])[0]
+            raise CheckpointError(
+                f"this checkpoint was saved from a model with a different head than {type(model).__name__}, and "
+                "transformers renames this architecture's keys on load, which hfcompress cannot follow across "
+                f"classes yet; load it as {saved} and use its base model or language model"
+            )
         if files is not None:
-            convert = _loaded_name_function(model)
             check_checkpoint(files, config.layers, rename=convert, keep=names)
             if verify_on_load():
                 verify_files(files)
@@ -315,7 +326,12 @@ def _loaded_name_function(model) -> Callable[[str], str]:
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     if not renamings and not converters:
         return lambda key: key
-    return lambda key: rename_source_key(key, renamings, converters)[0]
+
+    def convert(key: str) -> str:
+        return rename_source_key(key, renamings, converters)[0]
+
+    convert.renames = True  # the checkpoint's keys are not the model's names
+    return convert
 
 
 def check_checkpoint(

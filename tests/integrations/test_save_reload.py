@@ -251,3 +251,17 @@ def test_a_checkpoint_with_only_its_head_compressed_reloads_in_either_class(tmp_
     assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "m")(ids).logits, model(ids).logits)
     base = AutoModel.from_pretrained(tmp_path / "m")
     assert torch.equal(base(ids).last_hidden_state, model.model(ids).last_hidden_state)
+
+
+def test_a_vision_language_checkpoint_into_its_base_class_is_refused_by_name(tmp_path):
+    # transformers renames Llava's keys on load; across classes that renaming is not followed
+    # yet: a clear error naming the class to load, not a complaint about the config.
+    from transformers import AutoModel
+
+    from tests.conftest import make_tiny_llava
+
+    model = make_tiny_llava()
+    compress(model, [RTNConfig(bits=4, group_size=32)], progress=False)
+    hfcompress.save_pretrained(model, tmp_path / "m")
+    with pytest.raises(CheckpointError, match="load it as LlavaForConditionalGeneration"):
+        AutoModel.from_pretrained(tmp_path / "m")
