@@ -140,12 +140,15 @@ class HfCompressQuantizer(HfQuantizer):
         saved_guard = load_guard_key(config.layers)
         files = list(checkpoint_files) if checkpoint_files is not None else None
         convert = _loaded_name_function(model)
-        keys = [convert(key) for key in _read_headers(files)] if files else None  # as transformers renames them
-        names = _model_names(model, config.layers, keys)
+        # The files' tensors, read once, under the names transformers loads them by.
+        found = None
+        if files is not None:
+            found = {(convert(k) if convert else k): v for k, v in _read_headers(files).items()}
+        names = _model_names(model, config.layers, list(found) if found is not None else None)
         modules = dict(model.named_modules())
         kept = [new for new in names.values() if new is not None]
         outer = [n for n in kept if not any(n.startswith(f"{o}.") for o in kept)]  # nested ones replace none
-        if getattr(convert, "renames", False) and any(n not in modules for n in outer):
+        if convert is not None and any(n not in modules for n in outer):
             saved = (getattr(model.config, "architectures", None) or ["the class it was saved from"])[0]
             raise CheckpointError(
                 f"this checkpoint was saved from a model with a different head than {type(model).__name__}, and "
@@ -153,7 +156,7 @@ class HfCompressQuantizer(HfQuantizer):
                 f"classes yet; load it as {saved} and use its base model or language model"
             )
         if files is not None:
-            check_checkpoint(files, config.layers, rename=convert, keep=names)
+            check_checkpoint(files, config.layers, headers=found, keep=names)
             if verify_on_load():
                 verify_files(files)
         self.dropped_layers = sorted(name for name, new_name in names.items() if new_name is None)
@@ -315,9 +318,10 @@ def _rename_layers(
     return renamed
 
 
-def _loaded_name_function(model) -> Callable[[str], str]:
+def _loaded_name_function(model) -> Callable[[str], str] | None:
     """The key a checkpoint tensor gets when transformers loads it into ``model`` (its
-    conversion mapping's renamings), so file keys compare with the model's module names."""
+    conversion mapping's renamings), so file keys compare with the model's module names; None
+    when the mapping renames nothing."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
@@ -325,29 +329,22 @@ def _loaded_name_function(model) -> Callable[[str], str]:
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     if not renamings and not converters:
-        return lambda key: key
-
-    def convert(key: str) -> str:
-        return rename_source_key(key, renamings, converters)[0]
-
-    convert.renames = True  # the checkpoint's keys are not the model's names
-    return convert
+        return None
+    return lambda key: rename_source_key(key, renamings, converters)[0]
 
 
 def check_checkpoint(
     checkpoint_files: list[str],
     layers: dict[str, dict[str, Any]],
-    rename: Callable[[str], str] | None = None,
+    headers: dict[str, tuple[str, tuple[int, ...]]] | None = None,
     keep: dict[str, str | None] | None = None,
 ) -> None:
     """Compare the safetensors headers with the tensors the config promises; raise on any gap,
-    and on compressed tensors the config does not describe. ``rename`` maps a file's keys to
-    the model's conversion names (see :func:`_loaded_name_function`); ``keep`` (from
-    :func:`_model_names`) leaves out the layers the loading model does not build, and their
-    tensors."""
-    found = _read_headers(checkpoint_files)
-    if rename is not None:
-        found = {rename(key): value for key, value in found.items()}
+    and on compressed tensors the config does not describe. ``headers``: the files' tensors as
+    :func:`_read_headers` gives them, under the names the model loads them by (read from the
+    files when not given); ``keep`` (from :func:`_model_names`) leaves out the layers the
+    loading model does not build, and their tensors."""
+    found = dict(headers) if headers is not None else _read_headers(checkpoint_files)
     if keep is not None:
         dropped = tuple(f"{name}." for name, new in keep.items() if new is None)
         if dropped:
