@@ -7,7 +7,6 @@ importing peft, which takes a second, in processes that never use it.
 from __future__ import annotations
 
 import importlib.abc
-import importlib.util
 import logging
 import sys
 from collections.abc import Callable
@@ -18,14 +17,24 @@ logger = logging.getLogger(__name__)
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
+    """Wraps the loader of each spec found for ``name`` so that executing the module calls
+    ``callback``. It stays on ``sys.meta_path`` until then: ``importlib.util.find_spec(name)``
+    alone (transformers' "is peft available" checks) finds a spec without executing it."""
+
     def __init__(self, name: str, callback: Callable[[], None]) -> None:
         self.name, self.callback = name, callback
 
     def find_spec(self, fullname, path, target=None):
         if fullname != self.name:
             return None
-        sys.meta_path.remove(self)  # once; the other finders locate the module
-        spec = importlib.util.find_spec(fullname)
+        spec = None
+        for finder in list(sys.meta_path):
+            find = getattr(finder, "find_spec", None)
+            if finder is self or find is None:
+                continue
+            spec = find(fullname, path, target)
+            if spec is not None:
+                break
         loader = getattr(spec, "loader", None)
         if loader is None or not hasattr(loader, "exec_module"):
             return spec
@@ -33,7 +42,9 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
         def exec_then_call(module) -> None:
             exec_module(module)
-            _call(self.callback, self.name)
+            if self in sys.meta_path:  # once
+                sys.meta_path.remove(self)
+                _call(self.callback, self.name)
 
         loader.exec_module = exec_then_call
         return spec

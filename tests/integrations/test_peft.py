@@ -171,8 +171,34 @@ def test_peft_learns_our_layers_whichever_is_imported_first():
     orders = {
         "peft first": "import peft\nimport hfcompress",
         "hfcompress first": "import hfcompress\nassert 'peft' not in sys.modules  # not imported for nothing",
+        # transformers looks peft up (importlib.util.find_spec) before anything imports it
+        "looked up, then imported": "import hfcompress, importlib.util\nassert importlib.util.find_spec('peft')\n"
+        "from transformers import Trainer",
     }
     for label, first in orders.items():
         out = subprocess.run([sys.executable, "-c", probe.format(first=first)], capture_output=True, text=True)
         assert out.returncode == 0, (label, out.stderr[-2000:])
         assert out.stdout.strip().splitlines()[-1] == "QuantLoraLinear", label
+
+
+def test_qlora_recipe_prepare_for_kbit_training_and_gradient_checkpointing():
+    """peft's QLoRA preparation, then activation checkpointing: the first block's adapters
+    still get gradients (recomputed through the packed kernels' dequantize path)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    model = make_tiny_llama()
+    hfcompress.compress(model, W4, progress=False)
+    packed = {n: b.clone() for n, b in model.named_buffers()}
+    model = prepare_model_for_kbit_training(model)
+    model.gradient_checkpointing_enable()
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    peft_model.train()
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    first = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(first, QuantLoraLinear)
+    for p in (first.lora_A["default"].weight, first.lora_B["default"].weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    for n, b in peft_model.base_model.model.named_buffers():
+        if n in packed:
+            assert torch.equal(b, packed[n]), n
