@@ -152,8 +152,10 @@ def compress(
     # those weights be written in place), and refused by the stages that take gradients.
     frozen = any(p.is_inference() for p in model.parameters())
     grad = torch.is_grad_enabled()  # before inference_mode(False), which turns it on
+    before = set(model.modules())
     with torch.inference_mode(frozen), torch.set_grad_enabled(grad and not frozen):
         _run_stages(model, modifiers, context, frozen)
+    _new_modules_follow_their_parent(model, before)
     if hasattr(model, "config"):
         attach_quantization_config(model, recipe.to_dict())
     return model
@@ -183,6 +185,15 @@ def _run_stages(model: nn.Module, modifiers: list, context: CompressionContext, 
             later.before_stage(model, modifier.stage)
         logger.info("applying stage %r (%s)", modifier.stage, modifier.config.technique)
         modifier.apply(model, context)
+
+
+def _new_modules_follow_their_parent(model: nn.Module, before: set[nn.Module]) -> None:
+    """Modules the stages put in (made in training mode, as every new module is) take the
+    train/eval mode of the module they sit in: a model compressed in eval mode stays in it."""
+    for parent in model.modules():
+        for child in parent.children():
+            if child not in before and child.training != parent.training:
+                child.train(parent.training)
 
 
 def _refuse_gradients(modifiers: list) -> None:

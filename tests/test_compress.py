@@ -7,6 +7,7 @@ import torch
 import hfcompress
 from hfcompress import CalibrationDataError, ModelError, QuantLinear, RecipeError, RTNConfig, compress, registry
 from hfcompress.techniques.rtn import RTNModifier
+from tests.conftest import make_tiny_llama
 
 
 def _state(model):
@@ -142,3 +143,21 @@ def test_register_twice_raises():
 def test_compress_needs_a_module():
     with pytest.raises(RecipeError, match=r"needs a torch\.nn\.Module"):
         compress("model", [RTNConfig()])
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_layers_a_recipe_puts_in_follow_the_models_train_or_eval_mode(mode):
+    """New modules are made in training mode; in a model compressed in eval mode they must not
+    stay so (model.training says eval), nor the other way round."""
+    model = make_tiny_llama(head_dim=16).train(mode == "train")
+    stages = [
+        {"name": "rot", "technique": "rotate"},
+        {"name": "lr", "technique": "low_rank", "ratio": 0.2, "targets": ["re:.*down_proj$"]},
+        {"name": "w", "technique": "rtn", "bits": 4, "group_size": 16, "ignore": ["lm_head"]},
+        {"name": "a", "technique": "int8_activations"},
+        {"name": "emb", "technique": "embeddings"},
+        {"name": "kv", "technique": "kv_cache", "bits": 4, "group_size": 16, "residual_length": 0},
+    ]
+    hfcompress.compress(model, {"stages": stages}, calibration_data=torch.randint(0, 128, (2, 16)), progress=False)
+    modes = {name: m.training for name, m in model.named_modules()}
+    assert len(set(modes.values())) == 1 and modes[""] == (mode == "train"), modes
