@@ -13,6 +13,7 @@ Importing this package registers the ``hfcompress`` quantization method with tra
 and does not touch a GPU.
 """
 
+from hfcompress import versions as _versions  # noqa: F401 (first: checks the libraries' versions)
 from hfcompress.api import compress, save_pretrained
 from hfcompress.config import TechniqueConfig
 from hfcompress.errors import (

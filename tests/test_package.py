@@ -91,3 +91,29 @@ def test_every_c_kernel_source_is_listed_for_installation():
     listed = {f"{package.replace('.', '/')}/{name}" for package, names in data.items() for name in names}
     sources = {p.relative_to(root).as_posix() for p in (root / "hfcompress").rglob("*.[ch]")}
     assert sources and sources - listed == set()
+
+
+def test_the_version_checks_and_pyprojects_lower_bounds_agree():
+    import re
+    from pathlib import Path
+
+    import tomllib
+
+    from hfcompress.versions import MINIMUM
+
+    root = Path(__file__).resolve().parents[1]
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    bounds = {m.group(1): m.group(2) for d in deps if (m := re.match(r"([\w-]+)>=([\d.]+)", d))}
+    assert {name: bounds[name] for name in MINIMUM} == MINIMUM
+
+
+def test_an_older_library_is_an_import_error_that_names_the_upgrade(monkeypatch):
+    import pytest
+
+    from hfcompress import versions
+
+    monkeypatch.setattr(versions.metadata, "version", lambda name: "5.23.0")
+    with pytest.raises(ImportError, match=r"hfcompress needs transformers>=5.24, and transformers 5.23.0 is installed"):
+        versions.require("transformers")
+    monkeypatch.setattr(versions.metadata, "version", lambda name: "5.24.0")
+    versions.require("transformers")

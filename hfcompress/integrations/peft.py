@@ -37,6 +37,7 @@ from torch import nn
 from hfcompress.errors import ModelError
 from hfcompress.kinds import CompressedModule, compressed_modules, linear_weight
 from hfcompress.quant.linear import QuantLinear
+from hfcompress.versions import require
 
 __all__ = ["QuantLoraLinear", "add_lora", "install", "load_lora", "register_quant_linear"]
 
@@ -206,6 +207,7 @@ def install() -> None:
     global _installed
     if _installed:
         return
+    require("peft")  # older peft builds LoRA layers with other arguments
     create = lora_model.LoraModel._create_new_module
 
     def create_new_module(lora_config, adapter_name, target, **kwargs):
