@@ -23,6 +23,7 @@ into them (the QLoRA way to a float model with the adapter in it).
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import peft
@@ -32,11 +33,13 @@ from peft.tuners.lora import model as lora_model
 from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND, SEQ_CLS_HEAD_NAMES
+from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
 from hfcompress.errors import ModelError
 from hfcompress.kinds import CompressedModule, compressed_modules, linear_weight
-from hfcompress.quant.linear import QuantLinear
+from hfcompress.quant.embedding import TiedQuantEmbedding
+from hfcompress.quant.linear import PackedWeight, QuantLinear
 from hfcompress.versions import require
 
 __all__ = ["QuantLoraLinear", "add_lora", "install", "load_lora", "register_quant_linear"]
@@ -225,9 +228,36 @@ def install() -> None:
             peft_config.target_modules = set(peft_config.target_modules) | quantized
         return peft_config
 
+    wrap_init = ModulesToSaveWrapper.__init__
+
+    def modules_to_save_init(self, module_to_save, *args, **kwargs):
+        wrap_init(self, module_to_save, *args, **kwargs)
+        _warn_if_frozen(module_to_save)
+
     lora_model.LoraModel._create_new_module = staticmethod(create_new_module)
     tuners_utils._maybe_include_all_linear_layers = include_all_linear
+    ModulesToSaveWrapper.__init__ = modules_to_save_init
     _installed = True
+
+
+def _warn_if_frozen(module: nn.Module) -> None:
+    """peft trains a ``modules_to_save`` module whole (a classifier's head under
+    ``task_type="SEQ_CLS"``); a packed weight in it cannot train, which would leave the head
+    learning only its bias."""
+    frozen = [m for m in module.modules() if isinstance(m, (PackedWeight, TiedQuantEmbedding))]
+    if frozen:
+        layer = frozen[0]
+        what = f"a compressed {type(layer).__name__} ({getattr(layer, 'in_features', '?')} -> "
+        what += f"{getattr(layer, 'out_features', '?')})"
+        if layer is not module:
+            what += f" inside a {type(module).__name__}"
+        warnings.warn(
+            f"peft trains {what} whole (modules_to_save: a classifier head under task_type='SEQ_CLS'), but its packed "
+            "weight cannot train: only its float parameters (a bias) will. Leave the head out of the recipe (ignore: "
+            "[classifier], as the bundled BERT recipes do), or dequantize the model first",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 install()

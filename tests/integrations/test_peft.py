@@ -202,3 +202,27 @@ def test_qlora_recipe_prepare_for_kbit_training_and_gradient_checkpointing():
     for n, b in peft_model.base_model.model.named_buffers():
         if n in packed:
             assert torch.equal(b, packed[n]), n
+
+
+@pytest.mark.parametrize("head", ["quantized", "float"])
+def test_a_quantized_classifier_head_that_peft_would_train_whole_is_warned_about(head):
+    """SEQ_CLS LoRA trains the classifier whole (modules_to_save); a packed head could only
+    learn its bias, so say so (and say nothing when the recipe left the head float)."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    model = make_tiny_bert(num_labels=2)
+    ignore = ["classifier"] if head == "float" else []
+    hfcompress.compress(model, [hfcompress.RTNConfig(bits=8, group_size=-1, ignore=ignore)], progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear", task_type="SEQ_CLS"))
+    ours = [w for w in caught if "packed weight cannot train" in str(w.message)]
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad and "classifier" in n}
+    if head == "quantized":
+        assert len(ours) == 1 and "QuantLinear (64 -> 2)" in str(ours[0].message)
+        assert trainable == {"base_model.model.classifier.modules_to_save.default.bias"}
+    else:
+        assert ours == []
+        assert "base_model.model.classifier.modules_to_save.default.weight" in trainable
