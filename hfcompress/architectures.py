@@ -85,6 +85,14 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         inside = [(n, m) for n, m in candidates if n.startswith(f"{decoder}.")]
         candidates = inside or candidates
     if not candidates:
+        depth = getattr(text_config(model), "num_hidden_layers", None)
+        longest = max((len(m) for n, m in lists), default=0)
+        if isinstance(depth, int) and 0 < longest < depth:
+            raise ModelError(
+                f"{type(model).__name__} runs its blocks more than once (num_hidden_layers={depth}, but its longest "
+                f"block list holds {longest}: weights shared across layers, as ALBERT's are). The layerwise stages "
+                "(gptq, awq, smoothquant, low_rank, ...) need a block per layer; round-to-nearest (rtn) works on it"
+            )
         raise ModelError(
             f"cannot find the repeated transformer blocks of {type(model).__name__}: no nn.ModuleList of identical "
             "blocks. Add an entry for its model_type to hfcompress.architectures.ARCHITECTURES"

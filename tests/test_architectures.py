@@ -289,3 +289,23 @@ def test_block_sparse_attention_on_a_multimodal_model_leaves_the_vision_tower_de
 def test_rotating_a_multimodal_model_is_refused_with_the_reason():
     with pytest.raises(hfcompress.RecipeError, match="image features enter the language model's residual stream"):
         compress(make_tiny_llava(), [hfcompress.RotationConfig()], progress=False)
+
+
+def test_albert_s_shared_layer_is_refused_by_layerwise_stages_and_quantized_by_rtn(tmp_path):
+    """ALBERT runs one layer num_hidden_layers times: no block per layer for GPTQ to walk, which
+    the error says, pointing to RTN, which works on it (and reloads with equal logits)."""
+    from transformers import AlbertConfig, AlbertForSequenceClassification
+
+    config = AlbertConfig(vocab_size=VOCAB, embedding_size=32, hidden_size=64, intermediate_size=96,
+                          num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(0)
+    model = AlbertForSequenceClassification(config).eval()
+    calib = torch.randint(0, VOCAB, (2, 16))
+    with pytest.raises(hfcompress.RecipeError, match=r"runs its blocks more than once \(num_hidden_layers=3, but its"):
+        compress(model, [GPTQConfig(bits=4, group_size=16)], calibration_data=calib, progress=False)
+    compress(model, [RTNConfig(bits=4, group_size=16)], progress=False)
+    assert isinstance(model.albert.encoder.albert_layer_groups[0].albert_layers[0].ffn, QuantLinear)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    model.save_pretrained(tmp_path)
+    reloaded = AlbertForSequenceClassification.from_pretrained(tmp_path)
+    assert torch.equal(reloaded(ids).logits, model(ids).logits)
