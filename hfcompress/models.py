@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -41,7 +41,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Task = Literal["causal-lm", "sequence-classification", "feature-extraction", "image-text-to-text"]
-TASKS: tuple[str, ...] = ("causal-lm", "sequence-classification", "feature-extraction", "image-text-to-text")
+TASKS: tuple[str, ...] = get_args(Task)
 CACHE_ENV = "HFCOMPRESS_CACHE"
 
 

@@ -244,9 +244,8 @@ def _warn_if_frozen(module: nn.Module) -> None:
     """peft trains a ``modules_to_save`` module whole (a classifier's head under
     ``task_type="SEQ_CLS"``); a packed weight in it cannot train, which would leave the head
     learning only its bias."""
-    frozen = [m for m in module.modules() if isinstance(m, (PackedWeight, TiedQuantEmbedding))]
-    if frozen:
-        layer = frozen[0]
+    layer = next((m for m in module.modules() if isinstance(m, (PackedWeight, TiedQuantEmbedding))), None)
+    if layer is not None:
         what = f"a compressed {type(layer).__name__} ({getattr(layer, 'in_features', '?')} -> "
         what += f"{getattr(layer, 'out_features', '?')})"
         if layer is not module:
