@@ -1,13 +1,22 @@
 """Import-time behaviour of the package."""
 
 import importlib.util
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import tomllib
 
 from hfcompress.errors import ModelError
 from hfcompress.models import BUNDLED_MODELS, resolve_model_path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
 def test_import_does_not_import_triton_or_initialise_cuda():
@@ -50,28 +59,17 @@ def test_bundled_names():
 
 def test_every_subpackage_is_listed_for_installation():
     """A non-editable `pip install .` ships only the packages pyproject.toml lists."""
-    from pathlib import Path
-
-    import tomllib
-
-    root = Path(__file__).resolve().parents[1]
-    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "hfcompress").rglob("__init__.py")}
+    listed = set(_pyproject()["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "hfcompress").rglob("__init__.py")}
     assert found - listed == set()
 
 
 def test_every_core_dependency_is_imported_by_the_package():
     """`pip install hfcompress` pulls nothing that no code path of ours imports."""
-    import re
-    from pathlib import Path
-
-    import tomllib
-
-    root = Path(__file__).resolve().parents[1]
-    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    deps = _pyproject()["project"]["dependencies"]
     modules = {re.split(r"[<>=!~ \[]", d)[0].lower().replace("-", "_") for d in deps}
     modules = {"yaml" if m == "pyyaml" else m for m in modules}
-    source = "\n".join(p.read_text() for d in ("hfcompress", "triton_kernels") for p in (root / d).rglob("*.py"))
+    source = "\n".join(p.read_text() for d in ("hfcompress", "triton_kernels") for p in (ROOT / d).rglob("*.py"))
     imported = set(re.findall(r"^\s*(?:import|from)\s+(\w+)", source, flags=re.M))
     # gguf is read by transformers when hfcompress.models passes it a GGUF file.
     if "gguf_file=" in source:
@@ -82,27 +80,16 @@ def test_every_core_dependency_is_imported_by_the_package():
 def test_every_c_kernel_source_is_listed_for_installation():
     """The C kernels are compiled from their sources at run time: a non-editable install ships
     only the files package-data lists, and a missing one silently leaves its torch fallback."""
-    from pathlib import Path
-
-    import tomllib
-
-    root = Path(__file__).resolve().parents[1]
-    data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    data = _pyproject()["tool"]["setuptools"]["package-data"]
     listed = {f"{package.replace('.', '/')}/{name}" for package, names in data.items() for name in names}
-    sources = {p.relative_to(root).as_posix() for p in (root / "hfcompress").rglob("*.[ch]")}
+    sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "hfcompress").rglob("*.[ch]")}
     assert sources and sources - listed == set()
 
 
 def test_the_version_checks_and_pyprojects_lower_bounds_agree():
-    import re
-    from pathlib import Path
-
-    import tomllib
-
     from hfcompress.versions import MINIMUM
 
-    root = Path(__file__).resolve().parents[1]
-    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    deps = _pyproject()["project"]["dependencies"]
     bounds = {m.group(1): m.group(2) for d in deps if (m := re.match(r"([\w-]+)>=([\d.]+)", d))}
     assert {name: bounds[name] for name in MINIMUM} == MINIMUM
 
