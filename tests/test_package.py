@@ -4,10 +4,10 @@ import importlib.util
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from hfcompress.errors import ModelError
 from hfcompress.models import BUNDLED_MODELS, resolve_model_path
