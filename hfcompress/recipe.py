@@ -49,20 +49,25 @@ class Recipe:
     """An ordered list of stages.
 
     Args:
-        stages: Technique configs (named ``stage_<i>``) or :class:`Stage` objects.
+        stages: Technique configs (named ``stage_<i>``), :class:`Stage` objects, or stage
+            mappings as a recipe YAML file writes them (``{"technique": "rtn", "bits": 4}``).
     """
 
-    def __init__(self, stages: Sequence[TechniqueConfig | Stage]) -> None:
+    def __init__(self, stages: Sequence[TechniqueConfig | Stage | dict[str, Any]]) -> None:
         if isinstance(stages, (TechniqueConfig, Stage)):
             stages = [stages]
         if not stages:
             raise RecipeError("a recipe needs at least one stage")
         built: list[Stage] = []
         for i, item in enumerate(stages):
-            stage = item if isinstance(item, Stage) else Stage(name=f"stage_{i}", config=item)
+            if isinstance(item, dict):
+                stage = self._stage_from_dict(i, item)
+            else:
+                stage = item if isinstance(item, Stage) else Stage(name=f"stage_{i}", config=item)
             if not isinstance(stage.config, TechniqueConfig):
                 raise RecipeError(
-                    f"stage {i} must be a technique config (e.g. RTNConfig(...)), got {type(stage.config).__name__}"
+                    f"stage {i} must be a technique config (e.g. RTNConfig(...)) or a stage mapping "
+                    f"({{'technique': 'rtn', 'bits': 4}}), got {type(stage.config).__name__}"
                 )
             technique_for_config(stage.config)
             built.append(stage)

@@ -135,3 +135,17 @@ def test_python_configs_validate_too():
         RTNConfig(bits=5)
     with pytest.raises(RecipeError, match="must be a technique config"):
         Recipe([Stage(name="x", config={"bits": 4})])
+
+
+def test_stage_mappings_build_the_same_recipe_as_yaml():
+    # the mapping a YAML file writes is accepted in Python too, named and checked the same way
+    mixed = Recipe([{"technique": "rtn", "bits": 4, "group_size": 32}, {"name": "kv", "technique": "kv_cache"}])
+    yaml_form = Recipe.from_yaml_str(
+        "stages:\n  - technique: rtn\n    bits: 4\n    group_size: 32\n  - name: kv\n    technique: kv_cache\n"
+    )
+    assert mixed.to_dict() == yaml_form.to_dict()
+    assert [s.name for s in mixed.stages] == ["stage_0", "kv"]
+    with pytest.raises(RecipeError, match="stage 'stage_0': .*bits"):
+        Recipe([{"technique": "rtn", "bits": 5}])
+    with pytest.raises(RecipeError, match="missing key 'technique'"):
+        Recipe([{"bits": 4}])
