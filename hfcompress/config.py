@@ -113,11 +113,20 @@ class _Strict:
     field's annotation (lists become tuples, mappings become nested sections), then
     ``_validate``."""
 
+    # What a field accepts, in words, where its type alone says too little ("int" for a group
+    # size that also takes -1 for per channel): a value of the wrong type is refused with this.
+    _accepted: ClassVar[dict[str, str]] = {}
+
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            coerced = _coerce(field.name, hints[field.name], value)
+            try:
+                coerced = _coerce(field.name, hints[field.name], value)
+            except RecipeError:
+                if field.name in self._accepted:
+                    raise invalid(field.name, value, self._accepted[field.name]) from None
+                raise
             if coerced is not value:
                 object.__setattr__(self, field.name, coerced)
         self._validate()

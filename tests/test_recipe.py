@@ -97,7 +97,11 @@ BAD = [
     ("stages:\n  - technique: rtn\n    bitz: 4\n", r"stage 'stage_0': unknown key\(s\) 'bitz'.*accepted keys: bits"),
     ("stages:\n  - name: w\n    technique: rtn\n    bits: 5\n", r"stage 'w': bits=5 is invalid; accepted: 2, 3, 4, 8"),
     ("stages:\n  - technique: rtn\n    group_size: 0\n", r"group_size=0 is invalid; accepted: -1 \(per channel\)"),
-    ("stages:\n  - technique: rtn\n    bits: '4'\n", r"bits='4' is invalid; accepted: int"),
+    ("stages:\n  - technique: rtn\n    bits: '4'\n", r"bits='4' is invalid; accepted: 2, 3, 4, 8"),
+    # None reads as "no groups" elsewhere: the refusal names -1, not just the type
+    ("stages:\n  - technique: gptq\n    group_size: null\n", r"group_size=None is invalid; accepted: -1 \("),
+    ("stages:\n  - technique: awq\n    group_size: 1.5\n", r"group_size=1.5 is invalid; accepted: -1 \(per channel\)"),
+    ("stages:\n  - technique: embeddings\n    bits: '8'\n", r"bits='8' is invalid; accepted: 2, 3, 4, 8"),
     ("stages:\n  - technique: rtn\n    symmetric: 1\n", r"symmetric=1 is invalid; accepted: bool"),
     (
         "stages:\n  - technique: rtn\n    scale_dtype: fp8\n",
@@ -145,7 +149,7 @@ def test_stage_mappings_build_the_same_recipe_as_yaml():
     )
     assert mixed.to_dict() == yaml_form.to_dict()
     assert [s.name for s in mixed.stages] == ["stage_0", "kv"]
-    with pytest.raises(RecipeError, match="stage 'stage_0': .*bits"):
+    with pytest.raises(RecipeError, match=r"stage 'stage_0': .*bits"):
         Recipe([{"technique": "rtn", "bits": 5}])
     with pytest.raises(RecipeError, match="missing key 'technique'"):
         Recipe([{"bits": 4}])

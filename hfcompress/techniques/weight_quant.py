@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -29,13 +29,21 @@ __all__ = ["SCALE_DTYPES", "WeightQuantConfig", "WeightQuantModifier", "check_gr
 logger = logging.getLogger(__name__)
 
 
+# What the packed layers hold, in words: the configs with a weight grid refuse other values
+# (and values of another type, such as group_size=None) with these.
+GRID_FIELDS_ACCEPTED = {
+    "bits": ", ".join(map(str, SUPPORTED_BITS)),
+    "group_size": f"-1 (per channel) or an integer >= {MIN_GROUP_SIZE}",
+}
+
+
 def check_grid_fields(config: Any) -> None:
     """Raise :func:`invalid` for a config's ``bits`` or ``group_size`` outside what the packed
     layers hold."""
     if config.bits not in SUPPORTED_BITS:
-        raise invalid("bits", config.bits, ", ".join(map(str, SUPPORTED_BITS)))
+        raise invalid("bits", config.bits, GRID_FIELDS_ACCEPTED["bits"])
     if config.group_size != -1 and config.group_size < MIN_GROUP_SIZE:
-        raise invalid("group_size", config.group_size, f"-1 (per channel) or an integer >= {MIN_GROUP_SIZE}")
+        raise invalid("group_size", config.group_size, GRID_FIELDS_ACCEPTED["group_size"])
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -62,6 +70,7 @@ class WeightQuantConfig(TechniqueConfig):
             apply to every layer.
     """
 
+    _accepted: ClassVar[dict[str, str]] = GRID_FIELDS_ACCEPTED
     bits: int = 4
     group_size: int = 128
     symmetric: bool = False

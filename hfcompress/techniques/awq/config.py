@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import ClassVar, Literal
 
 from hfcompress.config import TechniqueConfig, invalid
 from hfcompress.techniques.smoothquant.config import check_mapping_fields
-from hfcompress.techniques.weight_quant import check_grid_fields
+from hfcompress.techniques.weight_quant import GRID_FIELDS_ACCEPTED, check_grid_fields
 
 __all__ = ["AWQConfig"]
 
@@ -46,6 +46,7 @@ class AWQConfig(TechniqueConfig):
     technique = "awq"
     needs_calibration = True
 
+    _accepted: ClassVar[dict[str, str]] = GRID_FIELDS_ACCEPTED
     bits: int = 4
     group_size: int = 128
     symmetric: bool = False

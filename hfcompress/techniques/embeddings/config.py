@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import ClassVar, Literal
 
 from hfcompress.config import TechniqueConfig, invalid
 from hfcompress.quant.scheme import QuantScheme
-from hfcompress.techniques.weight_quant import check_grid_fields
+from hfcompress.techniques.weight_quant import GRID_FIELDS_ACCEPTED, check_grid_fields
 
 __all__ = ["EmbeddingQuantConfig"]
 
@@ -33,6 +33,7 @@ class EmbeddingQuantConfig(TechniqueConfig):
 
     technique = "embeddings"
 
+    _accepted: ClassVar[dict[str, str]] = GRID_FIELDS_ACCEPTED
     bits: int = 8
     group_size: int = -1
     symmetric: bool = True
