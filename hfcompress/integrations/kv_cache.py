@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -571,9 +572,10 @@ def enable_kv_cache(model: nn.Module, spec: KVCacheConfig | None = None, **kwarg
 
 class _PrepareCache:
     """``model._prepare_cache_for_generation`` while the quantized cache is on: generate's own
-    cache preparation, then its default DynamicCache swapped for ours (a cache the caller passed
-    is left alone). An object rather than a bound method, so that the model pickles
-    (``torch.save(model)``) and a deep copy prepares its own cache (the copy holds a copy of it)."""
+    cache preparation, then its default DynamicCache swapped for ours (a cache the caller passed,
+    or one named by ``cache_implementation``, is left alone, the latter with a warning). An
+    object rather than a bound method, so that the model pickles (``torch.save(model)``) and a
+    deep copy prepares its own cache (the copy holds a copy of it)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -581,6 +583,20 @@ class _PrepareCache:
     def __call__(self, generation_config, model_kwargs, *args, **kwargs):
         model = self.model
         result = type(model)._prepare_cache_for_generation(model, generation_config, model_kwargs, *args, **kwargs)
+        named = getattr(generation_config, "cache_implementation", None)
+        if named not in (None, "dynamic"):
+            # The caller asked for another cache by name (static, offloaded, quantized): honour it,
+            # but say that this call stores its keys and values without the model's KV stage.
+            if any(model_kwargs.get(key) is not None for key in ("cache", "past_key_values")):
+                spec = kv_config(model)
+                warnings.warn(
+                    f"generate(cache_implementation={named!r}) uses transformers' cache of that name, not this "
+                    f"model's {spec.bits}-bit KV cache (its kv_cache stage); leave cache_implementation unset "
+                    "(or pass cache=hfcompress.QuantizedKVCache(...)) to store keys and values packed",
+                    UserWarning,
+                    stacklevel=4,
+                )
+            return result
         for key in ("cache", "past_key_values"):
             cache = model_kwargs.get(key)
             if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):

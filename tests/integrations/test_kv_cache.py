@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import warnings
 
 import pytest
 import torch
@@ -230,6 +231,39 @@ def test_generate_builds_our_cache_by_default_and_disable_restores(model):
     assert kv_config(model) is None and model.config._attn_implementation != kv_cache.ATTENTION
     out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
     assert type(getattr(out, "cache", None) or out.past_key_values) is DynamicCache
+
+
+@pytest.mark.parametrize("named", ["static"])  # "offloaded" works the same way, on CUDA only
+def test_a_cache_named_by_the_caller_is_honoured_with_a_warning(model, named):
+    # cache_implementation= is an explicit request: generate builds that cache, and says that
+    # this call does not store its keys and values packed. The tokens are the plain model's.
+    ids = _prompts(1)[0]
+    plain = make_model()
+    want = plain.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0, cache_implementation=named)
+    with pytest.warns(UserWarning, match=rf"cache_implementation='{named}'.* not this model's 4-bit KV cache"):
+        out = model.generate(
+            ids,
+            max_new_tokens=20,
+            do_sample=False,
+            pad_token_id=0,
+            cache_implementation=named,
+            return_dict_in_generate=True,
+        )
+    cache = getattr(out, "cache", None) or out.past_key_values
+    assert not isinstance(cache, QuantizedKVCache)
+    assert torch.equal(out.sequences, want)
+    # "dynamic", transformers' default by name, still gets ours, without a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = model.generate(
+            ids,
+            max_new_tokens=5,
+            do_sample=False,
+            pad_token_id=0,
+            cache_implementation="dynamic",
+            return_dict_in_generate=True,
+        )
+    assert isinstance(getattr(out, "cache", None) or out.past_key_values, QuantizedKVCache)
 
 
 def test_without_our_attention_the_cache_still_gives_the_same_tokens():
