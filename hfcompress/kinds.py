@@ -15,6 +15,7 @@ the same (:func:`is_linear_like`); :func:`linear_weight` gives either as ``W: [N
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any, ClassVar
 
 import torch
@@ -23,6 +24,8 @@ from transformers.pytorch_utils import Conv1D
 
 from hfcompress.architectures import text_config
 from hfcompress.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "LINEAR_CLASSES",
@@ -210,8 +213,9 @@ def compressed_modules(model: nn.Module) -> dict[str, CompressedModule]:
     return {name: m for name, m in model.named_modules() if isinstance(m, CompressedModule)}
 
 
-def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` at ``name``, untying an output embedding that shared the old module's weight."""
+def swap_module(model: nn.Module, name: str, new: nn.Module, *, warn_untie: bool = True) -> None:
+    """Put ``new`` at ``name``, untying an output embedding that shared the old module's weight
+    (with a warning, unless ``warn_untie`` is False: the caller stores the shared matrix once)."""
     old = model.get_submodule(name)
     config = getattr(model, "config", None)
     get_out = getattr(model, "get_output_embeddings", None)
@@ -219,6 +223,17 @@ def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
         # The input embedding keeps the float weight; the output head is now its own tensor.
         config.tie_word_embeddings = False
         text_config(model).tie_word_embeddings = False
+        if warn_untie:
+            weight = getattr(old, "weight", None)
+            size = f" ({weight.numel() * weight.element_size() / 1e6:.1f} MB)" if weight is not None else ""
+            logger.warning(
+                "%r shared its weight with the input embedding (tie_word_embeddings); compressing it unties them, "
+                "and the embedding keeps its float copy%s, so the checkpoint stores both. To store the shared matrix "
+                "once, compressed, leave %r out of this stage and add an `embeddings` stage",
+                name,
+                size,
+                name,
+            )
     model.set_submodule(name, new)
 
 

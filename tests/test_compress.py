@@ -1,11 +1,21 @@
 import copy
 import dataclasses
+import logging
 
 import pytest
 import torch
 
 import hfcompress
-from hfcompress import CalibrationDataError, ModelError, QuantLinear, RecipeError, RTNConfig, compress, registry
+from hfcompress import (
+    CalibrationDataError,
+    EmbeddingQuantConfig,
+    ModelError,
+    QuantLinear,
+    RecipeError,
+    RTNConfig,
+    compress,
+    registry,
+)
 from hfcompress.techniques.rtn import RTNModifier
 from tests.conftest import make_tiny_llama
 
@@ -39,12 +49,23 @@ def test_recipe_may_be_a_path_or_configs(tiny_llama, tmp_path):
     assert tiny_llama.model.layers[0].mlp.up_proj.bits == 8
 
 
-def test_quantizing_a_tied_lm_head_unties_it(tiny_llama, llama_ids):
+def test_quantizing_a_tied_lm_head_unties_it(tiny_llama, llama_ids, caplog):
     embed = tiny_llama.model.embed_tokens.weight.clone()
-    compress(tiny_llama, [RTNConfig(bits=8, group_size=-1, targets=("lm_head",), ignore=())], progress=False)
+    with caplog.at_level(logging.WARNING, logger="hfcompress"):
+        compress(tiny_llama, [RTNConfig(bits=8, group_size=-1, targets=("lm_head",), ignore=())], progress=False)
     assert isinstance(tiny_llama.lm_head, QuantLinear)
     assert tiny_llama.config.tie_word_embeddings is False
     assert torch.equal(tiny_llama.model.embed_tokens.weight, embed)
+    # the checkpoint now stores the float embedding and the head: said, with the stage that stores it once
+    assert "'lm_head' shared its weight with the input embedding" in caplog.text
+    assert "add an `embeddings` stage" in caplog.text
+
+
+def test_the_embeddings_stage_unties_nothing_silently(caplog):
+    model = make_tiny_llama(tie=True)
+    with caplog.at_level(logging.WARNING, logger="hfcompress"):
+        compress(model, [EmbeddingQuantConfig()], progress=False)
+    assert "shared its weight" not in caplog.text
 
 
 def test_two_stages_apply_in_order(tiny_llama):

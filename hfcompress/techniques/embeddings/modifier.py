@@ -114,7 +114,8 @@ class EmbeddingQuantModifier(Modifier):
             head = model.get_submodule(self.head)
             table = QuantLinear.from_quantized(qw, scheme, bias=head.bias.detach() if head.bias is not None else None)
             table.stage = self.stage
-            swap_module(model, self.head, table)  # unties the config: the head's tensors are its own now
+            # unties the config: the head's tensors are its own now, and the embedding reads them
+            swap_module(model, self.head, table, warn_untie=False)
             new = TiedQuantEmbedding(
                 table,
                 self.head,
