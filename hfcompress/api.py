@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,7 @@ def compress(
     recipe = _as_recipe(recipe)
     if not isinstance(model, nn.Module):
         raise RecipeError(f"compress() needs a torch.nn.Module, got {type(model).__name__}")
+    _refuse_adapters(model)
     recipe = _after_earlier_calls(recipe, model)
     context = CompressionContext(
         tokenizer=tokenizer,
@@ -159,6 +161,23 @@ def compress(
     if hasattr(model, "config"):
         attach_quantization_config(model, recipe.to_dict())
     return model
+
+
+def _refuse_adapters(model: nn.Module) -> None:
+    """Refuse a model with peft adapters in it: the stages would compress the adapters' own
+    small Linear layers (or wrap the layers the adapters wrap) and leave a model that neither
+    peft nor a checkpoint can put back together."""
+    peft = sys.modules.get("peft.tuners.tuners_utils")  # no adapters can exist before peft is imported
+    if peft is None:
+        return
+    names = [name for name, m in model.named_modules() if isinstance(m, peft.BaseTunerLayer)]
+    if names:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise ModelError(
+            f"the model carries peft adapters ({shown}); compress the base model first and attach adapters "
+            "afterwards (QLoRA: compress(), then get_peft_model), or merge a trained adapter into the float "
+            "weights with merge_and_unload() and compress the merged model"
+        )
 
 
 def _run_stages(model: nn.Module, modifiers: list, context: CompressionContext, frozen: bool) -> None:

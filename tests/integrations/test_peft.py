@@ -113,6 +113,21 @@ def test_lora_on_a_quantized_classifier_and_bad_variants():
         add_lora(make_tiny_llama(), r=4)
 
 
+def test_a_model_with_adapters_is_refused_before_any_stage_runs():
+    # compressing a PeftModel took the adapters' own lora_A/lora_B Linear layers as targets
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(make_tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ModelError, match=r"carries peft adapters \(.*q_proj.*\); compress the base model first"):
+        hfcompress.compress(model, W4, progress=False)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    merged = model.merge_and_unload()  # the fix the error names
+    hfcompress.compress(merged, W4, progress=False)
+    assert isinstance(merged.model.layers[0].self_attn.q_proj, hfcompress.QuantLinear)
+
+
 def _w4_llama(**kwargs):
     model = make_tiny_llama(**kwargs)
     hfcompress.compress(model, hfcompress.Recipe.from_dict(W4), progress=False)
