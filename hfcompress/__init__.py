@@ -27,6 +27,7 @@ from hfcompress.errors import (
 )
 from hfcompress.integrations import post_import as _post_import
 from hfcompress.integrations import transformers_quantizer as _transformers_quantizer
+from hfcompress.integrations.transformers_quantizer import HfCompressQuantizationConfig
 from hfcompress.integrity import verify_checkpoint as verify
 from hfcompress.kinds import CompressedModule, register_module_kind
 from hfcompress.mixed_precision import BitsBudget, PrecisionPlan
@@ -77,6 +78,7 @@ __all__ = [
     "ErrorCompensationConfig",
     "GPTQConfig",
     "HfCompressError",
+    "HfCompressQuantizationConfig",
     "KVCacheConfig",
     "Kernel",
     "LearnedRoundingConfig",

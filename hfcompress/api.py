@@ -27,16 +27,6 @@ __all__ = ["compress", "save_pretrained"]
 logger = logging.getLogger(__name__)
 
 
-def _as_recipe(recipe: Recipe | str | os.PathLike | Any) -> Recipe:
-    if isinstance(recipe, Recipe):
-        return recipe
-    if isinstance(recipe, (str, os.PathLike)):
-        return Recipe.from_yaml(recipe)
-    if isinstance(recipe, dict):
-        return Recipe.from_dict(recipe)
-    return Recipe(recipe if isinstance(recipe, (list, tuple)) else [recipe])
-
-
 def _after_earlier_calls(recipe: Recipe, model: nn.Module) -> Recipe:
     """``recipe`` with the stage names that the model's recorded recipe already uses (an
     earlier ``compress()`` call, or a compressed checkpoint) suffixed ``_2``, ``_3``, ...: the
@@ -128,7 +118,7 @@ def compress(
     Returns:
         The same ``model`` object, compressed.
     """
-    recipe = _as_recipe(recipe)
+    recipe = Recipe.of(recipe)
     if not isinstance(model, nn.Module):
         raise RecipeError(f"compress() needs a torch.nn.Module, got {type(model).__name__}")
     _refuse_adapters(model)

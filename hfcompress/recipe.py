@@ -17,6 +17,7 @@ here, naming the stage, the key, the value and what would be accepted.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,19 @@ class Recipe:
         self.stages: tuple[Stage, ...] = tuple(built)
 
     # -- construction from data -------------------------------------------------------------
+
+    @classmethod
+    def of(cls, recipe: Any) -> Recipe:
+        """``recipe`` as a Recipe: a Recipe as it is, a path to a YAML file, a mapping with a
+        ``stages`` list, a list of stages (configs, :class:`Stage` objects, stage mappings) or
+        one technique config."""
+        if isinstance(recipe, Recipe):
+            return recipe
+        if isinstance(recipe, (str, os.PathLike)):
+            return cls.from_yaml(recipe)
+        if isinstance(recipe, dict):
+            return cls.from_dict(recipe)
+        return cls(recipe if isinstance(recipe, (list, tuple)) else [recipe])
 
     @classmethod
     def from_dict(cls, data: Any) -> Recipe:

@@ -1,7 +1,9 @@
 """The one adapter to transformers' quantizer API (``HfQuantizer``) and its loading code.
 
 Registering ``quant_method: "hfcompress"`` lets a plain ``AutoModel*.from_pretrained(dir)``
-rebuild our compressed models after ``import hfcompress``. Before the weights load, the
+rebuild our compressed models after ``import hfcompress``, and lets
+``from_pretrained(float_dir, quantization_config=HfCompressQuantizationConfig(recipe))``
+compress a float checkpoint as it loads (with ``compress()``, once the weights are in). Before the weights load, the
 recorded model patches are re-applied (:mod:`hfcompress.patches`), the checkpoint's
 safetensors headers are checked against the layers the config describes, and each recorded
 layer is swapped for an empty module of its kind (:mod:`hfcompress.kinds`), so the stored
@@ -38,11 +40,12 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from hfcompress.errors import CheckpointError
+from hfcompress.errors import CheckpointError, RecipeError
 from hfcompress.integrity import HASH_KEY, compressed_tensor_hashes, verify_files, verify_on_load
 from hfcompress.kinds import compressed_modules, get_module_kind, registered_module_kinds
 from hfcompress.patches import apply_patches, recorded_patches
 from hfcompress.quant.linear import QuantLinear
+from hfcompress.recipe import Recipe
 
 __all__ = [
     "FORMAT_VERSION",
@@ -74,10 +77,15 @@ def load_guard_key(layers: Collection[str]) -> str | None:
 
 
 class HfCompressQuantizationConfig(QuantizationConfigMixin):
-    """The ``quantization_config`` an hfcompress checkpoint carries in its ``config.json``.
+    """The ``quantization_config`` an hfcompress checkpoint carries in its ``config.json``; or,
+    given only a recipe, the one to pass to ``from_pretrained`` to compress a float checkpoint
+    as it loads (``quantization_config=HfCompressQuantizationConfig(recipe=...)``, stages that
+    need no calibration data or training).
 
     Args:
-        recipe: The stages that were applied, as ``Recipe.to_dict()`` gives them.
+        recipe: The stages that were applied, as ``Recipe.to_dict()`` gives them; or the stages
+            to apply on load, in any form ``compress()`` takes (a Recipe, a YAML path, a list
+            of configs or stage mappings).
         layers: For each compressed module, by qualified name: its ``spec()`` (``kind``,
             shapes, scheme, the stage that made it).
         patches: Model patches to re-apply before loading, in order.
@@ -97,6 +105,8 @@ class HfCompressQuantizationConfig(QuantizationConfigMixin):
             raise CheckpointError(f"unknown key(s) {sorted(kwargs)} in the hfcompress quantization_config")
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
+        if recipe is not None and not isinstance(recipe, dict):
+            recipe = Recipe.of(recipe).to_dict()
         self.recipe = recipe or {}
         self.layers = layers or {}
         self.patches = patches or []
@@ -129,12 +139,40 @@ class HfCompressQuantizationConfig(QuantizationConfigMixin):
 
 
 class HfCompressQuantizer(HfQuantizer):
-    """Loads hfcompress checkpoints; compression itself happens in ``hfcompress.compress``."""
+    """Loads hfcompress checkpoints; and, for a config that holds only a recipe, compresses a
+    float checkpoint once its weights have loaded (with ``hfcompress.compress``)."""
 
-    requires_calibration = True  # only pre-compressed checkpoints load through this quantizer
+    requires_calibration = False  # a float checkpoint loads too, compressed by the config's recipe
     quantization_config: HfCompressQuantizationConfig
 
+    def validate_environment(self, *args, **kwargs):
+        if self.pre_quantized:
+            return
+        # Compressing on load: refused here, before any weight is read, when it cannot work.
+        config = self.quantization_config
+        if config.layers or config.patches:
+            raise CheckpointError(
+                "this quantization_config describes the layers of a compressed checkpoint, but the checkpoint being "
+                "loaded is a float one; to compress it as it loads pass HfCompressQuantizationConfig(recipe=...)"
+            )
+        if not config.recipe:
+            raise RecipeError(
+                "HfCompressQuantizationConfig() passed to from_pretrained needs a recipe: "
+                "HfCompressQuantizationConfig(recipe='recipes/llama_w8a16_rtn.yaml') or recipe=[RTNConfig(...)]"
+            )
+        for stage in Recipe.from_dict(config.recipe):
+            needs = "a training set" if type(stage.config).needs_training else None
+            needs = needs or ("calibration data" if stage.config.needs_calibration else None)
+            if needs:
+                raise RecipeError(
+                    f"stage {stage.name!r} ({stage.config.technique}) needs {needs}, which from_pretrained cannot "
+                    "pass to it; load the float model and call hfcompress.compress(model, recipe, "
+                    f"{'train_dataset' if needs == 'a training set' else 'calibration_data'}=...)"
+                )
+
     def _process_model_before_weight_loading(self, model, checkpoint_files: Iterable[str] | None = None, **kwargs):
+        if not self.pre_quantized:
+            return model  # a float checkpoint: it loads as is, and is compressed afterwards
         config = self.quantization_config
         apply_patches(model, config.patches)
         saved_guard = load_guard_key(config.layers)
@@ -194,12 +232,24 @@ class HfCompressQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        if not self.pre_quantized:
+            return self._compress_loaded(model)
         modules = compressed_modules(model)
         for module in modules.values():
             module.attach(model)
         for name, module in modules.items():
             module.check_loaded(name)
         return model
+
+    def _compress_loaded(self, model):
+        from hfcompress.api import compress
+
+        # transformers set this recipe-only config as the model's; compress() records the one
+        # its stages leave (the layers they made), with a quantizer that saves them.
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+        return compress(model, self.quantization_config.recipe)
 
     def get_state_dict_and_metadata(self, model):
         # Digests of the compressed tensors go into every safetensors file's metadata, under
