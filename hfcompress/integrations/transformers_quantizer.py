@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import re
 from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
@@ -90,7 +91,16 @@ class HfCompressQuantizationConfig(QuantizationConfigMixin):
             shapes, scheme, the stage that made it).
         patches: Model patches to re-apply before loading, in order.
         format_version: Layout version of the stored tensors (older versions are upgraded).
+        calibration_data, tokenizer, num_calibration_samples, calibration_seq_len, seed: For
+            compressing on load, what ``compress()`` takes under these names, for stages that
+            calibrate (GPTQ, AWQ, SmoothQuant, static scales), as transformers' ``GPTQConfig``
+            takes ``dataset`` and ``tokenizer``. ``tokenizer`` may be a name or folder; for text
+            data without one, the checkpoint's own tokenizer is loaded. Not saved: the saved
+            config records the stages and the layers they made.
     """
+
+    # Arguments for compressing on load only: to_dict() (what config.json gets) leaves them out.
+    _LOADING_ONLY = ("calibration_data", "tokenizer", "num_calibration_samples", "calibration_seq_len", "seed")
 
     def __init__(
         self,
@@ -98,6 +108,12 @@ class HfCompressQuantizationConfig(QuantizationConfigMixin):
         layers: dict[str, dict[str, Any]] | None = None,
         patches: list[dict[str, Any]] | None = None,
         format_version: int = FORMAT_VERSION,
+        *,
+        calibration_data: Any = None,
+        tokenizer: Any = None,
+        num_calibration_samples: int = 128,
+        calibration_seq_len: int = 512,
+        seed: int = 0,
         **kwargs: Any,
     ) -> None:
         kwargs.pop("quant_method", None)
@@ -110,7 +126,15 @@ class HfCompressQuantizationConfig(QuantizationConfigMixin):
         self.recipe = recipe or {}
         self.layers = layers or {}
         self.patches = patches or []
+        self.calibration_data = calibration_data
+        self.tokenizer = tokenizer
+        self.num_calibration_samples = num_calibration_samples
+        self.calibration_seq_len = calibration_seq_len
+        self.seed = seed
         self.post_init()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in super().to_dict().items() if k not in self._LOADING_ONLY}
 
     def post_init(self) -> None:
         if self.format_version not in READABLE_FORMAT_VERSIONS:
@@ -161,13 +185,17 @@ class HfCompressQuantizer(HfQuantizer):
                 "HfCompressQuantizationConfig(recipe='recipes/llama_w8a16_rtn.yaml') or recipe=[RTNConfig(...)]"
             )
         for stage in Recipe.from_dict(config.recipe):
-            needs = "a training set" if type(stage.config).needs_training else None
-            needs = needs or ("calibration data" if stage.config.needs_calibration else None)
-            if needs:
+            what = f"stage {stage.name!r} ({stage.config.technique})"
+            if type(stage.config).needs_training:
                 raise RecipeError(
-                    f"stage {stage.name!r} ({stage.config.technique}) needs {needs}, which from_pretrained cannot "
-                    "pass to it; load the float model and call hfcompress.compress(model, recipe, "
-                    f"{'train_dataset' if needs == 'a training set' else 'calibration_data'}=...)"
+                    f"{what} trains the model and needs a training set, which from_pretrained cannot pass to it; "
+                    "load the float model and call hfcompress.compress(model, recipe, train_dataset=...)"
+                )
+            if stage.config.needs_calibration and config.calibration_data is None:
+                raise RecipeError(
+                    f"{what} needs calibration data: pass HfCompressQuantizationConfig(recipe, "
+                    "calibration_data=...) (text with the checkpoint's tokenizer, or token ids), or load the float "
+                    "model and call hfcompress.compress(model, recipe, calibration_data=...)"
                 )
 
     def _process_model_before_weight_loading(self, model, checkpoint_files: Iterable[str] | None = None, **kwargs):
@@ -246,10 +274,20 @@ class HfCompressQuantizer(HfQuantizer):
 
         # transformers set this recipe-only config as the model's; compress() records the one
         # its stages leave (the layers they made), with a quantizer that saves them.
+        config = self.quantization_config
+        tokenizer = _calibration_tokenizer(config.tokenizer, config.calibration_data, model)
         del model.config.quantization_config
         model.hf_quantizer = None
         model.is_quantized = False
-        return compress(model, self.quantization_config.recipe)
+        return compress(
+            model,
+            config.recipe,
+            calibration_data=config.calibration_data,
+            tokenizer=tokenizer,
+            num_calibration_samples=config.num_calibration_samples,
+            calibration_seq_len=config.calibration_seq_len,
+            seed=config.seed,
+        )
 
     def get_state_dict_and_metadata(self, model):
         # Digests of the compressed tensors go into every safetensors file's metadata, under
@@ -289,6 +327,36 @@ class HfCompressQuantizer(HfQuantizer):
         from hfcompress.techniques.low_rank.layer import LowRankLinear
 
         return any(spec.get("kind") == LowRankLinear.kind for spec in self.quantization_config.layers.values())
+
+
+def _calibration_tokenizer(tokenizer: Any, data: Any, model: torch.nn.Module) -> Any:
+    """The tokenizer for compressing on load: the given one (loaded when named), else for text
+    data the checkpoint's own, else None (token ids need none)."""
+    columns = getattr(data, "column_names", None) or ()  # a datasets.Dataset
+    text = (
+        isinstance(data, (str, os.PathLike))
+        or (isinstance(data, (list, tuple)) and bool(data) and isinstance(data[0], str))
+        or ("text" in columns and "input_ids" not in columns)
+    )
+    if isinstance(tokenizer, str):
+        source = tokenizer
+    elif tokenizer is not None or not text:
+        return tokenizer
+    else:
+        source = getattr(model, "name_or_path", None)
+        if not source:
+            raise RecipeError(
+                "calibration text needs a tokenizer: pass HfCompressQuantizationConfig(..., tokenizer=...)"
+            )
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise RecipeError(
+            f"could not load a tokenizer from {source!r} for the calibration text: pass "
+            f"HfCompressQuantizationConfig(..., tokenizer=...) (transformers said: {exc})"
+        ) from None
 
 
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")

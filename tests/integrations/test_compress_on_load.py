@@ -3,7 +3,7 @@ compresses a float checkpoint as it loads, as bitsandbytes, torchao or HQQ confi
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import hfcompress
 from hfcompress import HfCompressQuantizationConfig, RecipeError, RTNConfig
@@ -88,8 +88,11 @@ def test_stages_that_need_data_or_nothing_to_apply_are_refused_before_loading(fl
 
     monkeypatch.setattr("safetensors.torch.load_file", never)
     gptq = HfCompressQuantizationConfig([{"name": "w4", "technique": "gptq", "bits": 4, "group_size": 16}])
-    with pytest.raises(RecipeError, match=r"stage 'w4' \(gptq\) needs calibration data.*compress\(model, recipe"):
+    with pytest.raises(RecipeError, match=r"stage 'w4' \(gptq\) needs calibration data: pass .*calibration_data="):
         AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=gptq)
+    pkd = HfCompressQuantizationConfig([{"name": "d", "technique": "pkd", "num_layers": 1}])
+    with pytest.raises(RecipeError, match=r"stage 'd' \(pkd\) trains the model and needs a training set"):
+        AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=pkd)
     smooth = HfCompressQuantizationConfig("recipes/bert_w8a8_dynamic.yaml")  # SmoothQuant measures activations
     with pytest.raises(RecipeError, match=r"stage 'smooth' \(smoothquant\) needs calibration data"):
         AutoModelForSequenceClassification.from_pretrained(float_dir, quantization_config=smooth)
@@ -105,3 +108,37 @@ def test_a_checkpoints_own_config_on_a_float_checkpoint_is_refused(float_dir, tm
     recorded = model.config.quantization_config
     with pytest.raises(CheckpointError, match="describes the layers of a compressed checkpoint"):
         AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=recorded)
+
+
+GPTQ = [{"name": "w4", "technique": "gptq", "bits": 4, "group_size": 16}]
+
+
+def test_calibrating_stages_take_data_from_the_config(float_dir, tmp_path):
+    # token ids: the model compress() gives with the same ids
+    ids = torch.randint(1, 128, (8, 32), generator=torch.Generator().manual_seed(2))
+    expected = AutoModelForCausalLM.from_pretrained(float_dir)
+    hfcompress.compress(expected, GPTQ, calibration_data=ids, progress=False)
+    config = HfCompressQuantizationConfig(GPTQ, calibration_data=ids)
+    model = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=config)
+    assert _modules(model) == _modules(expected)
+    assert torch.equal(model(IDS).logits, expected(IDS).logits)
+    # the data stays out of what is saved
+    assert not {"calibration_data", "tokenizer"} & set(model.config.quantization_config.to_dict())
+    hfcompress.save_pretrained(model, tmp_path / "saved", card=False)
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "saved")(IDS).logits, model(IDS).logits)
+
+
+def test_calibration_text_uses_the_checkpoints_tokenizer(tiny_llama_dir):
+    text = ["the quick brown fox jumps over the lazy dog " * 8] * 4
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    options = dict(num_calibration_samples=4, calibration_seq_len=32)
+    expected = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    hfcompress.compress(expected, GPTQ, calibration_data=text, tokenizer=tokenizer, progress=False, **options)
+    config = HfCompressQuantizationConfig(GPTQ, calibration_data=text, **options)  # no tokenizer given
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=config)
+    assert torch.equal(model(IDS).logits, expected(IDS).logits)
+    # a folder without a tokenizer: the error names the argument that fixes it
+    plain = tiny_llama_dir.parent / "plain"
+    AutoModelForCausalLM.from_pretrained(tiny_llama_dir).save_pretrained(plain)
+    with pytest.raises(RecipeError, match=r"could not load a tokenizer from .*plain.* pass .*tokenizer=\.\.\."):
+        AutoModelForCausalLM.from_pretrained(plain, quantization_config=config)
