@@ -3,9 +3,11 @@
 Registering ``quant_method: "hfcompress"`` lets a plain ``AutoModel*.from_pretrained(dir)``
 rebuild our compressed models after ``import hfcompress``, and lets
 ``from_pretrained(float_dir, quantization_config=HfCompressQuantizationConfig(recipe))``
-compress a float checkpoint as it loads (with ``compress()``, once the weights are in). Before the weights load, the
-recorded model patches are re-applied (:mod:`hfcompress.patches`), the checkpoint's
-safetensors headers are checked against the layers the config describes, and each recorded
+compress a float checkpoint as it loads (with ``compress()``, once the weights are in).
+
+Loading a compressed checkpoint: before the weights load, the recorded model patches are
+re-applied (:mod:`hfcompress.patches`), the checkpoint's safetensors headers are checked
+against the layers the config describes, and each recorded
 layer is swapped for an empty module of its kind (:mod:`hfcompress.kinds`), so the stored
 tensors load by name like any other. After loading, each module checks its tensors. A
 truncated, edited or corrupt checkpoint fails with a :class:`CheckpointError` naming the
@@ -79,9 +81,9 @@ def load_guard_key(layers: Collection[str]) -> str | None:
 
 class HfCompressQuantizationConfig(QuantizationConfigMixin):
     """The ``quantization_config`` an hfcompress checkpoint carries in its ``config.json``; or,
-    given only a recipe, the one to pass to ``from_pretrained`` to compress a float checkpoint
-    as it loads (``quantization_config=HfCompressQuantizationConfig(recipe=...)``, stages that
-    need no calibration data or training).
+    given a recipe (and calibration data for the stages that calibrate), the one to pass to
+    ``from_pretrained`` to compress a float checkpoint as it loads
+    (``quantization_config=HfCompressQuantizationConfig(recipe=...)``; not stages that train).
 
     Args:
         recipe: The stages that were applied, as ``Recipe.to_dict()`` gives them; or the stages
