@@ -144,10 +144,18 @@ def compress(
     # those weights be written in place), and refused by the stages that take gradients.
     frozen = any(p.is_inference() for p in model.parameters())
     grad = torch.is_grad_enabled()  # before inference_mode(False), which turns it on
-    before = set(model.modules())
-    with torch.inference_mode(frozen), torch.set_grad_enabled(grad and not frozen):
-        _run_stages(model, modifiers, context, frozen)
-    _new_modules_follow_their_parent(model, before)
+    # The stages run in eval mode: calibration (Hessians, activation ranges, smoothing scales)
+    # and tuning read the model's function, not a dropout sample of it, whatever mode the model
+    # was left in (a Trainer leaves it training). Each module gets its own mode back after.
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.inference_mode(frozen), torch.set_grad_enabled(grad and not frozen):
+            _run_stages(model, modifiers, context, frozen)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    _new_modules_follow_their_parent(model, set(modes))
     if hasattr(model, "config"):
         attach_quantization_config(model, recipe.to_dict())
     return model

@@ -182,3 +182,38 @@ def test_layers_a_recipe_puts_in_follow_the_models_train_or_eval_mode(mode):
     hfcompress.compress(model, {"stages": stages}, calibration_data=torch.randint(0, 128, (2, 16)), progress=False)
     modes = {name: m.training for name, m in model.named_modules()}
     assert len(set(modes.values())) == 1 and modes[""] == (mode == "train"), modes
+
+
+def test_calibration_reads_the_model_without_dropout_whatever_its_mode():
+    """A model left training (as a Trainer leaves it) calibrated through its dropout: GPTQ's
+    Hessians, SmoothQuant's scales and static activation ranges came out of dropout samples
+    and differed from the eval-mode result. The stages now run in eval mode, and every module
+    gets its own mode back."""
+    from tests.conftest import make_tiny_bert
+
+    base = make_tiny_bert(hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
+    stages = [
+        {"technique": "smoothquant", "ignore": ["classifier"]},
+        {"technique": "gptq", "bits": 4, "group_size": 16, "ignore": ["classifier"]},
+        {"technique": "int8_activations", "dynamic": False, "strategy": "tensor", "ignore": ["classifier"]},
+    ]
+    ids = torch.randint(2, 100, (16, 32), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for mode in ("eval", "train"):
+        model = copy.deepcopy(base).train(mode == "train")
+        model.bert.embeddings.dropout.eval()  # one module in the other mode: kept as it was
+        compress(model, stages, calibration_data=ids, progress=False)
+        results[mode] = model.state_dict()
+        assert model.training == (mode == "train") and model.classifier.training == (mode == "train")
+        assert model.bert.embeddings.dropout.training is False
+        assert model.bert.encoder.layer[0].attention.self.query.training == (mode == "train")
+    assert results["eval"].keys() == results["train"].keys()
+    assert all(torch.equal(results["eval"][k], results["train"][k]) for k in results["eval"])
+
+
+def test_a_refused_recipe_leaves_every_modules_mode_as_it_was():
+    model = make_tiny_llama().train()
+    model.model.layers[0].eval()
+    with pytest.raises(CalibrationDataError):
+        compress(model, [{"technique": "gptq", "bits": 4, "group_size": 16}], progress=False)
+    assert model.training and model.model.layers[1].training and not model.model.layers[0].training
