@@ -186,8 +186,9 @@ def _run_stages(model: nn.Module, modifiers: list, context: CompressionContext, 
     split = unfuse_experts(model)
     try:
         view = ModelView(model)
-        for modifier in modifiers:
+        for i, modifier in enumerate(modifiers):
             modifier.check(model, context, view)
+            modifier.check_later_stages(modifiers[i + 1 :])
         if frozen:
             _refuse_gradients(modifiers)
         used = _split_experts_in_use(split, view)

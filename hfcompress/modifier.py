@@ -170,6 +170,11 @@ class Modifier(ABC):
                 "datasets.Dataset) or --calibration on the command line"
             )
 
+    def check_later_stages(self, later: list[Modifier]) -> None:
+        """Raise if this stage needs a later stage of the same ``compress()`` call that is not
+        there (``later``: the stages after it, in order). Default: none needed."""
+        return None
+
     def takes_gradients(self) -> bool:
         """Whether :meth:`apply` runs backward passes through the model (training, gradient
         sensitivity, tuned scales). Default: the stages that train."""

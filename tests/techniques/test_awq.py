@@ -130,6 +130,25 @@ def test_awq_after_the_weight_stage_is_refused(tiny_llama):
         compress(tiny_llama, [RTNConfig(bits=4, group_size=16), AWQConfig()], calibration_data=CALIB, progress=False)
 
 
+@pytest.mark.parametrize("technique", ["awq", "smoothquant"])
+def test_a_smoothing_stage_without_the_stage_it_prepares_for_is_refused(tiny_llama, llama_ids, technique):
+    # alone (or before a stage that quantizes nothing) it left a float model with the same
+    # function and no quantization_config, silently: {"technique": "awq", "bits": 4} reads as 4-bit
+    before = tiny_llama(llama_ids).logits
+    alone = [{"name": "s", "technique": technique}, {"technique": "kv_cache", "bits": 4, "group_size": 16}]
+    with pytest.raises(RecipeError, match=r"stage 's' .* no later stage of this recipe does that: the model"):
+        compress(tiny_llama, alone, calibration_data=CALIB, progress=False)
+    assert torch.equal(tiny_llama(llama_ids).logits, before)
+    # what each prepares for, after it
+    after = {"awq": RTNConfig(bits=4, group_size=16), "smoothquant": {"technique": "int8_activations"}}[technique]
+    if technique == "awq":  # int8 activations alone do not count for AWQ: it scales for the weight grid
+        with pytest.raises(RecipeError, match="stage 's' "):
+            compress(tiny_llama, [alone[0], {"technique": "int8_activations"}], calibration_data=CALIB, progress=False)
+    stages = [alone[0], after] if technique == "awq" else [alone[0], RTNConfig(bits=8, group_size=-1), after]
+    compress(tiny_llama, stages, calibration_data=CALIB, progress=False)
+    assert tiny_llama.config.quantization_config.layers
+
+
 def test_recipe_stage_reads_from_a_mapping(tiny_llama):
     recipe = hfcompress.Recipe.from_dict(
         {
@@ -169,4 +188,4 @@ def test_nan_in_calibration_inputs_names_the_layer(config):
     with pytest.raises(
         hfcompress.CalibrationDataError, match=r"'model\.layers\.0\.self_attn\.q_proj' hold NaN or infinite"
     ):
-        compress(model, [config], calibration_data=calib, progress=False)
+        compress(model, [config, RTNConfig(bits=8, group_size=-1)], calibration_data=calib, progress=False)

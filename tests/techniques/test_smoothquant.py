@@ -150,7 +150,7 @@ def test_explicit_mapping_whose_shapes_disagree_is_refused(tiny_llama):
 def test_explicit_mapping_that_is_not_an_identity_is_refused(tiny_bert):
     config = SmoothQuantConfig(mappings=("attention.output.LayerNorm -> intermediate.dense",))
     with pytest.raises(RecipeError, match=r"changes the output of block 'bert\.encoder\.layer\.0'"):
-        compress(tiny_bert, [config], calibration_data=torch.randint(1, 100, (4, 16)), progress=False)
+        compress(tiny_bert, [config, W8], calibration_data=torch.randint(1, 100, (4, 16)), progress=False)
 
 
 def test_malformed_mapping_text_is_refused():

@@ -51,6 +51,13 @@ def awq_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, alpha: float) 
 class AWQModifier(SmoothQuantModifier):
     config: AWQConfig
     description = "AWQ"
+    prepares = "weight quantization"
+    example = "an rtn or gptq stage with the same bits and group_size, as recipes/llama_w4a16_awq_gptq_g128.yaml has"
+
+    def _followers(self) -> tuple[type, ...]:
+        from hfcompress.techniques.weight_quant import WeightQuantModifier
+
+        return (WeightQuantModifier,)
 
     def _smooth_block(self, block: Block, mappings: list[Mapping]) -> None:
         stats = self._input_stats(block, mappings)

@@ -149,6 +149,24 @@ class SmoothQuantModifier(Modifier):
         self.applied: dict[str, list[Mapping]] = {}  # block prefix -> mappings smoothed
         self.alphas: dict[str, dict[str, float | None]] = {}  # block prefix -> {source: alpha; AWQ: None = unscaled}
 
+    # What this stage prepares the float weights for, in words, and the stage types that do it.
+    prepares = "int8 activations or weight quantization"
+    example = "recipes/llama_w8a8_static_smoothquant.yaml: rtn with bits 8, then int8_activations"
+
+    def _followers(self) -> tuple[type, ...]:
+        from hfcompress.techniques.activations.modifier import ActivationQuantModifier
+        from hfcompress.techniques.weight_quant import WeightQuantModifier
+
+        return (WeightQuantModifier, ActivationQuantModifier)
+
+    def check_later_stages(self, later: list[Modifier]) -> None:
+        # Alone, this stage leaves a float model with the same function: nothing compressed.
+        if not any(isinstance(m, self._followers()) for m in later):
+            raise self.error(
+                f"{self.description} only rescales the float model for {self.prepares} in a later stage, and no later "
+                f"stage of this recipe does that: the model would stay float. Add it after this stage ({self.example})"
+            )
+
     def check(self, model: nn.Module, context: CompressionContext, view: ModelView) -> None:
         super().check(model, context, view)
         try:
