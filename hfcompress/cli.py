@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compress", help="compress a model with a recipe and save it")
     _add_model_args(c)
-    c.add_argument("--recipe", required=True, help="recipe YAML file")
+    c.add_argument("--recipe", required=True, help="recipe YAML file, or a shipped recipe by name (llama_w8a8_dynamic)")
     c.add_argument("--output", required=True, help="folder to save the compressed model into")
     c.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --output")
     c.add_argument(

@@ -29,7 +29,16 @@ from hfcompress.config import TechniqueConfig
 from hfcompress.errors import RecipeError
 from hfcompress.registry import get_technique, technique_for_config
 
-__all__ = ["Recipe", "Stage"]
+__all__ = ["SHIPPED_RECIPES", "Recipe", "Stage", "shipped_recipes"]
+
+# The recipes this package ships (the repository's recipes/, linked into the package).
+SHIPPED_RECIPES = Path(__file__).resolve().parent / "recipes"
+
+
+def shipped_recipes() -> list[str]:
+    """The names of the shipped recipes, for ``Recipe.from_yaml(name)`` and ``--recipe``."""
+    return sorted(p.stem for p in SHIPPED_RECIPES.glob("*.yaml"))
+
 
 _RECIPE_KEYS = ("stages",)
 _STAGE_KEYS = ("name", "technique")
@@ -133,13 +142,21 @@ class Recipe:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Recipe:
-        """Read a recipe from a YAML file."""
+        """Read a recipe from a YAML file, or a shipped recipe by its name
+        (``"llama_w8a8_dynamic"``, with or without ``.yaml``) when no such file exists."""
         path = Path(path)
         if path.is_dir():
             raise RecipeError(f"recipe {str(path)!r} is a folder; give the path of a recipe YAML file inside it")
+        if not path.is_file() and len(path.parts) == 1:
+            shipped = SHIPPED_RECIPES / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+            if shipped.is_file():
+                path = shipped
         if not path.is_file():
             text = "\n" in str(path) or str(path).lstrip().startswith("stages:")
-            hint = "; it reads as YAML text: parse that with Recipe.from_yaml_str(text)" if text else ""
+            if text:
+                hint = "; it reads as YAML text: parse that with Recipe.from_yaml_str(text)"
+            else:
+                hint = f"; shipped recipes, by name: {', '.join(shipped_recipes())}"
             raise RecipeError(f"recipe file {str(path)!r} does not exist{hint}")
         try:
             return cls.from_yaml_str(path.read_text(encoding="utf-8"))

@@ -64,6 +64,33 @@ def test_every_subpackage_is_listed_for_installation():
     assert found - listed == set()
 
 
+def test_an_installed_wheel_finds_the_shipped_recipes_by_name(tmp_path):
+    """A non-editable install has no recipes/ folder beside it: the recipes travel inside the
+    package (hfcompress/recipes links to recipes/), and a bare name finds them."""
+    setuptools = pytest.importorskip("setuptools")
+    if int(setuptools.__version__.split(".")[0]) < 77:
+        pytest.skip("building the wheel offline needs setuptools>=77 in this environment")
+    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp_path, ROOT]
+    subprocess.run(build, check=True, capture_output=True)
+    import zipfile
+
+    (wheel,) = tmp_path.glob("hfcompress-*.whl")
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    shipped = sorted(p.name for p in (tmp_path / "site" / "hfcompress" / "recipes").glob("*.yaml"))
+    assert shipped == sorted(p.name for p in (ROOT / "recipes").glob("*.yaml"))
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "import hfcompress\n"
+        "assert hfcompress.__file__.startswith(sys.argv[1]), hfcompress.__file__\n"
+        "print([s.name for s in hfcompress.Recipe.from_yaml('llama_w8a8_dynamic')])\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "site")], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "['rotate', 'weights_w8', 'acts_a8']"
+
+
 def test_every_core_dependency_is_imported_by_the_package():
     """`pip install hfcompress` pulls nothing that no code path of ours imports."""
     deps = _pyproject()["project"]["dependencies"]

@@ -127,11 +127,21 @@ def test_bad_recipes_name_the_problem(text, message):
 
 
 def test_missing_file():
-    with pytest.raises(RecipeError, match=r"does not exist$"):
+    with pytest.raises(RecipeError, match=r"does not exist; shipped recipes, by name: bert_block_sparse50, "):
         Recipe.from_yaml("/nonexistent/recipe.yaml")
     # YAML text where a path belongs (compress() takes a path): named, with the right call
     with pytest.raises(RecipeError, match=r"does not exist; it reads as YAML text: .* Recipe.from_yaml_str"):
         Recipe.from_yaml("stages:\n  - technique: rtn\n")
+
+
+def test_a_shipped_recipe_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no recipes/ folder here
+    by_file = Recipe.from_yaml(RECIPES[0]).to_dict()
+    assert Recipe.from_yaml(RECIPES[0].stem).to_dict() == by_file
+    assert Recipe.from_yaml(RECIPES[0].name).to_dict() == by_file
+    # a file of that name in the working folder comes first
+    (tmp_path / RECIPES[0].name).write_text("stages:\n  - technique: rtn\n    bits: 8\n")
+    assert Recipe.from_yaml(RECIPES[0].name).stages[0].config.bits == 8
 
 
 def test_python_configs_validate_too():
