@@ -184,7 +184,7 @@ class HfCompressQuantizer(HfQuantizer):
         if not config.recipe:
             raise RecipeError(
                 "HfCompressQuantizationConfig() passed to from_pretrained needs a recipe: "
-                "HfCompressQuantizationConfig(recipe='recipes/llama_w8a16_rtn.yaml') or recipe=[RTNConfig(...)]"
+                "HfCompressQuantizationConfig(recipe='llama_w8a16_rtn') or recipe=[RTNConfig(...)]"
             )
         for stage in Recipe.from_dict(config.recipe):
             what = f"stage {stage.name!r} ({stage.config.technique})"
