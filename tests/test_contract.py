@@ -33,6 +33,14 @@ BEFORE = {
     "int8_activations": [{"technique": "rtn", "bits": 8, "group_size": -1, "symmetric": True}],
     "error_compensation": [{"technique": "rtn", "bits": 3, "group_size": 32}],
 }
+# Stages a technique needs after it (smoothing quantizes nothing itself: alone it is refused).
+AFTER = {
+    "awq": [{"technique": "rtn", "bits": 4, "group_size": 32}],
+    "smoothquant": [
+        {"technique": "rtn", "bits": 8, "group_size": -1, "symmetric": True},
+        {"technique": "int8_activations"},
+    ],
+}
 TECHNIQUES = sorted(registered_techniques())
 
 
@@ -73,9 +81,12 @@ def test_compress_save_reload(name, arch, tiny_llama, tiny_bert, llama_ids, bert
 
         labels = ids.tolist() if arch == "llama" else [0] * len(ids)
         train = Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels})
-    before = [registered_techniques()[b["technique"]].config_cls.from_dict(
-        {k: v for k, v in b.items() if k != "technique"}) for b in BEFORE.get(name, [])]  # fmt: skip
-    compress(model, [*before, config], calibration_data=ids, train_dataset=train, progress=False)
+    before, after = (
+        [registered_techniques()[b["technique"]].config_cls.from_dict({k: v for k, v in b.items() if k != "technique"})
+         for b in table.get(name, [])]
+        for table in (BEFORE, AFTER)
+    )  # fmt: skip
+    compress(model, [*before, config, *after], calibration_data=ids, train_dataset=train, progress=False)
     logits = model(ids).logits
     assert logits.shape == shape and torch.isfinite(logits).all()
     hfcompress.save_pretrained(model, tmp_path / "m")
