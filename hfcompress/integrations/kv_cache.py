@@ -566,8 +566,26 @@ def enable_kv_cache(model: nn.Module, spec: KVCacheConfig | None = None, **kwarg
     switch_attention(model, ATTENTION, "the quantized KV cache")
     if kv_config(model) is None:
         object.__setattr__(model, "_prepare_cache_for_generation", _PrepareCache(model))
+        _replace_default_cache_implementation(model)
     object.__setattr__(model, _CONFIG_ATTR, spec)
     return spec
+
+
+_DEFAULT_IMPLEMENTATION_ATTR = "_hfcompress_kv_replaced_cache_implementation"
+
+
+def _replace_default_cache_implementation(model: nn.Module) -> None:
+    """A checkpoint's generation_config may name a cache (``cache_implementation: "static"``,
+    for compiled decoding): generate would build that float cache and never ours. The
+    quantized cache takes its place as the default; a cache named in one ``generate`` call is
+    still honoured (with a warning). (Gemma's ``"hybrid"`` default transformers drops itself.)"""
+    generation_config = getattr(model, "generation_config", None)
+    named = getattr(generation_config, "cache_implementation", None)
+    if named in (None, "dynamic"):
+        return
+    logger.info("the quantized KV cache replaces the generation_config's cache_implementation=%r", named)
+    generation_config.cache_implementation = None
+    object.__setattr__(model, _DEFAULT_IMPLEMENTATION_ATTR, named)
 
 
 class _PrepareCache:
@@ -616,6 +634,10 @@ def disable_kv_cache(model: nn.Module) -> None:
     restore_attention(model, ATTENTION)
     for attr in (_CONFIG_ATTR, "_prepare_cache_for_generation"):
         object.__delattr__(model, attr)
+    named = model.__dict__.get(_DEFAULT_IMPLEMENTATION_ATTR)
+    if named is not None:  # the checkpoint's own default comes back
+        model.generation_config.cache_implementation = named
+        object.__delattr__(model, _DEFAULT_IMPLEMENTATION_ATTR)
 
 
 def check_model(model: nn.Module, spec: KVCacheConfig | None = None) -> None:

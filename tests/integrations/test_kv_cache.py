@@ -400,6 +400,33 @@ def test_hybrid_models_quantize_their_full_attention_layers(name):
     assert cache.nbytes() > 0
 
 
+def test_a_checkpoints_default_cache_implementation_gives_way_to_ours(tmp_path):
+    """A checkpoint whose generation_config names cache_implementation="static" (a fixed-size
+    float cache, for compiled decoding): generate built it and never ours. The KV stage takes
+    its place as the default (also after a reload); disable_kv_cache gives it back."""
+    from transformers import AutoModelForCausalLM
+
+    import hfcompress
+
+    model = make_tiny_hybrid("gemma3_text", sliding_window=16, sliding_window_pattern=2)
+    model.generation_config.cache_implementation = "static"
+    stage = {"technique": "kv_cache", "bits": 4, "group_size": 16, "residual_length": 16}
+    hfcompress.compress(model, [stage], progress=False)
+    ids = torch.randint(3, 128, (1, 60), generator=torch.Generator().manual_seed(1))
+    kw = dict(max_new_tokens=10, do_sample=False, return_dict_in_generate=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "named cache" warning: nothing was named in the call
+        out = model.generate(ids, **kw)
+    assert any(isinstance(layer, kv_cache.QuantizedKVLayer) for layer in out.past_key_values.layers)
+    hfcompress.save_pretrained(model, tmp_path / "m", card=False)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    again = reloaded.generate(ids, **kw)
+    assert any(isinstance(layer, kv_cache.QuantizedKVLayer) for layer in again.past_key_values.layers)
+    assert torch.equal(again.sequences, out.sequences)
+    disable_kv_cache(model)
+    assert model.generation_config.cache_implementation == "static"
+
+
 def test_a_hybrid_model_with_every_technique_reloads_and_decodes_the_same(tmp_path):
     """Gemma 3 with GPTQ W4A8, block-sparse prefills and the 4-bit cache on its full-attention
     layers: saved, reloaded, and greedy decoding past the window gives the same tokens."""
