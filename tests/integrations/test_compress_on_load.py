@@ -137,6 +137,12 @@ def test_calibration_text_uses_the_checkpoints_tokenizer(tiny_llama_dir):
     config = HfCompressQuantizationConfig(GPTQ, calibration_data=text, **options)  # no tokenizer given
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=config)
     assert torch.equal(model(IDS).logits, expected(IDS).logits)
+    # a Dataset's text column too
+    from datasets import Dataset
+
+    dataset = HfCompressQuantizationConfig(GPTQ, calibration_data=Dataset.from_dict({"text": text}), **options)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=dataset)
+    assert torch.equal(model(IDS).logits, expected(IDS).logits)
     # a folder without a tokenizer: the error names the argument that fixes it
     plain = tiny_llama_dir.parent / "plain"
     AutoModelForCausalLM.from_pretrained(tiny_llama_dir).save_pretrained(plain)
