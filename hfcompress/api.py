@@ -16,6 +16,7 @@ from hfcompress.experts import PATCH as EXPERTS_PATCH
 from hfcompress.experts import fuse_experts_back, unfuse_experts
 from hfcompress.integrations.transformers_quantizer import HfCompressQuantizationConfig, attach_quantization_config
 from hfcompress.kinds import compressed_modules, is_linear_like
+from hfcompress.modes import evaluating
 from hfcompress.modifier import CompressionContext, ModelView
 from hfcompress.patches import record_patch, recorded_patches
 from hfcompress.recipe import Recipe, Stage
@@ -145,17 +146,11 @@ def compress(
     frozen = any(p.is_inference() for p in model.parameters())
     grad = torch.is_grad_enabled()  # before inference_mode(False), which turns it on
     # The stages run in eval mode: calibration (Hessians, activation ranges, smoothing scales)
-    # and tuning read the model's function, not a dropout sample of it, whatever mode the model
-    # was left in (a Trainer leaves it training). Each module gets its own mode back after.
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
+    # and tuning read the model's function, not a dropout sample of it.
+    with evaluating(model) as before:
         with torch.inference_mode(frozen), torch.set_grad_enabled(grad and not frozen):
             _run_stages(model, modifiers, context, frozen)
-    finally:
-        for module, training in modes.items():
-            module.training = training
-    _new_modules_follow_their_parent(model, set(modes))
+    _new_modules_follow_their_parent(model, before)
     if hasattr(model, "config"):
         attach_quantization_config(model, recipe.to_dict())
     return model

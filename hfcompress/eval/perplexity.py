@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from hfcompress.architectures import text_config
 from hfcompress.errors import EvaluationError
+from hfcompress.modes import evaluating
 
 __all__ = ["PerplexityResult", "perplexity", "text_perplexity"]
 
@@ -126,22 +127,23 @@ def perplexity(
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     batches = windows.split(batch_size)
-    for index, batch in enumerate(tqdm(batches, desc="perplexity", disable=not progress)):
-        batch = batch.to(device)
-        logits = model(batch, use_cache=False).logits  # [B, T, V]
-        nll = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="none"
-        ).view(batch.shape[0], -1)  # [B, T-1]
-        finite = nll.isfinite().all(dim=1)
-        if not finite.all():
-            first = index * batch_size + int((~finite).nonzero()[0])
-            raise EvaluationError(
-                f"the model's loss is NaN or Inf on window {first} (tokens {first * seq_len}-"
-                f"{(first + 1) * seq_len - 1}); its weights or compute dtype overflow there, so no perplexity is "
-                "reported (check the model with a float32 load, or compress it again)"
-            )
-        total_nll += nll.sum().item()
-        total_tokens += batch[:, 1:].numel()
+    with evaluating(model):  # no dropout, whatever mode the model was left in
+        for index, batch in enumerate(tqdm(batches, desc="perplexity", disable=not progress)):
+            batch = batch.to(device)
+            logits = model(batch, use_cache=False).logits  # [B, T, V]
+            nll = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="none"
+            ).view(batch.shape[0], -1)  # [B, T-1]
+            finite = nll.isfinite().all(dim=1)
+            if not finite.all():
+                first = index * batch_size + int((~finite).nonzero()[0])
+                raise EvaluationError(
+                    f"the model's loss is NaN or Inf on window {first} (tokens {first * seq_len}-"
+                    f"{(first + 1) * seq_len - 1}); its weights or compute dtype overflow there, so no perplexity is "
+                    "reported (check the model with a float32 load, or compress it again)"
+                )
+            total_nll += nll.sum().item()
+            total_tokens += batch[:, 1:].numel()
     mean = total_nll / total_tokens
     return PerplexityResult(math.exp(mean), mean, total_tokens, windows.shape[0], seq_len)
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from hfcompress.errors import EvaluationError
+from hfcompress.modes import evaluating
 
 __all__ = ["DEFAULT_PROMPT", "DecodeSpeed", "cpu_name", "decode_speed"]
 
@@ -79,10 +80,11 @@ def decode_speed(
         raise EvaluationError(f"decode speed needs a model that generates; {type(model).__name__} does not")
     device = next(model.parameters()).device
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device).expand(batch, -1)
-    _generate_seconds(model, input_ids, new_tokens)  # warm-up: caches, kernel packing
     rates = []
-    for _ in range(repeats):
-        full = _generate_seconds(model, input_ids, new_tokens)
-        prefill = _generate_seconds(model, input_ids, 1)
-        rates.append(batch * (new_tokens - 1) / max(full - prefill, 1e-9))
+    with evaluating(model):  # no dropout's cost in the timing, whatever mode the model was left in
+        _generate_seconds(model, input_ids, new_tokens)  # warm-up: caches, kernel packing
+        for _ in range(repeats):
+            full = _generate_seconds(model, input_ids, new_tokens)
+            prefill = _generate_seconds(model, input_ids, 1)
+            rates.append(batch * (new_tokens - 1) / max(full - prefill, 1e-9))
     return DecodeSpeed(statistics.median(rates), new_tokens, input_ids.shape[1], repeats, batch)

@@ -28,6 +28,20 @@ def test_perplexity_max_windows_and_batching(tiny_llama):
     assert one.windows == 4 and one.perplexity == pytest.approx(batched.perplexity, rel=1e-5)
 
 
+def test_perplexity_reads_a_training_model_without_dropout():
+    # a model left training (after a Trainer) was scored through its dropout: a noisy, higher
+    # perplexity, silently. It is scored in eval mode, and keeps its own modes.
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama(attention_dropout=0.5)
+    ids = torch.randint(0, 128, (64,), generator=torch.Generator().manual_seed(0))
+    want = perplexity(model, ids, seq_len=16, progress=False).perplexity
+    model.train()
+    model.model.layers[0].eval()
+    assert perplexity(model, ids, seq_len=16, progress=False).perplexity == want
+    assert model.training and model.model.layers[1].training and not model.model.layers[0].training
+
+
 def test_perplexity_needs_a_full_window(tiny_llama):
     with pytest.raises(EvaluationError, match="the text has 20 tokens, fewer than one window of seq_len=32"):
         perplexity(tiny_llama, torch.arange(20), seq_len=32, progress=False)
