@@ -166,6 +166,22 @@ class CompressedModule(nn.Module):
             spec["stage"] = self.stage
         return spec
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+        # A saved checkpoint holds an empty uint8 `weight` for its first compressed layer (the
+        # load guard, see transformers_quantizer): not a tensor of this module, and not an
+        # unexpected key when the file's state dict is loaded with torch's load_state_dict (a
+        # strict load, or the Trainer resuming from a checkpoint).
+        key = f"{prefix}weight"
+        guard = state_dict.get(key)
+        if (
+            key in unexpected_keys
+            and isinstance(guard, torch.Tensor)
+            and guard.dtype == torch.uint8
+            and not guard.numel()
+        ):
+            unexpected_keys.remove(key)
+
     @staticmethod
     def replaced_features(spec: dict[str, Any], original: nn.Module) -> tuple[int, int]:
         """``(K, N)`` of ``original``; a :class:`CheckpointError` when the spec's differ."""

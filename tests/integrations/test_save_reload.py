@@ -71,6 +71,29 @@ def test_saved_config_records_recipe_and_layers(tiny_llama, tmp_path):
     assert hfcompress.Recipe.from_dict(config["recipe"]) == hfcompress.Recipe([RTNConfig(bits=4, group_size=32)])
 
 
+def test_a_saved_file_loads_strictly_with_torchs_load_state_dict(llama_ids, tmp_path):
+    # The file's load guard (an empty uint8 `weight` of the first compressed layer) made a strict
+    # model.load_state_dict(load_file(...)) fail, and the Trainer warn on resuming a checkpoint.
+    from tests.conftest import make_tiny_llama
+
+    stages = [{"technique": "low_rank", "ratio": 0.5, "targets": ["re:.*down_proj$"]}, RTNConfig(bits=4, group_size=16)]
+    calibration = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    saved, other = make_tiny_llama(tie=False), make_tiny_llama(seed=1, tie=False)  # a tied file lacks lm_head
+    for model in (saved, other):
+        compress(model, stages, calibration_data=calibration, progress=False)
+    hfcompress.save_pretrained(saved, tmp_path / "m", card=False)
+    state = load_file(tmp_path / "m" / "model.safetensors")
+    guard = [k for k, v in state.items() if v.dtype == torch.uint8 and v.numel() == 0]
+    assert len(guard) == 1
+    result = other.load_state_dict(state)  # strict
+    assert not result.unexpected_keys and not result.missing_keys
+    assert torch.equal(other(llama_ids).logits, saved(llama_ids).logits)
+    # a real tensor under that name is still unexpected
+    state[guard[0]] = torch.zeros(3)
+    with pytest.raises(RuntimeError, match=rf"Unexpected key\(s\) in state_dict: \"{guard[0]}\""):
+        other.load_state_dict(state)
+
+
 def test_untied_quantized_head_reloads(tiny_llama, llama_ids, tmp_path):
     compress(tiny_llama, [RTNConfig(bits=8, group_size=-1, ignore=())], progress=False)
     expected = tiny_llama(llama_ids).logits
