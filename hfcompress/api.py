@@ -123,6 +123,7 @@ def compress(
     if not isinstance(model, nn.Module):
         raise RecipeError(f"compress() needs a torch.nn.Module, got {type(model).__name__}")
     _refuse_adapters(model)
+    _refuse_weights_without_values(model)
     recipe = _after_earlier_calls(recipe, model)
     context = CompressionContext(
         tokenizer=tokenizer,
@@ -170,6 +171,23 @@ def _refuse_adapters(model: nn.Module) -> None:
             f"the model carries peft adapters ({shown}); compress the base model first and attach adapters "
             "afterwards (QLoRA: compress(), then get_peft_model), or merge a trained adapter into the float "
             "weights with merge_and_unload() and compress the merged model"
+        )
+
+
+def _refuse_weights_without_values(model: nn.Module) -> None:
+    """Refuse a model with tensors on the meta device that no accelerate offload hook can load
+    (built under ``init_empty_weights``, or half-loaded): the stages cannot read them. The
+    weight stages said so at the first such layer; calibrating stages failed deep inside."""
+    hooked = [name for name, m in model.named_modules() if getattr(getattr(m, "_hf_hook", None), "offload", False)]
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    empty = next(
+        (n for n, t in tensors if t.is_meta and not any(h == "" or n.startswith(f"{h}.") for h in hooked)), None
+    )
+    if empty is not None:
+        raise ModelError(
+            f"tensor {empty!r} is on the meta device (the model was built without its weights, e.g. under "
+            "init_empty_weights) and no offload hook can load it; load the model with from_pretrained (with "
+            "device_map/offload_folder for one larger than memory)"
         )
 
 

@@ -217,3 +217,20 @@ def test_a_refused_recipe_leaves_every_modules_mode_as_it_was():
     with pytest.raises(CalibrationDataError):
         compress(model, [{"technique": "gptq", "bits": 4, "group_size": 16}], progress=False)
     assert model.training and model.model.layers[1].training and not model.model.layers[0].training
+
+
+@pytest.mark.parametrize("technique", ["rtn", "gptq"])
+def test_a_model_without_its_weights_is_refused_before_any_stage(technique):
+    # built under init_empty_weights: GPTQ failed deep inside ("Tensor.item() cannot be called
+    # on meta tensors"); now every stage is refused up front, naming a tensor and the fix
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(make_tiny_llama().config)
+    stage = {"technique": technique, "bits": 4, "group_size": 16}
+    with pytest.raises(
+        ModelError, match=r"tensor 'model\.embed_tokens\.weight' is on the meta device .*from_pretrained"
+    ):
+        compress(model, [stage], calibration_data=torch.randint(1, 128, (4, 16)), progress=False)
+    assert not hasattr(model.config, "quantization_config")
