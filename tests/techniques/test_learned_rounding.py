@@ -204,9 +204,14 @@ def test_top_k_kl_is_zero_only_at_the_teacher():
     assert partial_kl(shifted, teacher, index).item() > 1e-3
 
 
-def test_end_to_end_scales_refuse_an_offloaded_model():
-    model = make_tiny_llama(layers=2)
-    model.model.embed_tokens.weight = torch.nn.Parameter(torch.empty(128, 80, device="meta"))
+def test_end_to_end_scales_refuse_an_offloaded_model(tmp_path):
+    make_tiny_llama(layers=2).save_pretrained(tmp_path / "float")
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk"}
+    device_map |= {"model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "float", device_map=device_map, offload_folder=tmp_path / "offload"
+    )
+    assert model.model.layers[1].mlp.up_proj.weight.is_meta
     with pytest.raises(RecipeError, match="offloaded"):
         compress(model, [LearnedRoundingConfig(bits=4, group_size=16, e2e_steps=2)], calibration_data=CALIB)
 
