@@ -39,6 +39,7 @@ __all__ = [
     "calibration_ids",
     "calibration_samples",
     "data_dir",
+    "is_calibration_text",
     "join_wikitext_rows",
     "load_text",
 ]
@@ -227,6 +228,12 @@ def _as_text_or_ids(data) -> str | list[str] | torch.Tensor:
         "a datasets.Dataset, a [num_samples, seq_len] tensor of token ids, or a list of token-id tensors or "
         f"tokenizer outputs of one length; got {type(data).__name__}"
     )
+
+
+def is_calibration_text(data) -> bool:
+    """Whether ``data`` (any accepted calibration input) is text, which needs a tokenizer,
+    rather than token ids; a :class:`CalibrationDataError` for an input that is neither."""
+    return not isinstance(_as_text_or_ids(data), torch.Tensor)
 
 
 def calibration_batches(data, tokenizer=None, *, batch_size: int = 8, **windows) -> list[dict[str, torch.Tensor]]:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import re
 from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
@@ -43,6 +42,7 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from hfcompress.data import is_calibration_text
 from hfcompress.errors import CheckpointError, RecipeError
 from hfcompress.integrity import HASH_KEY, compressed_tensor_hashes, verify_files, verify_on_load
 from hfcompress.kinds import compressed_modules, get_module_kind, registered_module_kinds
@@ -334,15 +334,9 @@ class HfCompressQuantizer(HfQuantizer):
 def _calibration_tokenizer(tokenizer: Any, data: Any, model: torch.nn.Module) -> Any:
     """The tokenizer for compressing on load: the given one (loaded when named), else for text
     data the checkpoint's own, else None (token ids need none)."""
-    columns = getattr(data, "column_names", None) or ()  # a datasets.Dataset
-    text = (
-        isinstance(data, (str, os.PathLike))
-        or (isinstance(data, (list, tuple)) and bool(data) and isinstance(data[0], str))
-        or ("text" in columns and "input_ids" not in columns)
-    )
     if isinstance(tokenizer, str):
         source = tokenizer
-    elif tokenizer is not None or not text:
+    elif tokenizer is not None or data is None or not is_calibration_text(data):
         return tokenizer
     else:
         source = getattr(model, "name_or_path", None)
