@@ -23,6 +23,7 @@ from hfcompress.errors import EvaluationError
 from hfcompress.glue.data import load_glue
 from hfcompress.glue.metrics import glue_metrics
 from hfcompress.glue.tasks import GlueDataError, GlueTask, eval_splits, get_task
+from hfcompress.modes import evaluating
 
 __all__ = [
     "GlueResult",
@@ -132,9 +133,7 @@ def predict(model: nn.Module, tokenizer, dataset, *, task: GlueTask, batch_size:
     collate = _collator(tokenizer)
     columns = [c for c in dataset.column_names if c != "labels"]
     out = np.empty(len(dataset), dtype=np.float64 if task.is_regression else np.int64)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             batch = collate([{c: dataset[int(i)][c] for c in columns} for i in idx])
@@ -147,8 +146,6 @@ def predict(model: nn.Module, tokenizer, dataset, *, task: GlueTask, batch_size:
                     "dtype overflow there, so no score is reported"
                 )
             out[idx] = logits[:, 0].cpu().numpy() if task.is_regression else logits.argmax(-1).cpu().numpy()
-    finally:
-        model.train(was_training)
     return out
 
 
