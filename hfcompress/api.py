@@ -16,6 +16,7 @@ from hfcompress.experts import PATCH as EXPERTS_PATCH
 from hfcompress.experts import fuse_experts_back, unfuse_experts
 from hfcompress.integrations.transformers_quantizer import HfCompressQuantizationConfig, attach_quantization_config
 from hfcompress.kinds import compressed_modules, is_linear_like
+from hfcompress.layerwise import offloads
 from hfcompress.modes import evaluating
 from hfcompress.modifier import CompressionContext, ModelView
 from hfcompress.patches import record_patch, recorded_patches
@@ -178,7 +179,7 @@ def _refuse_weights_without_values(model: nn.Module) -> None:
     """Refuse a model with tensors on the meta device that no accelerate offload hook can load
     (built under ``init_empty_weights``, or half-loaded): the stages cannot read them. The
     weight stages said so at the first such layer; calibrating stages failed deep inside."""
-    hooked = [name for name, m in model.named_modules() if getattr(getattr(m, "_hf_hook", None), "offload", False)]
+    hooked = [name for name, m in model.named_modules() if offloads(m)]
     tensors = [*model.named_parameters(), *model.named_buffers()]
     empty = next(
         (n for n, t in tensors if t.is_meta and not any(h == "" or n.startswith(f"{h}.") for h in hooked)), None

@@ -50,6 +50,7 @@ __all__ = [
     "materialize_offloaded",
     "native_bfloat16",
     "offloaded_tensors",
+    "offloads",
     "propagate",
     "release_memory",
     "run_block",
@@ -95,6 +96,12 @@ def _offload_hooks(module: nn.Module) -> Iterator[tuple[nn.Module, Any]]:
         hook = getattr(sub, "_hf_hook", None)
         if hook is not None:
             yield sub, hook
+
+
+def offloads(module: nn.Module) -> bool:
+    """Whether ``module`` carries an accelerate hook that offloads its tensors (they sit on the
+    meta device, their values in the hook's CPU or disk weights map)."""
+    return bool(getattr(getattr(module, "_hf_hook", None), "offload", False))
 
 
 def offloaded_tensors(module: nn.Module) -> Iterator[tuple[nn.Module, str, torch.Tensor]]:

@@ -15,7 +15,7 @@ from torch import nn
 from hfcompress.config import TechniqueConfig, check_target_fields, invalid
 from hfcompress.errors import CalibrationDataError, ModelError
 from hfcompress.kinds import CompressedModule, is_linear_like, linear_features, linear_weight, swap_module
-from hfcompress.layerwise import materialize_offloaded
+from hfcompress.layerwise import materialize_offloaded, offloads
 from hfcompress.mixed_precision import BitsBudget, Choice, PrecisionPlan, plan_by_layer_order, solve_budget
 from hfcompress.mixed_precision.sensitivity import choice_losses, fisher_diagonal
 from hfcompress.modifier import CompressionContext, ModelView, Modifier
@@ -353,8 +353,7 @@ class WeightQuantModifier(Modifier):
         parts = name.split(".")
         for depth in range(len(parts) + 1):
             module = model.get_submodule(".".join(parts[:depth]))
-            hook = getattr(module, "_hf_hook", None)
-            if hook is not None and getattr(hook, "offload", False):
+            if offloads(module):
                 materialize_offloaded(module, model=model)
                 return
         layer = model.get_submodule(name)
