@@ -72,8 +72,10 @@ class Recipe:
         for i, item in enumerate(stages):
             if isinstance(item, dict):
                 stage = self._stage_from_dict(i, item)
+            elif isinstance(item, Stage):
+                stage = item
             else:
-                stage = item if isinstance(item, Stage) else Stage(name=f"stage_{i}", config=item)
+                stage = Stage(name=f"stage_{i}", config=item)
             if not isinstance(stage.config, TechniqueConfig):
                 raise RecipeError(
                     f"stage {i} must be a technique config (e.g. RTNConfig(...)) or a stage mapping "

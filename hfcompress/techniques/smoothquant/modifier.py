@@ -141,6 +141,10 @@ def _fake_quantized(block: nn.Module, names: set[str], weight_bits: int):
 class SmoothQuantModifier(Modifier):
     config: SmoothQuantConfig
     description = "SmoothQuant"  # messages and the progress bar's label
+    # What this stage prepares the float weights for, in words, and an example of the stages
+    # after it that do it (:meth:`_followers` gives their types).
+    prepares = "int8 activations or weight quantization"
+    example = "recipes/llama_w8a8_static_smoothquant.yaml: rtn with bits 8, then int8_activations"
 
     def __init__(self, config: SmoothQuantConfig, stage: str) -> None:
         super().__init__(config, stage)
@@ -148,10 +152,6 @@ class SmoothQuantModifier(Modifier):
         self._explicit = [Mapping(*parse_mapping(text)) for text in config.mappings]
         self.applied: dict[str, list[Mapping]] = {}  # block prefix -> mappings smoothed
         self.alphas: dict[str, dict[str, float | None]] = {}  # block prefix -> {source: alpha; AWQ: None = unscaled}
-
-    # What this stage prepares the float weights for, in words, and the stage types that do it.
-    prepares = "int8 activations or weight quantization"
-    example = "recipes/llama_w8a8_static_smoothquant.yaml: rtn with bits 8, then int8_activations"
 
     def _followers(self) -> tuple[type, ...]:
         from hfcompress.techniques.activations.modifier import ActivationQuantModifier
