@@ -1,6 +1,8 @@
 """``from_pretrained(float_dir, quantization_config=HfCompressQuantizationConfig(recipe=...))``
 compresses a float checkpoint as it loads, as bitsandbytes, torchao or HQQ configs do."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -12,6 +14,7 @@ from hfcompress.integrations.kv_cache import QuantizedKVCache
 
 from ..conftest import make_tiny_bert, make_tiny_llama
 
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"  # the repository's, whatever the working folder
 STAGES = [
     RTNConfig(bits=4, group_size=16),
     {"name": "kv4", "technique": "kv_cache", "bits": 4, "group_size": 16, "residual_length": 16, "sink_tokens": 4},
@@ -56,7 +59,7 @@ def test_loading_with_a_recipe_gives_the_model_compress_gives(float_dir, tmp_pat
 def test_a_shipped_recipe_by_path(tmp_path):
     # rotation, int8 weights and dynamic int8 activations: a recipe that needs no data
     make_tiny_llama(hidden_size=256, intermediate_size=512).save_pretrained(tmp_path / "float")
-    recipe = "recipes/llama_w8a8_dynamic.yaml"
+    recipe = str(RECIPES / "llama_w8a8_dynamic.yaml")
     expected = AutoModelForCausalLM.from_pretrained(tmp_path / "float")
     hfcompress.compress(expected, recipe, progress=False)
     model = AutoModelForCausalLM.from_pretrained(
@@ -93,7 +96,7 @@ def test_stages_that_need_data_or_nothing_to_apply_are_refused_before_loading(fl
     pkd = HfCompressQuantizationConfig([{"name": "d", "technique": "pkd", "num_layers": 1}])
     with pytest.raises(RecipeError, match=r"stage 'd' \(pkd\) trains the model and needs a training set"):
         AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=pkd)
-    smooth = HfCompressQuantizationConfig("recipes/bert_w8a8_dynamic.yaml")  # SmoothQuant measures activations
+    smooth = HfCompressQuantizationConfig(str(RECIPES / "bert_w8a8_dynamic.yaml"))  # SmoothQuant measures activations
     with pytest.raises(RecipeError, match=r"stage 'smooth' \(smoothquant\) needs calibration data"):
         AutoModelForSequenceClassification.from_pretrained(float_dir, quantization_config=smooth)
     with pytest.raises(RecipeError, match="needs a recipe"):
