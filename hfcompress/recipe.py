@@ -94,13 +94,15 @@ class Recipe:
     @classmethod
     def of(cls, recipe: Any) -> Recipe:
         """``recipe`` as a Recipe: a Recipe as it is, a path to a YAML file, a mapping with a
-        ``stages`` list, a list of stages (configs, :class:`Stage` objects, stage mappings) or
-        one technique config."""
+        ``stages`` list, a list of stages (configs, :class:`Stage` objects, stage mappings), one
+        stage mapping (``{"technique": "rtn", "bits": 4}``) or one technique config."""
         if isinstance(recipe, Recipe):
             return recipe
         if isinstance(recipe, (str, os.PathLike)):
             return cls.from_yaml(recipe)
         if isinstance(recipe, dict):
+            if "technique" in recipe and "stages" not in recipe:
+                return cls([recipe])
             return cls.from_dict(recipe)
         return cls(recipe if isinstance(recipe, (list, tuple)) else [recipe])
 
@@ -110,7 +112,13 @@ class Recipe:
             raise RecipeError(f"a recipe must be a mapping with a 'stages' list, got {type(data).__name__}")
         unknown = sorted(set(data) - set(_RECIPE_KEYS))
         if unknown:
-            raise RecipeError(f"unknown recipe key(s) {unknown}; accepted keys: {list(_RECIPE_KEYS)}")
+            hint = (
+                "; this mapping looks like one stage: list it under 'stages' "
+                "({'stages': [{'technique': ...}]})"
+                if "technique" in data
+                else ""
+            )
+            raise RecipeError(f"unknown recipe key(s) {unknown}; accepted keys: {list(_RECIPE_KEYS)}{hint}")
         stages = data.get("stages")
         if not isinstance(stages, list) or not stages:
             raise RecipeError(f"'stages' must be a non-empty list of stage mappings, got {stages!r}")

@@ -163,3 +163,15 @@ def test_stage_mappings_build_the_same_recipe_as_yaml():
         Recipe([{"technique": "rtn", "bits": 5}])
     with pytest.raises(RecipeError, match="missing key 'technique'"):
         Recipe([{"bits": 4}])
+
+
+def test_one_stage_mapping_is_a_one_stage_recipe():
+    # compress(model, {"technique": "rtn", ...}) reads as one stage; it was refused as a recipe with
+    # unknown keys ['bits', 'group_size', 'technique']
+    one = Recipe.of({"technique": "rtn", "bits": 4, "group_size": 32})
+    assert one.to_dict() == Recipe([{"technique": "rtn", "bits": 4, "group_size": 32}]).to_dict()
+    with pytest.raises(RecipeError, match="bits"):
+        Recipe.of({"technique": "rtn", "bits": 5})
+    # a YAML file is a recipe document: a bare stage there is still refused, with the fix named
+    with pytest.raises(RecipeError, match=r"looks like one stage: list it under 'stages'"):
+        Recipe.from_yaml_str("technique: rtn\nbits: 4\n")
