@@ -56,12 +56,19 @@ def _add_eval_args(p: argparse.ArgumentParser, windows_default: int | None) -> N
         default=DEFAULT_EVAL_DATA,
         help="wikitext2:test, wikitext2:valid (or the Hub's names, wikitext:test, ...) or a text file",
     )
-    p.add_argument("--seq-len", type=int_at_least(2), default=DEFAULT_SEQ_LEN, help="tokens per perplexity window")
+    p.add_argument(
+        "--seq-len",
+        type=int_at_least(2),
+        default=DEFAULT_SEQ_LEN,
+        help="tokens per perplexity window (default: %(default)s)",
+    )
     p.add_argument(
         "--max-windows",
         type=int_at_least(1),
         default=windows_default,
-        help="score the first N windows (default: %(default)s)",
+        help="score the first N windows (default: "
+        + ("all of them" if windows_default is None else "%(default)s")
+        + ")",
     )
 
 
@@ -78,18 +85,36 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--calibration",
         default=None,
-        help="calibration text: wikitext2:valid (or the Hub's name, wikitext:validation) or a text file",
+        help="calibration text: wikitext2:valid (or the Hub's name, wikitext:validation) or a text file; "
+        "needed by calibrating stages (gptq, awq, smoothquant, static int8_activations, ...)",
     )
-    c.add_argument("--num-calibration-samples", type=int_at_least(1), default=128)
-    c.add_argument("--calibration-seq-len", type=int_at_least(2), default=512)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument(
+        "--num-calibration-samples",
+        type=int_at_least(1),
+        default=128,
+        help="calibration windows drawn from the text (default: %(default)s)",
+    )
+    c.add_argument(
+        "--calibration-seq-len",
+        type=int_at_least(2),
+        default=512,
+        help="tokens per calibration window (default: %(default)s)",
+    )
+    c.add_argument(
+        "--seed", type=int, default=0, help="seed for drawing the windows and for stages (default: %(default)s)"
+    )
     c.add_argument(
         "--checkpoint-dir", default=None, help="persist finished blocks of layerwise stages here; rerun to resume"
     )
     c.add_argument("--device", default=None, help="compute device for layerwise stages (default: keep)")
     c.add_argument("--push-to-hub", default=None, metavar="REPO", help="also upload the saved model to this repo")
     c.add_argument("--report", action="store_true", help="measure before and after, print a table")
-    c.add_argument("--decode-tokens", type=int_at_least(0), default=DEFAULT_DECODE_TOKENS, help="for --report; 0 skips")
+    c.add_argument(
+        "--decode-tokens",
+        type=int_at_least(0),
+        default=DEFAULT_DECODE_TOKENS,
+        help="for --report: tokens to decode for the speed row; 0 skips (default: %(default)s)",
+    )
     _add_eval_args(c, DEFAULT_EVAL_WINDOWS)
 
     e = sub.add_parser("eval", help="measure a model")
@@ -97,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     ppl = esub.add_parser("ppl", help="perplexity over non-overlapping windows of a text")
     _add_model_args(ppl)
     _add_eval_args(ppl, None)
-    ppl.add_argument("--batch-size", type=int_at_least(1), default=1)
+    ppl.add_argument(
+        "--batch-size", type=int_at_least(1), default=1, help="windows scored per forward (default: %(default)s)"
+    )
     ppl.add_argument("--json", action="store_true", help="print the result as JSON")
     add_eval_glue_parser(esub)
     add_distill_parser(sub)

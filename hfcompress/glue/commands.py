@@ -28,19 +28,25 @@ DEFAULT_TASKS = "sst2,mrpc,cola,rte,stsb,wnli"
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--data-dir", default=None, help="GLUE folder in the original layout, or nyu-mll/glue (default: shared/data)"
+        "--data-dir",
+        default=None,
+        help="GLUE folder in the original layout, or nyu-mll/glue (default: $HFCOMPRESS_DATA_DIR/glue, a "
+        "shared/data/glue folder beside the working folder, else the Hub's nyu-mll/glue)",
     )
     p.add_argument(
-        "--max-length", type=int_at_least(2), default=128, help="tokens per example (pairs truncated longest-first)"
+        "--max-length",
+        type=int_at_least(2),
+        default=128,
+        help="tokens per example, pairs truncated longest-first (default: %(default)s)",
     )
     p.add_argument("--limit", type=int_at_least(1), default=None, help="use only the first N examples of each split")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=float, default=3.0)
-    p.add_argument("--learning-rate", type=float, default=5e-5)
-    p.add_argument("--batch-size", type=int_at_least(1), default=32)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--epochs", type=float, default=3.0, help="training epochs (default: %(default)s)")
+    p.add_argument("--learning-rate", type=float, default=5e-5, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=32, help="training batch size (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=42, help="training seed (default: %(default)s)")
     p.add_argument("--bf16", action="store_true", help="train under bfloat16 autocast")
 
 
@@ -56,7 +62,9 @@ def add_eval_glue_parser(esub: argparse._SubParsersAction) -> None:
     g.add_argument("--tasks", default=DEFAULT_TASKS, help="comma-separated GLUE tasks (default: %(default)s)")
     g.add_argument("--finetune", action="store_true", help="fine-tune each model on each task's train split first")
     g.add_argument("--output-dir", default=None, help="with --finetune: save the fine-tuned models here")
-    g.add_argument("--eval-batch-size", type=int_at_least(1), default=64)
+    g.add_argument(
+        "--eval-batch-size", type=int_at_least(1), default=64, help="examples per scoring batch (default: %(default)s)"
+    )
     g.add_argument("--json", default=None, help="write all scores to this JSON file")
     g.add_argument("--markdown", default=None, help="write the table to this markdown file")
     _add_data_args(g)
