@@ -36,6 +36,7 @@ compiles into a prefill graph and one decode graph, however long the cache grows
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import warnings
 from collections.abc import Callable
@@ -547,8 +548,9 @@ def kv_config(model: nn.Module) -> KVCacheConfig | None:
 
 
 def enable_kv_cache(model: nn.Module, spec: KVCacheConfig | None = None, **kwargs: Any) -> KVCacheConfig:
-    """Make ``model.generate`` use a :class:`QuantizedKVCache` by default, and its attention
-    read the packed cache (``hfcompress_kv``, SDPA for everything else).
+    """Make ``model.generate`` use a :class:`QuantizedKVCache` by default (and an eval-mode
+    forward with ``use_cache`` and no cache, a hand-written decoding loop's first step), and its
+    attention read the packed cache (``hfcompress_kv``, SDPA for everything else).
 
     Args:
         model: A decoder model whose attention goes through transformers' ``AttentionInterface``.
@@ -567,8 +569,49 @@ def enable_kv_cache(model: nn.Module, spec: KVCacheConfig | None = None, **kwarg
     if kv_config(model) is None:
         object.__setattr__(model, "_prepare_cache_for_generation", _PrepareCache(model))
         _replace_default_cache_implementation(model)
+        model.register_forward_pre_hook(_default_forward_cache, with_kwargs=True)
     object.__setattr__(model, _CONFIG_ATTR, spec)
     return spec
+
+
+def _default_forward_cache(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """A forward pre-hook: a forward that would build transformers' float ``DynamicCache`` (no
+    cache passed, ``use_cache`` on; a hand-written decoding loop's first step) gets a
+    :class:`QuantizedKVCache` instead, so the loop's later steps store packed keys and values as
+    ``generate`` does. Training-mode forwards (nobody decodes from their cache) are left alone.
+    ``generate`` passes its own cache, so this does nothing there."""
+    spec = kv_config(module)
+    if spec is None or module.training or any(kwargs.get(key) is not None for key in _CACHE_KEYS):
+        return None  # generate's steps end here: it passes its cache by keyword
+    params = _forward_params(type(module))
+    given = {**dict(zip(params, args, strict=False)), **kwargs}  # forward(*args) may pass fewer
+    if any(given.get(key) is not None for key in _CACHE_KEYS):
+        return None
+    use_cache = given.get("use_cache")
+    if use_cache is None:
+        use_cache = getattr(module.config.get_text_config(decoder=True), "use_cache", False)
+    key = next((k for k in _CACHE_KEYS if k in params), None)
+    if not use_cache or key is None or key in params[: len(args)]:
+        return None
+    kwargs = {k: v for k, v in kwargs.items() if k not in _CACHE_KEYS}
+    kwargs[key] = QuantizedKVCache(module.config, spec=spec)
+    return args, kwargs
+
+
+_CACHE_KEYS = ("cache", "past_key_values")
+
+
+@functools.cache
+def _forward_params(cls: type) -> tuple[str, ...]:
+    """The names of ``cls.forward``'s parameters after ``self``, in order."""
+    return tuple(inspect.signature(cls.forward).parameters)[1:]
+
+
+def _remove_default_forward_cache(model: nn.Module) -> None:
+    ids = [i for i, hook in model._forward_pre_hooks.items() if hook is _default_forward_cache]
+    for i in ids:
+        model._forward_pre_hooks.pop(i)
+        model._forward_pre_hooks_with_kwargs.pop(i, None)
 
 
 _DEFAULT_IMPLEMENTATION_ATTR = "_hfcompress_kv_replaced_cache_implementation"
@@ -632,6 +675,7 @@ def disable_kv_cache(model: nn.Module) -> None:
     if kv_config(model) is None:
         return
     restore_attention(model, ATTENTION)
+    _remove_default_forward_cache(model)
     for attr in (_CONFIG_ATTR, "_prepare_cache_for_generation"):
         object.__delattr__(model, attr)
     named = model.__dict__.get(_DEFAULT_IMPLEMENTATION_ATTR)

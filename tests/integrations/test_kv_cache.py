@@ -233,6 +233,32 @@ def test_generate_builds_our_cache_by_default_and_disable_restores(model):
     assert type(getattr(out, "cache", None) or out.past_key_values) is DynamicCache
 
 
+@torch.no_grad()
+def test_a_hand_written_decoding_loop_gets_our_cache(model):
+    # model(ids, use_cache=True) with no cache built transformers' float DynamicCache, so a
+    # hand-written greedy loop stored every token in full precision, silently.
+    ids = _prompts(1)[0]
+    want = _generate(model, ids, max_new_tokens=40)
+    out = model(ids, use_cache=True)
+    assert isinstance(out.past_key_values, QuantizedKVCache) and out.past_key_values.spec == kv_config(model)
+    torch.testing.assert_close(out.logits, model(ids, use_cache=False).logits)  # the prompt attends in float
+    tokens = [out.logits[:, -1].argmax(-1, keepdim=True)]
+    for _ in range(39):
+        out = model(tokens[-1], past_key_values=out.past_key_values)  # the older keyword, positions from the cache
+        tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+    assert out.past_key_values.layers[0].packed_tokens > 0
+    assert torch.equal(torch.cat([ids, *tokens], dim=1), want)
+    # a cache the caller passes, a forward without use_cache, and training-mode forwards are left alone
+    user = DynamicCache(config=model.config)
+    assert model(ids, cache=user).past_key_values is user
+    assert model(ids, use_cache=False).past_key_values is None
+    model.train()
+    assert type(model(ids, use_cache=True).past_key_values) is DynamicCache
+    model.eval()
+    disable_kv_cache(model)
+    assert type(model(ids, use_cache=True).past_key_values) is DynamicCache
+
+
 @pytest.mark.parametrize("named", ["static"])  # "offloaded" works the same way, on CUDA only
 def test_a_cache_named_by_the_caller_is_honoured_with_a_warning(model, named):
     # cache_implementation= is an explicit request: generate builds that cache, and says that
