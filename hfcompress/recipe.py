@@ -113,8 +113,7 @@ class Recipe:
         unknown = sorted(set(data) - set(_RECIPE_KEYS))
         if unknown:
             hint = (
-                "; this mapping looks like one stage: list it under 'stages' "
-                "({'stages': [{'technique': ...}]})"
+                "; this mapping looks like one stage: list it under 'stages' ({'stages': [{'technique': ...}]})"
                 if "technique" in data
                 else ""
             )
