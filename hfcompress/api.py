@@ -98,7 +98,9 @@ def compress(
 
     Args:
         model: A transformers model (or any ``nn.Module``).
-        recipe: A :class:`Recipe`, a path to a recipe YAML file, a dict, or technique configs.
+        recipe: A :class:`Recipe`, a recipe YAML file (a path, or a shipped recipe's name), a
+            mapping (a recipe with ``stages``, or one stage: ``{"technique": "rtn", "bits": 4}``),
+            or technique configs and stage mappings (a list, or one config).
         tokenizer: Tokenizer for text calibration data.
         calibration_data: Calibration samples, for stages that need them: text (a list of
             strings, a file, ``"wikitext2:valid"``, a Dataset's ``text`` column), cut into
