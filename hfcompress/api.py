@@ -105,7 +105,8 @@ def compress(
         calibration_data: Calibration samples, for stages that need them: text (a list of
             strings, a file, ``"wikitext2:valid"``, a Dataset's ``text`` column), cut into
             windows; or token ids of one length (a ``[num_samples, seq_len]`` tensor, a list of
-            id tensors or of unpadded tokenizer outputs, a Dataset's ``input_ids`` column).
+            id tensors or of unpadded tokenizer outputs, a Dataset's ``input_ids`` column); a
+            DataLoader or a generator of either is read once into a list.
         train_dataset: Training set, for stages that train.
         eval_dataset: Evaluation set, for stages that train.
         device: Compute device for layerwise stages; None uses the model's first parameter's.

@@ -24,7 +24,7 @@ import gzip
 import hashlib
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 
@@ -217,16 +217,27 @@ def _as_text_or_ids(data) -> str | list[str] | torch.Tensor:
     if isinstance(data, (list, tuple)) and data and all(isinstance(t, (torch.Tensor, Mapping)) for t in data):
         return _stacked_ids(data)  # token tensors, or tokenizer outputs (AutoGPTQ's "examples")
     column_names = getattr(data, "column_names", None)  # a datasets.Dataset
+    if isinstance(column_names, dict):  # a DatasetDict
+        raise CalibrationDataError(
+            f"calibration_data is a DatasetDict of splits {list(column_names)}: pass one split, e.g. "
+            f"calibration_data=data[{next(iter(column_names), 'train')!r}]"
+        )
     if column_names is not None:
         if "input_ids" in column_names:
             return _stacked_ids(data["input_ids"])
         if "text" in column_names:
             return [t for t in data["text"] if t]
         raise CalibrationDataError(f"a calibration Dataset needs a 'text' or 'input_ids' column; it has {column_names}")
+    if isinstance(data, Iterable) and not isinstance(data, (Mapping, bytes)):
+        # A torch DataLoader (batches of ids or tokenizer outputs) or another iterable of samples
+        items = list(data)
+        if items and all(isinstance(t, (str, torch.Tensor, Mapping)) for t in items):
+            return _as_text_or_ids(items)
     raise CalibrationDataError(
         "calibration_data must be a list of strings, a text source (file path, 'wikitext2:valid'), "
         "a datasets.Dataset, a [num_samples, seq_len] tensor of token ids, or a list of token-id tensors or "
-        f"tokenizer outputs of one length; got {type(data).__name__}"
+        "tokenizer outputs of one length (or an iterable of these: a DataLoader, a generator); got "
+        f"{type(data).__name__}"
     )
 
 

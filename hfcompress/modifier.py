@@ -10,6 +10,7 @@ stage that the stages before it leave with nothing to do. Then ``apply`` runs on
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,11 @@ class CompressionContext:
     # The checked calibration windows, once a stage asked for them: later stages batch the
     # same tensor instead of tokenizing the data again.
     calibration_windows: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # A generator can be read once; the stages' checks and the calibration read it twice.
+        if isinstance(self.calibration_data, Iterator):
+            self.calibration_data = list(self.calibration_data)
 
 
 @dataclass

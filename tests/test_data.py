@@ -173,6 +173,31 @@ def test_token_samples_in_the_shapes_peers_take_are_one_tensor():
     assert torch.equal(calibration_ids(datasets.Dataset.from_dict({"input_ids": want.tolist()})), want)
 
 
+def test_a_dataloader_a_generator_and_a_datasetdict():
+    # A DataLoader of id batches (llm-compressor's and ModelOpt's examples build one) and a
+    # generator of texts were refused as unknown types; a generator must survive being read by
+    # the stages' checks and then by the calibration itself.
+    import datasets
+
+    from hfcompress import compress
+    from hfcompress.data import calibration_ids
+    from tests.conftest import make_char_tokenizer, make_tiny_llama
+
+    ids = torch.randint(1, 100, (6, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(calibration_ids(torch.utils.data.DataLoader(ids, batch_size=4)), ids)
+    batches = [{"input_ids": ids[:3]}, {"input_ids": ids[3:]}]
+    assert torch.equal(calibration_ids(torch.utils.data.DataLoader(batches, batch_size=None)), ids)
+    texts = ["some calibration text, repeated. " * 10] * 4
+    kw = dict(tokenizer=make_char_tokenizer(), num_calibration_samples=4, calibration_seq_len=16, progress=False)
+    recipe = {"technique": "gptq", "bits": 4, "group_size": 16}
+    from_list = compress(make_tiny_llama(), recipe, calibration_data=texts, **kw).state_dict()
+    from_generator = compress(make_tiny_llama(), recipe, calibration_data=(t for t in texts), **kw).state_dict()
+    assert all(torch.equal(from_list[k], from_generator[k]) for k in from_list)
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts})})
+    with pytest.raises(CalibrationDataError, match=r"a DatasetDict of splits \['train'\]: pass one split"):
+        calibration_ids(splits)
+
+
 def test_token_samples_of_two_lengths_or_padded_are_refused():
     from hfcompress.data import calibration_ids
     from tests.conftest import make_char_tokenizer
