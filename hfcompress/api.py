@@ -14,7 +14,12 @@ from torch import nn
 from hfcompress.errors import ModelError, RecipeError
 from hfcompress.experts import PATCH as EXPERTS_PATCH
 from hfcompress.experts import fuse_experts_back, unfuse_experts
-from hfcompress.integrations.transformers_quantizer import HfCompressQuantizationConfig, attach_quantization_config
+from hfcompress.integrations.transformers_quantizer import (
+    INTERRUPTED_ATTR,
+    HfCompressQuantizationConfig,
+    attach_quantization_config,
+    mark_interrupted,
+)
 from hfcompress.kinds import compressed_modules, is_linear_like
 from hfcompress.layerwise import offloads
 from hfcompress.modes import evaluating
@@ -95,6 +100,9 @@ def compress(
     A model compressed before (an earlier call, or a compressed checkpoint) can take stages
     that add to its layers (``int8_activations``, ``kv_cache``); its recorded recipe gets this
     one's stages appended, a stage name it already holds suffixed ``_2`` (``_3``, ...).
+    A stage that fails or is interrupted part-way leaves the layers it finished compressed; that
+    model runs, but saving it and compressing it again are refused (load the float model again;
+    with ``checkpoint_dir`` a layerwise stage resumes).
 
     Args:
         model: A transformers model (or any ``nn.Module``).
@@ -128,6 +136,7 @@ def compress(
         raise RecipeError(f"compress() needs a torch.nn.Module, got {type(model).__name__}")
     _refuse_adapters(model)
     _refuse_weights_without_values(model)
+    _refuse_interrupted(model)
     recipe = _after_earlier_calls(recipe, model)
     context = CompressionContext(
         tokenizer=tokenizer,
@@ -178,6 +187,17 @@ def _refuse_adapters(model: nn.Module) -> None:
         )
 
 
+def _refuse_interrupted(model: nn.Module) -> None:
+    """Refuse a model an earlier ``compress()`` call left part-way: stages that change weights in
+    place (smoothing, rotation, scaling) would apply twice to the blocks already done."""
+    message = model.__dict__.get(INTERRUPTED_ATTR)
+    if message:
+        raise ModelError(
+            f"{message}, so this model is partly compressed; load the float model again and compress that "
+            "(with checkpoint_dir=..., a layerwise stage resumes after its last saved block)"
+        )
+
+
 def _refuse_weights_without_values(model: nn.Module) -> None:
     """Refuse a model with tensors on the meta device that no accelerate offload hook can load
     (built under ``init_empty_weights``, or half-loaded): the stages cannot read them. The
@@ -219,7 +239,19 @@ def _run_stages(model: nn.Module, modifiers: list, context: CompressionContext, 
         for later in modifiers[i + 1 :]:
             later.before_stage(model, modifier.stage)
         logger.info("applying stage %r (%s)", modifier.stage, modifier.config.technique)
-        modifier.apply(model, context)
+        try:
+            modifier.apply(model, context)
+        except BaseException as exc:  # Ctrl-C, out of memory, a failure in block 17 of 30
+            # The layers done so far stay compressed (the model runs), but no recipe describes the
+            # model: saving it (a checkpoint that looks whole) and compressing it again are refused.
+            done = Recipe([Stage(name=m.stage, config=m.config) for m in modifiers[: i + 1]])
+            mark_interrupted(
+                model,
+                done.to_dict(),
+                f"compress() was interrupted in stage {modifier.stage!r} ({modifier.config.technique}) by "
+                f"{type(exc).__name__}",
+            )
+            raise
 
 
 def _new_modules_follow_their_parent(model: nn.Module, before: set[nn.Module]) -> None:

@@ -26,7 +26,14 @@ import hfcompress
 from hfcompress import GPTQConfig, RTNConfig, compress
 from hfcompress import saving as saving_module
 from hfcompress.cli import main
-from hfcompress.errors import CalibrationDataError, CheckpointError, EvaluationError, ModelError, OutputPathError
+from hfcompress.errors import (
+    CalibrationDataError,
+    CheckpointError,
+    EvaluationError,
+    ModelError,
+    OutputPathError,
+    RecipeError,
+)
 from hfcompress.eval.perplexity import perplexity
 from tests.conftest import killed_run, make_char_tokenizer, make_tiny_llama
 
@@ -195,6 +202,41 @@ def test_stale_partial_folders_are_removed_and_reported(tiny_llama, tmp_path, ca
     assert not stale.exists() and not inside.exists()
     assert live.exists() and other.exists()
     assert f"removed {stale}, left by an interrupted save" in caplog.text
+
+
+def test_a_model_left_part_way_by_an_interrupted_compress_is_neither_saved_nor_compressed_again(
+    tiny_llama, tmp_path, monkeypatch
+):
+    # Ctrl-C (or an error) in the middle of a stage left 4 of 14 layers packed, with no
+    # quantization_config: the model ran half compressed, save_pretrained wrote it like any
+    # model, and loading the files blamed a deleted config.json.
+    from hfcompress.techniques.rtn.modifier import RTNModifier
+
+    ids = torch.randint(1, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    killed_run(
+        monkeypatch,
+        RTNModifier,
+        "rtn_weight",
+        4,
+        lambda: compress(tiny_llama, [RTNConfig(bits=4, group_size=16)], progress=False),
+    )
+    assert len(hfcompress.kinds.compressed_modules(tiny_llama)) == 4
+    assert tiny_llama(ids).logits.isfinite().all()  # what is compressed still runs
+    refused = r"interrupted in stage 'stage_0' \(rtn\) by Killed, so (the|this) model is partly compressed"
+    with pytest.raises(ModelError, match=refused + "; saving it is refused"):
+        tiny_llama.save_pretrained(tmp_path / "plain")
+    with pytest.raises(ModelError, match=refused):
+        hfcompress.save_pretrained(tiny_llama, tmp_path / "atomic")
+    assert not (tmp_path / "plain" / "config.json").exists() and not (tmp_path / "atomic").exists()
+    with pytest.raises(ModelError, match=refused + "; load the float model again"):
+        compress(tiny_llama, [RTNConfig(bits=4, group_size=16)], progress=False)
+    # a failure in a stage's checks changes nothing, so the model is not marked
+    model = make_tiny_llama()
+    with pytest.raises(RecipeError):
+        compress(model, [RTNConfig(bits=4, group_size=1024)], progress=False)
+    compress(model, [RTNConfig(bits=4, group_size=16)], progress=False)
+    model.save_pretrained(tmp_path / "whole")
+    assert (tmp_path / "whole" / "config.json").exists()
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])

@@ -43,7 +43,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from hfcompress.data import is_calibration_text
-from hfcompress.errors import CheckpointError, RecipeError
+from hfcompress.errors import CheckpointError, ModelError, RecipeError
 from hfcompress.integrity import HASH_KEY, compressed_tensor_hashes, verify_files, verify_on_load
 from hfcompress.kinds import compressed_modules, get_module_kind, registered_module_kinds
 from hfcompress.patches import apply_patches, recorded_patches
@@ -314,7 +314,16 @@ class HfCompressQuantizer(HfQuantizer):
 
         return dequantize_model(model, dtype)
 
+    #: Set by an interrupted ``compress()``: why the model is partly compressed (saving is refused).
+    interrupted: str | None = None
+
     def is_serializable(self) -> bool:
+        if self.interrupted:
+            raise ModelError(
+                f"{self.interrupted}, so the model is partly compressed; saving it is refused (no recipe describes "
+                "it). Load the float model again and compress that (with checkpoint_dir=..., a layerwise stage "
+                "resumes after its last saved block)"
+            )
         return True
 
     @property
@@ -529,6 +538,19 @@ def attach_quantization_config(model: torch.nn.Module, recipe: dict[str, Any]) -
     model.hf_quantizer = HfCompressQuantizer(config, pre_quantized=True)
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
+
+
+def mark_interrupted(model: torch.nn.Module, recipe: dict[str, Any], message: str) -> None:
+    """Record that ``compress()`` stopped part-way (``message`` says where and why): the layers
+    compressed so far are described (the model keeps running), and saving it is refused."""
+    object.__setattr__(model, INTERRUPTED_ATTR, message)
+    attach_quantization_config(model, recipe)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if isinstance(quantizer, HfCompressQuantizer):
+        quantizer.interrupted = message
+
+
+INTERRUPTED_ATTR = "_hfcompress_interrupted"
 
 
 def _guard_plain_loads() -> None:
