@@ -82,7 +82,12 @@ class ActivationQuantConfig(TechniqueConfig):
         if self.bits != 8:
             raise invalid("bits", self.bits, "8 (int8 activations; lower activation bits lose too much on LLMs)")
         if self.strategy == "token" and not self.dynamic:
-            raise invalid("dynamic", self.dynamic, "true with strategy 'token' (its scales are computed on the fly)")
+            raise invalid(
+                "dynamic",
+                self.dynamic,
+                "true with strategy 'token' (its scales are computed on the fly); static scales (dynamic: false) "
+                "need strategy: tensor (one calibrated scale per layer) or channel",
+            )
         if self.strategy == "channel" and self.dynamic:
             raise invalid("dynamic", self.dynamic, "false with strategy 'channel' (per-channel scales are calibrated)")
         if self.strategy == "channel" and self.observer != "minmax":
