@@ -224,6 +224,7 @@ def _compress(args: argparse.Namespace) -> int:
 
     logger.info("loading %s", args.model)
     model = load_model(args.model, task=args.task, strict=True, verify=True)
+    _warn_if_the_head_is_new(model, args.model)
     is_lm = _generates_text(model)
     # Only calibration and the report read text; a model folder without a tokenizer is
     # compressed by a recipe that needs none.
@@ -373,6 +374,24 @@ def _verify(args: argparse.Namespace) -> int:
     checked = "the hashes" if args.hashes_only else "the hashes, and the config against the files"
     print(f"{args.folder}: OK ({report.checked} compressed tensors in {report.files} file(s) match; checked {checked})")
     return 0
+
+
+def _warn_if_the_head_is_new(model, name: str) -> None:
+    """A base encoder (all-MiniLM-L6-v2's ``BertModel``) loaded as a classifier gets a random
+    head, which the compressed model then saves as if it were trained."""
+    architectures = getattr(model.config, "architectures", None) or []
+    head = type(model).__name__
+    if head.endswith("ForSequenceClassification") and not any(
+        a.endswith("ForSequenceClassification") for a in architectures
+    ):
+        logger.warning(
+            "%s is a base model (%s) without a classification head: the saved %s's classifier is random. "
+            "Fine-tune it first (hfcompress eval glue --finetune, then compress the fine-tuned folder), or pass "
+            "--task feature-extraction to compress the encoder alone",
+            name,
+            ", ".join(architectures) or "no architectures in its config",
+            head,
+        )
 
 
 def _generates_text(model) -> bool:

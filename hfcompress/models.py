@@ -162,7 +162,7 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     )
 
 
-def _infer_task(path: str) -> Task:
+def _infer_task(path: str) -> Task | None:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path)
@@ -173,11 +173,18 @@ def _infer_task(path: str) -> Task:
         a.endswith("ForConditionalGeneration") for a in architectures
     ):
         return "image-text-to-text"  # a vision-language model (Llava, Qwen2-VL, Gemma 3)
-    return "sequence-classification"
+    if not architectures or any(a.endswith("ForSequenceClassification") for a in architectures):
+        return "sequence-classification"
+    if all(a.endswith("Model") and "For" not in a for a in architectures):
+        return "feature-extraction"  # a base model (BertModel): a classifier on it would be random
+    return None  # another head (masked LM, token classification, QA): the config's own class
 
 
-def default_task(name_or_path: str | os.PathLike) -> Task:
-    """The task a model loads as when none is given: a bundled model's, else from its config."""
+def default_task(name_or_path: str | os.PathLike) -> Task | None:
+    """The task a model loads as when none is given: a bundled model's, else from its config's
+    architecture (a base model such as ``BertModel`` is ``"feature-extraction"``); None for a
+    head no task covers (``BertForMaskedLM``), which :func:`load_model` loads as its config's
+    own class."""
     bundle = BUNDLED_MODELS.get(str(name_or_path))
     return bundle.task if bundle else _infer_task(resolve_model_path(name_or_path))
 
@@ -220,7 +227,8 @@ def load_model(
         task: ``"causal-lm"``, ``"sequence-classification"``, ``"feature-extraction"`` (the
             base model without a head, ``AutoModel``: a sentence-embedding encoder such as
             all-MiniLM-L6-v2) or ``"image-text-to-text"`` (a vision-language model, compressed
-            and measured on text).
+            and measured on text); None: :func:`default_task`'s (a head no task covers, such as
+            ``BertForMaskedLM``, loads as the class its config names).
         dtype: The float dtype of the weights that are not compressed.
         strict: Refuse (:class:`ModelError`) a load whose report lists missing, unexpected or
             mis-shaped weights, except a task head that a base model gets fresh. Our CLI
@@ -246,13 +254,31 @@ def load_model(
         "feature-extraction": AutoModel,
         "image-text-to-text": AutoModelForImageTextToText,
     }
-    if task not in auto:
+    if task is None:
+        loader = _config_class(path)
+    elif task not in auto:
         raise ModelError(f"task={task!r} is not supported; accepted: {', '.join(auto)}")
+    else:
+        loader = auto[task]
     with verifying(verify) if verify is not None else contextlib.nullcontext():
-        model, info = auto[task].from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs)
+        model, info = loader.from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs)
     if strict:
         _check_loading_info(str(name_or_path), model.config, info)
     return model.eval()
+
+
+def _config_class(path: str):
+    """The transformers class a config's ``architectures`` names (for heads no task covers)."""
+    import transformers
+
+    architectures = transformers.AutoConfig.from_pretrained(path).architectures or []
+    cls = getattr(transformers, architectures[0], None) if architectures else None
+    if cls is None:
+        raise ModelError(
+            f"{path}: its config names architectures {architectures}, which this transformers does not have; "
+            f"pass a task ({', '.join(TASKS)})"
+        )
+    return cls
 
 
 def load_tokenizer(name_or_path: str | os.PathLike):

@@ -1,4 +1,5 @@
 import json
+import logging
 
 import pytest
 import torch
@@ -214,9 +215,12 @@ def test_a_vision_language_model_compresses_and_evaluates_on_text(recipe, text, 
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["perplexity"] > 1
 
 
-def test_compress_a_sentence_embedding_encoder_as_its_base_model(tmp_path):
+@pytest.mark.parametrize("task", [["--task", "feature-extraction"], []], ids=["feature-extraction", "from-config"])
+def test_compress_a_sentence_embedding_encoder_as_its_base_model(tmp_path, task):
     # --task feature-extraction loads AutoModel: no classifier head is added, and the saved
-    # folder loads as the base model it was (what sentence-embedding users load).
+    # folder loads as the base model it was (what sentence-embedding users load). Without
+    # --task, a config naming BertModel is read the same way (it loaded as a classifier with a
+    # random head).
     from transformers import AutoModel, BertConfig, BertModel
 
     torch.manual_seed(0)
@@ -230,8 +234,9 @@ def test_compress_a_sentence_embedding_encoder_as_its_base_model(tmp_path):
         "  - {name: emb, technique: embeddings}\n"
     )
     out = tmp_path / "out"
-    args = ["--quiet", "compress", "--model", str(tmp_path / "encoder"), "--task", "feature-extraction"]
+    args = ["--quiet", "compress", "--model", str(tmp_path / "encoder"), *task]
     assert main([*args, "--recipe", str(recipe), "--output", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["BertModel"]
     model = AutoModel.from_pretrained(out)
     assert type(model).__name__ == "BertModel" and "classifier" not in dict(model.named_modules())
     assert isinstance(model.embeddings.word_embeddings, QuantEmbedding)
@@ -239,3 +244,30 @@ def test_compress_a_sentence_embedding_encoder_as_its_base_model(tmp_path):
     ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
     reference = BertModel.from_pretrained(tmp_path / "encoder")(ids).last_hidden_state
     assert ((model(ids).last_hidden_state - reference).norm() / reference.norm()) < 0.02
+
+
+def test_a_head_no_task_covers_loads_as_its_own_class_and_a_new_classifier_is_warned_about(tmp_path, caplog):
+    # BertForMaskedLM loaded as a sequence classifier and was refused as not loading cleanly (its
+    # MLM head "unexpected"); a BertForTokenClassification would have lent its token head to a
+    # sequence classifier of the same names.
+    from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96
+    )
+    BertForMaskedLM(config).save_pretrained(tmp_path / "mlm")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages:\n  - {technique: rtn, bits: 8, group_size: -1}\n")
+    args = ["--quiet", "compress", "--recipe", str(recipe)]
+    assert main([*args, "--model", str(tmp_path / "mlm"), "--output", str(tmp_path / "out")]) == 0
+    model = AutoModelForMaskedLM.from_pretrained(tmp_path / "out")
+    assert type(model).__name__ == "BertForMaskedLM" and isinstance(
+        model.bert.encoder.layer[0].output.dense, QuantLinear
+    )
+    BertModel(config).save_pretrained(tmp_path / "encoder")
+    with caplog.at_level(logging.WARNING, logger="hfcompress"):
+        forced = ["--model", str(tmp_path / "encoder"), "--task", "sequence-classification"]
+        assert main([*args, *forced, "--output", str(tmp_path / "cls")]) == 0
+    assert "is a base model (BertModel) without a classification head" in caplog.text
+    assert "--task feature-extraction" in caplog.text
