@@ -8,6 +8,7 @@ which is what a saved checkpoint records.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from typing import Any, ClassVar, Literal, get_args, get_origin
@@ -76,6 +77,8 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
         if section_error is not None:
             raise section_error
     elif origin is tuple:
+        if isinstance(value, str) and get_args(annotation)[0] is str:
+            return (value,)  # targets: Linear, as llm-compressor's targets="Linear"
         if isinstance(value, (list, tuple)):
             item_type = get_args(annotation)[0]
             return tuple(_coerce(key, item_type, v) for v in value)
@@ -105,6 +108,32 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
     else:  # pragma: no cover - a config declared a type this parser does not know
         raise TypeError(f"unsupported config annotation {annotation!r} for {key!r}")
     raise invalid(key, value, _describe(annotation))
+
+
+# Other tools' names for our keys (GPTQModel/AutoGPTQ, AutoAWQ, llm-compressor), for the hint
+# an unknown key gets; a typo gets the closest key instead.
+_OTHER_TOOLS_KEYS = {
+    "sym": "symmetric",
+    "desc_act": "act_order",
+    "actorder": "act_order",
+    "damp_percent": "damp",
+    "dampening_frac": "damp",
+    "w_bit": "bits",
+    "wbits": "bits",
+    "num_bits": "bits",
+    "q_group_size": "group_size",
+    "groupsize": "group_size",
+    "smoothing_strength": "alpha",
+}
+
+
+def _guess_key(key: str, known: list[str]) -> str | None:
+    """The accepted key that an unknown ``key`` most likely means, or None."""
+    guess = _OTHER_TOOLS_KEYS.get(key)
+    if guess in known:
+        return guess
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+    return close[0] if close else None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -146,8 +175,12 @@ class _Strict:
         known = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(data) - set(known))
         if unknown:
+            guesses = [(key, _guess_key(key, known)) for key in unknown]
+            hint = ", ".join(f"{guess!r} for {key!r}" for key, guess in guesses if guess)
             raise RecipeError(
-                f"unknown key(s) {', '.join(map(repr, unknown))} for {cls._what()}; accepted keys: {', '.join(known)}"
+                f"unknown key(s) {', '.join(map(repr, unknown))} for {cls._what()}"
+                + (f" (did you mean {hint}?)" if hint else "")
+                + f"; accepted keys: {', '.join(known)}"
             )
         return cls(**data)
 

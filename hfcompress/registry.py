@@ -6,6 +6,7 @@ raises. Nothing is discovered by walking packages.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -47,9 +48,11 @@ def get_technique(name: str) -> Technique:
     _ensure_builtin_techniques()
     try:
         return _REGISTRY[name]
-    except KeyError:
+    except (KeyError, TypeError):  # TypeError: a name that is not hashable (a list)
+        close = difflib.get_close_matches(str(name).lower(), list(_REGISTRY), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise RecipeError(
-            f"unknown technique {name!r}; registered techniques: {', '.join(sorted(_REGISTRY))}"
+            f"unknown technique {name!r}{hint}; registered techniques: {', '.join(sorted(_REGISTRY))}"
         ) from None
 
 

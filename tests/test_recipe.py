@@ -175,3 +175,26 @@ def test_one_stage_mapping_is_a_one_stage_recipe():
     # a YAML file is a recipe document: a bare stage there is still refused, with the fix named
     with pytest.raises(RecipeError, match=r"looks like one stage: list it under 'stages'"):
         Recipe.from_yaml_str("technique: rtn\nbits: 4\n")
+
+
+def test_other_tools_names_and_typos_get_the_key_meant():
+    # GPTQModel's sym/desc_act/damp_percent and llm-compressor's smoothing_strength were refused
+    # with only the list of accepted keys; a typo in a technique name likewise
+    with pytest.raises(
+        RecipeError,
+        match=r"did you mean 'damp' for 'damp_percent', 'act_order' for 'desc_act', 'symmetric' for 'sym'\?",
+    ):
+        Recipe.of({"technique": "gptq", "sym": True, "desc_act": True, "damp_percent": 0.01})
+    with pytest.raises(RecipeError, match=r"'grup_size' .*did you mean 'group_size' for 'grup_size'\?"):
+        Recipe.of({"technique": "rtn", "grup_size": 64})
+    with pytest.raises(RecipeError, match=r"unknown key\(s\) 'foo' for technique 'rtn' stage; accepted keys"):
+        Recipe.of({"technique": "rtn", "foo": 1})
+    with pytest.raises(RecipeError, match=r"unknown technique 'smooth_quant' \(did you mean 'smoothquant'\?\)"):
+        Recipe.of({"technique": "smooth_quant"})
+
+
+def test_one_target_or_ignore_pattern_may_be_a_string():
+    # llm-compressor writes targets="Linear"; it was refused as "not a list of str"
+    one = Recipe.of({"technique": "rtn", "targets": "Linear", "ignore": "re:.*lm_head"})
+    assert one.stages[0].config.targets == ("Linear",) and one.stages[0].config.ignore == ("re:.*lm_head",)
+    assert Recipe.from_yaml_str(one.to_yaml()).to_dict() == one.to_dict()
