@@ -87,8 +87,8 @@ class HfCompressQuantizationConfig(QuantizationConfigMixin):
 
     Args:
         recipe: The stages that were applied, as ``Recipe.to_dict()`` gives them; or the stages
-            to apply on load, in any form ``compress()`` takes (a Recipe, a YAML path, a list
-            of configs or stage mappings).
+            to apply on load, in any form ``compress()`` takes (a Recipe, a YAML path or shipped
+            name, one stage mapping, a list of configs or stage mappings).
         layers: For each compressed module, by qualified name: its ``spec()`` (``kind``,
             shapes, scheme, the stage that made it).
         patches: Model patches to re-apply before loading, in order.
@@ -123,8 +123,8 @@ class HfCompressQuantizationConfig(QuantizationConfigMixin):
             raise CheckpointError(f"unknown key(s) {sorted(kwargs)} in the hfcompress quantization_config")
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
-        if recipe is not None and not isinstance(recipe, dict):
-            recipe = Recipe.of(recipe).to_dict()
+        if recipe is not None and (not isinstance(recipe, dict) or ("technique" in recipe and "stages" not in recipe)):
+            recipe = Recipe.of(recipe).to_dict()  # a dict with "stages" is a saved config's, kept as written
         self.recipe = recipe or {}
         self.layers = layers or {}
         self.patches = patches or []

@@ -151,3 +151,12 @@ def test_calibration_text_uses_the_checkpoints_tokenizer(tiny_llama_dir):
     AutoModelForCausalLM.from_pretrained(tiny_llama_dir).save_pretrained(plain)
     with pytest.raises(RecipeError, match=r"could not load a tokenizer from .*plain.* pass .*tokenizer=\.\.\."):
         AutoModelForCausalLM.from_pretrained(plain, quantization_config=config)
+
+
+def test_one_stage_mapping_as_the_recipe(float_dir):
+    # compress() takes {"technique": "rtn", ...} as a one-stage recipe; the config refused it as a
+    # saved recipe with unknown keys
+    config = HfCompressQuantizationConfig({"technique": "rtn", "bits": 4, "group_size": 16})
+    assert [s["technique"] for s in config.recipe["stages"]] == ["rtn"]
+    model = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=config)
+    assert isinstance(model.model.layers[0].mlp.up_proj, hfcompress.QuantLinear)
