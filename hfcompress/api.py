@@ -125,8 +125,9 @@ def compress(
             llm-compressor's examples use.
         calibration_seq_len: Tokens per calibration window.
         seed: Seed of the calibration draw.
-        checkpoint_dir: Layerwise stages save each finished block here; a run killed mid-way
-            and started again with the same arguments resumes after the last saved block.
+        checkpoint_dir: Layerwise stages save each finished block here, and a ``pkd`` stage its
+            training checkpoints; a run killed mid-way and started again with the same
+            arguments resumes after the last saved block (or training checkpoint).
 
     Returns:
         The same ``model`` object, compressed.

@@ -32,7 +32,7 @@ from hfcompress.integrity import tensor_digest
 from hfcompress.kinds import compressed_modules, get_module_kind
 from hfcompress.layerwise import offloaded_tensors
 
-__all__ = ["BlockCheckpoint", "model_digest", "run_fingerprint"]
+__all__ = ["BlockCheckpoint", "dataset_digest", "model_digest", "run_fingerprint"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +60,19 @@ def model_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def dataset_digest(dataset: Any) -> torch.Tensor:
+    """SHA-256 over a training set's rows (their values, in order), as a tensor of its 32 bytes
+    for :func:`run_fingerprint`."""
+    digest = hashlib.sha256()
+    for row in dataset:
+        plain = {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in dict(row).items()}
+        digest.update(json.dumps(plain, sort_keys=True, default=str).encode())
+    return torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8)
+
+
 def run_fingerprint(stage: dict[str, Any], model: nn.Module, ids: list[torch.Tensor]) -> dict[str, str]:
-    """Hashes of what decides a layerwise run's result: the stage's settings, the model's
-    content and the calibration tokens."""
+    """Hashes of what decides a run's result: the stage's settings, the model's content and the
+    calibration tokens (or a training set's :func:`dataset_digest`)."""
     data = hashlib.sha256()
     for t in ids:
         data.update(t.cpu().contiguous().numpy().tobytes())
@@ -76,7 +86,7 @@ def run_fingerprint(stage: dict[str, Any], model: nn.Module, ids: list[torch.Ten
 _WHAT_DIFFERS = {
     "stage": "other stage settings",
     "model": "a model with other weights or config",
-    "data": "other calibration data",
+    "data": "other calibration (or training) data",
 }
 
 

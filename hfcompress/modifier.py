@@ -39,7 +39,8 @@ class CompressionContext:
         num_calibration_samples: Windows drawn from text calibration data.
         calibration_seq_len: Tokens per calibration window.
         seed: Seed of the calibration window draw.
-        checkpoint_dir: Where layerwise stages persist finished blocks, to resume a run.
+        checkpoint_dir: Where layerwise stages persist finished blocks (and a pkd stage its
+            training checkpoints), to resume a run.
     """
 
     tokenizer: Any = None

@@ -86,6 +86,11 @@ def add_distill_parser(sub: argparse._SubParsersAction) -> None:
         "in the teacher's embeddings (teacher-labelled augmentation; default 0: off)",
     )
     d.add_argument("--augment-prob", type=float, default=0.3, help="word replacement probability of --augment")
+    d.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="save training checkpoints here (every checkpoint_steps of the pkd stage); rerun to resume",
+    )
     _add_data_args(d)
 
 
@@ -165,6 +170,10 @@ def run_distill(args: argparse.Namespace) -> int:
 
     recipe = hfcompress.Recipe.from_yaml(args.recipe)  # a bad recipe fails before any loading
     output = check_output(args.output, overwrite=False)  # before hours of training, not after
+    if args.checkpoint_dir is not None:
+        from hfcompress.saving import check_folder
+
+        check_folder(args.checkpoint_dir, flag="--checkpoint-dir")
     import torch
 
     # cpu=True on a machine without CUDA makes `accelerate launch` processes join one gloo group
@@ -188,7 +197,14 @@ def run_distill(args: argparse.Namespace) -> int:
         else []
     )
     logger.info("distilling on %d process(es), backend %s", state.num_processes, state.backend)
-    hfcompress.compress(teacher, recipe, train_dataset=train, tokenizer=tokenizer, progress=not args.quiet)
+    hfcompress.compress(
+        teacher,
+        recipe,
+        train_dataset=train,
+        tokenizer=tokenizer,
+        progress=not args.quiet,
+        checkpoint_dir=args.checkpoint_dir,
+    )
     student = teacher  # compress() shortened and trained the model in place
     state.wait_for_everyone()
     if state.is_main_process:

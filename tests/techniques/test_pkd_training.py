@@ -159,6 +159,45 @@ def test_compress_runs_the_stage_then_quantizes(bert_setup, tmp_path):
         assert torch.equal(reloaded(**ids).logits, model(**ids).logits)
 
 
+def test_a_killed_distillation_resumes_from_its_training_checkpoint(bert_setup, tmp_path, monkeypatch, caplog):
+    # The PKD stage trained in a temporary folder without checkpoints, whatever checkpoint_dir
+    # said: a run killed after hours of training started again from step 0.
+    from tests.conftest import killed_run
+
+    teacher, tokenizer, train = bert_setup  # 48 rows: 6 steps of 8 per epoch, 12 in all
+    recipe = _pkd_recipe(epochs=2, checkpoint_steps=4)
+
+    def run(**kwargs):
+        model = copy.deepcopy(teacher)
+        hfcompress.compress(model, recipe, train_dataset=train, tokenizer=tokenizer, progress=False, **kwargs)
+        return model.state_dict()
+
+    expected = run()
+    killed_run(monkeypatch, DistillationTrainer, "training_step", 9, lambda: run(checkpoint_dir=tmp_path / "ck"))
+    assert sorted(p.name for p in (tmp_path / "ck" / "stage_0").glob("checkpoint-*")) == ["checkpoint-8"]
+    steps = []
+    real_step = DistillationTrainer.training_step
+    monkeypatch.setattr(DistillationTrainer, "training_step", lambda *a, **k: steps.append(1) or real_step(*a, **k))
+    with caplog.at_level("INFO", logger="hfcompress.techniques.pkd.modifier"):
+        got = run(checkpoint_dir=tmp_path / "ck")
+    assert "resuming the training from" in caplog.text and "checkpoint-8" in caplog.text
+    assert len(steps) == 4  # steps 9-12, not 12 from the start
+    # Not bit for bit: the Trainer draws the rest of a length-grouped epoch anew on resume.
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=2e-3)
+    # a folder of another run (other training data) is refused, naming what differs
+    with pytest.raises(hfcompress.CheckpointError, match="other calibration \\(or training\\) data"):
+        hfcompress.compress(
+            copy.deepcopy(teacher),
+            recipe,
+            train_dataset=train.select(range(40)),
+            tokenizer=tokenizer,
+            progress=False,
+            checkpoint_dir=tmp_path / "ck",
+        )
+
+
 def test_compress_without_training_set_is_refused(bert_setup):
     model = bert_setup[0]
     with pytest.raises(hfcompress.TrainingDataError, match="needs a training set; pass train_dataset="):
@@ -230,6 +269,8 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, tiny_glue_dir):
             str(tmp_path / "student"),
             "--data-dir",
             str(tiny_glue_dir),
+            "--checkpoint-dir",
+            str(tmp_path / "ck"),
         ],
         capture_output=True,
         text=True,
@@ -242,6 +283,9 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, tiny_glue_dir):
     student, _ = load_glue_model(tmp_path / "student", "rte")
     assert student.config.num_hidden_layers == 2
     assert student.config.hfcompress_layer_map["teacher_layers"] == [1, 3]
+    # the Trainer's checkpoint at the last step, written once by the main process
+    (checkpoint,) = (tmp_path / "ck" / "stage_0").glob("checkpoint-*")
+    assert (checkpoint / "trainer_state.json").is_file() and (checkpoint / "optimizer.pt").is_file()
 
 
 @pytest.mark.parametrize("task", ["sst2", "stsb"])

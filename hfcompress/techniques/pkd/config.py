@@ -38,6 +38,8 @@ class PKDConfig(TechniqueConfig):
         seed: Seed of the initialisation-independent randomness (shuffling, dropout).
         bf16: Train under bfloat16 autocast (float32, with a warning, on a device without a
             fast bfloat16 matmul, such as an AVX2-only CPU).
+        checkpoint_steps: With ``compress(checkpoint_dir=...)``: training steps between the
+            checkpoints (student, optimizer, schedule, random state) a killed run resumes from.
     """
 
     technique = "pkd"
@@ -55,6 +57,7 @@ class PKDConfig(TechniqueConfig):
     batch_size: int = 32
     seed: int = 42
     bf16: bool = False
+    checkpoint_steps: int = 500
 
     def _validate(self) -> None:
         if self.strategy in ("skip", "last"):
@@ -80,3 +83,5 @@ class PKDConfig(TechniqueConfig):
             raise invalid("learning_rate", self.learning_rate, "a number > 0")
         if self.batch_size < 1:
             raise invalid("batch_size", self.batch_size, "an integer >= 1")
+        if self.checkpoint_steps < 1:
+            raise invalid("checkpoint_steps", self.checkpoint_steps, "an integer >= 1")

@@ -10,6 +10,7 @@ import tempfile
 from torch import nn
 
 from hfcompress.architectures import blocks_of
+from hfcompress.checkpointing import BlockCheckpoint, dataset_digest, run_fingerprint
 from hfcompress.errors import HfCompressError
 from hfcompress.kinds import CompressedModule
 from hfcompress.modifier import CompressionContext, ModelView, Modifier
@@ -57,35 +58,56 @@ class PKDModifier(Modifier):
         view.rename_blocks(prefix, keep)
 
     def apply(self, model: nn.Module, context: CompressionContext) -> None:
+        from transformers.trainer_utils import get_last_checkpoint
+
         from hfcompress.integrations.trainer import make_trainer
 
         c = self.config
         keep = self._keep(model)
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        if context.checkpoint_dir is not None:  # what decides the result: settings, model, training data
+            settings = {k: v for k, v in c.to_dict().items() if k != "checkpoint_steps"}
+            fingerprint = run_fingerprint(settings, model, [dataset_digest(context.train_dataset)])
         drop_layers(model, keep)
         pairs = self.layer_pairs(keep)
         if c.beta > 0 and not pairs:
             logger.warning("stage %r: a 1-layer student has no layer to match; the patient loss is off", self.stage)
         logger.info("stage %r: student keeps teacher layers %s; patient loss on %s", self.stage, list(keep), pairs)
         model.train()
-        with tempfile.TemporaryDirectory(prefix="hfcompress-pkd-") as scratch:
+        train = dict(
+            teacher=teacher,
+            eval_dataset=context.eval_dataset,
+            layer_pairs=pairs,
+            temperature=c.temperature,
+            alpha=c.alpha,
+            beta=c.beta,
+            epochs=c.epochs,
+            learning_rate=c.learning_rate,
+            batch_size=c.batch_size,
+            seed=c.seed,
+            bf16=c.bf16,
+            progress=context.progress,
+        )
+        if context.checkpoint_dir is None:
+            with tempfile.TemporaryDirectory(prefix="hfcompress-pkd-") as scratch:
+                make_trainer(model, context.train_dataset, context.tokenizer, output_dir=scratch, **train).train()
+        else:
+            # Checkpoints of the training itself (the student, optimizer, schedule and random
+            # state, every checkpoint_steps steps): a killed run started again resumes from the last.
+            folder = context.checkpoint_dir / self.stage
+            BlockCheckpoint(folder, fingerprint)  # refuses a folder of another run, naming what differs
+            last = get_last_checkpoint(str(folder))
+            if last is not None:
+                logger.info("stage %r: resuming the training from %s", self.stage, last)
             trainer = make_trainer(
                 model,
                 context.train_dataset,
                 context.tokenizer,
-                output_dir=scratch,
-                teacher=teacher,
-                eval_dataset=context.eval_dataset,
-                layer_pairs=pairs,
-                temperature=c.temperature,
-                alpha=c.alpha,
-                beta=c.beta,
-                epochs=c.epochs,
-                learning_rate=c.learning_rate,
-                batch_size=c.batch_size,
-                seed=c.seed,
-                bf16=c.bf16,
-                progress=context.progress,
+                output_dir=folder,
+                save_strategy="steps",
+                save_steps=c.checkpoint_steps,
+                save_total_limit=1,
+                **train,
             )
-            trainer.train()
+            trainer.train(resume_from_checkpoint=last)
         model.eval()
