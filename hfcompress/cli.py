@@ -199,6 +199,7 @@ def _compress(args: argparse.Namespace) -> int:
     import hfcompress
     from hfcompress.card import layer_errors, write_card
     from hfcompress.data import load_text
+    from hfcompress.eval.fidelity import encoder_outputs, output_fidelity, report_lines
     from hfcompress.eval.size import compressed_layer_names, linear_layer_stats, size_report, total_bytes
     from hfcompress.models import load_model, load_tokenizer
     from hfcompress.report import measure
@@ -241,6 +242,10 @@ def _compress(args: argparse.Namespace) -> int:
     if args.report:
         stats, before_bytes = linear_layer_stats(model), total_bytes(model)
         before = measure(f"{args.model} (original)", model, tokenizer, size=size_report(model), **measure_kwargs)
+        # An encoder has no perplexity: its outputs on lines of the evaluation text are kept, to
+        # compare the compressed model's with.
+        lines = report_lines(eval_text) if not is_lm and tokenizer is not None else []
+        reference = encoder_outputs(model, tokenizer, lines) if lines else None
 
     start = time.perf_counter()
     hfcompress.compress(
@@ -281,8 +286,19 @@ def _compress(args: argparse.Namespace) -> int:
         **measure_kwargs,
     )
     _print_report(args, [before, after], torch.get_num_threads())
+    protocol = _protocol(args, before, torch.get_num_threads())
+    if reference is not None:
+        outputs, classifier = reference
+        fidelity = output_fidelity(outputs, encoder_outputs(reloaded, tokenizer, lines)[0], classifier=classifier)
+        what = "logits" if classifier else "mean-pooled embeddings"
+        line = (
+            f"Outputs ({what}) of the reloaded model against the original's on {fidelity.texts} lines of "
+            f"{args.eval_data}: {fidelity.describe()}"
+        )
+        print(f"\n{line}")
+        protocol += f" {line}."
     # The card now carries what this run measured; the upload (if any) comes after it.
-    card.measurements, card.protocol = [before, after], _protocol(args, before, torch.get_num_threads())
+    card.measurements, card.protocol = [before, after], protocol
     write_card(output, reloaded, card)
     if args.push_to_hub:
         _push(output, args.push_to_hub)

@@ -271,3 +271,36 @@ def test_a_head_no_task_covers_loads_as_its_own_class_and_a_new_classifier_is_wa
         assert main([*args, *forced, "--output", str(tmp_path / "cls")]) == 0
     assert "is a base model (BertModel) without a classification head" in caplog.text
     assert "--task feature-extraction" in caplog.text
+
+
+@pytest.mark.parametrize("task", ["sequence-classification", "feature-extraction"])
+def test_an_encoders_report_compares_its_outputs_with_the_originals(tmp_path, task, capsys):
+    # The report gave an encoder sizes only ("-" for perplexity and speed): nothing said how far
+    # the compressed model's outputs moved.
+    from tests.conftest import save_tiny_bert_classifier
+
+    folder = save_tiny_bert_classifier(tmp_path / "bert", layers=2)
+    if task == "feature-extraction":  # the encoder alone, as a sentence-embedding model ships
+        from transformers import AutoModelForSequenceClassification
+
+        AutoModelForSequenceClassification.from_pretrained(folder).bert.save_pretrained(folder)
+    text = tmp_path / "lines.txt"
+    text.write_text("\n".join(f"line {i}: the film was good and the plot was fine" for i in range(40)) + "\n= A =\n")
+    recipe = tmp_path / "r.yaml"
+    out = tmp_path / "out"
+    for bits, name in ((8, "w8"), (2, "w2")):
+        recipe.write_text(f"stages:\n  - {{technique: rtn, bits: {bits}, group_size: 16}}\n")
+        args = ["--quiet", "compress", "--model", str(folder), "--task", task, "--recipe", str(recipe)]
+        args += ["--output", str(out / name), "--report", "--eval-data", str(text)]
+        assert main(args) == 0
+    reports = capsys.readouterr().out.split("Recipe:")[1:]
+    what = "logits" if task == "sequence-classification" else "mean-pooled embeddings"
+    cosines = []
+    for report in reports:
+        line = next(x for x in report.splitlines() if x.startswith("Outputs"))
+        assert line.startswith(f"Outputs ({what}) of the reloaded model against the original's on 40 lines of ")
+        assert ("the same class for" in line) == (task == "sequence-classification")
+        cosines.append(float(line.split("mean cosine ")[1].split()[0]))
+    assert 0.99 < cosines[0] <= 1.0 and cosines[1] < cosines[0]  # 8 bits follow the original closer than 2
+    card = (out / "w2" / "README.md").read_text()
+    assert f"Outputs ({what}) of the reloaded model" in card
