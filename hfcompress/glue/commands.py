@@ -13,6 +13,7 @@ in one row.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from pathlib import Path
@@ -106,6 +107,23 @@ def _parse_models(specs: list[str]) -> dict[str, str]:
     return models
 
 
+_FINETUNE_RECORD = "hfcompress_finetune.json"  # written last: a folder without it is not reused
+
+
+def _finetune_settings(args: argparse.Namespace, path: str, task: str) -> dict:
+    """What decides a fine-tuned model: the model it started from and the training settings."""
+    keys = ("epochs", "learning_rate", "batch_size", "max_length", "seed", "limit", "bf16", "data_dir")
+    return {"model": str(path), "task": task, **{k: getattr(args, k) for k in keys}}
+
+
+def _finished(folder: Path, settings: dict) -> bool:
+    record = folder / _FINETUNE_RECORD
+    try:
+        return (folder / "config.json").is_file() and json.loads(record.read_text()) == settings
+    except (OSError, ValueError):
+        return False
+
+
 def run_eval_glue(args: argparse.Namespace) -> int:
     from hfcompress.api import save_pretrained
     from hfcompress.glue.harness import evaluate_glue, finetune_glue, load_glue_model, markdown_table, write_results
@@ -120,8 +138,13 @@ def run_eval_glue(args: argparse.Namespace) -> int:
         rows = results.setdefault(name, [])
         for task in tasks:
             path = spec.replace("{task}", task.name)
-            model, tokenizer = load_glue_model(path, task, strict=True, verify=True)
-            if args.finetune:
+            saved = Path(args.output_dir) / f"{name}-{task.name}" if args.finetune and args.output_dir else None
+            settings = _finetune_settings(args, path, task.name) if saved else None
+            reuse = saved is not None and _finished(saved, settings)
+            if reuse:  # a rerun after a kill: tasks fine-tuned with these settings are scored, not trained again
+                logger.info("%s on %s: reusing %s, fine-tuned with the same settings", name, task.name, saved)
+            model, tokenizer = load_glue_model(saved if reuse else path, task, strict=True, verify=True)
+            if args.finetune and not reuse:
                 scratch = Path(args.output_dir or ".") / ".trainer" / name / task.name
                 start = time.perf_counter()
                 finetune_glue(
@@ -140,8 +163,9 @@ def run_eval_glue(args: argparse.Namespace) -> int:
                     bf16=args.bf16,
                 )
                 logger.info("fine-tuned %s on %s in %.0f s", name, task.name, time.perf_counter() - start)
-                if args.output_dir:
-                    save_pretrained(model, Path(args.output_dir) / f"{name}-{task.name}", tokenizer=tokenizer)
+                if saved is not None:
+                    save_pretrained(model, saved, tokenizer=tokenizer)
+                    (saved / _FINETUNE_RECORD).write_text(json.dumps(settings, sort_keys=True, indent=1))
             rows += evaluate_glue(
                 model,
                 tokenizer,

@@ -137,32 +137,35 @@ def test_cli_eval_glue_writes_json_and_markdown(compressed_dir, tiny_glue_dir, t
     assert out_md.read_text() in capsys.readouterr().out
 
 
-def test_cli_task_placeholder_and_finetune(tmp_path, tiny_glue_dir):
+def test_cli_task_placeholder_and_finetune(tmp_path, tiny_glue_dir, monkeypatch):
     save_tiny_bert_classifier(tmp_path / "m-sst2", layers=1)
     save_tiny_bert_classifier(tmp_path / "m-rte", layers=1)
-    rc = main(
-        [
-            "--quiet",
-            "eval",
-            "glue",
-            "--model",
-            f"m={tmp_path}/m-{{task}}",
-            "--tasks",
-            "sst2,rte",
-            "--finetune",
-            "--epochs",
-            "1",
-            "--data-dir",
-            str(tiny_glue_dir),
-            "--output-dir",
-            str(tmp_path / "ft"),
-            "--json",
-            str(tmp_path / "s.json"),
-        ]
-    )
-    assert rc == 0
-    assert sorted(json.loads((tmp_path / "s.json").read_text())["m"]) == ["rte", "sst2"]
+    args = ["--quiet", "eval", "glue", "--model", f"m={tmp_path}/m-{{task}}", "--tasks", "sst2,rte", "--finetune"]
+    args += ["--data-dir", str(tiny_glue_dir), "--output-dir", str(tmp_path / "ft"), "--json", str(tmp_path / "s.json")]
+    assert main([*args, "--epochs", "1"]) == 0
+    scores = json.loads((tmp_path / "s.json").read_text())["m"]
+    assert sorted(scores) == ["rte", "sst2"]
     assert (tmp_path / "ft" / "m-rte" / "config.json").is_file()
+
+    # A rerun (after a kill, or to add a task) scores the tasks already fine-tuned with the same
+    # settings instead of training them again; other settings train again.
+    from hfcompress.glue import harness
+
+    trained = []
+    real = harness.finetune_glue
+    monkeypatch.setattr(
+        harness,
+        "finetune_glue",
+        lambda model, tok, task, **kw: trained.append(task.name) or real(model, tok, task, **kw),
+    )
+    assert main([*args, "--epochs", "1"]) == 0
+    again = json.loads((tmp_path / "s.json").read_text())["m"]
+    assert trained == [] and {t: r["metrics"] for t, r in again.items()} == {t: r["metrics"] for t, r in scores.items()}
+    (tmp_path / "ft" / "m-rte" / "hfcompress_finetune.json").unlink()  # as a kill between save and record leaves it
+    assert main([*args, "--epochs", "1"]) == 0
+    assert trained == ["rte"]
+    assert main([*args, "--epochs", "2"]) == 0
+    assert trained == ["rte", "sst2", "rte"]
 
 
 @pytest.mark.parametrize(
