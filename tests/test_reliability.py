@@ -230,6 +230,18 @@ def test_a_model_left_part_way_by_an_interrupted_compress_is_neither_saved_nor_c
     assert not (tmp_path / "plain" / "config.json").exists() and not (tmp_path / "atomic").exists()
     with pytest.raises(ModelError, match=refused + "; load the float model again"):
         compress(tiny_llama, [RTNConfig(bits=4, group_size=16)], progress=False)
+    # stopped before its first layer: no layer is compressed, and saving is still refused
+    model = make_tiny_llama()
+    killed_run(
+        monkeypatch,
+        RTNModifier,
+        "rtn_weight",
+        0,
+        lambda: compress(model, [RTNConfig(bits=4, group_size=16)], progress=False),
+    )
+    assert not hfcompress.kinds.compressed_modules(model)
+    with pytest.raises(ModelError, match=refused + "; saving it is refused"):
+        model.save_pretrained(tmp_path / "none")
     # a failure in a stage's checks changes nothing, so the model is not marked
     model = make_tiny_llama()
     with pytest.raises(RecipeError):

@@ -544,10 +544,15 @@ def mark_interrupted(model: torch.nn.Module, recipe: dict[str, Any], message: st
     """Record that ``compress()`` stopped part-way (``message`` says where and why): the layers
     compressed so far are described (the model keeps running), and saving it is refused."""
     object.__setattr__(model, INTERRUPTED_ATTR, message)
-    attach_quantization_config(model, recipe)
+    try:
+        attach_quantization_config(model, recipe)
+    except Exception as exc:  # a layer left half-built: the error that stopped compress() comes first
+        logger.warning("%s; the layers done so far could not be described (%s)", message, exc)
     quantizer = getattr(model, "hf_quantizer", None)
-    if isinstance(quantizer, HfCompressQuantizer):
-        quantizer.interrupted = message
+    if not isinstance(quantizer, HfCompressQuantizer):  # nothing compressed yet: saving is refused all the same
+        quantizer = HfCompressQuantizer(HfCompressQuantizationConfig(recipe=recipe), pre_quantized=True)
+        model.hf_quantizer = quantizer
+    quantizer.interrupted = message
 
 
 INTERRUPTED_ATTR = "_hfcompress_interrupted"
