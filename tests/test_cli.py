@@ -215,19 +215,23 @@ def test_a_vision_language_model_compresses_and_evaluates_on_text(recipe, text, 
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["perplexity"] > 1
 
 
+def _bert_config():
+    """A 2-layer BERT config (vocab 100); seeds torch, so the model built from it is the same."""
+    from transformers import BertConfig
+
+    torch.manual_seed(0)
+    return BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)
+
+
 @pytest.mark.parametrize("task", [["--task", "feature-extraction"], []], ids=["feature-extraction", "from-config"])
 def test_compress_a_sentence_embedding_encoder_as_its_base_model(tmp_path, task):
     # --task feature-extraction loads AutoModel: no classifier head is added, and the saved
     # folder loads as the base model it was (what sentence-embedding users load). Without
     # --task, a config naming BertModel is read the same way (it loaded as a classifier with a
     # random head).
-    from transformers import AutoModel, BertConfig, BertModel
+    from transformers import AutoModel, BertModel
 
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96
-    )
-    BertModel(config).save_pretrained(tmp_path / "encoder")
+    BertModel(_bert_config()).save_pretrained(tmp_path / "encoder")
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         "stages:\n  - {name: w8, technique: rtn, bits: 8, group_size: -1, symmetric: true}\n"
@@ -250,12 +254,9 @@ def test_a_head_no_task_covers_loads_as_its_own_class_and_a_new_classifier_is_wa
     # BertForMaskedLM loaded as a sequence classifier and was refused as not loading cleanly (its
     # MLM head "unexpected"); a BertForTokenClassification would have lent its token head to a
     # sequence classifier of the same names.
-    from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM, BertModel
+    from transformers import AutoModelForMaskedLM, BertForMaskedLM, BertModel
 
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96
-    )
+    config = _bert_config()
     BertForMaskedLM(config).save_pretrained(tmp_path / "mlm")
     recipe = tmp_path / "r.yaml"
     recipe.write_text("stages:\n  - {technique: rtn, bits: 8, group_size: -1}\n")
