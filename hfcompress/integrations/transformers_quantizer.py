@@ -45,7 +45,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from hfcompress.data import is_calibration_text
 from hfcompress.errors import CheckpointError, ModelError, RecipeError
 from hfcompress.integrity import HASH_KEY, compressed_tensor_hashes, verify_files, verify_on_load
-from hfcompress.kinds import compressed_modules, get_module_kind, registered_module_kinds
+from hfcompress.kinds import CompressedModule, compressed_modules, get_module_kind, registered_module_kinds
 from hfcompress.patches import apply_patches, recorded_patches
 from hfcompress.quant.linear import QuantLinear
 from hfcompress.recipe import Recipe
@@ -201,6 +201,7 @@ class HfCompressQuantizer(HfQuantizer):
                 )
 
     def _process_model_before_weight_loading(self, model, checkpoint_files: Iterable[str] | None = None, **kwargs):
+        _guard_resizing()
         if not self.pre_quantized:
             return model  # a float checkpoint: it loads as is, and is compressed afterwards
         config = self.quantization_config
@@ -534,6 +535,7 @@ def attach_quantization_config(model: torch.nn.Module, recipe: dict[str, Any]) -
     if isinstance(previous, HfCompressQuantizationConfig):
         recipe = {"stages": previous.recipe.get("stages", []) + recipe.get("stages", [])}
     config = HfCompressQuantizationConfig(recipe=recipe, layers=layers, patches=patches)
+    _guard_resizing()
     model.config.quantization_config = config
     model.hf_quantizer = HfCompressQuantizer(config, pre_quantized=True)
     model.is_quantized = True
@@ -589,6 +591,33 @@ def _guard_plain_loads() -> None:
     modeling_utils = sys.modules.get("transformers.modeling_utils")
     if modeling_utils is not None:
         modeling_utils.log_state_dict_report = report
+
+
+def _guard_resizing() -> None:
+    """Make ``resize_token_embeddings`` on a model whose token embedding or LM head is compressed
+    an error before anything changes. transformers resized the float embedding first and then
+    failed on the packed head ("no attribute 'weight'"), leaving a model whose embedding and head
+    disagree. Patched once, when the first compressed model is made or loaded (by then
+    ``transformers.modeling_utils`` is imported)."""
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel.resize_token_embeddings
+    if getattr(original, "_hfcompress_guard", False):
+        return
+
+    @functools.wraps(original)
+    def resize_token_embeddings(self, *args, **kwargs):
+        ends = {"token embedding": self.get_input_embeddings(), "LM head": self.get_output_embeddings()}
+        for name, module in ends.items():
+            if isinstance(module, CompressedModule):
+                raise ModelError(
+                    f"the {name} ({type(module).__name__}) holds packed integers, which cannot be resized; resize "
+                    "the float model's embeddings before compressing it, or call model.dequantize() first"
+                )
+        return original(self, *args, **kwargs)
+
+    resize_token_embeddings._hfcompress_guard = True
+    PreTrainedModel.resize_token_embeddings = resize_token_embeddings
 
 
 def _refuse_undescribed(pretrained_model_name_or_path, loading_info) -> None:

@@ -11,7 +11,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import hfcompress
-from hfcompress import EmbeddingQuantConfig, Recipe, RecipeError, RTNConfig
+from hfcompress import EmbeddingQuantConfig, ModelError, Recipe, RecipeError, RTNConfig
 from hfcompress.eval.size import linear_layer_stats, size_report, total_bytes
 from hfcompress.quant.affine import dequantize, quantize_rtn
 from hfcompress.quant.embedding import QuantEmbedding, TiedQuantEmbedding
@@ -180,7 +180,7 @@ def test_errors_name_the_problem():
     _compress(model, EmbeddingQuantConfig())
     with pytest.raises(RecipeError, match="compressed already"):
         _compress(model, EmbeddingQuantConfig())
-    with pytest.raises(AttributeError, match="resize or tie the embeddings before compressing"):
+    with pytest.raises(ModelError, match=r"the token embedding \(TiedQuantEmbedding\) holds packed integers"):
         model.resize_token_embeddings(140)
 
 
@@ -247,7 +247,7 @@ def test_modernbert_reloads_although_its_embeddings_init_reaches_into_the_table(
     embedding = reloaded.get_input_embeddings()
     assert isinstance(embedding, QuantEmbedding) and "weight" not in embedding.__dict__
     assert torch.equal(reloaded(ids).logits, model(ids).logits)
-    with pytest.raises(AttributeError, match="packed integer rows"):
+    with pytest.raises(ModelError, match="cannot be resized; resize the float model's embeddings before"):
         reloaded.resize_token_embeddings(140)
 
 
@@ -265,3 +265,14 @@ def test_an_offloaded_tied_pair_is_still_stored_once(tmp_path):
     _compress(model, EmbeddingQuantConfig())
     assert isinstance(model.model.embed_tokens, TiedQuantEmbedding) and model.model.embed_tokens.source is model.lm_head
     assert torch.equal(model(IDS).logits, reference(IDS).logits)
+
+
+def test_resizing_a_model_with_a_packed_lm_head_changes_nothing():
+    # transformers resized the float embedding to 140 rows, then failed on the packed head with
+    # "'QuantLinear' object has no attribute 'weight'": embedding and head no longer agreed.
+    model = make_tiny_llama(tie=False)
+    head = {"name": "head", "technique": "rtn", "bits": 8, "group_size": -1, "targets": ["lm_head"], "ignore": []}
+    hfcompress.compress(model, [RTNConfig(bits=4, group_size=16), head], progress=False)
+    with pytest.raises(ModelError, match=r"the LM head \(QuantLinear\) holds packed integers, which cannot be resized"):
+        model.resize_token_embeddings(140)
+    assert model.get_input_embeddings().weight.shape[0] == model.config.vocab_size == 128
