@@ -24,7 +24,7 @@ import gzip
 import hashlib
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from importlib import resources
 from pathlib import Path
 
@@ -42,6 +42,7 @@ __all__ = [
     "is_calibration_text",
     "join_wikitext_rows",
     "load_text",
+    "reusable",
 ]
 
 logger = logging.getLogger(__name__)
@@ -239,6 +240,12 @@ def _as_text_or_ids(data) -> str | list[str] | torch.Tensor:
         "tokenizer outputs of one length (or an iterable of these: a DataLoader, a generator); got "
         f"{type(data).__name__}"
     )
+
+
+def reusable(data):
+    """``data`` as something that can be read more than once: a one-shot iterator (a
+    generator) as a list, anything else as it is (the checks and the calibration both read it)."""
+    return list(data) if isinstance(data, Iterator) else data
 
 
 def is_calibration_text(data) -> bool:

@@ -10,7 +10,6 @@ stage that the stages before it leave with nothing to do. Then ``apply`` runs on
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from torch import nn
 
 from hfcompress.architectures import text_config
 from hfcompress.config import TechniqueConfig
+from hfcompress.data import reusable
 from hfcompress.errors import CalibrationDataError, RecipeError, TrainingDataError
 
 __all__ = ["CompressionContext", "ModelView", "Modifier", "ViewEntry"]
@@ -58,9 +58,7 @@ class CompressionContext:
     calibration_windows: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        # A generator can be read once; the stages' checks and the calibration read it twice.
-        if isinstance(self.calibration_data, Iterator):
-            self.calibration_data = list(self.calibration_data)
+        self.calibration_data = reusable(self.calibration_data)
 
 
 @dataclass

@@ -42,7 +42,7 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from hfcompress.data import is_calibration_text
+from hfcompress.data import is_calibration_text, reusable
 from hfcompress.errors import CheckpointError, ModelError, RecipeError
 from hfcompress.integrity import HASH_KEY, compressed_tensor_hashes, verify_files, verify_on_load
 from hfcompress.kinds import CompressedModule, compressed_modules, get_module_kind, registered_module_kinds
@@ -128,7 +128,7 @@ class HfCompressQuantizationConfig(QuantizationConfigMixin):
         self.recipe = recipe or {}
         self.layers = layers or {}
         self.patches = patches or []
-        self.calibration_data = calibration_data
+        self.calibration_data = reusable(calibration_data)  # read for the tokenizer, then by compress()
         self.tokenizer = tokenizer
         self.num_calibration_samples = num_calibration_samples
         self.calibration_seq_len = calibration_seq_len

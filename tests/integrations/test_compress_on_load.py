@@ -146,6 +146,11 @@ def test_calibration_text_uses_the_checkpoints_tokenizer(tiny_llama_dir):
     dataset = HfCompressQuantizationConfig(GPTQ, calibration_data=Dataset.from_dict({"text": text}), **options)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=dataset)
     assert torch.equal(model(IDS).logits, expected(IDS).logits)
+    # a generator of texts: read once (transformers copies the config, and the tokenizer's
+    # choice reads the data before compress() does; it failed with "cannot pickle 'generator'")
+    generated = HfCompressQuantizationConfig(GPTQ, calibration_data=(t for t in text), **options)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=generated)
+    assert torch.equal(model(IDS).logits, expected(IDS).logits)
     # a folder without a tokenizer: the error names the argument that fixes it
     plain = tiny_llama_dir.parent / "plain"
     AutoModelForCausalLM.from_pretrained(tiny_llama_dir).save_pretrained(plain)
