@@ -32,7 +32,7 @@ from hfcompress.integrity import tensor_digest
 from hfcompress.kinds import compressed_modules, get_module_kind
 from hfcompress.layerwise import offloaded_tensors
 
-__all__ = ["BlockCheckpoint", "dataset_digest", "model_digest", "run_fingerprint"]
+__all__ = ["BlockCheckpoint", "claim_folder", "model_digest", "run_fingerprint", "training_fingerprint"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,26 +60,30 @@ def model_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def dataset_digest(dataset: Any) -> torch.Tensor:
-    """SHA-256 over a training set's rows (their values, in order), as a tensor of its 32 bytes
-    for :func:`run_fingerprint`."""
-    digest = hashlib.sha256()
-    for row in dataset:
-        plain = {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in dict(row).items()}
-        digest.update(json.dumps(plain, sort_keys=True, default=str).encode())
-    return torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8)
-
-
 def run_fingerprint(stage: dict[str, Any], model: nn.Module, ids: list[torch.Tensor]) -> dict[str, str]:
-    """Hashes of what decides a run's result: the stage's settings, the model's content and the
-    calibration tokens (or a training set's :func:`dataset_digest`)."""
+    """Hashes of what decides a layerwise run's result: the stage's settings, the model's
+    content and the calibration tokens."""
     data = hashlib.sha256()
     for t in ids:
         data.update(t.cpu().contiguous().numpy().tobytes())
+    return _fingerprint(stage, model, data.hexdigest())
+
+
+def training_fingerprint(stage: dict[str, Any], model: nn.Module, dataset: Any) -> dict[str, str]:
+    """:func:`run_fingerprint` of a training stage: the training set's rows (their values, in
+    order) take the calibration tokens' place."""
+    data = hashlib.sha256()
+    for row in dataset:
+        plain = {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in dict(row).items()}
+        data.update(json.dumps(plain, sort_keys=True, default=str).encode())
+    return _fingerprint(stage, model, data.hexdigest())
+
+
+def _fingerprint(stage: dict[str, Any], model: nn.Module, data: str) -> dict[str, str]:
     return {
         "stage": hashlib.sha256(json.dumps(stage, sort_keys=True).encode()).hexdigest(),
         "model": model_digest(model),
-        "data": data.hexdigest(),
+        "data": data,
     }
 
 
@@ -106,6 +110,33 @@ def _content_hash(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def claim_folder(directory: Path, fingerprint: dict[str, str]) -> Path:
+    """A run's checkpoint folder, created with a manifest of ``fingerprint`` (see
+    :func:`run_fingerprint`), or an existing one whose manifest matches; a folder of another run
+    is refused, naming what differs."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"checkpoint folder {directory} is a file; pass a folder path")
+    manifest = directory / "manifest.json"
+    if manifest.is_file():
+        try:
+            saved = json.loads(manifest.read_text())["fingerprint"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{manifest} is unreadable ({exc}); delete the folder to start over") from exc
+        differs = [
+            _WHAT_DIFFERS[k] for k in _WHAT_DIFFERS if not isinstance(saved, dict) or saved.get(k) != fingerprint[k]
+        ]
+        if differs:
+            raise CheckpointError(
+                f"checkpoint folder {directory} belongs to a run with {' and '.join(differs)}; pass another "
+                "checkpoint folder, or delete this one to start over"
+            )
+    else:
+        directory.mkdir(parents=True, exist_ok=True)
+        _atomic_write(manifest, lambda p: p.write_text(json.dumps({"fingerprint": fingerprint})))
+    return directory
+
+
 class BlockCheckpoint:
     """Finished blocks of one stage, under ``directory``.
 
@@ -116,26 +147,7 @@ class BlockCheckpoint:
     """
 
     def __init__(self, directory: Path, fingerprint: dict[str, str]) -> None:
-        self.directory = Path(directory)
-        if self.directory.exists() and not self.directory.is_dir():
-            raise CheckpointError(f"checkpoint folder {self.directory} is a file; pass a folder path")
-        manifest = self.directory / "manifest.json"
-        if manifest.is_file():
-            try:
-                saved = json.loads(manifest.read_text())["fingerprint"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise CheckpointError(f"{manifest} is unreadable ({exc}); delete the folder to start over") from exc
-            differs = [
-                _WHAT_DIFFERS[k] for k in _WHAT_DIFFERS if not isinstance(saved, dict) or saved.get(k) != fingerprint[k]
-            ]
-            if differs:
-                raise CheckpointError(
-                    f"checkpoint folder {self.directory} belongs to a run with {' and '.join(differs)}; pass another "
-                    "checkpoint folder, or delete this one to start over"
-                )
-        else:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            _atomic_write(manifest, lambda p: p.write_text(json.dumps({"fingerprint": fingerprint})))
+        self.directory = claim_folder(directory, fingerprint)
         for stale in self.directory.glob(".block_*.tmp-*"):  # a write killed before its rename
             stale.unlink(missing_ok=True)
 

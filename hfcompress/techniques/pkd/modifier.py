@@ -10,7 +10,7 @@ import tempfile
 from torch import nn
 
 from hfcompress.architectures import blocks_of
-from hfcompress.checkpointing import BlockCheckpoint, dataset_digest, run_fingerprint
+from hfcompress.checkpointing import claim_folder, training_fingerprint
 from hfcompress.errors import HfCompressError
 from hfcompress.kinds import CompressedModule
 from hfcompress.modifier import CompressionContext, ModelView, Modifier
@@ -67,7 +67,7 @@ class PKDModifier(Modifier):
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
         if context.checkpoint_dir is not None:  # what decides the result: settings, model, training data
             settings = {k: v for k, v in c.to_dict().items() if k != "checkpoint_steps"}
-            fingerprint = run_fingerprint(settings, model, [dataset_digest(context.train_dataset)])
+            fingerprint = training_fingerprint(settings, model, context.train_dataset)
         drop_layers(model, keep)
         pairs = self.layer_pairs(keep)
         if c.beta > 0 and not pairs:
@@ -94,8 +94,7 @@ class PKDModifier(Modifier):
         else:
             # Checkpoints of the training itself (the student, optimizer, schedule and random
             # state, every checkpoint_steps steps): a killed run started again resumes from the last.
-            folder = context.checkpoint_dir / self.stage
-            BlockCheckpoint(folder, fingerprint)  # refuses a folder of another run, naming what differs
+            folder = claim_folder(context.checkpoint_dir / self.stage, fingerprint)  # or another run's: refused
             last = get_last_checkpoint(str(folder))
             if last is not None:
                 logger.info("stage %r: resuming the training from %s", self.stage, last)
