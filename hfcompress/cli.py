@@ -25,7 +25,7 @@ from pathlib import Path
 from hfcompress.cli_args import int_at_least
 from hfcompress.errors import HfCompressError
 from hfcompress.glue.commands import add_distill_parser, add_eval_glue_parser, run_distill, run_eval_glue
-from hfcompress.models import TASKS
+from hfcompress.models import TASKS, names_a_classifier
 
 __all__ = ["build_parser", "main"]
 
@@ -397,9 +397,7 @@ def _warn_if_the_head_is_new(model, name: str) -> None:
     head, which the compressed model then saves as if it were trained."""
     architectures = getattr(model.config, "architectures", None) or []
     head = type(model).__name__
-    if head.endswith("ForSequenceClassification") and not any(
-        a.endswith("ForSequenceClassification") for a in architectures
-    ):
+    if head.endswith("ForSequenceClassification") and not names_a_classifier(model.config):
         logger.warning(
             "%s is a base model (%s) without a classification head: the saved %s's classifier is random. "
             "Fine-tune it first (hfcompress eval glue --finetune, then compress the fine-tuned folder), or pass "

@@ -35,6 +35,7 @@ __all__ = [
     "default_task",
     "load_model",
     "load_tokenizer",
+    "names_a_classifier",
     "resolve_model_path",
 ]
 
@@ -162,6 +163,12 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     )
 
 
+def names_a_classifier(config) -> bool:
+    """Whether ``config.architectures`` names a sequence classifier: one whose checkpoint holds a
+    trained head (a base model loaded as a classifier gets a new, random one)."""
+    return any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+
+
 def _infer_task(path: str) -> Task | None:
     from transformers import AutoConfig
 
@@ -173,7 +180,7 @@ def _infer_task(path: str) -> Task | None:
         a.endswith("ForConditionalGeneration") for a in architectures
     ):
         return "image-text-to-text"  # a vision-language model (Llava, Qwen2-VL, Gemma 3)
-    if not architectures or any(a.endswith("ForSequenceClassification") for a in architectures):
+    if not architectures or names_a_classifier(config):
         return "sequence-classification"
     if all(a.endswith("Model") and "For" not in a for a in architectures):
         return "feature-extraction"  # a base model (BertModel): a classifier on it would be random
@@ -195,7 +202,7 @@ _NEW_HEADS = ("classifier.", "score.", "qa_outputs.")
 
 
 def _check_loading_info(name: str, config, info: dict[str, Any]) -> None:
-    trained_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    trained_head = names_a_classifier(config)
     missing = [k for k in info.get("missing_keys", ()) if trained_head or not k.startswith(_NEW_HEADS)]
     unexpected = list(info.get("unexpected_keys", ()))
     mismatched = [k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", ())]
