@@ -175,12 +175,17 @@ def test_a_killed_distillation_resumes_from_its_training_checkpoint(bert_setup, 
     expected = run()
     killed_run(monkeypatch, DistillationTrainer, "training_step", 9, lambda: run(checkpoint_dir=tmp_path / "ck"))
     assert sorted(p.name for p in (tmp_path / "ck" / "stage_0").glob("checkpoint-*")) == ["checkpoint-8"]
+    # a checkpoint a kill cut short (no trainer_state.json, written last) is not resumed from
+    partial = tmp_path / "ck" / "stage_0" / "checkpoint-12"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"\0" * 64)
     steps = []
     real_step = DistillationTrainer.training_step
     monkeypatch.setattr(DistillationTrainer, "training_step", lambda *a, **k: steps.append(1) or real_step(*a, **k))
     with caplog.at_level("INFO", logger="hfcompress.techniques.pkd.modifier"):
         got = run(checkpoint_dir=tmp_path / "ck")
     assert "resuming the training from" in caplog.text and "checkpoint-8" in caplog.text
+    assert f"removing {partial}, a training checkpoint cut short by a kill" in caplog.text
     assert len(steps) == 4  # steps 9-12, not 12 from the start
     # Not bit for bit: the Trainer draws the rest of a length-grouped epoch anew on resume.
     assert got.keys() == expected.keys()

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
 import tempfile
+from pathlib import Path
 
 from torch import nn
 
@@ -58,8 +60,6 @@ class PKDModifier(Modifier):
         view.rename_blocks(prefix, keep)
 
     def apply(self, model: nn.Module, context: CompressionContext) -> None:
-        from transformers.trainer_utils import get_last_checkpoint
-
         from hfcompress.integrations.trainer import make_trainer
 
         c = self.config
@@ -95,7 +95,7 @@ class PKDModifier(Modifier):
             # Checkpoints of the training itself (the student, optimizer, schedule and random
             # state, every checkpoint_steps steps): a killed run started again resumes from the last.
             folder = claim_folder(context.checkpoint_dir / self.stage, fingerprint)  # or another run's: refused
-            last = get_last_checkpoint(str(folder))
+            last = _last_complete_checkpoint(folder)
             if last is not None:
                 logger.info("stage %r: resuming the training from %s", self.stage, last)
             trainer = make_trainer(
@@ -110,3 +110,19 @@ class PKDModifier(Modifier):
             )
             trainer.train(resume_from_checkpoint=last)
         model.eval()
+
+
+def _last_complete_checkpoint(folder: Path) -> str | None:
+    """The Trainer checkpoint a rerun resumes from: the newest one whose ``trainer_state.json``
+    (written last) exists. A checkpoint a kill cut short is removed, with a warning (the Trainer
+    writes a checkpoint in place, and keeps the one before until the new one is whole)."""
+    complete = []
+    for path in folder.glob("checkpoint-*"):
+        if not path.name.removeprefix("checkpoint-").isdigit():
+            continue
+        if (path / "trainer_state.json").is_file():
+            complete.append((int(path.name.removeprefix("checkpoint-")), path))
+        else:
+            logger.warning("removing %s, a training checkpoint cut short by a kill", path)
+            shutil.rmtree(path, ignore_errors=True)  # another process of the run may remove it first
+    return str(max(complete)[1]) if complete else None
