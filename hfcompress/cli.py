@@ -85,8 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--calibration",
         default=None,
-        help="calibration text: wikitext2:valid (or the Hub's name, wikitext:validation) or a text file; "
-        "needed by calibrating stages (gptq, awq, smoothquant, static int8_activations, ...)",
+        help="calibration text: wikitext2:valid (or the Hub's name, wikitext:validation), a text file, or a "
+        ".jsonl/.json/.csv/.tsv/.parquet table with a 'text' column (or chat 'messages', laid out by the "
+        "tokenizer's chat template); needed by calibrating stages (gptq, awq, smoothquant, static "
+        "int8_activations, ...)",
     )
     c.add_argument(
         "--num-calibration-samples",
@@ -198,7 +200,7 @@ def _compress(args: argparse.Namespace) -> int:
 
     import hfcompress
     from hfcompress.card import layer_errors, write_card
-    from hfcompress.data import load_text
+    from hfcompress.data import load_text, read_calibration_source
     from hfcompress.eval.fidelity import encoder_outputs, output_fidelity, report_lines
     from hfcompress.eval.size import compressed_layer_names, linear_layer_stats, size_report, total_bytes
     from hfcompress.models import load_model, load_tokenizer
@@ -218,8 +220,8 @@ def _compress(args: argparse.Namespace) -> int:
         raise HfCompressError(
             f"stage {calibrating[0]!r} needs calibration data; pass --calibration wikitext2:valid (or a text file)"
         )
-    # Read now, to fail before the model loads; passed on as text (a list), not as a source name.
-    calibration = [load_text(args.calibration)] if calibrating else None
+    # Read now, to fail before the model loads; passed on as rows (text, chats or ids), not as a source name.
+    calibration = read_calibration_source(args.calibration) if calibrating else None
     eval_text = load_text(args.eval_data) if args.report else None
     torch.manual_seed(args.seed)
 

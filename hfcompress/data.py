@@ -11,7 +11,11 @@ A text source is one of:
   file's sha256), so that evaluation needs no network; else from the Hub dataset
   ``wikitext`` (``wikitext-2-raw-v1``) when online.
 * a path to a text file. A file named ``wiki.*.raw`` is read as WikiText rows (below); any
-  other file is used as it is.
+  other file is used as it is, except a table:
+* a path to a table (``.jsonl``, ``.json``, ``.csv``, ``.tsv``, ``.parquet``), read with
+  ``datasets``: its ``text`` column (or its only string column), or its ``input_ids``, or its
+  chat ``messages`` (``conversations``), which calibration renders with the tokenizer's chat
+  template.
 
 WikiText rows are joined the way most LLM quantization papers and tools do it: the file's lines
 (blank lines as empty rows) joined with ``"\\n\\n"``, which is byte-identical to joining the Hub
@@ -34,6 +38,7 @@ from hfcompress.errors import CalibrationDataError
 
 __all__ = [
     "DATA_ENV",
+    "ChatConversations",
     "bundled_wikitext_test",
     "calibration_batches",
     "calibration_ids",
@@ -42,6 +47,7 @@ __all__ = [
     "is_calibration_text",
     "join_wikitext_rows",
     "load_text",
+    "read_calibration_source",
     "reusable",
 ]
 
@@ -111,7 +117,19 @@ def _wikitext(split: str) -> str:
 
 
 def load_text(source: str | os.PathLike) -> str:
-    """The text of a source (see the module docstring)."""
+    """The text of a source (see the module docstring); a table's rows are joined with blank
+    lines."""
+    table = _table_file(source)
+    if table is not None:
+        rows = _dataset_source(_load_table(table), what=f"{table}")
+        if isinstance(rows, ChatConversations):
+            raise CalibrationDataError(
+                f"{table} holds chat conversations, which only calibration renders (with the tokenizer's chat "
+                "template); for perplexity pass text: a file, or a table with a 'text' column"
+            )
+        if isinstance(rows, torch.Tensor):
+            raise CalibrationDataError(f"{table} holds token ids ('input_ids'); perplexity reads text: pass text")
+        return "\n\n".join(rows)
     name = str(source)
     dataset, _, split = name.partition(":")
     if dataset in _WIKITEXT_NAMES and not Path(name).is_file():
@@ -136,6 +154,77 @@ def load_text(source: str | os.PathLike) -> str:
         raise CalibrationDataError(f"text source {name!r} is neither a file nor one of wikitext2:test, wikitext2:valid")
     text = path.read_text(encoding="utf-8")
     return join_wikitext_rows(text) if path.name.startswith("wiki.") and path.suffix == ".raw" else text
+
+
+class ChatConversations(list):
+    """Chat conversations (each a list of ``{"role": ..., "content": ...}`` messages) as
+    calibration data: :func:`calibration_ids` renders each with the tokenizer's chat template,
+    so an instruct model calibrates on text laid out as it is prompted."""
+
+
+_CHAT_COLUMNS = ("messages", "conversations")
+_TABLE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
+
+
+def _table_file(source) -> Path | None:
+    """``source`` as a path when it names an existing table file (by its extension)."""
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    path = Path(source)
+    try:
+        return path if path.suffix.lower() in _TABLE_BUILDERS and path.is_file() else None
+    except OSError:  # a name no file system takes
+        return None
+
+
+def _load_table(path: Path):
+    """A table file as a ``datasets.Dataset`` (TSV without quote handling, as GLUE's files are)."""
+    from datasets import load_dataset
+
+    builder = _TABLE_BUILDERS[path.suffix.lower()]
+    options = {"delimiter": "\t", "quoting": 3} if path.suffix.lower() == ".tsv" else {}
+    try:
+        return load_dataset(builder, data_files=str(path), split="train", **options)
+    except Exception as exc:  # the reader's own error, with the file and the format named
+        raise CalibrationDataError(f"{path} could not be read as a {builder} table: {exc}") from exc
+
+
+def _is_conversation(item) -> bool:
+    return isinstance(item, (list, tuple)) and bool(item) and all(isinstance(m, Mapping) and "role" in m for m in item)
+
+
+def _dataset_source(data, what: str = "a calibration Dataset") -> list[str] | ChatConversations | torch.Tensor:
+    """The calibration rows of a ``datasets.Dataset`` (or a table read as one): its
+    ``input_ids``, its ``text``, its chat ``messages``, or its only string column."""
+    column_names = list(data.column_names)
+    if "input_ids" in column_names:
+        return _stacked_ids(data["input_ids"])
+    if "text" in column_names:
+        return [t for t in data["text"] if t]
+    chat = next((c for c in _CHAT_COLUMNS if c in column_names), None)
+    if chat is not None:
+        return ChatConversations(data[chat])
+    features = getattr(data, "features", None) or {}
+    strings = [c for c in column_names if getattr(features.get(c), "dtype", None) in ("string", "large_string")]
+    if len(strings) == 1:
+        logger.info("calibrating on the %r column of %s (its only text column)", strings[0], what)
+        return [t for t in data[strings[0]] if t]
+    hint = (
+        f"; it has {len(strings)} text columns ({', '.join(strings)}): name the one to use as 'text', e.g. "
+        f"data.rename_column({strings[0]!r}, 'text')"
+        if strings
+        else ""
+    )
+    raise CalibrationDataError(
+        f"{what} needs a 'text', 'input_ids' or chat 'messages' column; it has {column_names}{hint}"
+    )
+
+
+def read_calibration_source(source: str | os.PathLike) -> list[str] | ChatConversations | torch.Tensor:
+    """A calibration source named on the command line, read now (to fail before a model loads):
+    a table's rows (see :func:`_dataset_source`), any other source's text as a one-item list."""
+    table = _table_file(source)
+    return _dataset_source(_load_table(table), what=str(table)) if table is not None else [load_text(source)]
 
 
 def calibration_samples(
@@ -205,18 +294,48 @@ def _stacked_ids(samples) -> torch.Tensor:
     return torch.stack(rows) if rows else torch.empty(0, 0, dtype=torch.long)
 
 
+def _records(items) -> list[str] | ChatConversations | torch.Tensor:
+    """Samples as mappings: tokenizer outputs (AutoGPTQ's "examples"), ``{"text": ...}`` rows,
+    or ``{"messages": [...]}`` chat rows (all of one kind)."""
+    keys = set.intersection(*(set(item) for item in items))
+    if "input_ids" in keys:
+        return _stacked_ids(items)
+    if "text" in keys and all(isinstance(item["text"], str) for item in items):
+        return [item["text"] for item in items if item["text"]]
+    chat = next((c for c in _CHAT_COLUMNS if c in keys), None)
+    if chat is not None:
+        return ChatConversations(item[chat] for item in items)
+    raise CalibrationDataError(
+        f"calibration samples as mappings need 'input_ids', 'text' or chat 'messages' in every sample; the keys "
+        f"every sample has are {sorted(keys)} (sample 0 has {sorted(items[0])})"
+    )
+
+
 def _as_text_or_ids(data) -> str | list[str] | torch.Tensor:
     """Normalise the accepted calibration inputs to a text source or a token tensor."""
     if isinstance(data, torch.Tensor):
         return data
+    if isinstance(data, ChatConversations):
+        return data
     if isinstance(data, (str, os.PathLike)):
-        return str(data)
+        table = _table_file(data)
+        return _dataset_source(_load_table(table), what=str(table)) if table is not None else str(data)
     if isinstance(data, (list, tuple)) and all(isinstance(t, str) for t in data):
         return list(data)
     if isinstance(data, Mapping) and "input_ids" in data:  # a tokenizer's output (BatchEncoding)
         return _stacked_ids([data])
+    if isinstance(data, (list, tuple)) and data and all(isinstance(t, Mapping) for t in data):
+        return _records(data)
     if isinstance(data, (list, tuple)) and data and all(isinstance(t, (torch.Tensor, Mapping)) for t in data):
-        return _stacked_ids(data)  # token tensors, or tokenizer outputs (AutoGPTQ's "examples")
+        return _stacked_ids(data)  # token tensors (or tensors and tokenizer outputs)
+    if isinstance(data, (list, tuple)) and data and all(_is_conversation(t) for t in data):
+        return ChatConversations(data)
+    if (
+        isinstance(data, (list, tuple))
+        and data
+        and all(isinstance(t, (list, tuple)) and t and all(isinstance(i, int) for i in t) for t in data)
+    ):
+        return _stacked_ids(data)  # token ids as lists (a tokenizer's input_ids without return_tensors)
     column_names = getattr(data, "column_names", None)  # a datasets.Dataset
     if isinstance(column_names, dict):  # a DatasetDict
         raise CalibrationDataError(
@@ -224,20 +343,17 @@ def _as_text_or_ids(data) -> str | list[str] | torch.Tensor:
             f"calibration_data=data[{next(iter(column_names), 'train')!r}]"
         )
     if column_names is not None:
-        if "input_ids" in column_names:
-            return _stacked_ids(data["input_ids"])
-        if "text" in column_names:
-            return [t for t in data["text"] if t]
-        raise CalibrationDataError(f"a calibration Dataset needs a 'text' or 'input_ids' column; it has {column_names}")
+        return _dataset_source(data)
     if isinstance(data, Iterable) and not isinstance(data, (Mapping, bytes)):
         # A torch DataLoader (batches of ids or tokenizer outputs) or another iterable of samples
         items = list(data)
-        if items and all(isinstance(t, (str, torch.Tensor, Mapping)) for t in items):
+        if items and all(isinstance(t, (str, torch.Tensor, Mapping)) or _is_conversation(t) for t in items):
             return _as_text_or_ids(items)
     raise CalibrationDataError(
-        "calibration_data must be a list of strings, a text source (file path, 'wikitext2:valid'), "
-        "a datasets.Dataset, a [num_samples, seq_len] tensor of token ids, or a list of token-id tensors or "
-        "tokenizer outputs of one length (or an iterable of these: a DataLoader, a generator); got "
+        "calibration_data must be a list of strings, a text source (a text file, a .jsonl/.json/.csv/.tsv/.parquet "
+        "table, 'wikitext2:valid'), a datasets.Dataset, chat conversations (lists of role/content messages), a "
+        "[num_samples, seq_len] tensor of token ids, or a list of token-id tensors, id lists or tokenizer outputs of "
+        "one length (or an iterable of these: a DataLoader, a generator); got "
         f"{type(data).__name__}"
     )
 
@@ -252,6 +368,24 @@ def is_calibration_text(data) -> bool:
     """Whether ``data`` (any accepted calibration input) is text, which needs a tokenizer,
     rather than token ids; a :class:`CalibrationDataError` for an input that is neither."""
     return not isinstance(_as_text_or_ids(data), torch.Tensor)
+
+
+def _render_chats(conversations: ChatConversations, tokenizer) -> list[str]:
+    """Each conversation as the text its chat template lays out (special tokens included)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise CalibrationDataError(
+            "the calibration data is chat conversations ('messages'), but the tokenizer has no chat template to "
+            "lay them out with; pass text instead (a 'text' column, or the messages' contents as strings)"
+        )
+    texts = []
+    for i, conversation in enumerate(conversations):
+        if not _is_conversation(conversation):
+            raise CalibrationDataError(
+                f"calibration conversation {i} is not a list of {{'role': ..., 'content': ...}} messages: "
+                f"{str(conversation)[:80]!r}"
+            )
+        texts.append(tokenizer.apply_chat_template(list(conversation), tokenize=False))
+    return texts
 
 
 def calibration_batches(data, tokenizer=None, *, batch_size: int = 8, **windows) -> list[dict[str, torch.Tensor]]:
@@ -293,6 +427,8 @@ def calibration_ids(
     else:
         if tokenizer is None:
             raise CalibrationDataError("text calibration data needs a tokenizer: pass tokenizer=... to compress()")
+        if isinstance(source, ChatConversations):
+            source = _render_chats(source, tokenizer)
         if max_length is not None and seq_len > max_length:
             raise CalibrationDataError(
                 f"calibration windows of {seq_len} tokens exceed the model's max_position_embeddings={max_length}; "

@@ -159,6 +159,30 @@ def test_compress_with_a_calibrated_recipe_reads_the_calibration_text(tiny_llama
     assert main([*args, "--overwrite"]) == 2  # no --calibration: refused before anything loads
 
 
+def test_compress_calibrates_on_a_chat_jsonl_as_the_chat_template_lays_it_out(tiny_llama_dir, tmp_path):
+    # A .jsonl of chat rows was read as raw text, JSON syntax and all; now its conversations are
+    # laid out by the tokenizer's chat template, giving the model that the rendered text gives.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    tokenizer.save_pretrained(tiny_llama_dir)
+    chats = [[{"role": "user", "content": f"tell me a fact number {i}"}, {"role": "assistant", "content": "ok"}]
+             for i in range(12)]  # fmt: skip
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
+    (tmp_path / "chats.txt").write_text("\n\n".join(tokenizer.apply_chat_template(c, tokenize=False) for c in chats))
+    recipe = tmp_path / "gptq.yaml"
+    recipe.write_text("stages:\n  - name: w4\n    technique: gptq\n    bits: 4\n    group_size: 32\n")
+    states = []
+    for source in ("chats.jsonl", "chats.txt"):
+        out = tmp_path / source.replace(".", "_")
+        args = ["--quiet", "compress", "--model", str(tiny_llama_dir), "--recipe", str(recipe), "--output", str(out)]
+        flags = ["--calibration", str(tmp_path / source), "--num-calibration-samples", "4"]
+        assert main([*args, *flags, "--calibration-seq-len", "16"]) == 0
+        states.append(AutoModelForCausalLM.from_pretrained(out).state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[1])
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

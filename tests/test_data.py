@@ -209,3 +209,91 @@ def test_token_samples_of_two_lengths_or_padded_are_refused():
     padded = tokenizer(["a long sentence", "short"], padding=True, return_tensors="pt")
     with pytest.raises(CalibrationDataError, match=r"calibration sample 0 is padded"):
         calibration_ids(padded)
+
+
+CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+
+
+def _chat_tokenizer():
+    from tests.conftest import make_char_tokenizer
+
+    tokenizer = make_char_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def test_chat_conversations_are_laid_out_by_the_chat_template(tmp_path):
+    # An instruct model's calibration data is usually chat rows ({"messages": [...]}, as
+    # UltraChat's); they were refused ("needs a 'text' or 'input_ids' column"). Each form gives
+    # the windows of the texts the chat template lays out.
+    import json
+
+    import datasets
+
+    from hfcompress.data import calibration_ids
+
+    tokenizer = _chat_tokenizer()
+    chats = [
+        [{"role": "user", "content": f"question {i}: why is the sky blue?"}, {"role": "assistant", "content": "light"}]
+        for i in range(6)
+    ]
+    rendered = [tokenizer.apply_chat_template(c, tokenize=False) for c in chats]
+    assert rendered[0] == "<user>question 0: why is the sky blue?\n<assistant>light\n"
+    kw = dict(num_samples=5, seq_len=24, seed=3)
+    want = calibration_ids(rendered, tokenizer, **kw)
+    jsonl = tmp_path / "chats.jsonl"
+    jsonl.write_text("".join(json.dumps({"messages": c, "id": i}) + "\n" for i, c in enumerate(chats)))
+    for data in (
+        chats,
+        [{"messages": c} for c in chats],
+        datasets.Dataset.from_dict({"messages": chats}),
+        datasets.Dataset.from_dict({"conversations": chats}),
+        jsonl,
+        str(jsonl),
+        (c for c in chats),
+    ):
+        assert torch.equal(calibration_ids(data, tokenizer, **kw), want), type(data)
+    with pytest.raises(CalibrationDataError, match=r"chat conversations .* the tokenizer has no chat template"):
+        tokenizer.chat_template = None
+        calibration_ids(chats, tokenizer, **kw)
+    with pytest.raises(CalibrationDataError, match="holds chat conversations, which only calibration renders"):
+        load_text(jsonl)
+
+
+def test_tables_single_text_columns_text_rows_and_id_lists(tmp_path):
+    # A JSONL/CSV/TSV/Parquet file was read as raw text (JSON syntax and all) and calibrated on
+    # silently; a Dataset whose one text column is not named 'text' (GLUE's 'sentence'), rows
+    # of {"text": ...} and token ids as lists were refused.
+    import json
+
+    import datasets
+
+    from hfcompress.data import calibration_ids, read_calibration_source
+
+    tokenizer = _chat_tokenizer()
+    sentences = [f'a "quoted" sentence number {i}, with a comma' for i in range(8)]
+    kw = dict(num_samples=4, seq_len=20, seed=1)
+    want = calibration_ids(sentences, tokenizer, **kw)
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in sentences))
+    (tmp_path / "rows.json").write_text(json.dumps([{"text": s} for s in sentences]))
+    datasets.Dataset.from_dict({"sentence": sentences, "label": list(range(8))}).to_csv(tmp_path / "rows.csv")
+    datasets.Dataset.from_dict({"text": sentences}).to_parquet(tmp_path / "rows.parquet")
+    # GLUE's layout: tab-separated, quotes inside sentences are not quoting
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{s}\t1\n" for s in sentences))
+    for name in ("rows.jsonl", "rows.json", "rows.csv", "rows.parquet", "train.tsv"):
+        assert read_calibration_source(tmp_path / name) == sentences, name
+        assert torch.equal(calibration_ids(tmp_path / name, tokenizer, **kw), want), name
+        assert load_text(tmp_path / name) == "\n\n".join(sentences)
+    assert torch.equal(calibration_ids([{"text": s} for s in sentences], tokenizer, **kw), want)
+    ids = calibration_ids(datasets.Dataset.from_dict({"sentence": sentences, "label": [0] * 8}), tokenizer, **kw)
+    assert torch.equal(ids, want)
+    as_lists = [tokenizer(s).input_ids for s in sentences]
+    assert torch.equal(calibration_ids(as_lists), torch.tensor(as_lists))
+    pairs = datasets.Dataset.from_dict({"sentence1": sentences, "sentence2": sentences})
+    with pytest.raises(CalibrationDataError, match=r"2 text columns \(sentence1, sentence2\).*rename_column"):
+        calibration_ids(pairs, tokenizer, **kw)
+    with pytest.raises(CalibrationDataError, match=r"need 'input_ids', 'text' or chat 'messages'.*\['label'\]"):
+        calibration_ids([{"label": 1, "sentence": "a"}, {"label": 0}], tokenizer, **kw)
+    (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{not json\n')
+    with pytest.raises(CalibrationDataError, match=r"broken.jsonl could not be read as a json table"):
+        read_calibration_source(tmp_path / "broken.jsonl")
