@@ -22,7 +22,7 @@ from torch import nn
 from hfcompress.errors import EvaluationError
 from hfcompress.glue.data import load_glue
 from hfcompress.glue.metrics import glue_metrics
-from hfcompress.glue.tasks import GlueDataError, GlueTask, eval_splits, get_task
+from hfcompress.glue.tasks import GlueDataError, GlueTask, class_order, eval_splits, get_task
 from hfcompress.modes import evaluating
 
 __all__ = [
@@ -113,6 +113,9 @@ def load_glue_model(
         kwargs.setdefault("num_labels", task.num_labels)
         if task.is_regression:
             kwargs.setdefault("problem_type", "regression")
+        if task.class_names and "id2label" not in kwargs:  # the new head's classes, named as the dataset's
+            kwargs["id2label"] = dict(enumerate(task.class_names))
+            kwargs["label2id"] = {name: i for i, name in enumerate(task.class_names)}
     model = load_model(path, task="sequence-classification", strict=strict, verify=verify, **kwargs)
     return model, load_tokenizer(path)
 
@@ -174,6 +177,15 @@ def evaluate_glue(
     num_labels = getattr(getattr(model, "config", None), "num_labels", task.num_labels)
     if num_labels != task.num_labels:
         raise GlueDataError(f"the model has num_labels={num_labels}; GLUE {task.name} needs {task.num_labels}")
+    order = class_order(getattr(getattr(model, "config", None), "id2label", None), task)
+    if order is not None:
+        names = model.config.id2label
+        logger.info(
+            "the model's classes are %s; GLUE %s's order is %s: its predictions are mapped by name",
+            [names[i] for i in range(task.num_labels)],
+            task.name,
+            list(task.class_names),
+        )
     results = []
     for label, split in eval_splits(task):
         data = load_glue(task, split, source, limit=limit)
@@ -181,6 +193,8 @@ def evaluate_glue(
         start = time.perf_counter()
         predictions = predict(model, tokenizer, encoded, task=task, batch_size=batch_size)
         seconds = time.perf_counter() - start
+        if order is not None:
+            predictions = order[predictions]  # the model's class ids as the task's
         metrics = glue_metrics(task, predictions, np.asarray(data["label"]))
         results.append(GlueResult(label, metrics, task.main_metric, len(data), seconds))
         logger.info("GLUE %s: %s", label, metrics)
@@ -222,6 +236,10 @@ def finetune_glue(
         progress=progress,
         bf16=bf16,
     )
+    if class_order(getattr(model.config, "id2label", None), task) is not None:
+        # Trained on the task's class ids, the head's classes become the task's, in its order.
+        model.config.id2label = dict(enumerate(task.class_names))
+        model.config.label2id = {name: i for i, name in enumerate(task.class_names)}
     trainer.train()
     return trainer.model
 

@@ -4,15 +4,21 @@ One :class:`GlueTask` per task. ``columns`` says where the text and the label si
 original TSV files (by header name, or by position for CoLA, whose files have no header);
 ``label_names`` gives the order of string labels, the same order as the Hub dataset
 ``nyu-mll/glue`` uses, so a model fine-tuned on one source scores the same on the other.
+``class_names`` names each class id as that dataset does: :func:`class_order` reads a
+classifier's ``id2label`` with them, so a Hub model whose classes come in another order
+(``roberta-large-mnli``: contradiction, neutral, entailment) is scored right.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+
+import numpy as np
 
 from hfcompress.errors import HfCompressError
 
-__all__ = ["GLUE_TASKS", "GlueDataError", "GlueTask", "eval_splits", "get_task"]
+__all__ = ["GLUE_TASKS", "GlueDataError", "GlueTask", "class_order", "eval_splits", "get_task"]
 
 
 class GlueDataError(HfCompressError, ValueError):
@@ -32,6 +38,8 @@ class GlueTask:
         label_column: Label column, by header name or position.
         label_names: String labels in class-id order; empty when labels are already ints
             (or floats for regression).
+        class_names: Each class id's name in ``nyu-mll/glue`` (its ``label`` feature's names);
+            empty for regression.
         num_labels: Classes; 1 for the regression task STS-B.
         metrics: The keys the ``evaluate`` GLUE metric returns for this task.
         main_metric: The metric a single-number summary uses.
@@ -48,6 +56,7 @@ class GlueTask:
     metrics: tuple[str, ...]
     main_metric: str
     label_names: tuple[str, ...] = ()
+    class_names: tuple[str, ...] = ()
     splits: tuple[tuple[str, str], ...] = (("train", "train.tsv"), ("validation", "dev.tsv"))
     has_header: bool = True
 
@@ -86,6 +95,7 @@ GLUE_TASKS: dict[str, GlueTask] = {
             hub_text_columns=("sentence",),
             label_column=1,
             num_labels=2,
+            class_names=("unacceptable", "acceptable"),
             metrics=("matthews_correlation",),
             main_metric="matthews_correlation",
             has_header=False,
@@ -97,6 +107,7 @@ GLUE_TASKS: dict[str, GlueTask] = {
             hub_text_columns=("sentence",),
             label_column="label",
             num_labels=2,
+            class_names=("negative", "positive"),
             metrics=("accuracy",),
             main_metric="accuracy",
         ),
@@ -107,6 +118,7 @@ GLUE_TASKS: dict[str, GlueTask] = {
             hub_text_columns=_PAIR,
             label_column="Quality",
             num_labels=2,
+            class_names=("not_equivalent", "equivalent"),
             metrics=("accuracy", "f1"),
             main_metric="f1",
         ),
@@ -117,6 +129,7 @@ GLUE_TASKS: dict[str, GlueTask] = {
             hub_text_columns=("question1", "question2"),
             label_column="is_duplicate",
             num_labels=2,
+            class_names=("not_duplicate", "duplicate"),
             metrics=("accuracy", "f1"),
             main_metric="f1",
         ),
@@ -138,6 +151,7 @@ GLUE_TASKS: dict[str, GlueTask] = {
             label_column="gold_label",
             label_names=("entailment", "neutral", "contradiction"),
             num_labels=3,
+            class_names=("entailment", "neutral", "contradiction"),
             metrics=("accuracy",),
             main_metric="accuracy",
             splits=(
@@ -154,6 +168,7 @@ GLUE_TASKS: dict[str, GlueTask] = {
             label_column="label",
             label_names=_NLI2,
             num_labels=2,
+            class_names=_NLI2,
             metrics=("accuracy",),
             main_metric="accuracy",
         ),
@@ -165,6 +180,7 @@ GLUE_TASKS: dict[str, GlueTask] = {
             label_column="label",
             label_names=_NLI2,
             num_labels=2,
+            class_names=_NLI2,
             metrics=("accuracy",),
             main_metric="accuracy",
         ),
@@ -175,6 +191,7 @@ GLUE_TASKS: dict[str, GlueTask] = {
             hub_text_columns=_PAIR,
             label_column="label",
             num_labels=2,
+            class_names=("not_entailment", "entailment"),
             metrics=("accuracy",),
             main_metric="accuracy",
         ),
@@ -200,3 +217,40 @@ def eval_splits(task: GlueTask) -> tuple[tuple[str, str], ...]:
     if task.name == "mnli":
         return (("mnli-m", "validation_matched"), ("mnli-mm", "validation_mismatched"))
     return ((task.name, "validation"),)
+
+
+logger = logging.getLogger(__name__)
+
+# Names Hub classifiers give their classes, as the dataset's names.
+_CLASS_ALIASES = {"neg": "negative", "pos": "positive", "non_entailment": "not_entailment"}
+
+
+def _class_name(name: str) -> str:
+    key = str(name).strip().lower().replace("-", "_").replace(" ", "_")
+    return _CLASS_ALIASES.get(key, key)
+
+
+def class_order(id2label: dict | None, task: GlueTask) -> np.ndarray | None:
+    """How a classifier's class ids map onto the task's: ``order[model_id] = task_id`` when
+    its ``id2label`` names the task's classes in another order; None when it names them in the
+    task's order, names nothing (``LABEL_0``, ``0``, ...) or names other classes (a warning:
+    they are taken in id order)."""
+    if not task.class_names or not id2label:
+        return None
+    try:
+        names = [_class_name(id2label[i]) for i in range(task.num_labels)]
+    except KeyError:  # ids that are not 0..n-1: nothing to read the order from
+        return None
+    if all(n in (f"label_{i}", str(i)) for i, n in enumerate(names)):
+        return None
+    wanted = [_class_name(n) for n in task.class_names]
+    if sorted(names) != sorted(wanted):
+        logger.warning(
+            "the model names its classes %s and GLUE %s's are %s; scoring its class i as the task's class i",
+            [id2label[i] for i in range(task.num_labels)],
+            task.name,
+            list(task.class_names),
+        )
+        return None
+    order = np.array([wanted.index(n) for n in names])
+    return None if (order == np.arange(len(order))).all() else order

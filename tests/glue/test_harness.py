@@ -78,6 +78,55 @@ def test_base_encoder_gets_a_regression_head_for_stsb(tmp_path):
     assert model.config.num_labels == 1 and model.config.problem_type == "regression"
 
 
+def test_a_classifier_naming_its_classes_in_another_order_is_scored_by_name(tmp_path, tiny_glue_dir, caplog):
+    # A Hub classifier whose id2label orders the classes otherwise than the dataset
+    # (roberta-large-mnli: contradiction, neutral, entailment) was scored in id order: its
+    # predictions were read as the wrong classes, silently. They are now mapped by name.
+    import logging
+
+    path = save_tiny_bert_classifier(tmp_path / "m", layers=1)
+    model, tokenizer = load_glue_model(path, "sst2")
+    (plain,) = evaluate_glue(model, tokenizer, "sst2", source=tiny_glue_dir)
+    data = load_glue("sst2", "validation", tiny_glue_dir)
+    with torch.no_grad():  # the same model with its two classes swapped, and named so
+        head = model.classifier
+        head.weight.copy_(head.weight.flip(0))
+        head.bias.copy_(head.bias.flip(0))
+    model.config.id2label, model.config.label2id = {0: "POSITIVE", 1: "NEGATIVE"}, {"POSITIVE": 0, "NEGATIVE": 1}
+    with caplog.at_level(logging.INFO, logger="hfcompress"):
+        (swapped,) = evaluate_glue(model, tokenizer, "sst2", source=tiny_glue_dir)
+    assert swapped.metrics == plain.metrics and "mapped by name" in caplog.text
+    model.config.id2label = {0: "bad", 1: "good"}  # names that are not the task's: id order, with a warning
+    with caplog.at_level(logging.WARNING, logger="hfcompress"):
+        (unmatched,) = evaluate_glue(model, tokenizer, "sst2", source=tiny_glue_dir)
+    with torch.no_grad():
+        ids = [int(model(**tokenizer(t, return_tensors="pt")).logits.argmax()) for t in data["text_a"]]
+    assert unmatched.metrics == glue_metrics("sst2", ids, data["label"]) != plain.metrics
+    assert "scoring its class i as the task's class i" in caplog.text
+
+
+def test_a_new_head_is_named_as_the_dataset_and_mnli_maps_three_classes(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    from hfcompress.glue.tasks import class_order, get_task
+
+    BertModel(
+        BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    ).save_pretrained(tmp_path / "base")
+    from tests.conftest import make_char_tokenizer
+
+    make_char_tokenizer().save_pretrained(tmp_path / "base")
+    model, _ = load_glue_model(tmp_path / "base", "rte")
+    assert model.config.id2label == {0: "entailment", 1: "not_entailment"}
+    assert model.config.label2id == {"entailment": 0, "not_entailment": 1}
+    mnli = get_task("mnli")
+    roberta_large_mnli = {0: "CONTRADICTION", 1: "NEUTRAL", 2: "ENTAILMENT"}
+    assert class_order(roberta_large_mnli, mnli).tolist() == [2, 1, 0]
+    assert class_order({0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}, mnli) is None
+    assert class_order({0: "entailment", 1: "neutral", 2: "contradiction"}, mnli) is None
+    assert class_order({0: "Not Entailment", 1: "entailment"}, get_task("rte")).tolist() == [1, 0]
+
+
 def test_classifier_head_that_does_not_fit_is_refused(tmp_path):
     path = save_tiny_bert_classifier(tmp_path / "m", layers=1, num_labels=2)
     with pytest.raises(GlueDataError, match="num_labels=2, but GLUE stsb needs 1"):
