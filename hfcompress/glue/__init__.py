@@ -7,6 +7,7 @@ from hfcompress.glue.harness import (
     GlueResult,
     evaluate_glue,
     finetune_glue,
+    labels_in_model_order,
     load_glue_model,
     markdown_table,
     predict,
@@ -14,7 +15,7 @@ from hfcompress.glue.harness import (
     write_results,
 )
 from hfcompress.glue.metrics import glue_metrics
-from hfcompress.glue.tasks import GLUE_TASKS, GlueDataError, GlueTask, eval_splits, get_task
+from hfcompress.glue.tasks import GLUE_TASKS, GlueDataError, GlueTask, class_order, eval_splits, get_task
 
 __all__ = [
     "GLUE_TASKS",
@@ -24,11 +25,13 @@ __all__ = [
     "GlueResult",
     "GlueTask",
     "augment_glue",
+    "class_order",
     "eval_splits",
     "evaluate_glue",
     "finetune_glue",
     "get_task",
     "glue_metrics",
+    "labels_in_model_order",
     "load_glue",
     "load_glue_model",
     "markdown_table",

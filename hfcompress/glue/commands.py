@@ -189,7 +189,13 @@ def run_distill(args: argparse.Namespace) -> int:
 
     import hfcompress
     from hfcompress.glue.data import load_glue
-    from hfcompress.glue.harness import evaluate_glue, load_glue_model, markdown_table, tokenize_glue
+    from hfcompress.glue.harness import (
+        evaluate_glue,
+        labels_in_model_order,
+        load_glue_model,
+        markdown_table,
+        tokenize_glue,
+    )
     from hfcompress.saving import check_output
 
     recipe = hfcompress.Recipe.from_yaml(args.recipe)  # a bad recipe fails before any loading
@@ -214,7 +220,7 @@ def run_distill(args: argparse.Namespace) -> int:
         except ValueError as exc:  # a bad --augment/--augment-prob: nothing is written yet
             raise HfCompressError(f"--augment {args.augment} --augment-prob {args.augment_prob}: {exc}") from exc
         logger.info("training on %d labelled rows and %d augmented rows", labelled, len(texts) - labelled)
-    train = tokenize_glue(texts, tokenizer, max_length=args.max_length)
+    train = labels_in_model_order(tokenize_glue(texts, tokenizer, max_length=args.max_length), teacher, args.task)
     before = (
         evaluate_glue(teacher, tokenizer, args.task, source=args.data_dir, limit=args.limit)
         if state.is_main_process

@@ -29,6 +29,7 @@ __all__ = [
     "GlueResult",
     "evaluate_glue",
     "finetune_glue",
+    "labels_in_model_order",
     "load_glue_model",
     "markdown_table",
     "predict",
@@ -74,6 +75,23 @@ def tokenize_glue(dataset, tokenizer, *, max_length: int = 128):
         return out
 
     return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="tokenize")
+
+
+def labels_in_model_order(dataset, model: nn.Module, task: GlueTask | str):
+    """A :func:`tokenize_glue` dataset whose ``labels`` are the model's class ids: the task's ids
+    mapped by name when the model's ``id2label`` orders the classes otherwise (see
+    :func:`~hfcompress.glue.tasks.class_order`), so training keeps the head's meaning; unlabelled
+    rows (negative labels) and other models' datasets are returned as they are."""
+    task = get_task(task) if isinstance(task, str) else task
+    order = class_order(getattr(getattr(model, "config", None), "id2label", None), task)
+    if order is None:
+        return dataset
+    to_model = np.argsort(order)  # task id -> model id
+
+    def relabel(batch: dict[str, list]) -> dict[str, list]:
+        return {"labels": [int(to_model[y]) if y >= 0 else y for y in batch["labels"]]}
+
+    return dataset.map(relabel, batched=True, desc="labels in the model's class order")
 
 
 def load_glue_model(
@@ -224,6 +242,7 @@ def finetune_glue(
 
     task = get_task(task) if isinstance(task, str) else task
     train = tokenize_glue(load_glue(task, "train", source, limit=limit), tokenizer, max_length=max_length)
+    train = labels_in_model_order(train, model, task)
     trainer = make_trainer(
         model,
         train,
@@ -236,10 +255,6 @@ def finetune_glue(
         progress=progress,
         bf16=bf16,
     )
-    if class_order(getattr(model.config, "id2label", None), task) is not None:
-        # Trained on the task's class ids, the head's classes become the task's, in its order.
-        model.config.id2label = dict(enumerate(task.class_names))
-        model.config.label2id = {name: i for i, name in enumerate(task.class_names)}
     trainer.train()
     return trainer.model
 

@@ -105,6 +105,24 @@ def test_a_classifier_naming_its_classes_in_another_order_is_scored_by_name(tmp_
     assert "scoring its class i as the task's class i" in caplog.text
 
 
+def test_finetuning_a_classifier_with_its_classes_in_another_order_keeps_its_head_meaning(tmp_path, tiny_glue_dir):
+    # Trained on the task's ids, a head that names class 0 "positive" learnt the opposite of its
+    # names; the labels are now mapped into its order (unlabelled augmentation rows stay -100).
+    import datasets
+
+    from hfcompress.glue import labels_in_model_order
+
+    model, tokenizer = load_glue_model(save_tiny_bert_classifier(tmp_path / "m", layers=2), "sst2")
+    model.config.id2label, model.config.label2id = {0: "positive", 1: "negative"}, {"positive": 0, "negative": 1}
+    rows = datasets.Dataset.from_dict({"labels": [0, 1, -100, 1]})
+    assert labels_in_model_order(rows, model, "sst2")["labels"] == [1, 0, -100, 0]
+    finetune_glue(model, tokenizer, "sst2", output_dir=tmp_path / "scratch", source=tiny_glue_dir, epochs=8,
+                  learning_rate=2e-3, batch_size=8, progress=False)  # fmt: skip
+    assert model.config.id2label == {0: "positive", 1: "negative"}
+    (after,) = evaluate_glue(model, tokenizer, "sst2", source=tiny_glue_dir)
+    assert after.main == 1.0
+
+
 def test_a_new_head_is_named_as_the_dataset_and_mnli_maps_three_classes(tmp_path):
     from transformers import BertConfig, BertModel
 
