@@ -127,9 +127,10 @@ def test_rank_for_budget_matches_brute_force():
 def test_refit_out_factor_recovers_from_a_perturbed_first_factor():
     w, x = _problem()
     xtx = x.T @ x
-    f = factorize(w, 4, whitening(xtx, damp=1e-12))
+    white = whitening(xtx, damp=1e-12)
+    f = factorize(w, 4, white)
     # With the optimal A, the refit B gives the same product.
-    b = refit_out_factor(w, f.a, xtx)
+    b = refit_out_factor(w, f.a, white)
     assert torch.allclose(b @ f.a, f.b @ f.a, atol=1e-8)
     # With a rounded A, refitting B lowers the output error.
     a_hat = f.a + 0.05 * torch.randn(f.a.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
@@ -137,4 +138,31 @@ def test_refit_out_factor_recovers_from_a_perturbed_first_factor():
     def err(bb):
         return ((w - bb @ a_hat) @ x.T).pow(2).sum().item()
 
-    assert err(refit_out_factor(w, a_hat, xtx)) < err(f.b)
+    assert err(refit_out_factor(w, a_hat, white)) < err(f.b)
+
+
+def test_refit_out_factor_stays_bounded_when_x_t_x_is_indefinite():
+    # X^T X summed from bfloat16 products can have negative eigenvalues. Solved against the raw
+    # matrix, A H A^T could be nearly singular, and B blew up (SmolLM2 layer 11's down
+    # projection: the layer's error became 16 times its weight). The whitening's floored
+    # eigenvalues keep the refit's metric positive definite.
+    g = torch.Generator().manual_seed(0)
+    k, n = 24, 16
+    q, _ = torch.linalg.qr(torch.randn(k, k, dtype=torch.float64, generator=g))
+    lam = torch.logspace(4, -2, k, dtype=torch.float64)
+    lam[-1] = -2.0  # rounding's negative eigenvalue
+    xtx = (q * lam) @ q.T
+    w = torch.randn(n, k, dtype=torch.float64, generator=g)
+    white = whitening(xtx, damp=1e-4)
+    a = factorize(w, 2, white).a
+    # A row on which the positive and the negative direction nearly cancel: a^T X^T X a ~ 0.
+    p, m = 10, k - 1
+    a[1] = q[:, p] / lam[p].sqrt() + q[:, m] / (-lam[m]).sqrt() * (1 + 1e-7)
+    raw_gram = a @ xtx @ a.T
+    raw_b = torch.linalg.solve(raw_gram, a @ xtx @ w.T).T
+    assert (w - raw_b @ a).norm() > 100 * w.norm()  # what the raw X^T X gave
+    b = refit_out_factor(w, a, white)
+    h = white.s @ white.s.T
+    assert torch.linalg.eigvalsh(a @ h @ a.T).min() > 0
+    assert torch.allclose(b, torch.linalg.solve(a @ h @ a.T, a @ h @ w.T).T, rtol=1e-6, atol=1e-8)
+    assert (w - b @ a).norm() < 2 * w.norm()

@@ -120,7 +120,7 @@ class ErrorCompensationModifier(FactorModifier):
         else:
             # Quantize A, refit B to the rounded A (least squares on the inputs), quantize B.
             qa = self._quantize_factor(factors.a)
-            b = refit_out_factor(error, qa.dequantize(torch.float32), stats.xtx)
+            b = refit_out_factor(error, qa.dequantize(torch.float32), transform)
             qb = self._quantize_factor(b)
             new = LowRankLinear(k, n, factors.rank, base=layer, dtype=dtype, device=error.device)
             new.factor_in, new.factor_out = qa, qb
