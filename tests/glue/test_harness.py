@@ -65,16 +65,21 @@ def test_finetune_learns_the_task(tmp_path, tiny_glue_dir):
     assert after.main == 1.0 > before.main
 
 
-def test_base_encoder_gets_a_regression_head_for_stsb(tmp_path):
+def _save_base_encoder(path):
+    """A tiny BERT without a head, with the character tokenizer."""
     from transformers import BertConfig, BertModel
+
+    from tests.conftest import make_char_tokenizer
 
     BertModel(
         BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
-    ).save_pretrained(tmp_path / "base")
-    from tests.conftest import make_char_tokenizer
+    ).save_pretrained(path)
+    make_char_tokenizer().save_pretrained(path)
+    return path
 
-    make_char_tokenizer().save_pretrained(tmp_path / "base")
-    model, _ = load_glue_model(tmp_path / "base", "stsb")
+
+def test_base_encoder_gets_a_regression_head_for_stsb(tmp_path):
+    model, _ = load_glue_model(_save_base_encoder(tmp_path / "base"), "stsb")
     assert model.config.num_labels == 1 and model.config.problem_type == "regression"
 
 
@@ -124,17 +129,9 @@ def test_finetuning_a_classifier_with_its_classes_in_another_order_keeps_its_hea
 
 
 def test_a_new_head_is_named_as_the_dataset_and_mnli_maps_three_classes(tmp_path):
-    from transformers import BertConfig, BertModel
-
     from hfcompress.glue.tasks import class_order, get_task
 
-    BertModel(
-        BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
-    ).save_pretrained(tmp_path / "base")
-    from tests.conftest import make_char_tokenizer
-
-    make_char_tokenizer().save_pretrained(tmp_path / "base")
-    model, _ = load_glue_model(tmp_path / "base", "rte")
+    model, _ = load_glue_model(_save_base_encoder(tmp_path / "base"), "rte")
     assert model.config.id2label == {0: "entailment", 1: "not_entailment"}
     assert model.config.label2id == {"entailment": 0, "not_entailment": 1}
     mnli = get_task("mnli")
