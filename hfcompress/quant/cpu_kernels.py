@@ -179,7 +179,8 @@ def _cpu_int4_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         return y
     k = layer.in_features
     x1 = x.reshape(-1, k)
-    x2 = x1.to(torch.bfloat16)
+    # The op needs a contiguous A; a bfloat16 slice (a BERT pooler's [CLS] rows) stays a view.
+    x2 = x1.to(torch.bfloat16).contiguous()
     pack = cached(layer, "cpu_int4", _build_int4)  # built on first use: prefill alone on AMX never needs it
     exact = x1.shape[0] >= EXACT_OFFSET_MIN_ROWS
     if pack.padded_k != k:
@@ -246,7 +247,7 @@ def _cpu_int8_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     y = _our_kernels(layer, x)  # decoding: float32 products, exact inputs, unlike the op's bfloat16
     if y is not None:
         return y
-    x2 = x.reshape(-1, layer.in_features).to(torch.bfloat16)
+    x2 = x.reshape(-1, layer.in_features).to(torch.bfloat16).contiguous()
     pack = cached(layer, "cpu_int8", _build_int8)
     if pack.padded_k != layer.in_features:
         x2 = F.pad(x2, (0, pack.padded_k - layer.in_features))

@@ -42,6 +42,21 @@ def test_cpu_paths_match_the_reference(n, k, bits, group_size, symmetric, float_
     assert layer(x).shape == (3, 5, n) and layer(x).dtype == x.dtype
 
 
+@pytest.mark.parametrize(
+    "n,k,bits,group_size,symmetric,float_zero,path", CASES, ids=[f"{c[6]}-w{c[2]}-n{c[0]}-k{c[1]}" for c in CASES]
+)
+@pytest.mark.parametrize("rows", [4, 32])
+def test_a_bfloat16_view_that_is_not_contiguous(n, k, bits, group_size, symmetric, float_zero, path, rows):
+    # A bfloat16 model's BERT pooler reads hidden_states[:, 0], a view with a stride: the int4
+    # op raised "expect A to be contiguous" (W4 GPTQ MiniLM in bfloat16, a batch of 32).
+    layer, _ = quant_layer(n, k, bits=bits, group_size=group_size, symmetric=symmetric, float_zero=float_zero)
+    layer = layer.to(torch.bfloat16)
+    x = torch.randn(rows, 3, k).to(torch.bfloat16)[:, 0]
+    assert not x.is_contiguous()
+    with torch.no_grad():
+        assert rel_err(layer(x).float(), dispatch.reference_forward(layer, x.contiguous()).float()) < 2e-2
+
+
 def test_force_reference_env(monkeypatch):
     layer, _ = quant_layer(32, 64)
     x = torch.randn(2, 64)
