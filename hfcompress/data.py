@@ -121,7 +121,7 @@ def load_text(source: str | os.PathLike) -> str:
     lines."""
     table = _table_file(source)
     if table is not None:
-        rows = _dataset_source(_load_table(table), what=f"{table}")
+        rows = _table_rows(table)
         if isinstance(rows, ChatConversations):
             raise CalibrationDataError(
                 f"{table} holds chat conversations, which only calibration renders (with the tokenizer's chat "
@@ -177,16 +177,18 @@ def _table_file(source) -> Path | None:
         return None
 
 
-def _load_table(path: Path):
-    """A table file as a ``datasets.Dataset`` (TSV without quote handling, as GLUE's files are)."""
+def _table_rows(path: Path) -> list[str] | ChatConversations | torch.Tensor:
+    """A table file's rows (see :func:`_dataset_source`), read as a ``datasets.Dataset`` (TSV
+    without quote handling, as GLUE's files are)."""
     from datasets import load_dataset
 
     builder = _TABLE_BUILDERS[path.suffix.lower()]
     options = {"delimiter": "\t", "quoting": 3} if path.suffix.lower() == ".tsv" else {}
     try:
-        return load_dataset(builder, data_files=str(path), split="train", **options)
+        table = load_dataset(builder, data_files=str(path), split="train", **options)
     except Exception as exc:  # the reader's own error, with the file and the format named
         raise CalibrationDataError(f"{path} could not be read as a {builder} table: {exc}") from exc
+    return _dataset_source(table, what=str(path))
 
 
 def _is_conversation(item) -> bool:
@@ -224,7 +226,7 @@ def read_calibration_source(source: str | os.PathLike) -> list[str] | ChatConver
     """A calibration source named on the command line, read now (to fail before a model loads):
     a table's rows (see :func:`_dataset_source`), any other source's text as a one-item list."""
     table = _table_file(source)
-    return _dataset_source(_load_table(table), what=str(table)) if table is not None else [load_text(source)]
+    return _table_rows(table) if table is not None else [load_text(source)]
 
 
 def calibration_samples(
@@ -319,7 +321,7 @@ def _as_text_or_ids(data) -> str | list[str] | torch.Tensor:
         return data
     if isinstance(data, (str, os.PathLike)):
         table = _table_file(data)
-        return _dataset_source(_load_table(table), what=str(table)) if table is not None else str(data)
+        return _table_rows(table) if table is not None else str(data)
     if isinstance(data, (list, tuple)) and all(isinstance(t, str) for t in data):
         return list(data)
     if isinstance(data, Mapping) and "input_ids" in data:  # a tokenizer's output (BatchEncoding)

@@ -43,9 +43,11 @@ _EXACT_TOL = {torch.float32: 1e-3, torch.float64: 1e-3, torch.float16: 1e-2, tor
 
 
 def _exact_tolerance(block: Block, output: torch.Tensor) -> float:
-    """The tolerance of the least precise dtype the block computes in."""
+    """The tolerance of the least precise dtype the block computes in (float32's for a dtype the
+    table does not name, the one tolerance every dtype had before)."""
     dtypes = {output.dtype, block.compute_dtype, *(p.dtype for p in block.module.parameters())}
-    return max(_EXACT_TOL.get(d, 0.0) for d in dtypes if d is not None and d.is_floating_point)
+    default = _EXACT_TOL[torch.float32]
+    return max(_EXACT_TOL.get(d, default) for d in dtypes if d is not None and d.is_floating_point)
 
 
 @dataclass(frozen=True)
@@ -240,8 +242,8 @@ class SmoothQuantModifier(Modifier):
         total = sum(len(m) for m in self.applied.values())
         if total == 0:
             logger.warning(
-                "stage %r: no mapping was smoothable in any block (each changed its block's output when smoothed), so "
-                "the stage changed nothing; see the INFO log for the changes measured",
+                "stage %r: no mapping was smoothable in any block (none was found, the rest were ignored, or each "
+                "changed its block's output when smoothed: the INFO log names those), so the stage changed nothing",
                 self.stage,
             )
         else:
