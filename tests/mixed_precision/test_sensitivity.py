@@ -103,3 +103,17 @@ def test_a_base_encoder_measures_its_pooler_too():
     budget = {"bits_per_weight": 4.5, "group_sizes": [16]}
     hfcompress.compress(model, [hfcompress.RTNConfig(budget=budget)], calibration_data=IDS, progress=False)
     assert isinstance(model.pooler.dense, hfcompress.QuantLinear)
+
+
+def test_a_float16_models_fisher_is_the_float32_ones():
+    """A float16 model's loss is scaled up for the backward pass (its gradients would fall below
+    float16's range on a real model) and the gradients divided back in float32."""
+    model = make_tiny_llama()
+    names = ["model.layers.1.mlp.down_proj", "model.layers.0.self_attn.q_proj"]
+    batches = [{"input_ids": IDS}]
+    expected = fisher_diagonal(model, names, batches, samples=3)
+    got = fisher_diagonal(model.half(), names, batches, samples=3)
+    for name in names:
+        assert got[name].dtype == torch.float32
+        assert (got[name] == 0).float().mean() < 0.01
+        assert ((got[name] - expected[name]).norm() / expected[name].norm()) < 0.05

@@ -13,6 +13,7 @@ from torch import nn
 
 from hfcompress.kinds import linear_weight
 from hfcompress.layerwise import Block, autocast_dtype, compute_device, propagate
+from hfcompress.loss_scaling import LossScaler
 from hfcompress.modifier import CompressionContext, ModelView
 from hfcompress.quant.affine import QuantizedWeight
 from hfcompress.quant.linear import QuantLinear
@@ -140,6 +141,7 @@ class LearnedRoundingModifier(GPTQModifier):
             p.requires_grad_(False)
         generator = torch.Generator().manual_seed(cfg.seed * 100_003 + block.index)
         params = [p for layer in layers for p in layer.trainable()]
+        scaler = LossScaler(module)
         order: list[int] = []
         losses: list[float] = []
         best, best_loss = None, float("inf")
@@ -151,11 +153,12 @@ class LearnedRoundingModifier(GPTQModifier):
                 with torch.enable_grad():
                     out = block.forward(block.inputs[i], grad=True)
                     loss = F.mse_loss(out.float(), targets[i].float())
-                    loss.backward()
+                    finite = scaler.backward(loss, params)  # the sign is all a step reads: no unscaling
                 losses.append(loss.item())
                 if cfg.keep_best and losses[-1] < best_loss:  # the values that gave this loss
                     best, best_loss = [p.detach().clone() for p in params], losses[-1]
-                signed_step(layers, cfg.step_size * (1 - step / cfg.steps))
+                if finite:  # else a float16 gradient overflowed: no step
+                    signed_step(layers, cfg.step_size * (1 - step / cfg.steps))
             if best is not None:
                 for p, value in zip(params, best, strict=True):
                     p.data.copy_(value)
@@ -163,9 +166,11 @@ class LearnedRoundingModifier(GPTQModifier):
             for p in frozen:
                 p.requires_grad_(True)
         logger.debug(
-            "%s: block output MSE %.4g at the first step, %.4g at the last, %.4g the lowest",
+            "%s: block output MSE %.4g at the first step, %.4g at the last, %.4g the lowest; %d steps dropped "
+            "(float16 gradients overflowed)",
             block.prefix,
             losses[0],
             losses[-1],
             min(losses),
+            scaler.skipped,
         )

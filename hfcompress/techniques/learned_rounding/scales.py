@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from hfcompress.loss_scaling import LossScaler
 from hfcompress.quant.activations import fake_quantize_activations
 from hfcompress.quant.affine import dequantize
 from hfcompress.quant.linear import QuantLinear
@@ -212,6 +213,7 @@ def tune_scales(
     if not params:
         raise ValueError("nothing to tune: no weight scales asked for and no layer has a static input scale")
     optimizer = torch.optim.Adam(params, lr=lr)
+    scaler = LossScaler(model)
     generator = torch.Generator().manual_seed(seed)
     device = _model_device(model)
     order: list[int] = []
@@ -226,10 +228,11 @@ def tune_scales(
                 i = order.pop()
                 values, index = (v.to(device) for v in teacher[i])
                 loss = partial_kl(_logits(model, windows[i], compute_dtype)[0], values, index)
-                loss.backward()
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * (1 - step / steps)
-                optimizer.step()
+                if scaler.backward(loss, params):  # else a float16 gradient overflowed: no step
+                    scaler.unscale_(params)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr * (1 - step / steps)
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.item())
     finally:
@@ -245,4 +248,6 @@ def tune_scales(
             "%s: KL to the unquantized model %.4g over the first steps, %.4g over the last",
             desc, sum(head) / len(head), sum(tail) / len(tail),
         )  # fmt: skip
+    if scaler.skipped:
+        logger.info("%s: %d of %d steps dropped, their float16 gradients overflowed", desc, scaler.skipped, steps)
     return losses
