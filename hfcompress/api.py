@@ -21,7 +21,7 @@ from hfcompress.integrations.transformers_quantizer import (
     mark_interrupted,
 )
 from hfcompress.kinds import compressed_modules, is_linear_like
-from hfcompress.layerwise import offloads
+from hfcompress.layerwise import compute_device, offloads, slow_dtype_warning
 from hfcompress.modes import evaluating
 from hfcompress.modifier import CompressionContext, ModelView
 from hfcompress.patches import record_patch, recorded_patches
@@ -234,6 +234,10 @@ def _run_stages(model: nn.Module, modifiers: list, context: CompressionContext, 
         fuse_experts_back(model, split)
         raise
     fuse_experts_back(model, {name: m for name, m in split.items() if name not in used})
+    if any(m.config.needs_calibration or m.config.needs_training for m in modifiers):
+        slow = slow_dtype_warning(model, compute_device(model, context.device))
+        if slow:
+            logger.warning(slow)
     if used:
         record_patch(model, EXPERTS_PATCH, {"modules": used})
     for i, modifier in enumerate(modifiers):

@@ -234,3 +234,25 @@ def test_a_model_without_its_weights_is_refused_before_any_stage(technique):
     ):
         compress(model, [stage], calibration_data=torch.randint(1, 128, (4, 16)), progress=False)
     assert not hasattr(model.config, "quantization_config")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_dtype_without_a_fast_matmul_here_is_named_before_calibrating(dtype, monkeypatch, caplog):
+    import hfcompress.layerwise as layerwise
+
+    # As on a CPU without AVX-512-FP16 / an AVX2-only one, whatever this machine has.
+    monkeypatch.setattr(layerwise, "native_float16", lambda device_type: False)
+    monkeypatch.setattr(layerwise, "native_bfloat16", lambda device_type: False)
+    calib = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    name = str(dtype).removeprefix("torch.")
+    gptq = [{"technique": "gptq", "bits": 4, "group_size": 16}]
+    with caplog.at_level(logging.WARNING, logger="hfcompress"):
+        hfcompress.compress(make_tiny_llama().to(dtype), gptq, calibration_data=calib, progress=False)
+    assert f"the model is {name}, and this cpu has no fast {name} matrix multiply" in caplog.text
+    assert f"model.to(torch.{name})" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hfcompress"):
+        hfcompress.compress(make_tiny_llama(), gptq, calibration_data=calib, progress=False)  # float32
+        rtn = [{"technique": "rtn", "bits": 4, "group_size": 16}]
+        hfcompress.compress(make_tiny_llama().to(dtype), rtn, progress=False)
+    assert "matrix multiply" not in caplog.text  # no pass runs in RTN; float32 is fast everywhere
