@@ -21,7 +21,7 @@ from hfcompress.integrations.transformers_quantizer import (
     mark_interrupted,
 )
 from hfcompress.kinds import compressed_modules, is_linear_like
-from hfcompress.layerwise import compute_device, offloads, slow_dtype_warning
+from hfcompress.layerwise import compute_device, native_bfloat16, offloads, slow_dtype_warning
 from hfcompress.modes import evaluating
 from hfcompress.modifier import CompressionContext, ModelView
 from hfcompress.patches import record_patch, recorded_patches
@@ -216,6 +216,14 @@ def _refuse_weights_without_values(model: nn.Module) -> None:
         )
 
 
+def _runs_in_model_dtype(config, device: torch.device) -> bool:
+    """Whether a stage runs forward or backward passes in the model's own dtype: it calibrates
+    or trains, and not under a bfloat16 autocast that is fast on ``device``."""
+    if not (config.needs_calibration or config.needs_training):
+        return False
+    return not (getattr(config, "compute_dtype", None) == "bfloat16" and native_bfloat16(device.type))
+
+
 def _run_stages(model: nn.Module, modifiers: list, context: CompressionContext, frozen: bool) -> None:
     """Check every stage, then apply them in order (:func:`compress`; ``frozen``: the model's
     weights are inference tensors)."""
@@ -234,10 +242,10 @@ def _run_stages(model: nn.Module, modifiers: list, context: CompressionContext, 
         fuse_experts_back(model, split)
         raise
     fuse_experts_back(model, {name: m for name, m in split.items() if name not in used})
-    if any(m.config.needs_calibration or m.config.needs_training for m in modifiers):
-        slow = slow_dtype_warning(model, compute_device(model, context.device))
-        if slow:
-            logger.warning(slow)
+    device = compute_device(model, context.device)
+    slow = slow_dtype_warning(model, device, [m.stage for m in modifiers if _runs_in_model_dtype(m.config, device)])
+    if slow:
+        logger.warning(slow)
     if used:
         record_patch(model, EXPERTS_PATCH, {"modules": used})
     for i, modifier in enumerate(modifiers):

@@ -238,21 +238,33 @@ def test_a_model_without_its_weights_is_refused_before_any_stage(technique):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_a_dtype_without_a_fast_matmul_here_is_named_before_calibrating(dtype, monkeypatch, caplog):
+    import hfcompress.api as api
     import hfcompress.layerwise as layerwise
 
-    # As on a CPU without AVX-512-FP16 / an AVX2-only one, whatever this machine has.
-    monkeypatch.setattr(layerwise, "native_float16", lambda device_type: False)
-    monkeypatch.setattr(layerwise, "native_bfloat16", lambda device_type: False)
+    # As on a CPU without AVX-512-FP16 (float16) / an AVX2-only one (bfloat16), whatever this one has.
+    slow = "native_float16" if dtype == torch.float16 else "native_bfloat16"
+    monkeypatch.setattr(layerwise, slow, lambda device_type: False)
+    monkeypatch.setattr(api, "native_bfloat16", layerwise.native_bfloat16)
     calib = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
     name = str(dtype).removeprefix("torch.")
-    gptq = [{"technique": "gptq", "bits": 4, "group_size": 16}]
+    gptq = {"technique": "gptq", "bits": 4, "group_size": 16}
+    stages = [
+        {**gptq, "name": "w4"},
+        {"technique": "int8_activations", "strategy": "tensor", "dynamic": False, "name": "a8"},
+    ]
     with caplog.at_level(logging.WARNING, logger="hfcompress"):
-        hfcompress.compress(make_tiny_llama().to(dtype), gptq, calibration_data=calib, progress=False)
+        hfcompress.compress(make_tiny_llama().to(dtype), stages, calibration_data=calib, progress=False)
     assert f"the model is {name}, and this cpu has no fast {name} matrix multiply" in caplog.text
+    assert "stage 'w4', 'a8' run several times slower" in caplog.text
     assert f"model.to(torch.{name})" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="hfcompress"):
-        hfcompress.compress(make_tiny_llama(), gptq, calibration_data=calib, progress=False)  # float32
+        hfcompress.compress(make_tiny_llama(), [gptq], calibration_data=calib, progress=False)  # float32
         rtn = [{"technique": "rtn", "bits": 4, "group_size": 16}]
-        hfcompress.compress(make_tiny_llama().to(dtype), rtn, progress=False)
-    assert "matrix multiply" not in caplog.text  # no pass runs in RTN; float32 is fast everywhere
+        hfcompress.compress(make_tiny_llama().to(dtype), rtn, progress=False)  # no pass
+    assert "matrix multiply" not in caplog.text
+    if dtype == torch.float16 and layerwise.native_bfloat16("cpu"):  # its passes under a fast bfloat16 autocast
+        with caplog.at_level(logging.WARNING, logger="hfcompress"):
+            autocast = [{**gptq, "compute_dtype": "bfloat16"}]
+            hfcompress.compress(make_tiny_llama().half(), autocast, calibration_data=calib, progress=False)
+        assert "matrix multiply" not in caplog.text
