@@ -306,7 +306,7 @@ def native_bfloat16(device_type: str) -> bool:
 def native_float16(device_type: str) -> bool:
     """Whether matrix products in float16 are fast on this kind of device: on a CPU, whether
     oneDNN has a float16 path (AVX-512-FP16 or AMX-FP16); without one a float16 matmul runs
-    several times slower than float32 (3.8x at 4096 x 576 x 1536 on an AVX-512 EPYC VM).
+    several times slower than float32 (4.2-4.4x at 4096 x 576 x 1536 on an AVX-512 EPYC VM).
     GPUs and other devices are assumed to."""
     if device_type == "cpu":
         try:

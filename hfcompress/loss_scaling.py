@@ -2,13 +2,15 @@
 
 Learned rounding, the end-to-end scale tuning and the Fisher sensitivity of a size budget
 differentiate a loss through the model's own activations. In a float16 model the gradients
-there are float16, and most of them are smaller than its smallest normal number (6e-5): a
-block-output MSE over 4 x 256 x 576 values gives each output a gradient near 1e-7, which
-float16 keeps as a subnormal with a few bits or as 0. The steps then move little or nothing,
-silently. Mixed-precision training has the same problem and the same cure (Micikevicius et
-al. 2018; ``torch.amp.GradScaler``): multiply the loss by a large factor before the backward
-pass, divide the gradients by it after, and when a gradient overflows, halve the factor and
-drop that step. bfloat16 and float32 have float32's exponent range and need none of it.
+there are float16, whose smallest normal number is 6e-5: a block-output MSE over 4 x 256 x 576
+values gives each output a gradient near 2e-7 x its error, which float16 keeps as a subnormal
+with a few bits, or as 0 below 6e-8. The more values a block outputs (batch, tokens, hidden
+size), the smaller each gradient, so the steps of a large model work on blurred gradients or
+none, silently. (On SmolLM2-135M the loss was blurred, not gone: benchmarks/RESULTS.md, stop
+59.) Mixed-precision training has the same problem and the same cure (Micikevicius et al.
+2018; ``torch.amp.GradScaler``): multiply the loss by a large factor before the backward pass,
+divide the gradients by it after, and when a gradient overflows, halve the factor and drop
+that step. bfloat16 and float32 have float32's exponent range and need none of it.
 """
 
 from __future__ import annotations
