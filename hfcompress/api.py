@@ -21,7 +21,7 @@ from hfcompress.integrations.transformers_quantizer import (
     mark_interrupted,
 )
 from hfcompress.kinds import compressed_modules, is_linear_like
-from hfcompress.layerwise import compute_device, native_bfloat16, offloads, slow_dtype_warning
+from hfcompress.layerwise import compute_device, has_float16, native_bfloat16, offloads, slow_dtype_warning
 from hfcompress.modes import evaluating
 from hfcompress.modifier import CompressionContext, ModelView
 from hfcompress.patches import record_patch, recorded_patches
@@ -216,12 +216,14 @@ def _refuse_weights_without_values(model: nn.Module) -> None:
         )
 
 
-def _runs_in_model_dtype(config, device: torch.device) -> bool:
+def _runs_in_model_dtype(config, model: nn.Module, device: torch.device) -> bool:
     """Whether a stage runs forward or backward passes in the model's own dtype: it calibrates
-    or trains, and not under a bfloat16 autocast that is fast on ``device``."""
+    or trains, and not under a bfloat16 autocast that is fast on ``device`` (which a float16
+    model does not get: :func:`hfcompress.layerwise.autocast_for`)."""
     if not (config.needs_calibration or config.needs_training):
         return False
-    return not (getattr(config, "compute_dtype", None) == "bfloat16" and native_bfloat16(device.type))
+    autocast = getattr(config, "compute_dtype", None) == "bfloat16" and native_bfloat16(device.type)
+    return not autocast or has_float16(model)
 
 
 def _run_stages(model: nn.Module, modifiers: list, context: CompressionContext, frozen: bool) -> None:
@@ -243,7 +245,9 @@ def _run_stages(model: nn.Module, modifiers: list, context: CompressionContext, 
         raise
     fuse_experts_back(model, {name: m for name, m in split.items() if name not in used})
     device = compute_device(model, context.device)
-    slow = slow_dtype_warning(model, device, [m.stage for m in modifiers if _runs_in_model_dtype(m.config, device)])
+    slow = slow_dtype_warning(
+        model, device, [m.stage for m in modifiers if _runs_in_model_dtype(m.config, model, device)]
+    )
     if slow:
         logger.warning(slow)
     if used:

@@ -43,10 +43,12 @@ __all__ = [
     "LayerwiseRunner",
     "autocast",
     "autocast_dtype",
+    "autocast_for",
     "bfloat16_or_warn",
     "block_kinds",
     "capture_block_inputs",
     "compute_device",
+    "has_float16",
     "materialize_offloaded",
     "native_bfloat16",
     "native_float16",
@@ -356,6 +358,20 @@ def bfloat16_or_warn(device: torch.device | str, asked: str, instead: str) -> bo
     return False
 
 
+def has_float16(model: nn.Module) -> bool:
+    """Whether any of ``model``'s parameters is float16."""
+    return any(p.dtype == torch.float16 for p in model.parameters())
+
+
+def autocast_for(model: nn.Module, dtype: torch.dtype | None) -> torch.dtype | None:
+    """The autocast dtype of passes through ``model``: ``dtype``, except none in a float16
+    model. A bfloat16 autocast there hands bfloat16 activations to float16 parameters outside
+    the autocast ops, which LayerNorm refuses ("mixed dtype (CPU): expect parameter to have
+    scalar type of Float", a float16 BERT under GPTQ's ``compute_dtype: bfloat16``); such a
+    model's passes run in float16."""
+    return None if dtype is not None and has_float16(model) else dtype
+
+
 def autocast_dtype(name: str, device: torch.device | str) -> torch.dtype | None:
     """A config's ``compute_dtype`` as the autocast dtype of the calibration passes on
     ``device``: ``"bfloat16"`` -> ``torch.bfloat16``, ``"float32"`` -> None (no autocast).
@@ -482,7 +498,7 @@ class LayerwiseRunner:
         self.model = model
         self.batches = batches
         self.device = device
-        self.compute_dtype = compute_dtype
+        self.compute_dtype = autocast_for(model, compute_dtype)
         self.checkpoint = checkpoint
         self.progress = progress
         self.desc = desc

@@ -263,8 +263,22 @@ def test_a_dtype_without_a_fast_matmul_here_is_named_before_calibrating(dtype, m
         rtn = [{"technique": "rtn", "bits": 4, "group_size": 16}]
         hfcompress.compress(make_tiny_llama().to(dtype), rtn, progress=False)  # no pass
     assert "matrix multiply" not in caplog.text
-    if dtype == torch.float16 and layerwise.native_bfloat16("cpu"):  # its passes under a fast bfloat16 autocast
+    if dtype == torch.float16:  # no bfloat16 autocast in a float16 model: its passes run in float16
         with caplog.at_level(logging.WARNING, logger="hfcompress"):
-            autocast = [{**gptq, "compute_dtype": "bfloat16"}]
+            autocast = [{**gptq, "compute_dtype": "bfloat16", "name": "w4"}]
             hfcompress.compress(make_tiny_llama().half(), autocast, calibration_data=calib, progress=False)
-        assert "matrix multiply" not in caplog.text
+        assert "stage 'w4' run several times slower" in caplog.text
+
+
+def test_a_float16_bert_calibrates_under_a_bfloat16_compute_dtype(tiny_bert):
+    """bfloat16 activations reached float16 LayerNorm parameters: "mixed dtype (CPU)"."""
+    model = copy.deepcopy(tiny_bert).half()
+    ids = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits.float()
+    gptq = {"technique": "gptq", "bits": 8, "group_size": 16, "compute_dtype": "bfloat16", "ignore": ["classifier"]}
+    hfcompress.compress(model, [gptq], calibration_data=ids, progress=False)
+    with torch.no_grad():
+        after = model(ids).logits.float()
+    assert torch.isfinite(after).all()
+    torch.testing.assert_close(after, before, atol=0.05, rtol=0.05)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from hfcompress.layerwise import autocast_for
 from hfcompress.loss_scaling import LossScaler
 from hfcompress.quant.activations import fake_quantize_activations
 from hfcompress.quant.affine import dequantize
@@ -51,6 +52,7 @@ def _model_device(model: nn.Module) -> torch.device:
 
 def _logits(model: nn.Module, ids: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.Tensor:
     device = _model_device(model)
+    compute_dtype = autocast_for(model, compute_dtype)
     cast = torch.autocast(device.type, dtype=compute_dtype) if compute_dtype is not None else contextlib.nullcontext()
     with cast:
         out = model(input_ids=ids[None].to(device))
