@@ -21,7 +21,7 @@ from hfcompress.integrations.transformers_quantizer import (
     mark_interrupted,
 )
 from hfcompress.kinds import compressed_modules, is_linear_like
-from hfcompress.layerwise import compute_device, has_float16, native_bfloat16, offloads, slow_dtype_warning
+from hfcompress.layerwise import autocast_dtype, autocast_for, compute_device, offloads, slow_dtype_warning
 from hfcompress.modes import evaluating
 from hfcompress.modifier import CompressionContext, ModelView
 from hfcompress.patches import record_patch, recorded_patches
@@ -222,8 +222,7 @@ def _runs_in_model_dtype(config, model: nn.Module, device: torch.device) -> bool
     model does not get: :func:`hfcompress.layerwise.autocast_for`)."""
     if not (config.needs_calibration or config.needs_training):
         return False
-    autocast = getattr(config, "compute_dtype", None) == "bfloat16" and native_bfloat16(device.type)
-    return not autocast or has_float16(model)
+    return autocast_for(model, autocast_dtype(getattr(config, "compute_dtype", "float32"), device)) is None
 
 
 def _run_stages(model: nn.Module, modifiers: list, context: CompressionContext, frozen: bool) -> None:

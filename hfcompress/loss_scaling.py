@@ -20,6 +20,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from hfcompress.layerwise import has_float16
+
 __all__ = ["LossScaler"]
 
 
@@ -41,7 +43,7 @@ class LossScaler:
     MIN_SCALE = 1.0
 
     def __init__(self, module: nn.Module, *, init_scale: float = 2.0**16, growth_interval: int = 200) -> None:
-        self.enabled = any(p.dtype == torch.float16 for p in module.parameters())
+        self.enabled = has_float16(module)
         self.scale = init_scale if self.enabled else 1.0
         self.growth_interval = growth_interval
         self.skipped = 0

@@ -238,13 +238,11 @@ def test_a_model_without_its_weights_is_refused_before_any_stage(technique):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_a_dtype_without_a_fast_matmul_here_is_named_before_calibrating(dtype, monkeypatch, caplog):
-    import hfcompress.api as api
     import hfcompress.layerwise as layerwise
 
     # As on a CPU without AVX-512-FP16 (float16) / an AVX2-only one (bfloat16), whatever this one has.
     slow = "native_float16" if dtype == torch.float16 else "native_bfloat16"
     monkeypatch.setattr(layerwise, slow, lambda device_type: False)
-    monkeypatch.setattr(api, "native_bfloat16", layerwise.native_bfloat16)
     calib = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
     name = str(dtype).removeprefix("torch.")
     gptq = {"technique": "gptq", "bits": 4, "group_size": 16}
