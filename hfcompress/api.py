@@ -21,13 +21,14 @@ from hfcompress.integrations.transformers_quantizer import (
     mark_interrupted,
 )
 from hfcompress.kinds import compressed_modules, is_linear_like
-from hfcompress.layerwise import autocast_dtype, autocast_for, compute_device, offloads, slow_dtype_warning
+from hfcompress.layerwise import autocast_dtype, autocast_for, compute_device, offloads
 from hfcompress.modes import evaluating
 from hfcompress.modifier import CompressionContext, ModelView
 from hfcompress.patches import record_patch, recorded_patches
 from hfcompress.recipe import Recipe, Stage
 from hfcompress.registry import technique_for_config
 from hfcompress.saving import check_folder, save_atomically
+from hfcompress.upcast import float32_while
 
 __all__ = ["compress", "save_pretrained"]
 
@@ -244,13 +245,17 @@ def _run_stages(model: nn.Module, modifiers: list, context: CompressionContext, 
         raise
     fuse_experts_back(model, {name: m for name, m in split.items() if name not in used})
     device = compute_device(model, context.device)
-    slow = slow_dtype_warning(
-        model, device, [m.stage for m in modifiers if _runs_in_model_dtype(m.config, model, device)]
-    )
-    if slow:
-        logger.warning(slow)
     if used:
         record_patch(model, EXPERTS_PATCH, {"modules": used})
+    # A float16 model on most CPUs (bfloat16 on AVX2-only ones) calibrates several times faster
+    # cast to float32, and comes back in its own dtype.
+    slow = [m.stage for m in modifiers if _runs_in_model_dtype(m.config, model, device)]
+    with float32_while(model, device, slow):
+        _apply_stages(model, modifiers, context)
+
+
+def _apply_stages(model: nn.Module, modifiers: list, context: CompressionContext) -> None:
+    """Apply the checked stages in order; one that fails marks the model interrupted."""
     for i, modifier in enumerate(modifiers):
         for later in modifiers[i + 1 :]:
             later.before_stage(model, modifier.stage)

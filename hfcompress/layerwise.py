@@ -58,7 +58,7 @@ __all__ = [
     "release_memory",
     "run_block",
     "run_model",
-    "slow_dtype_warning",
+    "slow_dtypes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -318,23 +318,13 @@ def native_float16(device_type: str) -> bool:
     return True
 
 
-def slow_dtype_warning(model: nn.Module, device: torch.device, stages: list[str]) -> str | None:
-    """A warning for a model whose float dtype has no fast matrix multiply on ``device``
-    (float16 on most CPUs, bfloat16 on AVX2-only ones), where the calibration passes and
-    training steps of ``stages`` (those that run in the model's dtype) run several to tens of
-    times slower than in float32; None if there is no such stage or dtype."""
+def slow_dtypes(model: nn.Module, device: torch.device) -> list[torch.dtype]:
+    """The float dtypes of ``model``'s parameters that have no fast matrix multiply on
+    ``device``: float16 on most CPUs, bfloat16 on AVX2-only ones (see
+    :mod:`hfcompress.upcast`, which runs the stages in float32 instead)."""
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point() and not p.is_meta}
     native = {torch.float16: native_float16, torch.bfloat16: native_bfloat16}
-    slow = [d for d, fast in native.items() if d in dtypes and not fast(device.type)]
-    if not slow or not stages:
-        return None
-    name = str(slow[0]).removeprefix("torch.")
-    return (
-        f"the model is {name}, and this {device.type} has no fast {name} matrix multiply, so the calibration "
-        f"passes and training steps of stage {', '.join(map(repr, stages))} run several times slower than in "
-        f"float32. To compress faster, load the model in float32 (torch_dtype=torch.float32), compress it, then "
-        f"cast the result with model.to(torch.{name}) (its calibration then runs in float32, the more precise)"
-    )
+    return [d for d, fast in native.items() if d in dtypes and not fast(device.type)]
 
 
 def bfloat16_or_warn(device: torch.device | str, asked: str, instead: str) -> bool:
