@@ -98,6 +98,9 @@ def compress(
     Called under ``torch.inference_mode()`` it gives the model it gives under ``torch.no_grad()``;
     on a model whose weights were made in inference mode, a stage that takes gradients (learned
     rounding, tuned static scales, a sensitivity budget, distillation) is refused up front.
+    A float16 model on a CPU without a fast float16 matrix multiply (bfloat16 on an AVX2-only
+    one) is cast to float32 for the stages that calibrate or train and back afterwards, where
+    memory allows (:mod:`hfcompress.upcast`).
     A model compressed before (an earlier call, or a compressed checkpoint) can take stages
     that add to its layers (``int8_activations``, ``kv_cache``); its recorded recipe gets this
     one's stages appended, a stage name it already holds suffixed ``_2`` (``_3``, ...).

@@ -46,7 +46,12 @@ def _tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, bool]]:
                     yield (f"{prefix}.{name}" if prefix else name), tensor, parameter
 
 
-def _available_memory() -> int | None:
+def _available_memory(device: torch.device) -> int | None:
+    """Bytes free on ``device``: host memory for the CPU, the GPU's own for CUDA; None if unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
     try:
         import psutil
     except ImportError:  # accelerate depends on it; without it, no guard
@@ -54,24 +59,23 @@ def _available_memory() -> int | None:
     return int(psutil.virtual_memory().available)
 
 
-def _why_not(model: nn.Module, device: torch.device, dtypes: list[torch.dtype]) -> str | None:
+def _why_not(model: nn.Module, dtypes: list[torch.dtype]) -> str | None:
     """Why the model's tensors of ``dtypes`` cannot be cast to float32 for the stages, or None."""
     if any(offloads(m) for m in model.modules()):
         return "the model is offloaded (device_map), so its blocks load in their own dtype"
-    if device.type != "cpu":
-        return None
     seen: set[int] = set()
-    extra = 0
+    extra: dict[torch.device, int] = {}  # bytes the copy adds, on each device the tensors are on
     for _, tensor, _ in _tensors(model):
         if tensor.dtype in dtypes and id(tensor) not in seen:
             seen.add(id(tensor))
-            extra += tensor.numel() * (4 - tensor.element_size())
-    available = _available_memory()
-    if available is not None and extra > MEMORY_SHARE * available:
-        return (
-            f"a float32 copy needs {extra / 2**30:.1f} GiB more memory and {available / 2**30:.1f} GiB is "
-            f"available (at most {MEMORY_SHARE:.0%} of it goes to the copy)"
-        )
+            extra[tensor.device] = extra.get(tensor.device, 0) + tensor.numel() * (4 - tensor.element_size())
+    for device, needed in extra.items():
+        available = _available_memory(device)
+        if available is not None and needed > MEMORY_SHARE * available:
+            return (
+                f"a float32 copy needs {needed / 2**30:.1f} GiB more memory on {device.type} and "
+                f"{available / 2**30:.1f} GiB is available (at most {MEMORY_SHARE:.0%} of it goes to the copy)"
+            )
     return None
 
 
@@ -87,7 +91,7 @@ def float32_while(model: nn.Module, device: torch.device, stages: list[str]) -> 
         yield
         return
     names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
-    why = _why_not(model, device, dtypes)
+    why = _why_not(model, dtypes)
     if why is not None:
         logger.warning(
             "the model is %s, and this %s has no fast %s matrix multiply, so the calibration passes and training "

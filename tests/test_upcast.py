@@ -117,14 +117,17 @@ def test_the_passes_run_in_float32_and_say_so(monkeypatch, caplog):
 def test_without_the_memory_for_a_float32_copy_the_passes_run_slowly_and_say_why(dtype, monkeypatch, caplog):
     # As on a CPU without AVX-512-FP16 (float16) / an AVX2-only one (bfloat16).
     monkeypatch.setattr(layerwise, "native_float16" if dtype == torch.float16 else "native_bfloat16", lambda d: False)
-    monkeypatch.setattr(upcast, "_available_memory", lambda: 0)
+    monkeypatch.setattr(upcast, "_available_memory", lambda device: 0)
     model = make_tiny_llama().to(dtype)
     name = str(dtype).removeprefix("torch.")
     with caplog.at_level(logging.WARNING, logger="hfcompress"):
         seen = _input_dtypes(model, lambda: hfcompress.compress(model, STATIC, calibration_data=SHORT, progress=False))
     assert seen == {dtype}
     assert f"the model is {name}, and this cpu has no fast {name} matrix multiply" in caplog.text
-    assert "stage 'a8' run several times slower than in float32 (a float32 copy needs 0.0 GiB" in caplog.text
+    assert (
+        "stage 'a8' run several times slower than in float32 (a float32 copy needs 0.0 GiB more memory on cpu"
+        in caplog.text
+    )
     assert f"model.to(torch.{name})" in caplog.text
 
 
