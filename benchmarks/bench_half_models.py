@@ -9,7 +9,7 @@ float16 model's calibration passes and training steps run in float32 and the mod
 dtype, as before that existed (by telling hfcompress the dtype is fast here), to show what the
 cast saves.
 
-Protocol (stop 58's smoke run): 16 calibration windows of 256 tokens of WikiText-2 validation
+Protocol: 16 calibration windows of 256 tokens of WikiText-2 validation
 (seed 0); perplexity on the first 6 windows of 512 tokens of WikiText-2 test, in the model's dtype.
 """
 

@@ -89,7 +89,7 @@ def _fingerprint(stage: dict[str, Any], model: nn.Module, data: str) -> dict[str
 
 _WHAT_DIFFERS = {
     "stage": "other stage settings",
-    "model": "a model with other weights or config",
+    "model": "a model with other weights, dtypes or config",
     "data": "other calibration (or training) data",
 }
 

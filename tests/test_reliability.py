@@ -315,7 +315,7 @@ def test_model_with_other_weights_at_the_same_path_is_refused(tmp_path, monkeypa
         edited.get_parameter(changed).mul_(1.01)
     edited.save_pretrained(tmp_path / "m")  # same path, other weights
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
-    with pytest.raises(CheckpointError, match="belongs to a run with a model with other weights or config"):
+    with pytest.raises(CheckpointError, match="belongs to a run with a model with other weights, dtypes or config"):
         compress(
             model,
             [GPTQConfig(bits=4, group_size=16)],
