@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import MutableSet
 from pathlib import Path
 from typing import Any
 
@@ -243,6 +244,9 @@ def _run_stages(model: nn.Module, modifiers: list, context: CompressionContext, 
         if frozen:
             _refuse_gradients(modifiers)
         used = _split_experts_in_use(split, view)
+        # The view holds every module as it was: kept, it would keep each layer a stage replaces
+        # alive, float weights and all, until compress() returns.
+        del view
     except BaseException:
         fuse_experts_back(model, split)
         raise
@@ -278,7 +282,7 @@ def _apply_stages(model: nn.Module, modifiers: list, context: CompressionContext
             raise
 
 
-def _new_modules_follow_their_parent(model: nn.Module, before: set[nn.Module]) -> None:
+def _new_modules_follow_their_parent(model: nn.Module, before: MutableSet[nn.Module]) -> None:
     """Modules the stages put in (made in training mode, as every new module is) take the
     train/eval mode of the module they sit in: a model compressed in eval mode stays in it."""
     for parent in model.modules():

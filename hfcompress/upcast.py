@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -127,7 +128,7 @@ def float32_while(model: nn.Module, device: torch.device, stages: list[str]) -> 
     for _, tensor, _ in tensors:
         if tensor.dtype in dtypes:  # a tied tensor, float32 already at its second name, is passed over
             tensor.data = tensor.data.float()
-    before = set(model.modules())
+    before = weakref.WeakSet(model.modules())  # weak: a replaced layer is freed when it is replaced
     try:
         yield
     finally:
@@ -135,7 +136,10 @@ def float32_while(model: nn.Module, device: torch.device, stages: list[str]) -> 
 
 
 def _cast_back(
-    model: nn.Module, cast: dict[str, torch.dtype], layers: dict[str, torch.dtype | None], before: set[nn.Module]
+    model: nn.Module,
+    cast: dict[str, torch.dtype],
+    layers: dict[str, torch.dtype | None],
+    before: weakref.WeakSet[nn.Module],
 ) -> None:
     for name, module in model.named_modules():
         # a module the stages added that records the dtype of its outputs (a quantized embedding)

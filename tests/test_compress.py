@@ -250,3 +250,34 @@ def test_a_float16_bert_calibrates_under_a_bfloat16_compute_dtype(tiny_bert, mon
         after = model(ids).logits.float()
     assert torch.isfinite(after).all()
     torch.testing.assert_close(after, before, atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_layer_a_stage_replaces_is_freed_with_its_float_weights_when_it_is_replaced(dtype, monkeypatch):
+    """compress() held every module it started with (the checks' view of the model, the
+    train/eval modes to restore) until it returned: each float Linear GPTQ replaced stayed alive
+    with its weights, and every block of an offloaded model, loaded to be quantized, stayed in
+    memory in float, not quantized as the README says. So did the float32 copy of a float16
+    model's layers (hfcompress.upcast)."""
+    import gc
+    import weakref
+
+    from hfcompress import GPTQConfig
+    from hfcompress.techniques.gptq.modifier import GPTQModifier
+
+    monkeypatch.setattr("hfcompress.layerwise.native_float16", lambda device_type: False)
+    model = make_tiny_llama(layers=3).to(dtype)
+    first = [weakref.ref(m) for m in model.model.layers[0].modules() if isinstance(m, torch.nn.Linear)]
+    alive = []
+    original = GPTQModifier._quantize_block
+
+    def spy(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in first))
+        return out
+
+    monkeypatch.setattr(GPTQModifier, "_quantize_block", spy)
+    calib = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    compress(model, [GPTQConfig(bits=4, group_size=16)], calibration_data=calib, progress=False)
+    assert len(first) == 7 and alive == [0, 0, 0]
