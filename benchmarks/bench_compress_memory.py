@@ -1,0 +1,101 @@
+"""Peak memory of ``compress()`` on SmolLM2-135M, with the layers a stage replaces freed as they
+are replaced (what compress() does) and held until it returns (what it did before stop 60: its
+checks' view of the model and the saved train/eval modes kept every original module alive).
+
+    python benchmarks/bench_compress_memory.py [--recipe llama_w4a16_gptq_g128]
+
+Each case runs in a fresh process; its peak resident memory (``ru_maxrss``) is reported beside
+the peak once the model is loaded, in one run on one machine:
+
+* *offloaded*: every block on disk (``device_map``, ``offload_folder``), the embeddings, final
+  norm and head in memory: the layerwise runner loads one block at a time, quantizes it, and
+  keeps it in memory quantized;
+* *float16*: the float16 model in memory, which ``compress()`` casts to float32 for its passes
+  on a CPU without a float16 matrix multiply (``hfcompress.upcast``).
+
+Calibration: 16 windows of 256 tokens of WikiText-2 validation (seed 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def child(case: str, hold: bool, recipe: str) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import hfcompress
+    from hfcompress.models import load_tokenizer, resolve_model_path
+
+    path = resolve_model_path("smollm2-135m")
+    tokenizer = load_tokenizer("smollm2-135m")
+    with tempfile.TemporaryDirectory() as offload:
+        if case == "offloaded":
+            device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+            device_map |= {f"model.layers.{i}": "disk" for i in range(30)}
+            model = AutoModelForCausalLM.from_pretrained(path, device_map=device_map, offload_folder=offload)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float16)
+        loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        held = list(model.modules()) if hold else []  # as compress() held them before stop 60
+        start = time.perf_counter()
+        hfcompress.compress(
+            model,
+            recipe,
+            tokenizer=tokenizer,
+            calibration_data="wikitext2:valid",
+            num_calibration_samples=16,
+            calibration_seq_len=256,
+            progress=False,
+        )
+        seconds = time.perf_counter() - start
+        del held
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"loaded_mb": loaded / 1024, "peak_mb": peak / 1024, "seconds": seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", default="llama_w4a16_gptq_g128", help="a shipped recipe, by name")
+    parser.add_argument("--child", nargs=2, metavar=("CASE", "HOLD"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        case, hold = args.child
+        print(json.dumps(child(case, hold == "hold", args.recipe)))
+        return
+
+    rows = []
+    for case in ("offloaded", "float16"):
+        for hold in ("hold", "free"):
+            out = subprocess.run(
+                [sys.executable, __file__, "--recipe", args.recipe, "--child", case, hold],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+            row = json.loads(out.strip().splitlines()[-1])
+            rows.append((case, hold, row))
+            print(case, hold, row, flush=True)
+
+    import torch
+
+    from hfcompress.eval.speed import cpu_name
+
+    machine = f"{cpu_name()}, torch {torch.__version__}"
+    print(f"\n### Peak memory of compress(), `{args.recipe}` on SmolLM2-135M ({machine})\n")
+    print("| model | replaced layers | peak once loaded (MB) | peak (MB) | compress (s) |")
+    print("|---|---|---:|---:|---:|")
+    for case, hold, row in rows:
+        label = "held until compress() returns" if hold == "hold" else "freed as replaced"
+        print(f"| {case} | {label} | {row['loaded_mb']:.0f} | {row['peak_mb']:.0f} | {row['seconds']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
