@@ -39,8 +39,18 @@ DEFAULT_EVAL_WINDOWS = 40
 DEFAULT_DECODE_TOKENS = 64
 
 
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="bundled name (smollm2-135m, minilm-l6), folder or Hub id")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="float dtype to load the model's weights in (auto: the checkpoint's own); half the memory in "
+        "bfloat16/float16 (default: %(default)s)",
+    )
     p.add_argument(
         "--task",
         choices=list(TASKS),
@@ -226,7 +236,7 @@ def _compress(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
 
     logger.info("loading %s", args.model)
-    model = load_model(args.model, task=args.task, strict=True, verify=True)
+    model = load_model(args.model, task=args.task, dtype=_dtype(args.dtype), strict=True, verify=True)
     _warn_if_the_head_is_new(model, args.model)
     is_lm = _generates_text(model)
     # Only calibration and the report read text; a model folder without a tokenizer is
@@ -274,7 +284,7 @@ def _compress(args: argparse.Namespace) -> int:
     card.layer_errors = layer_errors(model)
     del model
     # Measure what was saved, not what is in memory.
-    reloaded = load_model(str(output), task=args.task, strict=True, verify=True)
+    reloaded = load_model(str(output), task=args.task, dtype=_dtype(args.dtype), strict=True, verify=True)
     after_size = size_report(reloaded)
     names = compressed_layer_names(reloaded)
     # The original measured on the same layers the recipe compressed, from stats taken before.
@@ -305,6 +315,13 @@ def _compress(args: argparse.Namespace) -> int:
     if args.push_to_hub:
         _push(output, args.push_to_hub)
     return 0
+
+
+def _dtype(name: str):
+    """``--dtype`` as ``from_pretrained`` takes it."""
+    import torch
+
+    return name if name == "auto" else getattr(torch, name)
 
 
 def _card_info(args: argparse.Namespace, recipe):
@@ -355,7 +372,7 @@ def _eval_ppl(args: argparse.Namespace) -> int:
     text = load_text(args.eval_data)
     # A causal LM's perplexity; a vision-language model's is its language model's, on text.
     task = args.task or ("image-text-to-text" if default_task(args.model) == "image-text-to-text" else "causal-lm")
-    model = load_model(args.model, task=task, strict=True, verify=True)
+    model = load_model(args.model, task=task, dtype=_dtype(args.dtype), strict=True, verify=True)
     tokenizer = load_tokenizer(args.model)
     result = text_perplexity(
         model,

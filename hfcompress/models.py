@@ -222,7 +222,7 @@ def load_model(
     name_or_path: str | os.PathLike,
     *,
     task: Task | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     strict: bool = False,
     verify: bool | None = None,
     **kwargs: Any,
@@ -236,7 +236,8 @@ def load_model(
             all-MiniLM-L6-v2) or ``"image-text-to-text"`` (a vision-language model, compressed
             and measured on text); None: :func:`default_task`'s (a head no task covers, such as
             ``BertForMaskedLM``, loads as the class its config names).
-        dtype: The float dtype of the weights that are not compressed.
+        dtype: The float dtype of the weights that are not compressed (``"auto"``: the
+            checkpoint's own).
         strict: Refuse (:class:`ModelError`) a load whose report lists missing, unexpected or
             mis-shaped weights, except a task head that a base model gets fresh. Our CLI
             loads strictly.

@@ -329,3 +329,20 @@ def test_an_encoders_report_compares_its_outputs_with_the_originals(tmp_path, ta
     assert 0.99 < cosines[0] <= 1.0 and cosines[1] < cosines[0]  # 8 bits follow the original closer than 2
     card = (out / "w2" / "README.md").read_text()
     assert f"Outputs ({what}) of the reloaded model" in card
+
+
+def test_compress_loads_in_the_dtype_asked_and_saves_and_measures_in_it(tiny_llama_dir, text, tmp_path, capsys):
+    recipe = tmp_path / "gptq.yaml"
+    recipe.write_text("stages:\n  - name: w4\n    technique: gptq\n    bits: 4\n    group_size: 32\n")
+    out = tmp_path / "out"
+    args = ["--quiet", "compress", "--model", str(tiny_llama_dir), "--recipe", str(recipe), "--output", str(out)]
+    args += ["--dtype", "float16", "--calibration", str(text), "--num-calibration-samples", "4"]
+    args += ["--calibration-seq-len", "16", "--report", "--eval-data", str(text), "--seq-len", "16"]
+    assert main([*args, "--max-windows", "3", "--decode-tokens", "0"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+    assert model.model.norm.weight.dtype == torch.float16 and model.config.dtype == torch.float16
+    rows = [line for line in capsys.readouterr().out.splitlines() if "(original)" in line]
+    assert "| 16.00 | 1.000 |" in rows[0]  # the float16 model before
+    ppl = ["--quiet", "eval", "ppl", "--model", str(out), "--eval-data", str(text), "--seq-len", "16", "--json"]
+    assert main([*ppl, "--dtype", "auto"]) == 0
+    assert json.loads(capsys.readouterr().out)["perplexity"] > 1
