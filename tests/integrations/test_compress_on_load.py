@@ -165,3 +165,16 @@ def test_one_stage_mapping_as_the_recipe(float_dir):
     assert [s["technique"] for s in config.recipe["stages"]] == ["rtn"]
     model = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=config)
     assert isinstance(model.model.layers[0].mlp.up_proj, hfcompress.QuantLinear)
+
+
+def test_a_float16_load_compresses_as_compress_does_and_stays_float16(float_dir, monkeypatch):
+    # As on a CPU without a float16 matmul: the passes run in float32 (hfcompress.upcast).
+    monkeypatch.setattr("hfcompress.layerwise.native_float16", lambda device_type: False)
+    ids = torch.randint(1, 128, (8, 32), generator=torch.Generator().manual_seed(2))
+    expected = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.float16)
+    hfcompress.compress(expected, GPTQ, calibration_data=ids, progress=False)
+    config = HfCompressQuantizationConfig(GPTQ, calibration_data=ids)
+    model = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.float16, quantization_config=config)
+    assert _modules(model) == _modules(expected)
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+    assert torch.equal(model(IDS).logits, expected(IDS).logits)
