@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 
 class PeakRSS:
@@ -58,6 +59,9 @@ def child(case: str, hold: bool, recipe: str) -> dict:
     import hfcompress
     from hfcompress.models import load_tokenizer, resolve_model_path
 
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_half_models import SMOKE_CALIBRATION
+
     path = resolve_model_path("smollm2-135m")
     tokenizer = load_tokenizer("smollm2-135m")
     with tempfile.TemporaryDirectory() as offload:
@@ -70,15 +74,7 @@ def child(case: str, hold: bool, recipe: str) -> dict:
         held = list(model.modules()) if hold else []  # as compress() held them before stop 60
         start = time.perf_counter()
         with PeakRSS() as rss:
-            hfcompress.compress(
-                model,
-                recipe,
-                tokenizer=tokenizer,
-                calibration_data="wikitext2:valid",
-                num_calibration_samples=16,
-                calibration_seq_len=256,
-                progress=False,
-            )
+            hfcompress.compress(model, recipe, tokenizer=tokenizer, progress=False, **SMOKE_CALIBRATION)
         seconds = time.perf_counter() - start
         del held
     return {"start_mb": rss.start / 2**20, "peak_mb": rss.peak / 2**20, "seconds": seconds}

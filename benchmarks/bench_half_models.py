@@ -19,6 +19,8 @@ import argparse
 import time
 
 DEFAULT = ["llama_w8a8_dynamic_smoothquant", "llama_mixed_3.5bpw_gptq", "llama_w4a16_gptq_g128"]
+# The smoke runs' calibration (bench_compress_memory.py uses it too).
+SMOKE_CALIBRATION = {"calibration_data": "wikitext2:valid", "num_calibration_samples": 16, "calibration_seq_len": 256}
 
 
 def main() -> None:
@@ -62,15 +64,7 @@ def main() -> None:
                 setattr(layerwise, f"native_{args.dtype}", lambda device_type: True)
             try:
                 start = time.perf_counter()
-                hfcompress.compress(
-                    model,
-                    name,
-                    tokenizer=tokenizer,
-                    calibration_data="wikitext2:valid",
-                    num_calibration_samples=16,
-                    calibration_seq_len=256,
-                    progress=False,
-                )
+                hfcompress.compress(model, name, tokenizer=tokenizer, progress=False, **SMOKE_CALIBRATION)
                 seconds = time.perf_counter() - start
             finally:
                 setattr(layerwise, f"native_{args.dtype}", saved)

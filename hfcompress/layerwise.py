@@ -136,6 +136,12 @@ def materialize_offloaded(
         set_module_tensor_to_device(sub, name, device, value=value)
     for sub, _ in hooks:
         remove_hook_from_module(sub)
+        # accelerate puts the class's forward back as a bound method in the instance's dict: a
+        # reference cycle that kept every layer a stage replaced (weights and all) alive until
+        # the next gc.collect(); the class's own forward is what a plain module calls.
+        forward = sub.__dict__.get("forward")
+        if getattr(forward, "__self__", None) is sub and getattr(forward, "__func__", None) is type(sub).forward:
+            del sub.__dict__["forward"]
     device_map = getattr(model, "hf_device_map", None)
     if isinstance(device_map, dict):
         name = next((n for n, m in model.named_modules() if m is module), None)

@@ -174,3 +174,33 @@ def test_each_kind_of_block_gets_its_own_mask_and_rotary_tables(model_type, extr
     LayerwiseRunner(model, [{"input_ids": ids}], device=torch.device("cpu"), progress=False).run(record, names)
     for index in range(3):  # the last block's output is before the final norm
         torch.testing.assert_close(outputs[index], hidden[index + 1], rtol=0, atol=1e-5)
+
+
+def test_a_loaded_offloaded_layer_is_freed_when_replaced_without_waiting_for_the_garbage_collector(tmp_path):
+    # accelerate's remove_hook_from_module puts the class's forward back as a bound method in
+    # the module's dict: a reference cycle, so each float layer RTN replaced in an offloaded
+    # model stayed alive until a gc.collect() (RTN over SmolLM2 on disk: 1521 MiB, not ~560).
+    import gc
+    import weakref
+
+    from transformers import AutoModelForCausalLM
+
+    import hfcompress.layerwise as layerwise
+
+    make_tiny_llama(layers=2).save_pretrained(tmp_path / "float")
+    device_map = {"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu", "lm_head": "cpu"}
+    device_map["model.rotary_emb"] = "cpu"
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "float", device_map=device_map, offload_folder=tmp_path / "offload"
+    )
+    block = model.model.layers[0]
+    assert block.mlp.up_proj.weight.is_meta
+    layerwise.materialize_offloaded(block, model=model)
+    assert not block.mlp.up_proj.weight.is_meta and "forward" not in block.mlp.up_proj.__dict__
+    up = weakref.ref(block.mlp.up_proj)
+    gc.disable()
+    try:
+        block.mlp.up_proj = torch.nn.Identity()
+        assert up() is None
+    finally:
+        gc.enable()
