@@ -47,7 +47,8 @@ def main() -> None:
     def ppl(model) -> float:
         return perplexity(model, tokens, seq_len=512, max_windows=6, progress=False).perplexity
 
-    fast = {"float16": layerwise.native_float16, "bfloat16": layerwise.native_bfloat16}[args.dtype]
+    probe = f"native_{args.dtype}"  # layerwise.native_float16 / native_bfloat16
+    fast = getattr(layerwise, probe)
     print(f"{args.dtype} matmul native here: {fast('cpu')}", flush=True)
     print(f"float32 model: {ppl(base):.3f}; {args.dtype} model: {ppl(base.to(half)):.3f}", flush=True)
     base.float()
@@ -59,15 +60,14 @@ def main() -> None:
     for name in args.recipes:
         for label, dtype, native in runs:
             model = load_model("smollm2-135m").to(dtype)
-            saved = getattr(layerwise, f"native_{args.dtype}")
             if native:
-                setattr(layerwise, f"native_{args.dtype}", lambda device_type: True)
+                setattr(layerwise, probe, lambda device_type: True)
             try:
                 start = time.perf_counter()
                 hfcompress.compress(model, name, tokenizer=tokenizer, progress=False, **SMOKE_CALIBRATION)
                 seconds = time.perf_counter() - start
             finally:
-                setattr(layerwise, f"native_{args.dtype}", saved)
+                setattr(layerwise, probe, fast)
             dtypes = sorted(str(d).removeprefix("torch.") for d in {p.dtype for p in model.parameters()})
             rows.append((name, label, ppl(model), seconds, "/".join(dtypes)))
             print(rows[-1], flush=True)

@@ -40,11 +40,10 @@ MEMORY_SHARE = 0.5
 def _tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, bool]]:
     """(qualified name, tensor, is a parameter) of every parameter and buffer, a tensor shared
     by several modules (tied weights) at each of its names."""
-    for prefix, module in model.named_modules(remove_duplicate=False):
-        for tensors, parameter in ((module._parameters, True), (module._buffers, False)):
-            for name, tensor in tensors.items():
-                if tensor is not None:
-                    yield (f"{prefix}.{name}" if prefix else name), tensor, parameter
+    for name, tensor in model.named_parameters(remove_duplicate=False):
+        yield name, tensor, True
+    for name, tensor in model.named_buffers(remove_duplicate=False):
+        yield name, tensor, False
 
 
 def _available_memory(device: torch.device) -> int | None:

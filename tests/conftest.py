@@ -112,14 +112,22 @@ def killed_run(monkeypatch, owner: type, method: str, after_calls: int, run) -> 
 
 
 def assert_resume_gives_the_uninterrupted_result(
-    monkeypatch, tmp_path, config, calibration: torch.Tensor, owner: type, method: str, after_calls: int
-) -> None:
-    """Compress a 3-block tiny Llama (seed 3) with ``config`` in one go; then again, killed
-    once ``after_calls`` calls of ``owner.method`` completed and started over from the block
-    checkpoints in ``tmp_path``. Assert the two end with the same tensors."""
+    monkeypatch,
+    tmp_path,
+    config,
+    calibration: torch.Tensor,
+    owner: type,
+    method: str,
+    after_calls: int,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """Compress a 3-block tiny Llama (seed 3, in ``dtype``) with ``config`` in one go; then
+    again, killed once ``after_calls`` calls of ``owner.method`` completed and started over
+    from the block checkpoints in ``tmp_path``. Assert the two end with the same tensors, and
+    return the resumed model's state."""
 
     def run(**kwargs) -> LlamaForCausalLM:
-        model = make_tiny_llama(seed=3, layers=3)
+        model = make_tiny_llama(seed=3, layers=3).to(dtype)
         hfcompress.compress(model, config, calibration_data=calibration, progress=False, **kwargs)
         return model
 
@@ -128,6 +136,7 @@ def assert_resume_gives_the_uninterrupted_result(
     got = run(checkpoint_dir=tmp_path).state_dict()
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[k], expected[k]) for k in expected)
+    return got
 
 
 @pytest.fixture

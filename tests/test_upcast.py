@@ -168,19 +168,12 @@ def test_added_parameters_take_the_dtype_of_the_layer_they_replace_and_buffers_k
 def test_a_killed_run_resumes_in_float32_to_the_uninterrupted_result(monkeypatch, tmp_path):
     from hfcompress import GPTQConfig
     from hfcompress.techniques.gptq.modifier import GPTQModifier
-    from tests.conftest import killed_run
+    from tests.conftest import assert_resume_gives_the_uninterrupted_result
 
     _float16_matmul(monkeypatch, False)
-
-    def run(**kwargs):
-        model = make_tiny_llama(seed=3, layers=3).half()
-        hfcompress.compress(
-            model, [GPTQConfig(bits=4, group_size=16)], calibration_data=SHORT, progress=False, **kwargs
-        )
-        return model
-
-    expected = run().state_dict()
-    killed_run(monkeypatch, GPTQModifier, "_quantize_block", 1, lambda: run(checkpoint_dir=tmp_path))
-    got = run(checkpoint_dir=tmp_path).state_dict()  # blocks 0 from the checkpoint, saved in float32
-    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    config = [GPTQConfig(bits=4, group_size=16)]
+    # block 0 comes from the checkpoint, saved in float32
+    got = assert_resume_gives_the_uninterrupted_result(
+        monkeypatch, tmp_path, config, SHORT, GPTQModifier, "_quantize_block", 1, dtype=torch.float16
+    )
     assert {v.dtype for v in got.values() if v.is_floating_point()} == {torch.float16}
