@@ -204,3 +204,31 @@ def test_a_loaded_offloaded_layer_is_freed_when_replaced_without_waiting_for_the
         assert up() is None
     finally:
         gc.enable()
+
+
+def test_a_run_collects_garbage_once_at_its_start_not_after_every_block(monkeypatch):
+    # A full collection walks every object the process holds (0.2 s with transformers
+    # loaded): one per block cost 6 s of a 50 s SmolLM2 GPTQ run and found nothing there. The
+    # one at the start frees what a failed earlier run left in reference cycles.
+    import gc
+    import weakref
+
+    class Cycle:
+        def __init__(self) -> None:
+            self.tensor = torch.zeros(1024)
+            self.me = self
+
+    model = make_tiny_llama()
+    collections = []
+    collect = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *args: collections.append(args) or collect(*args))
+    gc.disable()
+    try:
+        leftover = Cycle()
+        freed = weakref.ref(leftover)
+        del leftover
+        LayerwiseRunner(model, BATCHES, device=torch.device("cpu"), progress=False).run(lambda block: None, TARGETS)
+    finally:
+        gc.enable()
+    assert freed() is None
+    assert len(collections) == 1
