@@ -17,6 +17,7 @@ import torch
 
 from hfcompress.input_stats import HessianAccumulator
 from hfcompress.quant.affine import QuantizedWeight, compute_qparams, resolve_group_size
+from hfcompress.techniques.gptq.columns import quantize_columns
 
 __all__ = [
     "GPTQResult",
@@ -207,9 +208,7 @@ def quantize_weight(
     Q = torch.zeros(n, k, dtype=torch.uint8, device=W.device)
     unrounded = torch.empty(n, k, device=W.device)
     loss = 0.0
-    order = perm.tolist()
-    diag = torch.diag(Hinv).tolist()
-    # Per-column parameters, gathered once when they are static (the loop is overhead-bound).
+    # Per-column parameters, gathered once when they are static.
     col_scales = scales.float()[:, perm // group_size] if static else None
     col_zeros = zeros.float()[:, perm // group_size] if static else None
     for i1 in range(0, k, block_size):
@@ -217,30 +216,29 @@ def quantize_weight(
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
+        i = 0
+        while i < i2 - i1:  # runs of columns that share how their parameters are found
             j = i1 + i
-            col = order[j]
             if static:
-                s, z = col_scales[:, j], col_zeros[:, j]
+                end = i2 - i1
+                s, z = col_scales[:, j:i2], col_zeros[:, j:i2]
             else:
-                g = col // group_size
-                if col % group_size == 0:
-                    # Dynamic groups (no act-order, so col == j): parameters from the group's
-                    # columns as they are now, after earlier columns' updates.
-                    end = min(col + group_size, k)
-                    current = W1[:, i : min(end, i2) - i1]
-                    if end > i2:  # the group reaches past this block: apply its pending updates
-                        ahead = W[:, i2:end] - Err1[:, :i] @ Hinv[i1:j, i2:end]
+                g = j // group_size  # no act-order: column j is column j of the layer
+                group_end = min((g + 1) * group_size, k)
+                if j % group_size == 0:
+                    # Dynamic groups: parameters from the group's columns as they are now,
+                    # after earlier columns' updates.
+                    current = W1[:, i : min(group_end, i2) - i1]
+                    if group_end > i2:  # the group reaches past this block: apply its pending updates
+                        ahead = W[:, i2:group_end] - Err1[:, :i] @ Hinv[i1:j, i2:group_end]
                         current = torch.cat([current, ahead], dim=1)
                     new_s, new_z = params(current)
                     scales[:, g], zeros[:, g] = new_s[:, 0], new_z[:, 0]
-                    s, z = scales[:, g].float(), zeros[:, g].float()
-            unrounded[:, j] = W1[:, i]
-            q = torch.clamp(torch.round(W1[:, i] / s + z), 0, maxq)
-            Q[:, j] = q.to(torch.uint8)
-            err = (W1[:, i] - (q - z) * s) / diag[j]  # Algorithm 1: E = (W - Q) / [H^-1]_jj
-            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
-            Err1[:, i] = err
+                end = min(group_end, i2) - i1
+                s = scales[:, g].float()[:, None].expand(n, end - i)
+                z = zeros[:, g].float()[:, None].expand(n, end - i)
+            quantize_columns(W1, Hinv1, i, end, s, z, maxq, Q, unrounded, j, Err1)
+            i = end
         loss += Err1.pow(2).sum().item() / 2
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the remaining columns
 
