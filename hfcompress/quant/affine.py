@@ -35,6 +35,7 @@ __all__ = [
     "expand_groups",
     "group_view",
     "num_groups",
+    "qparams_from_range",
     "quantize",
     "quantize_rtn",
     "resolve_group_size",
@@ -118,8 +119,23 @@ def compute_qparams(
     """
     group_size = resolve_group_size(group_size, w.shape[1])
     g = group_view(w.float(), group_size)
+    return qparams_from_range(
+        g.amin(dim=-1), g.amax(dim=-1), bits=bits, symmetric=symmetric, scale_dtype=scale_dtype, float_zero=float_zero
+    )
+
+
+def qparams_from_range(
+    w_min: torch.Tensor,
+    w_max: torch.Tensor,
+    *,
+    bits: int,
+    symmetric: bool,
+    scale_dtype: torch.dtype = torch.float16,
+    float_zero: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`compute_qparams` given each group's range, ``w_min, w_max: [N, G]`` float32 (a
+    range search shrinks it without reading the weight again)."""
     maxq = 2**bits - 1
-    w_min, w_max = g.amin(dim=-1), g.amax(dim=-1)
     if not float_zero or symmetric:
         w_min, w_max = w_min.clamp(max=0), w_max.clamp(min=0)
     if symmetric:

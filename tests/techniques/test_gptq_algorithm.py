@@ -113,3 +113,28 @@ def test_clip_search_never_loses_to_min_max_on_its_metric():
 
     assert err(searched) <= err(plain)
     assert not torch.equal(searched[0], plain[0])
+
+
+@pytest.mark.parametrize(
+    ("group_size", "symmetric", "float_zero"),
+    [(32, False, False), (48, False, True), (-1, True, False)],
+    ids=["g32", "g48-partial-float-zero", "channel-symmetric"],
+)
+def test_clip_search_picks_the_shrunk_min_max_grid_with_the_least_error(group_size, symmetric, float_zero):
+    # The search reads each group's range once and shrinks it: the same parameters, bit for
+    # bit, as computing min-max on the shrunk weight at every step of the grid.
+    w = torch.randn(12, 100, generator=torch.Generator().manual_seed(5)) * torch.rand(12, 1) * 3
+    options = dict(bits=4, group_size=group_size, symmetric=symmetric, scale_dtype=torch.float16, float_zero=float_zero)
+    size = 100 if group_size == -1 else group_size
+    candidates = [compute_qparams(w * (1.0 - 0.2 * step / 20), **options) for step in range(21)]
+    errors = []
+    for scales, zeros in candidates:
+        codes = quantize(w, scales, zeros, bits=4, group_size=size)
+        e = (dequantize(codes, scales, zeros, size) - w).abs().pow(2.4)
+        errors.append(torch.nn.functional.pad(e, (0, -100 % size)).reshape(12, -1, size).sum(-1))
+    best = torch.stack(errors).argmin(0)  # the first of equal errors, as the search keeps it
+    rows, groups = torch.meshgrid(torch.arange(12), torch.arange(best.shape[1]), indexing="ij")
+    want_s = torch.stack([c[0] for c in candidates])[best, rows, groups]
+    want_z = torch.stack([c[1] for c in candidates])[best, rows, groups]
+    got_s, got_z = search_qparams(w, **options)
+    assert torch.equal(got_s, want_s) and torch.equal(got_z, want_z)

@@ -16,7 +16,13 @@ from dataclasses import dataclass
 import torch
 
 from hfcompress.input_stats import HessianAccumulator
-from hfcompress.quant.affine import QuantizedWeight, compute_qparams, resolve_group_size
+from hfcompress.quant.affine import (
+    QuantizedWeight,
+    compute_qparams,
+    group_view,
+    qparams_from_range,
+    resolve_group_size,
+)
 from hfcompress.techniques.gptq.columns import quantize_columns
 
 __all__ = [
@@ -127,20 +133,29 @@ def search_qparams(
     wp = torch.nn.functional.pad(w.float(), (0, pad)) if pad else w.float()
     wg = wp.reshape(w.shape[0], groups, group_size)
     valid = (torch.arange(groups * group_size, device=w.device) < k).reshape(groups, group_size)
+    # The range of w * shrink is the range of w times shrink (rounding is monotonic): read it once.
+    ranges = group_view(w.float(), group_size)
+    w_min, w_max = ranges.amin(dim=-1), ranges.amax(dim=-1)
+    maxq = 2**bits - 1
     best_err = torch.full((w.shape[0], groups), math.inf, device=w.device)
     best_s = best_z = None
     for step in range(grid + 1):
         shrink = 1.0 - max_shrink * step / grid
-        s, z = compute_qparams(
-            w * shrink,
+        s, z = qparams_from_range(
+            w_min * shrink,
+            w_max * shrink,
             bits=bits,
-            group_size=group_size,
             symmetric=symmetric,
             scale_dtype=scale_dtype,
             float_zero=float_zero,
         )
-        q = torch.clamp(torch.round(wg / s.float()[..., None] + z.float()[..., None]), 0, 2**bits - 1)
-        err = (((q - z.float()[..., None]) * s.float()[..., None] - wg).abs().pow(norm) * valid).sum(-1)
+        sf, zf = s.float()[..., None], z.float()[..., None]
+        # |dequantize(quantize(w)) - w|^norm, in place: a dozen passes over the weight per step.
+        e = wg / sf
+        e.add_(zf).round_().clamp_(0, maxq).sub_(zf).mul_(sf).sub_(wg).abs_().pow_(norm)
+        if pad:
+            e.mul_(valid)
+        err = e.sum(-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_s = s if best_s is None else torch.where(better, s, best_s)
