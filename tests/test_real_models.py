@@ -125,7 +125,7 @@ def test_minilm_distill_cli_bad_augment_is_an_error(tmp_path, tiny_glue_dir, cap
 
 @torch.no_grad()
 def test_smollm2_kv_cache_greedy_past_the_window(smollm2):
-    # 5 prompts of 224 tokens: 16 sinks, then 64-token groups enter the packed part once more
+    # 5 prompts of 224 tokens, in one batch: 16 sinks, then 64-token groups enter the packed part once more
     # than 191 recent tokens wait, so the 24 generated tokens read a packed part.
     from hfcompress.data import bundled_wikitext_test
     from hfcompress.integrations.kv_cache import QuantizedKVCache, enable_kv_cache
@@ -136,13 +136,12 @@ def test_smollm2_kv_cache_greedy_past_the_window(smollm2):
     enable_kv_cache(model)
     tokens = tokenizer(bundled_wikitext_test()[:60000], return_tensors="pt", add_special_tokens=False).input_ids
     kw = dict(max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    for i in range(5):
-        ids = tokens[:, 1000 * i : 1000 * i + 224]
-        float_cache = model.generate(ids, cache=DynamicCache(config=model.config), **kw)
-        kv8 = QuantizedKVCache(model.config, bits=8)
-        assert torch.equal(model.generate(ids, cache=kv8, **kw), float_cache)
-        assert kv8.layers[0].packed_tokens == 64
-        fused = model.generate(ids, cache=QuantizedKVCache(model.config, bits=4), **kw)
-        with reference_path():
-            reference = model.generate(ids, cache=QuantizedKVCache(model.config, bits=4), **kw)
-        assert torch.equal(fused, reference)
+    ids = torch.cat([tokens[:, 1000 * i : 1000 * i + 224] for i in range(5)])  # one batch, no padding
+    float_cache = model.generate(ids, cache=DynamicCache(config=model.config), **kw)
+    kv8 = QuantizedKVCache(model.config, bits=8)
+    assert torch.equal(model.generate(ids, cache=kv8, **kw), float_cache)
+    assert kv8.layers[0].packed_tokens == 64
+    fused = model.generate(ids, cache=QuantizedKVCache(model.config, bits=4), **kw)
+    with reference_path():
+        reference = model.generate(ids, cache=QuantizedKVCache(model.config, bits=4), **kw)
+    assert torch.equal(fused, reference)
