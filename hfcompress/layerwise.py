@@ -20,7 +20,6 @@ import copy
 import ctypes
 import ctypes.util
 import functools
-import gc
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -157,18 +156,14 @@ def _libc_malloc_trim():
     return getattr(libc, "malloc_trim", None)
 
 
-def release_memory(*, collect: bool = False) -> None:
+def release_memory() -> None:
     """Hand freed heap memory back to the OS (glibc keeps it otherwise): between blocks, the
     previous block's activations and temporaries are garbage, and keeping them mapped raised
     the peak RSS of a SmolLM2 GPTQ run by ~13% (1712 -> 1503 MB measured).
 
-    With ``collect``, a full garbage collection first: reference cycles (a failed run's
-    traceback holding its model) are freed only by one. It is not run between blocks: the
-    blocks' garbage is freed as its references go, and each full collection walks every object
-    the process holds (0.2 s with transformers loaded: 6 s of a 50 s SmolLM2 GPTQ run, for 31
-    collections that found nothing)."""
-    if collect:
-        gc.collect()
+    No garbage collection: the blocks' garbage is freed as its references go, and a full
+    collection walks every object the process holds (0.2 s with transformers loaded, more in a
+    larger process): one per block cost 6 s of a 50 s SmolLM2 GPTQ run and found nothing."""
     trim = _libc_malloc_trim()
     if trim is not None:
         trim(0)
@@ -523,7 +518,7 @@ class LayerwiseRunner:
         kinds = block_kinds(self.model, blocks)
         inputs = capture_block_inputs(self.model, blocks[0], self.batches, self.device, blocks=blocks, kinds=kinds)
         reference = list(inputs) if self.reference else None  # the unprocessed model's stream
-        release_memory(collect=True)
+        release_memory()
         count = len(blocks)
         if self.checkpoint is not None:
             done = self.checkpoint.completed(count)

@@ -206,29 +206,14 @@ def test_a_loaded_offloaded_layer_is_freed_when_replaced_without_waiting_for_the
         gc.enable()
 
 
-def test_a_run_collects_garbage_once_at_its_start_not_after_every_block(monkeypatch):
-    # A full collection walks every object the process holds (0.2 s with transformers
-    # loaded): one per block cost 6 s of a 50 s SmolLM2 GPTQ run and found nothing there. The
-    # one at the start frees what a failed earlier run left in reference cycles.
+def test_a_run_leaves_garbage_collection_to_python(monkeypatch):
+    # A full collection walks every object the process holds (0.2 s with transformers loaded,
+    # 0.3-0.6 s in this test process): one per block cost 6 s of a 50 s SmolLM2 GPTQ run, and
+    # found nothing there; what a run replaces is freed as its references go.
     import gc
-    import weakref
 
-    class Cycle:
-        def __init__(self) -> None:
-            self.tensor = torch.zeros(1024)
-            self.me = self
-
-    model = make_tiny_llama()
     collections = []
-    collect = gc.collect
-    monkeypatch.setattr(gc, "collect", lambda *args: collections.append(args) or collect(*args))
-    gc.disable()
-    try:
-        leftover = Cycle()
-        freed = weakref.ref(leftover)
-        del leftover
-        LayerwiseRunner(model, BATCHES, device=torch.device("cpu"), progress=False).run(lambda block: None, TARGETS)
-    finally:
-        gc.enable()
-    assert freed() is None
-    assert len(collections) == 1
+    monkeypatch.setattr(gc, "collect", lambda *args: collections.append(args) or 0)
+    model = make_tiny_llama()
+    LayerwiseRunner(model, BATCHES, device=torch.device("cpu"), progress=False).run(lambda block: None, TARGETS)
+    assert not collections
