@@ -11,10 +11,13 @@
  * twin (columns.py, `quantize_columns_ref`) does the same a column at a time for all rows, a
  * dozen tensor operations per column: on SmolLM2-135M the loop was overhead-bound.
  *
- * Every operation is the IEEE float32 one torch performs, in the same order; the build's
- * -std=c11 keeps the compiler from fusing a multiply and an add (-ffp-contract=off). */
+ * Every operation is the IEEE float32 one torch performs, in the same order, with no multiply
+ * and add fused into one rounding: GCC's -std=c11 (native.py's flags) means -ffp-contract=off,
+ * and the pragma below says the same to clang. */
 #include <math.h>
 #include <stdint.h>
+
+#pragma STDC FP_CONTRACT OFF
 
 /* w [N, width] (row stride w_stride) is updated in place; hinv [width, width] (row stride
  * h_stride); s and z, float32, are read at s[r * s_row + (c - c0) * s_col] (a column stride of
@@ -33,7 +36,7 @@ void gptq_columns(float *restrict w, int64_t N, int64_t width, int64_t w_stride,
             const float x = row[c];
             float q = nearbyintf(x / sc + zr);
             q = q < 0.0f ? 0.0f : (q > maxq ? maxq : q);
-            if (q != q) q = 0.0f; /* a NaN weight: torch's cast gives 0 too, and C's is undefined */
+            if (q != q) q = 0.0f; /* a NaN weight gets code 0: C's cast of a NaN is undefined */
             const float e = (x - (q - zr) * sc) / hinv[c * h_stride + c];
             codes[r * out_stride + j0 + (c - c0)] = (uint8_t)q;
             unrounded[r * out_stride + j0 + (c - c0)] = x;

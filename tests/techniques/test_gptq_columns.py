@@ -95,7 +95,6 @@ def test_tensors_the_c_loop_does_not_take_run_the_torch_loop(monkeypatch):
     assert len(calls) == 1
 
 
-@needs_c
 def test_scales_of_another_shape_are_refused():
     W1, Hinv1 = _block(8, 16)
     with pytest.raises(ValueError, match=r"columns 0\.\.16 of a \[8, 16\] block with scales \(8, 15\)"):

@@ -75,7 +75,9 @@ def _native_library() -> ctypes.CDLL | None:
     return lib
 
 
-def _native_applies(W1: torch.Tensor, Hinv1: torch.Tensor, Q: torch.Tensor, unrounded: torch.Tensor, Err1) -> bool:
+def _native_applies(
+    W1: torch.Tensor, Hinv1: torch.Tensor, Q: torch.Tensor, unrounded: torch.Tensor, Err1: torch.Tensor
+) -> bool:
     """Whether the C loop takes these tensors: float32 on CPU, rows of contiguous values, codes
     and unrounded values laid out alike."""
     floats = (W1, unrounded, Err1)
@@ -104,13 +106,13 @@ def quantize_columns(
 ) -> None:
     """:func:`quantize_columns_ref` in C where it applies (CPU float32 tensors and a C compiler),
     else that function."""
+    n, width = W1.shape
+    if not 0 <= c0 < c1 <= width or s.shape != (n, c1 - c0) or z.shape != s.shape:
+        raise ValueError(f"columns {c0}..{c1} of a [{n}, {width}] block with scales {tuple(s.shape)}")
     lib = _native_library() if _native_applies(W1, Hinv1, Q, unrounded, Err1) else None
     if lib is None:
         quantize_columns_ref(W1, Hinv1, c0, c1, s, z, maxq, Q, unrounded, j0, Err1)
         return
-    n, width = W1.shape
-    if not 0 <= c0 < c1 <= width or s.shape != (n, c1 - c0) or z.shape != s.shape:
-        raise ValueError(f"columns {c0}..{c1} of a [{n}, {width}] block with scales {tuple(s.shape)}")
     Hinv1 = Hinv1 if Hinv1.stride(-1) == 1 else Hinv1.contiguous()  # cholesky_inverse's is column-major
     s, z = s.float(), z.float()
     if z.stride() != s.stride() or s.stride(0) < 0 or s.stride(1) < 0:
