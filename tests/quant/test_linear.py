@@ -163,6 +163,29 @@ def test_input_activation_quantization_on_the_reference_path(strategy):
     assert dispatch.select_path(layer, x) == "cpu_int_mm"  # not a weight-only op: they would skip fq
 
 
+@pytest.mark.parametrize(
+    ("strategy", "dynamic"), [("token", True), ("tensor", True), ("tensor", False)], ids=["token", "tensor", "static"]
+)
+def test_fake_quantized_activations_keep_nan_and_inf_where_the_input_has_them(strategy, dynamic):
+    # A dynamic scale is non-finite wherever the input is, so an all-finite batch skips the
+    # check; a static scale is finite whatever the input, so that one never skips it.
+    from hfcompress.quant.activations import fake_quantize_activations
+    from hfcompress.quant.scheme import QuantArgs
+
+    act = QuantArgs(num_bits=8, symmetric=True, strategy=strategy, dynamic=dynamic, observer=None, zp_dtype=None)
+    static = None if dynamic else torch.tensor([0.05])
+    x = torch.randn(4, 32, generator=torch.Generator().manual_seed(0))
+    finite = fake_quantize_activations(x, act, static)
+    assert torch.isfinite(finite).all() and not torch.equal(finite, x)
+    x[1, 3], x[2, 5] = float("nan"), float("-inf")
+    xq = fake_quantize_activations(x, act, static)
+    assert xq[1, 3].isnan() and xq[2, 5] == float("-inf")
+    if strategy == "token":  # the other rows keep their own scales
+        assert torch.equal(xq[[0, 3]], finite[[0, 3]])
+    if not dynamic:  # the stored scale quantizes the finite values as before
+        assert torch.isfinite(xq[x.isfinite()]).all()
+
+
 A8_CASES = [
     # (bits, group_size, symmetric, strategy, dynamic, path)
     (8, -1, True, "token", True, "cpu_int_mm"),
