@@ -130,12 +130,12 @@ def search_qparams(
     group_size = resolve_group_size(group_size, k)
     groups = -(-k // group_size)
     pad = groups * group_size - k
-    wp = torch.nn.functional.pad(w.float(), (0, pad)) if pad else w.float()
-    wg = wp.reshape(w.shape[0], groups, group_size)
+    # A partial last group is padded with its last column (the range unchanged); the padding's
+    # errors are masked out below.
+    wg = group_view(w.float(), group_size)
     valid = (torch.arange(groups * group_size, device=w.device) < k).reshape(groups, group_size)
     # The range of w * shrink is the range of w times shrink (rounding is monotonic): read it once.
-    ranges = group_view(w.float(), group_size)
-    w_min, w_max = ranges.amin(dim=-1), ranges.amax(dim=-1)
+    w_min, w_max = wg.amin(dim=-1), wg.amax(dim=-1)
     maxq = 2**bits - 1
     best_err = torch.full((w.shape[0], groups), math.inf, device=w.device)
     best_s = best_z = None

@@ -115,7 +115,7 @@ def quantize_columns(
         return
     Hinv1 = Hinv1 if Hinv1.stride(-1) == 1 else Hinv1.contiguous()  # cholesky_inverse's is column-major
     s, z = s.float(), z.float()
-    if z.stride() != s.stride() or s.stride(0) < 0 or s.stride(1) < 0:
+    if z.stride() != s.stride():  # the C loop reads both with one pair of strides
         s, z = s.contiguous(), z.contiguous()
     lib.gptq_columns(
         W1.data_ptr(), n, width, W1.stride(0), Hinv1.data_ptr(), Hinv1.stride(0), c0, c1,
