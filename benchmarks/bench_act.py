@@ -25,9 +25,9 @@ Protocol (the README's): calibration windows of 512 tokens of WikiText-2 *valida
   (per channel, the int8 kernel's case; g128, the W4 kernel's), round-robin over ``--rounds``
   rounds, median. ``--amx-off`` adds each compressed row again with the AMX prefill kernels
   switched off (torch's ops and oneDNN, as on CPUs without AMX), on a CPU that has them.
-  ``--dense-off`` adds the rows whose many-row calls can dequantize to bfloat16 and multiply
-  in bfloat16 (no AMX, AVX-512 BF16) again with that switched off: torch's int4 and int8 ops,
-  as before it.
+  ``--dense-off`` adds the rows whose many-row calls can dequantize and multiply (no AMX,
+  AVX-512 BF16; in bfloat16 or float32, whichever ``cpu_decode.dense_dtype`` found faster)
+  again with that switched off: torch's int4 and int8 ops, as before it.
 * ``layers``: one layer per scheme (W8A8, W4A8 g128, W8A16, W4A16 g128) and SmolLM2 shape on 512
   bfloat16 rows, AMX kernels off and on, beside a dense bfloat16 matmul (microseconds).
 * ``glue``: MiniLM classifiers fine-tuned on SST-2 and MRPC (``--glue-models``, ``{task}`` in the
@@ -240,20 +240,21 @@ def _prefill_seconds(model, ids) -> float:
 @contextlib.contextmanager
 def _amx(on: bool, dense: bool = True):
     """The AMX prefill kernels as found (``on``), or switched off: torch's ops and oneDNN, as
-    on a CPU without AMX; ``dense=False`` also switches off the bfloat16 matmul of the
-    dequantized weight that serves weight-only calls of many rows without AMX (torch's int4
-    and int8 ops, or the reference for 2 and 3 bits, as before it)."""
+    on a CPU without AMX; ``dense=False`` also switches off the matmul of the dequantized
+    weight that serves weight-only calls of many rows without AMX, in bfloat16 or float32
+    (``cpu_decode.dense_dtype``): torch's int4 and int8 ops, or the reference for 2 and 3 bits,
+    as before it."""
     from hfcompress.quant import cpu_decode, cpu_w8a8
 
     with contextlib.ExitStack() as stack:
         if not on:
             stack.enter_context(mock.patch.object(cpu_w8a8, "amx_available", lambda: False))
         if not dense:
-            stack.enter_context(mock.patch.object(cpu_decode, "dense_available", lambda: False))
+            stack.enter_context(mock.patch.object(cpu_decode, "dense_dtype", lambda: None))
         yield
 
 
-# The kernels whose calls of many rows can take the bfloat16 matmul of the dequantized weight.
+# The kernels whose calls of many rows can take the matmul of the dequantized weight.
 _DENSE_PATHS = ("cpu_int4", "cpu_int8", "cpu_lowbit", "cpu_int4_a8")
 
 
@@ -279,7 +280,7 @@ def section_speed(args) -> list[dict]:
         if args.amx_off and recipe is not None and cpu_w8a8.amx_available():
             models[f"{label} [AMX off]"] = (model, path, (False, True))
         if args.dense_off and recipe is not None and cpu_decode.dense_available() and path in _DENSE_PATHS:
-            models[f"{label} [bf16 matmul off]"] = (model, path, (cpu_w8a8.amx_available(), False))
+            models[f"{label} [dense matmul off]"] = (model, path, (cpu_w8a8.amx_available(), False))
     for model, _path, switches in models.values():
         with _amx(*switches):
             _prefill_seconds(model, ids)  # warm-up: kernel packing
@@ -414,7 +415,7 @@ def main() -> None:
     parser.add_argument(
         "--dense-off",
         action="store_true",
-        help="speed: also time the rows that take the bfloat16 matmul of the dequantized weight without it",
+        help="speed: also time the rows that take the matmul of the dequantized weight without it",
     )
     runs = [f"{v} {a}" for v, a in PEER_RUNS]
     parser.add_argument("--peer-runs", nargs="*", default=[], choices=runs, help="only these peer runs (default: all)")

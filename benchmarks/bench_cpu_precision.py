@@ -12,9 +12,9 @@ bfloat16, which is also what calls of fewer than 16 rows still run; int8: the sc
 rounded to bfloat16 inside the op), the op as we call it now (what CPUs without AMX or AVX-512 BF16 run on
 these 256-row calls), where the CPU has AMX, the AMX bfloat16 kernel that serves such
 calls there, and where the CPU has AVX-512 BF16, the decode kernel that serves decoding calls
-(fed the same rows 8 at a time; 4 bits on bfloat16 inputs, 8 bits in float32) and the bfloat16
-matmul of the weight dequantized to bfloat16, which serves calls of 64 rows or more there
-without AMX.
+(fed the same rows 8 at a time; 4 bits on bfloat16 inputs, 8 bits in float32) and the matmul
+of the dequantized weight, which serves calls of 64 rows or more there without AMX (in
+bfloat16, or in float32 where that is faster: ``cpu_decode.dense_dtype``).
 Perplexity: WikiText-2 test, first --windows windows of 512 tokens, with the reference kernel
 in float32 (``HFCOMPRESS_FORCE_REFERENCE=1``) and with the fast path.
 """
@@ -106,18 +106,18 @@ def _errors(model, inputs, kernel_name):
             parts = [cpu_decode.decode_forward(m, rows[i : i + 8]) for i in range(0, len(rows), 8)]
             outs["decode kernel"] = torch.cat(parts).view(ref.shape)
         if cpu_decode.dense_available():
-            outs["bf16 matmul"] = cpu_decode.dense_forward(m, x).float()
+            outs["dense matmul"] = cpu_decode.dense_forward(m, x).float()
         attribute, before, now = _BEFORE[kernel_name]
-        serves, dense = cpu_w8a8.amx_bf16_serves, cpu_decode.dense_available
+        serves, dense = cpu_w8a8.amx_bf16_serves, cpu_decode.dense_dtype
         cpu_w8a8.amx_bf16_serves = lambda *a: False  # torch's op, as on CPUs without AMX
-        cpu_decode.dense_available = lambda: False  # (and without the bfloat16 matmul)
+        cpu_decode.dense_dtype = lambda: None  # (and without the dense matmul)
         try:
             outs["kernel now"] = m(x).float()
             m._kernel_cache.clear()
             setattr(cpu_kernels, attribute, before)
             outs["kernel before"] = m(x).float()
         finally:
-            cpu_w8a8.amx_bf16_serves, cpu_decode.dense_available = serves, dense
+            cpu_w8a8.amx_bf16_serves, cpu_decode.dense_dtype = serves, dense
             setattr(cpu_kernels, attribute, now)
             m._kernel_cache.clear()
         for key, y in outs.items():
@@ -138,7 +138,7 @@ def main() -> None:
     print(f"SmolLM2-135M, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
     print(
         "| scheme | kernel | rel. error: bf16 activations only | op before | op now | AMX bf16 kernel | decode kernel "
-        "| bf16 matmul |"
+        f"| dense matmul ({str(cpu_decode.dense_dtype()).removeprefix('torch.')}) |"
     )
     print("|---|---|---|---|---|---|---|---|")
     ppl_rows = []

@@ -15,6 +15,9 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import math
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,7 +32,17 @@ from hfcompress.quant.packing import pack
 if TYPE_CHECKING:
     from hfcompress.quant.linear import QuantLinear
 
-__all__ = ["DENSE_MIN_ROWS", "decode_bits", "decode_fits", "decode_forward", "dense_forward", "dequantize_bf16"]
+__all__ = [
+    "DENSE_DTYPE_ENV",
+    "DENSE_MIN_ROWS",
+    "bfloat16_matmul_speedup",
+    "decode_bits",
+    "decode_fits",
+    "decode_forward",
+    "dense_dtype",
+    "dense_forward",
+    "dequantize_dense",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +61,8 @@ def _native_library() -> ctypes.CDLL | None:
         lib.decode_linear.restype = ctypes.c_int
         lib.decode_planned.argtypes = [ptr, ptr, ctypes.c_int, i64, i64, ptr, ctypes.c_int]
         lib.decode_planned.restype = ctypes.c_int
-        lib.dequantize_weight.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]
+        lib.dequantize_weight.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int,
+                                          ctypes.c_int]  # fmt: skip
         lib.dequantize_weight.restype = ctypes.c_int
     return lib
 
@@ -174,15 +188,22 @@ def decode_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor | None:
     return y
 
 
-# -- many rows without AMX: dequantize, then a bfloat16 matmul ----------------------------------
+# -- many rows without AMX: dequantize, then a matmul ---------------------------------------------
 
-# Rows from which a 4- or 8-bit weight-only call that AMX does not take dequantizes its weight to
-# bfloat16 and multiplies in bfloat16 (oneDNN), rather than running torch's int4 or int8 op:
-# on SmolLM2's layer shapes (AMD EPYC with AVX-512 BF16, 2 threads, RESULTS.md stop 51) the two
-# took about the same time from 24 to 64 rows, and the bfloat16 matmul 1.3x-1.5x less from 96
-# and about 2x less at 512. 2- and 3-bit layers have no such op: their calls of AMX_MIN_ROWS
+# Rows from which a 4- or 8-bit weight-only call that AMX does not take dequantizes its weight
+# and multiplies by it (oneDNN or MKL), rather than running torch's int4 or int8 op: on
+# SmolLM2's layer shapes (AMD EPYC with AVX-512 BF16, 2 threads, RESULTS.md stop 51) the two
+# took about the same time from 24 to 64 rows in bfloat16, and the matmul 1.3x-1.5x less from
+# 96 and about 2x less at 512. 2- and 3-bit layers have no such op: their calls of AMX_MIN_ROWS
 # rows or more, too many for the decode kernel, took the reference kernel, 3x-12x slower.
 DENSE_MIN_ROWS = 64
+
+# The dtype of that matmul: bfloat16 where it is at least this many times as fast as float32
+# here (AMD EPYC with AVX-512 BF16: 2.2-2.7x), float32 elsewhere (an Intel Xeon VM with AVX-512
+# BF16 and no AMX: 0.55x; RESULTS.md stop 62), which is also exact for a float32 model.
+BF16_MIN_SPEEDUP = 1.25
+DENSE_DTYPE_ENV = "HFCOMPRESS_DENSE_DTYPE"
+_DENSE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def _dense_min_rows(layer: QuantLinear) -> int:
@@ -201,21 +222,23 @@ def _dense_plan(layer: QuantLinear) -> _DensePlan:
     return _DensePlan(layer.qweight, layer.scales.float().contiguous(), zeros)
 
 
-def dequantize_bf16(layer: QuantLinear) -> torch.Tensor | None:
-    """The layer's weight ``[N, K]`` in bfloat16, from its packed codes in one pass of
-    ``decode_cpu.c``'s ``dequantize_weight``: bit for bit ``layer.dequantize(torch.bfloat16)``
-    ((q - z) * s in float32, rounded to nearest even), at a fraction of its time. None without
-    the C code, or for a layer on another device than the CPU."""
+def dequantize_dense(layer: QuantLinear, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor | None:
+    """The layer's weight ``[N, K]`` in ``dtype`` (bfloat16 or float32), from its packed codes in
+    one pass of ``decode_cpu.c``'s ``dequantize_weight``: bit for bit ``layer.dequantize(dtype)``
+    ((q - z) * s in float32, for bfloat16 rounded to nearest even), at a fraction of its time.
+    None without the C code, or for a layer on another device than the CPU."""
+    if dtype not in _DENSE_DTYPES.values():
+        raise ValueError(f"dequantize_dense writes bfloat16 or float32, not {dtype}")
     lib = _native_library()
     if lib is None or layer.qweight.device.type != "cpu":
         return None
     plan = cached(layer, "cpu_dense", _dense_plan)
     n, k = layer.out_features, layer.in_features
-    w = torch.empty(n, k, dtype=torch.bfloat16)
+    w = torch.empty(n, k, dtype=dtype)
     zeros = 0 if plan.zeros is None else plan.zeros.data_ptr()
     failed = lib.dequantize_weight(plan.qweight.data_ptr(), layer.bits, plan.qweight.stride(0), n, k,
                                    plan.scales.data_ptr(), zeros, layer_group(layer), w.data_ptr(),
-                                   torch.get_num_threads())  # fmt: skip
+                                   int(dtype == torch.float32), torch.get_num_threads())  # fmt: skip
     if failed == 1:
         raise MemoryError("decode_cpu.c's dequantize_weight could not allocate its scratch memory")
     if failed:
@@ -223,26 +246,72 @@ def dequantize_bf16(layer: QuantLinear) -> torch.Tensor | None:
     return w
 
 
+def bfloat16_matmul_speedup(rounds: int = 3) -> float:
+    """How many times as fast a bfloat16 matmul is as a float32 one on this CPU, at the current
+    thread count: the best of ``rounds`` alternating rounds of three calls each at 256 x 576 x
+    1536 (a small decoder's projection; tens of milliseconds in all). The ratio depends on the
+    CPU, not only on its instruction sets: 2.2-2.7x on an AMD EPYC with AVX-512 BF16, 0.55x on an
+    Intel Xeon VM with the same flags and no AMX (oneDNN's bfloat16 kernel against MKL's float32)."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(256, 576, generator=g), torch.randn(1536, 576, generator=g)
+    pairs = {dtype: (x.to(dtype), w.to(dtype)) for dtype in (torch.float32, torch.bfloat16)}
+    best = dict.fromkeys(pairs, math.inf)
+    with torch.no_grad():
+        for a, b in pairs.values():  # warm: oneDNN builds its kernel on the first call
+            torch.nn.functional.linear(a, b)
+        for _ in range(rounds):
+            for dtype, (a, b) in pairs.items():
+                start = time.perf_counter()
+                for _ in range(3):
+                    torch.nn.functional.linear(a, b)
+                best[dtype] = min(best[dtype], time.perf_counter() - start)
+    return best[torch.float32] / best[torch.bfloat16]
+
+
 @functools.cache
-def dense_available() -> bool:
-    """Whether this CPU multiplies bfloat16 fast (AVX-512 BF16, as the decode kernel needs),
-    so that dequantizing to bfloat16 for a call of many rows pays."""
+def dense_dtype() -> torch.dtype | None:
+    """The dtype in which weight-only calls of many rows without AMX multiply (see
+    :func:`dense_forward`): bfloat16 where its matmul is at least ``BF16_MIN_SPEEDUP`` times as
+    fast as float32's here (:func:`bfloat16_matmul_speedup`, measured once per process), else
+    float32; ``HFCOMPRESS_DENSE_DTYPE=bfloat16`` or ``float32`` sets it instead. None (torch's
+    ops serve those calls) without the C code or on CPUs without AVX-512 BF16, where that
+    matmul was not measured against torch's ops."""
     lib = _native_library()
-    return lib is not None and bool(lib.decode_bits_built())
+    if lib is None or not lib.decode_bits_built():
+        return None
+    forced = os.environ.get(DENSE_DTYPE_ENV, "").strip()
+    if forced:
+        if forced not in _DENSE_DTYPES:
+            raise ValueError(f"{DENSE_DTYPE_ENV}={forced!r}: set it to bfloat16 or float32, or unset it")
+        return _DENSE_DTYPES[forced]
+    speedup = bfloat16_matmul_speedup()
+    dtype = torch.bfloat16 if speedup >= BF16_MIN_SPEEDUP else torch.float32
+    logger.info("weight-only calls of many rows multiply in %s (a bfloat16 matmul is %.2fx float32's here)",
+                str(dtype).removeprefix("torch."), speedup)  # fmt: skip
+    return dtype
+
+
+def dense_available() -> bool:
+    """Whether weight-only calls of many rows without AMX dequantize and multiply here
+    (:func:`dense_dtype` is not None)."""
+    return dense_dtype() is not None
 
 
 def dense_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor | None:
     """``x @ dequantize(W)^T`` for a weight-only layer and ``x: [..., K]`` of many rows
     (``DENSE_MIN_ROWS`` for 4 and 8 bits, ``AMX_MIN_ROWS`` for 2 and 3), as ``[..., N]`` in
-    ``x``'s dtype, no bias: the weight dequantized to bfloat16 (:func:`dequantize_bf16`, a
-    temporary the size of a bfloat16 weight) and multiplied by ``x`` in bfloat16 (float32 sums
-    inside oneDNN, a bfloat16 output). The rounding is a bfloat16 model's: inputs, weights and
-    outputs in bfloat16. None where it does not serve: fewer rows, or a CPU without AVX-512
-    BF16, where a bfloat16 matmul is slow (:func:`dense_available`)."""
+    ``x``'s dtype, no bias: the weight dequantized to :func:`dense_dtype` (:func:`dequantize_dense`,
+    a temporary of that dtype the size of the weight) and multiplied by ``x`` in that dtype. In
+    bfloat16 the rounding is a bfloat16 model's (inputs, weights and outputs in bfloat16, float32
+    sums inside oneDNN); in float32, the reference's up to summation order. None where it does
+    not serve: fewer rows, or no :func:`dense_dtype` here."""
     k = layer.in_features
-    if x.numel() < _dense_min_rows(layer) * k or not dense_available():
+    if x.numel() < _dense_min_rows(layer) * k:
         return None
-    w = dequantize_bf16(layer)
+    dtype = dense_dtype()
+    if dtype is None:
+        return None
+    w = dequantize_dense(layer, dtype)
     if w is None:
         return None
-    return torch.nn.functional.linear(x.to(torch.bfloat16), w).to(x.dtype)
+    return torch.nn.functional.linear(x.to(dtype), w).to(x.dtype)

@@ -54,11 +54,13 @@ memory (a layer took the same time read from L2 as from the last-level cache): o
 
 On CPUs with AVX-512 BF16 but no AMX (AMD Zen 4, for one), weight-only calls of many rows go
 to neither: from ``cpu_decode.DENSE_MIN_ROWS`` rows (4 and 8 bits; 2 and 3 bits from
-``AMX_MIN_ROWS``, where the decode kernel stops) the weight is dequantized to bfloat16 in one C
-pass and multiplied in bfloat16 by oneDNN (:func:`hfcompress.quant.cpu_decode.dense_forward`):
-on SmolLM2's shapes about 2x faster than torch's ops at 512 rows, at a bfloat16 model's
-rounding (0.198% relative error on SmolLM2's W4 g128 prefill against the op's 0.166%; 0.209%
-against 0.188% for W8).
+``AMX_MIN_ROWS``, where the decode kernel stops) the weight is dequantized in one C pass and
+multiplied by it (:func:`hfcompress.quant.cpu_decode.dense_forward`), in bfloat16 where
+oneDNN's bfloat16 matmul is clearly faster than float32 on this CPU (measured once per
+process: AMD EPYC), else in float32 (an Intel Xeon VM with AVX-512 BF16 but no AMX, where it is
+slower). In bfloat16, on SmolLM2's shapes about 2x faster than torch's ops at 512 rows, at a
+bfloat16 model's rounding (0.198% relative error on SmolLM2's W4 g128 prefill against the op's
+0.166%; 0.209% against 0.188% for W8); in float32, exact up to summation order.
 
 All three serve weight-only schemes. A layer with quantized input activations goes to the integer
 matmuls of ``cpu_w8a8`` when its weights allow one (per channel); grouped 4-bit weights with
@@ -238,7 +240,7 @@ def _our_kernels(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor | None:
     if rows >= cpu_w8a8.AMX_BF16_MIN_ROWS and cpu_w8a8.amx_bf16_serves(layer, rows):  # decoding skips the call
         return _amx_bf16_forward(layer, x, x.reshape(-1, layer.in_features).to(torch.bfloat16))
     y = cpu_decode.decode_forward(layer, x)
-    if y is None:  # many rows without AMX: dequantize, then a bfloat16 matmul
+    if y is None:  # many rows without AMX: dequantize, then a matmul
         y = cpu_decode.dense_forward(layer, x)
     return None if y is None else _add_bias(layer, x, y)
 

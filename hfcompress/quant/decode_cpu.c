@@ -440,31 +440,33 @@ static inline void unpack_weight_row(const uint8_t *p, int bits, int64_t K, floa
     }
 }
 
-/* The dequantized weight w [N, K] bfloat16 (row stride K) of a layer's packed codes qw [N,
- * qw_stride] (2, 3, 4 or 8 bits): w[n, k] = bf16((q[n, k] - z[n, g]) * s[n, g]), g = k / group,
- * with scales [N, G] and zeros [N, G] float32 (NULL: 2^(bits-1), symmetric), the difference and
- * the product rounded separately in float32 (ISO C: no contraction into an FMA), then to
- * bfloat16 to nearest even: bit for bit the reference dequantize (hfcompress/quant/affine.py) cast
- * to bfloat16. For CPUs without AMX whose bfloat16 matmul is fast: the weight-only layers' calls
- * of many rows dequantize, then multiply in bfloat16 (cpu_decode.py). Returns 0; 1 when scratch
- * memory cannot be allocated; 2 for a width other than 2, 3, 4 or 8. */
+/* The dequantized weight w [N, K] (row stride K) of a layer's packed codes qw [N, qw_stride]
+ * (2, 3, 4 or 8 bits): w[n, k] = (q[n, k] - z[n, g]) * s[n, g], g = k / group, with scales
+ * [N, G] and zeros [N, G] float32 (NULL: 2^(bits-1), symmetric), the difference and the
+ * product rounded separately in float32 (ISO C: no contraction into an FMA); in float32 when
+ * out_f32, else rounded to bfloat16 to nearest even: bit for bit the reference dequantize
+ * (hfcompress/quant/affine.py), or it cast to bfloat16. For CPUs without AMX: the weight-only
+ * layers' calls of many rows dequantize, then multiply in whichever of bfloat16 and float32 is
+ * faster here (cpu_decode.py). Returns 0; 1 when scratch memory cannot be allocated; 2 for a
+ * width other than 2, 3, 4 or 8. */
 int dequantize_weight(const uint8_t *qw, int bits, int64_t qw_stride, int64_t N, int64_t K, const float *scales,
-                      const float *zeros, int64_t group, uint16_t *w, int threads) {
+                      const float *zeros, int64_t group, void *w, int out_f32, int threads) {
     if (bits != 2 && bits != 3 && bits != 4 && bits != 8) return 2;
     const int64_t G = (K + group - 1) / group, room = (K + 7) / 8 * 8;
     const float symmetric_zero = (float)(1 << (bits - 1));
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        float *codes = malloc(sizeof(float) * (size_t)room), *row = malloc(sizeof(float) * (size_t)room);
+        float *codes = malloc(sizeof(float) * (size_t)room), *scratch = out_f32 ? NULL : malloc(sizeof(float) * (size_t)room);
         /* every thread meets the loop (a worksharing loop's barrier waits for all of them) */
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++) {
-            if (!codes || !row) {
+            if (!codes || (!out_f32 && !scratch)) {
 #pragma omp atomic write
                 failed = 1;
                 continue;
             }
+            float *row = out_f32 ? (float *)w + n * K : scratch;
             unpack_weight_row(qw + n * qw_stride, bits, K, codes);
             for (int64_t g = 0; g < G; g++) {
                 const float s = scales[n * G + g], z = zeros ? zeros[n * G + g] : symmetric_zero;
@@ -475,12 +477,13 @@ int dequantize_weight(const uint8_t *qw, int bits, int64_t qw_stride, int64_t N,
                     row[k] = d * s;
                 }
             }
-            uint16_t *out = w + n * K;
+            if (out_f32) continue;
+            uint16_t *out = (uint16_t *)w + n * K;
 #pragma omp simd
             for (int64_t k = 0; k < K; k++) out[k] = float_to_bf16(row[k]);
         }
         free(codes);
-        free(row);
+        free(scratch);
     }
     return failed;
 }

@@ -83,11 +83,11 @@ def test_cpu_decode_kernel_sums_the_bfloat16_inputs_exactly(bits, n, k, group_si
 
 
 @pytest.mark.parametrize("bits", [3, 2], ids=lambda b: f"w{b}")
-def test_cpu_lowbit_kernel_decodes_on_the_kernel_and_prefills_on_amx_or_a_bfloat16_matmul(bits):
+def test_cpu_lowbit_kernel_decodes_on_the_kernel_and_prefills_on_amx_or_a_dense_matmul(bits):
     # 2- and 3-bit layers whose groups the decode kernel takes get a CPU kernel of their own
     # (before, every call dequantized the weight: SmolLM2 W3 g128 decoded at 3.2 tokens/s
     # against float32's 29.2); from AMX_MIN_ROWS rows the AMX bfloat16 kernel serves them, or
-    # without AMX a bfloat16 matmul of the dequantized weight (before, the reference computation).
+    # without AMX a matmul of the dequantized weight (before, the reference computation).
     _decode_kernel(bits)
     layer, qw = quant_layer(24, 256, bits=bits, group_size=128, bias=True)
     x = torch.randn(1, 256)
@@ -103,9 +103,10 @@ def test_cpu_lowbit_kernel_decodes_on_the_kernel_and_prefills_on_amx_or_a_bfloat
         if cpu_w8a8.amx_available():
             exact = x.bfloat16().double() @ dense.double().t() + layer.bias.double()
             assert rel_err(layer(x).double(), exact) < 1e-6
-        else:
-            weight = layer.dequantize(torch.bfloat16)
-            assert torch.equal(layer(x), F.linear(x.bfloat16(), weight).float() + layer.bias)
+        else:  # in the dtype chosen for this CPU's dense matmul
+            dtype = cpu_decode.dense_dtype()
+            weight = layer.dequantize(dtype)
+            assert torch.equal(layer(x), F.linear(x.to(dtype), weight).float() + layer.bias)
 
 
 def test_cpu_w4_decode_kernel_applies_the_zero_point_in_float32():
@@ -235,40 +236,50 @@ DEQUANTIZE_CASES = [  # (bits, n, k, group_size, symmetric, float_zero)
 ]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(
     "bits,n,k,group_size,symmetric,float_zero",
     DEQUANTIZE_CASES,
     ids=[f"w{c[0]}-k{c[2]}-g{c[3]}" for c in DEQUANTIZE_CASES],
 )
-def test_dequantize_bf16_is_the_reference_weight_bit_for_bit(bits, n, k, group_size, symmetric, float_zero):
+def test_dequantize_dense_is_the_reference_weight_bit_for_bit(bits, n, k, group_size, symmetric, float_zero, dtype):
     # decode_cpu.c's dequantize_weight reads the packed codes and rounds (q - z) * s once, as
-    # the reference's float32 dequantize cast to bfloat16 does: the same bits.
+    # the reference's float32 dequantize (cast to bfloat16) does: the same bits.
     if cpu_decode._native_library() is None:
         pytest.skip("no C compiler")
     layer, _ = quant_layer(n, k, bits=bits, group_size=group_size, symmetric=symmetric, float_zero=float_zero)
-    w = cpu_decode.dequantize_bf16(layer)
-    assert w.dtype == torch.bfloat16 and w.shape == (n, k)
-    assert torch.equal(w, layer.dequantize(torch.bfloat16))
+    w = cpu_decode.dequantize_dense(layer, dtype)
+    assert w.dtype == dtype and w.shape == (n, k)
+    assert torch.equal(w, layer.dequantize(dtype))
 
 
-def _dense_path():
-    if not cpu_decode.dense_available():
+def test_dequantize_dense_refuses_other_dtypes():
+    layer, _ = quant_layer(8, 64)
+    with pytest.raises(ValueError, match=r"bfloat16 or float32, not torch\.float16"):
+        cpu_decode.dequantize_dense(layer, torch.float16)
+
+
+def _dense_path(monkeypatch, dtype):
+    if cpu_decode.dense_dtype() is None:
         pytest.skip("no AVX-512 BF16 here: calls of many rows keep torch's ops")
+    monkeypatch.setattr(cpu_decode, "dense_dtype", lambda: dtype)
 
 
+@pytest.mark.parametrize("dense", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("bits,group_size", [(4, 128), (8, -1), (3, 128), (2, 64)])
-def test_many_rows_without_amx_multiply_the_dequantized_weight_in_bfloat16(bits, group_size, monkeypatch):
+def test_many_rows_without_amx_multiply_the_dequantized_weight(bits, group_size, dense, monkeypatch):
     # Without AMX, torch's int4 and int8 ops are decoding kernels: at 512 rows of SmolLM2's
     # shapes they took about twice the time of dequantizing to bfloat16 and a bfloat16 matmul
-    # (AMD EPYC, AVX-512 BF16), which made W4A16 and W8A16 prefill slower than float32. From
-    # DENSE_MIN_ROWS rows (4 and 8 bits; 2 and 3 bits, whose calls took the reference, from
-    # AMX_MIN_ROWS) those calls now run the matmul: a bfloat16 model's rounding.
+    # (AMD EPYC, AVX-512 BF16), and 2.6x that of a float32 one (an Intel Xeon without AMX, whose
+    # bfloat16 matmul is slower than float32). From DENSE_MIN_ROWS rows (4 and 8 bits; 2 and 3
+    # bits, whose calls took the reference, from AMX_MIN_ROWS) those calls now run the matmul in
+    # the dtype dense_dtype() picks: a bfloat16 model's rounding, or float32's.
     from hfcompress.quant import cpu_kernels
 
-    _dense_path()
+    _dense_path(monkeypatch, dense)
     monkeypatch.setattr(cpu_w8a8, "amx_bf16_serves", lambda layer, rows: False)
     layer, qw = quant_layer(48, 256, bits=bits, group_size=group_size, symmetric=bits == 8, bias=True)
-    weight = layer.dequantize(torch.bfloat16)
+    weight = layer.dequantize(dense)
     first = cpu_decode.DENSE_MIN_ROWS if bits in (4, 8) else cpu_w8a8.AMX_MIN_ROWS
     ran = []
     dense_forward = cpu_decode.dense_forward
@@ -283,15 +294,16 @@ def test_many_rows_without_amx_multiply_the_dequantized_weight_in_bfloat16(bits,
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(2, first // 2, 256).to(dtype)
             y = layer(x)
-            assert ran, "the bfloat16 matmul did not run"
+            assert ran, "the dense matmul did not run"
             assert y.dtype == dtype and y.shape == (2, first // 2, 48)
-            expected = F.linear(x.bfloat16(), weight).to(dtype) + layer.bias.to(dtype)
+            expected = F.linear(x.to(dense), weight).to(dtype) + layer.bias.to(dtype)
             assert torch.equal(y, expected)
-            # its error: a bfloat16 model's, within 2x that of rounding only inputs and output
-            dense = qw.dequantize().float()
-            ref = x.float() @ dense.t()
-            floor = rel_err((x.bfloat16().float() @ dense.t()).bfloat16().float(), ref)
-            assert rel_err(y.float() - layer.bias, ref) < 2 * floor
+            ref = x.float() @ qw.dequantize().float().t()
+            if dense == torch.float32 and dtype == torch.float32:
+                assert rel_err(y - layer.bias, ref) < 1e-6  # the reference's up to summation order
+            else:  # a bfloat16 model's error, within 2x that of rounding only inputs and output
+                floor = rel_err((x.bfloat16().float() @ qw.dequantize().float().t()).bfloat16().float(), ref)
+                assert rel_err(y.float() - layer.bias, ref) < 2 * floor
         ran.clear()
         # fewer rows: torch's op (4 and 8 bits) or, below AMX_MIN_ROWS, the decode kernel
         x = torch.randn(first - 1, 256)
@@ -307,12 +319,13 @@ def test_many_rows_without_amx_multiply_the_dequantized_weight_in_bfloat16(bits,
 
 
 def test_many_rows_keep_torch_ops_without_avx512_bf16(monkeypatch):
-    # Where a bfloat16 matmul is slow (AVX2 only: 70x float32 on one VM), nothing changes.
+    # Where no dense dtype was chosen (AVX2 only: there a bfloat16 matmul was 70x float32 on
+    # one VM, and float32 was never measured against torch's ops), nothing changes.
     from hfcompress.quant import cpu_kernels
 
     monkeypatch.setattr(cpu_w8a8, "amx_bf16_serves", lambda layer, rows: False)
-    monkeypatch.setattr(cpu_decode, "dense_available", lambda: False)
-    monkeypatch.setattr(cpu_decode, "dequantize_bf16", lambda layer: pytest.fail("dequantized for a matmul"))
+    monkeypatch.setattr(cpu_decode, "dense_dtype", lambda: None)
+    monkeypatch.setattr(cpu_decode, "dequantize_dense", lambda *a: pytest.fail("dequantized for a matmul"))
     layer, _ = quant_layer(48, 256, group_size=128)
     built = []
     build = cpu_kernels._build_int4
@@ -320,3 +333,39 @@ def test_many_rows_keep_torch_ops_without_avx512_bf16(monkeypatch):
     with torch.no_grad():
         layer(torch.randn(cpu_decode.DENSE_MIN_ROWS * 2, 256))
     assert built
+
+
+def _fresh_dense_dtype(monkeypatch, speedup):
+    lib = cpu_decode._native_library()
+    if lib is None or not lib.decode_bits_built():
+        pytest.skip("no AVX-512 BF16 here: no dense path to choose a dtype for")
+    monkeypatch.setattr(cpu_decode, "bfloat16_matmul_speedup", lambda: speedup)
+    cpu_decode.dense_dtype.cache_clear()
+    try:
+        return cpu_decode.dense_dtype()
+    finally:
+        cpu_decode.dense_dtype.cache_clear()
+
+
+@pytest.mark.parametrize("speedup,dtype", [(2.4, torch.bfloat16), (1.1, torch.float32), (0.6, torch.float32)])
+def test_the_dense_matmul_is_bfloat16_only_where_it_is_clearly_faster(speedup, dtype, monkeypatch):
+    # oneDNN's bfloat16 matmul took 2.2-2.7x less time than float32 on an AMD EPYC with AVX-512
+    # BF16, and 1.6-1.8x more on an Intel Xeon VM with the same flags and no AMX: the choice is
+    # measured, and float32 (exact for a float32 model) wins a near tie.
+    monkeypatch.delenv(cpu_decode.DENSE_DTYPE_ENV, raising=False)
+    assert _fresh_dense_dtype(monkeypatch, speedup) == dtype
+
+
+def test_the_dense_dtype_can_be_set_and_a_wrong_setting_is_named(monkeypatch):
+    monkeypatch.setenv(cpu_decode.DENSE_DTYPE_ENV, "bfloat16")
+    assert _fresh_dense_dtype(monkeypatch, 0.5) == torch.bfloat16
+    monkeypatch.setenv(cpu_decode.DENSE_DTYPE_ENV, "float32")
+    assert _fresh_dense_dtype(monkeypatch, 3.0) == torch.float32
+    monkeypatch.setenv(cpu_decode.DENSE_DTYPE_ENV, "fp16")
+    with pytest.raises(ValueError, match="HFCOMPRESS_DENSE_DTYPE='fp16': set it to bfloat16 or float32"):
+        _fresh_dense_dtype(monkeypatch, 1.0)
+
+
+def test_the_bfloat16_matmul_speedup_is_a_measured_ratio():
+    speedup = cpu_decode.bfloat16_matmul_speedup(rounds=1)
+    assert 0.01 < speedup < 100
