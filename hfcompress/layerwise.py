@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from hfcompress.architectures import blocks_of, text_config
 from hfcompress.errors import ModelError
+from hfcompress.matmul_speed import half_matmul_pays, matmul_speedup
 from hfcompress.quant.dispatch import dense_weights
 
 if TYPE_CHECKING:
@@ -295,18 +296,26 @@ def propagate(block: nn.Module, inputs: list[BlockInputs], *, compute_dtype: tor
         inputs[i] = inputs[i].with_hidden(out)
 
 
+def _onednn_has(dtype: torch.dtype) -> bool:
+    """Whether oneDNN has a CPU path for ``dtype`` (bfloat16 or float16) on this CPU."""
+    probe = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
+    try:
+        return bool(getattr(torch.ops.mkldnn, probe)())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 @functools.cache
 def native_bfloat16(device_type: str) -> bool:
     """Whether matrix products in bfloat16 are fast on this kind of device: on a CPU, whether
-    oneDNN has a bfloat16 path (AVX-512 or newer); without one (AVX2-only CPUs) a bfloat16
-    matmul runs tens of times slower than float32 (70x measured on an AVX2 EPYC VM). On CUDA,
-    whether the GPU computes in bfloat16 natively (compute capability 8 or newer), not by
-    emulation. Other devices are assumed to."""
+    oneDNN has a bfloat16 path (AVX-512 or newer; without one, on AVX2-only CPUs, a bfloat16
+    matmul runs tens of times slower than float32: 70x measured on an AVX2 EPYC VM) and it is
+    clearly faster than float32 here, measured (:mod:`hfcompress.matmul_speed`: 2.2-2.7x on an
+    AVX-512 EPYC VM, 0.55-0.65x on an Intel Xeon VM without AMX). On CUDA, whether the GPU
+    computes in bfloat16 natively (compute capability 8 or newer), not by emulation. Other
+    devices are assumed to."""
     if device_type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
+        return _onednn_has(torch.bfloat16) and half_matmul_pays(torch.bfloat16)
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     return True
@@ -315,14 +324,13 @@ def native_bfloat16(device_type: str) -> bool:
 @functools.cache
 def native_float16(device_type: str) -> bool:
     """Whether matrix products in float16 are fast on this kind of device: on a CPU, whether
-    oneDNN has a float16 path (AVX-512-FP16 or AMX-FP16); without one a float16 matmul runs
-    several times slower than float32 (4.2-4.4x at 4096 x 576 x 1536 on an AVX-512 EPYC VM).
-    GPUs and other devices are assumed to."""
+    oneDNN has a float16 path (AVX-512-FP16 or AMX-FP16; without one a float16 matmul runs
+    several times slower than float32: 4.2-4.4x at 4096 x 576 x 1536 on an AVX-512 EPYC VM) and
+    it is clearly faster than float32 here, measured (about float32's time on an Intel Xeon VM
+    with AVX-512-FP16 and no AMX, where a float16 model's GPTQ ran 1.15-1.2x faster in
+    float32). GPUs and other devices are assumed to."""
     if device_type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-        except (AttributeError, RuntimeError):
-            return False
+        return _onednn_has(torch.float16) and half_matmul_pays(torch.float16)
     return True
 
 
@@ -339,21 +347,30 @@ def bfloat16_or_warn(device: torch.device | str, asked: str, instead: str) -> bo
     """Whether to honour a bfloat16 speed setting (``asked``, as the user wrote it) on
     ``device``: True where :func:`native_bfloat16` holds. Elsewhere False, with one warning
     per setting and device type that names the setting ``instead`` that silences it: there
-    bfloat16 would make the work many times slower, not faster."""
+    bfloat16 would make the work slower, not faster (on CPUs without AVX-512 many times)."""
     device_type = torch.device(device).type
     if native_bfloat16(device_type):
         return True
     if (device_type, asked) not in _WARNED_BF16:
         _WARNED_BF16.add((device_type, asked))
         logger.warning(
-            "%s asked for, but this %s has no fast bfloat16 matrix multiply (on a CPU: AVX-512 or newer), "
-            "where bfloat16 runs tens of times slower than float32; float32 is used instead. Results can "
-            "differ slightly from a bfloat16 run. Set %s to silence this.",
+            "%s asked for, but this %s has no fast bfloat16 matrix multiply (%s); float32 is used instead, "
+            "as it is faster here. Results can differ slightly from a bfloat16 run. Set %s to silence this.",
             asked,
             device_type,
+            _bfloat16_speed(device_type),
             instead,
         )
     return False
+
+
+def _bfloat16_speed(device_type: str) -> str:
+    """Why :func:`native_bfloat16` is False on ``device_type``, for a warning."""
+    if device_type != "cpu":
+        return "it emulates bfloat16"
+    if not _onednn_has(torch.bfloat16):
+        return "no AVX-512: bfloat16 runs tens of times slower than float32"
+    return f"measured: a bfloat16 matmul is {matmul_speedup(torch.bfloat16):.2f}x as fast as float32's"
 
 
 def has_float16(model: nn.Module) -> bool:

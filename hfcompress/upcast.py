@@ -2,7 +2,10 @@
 
 A float16 model on a CPU without AVX-512-FP16 or AMX-FP16 (most of them), or a bfloat16 one on
 an AVX2-only CPU, runs every calibration pass and training step several to tens of times slower
-than in float32 (a float16 SmoothQuant recipe on SmolLM2-135M: 447 s against 152 s). The
+than in float32 (a float16 SmoothQuant recipe on SmolLM2-135M: 447 s against 152 s); on CPUs
+that have such a path but whose half-precision matmul is not clearly faster than float32's
+(measured, :mod:`hfcompress.matmul_speed`: an Intel Xeon VM without AMX), somewhat slower (a
+float16 GPTQ recipe 37-40 s against 32 s there). The
 stages' work is the same in float32, and more precise, so :func:`float32_while` casts the
 model's tensors of such a dtype to float32 for the stages and back afterwards: the model comes
 out in the dtype it went in, and its compressed layers are what compressing a float32 copy and
@@ -95,7 +98,7 @@ def float32_while(model: nn.Module, device: torch.device, stages: list[str]) -> 
     if why is not None:
         logger.warning(
             "the model is %s, and this %s has no fast %s matrix multiply, so the calibration passes and training "
-            "steps of stage %s run several times slower than in float32 (%s). To compress faster, load the model "
+            "steps of stage %s run slower than in float32 (%s). To compress faster, load the model "
             "in float32 (torch_dtype=torch.float32), compress it, then cast the result with model.to(torch.%s)",
             names,
             device.type,

@@ -124,10 +124,7 @@ def test_without_the_memory_for_a_float32_copy_the_passes_run_slowly_and_say_why
         seen = _input_dtypes(model, lambda: hfcompress.compress(model, STATIC, calibration_data=SHORT, progress=False))
     assert seen == {dtype}
     assert f"the model is {name}, and this cpu has no fast {name} matrix multiply" in caplog.text
-    assert (
-        "stage 'a8' run several times slower than in float32 (a float32 copy needs 0.0 GiB more memory on cpu"
-        in caplog.text
-    )
+    assert "stage 'a8' run slower than in float32 (a float32 copy needs 0.0 GiB more memory on cpu" in caplog.text
     assert f"model.to(torch.{name})" in caplog.text
 
 

@@ -15,15 +15,14 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from hfcompress import matmul_speed
 from hfcompress.quant import native
 from hfcompress.quant.cpu_w8a8 import AMX_MIN_ROWS, NATIVE_X_DTYPES, group_scales, layer_group, row_view
 from hfcompress.quant.dispatch import FORCE_REFERENCE_ENV, cached
@@ -35,7 +34,6 @@ if TYPE_CHECKING:
 __all__ = [
     "DENSE_DTYPE_ENV",
     "DENSE_MIN_ROWS",
-    "bfloat16_matmul_speedup",
     "decode_bits",
     "decode_fits",
     "decode_forward",
@@ -198,10 +196,9 @@ def decode_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor | None:
 # rows or more, too many for the decode kernel, took the reference kernel, 3x-12x slower.
 DENSE_MIN_ROWS = 64
 
-# The dtype of that matmul: bfloat16 where it is at least this many times as fast as float32
-# here (AMD EPYC with AVX-512 BF16: 2.2-2.7x), float32 elsewhere (an Intel Xeon VM with AVX-512
-# BF16 and no AMX: 0.55x; RESULTS.md stop 62), which is also exact for a float32 model.
-BF16_MIN_SPEEDUP = 1.25
+# The dtype of that matmul: bfloat16 where it is clearly faster than float32 here (AMD EPYC with
+# AVX-512 BF16: 2.2-2.7x), float32 elsewhere (an Intel Xeon VM with AVX-512 BF16 and no AMX:
+# 0.55-0.65x; RESULTS.md stop 62), which is also exact for a float32 model.
 DENSE_DTYPE_ENV = "HFCOMPRESS_DENSE_DTYPE"
 _DENSE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -246,33 +243,11 @@ def dequantize_dense(layer: QuantLinear, dtype: torch.dtype = torch.bfloat16) ->
     return w
 
 
-def bfloat16_matmul_speedup(rounds: int = 3) -> float:
-    """How many times as fast a bfloat16 matmul is as a float32 one on this CPU, at the current
-    thread count: the best of ``rounds`` alternating rounds of three calls each at 256 x 576 x
-    1536 (a small decoder's projection; tens of milliseconds in all). The ratio depends on the
-    CPU, not only on its instruction sets: 2.2-2.7x on an AMD EPYC with AVX-512 BF16, 0.55x on an
-    Intel Xeon VM with the same flags and no AMX (oneDNN's bfloat16 kernel against MKL's float32)."""
-    g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(256, 576, generator=g), torch.randn(1536, 576, generator=g)
-    pairs = {dtype: (x.to(dtype), w.to(dtype)) for dtype in (torch.float32, torch.bfloat16)}
-    best = dict.fromkeys(pairs, math.inf)
-    with torch.no_grad():
-        for a, b in pairs.values():  # warm: oneDNN builds its kernel on the first call
-            torch.nn.functional.linear(a, b)
-        for _ in range(rounds):
-            for dtype, (a, b) in pairs.items():
-                start = time.perf_counter()
-                for _ in range(3):
-                    torch.nn.functional.linear(a, b)
-                best[dtype] = min(best[dtype], time.perf_counter() - start)
-    return best[torch.float32] / best[torch.bfloat16]
-
-
 @functools.cache
 def dense_dtype() -> torch.dtype | None:
     """The dtype in which weight-only calls of many rows without AMX multiply (see
-    :func:`dense_forward`): bfloat16 where its matmul is at least ``BF16_MIN_SPEEDUP`` times as
-    fast as float32's here (:func:`bfloat16_matmul_speedup`, measured once per process), else
+    :func:`dense_forward`): bfloat16 where its matmul is clearly faster than float32's here
+    (:func:`hfcompress.matmul_speed.half_matmul_pays`, measured once per process), else
     float32; ``HFCOMPRESS_DENSE_DTYPE=bfloat16`` or ``float32`` sets it instead. None (torch's
     ops serve those calls) without the C code or on CPUs without AVX-512 BF16, where that
     matmul was not measured against torch's ops."""
@@ -284,10 +259,9 @@ def dense_dtype() -> torch.dtype | None:
         if forced not in _DENSE_DTYPES:
             raise ValueError(f"{DENSE_DTYPE_ENV}={forced!r}: set it to bfloat16 or float32, or unset it")
         return _DENSE_DTYPES[forced]
-    speedup = bfloat16_matmul_speedup()
-    dtype = torch.bfloat16 if speedup >= BF16_MIN_SPEEDUP else torch.float32
+    dtype = torch.bfloat16 if matmul_speed.half_matmul_pays(torch.bfloat16) else torch.float32
     logger.info("weight-only calls of many rows multiply in %s (a bfloat16 matmul is %.2fx float32's here)",
-                str(dtype).removeprefix("torch."), speedup)  # fmt: skip
+                str(dtype).removeprefix("torch."), matmul_speed.matmul_speedup(torch.bfloat16))  # fmt: skip
     return dtype
 
 

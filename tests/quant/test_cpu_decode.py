@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hfcompress import matmul_speed
 from hfcompress.quant import cpu_decode, cpu_w8a8, dispatch
 from hfcompress.quant.affine import quantize_rtn
 from hfcompress.quant.linear import QuantLinear
@@ -339,7 +340,7 @@ def _fresh_dense_dtype(monkeypatch, speedup):
     lib = cpu_decode._native_library()
     if lib is None or not lib.decode_bits_built():
         pytest.skip("no AVX-512 BF16 here: no dense path to choose a dtype for")
-    monkeypatch.setattr(cpu_decode, "bfloat16_matmul_speedup", lambda: speedup)
+    monkeypatch.setattr(matmul_speed, "matmul_speedup", lambda dtype: speedup)
     cpu_decode.dense_dtype.cache_clear()
     try:
         return cpu_decode.dense_dtype()
@@ -364,8 +365,3 @@ def test_the_dense_dtype_can_be_set_and_a_wrong_setting_is_named(monkeypatch):
     monkeypatch.setenv(cpu_decode.DENSE_DTYPE_ENV, "fp16")
     with pytest.raises(ValueError, match="HFCOMPRESS_DENSE_DTYPE='fp16': set it to bfloat16 or float32"):
         _fresh_dense_dtype(monkeypatch, 1.0)
-
-
-def test_the_bfloat16_matmul_speedup_is_a_measured_ratio():
-    speedup = cpu_decode.bfloat16_matmul_speedup(rounds=1)
-    assert 0.01 < speedup < 100

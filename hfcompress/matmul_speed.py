@@ -1,0 +1,56 @@
+"""How fast this CPU multiplies matrices in bfloat16 and float16 against float32, measured.
+
+A CPU's instruction sets do not say whether a half-precision matmul pays. With AVX-512 BF16 on
+both, oneDNN's bfloat16 matmul took 2.2-2.7x less time than float32 on an AMD EPYC VM, and
+1.6-1.8x more on an Intel Xeon VM without AMX (oneDNN's bfloat16 kernel against MKL's float32
+one); that Xeon's AVX-512-FP16 float16 matmul took about float32's time (RESULTS.md, stop 62).
+So the choices that hinge on it (whether a bfloat16 speed setting is honoured, whether a half
+model's calibration passes run in float32, the dtype of the weight-only layers' prefill matmul
+without AMX) measure it once per process with :func:`matmul_speedup`, and take the half dtype
+only where :func:`half_matmul_pays`: in a near tie float32 wins, as it is the more precise.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+
+import torch
+
+__all__ = ["MIN_SPEEDUP", "half_matmul_pays", "matmul_speedup"]
+
+# A half dtype pays where its matmul is at least this many times as fast as float32's.
+MIN_SPEEDUP = 1.25
+
+# A small decoder's projection (SmolLM2's gate and up, a 256-row chunk): large enough for the
+# kernels' steady state, a few milliseconds a call.
+_SHAPE = (256, 576, 1536)
+
+
+@functools.cache
+def matmul_speedup(dtype: torch.dtype, rounds: int = 3) -> float:
+    """How many times as fast a ``dtype`` matmul is as a float32 one on this CPU at the thread
+    count of the first call: the best of ``rounds`` alternating rounds of three calls each of
+    ``256 x 576 x 1536`` (tens of milliseconds in all, once per process and dtype)."""
+    m, k, n = _SHAPE
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+    pairs = {d: (x.to(d), w.to(d)) for d in (torch.float32, dtype)}
+    best = dict.fromkeys(pairs, math.inf)
+    with torch.no_grad():
+        for a, b in pairs.values():  # warm: oneDNN builds its kernel on the first call
+            torch.nn.functional.linear(a, b)
+        for _ in range(rounds):
+            for d, (a, b) in pairs.items():
+                start = time.perf_counter()
+                for _ in range(3):
+                    torch.nn.functional.linear(a, b)
+                best[d] = min(best[d], time.perf_counter() - start)
+    return best[torch.float32] / best[dtype]
+
+
+def half_matmul_pays(dtype: torch.dtype) -> bool:
+    """Whether a ``dtype`` (bfloat16 or float16) matmul is at least ``MIN_SPEEDUP`` times as
+    fast as float32's on this CPU (:func:`matmul_speedup`)."""
+    return matmul_speedup(dtype) >= MIN_SPEEDUP
