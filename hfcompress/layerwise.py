@@ -327,7 +327,7 @@ def native_float16(device_type: str) -> bool:
     oneDNN has a float16 path (AVX-512-FP16 or AMX-FP16; without one a float16 matmul runs
     several times slower than float32: 4.2-4.4x at 4096 x 576 x 1536 on an AVX-512 EPYC VM) and
     it is clearly faster than float32 here, measured (about float32's time on an Intel Xeon VM
-    with AVX-512-FP16 and no AMX, where a float16 model's GPTQ ran 1.15-1.2x faster in
+    with AVX-512-FP16 and no AMX, where a float16 model's GPTQ ran 1.1-1.2x faster in
     float32). GPUs and other devices are assumed to."""
     if device_type == "cpu":
         return _onednn_has(torch.float16) and half_matmul_pays(torch.float16)

@@ -38,7 +38,8 @@ def matmul_speedup(dtype: torch.dtype, rounds: int = 3) -> float:
     x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
     pairs = {d: (x.to(d), w.to(d)) for d in (torch.float32, dtype)}
     best = dict.fromkeys(pairs, math.inf)
-    with torch.no_grad():
+    # no autocast: a first call inside a bfloat16 autocast would time bfloat16 against itself
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):
         for a, b in pairs.values():  # warm: oneDNN builds its kernel on the first call
             torch.nn.functional.linear(a, b)
         for _ in range(rounds):

@@ -5,7 +5,7 @@ an AVX2-only CPU, runs every calibration pass and training step several to tens 
 than in float32 (a float16 SmoothQuant recipe on SmolLM2-135M: 447 s against 152 s); on CPUs
 that have such a path but whose half-precision matmul is not clearly faster than float32's
 (measured, :mod:`hfcompress.matmul_speed`: an Intel Xeon VM without AMX), somewhat slower (a
-float16 GPTQ recipe 37-40 s against 32 s there). The
+float16 GPTQ recipe 37-40 s against 32-34 s there). The
 stages' work is the same in float32, and more precise, so :func:`float32_while` casts the
 model's tensors of such a dtype to float32 for the stages and back afterwards: the model comes
 out in the dtype it went in, and its compressed layers are what compressing a float32 copy and

@@ -10,6 +10,16 @@ def test_the_speedup_is_a_measured_ratio_of_float32_time_to_the_half_dtypes():
         assert 1e-3 < speedup < 1e3
 
 
+def test_the_speedup_is_measured_outside_an_autocast(monkeypatch):
+    # Inside a bfloat16 autocast the float32 matmul would run in bfloat16: a ratio near 1.
+    dtypes = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda a, b: dtypes.append(linear(a, b).dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        matmul_speed.matmul_speedup.__wrapped__(torch.bfloat16, rounds=1)
+    assert set(dtypes) == {torch.float32, torch.bfloat16}
+
+
 @pytest.mark.parametrize("speedup,pays", [(2.4, True), (1.25, True), (1.1, False), (0.6, False)])
 def test_a_half_dtype_pays_only_where_it_is_clearly_faster(speedup, pays, monkeypatch):
     # AVX-512 BF16 on both: bfloat16 took 2.2-2.7x less time than float32 on an AMD EPYC VM and
