@@ -50,8 +50,9 @@ def training_arguments(
     """``TrainingArguments`` for our fine-tuning and distillation runs: AdamW with weight decay
     0.01, linear decay after a 10% warm-up, length-grouped batches (less padding), no
     checkpoints and no reporting integrations; the CPU when no GPU is present. ``bf16`` is a
-    speed setting: where the training device has no fast bfloat16 matmul (an AVX2-only CPU)
-    training runs in float32 instead, with a warning."""
+    speed setting: where the training device has no fast bfloat16 matmul (an AVX2-only CPU, or
+    one where it is measured slower than float32: ``hfcompress.matmul_speed``) training runs
+    in float32 instead, with a warning."""
     if bf16:
         bf16 = bfloat16_or_warn("cuda" if torch.cuda.is_available() else "cpu", "bf16: true", "bf16: false")
     kwargs: dict[str, Any] = dict(

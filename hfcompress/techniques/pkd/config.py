@@ -37,7 +37,7 @@ class PKDConfig(TechniqueConfig):
         batch_size: Examples per step and device.
         seed: Seed of the initialisation-independent randomness (shuffling, dropout).
         bf16: Train under bfloat16 autocast (float32, with a warning, on a device without a
-            fast bfloat16 matmul, such as an AVX2-only CPU).
+            fast bfloat16 matmul, such as an AVX2-only CPU or one measured slower in bfloat16).
         checkpoint_steps: With ``compress(checkpoint_dir=...)``: training steps between the
             checkpoints (student, optimizer, schedule, random state) a killed run resumes from.
     """
