@@ -35,7 +35,8 @@ def matmul_speedup(dtype: torch.dtype, rounds: int = 3) -> float:
     ``256 x 576 x 1536`` (tens of milliseconds in all, once per process and dtype)."""
     m, k, n = _SHAPE
     g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+    # on the CPU whatever the default device (a CUDA default would time asynchronous launches)
+    x, w = torch.randn(m, k, generator=g, device="cpu"), torch.randn(n, k, generator=g, device="cpu")
     pairs = {d: (x.to(d), w.to(d)) for d in (torch.float32, dtype)}
     best = dict.fromkeys(pairs, math.inf)
     # no autocast: a first call inside a bfloat16 autocast would time bfloat16 against itself

@@ -20,6 +20,15 @@ def test_the_speedup_is_measured_outside_an_autocast(monkeypatch):
     assert set(dtypes) == {torch.float32, torch.bfloat16}
 
 
+def test_the_speedup_is_measured_on_the_cpu_whatever_the_default_device(monkeypatch):
+    devices = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda a, b: devices.append(linear(a, b).device))
+    with torch.device("meta"):
+        matmul_speed.matmul_speedup.__wrapped__(torch.bfloat16, rounds=1)
+    assert set(devices) == {torch.device("cpu")}
+
+
 @pytest.mark.parametrize("speedup,pays", [(2.4, True), (1.25, True), (1.1, False), (0.6, False)])
 def test_a_half_dtype_pays_only_where_it_is_clearly_faster(speedup, pays, monkeypatch):
     # AVX-512 BF16 on both: bfloat16 took 2.2-2.7x less time than float32 on an AMD EPYC VM and
