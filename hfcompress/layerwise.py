@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from hfcompress.architectures import blocks_of, text_config
 from hfcompress.errors import ModelError
-from hfcompress.matmul_speed import half_matmul_pays, matmul_speedup
+from hfcompress.matmul_speed import half_matmul_pays, matmul_speedup, onednn_has
 from hfcompress.quant.dispatch import dense_weights
 
 if TYPE_CHECKING:
@@ -296,15 +296,6 @@ def propagate(block: nn.Module, inputs: list[BlockInputs], *, compute_dtype: tor
         inputs[i] = inputs[i].with_hidden(out)
 
 
-def _onednn_has(dtype: torch.dtype) -> bool:
-    """Whether oneDNN has a CPU path for ``dtype`` (bfloat16 or float16) on this CPU."""
-    probe = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
-    try:
-        return bool(getattr(torch.ops.mkldnn, probe)())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 @functools.cache
 def native_bfloat16(device_type: str) -> bool:
     """Whether matrix products in bfloat16 are fast on this kind of device: on a CPU, whether
@@ -315,7 +306,7 @@ def native_bfloat16(device_type: str) -> bool:
     computes in bfloat16 natively (compute capability 8 or newer), not by emulation. Other
     devices are assumed to."""
     if device_type == "cpu":
-        return _onednn_has(torch.bfloat16) and half_matmul_pays(torch.bfloat16)
+        return half_matmul_pays(torch.bfloat16)
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     return True
@@ -330,7 +321,7 @@ def native_float16(device_type: str) -> bool:
     with AVX-512-FP16 and no AMX, where a float16 model's GPTQ ran 1.1-1.2x faster in
     float32). GPUs and other devices are assumed to."""
     if device_type == "cpu":
-        return _onednn_has(torch.float16) and half_matmul_pays(torch.float16)
+        return half_matmul_pays(torch.float16)
     return True
 
 
@@ -368,7 +359,7 @@ def _bfloat16_speed(device_type: str) -> str:
     """Why :func:`native_bfloat16` is False on ``device_type``, for a warning."""
     if device_type != "cpu":
         return "it emulates bfloat16"
-    if not _onednn_has(torch.bfloat16):
+    if not onednn_has(torch.bfloat16):
         return "no AVX-512: bfloat16 runs tens of times slower than float32"
     return f"measured: a bfloat16 matmul is {matmul_speedup(torch.bfloat16):.2f}x as fast as float32's"
 

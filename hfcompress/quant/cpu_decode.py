@@ -198,7 +198,9 @@ DENSE_MIN_ROWS = 64
 
 # The dtype of that matmul: bfloat16 where it is clearly faster than float32 here (AMD EPYC with
 # AVX-512 BF16: 2.2-2.7x), float32 elsewhere (an Intel Xeon VM with AVX-512 BF16 and no AMX:
-# 0.55-0.65x; RESULTS.md stop 62), which is also exact for a float32 model.
+# 0.55-0.65x; without AVX-512 BF16, where the decode kernel is absent too, 2.1-2.3x less time
+# than torch's ops at 128-512 rows with this VM held to AVX2; RESULTS.md stop 62), which is
+# also exact for a float32 model.
 DENSE_DTYPE_ENV = "HFCOMPRESS_DENSE_DTYPE"
 _DENSE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -249,10 +251,8 @@ def dense_dtype() -> torch.dtype | None:
     :func:`dense_forward`): bfloat16 where its matmul is clearly faster than float32's here
     (:func:`hfcompress.matmul_speed.half_matmul_pays`, measured once per process), else
     float32; ``HFCOMPRESS_DENSE_DTYPE=bfloat16`` or ``float32`` sets it instead. None (torch's
-    ops serve those calls) without the C code or on CPUs without AVX-512 BF16, where that
-    matmul was not measured against torch's ops."""
-    lib = _native_library()
-    if lib is None or not lib.decode_bits_built():
+    ops serve those calls) without the C code."""
+    if _native_library() is None:
         return None
     forced = os.environ.get(DENSE_DTYPE_ENV, "").strip()
     if forced:
@@ -260,8 +260,7 @@ def dense_dtype() -> torch.dtype | None:
             raise ValueError(f"{DENSE_DTYPE_ENV}={forced!r}: set it to bfloat16 or float32, or unset it")
         return _DENSE_DTYPES[forced]
     dtype = torch.bfloat16 if matmul_speed.half_matmul_pays(torch.bfloat16) else torch.float32
-    logger.info("weight-only calls of many rows multiply in %s (a bfloat16 matmul is %.2fx float32's here)",
-                str(dtype).removeprefix("torch."), matmul_speed.matmul_speedup(torch.bfloat16))  # fmt: skip
+    logger.info("weight-only calls of many rows multiply in %s", str(dtype).removeprefix("torch."))
     return dtype
 
 

@@ -52,15 +52,16 @@ decoding no longer runs on the rounded offset ``m``. On SmolLM2's decode its lay
 memory (a layer took the same time read from L2 as from the last-level cache): on that VM a
 ``vdpbf16ps`` took about 0.55 ns in a throughput loop, three times a float32 FMA's 0.19 ns.
 
-On CPUs with AVX-512 BF16 but no AMX (AMD Zen 4, for one), weight-only calls of many rows go
-to neither: from ``cpu_decode.DENSE_MIN_ROWS`` rows (4 and 8 bits; 2 and 3 bits from
-``AMX_MIN_ROWS``, where the decode kernel stops) the weight is dequantized in one C pass and
+On CPUs without AMX, weight-only calls of many rows go to neither: from
+``cpu_decode.DENSE_MIN_ROWS`` rows (4 and 8 bits; 2 and 3 bits, where their decode kernel
+exists, from ``AMX_MIN_ROWS``, where it stops) the weight is dequantized in one C pass and
 multiplied by it (:func:`hfcompress.quant.cpu_decode.dense_forward`), in bfloat16 where
 oneDNN's bfloat16 matmul is clearly faster than float32 on this CPU (measured once per
-process: AMD EPYC), else in float32 (an Intel Xeon VM with AVX-512 BF16 but no AMX, where it is
-slower). In bfloat16, on SmolLM2's shapes about 2x faster than torch's ops at 512 rows, at a
-bfloat16 model's rounding (0.198% relative error on SmolLM2's W4 g128 prefill against the op's
-0.166%; 0.209% against 0.188% for W8); in float32, exact up to summation order.
+process: AMD Zen 4), else in float32 (an Intel Xeon VM with AVX-512 BF16 but no AMX, where it
+is slower; CPUs without AVX-512 BF16). In bfloat16, on SmolLM2's shapes about 2x faster than
+torch's ops at 512 rows, at a bfloat16 model's rounding (0.198% relative error on SmolLM2's W4
+g128 prefill against the op's 0.166%; 0.209% against 0.188% for W8); in float32, exact up to
+summation order, and 2.6x faster than the ops on that Xeon, 2.1-2.3x with it held to AVX2.
 
 All three serve weight-only schemes. A layer with quantized input activations goes to the integer
 matmuls of ``cpu_w8a8`` when its weights allow one (per channel); grouped 4-bit weights with
