@@ -15,10 +15,11 @@ from __future__ import annotations
 import functools
 import math
 import time
+from collections.abc import Callable
 
 import torch
 
-__all__ = ["MIN_SPEEDUP", "half_matmul_pays", "matmul_speedup", "onednn_has"]
+__all__ = ["MIN_SPEEDUP", "best_seconds", "half_matmul_pays", "matmul_speedup", "onednn_has"]
 
 # A half dtype pays where its matmul is at least this many times as fast as float32's.
 MIN_SPEEDUP = 1.25
@@ -28,28 +29,35 @@ MIN_SPEEDUP = 1.25
 _SHAPE = (256, 576, 1536)
 
 
+def best_seconds(fn: Callable[[], object], repeats: int = 2) -> float:
+    """The least time of ``repeats`` calls of ``fn``, after one untimed call (prepacking, kernel
+    generation)."""
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 @functools.cache
 def matmul_speedup(dtype: torch.dtype, rounds: int = 3) -> float:
     """How many times as fast a ``dtype`` matmul is as a float32 one on this CPU at the thread
-    count of the first call: the best of ``rounds`` alternating rounds of three calls each of
+    count of the first call: for each dtype, the best of ``rounds`` timings of three calls of
     ``256 x 576 x 1536`` (tens of milliseconds in all, once per process and dtype)."""
     m, k, n = _SHAPE
     g = torch.Generator().manual_seed(0)
     # on the CPU whatever the default device (a CUDA default would time asynchronous launches)
     x, w = torch.randn(m, k, generator=g, device="cpu"), torch.randn(n, k, generator=g, device="cpu")
-    pairs = {d: (x.to(d), w.to(d)) for d in (torch.float32, dtype)}
-    best = dict.fromkeys(pairs, math.inf)
+
+    def three_calls(d: torch.dtype) -> Callable[[], None]:
+        a, b = x.to(d), w.to(d)
+        return lambda: [torch.nn.functional.linear(a, b) for _ in range(3)]
+
     # no autocast: a first call inside a bfloat16 autocast would time bfloat16 against itself
     with torch.no_grad(), torch.autocast("cpu", enabled=False):
-        for a, b in pairs.values():  # warm: oneDNN builds its kernel on the first call
-            torch.nn.functional.linear(a, b)
-        for _ in range(rounds):
-            for d, (a, b) in pairs.items():
-                start = time.perf_counter()
-                for _ in range(3):
-                    torch.nn.functional.linear(a, b)
-                best[d] = min(best[d], time.perf_counter() - start)
-    return best[torch.float32] / best[dtype]
+        return best_seconds(three_calls(torch.float32), rounds) / best_seconds(three_calls(dtype), rounds)
 
 
 def onednn_has(dtype: torch.dtype) -> bool:

@@ -59,13 +59,13 @@ import functools
 import logging
 import os
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from hfcompress.matmul_speed import best_seconds
 from hfcompress.quant import compiled, native
 from hfcompress.quant.activations import activation_scales, nonfinite_rows_nan, quantize_activations
 from hfcompress.quant.dispatch import Kernel, cached, register_kernel
@@ -169,16 +169,6 @@ def onednn_works() -> bool:
     return True
 
 
-def _best_seconds(fn, repeats: int = 2) -> float:
-    fn()  # first call: prepacking, kernel generation
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 @functools.cache
 def onednn_available() -> bool:
     """True when oneDNN's int8 linear works here and is not far slower than ``torch._int_mm``
@@ -200,8 +190,8 @@ def onednn_available() -> bool:
                                            "none", [], "")  # fmt: skip
 
     w_t = w.t()
-    onednn_s = _best_seconds(run_onednn)
-    int_mm_s = _best_seconds(lambda: torch._int_mm(x, w_t))
+    onednn_s = best_seconds(run_onednn)
+    int_mm_s = best_seconds(lambda: torch._int_mm(x, w_t))
     if onednn_s > ONEDNN_MAX_SLOWDOWN * int_mm_s:
         logger.info(
             "oneDNN int8 linear is far slower than torch._int_mm on this CPU (%.2g s against %.2g s); W8A8 layers use "

@@ -49,7 +49,7 @@ def test_onednn_is_used_only_where_it_is_not_far_slower_than_int_mm(monkeypatch)
         pytest.skip("this torch build or CPU has no oneDNN int8 linear")
     for onednn_s, int_mm_s, chosen in [(1.0, 0.001, False), (0.003, 0.001, True), (0.001, 0.002, True)]:
         seconds = iter([onednn_s, int_mm_s])
-        monkeypatch.setattr(cpu_w8a8, "_best_seconds", lambda _fn, seconds=seconds: next(seconds))
+        monkeypatch.setattr(cpu_w8a8, "best_seconds", lambda _fn, seconds=seconds: next(seconds))
         assert cpu_w8a8.onednn_available.__wrapped__() is chosen
 
 
