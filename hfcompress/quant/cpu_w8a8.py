@@ -451,12 +451,12 @@ def _input_key(x: torch.Tensor, act, static: torch.Tensor | None) -> tuple | Non
     """What makes a layer's quantized input reusable by the next layer: the very tensor ``x``
     (unchanged since: its version), the input scheme and a static scale's value; None when it
     cannot be reused."""
-    try:
-        # Compiled code may rewrite a buffer it handed to the op without bumping its version.
-        version = None if compiled.in_op() else x._version
-    except RuntimeError:  # an inference-mode tensor has no version counter: do not reuse
+    # An inference-mode tensor has no version counter (asking raises, at about 10 us a call:
+    # under torch.inference_mode() that was every layer's call), and compiled code may rewrite a
+    # buffer it handed to the op without bumping its version: neither is reused.
+    if x.is_inference() or compiled.in_op():
         return None
-    return None if version is None else (x, version, act, None if static is None else tuple(static.tolist()))
+    return (x, x._version, act, None if static is None else tuple(static.tolist()))
 
 
 def _same_input(last: tuple | None, key: tuple | None) -> bool:
@@ -635,7 +635,10 @@ def _native_forward(layer: QuantLinear, x: torch.Tensor, lib: ctypes.CDLL) -> to
 def _forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     lead = x.shape[:-1]
     rows = x.numel() // layer.in_features
-    if rows < ONEDNN_MIN_ROWS and x.dtype in NATIVE_X_DTYPES:
+    # One C call quantizes each row with its own scale: per token, or a static per-tensor scale.
+    # A dynamic per-tensor scale spans the rows (the torch path below).
+    act = layer.scheme.input_activations
+    if rows < ONEDNN_MIN_ROWS and x.dtype in NATIVE_X_DTYPES and (act.strategy == "token" or not act.dynamic):
         lib = _native_library()
         if lib is not None:
             return _native_forward(layer, x, lib)

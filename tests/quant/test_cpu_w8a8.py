@@ -503,6 +503,24 @@ def test_grouped_w4a8_amx_needs_k_and_groups_multiples_of_64(monkeypatch):
         assert rel_err(layer(x), dispatch.reference_forward(layer, x)) < 2e-2
 
 
+@pytest.mark.parametrize("bits,group_size", [(8, -1), (4, -1)], ids=["w8a8", "w4a8"])
+def test_a_dynamic_per_tensor_scale_spans_all_the_rows_of_a_few_row_call(bits, group_size):
+    # The one-C-call paths of a few rows quantize each row with its own scale; a dynamic
+    # per-tensor scheme takes one scale over the whole input, so a row 10^4 times smaller than
+    # another rounds to zero, as in the reference, whatever the number of rows. (The W8A8 call
+    # of fewer than 16 rows once gave such a row its own scale.)
+    from hfcompress.quant.scheme import QuantArgs
+
+    act = QuantArgs(num_bits=8, symmetric=True, strategy="tensor", dynamic=True, observer=None, zp_dtype=None)
+    _, qw = quant_layer(40, 256, bits=bits, group_size=group_size, symmetric=True)
+    weights = QuantScheme.weight_only(num_bits=bits, group_size=group_size, in_features=256, symmetric=True).weights
+    layer = QuantLinear.from_quantized(qw, QuantScheme(weights=weights, input_activations=act))
+    x = torch.randn(3, 256) * torch.tensor([[0.01], [1.0], [100.0]])
+    y, ref = layer(x), dispatch.reference_forward(layer, x)
+    assert not ref[0].any() and not y[0].any()
+    assert rel_err(y, ref) < 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("strategy,dynamic", [("token", True), ("tensor", False), ("channel", False)])
 def test_w4a8_decode_inputs_are_the_references_fake_quantization(strategy, dynamic, dtype, monkeypatch):
