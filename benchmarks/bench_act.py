@@ -5,7 +5,7 @@ and decode speed, GLUE, and llm-compressor's SmoothQuant + W8A8 beside ours, in 
     python benchmarks/bench_act.py --sections ppl --peer llmcompressor=/tmp/peers/llmc/bin/python
     python benchmarks/bench_act.py --sections ppl --samples 32 --rows fp32 static_smoothquant \
         --peer llmcompressor=/tmp/peers/llmc/bin/python --peer-runs "static 0.7"
-    python benchmarks/bench_act.py --sections speed --rounds 5 [--amx-off] [--dense-off]
+    python benchmarks/bench_act.py --sections speed --rounds 5 [--amx-off] [--dense-off] [--vnni-off]
     python benchmarks/bench_act.py --sections layers
     python benchmarks/bench_act.py --sections glue --glue-models 'outputs/glue/minilm-l6-{task}'
 
@@ -27,7 +27,9 @@ Protocol (the README's): calibration windows of 512 tokens of WikiText-2 *valida
   switched off (torch's ops and oneDNN, as on CPUs without AMX), on a CPU that has them.
   ``--dense-off`` adds the rows whose many-row calls can dequantize and multiply (no AMX,
   AVX-512 BF16; in bfloat16 or float32, whichever ``cpu_decode.dense_dtype`` found faster)
-  again with that switched off: torch's int4 and int8 ops, as before it.
+  again with that switched off: torch's int4 and int8 ops, as before it. ``--vnni-off`` adds the
+  grouped W4A8 row again without the VNNI int8 kernel (CPUs with AVX-512 VNNI and no AMX): its
+  inputs put on the int8 grid in float and run through the weight-only kernels, as before it.
 * ``layers``: one layer per scheme (W8A8, W4A8 g128, W8A16, W4A16 g128) and SmolLM2 shape on 512
   bfloat16 rows, AMX kernels off and on, beside a dense bfloat16 matmul (microseconds).
 * ``glue``: MiniLM classifiers fine-tuned on SST-2 and MRPC (``--glue-models``, ``{task}`` in the
@@ -238,12 +240,13 @@ def _prefill_seconds(model, ids) -> float:
 
 
 @contextlib.contextmanager
-def _amx(on: bool, dense: bool = True):
+def _amx(on: bool, dense: bool = True, vnni: bool = True):
     """The AMX prefill kernels as found (``on``), or switched off: torch's ops and oneDNN, as
     on a CPU without AMX; ``dense=False`` also switches off the matmul of the dequantized
     weight that serves weight-only calls of many rows without AMX, in bfloat16 or float32
     (``cpu_decode.dense_dtype``): torch's int4 and int8 ops, or the reference for 2 and 3 bits,
-    as before it."""
+    as before it; ``vnni=False`` the VNNI kernel of grouped W4A8 layers without AMX (their
+    inputs then put on the int8 grid in float, through the weight-only kernels, as before it)."""
     from hfcompress.quant import cpu_decode, cpu_w8a8
 
     with contextlib.ExitStack() as stack:
@@ -251,6 +254,8 @@ def _amx(on: bool, dense: bool = True):
             stack.enter_context(mock.patch.object(cpu_w8a8, "amx_available", lambda: False))
         if not dense:
             stack.enter_context(mock.patch.object(cpu_decode, "dense_dtype", lambda: None))
+        if not vnni:
+            stack.enter_context(mock.patch.object(cpu_w8a8, "vnni_available", lambda: False))
         yield
 
 
@@ -281,6 +286,8 @@ def section_speed(args) -> list[dict]:
             models[f"{label} [AMX off]"] = (model, path, (False, True))
         if args.dense_off and recipe is not None and cpu_decode.dense_available() and path in _DENSE_PATHS:
             models[f"{label} [dense matmul off]"] = (model, path, (cpu_w8a8.amx_available(), False))
+        if args.vnni_off and path == "cpu_int4_a8" and cpu_w8a8.vnni_available() and not cpu_w8a8.amx_available():
+            models[f"{label} [VNNI kernel off]"] = (model, path, (False, True, False))
     for model, _path, switches in models.values():
         with _amx(*switches):
             _prefill_seconds(model, ids)  # warm-up: kernel packing
@@ -416,6 +423,9 @@ def main() -> None:
         "--dense-off",
         action="store_true",
         help="speed: also time the rows that take the matmul of the dequantized weight without it",
+    )
+    parser.add_argument(
+        "--vnni-off", action="store_true", help="speed: also time grouped W4A8 without the VNNI kernel (no AMX)"
     )
     runs = [f"{v} {a}" for v, a in PEER_RUNS]
     parser.add_argument("--peer-runs", nargs="*", default=[], choices=runs, help="only these peer runs (default: all)")

@@ -269,6 +269,8 @@ def _supports_int4_a8(layer: QuantLinear, x: torch.Tensor) -> bool:
 def _cpu_int4_a8_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     if cpu_w8a8.amx_int8_serves(layer, x):  # int8 inputs times the 4-bit codes, per group, exact
         return cpu_w8a8.amx_int8_forward(layer, x)
+    if cpu_w8a8.vnni_int8_serves(layer, x):  # the same without AMX, on AVX-512 VNNI
+        return cpu_w8a8.vnni_int8_forward(layer, x)
     return _cpu_int4_forward(layer, cpu_w8a8.fake_quantized_input(layer, x))
 
 

@@ -90,6 +90,9 @@ __all__ = [
     "onednn_available",
     "onednn_works",
     "row_view",
+    "vnni_available",
+    "vnni_int8_forward",
+    "vnni_int8_serves",
 ]
 
 logger = logging.getLogger(__name__)
@@ -366,6 +369,154 @@ def amx_int8_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], n)
 
 
+@dataclass(frozen=True)
+class _VNNIPack:
+    weight: torch.Tensor  # the 4-bit codes in w8a8_vnni_linear's layout, two a byte
+    scales: torch.Tensor  # [G, N] float32
+    offsets: torch.Tensor | None  # [G, N] float32, (8 - z) * s; None when symmetric
+
+
+def _vnni_pack(codes: torch.Tensor) -> torch.Tensor:
+    """``codes: [N, K]`` (0 .. 15, K a multiple of 8) in ``w8a8_vnni_linear``'s layout: for each
+    block of 16 channels (zero-padded to a multiple of 32) and run of 8 inputs, 64 bytes, channel
+    n's byte j holding input j in its low nibble and input 4 + j in its high one."""
+    n, k = codes.shape
+    padded = torch.nn.functional.pad(codes.to(torch.uint8), (0, 0, 0, (-n) % 32))
+    runs = padded.view(-1, 16, k // 8, 2, 4).permute(0, 2, 1, 4, 3)  # [blocks, runs, channel, j, half]
+    return (runs[..., 0] | (runs[..., 1] << 4)).contiguous().view(-1)
+
+
+def _build_vnni_pack(layer: QuantLinear) -> _VNNIPack:
+    scales, offsets = group_scales(layer)
+    return _VNNIPack(_vnni_pack(layer.codes()), scales, offsets)
+
+
+@functools.cache
+def vnni_available() -> bool:
+    """True when ``w8a8_cpu.c`` was built with ``w8a8_vnni_linear`` (AVX-512 VNNI) and it gives
+    the exact result on a probe of small integers (checked once per process): a row tail, padded
+    channels, a last group shorter than the others, the extreme codes, offsets and bias."""
+    lib = _native_library()
+    if lib is None or not lib.w8a8_vnni_built():
+        return False
+    g = torch.Generator().manual_seed(0)
+    t, k, n, group = 7, 200, 40, 64
+    groups = -(-k // group)
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    x = torch.randint(-128, 128, (t, k), generator=g, dtype=torch.int8)
+    codes[0], x[0], x[1] = 15, 127, -128
+    scales = torch.randint(1, 5, (groups, n), generator=g).float()  # small integers: every float step exact
+    offsets = torch.randint(-3, 4, (groups, n), generator=g).float()
+    sx, bias = torch.randint(1, 3, (t, 1), generator=g).float(), torch.randint(-4, 5, (n,), generator=g).float()
+    packed = _vnni_pack(codes)
+    y = torch.empty(t, n)
+    failed = lib.w8a8_vnni_linear(x.data_ptr(), sx.data_ptr(), 1, t, k, packed.data_ptr(), scales.data_ptr(), group,
+                                  offsets.data_ptr(), bias.data_ptr(), n, y.data_ptr(), NATIVE_X_DTYPES[torch.float32],
+                                  torch.get_num_threads())  # fmt: skip
+    pad = groups * group - k
+    xg = torch.nn.functional.pad(x.double(), (0, pad)).view(t, groups, group)
+    wg = torch.nn.functional.pad(codes.double() - 8, (0, pad)).view(n, groups, group)
+    sums = torch.einsum("tgk,ngk->tgn", xg, wg)  # [T, G, N]
+    expected = ((sums * scales.double() + xg.sum(-1, keepdim=True) * offsets.double()).sum(1) * sx + bias).float()
+    if failed or not torch.equal(y, expected):
+        logger.info("the VNNI int8 kernel did not reproduce exact sums on this CPU; grouped W4A8 prefill uses float")
+        return False
+    return True
+
+
+def vnni_int8_serves(layer: QuantLinear, x: torch.Tensor) -> bool:
+    """Whether :func:`vnni_int8_forward` takes ``x`` for this layer: 4-bit codes with several
+    groups a row (one scale per channel goes to ``torch._int_mm``), 8-bit input activations per
+    token or per tensor, float32 or bfloat16 inputs, K and the group size multiples of 8, and the
+    kernel here (:func:`vnni_available`). Any number of rows: on SmolLM2's shapes it took 0.3-0.6x
+    the time of the float path it replaces from 1 row to 15 and 0.4-0.5x at 512 (2-core Xeon,
+    AVX-512 VNNI, no AMX; benchmarks/RESULTS.md, stop 63); where AMX serves (16 rows or more),
+    AMX does."""
+    act = layer.scheme.input_activations
+    k = layer.in_features
+    return (
+        act is not None
+        and act.num_bits == 8
+        and act.strategy in ("token", "tensor")
+        and layer.bits == 4
+        and layer.scales.shape[1] > 1
+        and k % 8 == 0
+        and layer.group_size % 8 == 0
+        and x.dtype in NATIVE_X_DTYPES
+        and vnni_available()
+    )
+
+
+@dataclass(frozen=True)
+class _VNNIPlan:
+    pack: _VNNIPack  # held: the kernel reads its tensors by address
+    static: torch.Tensor | None  # the layer's input_scale buffer (static per-tensor), read by address
+    array: torch.Tensor  # int64: w8a8_vnni_planned's plan
+    address: int  # array's
+
+
+def _vnni_plan(layer: QuantLinear) -> _VNNIPlan:
+    pack = cached(layer, "cpu_vnni", _build_vnni_pack)
+    static = None if layer.scheme.input_activations.dynamic else layer._buffers["input_scale"]
+    array = torch.tensor(
+        [pack.weight.data_ptr(), pack.scales.data_ptr(), layer.group_size,
+         0 if pack.offsets is None else pack.offsets.data_ptr(), int(static is None),
+         0 if static is None else static.data_ptr(), layer.in_features, layer.out_features],
+        dtype=torch.int64,
+    )  # fmt: skip
+    return _VNNIPlan(pack, static, array, array.data_ptr())
+
+
+def _vnni_one_call(layer: QuantLinear, x: torch.Tensor, lib: ctypes.CDLL) -> torch.Tensor:
+    """:func:`vnni_int8_forward` for a few rows, in one C call (``w8a8_vnni_planned``: the rows
+    quantized there, as ``w8a8_quantize_rows`` does, then the kernel), the call's fixed arguments
+    prepared once per layer."""
+    plan = cached(layer, "cpu_vnni_plan", _vnni_plan)  # rebuilt for a new input_scale tensor
+    _held, rows, address, stride = row_view(x, layer.in_features)  # _held: alive through the call
+    bias = layer._parameters["bias"]
+    if bias is not None and not (x.dtype == bias.dtype == torch.float32 and bias.is_contiguous()):
+        bias = bias.to(x.dtype).float().contiguous()  # added as torch adds it, after the rounding
+    out = x.new_empty((*x.shape[:-1], layer.out_features))
+    dtype = NATIVE_X_DTYPES[x.dtype]
+    bias_address = None if bias is None else bias.data_ptr()
+    failed = lib.w8a8_vnni_planned(plan.address, address, dtype, rows, stride, bias_address, out.data_ptr(), dtype,
+                                   torch.get_num_threads())  # fmt: skip
+    if failed == 1:
+        raise MemoryError("the CPU VNNI int8 kernel could not allocate its scratch memory")
+    if failed:  # vnni_int8_serves let through a layer the C kernel refuses: a bug, not a user error
+        raise RuntimeError(f"w8a8_vnni_planned refused a layer with K={layer.in_features}, group {layer.group_size}")
+    return out
+
+
+def vnni_int8_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """The layer on ``x`` (8-bit input activations, grouped 4-bit weights) by ``w8a8_cpu.c``'s
+    VNNI kernel, for CPUs without AMX: :func:`amx_int8_forward`'s computation, operation for
+    operation (exact int32 sums per group, then its float32 epilogue), so the two agree bit for
+    bit. Calls of fewer than ``ONEDNN_MIN_ROWS`` rows (decoding) with per-token or static
+    per-tensor scales are one C call; more rows quantize once for the layers reading the same
+    tensor (q, k and v; gate and up)."""
+    act = layer.scheme.input_activations
+    if x.numel() < ONEDNN_MIN_ROWS * layer.in_features and (act.strategy == "token" or not act.dynamic):
+        return _vnni_one_call(layer, x, _native_library())
+    xq, sx = _quantized_input(layer, x)
+    xq = xq.contiguous()
+    pack = cached(layer, "cpu_vnni", _build_vnni_pack)
+    t, n = xq.shape[0], layer.out_features
+    sx = sx.float().contiguous()
+    bias = None if layer.bias is None else layer.bias.to(x.dtype).float().contiguous()
+    y = torch.empty(t, n, dtype=x.dtype)
+    failed = _native_library().w8a8_vnni_linear(
+        xq.data_ptr(), sx.data_ptr(), int(sx.numel() != 1), t, layer.in_features, pack.weight.data_ptr(),
+        pack.scales.data_ptr(), layer.group_size, None if pack.offsets is None else pack.offsets.data_ptr(),
+        None if bias is None else bias.data_ptr(), n, y.data_ptr(), NATIVE_X_DTYPES[x.dtype], torch.get_num_threads(),
+    )  # fmt: skip
+    if failed == 1:
+        raise MemoryError("the CPU VNNI int8 kernel could not allocate its scratch memory")
+    if failed:  # vnni_int8_serves let through a layer the C kernel refuses: a bug, not a user error
+        raise RuntimeError(f"w8a8_vnni_linear refused a layer with K={layer.in_features}, group {layer.group_size}")
+    return y.reshape(*x.shape[:-1], n)
+
+
 def _supports(layer: QuantLinear, x: torch.Tensor) -> bool:
     act = layer.scheme.input_activations
     return (
@@ -575,6 +726,12 @@ def _native_library() -> ctypes.CDLL | None:
         lib.w8a8_amx_bf16_linear.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, ptr, i64, ptr, ptr, i64, ptr,
                                              ctypes.c_int, ctypes.c_int]  # fmt: skip
         lib.w8a8_amx_bf16_linear.restype = ctypes.c_int
+        lib.w8a8_vnni_built.restype = ctypes.c_int
+        lib.w8a8_vnni_linear.argtypes = [ptr, ptr, ctypes.c_int, i64, i64, ptr, ptr, i64, ptr, ptr, i64, ptr,
+                                         ctypes.c_int, ctypes.c_int]  # fmt: skip
+        lib.w8a8_vnni_linear.restype = ctypes.c_int
+        lib.w8a8_vnni_planned.argtypes = [ptr, ptr, ctypes.c_int, i64, i64, ptr, ptr, ctypes.c_int, ctypes.c_int]
+        lib.w8a8_vnni_planned.restype = ctypes.c_int
     return lib
 
 

@@ -350,6 +350,20 @@ void w8a8_amx_pack(const int8_t *w, int64_t N, int64_t K, int64_t step, int nibb
         }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+/* Round-to-nearest-even float32 -> bfloat16 bits, as torch converts (finite values). */
+static inline __m256i to_bf16_bits(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
+}
+
+static inline __m512 from_bf16_bits(__m256i h) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#endif
+
 #ifdef W8A8_AMX
 typedef struct {
     uint8_t palette_id, start_row, reserved[14];
@@ -367,18 +381,6 @@ static void amx_configure(void) {
         cfg.colsb[i] = 64;
     }
     _tile_loadconfig(&cfg);
-}
-
-/* Round-to-nearest-even float32 -> bfloat16 bits, as torch converts (finite values). */
-static inline __m256i to_bf16_bits(__m512 v) {
-    __m512i u = _mm512_castps_si512(v);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
-}
-
-static inline __m512 from_bf16_bits(__m256i h) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
 /* bfloat16 bits of 16 small integers (exact: |v| <= 128). */
@@ -651,6 +653,200 @@ int w8a8_amx_bf16_linear(const uint16_t *x, int64_t T, int64_t K, const int8_t *
 #else
     (void)x; (void)T; (void)K; (void)wp; (void)nibbles; (void)w_scale; (void)group; (void)offsets; (void)bias;
     (void)N; (void)y; (void)out_dtype; (void)threads;
+    return 2;
+#endif
+}
+
+/* -- Grouped W4A8 without AMX: AVX-512 VNNI ------------------------------------------------------
+ *
+ * w8a8_vnni_linear computes what w8a8_amx_linear does for 4-bit codes with one scale per group of
+ * inputs (several groups a row), on CPUs with AVX-512 VNNI and no AMX: exact int32 sums of the
+ * int8 activations against the signed codes c - 8 per group, then, in the AMX kernel's order and
+ * precision, acc * w_scale[g] + row_sum_g * offsets[g] summed over the groups, times the row's
+ * scale, plus the bias, so the two agree bit for bit.
+ *
+ * vpdpbusd multiplies unsigned bytes by signed ones: the weights' unsigned codes c (0 .. 15)
+ * against the activations' int8 codes x, four products a lane, 16 channels a vector; then
+ * sum x (c - 8) = sum x c - 8 sum x, with sum x the row's exact sum over the group. The pack
+ * (cpu_w8a8._build_vnni_pack) keeps two codes a byte, as small as the layer's own codes: for each
+ * block of 16 channels (zero-padded to a multiple of 32) and each run of 8 inputs k .. k + 7, 64
+ * bytes, channel n's 4 bytes holding inputs k + j (low nibble) and k + 4 + j (high nibble) of byte
+ * j. A load, a mask and a shift give the two operands; each row's 4 activation codes are
+ * broadcast to every lane. Tiles of 4 rows x 32 channels (16 int32 sums, 8 float32 totals in
+ * registers); each thread takes tiles of 32 channels, whose codes stay in L1, and runs every row
+ * through them. K and the group size must be multiples of 8. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define W4A8_VNNI 1
+#ifndef VNNI_ROWS
+#define VNNI_ROWS 8
+#endif
+
+/* acc + the products of a's unsigned bytes and b's signed ones, four a lane (vpdpbusd), summed
+ * in place: written with the intrinsic, GCC 12 copied accumulators between registers around most
+ * of them (26 copies a step of 32 products), and the kernel took about 10% longer. */
+static inline __m512i dpbusd(__m512i acc, __m512i a, __m512i b) {
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+    return acc;
+}
+
+/* p's 4 bytes in every lane, broadcast from memory (a load, not a shuffle port's work). */
+static inline __m512i broadcast4(const int8_t *p) {
+    return _mm512_broadcastd_epi32(_mm_loadu_si32(p));
+}
+
+/* Rows t0 .. t0 + R - 1 (R a literal at each call) and channels [n0, n0 + 32) of y. */
+static inline __attribute__((always_inline)) void vnni_tile(const int8_t *q, int64_t K, int64_t t0,
+                                                            const uint8_t *w0, const float *w_scale,
+                                                            const float *offsets, int64_t group, int64_t G,
+                                                            const int32_t *xsum, int64_t n0, int64_t N,
+                                                            const float *sx, int sx_per_row, const float *bias,
+                                                            void *y, int out_dtype, const int R) {
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    const uint8_t *w1 = w0 + (K / 8) * 64; /* the tile's second block of 16 channels */
+    const __mmask16 mask[2] = {lanes16(n0, N), lanes16(n0 + 16, N)};
+    float total[VNNI_ROWS][32] = {{0}}; /* the rows' float32 sums over the groups so far (L1) */
+    for (int64_t g = 0; g < G; g++) {
+        const int64_t k1 = (g + 1) * group < K ? (g + 1) * group : K;
+        __m512i acc[VNNI_ROWS][2];
+        for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
+        for (int64_t kp = g * group / 8; kp < k1 / 8; kp++) {
+            const __m512i b0 = _mm512_loadu_si512(w0 + kp * 64), b1 = _mm512_loadu_si512(w1 + kp * 64);
+            const __m512i l0 = _mm512_and_si512(b0, low), h0 = _mm512_and_si512(_mm512_srli_epi16(b0, 4), low);
+            const __m512i l1 = _mm512_and_si512(b1, low), h1 = _mm512_and_si512(_mm512_srli_epi16(b1, 4), low);
+            for (int r = 0; r < R; r++) {
+                const int8_t *xr = q + (t0 + r) * K + kp * 8;
+                const __m512i xl = broadcast4(xr), xh = broadcast4(xr + 4);
+                acc[r][0] = dpbusd(dpbusd(acc[r][0], l0, xl), h0, xh);
+                acc[r][1] = dpbusd(dpbusd(acc[r][1], l1, xl), h1, xh);
+            }
+        }
+        for (int c = 0; c < 2; c++) {
+            const __m512 s = _mm512_maskz_loadu_ps(mask[c], w_scale + g * N + n0 + 16 * c);
+            const __m512 o = offsets ? _mm512_maskz_loadu_ps(mask[c], offsets + g * N + n0 + 16 * c)
+                                     : _mm512_setzero_ps();
+            for (int r = 0; r < R; r++) {
+                const int32_t xs = xsum[(t0 + r) * G + g];
+                const __m512i a = _mm512_sub_epi32(acc[r][c], _mm512_set1_epi32(8 * xs)); /* sum x (c - 8) */
+                __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(a), s);
+                if (offsets) v = _mm512_fmadd_ps(_mm512_set1_ps((float)xs), o, v);
+                _mm512_storeu_ps(total[r] + 16 * c, g == 0 ? v : _mm512_add_ps(_mm512_loadu_ps(total[r] + 16 * c), v));
+            }
+        }
+    }
+    for (int c = 0; c < 2; c++) { /* amx_epilogue's operations */
+        const __m512 b = bias ? _mm512_maskz_loadu_ps(mask[c], bias + n0 + 16 * c) : _mm512_setzero_ps();
+        for (int r = 0; r < R; r++) {
+            const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(total[r] + 16 * c), _mm512_set1_ps(sx[sx_per_row ? t0 + r : 0]));
+            const int64_t at = (t0 + r) * N + n0 + 16 * c;
+            if (out_dtype == 2) {
+                _mm512_mask_storeu_ps((float *)y + at, mask[c], bias ? _mm512_add_ps(v, b) : v);
+            } else {
+                __m256i h = to_bf16_bits(v);
+                if (bias) h = to_bf16_bits(_mm512_add_ps(from_bf16_bits(h), b));
+                _mm256_mask_storeu_epi16((uint16_t *)y + at, mask[c], h);
+            }
+        }
+    }
+}
+#endif
+
+/* 1 when this build has w8a8_vnni_linear (AVX-512 F, BW and VNNI). */
+int w8a8_vnni_built(void) {
+#ifdef W4A8_VNNI
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* y [T, N] (out_dtype 2: float32, 1: bfloat16) from int8 codes q [T, K] (row stride K), the row
+ * scales sx ([T] if sx_per_row, else [1]), 4-bit codes packed as above (wp), w_scale [G, N]
+ * (G = ceil(K / group) > 1: several groups a row), offsets [G, N] (or NULL: symmetric) and bias
+ * [N] (float32, or NULL). Returns 0; 1 when scratch memory cannot be allocated; 2 in a build
+ * without VNNI, or for K or a group size that is not a multiple of 8. */
+int w8a8_vnni_linear(const int8_t *q, const float *sx, int sx_per_row, int64_t T, int64_t K, const uint8_t *wp,
+                     const float *w_scale, int64_t group, const float *offsets, const float *bias, int64_t N, void *y,
+                     int out_dtype, int threads) {
+#ifdef W4A8_VNNI
+    if (K % 8 || group % 8 || group <= 0) return 2;
+    const int64_t G = (K + group - 1) / group, tiles = (N + 31) / 32;
+    int32_t *xsum = malloc(sizeof(int32_t) * (size_t)(T * G)); /* [T, G]: each row's exact sum per group */
+    if (!xsum) return 1;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t g = 0; g < G; g++) {
+                const int64_t k1 = (g + 1) * group < K ? (g + 1) * group : K;
+                __m512i sum = _mm512_setzero_si512();
+                for (int64_t k = g * group; k < k1; k += 16)
+                    sum = _mm512_add_epi32(sum, _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(lanes16(k, k1), q + t * K + k)));
+                xsum[t * G + g] = _mm512_reduce_add_epi32(sum);
+            }
+#pragma omp for schedule(static)
+        for (int64_t tile = 0; tile < tiles; tile++) {
+            const int64_t n0 = tile * 32;
+            const uint8_t *w0 = wp + tile * 2 * (K / 8) * 64;
+            int64_t t0 = 0;
+            for (; t0 + VNNI_ROWS <= T; t0 += VNNI_ROWS)
+                vnni_tile(q, K, t0, w0, w_scale, offsets, group, G, xsum, n0, N, sx, sx_per_row, bias, y, out_dtype,
+                          VNNI_ROWS);
+            switch (T - t0) { /* the row tail */
+#define VNNI_TAIL(R)                                                                                              \
+    case R:                                                                                                       \
+        vnni_tile(q, K, t0, w0, w_scale, offsets, group, G, xsum, n0, N, sx, sx_per_row, bias, y, out_dtype, R); \
+        break;
+                VNNI_TAIL(7)
+                VNNI_TAIL(6)
+                VNNI_TAIL(5)
+                VNNI_TAIL(4)
+                VNNI_TAIL(3)
+                VNNI_TAIL(2)
+                VNNI_TAIL(1)
+#undef VNNI_TAIL
+            default:
+                break;
+            }
+        }
+    }
+    free(xsum);
+    return 0;
+#else
+    (void)q; (void)sx; (void)sx_per_row; (void)T; (void)K; (void)wp; (void)w_scale; (void)group; (void)offsets;
+    (void)bias; (void)N; (void)y; (void)out_dtype; (void)threads;
+    return 2;
+#endif
+}
+
+/* w8a8_vnni_linear from x itself (float32, x_dtype 2, or bfloat16, 1; row stride x_stride), its
+ * rows quantized here as w8a8_quantize_rows quantizes them (a scale per row: per token, or the
+ * static per-tensor scale, NaN for a row holding a NaN or an infinity), the layer's fixed
+ * arguments in one array: plan = {wp, w_scale, group, offsets, dynamic, static_scale, K, N}
+ * (pointers as integers, 0 for NULL; static_scale the address of one float32, read at each call).
+ * For decoding: one C call a layer instead of a quantization, a kernel call and the Python
+ * between them. Returns as w8a8_vnni_linear. */
+int w8a8_vnni_planned(const int64_t *plan, const void *x, int x_dtype, int64_t T, int64_t x_stride,
+                      const float *bias, void *y, int out_dtype, int threads) {
+#ifdef W4A8_VNNI
+    const int64_t K = plan[6];
+    const float *static_scale = (const float *)(intptr_t)plan[5];
+    int8_t *q = malloc((size_t)(T * K));
+    float *s = malloc(sizeof(float) * (size_t)(T > 0 ? T : 1));
+    if (!q || !s) {
+        free(q); free(s);
+        return 1;
+    }
+    const size_t elem = x_dtype == 2 ? sizeof(float) : sizeof(uint16_t);
+    for (int64_t t = 0; t < T; t++)
+        s[t] = quantize_row16((const char *)x + (size_t)(t * x_stride) * elem, x_dtype, K, (int)plan[4],
+                              static_scale ? *static_scale : 0.0f, q + t * K);
+    const int failed = w8a8_vnni_linear(q, s, 1, T, K, (const uint8_t *)(intptr_t)plan[0],
+                                        (const float *)(intptr_t)plan[1], plan[2], (const float *)(intptr_t)plan[3],
+                                        bias, plan[7], y, out_dtype, threads);
+    free(q); free(s);
+    return failed;
+#else
+    (void)plan; (void)x; (void)x_dtype; (void)T; (void)x_stride; (void)bias; (void)y; (void)out_dtype; (void)threads;
     return 2;
 #endif
 }

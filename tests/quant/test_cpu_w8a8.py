@@ -503,7 +503,20 @@ def test_grouped_w4a8_amx_needs_k_and_groups_multiples_of_64(monkeypatch):
         assert rel_err(layer(x), dispatch.reference_forward(layer, x)) < 2e-2
 
 
-@pytest.mark.parametrize("bits,group_size", [(8, -1), (4, -1)], ids=["w8a8", "w4a8"])
+def _w4a8_layer(n, k, group_size, symmetric, strategy="token", dynamic=True, bias=True, seed=0):
+    from hfcompress.quant.scheme import QuantArgs
+
+    act = QuantArgs(num_bits=8, symmetric=True, strategy=strategy, dynamic=dynamic, observer=None, zp_dtype=None)
+    _, qw = quant_layer(n, k, bits=4, group_size=group_size, symmetric=symmetric, seed=seed)
+    weights = QuantScheme.weight_only(num_bits=4, group_size=group_size, in_features=k, symmetric=symmetric).weights
+    b = torch.randn(n, generator=torch.Generator().manual_seed(seed)) if bias else None
+    layer = QuantLinear.from_quantized(qw, QuantScheme(weights=weights, input_activations=act), bias=b)
+    if not dynamic:
+        layer.input_scale.fill_(0.03)
+    return layer, qw
+
+
+@pytest.mark.parametrize("bits,group_size", [(8, -1), (4, -1), (4, 128)], ids=["w8a8", "w4a8", "w4a8-g128"])
 def test_a_dynamic_per_tensor_scale_spans_all_the_rows_of_a_few_row_call(bits, group_size):
     # The one-C-call paths of a few rows quantize each row with its own scale; a dynamic
     # per-tensor scheme takes one scale over the whole input, so a row 10^4 times smaller than
@@ -521,10 +534,114 @@ def test_a_dynamic_per_tensor_scale_spans_all_the_rows_of_a_few_row_call(bits, g
     assert rel_err(y, ref) < 1e-5
 
 
+def test_vnni_pack_puts_each_run_of_8_inputs_of_16_channels_in_64_bytes():
+    from hfcompress.quant.cpu_w8a8 import _vnni_pack
+
+    n, k = 40, 24  # channels padded to 64: 4 blocks of 16; 3 runs of 8 inputs
+    codes = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    packed = _vnni_pack(codes)
+    assert packed.dtype == torch.uint8 and packed.numel() == 64 * k // 2
+    for block, run, channel, j in [(0, 0, 0, 0), (1, 2, 7, 3), (2, 1, 7, 1), (0, 2, 15, 2)]:
+        byte = int(packed[(block * (k // 8) + run) * 64 + channel * 4 + j])
+        c = block * 16 + channel
+        assert byte & 15 == codes[c, 8 * run + j] and byte >> 4 == codes[c, 8 * run + 4 + j]
+    blocks = packed.view(4, k // 8, 16, 4)  # [block of 16 channels, run, channel, byte]
+    assert not blocks[2, :, 8:].any() and not blocks[3].any()  # channels 40-63: padding
+
+
+def test_the_vnni_kernel_is_there_where_the_cpu_has_avx512_vnni():
+    # vnni_available() is False where the probe's exact sums fail: on a CPU with the instructions
+    # (and a compiler) that would be a silent fallback to the slower path.
+    import shutil
+
+    from hfcompress.quant import cpu_w8a8
+
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if not all(f" {flag}" in flags for flag in ("avx512f", "avx512bw", "avx512_vnni")):
+        pytest.skip("no AVX-512 VNNI on this CPU")
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler")
+    assert cpu_w8a8.vnni_available()
+
+
+W4A8_VNNI = [(128, 320, False), (64, 200, True), (128, 576, False), (32, 96, False)]  # (group, K, symmetric)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("strategy,dynamic", [("token", True), ("tensor", False)], ids=["dynamic", "static"])
+@pytest.mark.parametrize("group_size,k,symmetric", W4A8_VNNI, ids=[f"g{g}-k{k}" for g, k, _ in W4A8_VNNI])
+def test_grouped_w4a8_without_amx_is_the_reference_in_exact_int8(group_size, k, symmetric, strategy, dynamic, dtype,
+                                                                 monkeypatch):  # fmt: skip
+    # Without AMX, grouped W4A8 layers take the VNNI kernel at every row count: exact int32 sums
+    # per group, then the AMX kernel's float32 epilogue, so the result is the reference's
+    # fq(x) @ dequantize(W)^T + bias up to float32 rounding (bfloat16: the output's). A row
+    # holding a NaN or an infinity gives a NaN row (its scale is NaN), the others are untouched.
+    from hfcompress.quant import cpu_w8a8
+
+    if not cpu_w8a8.vnni_available():
+        pytest.skip("no AVX-512 VNNI on this CPU (or no compiler with it)")
+    monkeypatch.setattr(cpu_w8a8, "amx_available", lambda: False)
+    n = 40  # padded channels in the last tile of 32
+    layer, qw = _w4a8_layer(n, k, group_size, symmetric, strategy, dynamic)
+    layer.to(dtype)
+    calls = []
+    real = cpu_w8a8.vnni_int8_forward
+    monkeypatch.setattr(cpu_w8a8, "vnni_int8_forward", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(2)
+    for shape in [(1, k), (3, k), (2, 7, k), (37, k)]:  # row tails of the 4-row tiles
+        x = (torch.randn(shape, generator=g) * torch.linspace(0.2, 4, k)).to(dtype)
+        calls.clear()
+        with torch.no_grad():
+            y = layer(x)
+            fq = dispatch.fake_quantize_inputs(layer, x.float())  # the int8 grid, in float32
+            ref = fq.double() @ qw.dequantize().double().t() + layer.bias.double()
+        assert calls and y.dtype == dtype and y.shape == (*shape[:-1], n)
+        assert rel_err(y.double(), ref) < (1e-6 if dtype == torch.float32 else 4e-3)
+    x = torch.randn(5, k, generator=g).to(dtype)
+    x[3, 1] = float("nan")
+    y = layer(x)
+    assert y[3].isnan().all() and not y[[0, 1, 2, 4]].isnan().any()
+    wide = torch.randn(3, 2 * k, generator=g).to(dtype)  # a column slice: strided rows
+    if not dynamic:
+        layer.input_scale.fill_(0.05)  # changed in place: the one-call path reads it at each call
+    with torch.no_grad():
+        y = layer(wide[:, :k])
+        ref = dispatch.fake_quantize_inputs(layer, wide[:, :k].float()).double() @ qw.dequantize().double().t()
+    assert rel_err(y.double(), ref + layer.bias.double()) < (1e-6 if dtype == torch.float32 else 4e-3)
+
+
+def test_grouped_w4a8_takes_the_vnni_kernel_only_where_it_fits(monkeypatch):
+    # K or the group size not a multiple of 8, one scale per channel (torch._int_mm's case) and
+    # float16 inputs stay on their former paths, with the reference's result.
+    from hfcompress.quant import cpu_w8a8
+
+    if not cpu_w8a8.vnni_available():
+        pytest.skip("no AVX-512 VNNI on this CPU (or no compiler with it)")
+    monkeypatch.setattr(cpu_w8a8, "amx_available", lambda: False)
+    monkeypatch.setattr(cpu_w8a8, "vnni_int8_forward", lambda *a: pytest.fail("VNNI kernel called"))
+    for group_size, k, dtype in [(36, 72, torch.float32), (-1, 64, torch.float32), (64, 128, torch.float16)]:
+        layer, _ = _w4a8_layer(24, k, group_size, False)
+        layer.to(dtype)
+        x = torch.randn(20, k).to(dtype)
+        assert rel_err(layer(x).float(), dispatch.reference_forward(layer, x).float()) < 2e-2
+
+
+def test_grouped_w4a8_vnni_and_amx_kernels_agree_bit_for_bit(monkeypatch):
+    # Where both kernels are here (a CPU with AMX): the same exact sums and float32 epilogue.
+    from hfcompress.quant import cpu_w8a8
+
+    if not (cpu_w8a8.vnni_available() and cpu_w8a8.amx_available()):
+        pytest.skip("needs both the AMX and the VNNI kernel")
+    layer, _ = _w4a8_layer(40, 320, 64, False)
+    x = torch.randn(37, 320) * torch.linspace(0.2, 4, 320)
+    assert torch.equal(cpu_w8a8.vnni_int8_forward(layer, x), cpu_w8a8.amx_int8_forward(layer, x))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("strategy,dynamic", [("token", True), ("tensor", False), ("channel", False)])
 def test_w4a8_decode_inputs_are_the_references_fake_quantization(strategy, dynamic, dtype, monkeypatch):
-    # cpu_int4_a8's calls without AMX put the inputs on their int8 grid: for per-token and
+    # cpu_int4_a8's calls that neither AMX nor the VNNI kernel takes (float16 inputs, CPUs without
+    # AVX-512 VNNI, group sizes below 32) put the inputs on their int8 grid: for per-token and
     # static per-tensor scales in one C pass (w8a8_fake_quantize_rows), once for the layers
     # reading one tensor; bit for bit fq(x), rows holding a NaN or an infinity included.
     from hfcompress.quant import cpu_w8a8
