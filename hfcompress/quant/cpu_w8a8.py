@@ -428,8 +428,8 @@ def vnni_int8_serves(layer: QuantLinear, x: torch.Tensor) -> bool:
     """Whether :func:`vnni_int8_forward` takes ``x`` for this layer: 4-bit codes with several
     groups a row (one scale per channel goes to ``torch._int_mm``), 8-bit input activations per
     token or per tensor, float32 or bfloat16 inputs, K and the group size multiples of 8, and the
-    kernel here (:func:`vnni_available`). Any number of rows: on SmolLM2's shapes it took 0.3-0.6x
-    the time of the float path it replaces from 1 row to 15 and 0.4-0.5x at 512 (2-core Xeon,
+    kernel here (:func:`vnni_available`). Any number of rows: on SmolLM2's shapes it took 0.2-0.4x
+    the time of the float path it replaces from 1 row to 64 and 0.4-0.55x at 512 (2-core Xeon,
     AVX-512 VNNI, no AMX; benchmarks/RESULTS.md, stop 63); where AMX serves (16 rows or more),
     AMX does."""
     act = layer.scheme.input_activations
