@@ -345,19 +345,27 @@ def amx_int8_serves(layer: QuantLinear, x: torch.Tensor) -> bool:
     )
 
 
+def _int8_operands(
+    layer: QuantLinear, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """What the int8 kernels (AMX, VNNI) take for ``x: [..., K]``: the rows' int8 codes ``[T, K]``
+    and float32 scales (:func:`_quantized_input`), contiguous; the bias rounded to ``x``'s dtype,
+    as float32 (None without one); and the output ``[T, N]`` in ``x``'s dtype, to be written."""
+    xq, sx = _quantized_input(layer, x)
+    bias = None if layer.bias is None else layer.bias.to(x.dtype).float().contiguous()
+    y = torch.empty(xq.shape[0], layer.out_features, dtype=x.dtype)
+    return xq.contiguous(), sx.float().contiguous(), bias, y
+
+
 def amx_int8_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     """The layer on ``x`` (8-bit input activations) by ``w8a8_cpu.c``'s AMX int8 kernel: the
     activations quantized (:func:`_quantized_input`), exact int32 sums per group, each group's
     float32 scale applied to its sums and, for asymmetric weights, ``(o - z) * s`` times the
     row's sum of codes over the group, then the row's scale. For symmetric per-channel weights
     it is bit for bit the ``torch._int_mm`` path's result (one epilogue, torch's order)."""
-    xq, sx = _quantized_input(layer, x)
-    xq = xq.contiguous()
+    xq, sx, bias, y = _int8_operands(layer, x)
     pack = cached(layer, "cpu_amx", functools.partial(_build_amx_pack, step=_INT8_STEP))
-    t, n = xq.shape[0], layer.out_features
-    sx = sx.float().contiguous()
-    bias = None if layer.bias is None else layer.bias.to(x.dtype).float().contiguous()
-    y = torch.empty(t, n, dtype=x.dtype)
+    t, n = y.shape
     failed = _native_library().w8a8_amx_linear(
         xq.data_ptr(), sx.data_ptr(), int(sx.numel() != 1), t, layer.in_features, pack.weight.data_ptr(),
         int(pack.nibbles), pack.scales.data_ptr(), pack.group,
@@ -498,13 +506,9 @@ def vnni_int8_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     act = layer.scheme.input_activations
     if x.numel() < ONEDNN_MIN_ROWS * layer.in_features and (act.strategy == "token" or not act.dynamic):
         return _vnni_one_call(layer, x, _native_library())
-    xq, sx = _quantized_input(layer, x)
-    xq = xq.contiguous()
+    xq, sx, bias, y = _int8_operands(layer, x)
     pack = cached(layer, "cpu_vnni", _build_vnni_pack)
-    t, n = xq.shape[0], layer.out_features
-    sx = sx.float().contiguous()
-    bias = None if layer.bias is None else layer.bias.to(x.dtype).float().contiguous()
-    y = torch.empty(t, n, dtype=x.dtype)
+    t, n = y.shape
     failed = _native_library().w8a8_vnni_linear(
         xq.data_ptr(), sx.data_ptr(), int(sx.numel() != 1), t, layer.in_features, pack.weight.data_ptr(),
         pack.scales.data_ptr(), layer.group_size, None if pack.offsets is None else pack.offsets.data_ptr(),
