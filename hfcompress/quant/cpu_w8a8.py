@@ -427,7 +427,7 @@ def vnni_available() -> bool:
     sums = torch.einsum("tgk,ngk->tgn", xg, wg)  # [T, G, N]
     expected = ((sums * scales.double() + xg.sum(-1, keepdim=True) * offsets.double()).sum(1) * sx + bias).float()
     if failed or not torch.equal(y, expected):
-        logger.info("the VNNI int8 kernel did not reproduce exact sums on this CPU; grouped W4A8 prefill uses float")
+        logger.info("the VNNI int8 kernel did not reproduce exact sums on this CPU; grouped W4A8 stays in float")
         return False
     return True
 
@@ -498,11 +498,11 @@ def _vnni_one_call(layer: QuantLinear, x: torch.Tensor, lib: ctypes.CDLL) -> tor
 
 def vnni_int8_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     """The layer on ``x`` (8-bit input activations, grouped 4-bit weights) by ``w8a8_cpu.c``'s
-    VNNI kernel, for CPUs without AMX: :func:`amx_int8_forward`'s computation, operation for
-    operation (exact int32 sums per group, then its float32 epilogue), so the two agree bit for
-    bit. Calls of fewer than ``ONEDNN_MIN_ROWS`` rows (decoding) with per-token or static
-    per-tensor scales are one C call; more rows quantize once for the layers reading the same
-    tensor (q, k and v; gate and up)."""
+    VNNI kernel, where the AMX kernel does not serve (no AMX, or fewer than ``AMX_MIN_ROWS``
+    rows): :func:`amx_int8_forward`'s computation, operation for operation (exact int32 sums per
+    group, then its float32 epilogue), so the two agree bit for bit. Calls of fewer than
+    ``ONEDNN_MIN_ROWS`` rows (decoding) with per-token or static per-tensor scales are one C call;
+    more rows quantize once for the layers reading the same tensor (q, k and v; gate and up)."""
     act = layer.scheme.input_activations
     if x.numel() < ONEDNN_MIN_ROWS * layer.in_features and (act.strategy == "token" or not act.dynamic):
         return _vnni_one_call(layer, x, _native_library())

@@ -769,6 +769,7 @@ int w8a8_vnni_linear(const int8_t *q, const float *sx, int sx_per_row, int64_t T
                      int out_dtype, int threads) {
 #ifdef W4A8_VNNI
     if (K % 8 || group % 8 || group <= 0) return 2;
+    if (T <= 0) return 0;
     const int64_t G = (K + group - 1) / group, tiles = (N + 31) / 32;
     int32_t *xsum = malloc(sizeof(int32_t) * (size_t)(T * G)); /* [T, G]: each row's exact sum per group */
     if (!xsum) return 1;
@@ -830,8 +831,9 @@ int w8a8_vnni_planned(const int64_t *plan, const void *x, int x_dtype, int64_t T
 #ifdef W4A8_VNNI
     const int64_t K = plan[6];
     const float *static_scale = (const float *)(intptr_t)plan[5];
+    if (T <= 0) return 0;
     int8_t *q = malloc((size_t)(T * K));
-    float *s = malloc(sizeof(float) * (size_t)(T > 0 ? T : 1));
+    float *s = malloc(sizeof(float) * (size_t)T);
     if (!q || !s) {
         free(q); free(s);
         return 1;

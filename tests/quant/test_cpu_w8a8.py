@@ -601,6 +601,7 @@ def test_grouped_w4a8_without_amx_is_the_reference_in_exact_int8(group_size, k, 
     x[3, 1] = float("nan")
     y = layer(x)
     assert y[3].isnan().all() and not y[[0, 1, 2, 4]].isnan().any()
+    assert layer(torch.empty(0, k, dtype=dtype)).shape == (0, n)
     wide = torch.randn(3, 2 * k, generator=g).to(dtype)  # a column slice: strided rows
     if not dynamic:
         layer.input_scale.fill_(0.05)  # changed in place: the one-call path reads it at each call
