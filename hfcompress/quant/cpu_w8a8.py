@@ -436,10 +436,12 @@ def vnni_int8_serves(layer: QuantLinear, x: torch.Tensor) -> bool:
     """Whether :func:`vnni_int8_forward` takes ``x`` for this layer: 4-bit codes with several
     groups a row (one scale per channel goes to ``torch._int_mm``), 8-bit input activations per
     token or per tensor, float32 or bfloat16 inputs, K and the group size multiples of 8, and the
-    kernel here (:func:`vnni_available`). Any number of rows: on SmolLM2's shapes it took 0.2-0.4x
-    the time of the float path it replaces from 1 row to 64 and 0.4-0.55x at 512 (2-core Xeon,
-    AVX-512 VNNI, no AMX; benchmarks/RESULTS.md, stop 63); where AMX serves (16 rows or more),
-    AMX does."""
+    kernel here (:func:`vnni_available`), on a CPU without AMX. Any number of rows: on SmolLM2's
+    shapes it took 0.2-0.4x the time of the float path it replaces from 1 row to 64 and 0.4-0.55x
+    at 512 (2-core Xeon, AVX-512 VNNI, no AMX; benchmarks/RESULTS.md, stop 63). On AMX CPUs the
+    calls the AMX int8 kernel does not take (fewer than ``AMX_MIN_ROWS`` rows) keep the float path
+    and its AMX bfloat16 kernel from 3 rows, as measured there; the VNNI kernel has not been timed
+    on one."""
     act = layer.scheme.input_activations
     k = layer.in_features
     return (
@@ -452,6 +454,7 @@ def vnni_int8_serves(layer: QuantLinear, x: torch.Tensor) -> bool:
         and layer.group_size % 8 == 0
         and x.dtype in NATIVE_X_DTYPES
         and vnni_available()
+        and not amx_available()
     )
 
 
@@ -498,9 +501,9 @@ def _vnni_one_call(layer: QuantLinear, x: torch.Tensor, lib: ctypes.CDLL) -> tor
 
 def vnni_int8_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     """The layer on ``x`` (8-bit input activations, grouped 4-bit weights) by ``w8a8_cpu.c``'s
-    VNNI kernel, where the AMX kernel does not serve (no AMX, or fewer than ``AMX_MIN_ROWS``
-    rows): :func:`amx_int8_forward`'s computation, operation for operation (exact int32 sums per
-    group, then its float32 epilogue), so the two agree bit for bit. Calls of fewer than
+    VNNI kernel, for CPUs without AMX: :func:`amx_int8_forward`'s computation, operation for
+    operation (exact int32 sums per group, then its float32 epilogue), so the two agree bit for
+    bit. Calls of fewer than
     ``ONEDNN_MIN_ROWS`` rows (decoding) with per-token or static per-tensor scales are one C call;
     more rows quantize once for the layers reading the same tensor (q, k and v; gate and up)."""
     act = layer.scheme.input_activations

@@ -612,7 +612,7 @@ def test_grouped_w4a8_without_amx_is_the_reference_in_exact_int8(group_size, k, 
 
 
 def test_grouped_w4a8_takes_the_vnni_kernel_only_where_it_fits(monkeypatch):
-    # K or the group size not a multiple of 8, one scale per channel (torch._int_mm's case) and
+    # Group sizes the int4 op does not tile, one scale per channel (torch._int_mm's case) and
     # float16 inputs stay on their former paths, with the reference's result.
     from hfcompress.quant import cpu_w8a8
 
@@ -625,6 +625,11 @@ def test_grouped_w4a8_takes_the_vnni_kernel_only_where_it_fits(monkeypatch):
         layer.to(dtype)
         x = torch.randn(20, k).to(dtype)
         assert rel_err(layer(x).float(), dispatch.reference_forward(layer, x).float()) < 2e-2
+    # On AMX CPUs (not timed there) the calls the AMX kernel leaves keep the float path.
+    layer, _ = _w4a8_layer(24, 128, 64, False)
+    assert cpu_w8a8.vnni_int8_serves(layer, torch.randn(1, 128))
+    monkeypatch.setattr(cpu_w8a8, "amx_available", lambda: True)
+    assert not cpu_w8a8.vnni_int8_serves(layer, torch.randn(1, 128))
 
 
 def test_grouped_w4a8_vnni_and_amx_kernels_agree_bit_for_bit(monkeypatch):
