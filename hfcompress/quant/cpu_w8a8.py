@@ -478,6 +478,15 @@ def _vnni_plan(layer: QuantLinear) -> _VNNIPlan:
     return _VNNIPlan(pack, static, array, array.data_ptr())
 
 
+def _check_vnni_call(failed: int, entry: str, layer: QuantLinear) -> None:
+    """Raise for a VNNI kernel call's nonzero return: 1, out of memory; otherwise a layer that
+    :func:`vnni_int8_serves` let through and the C kernel refuses (a bug, not a user error)."""
+    if failed == 1:
+        raise MemoryError("the CPU VNNI int8 kernel could not allocate its scratch memory")
+    if failed:
+        raise RuntimeError(f"{entry} refused a layer with K={layer.in_features}, group {layer.group_size}")
+
+
 def _vnni_one_call(layer: QuantLinear, x: torch.Tensor, lib: ctypes.CDLL) -> torch.Tensor:
     """:func:`vnni_int8_forward` for a few rows, in one C call (``w8a8_vnni_planned``: the rows
     quantized there, as ``w8a8_quantize_rows`` does, then the kernel), the call's fixed arguments
@@ -492,10 +501,7 @@ def _vnni_one_call(layer: QuantLinear, x: torch.Tensor, lib: ctypes.CDLL) -> tor
     bias_address = None if bias is None else bias.data_ptr()
     failed = lib.w8a8_vnni_planned(plan.address, address, dtype, rows, stride, bias_address, out.data_ptr(), dtype,
                                    torch.get_num_threads())  # fmt: skip
-    if failed == 1:
-        raise MemoryError("the CPU VNNI int8 kernel could not allocate its scratch memory")
-    if failed:  # vnni_int8_serves let through a layer the C kernel refuses: a bug, not a user error
-        raise RuntimeError(f"w8a8_vnni_planned refused a layer with K={layer.in_features}, group {layer.group_size}")
+    _check_vnni_call(failed, "w8a8_vnni_planned", layer)
     return out
 
 
@@ -506,8 +512,7 @@ def vnni_int8_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     bit. Calls of fewer than
     ``ONEDNN_MIN_ROWS`` rows (decoding) with per-token or static per-tensor scales are one C call;
     more rows quantize once for the layers reading the same tensor (q, k and v; gate and up)."""
-    act = layer.scheme.input_activations
-    if x.numel() < ONEDNN_MIN_ROWS * layer.in_features and (act.strategy == "token" or not act.dynamic):
+    if x.numel() < ONEDNN_MIN_ROWS * layer.in_features and _scale_per_row(layer.scheme.input_activations):
         return _vnni_one_call(layer, x, _native_library())
     xq, sx, bias, y = _int8_operands(layer, x)
     pack = cached(layer, "cpu_vnni", _build_vnni_pack)
@@ -517,10 +522,7 @@ def vnni_int8_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         pack.scales.data_ptr(), layer.group_size, None if pack.offsets is None else pack.offsets.data_ptr(),
         None if bias is None else bias.data_ptr(), n, y.data_ptr(), NATIVE_X_DTYPES[x.dtype], torch.get_num_threads(),
     )  # fmt: skip
-    if failed == 1:
-        raise MemoryError("the CPU VNNI int8 kernel could not allocate its scratch memory")
-    if failed:  # vnni_int8_serves let through a layer the C kernel refuses: a bug, not a user error
-        raise RuntimeError(f"w8a8_vnni_linear refused a layer with K={layer.in_features}, group {layer.group_size}")
+    _check_vnni_call(failed, "w8a8_vnni_linear", layer)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -621,13 +623,21 @@ def _same_input(last: tuple | None, key: tuple | None) -> bool:
     return key is not None and last is not None and last[0] is key[0] and last[1:] == key[1:]
 
 
+def _scale_per_row(act) -> bool:
+    """Whether each row of an input is quantized on a scale of its own making or a fixed one,
+    as ``w8a8_cpu.c`` quantizes rows: per token (dynamic), or one static per-tensor scale. A
+    dynamic per-tensor scale spans all rows of a call, and per-channel scales are not per row."""
+    return (act.strategy == "token" and act.dynamic) or (act.strategy == "tensor" and not act.dynamic)
+
+
 def _native_rows(x2: torch.Tensor, act, static: torch.Tensor | None) -> tuple[ctypes.CDLL, int, float] | None:
     """``(library, dynamic, static scale)`` for ``w8a8_cpu.c``'s row quantization of ``x2: [T,
     K]`` (rows in parallel, AVX-512), or None where it does not apply (no compiler, no AVX-512,
     where torch's ops are faster; float16; a dynamic per-tensor or per-channel scale)."""
     per_token = act.strategy == "token" and act.dynamic
-    per_tensor_static = act.strategy == "tensor" and not act.dynamic and static is not None and static.numel() == 1
-    if not (per_token or per_tensor_static) or x2.dtype not in NATIVE_X_DTYPES or x2.stride(-1) != 1:
+    if not _scale_per_row(act) or (not per_token and (static is None or static.numel() != 1)):
+        return None
+    if x2.dtype not in NATIVE_X_DTYPES or x2.stride(-1) != 1:
         return None
     lib = _vectorized_library()
     if lib is None:
@@ -799,10 +809,9 @@ def _native_forward(layer: QuantLinear, x: torch.Tensor, lib: ctypes.CDLL) -> to
 def _forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     lead = x.shape[:-1]
     rows = x.numel() // layer.in_features
-    # One C call quantizes each row with its own scale: per token, or a static per-tensor scale.
-    # A dynamic per-tensor scale spans the rows (the torch path below).
-    act = layer.scheme.input_activations
-    if rows < ONEDNN_MIN_ROWS and x.dtype in NATIVE_X_DTYPES and (act.strategy == "token" or not act.dynamic):
+    # One C call quantizes each row on its own scale; a dynamic per-tensor scale spans the rows
+    # (the torch path below).
+    if rows < ONEDNN_MIN_ROWS and x.dtype in NATIVE_X_DTYPES and _scale_per_row(layer.scheme.input_activations):
         lib = _native_library()
         if lib is not None:
             return _native_forward(layer, x, lib)

@@ -362,6 +362,68 @@ static inline __m256i to_bf16_bits(__m512 v) {
 static inline __m512 from_bf16_bits(__m256i h) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
+
+/* The sum over [k0, k1) of row a (int8 or bfloat16) as float32 (int8 sums are exact in int32,
+ * then exact in float32 below 2^24); positions from k1 on are not read. */
+static float row_sum(const void *a, int bf16, int64_t k0, int64_t k1) {
+    if (bf16) {
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t k = k0; k < k1; k += 16)
+            sum = _mm512_add_ps(sum, from_bf16_bits(_mm256_maskz_loadu_epi16(lanes16(k, k1), (const uint16_t *)a + k)));
+        return _mm512_reduce_add_ps(sum);
+    }
+    __m512i sum = _mm512_setzero_si512();
+    for (int64_t k = k0; k < k1; k += 16)
+        sum = _mm512_add_epi32(sum, _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(lanes16(k, k1), (const int8_t *)a + k)));
+    return (float)_mm512_reduce_add_epi32(sum);
+}
+
+/* Rows [m0, m0 + rows) and channels [n0, n0 + cols) of y from the block acc [32][32] (int32
+ * sums if acc_int, else float32); sx or w_scale NULL means scales of 1. */
+static void amx_epilogue(const void *acc, int acc_int, const float *sx, int sx_per_row, int64_t m0, int64_t rows,
+                         int64_t n0, int64_t cols, const float *w_scale, const float *bias, int64_t N, void *y,
+                         int out_dtype) {
+    for (int64_t c0 = 0; c0 < 32 && c0 < cols; c0 += 16) {
+        __mmask16 mask = lanes16(c0, cols);
+        __m512 ws = w_scale ? _mm512_maskz_loadu_ps(mask, w_scale + n0 + c0) : _mm512_set1_ps(1.0f);
+        __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n0 + c0) : _mm512_setzero_ps();
+        for (int64_t r = 0; r < rows; r++) {
+            __m512 v = acc_int ? _mm512_cvtepi32_ps(_mm512_loadu_si512((const int32_t *)acc + r * 32 + c0))
+                               : _mm512_loadu_ps((const float *)acc + r * 32 + c0);
+            if (sx) v = _mm512_mul_ps(v, _mm512_set1_ps(sx[sx_per_row ? m0 + r : 0]));
+            if (w_scale) v = _mm512_mul_ps(v, ws);
+            int64_t at = (m0 + r) * N + n0 + c0;
+            if (out_dtype == 2) {
+                if (bias) v = _mm512_add_ps(v, b);
+                _mm512_mask_storeu_ps((float *)y + at, mask, v);
+            } else {
+                __m256i o = to_bf16_bits(v);
+                if (bias) o = to_bf16_bits(_mm512_add_ps(from_bf16_bits(o), b));
+                _mm256_mask_storeu_epi16((uint16_t *)y + at, mask, o);
+            }
+        }
+    }
+}
+
+/* total (first group: =, else +=) acc * s_g + row_sums_g * offsets_g over the block's rows
+ * and channels [n0, n0 + cols); row_sums_g[r * stride] is row m0 + r's sum over the group. */
+static void amx_add_group(const void *acc, int acc_int, float *total, int first, int64_t rows, int64_t n0,
+                          int64_t cols, const float *s_g, const float *offsets_g, const float *row_sums_g,
+                          int64_t stride) {
+    for (int64_t c0 = 0; c0 < 32; c0 += 16) {
+        __mmask16 mask = lanes16(c0, cols);
+        __m512 s = _mm512_maskz_loadu_ps(mask, s_g + n0 + c0);
+        __m512 o = offsets_g ? _mm512_maskz_loadu_ps(mask, offsets_g + n0 + c0) : _mm512_setzero_ps();
+        for (int64_t r = 0; r < rows; r++) {
+            __m512 v = acc_int ? _mm512_cvtepi32_ps(_mm512_loadu_si512((const int32_t *)acc + r * 32 + c0))
+                               : _mm512_loadu_ps((const float *)acc + r * 32 + c0);
+            v = _mm512_mul_ps(v, s);
+            if (offsets_g) v = _mm512_fmadd_ps(_mm512_set1_ps(row_sums_g[r * stride]), o, v);
+            if (!first) v = _mm512_add_ps(_mm512_loadu_ps(total + r * 32 + c0), v);
+            _mm512_storeu_ps(total + r * 32 + c0, v);
+        }
+    }
+}
 #endif
 
 #ifdef W8A8_AMX
@@ -436,21 +498,6 @@ static void widen_codes(const int8_t *src, int64_t count, int nibbles, int to_bf
     }
 }
 
-/* The sum over [k0, k1) of row a (int8 or bfloat16; k0, k1 multiples of 32) as float32
- * (int8 sums are exact in int32, then exact in float32 below 2^24). */
-static float row_sum(const void *a, int bf16, int64_t k0, int64_t k1) {
-    if (bf16) {
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t k = k0; k < k1; k += 16)
-            sum = _mm512_add_ps(sum, from_bf16_bits(_mm256_loadu_si256((const __m256i *)((const uint16_t *)a + k))));
-        return _mm512_reduce_add_ps(sum);
-    }
-    __m512i sum = _mm512_setzero_si512();
-    for (int64_t k = k0; k < k1; k += 16)
-        sum = _mm512_add_epi32(sum, _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)a + k))));
-    return (float)_mm512_reduce_add_epi32(sum);
-}
-
 /* The rows [m0, m0 + 32) of a [T, row_bytes] matrix, or, for the last partial block, a copy
  * zero-padded to 32 rows in *pad (allocated and filled on first use); NULL when that fails. */
 static const char *amx_row_block(const char *a, int64_t T, int64_t m0, int64_t row_bytes, char **pad) {
@@ -462,53 +509,6 @@ static const char *amx_row_block(const char *a, int64_t T, int64_t m0, int64_t r
     memcpy(*pad, a + m0 * row_bytes, (size_t)(rows * row_bytes));
     memset(*pad + rows * row_bytes, 0, (size_t)((32 - rows) * row_bytes));
     return *pad;
-}
-
-/* Rows [m0, m0 + rows) and channels [n0, n0 + cols) of y from the block acc [32][32] (int32
- * sums if acc_int, else float32); sx or w_scale NULL means scales of 1. */
-static void amx_epilogue(const void *acc, int acc_int, const float *sx, int sx_per_row, int64_t m0, int64_t rows,
-                         int64_t n0, int64_t cols, const float *w_scale, const float *bias, int64_t N, void *y,
-                         int out_dtype) {
-    for (int64_t c0 = 0; c0 < 32 && c0 < cols; c0 += 16) {
-        __mmask16 mask = lanes16(c0, cols);
-        __m512 ws = w_scale ? _mm512_maskz_loadu_ps(mask, w_scale + n0 + c0) : _mm512_set1_ps(1.0f);
-        __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n0 + c0) : _mm512_setzero_ps();
-        for (int64_t r = 0; r < rows; r++) {
-            __m512 v = acc_int ? _mm512_cvtepi32_ps(_mm512_loadu_si512((const int32_t *)acc + r * 32 + c0))
-                               : _mm512_loadu_ps((const float *)acc + r * 32 + c0);
-            if (sx) v = _mm512_mul_ps(v, _mm512_set1_ps(sx[sx_per_row ? m0 + r : 0]));
-            if (w_scale) v = _mm512_mul_ps(v, ws);
-            int64_t at = (m0 + r) * N + n0 + c0;
-            if (out_dtype == 2) {
-                if (bias) v = _mm512_add_ps(v, b);
-                _mm512_mask_storeu_ps((float *)y + at, mask, v);
-            } else {
-                __m256i o = to_bf16_bits(v);
-                if (bias) o = to_bf16_bits(_mm512_add_ps(from_bf16_bits(o), b));
-                _mm256_mask_storeu_epi16((uint16_t *)y + at, mask, o);
-            }
-        }
-    }
-}
-
-/* total (first group: =, else +=) acc * s_g + row_sums_g * offsets_g over the block's rows
- * and channels [n0, n0 + cols); row_sums_g[r * stride] is row m0 + r's sum over the group. */
-static void amx_add_group(const void *acc, int acc_int, float *total, int first, int64_t rows, int64_t n0,
-                          int64_t cols, const float *s_g, const float *offsets_g, const float *row_sums_g,
-                          int64_t stride) {
-    for (int64_t c0 = 0; c0 < 32; c0 += 16) {
-        __mmask16 mask = lanes16(c0, cols);
-        __m512 s = _mm512_maskz_loadu_ps(mask, s_g + n0 + c0);
-        __m512 o = offsets_g ? _mm512_maskz_loadu_ps(mask, offsets_g + n0 + c0) : _mm512_setzero_ps();
-        for (int64_t r = 0; r < rows; r++) {
-            __m512 v = acc_int ? _mm512_cvtepi32_ps(_mm512_loadu_si512((const int32_t *)acc + r * 32 + c0))
-                               : _mm512_loadu_ps((const float *)acc + r * 32 + c0);
-            v = _mm512_mul_ps(v, s);
-            if (offsets_g) v = _mm512_fmadd_ps(_mm512_set1_ps(row_sums_g[r * stride]), o, v);
-            if (!first) v = _mm512_add_ps(_mm512_loadu_ps(total + r * 32 + c0), v);
-            _mm512_storeu_ps(total + r * 32 + c0, v);
-        }
-    }
 }
 
 /* One k step of the driver's block against its first row tile only, with the tile product `dp`
@@ -661,9 +661,9 @@ int w8a8_amx_bf16_linear(const uint16_t *x, int64_t T, int64_t K, const int8_t *
  *
  * w8a8_vnni_linear computes what w8a8_amx_linear does for 4-bit codes with one scale per group of
  * inputs (several groups a row), on CPUs with AVX-512 VNNI and no AMX: exact int32 sums of the
- * int8 activations against the signed codes c - 8 per group, then, in the AMX kernel's order and
- * precision, acc * w_scale[g] + row_sum_g * offsets[g] summed over the groups, times the row's
- * scale, plus the bias, so the two agree bit for bit.
+ * int8 activations against the signed codes c - 8 per group, then the AMX kernel's own steps
+ * (amx_add_group: acc * w_scale[g] + row_sum_g * offsets[g] summed over the groups; amx_epilogue:
+ * times the row's scale, plus the bias), so the two agree bit for bit.
  *
  * vpdpbusd multiplies unsigned bytes by signed ones: the weights' unsigned codes c (0 .. 15)
  * against the activations' int8 codes x, four products a lane, 16 channels a vector; then
@@ -672,14 +672,12 @@ int w8a8_amx_bf16_linear(const uint16_t *x, int64_t T, int64_t K, const int8_t *
  * block of 16 channels (zero-padded to a multiple of 32) and each run of 8 inputs k .. k + 7, 64
  * bytes, channel n's 4 bytes holding inputs k + j (low nibble) and k + 4 + j (high nibble) of byte
  * j. A load, a mask and a shift give the two operands; each row's 4 activation codes are
- * broadcast to every lane. Tiles of 4 rows x 32 channels (16 int32 sums, 8 float32 totals in
- * registers); each thread takes tiles of 32 channels, whose codes stay in L1, and runs every row
- * through them. K and the group size must be multiples of 8. */
+ * broadcast to every lane. Tiles of 8 rows x 32 channels (16 int32 sums in registers); each
+ * thread takes tiles of 32 channels, whose codes stay in L1, and runs every row through them. K
+ * and the group size must be multiples of 8. */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define W4A8_VNNI 1
-#ifndef VNNI_ROWS
 #define VNNI_ROWS 8
-#endif
 
 /* acc + the products of a's unsigned bytes and b's signed ones, four a lane (vpdpbusd), summed
  * in place: written with the intrinsic, GCC 12 copied accumulators between registers around most
@@ -694,17 +692,20 @@ static inline __m512i broadcast4(const int8_t *p) {
     return _mm512_broadcastd_epi32(_mm_loadu_si32(p));
 }
 
-/* Rows t0 .. t0 + R - 1 (R a literal at each call) and channels [n0, n0 + 32) of y. */
+/* Rows t0 .. t0 + R - 1 (R a literal at each call) and channels [n0, n0 + 32) of y; row_sums
+ * [T, G] are the rows' exact sums per group. Each group's sums go through amx_add_group and the
+ * total through amx_epilogue, the AMX kernel's own steps. */
 static inline __attribute__((always_inline)) void vnni_tile(const int8_t *q, int64_t K, int64_t t0,
                                                             const uint8_t *w0, const float *w_scale,
                                                             const float *offsets, int64_t group, int64_t G,
-                                                            const int32_t *xsum, int64_t n0, int64_t N,
+                                                            const float *row_sums, int64_t n0, int64_t N,
                                                             const float *sx, int sx_per_row, const float *bias,
                                                             void *y, int out_dtype, const int R) {
     const __m512i low = _mm512_set1_epi8(0x0F);
     const uint8_t *w1 = w0 + (K / 8) * 64; /* the tile's second block of 16 channels */
-    const __mmask16 mask[2] = {lanes16(n0, N), lanes16(n0 + 16, N)};
-    float total[VNNI_ROWS][32] = {{0}}; /* the rows' float32 sums over the groups so far (L1) */
+    const int64_t cols = N - n0 < 32 ? N - n0 : 32;
+    int32_t sums[VNNI_ROWS * 32]; /* a group's int32 sums, rows of 32 channels as the AMX helpers read */
+    float total[VNNI_ROWS * 32];  /* the float32 sums over the groups so far */
     for (int64_t g = 0; g < G; g++) {
         const int64_t k1 = (g + 1) * group < K ? (g + 1) * group : K;
         __m512i acc[VNNI_ROWS][2];
@@ -720,33 +721,15 @@ static inline __attribute__((always_inline)) void vnni_tile(const int8_t *q, int
                 acc[r][1] = dpbusd(dpbusd(acc[r][1], l1, xl), h1, xh);
             }
         }
-        for (int c = 0; c < 2; c++) {
-            const __m512 s = _mm512_maskz_loadu_ps(mask[c], w_scale + g * N + n0 + 16 * c);
-            const __m512 o = offsets ? _mm512_maskz_loadu_ps(mask[c], offsets + g * N + n0 + 16 * c)
-                                     : _mm512_setzero_ps();
-            for (int r = 0; r < R; r++) {
-                const int32_t xs = xsum[(t0 + r) * G + g];
-                const __m512i a = _mm512_sub_epi32(acc[r][c], _mm512_set1_epi32(8 * xs)); /* sum x (c - 8) */
-                __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(a), s);
-                if (offsets) v = _mm512_fmadd_ps(_mm512_set1_ps((float)xs), o, v);
-                _mm512_storeu_ps(total[r] + 16 * c, g == 0 ? v : _mm512_add_ps(_mm512_loadu_ps(total[r] + 16 * c), v));
-            }
+        for (int r = 0; r < R; r++) { /* sum x (c - 8) = sum x c - 8 sum x, exact */
+            const __m512i eight_sum = _mm512_set1_epi32(8 * (int32_t)row_sums[(t0 + r) * G + g]);
+            _mm512_storeu_si512(sums + r * 32, _mm512_sub_epi32(acc[r][0], eight_sum));
+            _mm512_storeu_si512(sums + r * 32 + 16, _mm512_sub_epi32(acc[r][1], eight_sum));
         }
+        amx_add_group(sums, 1, total, g == 0, R, n0, cols, w_scale + g * N, offsets ? offsets + g * N : NULL,
+                      row_sums + t0 * G + g, G);
     }
-    for (int c = 0; c < 2; c++) { /* amx_epilogue's operations */
-        const __m512 b = bias ? _mm512_maskz_loadu_ps(mask[c], bias + n0 + 16 * c) : _mm512_setzero_ps();
-        for (int r = 0; r < R; r++) {
-            const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(total[r] + 16 * c), _mm512_set1_ps(sx[sx_per_row ? t0 + r : 0]));
-            const int64_t at = (t0 + r) * N + n0 + 16 * c;
-            if (out_dtype == 2) {
-                _mm512_mask_storeu_ps((float *)y + at, mask[c], bias ? _mm512_add_ps(v, b) : v);
-            } else {
-                __m256i h = to_bf16_bits(v);
-                if (bias) h = to_bf16_bits(_mm512_add_ps(from_bf16_bits(h), b));
-                _mm256_mask_storeu_epi16((uint16_t *)y + at, mask[c], h);
-            }
-        }
-    }
+    amx_epilogue(total, 0, sx, sx_per_row, t0, R, n0, cols, NULL, bias, N, y, out_dtype);
 }
 #endif
 
@@ -771,31 +754,26 @@ int w8a8_vnni_linear(const int8_t *q, const float *sx, int sx_per_row, int64_t T
     if (K % 8 || group % 8 || group <= 0) return 2;
     if (T <= 0) return 0;
     const int64_t G = (K + group - 1) / group, tiles = (N + 31) / 32;
-    int32_t *xsum = malloc(sizeof(int32_t) * (size_t)(T * G)); /* [T, G]: each row's exact sum per group */
-    if (!xsum) return 1;
+    float *row_sums = malloc(sizeof(float) * (size_t)(T * G)); /* [T, G]: each row's exact sum per group */
+    if (!row_sums) return 1;
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; t++)
-            for (int64_t g = 0; g < G; g++) {
-                const int64_t k1 = (g + 1) * group < K ? (g + 1) * group : K;
-                __m512i sum = _mm512_setzero_si512();
-                for (int64_t k = g * group; k < k1; k += 16)
-                    sum = _mm512_add_epi32(sum, _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(lanes16(k, k1), q + t * K + k)));
-                xsum[t * G + g] = _mm512_reduce_add_epi32(sum);
-            }
+            for (int64_t g = 0; g < G; g++)
+                row_sums[t * G + g] = row_sum(q + t * K, 0, g * group, (g + 1) * group < K ? (g + 1) * group : K);
 #pragma omp for schedule(static)
         for (int64_t tile = 0; tile < tiles; tile++) {
             const int64_t n0 = tile * 32;
             const uint8_t *w0 = wp + tile * 2 * (K / 8) * 64;
             int64_t t0 = 0;
             for (; t0 + VNNI_ROWS <= T; t0 += VNNI_ROWS)
-                vnni_tile(q, K, t0, w0, w_scale, offsets, group, G, xsum, n0, N, sx, sx_per_row, bias, y, out_dtype,
+                vnni_tile(q, K, t0, w0, w_scale, offsets, group, G, row_sums, n0, N, sx, sx_per_row, bias, y, out_dtype,
                           VNNI_ROWS);
             switch (T - t0) { /* the row tail */
 #define VNNI_TAIL(R)                                                                                              \
     case R:                                                                                                       \
-        vnni_tile(q, K, t0, w0, w_scale, offsets, group, G, xsum, n0, N, sx, sx_per_row, bias, y, out_dtype, R); \
+        vnni_tile(q, K, t0, w0, w_scale, offsets, group, G, row_sums, n0, N, sx, sx_per_row, bias, y, out_dtype, R); \
         break;
                 VNNI_TAIL(7)
                 VNNI_TAIL(6)
@@ -810,7 +788,7 @@ int w8a8_vnni_linear(const int8_t *q, const float *sx, int sx_per_row, int64_t T
             }
         }
     }
-    free(xsum);
+    free(row_sums);
     return 0;
 #else
     (void)q; (void)sx; (void)sx_per_row; (void)T; (void)K; (void)wp; (void)w_scale; (void)group; (void)offsets;
