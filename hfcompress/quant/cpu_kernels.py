@@ -76,8 +76,8 @@ row's scale last; on SmolLM2's inputs it is the float32 reference up to 3.5e-7 r
 per layer, where the bfloat16 path is 1.5-2.1e-3 off. On CPUs without AMX but with AVX-512
 VNNI, ``w8a8_cpu.c``'s VNNI kernel does the same computation at every row count
 (:func:`hfcompress.quant.cpu_w8a8.vnni_int8_forward`; decoding in one C call, the rows
-quantized there): on SmolLM2's layers it took 0.2-0.4x the fake-quantized path's time from 1 to
-64 rows and 0.4-0.55x at 512, and it is 3e-8 from the exact result, where the float32 dense path
+quantized there): on SmolLM2's layers it took 0.2-0.5x the fake-quantized path's time from 1 to
+64 rows and 0.4-0.5x at 512, and it is 3e-8 from the exact result, where the float32 dense path
 of that route is 2e-7 off (2-core Xeon VM without AMX; RESULTS.md stop 63).
 """
 

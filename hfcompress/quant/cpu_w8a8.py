@@ -437,7 +437,7 @@ def vnni_int8_serves(layer: QuantLinear, x: torch.Tensor) -> bool:
     groups a row (one scale per channel goes to ``torch._int_mm``), 8-bit input activations per
     token or per tensor, float32 or bfloat16 inputs, K and the group size multiples of 8, and the
     kernel here (:func:`vnni_available`), on a CPU without AMX. Any number of rows: on SmolLM2's
-    shapes it took 0.2-0.4x the time of the float path it replaces from 1 row to 64 and 0.4-0.55x
+    shapes it took 0.2-0.5x the time of the float path it replaces from 1 row to 64 and 0.4-0.5x
     at 512 (2-core Xeon, AVX-512 VNNI, no AMX; benchmarks/RESULTS.md, stop 63). On AMX CPUs the
     calls the AMX int8 kernel does not take (fewer than ``AMX_MIN_ROWS`` rows) keep the float path
     and its AMX bfloat16 kernel from 3 rows, as measured there; the VNNI kernel has not been timed
